@@ -1,0 +1,188 @@
+"""Registry of activations and losses, each defined once as a SymPy expression.
+
+Activations are expressions in the pre-activation ``z`` (elementwise), except ``softmax``, which
+is a vector function built by :mod:`derive.model`. Losses are per output component, in the
+activation ``a`` and the target ``y``; the per-sample loss is their sum over components.
+Derivatives are never typed in here: downstream stages call ``sympy.diff`` on these
+expressions. ``sigmoid`` and ``softplus`` are SymPy functions (with ``fdiff`` and a rewrite to
+elementary functions) so that printers can emit numerically stable code for them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import sympy as sp
+
+from derive.errors import DeriveError
+from derive.safe_expr import parse_expression
+
+#: The scalar variables of registry expressions.
+Z = sp.Symbol("z", real=True)
+A = sp.Symbol("a", real=True)
+Y = sp.Symbol("y", real=True)
+
+
+class sigmoid(sp.Function):  # noqa: N801 - named as the math is
+    """The logistic function 1 / (1 + e^{-x})."""
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        # d/dx 1/(1+e^{-x}) = e^{-x}/(1+e^{-x})^2, which SymPy confirms equals this form
+        # (tests check it); the closed form keeps sigmoid(x) recognisable downstream.
+        return self * (1 - self)
+
+    def _eval_rewrite_as_exp(self, x: sp.Expr, **kwargs: object) -> sp.Expr:
+        return 1 / (1 + sp.exp(-x))
+
+    def _eval_is_real(self) -> bool | None:
+        return self.args[0].is_real
+
+    def _eval_is_positive(self) -> bool | None:
+        return True if self.args[0].is_real else None
+
+
+class softplus(sp.Function):  # noqa: N801 - named as the math is
+    """log(1 + e^x)."""
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sigmoid(self.args[0])
+
+    def _eval_rewrite_as_exp(self, x: sp.Expr, **kwargs: object) -> sp.Expr:
+        return sp.log(1 + sp.exp(x))
+
+    def _eval_is_real(self) -> bool | None:
+        return self.args[0].is_real
+
+
+def elementary(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with derive's own functions rewritten to SymPy's elementary functions."""
+    return expr.rewrite(sp.exp) if expr.has(sigmoid, softplus) else expr
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A resolved activation: its name, parameters and scalar expression in :data:`Z`.
+
+    ``expr`` is ``None`` for softmax, the one vector activation. ``output_range`` is
+    ``(low, high)`` when every output lies strictly inside that interval (used to check that a
+    cross-entropy loss gets probabilities).
+    """
+
+    name: str
+    params: tuple[tuple[str, float], ...] = ()
+    expr: sp.Expr | None = None
+    output_range: tuple[float, float] | None = None
+    custom: bool = False
+
+    @property
+    def is_softmax(self) -> bool:
+        return self.expr is None
+
+    @property
+    def is_probability(self) -> bool:
+        return self.output_range is not None and self.output_range[0] >= 0 and (
+            self.output_range[1] <= 1
+        )
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A resolved per-component loss ``expr`` in :data:`A` and :data:`Y`.
+
+    ``needs`` says what the output must be: ``"probability"`` (each a_j in (0, 1)) or
+    ``"distribution"`` (softmax output, targets summing to 1), or ``None``.
+    """
+
+    name: str
+    expr: sp.Expr
+    needs: str | None = None
+    custom: bool = False
+
+
+@dataclass(frozen=True)
+class ActivationEntry:
+    build: Callable[..., sp.Expr | None]
+    params: tuple[tuple[str, float], ...] = ()
+    output_range: tuple[float, float] | None = None
+    description: str = ""
+
+
+def _piecewise_positive(pos: sp.Expr, neg: sp.Expr) -> sp.Expr:
+    # "z > 0" strictly, so the derivative at exactly 0 takes the negative branch (as PyTorch).
+    return sp.Piecewise((pos, Z > 0), (neg, True))
+
+
+ACTIVATIONS: Mapping[str, ActivationEntry] = {
+    "identity": ActivationEntry(lambda: Z, description="z"),
+    "sigmoid": ActivationEntry(lambda: sigmoid(Z), output_range=(0.0, 1.0),
+                               description="1 / (1 + exp(-z))"),
+    "tanh": ActivationEntry(lambda: sp.tanh(Z), output_range=(-1.0, 1.0), description="tanh z"),
+    "relu": ActivationEntry(lambda: _piecewise_positive(Z, sp.Integer(0)),
+                            description="max(0, z); derivative 0 at z = 0"),
+    "leaky_relu": ActivationEntry(
+        lambda alpha: _piecewise_positive(Z, alpha * Z), params=(("alpha", 0.01),),
+        description="z if z > 0 else alpha*z"),
+    "softplus": ActivationEntry(lambda: softplus(Z), description="log(1 + exp(z))"),
+    "elu": ActivationEntry(
+        lambda alpha: _piecewise_positive(Z, alpha * (sp.exp(Z) - 1)), params=(("alpha", 1.0),),
+        description="z if z > 0 else alpha*(exp(z) - 1)"),
+    "silu": ActivationEntry(lambda: Z * sigmoid(Z), description="z * sigmoid(z)"),
+    "gelu": ActivationEntry(lambda: Z * (1 + sp.erf(Z / sp.sqrt(2))) / 2,
+                            description="z * Phi(z), exact (erf) form"),
+    "softmax": ActivationEntry(lambda: None, output_range=(0.0, 1.0),
+                               description="exp(z_j) / sum_i exp(z_i); last layer only"),
+}
+
+LOSSES: Mapping[str, Loss] = {
+    "mse": Loss("mse", (A - Y) ** 2 / 2),
+    "cross_entropy": Loss("cross_entropy", -Y * sp.log(A), needs="distribution"),
+    "binary_cross_entropy": Loss(
+        "binary_cross_entropy", -(Y * sp.log(A) + (1 - Y) * sp.log(1 - A)), needs="probability"
+    ),
+}
+LOSS_DESCRIPTIONS: Mapping[str, str] = {
+    "mse": "1/2 sum_j (a_j - y_j)^2",
+    "cross_entropy": "-sum_j y_j log a_j (softmax output, targets a probability vector)",
+    "binary_cross_entropy": "-sum_j [y_j log a_j + (1 - y_j) log(1 - a_j)] (outputs in (0, 1))",
+}
+
+
+def _number(value: float) -> sp.Expr:
+    """An exact SymPy number for a parameter (0.01 becomes 1/100, not a binary float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DeriveError(f"parameter must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DeriveError(f"parameter must be a finite number, got {value!r}")
+    return sp.Integer(value) if isinstance(value, int) else sp.Rational(repr(float(value)))
+
+
+def resolve_activation(name: str, params: Mapping[str, float] | None = None,
+                       expr: str | None = None) -> Activation:
+    """The :class:`Activation` for a built-in name with parameters, or a custom ``expr``."""
+    params = dict(params or {})
+    if expr is not None:
+        return Activation(name, expr=parse_expression(expr, {"z": Z}), custom=True)
+    if name not in ACTIVATIONS:
+        known = ", ".join(ACTIVATIONS)
+        raise DeriveError(f"unknown activation {name!r}; known: {known} (or give an expr)")
+    entry = ACTIVATIONS[name]
+    allowed = dict(entry.params)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise DeriveError(f"activation {name!r} has no parameter {unknown[0]!r}; "
+                          f"allowed: {', '.join(allowed) or 'none'}")
+    # _number checks each value before float() sees it (float("abc") is not a DeriveError).
+    built = entry.build(*(_number(params.get(key, default)) for key, default in entry.params))
+    values = {key: float(params.get(key, default)) for key, default in entry.params}
+    return Activation(name, tuple(values.items()), built, entry.output_range)
+
+
+def resolve_loss(name: str, expr: str | None = None) -> Loss:
+    """The :class:`Loss` for a built-in name or a custom per-component ``expr`` in a, y."""
+    if expr is not None:
+        return Loss(name, parse_expression(expr, {"a": A, "y": Y}), custom=True)
+    if name not in LOSSES:
+        raise DeriveError(f"unknown loss {name!r}; known: {', '.join(LOSSES)} (or give an expr)")
+    return LOSSES[name]

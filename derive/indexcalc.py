@@ -1,0 +1,53 @@
+"""Index calculus on SymPy expressions: the algebra the chain rule needs on indexed sums.
+
+SymPy differentiates ``Sum(w[j, k]*a[k], (k, 1, n))`` with respect to ``a[m]`` into
+``Sum(w[j, k]*KroneckerDelta(k, m), (k, 1, n))``; these helpers finish the job the way a
+derivation on paper does: split sums over ``+``, pull factors that do not depend on the summed
+index out of the sum, and collapse a sum against a Kronecker delta (sum_k f_k delta_km = f_m,
+valid because every index ranges over its layer).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+
+def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
+    """One sum, expanded: split over +, pull out constant factors, collapse deltas."""
+    index = limits[0]
+    summand = sp.expand(summand, deep=False, mul=True, multinomial=False, power_base=False,
+                        power_exp=False, log=False)
+    if summand == 0:
+        return sp.Integer(0)
+    if isinstance(summand, sp.Add):
+        return sp.Add(*(_split_sum(term, limits) for term in summand.args))
+    outside, inside = [], []
+    for factor in sp.Mul.make_args(summand):
+        (inside if factor.has(index) else outside).append(factor)
+    inner = sp.Mul(*inside)
+    for factor in inside:
+        if isinstance(factor, sp.KroneckerDelta) and index in factor.args:
+            other = factor.args[1] if factor.args[0] == index else factor.args[0]
+            rest = sp.Mul(*(f for f in inside if f is not factor))
+            return sp.Mul(*outside) * rest.xreplace({index: other})
+    if not inside:
+        # a constant summand: n copies of it
+        return sp.Mul(*outside) * (limits[2] - limits[1] + 1)
+    return sp.Mul(*outside) * sp.Sum(inner, limits)
+
+
+def collapse(expr: sp.Expr) -> sp.Expr:
+    """Expand sums, pull out constant factors and eliminate Kronecker deltas, to a fixed point."""
+    previous = None
+    while previous != expr:
+        previous = expr
+        expr = expr.replace(
+            lambda e: isinstance(e, sp.Sum) and len(e.limits) == 1,
+            lambda e: _split_sum(e.function, e.limits[0]),
+        )
+    return expr
+
+
+def sums_of(expr: sp.Expr) -> list[sp.Sum]:
+    """The Sum objects in ``expr``, outermost first."""
+    return [node for node in sp.preorder_traversal(expr) if isinstance(node, sp.Sum)]
