@@ -1,0 +1,287 @@
+"""The command line: parse arguments, call the API, print, map errors to exit codes.
+
+Exit codes (DESIGN.md, Contract 3): 0 success; 1 a verification found a mismatch; 2 bad input
+or usage, with one line on stderr and no traceback. Feature modules add their own subcommand
+through ``add_command(subparsers)`` (listed in :data:`EXTENSIONS`) and may add a step to the
+default pipeline through ``pipeline_step(derivation, out_dir, echo)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from derive import __version__
+from derive.derivation import Derivation, derive
+from derive.errors import DeriveError
+from derive.model import build_model
+from derive.pretty import pretty
+from derive.spec import NetworkSpec, list_examples, load_spec
+
+#: Modules that add a subcommand (``add_command``) and, optionally, a default pipeline step.
+EXTENSIONS: tuple[str, ...] = ()
+DEFAULT_EXAMPLE = "xor"
+DEFAULT_OUT = "derive-out"
+
+Echo = Callable[[str], None]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise DeriveError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _spec_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC",
+                        help="a spec file (.yaml, .yml, .json) or a built-in example name "
+                             "(see `derive examples`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="derive",
+        description="Derive, explain, verify and generate backpropagation for a network spec. "
+                    "With no command, runs the whole pipeline on the built-in xor example.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  derive\n  derive show xor\n  derive verify net.yaml\n"
+               "  derive examples\n  derive schema > derive-spec.schema.json",
+    )
+    parser.add_argument("--version", action="version", version=f"derive {__version__}")
+    parser.add_argument("-o", "--out-dir", default=DEFAULT_OUT,
+                        help=f"where the default pipeline writes its outputs (default {DEFAULT_OUT})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    show = commands.add_parser(
+        "show", help="print the derived backpropagation formulas",
+        description="Print the derived formulas (index, vector and batch form) of a network.",
+        epilog="examples:\n  derive show xor\n  derive show net.yaml --steps\n"
+               "  derive show digits --stage model",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _spec_argument(show)
+    show.add_argument("--stage", choices=("spec", "model", "derivation"),
+                      help="dump one pipeline stage instead (for debugging)")
+    show.add_argument("--steps", action="store_true",
+                      help="also print every chain-rule step of the derivation")
+    show.set_defaults(handler=_cmd_show)
+
+    verify = commands.add_parser(
+        "verify", help="check the derived formulas against direct differentiation",
+        description="Expand the network at concrete sizes into one scalar loss, differentiate "
+                    "it directly with respect to every parameter and compare with the derived "
+                    "formulas. Exit code 1 on any mismatch.",
+        epilog="examples:\n  derive verify xor\n  derive verify net.yaml --points 40",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _spec_argument(verify)
+    verify.add_argument("--points", type=int, default=20,
+                        help="random points for the numeric check (default 20)")
+    verify.add_argument("--seed", type=int, default=0, help="seed of the random points")
+    verify.set_defaults(handler=_cmd_verify)
+
+    examples = commands.add_parser("examples", help="list the built-in example specs",
+                                   description="List the built-in example specs.")
+    examples.set_defaults(handler=_cmd_examples)
+
+    schema = commands.add_parser(
+        "schema", help="print the JSON Schema of the spec format",
+        description="Print the JSON Schema of spec files, for editors to complete and check.",
+        epilog="example:\n  derive schema > derive-spec.schema.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    schema.set_defaults(handler=_cmd_schema)
+
+    for name in EXTENSIONS:
+        importlib.import_module(name).add_command(commands)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def load(source: str) -> NetworkSpec:
+    """The spec named on the command line."""
+    return load_spec(source)
+
+
+def derivation_of(spec: NetworkSpec) -> Derivation:
+    return derive(build_model(spec))
+
+
+def _cmd_show(args: argparse.Namespace, echo: Echo) -> int:
+    spec = load(args.spec)
+    if args.stage == "spec":
+        echo(json.dumps(spec.to_dict(), indent=2))
+        return 0
+    model = build_model(spec)
+    if args.stage == "model":
+        for line in model_lines(model):
+            echo(line)
+        return 0
+    derivation = derive(model)
+    if args.stage == "derivation":
+        for formula in derivation.formulas:
+            echo(f"{formula.key} [{formula.equation or '-'}]")
+            echo(f"  lhs:     {formula.lhs!r}")
+            echo(f"  rhs:     {formula.rhs!r}")
+            echo(f"  generic: {formula.generic!r}")
+            echo(f"  vector:  {formula.vector!r}")
+            for step in formula.steps:
+                echo(f"    {step.rule}: {step.target!r} = {step.expr!r}")
+        return 0
+    for line in derivation_lines(derivation, steps=args.steps):
+        echo(line)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace, echo: Echo) -> int:
+    from derive.verify import verify
+
+    if args.points < 1:
+        raise DeriveError("--points must be at least 1")
+    report = verify(load(args.spec), points=args.points, seed=args.seed,
+                    progress=_progress_reporter())
+    for line in report.lines():
+        echo(line)
+    return 0 if report.ok else 1
+
+
+def _cmd_examples(args: argparse.Namespace, echo: Echo) -> int:
+    examples = list_examples()
+    width = max(len(name) for name, _ in examples)
+    for name, description in examples:
+        echo(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace, echo: Echo) -> int:
+    from derive.schema import spec_schema
+
+    echo(json.dumps(spec_schema(), indent=2))
+    return 0
+
+
+def _progress_reporter(after: float = 1.0) -> Echo:
+    """A callback printing progress on stderr once the work has taken ``after`` seconds."""
+    start = time.perf_counter()
+
+    def report(message: str) -> None:
+        if time.perf_counter() - start > after:
+            print(f"  ... {message} ({time.perf_counter() - start:.1f} s)", file=sys.stderr,
+                  flush=True)
+
+    return report
+
+
+def run_pipeline(spec: NetworkSpec, out_dir: Path, echo: Echo) -> int:
+    """The whole pipeline: derive, print, verify, then each extension's outputs."""
+    from derive.verify import verify
+
+    derivation = derivation_of(spec)
+    for line in derivation_lines(derivation, steps=False):
+        echo(line)
+    echo("")
+    report = verify(spec, progress=_progress_reporter())
+    for line in report.lines():
+        echo(line)
+    steps = [importlib.import_module(name) for name in EXTENSIONS]
+    steps = [module for module in steps if hasattr(module, "pipeline_step")]
+    if steps:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        echo("")
+        for module in steps:
+            module.pipeline_step(derivation, out_dir, echo)
+    return 0 if report.ok else 1
+
+
+# --- text of the stages ------------------------------------------------------------------
+
+
+def model_lines(model) -> list[str]:
+    """The symbolic model, readable."""
+    from derive.derivation import C
+
+    out = [f"network {model.spec.name}: sizes {' -> '.join(map(str, model.spec.sizes))}"]
+    for layer in model.layers:
+        out.append(f"  layer {layer.index}: {layer.size} = {model.spec.sizes[layer.index]} "
+                   f"neurons, activation {layer.activation.name}")
+        out.append(f"    {pretty(_lhs(layer.z))} = {pretty(layer.z_expr)}")
+        out.append(f"    {pretty(_lhs(layer.a))} = {pretty(layer.a_expr)}")
+    out.append(f"  loss {model.loss.name}: {pretty(C)} = {pretty(model.cost)}")
+    return out
+
+
+def _lhs(base):
+    from derive.model import j
+
+    return base[j]
+
+
+def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
+    """The derived formulas in index, vector and batch form, with the activation derivatives."""
+    from derive.functions import Z
+
+    model = derivation.model
+    spec = model.spec
+    out = [f"{spec.name}: {' -> '.join(map(str, spec.sizes))}, "
+           f"activations {', '.join(l.activation.name for l in model.layers)}, "
+           f"loss {model.loss.name}"]
+    out.append("activation derivatives:")
+    seen: set[str] = set()
+    for layer, derivative in zip(model.layers, derivation.activation_derivatives):
+        if derivative is None or layer.activation.name in seen:
+            continue
+        seen.add(layer.activation.name)
+        in_a = ""
+        if derivative.in_a is not None and derivative.in_z.has(Z):
+            in_a = f"  =  {pretty(derivative.in_a)}   (a = σ(z))"
+        out.append(f"  {layer.activation.name}: σ'(z) = {pretty(derivative.in_z)}{in_a}")
+    out.append("derived formulas (index form | vector form | batch form, rows = samples):")
+    for formula in derivation.formulas:
+        tag = f"({formula.equation})" if formula.equation else "     "
+        out.append(f"  {tag} {pretty(formula.lhs)} = {pretty(formula.rhs)}")
+        out.append(f"        vector: {pretty(formula.vector)}")
+        out.append(f"        batch:  {_batch(formula)}")
+        for assumption in formula.assumptions:
+            out.append(f"        assuming {assumption}")
+        if steps:
+            for step in formula.steps:
+                out.append(f"          {step.rule:<16} {pretty(step.target)} = {pretty(step.expr)}"
+                           f"    [{step.why}]")
+    return out
+
+
+def _batch(formula) -> str:
+    text = pretty(formula.vector, batch=True)
+    if formula.equation == "BP3":
+        return f"(1/B) Σ_rows {text}"
+    return text
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    echo: Echo = print
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            echo(f"derive {__version__}: whole pipeline on the built-in {DEFAULT_EXAMPLE!r} "
+                 "example")
+            return run_pipeline(load(DEFAULT_EXAMPLE), Path(args.out_dir), echo)
+        return args.handler(args, echo)
+    except DeriveError as err:
+        print(f"derive: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("derive: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
