@@ -227,9 +227,9 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
 
     model = derivation.model
     spec = model.spec
-    out = [f"{spec.name}: {' -> '.join(map(str, spec.sizes))}, "
+    out = [(f"{spec.name}: {' -> '.join(map(str, spec.sizes))}, "
            f"activations {', '.join(l.activation.name for l in model.layers)}, "
-           f"loss {model.loss.name}"]
+           f"loss {model.loss.name}")]
     out.append("activation derivatives:")
     seen: set[str] = set()
     for layer, derivative in zip(model.layers, derivation.activation_derivatives):

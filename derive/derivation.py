@@ -18,12 +18,12 @@ and never re-derive anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import mpmath
 import sympy as sp
 
-from derive.functions import A, Z, Activation, elementary
+from derive.functions import A, Activation, Z, elementary
 from derive.indexcalc import collapse
 from derive.model import LayerModel, Model, i, j, k, m, quantity
 from derive.vectorform import to_vector
@@ -166,7 +166,7 @@ def _same_function(lhs: sp.Expr, rhs: sp.Expr, points: tuple[float, ...]) -> boo
 _CHECK_POINTS = (-2.75, -1.3, -0.4, 0.35, 0.9, 1.7, 3.1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def activation_derivative(activation: Activation) -> ActivationDerivative:
     """sigma'(z) by ``sympy.diff``, and its rewrite in a = sigma(z) when one exists.
 

@@ -25,7 +25,7 @@ A = sp.Symbol("a", real=True)
 Y = sp.Symbol("y", real=True)
 
 
-class sigmoid(sp.Function):  # noqa: N801 - named as the math is
+class sigmoid(sp.Function):
     """The logistic function 1 / (1 + e^{-x})."""
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:
@@ -43,7 +43,7 @@ class sigmoid(sp.Function):  # noqa: N801 - named as the math is
         return True if self.args[0].is_real else None
 
 
-class softplus(sp.Function):  # noqa: N801 - named as the math is
+class softplus(sp.Function):
     """log(1 + e^x)."""
 
     def fdiff(self, argindex: int = 1) -> sp.Expr:

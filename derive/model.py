@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
-from derive.functions import A, Y, Z, Activation, Loss
+from derive.functions import A, Activation, Loss, Y, Z
 
 if TYPE_CHECKING:
     from derive.spec import NetworkSpec

@@ -8,6 +8,8 @@ become matrices A², Z², Δ², Y and ``(W³)ᵀ δ³`` becomes ``Δ³ W³``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
@@ -34,7 +36,7 @@ class UnicodePrinter(StrPrinter):
     # Indexed prints itself through "_sympystr"; a method name no object defines makes the
     # printer dispatch to the _print_* methods below instead.
     printmethod = "_derive_unicode"
-    _default_settings = {**StrPrinter._default_settings, "batch": False}
+    _default_settings: ClassVar[dict] = {**StrPrinter._default_settings, "batch": False}
 
     def _name(self, name: str) -> str:
         letter, layer = split_name(name)
@@ -48,7 +50,7 @@ class UnicodePrinter(StrPrinter):
         return self._name(str(expr.base.label)) + sub("".join(map(str, expr.indices)))
 
     def _print_Sum(self, expr: sp.Sum) -> str:
-        (index, _low, high), = expr.limits
+        (index, _low, _high), = expr.limits
         body = self.parenthesize(expr.function, sp.printing.precedence.PRECEDENCE["Mul"])
         return f"Σ{sub(index)} {body}"
 

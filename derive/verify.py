@@ -71,8 +71,8 @@ class Report:
     def lines(self) -> list[str]:
         """The report as text, one line per formula."""
         shape = "-".join(map(str, self.sizes))
-        out = [f"verify {self.name}: expanded the {shape} network into one scalar loss C "
-               f"and differentiated it directly ({self.parameters} parameters)"]
+        out = [(f"verify {self.name}: expanded the {shape} network into one scalar loss C "
+               f"and differentiated it directly ({self.parameters} parameters)")]
         if self.reduced:
             out.append(f"  reduced copy: {'-'.join(map(str, self.original_sizes))} is too wide "
                        f"to expand; widths capped at {MAX_WIDTH}, same activations, loss, depth")
@@ -264,7 +264,7 @@ def _check_formula(instance: _Instance, derivation: Derivation, formula: Formula
     entries = _entries(formula, instance.model)
     direct = {index: se.diff(instance.cost, instance.variable(formula, index))
               for index in entries}
-    if symbolic and not instance.model.loss.needs == "distribution":
+    if symbolic and instance.model.loss.needs != "distribution":
         zero = instance.at_zero_error
         env = _deltas(instance, derivation,
                       {q: v.subs(zero) for q, v in instance.values.items()})

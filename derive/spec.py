@@ -1,0 +1,644 @@
+"""Stage 1, the spec: a YAML/JSON file, built-in example or dict to a validated NetworkSpec.
+
+``load_spec`` takes a file path, the name of a built-in example (``derive/examples/*.yaml``) or a
+plain mapping, checks every field (DESIGN.md, Contract 1) and gives a :class:`NetworkSpec`:
+frozen dataclasses holding tuples, the input of :mod:`derive.model`. Every problem is a
+:class:`~derive.errors.DeriveError` naming the source, the field path (``layers[1].activation``)
+and, for files, the line of that field.
+
+Activations and losses are kept as the user wrote them (:class:`FunctionSpec`); their SymPy
+expressions come from :mod:`derive.functions` (``NetworkSpec.activation``/``resolved_loss``).
+The structural rules are mirrored as a JSON Schema in :mod:`derive.schema`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from derive import functions
+from derive.errors import DeriveError
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+TOP_FIELDS = ("name", "input", "layers", "loss", "example")
+TOP_REQUIRED = ("name", "input", "layers", "loss")
+LAYER_FIELDS = ("size", "activation", "bias")
+LAYER_REQUIRED = ("size", "activation")
+EXAMPLE_FIELDS = ("x", "y", "params")
+CUSTOM_FIELDS = ("name", "expr")
+
+# A field path inside the document: keys and list indices, e.g. ("layers", 1, "activation").
+FieldPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """An activation or loss reference as the user wrote it.
+
+    ``params`` holds only the parameters given, in the registry's order; ``expr`` is the text of
+    a custom expression (already parsed once by the whitelist parser, so it is valid).
+    """
+
+    name: str
+    params: tuple[tuple[str, float], ...] = ()
+    expr: str | None = None
+
+    def to_data(self) -> str | dict[str, Any]:
+        """The plain name, or the mapping form when there are parameters or an expression."""
+        if self.expr is not None:
+            return {"name": self.name, "expr": self.expr}
+        if self.params:
+            return {"name": self.name, **dict(self.params)}
+        return self.name
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dense layer: n_l units, its activation and whether it has a bias b^l."""
+
+    size: int
+    activation: FunctionSpec
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    """An optional worked example for the LaTeX document.
+
+    ``x`` is one input sample (length n_0), ``y`` its target (length n_L); ``params`` gives
+    ``("W1", rows), ("b1", values), ...`` in layer order, as nested tuples of floats.
+    """
+
+    x: tuple[float, ...] | None = None
+    y: tuple[float, ...] | None = None
+    params: tuple[tuple[str, tuple], ...] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.x is not None:
+            data["x"] = list(self.x)
+        if self.y is not None:
+            data["y"] = list(self.y)
+        if self.params:
+            data["params"] = {key: _lists(value) for key, value in self.params}
+        return data
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A validated network: input width, dense layers, loss and an optional worked example."""
+
+    name: str
+    input: int
+    layers: tuple[LayerSpec, ...]
+    loss: FunctionSpec
+    example: ExampleSpec | None = None
+    source: str = "<dict>"
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """``(n_0, n_1, ..., n_L)``."""
+        return (self.input, *(layer.size for layer in self.layers))
+
+    @property
+    def depth(self) -> int:
+        """L, the number of layers with parameters."""
+        return len(self.layers)
+
+    def activation(self, l: int) -> functions.Activation:
+        """The resolved activation of layer ``l`` (numbered 1..L, as in the notation)."""
+        if not 1 <= l <= self.depth:
+            raise IndexError(f"layer {l} out of range 1..{self.depth}")
+        return _resolve_activation(self.layers[l - 1].activation)
+
+    def resolved_loss(self) -> functions.Loss:
+        """The resolved per-component loss."""
+        return _resolve_loss(self.loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical plain dict: the file's fields, fixed key order, defaults left out."""
+        layers = []
+        for layer in self.layers:
+            entry: dict[str, Any] = {"size": layer.size, "activation": layer.activation.to_data()}
+            if not layer.bias:
+                entry["bias"] = False
+            layers.append(entry)
+        data: dict[str, Any] = {
+            "name": self.name,
+            "input": self.input,
+            "layers": layers,
+            "loss": self.loss.to_data(),
+        }
+        if self.example is not None:
+            data["example"] = self.example.to_data()
+        return data
+
+    def digest(self) -> str:
+        """A short content hash of the spec (its source does not count)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _lists(value: tuple | float) -> list | float:
+    return [_lists(item) for item in value] if isinstance(value, tuple) else value
+
+
+@functools.cache
+def _resolve_activation(spec: FunctionSpec) -> functions.Activation:
+    return functions.resolve_activation(spec.name, dict(spec.params), spec.expr)
+
+
+@functools.cache
+def _resolve_loss(spec: FunctionSpec) -> functions.Loss:
+    return functions.resolve_loss(spec.name, spec.expr)
+
+
+# --- built-in examples ---------------------------------------------------------------------
+
+
+def list_examples() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of each built-in example, sorted by name."""
+    examples = []
+    for path in sorted(EXAMPLES_DIR.glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").partition("\n")[0]
+        description = first[1:].strip() if first.startswith("#") else ""
+        examples.append((path.stem, description))
+    return examples
+
+
+def example_path(name: str) -> Path:
+    """The file of the built-in example ``name``."""
+    if name not in _example_names():
+        known = ", ".join(_example_names())
+        raise DeriveError(f"no built-in example {name!r}; built-in examples: {known}")
+    return EXAMPLES_DIR / f"{name}.yaml"
+
+
+def _example_names() -> list[str]:
+    return sorted(path.stem for path in EXAMPLES_DIR.glob("*.yaml"))
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_spec(source: str | os.PathLike | Mapping) -> NetworkSpec:
+    """Load and validate a spec from a path, a built-in example name or a mapping.
+
+    A string is a built-in example name when it is one and no file of that name exists;
+    otherwise it is a path ending in ``.yaml``, ``.yml`` or ``.json``. A NetworkSpec is
+    returned as it is.
+    """
+    if isinstance(source, NetworkSpec):
+        return source
+    if isinstance(source, Mapping):
+        return _Validator(None, {}).network(source, "<dict>")
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"load_spec takes a path, an example name or a mapping, not {source!r}")
+    if isinstance(source, str) and not os.path.exists(source) and source in _example_names():
+        path, label = example_path(source), f"built-in example {source!r}"
+    else:
+        path, label = Path(source), os.fspath(source)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        if not path.exists():
+            raise DeriveError(
+                f"no such file or built-in example {label!r}; "
+                f"built-in examples: {', '.join(_example_names())}"
+            )
+        raise DeriveError("a spec file must end in .yaml, .yml or .json", source=label)
+    data, lines = _read_file(path, label)
+    return _Validator(label, lines).network(data, label)
+
+
+def _read_file(path: Path, label: str) -> tuple[Any, dict[FieldPath, int]]:
+    """The file's data and the 1-based line of each field path in it."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the spec
+    except FileNotFoundError:
+        raise DeriveError("no such file", source=label) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DeriveError(f"cannot read the file ({err})", source=label) from None
+    if path.suffix.lower() == ".json":
+        return _read_json(text, label)
+    return _read_yaml(text, label)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        _check_duplicates(node, label)
+        return loader.construct_document(node), _field_lines(node)
+    except yaml.MarkedYAMLError as err:
+        raise _syntax_error("YAML", err, label) from None
+    except yaml.YAMLError as err:
+        raise DeriveError(f"malformed YAML: {err}", source=label) from None
+    finally:
+        loader.dispose()
+
+
+def _read_json(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
+    # JSON is read by the json module (PyYAML reads the JSON number 1e-3 as a string and
+    # refuses tabs); the same text composed as YAML gives the line of each field.
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        node = None
+    if node is not None:
+        _check_duplicates(node, label)
+    try:
+        data = json.loads(text, object_pairs_hook=_json_object)
+    except json.JSONDecodeError as err:
+        raise DeriveError(
+            f"malformed JSON: {err.msg} (line {err.lineno}, column {err.colno})",
+            source=label,
+            line=err.lineno,
+        ) from None
+    except DeriveError as err:
+        raise err.located(source=label) from None
+    return data, _field_lines(node) if node is not None else {}
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise DeriveError(f"duplicate key {key!r}")
+        data[key] = value
+    return data
+
+
+def _syntax_error(kind: str, err: yaml.MarkedYAMLError, label: str) -> DeriveError:
+    mark = err.problem_mark or err.context_mark
+    problem = err.problem or err.context or "cannot parse"
+    if mark is None:
+        return DeriveError(f"malformed {kind}: {problem}", source=label)
+    line, column = mark.line + 1, mark.column + 1
+    return DeriveError(
+        f"malformed {kind}: {problem} (line {line}, column {column})", source=label, line=line
+    )
+
+
+def _check_duplicates(node: yaml.Node, label: str) -> None:
+    """Refuse a mapping that gives a key twice (PyYAML would keep the last silently)."""
+    seen_nodes: set[int] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen_nodes:  # aliases share nodes and may even be recursive
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in keys:
+                        raise DeriveError(
+                            f"duplicate key {key.value!r}",
+                            source=label,
+                            line=key.start_mark.line + 1,
+                        )
+                    keys.add((key.tag, key.value))
+                stack.extend((key, value))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+
+
+def _field_lines(node: yaml.Node) -> dict[FieldPath, int]:
+    """The 1-based line of each field path: of its key in a mapping, of the item in a list."""
+    lines: dict[FieldPath, int] = {(): node.start_mark.line + 1}
+    seen_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, FieldPath]] = [(node, ())]
+    while stack:
+        current, path = stack.pop()
+        if id(current) in seen_nodes:
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode):
+                    lines.setdefault((*path, key.value), key.start_mark.line + 1)
+                    stack.append((value, (*path, key.value)))
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                lines.setdefault((*path, index), item.start_mark.line + 1)
+                stack.append((item, (*path, index)))
+    return lines
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def field_path(path: FieldPath) -> str:
+    """``("layers", 1, "activation")`` as ``layers[1].activation``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if value is None:
+        return "nothing"
+    if isinstance(value, (int, float, str)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list" if value else "an empty list"
+    return f"a {type(value).__name__}"
+
+
+def _as_float(value: object) -> float | None:
+    """``value`` as a finite float, or ``None`` when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+class _Validator:
+    """Checks plain data field by field; errors carry the source and the field's line."""
+
+    def __init__(self, source: str | None, lines: Mapping[FieldPath, int]) -> None:
+        self.source = source
+        self.lines = lines
+
+    def error(self, path: FieldPath, message: str) -> DeriveError:
+        line = None
+        for end in range(len(path), -1, -1):  # the line of the nearest enclosing field
+            if path[:end] in self.lines:
+                line = self.lines[path[:end]]
+                break
+        return DeriveError(message, source=self.source, field=field_path(path) or None, line=line)
+
+    def locate(self, err: DeriveError, path: FieldPath) -> DeriveError:
+        """A DeriveError from :mod:`derive.functions`, placed at ``path``."""
+        where = self.error(path, err.message)
+        return err.located(source=where.source, field=where.field, line=where.line)
+
+    def mapping(
+        self,
+        value: object,
+        path: FieldPath,
+        what: str,
+        allowed: tuple[str, ...],
+        required: tuple[str, ...],
+    ) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.error(path, f"{what} must be a mapping, got {_describe(value)}")
+        for key in value:
+            if key not in allowed:
+                raise self.error(
+                    (*path, str(key)),
+                    f"unknown field {key!r} in {what}; allowed: {', '.join(allowed)}",
+                )
+        for key in required:
+            if key not in value:
+                raise self.error(
+                    (*path, key),
+                    f"missing required field {key!r} in {what}; required: {', '.join(required)}",
+                )
+        return value
+
+    def positive_int(self, value: object, path: FieldPath) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 3.0 is an integer to JSON Schema too
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.error(
+                path, f"must be a positive integer (1, 2, ...), got {_describe(value)}"
+            )
+        return value
+
+    def identifier(self, value: object, path: FieldPath) -> str:
+        if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
+            raise self.error(
+                path,
+                "must be an identifier (a letter or _, then letters, digits or _; "
+                f"[A-Za-z_][A-Za-z0-9_]*), got {_describe(value)}",
+            )
+        return value
+
+    def number(self, value: object, path: FieldPath) -> float:
+        number = _as_float(value)
+        if number is None:
+            raise self.error(path, f"must be a finite number, got {_describe(value)}")
+        return number
+
+    def numbers(self, value: object, path: FieldPath, length: int, what: str) -> tuple[float, ...]:
+        if not isinstance(value, list | tuple) or len(value) != length:
+            got = f"length {len(value)}" if isinstance(value, list | tuple) else _describe(value)
+            raise self.error(path, f"must be a list of {length} numbers ({what}), got {got}")
+        return tuple(self.number(item, (*path, i)) for i, item in enumerate(value))
+
+    # -- the spec, top down --
+
+    def network(self, data: object, source: str) -> NetworkSpec:
+        if not isinstance(data, Mapping):
+            raise self.error(
+                (),
+                f"the spec must be a mapping with fields {', '.join(TOP_REQUIRED)}, "
+                f"got {_describe(data) if data is not None else 'an empty document'}",
+            )
+        self.mapping(data, (), "the spec", TOP_FIELDS, TOP_REQUIRED)
+        name = self.identifier(data["name"], ("name",))
+        n_input = self.positive_int(data["input"], ("input",))
+        raw_layers = data["layers"]
+        if not isinstance(raw_layers, list | tuple) or not raw_layers:
+            raise self.error(
+                ("layers",), f"must be a non-empty list of layers, got {_describe(raw_layers)}"
+            )
+        layers = tuple(self.layer(raw, ("layers", i)) for i, raw in enumerate(raw_layers))
+        loss = self.loss(data["loss"], ("loss",))
+        spec = NetworkSpec(name, n_input, layers, loss, source=source)
+        self.check_semantics(spec)
+        if "example" in data:
+            example = self.example(data["example"], ("example",), spec)
+            if example != ExampleSpec():
+                spec = NetworkSpec(name, n_input, layers, loss, example, source)
+        return spec
+
+    def layer(self, data: object, path: FieldPath) -> LayerSpec:
+        self.mapping(data, path, "a layer", LAYER_FIELDS, LAYER_REQUIRED)
+        size = self.positive_int(data["size"], (*path, "size"))
+        activation = self.activation(data["activation"], (*path, "activation"))
+        bias = data.get("bias", True)
+        if not isinstance(bias, bool):
+            raise self.error((*path, "bias"), f"must be true or false, got {_describe(bias)}")
+        return LayerSpec(size, activation, bias)
+
+    def activation(self, value: object, path: FieldPath) -> FunctionSpec:
+        spec = self.function(value, path, "activation", functions.ACTIVATIONS)
+        try:
+            _resolve_activation(spec)
+        except DeriveError as err:
+            raise self.locate(err, (*path, "expr") if spec.expr is not None else path) from None
+        return spec
+
+    def loss(self, value: object, path: FieldPath) -> FunctionSpec:
+        spec = self.function(value, path, "loss", functions.LOSSES)
+        try:
+            _resolve_loss(spec)
+        except DeriveError as err:
+            raise self.locate(err, (*path, "expr") if spec.expr is not None else path) from None
+        return spec
+
+    def function(
+        self, value: object, path: FieldPath, kind: str, registry: Mapping[str, object]
+    ) -> FunctionSpec:
+        """An activation or loss: a built-in name, ``{name, params...}`` or ``{name, expr}``."""
+        known = ", ".join(registry)
+        if isinstance(value, str):
+            if value not in registry:
+                raise self.error(
+                    path, f"unknown {kind} {value!r}; known: {known} (or give {{name, expr}})"
+                )
+            return FunctionSpec(value)
+        if not isinstance(value, Mapping):
+            raise self.error(
+                path,
+                f"must be the name of a built-in {kind} ({known}) or a mapping "
+                f"{{name: ..., expr: ...}}, "
+                f"got {_describe(value)}",
+            )
+        if "name" not in value:
+            raise self.error((*path, "name"), f"missing required field 'name' in the {kind}")
+        name = self.identifier(value["name"], (*path, "name"))
+        if "expr" in value:
+            self.mapping(value, path, f"a custom {kind}", CUSTOM_FIELDS, CUSTOM_FIELDS)
+            if name in registry:
+                raise self.error(
+                    (*path, "name"),
+                    f"{name!r} is a built-in {kind}; give the custom {kind} another name",
+                )
+            expr = value["expr"]
+            if not isinstance(expr, str) or not expr.strip():
+                raise self.error(
+                    (*path, "expr"), f"must be an expression string, got {_describe(expr)}"
+                )
+            return FunctionSpec(name, expr=expr)
+        if name not in registry:
+            raise self.error(
+                (*path, "name"), f"unknown {kind} {name!r}; known: {known} (or add an expr)"
+            )
+        entry_params = getattr(registry[name], "params", ())  # losses take no parameters
+        allowed = ("name", *(key for key, _ in entry_params))
+        for key in value:
+            if key not in allowed:
+                raise self.error(
+                    (*path, str(key)),
+                    f"{kind} {name!r} has no parameter {key!r}; allowed: "
+                    f"{', '.join(allowed[1:]) or 'none'}",
+                )
+        params = tuple(
+            (key, self.number(value[key], (*path, key))) for key, _ in entry_params if key in value
+        )
+        return FunctionSpec(name, params)
+
+    def check_semantics(self, spec: NetworkSpec) -> None:
+        """Rules across fields: softmax only last, losses that need a kind of output."""
+        for l in range(1, spec.depth):
+            if spec.activation(l).is_softmax:
+                raise self.error(
+                    ("layers", l - 1, "activation"),
+                    "softmax is allowed on the last layer only",
+                )
+        output = spec.activation(spec.depth)
+        needs = spec.resolved_loss().needs
+        if needs == "distribution" and not output.is_softmax:
+            raise self.error(
+                ("loss",),
+                "cross-entropy needs a probability vector output: make the last layer softmax "
+                f"(it is {output.name})",
+            )
+        if needs == "probability" and not output.is_probability:
+            raise self.error(
+                ("loss",),
+                "binary cross-entropy needs outputs in (0, 1): make the last layer sigmoid or "
+                f"softmax (it is {output.name}, not known to stay in (0, 1))",
+            )
+
+    def example(self, data: object, path: FieldPath, spec: NetworkSpec) -> ExampleSpec:
+        self.mapping(data, path, "the example", EXAMPLE_FIELDS, ())
+        x = y = None
+        if "x" in data:
+            x = self.numbers(data["x"], (*path, "x"), spec.input, "one input sample, n_0")
+        if "y" in data:
+            y = self.numbers(data["y"], (*path, "y"), spec.sizes[-1], "its target, n_L")
+        params: tuple[tuple[str, tuple], ...] = ()
+        if "params" in data:
+            params = self.example_params(data["params"], (*path, "params"), spec)
+        return ExampleSpec(x, y, params)
+
+    def example_params(
+        self, data: object, path: FieldPath, spec: NetworkSpec
+    ) -> tuple[tuple[str, tuple], ...]:
+        # W{l} is n_l x n_{l-1}, b{l} has length n_l (DESIGN.md, Contract 2)
+        expected: dict[str, tuple[int, ...]] = {}
+        for l, layer in enumerate(spec.layers, start=1):
+            expected[f"W{l}"] = (layer.size, spec.sizes[l - 1])
+            if layer.bias:
+                expected[f"b{l}"] = (layer.size,)
+        names = ", ".join(expected)
+        if not isinstance(data, Mapping):
+            raise self.error(path, f"must be a mapping of {names}, got {_describe(data)}")
+        for key in data:
+            if key not in expected:
+                raise self.error(
+                    (*path, str(key)), f"unknown parameter {key!r}; expected exactly: {names}"
+                )
+        params = []
+        for key, shape in expected.items():
+            if key not in data:
+                raise self.error((*path, key), f"missing; params must give all of: {names}")
+            if len(shape) == 1:
+                what = f"{key} has length n_{key[1:]}"
+                params.append((key, self.numbers(data[key], (*path, key), shape[0], what)))
+                continue
+            rows, cols = shape
+            matrix = data[key]
+            if not isinstance(matrix, list | tuple) or len(matrix) != rows:
+                raise self.error(
+                    (*path, key),
+                    f"must be a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
+                    f"(W{key[1:]} has shape n_{key[1:]} x n_{int(key[1:]) - 1})",
+                )
+            params.append(
+                (
+                    key,
+                    tuple(
+                        self.numbers(row, (*path, key, i), cols, f"a row of {key}")
+                        for i, row in enumerate(matrix)
+                    ),
+                )
+            )
+        return tuple(params)

@@ -1,0 +1,637 @@
+"""Tests for stage 1, the spec: loading, validation with locations, canonical form, schema."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from derive import functions
+from derive.errors import DeriveError
+from derive.schema import spec_schema
+from derive.spec import (
+    ExampleSpec,
+    FunctionSpec,
+    LayerSpec,
+    NetworkSpec,
+    example_path,
+    list_examples,
+    load_spec,
+)
+
+EXAMPLES = [name for name, _ in list_examples()]
+
+
+def write(tmp_path: Path, text: str, filename: str = "spec.yaml") -> Path:
+    path = tmp_path / filename
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def same_content(a: NetworkSpec, b: NetworkSpec) -> bool:
+    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
+
+
+# --- built-in examples -----------------------------------------------------------------------
+
+
+def test_the_five_examples_are_listed_with_descriptions() -> None:
+    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "xor"]
+    for name, description in list_examples():
+        assert description and not description.startswith("#"), name
+        assert example_path(name).read_text().startswith(f"# {description}\n")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_loads_and_round_trips(name: str) -> None:
+    spec = load_spec(name)
+    assert spec.name == name
+    assert spec.source == f"built-in example {name!r}"
+    again = load_spec(spec.to_dict())
+    assert again.source == "<dict>"
+    assert same_content(again, spec)
+    assert again.digest() == spec.digest()
+    assert load_spec(example_path(name)) == dataclasses.replace(
+        spec, source=str(example_path(name))
+    )
+
+
+def test_xor_is_the_classic_network_with_a_worked_example() -> None:
+    spec = load_spec("xor")
+    assert spec.sizes == (2, 3, 1)
+    assert spec.depth == 2
+    assert [spec.activation(l).name for l in (1, 2)] == ["sigmoid", "sigmoid"]
+    assert spec.resolved_loss() == functions.LOSSES["mse"]
+    example = spec.example
+    assert example is not None
+    assert example.x == (1.0, 0.0) and example.y == (1.0,)
+    params = dict(example.params)
+    assert [key for key, _ in example.params] == ["W1", "b1", "W2", "b2"]
+    assert len(params["W1"]) == 3 and all(len(row) == 2 for row in params["W1"])
+    assert len(params["b1"]) == 3 and params["W2"] == ((0.7, -0.8, 0.9),)
+
+
+def test_examples_have_the_documented_shapes() -> None:
+    assert load_spec("digits").sizes == (64, 32, 10)
+    assert load_spec("digits").activation(2).is_softmax
+    deep = load_spec("deep_tanh")
+    assert deep.sizes == (4, *[6] * 8, 2)
+    assert deep.activation(9).name == "identity"
+    mish = load_spec("custom_mish").activation(1)
+    assert mish.custom and mish.name == "mish"
+    assert load_spec("bce").resolved_loss().name == "binary_cross_entropy"
+
+
+def test_activation_index_is_one_based() -> None:
+    spec = load_spec("xor")
+    with pytest.raises(IndexError):
+        spec.activation(0)
+    with pytest.raises(IndexError):
+        spec.activation(3)
+
+
+# --- canonical form and digest --------------------------------------------------------------
+
+SMALL: dict[str, Any] = {
+    "name": "small",
+    "input": 2,
+    "layers": [
+        {"size": 3, "activation": {"name": "leaky_relu", "alpha": 0.2}, "bias": False},
+        {"size": 1, "activation": "sigmoid"},
+    ],
+    "loss": "binary_cross_entropy",
+}
+
+
+def test_spec_objects_hold_what_the_user_wrote() -> None:
+    spec = load_spec(SMALL)
+    assert spec == NetworkSpec(
+        name="small",
+        input=2,
+        layers=(
+            LayerSpec(3, FunctionSpec("leaky_relu", (("alpha", 0.2),)), bias=False),
+            LayerSpec(1, FunctionSpec("sigmoid")),
+        ),
+        loss=FunctionSpec("binary_cross_entropy"),
+    )
+    assert spec.activation(1).params == (("alpha", 0.2),)
+
+
+def test_to_dict_is_canonical() -> None:
+    data = copy.deepcopy(SMALL)
+    data["layers"][1] = {"bias": True, "activation": {"name": "sigmoid"}, "size": 1}
+    data["loss"] = {"name": "binary_cross_entropy"}
+    data["example"] = {}
+    canonical = load_spec(data).to_dict()
+    assert canonical == SMALL
+    assert list(canonical) == ["name", "input", "layers", "loss"]
+    assert list(canonical["layers"][1]) == ["size", "activation"]
+    custom = load_spec("custom_mish").to_dict()["layers"][0]["activation"]
+    assert custom == {"name": "mish", "expr": "z*tanh(log(1 + exp(z)))"}
+
+
+def test_integer_parameters_become_floats() -> None:
+    data = copy.deepcopy(SMALL)
+    data["layers"][0]["activation"] = {"name": "elu", "alpha": 2}
+    spec = load_spec(data)
+    assert spec.layers[0].activation.params == (("alpha", 2.0),)
+    assert spec.to_dict()["layers"][0]["activation"] == {"name": "elu", "alpha": 2.0}
+
+
+def test_digest_is_stable() -> None:
+    spec = load_spec(SMALL)
+    assert spec.digest() == "617e327019d3"  # canonical JSON of SMALL; changes only on purpose
+    assert load_spec(copy.deepcopy(SMALL)).digest() == spec.digest()
+    changed = copy.deepcopy(SMALL)
+    changed["layers"][0]["size"] = 4
+    assert load_spec(changed).digest() != spec.digest()
+
+
+def test_digest_ignores_the_source(tmp_path: Path) -> None:
+    path = tmp_path / "xor.json"
+    path.write_text(json.dumps(load_spec("xor").to_dict(), indent=2))
+    assert load_spec(path).digest() == load_spec("xor").digest()
+    assert load_spec(str(path)).source == str(path)
+
+
+def test_specs_are_immutable() -> None:
+    spec = load_spec("xor")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"  # type: ignore[misc]
+    assert isinstance(spec.layers, tuple) and isinstance(spec.example, ExampleSpec)
+    hash(spec)
+
+
+# --- sources: files, JSON, names ------------------------------------------------------------
+
+
+def test_json_files_load(tmp_path: Path) -> None:
+    data = copy.deepcopy(SMALL)
+    data["layers"][0]["activation"]["alpha"] = 1e-3  # json writes 0.001; check an exponent too
+    text = json.dumps(data).replace("0.001", "1e-3")
+    assert "1e-3" in text
+    spec = load_spec(write(tmp_path, text, "small.json"))
+    assert spec.layers[0].activation.params == (("alpha", 0.001),)
+
+
+def test_yaml_reads_exponent_floats(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        name: n
+        input: 1
+        layers:
+          - {size: 1, activation: {name: leaky_relu, alpha: 1e-3}}
+        loss: mse
+        """,
+    )
+    assert load_spec(path).layers[0].activation.params == (("alpha", 0.001),)
+
+
+def test_a_file_named_like_an_example_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "xor").write_text("name: x\n")
+    with pytest.raises(DeriveError, match=r"must end in \.yaml, \.yml or \.json"):
+        load_spec("xor")
+
+
+def test_missing_file_lists_the_examples(tmp_path: Path) -> None:
+    with pytest.raises(DeriveError, match="built-in examples: bce, custom_mish"):
+        load_spec("no_such_example")
+    with pytest.raises(DeriveError, match="no such file") as info:
+        load_spec(tmp_path / "missing.yaml")
+    assert info.value.source == str(tmp_path / "missing.yaml")
+    with pytest.raises(DeriveError, match="no built-in example 'nope'"):
+        example_path("nope")
+
+
+# --- bad input: each case is a YAML file; the dict case is the same document loaded ---------
+
+GOOD_YAML = """
+name: net
+input: 2
+layers:
+  - size: 3
+    activation: tanh
+  - size: 1
+    activation: sigmoid
+loss: mse
+"""
+
+# (id, document, field path, line of that field, fragment of the message)
+# fmt: off
+BAD: list[tuple[str, str, str | None, int, str]] = [
+    ("unknown-top", GOOD_YAML + "colour: red\n", "colour", 9,
+     "allowed: name, input, layers, loss, example"),
+    ("missing-loss", GOOD_YAML.replace("loss: mse\n", ""), "loss", 1,
+     "missing required field 'loss'"),
+    ("missing-name", GOOD_YAML.replace("name: net\n", ""), "name", 1, "required: name, input"),
+    ("name-not-identifier", GOOD_YAML.replace("name: net", "name: my net"), "name", 1,
+     "[A-Za-z_][A-Za-z0-9_]*"),
+    ("name-starts-with-digit", GOOD_YAML.replace("name: net", "name: '2net'"), "name", 1,
+     "identifier"),
+    ("name-number", GOOD_YAML.replace("name: net", "name: 3"), "name", 1, "identifier"),
+    ("input-zero", GOOD_YAML.replace("input: 2", "input: 0"), "input", 2, "positive integer"),
+    ("input-negative", GOOD_YAML.replace("input: 2", "input: -2"), "input", 2,
+     "positive integer"),
+    ("input-fraction", GOOD_YAML.replace("input: 2", "input: 2.5"), "input", 2,
+     "positive integer"),
+    ("input-bool", GOOD_YAML.replace("input: 2", "input: true"), "input", 2, "a boolean"),
+    ("input-string", GOOD_YAML.replace("input: 2", "input: '2'"), "input", 2,
+     "positive integer"),
+    ("layers-empty", "name: net\ninput: 2\nlayers: []\nloss: mse\n", "layers", 3,
+     "non-empty list"),
+    ("layers-mapping", "name: net\ninput: 2\nlayers: {size: 1}\nloss: mse\n", "layers", 3,
+     "non-empty list"),
+    ("size-zero", GOOD_YAML.replace("size: 1", "size: 0"), "layers[1].size", 6,
+     "positive integer"),
+    ("size-bool", GOOD_YAML.replace("size: 3", "size: false"), "layers[0].size", 4,
+     "positive integer"),
+    ("layer-unknown-field", GOOD_YAML.replace("size: 3", "size: 3\n    units: 3"),
+     "layers[0].units", 5, "allowed: size, activation, bias"),
+    ("layer-missing-activation", GOOD_YAML.replace("    activation: tanh\n", ""),
+     "layers[0].activation", 4, "missing required field 'activation'"),
+    ("layer-not-mapping", GOOD_YAML.replace("  - size: 1\n    activation: sigmoid", "  - 7"),
+     "layers[1]", 6, "must be a mapping"),
+    ("bias-not-bool", GOOD_YAML.replace("size: 3", "size: 3\n    bias: 'no'"),
+     "layers[0].bias", 5, "true or false"),
+    ("bias-int", GOOD_YAML.replace("size: 3", "size: 3\n    bias: 1"), "layers[0].bias", 5,
+     "true or false"),
+    ("unknown-activation", GOOD_YAML.replace("activation: tanh", "activation: swish"),
+     "layers[0].activation", 5, "known: identity, sigmoid, tanh, relu"),
+    ("activation-list", GOOD_YAML.replace("activation: tanh", "activation: [tanh]"),
+     "layers[0].activation", 5, "name of a built-in activation"),
+    ("unknown-activation-mapping",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: swish, beta: 1}"),
+     "layers[0].activation.name", 5, "known: identity"),
+    ("activation-missing-name", GOOD_YAML.replace("activation: tanh", "activation: {alpha: 1}"),
+     "layers[0].activation.name", 5, "missing required field 'name'"),
+    ("unknown-parameter",
+     GOOD_YAML.replace("activation: tanh", "activation:\n      name: leaky_relu\n      beta: 2"),
+     "layers[0].activation.beta", 7, "no parameter 'beta'; allowed: alpha"),
+    ("parameter-of-paramless",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: tanh, alpha: 2}"),
+     "layers[0].activation.alpha", 5, "allowed: none"),
+    ("parameter-string",
+     GOOD_YAML.replace("activation: tanh", "activation:\n      name: elu\n      alpha: big"),
+     "layers[0].activation.alpha", 7, "finite number"),
+    ("parameter-bool",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: elu, alpha: true}"),
+     "layers[0].activation.alpha", 5, "finite number"),
+    ("parameter-infinite",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: elu, alpha: .inf}"),
+     "layers[0].activation.alpha", 5, "finite number"),
+    ("custom-name-not-identifier",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: my-act, expr: z}"),
+     "layers[0].activation.name", 5, "identifier"),
+    ("custom-shadows-builtin",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: relu, expr: 'Max(z, 0)'}"),
+     "layers[0].activation.name", 5, "'relu' is a built-in activation"),
+    ("custom-unknown-field",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: f, expr: z, alpha: 1}"),
+     "layers[0].activation.alpha", 5, "allowed: name, expr"),
+    ("custom-expr-import",
+     GOOD_YAML.replace(
+         "activation: tanh",
+         "activation:\n      name: evil\n      expr: \"__import__('os')\"",
+     ),
+     "layers[0].activation.expr", 7, "not allowed"),
+    ("custom-expr-wrong-variable",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: f, expr: 'a*z'}"),
+     "layers[0].activation.expr", 5, "unknown name 'a'"),
+    ("custom-expr-syntax",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: f, expr: 'z +'}"),
+     "layers[0].activation.expr", 5, "cannot parse"),
+    ("custom-expr-not-string",
+     GOOD_YAML.replace("activation: tanh", "activation: {name: f, expr: 3}"),
+     "layers[0].activation.expr", 5, "expression string"),
+    ("softmax-hidden", GOOD_YAML.replace("activation: tanh", "activation: softmax"),
+     "layers[0].activation", 5, "softmax is allowed on the last layer only"),
+    ("cross-entropy-without-softmax", GOOD_YAML.replace("loss: mse", "loss: cross_entropy"),
+     "loss", 8,
+     "cross-entropy needs a probability vector output: make the last layer softmax"),
+    ("bce-identity-output",
+     GOOD_YAML.replace("activation: sigmoid", "activation: identity").replace(
+         "loss: mse", "loss: binary_cross_entropy"),
+     "loss", 8, "needs outputs in (0, 1)"),
+    ("bce-custom-output",
+     GOOD_YAML.replace("activation: sigmoid", "activation: {name: s, expr: '1/(1+exp(-z))'}")
+     .replace("loss: mse", "loss: binary_cross_entropy"),
+     "loss", 8, "not known to stay in (0, 1)"),
+    ("unknown-loss", GOOD_YAML.replace("loss: mse", "loss: hinge"), "loss", 8,
+     "known: mse, cross_entropy, binary_cross_entropy"),
+    ("loss-number", GOOD_YAML.replace("loss: mse", "loss: 2"), "loss", 8, "built-in loss"),
+    ("loss-unknown-field",
+     GOOD_YAML.replace("loss: mse", "loss: {name: l, expr: 'a - y', weight: 2}"),
+     "loss.weight", 8, "allowed: name, expr"),
+    ("loss-param", GOOD_YAML.replace("loss: mse", "loss: {name: mse, weight: 2}"),
+     "loss.weight", 8, "has no parameter 'weight'"),
+    ("custom-loss-shadows", GOOD_YAML.replace("loss: mse", "loss: {name: mse, expr: 'a - y'}"),
+     "loss.name", 8, "'mse' is a built-in loss"),
+    ("custom-loss-wrong-variable",
+     GOOD_YAML.replace("loss: mse", "loss:\n  name: l\n  expr: (z - y)**2"),
+     "loss.expr", 10, "unknown name 'z'"),
+    ("example-not-mapping", GOOD_YAML + "example: [1, 2]\n", "example", 9, "must be a mapping"),
+    ("example-unknown-field", GOOD_YAML + "example:\n  z: [1]\n", "example.z", 10,
+     "allowed: x, y, params"),
+    ("example-x-length", GOOD_YAML + "example:\n  x: [1.0]\n", "example.x", 10,
+     "list of 2 numbers"),
+    ("example-y-not-number", GOOD_YAML + "example:\n  y: [yes]\n", "example.y[0]", 10,
+     "finite number"),
+    ("example-x-nan", GOOD_YAML + "example:\n  x:\n    - 1.0\n    - .nan\n", "example.x[1]",
+     12, "finite number"),
+    ("example-params-matrix-shape", GOOD_YAML + "example:\n  params: {W1: [[1, 2]]}\n",
+     "example.params.W1", 10, "3 x 2 matrix"),
+]
+
+_PARAMS_OK = """\
+example:
+  params:
+    W1: [[1, 2], [3, 4], [5, 6]]
+    b1: [1, 2, 3]
+    W2: [[1, 2, 3]]
+    b2: [1]
+"""
+BAD += [
+    ("example-params-extra", GOOD_YAML + _PARAMS_OK + "    W3: [[1]]\n",
+     "example.params.W3", 15, "expected exactly: W1, b1, W2, b2"),
+    ("example-params-missing-bias", GOOD_YAML + _PARAMS_OK.replace("    b2: [1]\n", ""),
+     "example.params.b2", 10, "missing; params must give all of: W1, b1, W2, b2"),
+    ("example-params-bias-without-bias",
+     GOOD_YAML.replace("size: 1", "size: 1\n    bias: false") + _PARAMS_OK,
+     "example.params.b2", 15, "expected exactly: W1, b1, W2"),
+    ("example-params-row-length", GOOD_YAML + _PARAMS_OK.replace("[3, 4]", "[3, 4, 5]"),
+     "example.params.W1[1]", 11, "list of 2 numbers"),
+    ("example-params-bias-length", GOOD_YAML + _PARAMS_OK.replace("b1: [1, 2, 3]", "b1: [1]"),
+     "example.params.b1", 12, "list of 3 numbers"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "line", "fragment"),
+    [case[1:] for case in BAD],
+    ids=[case[0] for case in BAD],
+)
+def test_bad_file_names_file_line_and_field(
+    tmp_path: Path, document: str, field: str, line: int, fragment: str
+) -> None:
+    path = write(tmp_path, document)
+    with pytest.raises(DeriveError) as info:
+        load_spec(path)
+    err = info.value
+    assert (err.source, err.field, err.line) == (str(path), field, line)
+    assert str(err).startswith(f"{path}:{line}: {field}: ")
+    assert fragment in err.message
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "fragment"),
+    [(case[1], case[2], case[4]) for case in BAD],
+    ids=[case[0] for case in BAD],
+)
+def test_bad_dict_names_the_field(document: str, field: str, fragment: str) -> None:
+    with pytest.raises(DeriveError) as info:
+        load_spec(yaml.safe_load(document))
+    assert str(info.value).startswith(f"{field}: ")
+    assert fragment in info.value.message
+    assert info.value.source is None and info.value.line is None
+
+
+@pytest.mark.parametrize(
+    ("document", "fragment"),
+    [
+        ("- name: net\n", "must be a mapping"),
+        ("just text\n", "must be a mapping"),
+        ("", "an empty document"),
+        ("# only a comment\n", "an empty document"),
+    ],
+)
+def test_top_level_must_be_a_mapping(tmp_path: Path, document: str, fragment: str) -> None:
+    path = write(tmp_path, document) if document else tmp_path / "spec.yaml"
+    path.touch()
+    with pytest.raises(DeriveError, match=fragment) as info:
+        load_spec(path)
+    assert info.value.field is None
+    assert str(info.value).startswith(str(path))
+
+
+def test_malformed_yaml_gives_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: net\ninput: 2\nlayers: [\n  {size: 1\nloss: mse\n")
+    with pytest.raises(DeriveError) as info:
+        load_spec(path)
+    assert "malformed YAML" in info.value.message
+    assert info.value.line is not None
+    assert f"line {info.value.line}, column" in info.value.message
+    assert str(info.value).startswith(f"{path}:{info.value.line}: ")
+
+
+def test_malformed_json_gives_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, '{\n  "name": "net",\n  "input": 2,,\n}\n', "spec.json")
+    with pytest.raises(DeriveError) as info:
+        load_spec(path)
+    assert info.value.message.startswith("malformed JSON")
+    assert info.value.line == 3
+    assert "(line 3, column 14)" in info.value.message
+
+
+def test_json_errors_have_lines(tmp_path: Path) -> None:
+    data = copy.deepcopy(SMALL)
+    data["layers"][1]["size"] = 0
+    path = write(tmp_path, json.dumps(data, indent=2), "spec.json")
+    with pytest.raises(DeriveError) as info:
+        load_spec(path)
+    expected = next(
+        number
+        for number, text in enumerate(path.read_text().splitlines(), start=1)
+        if '"size": 0' in text
+    )
+    assert (info.value.field, info.value.line) == ("layers[1].size", expected)
+
+
+@pytest.mark.parametrize(
+    ("document", "filename", "line"),
+    [
+        ("name: a\ninput: 2\nname: b\n", "spec.yaml", 3),
+        ("name: a\nlayers:\n  - size: 1\n    size: 2\n", "spec.yaml", 4),
+        ('{"name": "a",\n "name": "b"}', "spec.json", 2),
+    ],
+)
+def test_duplicate_keys_are_errors(tmp_path: Path, document: str, filename: str, line: int) -> None:
+    path = write(tmp_path, document, filename)
+    with pytest.raises(DeriveError, match="duplicate key") as info:
+        load_spec(path)
+    assert info.value.line == line
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(DeriveError, match="malformed YAML"):
+        load_spec(path)
+
+
+def test_recursive_yaml_alias_is_handled(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD_YAML + "example:\n  y: &a [*a]\n")
+    with pytest.raises(DeriveError, match="finite number") as info:
+        load_spec(path)
+    assert info.value.field == "example.y[0]"
+
+
+# --- the JSON Schema agrees with the validator ---------------------------------------------
+
+
+def _variant(**changes: Any) -> dict[str, Any]:
+    data = copy.deepcopy(SMALL)
+    for key, value in changes.items():
+        if key.startswith("layer0_"):
+            data["layers"][0][key.removeprefix("layer0_")] = value
+        elif key.startswith("layer1_"):
+            data["layers"][1][key.removeprefix("layer1_")] = value
+        else:
+            data[key] = value
+    return data
+
+
+def _without(key: str) -> dict[str, Any]:
+    data = copy.deepcopy(SMALL)
+    del data[key]
+    return data
+
+
+GOOD_DICTS: list[dict[str, Any]] = [
+    *(load_spec(name).to_dict() for name in EXAMPLES),
+    SMALL,
+    _variant(loss="mse", layer1_activation={"name": "sigmoid"}),
+    _variant(layer0_activation={"name": "elu"}, layer0_bias=True),
+    _variant(layer0_activation={"name": "gelu_tanh", "expr": "z*tanh(z)"}),
+    _variant(loss={"name": "logcosh", "expr": "log(cosh(a - y))"}),
+    _variant(loss={"name": "mse"}),
+    _variant(input=3.0),
+    _variant(example={}),
+    _variant(example={"x": [0.5, -1], "y": [1]}),
+    _variant(example={"params": {"W1": [[1, 2], [3, 4], [5, 6]], "W2": [[1, 2, 3]], "b2": [0]}}),
+]
+
+STRUCTURALLY_BAD: list[Any] = [
+    [SMALL],
+    "a string",
+    None,
+    _without("name"),
+    _without("input"),
+    _without("layers"),
+    _without("loss"),
+    _variant(extra=1),
+    _variant(name="my net"),
+    _variant(name="2net"),
+    _variant(name=""),
+    _variant(name=7),
+    _variant(input=0),
+    _variant(input=-1),
+    _variant(input=1.5),
+    _variant(input=True),
+    _variant(input="2"),
+    _variant(layers=[]),
+    _variant(layers={"size": 1}),
+    _variant(layer0_size=0),
+    _variant(layer0_size=None),
+    _variant(layer0_units=3),
+    _variant(layer0_bias="yes"),
+    _variant(layer0_bias=0),
+    _variant(layer0_activation="swish"),
+    _variant(layer0_activation=None),
+    _variant(layer0_activation=["relu"]),
+    _variant(layer0_activation={"name": "swish"}),
+    _variant(layer0_activation={"alpha": 0.1}),
+    _variant(layer0_activation={"name": "leaky_relu", "beta": 0.1}),
+    _variant(layer0_activation={"name": "leaky_relu", "alpha": "0.1"}),
+    _variant(layer0_activation={"name": "leaky_relu", "alpha": True}),
+    _variant(layer0_activation={"name": "relu", "alpha": 0.1}),
+    _variant(layer0_activation={"name": "relu", "expr": "Max(z, 0)"}),
+    _variant(layer0_activation={"name": "my-act", "expr": "z"}),
+    _variant(layer0_activation={"name": "f", "expr": 3}),
+    _variant(layer0_activation={"name": "f", "expr": "  "}),
+    _variant(layer0_activation={"name": "f", "expr": "z", "alpha": 1}),
+    _variant(loss="hinge"),
+    _variant(loss=None),
+    _variant(loss={"name": "hinge"}),
+    _variant(loss={"name": "mse", "weight": 1}),
+    _variant(loss={"name": "mse", "expr": "a - y"}),
+    _variant(loss={"expr": "a - y"}),
+    _variant(example=[1, 2]),
+    _variant(example=None),
+    _variant(example={"z": [1]}),
+    _variant(example={"x": None}),
+    _variant(example={"x": [1, "2"]}),
+    _variant(example={"x": [True, 1]}),
+    _variant(example={"params": {"W0": [[1, 2]]}}),
+    _variant(example={"params": {"w1": [[1, 2]]}}),
+    _variant(example={"params": {"W1": [1, 2]}}),
+    _variant(example={"params": {"b1": [[1]]}}),
+    _variant(example={"params": []}),
+]
+
+# Valid structure, broken rules that need more than one field or a parser: spec.py only.
+SEMANTICALLY_BAD: list[dict[str, Any]] = [
+    _variant(layer0_activation="softmax"),
+    _variant(loss="cross_entropy"),
+    _variant(layer1_activation="relu"),  # binary cross-entropy with an unbounded output
+    _variant(layer0_activation={"name": "f", "expr": "__import__('os')"}),
+    _variant(loss={"name": "l", "expr": "z - y"}),
+    _variant(example={"x": [1.0]}),
+    _variant(example={"params": {"W1": [[1, 2]]}}),
+    _variant(example={"x": [1, float("nan")]}),
+]
+
+
+def _schema_accepts(data: Any) -> bool:
+    return jsonschema.Draft202012Validator(spec_schema()).is_valid(data)
+
+
+def test_schema_is_a_valid_draft_2020_12_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(spec_schema())
+    assert spec_schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_schema_follows_the_registries() -> None:
+    activation = spec_schema()["properties"]["layers"]["items"]["properties"]["activation"]
+    assert activation["anyOf"][0]["enum"] == list(functions.ACTIVATIONS)
+    loss = spec_schema()["properties"]["loss"]
+    assert loss["anyOf"][0]["enum"] == list(functions.LOSSES)
+    for name, entry in functions.ACTIVATIONS.items():
+        for param, default in entry.params:
+            data = _variant(layer0_activation={"name": name, param: default + 1})
+            data["loss"] = "mse"
+            assert _schema_accepts(data)
+            assert load_spec(data).activation(1).params == ((param, default + 1),)
+
+
+@pytest.mark.parametrize("data", GOOD_DICTS, ids=range(len(GOOD_DICTS)))
+def test_good_specs_pass_schema_and_validator(data: dict[str, Any]) -> None:
+    jsonschema.validate(data, spec_schema(), cls=jsonschema.Draft202012Validator)
+    load_spec(data)
+
+
+@pytest.mark.parametrize("data", STRUCTURALLY_BAD, ids=range(len(STRUCTURALLY_BAD)))
+def test_structural_errors_fail_schema_and_validator(tmp_path: Path, data: Any) -> None:
+    assert not _schema_accepts(data)
+    path = tmp_path / "spec.json"  # a file, so that a top level that is no mapping is possible
+    path.write_text(json.dumps(data))
+    with pytest.raises(DeriveError):
+        load_spec(path)
+    if isinstance(data, dict):
+        with pytest.raises(DeriveError):
+            load_spec(data)
+
+
+@pytest.mark.parametrize("data", SEMANTICALLY_BAD, ids=range(len(SEMANTICALLY_BAD)))
+def test_semantic_errors_are_the_validators_alone(data: dict[str, Any]) -> None:
+    assert _schema_accepts(data)
+    with pytest.raises(DeriveError):
+        load_spec(data)
