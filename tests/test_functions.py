@@ -1,0 +1,116 @@
+"""The registry: every activation's derivative and a-rewrite, every loss, checked independently.
+
+Derivatives are compared with central differences of the activation itself (mpmath, 30
+digits), so nothing here trusts sympy.diff or the rewrite search.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import pytest
+import sympy as sp
+
+from derive.derivation import activation_derivative
+from derive.functions import (
+    ACTIVATIONS,
+    LOSSES,
+    A,
+    Y,
+    Z,
+    elementary,
+    resolve_activation,
+    resolve_loss,
+    sigmoid,
+    softplus,
+)
+from tests.conftest import ELEMENTWISE
+
+POINTS = (-3.3, -1.1, -0.25, 0.2, 0.8, 2.6)
+
+
+def numeric(expr: sp.Expr, symbol: sp.Symbol):
+    return sp.lambdify(symbol, elementary(expr), modules="mpmath")
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_activation_derivative_matches_central_differences(name):
+    activation = resolve_activation(name)
+    derivative = activation_derivative(activation)
+    f, d = numeric(activation.expr, Z), numeric(derivative.in_z, Z)
+    with mpmath.workdps(30):
+        for p in POINTS:
+            expected = mpmath.diff(f, mpmath.mpf(p))
+            assert abs(d(mpmath.mpf(p)) - expected) < mpmath.mpf(10) ** -20, (name, p)
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_rewrite_in_a_is_an_identity(name):
+    activation = resolve_activation(name)
+    derivative = activation_derivative(activation)
+    if derivative.in_a is None:
+        assert name in NO_REWRITE  # sigma' stays in z; checked by the test below
+        return
+    assert not derivative.in_a.has(Z)
+    f, d = numeric(activation.expr, Z), numeric(derivative.in_z, Z)
+    in_a = numeric(derivative.in_a, A)
+    with mpmath.workdps(30):
+        for p in POINTS:
+            assert abs(in_a(f(mpmath.mpf(p))) - d(mpmath.mpf(p))) < mpmath.mpf(10) ** -20
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("sigmoid", A * (1 - A)),
+    ("tanh", 1 - A**2),
+    ("softplus", 1 - sp.exp(-A)),
+    ("identity", sp.Integer(1)),
+])
+def test_known_rewrites_are_found(name, expected):
+    in_a = activation_derivative(resolve_activation(name)).in_a
+    assert sp.expand(in_a - expected) == 0
+
+
+NO_REWRITE = ["relu", "leaky_relu", "elu", "silu", "gelu"]
+
+
+@pytest.mark.parametrize("name", NO_REWRITE)
+def test_no_rewrite_where_none_is_exact(name):
+    # these are not invertible (relu), or only piecewise (elu), or have no closed inverse
+    assert activation_derivative(resolve_activation(name)).in_a is None
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu"])
+def test_relu_family_derivative_at_zero_takes_the_negative_side(name):
+    activation = resolve_activation(name, {"alpha": 0.5} if name != "relu" else None)
+    value = activation_derivative(activation).in_z.subs(Z, 0)
+    assert value == {"relu": 0, "leaky_relu": sp.Rational(1, 2), "elu": sp.Rational(1, 2)}[name]
+
+
+def test_parameters_are_exact_rationals():
+    activation = resolve_activation("leaky_relu", {"alpha": 0.2})
+    assert activation.expr.subs(Z, -1) == sp.Rational(-1, 5)
+    assert dict(activation.params) == {"alpha": 0.2}
+
+
+def test_sigmoid_and_softplus_functions_agree_with_their_elementary_forms():
+    assert sp.simplify(elementary(sp.diff(sigmoid(Z), Z)) - sp.diff(1 / (1 + sp.exp(-Z)), Z)) == 0
+    assert sp.simplify(elementary(sp.diff(softplus(Z), Z)) - sp.diff(sp.log(1 + sp.exp(Z)), Z)) == 0
+
+
+@pytest.mark.parametrize(("name", "gradient"), [
+    ("mse", A - Y),
+    ("cross_entropy", -Y / A),
+    ("binary_cross_entropy", (A - Y) / (A * (1 - A))),
+])
+def test_loss_gradients(name, gradient):
+    assert sp.simplify(sp.diff(LOSSES[name].expr, A) - gradient) == 0
+
+
+def test_custom_functions_are_parsed_not_evaluated():
+    mish = resolve_activation("mish", expr="z*tanh(log(1 + exp(z)))")
+    assert mish.custom and mish.expr == Z * sp.tanh(sp.log(1 + sp.exp(Z)))
+    logcosh = resolve_loss("logcosh", expr="log(cosh(a - y))")
+    assert logcosh.expr == sp.log(sp.cosh(A - Y))
+
+
+def test_every_registry_entry_has_a_description():
+    assert all(entry.description for entry in ACTIVATIONS.values())
