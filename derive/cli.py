@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from derive import __version__
-from derive.derivation import Derivation, derive
+from derive.derivation import C, Derivation, Formula, derive
 from derive.errors import DeriveError
-from derive.model import build_model
+from derive.functions import Z
+from derive.model import Model, build_model, j
 from derive.pretty import pretty
 from derive.spec import NetworkSpec, list_examples, load_spec
 
@@ -201,30 +202,20 @@ def run_pipeline(spec: NetworkSpec, out_dir: Path, echo: Echo) -> int:
 # --- text of the stages ------------------------------------------------------------------
 
 
-def model_lines(model) -> list[str]:
+def model_lines(model: Model) -> list[str]:
     """The symbolic model, readable."""
-    from derive.derivation import C
-
     out = [f"network {model.spec.name}: sizes {' -> '.join(map(str, model.spec.sizes))}"]
     for layer in model.layers:
         out.append(f"  layer {layer.index}: {layer.size} = {model.spec.sizes[layer.index]} "
                    f"neurons, activation {layer.activation.name}")
-        out.append(f"    {pretty(_lhs(layer.z))} = {pretty(layer.z_expr)}")
-        out.append(f"    {pretty(_lhs(layer.a))} = {pretty(layer.a_expr)}")
+        out.append(f"    {pretty(layer.z[j])} = {pretty(layer.z_expr)}")
+        out.append(f"    {pretty(layer.a[j])} = {pretty(layer.a_expr)}")
     out.append(f"  loss {model.loss.name}: {pretty(C)} = {pretty(model.cost)}")
     return out
 
 
-def _lhs(base):
-    from derive.model import j
-
-    return base[j]
-
-
 def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
     """The derived formulas in index, vector and batch form, with the activation derivatives."""
-    from derive.functions import Z
-
     model = derivation.model
     spec = model.spec
     out = [(f"{spec.name}: {' -> '.join(map(str, spec.sizes))}, "
@@ -255,7 +246,7 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
     return out
 
 
-def _batch(formula) -> str:
+def _batch(formula: Formula) -> str:
     text = pretty(formula.vector, batch=True)
     if formula.equation == "BP3":
         return f"(1/B) Σ_rows {text}"

@@ -47,7 +47,3 @@ def collapse(expr: sp.Expr) -> sp.Expr:
         )
     return expr
 
-
-def sums_of(expr: sp.Expr) -> list[sp.Sum]:
-    """The Sum objects in ``expr``, outermost first."""
-    return [node for node in sp.preorder_traversal(expr) if isinstance(node, sp.Sum)]

@@ -30,8 +30,9 @@ from derive.spec import NetworkSpec
 DIGITS = 50
 _BITS = 200
 _TOLERANCE = 10.0 ** -(DIGITS - 10)
-#: Widths are capped to this in a reduced copy; expansion of wider networks is too slow.
-MAX_WIDTH = 4
+#: Networks with more parameters than this are checked on a copy with capped widths: the
+#: expanded loss of a wider network is too slow to differentiate.
+PARAMETER_BUDGET = 120
 #: Exact symbolic comparison is attempted up to this many parameters.
 SYMBOLIC_LIMIT = 16
 
@@ -74,8 +75,9 @@ class Report:
         out = [(f"verify {self.name}: expanded the {shape} network into one scalar loss C "
                f"and differentiated it directly ({self.parameters} parameters)")]
         if self.reduced:
-            out.append(f"  reduced copy: {'-'.join(map(str, self.original_sizes))} is too wide "
-                       f"to expand; widths capped at {MAX_WIDTH}, same activations, loss, depth")
+            out.append(f"  reduced copy: the {'-'.join(map(str, self.original_sizes))} network "
+                       f"has over {PARAMETER_BUDGET} parameters; widths capped at "
+                       f"{max(self.sizes)}, same activations, loss and depth")
         for assumption in self.assumptions:
             out.append(f"  assuming {assumption}")
         for check in self.checks:
@@ -88,19 +90,31 @@ class Report:
         return out
 
 
-def reduced_spec(spec: NetworkSpec, max_width: int = MAX_WIDTH) -> NetworkSpec:
-    """``spec`` with every width (the input's too) capped at ``max_width``."""
-    layers = tuple(dataclasses.replace(layer, size=min(layer.size, max_width))
+def parameter_count(sizes: tuple[int, ...], biases: tuple[bool, ...]) -> int:
+    """Number of weights and biases of a network with these sizes."""
+    return sum(n * m + (n if bias else 0) for m, n, bias in zip(sizes, sizes[1:], biases))
+
+
+def reduced_spec(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> NetworkSpec:
+    """``spec`` itself if it is within ``budget`` parameters, else a copy with every width
+    (the input's too) capped at the largest value that fits; same activations, loss, depth."""
+    biases = tuple(layer.bias for layer in spec.layers)
+    cap = max(spec.sizes)
+    while cap > 1 and parameter_count(tuple(min(n, cap) for n in spec.sizes), biases) > budget:
+        cap -= 1
+    if cap == max(spec.sizes):
+        return spec
+    layers = tuple(dataclasses.replace(layer, size=min(layer.size, cap))
                    for layer in spec.layers)
-    return dataclasses.replace(spec, input=min(spec.input, max_width), layers=layers,
-                               example=None)
+    return dataclasses.replace(spec, input=min(spec.input, cap), layers=layers, example=None)
 
 
-def verify(spec: NetworkSpec, *, points: int = 20, seed: int = 0, max_width: int = MAX_WIDTH,
+def verify(spec: NetworkSpec, *, points: int = 20, seed: int = 0,
+           budget: int = PARAMETER_BUDGET,
            progress: Callable[[str], None] | None = None) -> Report:
     """Verify the derivation of ``spec`` against direct differentiation of the expanded loss."""
     start = time.perf_counter()
-    checked = reduced_spec(spec, max_width)
+    checked = reduced_spec(spec, budget)
     report = verify_derivation(derive(build_model(checked)), points=points, seed=seed,
                                progress=progress)
     return dataclasses.replace(report, name=spec.name, original_sizes=spec.sizes,
@@ -246,13 +260,9 @@ def _deltas(instance: _Instance, derivation: Derivation,
     for l in range(instance.model.depth, 0, -1):
         formula = derivation.delta(l)
         base = formula.lhs.base
-        for (jj,) in _entries_for_delta(instance.model, l):
-            env[base[jj]] = instance.instantiate(formula, (jj,), env)
+        for index in _entries(formula, instance.model):
+            env[base[index]] = instance.instantiate(formula, index, env)
     return env
-
-
-def _entries_for_delta(model: Model, l: int) -> list[tuple[int]]:
-    return [(jj,) for jj in range(1, model.spec.sizes[l] + 1)]
 
 
 def _evaluate(expr: se.Basic, point: dict[se.Symbol, se.Basic]) -> se.Basic:
