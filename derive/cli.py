@@ -25,7 +25,7 @@ from derive.pretty import pretty
 from derive.spec import NetworkSpec, list_examples, load_spec
 
 #: Modules that add a subcommand (``add_command``) and, optionally, a default pipeline step.
-EXTENSIONS: tuple[str, ...] = ("derive.codegen",)
+EXTENSIONS: tuple[str, ...] = ("derive.codegen", "derive.latex")
 DEFAULT_EXAMPLE = "xor"
 DEFAULT_OUT = "derive-out"
 

@@ -64,6 +64,11 @@ class Formula:
     steps: tuple[Step, ...]
     assumptions: tuple[str, ...] = ()
 
+    def _repr_latex_(self) -> str:  # Jupyter: this formula as rendered math
+        from derive.latex_printer import repr_latex  # a later stage, imported on use only
+
+        return repr_latex((self,))
+
     @property
     def vector(self) -> sp.Expr:
         """The vector (matrix) form of ``rhs``."""
@@ -118,8 +123,9 @@ class Derivation:
         return tuple(out)
 
     def _repr_latex_(self) -> str:  # Jupyter: the derived formulas as rendered math
-        lines = [sp.latex(sp.Eq(f.lhs, f.rhs, evaluate=False)) for f in self.formulas]
-        return "$\\begin{aligned}" + r"\\ ".join(lines) + "\\end{aligned}$"
+        from derive.latex_printer import repr_latex  # a later stage, imported on use only
+
+        return repr_latex(self.formulas)
 
 
 def derive(model: Model) -> Derivation:

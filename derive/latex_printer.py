@@ -257,3 +257,13 @@ def batch_gradient(vector: sp.Expr) -> str:
 def equation(lhs: sp.Expr, rhs: sp.Expr, *, batch: bool = False) -> str:
     """``lhs = rhs`` as LaTeX math."""
     return f"{latex(lhs, batch=batch)} = {latex(rhs, batch=batch)}"
+
+
+def repr_latex(formulas: tuple) -> str:
+    """Jupyter's ``_repr_latex_`` of formulas: index form, vector form and BP tag."""
+    lines = []
+    for formula in formulas:
+        tag = rf"&& \text{{({formula.equation})}}" if formula.equation else ""
+        lines.append(f"{latex(formula.lhs)} &= {latex(formula.rhs)} "
+                     rf"&\qquad {latex(Vec(formula.key))} &= {latex(formula.vector)} {tag}")
+    return r"$$\begin{aligned}" + r" \\ ".join(lines) + r"\end{aligned}$$"
