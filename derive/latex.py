@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
+import itertools
 import os
 import re
 import shutil
@@ -29,13 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import sympy as sp
 
 from derive import __version__
-from derive.derivation import C, ActivationDerivative, Derivation, Formula, Step
+from derive.derivation import ActivationDerivative, C, Derivation, Formula, Step
 from derive.errors import DeriveError
 from derive.files import MARKER, write_generated
 from derive.functions import Z
@@ -80,7 +81,7 @@ def _short(value: float) -> str:
 class _ValuePrinter(DeriveLatexPrinter):
     """Prints an expression with every indexed quantity replaced by its value."""
 
-    _default_settings = {**DeriveLatexPrinter._default_settings, "values": {},
+    _default_settings: ClassVar[dict] = {**DeriveLatexPrinter._default_settings, "values": {},
                          "mul_symbol": "dot"}
 
     def _print_Pow(self, expr: sp.Pow) -> str:
@@ -570,7 +571,7 @@ def diagram(sizes: Sequence[int], activations: Sequence[str], input_label: str =
         col["top"] = f"({col['x']},{highest + 0.6:.2f})"
         col["bottom"] = f"({col['x']},{-highest - 0.6:.2f})"
     edges = []
-    for left, right in zip(columns, columns[1:]):
+    for left, right in itertools.pairwise(columns):
         for a in left["nodes"]:
             for b in right["nodes"]:
                 if a["neuron"] is not None and b["neuron"] is not None:
@@ -675,7 +676,7 @@ def compile_pdf(tex: str, lang: str = "en", *, jobname: str = "document",
             tool = engine
             runs = [[engine, *base, source.name]] * 2
         for command in runs:
-            result = subprocess.run(command, cwd=folder, env=env, capture_output=True,
+            result = subprocess.run(command, check=False, cwd=folder, env=env, capture_output=True,
                                     timeout=timeout, stdin=subprocess.DEVNULL)
             log_path = folder / f"{jobname}.log"
             log = log_path.read_text(encoding="utf-8", errors="replace") if (
@@ -686,8 +687,8 @@ def compile_pdf(tex: str, lang: str = "en", *, jobname: str = "document",
                              "see the log")
                 raise DeriveError(f"{engine} failed: {first.strip()} (log: {log_path})")
         if "Rerun to get" in log and tool == engine:
-            subprocess.run(runs[0], cwd=folder, env=env, capture_output=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+            subprocess.run(runs[0], check=False, cwd=folder, env=env, capture_output=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
             log = (folder / f"{jobname}.log").read_text(encoding="utf-8", errors="replace")
         pdf = (folder / f"{jobname}.pdf").read_bytes()
     except subprocess.TimeoutExpired:
@@ -696,7 +697,7 @@ def compile_pdf(tex: str, lang: str = "en", *, jobname: str = "document",
     return Compiled(pdf, log, tool, time.perf_counter() - start)
 
 
-_OVERFULL = re.compile(r"^Overfull \\[hv]box \(([\d.]+)pt too (?:wide|high)\)", re.M)
+_OVERFULL = re.compile(r"^Overfull \\[hv]box \(([\d.]+)pt too (?:wide|high)\)", re.MULTILINE)
 
 
 def log_problems(log: str, overfull_limit: float = OVERFULL_LIMIT_PT) -> list[str]:
@@ -788,7 +789,7 @@ def _pdf_is_ours(path: Path) -> bool:
         return True
     if shutil.which("pdfinfo") is None:
         return False
-    result = subprocess.run(["pdfinfo", str(path)], capture_output=True, text=True,
+    result = subprocess.run(["pdfinfo", str(path)], check=False, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL)
     return MARKER in result.stdout
 

@@ -19,6 +19,7 @@ Nothing here computes: it only spells the expressions the derivation produced.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import sympy as sp
 from sympy.core.function import AppliedUndef
@@ -56,7 +57,7 @@ class DeriveLatexPrinter(LatexPrinter):
     """Prints derive's index, vector and batch expressions as LaTeX math."""
 
     printmethod = "_derive_latex"  # no object defines it: dispatch to the _print_* below
-    _default_settings = {**LatexPrinter._default_settings, "batch": False}
+    _default_settings: ClassVar[dict] = {**LatexPrinter._default_settings, "batch": False}
 
     # -- index form ---------------------------------------------------------------------
 

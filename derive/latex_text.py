@@ -276,13 +276,13 @@ WHY: Mapping[str, tuple[str, str]] = {
         "求和中只有 $i = j$ 的一项依赖于 $a^{L}_{j}$。",
     ),
     "the error of neuron j is the derivative of the cost with respect to its weighted input": (
-        "The error of neuron $j$ is the derivative of the cost with respect to its weighted "
-        "input.",
+        ("The error of neuron $j$ is the derivative of the cost with respect to its weighted "
+        "input."),
         "神经元 $j$ 的误差是代价对其带权输入的导数。",
     ),
     "C depends on z^L only through the outputs a^L_i": (
-        "The cost depends on $z^{L}_{j}$ only through the outputs $a^{L}_{i}$: apply the chain "
-        "rule and sum over them.",
+        ("The cost depends on $z^{L}_{j}$ only through the outputs $a^{L}_{i}$: apply the chain "
+        "rule and sum over them."),
         "代价只通过输出 $a^{L}_{i}$ 依赖于 $z^{L}_{j}$：应用链式法则并对其求和。",
     ),
     "quotient rule on the softmax a^L_i": (
@@ -294,8 +294,8 @@ WHY: Mapping[str, tuple[str, str]] = {
         "每个 softmax 商式就是一个输出 $a^{L}_{i}$，据此改写。",
     ),
     "a^L_i = sigma(z^L_i) depends on z^L_j only when i = j": (
-        "The output $a^{L}_{i}$ is the activation of $z^{L}_{i}$ alone, so it depends on "
-        "$z^{L}_{j}$ only when $i = j$.",
+        ("The output $a^{L}_{i}$ is the activation of $z^{L}_{i}$ alone, so it depends on "
+        "$z^{L}_{j}$ only when $i = j$."),
         "输出 $a^{L}_{i}$ 只是 $z^{L}_{i}$ 的激活值，因此仅当 $i = j$ 时依赖于 $z^{L}_{j}$。",
     ),
     "the Kronecker delta keeps only the term i = j of the sum": (
@@ -315,26 +315,26 @@ WHY: Mapping[str, tuple[str, str]] = {
         "约去公因子。",
     ),
     "the error of neuron j of layer l is dC/dz^l_j": (
-        "The error of neuron $j$ of layer $l$ is the derivative of the cost with respect to its "
-        "weighted input.",
+        ("The error of neuron $j$ of layer $l$ is the derivative of the cost with respect to its "
+        "weighted input."),
         "第 $l$ 层神经元 $j$ 的误差是代价对其带权输入的导数。",
     ),
     "C depends on z^l only through the next layer's weighted inputs z^{l+1}_k": (
-        "The cost depends on $z^{l}_{j}$ only through the weighted inputs $z^{l+1}_{k}$ of the "
-        "next layer: apply the chain rule and sum over them.",
+        ("The cost depends on $z^{l}_{j}$ only through the weighted inputs $z^{l+1}_{k}$ of the "
+        "next layer: apply the chain rule and sum over them."),
         "代价只通过下一层的带权输入 $z^{l+1}_{k}$ 依赖于 $z^{l}_{j}$：应用链式法则并对其求和。",
     ),
     "dC/dz^{l+1}_k is the next layer's error": (
-        "The derivative of the cost with respect to $z^{l+1}_{k}$ is the error of the next "
-        "layer, already known.",
+        ("The derivative of the cost with respect to $z^{l+1}_{k}$ is the error of the next "
+        "layer, already known."),
         "代价对 $z^{l+1}_{k}$ 的导数就是下一层的误差，它已经求出。",
     ),
     "z^{l+1}_k = sum_m w^{l+1}_{km} sigma(z^l_m) + b^{l+1}_k; only m = j depends on z^l_j": (
-        "Differentiate the weighted input of the next layer, $z^{l+1}_{k} = \\sum_{m} "
+        ("Differentiate the weighted input of the next layer, $z^{l+1}_{k} = \\sum_{m} "
         "w^{l+1}_{km} \\sigma_{l}(z^{l}_{m}) + b^{l+1}_{k}$: only the term $m = j$ depends on "
-        "$z^{l}_{j}$.",
-        "对下一层的带权输入 $z^{l+1}_{k} = \\sum_{m} w^{l+1}_{km} \\sigma_{l}(z^{l}_{m}) + "
-        "b^{l+1}_{k}$ 求导：只有 $m = j$ 的一项依赖于 $z^{l}_{j}$。",
+        "$z^{l}_{j}$."),
+        ("对下一层的带权输入 $z^{l+1}_{k} = \\sum_{m} w^{l+1}_{km} \\sigma_{l}(z^{l}_{m}) + "
+        "b^{l+1}_{k}$ 求导：只有 $m = j$ 的一项依赖于 $z^{l}_{j}$。"),
     ),
     "sigma'(z^l_j) does not depend on k and moves out of the sum": (
         "The factor $\\sigma_{l}'(z^{l}_{j})$ does not depend on $k$ and moves out of the sum.",
@@ -345,8 +345,8 @@ WHY: Mapping[str, tuple[str, str]] = {
         "代入上面求得的激活函数导数。",
     ),
     "the parameter enters C only through the weighted inputs z^l_i of its layer": (
-        "The parameter changes the cost only through the weighted inputs $z^{l}_{i}$ of its "
-        "layer: apply the chain rule and sum over them.",
+        ("The parameter changes the cost only through the weighted inputs $z^{l}_{i}$ of its "
+        "layer: apply the chain rule and sum over them."),
         "参数只通过其所在层的带权输入 $z^{l}_{i}$ 影响代价：应用链式法则并对其求和。",
     ),
     "dC/dz^l_i is the error delta^l_i": (
@@ -354,8 +354,8 @@ WHY: Mapping[str, tuple[str, str]] = {
         "代价对 $z^{l}_{i}$ 的导数就是误差 $\\delta^{l}_{i}$。",
     ),
     "differentiate z^l_i = sum_m w^l_{im} a^{l-1}_m + b^l_i": (
-        "Differentiate the weighted input $z^{l}_{i} = \\sum_{m} w^{l}_{im} a^{l-1}_{m} + "
-        "b^{l}_{i}$.",
+        ("Differentiate the weighted input $z^{l}_{i} = \\sum_{m} w^{l}_{im} a^{l-1}_{m} + "
+        "b^{l}_{i}$."),
         "对带权输入 $z^{l}_{i} = \\sum_{m} w^{l}_{im} a^{l-1}_{m} + b^{l}_{i}$ 求导。",
     ),
     "only the term i = j of the sum remains": (
@@ -372,13 +372,13 @@ WHY_PREFIX: Mapping[str, tuple[str, str]] = {
         "对激活函数求导。",
     ),
     "replace sigma(z) by the layer output a": (
-        "Replace $\\sigma(z)$ by the activation $a$ it computes; derive checked that both sides "
-        "are equal for every $z$.",
+        ("Replace $\\sigma(z)$ by the activation $a$ it computes; derive checked that both sides "
+        "are equal for every $z$."),
         "把 $\\sigma(z)$ 换成它算出的激活值 $a$；derive 已验证两边对所有 $z$ 相等。",
     ),
     "invert a = sigma(z): ": (
-        "Solve $a = \\sigma(z)$ for $z$ and substitute; derive checked that both sides are equal "
-        "for every $z$.",
+        ("Solve $a = \\sigma(z)$ for $z$ and substitute; derive checked that both sides are equal "
+        "for every $z$."),
         "由 $a = \\sigma(z)$ 解出 $z$ 并代入；derive 已验证两边对所有 $z$ 相等。",
     ),
 }
