@@ -34,7 +34,7 @@ from derive.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum
 from derive.pretty import pretty, sup
 from derive.spec import NetworkSpec, list_examples, load_spec
 from derive.stability import Softmax, stabilize
-from derive.vectorform import Mat, Vec, to_vector
+from derive.vectorform import Mat, MatVec, Vec, to_vector
 
 Echo = Callable[[str], None]
 
@@ -52,6 +52,7 @@ class Statement:
     target: str
     code: str
     comment: str = ""
+    op: str = "="
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,16 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     init_rules = set()
     for layer in model.layers:
         l = layer.index
-        z_code = printer.doprint(stabilize(to_vector(layer.z_expr, (j,))).expr)
+        z_name = _batch_name(printer, "z", l)
+        z_vector = stabilize(to_vector(layer.z_expr, (j,))).expr
+        product = sp.Add(*(t for t in sp.Add.make_args(z_vector) if t.has(MatVec)))
+        rest = sp.Add(*(t for t in sp.Add.make_args(z_vector) if not t.has(MatVec)))
+        # the bias is added in place: a fresh (batch, n_l) array per `+` costs more than the
+        # addition (allocation and page faults), as measured in bench/train_step.py
+        forward.append(Statement(z_name, printer.doprint(product)))
+        if rest != 0:
+            forward.append(Statement(z_name, printer.doprint(rest), op="+="))
         a_code = printer.doprint(stabilize(to_vector(layer.a_expr, (j,))).expr)
-        forward.append(Statement(_batch_name(printer, "z", l), z_code))
         forward.append(Statement(_batch_name(printer, "a", l), a_code))
         weight = printer.doprint(Mat(f"w^{l}", real=True))
         bias = printer.doprint(_vec("b", l)) if layer.b is not None else None

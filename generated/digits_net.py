@@ -65,9 +65,11 @@ def forward(params, X):
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=W1.dtype)
-    Z1 = X @ W1.T + b1
+    Z1 = X @ W1.T
+    Z1 += b1
     A1 = np.tanh(Z1)
-    Z2 = A1 @ W2.T + b2
+    Z2 = A1 @ W2.T
+    Z2 += b2
     A2 = _softmax(Z2)
     cache = {"X": X, "A1": A1, "Z2": Z2, "A2": A2}
     return A2, cache
