@@ -291,3 +291,10 @@ def _check_formula(instance: _Instance, derivation: Derivation, formula: Formula
             worst = max(worst, abs(float(derived - expected)) / scale)
     method = f"numeric: {len(evaluated)} points, {DIGITS} digits"
     return Check(formula.key, formula.equation, len(entries), method, worst, worst < _TOLERANCE)
+
+
+# Public names for derive.check, which evaluates user formulas on the same concrete instances
+# and with the same backpropagation values as the verification above.
+Instance = _Instance
+backprop_values = _deltas
+evaluate = _evaluate

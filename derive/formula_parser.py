@@ -1,0 +1,793 @@
+"""The syntax of user formulas for ``derive check``: text to a small syntax tree, never eval.
+
+A formula is ``LHS = RHS`` in the derive notation, in plain text, Unicode or LaTeX::
+
+    delta^L = (a^L - y) * a^L * (1 - a^L)                 # vector form: elementwise
+    delta^l_j = sum_k w^{l+1}_kj delta^{l+1}_k sigma'(z^l_j)   # index form
+    dC/dw^2_jk = delta^2_j * a^1_k
+    δᴸ = (aᴸ - y) ⊙ σ'(zᴸ)
+    \\delta^L_j = (a^L_j - y_j)\\sigma'(z^L_j)
+    \\frac{\\partial C}{\\partial w^l_{jk}} = a^{l-1}_k \\delta^l_j
+
+The left-hand sides are ``delta^<layer>`` (also ``dC/dz^<layer>``), ``dC/dw^<layer>``,
+``dC/db^<layer>``, ``dC/da^L`` and ``sigma'(z^<layer>)``; a layer is a number, ``l``, ``L``,
+or ``{l+1}``-style offsets. This module only parses: a hand-written tokenizer and
+recursive-descent parser build :class:`Node` objects with the column of every piece. Nothing
+from the text is executed, imported, looked up as an attribute or passed to ``sympify``;
+anything outside the grammar is a :class:`FormulaSyntaxError` naming the column. Meaning
+(which layer, which shape, SymPy expressions) is given by :mod:`derive.check`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from derive.errors import DeriveError
+
+MAX_LENGTH = 2000
+MAX_DEPTH = 60          # nesting of parentheses, sums and calls
+MAX_NUMBER_DIGITS = 30
+
+#: Names of network quantities; ``x`` is the input a^0, ``n`` a layer size n_l.
+QUANTITIES = frozenset({"a", "z", "w", "W", "b", "y", "x", "delta", "n"})
+#: Functions a formula may call (meaning in derive.check). Activation names come from the
+#: registry and are accepted too, with a prime for their derivative.
+FUNCTIONS = frozenset({"sigma", "exp", "log", "ln", "sqrt", "tanh", "sinh", "cosh", "erf",
+                       "abs", "max", "min", "step", "sigmoid", "softplus", "relu",
+                       "leaky_relu", "elu", "silu", "gelu", "identity", "softmax"})
+CONSTANTS = frozenset({"pi", "e"})
+
+_SUP = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡᴸ", "0123456789+-()lL"))
+_SUB = dict(zip("₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₚᵣₛₜ", "0123456789ijkmlnprst"))
+_UNICODE_NAMES = {"δ": "delta", "σ": "sigma", "Σ": "sum", "∑": "sum", "∂": "partial",
+                  "π": "pi", "Δ": "delta"}
+_UNICODE_OPS = {"⊙": "odot", "∘": "odot", "·": "*", "⋅": "*", "×": "*", "−": "-",
+                "′": "'", "∗": "*"}
+_LATEX_NAMES = {"delta": "delta", "sigma": "sigma", "sum": "sum", "partial": "partial",
+                "exp": "exp", "log": "log", "ln": "ln", "tanh": "tanh", "sinh": "sinh",
+                "cosh": "cosh", "pi": "pi", "top": "T", "intercal": "T", "prime": "'",
+                "max": "max", "min": "min"}
+_LATEX_OPS = {"cdot": "*", "times": "*", "odot": "odot", "circ": "odot", "ast": "*"}
+_LATEX_STRUCTURE = frozenset({"frac", "sqrt", "dfrac", "tfrac"})
+_LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr",
+                            "Bigl", "Bigr", "displaystyle", "quad", "qquad"})
+_LATEX_WRAPPER = re.compile(
+    r"\\(?:mathbf|boldsymbol|bm|mathrm|mathit|mathsf|operatorname|text)\s*\{\s*(\\?[A-Za-z_]+)\s*\}")
+_MULTIWORD = ("leaky_relu",)
+_WORD = re.compile(r"[A-Za-z]+")
+_DIGITS = frozenset("0123456789")
+_NUMBER = re.compile(r"[0-9]*\.?[0-9]*")
+
+
+class FormulaSyntaxError(DeriveError):
+    """The formula text does not fit the grammar; ``column`` is 1-based."""
+
+    def __init__(self, message: str, text: str, column: int) -> None:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        super().__init__(f"cannot parse formula {shown!r} at column {column}: {message}")
+        self.column = column
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class Token:
+    kind: str      # "num", "name", "op", "end"
+    value: str
+    pos: int       # 0-based offset in the original text
+    latex: bool = False
+
+
+# --- syntax tree -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer reference: ``base`` "l", "L" or None (a number), plus ``offset``."""
+
+    base: str | None
+    offset: int
+    pos: int
+
+    def __str__(self) -> str:
+        if self.base is None:
+            return str(self.offset)
+        if self.offset == 0:
+            return self.base
+        return f"{{{self.base}{self.offset:+d}}}"
+
+
+@dataclass(frozen=True)
+class Node:
+    pos: int
+
+
+@dataclass(frozen=True)
+class Num(Node):
+    text: str
+
+
+@dataclass(frozen=True)
+class Const(Node):
+    name: str
+
+
+@dataclass(frozen=True)
+class Ref(Node):
+    """A network quantity: ``letter`` with an optional layer and index letters."""
+
+    letter: str
+    layer: Layer | None
+    indices: tuple[tuple[str, int], ...]     # (letter, pos)
+
+
+@dataclass(frozen=True)
+class Call(Node):
+    name: str
+    prime: bool
+    layer: Layer | None                      # sigma_2(...) names the layer of sigma
+    args: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Unary(Node):
+    op: str                                  # "-"
+    operand: Node
+
+
+@dataclass(frozen=True)
+class Binary(Node):
+    op: str                                  # "+", "-", "^" (and "/" from \\frac)
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True)
+class Product(Node):
+    """``first`` followed by (operator, column, factor) items; operator "" is juxtaposition."""
+
+    first: Node
+    rest: tuple[tuple[str, int, Node], ...]
+
+
+@dataclass(frozen=True)
+class Transpose(Node):
+    operand: Node
+
+
+@dataclass(frozen=True)
+class SumOver(Node):
+    index: str
+    upper: Node | None                       # the written upper bound, if any
+    body: Node
+
+
+@dataclass(frozen=True)
+class Target:
+    """The left-hand side: what the formula claims to give."""
+
+    kind: str                                # "delta", "dw", "db", "da", "sigma'"
+    layer: Layer
+    indices: tuple[tuple[str, int], ...]     # as written; () for the vector form
+    pos: int
+    activation: str | None = None            # sigmoid'(z^l): the named activation
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    text: str
+    target: Target
+    rhs: Node
+    latex: bool                              # LaTeX commands were used
+    index_form: bool                         # the left side names its indices
+
+
+# --- tokenizer ---------------------------------------------------------------------------
+
+
+def tokenize(text: str) -> list[Token]:
+    """The tokens of ``text``; Unicode super/subscripts become ``^{..}``/``_{..}`` tokens."""
+    tokens: list[Token] = []
+    n = len(text)
+    i = 0
+
+    def fail(message: str, at: int) -> FormulaSyntaxError:
+        return FormulaSyntaxError(message, text, at + 1)
+
+    while i < n:
+        ch = text[i]
+        if ch.isspace() or ch == "$":
+            i += 1
+            continue
+        if ch in _DIGITS or (ch == "." and i + 1 < n and text[i + 1] in _DIGITS):
+            match = _NUMBER.match(text, i)
+            assert match is not None
+            digits = match.group()
+            if len(digits.replace(".", "")) > MAX_NUMBER_DIGITS:
+                raise fail(f"number longer than {MAX_NUMBER_DIGITS} digits", i)
+            if match.end() < n and text[match.end()] in "eE" and re.match(
+                    r"[eE][+-]?\d", text[match.end():]):
+                raise fail("write powers of ten as 10^k, not with e", match.end())
+            tokens.append(Token("num", digits, i))
+            i = match.end()
+            continue
+        if ch == ".":
+            raise fail("'.' (attribute access) is not allowed", i)
+        if ch.isascii() and (ch.isalpha()):
+            for word in _MULTIWORD:
+                if text.startswith(word, i) and not (
+                        i + len(word) < n and text[i + len(word)].isalnum()):
+                    tokens.append(Token("name", word, i))
+                    i += len(word)
+                    break
+            else:
+                match = _WORD.match(text, i)
+                assert match is not None
+                tokens.append(Token("name", match.group(), i))
+                i = match.end()
+            continue
+        if ch == "\\":
+            wrapper = _LATEX_WRAPPER.match(text, i)
+            if wrapper:
+                inner = wrapper.group(1)
+                if inner.startswith("\\"):
+                    tokens.extend(_latex_command(inner[1:], i, fail))
+                elif inner == "T":
+                    tokens.append(Token("name", "T", i, latex=True))
+                else:
+                    tokens.append(Token("name", inner, i, latex=True))
+                i = wrapper.end()
+                continue
+            match = re.compile(r"\\([A-Za-z]+)").match(text, i)
+            if match is None:
+                if i + 1 < n and text[i + 1] in ",;:! ":
+                    i += 2             # LaTeX spacing
+                    continue
+                raise fail(f"unexpected {text[i:i + 2]!r}", i)
+            tokens.extend(_latex_command(match.group(1), i, fail))
+            i = match.end()
+            continue
+        if ch in _SUP or ch in _SUB:
+            table, mark = (_SUP, "^") if ch in _SUP else (_SUB, "_")
+            start = i
+            tokens.append(Token("op", mark, i))
+            tokens.append(Token("op", "{", i))
+            while i < n and text[i] in table:
+                plain = table[text[i]]
+                if plain.isdigit():
+                    kind = "num"
+                elif plain.isalpha():
+                    kind = "name"
+                else:
+                    kind = "op"
+                if kind == "name" and mark == "_" and tokens[-1].kind == "name":
+                    last = tokens.pop()
+                    tokens.append(Token("name", last.value + plain, last.pos))
+                elif kind == "num" and tokens[-1].kind == "num":
+                    last = tokens.pop()
+                    tokens.append(Token("num", last.value + plain, last.pos))
+                else:
+                    tokens.append(Token(kind, plain, i))
+                i += 1
+            tokens.append(Token("op", "}", start))
+            continue
+        if ch == "ᵀ":
+            tokens.append(Token("op", "^", i))
+            tokens.append(Token("name", "T", i))
+            i += 1
+            continue
+        if ch in _UNICODE_NAMES:
+            tokens.append(Token("name", _UNICODE_NAMES[ch], i))
+            i += 1
+            continue
+        if ch in _UNICODE_OPS:
+            tokens.append(Token("op", _UNICODE_OPS[ch], i))
+            i += 1
+            continue
+        if text.startswith("**", i):
+            tokens.append(Token("op", "**", i))
+            i += 2
+            continue
+        if text.startswith("==", i):
+            raise fail("'==' is not allowed; a formula is LHS = RHS", i)
+        if ch in "+-*/^_(){}[],='@":
+            tokens.append(Token("op", ch, i))
+            i += 1
+            continue
+        raise fail(f"unexpected character {ch!r}", i)
+    tokens.append(Token("end", "", n))
+    return tokens
+
+
+def _latex_command(name: str, pos: int, fail) -> list[Token]:
+    if name in _LATEX_IGNORED:
+        return []
+    if name in _LATEX_NAMES:
+        value = _LATEX_NAMES[name]
+        kind = "op" if value == "'" else "name"
+        return [Token(kind, value, pos, latex=True)]
+    if name in _LATEX_OPS:
+        return [Token("op", _LATEX_OPS[name], pos, latex=True)]
+    if name in _LATEX_STRUCTURE:
+        return [Token("name", "\\" + name, pos, latex=True)]
+    raise fail(f"unknown LaTeX command \\{name}", pos)
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def parse_formula(text: str) -> ParsedFormula:
+    """Parse ``LHS = RHS``; raises :class:`FormulaSyntaxError` with the column on failure."""
+    if not isinstance(text, str):
+        raise DeriveError(f"a formula must be a string, got {type(text).__name__}")
+    if len(text) > MAX_LENGTH:
+        raise FormulaSyntaxError(f"formula longer than {MAX_LENGTH} characters", text[:80],
+                                 MAX_LENGTH + 1)
+    if not text.strip():
+        raise FormulaSyntaxError("empty formula; write LHS = RHS", text, 1)
+    tokens = tokenize(text)
+    return _Parser(text, tokens).formula()
+
+
+class _Parser:
+    def __init__(self, text: str, tokens: list[Token]) -> None:
+        self.text = text
+        self.tokens = tokens
+        self.at = 0
+        self.depth = 0
+
+    # -- helpers --
+
+    @property
+    def token(self) -> Token:
+        return self.tokens[self.at]
+
+    def peek(self, ahead: int = 1) -> Token:
+        return self.tokens[min(self.at + ahead, len(self.tokens) - 1)]
+
+    def fail(self, message: str, token: Token | None = None) -> FormulaSyntaxError:
+        token = token or self.token
+        return FormulaSyntaxError(message, self.text, token.pos + 1)
+
+    def describe(self, token: Token) -> str:
+        return "the end of the formula" if token.kind == "end" else repr(token.value)
+
+    def is_op(self, value: str) -> bool:
+        return self.token.kind == "op" and self.token.value == value
+
+    def is_name(self, *values: str) -> bool:
+        return self.token.kind == "name" and self.token.value in values
+
+    def advance(self) -> Token:
+        token = self.token
+        self.at = min(self.at + 1, len(self.tokens) - 1)
+        return token
+
+    def expect(self, value: str, context: str) -> Token:
+        if not self.is_op(value):
+            raise self.fail(f"expected {value!r} {context}, found {self.describe(self.token)}")
+        return self.advance()
+
+    def nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.fail(f"nested more than {MAX_DEPTH} levels deep")
+
+    # -- formula --
+
+    def formula(self) -> ParsedFormula:
+        equals, braces = [], 0
+        for n, t in enumerate(self.tokens):   # an "=" inside braces is a sum's lower bound
+            if t.kind == "op":
+                braces += {"{": 1, "}": -1}.get(t.value, 0)
+                if t.value == "=" and braces <= 0:
+                    equals.append(n)
+        if not equals:
+            raise FormulaSyntaxError("expected 'LHS = RHS' (no '=' found)", self.text,
+                                     len(self.text) + 1)
+        if len(equals) > 1:
+            raise self.fail("only one '=' is allowed", self.tokens[equals[1]])
+        target = self.target(equals[0])
+        self.expect("=", "after the left-hand side")
+        if self.token.kind == "end":
+            raise self.fail("the right-hand side is empty")
+        rhs = self.expression()
+        if self.token.kind != "end":
+            raise self.fail(f"unexpected {self.describe(self.token)}")
+        latex = any(t.latex for t in self.tokens)
+        return ParsedFormula(self.text, target, rhs, latex, bool(target.indices))
+
+    # -- left-hand side --
+
+    def target(self, end: int) -> Target:
+        start = self.token
+        if start.kind == "end" or self.at == end:
+            raise self.fail("the left-hand side is empty")
+        if self.is_name("delta"):
+            self.advance()
+            layer, indices = self.scripts(needs_layer="delta")
+            return self.finish_target(Target("delta", layer, indices, start.pos), end)
+        if self.is_name("\\frac", "\\dfrac", "\\tfrac"):
+            self.advance()
+            self.expect("{", "after \\frac")
+            self.numerator_c()
+            self.expect("}", "after the numerator")
+            self.expect("{", "before the denominator")
+            target = self.denominator(start)
+            self.expect("}", "after the denominator")
+            return self.finish_target(target, end)
+        if self.token.kind == "name" and (self.token.value in ("dC", "partial", "d")):
+            self.numerator_c()
+            self.expect("/", "in dC/d...")
+            return self.finish_target(self.denominator(start), end)
+        if self.token.kind == "name" and self.token.value in FUNCTIONS and (
+                self.token.value != "softmax"):
+            name = self.advance().value
+            layer = None
+            if self.is_op("_"):
+                layer = self.layer_script("_")
+            if not self.prime():
+                raise self.fail(f"expected {name}' (a derivative) on the left-hand side")
+            if self.is_op("_") and layer is None:
+                layer = self.layer_script("_")
+            self.expect("(", f"after {name}'")
+            inner = self.token
+            if not self.is_name("z"):
+                raise self.fail(f"the left-hand side {name}'(...) takes z^l, e.g. {name}'(z^l)")
+            self.advance()
+            z_layer, indices = self.scripts(needs_layer="z")
+            self.expect(")", f"to close {name}'(")
+            if layer is not None and (layer.base, layer.offset) != (z_layer.base,
+                                                                    z_layer.offset):
+                raise self.fail(f"{name}_{layer}' applied to z^{z_layer}", inner)
+            activation = None if name == "sigma" else name
+            return self.finish_target(Target("sigma'", z_layer, indices, start.pos, activation),
+                                      end)
+        raise self.fail("the left-hand side must be delta^l, dC/dw^l_jk, dC/db^l_j, dC/da^L, "
+                        "sigma'(z^l) (or their LaTeX forms)")
+
+    def finish_target(self, target: Target, end: int) -> Target:
+        if self.at != end:
+            raise self.fail(f"unexpected {self.describe(self.token)} on the left-hand side")
+        return target
+
+    def numerator_c(self) -> None:
+        token = self.token
+        if self.is_name("dC"):
+            self.advance()
+            return
+        if self.is_name("partial", "d"):
+            self.advance()
+            if self.is_name("C"):
+                self.advance()
+                return
+        raise self.fail("expected dC or \\partial C", token)
+
+    def denominator(self, start: Token) -> Target:
+        token = self.token
+        letter = None
+        if token.kind == "name" and token.value in ("dw", "dW", "db", "da", "dz"):
+            letter = token.value[1:]
+            self.advance()
+        elif self.is_name("partial", "d"):
+            self.advance()
+            if self.token.kind == "name" and self.token.value in ("w", "W", "b", "a", "z"):
+                letter = self.advance().value
+            elif self.is_name("delta"):
+                raise self.fail("differentiate by w, b, a or z")
+        if letter is None:
+            raise self.fail("expected dw^l, db^l, da^L or dz^l after dC/", token)
+        layer, indices = self.scripts(needs_layer=letter)
+        kind = {"w": "dw", "W": "dw", "b": "db", "a": "da", "z": "delta"}[letter]
+        return Target(kind, layer, indices, start.pos)
+
+    def prime(self) -> bool:
+        if self.is_op("'"):
+            self.advance()
+            return True
+        if self.is_op("^") and self.peek().kind == "op" and self.peek().value == "'":
+            self.advance()
+            self.advance()
+            return True
+        if (self.is_op("^") and self.peek().value == "{" and self.peek(2).value == "'"
+                and self.peek(3).value == "}"):
+            for _ in range(4):
+                self.advance()
+            return True
+        return False
+
+    # -- super- and subscripts --
+
+    def scripts(self, needs_layer: str) -> tuple[Layer | None, tuple[tuple[str, int], ...]]:
+        """``^layer`` and ``_indices``, in either order, after the quantity ``needs_layer``.
+
+        ``y`` and ``x`` take no layer (a ``^`` after them is a power); ``n`` takes its layer
+        as a subscript (n_l).
+        """
+        if needs_layer == "n":
+            if not self.is_op("_"):
+                raise self.fail("a layer size is written n_l, n_L or n_{l+1}")
+            return self.layer_script("_"), ()
+        layered = needs_layer not in ("y", "x")
+        layer: Layer | None = None
+        indices: tuple[tuple[str, int], ...] = ()
+        for _ in range(2):
+            if layered and layer is None and self.is_op("^") and not self.transpose_ahead():
+                layer = self.layer_script("^")
+            elif self.is_op("_") and not indices:
+                indices = self.index_script()
+        if layered and layer is None:
+            raise self.fail(f"{needs_layer} needs a layer, e.g. {needs_layer}^l, "
+                            f"{needs_layer}^L or {needs_layer}^2")
+        return layer, indices
+
+    def transpose_ahead(self) -> bool:
+        nxt = self.peek()
+        if nxt.kind == "name" and nxt.value == "T":
+            return True
+        return (nxt.kind == "op" and nxt.value == "{" and self.peek(2).value == "T"
+                and self.peek(3).value == "}")
+
+    def layer_script(self, mark: str) -> Layer:
+        self.expect(mark, "")
+        token = self.token
+        if self.is_op("{") or self.is_op("("):
+            close = "}" if self.token.value == "{" else ")"
+            self.advance()
+            layer = self.layer_expression()
+            self.expect(close, "to close the layer")
+            return layer
+        if token.kind == "num":
+            self.advance()
+            return Layer(None, int(token.value), token.pos) if token.value.isdigit() else (
+                self.layer_error(token))
+        if token.kind == "name" and token.value in ("l", "L"):
+            self.advance()
+            return Layer(token.value, 0, token.pos)
+        raise self.fail("expected a layer: a number, l, L or {l+1}")
+
+    def layer_error(self, token: Token) -> Layer:
+        raise self.fail("a layer is a whole number", token)
+
+    def layer_expression(self) -> Layer:
+        token = self.token
+        if token.kind == "num" and token.value.isdigit():
+            self.advance()
+            return Layer(None, int(token.value), token.pos)
+        if token.kind == "name" and token.value in ("l", "L"):
+            self.advance()
+            offset = 0
+            if self.is_op("+") or self.is_op("-"):
+                sign = 1 if self.advance().value == "+" else -1
+                number = self.token
+                if number.kind != "num" or not number.value.isdigit():
+                    raise self.fail("expected a whole number in the layer, as in l+1")
+                self.advance()
+                offset = sign * int(number.value)
+            return Layer(token.value, offset, token.pos)
+        raise self.fail("expected a layer: a number, l, L, l+1, L-1")
+
+    def index_script(self) -> tuple[tuple[str, int], ...]:
+        self.expect("_", "")
+        braced = self.is_op("{")
+        if braced:
+            self.advance()
+        letters: list[tuple[str, int]] = []
+        while True:
+            token = self.token
+            if token.kind == "name":
+                if not all(c.islower() for c in token.value) or "l" in token.value:
+                    raise self.fail(f"index {token.value!r}: indices are lowercase letters "
+                                    "other than l (j, k, i, m, ...)")
+                letters.extend((c, token.pos + n) for n, c in enumerate(token.value))
+                self.advance()
+            elif token.kind == "num":
+                raise self.fail("concrete index numbers are not supported; use a letter "
+                                "(j, k, ...)")
+            else:
+                raise self.fail("expected an index letter (j, k, ...)")
+            if not braced:
+                break
+            if self.is_op(","):
+                self.advance()
+                continue
+            if self.is_op("}"):
+                self.advance()
+                break
+        if len(letters) > 2:
+            raise self.fail("at most two indices", self.tokens[self.at - 1])
+        return tuple(letters)
+
+    # -- right-hand side --
+
+    def expression(self) -> Node:
+        self.nest()
+        node = self.term()
+        while self.is_op("+") or self.is_op("-"):
+            op = self.advance()
+            node = Binary(op.pos, op.value, node, self.term())
+        self.depth -= 1
+        return node
+
+    def starts_primary(self) -> bool:
+        token = self.token
+        if token.kind in ("num",):
+            return True
+        if token.kind == "name":
+            return token.value not in ("T",)
+        return token.kind == "op" and token.value in ("(", "{", "[")
+
+    def term(self) -> Node:
+        """A chain of factors joined by * / @ ⊙ or juxtaposition, kept flat: which products
+        are matrix products is a question of shapes, answered by derive.check."""
+        first = self.unary()
+        rest: list[tuple[str, int, Node]] = []
+        while True:
+            if self.token.kind == "op" and self.token.value in ("*", "/", "@", "odot"):
+                op = self.advance()
+                rest.append((op.value, op.pos, self.unary()))
+            elif self.starts_primary():
+                pos = self.token.pos
+                rest.append(("", pos, self.unary()))
+            else:
+                break
+        return Product(first.pos, first, tuple(rest)) if rest else first
+
+    def unary(self) -> Node:
+        if self.is_op("-") or self.is_op("+"):
+            op = self.advance()
+            self.nest()
+            operand = self.unary()
+            self.depth -= 1
+            return Unary(op.pos, "-", operand) if op.value == "-" else operand
+        return self.power()
+
+    def power(self) -> Node:
+        node = self.postfix()
+        if self.is_op("**") or (self.is_op("^") and not self.transpose_ahead()):
+            op = self.advance()
+            self.nest()
+            if op.value == "^" and self.is_op("{"):
+                self.advance()
+                exponent = self.expression()
+                self.expect("}", "to close the exponent")
+            else:
+                exponent = self.unary()
+            self.depth -= 1
+            return Binary(op.pos, "^", node, exponent)
+        return node
+
+    def postfix(self) -> Node:
+        return self.postfix_of(self.primary())
+
+    def postfix_of(self, node: Node) -> Node:
+        while self.is_op("^") and self.transpose_ahead():
+            pos = self.advance().pos
+            if self.is_op("{"):
+                self.advance()
+                self.advance()
+                self.expect("}", "after T")
+            else:
+                self.advance()
+            node = Transpose(pos, node)
+        return node
+
+    def primary(self) -> Node:
+        token = self.token
+        if token.kind == "num":
+            self.advance()
+            return Num(token.pos, token.value)
+        if self.is_op("(") or self.is_op("{") or self.is_op("["):
+            close = {"(": ")", "{": "}", "[": "]"}[token.value]
+            self.advance()
+            self.nest()
+            inner = self.expression()
+            self.depth -= 1
+            if not self.is_op(close):
+                raise self.fail(f"expected {close!r} to close {token.value!r} at column "
+                                f"{token.pos + 1}, found {self.describe(self.token)}")
+            self.advance()
+            return inner
+        if token.kind == "end":
+            raise self.fail("the formula ends too early")
+        if token.kind != "name":
+            raise self.fail(f"unexpected {self.describe(token)}")
+        name = token.value
+        if name in ("\\frac", "\\dfrac", "\\tfrac"):
+            self.advance()
+            self.expect("{", "after \\frac")
+            numerator = self.expression()
+            self.expect("}", "to close the numerator")
+            self.expect("{", "before the denominator")
+            denominator = self.expression()
+            self.expect("}", "to close the denominator")
+            return Binary(token.pos, "/", numerator, denominator)
+        if name == "\\sqrt":
+            self.advance()
+            self.expect("{", "after \\sqrt")
+            inner = self.expression()
+            self.expect("}", "to close \\sqrt{")
+            return Call(token.pos, "sqrt", False, None, (inner,))
+        if name == "sum":
+            return self.sum_over()
+        if name in QUANTITIES:
+            self.advance()
+            needs = {"y": "y", "x": "x", "n": "n"}.get(name, name)
+            layer, indices = self.scripts(needs_layer=needs)
+            if name == "n":
+                return Ref(token.pos, "n", layer, ())
+            if name == "x":
+                return Ref(token.pos, "a", Layer(None, 0, token.pos), indices)
+            return Ref(token.pos, "w" if name == "W" else name, layer, indices)
+        if name in FUNCTIONS:
+            return self.call()
+        if name in CONSTANTS:
+            self.advance()
+            return Const(token.pos, name)
+        if name in ("partial", "dC", "C"):
+            raise self.fail(f"{name!r} belongs on the left-hand side")
+        raise self.fail(f"unknown name {name!r}; allowed: the quantities a, z, w (or W), b, "
+                        "y, x, delta, n; sum; functions " + ", ".join(sorted(FUNCTIONS)))
+
+    def call(self) -> Node:
+        token = self.advance()
+        layer = None
+        if self.is_op("_"):
+            layer = self.layer_script("_")
+        prime = self.prime()
+        if self.is_op("_") and layer is None:
+            layer = self.layer_script("_")
+        if layer is not None and token.value != "sigma":
+            raise self.fail(f"only sigma takes a layer subscript, not {token.value}", token)
+        self.nest()
+        if self.is_op("("):
+            open_token = self.advance()
+            args = [self.expression()]
+            while self.is_op(","):
+                self.advance()
+                args.append(self.expression())
+            if not self.is_op(")"):
+                raise self.fail(f"expected ')' to close {token.value}( at column "
+                                f"{open_token.pos + 1}, found {self.describe(self.token)}")
+            self.advance()
+        elif token.latex:
+            args = [self.postfix()]     # \log a, \exp z, \sigma z
+        else:
+            raise self.fail(f"expected '(' after {token.value}")
+        self.depth -= 1
+        return Call(token.pos, token.value, prime, layer, tuple(args))
+
+    def sum_over(self) -> Node:
+        token = self.advance()
+        if not self.is_op("_"):
+            raise self.fail("expected _ and the summed index after sum, as in sum_k")
+        self.advance()
+        upper = None
+        braced = self.is_op("{")
+        if braced:
+            self.advance()
+        index = self.token
+        if index.kind != "name" or len(index.value) != 1 or not index.value.islower() or (
+                index.value == "l"):
+            raise self.fail("expected the summed index, one lowercase letter (k, i, m, ...)")
+        self.advance()
+        if braced:
+            if self.is_op("="):
+                self.advance()
+                low = self.token
+                if low.kind != "num" or low.value != "1":
+                    raise self.fail("sums start at 1 (indices are 1-based)")
+                self.advance()
+            self.expect("}", "to close the sum's subscript")
+        if self.is_op("^"):
+            self.advance()
+            if self.is_op("{"):
+                self.advance()
+                upper = self.expression()
+                self.expect("}", "to close the sum's upper bound")
+            else:
+                upper = self.primary()
+        self.nest()
+        body = self.term()
+        self.depth -= 1
+        return SumOver(token.pos, index.value, upper, body)
