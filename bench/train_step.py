@@ -36,6 +36,10 @@ CONFIGS = {
 }
 DTYPES = ("float64", "float32")
 LR = 1e-3
+#: Steps of one side timed in a row before the other side's turn. Alternating single steps
+#: would make each side pay for the other's memory traffic (glibc returns freed large blocks
+#: to the OS, and the next allocation page-faults them back).
+BLOCK = 10
 
 
 def spec_dict(name: str) -> dict:
@@ -99,11 +103,11 @@ def numpy_rows(quick: bool) -> list[dict]:
             params_gen, X, Y = data(name, dtype)
             params_ref, _, _ = data(name, dtype)
 
-            def generated_step(p=params_gen, X=X, Y=Y):
+            def generated_step(p=params_gen, X=X, Y=Y, module=module):
                 _, grads = module.gradients(p, X, Y)
                 module.sgd_step(p, grads, LR)
 
-            def reference_step(p=params_ref, X=X, Y=Y):
+            def reference_step(p=params_ref, X=X, Y=Y, net=net):
                 ref.train_step(net, p, X, Y, LR)
 
             # the two compute the same numbers (the tests check 1e-10; here a sanity check)
@@ -111,18 +115,20 @@ def numpy_rows(quick: bool) -> list[dict]:
             loss_ref = ref.batch_loss(net, *ref.forward(net, params_ref, X), Y)
             assert abs(loss_gen - loss_ref) <= 1e-3 * abs(loss_ref), (name, dtype)
 
-            count = repetitions(generated_step, 1.2 if quick else 3.0, quick) // 2 * 2
+            count = repetitions(generated_step, 1.2 if quick else 3.0, quick)
+            blocks = max(2, count // BLOCK) // 2 * 2
             times_gen, times_ref = [], []
             gc.disable()
             try:
-                for i in range(count):
-                    first, second = ((generated_step, times_gen), (reference_step, times_ref))
-                    if i % 2:
-                        first, second = second, first
-                    first[1].append(_time(first[0]))
-                    second[1].append(_time(second[0]))
+                # alternate blocks of BLOCK steps (generated first, then hand-written first)
+                for i in range(blocks):
+                    order = [(generated_step, times_gen), (reference_step, times_ref)]
+                    for step, times in (order if i % 2 == 0 else order[::-1]):
+                        step()                       # the first step of a block is not timed
+                        times.extend(_time(step) for _ in range(BLOCK))
             finally:
                 gc.enable()
+            count = blocks * BLOCK
             rows.append({"config": name, "dtype": dtype, "reps": count,
                          "generated_us": statistics.median(times_gen),
                          "reference_us": statistics.median(times_ref)})
@@ -138,9 +144,8 @@ def torch_worker(quick: bool) -> None:
 
     torch.set_grad_enabled(True)
     results = []
-    for name in CONFIGS:
-        sizes, hidden, output, loss_name, batch = CONFIGS[name]
-        activation = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+    activation = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+    for name, (sizes, hidden, output, loss_name, batch) in CONFIGS.items():
         for dtype in DTYPES:
             params_np, X_np, Y_np = data(name, dtype)
             params = {key: torch.tensor(value, requires_grad=True)
@@ -179,15 +184,15 @@ def torch_worker(quick: bool) -> None:
     print(json.dumps({"results": results, "info": info}))
 
 
-def torch_rows(quick: bool) -> tuple[dict, dict]:
-    command = [sys.executable, __file__, "--torch-worker"] + (["--quick"] if quick else [])
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+def run_worker(side: str, quick: bool, env: dict[str, str]) -> dict:
+    """Run one side in a fresh process (with extra environment ``env``); its JSON payload."""
+    command = [sys.executable, __file__, "--worker", side] + (["--quick"] if quick else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env={**os.environ, **env})
     if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
-        return {}, {"error": reason}
-    payload = json.loads(result.stdout)
-    rows = {(row["config"], row["dtype"]): row for row in payload["results"]}
-    return rows, payload["info"]
+        lines = result.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else "failed"}
+    return json.loads(result.stdout)
 
 
 # --- which BLAS, how many threads -----------------------------------------------------------
@@ -237,32 +242,19 @@ def _openblas_threads() -> str:
 # --- report --------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    args = parser.parse_args()
-    if args.torch_worker:
-        torch_worker(args.quick)
-        return 0
-    started = time.perf_counter()
-    np_rows = numpy_rows(args.quick)
-    blas = blas_description()
-    t_rows, t_info = torch_rows(args.quick)
-    print(f"NumPy {np.__version__}, BLAS: {blas}; {os.cpu_count()} CPUs")
-    if "error" in t_info:
-        print(f"PyTorch eager: not measured ({t_info['error']})")
-    else:
-        print(f"PyTorch {t_info['version']} eager (own process): {t_info['threads']} intra-op "
-              f"threads, {t_info['interop_threads']} inter-op threads")
-    print()
-    header = ("| config | dtype | generated µs | hand-written µs | generated / hand-written "
-              "| PyTorch eager µs | generated / PyTorch |")
-    print(header)
+#: glibc malloc settings that keep freed memory for reuse instead of returning it to the OS:
+#: every fresh array above 128 KiB is otherwise page-faulted in again on each step.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def print_table(numpy_payload: dict, torch_payload: dict) -> None:
+    torch_rows = {(row["config"], row["dtype"]): row
+                  for row in torch_payload.get("results", [])}
+    print("| config | dtype | generated µs | hand-written µs | generated / hand-written "
+          "| PyTorch eager µs | generated / PyTorch |")
     print("|" + "---|" * 7)
-    for row in np_rows:
-        torch_row = t_rows.get((row["config"], row["dtype"]))
+    for row in numpy_payload["results"]:
+        torch_row = torch_rows.get((row["config"], row["dtype"]))
         gen, ref = row["generated_us"], row["reference_us"]
         torch_us = f"{torch_row['torch_us']:.1f}" if torch_row else "-"
         torch_ratio = f"{gen / torch_row['torch_us']:.2f}x" if torch_row else "-"
@@ -270,12 +262,52 @@ def main() -> int:
         label = f"{row['config']} ({'-'.join(map(str, sizes))}, batch {batch})"
         print(f"| {label} | {row['dtype']} | {gen:.1f} | {ref:.1f} | {gen / ref:.3f}x "
               f"| {torch_us} | {torch_ratio} |")
-        if torch_row:
-            row["torch_us"] = torch_row["torch_us"]
-    print(f"\n(medians; {time.perf_counter() - started:.0f} s in all)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--worker", choices=("numpy", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--default-malloc-only", action="store_true",
+                        help="skip the second run with tuned glibc malloc settings")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args()
+    if args.worker == "torch":
+        torch_worker(args.quick)
+        return 0
+    if args.worker == "numpy":
+        results = numpy_rows(args.quick)
+        print(json.dumps({"results": results, "blas": blas_description(),
+                          "numpy": np.__version__}))
+        return 0
+    started = time.perf_counter()
+    environments = [("default glibc malloc", {})]
+    if not args.default_malloc_only:
+        environments.append(("glibc malloc keeping freed memory: " + " ".join(
+            f"{key}={value}" for key, value in TUNED_MALLOC.items()), TUNED_MALLOC))
+    report = []
+    for label, env in environments:
+        numpy_payload = run_worker("numpy", args.quick, env)
+        torch_payload = run_worker("torch", args.quick, env)
+        if "error" in numpy_payload:
+            print(f"NumPy side failed: {numpy_payload['error']}")
+            return 1
+        print(f"## {label}\n")
+        print(f"NumPy {numpy_payload['numpy']}, BLAS: {numpy_payload['blas']}; "
+              f"{os.cpu_count()} CPUs; generated and hand-written interleaved in one process")
+        if "error" in torch_payload:
+            print(f"PyTorch eager: not measured ({torch_payload['error']})")
+        else:
+            info = torch_payload["info"]
+            print(f"PyTorch {info['version']} eager in its own process: {info['threads']} "
+                  f"intra-op threads, {info['interop_threads']} inter-op threads")
+        print()
+        print_table(numpy_payload, torch_payload)
+        print()
+        report.append({"environment": label, "numpy": numpy_payload, "torch": torch_payload})
+    print(f"(medians; {time.perf_counter() - started:.0f} s in all)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": np_rows, "blas": blas,
-                                               "torch": t_info}, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
