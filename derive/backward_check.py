@@ -134,7 +134,7 @@ class BackwardReport:
                f"{self.batch} rows, float64"]
         out.extend(f"  note: {note}" for note in self.notes)
         if self.error:
-            out.append("FAILED: the function raised an exception")
+            out.append("FAILED: the gradients could not be checked")
             out.extend(f"  {line}" for line in self.error)
             return out
         for g in self.gradients:

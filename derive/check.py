@@ -48,6 +48,7 @@ from derive.formula_parser import (
     Binary,
     Call,
     Const,
+    FormulaError,
     Layer,
     Node,
     Num,
@@ -204,9 +205,7 @@ class _Meaning:
         self.scopes: list[dict[str, list]] = []
 
     def error(self, message: str, pos: int) -> DeriveError:
-        from derive.formula_parser import FormulaSyntaxError
-
-        return FormulaSyntaxError(message, self.parsed.text, pos + 1)
+        return FormulaError(message, self.parsed.text, pos + 1)
 
     def layer(self, layer: Layer) -> int:
         if layer.base is None:
@@ -554,8 +553,9 @@ def _target_layers(target: Target, meaning: _Meaning,
                 continue
         result.append((l_value, layer))
     if not result:
-        what = {"db": "a layer with a bias", "sigma'": "a layer with that elementwise activation"}
-        raise meaning.error(f"no {what.get(target.kind, 'layer')} matches the left side",
+        what = {"db": "no layer has a bias (bias: false in the spec)",
+                "sigma'": "no layer has that elementwise activation"}
+        raise meaning.error(what.get(target.kind, "no layer matches the left side"),
                             target.pos)
     return result
 
@@ -690,8 +690,11 @@ def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, derivat
                               {q: evaluate(v, point) for q, v in instance.values.items()})
         failure: tuple[float, int, tuple[int, ...], float | None, float | None] | None = None
         for layer, user in user_by_layer.items():
-            formula = _derived_formula(target, layer, derivation)
-            mine = Formula(formula.key, "", formula.lhs, user, user, formula.indices, ())
+            # SymEngine evaluates elementary functions only: sigmoid, softplus rewritten
+            derived = _derived_formula(target, layer, derivation)
+            formula = dataclasses.replace(derived, rhs=elementary(derived.rhs))
+            mine = Formula(formula.key, "", formula.lhs, elementary(user), user,
+                           formula.indices, ())
             for entry in _entries(formula, model, layer):
                 correct = _number(evaluate(instance.instantiate(formula, entry, env), point))
                 theirs = _number(evaluate(instance.instantiate(mine, entry, env), point))
@@ -800,13 +803,17 @@ class PlainPrinter(StrPrinter):
         return super()._print_Pow(expr, rational)
 
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
-        if len(expr.args) == 2 and expr.args[1].cond == sp.true:
+        # derive's piecewise activations test z > 0: written with step(z) = [z > 0]
+        if len(expr.args) == 2 and expr.args[1].cond == sp.true and isinstance(
+                expr.args[0].cond, sp.StrictGreaterThan):
             (value, cond), (other, _) = expr.args
-            if isinstance(cond, sp.StrictGreaterThan) and cond.rhs == 0 and other == 0:
-                if value == 1:
-                    return f"step({self._print(cond.lhs)})"
-                return f"{self._print(value)}*step({self._print(cond.lhs)})"
-        return super()._print_Piecewise(expr)
+            step = f"step({self._print(cond.lhs - cond.rhs)})"
+            prec = sp.printing.precedence.PRECEDENCE["Mul"]
+            on = step if value == 1 else f"{self.parenthesize(value, prec)}*{step}"
+            if other == 0:
+                return on
+            return f"({on} + {self.parenthesize(other, prec)}*(1 - {step}))"
+        return self._print_Basic(expr)
 
     def _print_Vec(self, expr: Vec) -> str:
         return self._name(expr.name)
@@ -912,13 +919,10 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
         try:
             user[layer] = meaning.convert(target, layer)
         except IllFormed as err:
-            from derive.formula_parser import FormulaSyntaxError
-
-            where = FormulaSyntaxError(err.message, formula, err.pos + 1)
             return FormulaVerdict(
                 formula, spec.name, name, tuple(concrete), False, "ill-formed", assumptions,
                 _derived_lines(parsed, target, layer, formulas[layer], model.depth),
-                reason=f"ill-formed at column {where.column}: {err.message}")
+                reason=f"ill-formed at column {err.pos + 1}: {err.message}")
 
     symbolic = all(symbolic_identity(user[layer], formulas[layer].rhs, model)
                    for layer in concrete)

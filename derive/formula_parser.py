@@ -60,14 +60,22 @@ _DIGITS = frozenset("0123456789")
 _NUMBER = re.compile(r"[0-9]*\.?[0-9]*")
 
 
-class FormulaSyntaxError(DeriveError):
-    """The formula text does not fit the grammar; ``column`` is 1-based."""
+class FormulaError(DeriveError):
+    """A formula that cannot be checked as written; ``column`` is 1-based."""
+
+    verb = "cannot check"
 
     def __init__(self, message: str, text: str, column: int) -> None:
         shown = text if len(text) <= 80 else text[:77] + "..."
-        super().__init__(f"cannot parse formula {shown!r} at column {column}: {message}")
+        super().__init__(f"{self.verb} formula {shown!r} at column {column}: {message}")
         self.column = column
         self.reason = message
+
+
+class FormulaSyntaxError(FormulaError):
+    """The formula text does not fit the grammar."""
+
+    verb = "cannot parse"
 
 
 @dataclass(frozen=True)

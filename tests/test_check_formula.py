@@ -1,0 +1,223 @@
+"""derive check FORMULA: correct and incorrect formulas, syntaxes, errors, malicious input."""
+
+from __future__ import annotations
+
+import builtins
+import time
+
+import pytest
+import sympy
+
+from derive.check import check_formula
+from derive.cli import main
+from derive.errors import DeriveError
+from derive.formula_parser import FormulaSyntaxError, parse_formula
+from tests.conftest import ELEMENTWISE, make_spec
+
+HIDDEN_DELTA = "delta^l = ((W^{l+1})^T delta^{l+1}) * sigma'(z^l)"
+
+
+@pytest.mark.parametrize("activation", ELEMENTWISE)
+def test_hidden_delta_for_every_activation(activation):
+    spec = make_spec([2, 2, 2], [activation, "sigmoid"], "mse")
+    right = check_formula(spec, HIDDEN_DELTA, points=4)
+    assert right.correct, "\n".join(right.lines())
+    # leaving sigma' out is wrong for every activation but the identity (sigma' = 1)
+    missing = check_formula(spec, "delta^l = (W^{l+1})^T delta^{l+1}", points=4)
+    assert missing.correct == (activation == "identity"), "\n".join(missing.lines())
+
+
+@pytest.mark.parametrize("activation", ELEMENTWISE)
+def test_activation_derivative_on_the_left(activation):
+    spec = make_spec([2, 2, 1], [activation, "identity"], "mse")
+    verdict = check_formula(spec, "sigma'(z^1) = sigma'(z^1) + 0*a^1", points=3)
+    assert verdict.correct
+    if activation not in ("identity",):
+        wrong = check_formula(spec, "sigma'(z^1) = sigma(z^1)", points=6)
+        assert not wrong.correct
+
+
+@pytest.mark.parametrize(("output", "loss", "right", "wrong"), [
+    ("sigmoid", "mse", "delta^L = (a^L - y) * a^L * (1 - a^L)", "delta^L = a^L - y"),
+    ("tanh", "mse", "delta^L = (a^L - y) * (1 - a^L^2)", "delta^L = (a^L - y) * a^L*(1 - a^L)"),
+    ("identity", "mse", "delta^L = a^L - y", "delta^L = y - a^L"),
+    ("sigmoid", "binary_cross_entropy", "delta^L = a^L - y",
+     "delta^L = (a^L - y) * a^L * (1 - a^L)"),
+    ("softmax", "cross_entropy", "delta^L = a^L - y", "delta^L = -y / a^L"),
+    ("softmax", "mse", "delta^L_j = a^L_j (a^L_j - y_j) - a^L_j sum_i a^L_i (a^L_i - y_i)",
+     "delta^L = (a^L - y) * a^L * (1 - a^L)"),
+])
+def test_output_error_for_each_loss(output, loss, right, wrong):
+    spec = make_spec([2, 3, 3], ["tanh", output], loss)
+    good = check_formula(spec, right, points=5)
+    assert good.correct, "\n".join(good.lines())
+    bad = check_formula(spec, wrong, points=5)
+    assert not bad.correct
+    assert bad.counterexample is not None
+    assert bad.counterexample.user_value != bad.counterexample.correct_value
+    text = "\n".join(bad.lines())
+    assert "the derived formula:" in text and "your formula gives" in text
+
+
+def test_softmax_cross_entropy_mentions_the_assumption():
+    verdict = check_formula("digits", "delta^L = a^L - y")
+    assert verdict.correct
+    text = "\n".join(verdict.lines())
+    assert "sum_j y_j = 1" in text and "random targets satisfy it" in text
+    # a form that needs the assumption to agree is found correct only numerically
+    numeric = check_formula("digits", "delta^L_j = a^L_j * sum_i y_i - y_j", points=5)
+    assert numeric.correct and "numeric agreement" in numeric.method
+    assert "sum_j y_j = 1" in "\n".join(numeric.lines())
+
+
+def test_issue_examples_and_exit_codes(capsys):
+    assert main(["check", "xor", "delta^L = (a^L - y) * a^L * (1 - a^L)"]) == 0
+    assert main(["check", "xor", "delta^L = a^L - y"]) == 1
+    out = capsys.readouterr().out
+    assert "INCORRECT" in out and "W^1 = [[" in out and "delta^L = a^L*(1 - a^L)*(a^L - y)" in out
+    assert main(["check", "bce", "delta^L = a^L - y"]) == 0
+    assert main(["check", "xor", "dC/dw^2_jk = delta^2_j * a^1_k"]) == 0
+    out = capsys.readouterr().out
+    assert "symbolic identity for every layer size" in out
+
+
+@pytest.mark.parametrize("formula", [
+    r"\delta^L_j = (a^L_j - y_j)\sigma'(z^L_j)",
+    r"\delta^{L}_{j} = \left(a^{L}_{j} - y_{j}\right) \sigma^{\prime}\left(z^{L}_{j}\right)",
+    r"\frac{\partial C}{\partial w^l_{jk}} = a^{l-1}_k \delta^l_j",
+    r"\frac{\partial C}{\partial b^{l}_{j}} = \delta^{l}_{j}",
+    r"\delta^l_j = \sum_{k=1}^{n_{l+1}} w^{l+1}_{kj} \delta^{l+1}_k \, \sigma'(z^l_j)",
+    r"\boldsymbol{\delta}^{l} = \left((W^{l+1})^{\top} \boldsymbol{\delta}^{l+1}\right) \odot "
+    r"\sigma'(z^{l})",
+    "δ¹ⱼ = (1 - a¹ⱼ)*a¹ⱼ*Σₖ (δ²ₖ*w²ₖⱼ)",
+    "δ² = a² ⊙ (1 - a²) ⊙ (a² - y)",
+    "∂C/∂w²ⱼₖ = a¹ₖ δ²ⱼ",
+    "delta^l_j = sum_k w^{l+1}_kj delta^{l+1}_k sigma'(z^l_j)",
+    "dC/dW^l = delta^l (a^{l-1})^T",
+    "dC/da^L = a^L - y",
+    "sigma'(z^l) = a^l (1 - a^l)",
+    "sigmoid'(z^l) = sigmoid(z^l) * (1 - sigmoid(z^l))",
+])
+def test_correct_in_every_syntax(formula):
+    verdict = check_formula("xor", formula, points=4)
+    assert verdict.correct, "\n".join(verdict.lines())
+
+
+@pytest.mark.parametrize("formula", [
+    r"\delta^L_j = (a^L_j - y_j)",
+    r"\frac{\partial C}{\partial w^l_{jk}} = a^{l}_k \delta^l_j",
+    "sigma'(z^l) = z^l (1 - z^l)",
+    "dC/dw^l_jk = a^{l-1}_k",
+    "delta^1 = a^1 * (1 - a^1) * (W^2)^T (a^2 - y)",
+])
+def test_incorrect_in_every_syntax(formula):
+    verdict = check_formula("xor", formula, points=4)
+    assert not verdict.correct
+
+
+def test_latex_input_gets_the_derived_formula_in_latex():
+    verdict = check_formula("xor", r"\delta^L_j = a^L_j - y_j", points=3)
+    assert not verdict.correct
+    assert any("\\" in line for line in verdict.derived)
+
+
+def test_the_printed_derived_formula_checks_back_as_correct():
+    for spec in ("xor", "bce", "digits"):
+        for formula in ("delta^L = 0", "delta^L_j = 0", "delta^l = 0", "dC/dw^l_jk = 0",
+                        "dC/db^l = 0"):
+            verdict = check_formula(spec, formula, points=2)
+            assert not verdict.correct
+            printed = verdict.derived[0]
+            again = check_formula(spec, printed, points=3)
+            assert again.correct, (spec, printed, again.lines())
+
+
+def test_ill_formed_formulas_are_incorrect_with_a_reason():
+    transposed = check_formula("xor", "delta^l = (W^{l+1} delta^{l+1}) * sigma'(z^l)")
+    assert not transposed.correct
+    assert "dimension mismatch" in transposed.reason and "transpose" in transposed.reason
+    swapped = check_formula("xor", "dC/dw^l_jk = delta^l_k a^{l-1}_j")
+    assert not swapped.correct and "index" in swapped.reason
+    outer = check_formula("xor", "dC/dw^l = a^{l-1} (delta^l)^T")
+    assert not outer.correct and "matrix" in outer.reason
+    assert main(["check", "xor", "delta^l = (W^{l+1} delta^{l+1}) * sigma'(z^l)"]) == 1
+
+
+def test_generic_layer_runs_over_every_hidden_layer():
+    verdict = check_formula("deep_tanh", "delta^l = (W^{l+1})^T delta^{l+1} * (1 - a^l^2)",
+                            points=3)
+    assert verdict.correct and verdict.layers == tuple(range(1, 9))
+    wrong = check_formula("deep_tanh", "delta^l = (W^{l+1})^T delta^{l+1} * (1 - a^l)",
+                          points=3)
+    assert not wrong.correct
+
+
+@pytest.mark.parametrize(("formula", "column"), [
+    ("delta^L = (a^L - y", 19),
+    ("delta^L = a^L - - ", 19),
+    ("delta^L a^L - y", 16),
+    ("delta^L = a^L ! y", 15),
+    ("delta^L = foo(a^L)", 11),
+    ("delta = a^L - y", 7),
+    ("delta^L = a^L - y = 1", 19),
+    ("dC/dq^2 = 1", 4),
+    ("delta^L = a^{l+}", 16),
+    ("delta^L = sum a^L", 15),
+])
+def test_unparsable_input_exit_2_with_the_column(formula, column, capsys):
+    with pytest.raises(FormulaSyntaxError) as info:
+        check_formula("xor", formula)
+    assert info.value.column == column, str(info.value)
+    assert main(["check", "xor", formula]) == 2
+    err = capsys.readouterr().err
+    assert f"at column {column}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("formula", [
+    "__import__('os').system('echo hacked')",
+    "delta^L = __import__('os').system('echo hacked')",
+    "delta^L = ().__class__.__bases__[0].__subclasses__()",
+    "delta^L = a^L.__class__",
+    "delta^L = (lambda: 1)()",
+    "delta^L = lambda x: x",
+    "delta^L = 2**2**2**30",
+    "delta^L = 2^2^2^30",
+    "delta^L = 9**9**9**9**9",
+    "delta^L = (10^30)^64 * a^L",
+    "delta^L = (a^L - y)^100000",
+    "delta^L = " + "(" * 3000 + "a^L" + ")" * 3000,
+    "delta^L = " + "-" * 3000 + "a^L",
+    "delta^L = " + "1" * 500,
+    "delta^L = eval('1')",
+    "delta^L = exec",
+    "delta^L = open('/etc/passwd')",
+    "delta^L = a^L; import os",
+    "delta^L = `a`",
+    "delta^L = \\input{/etc/passwd}",
+])
+def test_malicious_input_is_rejected_quickly_without_executing(formula, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("user text reached an evaluator")
+
+    monkeypatch.setattr(builtins, "eval", refuse)
+    monkeypatch.setattr(builtins, "exec", refuse)
+    monkeypatch.setattr(sympy, "sympify", refuse)
+    monkeypatch.setattr(sympy.parsing.sympy_parser, "parse_expr", refuse)
+    start = time.perf_counter()
+    with pytest.raises(DeriveError):
+        parse_formula(formula)
+        monkeypatch.undo()
+        check_formula("xor", formula, points=2)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_errors_about_meaning_name_the_column():
+    with pytest.raises(DeriveError, match="column"):
+        check_formula("xor", "delta^L = a^5 - y")
+    with pytest.raises(DeriveError, match="no layer has a bias"):
+        check_formula(make_spec([2, 2, 1], ["sigmoid", "sigmoid"], bias=False),
+                      "dC/db^l = delta^l")
+    with pytest.raises(DeriveError, match="generic layer l"):
+        check_formula("xor", "delta^1 = a^l")
+    with pytest.raises(DeriveError, match="which layer"):
+        check_formula("bce", "delta^L = sigma(y)")
