@@ -129,9 +129,10 @@ class BackwardReport:
 
     def lines(self) -> list[str]:
         c = self.convention
-        out = [f"check {self.spec_name} --backward {self.function}: weights {c.weights}, "
-               f"batch {c.reduction}, {'with' if c.bias else 'no'} biases; a random batch of "
-               f"{self.batch} rows, float64"]
+        header = (f"check {self.spec_name} --backward {self.function}: weights {c.weights}, "
+                  f"batch {c.reduction}, {'with' if c.bias else 'no'} biases; a random batch "
+                  f"of {self.batch} rows, float64")
+        out = [header]
         out.extend(f"  note: {note}" for note in self.notes)
         if self.error:
             out.append("FAILED: the gradients could not be checked")
@@ -191,7 +192,10 @@ class _Backprop:
     def eval(self, expr: sp.Expr, primes: Mapping[int, Callable], flip: frozenset = frozenset(),
              local: Mapping[sp.Symbol, Any] | None = None) -> Any:
         local = local or {}
-        ev = lambda e: self.eval(e, primes, flip, local)  # noqa: E731
+
+        def ev(e: sp.Expr) -> Any:
+            return self.eval(e, primes, flip, local)
+
         if expr in local:
             return local[expr]
         if isinstance(expr, Vec):
@@ -332,10 +336,11 @@ def _variants(spec: NetworkSpec, derivation: Derivation, run: _Backprop) -> list
         rewritten = [layer for layer in elementwise
                      if activation_derivative(layer.activation).in_a is not None]
         if len(rewritten) > 1:
+            in_a = {layer.index: activation_derivative(layer.activation).in_a
+                    for layer in rewritten}
             add("sigma' applied to z instead of a in every delta", len(rewritten),
-                primes={layer.index: (lambda z, d=activation_derivative(layer.activation)
-                                      .in_a: run.eval(d, {}, local={A: z}))
-                        for layer in rewritten})
+                primes={l: (lambda z, d=d: run.eval(d, {}, local={A: z}))
+                        for l, d in in_a.items()})
     sizes = spec.sizes
     for l in range(2, L + 1):
         if sizes[l] == sizes[l - 1]:
@@ -435,7 +440,7 @@ def load_function(target: str) -> tuple[Callable, str]:
     try:
         with contextlib.redirect_stdout(io.StringIO()), np.errstate(all="ignore"):
             spec.loader.exec_module(module)
-    except Exception as err:  # the user's module failed to import: their error, shown as such
+    except Exception as err:  # noqa: BLE001 -- the user's module failed: their error, shown
         where = _user_frame(err, str(path.resolve()))
         raise DeriveError(f"importing {path_text} failed: {type(err).__name__}: {err}{where}"
                           ) from None
@@ -691,7 +696,7 @@ def check_backward(spec: NetworkSpec | str | Mapping, function: Callable | str,
         result, notes, removed = _call(fn, value, convention, model.depth, label)
     except DeriveError:
         raise
-    except Exception as err:  # the user's function failed: report it, not a traceback
+    except Exception as err:  # noqa: BLE001 -- the user's function failed: report it
         return _failure(report, err, fn, label, convention)
     notes_all = list(notes)
     try:

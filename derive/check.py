@@ -35,7 +35,7 @@ import dataclasses
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import symengine as se
 import sympy as sp
@@ -768,7 +768,8 @@ class PlainPrinter(StrPrinter):
     """Prints derive expressions in the plain formula syntax ``derive check`` reads back."""
 
     printmethod = "_derive_plain"
-    _default_settings = {**StrPrinter._default_settings, "layers": {}}
+    _default_settings: ClassVar[dict[str, Any]] = {**StrPrinter._default_settings,
+                                                   "layers": {}}
 
     def _layer(self, layer: int | None) -> str:
         if layer is None:
@@ -872,11 +873,9 @@ def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: F
         text = f"{lhs} = {plain(formula.vector, names)}"
     lines = [text, f"{pretty(formula.lhs)} = {pretty(formula.rhs)}"]
     if parsed.latex:
-        try:
-            from derive.latex_printer import equation
-            lines.append(equation(formula.lhs, formula.rhs))
-        except Exception:  # the LaTeX printer is optional here; plain and Unicode suffice
-            pass
+        from derive.latex_printer import equation
+
+        lines.append(equation(formula.lhs, formula.rhs))
     return tuple(lines)
 
 

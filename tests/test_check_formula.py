@@ -87,8 +87,8 @@ def test_issue_examples_and_exit_codes(capsys):
     r"\frac{\partial C}{\partial w^l_{jk}} = a^{l-1}_k \delta^l_j",
     r"\frac{\partial C}{\partial b^{l}_{j}} = \delta^{l}_{j}",
     r"\delta^l_j = \sum_{k=1}^{n_{l+1}} w^{l+1}_{kj} \delta^{l+1}_k \, \sigma'(z^l_j)",
-    r"\boldsymbol{\delta}^{l} = \left((W^{l+1})^{\top} \boldsymbol{\delta}^{l+1}\right) \odot "
-    r"\sigma'(z^{l})",
+    (r"\boldsymbol{\delta}^{l} = \left((W^{l+1})^{\top} \boldsymbol{\delta}^{l+1}\right) "
+     r"\odot \sigma'(z^{l})"),
     "δ¹ⱼ = (1 - a¹ⱼ)*a¹ⱼ*Σₖ (δ²ₖ*w²ₖⱼ)",
     "δ² = a² ⊙ (1 - a²) ⊙ (a² - y)",
     "∂C/∂w²ⱼₖ = a¹ₖ δ²ⱼ",
