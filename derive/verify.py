@@ -126,13 +126,13 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
     """Check every formula of ``derivation`` at its model's concrete sizes (no reduction)."""
     start = time.perf_counter()
     model = derivation.model
-    instance = _Instance(model)
+    instance = Instance(model)
     rng = random.Random(seed)
     samples = [instance.random_point(rng) for _ in range(points)]
     if progress:
         progress(f"evaluating backpropagation at {points} random points")
-    evaluated = [(point, _deltas(instance, derivation,
-                                 {q: _evaluate(v, point) for q, v in instance.values.items()}))
+    evaluated = [(point, backprop_values(instance, derivation,
+                                 {q: evaluate(v, point) for q, v in instance.values.items()}))
                  for point in samples]
     symbolic = instance.parameter_count <= SYMBOLIC_LIMIT
     checks: list[Check] = []
@@ -148,8 +148,11 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
                   assumptions, time.perf_counter() - start)
 
 
-class _Instance:
-    """One concrete-size copy of the model: leaf symbols and expanded forward expressions."""
+class Instance:
+    """One concrete-size copy of the model: leaf symbols and expanded forward expressions.
+
+    Also used by :mod:`derive.check` to evaluate user formulas on the same instances.
+    """
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -253,7 +256,7 @@ def _entries(formula: Formula, model: Model) -> list[tuple[int, ...]]:
     return [(jj,) for jj in range(1, n[l] + 1)]
 
 
-def _deltas(instance: _Instance, derivation: Derivation,
+def backprop_values(instance: Instance, derivation: Derivation,
             env: dict[sp.Indexed, se.Basic]) -> dict[sp.Indexed, se.Basic]:
     """env extended with every delta^l_j computed by the derived formulas, top layer first."""
     env = dict(env)
@@ -265,18 +268,18 @@ def _deltas(instance: _Instance, derivation: Derivation,
     return env
 
 
-def _evaluate(expr: se.Basic, point: dict[se.Symbol, se.Basic]) -> se.Basic:
+def evaluate(expr: se.Basic, point: dict[se.Symbol, se.Basic]) -> se.Basic:
     return expr.subs(point).n(_BITS, real=True)
 
 
-def _check_formula(instance: _Instance, derivation: Derivation, formula: Formula,
+def _check_formula(instance: Instance, derivation: Derivation, formula: Formula,
                    evaluated: list[tuple[dict, dict]], symbolic: bool) -> Check:
     entries = _entries(formula, instance.model)
     direct = {index: se.diff(instance.cost, instance.variable(formula, index))
               for index in entries}
     if symbolic and instance.model.loss.needs != "distribution":
         zero = instance.at_zero_error
-        env = _deltas(instance, derivation,
+        env = backprop_values(instance, derivation,
                       {q: v.subs(zero) for q, v in instance.values.items()})
         if all(se.expand(instance.instantiate(formula, index, env) - direct[index].subs(zero))
                == 0 for index in entries):
@@ -285,16 +288,10 @@ def _check_formula(instance: _Instance, derivation: Derivation, formula: Formula
     worst = 0.0
     for point, env in evaluated:
         for index in entries:
-            derived = _evaluate(instance.instantiate(formula, index, env), point)
-            expected = _evaluate(direct[index], point)
+            derived = evaluate(instance.instantiate(formula, index, env), point)
+            expected = evaluate(direct[index], point)
             scale = max(1.0, abs(float(expected)))
             worst = max(worst, abs(float(derived - expected)) / scale)
     method = f"numeric: {len(evaluated)} points, {DIGITS} digits"
     return Check(formula.key, formula.equation, len(entries), method, worst, worst < _TOLERANCE)
 
-
-# Public names for derive.check, which evaluates user formulas on the same concrete instances
-# and with the same backpropagation values as the verification above.
-Instance = _Instance
-backprop_values = _deltas
-evaluate = _evaluate
