@@ -701,8 +701,10 @@ _OVERFULL = re.compile(r"^Overfull \\[hv]box \(([\d.]+)pt too (?:wide|high)\)", 
 
 
 def log_problems(log: str, overfull_limit: float = OVERFULL_LIMIT_PT) -> list[str]:
-    """Errors, undefined references and overfull boxes wider than ``overfull_limit`` pt."""
+    """Errors, undefined references, glyphs missing from the fonts and overfull boxes wider
+    than ``overfull_limit`` pt."""
     problems = [line for line in log.splitlines() if line.startswith("!")]
+    problems += [line for line in log.splitlines() if line.startswith("Missing character")]
     problems += [line for line in log.splitlines()
                  if "undefined" in line and ("Reference" in line or "Citation" in line
                                              or "There were undefined" in line)]

@@ -188,7 +188,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "n_sigma": "第 $l$ 层的激活函数及其导数",
         "n_C": "单个样本的代价",
         "n_delta": "第 $l$ 层神经元 $j$ 的误差，定义为 {definition}",
-        "n_kd": "Kronecker δ：$i = j$ 时为 1，否则为 0",
+        "n_kd": "Kronecker $\\delta$：$i = j$ 时为 1，否则为 0",
         "n_vec": "第 $l$ 层的向量与权重矩阵，矩阵的 $(j, k)$ 元为 {w}",
         "n_odot": "逐元素（Hadamard）乘积与逐元素除法",
         "sec_forward": "前向传播",
@@ -254,7 +254,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "rule_definition": "定义",
         "rule_chain rule": "链式法则",
         "rule_differentiate": "求导",
-        "rule_Kronecker delta": "Kronecker δ",
+        "rule_Kronecker delta": "Kronecker $\\delta$",
         "rule_substitute": "代入",
         "rule_assumption": "假设",
         "rule_simplify": "化简",
@@ -300,7 +300,7 @@ WHY: Mapping[str, tuple[str, str]] = {
     ),
     "the Kronecker delta keeps only the term i = j of the sum": (
         "The Kronecker delta keeps only the term $i = j$ of the sum.",
-        "Kronecker δ 使求和中只剩 $i = j$ 的一项。",
+        "Kronecker $\\delta$ 使求和中只剩 $i = j$ 的一项。",
     ),
     "insert dC/da^L and the activation derivative": (
         "Insert the derivative of the cost and the derivative of the activation found above.",
@@ -360,7 +360,7 @@ WHY: Mapping[str, tuple[str, str]] = {
     ),
     "only the term i = j of the sum remains": (
         "The Kronecker delta keeps only the term $i = j$ of the sum.",
-        "Kronecker δ 使求和中只剩 $i = j$ 的一项。",
+        "Kronecker $\\delta$ 使求和中只剩 $i = j$ 的一项。",
     ),
 }
 
