@@ -242,8 +242,11 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
             out.append(f"        assuming {assumption}")
         if steps:
             for step in formula.steps:
+                why = step.why
+                if step.source is not None:
+                    why += f"; {pretty(step.source.lhs)} = {pretty(step.source.rhs)}"
                 out.append(f"          {step.rule:<16} {pretty(step.target)} = {pretty(step.expr)}"
-                           f"    [{step.why}]")
+                           f"    [{why}]")
     return out
 
 

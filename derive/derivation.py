@@ -39,12 +39,18 @@ def partial(f: sp.Expr, x: sp.Expr) -> sp.Derivative:
 
 @dataclass(frozen=True)
 class Step:
-    """One recorded step: ``target = expr``, obtained by ``rule`` for the reason ``why``."""
+    """One recorded step: ``target = expr``, obtained by ``rule`` for the reason ``why``.
+
+    ``source`` is the equation the rule acted on, when the reason refers to one (the forward
+    expression that was differentiated, the inverse that was substituted); renderers print it
+    with their own printer, so ``why`` holds words only.
+    """
 
     rule: str
     target: sp.Expr
     expr: sp.Expr
     why: str
+    source: sp.Eq | None = None
 
 
 @dataclass(frozen=True)
@@ -185,13 +191,13 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
     in_z = _simplest(raw, sp.simplify(raw))
     sigma = sp.Function("sigma")
     steps = [Step("differentiate", sp.Derivative(sigma(Z), Z), in_z,
-                  f"differentiate the activation sigma(z) = {sp.sstr(f)}")]
+                  "differentiate the activation", sp.Eq(sigma(Z), f, evaluate=False))]
     if not in_z.has(Z):
         return ActivationDerivative(activation, in_z, in_z, tuple(steps))
-    candidates: list[tuple[sp.Expr, str]] = []
+    candidates: list[tuple[sp.Expr, str, sp.Eq | None]] = []
     substituted = in_z.xreplace({f: A})
     if not substituted.has(Z):
-        candidates.append((substituted, "replace sigma(z) by the layer output a"))
+        candidates.append((substituted, "replace sigma(z) by the layer output a", None))
     fe = elementary(f)
     if not candidates and not fe.has(sp.Piecewise) and fe.count(Z) == 1:
         try:
@@ -202,11 +208,12 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
             inverse = inverses[0]
             raw_a = elementary(in_z).subs(Z, inverse)
             rewritten = _simplest(sp.simplify(raw_a), sp.expand(sp.simplify(raw_a)))
-            candidates.append((rewritten, f"invert a = sigma(z): z = {sp.sstr(inverse)}"))
-    for candidate, why in candidates:
+            candidates.append((rewritten, "solve a = sigma(z) for z and substitute",
+                               sp.Eq(Z, inverse, evaluate=False)))
+    for candidate, why, source in candidates:
         if not candidate.has(Z) and _same_function(candidate.subs(A, f), in_z, _CHECK_POINTS):
             steps.append(Step("rewrite in a", sp.Derivative(sigma(Z), Z), candidate,
-                              why + "; checked: equal to sigma'(z) for every z"))
+                              why + "; checked: equal to sigma'(z) for every z", source))
             return ActivationDerivative(activation, in_z, candidate, tuple(steps))
     return ActivationDerivative(activation, in_z, None, tuple(steps))
 
@@ -314,8 +321,8 @@ def _hidden_delta(model: Model, l: int, derivative: ActivationDerivative) -> For
              "C depends on z^l only through the next layer's weighted inputs z^{l+1}_k"),
         Step("definition", target, by_definition, "dC/dz^{l+1}_k is the next layer's error"),
         Step("differentiate", partial(after.z[k], layer.z[j]), local,
-             "z^{l+1}_k = sum_m w^{l+1}_{km} sigma(z^l_m) + b^{l+1}_k; only m = j depends on "
-             "z^l_j"),
+             "differentiate the next layer's weighted input: only the term m = j depends on "
+             "z^l_j", sp.Eq(after.z[k], z_next, evaluate=False)),
         Step("Kronecker delta", target, generic,
              "sigma'(z^l_j) does not depend on k and moves out of the sum"),
         Step("substitute", target, concrete, "insert the activation derivative"),
@@ -338,7 +345,8 @@ def _parameter_gradient(model: Model, l: int, parameter: sp.Indexed, key: str,
              "the parameter enters C only through the weighted inputs z^l_i of its layer"),
         Step("definition", target, by_definition, "dC/dz^l_i is the error delta^l_i"),
         Step("differentiate", partial(layer.z[i], parameter), local,
-             "differentiate z^l_i = sum_m w^l_{im} a^{l-1}_m + b^l_i"),
+             "differentiate the weighted input of the layer", sp.Eq(layer.z[i], z_i,
+                                                                    evaluate=False)),
         Step("Kronecker delta", target, result, "only the term i = j of the sum remains"),
     )
     return Formula(key, equation, target, result, result, free, steps)

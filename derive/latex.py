@@ -180,6 +180,10 @@ class _Context:
         words = why(step.why, self.lang)
         if words is None:  # a justification without a translation: the engine's own words
             words = step.why if self.markdown else _escape(step.why)
+        if step.source is not None:
+            source = f"${equation(step.source.lhs, step.source.rhs)}$"
+            words = words.replace("{source}", source) if "{source}" in words else (
+                f"{words} ({source})")
         return {"rule": self.t.get(f"rule_{step.rule}", step.rule), "why": words,
                 "math": equation(step.target, step.expr)}
 

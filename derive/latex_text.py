@@ -329,12 +329,10 @@ WHY: Mapping[str, tuple[str, str]] = {
         "layer, already known."),
         "代价对 $z^{l+1}_{k}$ 的导数就是下一层的误差，它已经求出。",
     ),
-    "z^{l+1}_k = sum_m w^{l+1}_{km} sigma(z^l_m) + b^{l+1}_k; only m = j depends on z^l_j": (
-        ("Differentiate the weighted input of the next layer, $z^{l+1}_{k} = \\sum_{m} "
-        "w^{l+1}_{km} \\sigma_{l}(z^{l}_{m}) + b^{l+1}_{k}$: only the term $m = j$ depends on "
-        "$z^{l}_{j}$."),
-        ("对下一层的带权输入 $z^{l+1}_{k} = \\sum_{m} w^{l+1}_{km} \\sigma_{l}(z^{l}_{m}) + "
-        "b^{l+1}_{k}$ 求导：只有 $m = j$ 的一项依赖于 $z^{l}_{j}$。"),
+    "differentiate the next layer's weighted input: only the term m = j depends on z^l_j": (
+        ("Differentiate the weighted input of the next layer, {source}: only the term $m = j$ "
+         "depends on $z^{l}_{j}$."),
+        "对下一层的带权输入 {source} 求导：只有 $m = j$ 的一项依赖于 $z^{l}_{j}$。",
     ),
     "sigma'(z^l_j) does not depend on k and moves out of the sum": (
         "The factor $\\sigma_{l}'(z^{l}_{j})$ does not depend on $k$ and moves out of the sum.",
@@ -353,10 +351,13 @@ WHY: Mapping[str, tuple[str, str]] = {
         "The derivative of the cost with respect to $z^{l}_{i}$ is the error $\\delta^{l}_{i}$.",
         "代价对 $z^{l}_{i}$ 的导数就是误差 $\\delta^{l}_{i}$。",
     ),
-    "differentiate z^l_i = sum_m w^l_{im} a^{l-1}_m + b^l_i": (
-        ("Differentiate the weighted input $z^{l}_{i} = \\sum_{m} w^{l}_{im} a^{l-1}_{m} + "
-        "b^{l}_{i}$."),
-        "对带权输入 $z^{l}_{i} = \\sum_{m} w^{l}_{im} a^{l-1}_{m} + b^{l}_{i}$ 求导。",
+    "differentiate the weighted input of the layer": (
+        "Differentiate the weighted input {source}.",
+        "对带权输入 {source} 求导。",
+    ),
+    "differentiate the activation": (
+        "Differentiate the activation function {source}.",
+        "对激活函数 {source} 求导。",
     ),
     "only the term i = j of the sum remains": (
         "The Kronecker delta keeps only the term $i = j$ of the sum.",
@@ -364,22 +365,18 @@ WHY: Mapping[str, tuple[str, str]] = {
     ),
 }
 
-#: Justifications of the activation-derivative steps, which quote the activation: matched by
-#: their start; the activation itself is printed from its expression.
+#: Justifications that end with what the check found: matched by their start. A ``{source}``
+#: in any justification stands for the step's source equation, printed by the LaTeX printer.
 WHY_PREFIX: Mapping[str, tuple[str, str]] = {
-    "differentiate the activation sigma(z) = ": (
-        "Differentiate the activation function.",
-        "对激活函数求导。",
-    ),
     "replace sigma(z) by the layer output a": (
         ("Replace $\\sigma(z)$ by the activation $a$ it computes; derive checked that both sides "
         "are equal for every $z$."),
         "把 $\\sigma(z)$ 换成它算出的激活值 $a$；derive 已验证两边对所有 $z$ 相等。",
     ),
-    "invert a = sigma(z): ": (
-        ("Solve $a = \\sigma(z)$ for $z$ and substitute; derive checked that both sides are equal "
-        "for every $z$."),
-        "由 $a = \\sigma(z)$ 解出 $z$ 并代入；derive 已验证两边对所有 $z$ 相等。",
+    "solve a = sigma(z) for z and substitute": (
+        ("Solve $a = \\sigma(z)$ for $z$, {source}, and substitute; derive checked that both "
+         "sides are equal for every $z$."),
+        "由 $a = \\sigma(z)$ 解出 {source} 并代入；derive 已验证两边对所有 $z$ 相等。",
     ),
 }
 
