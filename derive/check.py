@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ POINTS = 20
 TOLERANCE = 10.0 ** -(DIGITS - 10)
 #: Largest integer exponent a formula may use.
 MAX_EXPONENT = 64
+#: Largest expansion the symbolic check attempts; a larger one is left to the numeric check.
+MAX_EXPANDED_TERMS = 5000
 _BITS = 200
 
 # Placeholders for the implicit row and column index of vector-form values.
@@ -174,7 +177,6 @@ class _Value:
     kind: str
     rows: int | None = None
     cols: int | None = None
-    text: str = ""
 
     def describe(self) -> str:
         if self.kind == "s":
@@ -223,24 +225,31 @@ class _Meaning:
 
     # -- the left side --
 
-    def target_indices(self, target: Target, layer: int) -> list[tuple[str, int, sp.Symbol]]:
-        """(letter, layer it ranges over, canonical symbol) of the left side's free indices."""
+    def target_indices(self, target: Target, layer: int
+                       ) -> list[tuple[str, int, sp.Symbol, int]]:
+        """(letter, layer it ranges over, canonical symbol, position) of the left side's free
+        indices; the implicit ones of the vector form are placed at the left side's start."""
         if target.kind == "dw":
-            letters = [c for c, _ in target.indices] or ["j", "k"]
-            if len(letters) != 2:
+            written = target.indices or (("j", target.pos), ("k", target.pos))
+            if len(written) != 2:
                 raise self.error("dC/dw^l takes two indices, as in dC/dw^l_jk", target.pos)
-            return [(letters[0], layer, j), (letters[1], layer - 1, k)]
-        letters = [c for c, _ in target.indices] or ["j"]
-        if len(letters) != 1:
+            (row, row_pos), (col, col_pos) = written
+            if row == col:
+                raise self.error(f"dC/dw^l_{row}{col} needs two different indices, as in "
+                                 "dC/dw^l_jk", col_pos)
+            return [(row, layer, j, row_pos), (col, layer - 1, k, col_pos)]
+        written = target.indices or (("j", target.pos),)
+        if len(written) != 1:
             raise self.error("this left side takes one index, as in delta^l_j", target.pos)
-        return [(letters[0], layer, j)]
+        ((letter, pos),) = written
+        return [(letter, layer, j, pos)]
 
     # -- the right side --
 
     def convert(self, target: Target, layer: int) -> sp.Expr:
         """The right side in index form, free indices j (and k), at ``layer``."""
         free = self.target_indices(target, layer)
-        self.scopes = [{letter: [symbol, rng, target.pos] for letter, rng, symbol in free}]
+        self.scopes = [{letter: [symbol, rng, pos] for letter, rng, symbol, pos in free}]
         value = self.value(self.parsed.rhs)
         if value.kind == "s":
             return value.expr
@@ -339,8 +348,6 @@ class _Meaning:
                 raise IllFormed("an exponent must be a scalar", node.right.pos)
             self.check_power(left.expr, right.expr, node.pos)
             return dataclasses.replace(left, expr=left.expr ** right.expr)
-        if node.op == "/":
-            return self.elementwise(left, right, "/", node.pos)
         return self.elementwise(left, right, node.op, node.pos)
 
     def check_power(self, base: sp.Expr, exponent: sp.Expr, pos: int) -> None:
@@ -615,18 +622,49 @@ def _in_z(expr: sp.Expr, model: Model) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.Indexed), rewrite)
 
 
+def _expanded_terms(expr: sp.Expr) -> int:
+    """An upper bound on the number of terms ``sp.expand(expr)`` gives, in any subexpression.
+
+    A short formula can expand to millions of terms (14 factors of degree 12); this bound is
+    checked first so that such a formula goes straight to the numeric check.
+    """
+    worst = 1
+
+    def terms(e: sp.Expr) -> int:
+        nonlocal worst
+        if isinstance(e, sp.Add):
+            count = sum(terms(arg) for arg in e.args)
+        elif isinstance(e, sp.Mul):
+            count = math.prod(terms(arg) for arg in e.args)
+        elif isinstance(e, sp.Pow) and e.exp.is_Integer:
+            base = terms(e.base)
+            # monomials of degree |n| in `base` terms, as a binomial coefficient
+            count = math.comb(base + abs(int(e.exp)) - 1, abs(int(e.exp))) if base > 1 else 1
+        else:
+            for arg in e.args:     # a function's argument is expanded in place
+                terms(arg)
+            count = 1
+        count = min(count, MAX_EXPANDED_TERMS + 1)
+        worst = max(worst, count)
+        return count
+
+    terms(expr)
+    return worst
+
+
 def symbolic_identity(user: sp.Expr, derived: sp.Expr, model: Model) -> bool:
     """True when user == derived for every layer size, with a^l = sigma_l(z^l)."""
     def prepared(expr: sp.Expr) -> sp.Expr:
         return _canonical_sums(collapse(_in_z(collapse(expr), model)))
 
     difference = prepared(user) - prepared(derived)
-    if sp.count_ops(difference) > 400 or any(
-            p.exp.is_Integer and abs(p.exp) > 12 and isinstance(p.base, sp.Add)
-            for p in difference.atoms(sp.Pow)):
+    if sp.count_ops(difference) > 400:
         return False          # expanding it could take long; the numeric check decides
     for attempt in (lambda e: e, elementary):
-        candidate = sp.expand(attempt(difference))
+        attempted = attempt(difference)
+        if _expanded_terms(attempted) > MAX_EXPANDED_TERMS:
+            return False
+        candidate = sp.expand(attempted)
         if candidate == 0:
             return True
     if sp.count_ops(difference) <= 80:
@@ -657,9 +695,11 @@ def _random_point(instance: Instance, rng: random.Random) -> tuple[dict, dict]:
     return point, raw
 
 
-def _number(value: se.Basic) -> float | None:
+def _value_at(expr: se.Basic, point: Mapping) -> float | None:
+    """``expr`` at ``point`` as a float, or None where it has no finite real value."""
     try:
-        number = complex(value)
+        # SymEngine's real evaluation refuses complex or infinite results (1/0, log(0))
+        number = complex(evaluate(expr, point))
     except (TypeError, ValueError, RuntimeError):
         return None
     if number.imag != 0 or number.real != number.real or abs(number.real) == float("inf"):
@@ -696,8 +736,8 @@ def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, derivat
             mine = Formula(formula.key, "", formula.lhs, elementary(user), user,
                            formula.indices, ())
             for entry in _entries(formula, model, layer):
-                correct = _number(evaluate(instance.instantiate(formula, entry, env), point))
-                theirs = _number(evaluate(instance.instantiate(mine, entry, env), point))
+                correct = _value_at(instance.instantiate(formula, entry, env), point)
+                theirs = _value_at(instance.instantiate(mine, entry, env), point)
                 assert correct is not None, "the derived formula gave no real number"
                 error = float("inf") if theirs is None else (
                     abs(theirs - correct) / max(1.0, abs(correct)))
@@ -757,7 +797,7 @@ def _quantities(instance: Instance, user: sp.Expr, indices: tuple, entry: tuple[
         if letter in ("w", "b") or (letter == "a" and _layer == 0) or letter == "y":
             continue          # already listed with the point
         if atom in env:
-            shown.append((pretty(atom), _show(_number(evaluate(env[atom], point)))))
+            shown.append((pretty(atom), _show(_value_at(env[atom], point))))
     return tuple(shown)
 
 
@@ -779,8 +819,6 @@ class PlainPrinter(StrPrinter):
 
     def _name(self, name: str) -> str:
         letter, layer = split_name(name)
-        if letter == "w":
-            letter = "W" if False else "w"
         return letter + self._layer(layer)
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
@@ -799,9 +837,6 @@ class PlainPrinter(StrPrinter):
         (index, _low, _high), = expr.limits
         body = self.parenthesize(expr.function, sp.printing.precedence.PRECEDENCE["Mul"])
         return f"sum_{index} {body}"
-
-    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
-        return super()._print_Pow(expr, rational)
 
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         # derive's piecewise activations test z > 0: written with step(z) = [z > 0]

@@ -51,9 +51,13 @@ _LATEX_NAMES = {"delta": "delta", "sigma": "sigma", "sum": "sum", "partial": "pa
 _LATEX_OPS = {"cdot": "*", "times": "*", "odot": "odot", "circ": "odot", "ast": "*"}
 _LATEX_STRUCTURE = frozenset({"frac", "sqrt", "dfrac", "tfrac"})
 _LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr",
-                            "Bigl", "Bigr", "displaystyle", "quad", "qquad"})
+                            "Bigl", "Bigr", "displaystyle", "quad", "qquad", "limits",
+                            "nolimits"})
+# A font command and its argument: braced, or (as TeX reads it) the next letter or command
 _LATEX_WRAPPER = re.compile(
-    r"\\(?:mathbf|boldsymbol|bm|mathrm|mathit|mathsf|operatorname|text)\s*\{\s*(\\?[A-Za-z_]+)\s*\}")
+    r"\\(?:mathbf|boldsymbol|bm|mathrm|mathit|mathsf|operatorname|text)"
+    r"(?:\s*\{\s*(\\?[A-Za-z_]+)\s*\}|\s+([A-Za-z])(?![A-Za-z])|\s*(\\[A-Za-z]+))")
+_BRACKETS = {"{": "}", "(": ")", "[": "]"}
 _MULTIWORD = ("leaky_relu",)
 _WORD = re.compile(r"[A-Za-z]+")
 _DIGITS = frozenset("0123456789")
@@ -211,6 +215,8 @@ def tokenize(text: str) -> list[Token]:
             match = _NUMBER.match(text, i)
             assert match is not None
             digits = match.group()
+            if match.end() < n and text[match.end()] == ".":
+                raise fail("a number has at most one '.'", match.end())
             if len(digits.replace(".", "")) > MAX_NUMBER_DIGITS:
                 raise fail(f"number longer than {MAX_NUMBER_DIGITS} digits", i)
             if match.end() < n and text[match.end()] in "eE" and re.match(
@@ -237,7 +243,7 @@ def tokenize(text: str) -> list[Token]:
         if ch == "\\":
             wrapper = _LATEX_WRAPPER.match(text, i)
             if wrapper:
-                inner = wrapper.group(1)
+                inner = next(group for group in wrapper.groups() if group)
                 if inner.startswith("\\"):
                     tokens.extend(_latex_command(inner[1:], i, fail))
                 elif inner == "T":
@@ -517,6 +523,13 @@ class _Parser:
                 raise self.fail("a layer size is written n_l, n_L or n_{l+1}")
             return self.layer_script("_"), ()
         layered = needs_layer not in ("y", "x")
+        if not layered and self.is_op("^"):
+            # y^L or x^{l}: a layer where none is taken (a number after ^ is a power)
+            script = self.peek(2) if self.peek().value == "{" else self.peek()
+            if script.kind == "name" and script.value in ("l", "L"):
+                what = "the target, compared with a^L" if needs_layer == "y" else "the input a^0"
+                raise self.fail(f"{needs_layer} takes no layer ({what}); write "
+                                f"{needs_layer}", script)
         layer: Layer | None = None
         indices: tuple[tuple[str, int], ...] = ()
         for _ in range(2):
@@ -537,25 +550,27 @@ class _Parser:
                 and self.peek(3).value == "}")
 
     def layer_script(self, mark: str) -> Layer:
+        """``^2``, ``^l``, ``^{l+1}``, and in LaTeX ``^{(l)}`` or ``^{[l]}`` (two styles of
+        books and courses that keep the layer apart from a power)."""
         self.expect(mark, "")
         token = self.token
-        if self.is_op("{") or self.is_op("("):
-            close = "}" if self.token.value == "{" else ")"
-            self.advance()
+        closes: list[str] = []
+        while self.token.kind == "op" and self.token.value in _BRACKETS and len(closes) < 2:
+            closes.append(_BRACKETS[self.advance().value])
+        if closes:
             layer = self.layer_expression()
-            self.expect(close, "to close the layer")
+            for close in reversed(closes):
+                self.expect(close, "to close the layer")
             return layer
         if token.kind == "num":
+            if not token.value.isdigit():
+                raise self.fail("a layer is a whole number")
             self.advance()
-            return Layer(None, int(token.value), token.pos) if token.value.isdigit() else (
-                self.layer_error(token))
+            return Layer(None, int(token.value), token.pos)
         if token.kind == "name" and token.value in ("l", "L"):
             self.advance()
             return Layer(token.value, 0, token.pos)
         raise self.fail("expected a layer: a number, l, L or {l+1}")
-
-    def layer_error(self, token: Token) -> Layer:
-        raise self.fail("a layer is a whole number", token)
 
     def layer_expression(self) -> Layer:
         token = self.token
@@ -635,6 +650,9 @@ class _Parser:
                 op = self.advance()
                 rest.append((op.value, op.pos, self.unary()))
             elif self.starts_primary():
+                last = rest[-1][2] if rest else first
+                if self.token.kind == "num" and isinstance(last, Num):
+                    raise self.fail("two numbers side by side; write * between them")
                 pos = self.token.pos
                 rest.append(("", pos, self.unary()))
             else:

@@ -221,3 +221,66 @@ def test_errors_about_meaning_name_the_column():
         check_formula("xor", "delta^1 = a^l")
     with pytest.raises(DeriveError, match="which layer"):
         check_formula("bce", "delta^L = sigma(y)")
+
+
+@pytest.mark.parametrize("formula", [
+    "delta^L = 1/0",
+    "delta^L = log(0)",
+    "delta^L = 0^{-1}",
+    "delta^L = (-1)^(0.5)",
+    "delta^L = (a^L - y)/(a^L - a^L)",
+])
+def test_a_formula_without_a_real_value_is_incorrect_not_a_crash(formula, capsys):
+    verdict = check_formula("xor", formula, points=2)
+    assert not verdict.correct
+    assert verdict.counterexample.user_value == "not a real number"
+    assert main(["check", "xor", formula]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_product_too_large_to_expand_is_left_to_the_numeric_check():
+    # 14 factors of degree 12: expanding the difference symbolically would take minutes
+    product = " * ".join(f"(a^L - {n}*y)^12" for n in range(1, 15))
+    start = time.perf_counter()
+    verdict = check_formula("xor", f"delta^L = {product}", points=2)
+    assert not verdict.correct
+    assert time.perf_counter() - start < 10.0
+
+
+def test_an_index_range_error_points_at_the_index_on_the_left_side():
+    verdict = check_formula("xor", "dC/dw^l_jk = delta^l_k a^{l-1}_j")
+    assert not verdict.correct
+    # k is written at column 10 on the left side (not the start of the formula)
+    assert "(n_0 values, column 10)" in verdict.reason, verdict.reason
+    with pytest.raises(DeriveError, match="two different indices"):
+        check_formula("xor", "dC/dw^l_jj = delta^l_j a^{l-1}_j")
+
+
+@pytest.mark.parametrize(("formula", "column"), [
+    ("delta^L = 1.2.3", 14),
+    ("delta^L = a^L - 1..5", 19),
+    ("delta^L = 2 3 a^L", 13),
+])
+def test_malformed_numbers_are_not_silently_multiplied(formula, column):
+    with pytest.raises(FormulaSyntaxError) as info:
+        parse_formula(formula)
+    assert info.value.column == column, str(info.value)
+
+
+def test_a_layer_on_y_is_explained():
+    with pytest.raises(FormulaSyntaxError, match="y takes no layer"):
+        parse_formula("delta^L = a^L - y^L")
+
+
+@pytest.mark.parametrize("formula", [
+    # parenthesized and bracketed layers (Goodfellow et al., Ng)
+    r"\delta^{(L)} = (a^{(L)} - y) \odot \sigma'(z^{(L)})",
+    r"\delta^{[l]} = ((W^{[l+1]})^T \delta^{[l+1]}) \odot \sigma'(z^{[l]})",
+    # font commands without braces, and \limits
+    r"\boldsymbol\delta^L = (\mathbf a^L - \mathbf y) \odot \sigma'(\mathbf z^L)",
+    r"\delta^l = \left((W^{l+1})^{\mathsf T} \delta^{l+1}\right) \odot \sigma'(z^l)",
+    r"\delta^l_j = \sum\limits_{k} w^{l+1}_{kj} \delta^{l+1}_k \sigma'(z^l_j)",
+])
+def test_more_latex_variants(formula):
+    verdict = check_formula("xor", formula, points=3)
+    assert verdict.correct, "\n".join(verdict.lines())
