@@ -118,6 +118,7 @@ class BackwardReport:
     diagnosis: tuple[str, ...] = ()
     error: tuple[str, ...] = ()        # the exception the function raised, explained
     notes: tuple[str, ...] = ()
+    diagnosed: bool = False            # the common mistakes were tested (every value usable)
 
     @property
     def ok(self) -> bool:
@@ -147,11 +148,16 @@ class BackwardReport:
                        f"(relative error below {RTOL:g})")
         else:
             out.append("INCORRECT")
+            wrong = [g for g in self.gradients if not g.ok]
             if self.diagnosis:
                 out.append("  diagnosis (each tested as a hypothesis; it reproduces your "
                            "numbers exactly):")
                 out.extend(f"    - {line}" for line in self.diagnosis)
-            else:
+            elif all(g.max_error < RTOL for g in wrong):
+                out.append(f"  the values agree with the derivation; only the layout of "
+                           f"{', '.join(g.name for g in wrong)} differs from the declared "
+                           f"--weights {c.weights}")
+            elif self.diagnosed:
                 out.append("  no common mistake (missing sigma', sigma' of z instead of a or "
                            "the reverse, transposed weight, wrong sign, 1/batch, another "
                            "loss's output error) reproduces your numbers")
@@ -246,8 +252,6 @@ class _Backprop:
             return out
         if type(expr) in _UFUNCS:
             return _UFUNCS[type(expr)](*(ev(a) for a in expr.args))
-        if isinstance(expr, sp.Function) and type(expr).__name__ == "sigmoid":
-            return 1.0 / (1.0 + np.exp(-ev(expr.args[0])))
         raise NotImplementedError(f"cannot evaluate {expr!r} numerically")
 
     def sigma_prime(self, layer: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -395,16 +399,27 @@ def _diagnose(user: Mapping[str, np.ndarray], variants: list[_Variant], reductio
     best: tuple[int, list[str], list[str]] | None = None
     for variant in variants:
         scales: dict[str, float | str] = {}
+        transposed: list[str] = []
         for name, value in user.items():
+            # a square dW returned in the other layout has the right shape: try it too
+            square = value.ndim == 2 and value.shape[0] == value.shape[1]
+            layouts = (value, value.T) if square else (value,)
             for scale in _SCALES:
-                if _close(value, _scale_value(scale, batch) * variant.grads[name]) < RTOL:
+                expected = _scale_value(scale, batch) * variant.grads[name]
+                match = [n for n, v in enumerate(layouts) if _close(v, expected) < RTOL]
+                if match:
                     scales[name] = scale
+                    if match[0]:
+                        transposed.append(f"d{name}")
                     break
         if len(scales) != len(user):
             continue
         odd = {name: s for name, s in scales.items() if s != 1.0}
-        cost = variant.cost + len(set(odd.values()))
+        cost = variant.cost + len(set(odd.values())) + bool(transposed)
         lines = [variant.description] if variant.description else []
+        if transposed:
+            lines.append(f"{', '.join(transposed)} returned transposed: the other weight "
+                         "layout than the declared --weights")
         scale_lines = []
         for scale in dict.fromkeys(odd.values()):
             names = ", ".join(n for n, s in odd.items() if s == scale)
@@ -440,7 +455,7 @@ def load_function(target: str) -> tuple[Callable, str]:
     try:
         with contextlib.redirect_stdout(io.StringIO()), np.errstate(all="ignore"):
             spec.loader.exec_module(module)
-    except Exception as err:  # noqa: BLE001 -- the user's module failed: their error, shown
+    except (Exception, SystemExit) as err:  # noqa: BLE001 -- the user's module failed
         where = _user_frame(err, str(path.resolve()))
         raise DeriveError(f"importing {path_text} failed: {type(err).__name__}: {err}{where}"
                           ) from None
@@ -696,7 +711,7 @@ def check_backward(spec: NetworkSpec | str | Mapping, function: Callable | str,
         result, notes, removed = _call(fn, value, convention, model.depth, label)
     except DeriveError:
         raise
-    except Exception as err:  # noqa: BLE001 -- the user's function failed: report it
+    except (Exception, SystemExit) as err:  # noqa: BLE001 -- the user's function failed
         return _failure(report, err, fn, label, convention)
     notes_all = list(notes)
     try:
@@ -741,14 +756,16 @@ def check_backward(spec: NetworkSpec | str | Mapping, function: Callable | str,
         error = _close(got, reference[name])
         checks.append(GradientCheck(f"d{name}", error < RTOL and not note, error, note))
     diagnosis: tuple[str, ...] = ()
-    if not all(c.ok for c in checks) and len(user) == len(params):
+    # the mistakes are tested only on a full set of numbers that are not already right
+    diagnosed = len(user) == len(params) and any(not c.max_error < RTOL for c in checks)
+    if diagnosed:
         diagnosis = _diagnose(user, _variants(spec, derivation, run), convention.reduction,
                               batch)
     return BackwardReport(label, spec.name, convention, batch, tuple(checks), diagnosis,
-                          notes=tuple(notes_all))
+                          notes=tuple(notes_all), diagnosed=diagnosed)
 
 
-def _failure(report: BackwardReport, err: Exception, fn: Callable, label: str,
+def _failure(report: BackwardReport, err: BaseException, fn: Callable, label: str,
              convention: Convention) -> BackwardReport:
     name = label.rpartition(":")[2]
     lines = [f"{name} raised {type(err).__name__}: {err}{_user_frame(err)}"]

@@ -190,3 +190,66 @@ def test_reference_gradients_match_finite_differences(name):
             down[key][index] -= 1e-6
             numeric = (cost(up) - cost(down)) / 2e-6
             assert abs(numeric - grads[key][index]) < 1e-6, (key, index)
+
+
+# --- functions that do not return gradients --------------------------------------------
+
+
+def test_a_function_that_calls_sys_exit_is_reported_not_obeyed(tmp_path, capsys):
+    def backward(X, Y, W1, b1, W2, b2):
+        raise SystemExit(3)
+
+    report = check_backward("xor", backward)
+    assert not report.ok and "raised SystemExit: 3" in report.error[0]
+    script = tmp_path / "script.py"
+    script.write_text("import sys\n\ndef backward(X, Y):\n    return {}\n\nsys.exit('done')\n")
+    assert main(["check", "xor", "--backward", f"{script}:backward"]) == 2
+    err = capsys.readouterr().err
+    assert "importing" in err and "SystemExit: done" in err and "Traceback" not in err
+
+
+def _right(X, Y, W1, b1, W2, b2):
+    """xor (2-3-1, sigmoid, mse) by hand, derive's layout."""
+    A1 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
+    A2 = 1 / (1 + np.exp(-(A1 @ W2.T + b2)))
+    delta2 = (A2 - Y) * A2 * (1 - A2) / len(X)
+    delta1 = (delta2 @ W2) * A1 * (1 - A1)
+    return delta1.T @ X, delta1.sum(0), delta2.T @ A1, delta2.sum(0)
+
+
+def test_right_values_in_the_wrong_layout_are_not_called_a_mystery():
+    def transposed(X, Y, W1, b1, W2, b2):
+        dW1, db1, dW2, db2 = _right(X, Y, W1, b1, W2, b2)
+        return dW1.T, db1, dW2.T, db2
+
+    report = check_backward("xor", transposed)
+    assert not report.ok
+    text = "\n".join(report.lines())
+    assert "no common mistake" not in text
+    assert "the values agree with the derivation" in text and "--weights" in text
+
+
+def test_a_missing_gradient_is_not_followed_by_a_failed_diagnosis():
+    def partial(X, Y, W1, b1, W2, b2):
+        dW1, db1, dW2, _db2 = _right(X, Y, W1, b1, W2, b2)
+        return {"dW1": dW1, "db1": db1, "dW2": dW2}
+
+    report = check_backward("xor", partial)
+    assert not report.ok
+    text = "\n".join(report.lines())
+    assert "db2" in text and "not returned" in text
+    assert "no common mistake" not in text
+
+
+def test_a_square_weight_gradient_returned_transposed_is_diagnosed():
+    # square.yaml is 3-3-3-3: dW2 in the other layout has the right shape and wrong values
+    def other_layout(params, X, Y):
+        from tests.fixtures.backprop_mistakes import correct
+
+        grads = correct(params, X, Y)
+        return {**grads, "W2": grads["W2"].T}
+
+    report = check_backward(SQUARE, other_layout)
+    assert not report.ok
+    expected = "dW2 returned transposed: the other weight layout than the declared --weights"
+    assert report.diagnosis == (expected,), "\n".join(report.lines())
