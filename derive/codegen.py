@@ -33,8 +33,8 @@ from derive.model import Model, build_model, j, split_name
 from derive.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum
 from derive.pretty import pretty, sup
 from derive.spec import NetworkSpec, list_examples, load_spec
-from derive.stability import Softmax, stabilize
-from derive.vectorform import Mat, MatVec, Vec, to_vector
+from derive.stability import LogSumExp, Softmax, stabilize
+from derive.vectorform import Mat, MatVec, Outer, Vec, to_vector
 
 Echo = Callable[[str], None]
 
@@ -144,15 +144,53 @@ def _loss_expression(model: Model) -> tuple[sp.Expr, tuple[str, ...]]:
     return stable.expr.xreplace({activation: a}), stable.applied
 
 
+#: Network vectors a generated module may cache, in the order a layer's are listed.
+_CACHED_LETTERS = ("z", "a", "lse")
+
+
 def _reads(exprs: list[sp.Expr]) -> set[tuple[str, int]]:
-    """The (letter, layer) of every network vector the expressions read (a^l, z^l)."""
+    """The (letter, layer) of every network vector the expressions read (z^l, a^l, lse^l)."""
     out = set()
     for expr in exprs:
         for vec in expr.atoms(Vec):
             letter, layer = split_name(vec.name)
-            if letter in ("a", "z") and layer is not None:
+            if letter in _CACHED_LETTERS and layer is not None:
                 out.add((letter, layer))
     return out
+
+
+def _shared_logsumexp(model: Model, loss_expr: sp.Expr) -> tuple[sp.Expr, Vec] | None:
+    """(LogSumExp(z^L), its name lse^L) when a softmax output and its loss can share it.
+
+    The stable softmax cross-entropy reads LogSumExp(z^L), whose exponentials are those of
+    the softmax. The forward pass then computes lse^L once and the output as
+    Softmax(z) = exp(z - LogSumExp(z)), and the loss reads lse^L from the cache, instead of
+    exponentiating z^L twice. None when the output is no softmax or the loss does not read
+    LogSumExp(z^L).
+    """
+    L = model.depth
+    if not model.layer(L).activation.is_softmax:
+        return None
+    logsumexp = LogSumExp(_vec("z", L))
+    if not loss_expr.has(logsumexp):
+        return None
+    return logsumexp, _vec("lse", L)
+
+
+def _in_place_product(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    """(matrix product, other factors) of a product with exactly one matrix product, else None.
+
+    BP2 is sigma'(z^l) ⊙ (W^{l+1})ᵀ δ^{l+1}: its matrix product is a fresh array, so the
+    generated code multiplies it by the other factors in place (``delta1 = delta2 @ W2`` then
+    ``delta1 *= ...``), one (batch, n_l) array fewer than ``delta1 = ... * (delta2 @ W2)``.
+    """
+    if not isinstance(expr, sp.Mul):
+        return None
+    products = [factor for factor in expr.args if isinstance(factor, MatVec)]
+    others = [factor for factor in expr.args if not isinstance(factor, MatVec)]
+    if len(products) != 1 or any(factor.has(MatVec, Outer) for factor in others):
+        return None
+    return products[0], sp.Mul(*others)
 
 
 def _init_scale(activation_name: str, n_in: int, n_out: int) -> tuple[float, str]:
@@ -184,6 +222,13 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     L = model.depth
     printer = NumPyBatchPrinter()
 
+    # the loss value, in its stable form; a softmax output may share its log-sum-exp with it
+    loss_expr, loss_applied = _loss_expression(model)
+    shared = _shared_logsumexp(model, loss_expr)
+    if shared is not None:
+        loss_expr = loss_expr.xreplace({shared[0]: shared[1]})
+    loss_code = printer.doprint(loss_expr)
+
     # forward pass: z^l = W^l a^{l-1} + b^l and a^l = sigma_l(z^l), each printed from the model
     forward: list[Statement] = []
     layers: list[dict[str, object]] = []
@@ -199,8 +244,12 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         forward.append(Statement(z_name, printer.doprint(product)))
         if rest != 0:
             forward.append(Statement(z_name, printer.doprint(rest), op="+="))
-        a_code = printer.doprint(stabilize(to_vector(layer.a_expr, (j,))).expr)
-        forward.append(Statement(_batch_name(printer, "a", l), a_code))
+        a_expr = stabilize(to_vector(layer.a_expr, (j,))).expr
+        if shared is not None and l == L:
+            logsumexp, lse = shared
+            forward.append(Statement(printer.doprint(lse), printer.doprint(logsumexp)))
+            a_expr = a_expr.xreplace({Softmax(_vec("z", l)): sp.exp(_vec("z", l) - lse)})
+        forward.append(Statement(_batch_name(printer, "a", l), printer.doprint(a_expr)))
         weight = printer.doprint(Mat(f"w^{l}", real=True))
         bias = printer.doprint(_vec("b", l)) if layer.b is not None else None
         scale, rule = _init_scale(layer.activation.name, spec.sizes[l - 1], spec.sizes[l])
@@ -218,7 +267,12 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
 
     def add(target: str, expr: sp.Expr, comment: str) -> None:
         backward_exprs.append(expr)
-        backward.append(Statement(target, printer.doprint(expr), comment))
+        split = _in_place_product(expr)
+        if split is None:
+            backward.append(Statement(target, printer.doprint(expr), comment))
+        else:
+            backward.append(Statement(target, printer.doprint(split[0]), comment))
+            backward.append(Statement(target, printer.doprint(split[1]), op="*="))
 
     output_delta = derivation.delta(L)
     expr, applied = _stable_vector(output_delta)
@@ -248,14 +302,11 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         if layer["bias"]:
             gradient_names.append((str(layer["bias"]), f"d{layer['bias']}"))
 
-    # the loss value, in its stable form
-    loss_expr, loss_applied = _loss_expression(model)
-    loss_code = printer.doprint(loss_expr)
-
     # cache only what backward and the loss read
     backward_reads = _reads(backward_exprs)
     loss_reads = _reads([loss_expr])
-    needed = sorted(backward_reads | loss_reads, key=lambda item: (item[1], item[0] != "z"))
+    needed = sorted(backward_reads | loss_reads,
+                    key=lambda item: (item[1], _CACHED_LETTERS.index(item[0])))
     cache = [_batch_name(printer, letter, layer) for letter, layer in needed]
     why = []
     for letter, layer in needed:

@@ -85,7 +85,8 @@ def _erf(x):
 ''',
 }
 
-_BATCH_LETTERS = {"a": "A", "z": "Z", "delta": "delta", "b": "b"}
+#: Batch names of per-sample vectors: a^l -> A1, ...; lse^l is LogSumExp(z^l), one per sample.
+_BATCH_LETTERS = {"a": "A", "z": "Z", "delta": "delta", "b": "b", "lse": "LSE"}
 
 
 def fold_numbers(expr: sp.Expr) -> sp.Expr:
@@ -227,9 +228,11 @@ class NumPyBatchPrinter(NumPyPrinter):
         return text
 
     def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
-        # matrix products first: `X @ W1.T + b1`, as the formula z = W a + b is written
+        # matrix products first: `X @ W1.T + b1`, as the formula z = W a + b is written; then
+        # a positive term, so `Z3 - LSE3` rather than `-LSE3 + Z3` (an array negation fewer)
         terms = sorted(self._as_ordered_terms(expr, order=order),
-                       key=lambda term: not term.has(MatVec, Outer))
+                       key=lambda term: (not term.has(MatVec, Outer),
+                                         bool(term.could_extract_minus_sign())))
         text = self._print(terms[0])
         for term in terms[1:]:
             if term.could_extract_minus_sign():

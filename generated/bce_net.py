@@ -103,7 +103,8 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
     # BP2: δ¹ = Piecewise((1, z¹ > 0), (0, True)) ⊙ (W²)ᵀ δ²
-    delta1 = (Z1 > 0)*(delta2 @ W2)
+    delta1 = delta2 @ W2
+    delta1 *= (Z1 > 0)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

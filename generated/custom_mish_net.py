@@ -102,7 +102,8 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
     # BP2: δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))**2) ⊙ 1/(exp(z¹) + 1) ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ² [stable: sigmoid_from_exp, softplus_from_log]
-    delta1 = (Z1*(1 - np.tanh(_softplus(Z1))**2)*_sigmoid(Z1) + np.tanh(_softplus(Z1)))*(delta2 @ W2)
+    delta1 = delta2 @ W2
+    delta1 *= Z1*(1 - np.tanh(_softplus(Z1))**2)*_sigmoid(Z1) + np.tanh(_softplus(Z1))
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

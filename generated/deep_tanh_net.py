@@ -162,49 +162,57 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b⁹ = δ⁹, summed over the rows
     db9 = delta9.sum(axis=0)
     # BP2: δ⁸ = (1 - a⁸**2) ⊙ (W⁹)ᵀ δ⁹
-    delta8 = (1 - A8**2)*(delta9 @ W9)
+    delta8 = delta9 @ W9
+    delta8 *= 1 - A8**2
     # BP4: ∂C/∂W⁸ = δ⁸ (a⁷)ᵀ, summed over the rows
     dW8 = delta8.T @ A7
     # BP3: ∂C/∂b⁸ = δ⁸, summed over the rows
     db8 = delta8.sum(axis=0)
     # BP2: δ⁷ = (1 - a⁷**2) ⊙ (W⁸)ᵀ δ⁸
-    delta7 = (1 - A7**2)*(delta8 @ W8)
+    delta7 = delta8 @ W8
+    delta7 *= 1 - A7**2
     # BP4: ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ, summed over the rows
     dW7 = delta7.T @ A6
     # BP3: ∂C/∂b⁷ = δ⁷, summed over the rows
     db7 = delta7.sum(axis=0)
     # BP2: δ⁶ = (1 - a⁶**2) ⊙ (W⁷)ᵀ δ⁷
-    delta6 = (1 - A6**2)*(delta7 @ W7)
+    delta6 = delta7 @ W7
+    delta6 *= 1 - A6**2
     # BP4: ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ, summed over the rows
     dW6 = delta6.T @ A5
     # BP3: ∂C/∂b⁶ = δ⁶, summed over the rows
     db6 = delta6.sum(axis=0)
     # BP2: δ⁵ = (1 - a⁵**2) ⊙ (W⁶)ᵀ δ⁶
-    delta5 = (1 - A5**2)*(delta6 @ W6)
+    delta5 = delta6 @ W6
+    delta5 *= 1 - A5**2
     # BP4: ∂C/∂W⁵ = δ⁵ (a⁴)ᵀ, summed over the rows
     dW5 = delta5.T @ A4
     # BP3: ∂C/∂b⁵ = δ⁵, summed over the rows
     db5 = delta5.sum(axis=0)
     # BP2: δ⁴ = (1 - a⁴**2) ⊙ (W⁵)ᵀ δ⁵
-    delta4 = (1 - A4**2)*(delta5 @ W5)
+    delta4 = delta5 @ W5
+    delta4 *= 1 - A4**2
     # BP4: ∂C/∂W⁴ = δ⁴ (a³)ᵀ, summed over the rows
     dW4 = delta4.T @ A3
     # BP3: ∂C/∂b⁴ = δ⁴, summed over the rows
     db4 = delta4.sum(axis=0)
     # BP2: δ³ = (1 - a³**2) ⊙ (W⁴)ᵀ δ⁴
-    delta3 = (1 - A3**2)*(delta4 @ W4)
+    delta3 = delta4 @ W4
+    delta3 *= 1 - A3**2
     # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows
     dW3 = delta3.T @ A2
     # BP3: ∂C/∂b³ = δ³, summed over the rows
     db3 = delta3.sum(axis=0)
     # BP2: δ² = (1 - a²**2) ⊙ (W³)ᵀ δ³
-    delta2 = (1 - A2**2)*(delta3 @ W3)
+    delta2 = delta3 @ W3
+    delta2 *= 1 - A2**2
     # BP4: ∂C/∂W² = δ² (a¹)ᵀ, summed over the rows
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
     # BP2: δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
-    delta1 = (1 - A1**2)*(delta2 @ W2)
+    delta1 = delta2 @ W2
+    delta1 *= 1 - A1**2
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

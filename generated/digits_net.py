@@ -36,12 +36,6 @@ DEMO_LR = 0.1
 DEMO_BATCH_SIZE = 32
 
 
-def _softmax(x):
-    """Softmax of each row, after subtracting the row maximum (so exp cannot overflow)."""
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _logsumexp(x):
     """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
     top = x.max(axis=1, keepdims=True)
@@ -61,7 +55,7 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A2, cache). The cache keeps only what backward and
-    the loss read: X (backward), A1 (backward), Z2 (loss), A2 (backward)."""
+    the loss read: X (backward), A1 (backward), Z2 (loss), A2 (backward), LSE2 (loss)."""
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=W1.dtype)
@@ -70,17 +64,18 @@ def forward(params, X):
     A1 = np.tanh(Z1)
     Z2 = A1 @ W2.T
     Z2 += b2
-    A2 = _softmax(Z2)
-    cache = {"X": X, "A1": A1, "Z2": Z2, "A2": A2}
+    LSE2 = _logsumexp(Z2)
+    A2 = np.exp(Z2 - LSE2)
+    cache = {"X": X, "A1": A1, "Z2": Z2, "A2": A2, "LSE2": LSE2}
     return A2, cache
 
 
 def _batch_loss(cache, Y):
     """The loss C averaged over the batch, from a forward pass's cache."""
-    Z2 = cache["Z2"]
+    Z2, LSE2 = cache["Z2"], cache["LSE2"]
     # C = Σᵢ (-log(a²ᵢ)*yᵢ) per sample
     # in a numerically stable form: log_softmax
-    return float(np.sum(-Y*(Z2 - _logsumexp(Z2)))) / Y.shape[0]
+    return float(np.sum(-Y*(Z2 - LSE2))) / Y.shape[0]
 
 
 def loss(params, X, Y):
@@ -105,7 +100,8 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
     # BP2: δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
-    delta1 = (1 - A1**2)*(delta2 @ W2)
+    delta1 = delta2 @ W2
+    delta1 *= 1 - A1**2
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

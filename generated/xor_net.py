@@ -97,7 +97,8 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
     # BP2: δ¹ = a¹ ⊙ (1 - a¹) ⊙ (W²)ᵀ δ²
-    delta1 = A1*(1 - A1)*(delta2 @ W2)
+    delta1 = delta2 @ W2
+    delta1 *= A1*(1 - A1)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

@@ -97,8 +97,31 @@ def _cache_keys(name: str) -> list[str]:
 def test_cache_holds_a_when_sigma_prime_is_written_in_a():
     # sigmoid' = a(1 - a): no Z is kept
     assert _cache_keys("xor") == ["X", "A1", "A2"]
-    # tanh' = 1 - a^2; the softmax cross-entropy loss reads Z2 (log-sum-exp)
-    assert _cache_keys("digits") == ["X", "A1", "Z2", "A2"]
+    # tanh' = 1 - a^2; the softmax cross-entropy loss reads Z2 and its log-sum-exp LSE2
+    assert _cache_keys("digits") == ["X", "A1", "Z2", "A2", "LSE2"]
+
+
+def test_softmax_output_shares_its_log_sum_exp_with_the_loss():
+    text = source("digits")
+    forward = text.split("def forward(")[1].split("\ndef ")[0]
+    loss = text.split("def _batch_loss(")[1].split("\ndef ")[0]
+    assert "LSE2 = _logsumexp(Z2)" in forward and "A2 = np.exp(Z2 - LSE2)" in forward
+    assert "_logsumexp" not in loss and "-Y*(Z2 - LSE2)" in loss
+    assert "def _softmax" not in text     # the row sums of exp are taken once, in _logsumexp
+    _, module = example("digits")
+    spec = load_spec("digits")
+    output, _ = module.forward(random_params(spec), batch(spec)[0])
+    np.testing.assert_allclose(output.sum(axis=1), 1.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_bp2_multiplies_the_matrix_product_in_place(name):
+    # delta1 = delta2 @ W2, then delta1 *= sigma'(...): no (batch, n_l) temporary for the product
+    body = source(name).split("def backward(")[1].split("\ndef ")[0].splitlines()
+    for i, line in enumerate(body):
+        if line.startswith("    # BP2:"):
+            target = re.match(r"    (delta\d+) = delta\d+ @ W\d+$", body[i + 1]).group(1)
+            assert body[i + 2].startswith(f"    {target} *= "), body[i + 2]
 
 
 def test_cache_holds_z_where_sigma_prime_needs_it():

@@ -132,6 +132,13 @@ def test_matrix_products_are_parenthesized_inside_products():
     assert text.endswith("*(delta2 @ W2)")
 
 
+def test_a_positive_term_prints_first():
+    # `Z2 - LSE2`, not `-LSE2 + Z2`: NumPy would negate a whole array first
+    printer = NumPyBatchPrinter()
+    assert printer.doprint(z - Vec("lse^2", real=True)) == "Z2 - LSE2"
+    assert printer.doprint(1 - Vec("a^1", real=True)) == "1 - A1"
+
+
 def test_indicator_prints_as_a_mask_and_constant_branches_keep_the_dtype():
     printer = NumPyBatchPrinter()
     z1 = Vec("z^1", real=True)

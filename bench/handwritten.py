@@ -1,0 +1,135 @@
+"""Specialized hand-written training steps: the baseline of bench/train_step.py.
+
+What a competent engineer writes by hand for each benchmark network when it is fixed: one
+function per network, layers spelled out (no loop over layers, no dispatch on activation
+names), vectorized over the batch (rows = samples), in the dtype of the parameters. The math
+and the numerical practices are those of derive's generated code, so that the two do the same
+work:
+
+- sigmoid as 0.5 + 0.5 tanh(z / 2) (no overflow for any z);
+- softmax after subtracting the row maximum, and the cross-entropy from the logits through
+  log-sum-exp (no log(0)); the shifted logits and their exponentials are computed once and
+  serve both the softmax and the loss, as anyone writing both by hand would;
+- the fused softmax + cross-entropy output error A - Y, the batch mean taken once, by dividing
+  the output delta by B;
+- fresh matrix products reused in place, as the generated code does: the bias is added to
+  X @ W1.T in place, and the hidden deltas multiply delta2 @ W2 in place by sigma'; SGD
+  updates in place. (With these the baseline does no more work than the generated code, so
+  the ratio measures what the generated module's structure costs, not an idiom.)
+
+Each step updates ``params`` in place and returns the loss (computed before the update) and the
+gradients, so bench/train_step.py can check at start-up that they equal the generated module's
+(1e-10 relative in float64). The mnist and wide networks have the same structure (relu, relu,
+softmax + cross-entropy), so one function serves both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def xor_step(params: dict, X: np.ndarray, Y: np.ndarray, lr: float) -> tuple[float, dict]:
+    """2-3-1, sigmoid hidden and output layers, C = 1/2 |a - y|^2."""
+    W1, b1, W2, b2 = params["W1"], params["b1"], params["W2"], params["b2"]
+    X = np.asarray(X, dtype=W1.dtype)
+    Y = np.asarray(Y, dtype=W1.dtype)
+    B = X.shape[0]
+    Z1 = X @ W1.T
+    Z1 += b1
+    A1 = 0.5 + 0.5 * np.tanh(0.5 * Z1)
+    Z2 = A1 @ W2.T
+    Z2 += b2
+    A2 = 0.5 + 0.5 * np.tanh(0.5 * Z2)
+    loss = float(np.sum(0.5 * (A2 - Y) ** 2)) / B
+    delta2 = (A2 - Y) * A2 * (1 - A2) / B
+    dW2 = delta2.T @ A1
+    db2 = delta2.sum(axis=0)
+    delta1 = delta2 @ W2
+    delta1 *= A1 * (1 - A1)
+    dW1 = delta1.T @ X
+    db1 = delta1.sum(axis=0)
+    W1 -= lr * dW1
+    b1 -= lr * db1
+    W2 -= lr * dW2
+    b2 -= lr * db2
+    return loss, {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
+
+
+def digits_step(params: dict, X: np.ndarray, Y: np.ndarray, lr: float) -> tuple[float, dict]:
+    """64-32-10, tanh hidden layer, softmax output, cross-entropy."""
+    W1, b1, W2, b2 = params["W1"], params["b1"], params["W2"], params["b2"]
+    X = np.asarray(X, dtype=W1.dtype)
+    Y = np.asarray(Y, dtype=W1.dtype)
+    B = X.shape[0]
+    Z1 = X @ W1.T
+    Z1 += b1
+    A1 = np.tanh(Z1)
+    Z2 = A1 @ W2.T
+    Z2 += b2
+    shifted = Z2 - Z2.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    A2 = exp / total
+    loss = float(np.sum(-Y * (shifted - np.log(total)))) / B
+    delta2 = (A2 - Y) / B
+    dW2 = delta2.T @ A1
+    db2 = delta2.sum(axis=0)
+    delta1 = delta2 @ W2
+    delta1 *= 1 - A1**2
+    dW1 = delta1.T @ X
+    db1 = delta1.sum(axis=0)
+    W1 -= lr * dW1
+    b1 -= lr * db1
+    W2 -= lr * dW2
+    b2 -= lr * db2
+    return loss, {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
+
+
+def relu_relu_softmax_step(params: dict, X: np.ndarray, Y: np.ndarray,
+                           lr: float) -> tuple[float, dict]:
+    """n0-n1-n2-n3, relu hidden layers, softmax output, cross-entropy (mnist and wide)."""
+    W1, b1, W2, b2 = params["W1"], params["b1"], params["W2"], params["b2"]
+    W3, b3 = params["W3"], params["b3"]
+    X = np.asarray(X, dtype=W1.dtype)
+    Y = np.asarray(Y, dtype=W1.dtype)
+    B = X.shape[0]
+    Z1 = X @ W1.T
+    Z1 += b1
+    A1 = np.maximum(Z1, 0)
+    Z2 = A1 @ W2.T
+    Z2 += b2
+    A2 = np.maximum(Z2, 0)
+    Z3 = A2 @ W3.T
+    Z3 += b3
+    shifted = Z3 - Z3.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    A3 = exp / total
+    loss = float(np.sum(-Y * (shifted - np.log(total)))) / B
+    delta3 = (A3 - Y) / B
+    dW3 = delta3.T @ A2
+    db3 = delta3.sum(axis=0)
+    delta2 = delta3 @ W3
+    delta2 *= Z2 > 0
+    dW2 = delta2.T @ A1
+    db2 = delta2.sum(axis=0)
+    delta1 = delta2 @ W2
+    delta1 *= Z1 > 0
+    dW1 = delta1.T @ X
+    db1 = delta1.sum(axis=0)
+    W1 -= lr * dW1
+    b1 -= lr * db1
+    W2 -= lr * dW2
+    b2 -= lr * db2
+    W3 -= lr * dW3
+    b3 -= lr * db3
+    return loss, {"W1": dW1, "b1": db1, "W2": dW2, "b2": db2, "W3": dW3, "b3": db3}
+
+
+#: benchmark configuration name -> its specialized step
+STEPS = {
+    "xor": xor_step,
+    "digits": digits_step,
+    "mnist": relu_relu_softmax_step,
+    "wide": relu_relu_softmax_step,
+}
