@@ -26,7 +26,7 @@ from derive.pretty import pretty
 from derive.spec import NetworkSpec, list_examples, load_spec
 
 #: Modules that add a subcommand (``add_command``) and, optionally, a default pipeline step.
-EXTENSIONS: tuple[str, ...] = ("derive.codegen", "derive.latex", "derive.check")
+EXTENSIONS: tuple[str, ...] = ("derive.codegen", "derive.latex", "derive.check", "derive.regen")
 DEFAULT_EXAMPLE = "xor"
 DEFAULT_OUT = "derive-out"
 

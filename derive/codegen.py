@@ -14,26 +14,24 @@ of its example and trains it briefly (:func:`pipeline_step`).
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import sympy as sp
 
 from derive import __version__
 from derive.derivation import Derivation, Formula, derive
-from derive.errors import DeriveError
-from derive.files import is_generated, write_generated
+from derive.files import write_generated
 from derive.functions import Z
 from derive.model import Model, build_model, j, split_name
 from derive.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum
 from derive.pretty import pretty, sup
-from derive.spec import NetworkSpec, list_examples, load_spec
+from derive.spec import NetworkSpec, load_spec
 from derive.stability import LogSumExp, Softmax, stabilize
+from derive.templates import render
 from derive.vectorform import Mat, MatVec, Outer, Vec, to_vector
 
 Echo = Callable[[str], None]
@@ -42,7 +40,6 @@ Echo = Callable[[str], None]
 HE_INIT = frozenset({"relu", "leaky_relu", "elu", "silu", "gelu"})
 
 #: Where ``derive regen`` writes by default, relative to the working directory.
-GENERATED_DIR = "generated"
 
 
 @dataclass(frozen=True)
@@ -66,23 +63,6 @@ class Demo:
 
 
 # --- templates ---------------------------------------------------------------------------
-
-
-def _load_template(name: str) -> str | None:
-    resource = importlib.resources.files("derive.codegen_templates").joinpath(name)
-    return resource.read_text(encoding="utf-8") if resource.is_file() else None
-
-
-def template_environment() -> jinja2.Environment:
-    """The jinja environment of the code templates (package data, strict, no autoescape)."""
-    return jinja2.Environment(
-        loader=jinja2.FunctionLoader(_load_template),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
 
 
 # --- names -------------------------------------------------------------------------------
@@ -383,7 +363,7 @@ def render_module(derivation: Derivation, *, regenerate: str | None = None) -> s
     codegen <spec> -o <name>_net.py``).
     """
     context = module_context(derivation, regenerate)
-    return template_environment().get_template("module.py.j2").render(context)
+    return render("module.py.j2", context)
 
 
 def load_module(source_text: str, name: str) -> types.ModuleType:
@@ -398,7 +378,7 @@ def load_module(source_text: str, name: str) -> types.ModuleType:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``derive codegen`` and ``derive regen`` to the command line."""
+    """Add ``derive codegen`` to the command line."""
     codegen = commands.add_parser(
         "codegen", help="generate a NumPy training module for a network",
         description="Generate a self-contained NumPy module (init_params, forward, loss, "
@@ -415,16 +395,6 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                          help="overwrite FILE even if derive did not generate it")
     codegen.set_defaults(handler=_cmd_codegen)
 
-    regen = commands.add_parser(
-        "regen", help=f"regenerate the modules of every built-in example in {GENERATED_DIR}/",
-        description="Rewrite the generated module of every built-in example (NAME_net.py) in "
-                    "a folder, and remove generated modules of examples that no longer exist.",
-        epilog="example:\n  derive regen\n  derive regen --dir /tmp/generated",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    regen.add_argument("--dir", default=GENERATED_DIR,
-                       help=f"the folder to write (default {GENERATED_DIR}; it must exist)")
-    regen.set_defaults(handler=_cmd_regen)
-
 
 def _cmd_codegen(args: argparse.Namespace, echo: Echo) -> int:
     spec = load_spec(args.spec)
@@ -436,37 +406,6 @@ def _cmd_codegen(args: argparse.Namespace, echo: Echo) -> int:
     path = write_generated(args.output, render_module(derivation, regenerate=command),
                            force=args.force)
     echo(f"wrote {path} (run `python {path}` to train on its demo data)")
-    return 0
-
-
-def regenerate_all(directory: str | Path) -> tuple[list[Path], list[Path]]:
-    """Write every built-in example's module into ``directory``; remove stale generated ones.
-
-    Returns (written, removed). Only files carrying derive's marker are ever removed.
-    """
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise DeriveError(f"folder {str(folder)!r} does not exist (create it, or give --dir)")
-    written = []
-    for name, _description in list_examples():
-        spec = load_spec(name)
-        text = render_module(derive(build_model(spec)), regenerate="derive regen")
-        written.append(write_generated(folder / module_filename(spec), text))
-    keep = {path.name for path in written}
-    removed = []
-    for path in sorted(folder.glob("*_net.py")):
-        if path.name not in keep and is_generated(path):
-            path.unlink()
-            removed.append(path)
-    return written, removed
-
-
-def _cmd_regen(args: argparse.Namespace, echo: Echo) -> int:
-    written, removed = regenerate_all(args.dir)
-    for path in written:
-        echo(f"wrote {path}")
-    for path in removed:
-        echo(f"removed {path} (no built-in example of that name)")
     return 0
 
 

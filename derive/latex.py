@@ -18,7 +18,6 @@ templates ``codegen_templates/derivation.tex.j2``, ``equations.tex.j2`` and
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import itertools
 import os
 import re
@@ -28,11 +27,9 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jinja2
 import sympy as sp
 
 from derive import __version__
@@ -43,6 +40,7 @@ from derive.functions import Z
 from derive.latex_printer import DeriveLatexPrinter, batch_gradient, equation, latex
 from derive.latex_text import ASSUMPTIONS, LANGUAGES, TEXT, why
 from derive.model import Model, i, j, k, quantity
+from derive.templates import render
 from derive.vectorform import Vec
 from derive.worked_example import WorkedExample, worked_example
 
@@ -589,22 +587,6 @@ def diagram(sizes: Sequence[int], activations: Sequence[str], input_label: str =
 # --- rendering -----------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    folder = importlib.resources.files("derive.codegen_templates")
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-        block_start_string="((*", block_end_string="*))",
-        variable_start_string="(((", variable_end_string=")))",
-        comment_start_string="((=", comment_end_string="=))",
-    )
-
-
 def _check_language(lang: str) -> None:
     if lang not in LANGUAGES:
         raise DeriveError(f"unknown language {lang!r}; known: {', '.join(LANGUAGES)}")
@@ -621,13 +603,13 @@ def render_latex(derivation: Derivation, lang: str = "en", fragment: bool = Fals
     """A complete LaTeX article (or, with ``fragment``, the equations only) for ``derivation``."""
     context = render_context(derivation, lang)
     name = "equations.tex.j2" if fragment else "derivation.tex.j2"
-    return _environment().get_template(name).render(context)
+    return render(name, context, latex=True)
 
 
 def render_markdown(derivation: Derivation, lang: str = "en") -> str:
     """The same content as Markdown with ``$$`` math (KaTeX/MathJax); no diagram."""
     context = render_context(derivation, lang, markdown=True)
-    return _environment().get_template("derivation.md.j2").render(context)
+    return render("derivation.md.j2", context, latex=True)
 
 
 # --- compiling -----------------------------------------------------------------------------

@@ -285,7 +285,8 @@ def test_regen_writes_every_example_and_removes_stale_generated_files(tmp_path, 
     foreign.write_text("# my notes\n")
     assert main(["regen", "--dir", str(tmp_path)]) == 0
     names = sorted(path.name for path in tmp_path.iterdir())
-    expected = sorted([*(module_filename(load_spec(n)) for n in EXAMPLES), "notes_net.py"])
+    expected = sorted([*(module_filename(load_spec(n)) for n in EXAMPLES), "notes_net.py",
+                       "xor.tex", "xor.zh.tex"])
     assert names == expected
     assert "removed" in capsys.readouterr().out
 
