@@ -35,6 +35,8 @@ DEMO_EPOCHS = 3000
 DEMO_LR = 2.0
 DEMO_BATCH_SIZE = None
 
+_UPDATE_BLOCK_BYTES = 65536  # largest temporary sgd_step makes (see there)
+
 
 def _sigmoid(x):
     """The logistic function 1 / (1 + exp(-x)), as (1 + tanh(x/2)) / 2: no overflow."""
@@ -114,9 +116,20 @@ def gradients(params, X, Y):
 
 
 def sgd_step(params, grads, lr):
-    """One step of gradient descent, in place: p <- p - lr * dC/dp."""
+    """One step of gradient descent, in place: p <- p - lr * dC/dp.
+
+    A large matrix is updated a block of rows at a time, so that the temporary lr * dC/dp
+    stays small: a temporary above malloc's mmap threshold is mapped and handed back to the
+    operating system on every step, which costs more than the update itself.
+    """
     for name, grad in grads.items():
-        params[name] -= lr * grad
+        param = params[name]
+        if grad.nbytes <= _UPDATE_BLOCK_BYTES:
+            param -= lr * grad
+            continue
+        rows = max(1, _UPDATE_BLOCK_BYTES // grad[0].nbytes)
+        for start in range(0, len(grad), rows):
+            param[start:start + rows] -= lr * grad[start:start + rows]
 
 
 def train(params, X, Y, epochs, lr, batch_size=None, seed=0):

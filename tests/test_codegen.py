@@ -182,6 +182,24 @@ def test_generated_code_passes_ruff(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sgd_step_matches_the_plain_update_for_small_and_blocked_matrices(dtype):
+    # 300 x 100 float64 is 240 KB: above the block size, so it is updated in blocks of rows
+    module = load_module(render_module(derive(build_model(make_spec([100, 300, 3],
+                                                                    ["tanh", "identity"])))),
+                         "big")
+    rng = np.random.default_rng(0)
+    params = module.init_params(seed=1, dtype=dtype)
+    grads = {name: rng.standard_normal(p.shape).astype(dtype) for name, p in params.items()}
+    expected = {name: p - dtype(0.1) * grads[name] for name, p in params.items()}
+    before = {name: g.copy() for name, g in grads.items()}
+    module.sgd_step(params, grads, dtype(0.1))
+    for name in params:
+        np.testing.assert_array_equal(params[name], expected[name])
+        np.testing.assert_array_equal(grads[name], before[name])
+        assert params[name].dtype == dtype
+
+
 def test_load_module_runs_the_source():
     module = load_module(source("xor"), "xor_net")
     assert module.__name__ == "xor_net"
