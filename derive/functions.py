@@ -57,8 +57,14 @@ class softplus(sp.Function):
 
 
 def elementary(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with derive's own functions rewritten to SymPy's elementary functions."""
-    return expr.rewrite(sp.exp) if expr.has(sigmoid, softplus) else expr
+    """``expr`` with derive's own functions rewritten to SymPy's elementary functions, and
+    abs/max/min/sign as piecewise expressions: forms every engine (SymEngine, mpmath) can
+    both differentiate and evaluate."""
+    if expr.has(sigmoid, softplus):
+        expr = expr.rewrite(sp.exp)
+    if expr.has(sp.Abs, sp.Max, sp.Min, sp.sign):
+        expr = expr.rewrite(sp.Piecewise)
+    return expr
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ class Instance:
                 self.values[layer.z[jj]] = zv
                 self.values[layer.a[jj]] = av
             previous = activations
-        loss = se.sympify(model.loss.expr)
+        loss = se.sympify(elementary(model.loss.expr))
         self.cost = sum((loss.subs({se.Symbol(A.name): av, se.Symbol(Y.name): yv})
                          for av, yv in zip(previous, self.targets)), se.Integer(0))
 
@@ -240,7 +240,7 @@ class Instance:
         concrete = concrete.xreplace(self.sizes).doit()
         atoms = sorted(concrete.atoms(sp.Indexed), key=sp.default_sort_key)
         names = {atom: sp.Symbol(f"_q{n}") for n, atom in enumerate(atoms)}
-        converted = se.sympify(concrete.xreplace(names))
+        converted = se.sympify(elementary(concrete.xreplace(names)))
         return converted.subs({se.Symbol(names[atom].name): env[atom] for atom in atoms})
 
 

@@ -11,7 +11,7 @@ from derive.derivation import derive
 from derive.model import build_model
 from derive.spec import load_spec
 from derive.verify import PARAMETER_BUDGET, parameter_count, verify, verify_derivation
-from tests.conftest import make_spec
+from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
 
 
 @pytest.mark.parametrize("name", ["xor", "bce", "custom_mish", "digits"])
@@ -78,3 +78,24 @@ def test_the_bce_shortcut_used_with_mse_is_caught():
     report = verify_derivation(_tampered(derivation, 2, wrong), points=3)
     assert not report.ok
     assert {c.formula for c in report.checks if not c.ok} >= {"delta^2", "dC/dw^2", "dC/dw^1"}
+
+
+@pytest.mark.parametrize("activation", ELEMENTWISE)
+def test_every_activation_verifies_in_hidden_and_output_layers(activation):
+    report = verify(make_spec([2, 3, 2], [activation, activation], "mse"), points=3)
+    assert report.ok, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize(("activation", "loss"), valid_output_pairs())
+def test_every_output_and_loss_pair_verifies(activation, loss):
+    report = verify(make_spec([2, 3, 2], ["tanh", activation], loss), points=3)
+    assert report.ok, "\n".join(report.lines())
+
+
+def test_custom_functions_with_abs_max_min_verify():
+    spec = make_spec([2, 3, 2, 2], [{"name": "soft", "expr": "z/(1 + abs(z))"},
+                                    {"name": "mx", "expr": "max(z, 0.5*z) + min(z, 0)"},
+                                    "softmax"],
+                     {"name": "l1ish", "expr": "sqrt((a - y)^2 + 1) + abs(a - y)"})
+    report = verify(spec, points=4)
+    assert report.ok, "\n".join(report.lines())
