@@ -262,8 +262,3 @@ class NumPyBatchPrinter(NumPyPrinter):
             arrays = sorted(expr.atoms(Vec), key=sp.default_sort_key)
             text = f"{text}.astype({self._print(arrays[0])}.dtype)"
         return text
-
-
-def print_batch(expr: sp.Expr, printer: NumPyBatchPrinter | None = None) -> str:
-    """``expr`` as NumPy batch code (a fresh printer unless one is given)."""
-    return (printer or NumPyBatchPrinter()).doprint(expr)

@@ -14,7 +14,7 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from derive.model import split_name
-from derive.vectorform import Inner, MatVec, Outer, Vec
+from derive.vectorform import Inner, Mat, MatVec, Outer, Vec
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeo", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒ")
@@ -84,7 +84,7 @@ class UnicodePrinter(StrPrinter):
             return letter if layer is None else letter + sup(layer)
         return self._name(expr.name)
 
-    def _print_Mat(self, expr: Vec) -> str:
+    def _print_Mat(self, expr: Mat) -> str:
         _letter, layer = split_name(expr.name)
         return "W" + sup(layer)
 
