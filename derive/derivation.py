@@ -1,18 +1,23 @@
-"""Stage 3: the backpropagation formulas, derived from the model by SymPy differentiation.
+"""Stage 3: backpropagation derived from the graph by one generic reverse-mode pass.
 
-``derive(model)`` applies the chain rule to the model's indexed expressions and records each
-application as a :class:`Step`. Nothing here types in a backprop equation: the local
-derivatives come from ``sympy.diff`` on the forward expressions and the loss, the sums are
-collapsed by :mod:`derive.indexcalc`, and the classic results fall out:
+``derive(model)`` walks the model's forward equations (:mod:`derive.model`) from the loss back
+to the input. The adjoint of every quantity q is the sum over the equations that read q (its
+consumers) of the consumer's adjoint times the local derivative, which comes from
+``sympy.diff`` of the consumer's index-form expression; sums against Kronecker deltas are
+collapsed by :mod:`derive.indexcalc`. A parameter read by several equations gets the sum of
+their contributions. Nothing here types in a backprop equation or switches on an op's name
+(docs/architecture.md, "The generic derivation").
+
+Each result is a :class:`Formula` that keeps its recorded steps, its generic form (σ' and
+∂C/∂a^L left symbolic) and its concrete form. For a chain of dense layers the pass arrives at
+the classic equations, and labels them:
 
     BP1  delta^L_j = dC/da^L_j * sigma'(z^L_j)          (softmax + cross-entropy: a^L_j - y_j)
     BP2  delta^l_j = sum_k w^{l+1}_{kj} delta^{l+1}_k * sigma'(z^l_j)
     BP3  dC/db^l_j = delta^l_j
     BP4  dC/dw^l_{jk} = a^{l-1}_k delta^l_j
 
-Each :class:`Formula` keeps its steps, its generic form (sigma' and dC/da left symbolic), its
-concrete index form and the vector form; later stages (LaTeX, code, verification) read these
-and never re-derive anything.
+Later stages (LaTeX, code, verification) read these and never re-derive anything.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import sympy as sp
 
 from derive.functions import A, Activation, Z, elementary
 from derive.indexcalc import collapse
-from derive.model import LayerModel, Model, i, j, k, m, quantity
+from derive.model import Model, Node
+from derive.ops import Equation
+from derive.quantities import NetTensor, entry, fresh_indices, tensor_of
 from derive.vectorform import to_vector
 
 #: The per-sample cost, as a symbol (its expression is ``Model.cost``).
 C = sp.Symbol("C", real=True)
+#: The regularization penalty of the batch cost, as a symbol (``Model.penalty``).
+R = sp.Symbol("R", real=True)
 
 
 def partial(f: sp.Expr, x: sp.Expr) -> sp.Derivative:
@@ -57,23 +66,40 @@ class Step:
 class Formula:
     """A derived formula ``lhs = rhs`` with its free indices, steps and vector form.
 
-    ``generic`` is the result before the concrete activation and loss were inserted
-    (sigma'(z) and dC/da^L left symbolic); ``rhs`` is the concrete, simplified result.
+    ``of`` is the quantity differentiated (z^l for δ^l, w^l for ∂C/∂w^l, a^L for the loss
+    gradient) and ``node`` its node; ``kind`` is ``"loss gradient"``, ``"delta"`` (a node's
+    error), ``"adjoint"`` (∂C/∂q of an intermediate q, e.g. a layer norm's mean) or
+    ``"gradient"`` (of a parameter). ``generic`` is the result before the concrete activation
+    derivative and loss gradient were inserted; ``rhs`` the concrete, simplified result.
+    ``penalty`` is the regularization's part of a weight's gradient, ∂R/∂w (0 without one): it
+    enters the batch gradient once, not per sample. ``key`` is a display label only.
     """
 
-    key: str                      # "delta^2", "dC/dw^2", "dC/db^2", "dC/da^2"
-    equation: str                 # "BP1".."BP4", or "" for auxiliary formulas
+    key: str
+    equation: str                 # "BP1".."BP4", or ""
     lhs: sp.Expr
     rhs: sp.Expr
     generic: sp.Expr
     indices: tuple[sp.Symbol, ...]
     steps: tuple[Step, ...]
     assumptions: tuple[str, ...] = ()
+    of: NetTensor | None = None
+    node: int = 0
+    kind: str = "delta"
+    penalty: sp.Expr = sp.Integer(0)
 
     def _repr_latex_(self) -> str:  # Jupyter: this formula as rendered math
         from derive.latex_printer import repr_latex  # a later stage, imported on use only
 
         return repr_latex((self,))
+
+    @property
+    def target(self) -> NetTensor:
+        """The tensor this formula computes: δ^l, or the differentiated quantity's adjoint."""
+        base = tensor_of(self.lhs)
+        if base is not None:
+            return base
+        return adjoint_tensor(self.of)
 
     @property
     def vector(self) -> sp.Expr:
@@ -85,6 +111,14 @@ class Formula:
         """The vector form of ``generic`` (nabla_a C, sigma' symbolic)."""
         return to_vector(self.generic, self.indices)
 
+    @property
+    def vector_penalty(self) -> sp.Expr:
+        return to_vector(self.penalty, self.indices) if self.penalty != 0 else sp.Integer(0)
+
+
+def adjoint_tensor(of: NetTensor) -> NetTensor:
+    """The tensor of ∂C/∂q in tensor form (∂C/∂a^L, ∂C/∂μ^l, ∂C/∂w^l)."""
+    return NetTensor("grad", of.node, of=of.role, rank=of.rank)
 
 @dataclass(frozen=True)
 class ActivationDerivative:
@@ -95,68 +129,283 @@ class ActivationDerivative:
     in_a: sp.Expr | None          # in functions.A, or None when no identity was found
     steps: tuple[Step, ...]
 
-    def at(self, layer: LayerModel, index: sp.Expr) -> sp.Expr:
-        """sigma'(z^l_index) for ``layer``, written in a^l where possible."""
+    def at(self, argument: sp.Expr, output: sp.Expr) -> sp.Expr:
+        """sigma'(argument), written in the output a = sigma(argument) where possible."""
         if self.in_a is not None:
-            return self.in_a.subs(A, layer.a[index])
-        return self.in_z.subs(Z, layer.z[index])
+            return self.in_a.subs(A, output)
+        return self.in_z.subs(Z, argument)
 
 
 @dataclass(frozen=True)
 class Derivation:
-    """All backpropagation formulas of one model."""
+    """All backpropagation formulas of one model, in the order a derivation presents them:
+    the loss gradient, then node by node from the output back: the node's error and the
+    adjoints of its intermediates, then the gradients of its parameters."""
 
     model: Model
-    loss_gradient: Formula                             # dC/da^L_j
-    deltas: tuple[Formula, ...]                        # deltas[l - 1] is delta^l, l = 1..L
-    bias_gradients: tuple[Formula | None, ...]         # None for a layer without bias
-    weight_gradients: tuple[Formula, ...]
-    activation_derivatives: tuple[ActivationDerivative | None, ...]  # None for softmax
-
-    def delta(self, layer: int) -> Formula:
-        return self.deltas[layer - 1]
-
-    @property
-    def formulas(self) -> tuple[Formula, ...]:
-        """Every formula, output layer first, in the order a derivation presents them."""
-        out: list[Formula] = [self.loss_gradient]
-        out.extend(reversed(self.deltas))
-        for layer in range(self.model.depth, 0, -1):
-            bias = self.bias_gradients[layer - 1]
-            if bias is not None:
-                out.append(bias)
-            out.append(self.weight_gradients[layer - 1])
-        return tuple(out)
+    formulas: tuple[Formula, ...]
+    activation_derivatives: tuple[ActivationDerivative | None, ...]   # per node; None: none
 
     def _repr_latex_(self) -> str:  # Jupyter: the derived formulas as rendered math
         from derive.latex_printer import repr_latex  # a later stage, imported on use only
 
         return repr_latex(self.formulas)
 
+    def of_kind(self, kind: str) -> tuple[Formula, ...]:
+        return tuple(f for f in self.formulas if f.kind == kind)
 
-def derive(model: Model) -> Derivation:
-    """Derive every backpropagation formula of ``model``."""
-    derivatives = tuple(
-        None if layer.activation.is_softmax else activation_derivative(layer.activation)
-        for layer in model.layers
-    )
-    loss_gradient = _loss_gradient(model)
-    deltas: dict[int, Formula] = {model.depth: _output_delta(model, loss_gradient, derivatives)}
-    for l in range(model.depth - 1, 0, -1):
-        deltas[l] = _hidden_delta(model, l, derivatives[l - 1])
-    return Derivation(
-        model=model,
-        loss_gradient=loss_gradient,
-        deltas=tuple(deltas[l] for l in range(1, model.depth + 1)),
-        bias_gradients=tuple(
-            _bias_gradient(model, l) if model.layer(l).b is not None else None
-            for l in range(1, model.depth + 1)
-        ),
-        weight_gradients=tuple(_weight_gradient(model, l) for l in range(1, model.depth + 1)),
-        activation_derivatives=derivatives,
-    )
+    @property
+    def loss_gradient(self) -> Formula:
+        (formula,) = self.of_kind("loss gradient")
+        return formula
+
+    def delta(self, node: int) -> Formula:
+        """δ^l of node ``node``."""
+        for formula in self.of_kind("delta"):
+            if formula.node == node:
+                return formula
+        raise KeyError(node)
+
+    def gradient(self, parameter: NetTensor) -> Formula:
+        for formula in self.of_kind("gradient"):
+            if formula.of == parameter:
+                return formula
+        raise KeyError(parameter)
+
+    # the dense-chain view: one δ, bias and weight gradient per layer
+    @property
+    def deltas(self) -> tuple[Formula, ...]:
+        return tuple(self.delta(node.index) for node in self.model.nodes)
+
+    def _parameter_gradients(self, role: str) -> tuple[Formula | None, ...]:
+        out = []
+        for node in self.model.nodes:
+            parameter = node.parameter(role)
+            out.append(None if parameter is None else self.gradient(parameter.tensor))
+        return tuple(out)
+
+    @property
+    def bias_gradients(self) -> tuple[Formula | None, ...]:
+        return self._parameter_gradients("b")
+
+    @property
+    def weight_gradients(self) -> tuple[Formula | None, ...]:
+        return self._parameter_gradients("w")
 
 
+# --- the generic reverse pass ------------------------------------------------------------
+
+
+def _bound_indices(expr: sp.Expr) -> list[sp.Symbol]:
+    """The summation indices of ``expr``, in a deterministic order."""
+    found: list[sp.Symbol] = []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Sum):
+            for limit in node.limits:
+                if limit[0] not in found:
+                    found.append(limit[0])
+    return found
+
+
+def _relabel(expr: sp.Expr, free: tuple[sp.Symbol, ...], new_free: tuple[sp.Expr, ...],
+             avoid: set[sp.Symbol]) -> sp.Expr:
+    """``expr`` with its free indices ``free`` replaced by ``new_free`` and its summation
+    indices renamed to fresh symbols that clash with neither ``avoid`` nor ``new_free``."""
+    used = set(avoid) | {s for e in new_free for s in sp.sympify(e).free_symbols}
+    bound = _bound_indices(expr)
+    fresh = fresh_indices(len(bound), used | set(free))
+    mapping = dict(zip(bound, fresh))
+    expr = expr.xreplace(mapping)
+    return expr.xreplace(dict(zip(free, new_free)))
+
+
+class _Reverse:
+    """One reverse pass over a model; see the module docstring."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.equations = model.equations
+        self.by_target = {eq.target: eq for eq in self.equations}
+        self.node_of = {eq.target: node for node in model.nodes for eq in node.equations}
+        self.delta_of = {node.forward.delta: node for node in model.nodes}
+        self.output = model.output.output
+        self.shapes = self._shapes()
+        self.sigmas = {node.index: sp.Function(f"sigma_{node.index}") for node in model.nodes}
+        self.derivatives = tuple(
+            activation_derivative(node.activation)
+            if node.activation is not None and not node.activation.is_softmax else None
+            for node in model.nodes)
+        self.inline_generic: dict[NetTensor, tuple[sp.Expr, tuple[Step, ...]]] = {}
+
+    def _shapes(self) -> dict[NetTensor, tuple[sp.Symbol, ...]]:
+        shapes: dict[NetTensor, tuple[sp.Symbol, ...]] = {tensor_of(self.model.x[0]):
+                                                       (self.model.sizes[0],)}
+        for node in self.model.nodes:
+            for eq in node.equations:
+                shapes[eq.target] = (node.size,) * eq.target.rank
+            for parameter in node.parameters:
+                shapes[parameter.tensor] = parameter.shape_symbols
+        return shapes
+
+    # -- names of adjoints --
+
+    def reference(self, q: NetTensor, indices: tuple[sp.Expr, ...]) -> sp.Expr:
+        """How a formula refers to ∂C/∂q: δ^l for a node's error, else ∂C/∂q itself."""
+        if q in self.delta_of:
+            return entry(NetTensor("delta", q.node, rank=q.rank), indices)
+        return partial(C, entry(q, indices))
+
+    def is_inline(self, q: NetTensor) -> bool:
+        eq = self.by_target.get(q)
+        return eq is not None and eq.inline and q not in self.delta_of
+
+    # -- one consumer's contribution --
+
+    def local(self, eq: Equation, wrt: sp.Expr, avoid: set[sp.Symbol]
+              ) -> tuple[tuple[sp.Symbol, ...], sp.Expr, sp.Expr, sp.Expr]:
+        """(consumer indices, the consumer's equation relabelled, its generic right-hand side,
+        d consumer / d wrt), with indices renamed away from ``avoid``."""
+        new_free = fresh_indices(len(eq.indices), avoid)
+        expr = _relabel(eq.expr, eq.indices, new_free, avoid | set(new_free))
+        generic = expr
+        if eq.activation is not None:
+            sigma = self.sigmas[self.node_of[eq.target].index]
+            argument = _relabel(eq.argument, eq.indices, new_free, avoid | set(new_free))
+            generic = sigma(argument)
+        derivative = collapse(sp.diff(generic, wrt))
+        activation = self.node_of[eq.target].activation
+        if eq.activation is None and activation is not None and activation.is_softmax \
+                and eq.source_kind in ("a",):
+            derivative = _softmax_in_outputs(derivative, expr, entry(eq.target, new_free))
+        return new_free, expr, generic, derivative
+
+    def contributions(self, q: NetTensor, free: tuple[sp.Symbol, ...], target: sp.Expr
+                      ) -> tuple[sp.Expr, list[Step]]:
+        """∂C/∂q[free] as the sum over q's consumers, with the steps that led there; the
+        adjoints of inline consumers are substituted (their own steps included)."""
+        wrt = entry(q, free)
+        consumers = [eq for eq in self.equations if eq.expr.has(q)]
+        avoid = set(free)
+        chain_terms, terms, steps, local_steps = [], [], [], []
+        for eq in consumers:
+            indices, expr, generic, derivative = self.local(eq, wrt, avoid)
+            limits = [(index, 1, n) for index, n in zip(indices, self.shapes[eq.target])]
+            lhs = entry(eq.target, indices)
+            reference = partial(C, lhs)
+            chain = reference * partial(lhs, wrt)
+            chain_terms.append(sp.Sum(chain, *limits) if limits else chain)
+            local_steps.append(Step("differentiate", partial(lhs, wrt), derivative,
+                                    _why_local(eq, q), sp.Eq(lhs, generic, evaluate=False)))
+            by_name = self.reference(eq.target, indices)
+            term = by_name * derivative
+            terms.append(collapse(sp.Sum(term, *limits)) if limits else term)
+        steps.append(Step("chain rule", target, sp.Add(*chain_terms),
+                          _why_chain(q, consumers)))
+        named = sp.Add(*(t.xreplace({}) for t in chain_terms))
+        renamed = named.replace(
+            lambda e: isinstance(e, sp.Derivative) and e.expr == C and tensor_of(
+                e.variables[0]) in self.delta_of,
+            lambda e: self.reference(tensor_of(e.variables[0]), _indices(e.variables[0])))
+        if renamed != named:
+            steps.append(Step("definition", target, renamed,
+                              "the derivative of the cost with respect to a node's "
+                              "pre-activation (or output) is that node's error delta"))
+        steps.extend(local_steps)
+        result = sp.Add(*terms)
+        steps.append(Step("Kronecker delta", target, result,
+                          "the Kronecker deltas keep one term of each sum"))
+        # substitute the adjoints of inline quantities (a^l of a dense layer) by their formula
+        inline = sorted({tensor_of(d.variables[0]) for d in result.atoms(sp.Derivative)
+                         if d.expr == C and self.is_inline(tensor_of(d.variables[0]))
+                         and tensor_of(d.variables[0]) != self.output},
+                        key=sp.default_sort_key)
+        for p in inline:
+            p_free = fresh_indices(p.rank, set())
+            p_target = partial(C, entry(p, p_free))
+            p_expr, p_steps = self.adjoint_generic(p, p_free, p_target)
+            steps.extend(p_steps)
+            result = collapse(result.replace(
+                lambda e, p=p: isinstance(e, sp.Derivative) and e.expr == C
+                and tensor_of(e.variables[0]) == p,
+                lambda e, p_expr=p_expr, p_free=p_free: _relabel(
+                    p_expr, p_free, _indices(e.variables[0]), set(free))))
+            steps.append(Step("substitute", target, result,
+                              "insert the derivative of the cost with respect to the layer's "
+                              "output found above"))
+        return result, steps
+
+    def adjoint_generic(self, q: NetTensor, free: tuple[sp.Symbol, ...], target: sp.Expr
+                        ) -> tuple[sp.Expr, tuple[Step, ...]]:
+        key = (q, free)
+        if key not in self.inline_generic:
+            result, steps = self.contributions(q, free, target)
+            self.inline_generic[key] = (result, tuple(steps))
+        return self.inline_generic[key]
+
+    # -- concrete forms --
+
+    def concrete(self, generic: sp.Expr, loss_gradient: Formula) -> sp.Expr:
+        """σ'(z) replaced by each activation's derivative, ∂C/∂a^L by the loss gradient."""
+        out = generic
+        for node, derivative in zip(self.model.nodes, self.derivatives):
+            if derivative is None:
+                continue
+            sigma = self.sigmas[node.index]
+            (eq,) = [e for e in node.equations if e.activation is not None]
+            out = out.replace(
+                lambda e, sigma=sigma: isinstance(e, sp.Derivative) and e.expr.func == sigma,
+                lambda e, eq=eq, derivative=derivative: _activation_at(eq, e.expr.args[0],
+                                                                        derivative))
+        free = loss_gradient.indices
+        out = out.replace(
+            lambda e: isinstance(e, sp.Derivative) and e.expr == C
+            and tensor_of(e.variables[0]) == self.output,
+            lambda e: _relabel(loss_gradient.rhs, free, _indices(e.variables[0]), set()))
+        return collapse(out)
+
+
+def _indices(indexed: sp.Expr) -> tuple[sp.Expr, ...]:
+    return tuple(indexed.indices) if isinstance(indexed, sp.Indexed) else ()
+
+
+def _activation_at(eq: Equation, argument: sp.Expr, derivative: ActivationDerivative
+                   ) -> sp.Expr:
+    """σ'(argument) of equation ``eq`` (a = σ(x)), written in its output a where possible."""
+    (index_map,) = [dict(zip(_indices(eq.argument), _indices(argument)))]
+    output = entry(eq.target, tuple(index_map.get(i, i) for i in eq.indices))
+    return derivative.at(argument, output)
+
+
+def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> sp.Expr:
+    """Each quotient e^{z_x} / sum_m e^{z_m} of a softmax derivative written as the output
+    a_x it defines (the forward expression ``expr`` of ``output``)."""
+    normalisers = [s for s in sp.preorder_traversal(expr) if isinstance(s, sp.Sum)]
+    if len(normalisers) != 1:
+        return derivative
+    (normaliser,) = normalisers
+    total = sp.Dummy("S")
+    base = output.base
+    numerator = [s for s in sp.preorder_traversal(expr)
+                 if isinstance(s, sp.exp) and isinstance(s.args[0], sp.Indexed)][0]
+    z_base = numerator.args[0].base
+    local = sp.expand(derivative.xreplace({normaliser: total}).replace(
+        lambda e: isinstance(e, sp.exp) and isinstance(e.args[0], sp.Indexed)
+        and e.args[0].base == z_base,
+        lambda e: base[e.args[0].indices] * total))
+    return derivative if local.has(total) else local
+
+
+def _why_chain(q: NetTensor, consumers: list[Equation]) -> str:
+    if len(consumers) == 1:
+        return "the cost depends on this quantity only through the one quantity that reads it"
+    return ("the cost depends on this quantity through every quantity that reads it: the chain "
+            "rule sums their contributions")
+
+
+def _why_local(eq: Equation, q: NetTensor) -> str:
+    if eq.activation is not None:
+        return "an elementwise activation: each output depends on its own input only"
+    return "differentiate the forward expression that reads it"
 # --- activation derivatives --------------------------------------------------------------
 
 
@@ -218,20 +467,40 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
     return ActivationDerivative(activation, in_z, None, tuple(steps))
 
 
-# --- the chain rule, layer by layer ------------------------------------------------------
 
 
-def _replace_sigma_prime(expr: sp.Expr, sigma: sp.FunctionClass, layer: LayerModel,
-                         derivative: ActivationDerivative) -> sp.Expr:
-    """Replace the symbolic sigma'(z^l_x) by the activation's concrete derivative."""
-    return expr.replace(
-        lambda e: isinstance(e, sp.Derivative) and e.expr.func == sigma,
-        lambda e: derivative.at(layer, e.expr.args[0].indices[0]),
-    )
+# --- the formulas ------------------------------------------------------------------------
+
+
+def derive(model: Model) -> Derivation:
+    """Derive every backpropagation formula of ``model`` by one generic reverse pass."""
+    reverse = _Reverse(model)
+    loss_gradient = _loss_gradient(model)
+    formulas: list[Formula] = [loss_gradient]
+    for node in reversed(model.nodes):
+        for eq in reversed(node.equations):
+            if reverse.is_inline(eq.target):
+                continue  # substituted where it is used (the output's: the loss gradient)
+            formulas.append(_adjoint_formula(reverse, node, eq.target, loss_gradient))
+        for parameter in reversed(node.parameters):
+            formulas.append(_gradient_formula(reverse, node, parameter.tensor, loss_gradient))
+    return Derivation(model, tuple(formulas), reverse.derivatives)
+
+
+def _label(model: Model, node: Node, kind: str, role: str = "") -> str:
+    """BP1–BP4 where a formula is the classic one: dense layers (BP2 in a plain chain)."""
+    if node.op.name != "dense":
+        return ""
+    if kind == "delta":
+        if node.index == model.depth:
+            return "BP1"
+        return "BP2" if model.is_chain else ""
+    return {"b": "BP3", "w": "BP4"}.get(role, "")
 
 
 def _loss_gradient(model: Model) -> Formula:
-    out = model.layer(model.depth)
+    out = model.output
+    j = fresh_indices(1, set())[0]
     lhs = partial(C, out.a[j])
     raw = collapse(sp.diff(model.cost, out.a[j]))
     rhs = _simplest(raw, sp.together(raw), sp.factor(raw))
@@ -240,121 +509,81 @@ def _loss_gradient(model: Model) -> Formula:
         Step("differentiate", lhs, rhs,
              "only the term i = j of the sum depends on a^L_j (Kronecker delta)"),
     )
-    return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, (j,), steps)
+    return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, (j,), steps, of=out.output,
+                   node=out.index, kind="loss gradient")
 
 
-def _output_delta(model: Model, loss_gradient: Formula,
-                  derivatives: tuple[ActivationDerivative | None, ...]) -> Formula:
-    L = model.depth
-    out = model.layer(L)
-    target = quantity("delta", L)[j]
-    sigma = sp.Function(f"sigma_{L}")
-    steps = [
-        Step("definition", target, partial(C, out.z[j]),
-             "the error of neuron j is the derivative of the cost with respect to its "
-             "weighted input"),
-        Step("chain rule", target,
-             sp.Sum(partial(C, out.a[i]) * partial(out.a[i], out.z[j]), (i, 1, out.size)),
-             "C depends on z^L only through the outputs a^L_i"),
-    ]
-    if out.activation.is_softmax:
-        a_i = out.a_expr.xreplace({j: i})
-        raw = collapse(sp.diff(a_i, out.z[j]))
-        steps.append(Step("differentiate", partial(out.a[i], out.z[j]), raw,
-                          "quotient rule on the softmax a^L_i"))
-        (normaliser,) = [s for s in sp.preorder_traversal(out.a_expr) if isinstance(s, sp.Sum)]
-        total = sp.Dummy("S")
-        local = sp.expand(raw.xreplace({normaliser: total}).replace(
-            lambda e: isinstance(e, sp.exp) and isinstance(e.args[0], sp.Indexed)
-            and e.args[0].base == out.z,
-            lambda e: out.a[e.args[0].indices[0]] * total,
-        ))
-        assert not local.has(total), "softmax quotients did not cancel"
-        steps.append(Step("substitute", partial(out.a[i], out.z[j]), local,
-                          "write each softmax quotient as the output it defines"))
-    else:
-        local = sp.diff(sigma(out.z[i]), out.z[j])
-        steps.append(Step("differentiate", partial(out.a[i], out.z[j]), local,
-                          "a^L_i = sigma(z^L_i) depends on z^L_j only when i = j"))
-    generic = collapse(sp.Sum(partial(C, out.a[i]) * local, (i, 1, out.size)))
-    steps.append(Step("Kronecker delta", target, generic,
-                      "the Kronecker delta keeps only the term i = j of the sum"))
-    concrete = generic.replace(
-        lambda e: isinstance(e, sp.Derivative) and e.expr == C,
-        lambda e: loss_gradient.rhs.xreplace({j: e.variables[0].indices[0]}),
-    )
-    if not out.activation.is_softmax:
-        concrete = _replace_sigma_prime(concrete, sigma, out, derivatives[L - 1])
-    concrete = collapse(concrete)
+def _target_sums(expr: sp.Expr, model: Model) -> list[sp.Sum]:
+    """The sums of every target component, sum_i y_i, in ``expr``."""
+    y = model.y
+    return [s for s in expr.atoms(sp.Sum)
+            if len(s.limits) == 1 and s.function == y[s.limits[0][0]]]
+
+
+def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient: Formula,
+            steps: list[Step]) -> tuple[sp.Expr, tuple[str, ...]]:
+    """The concrete form of ``generic``, with the steps and assumptions that led there."""
+    model = reverse.model
+    concrete = reverse.concrete(generic, loss_gradient)
+    if concrete == generic:
+        return concrete, ()
     steps.append(Step("substitute", target, concrete,
                       "insert dC/da^L and the activation derivative"))
     assumptions: tuple[str, ...] = ()
     if model.loss.needs == "distribution":
-        target_sum = sp.Sum(model.y[i], (i, 1, out.size))
-        if concrete.has(target_sum):
-            concrete = concrete.xreplace({target_sum: sp.Integer(1)})
+        sums = _target_sums(concrete, model)
+        if sums:
+            concrete = collapse(concrete.xreplace({s: sp.Integer(1) for s in sums}))
             assumptions = ("sum_j y_j = 1 (the target is a probability vector)",)
             steps.append(Step("assumption", target, concrete,
                               "the targets sum to one: sum_i y_i = 1"))
-    simplified = _simplest(concrete, sp.cancel(concrete), sp.factor(concrete))
-    if simplified != concrete:
-        steps.append(Step("simplify", target, simplified, "cancel common factors"))
-    return Formula(f"delta^{L}", "BP1", target, simplified, generic, (j,), tuple(steps),
-                   assumptions)
+    if generic.has(loss_gradient.lhs.func) and any(
+            isinstance(d, sp.Derivative) and d.expr == C for d in generic.atoms(sp.Derivative)):
+        simplified = _simplest(concrete, sp.cancel(concrete), sp.factor(concrete))
+        if simplified != concrete:
+            steps.append(Step("simplify", target, simplified, "cancel common factors"))
+            concrete = simplified
+    return concrete, assumptions
 
 
-def _hidden_delta(model: Model, l: int, derivative: ActivationDerivative) -> Formula:
-    layer, after = model.layer(l), model.layer(l + 1)
-    target = quantity("delta", l)[j]
-    next_delta = quantity("delta", l + 1)
-    sigma = sp.Function(f"sigma_{l}")
-    chain = sp.Sum(partial(C, after.z[k]) * partial(after.z[k], layer.z[j]), (k, 1, after.size))
-    by_definition = sp.Sum(next_delta[k] * partial(after.z[k], layer.z[j]), (k, 1, after.size))
-    z_next = after.z_expr.xreplace({j: k, k: m}).xreplace({layer.a[m]: sigma(layer.z[m])})
-    local = collapse(sp.diff(z_next, layer.z[j]))
-    generic = collapse(sp.Sum(next_delta[k] * local, (k, 1, after.size)))
-    concrete = _replace_sigma_prime(generic, sigma, layer, derivative)
-    steps = (
-        Step("definition", target, partial(C, layer.z[j]),
-             "the error of neuron j of layer l is dC/dz^l_j"),
-        Step("chain rule", target, chain,
-             "C depends on z^l only through the next layer's weighted inputs z^{l+1}_k"),
-        Step("definition", target, by_definition, "dC/dz^{l+1}_k is the next layer's error"),
-        Step("differentiate", partial(after.z[k], layer.z[j]), local,
-             "differentiate the next layer's weighted input: only the term m = j depends on "
-             "z^l_j", sp.Eq(after.z[k], z_next, evaluate=False)),
-        Step("Kronecker delta", target, generic,
-             "sigma'(z^l_j) does not depend on k and moves out of the sum"),
-        Step("substitute", target, concrete, "insert the activation derivative"),
-    )
-    return Formula(f"delta^{l}", "BP2", target, concrete, generic, (j,), steps)
+def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
+                     ) -> Formula:
+    model = reverse.model
+    free = fresh_indices(q.rank, set())
+    is_delta = q in reverse.delta_of
+    lhs = reverse.reference(q, free)
+    steps: list[Step] = []
+    if is_delta:
+        what = "pre-activation" if q.role == "z" else "output"
+        steps.append(Step("definition", lhs, partial(C, entry(q, free)),
+                          f"the error of node {node.index} is the derivative of the cost with "
+                          f"respect to its {what}"))
+    if q == reverse.output:
+        generic = partial(C, entry(q, free))
+    else:
+        generic, more = reverse.contributions(q, free, lhs)
+        steps.extend(more)
+    concrete, assumptions = _finish(reverse, lhs, generic, loss_gradient, steps)
+    kind = "delta" if is_delta else "adjoint"
+    key = f"delta^{node.index}" if is_delta else f"dC/d{q.role}^{node.index}"
+    return Formula(key, _label(model, node, kind), lhs, concrete, generic, free, tuple(steps),
+                   assumptions, of=q, node=node.index, kind=kind)
 
 
-def _parameter_gradient(model: Model, l: int, parameter: sp.Indexed, key: str,
-                        equation: str, free: tuple[sp.Symbol, ...]) -> Formula:
-    layer = model.layer(l)
-    delta = quantity("delta", l)
-    target = partial(C, parameter)
-    chain = sp.Sum(partial(C, layer.z[i]) * partial(layer.z[i], parameter), (i, 1, layer.size))
-    by_definition = sp.Sum(delta[i] * partial(layer.z[i], parameter), (i, 1, layer.size))
-    z_i = layer.z_expr.xreplace({j: i, k: m})
-    local = collapse(sp.diff(z_i, parameter))
-    result = collapse(sp.Sum(delta[i] * local, (i, 1, layer.size)))
-    steps = (
-        Step("chain rule", target, chain,
-             "the parameter enters C only through the weighted inputs z^l_i of its layer"),
-        Step("definition", target, by_definition, "dC/dz^l_i is the error delta^l_i"),
-        Step("differentiate", partial(layer.z[i], parameter), local,
-             "differentiate the weighted input of the layer", sp.Eq(layer.z[i], z_i,
-                                                                    evaluate=False)),
-        Step("Kronecker delta", target, result, "only the term i = j of the sum remains"),
-    )
-    return Formula(key, equation, target, result, result, free, steps)
-
-
-def _bias_gradient(model: Model, l: int) -> Formula:
-    return _parameter_gradient(model, l, model.layer(l).b[j], f"dC/db^{l}", "BP3", (j,))
-
-
-def _weight_gradient(model: Model, l: int) -> Formula:
-    return _parameter_gradient(model, l, model.layer(l).w[j, k], f"dC/dw^{l}", "BP4", (j, k))
+def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
+                      ) -> Formula:
+    model = reverse.model
+    free = fresh_indices(q.rank, set())
+    lhs = partial(C, entry(q, free))
+    generic, steps = reverse.contributions(q, free, lhs)
+    concrete, assumptions = _finish(reverse, lhs, generic, loss_gradient, steps)
+    penalty = sp.Integer(0)
+    if model.penalty != 0:
+        penalty = collapse(sp.diff(model.penalty, entry(q, free)))
+        if penalty != 0:
+            steps.append(Step("differentiate", partial(R, entry(q, free)), penalty,
+                              "differentiate the regularization penalty R, added once to the "
+                              "batch cost", sp.Eq(R, model.penalty, evaluate=False)))
+    return Formula(f"dC/d{q.role}^{node.index}", _label(model, node, "gradient", q.role), lhs,
+                   concrete, generic, free, tuple(steps), assumptions, of=q,
+                   node=node.index, kind="gradient", penalty=penalty)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
 
@@ -71,7 +71,8 @@ def elementary(expr: sp.Expr) -> sp.Expr:
 class Activation:
     """A resolved activation: its name, parameters and scalar expression in :data:`Z`.
 
-    ``expr`` is ``None`` for softmax, the one vector activation. ``output_range`` is
+    ``expr`` is ``None`` for a vector activation (softmax), whose ``vector(z, j, m, n)``
+    builds the index form of output j from the IndexedBase z of width n (m a summation index). ``output_range`` is
     ``(low, high)`` when every output lies strictly inside that interval (used to check that a
     cross-entropy loss gets probabilities).
     """
@@ -81,10 +82,16 @@ class Activation:
     expr: sp.Expr | None = None
     output_range: tuple[float, float] | None = None
     custom: bool = False
+    vector: VectorBuilder | None = field(default=None, compare=False)
+
+    #: The variable of ``expr``.
+    variable = Z
 
     @property
     def is_softmax(self) -> bool:
-        return self.expr is None
+        """Whether this is a vector function of the whole layer (softmax) rather than
+        elementwise."""
+        return self.vector is not None
 
     @property
     def is_probability(self) -> bool:
@@ -107,12 +114,21 @@ class Loss:
     custom: bool = False
 
 
+#: Builds the index form of output j of a vector activation: (z, j, m, n) -> expression.
+VectorBuilder = Callable[[sp.IndexedBase, sp.Symbol, sp.Symbol, sp.Expr], sp.Expr]
+
+
+def _softmax(z: sp.IndexedBase, j: sp.Symbol, m: sp.Symbol, n: sp.Expr) -> sp.Expr:
+    return sp.exp(z[j]) / sp.Sum(sp.exp(z[m]), (m, 1, n))
+
+
 @dataclass(frozen=True)
 class ActivationEntry:
     build: Callable[..., sp.Expr | None]
     params: tuple[tuple[str, float], ...] = ()
     output_range: tuple[float, float] | None = None
     description: str = ""
+    vector: VectorBuilder | None = None
 
 
 def _piecewise_positive(pos: sp.Expr, neg: sp.Expr) -> sp.Expr:
@@ -138,7 +154,8 @@ ACTIVATIONS: Mapping[str, ActivationEntry] = {
     "gelu": ActivationEntry(lambda: Z * (1 + sp.erf(Z / sp.sqrt(2))) / 2,
                             description="z * Phi(z), exact (erf) form"),
     "softmax": ActivationEntry(lambda: None, output_range=(0.0, 1.0),
-                               description="exp(z_j) / sum_i exp(z_i); last layer only"),
+                               description="exp(z_j) / sum_i exp(z_i); last layer only",
+                               vector=_softmax),
 }
 
 LOSSES: Mapping[str, Loss] = {
@@ -182,7 +199,8 @@ def resolve_activation(name: str, params: Mapping[str, float] | None = None,
     # _number checks each value before float() sees it (float("abc") is not a DeriveError).
     built = entry.build(*(_number(params.get(key, default)) for key, default in entry.params))
     values = {key: float(params.get(key, default)) for key, default in entry.params}
-    return Activation(name, tuple(values.items()), built, entry.output_range)
+    return Activation(name, tuple(values.items()), built, entry.output_range,
+                      vector=entry.vector)
 
 
 def resolve_loss(name: str, expr: str | None = None) -> Loss:

@@ -36,14 +36,21 @@ def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
     return sp.Mul(*outside) * sp.Sum(inner, limits)
 
 
+def _split_sums(summand: sp.Expr, limits: tuple[tuple, ...]) -> sp.Expr:
+    """Sum(f, (i, ...), (m, ...)) = sum over m of (sum over i of f): one index at a time."""
+    for one in limits:
+        summand = _split_sum(summand, one)
+    return summand
+
+
 def collapse(expr: sp.Expr) -> sp.Expr:
     """Expand sums, pull out constant factors and eliminate Kronecker deltas, to a fixed point."""
     previous = None
     while previous != expr:
         previous = expr
         expr = expr.replace(
-            lambda e: isinstance(e, sp.Sum) and len(e.limits) == 1,
-            lambda e: _split_sum(e.function, e.limits[0]),
+            lambda e: isinstance(e, sp.Sum),
+            lambda e: _split_sums(e.function, e.limits),
         )
     return expr
 

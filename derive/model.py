@@ -1,12 +1,15 @@
-"""Stage 2: the symbolic network built from a :class:`~derive.spec.NetworkSpec`.
+"""Stage 2, the graph: the symbolic network built from a :class:`~derive.spec.NetworkSpec`.
 
-For each layer l = 1..L it holds indexed symbols with generic sizes n_l (w^l_{jk}, b^l_j,
-z^l_j, a^l_j; a^0 is the input x), the forward expressions
+A network is a DAG of nodes. Node 0 is the input x = a⁰; node l (layer l of the spec) applies
+its op from the registry (:mod:`derive.ops`) to the outputs of the nodes it reads, with its
+parameters (``w^l``, ``b^l``, ``gamma^l``, ...) and its forward pass as index-form
+equations, e.g. for a dense layer
 
-    z^l_j = sum_{k=1}^{n_{l-1}} w^l_{jk} a^{l-1}_k + b^l_j,      a^l_j = sigma_l(z^l_j)
+    z^l_j = sum_{k=1}^{n_in} w^l_{jk} x_k + b^l_j,      a^l_j = sigma_l(z^l_j).
 
-(softmax as a vector function of z^L) and the per-sample loss C = sum_j loss(a^L_j, y_j).
-Indices are 1-based, as in the classic notation. Nothing here differentiates anything.
+The per-sample cost is C = sum_j loss(a^L_j, y_j) over the output node; the batch objective adds
+the regularization penalty R once. Indices are 1-based, as in the classic notation. Nothing
+here differentiates anything (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -16,100 +19,231 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
-from derive.functions import A, Activation, Loss, Y, Z
+from derive.functions import A, Activation, Loss, Y
+from derive.ops import OPS, Context, Equation, Forward, Input, OpDef
+from derive.quantities import (
+    WEIGHT_ROLES,
+    NetTensor,
+    fresh_indices,
+    i,
+    j,
+    k,
+    m,
+    size_symbol,
+)
+from derive.spec import PARAMETER_KEYS, layer_attributes
 
 if TYPE_CHECKING:
     from derive.spec import NetworkSpec
 
-#: The index symbols used throughout: j (this layer), k (previous layer), i and m (summed).
-j, k, i, m = sp.symbols("j k i m", integer=True, positive=True)
+__all__ = ["Model", "Node", "Parameter", "build_model", "i", "j", "k", "m", "quantity",
+           "size_symbol"]
 
 
-def quantity(letter: str, layer: int | None = None) -> sp.IndexedBase:
-    """The indexed base of a network quantity, named ``letter^layer`` (``y`` has no layer).
-
-    Printers read the letter and the layer back with :func:`split_name`.
-    """
-    name = letter if layer is None else f"{letter}^{layer}"
-    return sp.IndexedBase(sp.Symbol(name, real=True), real=True)
-
-
-def split_name(name: str) -> tuple[str, int | None]:
-    """``"w^2"`` -> ``("w", 2)``; ``"y"`` -> ``("y", None)``."""
-    letter, _, layer = str(name).partition("^")
-    return letter, (int(layer) if layer else None)
-
-
-def size_symbol(layer: int) -> sp.Symbol:
-    """The generic size n_l of layer l (n_0 is the input size)."""
-    return sp.Symbol(f"n_{layer}", integer=True, positive=True)
+def quantity(role: str, node: int | None = None) -> sp.IndexedBase:
+    """The indexed base of a rank-1 quantity (``quantity("a", 2)`` is a^2)."""
+    return NetTensor(role, node).indexed
 
 
 @dataclass(frozen=True)
-class LayerModel:
-    """Layer l: its symbols, activation and forward expressions (free index j)."""
+class Parameter:
+    """A parameter of a node: its tensor, its key in the parameter dict, shape and start."""
+
+    tensor: NetTensor
+    key: str                                   # "W1", "b1", "gamma3", ...
+    shape: tuple[int, ...]
+    shape_symbols: tuple[sp.Symbol, ...]
+    init: str                                  # "fan", "zeros", "ones"
+
+    @property
+    def indexed(self) -> sp.IndexedBase:
+        return self.tensor.indexed
+
+    @property
+    def is_weight(self) -> bool:
+        return self.tensor.role in WEIGHT_ROLES
+
+
+@dataclass(frozen=True)
+class Node:
+    """Node l: its op, what it reads, its width, parameters and forward equations."""
 
     index: int
+    op: OpDef
+    name: str | None
+    inputs: tuple[int, ...]
     size: sp.Symbol
-    activation: Activation
-    w: sp.IndexedBase
-    b: sp.IndexedBase | None
-    z: sp.IndexedBase
-    a: sp.IndexedBase
-    z_expr: sp.Expr   # z^l_j in terms of w^l, a^{l-1}, b^l
-    a_expr: sp.Expr   # a^l_j in terms of z^l (sigma(z^l_j), or softmax over z^L)
+    width: int
+    activation: Activation | None
+    parameters: tuple[Parameter, ...]
+    forward: Forward
+    options: tuple[tuple[str, float], ...] = ()
 
-    def activation_of(self, arg: sp.Expr) -> sp.Expr:
-        """sigma_l applied to ``arg`` (elementwise activations only)."""
-        return self.activation.expr.subs(Z, arg)
+    @property
+    def equations(self) -> tuple[Equation, ...]:
+        return self.forward.equations
+
+    @property
+    def output(self) -> NetTensor:
+        return self.forward.output
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}" + (f" ({self.name})" if self.name else "")
+
+    def parameter(self, role: str) -> Parameter | None:
+        for parameter in self.parameters:
+            if parameter.tensor.role == role:
+                return parameter
+        return None
+
+    # the classic names of a dense layer (w^l, b^l, z^l, a^l and its two equations)
+    @property
+    def w(self) -> sp.IndexedBase:
+        return self.parameter("w").indexed
+
+    @property
+    def b(self) -> sp.IndexedBase | None:
+        bias = self.parameter("b")
+        return None if bias is None else bias.indexed
+
+    @property
+    def z(self) -> sp.IndexedBase:
+        return NetTensor("z", self.index).indexed
+
+    @property
+    def a(self) -> sp.IndexedBase:
+        return self.output.indexed
+
+    @property
+    def z_expr(self) -> sp.Expr:
+        return self.equations[0].expr
+
+    @property
+    def a_expr(self) -> sp.Expr:
+        return self.equations[-1].expr
 
 
 @dataclass(frozen=True)
 class Model:
-    """The whole symbolic network and its per-sample loss."""
+    """The whole symbolic network: its nodes, per-sample cost and regularization penalty."""
 
     spec: NetworkSpec
-    sizes: tuple[sp.Symbol, ...]      # n_0, ..., n_L
-    x: sp.IndexedBase                 # a^0
+    nodes: tuple[Node, ...]            # nodes[l - 1] is node l
+    x: sp.IndexedBase                  # a^0
     y: sp.IndexedBase
-    layers: tuple[LayerModel, ...]    # layers[l - 1] is layer l
     loss: Loss
-    cost: sp.Expr                     # C = sum_i loss(a^L_i, y_i)
+    cost: sp.Expr                      # C = sum_i loss(a^L_i, y_i)
+    penalty: sp.Expr                   # R = l2/2 sum w^2 + l1 sum |w| (0 without one)
+    widths: dict[sp.Symbol, int]       # every size symbol's value
 
     @property
     def depth(self) -> int:
-        return len(self.layers)
+        return len(self.nodes)
 
-    def layer(self, index: int) -> LayerModel:
-        return self.layers[index - 1]
+    @property
+    def output(self) -> Node:
+        return self.nodes[-1]
+
+    @property
+    def is_chain(self) -> bool:
+        return self.spec.is_chain
+
+    def node(self, index: int) -> Node:
+        return self.nodes[index - 1]
+
+    @property
+    def equations(self) -> tuple[Equation, ...]:
+        """Every forward equation of the network, in evaluation order."""
+        return tuple(eq for node in self.nodes for eq in node.equations)
+
+    @property
+    def parameters(self) -> tuple[Parameter, ...]:
+        return tuple(p for node in self.nodes for p in node.parameters)
+
+    def consumers(self, index: int) -> tuple[Node, ...]:
+        """The nodes that read node ``index``'s output."""
+        return tuple(node for node in self.nodes if index in node.inputs)
+
+    # the dense-chain view (layers = nodes), for stages that present the classic MLP
+    @property
+    def layers(self) -> tuple[Node, ...]:
+        return self.nodes
+
+    def layer(self, index: int) -> Node:
+        return self.nodes[index - 1]
+
+    @property
+    def sizes(self) -> tuple[sp.Symbol, ...]:
+        """n_0, ..., n_L."""
+        return (size_symbol(0), *(node.size for node in self.nodes))
 
     def loss_of(self, a_expr: sp.Expr, y_expr: sp.Expr) -> sp.Expr:
         """The per-component loss at (a, y)."""
         return self.loss.expr.subs({A: a_expr, Y: y_expr}, simultaneous=True)
 
 
+def _parameters(node: int, definition: OpDef, attrs: dict, size: sp.Symbol,
+                in_size: sp.Symbol, width: int, in_width: int) -> tuple[Parameter, ...]:
+    symbols = {"size": size, "in": in_size}
+    values = {"size": width, "in": in_width}
+    out = []
+    for parameter in definition.parameters(attrs):
+        rank = len(parameter.shape)
+        out.append(Parameter(
+            NetTensor(parameter.role, node, rank=rank), f"{PARAMETER_KEYS[parameter.role]}{node}",
+            tuple(values[axis] for axis in parameter.shape),
+            tuple(symbols[axis] for axis in parameter.shape), parameter.init))
+    return tuple(out)
+
+
+def penalty_expression(spec: NetworkSpec, parameters: tuple[Parameter, ...]) -> sp.Expr:
+    """R = (l2/2) sum w^2 + l1 sum |w| over every weight, in index form (0 without one)."""
+    l2 = sp.Rational(repr(spec.l2)) if spec.l2 else sp.Integer(0)
+    l1 = sp.Rational(repr(spec.l1)) if spec.l1 else sp.Integer(0)
+    total = sp.Integer(0)
+    for parameter in parameters:
+        if not parameter.is_weight:
+            continue
+        indices = fresh_indices(len(parameter.shape), {j, k})
+        limits = [(index, 1, n) for index, n in zip(indices, parameter.shape_symbols)]
+        w = parameter.indexed[indices]
+        if l2:
+            total += l2 / 2 * sp.Sum(w ** 2, *limits)
+        if l1:
+            total += l1 * sp.Sum(sp.Abs(w), *limits)
+    return total
+
+
 def build_model(spec: NetworkSpec) -> Model:
     """The symbolic :class:`Model` of ``spec``."""
-    sizes = tuple(size_symbol(l) for l in range(spec.depth + 1))
-    x = quantity("a", 0)
-    layers: list[LayerModel] = []
-    previous = x
+    x = NetTensor("a", 0)
+    outputs: list[NetTensor] = [x]
+    sizes: list[sp.Symbol] = [size_symbol(0)]
+    widths: dict[sp.Symbol, int] = {size_symbol(0): spec.input}
+    nodes: list[Node] = []
     for l, layer_spec in enumerate(spec.layers, start=1):
+        definition = OPS[layer_spec.op]
+        reads = layer_spec.reads(l)
+        attrs = layer_attributes(layer_spec)
+        size = size_symbol(l)
+        widths[size] = layer_spec.size
+        in_width = spec.sizes[reads[0]]
+        parameters = _parameters(l, definition, attrs, size, sizes[reads[0]],
+                                 layer_spec.size, in_width)
         activation = spec.activation(l)
-        w, z, a = quantity("w", l), quantity("z", l), quantity("a", l)
-        b = quantity("b", l) if layer_spec.bias else None
-        z_expr = sp.Sum(w[j, k] * previous[k], (k, 1, sizes[l - 1]))
-        if b is not None:
-            z_expr = z_expr + b[j]
-        if activation.is_softmax:
-            a_expr = sp.exp(z[j]) / sp.Sum(sp.exp(z[m]), (m, 1, sizes[l]))
-        else:
-            a_expr = activation.expr.subs(Z, z[j])
-        layers.append(LayerModel(l, sizes[l], activation, w, b, z, a, z_expr, a_expr))
-        previous = a
-    y = quantity("y")
+        ctx = Context(l, attrs, tuple(Input(outputs[n], sizes[n]) for n in reads), size,
+                      activation, {p.tensor.role: p.indexed for p in parameters})
+        forward = definition.forward(ctx)
+        nodes.append(Node(l, definition, layer_spec.name, reads, size, layer_spec.size,
+                          activation, parameters, forward, layer_spec.options))
+        outputs.append(forward.output)
+        sizes.append(size)
+    y = NetTensor("y").indexed
     loss = spec.resolved_loss()
-    output = layers[-1]
+    output = nodes[-1]
     cost = sp.Sum(loss.expr.subs({A: output.a[i], Y: y[i]}, simultaneous=True),
-                  (i, 1, sizes[-1]))
-    return Model(spec, sizes, x, y, tuple(layers), loss, cost)
+                  (i, 1, output.size))
+    all_parameters = tuple(p for node in nodes for p in node.parameters)
+    return Model(spec, tuple(nodes), x.indexed, y, loss, cost,
+                 penalty_expression(spec, all_parameters), widths)

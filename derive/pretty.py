@@ -13,13 +13,14 @@ from typing import ClassVar
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-from derive.model import split_name
-from derive.vectorform import Inner, Mat, MatVec, Outer, Vec
+from derive.quantities import NetTensor
+from derive.vectorform import ONE, Einsum, Inner, MatVec, Outer
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeo", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒ")
-_GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇"}
-_BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y"}
+_GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "β", "mu": "μ",
+          "var": "σ²", "xhat": "x̂", "mask": "m"}
+_BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M"}
 
 
 def sup(text: object) -> str:
@@ -38,21 +39,43 @@ class UnicodePrinter(StrPrinter):
     printmethod = "_derive_unicode"
     _default_settings: ClassVar[dict] = {**StrPrinter._default_settings, "batch": False}
 
-    def _name(self, name: str) -> str:
-        letter, layer = split_name(name)
-        symbol = _GREEK.get(letter, letter)
-        return symbol if layer is None else symbol + sup(layer)
+    def _name(self, tensor: NetTensor, *, batch: bool = False) -> str:
+        role = tensor.of if tensor.role == "grad" else tensor.role
+        if batch:
+            symbol = _BATCH.get(role, _GREEK.get(role, role))
+        elif tensor.rank == 2 and tensor.is_parameter and tensor.role != "grad":
+            symbol = role.upper()        # the matrix W^l (its entries print as w^l_jk)
+        else:
+            symbol = _GREEK.get(role, role)
+        if tensor.node is not None:
+            symbol += sup(tensor.node)
+        if tensor.role == "grad":
+            return f"∂C/∂{symbol}"
+        return symbol
+
+    def _print_NetTensor(self, expr: NetTensor) -> str:
+        if expr == ONE:
+            return "𝟏"
+        if expr.role == "grad" and not self._settings["batch"] and expr.rank == 1:
+            inner = NetTensor(expr.of, expr.node, rank=expr.rank)
+            return f"∇_{self._name(inner)} C"
+        return self._name(expr, batch=self._settings["batch"])
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
-        return self._name(expr.name)
+        if isinstance(expr, NetTensor):
+            return self._print_NetTensor(expr)
+        return _GREEK.get(expr.name, expr.name)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
-        return self._name(str(expr.base.label)) + sub("".join(map(str, expr.indices)))
+        label = expr.base.label
+        name = self._name(NetTensor(label.role, label.node, label.of, rank=0)) \
+            if isinstance(label, NetTensor) else str(label)
+        return name + sub("".join(map(str, expr.indices)))
 
     def _print_Sum(self, expr: sp.Sum) -> str:
-        (index, _low, _high), = expr.limits
+        indices = "".join(str(limit[0]) for limit in expr.limits)
         body = self.parenthesize(expr.function, sp.printing.precedence.PRECEDENCE["Mul"])
-        return f"Σ{sub(index)} {body}"
+        return f"Σ{sub(indices)} {body}"
 
     def _print_Derivative(self, expr: sp.Derivative) -> str:
         (var, _count), = expr.variable_count
@@ -72,22 +95,6 @@ class UnicodePrinter(StrPrinter):
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta) -> str:
         return "δ" + sub("".join(map(str, expr.args)))
 
-    def _print_Vec(self, expr: Vec) -> str:
-        if expr.name == "1":
-            return "𝟏"
-        if expr.name.startswith("dC/d"):
-            target = self._print_Vec(Vec(expr.name[4:]))
-            return f"∂C/∂{target}" if self._settings["batch"] else f"∇_{target} C"
-        letter, layer = split_name(expr.name)
-        if self._settings["batch"]:
-            letter = _BATCH.get(letter, letter.upper())
-            return letter if layer is None else letter + sup(layer)
-        return self._name(expr.name)
-
-    def _print_Mat(self, expr: Mat) -> str:
-        _letter, layer = split_name(expr.name)
-        return "W" + sup(layer)
-
     def _print_MatVec(self, expr: MatVec) -> str:
         matrix, vector, transposed = expr.args
         w, v = self._print(matrix), self._print(vector)
@@ -104,12 +111,12 @@ class UnicodePrinter(StrPrinter):
     def _print_Inner(self, expr: Inner) -> str:
         u, v = expr.args
         if self._settings["batch"]:
-            return f"rowsum({self._print(u * v if u != Vec('1') else v)})"
+            return f"rowsum({self._print(u * v if u != ONE else v)})"
         return f"({self._print(u)})ᵀ {self._print(v)}"
 
     def _print_Mul(self, expr: sp.Mul) -> str:
         factors = expr.as_ordered_factors()
-        vectors = [f for f in factors if f.has(Vec, MatVec, Outer)]
+        vectors = [f for f in factors if _is_tensor(f)]
         if len(vectors) < 2:
             return super()._print_Mul(expr)
         scalar = sp.Mul(*(f for f in factors if f not in vectors))
@@ -118,6 +125,15 @@ class UnicodePrinter(StrPrinter):
         if scalar == -1:
             return "-" + text
         return text if scalar == 1 else self.parenthesize(scalar, prec) + "·" + text
+
+
+def _is_tensor(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is a tensor-form vector or matrix (not a scalar, not an index form)."""
+    if expr.has(sp.Indexed):
+        return False
+    if expr.has(MatVec, Outer, Einsum):
+        return True
+    return any(t.rank >= 1 and t != ONE for t in expr.atoms(NetTensor))
 
 
 def pretty(expr: sp.Expr, *, batch: bool = False) -> str:

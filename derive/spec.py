@@ -32,12 +32,17 @@ from derive.errors import DeriveError
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-TOP_FIELDS = ("name", "input", "layers", "loss", "example")
+TOP_FIELDS = ("name", "input", "layers", "loss", "regularization", "example")
 TOP_REQUIRED = ("name", "input", "layers", "loss")
-LAYER_FIELDS = ("size", "activation", "bias")
-LAYER_REQUIRED = ("size", "activation")
+#: Fields every layer may give, whatever its op; the op's own attributes come from the registry.
+LAYER_COMMON_FIELDS = ("op", "name", "input", "inputs")
+REGULARIZATION_FIELDS = ("l2", "l1")
 EXAMPLE_FIELDS = ("x", "y", "params")
 CUSTOM_FIELDS = ("name", "expr")
+#: The spec's word for the network input x where a layer names what it reads.
+INPUT_NAME = "input"
+#: Dictionary keys of parameters by role (DESIGN.md, Contract 2: W{l}, b{l}, gamma{l}, ...).
+PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta"}
 
 # A field path inside the document: keys and list indices, e.g. ("layers", 1, "activation").
 FieldPath = tuple[str | int, ...]
@@ -66,11 +71,27 @@ class FunctionSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One dense layer: n_l units, its activation and whether it has a bias b^l."""
+    """One layer l: its op, output width n_l, activation, bias flag and what it reads.
+
+    ``inputs`` are node numbers (0 is the input x), resolved from the names or numbers the
+    spec gave; ``None`` means the previous layer. ``options`` holds the op's numeric
+    attributes (``eps``, ``rate``) as given. ``activation`` is ``None`` for ops without one.
+    """
 
     size: int
-    activation: FunctionSpec
+    activation: FunctionSpec | None
     bias: bool = True
+    op: str = "dense"
+    name: str | None = None
+    inputs: tuple[int, ...] | None = None
+    options: tuple[tuple[str, float], ...] = ()
+
+    def reads(self, index: int) -> tuple[int, ...]:
+        """The node numbers layer ``index`` (1-based) reads."""
+        return self.inputs if self.inputs is not None else (index - 1,)
+
+    def option(self, key: str, default: float | None = None) -> float | None:
+        return dict(self.options).get(key, default)
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,33 @@ class NetworkSpec:
     loss: FunctionSpec
     example: ExampleSpec | None = None
     source: str = "<dict>"
+    regularization: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def l2(self) -> float:
+        return dict(self.regularization).get("l2", 0.0)
+
+    @property
+    def l1(self) -> float:
+        return dict(self.regularization).get("l1", 0.0)
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether the network is a plain chain of dense layers (the classic MLP)."""
+        return all(layer.op == "dense" and layer.inputs is None for layer in self.layers)
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter key (``W1``, ``b1``, ``gamma3``, ...) and its shape, in layer order."""
+        from derive.ops import OPS  # the registry, stage 0
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        sizes = self.sizes
+        for l, layer in enumerate(self.layers, start=1):
+            widths = {"size": layer.size, "in": sizes[layer.reads(l)[0]]}
+            for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
+                shapes[f"{PARAMETER_KEYS[parameter.role]}{l}"] = tuple(
+                    widths[axis] for axis in parameter.shape)
+        return shapes
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -117,11 +165,13 @@ class NetworkSpec:
         """L, the number of layers with parameters."""
         return len(self.layers)
 
-    def activation(self, l: int) -> functions.Activation:
-        """The resolved activation of layer ``l`` (numbered 1..L, as in the notation)."""
+    def activation(self, l: int) -> functions.Activation | None:
+        """The resolved activation of layer ``l`` (numbered 1..L, as in the notation); None for
+        an op without one."""
         if not 1 <= l <= self.depth:
             raise IndexError(f"layer {l} out of range 1..{self.depth}")
-        return _resolve_activation(self.layers[l - 1].activation)
+        spec = self.layers[l - 1].activation
+        return None if spec is None else _resolve_activation(spec)
 
     def resolved_loss(self) -> functions.Loss:
         """The resolved per-component loss."""
@@ -131,9 +181,22 @@ class NetworkSpec:
         """The canonical plain dict: the file's fields, fixed key order, defaults left out."""
         layers = []
         for layer in self.layers:
-            entry: dict[str, Any] = {"size": layer.size, "activation": layer.activation.to_data()}
-            if not layer.bias:
+            entry: dict[str, Any] = {}
+            if layer.op != "dense":
+                entry["op"] = layer.op
+            if layer.name is not None:
+                entry["name"] = layer.name
+            if layer.inputs is not None:
+                key = "input" if len(layer.inputs) == 1 else "inputs"
+                values = [INPUT_NAME if n == 0 else n for n in layer.inputs]
+                entry[key] = values[0] if key == "input" else values
+            if layer.op == "dense":
+                entry["size"] = layer.size
+            if layer.activation is not None:
+                entry["activation"] = layer.activation.to_data()
+            if layer.op == "dense" and not layer.bias:
                 entry["bias"] = False
+            entry.update(layer.options)
             layers.append(entry)
         data: dict[str, Any] = {
             "name": self.name,
@@ -141,6 +204,8 @@ class NetworkSpec:
             "layers": layers,
             "loss": self.loss.to_data(),
         }
+        if self.regularization:
+            data["regularization"] = dict(self.regularization)
         if self.example is not None:
             data["example"] = self.example.to_data()
         return data
@@ -149,6 +214,23 @@ class NetworkSpec:
         """A short content hash of the spec (its source does not count)."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def layer_attributes(layer: LayerSpec) -> dict[str, object]:
+    """A layer's attributes as the op registry reads them."""
+    attrs: dict[str, object] = {"size": layer.size, "bias": layer.bias, **dict(layer.options)}
+    if layer.activation is not None:
+        attrs["activation"] = layer.activation
+    return attrs
+
+
+def _node_label(node: int, names: Mapping[str, int]) -> str:
+    if node == 0:
+        return "the input"
+    for name, number in names.items():
+        if number == node:
+            return f"layer {node} ({name})"
+    return f"layer {node}"
 
 
 def _lists(value: tuple | float) -> list | float:
@@ -477,24 +559,168 @@ class _Validator:
             raise self.error(
                 ("layers",), f"must be a non-empty list of layers, got {_describe(raw_layers)}"
             )
-        layers = tuple(self.layer(raw, ("layers", i)) for i, raw in enumerate(raw_layers))
+        layers = self.layers(raw_layers, n_input)
         loss = self.loss(data["loss"], ("loss",))
-        spec = NetworkSpec(name, n_input, layers, loss, source=source)
+        regularization = self.regularization(data.get("regularization"), ("regularization",))
+        spec = NetworkSpec(name, n_input, layers, loss, source=source,
+                           regularization=regularization)
         self.check_semantics(spec)
         if "example" in data:
             example = self.example(data["example"], ("example",), spec)
             if example != ExampleSpec():
-                spec = NetworkSpec(name, n_input, layers, loss, example, source)
+                spec = NetworkSpec(name, n_input, layers, loss, example, source, regularization)
         return spec
 
-    def layer(self, data: object, path: FieldPath) -> LayerSpec:
-        self.mapping(data, path, "a layer", LAYER_FIELDS, LAYER_REQUIRED)
-        size = self.positive_int(data["size"], (*path, "size"))
-        activation = self.activation(data["activation"], (*path, "activation"))
-        bias = data.get("bias", True)
-        if not isinstance(bias, bool):
-            raise self.error((*path, "bias"), f"must be true or false, got {_describe(bias)}")
-        return LayerSpec(size, activation, bias)
+    def regularization(self, data: object, path: FieldPath) -> tuple[tuple[str, float], ...]:
+        if data is None:
+            return ()
+        self.mapping(data, path, "regularization", REGULARIZATION_FIELDS, ())
+        out = []
+        for key in REGULARIZATION_FIELDS:
+            if key in data:
+                value = self.number(data[key], (*path, key))
+                if value < 0:
+                    raise self.error((*path, key), f"must be at least 0, got {value!r}")
+                if value:
+                    out.append((key, value))
+        return tuple(out)
+
+    def layers(self, raw_layers: list | tuple, n_input: int) -> tuple[LayerSpec, ...]:
+        """Every layer, with what it reads resolved to node numbers; the graph rules checked:
+        earlier layers only (so no cycles), known names, equal widths, every layer used."""
+        names: dict[str, int] = {}
+        sizes = [n_input]
+        layers: list[LayerSpec] = []
+        for index, raw in enumerate(raw_layers, start=1):
+            layer = self.layer(raw, ("layers", index - 1), index, names, sizes)
+            if layer.name is not None:
+                names[layer.name] = index
+            sizes.append(layer.size)
+            layers.append(layer)
+        used = {n for l, layer in enumerate(layers, start=1) for n in layer.reads(l)}
+        for l, layer in enumerate(layers[:-1], start=1):
+            if l not in used:
+                label = f"layer {l}" + (f" ({layer.name})" if layer.name else "")
+                raise self.error(
+                    ("layers", l - 1),
+                    f"{label} is never used: every layer but the last must be read by a later "
+                    "layer (the default is the next one; `input:`/`inputs:` choose others)")
+        return tuple(layers)
+
+    def layer(self, data: object, path: FieldPath, index: int, names: Mapping[str, int],
+              sizes: list[int]) -> LayerSpec:
+        from derive.ops import OPS  # the registry, stage 0
+
+        if not isinstance(data, Mapping):
+            raise self.error(path, f"a layer must be a mapping, got {_describe(data)}")
+        op_name = data.get("op", "dense")
+        if not isinstance(op_name, str) or op_name not in OPS:
+            raise self.error((*path, "op"), f"unknown op {_describe(op_name)}; known: "
+                                            f"{', '.join(OPS)}")
+        definition = OPS[op_name]
+        attributes = tuple(attribute.name for attribute in definition.attributes)
+        required = tuple(a.name for a in definition.attributes if a.required)
+        self.mapping(data, path, f"a {op_name} layer", (*LAYER_COMMON_FIELDS, *attributes),
+                     required)
+        name = None
+        if "name" in data:
+            name = self.identifier(data["name"], (*path, "name"))
+            if name == INPUT_NAME or name in names:
+                taken = "names the network input" if name == INPUT_NAME else (
+                    f"is already the name of layer {names[name]}")
+                raise self.error((*path, "name"), f"{name!r} {taken}; give each layer a "
+                                                  "name of its own")
+        inputs = self.inputs(data, path, index, names)
+        reads = inputs if inputs is not None else (index - 1,)
+        low, high = definition.inputs
+        if not low <= len(reads) <= (high if high is not None else len(reads)):
+            wanted = f"{low}" if low == high else f"at least {low}"
+            raise self.error((*path, "inputs" if "inputs" in data else "input"),
+                             f"a {op_name} layer reads {wanted} input(s), got {len(reads)}")
+        widths = [sizes[n] for n in reads]
+        if definition.same_width_inputs and len(set(widths)) > 1:
+            described = ", ".join(f"{_node_label(n, names)} has width {sizes[n]}" for n in reads)
+            raise self.error((*path, "inputs"),
+                             f"shape mismatch: a {op_name} layer needs inputs of equal width; "
+                             f"{described}")
+        activation = None
+        options: list[tuple[str, float]] = []
+        bias = True
+        size = None
+        for attribute in definition.attributes:
+            where = (*path, attribute.name)
+            if attribute.name not in data:
+                if attribute.kind == "activation" and attribute.default is not None:
+                    activation = FunctionSpec(str(attribute.default))
+                continue
+            value = data[attribute.name]
+            if attribute.kind == "size":
+                size = self.positive_int(value, where)
+            elif attribute.kind == "activation":
+                activation = self.activation(value, where)
+            elif attribute.kind == "bool":
+                if not isinstance(value, bool):
+                    raise self.error(where, f"must be true or false, got {_describe(value)}")
+                bias = value
+            elif attribute.kind == "rate":
+                number = self.number(value, where)
+                if not 0 <= number < 1:
+                    raise self.error(where, f"must be a number in [0, 1), got {value!r}")
+                options.append((attribute.name, number))
+            elif attribute.kind == "positive":
+                number = self.number(value, where)
+                if number <= 0:
+                    raise self.error(where, f"must be a number > 0, got {value!r}")
+                options.append((attribute.name, number))
+        attrs = {"size": size, "bias": bias, **dict(options)}
+        size = definition.output_size(attrs, tuple(widths))
+        return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options))
+
+    def inputs(self, data: Mapping, path: FieldPath, index: int,
+               names: Mapping[str, int]) -> tuple[int, ...] | None:
+        """The node numbers named by ``input:`` or ``inputs:`` (None when neither is given)."""
+        if "input" in data and "inputs" in data:
+            raise self.error((*path, "inputs"), "give `input:` (one) or `inputs:` (several), "
+                                                "not both")
+        if "input" in data:
+            refs, where = [data["input"]], (*path, "input")
+            paths = [where]
+        elif "inputs" in data:
+            raw = data["inputs"]
+            where = (*path, "inputs")
+            if not isinstance(raw, list | tuple) or not raw:
+                raise self.error(where, "must be a non-empty list of layer names or numbers, "
+                                        f"got {_describe(raw)}")
+            refs, paths = list(raw), [(*where, n) for n in range(len(raw))]
+        else:
+            return None
+        out = []
+        for ref, ref_path in zip(refs, paths):
+            out.append(self.reference(ref, ref_path, index, names))
+        if len(set(out)) != len(out):
+            raise self.error(where, "names the same layer twice")
+        return tuple(out)
+
+    def reference(self, ref: object, path: FieldPath, index: int,
+                  names: Mapping[str, int]) -> int:
+        allowed = (f"allowed: `input`, a layer number 1..{index - 1} or the name of an earlier "
+                   "layer" if index > 1 else "allowed: `input` (this is the first layer)")
+        if ref == INPUT_NAME or (isinstance(ref, int) and not isinstance(ref, bool)
+                                 and ref == 0):
+            return 0
+        if isinstance(ref, bool) or not isinstance(ref, int | str):
+            raise self.error(path, f"must name a layer, got {_describe(ref)}; {allowed}")
+        if isinstance(ref, int):
+            if 1 <= ref < index:
+                return ref
+            if ref >= index:
+                raise self.error(path, f"layer {index} cannot read layer {ref}: a layer reads "
+                                       f"earlier layers only (no cycles); {allowed}")
+            raise self.error(path, f"no layer {ref}; {allowed}")
+        if ref in names:
+            return names[ref]
+        raise self.error(path, f"unknown layer name {ref!r} (a layer reads earlier layers "
+                               f"only); {allowed}")
 
     def activation(self, value: object, path: FieldPath) -> FunctionSpec:
         spec = self.function(value, path, "activation", functions.ACTIVATIONS)
@@ -567,24 +793,26 @@ class _Validator:
     def check_semantics(self, spec: NetworkSpec) -> None:
         """Rules across fields: softmax only last, losses that need a kind of output."""
         for l in range(1, spec.depth):
-            if spec.activation(l).is_softmax:
+            activation = spec.activation(l)
+            if activation is not None and activation.is_softmax:
                 raise self.error(
                     ("layers", l - 1, "activation"),
                     "softmax is allowed on the last layer only",
                 )
         output = spec.activation(spec.depth)
+        what = output.name if output is not None else f"a {spec.layers[-1].op} layer"
         needs = spec.resolved_loss().needs
-        if needs == "distribution" and not output.is_softmax:
+        if needs == "distribution" and (output is None or not output.is_softmax):
             raise self.error(
                 ("loss",),
                 "cross-entropy needs a probability vector output: make the last layer softmax "
-                f"(it is {output.name})",
+                f"(it is {what})",
             )
-        if needs == "probability" and not output.is_probability:
+        if needs == "probability" and (output is None or not output.is_probability):
             raise self.error(
                 ("loss",),
                 "binary cross-entropy needs outputs in (0, 1): make the last layer sigmoid or "
-                f"softmax (it is {output.name}, not known to stay in (0, 1))",
+                f"softmax (it is {what}, not known to stay in (0, 1))",
             )
 
     def example(self, data: object, path: FieldPath, spec: NetworkSpec) -> ExampleSpec:
@@ -602,12 +830,8 @@ class _Validator:
     def example_params(
         self, data: object, path: FieldPath, spec: NetworkSpec
     ) -> tuple[tuple[str, tuple], ...]:
-        # W{l} is n_l x n_{l-1}, b{l} has length n_l (DESIGN.md, Contract 2)
-        expected: dict[str, tuple[int, ...]] = {}
-        for l, layer in enumerate(spec.layers, start=1):
-            expected[f"W{l}"] = (layer.size, spec.sizes[l - 1])
-            if layer.bias:
-                expected[f"b{l}"] = (layer.size,)
+        # shapes from the op registry (DESIGN.md, Contract 2): W{l} is n_l x n_in, ...
+        expected = spec.parameter_shapes()
         names = ", ".join(expected)
         if not isinstance(data, Mapping):
             raise self.error(path, f"must be a mapping of {names}, got {_describe(data)}")
@@ -621,7 +845,7 @@ class _Validator:
             if key not in data:
                 raise self.error((*path, key), f"missing; params must give all of: {names}")
             if len(shape) == 1:
-                what = f"{key} has length n_{key[1:]}"
+                what = f"{key} has length n_{key.lstrip('Wabetgmm')}"
                 params.append((key, self.numbers(data[key], (*path, key), shape[0], what)))
                 continue
             rows, cols = shape
@@ -630,7 +854,7 @@ class _Validator:
                 raise self.error(
                     (*path, key),
                     f"must be a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
-                    f"(W{key[1:]} has shape n_{key[1:]} x n_{int(key[1:]) - 1})",
+                    f"({key} has shape n_{key.lstrip('W')} x n_in)",
                 )
             params.append(
                 (

@@ -1,0 +1,261 @@
+"""The op registry: every layer kind is one entry here (docs/architecture.md, "The op contract").
+
+An entry declares what the spec may say about the op (its attributes), how many inputs it reads,
+its parameters and their shapes, the width of its output, and its forward pass in index form:
+a short list of :class:`Equation` objects (SymPy ``Indexed``, ``Sum`` and activation functions)
+that define the node's quantities one after another. Nothing else about an op is math: the
+derivation differentiates these equations with ``sympy.diff``, and every later stage reads the
+derivation. Entries may add presentation (a description, a diagram label).
+
+Stage 0 (a registry used by the spec and the graph stages). Takes nothing; gives :data:`OPS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from derive.functions import Activation
+from derive.quantities import NetTensor, entry, fresh_indices
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """An attribute an op takes in the spec.
+
+    ``kind``: ``"size"`` (a positive integer), ``"activation"`` (an activation reference),
+    ``"bool"``, ``"rate"`` (a number in [0, 1)) or ``"positive"`` (a number > 0).
+    ``default`` ``None`` with ``required`` false means "absent".
+    """
+
+    name: str
+    kind: str
+    default: object = None
+    required: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class ParameterDef:
+    """A parameter of an op: ``role`` (``w``, ``b``, ``gamma``, ``beta``), its shape in terms
+    of ``"size"`` (the node's width) and ``"in"`` (its input's width), and how it starts."""
+
+    role: str
+    shape: tuple[str, ...]
+    init: str            # "fan" (He or Glorot by activation), "zeros" or "ones"
+
+
+@dataclass(frozen=True)
+class Equation:
+    """``target[indices] = expr`` in index form.
+
+    ``activation`` and ``argument`` are set when the equation applies an elementwise
+    activation: ``expr`` is then ``activation(argument)``, and the derivation writes its
+    derivative as σ'(argument) before inserting the activation's own derivative. ``inline``
+    says the target's adjoint is substituted where it is used rather than shown as a formula of
+    its own (the a^l of a dense layer: the classic equations speak of δ^l = ∂C/∂z^l only).
+    """
+
+    target: NetTensor
+    indices: tuple[sp.Symbol, ...]
+    expr: sp.Expr
+    inline: bool = False
+    activation: Activation | None = None
+    argument: sp.Expr | None = None
+    source_kind: str = ""           # what the equation defines, for documents: "z", "a", ...
+
+    @property
+    def lhs(self) -> sp.Expr:
+        return entry(self.target, self.indices)
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input a node reads: its quantity (a rank-1 NetTensor) and its width symbol."""
+
+    tensor: NetTensor
+    size: sp.Symbol
+
+    def __getitem__(self, index: sp.Expr) -> sp.Expr:
+        return self.tensor.indexed[index]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an op's forward builder gets: the node, its attributes, inputs and parameters."""
+
+    node: int
+    attrs: Mapping[str, object]
+    inputs: tuple[Input, ...]
+    size: sp.Symbol
+    activation: Activation | None
+    params: Mapping[str, sp.IndexedBase]
+
+    def quantity(self, role: str, rank: int = 1) -> NetTensor:
+        return NetTensor(role, self.node, rank=rank)
+
+    def activate(self, argument: NetTensor, role: str = "a") -> Equation:
+        """The equation ``role^l_j = σ(argument_j)`` of this node's activation (softmax: the
+        vector function over the feature axis)."""
+        out = self.quantity(role)
+        j, summed = fresh_indices(2, set())[0], fresh_indices(3, set())[2]
+        z = argument.indexed
+        activation = self.activation
+        if activation.vector is not None:
+            return Equation(out, (j,), activation.vector(z, j, summed, self.size),
+                            source_kind=role)
+        return Equation(out, (j,), activation.expr.subs(activation.variable, z[j]),
+                        activation=activation, argument=z[j], source_kind=role)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """An op's forward pass: its equations in order; ``delta`` is the quantity whose adjoint is
+    the node's error δ^l (its pre-activation for an op with an activation, else its output)."""
+
+    equations: tuple[Equation, ...]
+    delta: NetTensor
+
+    @property
+    def output(self) -> NetTensor:
+        return self.equations[-1].target
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One registry entry."""
+
+    name: str
+    description: str
+    attributes: tuple[Attribute, ...]
+    inputs: tuple[int, int | None]                         # (min, max); max None: any
+    parameters: Callable[[Mapping[str, object]], tuple[ParameterDef, ...]]
+    output_size: Callable[[Mapping[str, object], tuple[int, ...]], int]
+    forward: Callable[[Context], Forward]
+    same_width_inputs: bool = False                         # every input has the output's width
+    label: str = ""                                         # short label for diagrams
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    def attribute(self, name: str) -> Attribute | None:
+        for attribute in self.attributes:
+            if attribute.name == name:
+                return attribute
+        return None
+
+
+_ACTIVATION = Attribute("activation", "activation", "identity",
+                        doc="activation applied to the result (default identity)")
+
+
+# --- dense: z^l_j = sum_k w^l_jk x_k + b^l_j, a^l_j = sigma(z^l_j) -----------------------
+
+
+def _dense_parameters(attrs: Mapping[str, object]) -> tuple[ParameterDef, ...]:
+    weight = ParameterDef("w", ("size", "in"), "fan")
+    if attrs.get("bias", True):
+        return weight, ParameterDef("b", ("size",), "zeros")
+    return (weight,)
+
+
+def _dense_forward(ctx: Context) -> Forward:
+    (x,) = ctx.inputs
+    j, k = fresh_indices(2, set())
+    z = ctx.quantity("z")
+    expr = sp.Sum(ctx.params["w"][j, k] * x[k], (k, 1, x.size))
+    if "b" in ctx.params:
+        expr = expr + ctx.params["b"][j]
+    linear = Equation(z, (j,), expr, source_kind="z")
+    activation = ctx.activate(z)
+    activation = Equation(activation.target, activation.indices, activation.expr, inline=True,
+                          activation=activation.activation, argument=activation.argument,
+                          source_kind="a")
+    return Forward((linear, activation), z)
+
+
+# --- activation: a^l_j = sigma(x_j) -------------------------------------------------------
+
+
+def _activation_forward(ctx: Context) -> Forward:
+    (x,) = ctx.inputs
+    equation = ctx.activate(x.tensor)
+    return Forward((equation,), equation.target)
+
+
+# --- add: a^l_j = sum over inputs x_j ------------------------------------------------------
+
+
+def _add_forward(ctx: Context) -> Forward:
+    (j,) = fresh_indices(1, set())
+    out = ctx.quantity("a")
+    equation = Equation(out, (j,), sp.Add(*(x[j] for x in ctx.inputs)), source_kind="a")
+    return Forward((equation,), out)
+
+
+# --- layer norm: mean, variance, normalised input, scale and shift ------------------------
+
+
+def _layer_norm_forward(ctx: Context) -> Forward:
+    (x,) = ctx.inputs
+    j, k = fresh_indices(2, set())
+    n = x.size
+    eps = sp.Rational(repr(float(ctx.attrs.get("eps", 1e-5))))
+    mu, var = ctx.quantity("mu", 0), ctx.quantity("var", 0)
+    xhat, out = ctx.quantity("xhat"), ctx.quantity("a")
+    mean = Equation(mu, (), sp.Sum(x[k], (k, 1, n)) / n, source_kind="mu")
+    variance = Equation(var, (), sp.Sum((x[k] - mu) ** 2, (k, 1, n)) / n, source_kind="var")
+    normalised = Equation(xhat, (j,), (x[j] - mu) / sp.sqrt(var + eps), source_kind="xhat")
+    affine = Equation(out, (j,), ctx.params["gamma"][j] * xhat.indexed[j]
+                      + ctx.params["beta"][j], source_kind="a")
+    return Forward((mean, variance, normalised, affine), out)
+
+
+# --- dropout: a^l_j = m^l_j x_j, the mask m = 1 except while training ---------------------
+
+
+def _dropout_forward(ctx: Context) -> Forward:
+    (x,) = ctx.inputs
+    (j,) = fresh_indices(1, set())
+    out = ctx.quantity("a")
+    mask = NetTensor("mask", ctx.node)
+    equation = Equation(out, (j,), mask.indexed[j] * x[j], source_kind="a")
+    return Forward((equation,), out)
+
+
+def _same_size(attrs: Mapping[str, object], inputs: tuple[int, ...]) -> int:
+    return inputs[0]
+
+
+OPS: Mapping[str, OpDef] = {
+    "dense": OpDef(
+        "dense", "fully connected: z = W x + b, a = σ(z)",
+        (Attribute("size", "size", required=True, doc="number of neurons n_l"), _ACTIVATION,
+         Attribute("bias", "bool", True, doc="whether the layer has a bias b^l")),
+        (1, 1), _dense_parameters, lambda attrs, inputs: int(attrs["size"]), _dense_forward,
+        label="dense"),
+    "activation": OpDef(
+        "activation", "an activation on its own: a = σ(x)",
+        (Attribute("activation", "activation", required=True, doc="the activation"),),
+        (1, 1), lambda attrs: (), _same_size, _activation_forward, label="σ"),
+    "add": OpDef(
+        "add", "sum of two or more inputs of equal width (a residual connection)",
+        (), (2, None), lambda attrs: (), _same_size, _add_forward, same_width_inputs=True,
+        label="+"),
+    "layer_norm": OpDef(
+        "layer_norm", "layer normalisation over the features, with scale γ and shift β",
+        (Attribute("eps", "positive", 1e-5, doc="added to the variance (default 1e-5)"),),
+        (1, 1),
+        lambda attrs: (ParameterDef("gamma", ("size",), "ones"),
+                       ParameterDef("beta", ("size",), "zeros")),
+        _same_size, _layer_norm_forward, label="LN"),
+    "dropout": OpDef(
+        "dropout", "inverted dropout while training (mask m/(1-p)); identity otherwise",
+        (Attribute("rate", "rate", required=True, doc="probability p of dropping a unit"),),
+        (1, 1), lambda attrs: (), _same_size, _dropout_forward, label="drop"),
+}
+
+
+def op(name: str) -> OpDef:
+    """The registry entry called ``name``."""
+    return OPS[name]

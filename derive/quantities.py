@@ -1,0 +1,99 @@
+"""The quantities of a network as SymPy atoms that carry their identity in fields.
+
+Every stage names network quantities with :class:`NetTensor`: a SymPy symbol whose ``role``
+(``a``, ``z``, ``w``, ``b``, ``gamma``, ``delta``, ...), ``node`` (the layer l, 0 for the input,
+``None`` for the target y) and ``of`` (for an adjoint ∂C/∂q: the role of q) are fields. Printers
+and code generators read these fields; the symbol's name is only a display string and is never
+parsed back (docs/architecture.md, "Identity is structure").
+
+In index form a quantity of rank r ≥ 1 is ``sp.IndexedBase(tensor)[i1, ..., ir]``; a per-sample
+scalar (rank 0, e.g. the mean μ of a layer norm) is the tensor itself. In tensor form every
+quantity is the tensor itself: a whole vector, matrix or per-sample scalar.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+#: Roles of parameters (their gradients are what training needs).
+PARAMETER_ROLES = frozenset({"w", "b", "gamma", "beta"})
+#: Parameters that the L1/L2 penalty covers (DESIGN: weights and kernels only).
+WEIGHT_ROLES = frozenset({"w"})
+
+
+class NetTensor(sp.Symbol):
+    """A network quantity: ``role`` at ``node``, of rank ``rank``; ``of`` for an adjoint.
+
+    ``NetTensor("a", 2)`` is a^2; ``NetTensor("delta", 2)`` is δ²; ``NetTensor("grad", 3, of="mu")`` is
+    ∂C/∂μ³; ``NetTensor("y")`` the target; ``NetTensor("a", 0)`` the input x = a⁰.
+    """
+
+    role: str
+    node: int | None
+    of: str | None
+    rank: int
+
+    def __new__(cls, role: str, node: int | None = None, of: str | None = None,
+                rank: int = 1) -> NetTensor:
+        # not Symbol's cached constructor: two tensors with one display name but other fields
+        # (w^2 as a matrix and as a rank-0 label) must stay two objects
+        obj = sp.Symbol.__xnew__(cls, display_name(role, node, of), real=True)
+        obj.role, obj.node, obj.of, obj.rank = role, node, of, rank
+        return obj
+
+    def _hashable_content(self) -> tuple:
+        return (*super()._hashable_content(), self.role, self.node, self.of, self.rank)
+
+    def __getnewargs_ex__(self) -> tuple[tuple, dict]:
+        return (self.role, self.node, self.of, self.rank), {}
+
+    @property
+    def is_parameter(self) -> bool:
+        return self.role in PARAMETER_ROLES
+
+    @property
+    def indexed(self) -> sp.IndexedBase:
+        """The indexed base of this quantity (rank ≥ 1)."""
+        return sp.IndexedBase(self, real=True)
+
+
+def display_name(role: str, node: int | None, of: str | None = None) -> str:
+    """The display name of a quantity: ``a^2``, ``delta^2``, ``dC/dmu^3``, ``y``."""
+    head = f"dC/d{of}" if role == "grad" else role
+    return head if node is None else f"{head}^{node}"
+
+
+def tensor_of(expr: sp.Basic) -> NetTensor | None:
+    """The NetTensor of an Indexed quantity or a rank-0 NetTensor; None for anything else."""
+    if isinstance(expr, NetTensor):
+        return expr
+    if isinstance(expr, sp.Indexed) and isinstance(expr.base.label, NetTensor):
+        return expr.base.label
+    return None
+
+
+def entry(tensor: NetTensor, indices: tuple[sp.Expr, ...]) -> sp.Expr:
+    """``tensor`` at ``indices``: an Indexed, or the tensor itself for rank 0."""
+    if not indices:
+        return tensor
+    return tensor.indexed[indices]
+
+
+def size_symbol(node: int) -> sp.Symbol:
+    """The generic width n_l of node l's output (n_0 is the input width)."""
+    return sp.Symbol(f"n_{node}", integer=True, positive=True)
+
+
+#: Index symbols, in the order formulas take them: j (this layer), k (the layer it reads),
+#: then i, m, p, q, r, s for consumers and sums.
+INDEX_POOL: tuple[sp.Symbol, ...] = sp.symbols("j k i m p q r s t u", integer=True,
+                                               positive=True)
+j, k, i, m = INDEX_POOL[:4]
+
+
+def fresh_indices(count: int, used: set[sp.Symbol]) -> tuple[sp.Symbol, ...]:
+    """``count`` index symbols from the pool that are not in ``used`` (pool order)."""
+    out = [index for index in INDEX_POOL if index not in used][:count]
+    if len(out) < count:
+        raise ValueError("index pool exhausted")
+    return tuple(out)
