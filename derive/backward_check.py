@@ -49,10 +49,11 @@ from derive import functions
 from derive.derivation import Derivation, activation_derivative, derive
 from derive.errors import DeriveError
 from derive.functions import A, Z
-from derive.model import build_model, j, split_name
+from derive.model import build_model, j
 from derive.pretty import pretty
+from derive.quantities import NetTensor
 from derive.spec import NetworkSpec, load_spec
-from derive.vectorform import Inner, Mat, MatVec, Outer, Vec, to_vector
+from derive.vectorform import ONE, Inner, MatVec, Outer, adjoint, to_vector
 
 #: Rows of the random batch (not 1, and unlike the widths, so a 1/B factor shows).
 BATCH = 5
@@ -178,22 +179,30 @@ _UFUNCS: Mapping[type, Callable[..., np.ndarray]] = {
 class _Backprop:
     """Forward and backward pass of a derivation on a batch, by evaluating its expressions.
 
-    Rows are samples. ``sigma_prime`` overrides sigma'_l (a function of z^l); ``flip`` is a
-    set of layers l whose (W^l)^T in the delta recursion is evaluated untransposed.
+    Rows are samples. ``env`` maps each quantity (a :class:`NetTensor`: a^l, z^l, delta^l,
+    W^l, ...) to its batch of values. ``sigma_prime`` overrides sigma'_l (a function of z^l);
+    ``flip`` is a set of layers l whose (W^l)^T in the delta recursion is evaluated
+    untransposed.
     """
 
     def __init__(self, derivation: Derivation, params: Mapping[str, np.ndarray],
                  X: np.ndarray, Y: np.ndarray) -> None:
         self.derivation = derivation
         self.model = derivation.model
-        self.env: dict[str, Any] = {"y": Y, "a^0": X}
-        for name, value in params.items():
-            letter, layer = name[0], int(name[1:])
-            self.env[f"{letter.lower()}^{layer}"] = value
+        # sigma_l of the generic forms, by layer (the derivation names them sigma_1, sigma_2)
+        self.sigmas = {sp.Function(f"sigma_{node.index}"): node.index
+                       for node in self.model.nodes}
+        by_key = {parameter.key: parameter.tensor for parameter in self.model.parameters}
+        self.env: dict[NetTensor, Any] = {NetTensor("y"): Y, NetTensor("a", 0): X}
+        for key, value in params.items():
+            self.env[by_key[key]] = value
         for layer in self.model.layers:
-            l = layer.index
-            self.env[f"z^{l}"] = self.eval(to_vector(layer.z_expr, (j,)), {})
-            self.env[f"a^{l}"] = self.eval(to_vector(layer.a_expr, (j,)), {})
+            self.env[NetTensor("z", layer.index)] = self.eval(to_vector(layer.z_expr, (j,)), {})
+            self.env[layer.output] = self.eval(to_vector(layer.a_expr, (j,)), {})
+
+    def value(self, role: str, layer: int | None = None) -> Any:
+        """The batch of values of quantity ``role`` at ``layer`` (``value("a", 2)``: A2)."""
+        return self.env[NetTensor(role, layer)]
 
     def eval(self, expr: sp.Expr, primes: Mapping[int, Callable], flip: frozenset = frozenset(),
              local: Mapping[sp.Symbol, Any] | None = None) -> Any:
@@ -204,15 +213,12 @@ class _Backprop:
 
         if expr in local:
             return local[expr]
-        if isinstance(expr, Vec):
-            return 1.0 if expr.name == "1" else self.env[expr.name]
-        if isinstance(expr, Mat):
-            return self.env[expr.name]
+        if isinstance(expr, NetTensor):
+            return 1.0 if expr == ONE else self.env[expr]
         if isinstance(expr, MatVec):
             matrix, vector, transposed = expr.args
             W, V = ev(matrix), ev(vector)
-            layer = split_name(matrix.name)[1]
-            if bool(transposed) != (layer in flip):
+            if bool(transposed) != (matrix.node in flip):
                 return V @ W
             return V @ W.T
         if isinstance(expr, Inner):
@@ -220,7 +226,7 @@ class _Backprop:
             return np.sum(ev(u) * ev(v), axis=1, keepdims=True)
         if isinstance(expr, sp.Derivative):
             (arg,) = expr.expr.args
-            layer = int(expr.expr.func.__name__.split("_")[1])
+            layer = self.sigmas[expr.expr.func]
             return primes[layer](ev(arg)) if layer in primes else self.sigma_prime(layer)(ev(arg))
         if isinstance(expr, sp.Add):
             return sum(ev(a) for a in expr.args)
@@ -265,32 +271,35 @@ class _Backprop:
         primes = primes or {}
         derivation, model = self.derivation, self.model
         L = model.depth
-        B = self.env["y"].shape[0]
+        B = self.value("y").shape[0]
         env = dict(self.env)
         saved = self.env
         self.env = env
         try:
-            out_layer = model.layer(L)
-            if out_layer.activation.is_softmax or output == "rhs":
-                env[f"delta^{L}"] = self.eval(derivation.delta(L).vector, primes, flip)
+            top = derivation.delta(L)
+            if model.layer(L).activation.is_softmax or output == "rhs":
+                env[top.target] = self.eval(top.vector, primes, flip)
             else:
                 gradient = loss_gradient if loss_gradient is not None else (
                     derivation.loss_gradient.vector)
-                env[f"dC/da^{L}"] = self.eval(gradient, primes, flip)
-                env[f"delta^{L}"] = self.eval(derivation.delta(L).vector_generic, primes, flip)
+                env[adjoint(model.output.output)] = self.eval(gradient, primes, flip)
+                env[top.target] = self.eval(top.vector_generic, primes, flip)
             for l in range(L - 1, 0, -1):
-                env[f"delta^{l}"] = self.eval(derivation.delta(l).vector_generic, primes, flip)
+                delta = derivation.delta(l)
+                env[delta.target] = self.eval(delta.vector_generic, primes, flip)
             grads: dict[str, np.ndarray] = {}
-            for l in range(1, L + 1):
-                outer = derivation.weight_gradients[l - 1].vector
+            for layer in model.layers:
+                l = layer.index
+                weight, bias = layer.parameter("w"), layer.parameter("b")
+                outer = derivation.gradient(weight.tensor).vector
                 assert isinstance(outer, Outer)
-                U, V = (np.broadcast_to(self.eval(side, primes, flip), (B, model.spec.sizes[n]))
-                        for side, n in zip(outer.args, (l, l - 1)))
-                grads[f"W{l}"] = U.T @ V / B
-                bias = derivation.bias_gradients[l - 1]
+                U, V = (np.broadcast_to(self.eval(side, primes, flip), (B, n))
+                        for side, n in zip(outer.args, weight.shape))
+                grads[weight.key] = U.T @ V / B
                 if bias is not None:
-                    grads[f"b{l}"] = np.mean(np.broadcast_to(
-                        self.eval(bias.vector, primes, flip), (B, model.spec.sizes[l])), axis=0)
+                    vector = derivation.gradient(bias.tensor).vector
+                    grads[bias.key] = np.mean(np.broadcast_to(
+                        self.eval(vector, primes, flip), (B, *bias.shape)), axis=0)
             return grads
         finally:
             self.env = saved
@@ -517,11 +526,11 @@ def _roles(run: _Backprop, params: Mapping[str, np.ndarray], convention: Convent
 
     def value(role: str) -> Any:
         if role == "X":
-            return np.array(run.env["a^0"])
+            return np.array(run.value("a", 0))
         if role == "Y":
-            return np.array(run.env["y"])
+            return np.array(run.value("y"))
         if role == "B":
-            return run.env["y"].shape[0]
+            return run.value("y").shape[0]
         if role == "params":
             return {name: user_layout(name, v) for name, v in params.items()}
         letter, layer = role[0], int(role[1:])
@@ -531,9 +540,9 @@ def _roles(run: _Backprop, params: Mapping[str, np.ndarray], convention: Convent
                                   f"{', '.join(params)} (biases: {convention.bias})")
             return user_layout(role, params[role])
         if letter == "A" and 0 <= layer <= L:
-            return np.array(run.env[f"a^{layer}"])
+            return np.array(run.value("a", layer))
         if letter == "Z" and 1 <= layer <= L:
-            return np.array(run.env[f"z^{layer}"])
+            return np.array(run.value("z", layer))
         raise DeriveError(f"role {role}: layers are 1..{L} (A0 is the input)")
 
     return value
@@ -669,6 +678,10 @@ def check_backward(spec: NetworkSpec | str | Mapping, function: Callable | str,
     ``loss`` checks against ``spec`` with that built-in loss instead."""
     convention = convention or Convention()
     spec = load_spec(spec)
+    if not spec.is_chain:
+        raise DeriveError(f"derive check --backward supports dense chains for now; "
+                          f"{spec.name} is a graph ({_first_graph_layer(spec)}); check its "
+                          "formulas one by one with derive check SPEC FORMULA")
     data = spec.to_dict()
     data.pop("example", None)
     if not convention.bias:
@@ -763,6 +776,16 @@ def check_backward(spec: NetworkSpec | str | Mapping, function: Callable | str,
                               batch)
     return BackwardReport(label, spec.name, convention, batch, tuple(checks), diagnosis,
                           notes=tuple(notes_all), diagnosed=diagnosed)
+
+
+def _first_graph_layer(spec: NetworkSpec) -> str:
+    """Where ``spec`` stops being a plain chain of dense layers, in words."""
+    for l, layer in enumerate(spec.layers, start=1):
+        if layer.op != "dense":
+            return f"layer {l} is {layer.op}"
+        if layer.inputs is not None:
+            return f"layer {l} reads layer {', '.join(map(str, layer.inputs))}"
+    return "not a chain"
 
 
 def _failure(report: BackwardReport, err: BaseException, fn: Callable, label: str,

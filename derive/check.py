@@ -1,19 +1,26 @@
-"""Checking what users wrote: a δ or gradient formula against the derivation of a spec.
+"""Checking what users wrote: a δ, gradient or adjoint formula against the derivation of a spec.
 
-Reads a :class:`~derive.derivation.Derivation` (like :mod:`derive.verify`) and a formula text
-parsed by :mod:`derive.formula_parser` (never ``eval``/``sympify``). The formula is given its
-meaning here: layers resolved (``l`` runs over every layer the left side can name), vectors and
-matrices given shapes by layer (so a missing transpose is caught for every layer size), and
-everything turned into a SymPy expression in index form, in the model's own indexed symbols.
+Stage: a consumer of the derivation (like verify). Takes a spec and a formula text parsed by
+:mod:`derive.formula_parser` (never ``eval``/``sympify``); gives a :class:`FormulaVerdict`.
+The formula is given its meaning here: layers resolved (``l`` runs over every layer the left
+side can name), every quantity found by its role and node in the model (a NetTensor's fields,
+never its printed name), vectors and matrices given shapes by node (so a missing transpose is
+caught for every layer size), and everything turned into a SymPy expression in index form, in
+the model's own quantities. Any node of a graph can be named: the δ entering a residual
+branch, the δ of a layer norm's input, ∂C/∂γ^l, ∂C/∂β^l, ∂C/∂x̂^l, ...
 
 Then the user's right-hand side is compared with the derived one, per layer:
 
-1. **symbolic identity** at generic sizes: both sides with a^l written as sigma_l(z^l), sums
-   collapsed and bound indices renamed canonically, then expanded (and simplified when small);
+1. **symbolic identity** at generic sizes: both sides with a^l written as sigma_l(z^l), the
+   adjoints of intermediates (∂C/∂x̂, ∂C/∂μ, ...) and the intermediates themselves (x̂, μ, σ²)
+   replaced by their definitions, sums collapsed and bound indices renamed canonically, then
+   expanded (and simplified when small);
 2. **numeric agreement** on a concrete copy of the network (widths capped at
    :data:`MAX_WIDTH`): every entry at N random points with 50-digit arithmetic, the user's
    quantities (a, z, delta of other layers, ...) all computed from the same random parameters,
-   inputs and targets (targets summing to 1 where the loss needs it).
+   inputs and targets (targets summing to 1 where the loss needs it) by this module's own
+   small evaluator: the forward equations of the graph, then the derived formulas in the
+   derivation's order.
 
 A mismatch gives a counterexample — the parameter and input values (two decimals, to be
 reproducible by hand), the user's value and the correct one — and the derived formula printed
@@ -43,9 +50,10 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from derive import functions
-from derive.derivation import Derivation, Formula, activation_derivative, derive
+from derive.derivation import C, Derivation, Formula, activation_derivative, derive
 from derive.errors import DeriveError
 from derive.formula_parser import (
+    Adjoint,
     Binary,
     Call,
     Const,
@@ -64,17 +72,19 @@ from derive.formula_parser import (
 )
 from derive.functions import Z, elementary
 from derive.indexcalc import collapse
-from derive.model import Model, build_model, j, k, quantity, size_symbol, split_name
+from derive.model import build_model
 from derive.pretty import pretty
-from derive.spec import NetworkSpec, load_spec
-from derive.vectorform import Inner, Mat, MatVec, Outer, Vec
-from derive.verify import DIGITS, Instance, backprop_values, evaluate
+from derive.quantities import NetTensor, entry, j, size_symbol, tensor_of
+from derive.spec import NetworkSpec, layer_attributes, load_spec
+from derive.vectorform import ONE, Einsum, Inner, MatVec, Outer
 
 #: Widths of the concrete copy the numeric check runs on.
 MAX_WIDTH = 3
 #: Random points of the numeric check.
 POINTS = 20
-#: Relative agreement required at 50 digits (as derive.verify).
+#: Decimal digits of the numeric check's arithmetic (as derive.verify).
+DIGITS = 50
+#: Relative agreement required at 50 digits.
 TOLERANCE = 10.0 ** -(DIGITS - 10)
 #: Largest integer exponent a formula may use.
 MAX_EXPONENT = 64
@@ -104,7 +114,7 @@ class Counterexample:
     """Where the user's formula and the derived one disagree."""
 
     layer: int
-    entry: tuple[int, ...]          # 1-based (j,) or (j, k)
+    entry: tuple[int, ...]          # 1-based (j,) or (j, k); () for a per-sample scalar
     user_value: str
     correct_value: str
     values: tuple[tuple[str, str], ...]      # ("W^1", "[[0.37, -1.2], ...]"), ("x", ...)
@@ -117,8 +127,8 @@ class FormulaVerdict:
 
     formula: str
     spec_name: str
-    target: str                      # "delta^L", "dC/dw^l", ...
-    layers: tuple[int, ...]          # the concrete layers checked
+    target: str                      # "delta^L", "dC/dw^l", "dC/dgamma^4", ...
+    layers: tuple[int, ...]          # the concrete layers (nodes) checked
     correct: bool
     method: str                      # how it was established
     assumptions: tuple[str, ...]
@@ -146,9 +156,9 @@ class FormulaVerdict:
             out.append(f"  {self.reason}")
         example = self.counterexample
         if example is not None:
-            entry = ", ".join(map(str, example.entry))
-            out.append(f"  counterexample ({self.method}) at layer {example.layer}, entry "
-                       f"({entry}):")
+            where = (f", entry ({', '.join(map(str, example.entry))})" if example.entry
+                     else "")
+            out.append(f"  counterexample ({self.method}) at layer {example.layer}{where}:")
             out.append(f"    your formula gives  {example.user_value}")
             out.append(f"    the correct value is {example.correct_value}")
             out.append("    with")
@@ -162,6 +172,163 @@ class FormulaVerdict:
         return out
 
 
+# --- the network as formulas see it ------------------------------------------------------
+
+
+class _Network:
+    """What a formula can name in one derivation: every quantity by (role, node), the nodes
+    its axes run over, which nodes share a width by construction, and the derived formula of
+    each adjoint.
+
+    Axes are node numbers: an axis of node l has n_l entries. Two nodes share an axis class
+    when an equation indexes both with the same free index (an add's inputs and output, a
+    layer norm's input and output): a vector over one is a vector over the other.
+
+    The algebra of this module (sums written out, expansions) runs on stand-in symbols, one
+    per quantity (:meth:`stand_ins`): SymPy orders the terms of a sum by comparing them, and
+    two equal quantities that are distinct objects do not compare (a NetTensor's fields
+    include None).
+    """
+
+    def __init__(self, derivation: Derivation) -> None:
+        model = derivation.model
+        self._stand_in: dict[NetTensor, sp.Dummy] = {}
+        self._stands_for: dict[sp.Symbol, NetTensor] = {}
+        self._deltas: dict[int, NetTensor] = {}
+        self.derivation = derivation
+        self.model = model
+        self.depth = model.depth
+        self.chain = model.is_chain
+        self.widths = {0: model.spec.input, **{node.index: node.width for node in model.nodes}}
+        self.size_node = {size_symbol(0): 0, **{node.size: node.index for node in model.nodes}}
+        self.axes: dict[NetTensor, tuple[int, ...]] = {}
+        x, y = tensor_of(model.x[j]), tensor_of(model.y[j])
+        self._add(x, (0,))
+        self._add(y, (model.output.index,))
+        targets = {eq.target for eq in model.equations}
+        for node in model.nodes:
+            for eq in node.equations:
+                self._add(eq.target, (node.index,) * eq.target.rank)
+            for parameter in node.parameters:
+                self._add(parameter.tensor,
+                          tuple(self.size_node[s] for s in parameter.shape_symbols))
+            for eq in node.equations:       # leaves an op reads besides parameters (masks)
+                for tensor in sorted(eq.expr.atoms(NetTensor), key=sp.default_sort_key):
+                    if tensor not in self.axes and tensor.node == node.index:
+                        self._add(tensor, (node.index,) * tensor.rank)
+            self._add(self.delta_tensor(node.index), self.axes[node.forward.delta])
+        #: the inputs of the forward pass: parameters, x, y and masks, in a fixed order
+        self.leaves = tuple(t for t in self.axes if t not in targets and t.role != "delta")
+        self.parent = {n: n for n in self.widths}
+        for eq in model.equations:
+            for atom in eq.expr.atoms(sp.Indexed):
+                tensor = tensor_of(atom)
+                for position, index in enumerate(atom.indices):
+                    if index in eq.indices and tensor in self.axes:
+                        self._union(self.axes[tensor][position],
+                                    self.axes[eq.target][eq.indices.index(index)])
+        self.eps = self._eps()
+
+    def _add(self, tensor: NetTensor, axes: tuple[int, ...]) -> None:
+        self.axes.setdefault(tensor, axes)
+
+    def _root(self, node: int) -> int:
+        while self.parent[node] != node:
+            node = self.parent[node]
+        return node
+
+    def _union(self, a: int, b: int) -> None:
+        a, b = self._root(a), self._root(b)
+        self.parent[max(a, b)] = min(a, b)
+
+    def same(self, a: int, b: int) -> bool:
+        """Whether axes over nodes a and b are one axis (same width by construction)."""
+        return self._root(a) == self._root(b)
+
+    def _eps(self) -> sp.Expr | None:
+        values = set()
+        for node, layer in zip(self.model.nodes, self.model.spec.layers):
+            attribute = node.op.attribute("eps")
+            if attribute is not None:
+                value = layer_attributes(layer).get("eps", attribute.default)
+                values.add(sp.Rational(repr(float(value))))
+        return values.pop() if len(values) == 1 else None
+
+    # -- quantities --
+
+    def delta_tensor(self, node: int) -> NetTensor:
+        """δ^l as the derivation writes it (the adjoint of z^l, or of a^l for an op without
+        an activation)."""
+        if node not in self._deltas:
+            rank = self.model.node(node).forward.delta.rank
+            self._deltas[node] = NetTensor("delta", node, rank=rank)
+        return self._deltas[node]
+
+    # -- stand-ins --
+
+    def stand_ins(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every quantity replaced by its stand-in symbol."""
+        tensors = expr.atoms(NetTensor)
+        for tensor in sorted(tensors - set(self._stand_in), key=str):
+            symbol = sp.Dummy(tensor.name, real=True)
+            self._stand_in[tensor] = symbol
+            self._stands_for[symbol] = tensor
+        return expr.xreplace({tensor: self._stand_in[tensor] for tensor in tensors})
+
+    def stands_for(self, atom: sp.Expr) -> NetTensor | None:
+        """The quantity of a stand-in entry (an Indexed, or a stand-in symbol for rank 0)."""
+        label = atom.base.label if isinstance(atom, sp.Indexed) else atom
+        return self._stands_for.get(label)
+
+    def real(self, atom: sp.Expr) -> sp.Expr:
+        """A stand-in atom (an entry, or an adjoint ∂C/∂ of one) as the quantity itself."""
+        if isinstance(atom, sp.Derivative):
+            return sp.Derivative(C, self.real(atom.variables[0]), evaluate=False)
+        return entry(self.stands_for(atom), _indices_of(atom))
+
+    def tensor(self, role: str, node: int | None) -> NetTensor | None:
+        """The quantity ``role`` at ``node`` (``delta`` for a node's error), or None."""
+        for tensor in self.axes:
+            if tensor.role == role and tensor.node == node:
+                return tensor
+        return None
+
+    def layers_with(self, role: str) -> list[int]:
+        return sorted({t.node for t in self.axes if t.role == role and t.node is not None})
+
+    def is_leaf(self, tensor: NetTensor | None) -> bool:
+        return tensor in self.leaves
+
+    def size(self, node: int) -> sp.Symbol:
+        return size_symbol(node)
+
+    def entries(self, tensor: NetTensor) -> list[tuple[int, ...]]:
+        """Every 1-based index tuple of ``tensor`` at the model's concrete widths."""
+        out: list[tuple[int, ...]] = [()]
+        for axis in self.axes[tensor]:
+            out = [(*e, n) for e in out for n in range(1, self.widths[axis] + 1)]
+        return out
+
+    # -- derived formulas --
+
+    def formula_for(self, q: NetTensor) -> Formula | None:
+        """The derived formula of ∂C/∂q: the node's δ, the loss gradient, an intermediate's
+        adjoint or a parameter's gradient; None where the derivation has none (a dense
+        layer's hidden a^l enters through δ^l)."""
+        derivation = self.derivation
+        if q.node and q == self.model.node(q.node).forward.delta:
+            return derivation.delta(q.node)
+        for formula in derivation.formulas:
+            if formula.of == q and formula.kind != "delta":
+                return formula
+        return None
+
+    def describe(self, node: int) -> str:
+        if node == 0:
+            return "the input"
+        return f"layer {node} is {self.model.node(node).op.name}"
+
+
 # --- meaning: syntax tree to SymPy -------------------------------------------------------
 
 
@@ -170,7 +337,7 @@ class _Value:
     """A converted piece: ``expr`` with placeholders for its implicit indices, and its shape.
 
     kind "s" scalar (index form), "v" column vector over ``rows``, "r" row vector over
-    ``rows``, "m" matrix ``rows`` x ``cols`` (layers).
+    ``rows``, "m" matrix ``rows`` x ``cols`` (axes named by node).
     """
 
     expr: sp.Expr
@@ -195,14 +362,27 @@ _ELEMENTARY: Mapping[str, Callable[..., sp.Expr]] = {
 }
 
 
+def _ranges(name: str, layers: Sequence[int]) -> str:
+    """``delta^1..delta^3``, ``gamma^4``, ``w^1..w^2, w^5``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{name}^{run[0]}" if len(run) == 1 else f"{name}^{run[0]}..{name}^{run[-1]}"
+                     for run in runs)
+
+
 class _Meaning:
     """Converts a parsed formula to SymPy at one concrete value of the generic layer l."""
 
-    def __init__(self, parsed: ParsedFormula, model: Model, l_value: int | None) -> None:
+    def __init__(self, parsed: ParsedFormula, network: _Network, l_value: int | None) -> None:
         self.parsed = parsed
-        self.model = model
-        self.spec = model.spec
-        self.depth = model.depth
+        self.network = network
+        self.model = network.model
+        self.spec = network.model.spec
+        self.depth = network.depth
         self.l_value = l_value
         self.scopes: list[dict[str, list]] = []
 
@@ -223,45 +403,76 @@ class _Meaning:
         value = self.layer(layer)
         return str(layer) if layer.base is None else f"{layer} = {value}"
 
+    def missing(self, name: str, role: str, layer: Layer, pos: int) -> Exception:
+        """The error for ``name^layer`` that the network does not have. In a graph, a generic
+        layer l that lands on a node without it makes the formula ill-formed there (the claim
+        "for every l" fails); anything else is a usage error."""
+        value = self.layer(layer)
+        if role == "b" and 1 <= value <= self.depth and self.model.node(value).parameter(
+                "w") is not None:
+            return self.error(f"layer {value} has no bias (bias: false in the spec)", pos)
+        have = self.network.layers_with(role)
+        text = f"{name}^{self.layer_text(layer)} does not exist: " + (
+            f"this network has {_ranges(name, have)}" if have else f"this network has no {name}")
+        if 0 <= value <= self.depth and not self.network.chain:
+            text += f" ({self.network.describe(value)})"
+            if self.l_value is not None:
+                return IllFormed(text, pos)
+        return self.error(text, pos)
+
     # -- the left side --
 
-    def target_indices(self, target: Target, layer: int
+    def target_indices(self, target: Target, axes: tuple[int, ...], free: tuple[sp.Symbol, ...]
                        ) -> list[tuple[str, int, sp.Symbol, int]]:
-        """(letter, layer it ranges over, canonical symbol, position) of the left side's free
-        indices; the implicit ones of the vector form are placed at the left side's start."""
-        if target.kind == "dw":
+        """(letter, node its axis runs over, canonical symbol, position) of the left side's
+        free indices; the implicit ones of the vector form are placed at the left side's
+        start."""
+        name = _target_name(target)
+        if not axes:
+            if target.indices:
+                raise self.error(f"{name} is a scalar per sample: it takes no index",
+                                 target.indices[0][1])
+            return []
+        if len(axes) == 2:
             written = target.indices or (("j", target.pos), ("k", target.pos))
             if len(written) != 2:
-                raise self.error("dC/dw^l takes two indices, as in dC/dw^l_jk", target.pos)
+                raise self.error(f"{name} takes two indices, as in {name}_jk", target.pos)
             (row, row_pos), (col, col_pos) = written
             if row == col:
-                raise self.error(f"dC/dw^l_{row}{col} needs two different indices, as in "
-                                 "dC/dw^l_jk", col_pos)
-            return [(row, layer, j, row_pos), (col, layer - 1, k, col_pos)]
+                raise self.error(f"{name}_{row}{col} needs two different indices, as in "
+                                 f"{name}_jk", col_pos)
+            return [(row, axes[0], free[0], row_pos), (col, axes[1], free[1], col_pos)]
         written = target.indices or (("j", target.pos),)
         if len(written) != 1:
             raise self.error("this left side takes one index, as in delta^l_j", target.pos)
         ((letter, pos),) = written
-        return [(letter, layer, j, pos)]
+        return [(letter, axes[0], free[0], pos)]
 
     # -- the right side --
 
-    def convert(self, target: Target, layer: int) -> sp.Expr:
-        """The right side in index form, free indices j (and k), at ``layer``."""
-        free = self.target_indices(target, layer)
+    def convert(self, target: Target, formula: Formula) -> sp.Expr:
+        """The right side in index form, in the derived formula's free indices."""
+        network = self.network
+        axes = network.axes[formula.of]
+        free = self.target_indices(target, axes, formula.indices)
         self.scopes = [{letter: [symbol, rng, pos] for letter, rng, symbol, pos in free}]
         value = self.value(self.parsed.rhs)
         if value.kind == "s":
             return value.expr
-        if target.kind == "dw":
-            if value.kind == "m" and (value.rows, value.cols) == (layer, layer - 1):
-                return value.expr.xreplace({_ROW: j, _COL: k})
-            raise IllFormed(f"the right side is {value.describe()}; dC/dw^{layer} is an "
-                            f"n_{layer} x n_{layer - 1} matrix", self.parsed.rhs.pos)
-        if value.kind == "v" and value.rows == layer:
-            return value.expr.xreplace({_ROW: j})
-        raise IllFormed(f"the right side is {value.describe()}; the left side is a vector "
-                        f"over layer {layer}", self.parsed.rhs.pos)
+        name = _target_name(target, formula.node)
+        if len(axes) == 2:
+            if value.kind == "m" and network.same(value.rows, axes[0]) and network.same(
+                    value.cols, axes[1]):
+                return value.expr.xreplace({_ROW: free[0][2], _COL: free[1][2]})
+            raise IllFormed(f"the right side is {value.describe()}; {name} is an "
+                            f"n_{axes[0]} x n_{axes[1]} matrix", self.parsed.rhs.pos)
+        if len(axes) == 1:
+            if value.kind == "v" and network.same(value.rows, axes[0]):
+                return value.expr.xreplace({_ROW: free[0][2]})
+            raise IllFormed(f"the right side is {value.describe()}; the left side is a vector "
+                            f"over layer {axes[0]}", self.parsed.rhs.pos)
+        raise IllFormed(f"the right side is {value.describe()}; the left side is a scalar per "
+                        "sample", self.parsed.rhs.pos)
 
     def index(self, letter: str, layer: int, pos: int) -> sp.Symbol:
         for scope in reversed(self.scopes):
@@ -269,7 +480,7 @@ class _Meaning:
                 entry = scope[letter]
                 if entry[1] is None:
                     entry[1], entry[2] = layer, pos
-                elif entry[1] != layer:
+                elif not self.network.same(entry[1], layer):
                     raise IllFormed(
                         f"index {letter} ranges over layer {entry[1]} (n_{entry[1]} values, "
                         f"column {entry[2] + 1}) but here over layer {layer} (n_{layer} "
@@ -286,7 +497,35 @@ class _Meaning:
                       "s")
 
     def _Const(self, node: Const) -> _Value:
+        if node.name == "eps":
+            if self.network.eps is None:
+                raise self.error("eps is the epsilon of a layer norm; this network has no "
+                                 "layer norm, or its layer norms differ: write the number",
+                                 node.pos)
+            return _Value(self.network.eps, "s")
         return _Value(sp.pi if node.name == "pi" else sp.E, "s")
+
+    def shaped(self, tensor: NetTensor, written: tuple[tuple[str, int], ...], name: str,
+               pos: int) -> _Value:
+        """``tensor`` as a whole (vector, matrix, per-sample scalar) or at written indices."""
+        axes = self.network.axes[tensor]
+        letters = [c for c, _ in written]
+        if not letters:
+            if not axes:
+                return _Value(tensor, "s")
+            if len(axes) == 1:
+                return _Value(tensor.indexed[_ROW], "v", axes[0])
+            return _Value(tensor.indexed[_ROW, _COL], "m", axes[0], axes[1])
+        if not axes:
+            raise self.error(f"{name} is a scalar per sample: it takes no index", pos)
+        if len(letters) != len(axes):
+            if len(axes) == 2:
+                raise self.error(f"{name} takes two indices ({name}_jk) or none (the matrix)",
+                                 pos)
+            raise self.error(f"{name} takes one index", pos)
+        symbols = tuple(self.index(letter, axis, at)
+                        for (letter, at), axis in zip(written, axes))
+        return _Value(tensor.indexed[symbols], "s")
 
     def _Ref(self, node: Ref) -> _Value:
         letter = node.letter
@@ -297,34 +536,31 @@ class _Meaning:
                                  node.pos)
             return _Value(size_symbol(layer), "s")
         if letter == "y":
-            layer, base = self.depth, quantity("y")
+            tensor = self.network.tensor("y", None)
         else:
-            layer = self.layer(node.layer)
-            low = 0 if letter == "a" else 1
-            if not low <= layer <= self.depth:
-                name = {"delta": "delta", "w": "w"}.get(letter, letter)
-                raise self.error(f"{name}^{self.layer_text(node.layer)} does not exist: this "
-                                 f"network has {name}^{low}..{name}^{self.depth}", node.pos)
-            if letter == "b" and self.model.layer(layer).b is None:
-                raise self.error(f"layer {layer} has no bias (bias: false in the spec)",
-                                 node.pos)
-            base = self.model.x if (letter == "a" and layer == 0) else quantity(letter, layer)
-        positions = [pos for _, pos in node.indices]
-        letters = [c for c, _ in node.indices]
-        if letter == "w":
-            if not letters:
-                return _Value(base[_ROW, _COL], "m", layer, layer - 1)
-            if len(letters) != 2:
-                raise self.error("w^l takes two indices (w^l_jk) or none (the matrix W^l)",
-                                 node.pos)
-            row = self.index(letters[0], layer, positions[0])
-            col = self.index(letters[1], layer - 1, positions[1])
-            return _Value(base[row, col], "s")
-        if not letters:
-            return _Value(base[_ROW], "v", layer)
-        if len(letters) != 1:
-            raise self.error(f"{letter} takes one index", node.pos)
-        return _Value(base[self.index(letters[0], layer, positions[0])], "s")
+            tensor = self.network.tensor(letter, self.layer(node.layer))
+            if tensor is None:
+                raise self.missing(letter, letter, node.layer, node.pos)
+        name = letter if tensor.node is None else f"{letter}^{tensor.node}"
+        return self.shaped(tensor, node.indices, name, node.pos)
+
+    def _Adjoint(self, node: Adjoint) -> _Value:
+        """dC/dq^l on the right: δ^l where q is what the node's error differentiates, else the
+        derived adjoint (loss gradient, an intermediate's adjoint, a parameter's gradient)."""
+        name = f"dC/d{node.role}"
+        q = self.network.tensor(node.role, self.layer(node.layer))
+        if q is None:
+            raise self.missing(name, node.role, node.layer, node.pos)
+        formula = self.network.formula_for(q)
+        if formula is None:
+            raise self.error(f"{name}^{q.node} is not derived: the output of dense layer "
+                             f"{q.node} enters through its error delta^{q.node}; dC/da is "
+                             "derived for the output layer, dC/da^L", node.pos)
+        if formula.kind == "delta":
+            return self.shaped(self.network.delta_tensor(q.node), node.indices,
+                               f"delta^{q.node}", node.pos)
+        value = self.shaped(q, node.indices, f"{name}^{q.node}", node.pos)
+        return dataclasses.replace(value, expr=sp.Derivative(C, value.expr, evaluate=False))
 
     def _Unary(self, node: Unary) -> _Value:
         value = self.value(node.operand)
@@ -359,9 +595,15 @@ class _Meaning:
                 float(abs(exponent)) * sp.log(abs(base), 10).evalf() > 300):
             raise self.error("constant power too large (over 10^300)", pos)
 
+    def same_shape(self, left: _Value, right: _Value) -> bool:
+        if left.kind != right.kind:
+            return False
+        network = self.network
+        return all(a == b or (a is not None and b is not None and network.same(a, b))
+                   for a, b in ((left.rows, right.rows), (left.cols, right.cols)))
+
     def elementwise(self, left: _Value, right: _Value, op: str, pos: int) -> _Value:
-        if left.kind == "s" or right.kind == "s" or (left.kind, left.rows, left.cols) == (
-                right.kind, right.rows, right.cols):
+        if left.kind == "s" or right.kind == "s" or self.same_shape(left, right):
             shaped = right if left.kind == "s" else left
             a, b = left.expr, right.expr
             expr = {"+": a + b, "-": a - b, "*": a * b, "odot": a * b, "/": a / b,
@@ -403,9 +645,9 @@ class _Meaning:
             return _Value(left.expr * right.expr.xreplace({_ROW: _COL}), "m", left.rows,
                           right.rows)
         inner = left.cols if left.kind == "m" else left.rows
-        if inner != right.rows:
+        if not self.network.same(inner, right.rows):
             hint = ""
-            if left.kind == "m" and left.rows == right.rows:
+            if left.kind == "m" and self.network.same(left.rows, right.rows):
                 hint = " (did you mean the transpose of the matrix?)"
             raise IllFormed(f"dimension mismatch: {left.describe()} times "
                             f"{right.describe()}{hint}", pos)
@@ -443,7 +685,8 @@ class _Meaning:
         size = size_symbol(entry[1])
         if node.upper is not None:
             upper = self.value(node.upper)
-            if upper.expr != size:
+            bound = self.network.size_node.get(upper.expr)
+            if bound is None or not self.network.same(bound, entry[1]):
                 raise IllFormed(f"sum_{node.index} runs to {upper.expr}, but {node.index} "
                                 f"indexes layer {entry[1]} ({size} values)", node.upper.pos)
         return _Value(sp.Sum(body.expr, (dummy, 1, size)), "s")
@@ -478,24 +721,34 @@ class _Meaning:
         expr = activation_derivative(activation).in_z if node.prime else activation.expr
         return dataclasses.replace(arg, expr=expr.subs(Z, arg.expr))
 
+    def activations(self) -> dict[int, functions.Activation]:
+        """The activation of every node that applies one."""
+        return {node.index: node.activation for node in self.model.nodes
+                if node.activation is not None}
+
     def activation_of(self, node: Call) -> functions.Activation:
+        activations = self.activations()
         if node.name != "sigma":
             params = {}
-            for l in range(1, self.depth + 1):
-                if self.spec.activation(l).name == node.name:
-                    params = dict(self.spec.activation(l).params)
+            for activation in activations.values():
+                if activation.name == node.name:
+                    params = dict(activation.params)
                     break
             return functions.resolve_activation(node.name, params)
         if node.layer is not None:
             layer = self.layer(node.layer)
             if not 1 <= layer <= self.depth:
                 raise self.error(f"sigma_{layer}: layers are 1..{self.depth}", node.pos)
-            return self.spec.activation(layer)
+            if layer not in activations:
+                raise self.error(f"sigma_{layer}: {self.network.describe(layer)}, which has no "
+                                 "activation", node.pos)
+            return activations[layer]
         layers = sorted({self.layer(ref.layer) for ref in _refs(node.args[0])
                          if ref.layer is not None and ref.letter in ("z", "a", "w", "b")})
-        if len(layers) == 1 and 1 <= layers[0] <= self.depth:
-            return self.spec.activation(layers[0])
-        distinct = {self.spec.activation(l) for l in range(1, self.depth + 1)}
+        layers = [layer for layer in layers if layer in activations]
+        if len(layers) == 1:
+            return activations[layers[0]]
+        distinct = set(activations.values())
         if len(distinct) == 1:
             return distinct.pop()
         raise self.error("which layer's sigma? the layers have different activations; write "
@@ -521,22 +774,43 @@ def _refs(node: Node) -> list[Ref]:
 # --- which derived formula the left side names -------------------------------------------
 
 
+def _target_tensor(target: Target, layer: int, network: _Network) -> NetTensor | None:
+    """The quantity the left side differentiates at ``layer`` (z^l for sigma'(z^l))."""
+    if target.kind == "delta":
+        return network.model.node(layer).forward.delta
+    if target.kind == "sigma'":
+        return network.tensor("z", layer)
+    return network.tensor(target.role, layer)
+
+
+def _has_target(target: Target, layer: int, network: _Network) -> bool:
+    """Whether the left side names a derived formula at ``layer``."""
+    q = _target_tensor(target, layer, network)
+    if q is None:
+        return False
+    if target.kind == "sigma'":
+        activation = network.model.node(layer).activation
+        return activation is not None and not activation.is_softmax and (
+            target.activation is None or activation.name == target.activation)
+    return target.kind == "delta" or network.formula_for(q) is not None
+
+
 def _target_layers(target: Target, meaning: _Meaning,
-                   derivation: Derivation) -> list[tuple[int | None, int]]:
+                   network: _Network) -> list[tuple[int | None, int]]:
     """(value of l, concrete layer) for every layer the left side names."""
-    depth = derivation.model.depth
-    spec = derivation.model.spec
+    depth = network.depth
+    role = target.role
+    if target.kind == "grad" and role == "a" and network.chain and (
+            target.layer.base == "l" or meaning.layer(target.layer) != depth):
+        raise meaning.error("dC/da is only derived for the output layer: dC/da^L", target.pos)
     if target.layer.base == "l":
         if target.kind == "delta":
-            candidates = range(1, depth)        # BP2: the hidden layers
+            candidates = list(range(1, depth))        # BP2: the hidden layers
             if depth == 1:
                 raise meaning.error("this network has no hidden layer; the output error is "
                                     "delta^L", target.pos)
-        elif target.kind == "da":
-            raise meaning.error("dC/da is only derived for the output layer: dC/da^L",
-                                target.pos)
         else:
-            candidates = range(1, depth + 1)
+            candidates = list(range(1, depth + 1))
         pairs = [(layer - target.layer.offset, layer) for layer in candidates]
     else:
         meaning.l_value = None
@@ -545,53 +819,52 @@ def _target_layers(target: Target, meaning: _Meaning,
             raise meaning.error(f"layer {layer} does not exist: layers are 1..{depth}",
                                 target.layer.pos)
         pairs = [(None, layer)]
-    result = []
-    for l_value, layer in pairs:
-        if target.kind == "db" and derivation.bias_gradients[layer - 1] is None:
-            continue
-        if target.kind == "da" and layer != depth:
-            raise meaning.error("dC/da is only derived for the output layer: dC/da^L",
-                                target.pos)
-        if target.kind == "sigma'":
-            activation = spec.activation(layer)
-            if activation.is_softmax:
-                continue
-            if target.activation and activation.name != target.activation:
-                continue
-        result.append((l_value, layer))
-    if not result:
-        what = {"db": "no layer has a bias (bias: false in the spec)",
-                "sigma'": "no layer has that elementwise activation"}
-        raise meaning.error(what.get(target.kind, "no layer matches the left side"),
-                            target.pos)
-    return result
+    result = [(l_value, layer) for l_value, layer in pairs
+              if _has_target(target, layer, network)]
+    if result:
+        return result
+    if target.kind == "sigma'":
+        message = "no layer has that elementwise activation"
+    elif role == "b" and any(network.model.node(layer).parameter("w") is not None
+                             for _, layer in pairs):
+        message = "no layer has a bias (bias: false in the spec)"
+    else:
+        name = "dC/da" if role == "a" else f"dC/d{role}"
+        have = [layer for layer in range(1, depth + 1) if _has_target(target, layer, network)]
+        where = ("; it is derived at " + _ranges(name, have)) if have else (
+            f": this network has no {role}")
+        if role == "a":
+            where += " (a dense layer's output enters through its error delta^l)"
+        message = f"no layer named by the left side has {name}{where}"
+    raise meaning.error(message, target.pos)
 
 
-def _derived_formula(target: Target, layer: int, derivation: Derivation) -> Formula:
+def _derived_formula(target: Target, layer: int, network: _Network) -> Formula:
+    derivation = network.derivation
     if target.kind == "delta":
         return derivation.delta(layer)
-    if target.kind == "dw":
-        return derivation.weight_gradients[layer - 1]
-    if target.kind == "db":
-        formula = derivation.bias_gradients[layer - 1]
+    q = _target_tensor(target, layer, network)
+    assert q is not None
+    if target.kind == "grad":
+        formula = network.formula_for(q)
         assert formula is not None
         return formula
-    if target.kind == "da":
-        return derivation.loss_gradient
-    model = derivation.model
-    derivative = activation_derivative(model.spec.activation(layer))
-    z = model.layer(layer).z[j]
+    derivative = activation_derivative(network.model.node(layer).activation)
+    z = q.indexed[j]
     sigma = sp.Function(f"sigma_{layer}")
     return Formula(f"sigma'^{layer}", "", sp.Derivative(sigma(z), z, evaluate=False),
                    derivative.in_z.subs(Z, z), derivative.in_z.subs(Z, z), (j,),
-                   derivative.steps)
+                   derivative.steps, of=q, node=layer, kind="sigma'")
 
 
-def _target_name(target: Target) -> str:
-    layer = str(target.layer)
-    return {"delta": f"delta^{layer}", "dw": f"dC/dw^{layer}", "db": f"dC/db^{layer}",
-            "da": f"dC/da^{layer}", "sigma'": f"{target.activation or 'sigma'}'(z^{layer})"
-            }[target.kind]
+def _target_name(target: Target, layer: int | None = None) -> str:
+    """The left side's name: at the written layer, or at a concrete ``layer``."""
+    text = str(target.layer) if layer is None else str(layer)
+    if target.kind == "delta":
+        return f"delta^{text}"
+    if target.kind == "grad":
+        return f"dC/d{target.role}^{text}"
+    return f"{target.activation or 'sigma'}'(z^{text})"
 
 
 # --- comparison --------------------------------------------------------------------------
@@ -609,17 +882,79 @@ def _canonical_sums(expr: sp.Expr, depth: int = 0) -> sp.Expr:
     return expr.func(*(_canonical_sums(arg, depth) for arg in expr.args))
 
 
-def _in_z(expr: sp.Expr, model: Model) -> sp.Expr:
-    """a^l_x written as sigma_l(z^l_x) for every elementwise layer."""
-    def rewrite(e: sp.Indexed) -> sp.Expr:
-        letter, layer = split_name(str(e.base.label))
-        if letter != "a" or not layer:
-            return e
-        activation = model.layer(layer).activation
-        if activation.is_softmax:
-            return e
-        return activation.expr.subs(Z, model.layer(layer).z[e.indices[0]])
-    return expr.replace(lambda e: isinstance(e, sp.Indexed), rewrite)
+def _instantiate(expr: sp.Expr, free: tuple[sp.Symbol, ...], values: tuple[sp.Expr, ...]
+                 ) -> sp.Expr:
+    """``expr`` with its free indices set to ``values`` and its bound ones made fresh."""
+    bound = {limit[0] for s in expr.atoms(sp.Sum) for limit in s.limits}
+    mapping: dict[sp.Expr, sp.Expr] = {b: sp.Dummy(str(b), integer=True, positive=True)
+                                       for b in bound}
+    mapping.update(zip(free, values))
+    return expr.xreplace(mapping)
+
+
+def _indices_of(atom: sp.Expr) -> tuple[sp.Expr, ...]:
+    return tuple(atom.indices) if isinstance(atom, sp.Indexed) else ()
+
+
+def _substitute(expr: sp.Expr, definitions: Mapping[NetTensor, tuple[tuple, sp.Expr]],
+                network: _Network) -> sp.Expr:
+    """Every entry of a quantity in ``definitions`` (quantity -> (indices, expr), in
+    stand-ins) replaced by its definition, to a fixed point; ``expr`` is in stand-ins."""
+    def defined(e: sp.Expr) -> bool:
+        # a rank-0 quantity is its own stand-in symbol; a vector's symbol is only a label
+        if not isinstance(e, (sp.Indexed, sp.Dummy)):
+            return False
+        tensor = network.stands_for(e)
+        return tensor in definitions and (isinstance(e, sp.Indexed) or tensor.rank == 0)
+
+    def define(e: sp.Expr) -> sp.Expr:
+        free, body = definitions[network.stands_for(e)]
+        return _instantiate(body, free, _indices_of(e))
+
+    for _ in range(len(definitions) + 1):
+        new = expr.replace(defined, define)
+        if new == expr:
+            return new
+        expr = new
+    return expr
+
+
+def _canonical(expr: sp.Expr, network: _Network) -> sp.Expr:
+    """``expr`` (in stand-ins) in the fewest kinds of atoms: the adjoints of intermediates
+    and parameters replaced by their derived formulas, a node's internal quantities (x̂, μ, σ²
+    of a layer norm) by their definitions, a^l = sigma_l(z^l) for every elementwise
+    activation, and widths equal by construction written as one width."""
+    derivation = network.derivation
+    adjoints = {f.of: (f.indices, network.stand_ins(f.rhs))
+                for f in derivation.formulas if f.kind != "delta"}
+
+    def adjoint(e: sp.Expr) -> bool:
+        return (isinstance(e, sp.Derivative) and e.expr == C
+                and network.stands_for(e.variables[0]) in adjoints)
+
+    def formula(e: sp.Expr) -> sp.Expr:
+        free, body = adjoints[network.stands_for(e.variables[0])]
+        return _instantiate(body, free, _indices_of(e.variables[0]))
+
+    for _ in range(len(adjoints) + 1):
+        new = expr.replace(adjoint, formula)
+        if new == expr:
+            break
+        expr = new
+    # what remains differentiated is kept whole while its variable's definition goes in
+    frozen = {d: sp.Dummy("adjoint") for d in expr.atoms(sp.Derivative)}
+    expr = expr.xreplace(frozen)
+    internal: dict[NetTensor, tuple[tuple, sp.Expr]] = {}
+    activations: dict[NetTensor, tuple[tuple, sp.Expr]] = {}
+    for node in network.model.nodes:
+        for eq in node.equations:
+            if eq.target not in (node.output, node.forward.delta):
+                internal[eq.target] = (eq.indices, network.stand_ins(eq.expr))
+            elif eq.activation is not None:
+                activations[eq.target] = (eq.indices, network.stand_ins(eq.expr))
+    expr = _substitute(_substitute(expr, internal, network), activations, network)
+    widths = {size_symbol(n): size_symbol(network._root(n)) for n in network.widths}
+    return expr.xreplace(widths).xreplace({d: a for a, d in frozen.items()})
 
 
 def _expanded_terms(expr: sp.Expr) -> int:
@@ -652,12 +987,16 @@ def _expanded_terms(expr: sp.Expr) -> int:
     return worst
 
 
-def symbolic_identity(user: sp.Expr, derived: sp.Expr, model: Model) -> bool:
-    """True when user == derived for every layer size, with a^l = sigma_l(z^l)."""
+def symbolic_identity(user: sp.Expr, derived: sp.Expr, network: _Network) -> bool:
+    """True when user == derived for every layer size (see :func:`_canonical`)."""
     def prepared(expr: sp.Expr) -> sp.Expr:
-        return _canonical_sums(collapse(_in_z(collapse(expr), model)))
+        expr = collapse(network.stand_ins(expr))
+        return _canonical_sums(collapse(_canonical(expr, network)))
 
     difference = prepared(user) - prepared(derived)
+    # adjoints left in (of deltas' neighbours, the output) are atoms to the algebra below
+    difference = difference.xreplace({d: sp.Dummy("adjoint")
+                                      for d in difference.atoms(sp.Derivative)})
     if sp.count_ops(difference) > 400:
         return False          # expanding it could take long; the numeric check decides
     for attempt in (lambda e: e, elementary):
@@ -675,40 +1014,127 @@ def symbolic_identity(user: sp.Expr, derived: sp.Expr, model: Model) -> bool:
     return False
 
 
+# --- the numeric check: a small self-contained evaluator ---------------------------------
+
+
 def _decimal(rng: random.Random, low: float, high: float) -> float:
     return round(rng.uniform(low, high), 2)
 
 
-def _random_point(instance: Instance, rng: random.Random) -> tuple[dict, dict]:
-    """Two-decimal values for every leaf (a reproducible counterexample), as MPFR numbers."""
-    raw = {s: _decimal(rng, -1.5, 1.5) for s in instance.leaves}
-    needs = instance.model.loss.needs
-    if needs == "probability":
-        raw.update({t: _decimal(rng, 0.05, 0.95) for t in instance.targets})
-    elif needs == "distribution":
-        n = len(instance.targets)
-        cuts = sorted(rng.sample(range(1, 100), n - 1))
-        shares = [b - a for a, b in zip([0, *cuts], [*cuts, 100])]
-        raw.update({t: share / 100 for t, share in zip(instance.targets, shares)})
-    point = {s: se.RealMPFR(repr(v), _BITS) for s, v in raw.items()}
-    point.update(instance.at_zero_error)
-    return point, raw
+def _unroll(expr: sp.Expr) -> sp.Expr:
+    """Every sum over concrete limits written out term by term (``doit`` would also evaluate
+    the derivatives ∂C/∂q, which here are values, not operations)."""
+    if not expr.has(sp.Sum):
+        return expr
+    if isinstance(expr, sp.Sum):
+        out = _unroll(expr.function)
+        for var, low, high in expr.limits:
+            out = sp.Add(*(out.xreplace({var: sp.Integer(v)})
+                           for v in range(int(low), int(high) + 1)))
+        return out
+    return expr.func(*(_unroll(arg) for arg in expr.args))
 
 
-def _value_at(expr: se.Basic, point: Mapping) -> float | None:
-    """``expr`` at ``point`` as a float, or None where it has no finite real value."""
-    try:
-        # SymEngine's real evaluation refuses complex or infinite results (1/0, log(0))
-        number = complex(evaluate(expr, point))
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    if number.imag != 0 or number.real != number.real or abs(number.real) == float("inf"):
-        return None
-    return number.real
+def _atom(tensor: NetTensor, index: tuple[int, ...]) -> sp.Expr:
+    return entry(tensor, tuple(map(sp.Integer, index)))
 
 
 def _show(value: float | None) -> str:
     return "not a real number" if value is None else f"{value:.10g}"
+
+
+class _Evaluator:
+    """Values of a (small) model's quantities and derived formulas at random points, in
+    SymEngine's arbitrary-precision floats: the forward equations of the graph in order, then
+    every derived formula in the derivation's order (each reads only what came before it)."""
+
+    def __init__(self, network: _Network) -> None:
+        self.network = network
+        self.sizes = {size_symbol(n): sp.Integer(w) for n, w in network.widths.items()}
+        self.compiled: dict[tuple, tuple[se.Basic, tuple[tuple[se.Symbol, sp.Expr], ...]]] = {}
+
+    def compile(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...]
+                ) -> tuple[se.Basic, tuple[tuple[se.Symbol, sp.Expr], ...]]:
+        """``expr`` at concrete indices and widths as a SymEngine expression in one symbol per
+        value it reads (an entry of a quantity, or an adjoint ∂C/∂q)."""
+        key = (expr, free, index)
+        if key not in self.compiled:
+            network = self.network
+            concrete = network.stand_ins(expr).xreplace(dict(zip(free, map(sp.Integer, index))))
+            concrete = _unroll(concrete.xreplace(self.sizes))
+            names: dict[sp.Expr, sp.Symbol] = {}
+            for kind in (sp.Derivative, sp.Indexed, sp.Dummy):
+                atoms = sorted((a for a in concrete.atoms(kind)
+                                if kind is not sp.Dummy or network.stands_for(a) is not None),
+                               key=sp.default_sort_key)
+                step = {atom: sp.Symbol(f"_q{len(names) + n}") for n, atom in enumerate(atoms)}
+                names.update(step)
+                concrete = concrete.xreplace(step)
+            converted = se.sympify(elementary(concrete))
+            self.compiled[key] = (converted, tuple((se.Symbol(symbol.name), network.real(atom))
+                                                   for atom, symbol in names.items()))
+        return self.compiled[key]
+
+    def evaluate(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
+                 env: Mapping[sp.Expr, se.Basic]) -> se.Basic:
+        compiled, reads = self.compile(expr, free, index)
+        return compiled.subs({symbol: env[atom] for symbol, atom in reads}).n(_BITS, real=True)
+
+    def number(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
+               env: Mapping[sp.Expr, se.Basic]) -> float | None:
+        """``expr`` at ``index`` as a float, or None where it has no finite real value."""
+        try:
+            # SymEngine's real evaluation refuses complex or infinite results (1/0, log(0))
+            value = complex(self.evaluate(expr, free, index, env))
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if value.imag != 0 or value.real != value.real or abs(value.real) == float("inf"):
+            return None
+        return value.real
+
+    def point(self, rng: random.Random) -> tuple[dict[sp.Expr, se.Basic],
+                                                 dict[tuple[NetTensor, tuple[int, ...]], float]]:
+        """Every value at one random point, and the random leaves themselves (two decimals,
+        for a reproducible counterexample). Dropout masks are 1: gradients are taken with
+        dropout off."""
+        network = self.network
+        model = network.model
+        target = network.tensor("y", None)
+        raw: dict[tuple[NetTensor, tuple[int, ...]], float] = {}
+        for tensor in network.leaves:
+            entries = network.entries(tensor)
+            if tensor == target and model.loss.needs == "probability":
+                values = [_decimal(rng, 0.05, 0.95) for _ in entries]
+            elif tensor == target and model.loss.needs == "distribution":
+                cuts = sorted(rng.sample(range(1, 100), len(entries) - 1))
+                values = [(b - a) / 100 for a, b in zip([0, *cuts], [*cuts, 100])]
+            elif tensor.role == "mask":
+                values = [1.0 for _ in entries]
+            else:
+                values = [_decimal(rng, -1.5, 1.5) for _ in entries]
+            raw.update({(tensor, index): v for index, v in zip(entries, values)})
+        env: dict[sp.Expr, se.Basic] = {_atom(t, index): se.RealMPFR(repr(v), _BITS)
+                                         for (t, index), v in raw.items()}
+        for eq in model.equations:
+            for index in network.entries(eq.target):
+                env[_atom(eq.target, index)] = self.evaluate(eq.expr, eq.indices, index, env)
+        for formula in network.derivation.formulas:
+            for index in network.entries(formula.of):
+                lhs = formula.lhs.xreplace(dict(zip(formula.indices, map(sp.Integer, index))))
+                env[lhs] = self.evaluate(formula.rhs, formula.indices, index, env)
+        return env, raw
+
+    def quantities(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
+                   env: Mapping[sp.Expr, se.Basic]) -> tuple[tuple[str, str], ...]:
+        """The values ``expr`` reads at ``index`` that are not random leaves (those are listed
+        with the point): a, z, δ of other layers, adjoints."""
+        _compiled, reads = self.compile(expr, free, index)
+        shown = []
+        for _symbol, atom in reads:
+            if self.network.is_leaf(tensor_of(atom)):
+                continue
+            shown.append((pretty(atom), _show(float(env[atom]))))
+        return tuple(shown[:8])
 
 
 @dataclass
@@ -719,25 +1145,20 @@ class _Numeric:
     counterexample: Counterexample | None
 
 
-def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, derivation: Derivation,
-                   instance: Instance, *, points: int, seed: int) -> _Numeric:
-    model = instance.model
+def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, network: _Network,
+                   *, points: int, seed: int) -> _Numeric:
+    evaluator = _Evaluator(network)
     rng = random.Random(seed)
+    formulas = {layer: _derived_formula(target, layer, network) for layer in user_by_layer}
     worst = 0.0
     for _ in range(points):
-        point, raw = _random_point(instance, rng)
-        env = backprop_values(instance, derivation,
-                              {q: evaluate(v, point) for q, v in instance.values.items()})
+        env, raw = evaluator.point(rng)
         failure: tuple[float, int, tuple[int, ...], float | None, float | None] | None = None
         for layer, user in user_by_layer.items():
-            # SymEngine evaluates elementary functions only: sigmoid, softplus rewritten
-            derived = _derived_formula(target, layer, derivation)
-            formula = dataclasses.replace(derived, rhs=elementary(derived.rhs))
-            mine = Formula(formula.key, "", formula.lhs, elementary(user), user,
-                           formula.indices, ())
-            for entry in _entries(formula, model, layer):
-                correct = _value_at(instance.instantiate(formula, entry, env), point)
-                theirs = _value_at(instance.instantiate(mine, entry, env), point)
+            formula = formulas[layer]
+            for index in network.entries(formula.of):
+                correct = evaluator.number(formula.rhs, formula.indices, index, env)
+                theirs = evaluator.number(user, formula.indices, index, env)
                 assert correct is not None, "the derived formula gave no real number"
                 error = float("inf") if theirs is None else (
                     abs(theirs - correct) / max(1.0, abs(correct)))
@@ -745,40 +1166,34 @@ def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, derivat
                     worst = max(worst, error)
                     continue
                 if failure is None or error > failure[0]:
-                    failure = (error, layer, entry, theirs, correct)
+                    failure = (error, layer, index, theirs, correct)
         if failure is not None:
-            error, layer, entry, theirs, correct = failure
-            formula = _derived_formula(target, layer, derivation)
-            user = user_by_layer[layer]
+            error, layer, index, theirs, correct = failure
+            formula = formulas[layer]
             example = Counterexample(
-                layer, entry, _show(theirs), _show(correct), _point_values(instance, raw),
-                _quantities(instance, user, formula.indices, entry, env, point))
+                layer, index, _show(theirs), _show(correct), _point_values(network, raw),
+                evaluator.quantities(user_by_layer[layer], formula.indices, index, env))
             return _Numeric(False, error, points, example)
     return _Numeric(True, worst, points, None)
 
 
-def _entries(formula: Formula, model: Model, layer: int) -> list[tuple[int, ...]]:
-    n = model.spec.sizes
-    if len(formula.indices) == 2:
-        return [(a, b) for a in range(1, n[layer] + 1) for b in range(1, n[layer - 1] + 1)]
-    return [(a,) for a in range(1, n[layer] + 1)]
-
-
-def _point_values(instance: Instance, raw: Mapping[se.Symbol, float]) -> tuple:
+def _point_values(network: _Network, raw: Mapping[tuple[NetTensor, tuple[int, ...]], float]
+                  ) -> tuple[tuple[str, str], ...]:
     """The random parameters, input and target, as matrices and vectors by layer."""
-    model = instance.model
-    n = model.spec.sizes
-    names: dict[str, float] = {str(symbol): value for symbol, value in raw.items()}
     out: list[tuple[str, str]] = []
-    for layer in model.layers:
-        l = layer.index
-        rows = [[names[f"w{l}_{a}_{b}"] for b in range(1, n[l - 1] + 1)]
-                for a in range(1, n[l] + 1)]
-        out.append((f"W^{l}", "[" + ", ".join(_vector(r) for r in rows) + "]"))
-        if layer.b is not None:
-            out.append((f"b^{l}", _vector([names[f"b{l}_{a}"] for a in range(1, n[l] + 1)])))
-    out.append(("x", _vector([names[f"x_{a}"] for a in range(1, n[0] + 1)])))
-    out.append(("y", _vector([names[f"y_{a}"] for a in range(1, n[-1] + 1)])))
+    for parameter in network.model.parameters:
+        tensor = parameter.tensor
+        name = f"W^{tensor.node}" if tensor.role == "w" else f"{tensor.role}^{tensor.node}"
+        values = {index: raw[(tensor, index)] for index in network.entries(tensor)}
+        if len(parameter.shape) == 2:
+            rows, cols = parameter.shape
+            text = "[" + ", ".join(_vector([values[(a, b)] for b in range(1, cols + 1)])
+                                   for a in range(1, rows + 1)) + "]"
+        else:
+            text = _vector(list(values.values()))
+        out.append((name, text))
+    for name, tensor in (("x", network.tensor("a", 0)), ("y", network.tensor("y", None))):
+        out.append((name, _vector([raw[(tensor, index)] for index in network.entries(tensor)])))
     return tuple(out)
 
 
@@ -786,30 +1201,19 @@ def _vector(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-def _quantities(instance: Instance, user: sp.Expr, indices: tuple, entry: tuple[int, ...],
-                env: Mapping, point: Mapping) -> tuple[tuple[str, str], ...]:
-    concrete = user.xreplace(dict(zip(indices, map(sp.Integer, entry))))
-    concrete = concrete.xreplace(instance.sizes).doit()
-    atoms = sorted(concrete.atoms(sp.Indexed), key=sp.default_sort_key)
-    shown = []
-    for atom in atoms[:8]:
-        letter, _layer = split_name(str(atom.base.label))
-        if letter in ("w", "b") or (letter == "a" and _layer == 0) or letter == "y":
-            continue          # already listed with the point
-        if atom in env:
-            shown.append((pretty(atom), _show(_value_at(env[atom], point))))
-    return tuple(shown)
-
-
 # --- printing the derived formula in the user's notation ---------------------------------
 
 
 class PlainPrinter(StrPrinter):
-    """Prints derive expressions in the plain formula syntax ``derive check`` reads back."""
+    """Prints derive expressions in the plain formula syntax ``derive check`` reads back.
+
+    Quantities print from their fields (role and node), with the layer names of the
+    ``layers`` setting (``{2: "l+1"}``); ``sizes`` maps width symbols to their node.
+    """
 
     printmethod = "_derive_plain"
     _default_settings: ClassVar[dict[str, Any]] = {**StrPrinter._default_settings,
-                                                   "layers": {}}
+                                                   "layers": {}, "sizes": {}}
 
     def _layer(self, layer: int | None) -> str:
         if layer is None:
@@ -817,21 +1221,37 @@ class PlainPrinter(StrPrinter):
         text = self._settings["layers"].get(layer, str(layer))
         return "^" + (text if len(text) == 1 else "{" + text + "}")
 
-    def _name(self, name: str) -> str:
-        letter, layer = split_name(name)
-        return letter + self._layer(layer)
+    def _adjoint(self, tensor: NetTensor, indices: tuple[sp.Expr, ...] = ()) -> str:
+        script = "_" + "".join(map(str, indices)) if indices else ""
+        return f"(dC/d{tensor.role}{self._layer(tensor.node)}{script})"
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
-        if expr.name.startswith("n_") and expr.name[2:].isdigit():
-            text = self._settings["layers"].get(int(expr.name[2:]), expr.name[2:])
+        if isinstance(expr, NetTensor):
+            if expr.role == "grad":     # the tensor form of an adjoint
+                return self._adjoint(NetTensor(expr.of, expr.node, rank=expr.rank))
+            letter = "W" if expr.role == "w" and expr.rank == 2 else expr.role
+            return letter + self._layer(expr.node)
+        node = self._settings["sizes"].get(expr)
+        if node is not None:
+            text = self._settings["layers"].get(node, str(node))
             return "n_" + (text if len(text) == 1 else "{" + text + "}")
-        return self._name(expr.name)
+        return expr.name
 
     def _print_Dummy(self, expr: sp.Dummy) -> str:
         return expr.name
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
-        return self._name(str(expr.base.label)) + "_" + "".join(map(str, expr.indices))
+        tensor = tensor_of(expr)
+        if tensor is None:
+            return super()._print_Indexed(expr)
+        return tensor.role + self._layer(tensor.node) + "_" + "".join(map(str, expr.indices))
+
+    def _print_Derivative(self, expr: sp.Derivative) -> str:
+        (variable, _count), = expr.variable_count
+        tensor = tensor_of(variable)
+        if expr.expr == C and tensor is not None:
+            return self._adjoint(tensor, _indices_of(variable))
+        return super()._print_Derivative(expr)
 
     def _print_Sum(self, expr: sp.Sum) -> str:
         (index, _low, _high), = expr.limits
@@ -851,13 +1271,6 @@ class PlainPrinter(StrPrinter):
             return f"({on} + {self.parenthesize(other, prec)}*(1 - {step}))"
         return self._print_Basic(expr)
 
-    def _print_Vec(self, expr: Vec) -> str:
-        return self._name(expr.name)
-
-    def _print_Mat(self, expr: Mat) -> str:
-        _letter, layer = split_name(expr.name)
-        return "W" + self._layer(layer)
-
     def _print_MatVec(self, expr: MatVec) -> str:
         matrix, vector, transposed = expr.args
         w, v = self._print(matrix), self._operand(vector)
@@ -873,19 +1286,20 @@ class PlainPrinter(StrPrinter):
 
     def _operand(self, expr: sp.Expr) -> str:
         text = self._print(expr)
-        return text if isinstance(expr, (Vec, sp.Symbol, MatVec)) else f"({text})"
+        return text if isinstance(expr, (sp.Symbol, MatVec)) else f"({text})"
 
 
-def plain(expr: sp.Expr, layers: Mapping[int, str] | None = None) -> str:
+def plain(expr: sp.Expr, layers: Mapping[int, str] | None = None,
+          sizes: Mapping[sp.Symbol, int] | None = None) -> str:
     """``expr`` in the plain formula syntax (``derive check`` parses it back)."""
-    return PlainPrinter({"layers": dict(layers or {})}).doprint(expr)
+    return PlainPrinter({"layers": dict(layers or {}), "sizes": dict(sizes or {})}).doprint(expr)
 
 
 def _layer_names(target: Target, layer: int, depth: int) -> dict[int, str]:
     if target.layer.base == "l":
         lv = layer - target.layer.offset
         names = {lv - 1: "l-1", lv: "l", lv + 1: "l+1"}
-        if target.kind == "dw" or target.kind == "db":
+        if target.kind == "grad":
             names[depth] = names.get(depth, "L")
         return names
     if target.layer.base == "L":
@@ -893,24 +1307,47 @@ def _layer_names(target: Target, layer: int, depth: int) -> dict[int, str]:
     return {}
 
 
+def _printable_vector(formula: Formula) -> sp.Expr | None:
+    """The tensor form of the formula when the plain syntax can say it (no sums of a vector's
+    entries, no einsum), else None."""
+    try:
+        vector = formula.vector
+    except DeriveError:
+        return None
+    return None if vector.has(Einsum) or vector.has(ONE) else vector
+
+
+def _latex_equation(lhs: sp.Expr, rhs: sp.Expr) -> str:
+    try:
+        from derive.latex_printer import equation  # a later stage, imported on use only
+    except ImportError:
+        # TODO(#8): the LaTeX printer is being ported to NetTensor; until it imports, SymPy's
+        # own LaTeX stands in (right math, not derive's w^{l}_{jk} notation)
+        return sp.latex(sp.Eq(lhs, rhs, evaluate=False))
+    return equation(lhs, rhs)
+
+
 def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: Formula,
-                   depth: int) -> tuple[str, ...]:
-    names = _layer_names(target, layer, depth)
+                   network: _Network) -> tuple[str, ...]:
+    names = _layer_names(target, layer, network.depth)
+
+    def say(expr: sp.Expr) -> str:
+        return plain(expr, names, network.size_node)
+
     lhs = _target_name(target)
-    if parsed.index_form or target.kind == "sigma'":
-        letters = {"dw": "_jk"}.get(target.kind, "_j")
-        if target.kind == "sigma'":
-            z = "z" + PlainPrinter({"layers": names})._layer(layer) + "_j"
-            text = f"{target.activation or 'sigma'}'({z}) = {plain(formula.rhs, names)}"
-        else:
-            text = f"{lhs}{letters} = {plain(formula.rhs, names)}"
+    vector = None if parsed.index_form or target.kind == "sigma'" else (
+        _printable_vector(formula))
+    if target.kind == "sigma'":
+        z = "z" + PlainPrinter({"layers": names})._layer(layer) + "_j"
+        text = f"{target.activation or 'sigma'}'({z}) = {say(formula.rhs)}"
+    elif vector is None:
+        letters = "_" + "".join(map(str, formula.indices)) if formula.indices else ""
+        text = f"{lhs}{letters} = {say(formula.rhs)}"
     else:
-        text = f"{lhs} = {plain(formula.vector, names)}"
+        text = f"{lhs} = {say(vector)}"
     lines = [text, f"{pretty(formula.lhs)} = {pretty(formula.rhs)}"]
     if parsed.latex:
-        from derive.latex_printer import equation
-
-        lines.append(equation(formula.lhs, formula.rhs))
+        lines.append(_latex_equation(formula.lhs, formula.rhs))
     return tuple(lines)
 
 
@@ -919,7 +1356,8 @@ def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: F
 
 def capped_spec(spec: NetworkSpec, width: int = MAX_WIDTH) -> NetworkSpec:
     """``spec`` with every width (the input's too) capped at ``width``: the concrete copy the
-    numeric check expands (a formula's shapes are checked by layer, for every size)."""
+    numeric check expands (a formula's shapes are checked by layer, for every size). Widths
+    equal by construction (an add's inputs) stay equal."""
     if max(spec.sizes) <= width:
         return spec
     layers = tuple(dataclasses.replace(layer, size=min(layer.size, width))
@@ -938,33 +1376,30 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     parsed = parse_formula(formula)
     if points < 1:
         raise DeriveError("points must be at least 1")
-    derivation = derive(build_model(spec))
-    model = derivation.model
+    network = _Network(derive(build_model(spec)))
     target = parsed.target
-    meaning = _Meaning(parsed, model, None)
-    pairs = _target_layers(target, meaning, derivation)
+    meaning = _Meaning(parsed, network, None)
+    pairs = _target_layers(target, meaning, network)
     concrete = [layer for _, layer in pairs]
     name = _target_name(target)
-    formulas = {layer: _derived_formula(target, layer, derivation) for layer in concrete}
+    formulas = {layer: _derived_formula(target, layer, network) for layer in concrete}
     assumptions = tuple(dict.fromkeys(a for f in formulas.values() for a in f.assumptions))
     user: dict[int, sp.Expr] = {}
     for l_value, layer in pairs:
         meaning.l_value = l_value
         try:
-            user[layer] = meaning.convert(target, layer)
+            user[layer] = meaning.convert(target, formulas[layer])
         except IllFormed as err:
             return FormulaVerdict(
                 formula, spec.name, name, tuple(concrete), False, "ill-formed", assumptions,
-                _derived_lines(parsed, target, layer, formulas[layer], model.depth),
+                _derived_lines(parsed, target, layer, formulas[layer], network),
                 reason=f"ill-formed at column {err.pos + 1}: {err.message}")
 
-    symbolic = all(symbolic_identity(user[layer], formulas[layer].rhs, model)
+    symbolic = all(symbolic_identity(user[layer], formulas[layer].rhs, network)
                    for layer in concrete)
     small = capped_spec(spec, MAX_WIDTH)
-    small_derivation = derive(build_model(small)) if small != spec else derivation
-    instance = Instance(small_derivation.model)
-    numeric = _numeric_check(user, target, small_derivation, instance, points=points,
-                             seed=seed)
+    small_network = _Network(derive(build_model(small))) if small != spec else network
+    numeric = _numeric_check(user, target, small_network, points=points, seed=seed)
     shape = "-".join(map(str, small.sizes))
     where = (f"the {shape} network" if small.sizes == spec.sizes else
              f"a {shape} copy of the {'-'.join(map(str, spec.sizes))} network")
@@ -983,7 +1418,7 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     failing = numeric.counterexample.layer if numeric.counterexample else concrete[0]
     return FormulaVerdict(
         formula, spec.name, name, tuple(concrete), numeric.ok, method, assumptions,
-        _derived_lines(parsed, target, failing, formulas[failing], model.depth),
+        _derived_lines(parsed, target, failing, formulas[failing], network),
         numeric.counterexample, max_error=numeric.max_error)
 
 
@@ -995,16 +1430,19 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "check", help="check a user's formula or hand-written backprop against the derivation",
         description=(
-            "Check a delta or gradient formula written in derive notation (plain or LaTeX), "
-            "or a hand-written backprop function (--backward FILE:FUNCTION), against the "
-            "derivation of SPEC. Exit code 0 correct, 1 incorrect, 2 unparsable or bad "
-            "input."),
+            "Check a delta, gradient or adjoint formula written in derive notation (plain or "
+            "LaTeX), about any layer of the network, or a hand-written backprop function "
+            "(--backward FILE:FUNCTION, dense chains for now), against the derivation of "
+            "SPEC. Exit code 0 correct, 1 incorrect, 2 unparsable or bad input."),
         epilog=(
             "formula examples:\n"
             "  derive check xor \"delta^L = (a^L - y) * a^L * (1 - a^L)\"\n"
             "  derive check xor \"delta^l_j = sum_k w^{l+1}_kj delta^{l+1}_k sigma'(z^l_j)\"\n"
             "  derive check bce \"dC/dw^l_jk = delta^l_j a^{l-1}_k\"\n"
             "  derive check xor '\\delta^L_j = (a^L_j - y_j)\\sigma'\"'\"'(z^L_j)'\n"
+            "  derive check resnet.yaml \"delta^1 = (delta^3 + (W^2)^T delta^2) * "
+            "sigma'(z^1)\"\n"
+            "  derive check resnet.yaml \"dC/dgamma^4 = delta^4 * xhat^4\"\n"
             "backprop code:\n"
             "  derive check net.yaml --backward my_backprop.py:backward\n"
             "  derive check net.yaml --backward tutorial.py:backward --weights in-out \\\n"

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from derive import __version__
-from derive.derivation import C, Derivation, Formula, derive
+from derive.derivation import C, R, Derivation, Formula, derive
 from derive.errors import DeriveError
 from derive.functions import Z
-from derive.model import Model, build_model, j
+from derive.model import Model, build_model
 from derive.pretty import pretty
 from derive.spec import NetworkSpec, list_examples, load_spec
 
@@ -203,15 +203,26 @@ def run_pipeline(spec: NetworkSpec, out_dir: Path, echo: Echo) -> int:
 # --- text of the stages ------------------------------------------------------------------
 
 
+def _architecture(model: Model) -> str:
+    spec = model.spec
+    if model.is_chain:
+        return " -> ".join(map(str, spec.sizes))
+    return f"a graph of {model.depth} ops, {spec.input} -> {spec.sizes[-1]}"
+
+
 def model_lines(model: Model) -> list[str]:
-    """The symbolic model, readable."""
-    out = [f"network {model.spec.name}: sizes {' -> '.join(map(str, model.spec.sizes))}"]
-    for layer in model.layers:
-        out.append(f"  layer {layer.index}: {layer.size} = {model.spec.sizes[layer.index]} "
-                   f"neurons, activation {layer.activation.name}")
-        out.append(f"    {pretty(layer.z[j])} = {pretty(layer.z_expr)}")
-        out.append(f"    {pretty(layer.a[j])} = {pretty(layer.a_expr)}")
+    """The symbolic model, readable: every node's op, inputs and forward equations."""
+    out = [f"network {model.spec.name}: {_architecture(model)}"]
+    for node in model.nodes:
+        reads = ", ".join("x" if n == 0 else f"layer {n}" for n in node.inputs)
+        activation = f", activation {node.activation.name}" if node.activation else ""
+        out.append(f"  layer {node.label}: {node.op.name}, {node.width} outputs{activation}, "
+                   f"reads {reads}")
+        for equation in node.equations:
+            out.append(f"    {pretty(equation.lhs)} = {pretty(equation.expr)}")
     out.append(f"  loss {model.loss.name}: {pretty(C)} = {pretty(model.cost)}")
+    if model.penalty != 0:
+        out.append(f"  regularization: {pretty(R)} = {pretty(model.penalty)}")
     return out
 
 
@@ -219,25 +230,28 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
     """The derived formulas in index, vector and batch form, with the activation derivatives."""
     model = derivation.model
     spec = model.spec
-    out = [(f"{spec.name}: {' -> '.join(map(str, spec.sizes))}, "
-           f"activations {', '.join(l.activation.name for l in model.layers)}, "
-           f"loss {model.loss.name}")]
+    activations = ", ".join(node.activation.name if node.activation else node.op.name
+                            for node in model.nodes)
+    out = [f"{spec.name}: {_architecture(model)}, layers {activations}, loss {model.loss.name}"]
     out.append("activation derivatives:")
     seen: set[str] = set()
-    for layer, derivative in zip(model.layers, derivation.activation_derivatives):
-        if derivative is None or layer.activation.name in seen:
+    for node, derivative in zip(model.nodes, derivation.activation_derivatives):
+        if derivative is None or node.activation.name in seen:
             continue
-        seen.add(layer.activation.name)
+        seen.add(node.activation.name)
         in_a = ""
         if derivative.in_a is not None and derivative.in_z.has(Z):
             in_a = f"  =  {pretty(derivative.in_a)}   (a = σ(z))"
-        out.append(f"  {layer.activation.name}: σ'(z) = {pretty(derivative.in_z)}{in_a}")
+        out.append(f"  {node.activation.name}: σ'(z) = {pretty(derivative.in_z)}{in_a}")
     out.append("derived formulas (index form | vector form | batch form, rows = samples):")
     for formula in derivation.formulas:
         tag = f"({formula.equation})" if formula.equation else "     "
         out.append(f"  {tag} {pretty(formula.lhs)} = {pretty(formula.rhs)}")
         out.append(f"        vector: {pretty(formula.vector)}")
         out.append(f"        batch:  {_batch(formula)}")
+        if formula.penalty != 0:
+            out.append(f"        + penalty, once per batch: ∂R/∂{pretty(formula.of)} = "
+                       f"{pretty(formula.vector_penalty)}")
         for assumption in formula.assumptions:
             out.append(f"        assuming {assumption}")
         if steps:
@@ -252,7 +266,7 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
 
 def _batch(formula: Formula) -> str:
     text = pretty(formula.vector, batch=True)
-    if formula.equation == "BP3":
+    if formula.kind == "gradient" and formula.of.rank == 1:
         return f"(1/B) Σ_rows {text}"
     return text
 

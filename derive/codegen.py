@@ -25,21 +25,24 @@ import sympy as sp
 from derive import __version__
 from derive.derivation import Derivation, Formula, derive
 from derive.files import write_generated
-from derive.functions import Z
-from derive.model import Model, build_model, j, split_name
-from derive.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum
-from derive.pretty import pretty, sup
+from derive.model import Model, Node, Parameter, build_model
+from derive.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum, batch_name
+from derive.ops import Equation
+from derive.pretty import pretty
+from derive.quantities import NetTensor
 from derive.spec import NetworkSpec, load_spec
 from derive.stability import LogSumExp, Softmax, stabilize
 from derive.templates import render
-from derive.vectorform import Mat, MatVec, Outer, Vec, to_vector
+from derive.vectorform import MatVec, Outer, to_vector
 
 Echo = Callable[[str], None]
 
 #: Activations whose layers start with He's scale sqrt(2 / n_in); the others use Glorot's.
 HE_INIT = frozenset({"relu", "leaky_relu", "elu", "silu", "gelu"})
 
-#: Where ``derive regen`` writes by default, relative to the working directory.
+#: Per-sample quantities a forward pass may cache for backward and the loss, in the order a
+#: node's are listed (the input X is a^0).
+_CACHED_ROLES = ("mask", "z", "mu", "var", "xhat", "a", "lse")
 
 
 @dataclass(frozen=True)
@@ -62,99 +65,69 @@ class Demo:
     batch_size: int | None
 
 
-# --- templates ---------------------------------------------------------------------------
-
-
-# --- names -------------------------------------------------------------------------------
-
-
 def module_filename(spec: NetworkSpec) -> str:
     """The file name of a spec's generated module, e.g. ``xor_net.py``."""
     return f"{spec.name}_net.py"
-
-
-def _vec(letter: str, layer: int | None = None) -> Vec:
-    return Vec(letter if layer is None else f"{letter}^{layer}", real=True)
-
-
-def _batch_name(printer: NumPyBatchPrinter, letter: str, layer: int) -> str:
-    return printer.doprint(_vec(letter, layer))
 
 
 # --- the render context ------------------------------------------------------------------
 
 
 def _lhs_text(formula: Formula) -> str:
-    """The left-hand side of a formula in vector notation: δ², ∂C/∂b², ∂C/∂W²."""
-    letter, layer = split_name(formula.key.removeprefix("dC/d"))
-    if formula.key.startswith("dC/d"):
-        return f"∂C/∂{'W' if letter == 'w' else letter}{sup(layer)}"
-    return pretty(_vec(letter, layer))
-
-
-def _stable_vector(formula: Formula) -> tuple[sp.Expr, tuple[str, ...]]:
-    stable = stabilize(formula.vector)
-    return stable.expr, stable.applied
+    """The left-hand side of a formula in tensor notation: δ², ∂C/∂b², ∂C/∂W², ∂C/∂x̂³."""
+    if formula.kind == "delta":
+        return pretty(formula.target)
+    return f"∂C/∂{pretty(formula.of)}"
 
 
 def _applied_note(applied: tuple[str, ...]) -> str:
     return f" [stable: {', '.join(applied)}]" if applied else ""
 
 
-def _output_activation(model: Model, z: sp.Expr) -> sp.Expr:
-    out = model.layer(model.depth)
-    return Softmax(z) if out.activation.is_softmax else out.activation.expr.subs(Z, z)
+def _tensor(model: Model, expr: sp.Expr, indices: tuple[sp.Symbol, ...]) -> sp.Expr:
+    """The tensor form of an index expression, with every width a number."""
+    return to_vector(expr, indices).xreplace(model.widths)
+
+
+def _output_equation(model: Model) -> Equation:
+    return model.output.equations[-1]
 
 
 def _loss_expression(model: Model) -> tuple[sp.Expr, tuple[str, ...]]:
     """The per-component loss in batch form, and the stability rewrites it needed.
 
-    The loss is written in z^L (a^L replaced by sigma(z^L)) and rewritten; when a rewrite
-    applied (log sigmoid, log softmax, ...) that stable form is used, with any sigma(z^L) left
-    in it read back as a^L. Otherwise the plain form in a^L is cheaper and as accurate.
+    The loss is written in the output's own forward expression (a^L replaced by sigma(z^L))
+    and rewritten; when a rewrite applied (log sigmoid, log softmax, ...) that stable form is
+    used, with any sigma(z^L) left in it read back as a^L. Otherwise the plain form in a^L is
+    cheaper and as accurate.
     """
-    L = model.depth
-    a, z, y = _vec("a", L), _vec("z", L), _vec("y")
+    equation = _output_equation(model)
+    a, y = equation.target, NetTensor("y")
     in_a = model.loss_of(a, y)
-    activation = _output_activation(model, z)
+    activation = stabilize(_tensor(model, equation.expr, equation.indices)).expr
     stable = stabilize(model.loss_of(activation, y))
-    if not stable.applied:
+    if activation == a or not stable.applied:
         plain = stabilize(in_a)
         return plain.expr, plain.applied
     return stable.expr.xreplace({activation: a}), stable.applied
 
 
-#: Network vectors a generated module may cache, in the order a layer's are listed.
-_CACHED_LETTERS = ("z", "a", "lse")
-
-
-def _reads(exprs: list[sp.Expr]) -> set[tuple[str, int]]:
-    """The (letter, layer) of every network vector the expressions read (z^l, a^l, lse^l)."""
-    out = set()
-    for expr in exprs:
-        for vec in expr.atoms(Vec):
-            letter, layer = split_name(vec.name)
-            if letter in _CACHED_LETTERS and layer is not None:
-                out.add((letter, layer))
-    return out
-
-
-def _shared_logsumexp(model: Model, loss_expr: sp.Expr) -> tuple[sp.Expr, Vec] | None:
+def _shared_logsumexp(model: Model, loss_expr: sp.Expr) -> tuple[sp.Expr, NetTensor] | None:
     """(LogSumExp(z^L), its name lse^L) when a softmax output and its loss can share it.
 
     The stable softmax cross-entropy reads LogSumExp(z^L), whose exponentials are those of
     the softmax. The forward pass then computes lse^L once and the output as
     Softmax(z) = exp(z - LogSumExp(z)), and the loss reads lse^L from the cache, instead of
-    exponentiating z^L twice. None when the output is no softmax or the loss does not read
-    LogSumExp(z^L).
+    exponentiating z^L twice.
     """
-    L = model.depth
-    if not model.layer(L).activation.is_softmax:
+    equation = _output_equation(model)
+    activation = stabilize(_tensor(model, equation.expr, equation.indices)).expr
+    if not isinstance(activation, Softmax):
         return None
-    logsumexp = LogSumExp(_vec("z", L))
+    logsumexp = LogSumExp(activation.args[0])
     if not loss_expr.has(logsumexp):
         return None
-    return logsumexp, _vec("lse", L)
+    return logsumexp, NetTensor("lse", model.depth, rank=0)
 
 
 def _in_place_product(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
@@ -173,10 +146,19 @@ def _in_place_product(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
     return products[0], sp.Mul(*others)
 
 
-def _init_scale(activation_name: str, n_in: int, n_out: int) -> tuple[float, str]:
-    if activation_name in HE_INIT:
-        return math.sqrt(2.0 / n_in), "He"
-    return math.sqrt(2.0 / (n_in + n_out)), "Glorot"
+def _init(node: Node, parameter: Parameter) -> tuple[str, str]:
+    """(code of the initial value, the rule's name) of one parameter."""
+    shape = parameter.shape
+    if parameter.init == "zeros":
+        return f"np.zeros({shape[0]}, dtype=dtype)", "zeros"
+    if parameter.init == "ones":
+        return f"np.ones({shape[0]}, dtype=dtype)", "ones"
+    rows, cols = shape
+    if node.activation is not None and node.activation.name in HE_INIT:
+        scale, rule = math.sqrt(2.0 / cols), "He"
+    else:
+        scale, rule = math.sqrt(2.0 / (cols + rows)), "Glorot"
+    return f"(rng.standard_normal(({rows}, {cols})) * {scale!r}).astype(dtype)", rule
 
 
 def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
@@ -191,15 +173,49 @@ def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
         return Demo("demo_classes.py.j2", 40, 0.1, 32), extra
     if needs == "probability":
         return Demo("demo_binary.py.j2", 40, 0.1, 32), extra
-    low, high = model.layer(model.depth).activation.output_range or (0.0, 1.0)
+    activation = model.output.activation
+    low, high = (activation.output_range if activation is not None else None) or (0.0, 1.0)
     return Demo("demo_regression.py.j2", 40, 0.05, 32), {**extra, "low": low, "high": high}
+
+
+def _sort_key(tensor: NetTensor) -> tuple[int, int]:
+    return (tensor.node or 0, _CACHED_ROLES.index(tensor.role))
+
+
+def _reads(exprs: list[sp.Expr]) -> set[NetTensor]:
+    """The per-sample quantities (a^l, z^l, x̂^l, masks, ...) the expressions read."""
+    return {t for expr in exprs for t in expr.atoms(NetTensor)
+            if t.role in _CACHED_ROLES and t.node is not None}
+
+
+def _forward_statements(model: Model, printer: NumPyBatchPrinter,
+                        shared: tuple[sp.Expr, NetTensor] | None) -> list[Statement]:
+    """The forward pass, one statement per equation, each printed from the model."""
+    out: list[Statement] = []
+    output = _output_equation(model)
+    for equation in model.equations:
+        name = batch_name(equation.target)
+        expr = stabilize(_tensor(model, equation.expr, equation.indices)).expr
+        products = sp.Add(*(t for t in sp.Add.make_args(expr) if t.has(MatVec)))
+        if products != 0 and products != expr:
+            # the bias is added in place: a fresh (batch, n) array per `+` costs more than the
+            # addition (allocation and page faults), as measured in bench/train_step.py
+            out.append(Statement(name, printer.doprint(products)))
+            out.append(Statement(name, printer.doprint(expr - products), op="+="))
+            continue
+        if shared is not None and equation is output:
+            logsumexp, lse = shared
+            out.append(Statement(printer.doprint(lse), printer.doprint(logsumexp)))
+            (softmax,) = expr.atoms(Softmax)
+            expr = expr.xreplace({softmax: sp.exp(softmax.args[0] - lse)})
+        out.append(Statement(name, printer.doprint(expr)))
+    return out
 
 
 def module_context(derivation: Derivation, regenerate: str | None = None) -> dict[str, object]:
     """Everything the module template places: printed code strings and plain values."""
     model = derivation.model
     spec = model.spec
-    L = model.depth
     printer = NumPyBatchPrinter()
 
     # the loss value, in its stable form; a softmax output may share its log-sum-exp with it
@@ -209,38 +225,23 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         loss_expr = loss_expr.xreplace({shared[0]: shared[1]})
     loss_code = printer.doprint(loss_expr)
 
-    # forward pass: z^l = W^l a^{l-1} + b^l and a^l = sigma_l(z^l), each printed from the model
-    forward: list[Statement] = []
-    layers: list[dict[str, object]] = []
+    forward = _forward_statements(model, printer, shared)
+    parameters: list[dict[str, object]] = []
     init_rules = set()
-    for layer in model.layers:
-        l = layer.index
-        z_name = _batch_name(printer, "z", l)
-        z_vector = stabilize(to_vector(layer.z_expr, (j,))).expr
-        product = sp.Add(*(t for t in sp.Add.make_args(z_vector) if t.has(MatVec)))
-        rest = sp.Add(*(t for t in sp.Add.make_args(z_vector) if not t.has(MatVec)))
-        # the bias is added in place: a fresh (batch, n_l) array per `+` costs more than the
-        # addition (allocation and page faults), as measured in bench/train_step.py
-        forward.append(Statement(z_name, printer.doprint(product)))
-        if rest != 0:
-            forward.append(Statement(z_name, printer.doprint(rest), op="+="))
-        a_expr = stabilize(to_vector(layer.a_expr, (j,))).expr
-        if shared is not None and l == L:
-            logsumexp, lse = shared
-            forward.append(Statement(printer.doprint(lse), printer.doprint(logsumexp)))
-            a_expr = a_expr.xreplace({Softmax(_vec("z", l)): sp.exp(_vec("z", l) - lse)})
-        forward.append(Statement(_batch_name(printer, "a", l), printer.doprint(a_expr)))
-        weight = printer.doprint(Mat(f"w^{l}", real=True))
-        bias = printer.doprint(_vec("b", l)) if layer.b is not None else None
-        scale, rule = _init_scale(layer.activation.name, spec.sizes[l - 1], spec.sizes[l])
-        init_rules.add(rule)
-        unpack = f'{weight} = params["{weight}"]'
-        if bias:
-            unpack = f'{weight}, {bias} = params["{weight}"], params["{bias}"]'
-        layers.append({"weight": weight, "bias": bias, "rows": spec.sizes[l],
-                       "cols": spec.sizes[l - 1], "scale": repr(scale), "unpack": unpack})
+    for node in model.nodes:
+        for parameter in node.parameters:
+            code, rule = _init(node, parameter)
+            if rule in ("He", "Glorot"):
+                init_rules.add(rule)
+            parameters.append({"key": parameter.key, "init": code})
+    unpack = [", ".join(p.key for p in node.parameters) + " = "
+              + ", ".join(f'params["{p.key}"]' for p in node.parameters)
+              for node in model.nodes if node.parameters]
+    dropout = [{"mask": batch_name(NetTensor("mask", node.index)), "size": node.width,
+                "keep": repr(1.0 - float(dict(node.options)["rate"]))}
+               for node in model.nodes if node.op.name == "dropout"]
 
-    # backward pass, output layer first: BP1, then per layer BP4, BP3 and BP2 for the next
+    # backward pass: every formula after the loss gradient, in the derivation's order
     backward: list[Statement] = []
     backward_exprs: list[sp.Expr] = []
     gradient_names: list[tuple[str, str]] = []
@@ -254,90 +255,110 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
             backward.append(Statement(target, printer.doprint(split[0]), comment))
             backward.append(Statement(target, printer.doprint(split[1]), op="*="))
 
-    output_delta = derivation.delta(L)
-    expr, applied = _stable_vector(output_delta)
-    add(_batch_name(printer, "delta", L), expr / BATCH,
-        f"BP1: {_lhs_text(output_delta)} = {pretty(output_delta.vector)}, each row divided "
-        f"by B{_applied_note(applied)}")
-    for l in range(L, 0, -1):
-        weight_gradient = derivation.weight_gradients[l - 1]
-        expr, applied = _stable_vector(weight_gradient)
-        add(f"d{layers[l - 1]['weight']}", expr,
-            f"BP4: {_lhs_text(weight_gradient)} = {pretty(weight_gradient.vector)}, summed over the rows"
-            f"{_applied_note(applied)}")
-        bias_gradient = derivation.bias_gradients[l - 1]
-        if bias_gradient is not None:
-            expr, applied = _stable_vector(bias_gradient)
-            add(f"d{layers[l - 1]['bias']}", RowSum(expr),
-                f"BP3: {_lhs_text(bias_gradient)} = {pretty(bias_gradient.vector)}, summed over the rows"
-                f"{_applied_note(applied)}")
-        if l > 1:
-            hidden = derivation.delta(l - 1)
-            expr, applied = _stable_vector(hidden)
-            add(_batch_name(printer, "delta", l - 1), expr,
-                f"BP2: {_lhs_text(hidden)} = {pretty(hidden.vector)}"
-                f"{_applied_note(applied)}")
-    for layer in layers:
-        gradient_names.append((str(layer["weight"]), f"d{layer['weight']}"))
-        if layer["bias"]:
-            gradient_names.append((str(layer["bias"]), f"d{layer['bias']}"))
+    first = True
+    for formula in derivation.formulas:
+        if formula.kind == "loss gradient":
+            continue
+        stable = stabilize(formula.vector.xreplace(model.widths))
+        label = f"{formula.equation}: " if formula.equation else ""
+        text = (f"{label}{_lhs_text(formula)} = {pretty(formula.vector)}"
+                f"{_applied_note(stable.applied)}")
+        if formula.kind in ("delta", "adjoint"):
+            expr = stable.expr
+            if first:
+                # the root of every other adjoint: dividing it by B makes every row sum below
+                # a batch mean, since each backward formula is linear in the adjoints it reads
+                expr, text, first = expr / BATCH, text + ", each row divided by B", False
+            add(batch_name(formula.target), expr, text)
+            continue
+        name = f"d{batch_name(formula.of)}"
+        expr = stable.expr if formula.of.rank == 2 else RowSum(stable.expr)
+        add(name, expr, text + ", summed over the rows")
+        if formula.penalty != 0:
+            penalty = formula.vector_penalty.xreplace(model.widths)
+            backward.append(Statement(name, printer.doprint(penalty),
+                                      f"+ ∂R/∂{pretty(formula.of)} = {pretty(penalty)}, "
+                                      "the penalty's gradient, once per batch", op="+="))
+            backward_exprs.append(penalty)
+    for parameter in model.parameters:
+        gradient_names.append((parameter.key, f"d{parameter.key}"))
 
     # cache only what backward and the loss read
     backward_reads = _reads(backward_exprs)
     loss_reads = _reads([loss_expr])
-    needed = sorted(backward_reads | loss_reads,
-                    key=lambda item: (item[1], _CACHED_LETTERS.index(item[0])))
-    cache = [_batch_name(printer, letter, layer) for letter, layer in needed]
+    needed = sorted(backward_reads | loss_reads, key=_sort_key)
+    cache = [batch_name(t) for t in needed]
     why = []
-    for letter, layer in needed:
+    for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))
-                   if (letter, layer) in reads]
-        why.append(f"{_batch_name(printer, letter, layer)} ({' and '.join(readers)})")
-    weights_read = sorted({printer.doprint(m) for e in backward_exprs for m in e.atoms(Mat)},
-                          key=lambda name: int(name[1:]))
-    backward_unpack = [f'{name} = params["{name}"]' for name in weights_read]
-    read_names = [_batch_name(printer, letter, layer) for letter, layer in needed
-                  if (letter, layer) in backward_reads]
+                   if tensor in reads]
+        why.append(f"{batch_name(tensor)} ({' and '.join(readers)})")
+    keys = [p.key for p in model.parameters]
+    params_read = sorted({t for e in backward_exprs for t in e.atoms(NetTensor)
+                          if t.is_parameter}, key=lambda t: keys.index(batch_name(t)))
+    backward_unpack = [f'{batch_name(t)} = params["{batch_name(t)}"]' for t in params_read]
+    read_names = [batch_name(t) for t in needed if t in backward_reads]
     if read_names:
         backward_unpack.append(", ".join(read_names) + " = "
                                + ", ".join(f'cache["{name}"]' for name in read_names))
-    loss_names = [_batch_name(printer, letter, layer) for letter, layer in needed
-                  if (letter, layer) in loss_reads]
+    loss_names = [batch_name(t) for t in needed if t in loss_reads]
     loss_unpack = (", ".join(loss_names) + " = "
                    + ", ".join(f'cache["{name}"]' for name in loss_names))
     loss_comments = [f"C = {pretty(model.cost)} per sample"]
     if loss_applied:
         loss_comments.append(f"in a numerically stable form: {', '.join(loss_applied)}")
+    regularization = []
+    if model.penalty != 0:
+        regularization = [{"key": p.key, "l2": repr(spec.l2), "l1": repr(spec.l1)}
+                          for p in model.parameters if p.is_weight]
 
     demo, demo_values = _demo(spec, model)
     helpers = [HELPERS[name] for name in HELPERS if name in printer.helpers]
-    activations = tuple(layer.activation.name for layer in model.layers)
-    formula_lines = [f"({f.equation}) {_lhs_text(f)} = {pretty(f.vector)}"
-                     for f in derivation.formulas if f.equation]
+    formula_lines = [f"({f.equation}) {_lhs_text(f)} = {pretty(f.vector)}" if f.equation
+                     else f"{_lhs_text(f)} = {pretty(f.vector)}"
+                     for f in derivation.formulas if f.kind != "loss gradient"]
+    if model.is_chain:
+        activations = tuple(node.activation.name for node in model.nodes)
+        architecture = " -> ".join(map(str, spec.sizes))
+        description = (f"Activations: {', '.join(activations)}; loss: {model.loss.name} per "
+                       "sample, averaged over the batch.")
+    else:
+        architecture = f"a graph of {model.depth} ops, {spec.input} -> {spec.sizes[-1]}"
+        description = "Layers: " + "; ".join(_node_text(node) for node in model.nodes) + (
+            f". Loss: {model.loss.name} per sample, averaged over the batch.")
+    first_parameter = model.parameters[0].key if model.parameters else None
     return {
         "version": __version__,
         "spec_name": spec.name,
         "digest": spec.digest(),
         "digest_literal": repr(spec.digest()),
         "regenerate": regenerate or _default_regenerate(spec),
+        "chain": model.is_chain,
         "sizes": repr(list(spec.sizes)),
-        "sizes_text": " -> ".join(map(str, spec.sizes)),
-        "activations": repr(activations),
-        "activations_text": ", ".join(activations),
+        "sizes_text": architecture,
+        "description": description,
+        "input_shape": repr((spec.input,)),
+        "output_shape": repr((spec.sizes[-1],)),
+        "activations": repr(tuple(n.activation.name if n.activation else None
+                                  for n in model.nodes)),
         "loss_name": repr(model.loss.name),
-        "loss_text": model.loss.name,
         "formula_lines": formula_lines,
+        "chain_formulas": model.is_chain,
         "helpers": helpers,
-        "layers": layers,
+        "parameters": parameters,
+        "parameter_shapes": ", ".join(f"{p.key} {p.shape}" for p in model.parameters),
+        "unpack": unpack,
+        "dropout": dropout,
         "init_rule": " and ".join(
             {"He": "He's sqrt(2 / n_in) (relu-like layers)",
              "Glorot": "Glorot's sqrt(2 / (n_in + n_out))"}[rule] for rule in sorted(init_rules)),
-        "first_weight": layers[0]["weight"],
+        "dtype_source": first_parameter,
         "forward": forward,
-        "output": _batch_name(printer, "a", L),
+        "output": batch_name(model.output.output),
         "cache": cache,
         "cache_text": ", ".join(why),
         "loss": {"code": loss_code, "unpack": loss_unpack, "comments": loss_comments},
+        "regularization": regularization,
         "backward_unpack": backward_unpack,
         "backward": backward,
         "gradient_names": gradient_names,
@@ -345,6 +366,14 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                  "batch_size": repr(demo.batch_size)},
         **demo_values,
     }
+
+
+def _node_text(node: Node) -> str:
+    reads = ", ".join("x" if n == 0 else str(n) for n in node.inputs)
+    what = node.op.name + (f" {node.width}" if node.op.name == "dense" else "")
+    if node.activation is not None and node.activation.name != "identity":
+        what += f" {node.activation.name}"
+    return f"{node.label} = {what}({reads})"
 
 
 def _default_regenerate(spec: NetworkSpec) -> str:

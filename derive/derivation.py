@@ -482,7 +482,7 @@ def derive(model: Model) -> Derivation:
             if reverse.is_inline(eq.target):
                 continue  # substituted where it is used (the output's: the loss gradient)
             formulas.append(_adjoint_formula(reverse, node, eq.target, loss_gradient))
-        for parameter in reversed(node.parameters):
+        for parameter in node.parameters:
             formulas.append(_gradient_formula(reverse, node, parameter.tensor, loss_gradient))
     return Derivation(model, tuple(formulas), reverse.derivatives)
 
@@ -527,8 +527,12 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
     concrete = reverse.concrete(generic, loss_gradient)
     if concrete == generic:
         return concrete, ()
+    uses_loss = any(isinstance(d, sp.Derivative) and d.expr == C
+                    and tensor_of(d.variables[0]) == reverse.output
+                    for d in generic.atoms(sp.Derivative))
     steps.append(Step("substitute", target, concrete,
-                      "insert dC/da^L and the activation derivative"))
+                      "insert dC/da^L and the activation derivative" if uses_loss
+                      else "insert the activation derivative"))
     assumptions: tuple[str, ...] = ()
     if model.loss.needs == "distribution":
         sums = _target_sums(concrete, model)
@@ -537,8 +541,7 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
             assumptions = ("sum_j y_j = 1 (the target is a probability vector)",)
             steps.append(Step("assumption", target, concrete,
                               "the targets sum to one: sum_i y_i = 1"))
-    if generic.has(loss_gradient.lhs.func) and any(
-            isinstance(d, sp.Derivative) and d.expr == C for d in generic.atoms(sp.Derivative)):
+    if uses_loss:
         simplified = _simplest(concrete, sp.cancel(concrete), sp.factor(concrete))
         if simplified != concrete:
             steps.append(Step("simplify", target, simplified, "cancel common factors"))

@@ -8,10 +8,13 @@ A formula is ``LHS = RHS`` in the derive notation, in plain text, Unicode or LaT
     δᴸ = (aᴸ - y) ⊙ σ'(zᴸ)
     \\delta^L_j = (a^L_j - y_j)\\sigma'(z^L_j)
     \\frac{\\partial C}{\\partial w^l_{jk}} = a^{l-1}_k \\delta^l_j
+    dC/dgamma^4 = delta^4 * xhat^4                       # a layer norm's scale γ
+    ∂C/∂β⁴ⱼ = δ⁴ⱼ
 
-The left-hand sides are ``delta^<layer>`` (also ``dC/dz^<layer>``), ``dC/dw^<layer>``,
-``dC/db^<layer>``, ``dC/da^L`` and ``sigma'(z^<layer>)``; a layer is a number, ``l``, ``L``,
-or ``{l+1}``-style offsets. This module only parses: a hand-written tokenizer and
+The left-hand sides are ``delta^<layer>`` (also ``dC/dz^<layer>``), ``dC/d<q>^<layer>`` for a
+parameter or intermediate q (``w``, ``b``, ``gamma``, ``beta``, ``a``, ``xhat``, ``mu``,
+``var``) and ``sigma'(z^<layer>)``; a layer is a number, ``l``, ``L``, or ``{l+1}``-style
+offsets. On the right, ``dC/d<q>^<layer>_j`` names the derived adjoint of q. This module only parses: a hand-written tokenizer and
 recursive-descent parser build :class:`Node` objects with the column of every piece. Nothing
 from the text is executed, imported, looked up as an attribute or passed to ``sympify``;
 anything outside the grammar is a :class:`FormulaSyntaxError` naming the column. Meaning
@@ -29,25 +32,35 @@ MAX_LENGTH = 2000
 MAX_DEPTH = 60          # nesting of parentheses, sums and calls
 MAX_NUMBER_DIGITS = 30
 
-#: Names of network quantities; ``x`` is the input a^0, ``n`` a layer size n_l.
-QUANTITIES = frozenset({"a", "z", "w", "W", "b", "y", "x", "delta", "n"})
+#: Names of network quantities; ``x`` is the input a^0, ``n`` a layer size n_l; ``gamma``,
+#: ``beta`` a layer norm's scale and shift, ``xhat``, ``mu``, ``var`` its normalised input,
+#: mean and variance; ``mask`` a dropout mask.
+QUANTITIES = frozenset({"a", "z", "w", "W", "b", "y", "x", "delta", "n", "gamma", "beta",
+                        "xhat", "mu", "var", "mask"})
+#: What the left side dC/d<q> may differentiate by (and the right side name an adjoint of).
+DENOMINATORS = {"w": "w", "W": "w", "b": "b", "a": "a", "z": "z", "gamma": "gamma",
+                "beta": "beta", "xhat": "xhat", "mu": "mu", "var": "var"}
 #: Functions a formula may call (meaning in derive.check). Activation names come from the
 #: registry and are accepted too, with a prime for their derivative.
 FUNCTIONS = frozenset({"sigma", "exp", "log", "ln", "sqrt", "tanh", "sinh", "cosh", "erf",
                        "abs", "max", "min", "step", "sigmoid", "softplus", "relu",
                        "leaky_relu", "elu", "silu", "gelu", "identity", "softmax"})
-CONSTANTS = frozenset({"pi", "e"})
+#: ``eps`` is the epsilon of the network's layer norms.
+CONSTANTS = frozenset({"pi", "e", "eps"})
 
 _SUP = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡᴸ", "0123456789+-()lL"))
 _SUB = dict(zip("₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₚᵣₛₜ", "0123456789ijkmlnprst"))
 _UNICODE_NAMES = {"δ": "delta", "σ": "sigma", "Σ": "sum", "∑": "sum", "∂": "partial",
-                  "π": "pi", "Δ": "delta"}
+                  "π": "pi", "Δ": "delta", "γ": "gamma", "β": "beta", "μ": "mu", "µ": "mu",
+                  "ε": "eps", "ϵ": "eps"}
+_HAT = "\u0302"            # combining circumflex: x̂ is "x" followed by it
 _UNICODE_OPS = {"⊙": "odot", "∘": "odot", "·": "*", "⋅": "*", "×": "*", "−": "-",
                 "′": "'", "∗": "*"}
 _LATEX_NAMES = {"delta": "delta", "sigma": "sigma", "sum": "sum", "partial": "partial",
                 "exp": "exp", "log": "log", "ln": "ln", "tanh": "tanh", "sinh": "sinh",
                 "cosh": "cosh", "pi": "pi", "top": "T", "intercal": "T", "prime": "'",
-                "max": "max", "min": "min"}
+                "max": "max", "min": "min", "gamma": "gamma", "beta": "beta", "mu": "mu",
+                "epsilon": "eps", "varepsilon": "eps"}
 _LATEX_OPS = {"cdot": "*", "times": "*", "odot": "odot", "circ": "odot", "ast": "*"}
 _LATEX_STRUCTURE = frozenset({"frac", "sqrt", "dfrac", "tfrac"})
 _LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr",
@@ -57,6 +70,8 @@ _LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl
 _LATEX_WRAPPER = re.compile(
     r"\\(?:mathbf|boldsymbol|bm|mathrm|mathit|mathsf|operatorname|text)"
     r"(?:\s*\{\s*(\\?[A-Za-z_]+)\s*\}|\s+([A-Za-z])(?![A-Za-z])|\s*(\\[A-Za-z]+))")
+# \hat{x}, \hat x, \widehat{x}: the normalised input x̂ of a layer norm
+_LATEX_HAT = re.compile(r"\\(?:hat|widehat)\s*(?:\{\s*x\s*\}|x(?![A-Za-z])|\s+x(?![A-Za-z]))")
 _BRACKETS = {"{": "}", "(": ")", "[": "]"}
 _MULTIWORD = ("leaky_relu",)
 _WORD = re.compile(r"[A-Za-z]+")
@@ -142,6 +157,15 @@ class Call(Node):
 
 
 @dataclass(frozen=True)
+class Adjoint(Node):
+    """``dC/d<role>^<layer>_<indices>`` on the right-hand side: a derived adjoint."""
+
+    role: str
+    layer: Layer
+    indices: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class Unary(Node):
     op: str                                  # "-"
     operand: Node
@@ -176,13 +200,18 @@ class SumOver(Node):
 
 @dataclass(frozen=True)
 class Target:
-    """The left-hand side: what the formula claims to give."""
+    """The left-hand side: what the formula claims to give.
 
-    kind: str                                # "delta", "dw", "db", "da", "sigma'"
+    ``kind`` "delta" (delta^l, dC/dz^l), "grad" (dC/d``role``^l: a parameter's gradient or
+    an intermediate's adjoint) or "sigma'" (an activation's derivative).
+    """
+
+    kind: str
     layer: Layer
     indices: tuple[tuple[str, int], ...]     # as written; () for the vector form
     pos: int
     activation: str | None = None            # sigmoid'(z^l): the named activation
+    role: str | None = None                  # for "grad": w, b, gamma, beta, a, xhat, ...
 
 
 @dataclass(frozen=True)
@@ -237,10 +266,19 @@ def tokenize(text: str) -> list[Token]:
             else:
                 match = _WORD.match(text, i)
                 assert match is not None
+                if match.group() == "x" and text.startswith(_HAT, match.end()):
+                    tokens.append(Token("name", "xhat", i))
+                    i = match.end() + len(_HAT)
+                    continue
                 tokens.append(Token("name", match.group(), i))
                 i = match.end()
             continue
         if ch == "\\":
+            hat = _LATEX_HAT.match(text, i)
+            if hat:
+                tokens.append(Token("name", "xhat", i, latex=True))
+                i = hat.end()
+                continue
             wrapper = _LATEX_WRAPPER.match(text, i)
             if wrapper:
                 inner = next(group for group in wrapper.groups() if group)
@@ -458,7 +496,7 @@ class _Parser:
             return self.finish_target(Target("sigma'", z_layer, indices, start.pos, activation),
                                       end)
         raise self.fail("the left-hand side must be delta^l, dC/dw^l_jk, dC/db^l_j, dC/da^L, "
-                        "sigma'(z^l) (or their LaTeX forms)")
+                        "dC/dgamma^l_j, dC/dbeta^l_j, sigma'(z^l) (or their LaTeX forms)")
 
     def finish_target(self, target: Target, end: int) -> Target:
         if self.at != end:
@@ -480,20 +518,23 @@ class _Parser:
     def denominator(self, start: Token) -> Target:
         token = self.token
         letter = None
-        if token.kind == "name" and token.value in ("dw", "dW", "db", "da", "dz"):
+        if token.kind == "name" and token.value[:1] == "d" and token.value[1:] in DENOMINATORS:
             letter = token.value[1:]
             self.advance()
         elif self.is_name("partial", "d"):
             self.advance()
-            if self.token.kind == "name" and self.token.value in ("w", "W", "b", "a", "z"):
+            if self.token.kind == "name" and self.token.value in DENOMINATORS:
                 letter = self.advance().value
             elif self.is_name("delta"):
-                raise self.fail("differentiate by w, b, a or z")
+                raise self.fail("differentiate by w, b, a, z, gamma, beta, xhat, mu or var")
         if letter is None:
-            raise self.fail("expected dw^l, db^l, da^L or dz^l after dC/", token)
+            raise self.fail("expected dw^l, db^l, da^L, dz^l, dgamma^l or dbeta^l after dC/",
+                            token)
         layer, indices = self.scripts(needs_layer=letter)
-        kind = {"w": "dw", "W": "dw", "b": "db", "a": "da", "z": "delta"}[letter]
-        return Target(kind, layer, indices, start.pos)
+        role = DENOMINATORS[letter]
+        if role == "z":
+            return Target("delta", layer, indices, start.pos)
+        return Target("grad", layer, indices, start.pos, role=role)
 
     def prime(self) -> bool:
         if self.is_op("'"):
@@ -719,6 +760,19 @@ class _Parser:
         if token.kind != "name":
             raise self.fail(f"unexpected {self.describe(token)}")
         name = token.value
+        if name in ("\\frac", "\\dfrac", "\\tfrac") and self.adjoint_ahead(2):
+            self.advance()
+            self.expect("{", "after \\frac")
+            self.numerator_c()
+            self.expect("}", "after the numerator")
+            self.expect("{", "before the denominator")
+            adjoint = self.adjoint(token)
+            self.expect("}", "after the denominator")
+            return adjoint
+        if name in ("dC", "partial", "d") and self.adjoint_ahead(0):
+            self.numerator_c()
+            self.expect("/", "in dC/d...")
+            return self.adjoint(token)
         if name in ("\\frac", "\\dfrac", "\\tfrac"):
             self.advance()
             self.expect("{", "after \\frac")
@@ -753,7 +807,28 @@ class _Parser:
         if name in ("partial", "dC", "C"):
             raise self.fail(f"{name!r} belongs on the left-hand side")
         raise self.fail(f"unknown name {name!r}; allowed: the quantities a, z, w (or W), b, "
-                        "y, x, delta, n; sum; functions " + ", ".join(sorted(FUNCTIONS)))
+                        "y, x, delta, n, gamma, beta, xhat, mu, var, mask; dC/dq^l; sum; "
+                        "functions " + ", ".join(sorted(FUNCTIONS)))
+
+    def adjoint_ahead(self, ahead: int) -> bool:
+        """Whether the tokens from ``ahead`` on start ``dC`` or ``partial C`` (then ``/``, or
+        the end of a \\frac numerator)."""
+        first = self.peek(ahead) if ahead else self.token
+        if first.kind == "name" and first.value == "dC":
+            after = self.peek(ahead + 1)
+        elif first.kind == "name" and first.value in ("partial", "d") and (
+                self.peek(ahead + 1).kind == "name" and self.peek(ahead + 1).value == "C"):
+            after = self.peek(ahead + 2)
+        else:
+            return False
+        if ahead:
+            return self.peek(1).value == "{" and after.value == "}"
+        return after.kind == "op" and after.value == "/"
+
+    def adjoint(self, start: Token) -> Adjoint:
+        target = self.denominator(start)
+        role = "z" if target.kind == "delta" else target.role
+        return Adjoint(start.pos, role, target.layer, target.indices)
 
     def call(self) -> Node:
         token = self.advance()

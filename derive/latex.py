@@ -4,15 +4,20 @@ Takes a :class:`~derive.derivation.Derivation` and gives the text of a complete 
 (``render_latex``), an equations-only fragment to ``\\input`` (``fragment=True``) or Markdown
 with ``$$`` math (``render_markdown``); ``compile_pdf`` runs TeX on it. The article has the
 network as a TikZ diagram, a notation table, the forward pass, the activation derivatives, the
-step-by-step derivation of BP1..BP4 as the engine recorded it, the matrix and batch forms, a
-boxed summary and a worked numeric example (:mod:`derive.worked_example`).
+step-by-step derivation as the engine recorded it, the matrix and batch forms, a boxed summary
+and a worked numeric example (:mod:`derive.worked_example`).
+
+The backward sections follow the graph: for a plain chain of dense layers they are the classic
+BP1 (output layer), BP2 (a hidden layer) and BP3/BP4 (biases and weights); for any other graph
+there is one subsection per layer, from the output back, with the derivation of its error, the
+adjoints of its intermediate quantities and the gradients of its parameters.
 
 Python builds a render context of already-printed strings (:mod:`derive.latex_printer` prints
 every formula, :mod:`derive.latex_text` holds the words in English and Chinese); the jinja
 templates ``codegen_templates/derivation.tex.j2``, ``equations.tex.j2`` and
 ``derivation.md.j2`` only place them. Equations carry stable labels
-``eq:<spec name>:<name>`` with the names of the generated code: ``z1``, ``a1``, ``C``,
-``delta2``, ``db2``, ``dW2``.
+``eq:<spec name>:<name>`` with the names of the generated code: ``z1``, ``a1``, ``mu3``,
+``C``, ``R``, ``delta2``, ``db2``, ``dW2``, ``dgamma3``, ``dxhat3``.
 """
 
 from __future__ import annotations
@@ -30,18 +35,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import sympy as sp
 
 from derive import __version__
-from derive.derivation import ActivationDerivative, C, Derivation, Formula, Step
+from derive.derivation import ActivationDerivative, C, Derivation, Formula, R, Step
 from derive.errors import DeriveError
 from derive.files import MARKER, write_generated
 from derive.functions import Z
-from derive.latex_printer import DeriveLatexPrinter, batch_gradient, equation, latex
+from derive.latex_printer import (
+    DeriveLatexPrinter,
+    batch_gradient,
+    equation,
+    latex,
+    terms,
+    visual_length,
+)
 from derive.latex_text import ASSUMPTIONS, LANGUAGES, TEXT, why
-from derive.model import Model, i, j, k, quantity
+from derive.model import Model, Node
+from derive.quantities import NetTensor, entry, i, j, k, tensor_of
+from derive.spec import PARAMETER_KEYS
 from derive.templates import render
-from derive.vectorform import Vec
+from derive.vectorform import ONE
 from derive.worked_example import WorkedExample, worked_example
 
 Echo = Callable[[str], None]
@@ -59,6 +74,12 @@ TEX_PACKAGES = {
 ENGINES = {"en": "pdflatex", "zh": "xelatex"}
 #: Overfull boxes up to this width (pt) are tolerated by :func:`log_problems`.
 OVERFULL_LIMIT_PT = 10.0
+#: Displayed math longer than this (visual_length) is shown in a shorter form or broken.
+LINE_BUDGET = 62
+#: Roles whose values the example gives (printed short) rather than computes.
+GIVEN_ROLES = frozenset({"w", "b", "gamma", "beta", "y", "mask"})
+#: Tables with more rows than this break across pages (longtable).
+LONG_TABLE_ROWS = 26
 
 
 # --- printing helpers ----------------------------------------------------------------------
@@ -76,53 +97,67 @@ def _short(value: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
-class _ValuePrinter(DeriveLatexPrinter):
-    """Prints an expression with every indexed quantity replaced by its value."""
+def _is_given(tensor: NetTensor) -> bool:
+    return tensor.role in GIVEN_ROLES or (tensor.role == "a" and tensor.node == 0)
 
-    _default_settings: ClassVar[dict] = {**DeriveLatexPrinter._default_settings, "values": {},
-                         "mul_symbol": "dot"}
+
+class _ValuePrinter(DeriveLatexPrinter):
+    """Prints an expression with every quantity entry replaced by its value."""
+
+    _default_settings: ClassVar[dict] = {**DeriveLatexPrinter._default_settings,
+                                         "lookup": None, "mul_symbol": "dot"}
+
+    def _value(self, expr: sp.Expr, tensor: NetTensor) -> str:
+        value = self._settings["lookup"](expr)
+        text = _short(value) if _is_given(tensor) else _number(value)
+        return f"({text})" if value < 0 else text
 
     def _print_Pow(self, expr: sp.Pow) -> str:
-        if isinstance(expr.base, sp.Indexed) and expr.exp.is_Integer and expr.exp > 0:
+        if isinstance(expr.base, (sp.Indexed, NetTensor)) and expr.exp.is_Integer and (
+                expr.exp > 0):
             return f"{self._print(expr.base)}^{{{self._print(expr.exp)}}}"
         return super()._print_Pow(expr)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
-        value = self._settings["values"][expr]
-        text = _short(value) if expr.base.label.name[0] in "wbxy" else _number(value)
-        if expr.base.label.name == "a^0":
-            text = _short(value)
-        return f"({text})" if value < 0 else text
+        return self._value(expr, tensor_of(expr))
+
+    def _print_NetTensor(self, expr: NetTensor) -> str:
+        return self._value(expr, expr)
 
 
-def _spelled(expr: sp.Expr, lhs: sp.Expr, values: dict, sizes: dict,
+def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
+    """∂C/∂q[i] written as an entry of the adjoint tensor, so that expanding sums (``doit``)
+    leaves it alone rather than differentiating C."""
+    def adjoint(derivative: sp.Derivative) -> sp.Expr:
+        (variable, _count), = derivative.variable_count
+        q = tensor_of(variable)
+        indices = tuple(variable.indices) if isinstance(variable, sp.Indexed) else ()
+        return entry(NetTensor("grad", q.node, of=q.role, rank=q.rank), indices)
+
+    return expr.replace(lambda e: isinstance(e, sp.Derivative) and e.expr == C, adjoint)
+
+
+def _expand_sums(expr: sp.Expr) -> sp.Expr:
+    return expr.replace(lambda e: isinstance(e, sp.Sum), lambda e: e.doit(deep=False))
+
+
+def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
              index: dict, result: float, max_terms: int = 8) -> str | None:
-    """``lhs = expr`` at concrete indices, then with the numbers put in, then the result."""
+    """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
+    (lines of an ``align``); None when it would be too long to be worth spelling out."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
-    concrete = expr.xreplace({**sizes, **free}).doit()
-    if len(concrete.atoms(sp.Indexed)) > max_terms:
+    concrete = _expand_sums(_hide_derivatives(expr).xreplace({**sizes, **free}))
+    scalars = {t for t in concrete.atoms(NetTensor) if t.rank == 0}
+    if len(concrete.atoms(sp.Indexed)) + len(scalars) > max_terms or concrete.has(sp.Sum):
         return None
     left = latex(lhs.xreplace(free))
     symbolic = latex(concrete)
-    if isinstance(concrete, sp.Indexed):
+    if isinstance(concrete, (sp.Indexed, NetTensor)):
         return f"{left} &= {symbolic} = {_number(result)}"
-    numbers = _ValuePrinter({"values": values}).doprint(concrete)
+    numbers = _ValuePrinter({"lookup": lookup}).doprint(concrete)
     if visual_length(numbers) > LINE_BUDGET or visual_length(symbolic) > LINE_BUDGET:
         return None
     return f"{left} &= {symbolic} \\\\\n  &= {numbers} = {_number(result)}"
-
-
-_COMMAND = re.compile(r"\\(?:left|right|mathbf|boldsymbol|operatorname|frac|top|!|,)|[{}^_ ]")
-
-
-def visual_length(math: str) -> int:
-    """A rough width of printed math in characters (commands and braces do not count),
-    used to choose a shorter form where the full one would run off the page."""
-    return len(_COMMAND.sub("", math))
-
-
-#: Displayed math longer than this (visual_length) is shown in a shorter form.
-LINE_BUDGET = 62
 
 
 def _escape(text: str) -> str:
@@ -132,16 +167,42 @@ def _escape(text: str) -> str:
     return "".join(table.get(char, char) for char in text)
 
 
-def _code_name(formula: Formula) -> str:
-    """The generated code's name for a formula's quantity: delta2, db2, dW2."""
-    letter, _, layer = formula.key.partition("^")
-    return {"delta": "delta", "dC/db": "db", "dC/dw": "dW", "dC/da": "dA"}[letter] + layer
+def code_name(formula: Formula) -> str:
+    """The generated code's name for a formula's quantity: dA2, delta2, dW2, db2, dgamma3,
+    dxhat3, dmu3."""
+    of = formula.of
+    if formula.kind == "delta":
+        return f"delta{of.node}"
+    if formula.kind == "gradient":
+        return f"d{PARAMETER_KEYS[of.role]}{of.node}"
+    if formula.kind == "loss gradient":
+        return f"dA{of.node}"
+    return f"d{of.role}{of.node}"
 
 
-def _vector_lhs(formula: Formula) -> Vec:
-    """The vector-form left-hand side: delta^l, nabla_{b^l} C, nabla_{W^l} C, nabla_{a^L} C
-    (the formula keys follow the naming of :mod:`derive.vectorform`)."""
-    return Vec(formula.key)
+def broken(expr: sp.Expr, *, lead: int = 0, budget: int = LINE_BUDGET, batch: bool = False,
+           batch_cost: str = r"\bar{C}", top: bool = True) -> str:
+    """``expr`` printed on one line, or, when it would be longer than ``budget`` (after
+    ``lead`` characters already on the line), its terms broken over the lines of an
+    ``aligned`` block."""
+    one_line = latex(expr, batch=batch, batch_cost=batch_cost)
+    pieces = terms(expr, batch=batch, batch_cost=batch_cost)
+    if lead + visual_length(one_line) <= budget or len(pieces) < 2:
+        return one_line
+    lines: list[str] = []
+    current = ""
+    for sign, text in pieces:
+        piece = (f"-{text}" if sign == "-" else text) if not lines and not current else (
+            f"{{}}{sign} {text}")
+        limit = budget - (lead if not lines else 8)
+        if current and visual_length(current) + visual_length(piece) > limit:
+            lines.append(current)
+            current = piece
+        else:
+            current = f"{current} {piece}".strip() if current else piece
+    lines.append(current)
+    head = r"\begin{aligned}[t]" if top else r"\begin{aligned}"
+    return head + " & " + r" \\ & \quad ".join(lines) + r" \end{aligned}"
 
 
 # --- the render context --------------------------------------------------------------------
@@ -157,8 +218,10 @@ class _Context:
         self.model: Model = self.derivation.model
         self.spec = self.model.spec
         self.t = TEXT[self.lang]
-        self.sizes = {symbol: sp.Integer(n) for symbol, n in zip(self.model.sizes,
-                                                                 self.spec.sizes)}
+        self.chain = self.model.is_chain
+        self.sizes = {symbol: sp.Integer(n) for symbol, n in self.model.widths.items()}
+        self.penalized = self.model.penalty != 0
+        self.batch_cost = "J" if self.penalized else r"\bar{C}"
 
     # -- small pieces --
 
@@ -168,11 +231,24 @@ class _Context:
     def name(self) -> str:
         return f"`{self.spec.name}`" if self.markdown else rf"\texttt{{{_escape(self.spec.name)}}}"
 
+    def code(self, text: str) -> str:
+        return f"`{text}`" if self.markdown else rf"\texttt{{{_escape(text)}}}"
+
     def label(self, what: str) -> str:
         return f"eq:{self.spec.name}:{what}"
 
-    def inline(self, expr: sp.Expr) -> str:
-        return f"${latex(expr)}$"
+    def inline(self, expr: sp.Expr, *, batch: bool = False) -> str:
+        return f"${latex(expr, batch=batch, batch_cost=self.batch_cost)}$"
+
+    def broken(self, expr: sp.Expr, *, lead: int = 0, batch: bool = False,
+               budget: int = LINE_BUDGET) -> str:
+        return broken(expr, lead=lead, budget=budget, batch=batch, batch_cost=self.batch_cost,
+                      top=not self.markdown)
+
+    def display(self, lhs: sp.Expr | str, rhs: sp.Expr, *, batch: bool = False) -> str:
+        left = lhs if isinstance(lhs, str) else latex(lhs, batch=batch,
+                                                      batch_cost=self.batch_cost)
+        return f"{left} = {self.broken(rhs, lead=visual_length(left) + 2, batch=batch)}"
 
     def step(self, step: Step) -> dict[str, str]:
         words = why(step.why, self.lang)
@@ -183,7 +259,7 @@ class _Context:
             words = words.replace("{source}", source) if "{source}" in words else (
                 f"{words} ({source})")
         return {"rule": self.t.get(f"rule_{step.rule}", step.rule), "why": words,
-                "math": equation(step.target, step.expr)}
+                "math": self.display(step.target, step.expr)}
 
     def assumptions(self, formula: Formula) -> list[str]:
         column = LANGUAGES.index(self.lang)
@@ -197,11 +273,17 @@ class _Context:
         comma = "、" if self.lang == "zh" else ", "
         return comma.join(items[:-1]) + f" {self.t['and']} " + items[-1]
 
+    def node_name(self, index: int) -> str:
+        if index == 0:
+            return self.text("the_input")
+        return self.text("layer_n", l=index)
+
     # -- sections --
 
     def build(self) -> dict[str, Any]:
         example = worked_example(self.derivation)
-        L = self.model.depth
+        delta_l = NetTensor("delta", "l")
+        summary = self.summary()
         return {
             "t": self.t,
             "lang": self.lang,
@@ -214,30 +296,31 @@ class _Context:
             "command": self.command(),
             "title": self.text("title", name=self.name()),
             "subtitle": self.text("subtitle", name=self.name(), version=__version__),
-            "network_text": self.text("network_text", L=L, sizes=self.listing(
-                [str(n) for n in self.spec.sizes])),
-            "figure_caption": self.text(
-                "figure_caption", name=self.name(), L=L,
-                w=self.inline(quantity("w", "l")[j, k]), b=self.inline(quantity("b", "l")[j]),
-                elided=self.t["figure_elided"] if max(self.spec.sizes) > MAX_NEURONS else ""),
+            "chain": self.chain,
+            "network_text": self.network_text(),
+            "figure_caption": self.figure_caption(),
             "markdown_diagram": self.text("markdown_diagram", name=self.spec.name),
-            "diagram": diagram(self.spec.sizes, [layer.activation.name
-                                                 for layer in self.model.layers],
-                               self.t["input_layer"]),
-            "layers": self.layer_rows(),
+            "diagram": self.diagram(),
+            "layer_table": self.layer_table(),
             "notation": self.notation(),
+            "forward_text": self.text("forward_text" if self.chain else "forward_text_graph"),
             "forward": self.forward(),
             "cost": self.cost(),
+            "penalty": self.penalty(),
+            "batch_cost_text": self.text("batch_cost_text_penalty" if self.penalized
+                                         else "batch_cost_text"),
             "activations": self.activations(),
-            "bp1": self.bp1(),
-            "bp2": self.bp2(),
-            "bp34": self.bp34(),
+            "backward": self.backward(),
             "matrix": self.matrix(),
             "batch_text": self.text(
-                "batch_text", ones=self.inline(Vec("1")),
-                **{key: f"${latex(Vec(name), batch=True)}$"
-                   for key, name in (("A", "a^l"), ("Z", "z^l"), ("D", "delta^l"))}),
-            "summary": self.summary(),
+                "batch_text_penalty" if self.penalized else "batch_text",
+                ones=self.inline(ONE),
+                A=self.inline(NetTensor("a", "l"), batch=True),
+                Z=self.inline(NetTensor("z", "l"), batch=True),
+                D=self.inline(delta_l, batch=True)),
+            "summary_title": self.t["sec_summary" if self.chain else "sec_summary_graph"],
+            "summary_text": self.t["summary_text" if self.chain else "summary_text_graph"],
+            "summary": summary,
             "example": self.example(example),
         }
 
@@ -245,279 +328,461 @@ class _Context:
         suffix = "" if self.lang == "en" else f" --lang {self.lang}"
         return f"derive latex {self.spec.name}{suffix}"
 
-    def layer_rows(self) -> list[dict[str, str]]:
-        rows = [{"l": "0", "n": str(self.spec.input), "activation": self.t["input_layer"]}]
-        for layer in self.model.layers:
-            rows.append({"l": str(layer.index), "n": str(self.spec.sizes[layer.index]),
-                         "activation": self.activation_name(layer.activation.name)})
-        return rows
+    def network_text(self) -> str:
+        L = self.model.depth
+        if self.chain:
+            return self.text("network_text", L=L, sizes=self.listing(
+                [str(n) for n in self.spec.sizes]))
+        return self.text("network_text_graph", L=L, n0=self.spec.input,
+                         nL=self.spec.sizes[-1])
 
-    def activation_name(self, name: str) -> str:
-        return name if self.markdown else _escape(name)
+    def figure_caption(self) -> str:
+        if not self.chain:
+            return self.text("figure_caption_graph", name=self.name())
+        w = NetTensor("w", "l", rank=2).indexed[j, k]
+        b = NetTensor("b", "l").indexed[j]
+        return self.text("figure_caption", name=self.name(), L=self.model.depth,
+                         w=self.inline(w), b=self.inline(b),
+                         elided=self.t["figure_elided"] if max(self.spec.sizes) > MAX_NEURONS
+                         else "")
+
+    def diagram(self) -> dict[str, Any]:
+        if self.chain:
+            return {"chain": True, **diagram(
+                self.spec.sizes, [node.activation.name for node in self.model.nodes],
+                self.t["input_layer"])}
+        return {"chain": False, **graph_diagram(self.model, self.t["input_layer"],
+                                                self.t["cost_node"])}
+
+    def op_name(self, node: Node) -> str:
+        """The op of a node as a reader sees it: ``dense, relu`` or ``dropout, p = 0.1``."""
+        parts = [self.code(node.op.name)]
+        if node.activation is not None:
+            parts.append(self.code(node.activation.name))
+        for key, value in node.options:
+            symbol = {"rate": "p", "eps": r"\epsilon"}.get(key, key)
+            parts.append(f"${symbol} = {_short(value)}$" if key != "eps" else
+                         f"${symbol} = {latex(sp.Rational(repr(float(value))))}$")
+        return ", ".join(parts)
+
+    def layer_table(self) -> dict[str, Any]:
+        if self.chain:
+            header = [self.t["col_layer"], self.t["col_size"], self.t["col_activation"]]
+            rows = [["$0$", f"${self.spec.input}$", self.t["input_layer"]]]
+            for node in self.model.nodes:
+                rows.append([f"${node.index}$", f"${node.width}$",
+                             self.code(node.activation.name)])
+            return {"header": header, "rows": rows, "align": "ccl",
+                    "caption": self.t["layers_caption"], "width": "0.32"}
+        header = [self.t["col_layer"], self.t["col_op"], self.t["col_reads"],
+                  self.t["col_width"]]
+        rows = [["$0$", self.t["input_layer"], "", f"${self.spec.input}$"]]
+        for node in self.model.nodes:
+            name = f" ({self.code(node.name)})" if node.name else ""
+            reads = ", ".join(f"${n}$" for n in node.inputs)
+            rows.append([f"${node.index}${name}", self.op_name(node), reads,
+                         f"${node.width}$"])
+        return {"header": header, "rows": rows, "align": "llcc",
+                "caption": self.t["layers_caption_graph"], "width": "0.40"}
+
+    def roles(self) -> set[str]:
+        """The roles of every quantity and parameter of the model."""
+        roles = {p.tensor.role for p in self.model.parameters}
+        for eq in self.model.equations:
+            roles.add(eq.target.role)
+            roles.update(a.role for a in eq.expr.atoms(NetTensor))
+        return roles
 
     def notation(self) -> list[dict[str, str]]:
-        w, b, z, a, delta = (quantity(letter, "l") for letter in ("w", "b", "z", "a", "delta"))
+        w = NetTensor("w", "l", rank=2).indexed
+        b, z, a, delta, y = (NetTensor(role, node).indexed for role, node in (
+            ("b", "l"), ("z", "l"), ("a", "l"), ("delta", "l"), ("y", None)))
         sigma = sp.Function("sigma_l")
-        definition = equation(delta[j], sp.Derivative(C, z[j], evaluate=False))
-        rows = [
-            (latex(w[j, k]), self.t["n_w"]),
-            (latex(b[j]), self.t["n_b"]),
-            (latex(z[j]), self.t["n_z"]),
-            (latex(a[j]), self.text("n_a", a0=self.inline(quantity("a", 0)[k]))),
-            (latex(quantity("y")[j]), self.t["n_y"]),
-            (latex(sp.Symbol("n_l")), self.t["n_n"]),
-            (f"{latex(sigma(Z))}, {latex(sp.Derivative(sigma(Z), Z))}", self.t["n_sigma"]),
-            (latex(C), self.t["n_C"]),
-            (latex(delta[j]), self.text("n_delta", definition=f"${definition}$")),
-            (latex(sp.KroneckerDelta(i, j)), self.t["n_kd"]),
-            (", ".join(latex(v) for v in (Vec("a^l"), Vec("z^l"), Vec("b^l"), Vec("delta^l")))
-             + ", " + r"W^{l}", self.text("n_vec", w=self.inline(w[j, k]))),
-            (r"\odot,\ \oslash", self.t["n_odot"]),
-        ]
+        roles = self.roles()
+        rows = []
+        if "w" in roles:
+            rows.append((latex(w[j, k]), self.t["n_w" if self.chain else "n_w_graph"]))
+        if "b" in roles:
+            rows.append((latex(b[j]), self.t["n_b"]))
+        if "z" in roles:
+            rows.append((latex(z[j]), self.t["n_z"]))
+        rows.append((latex(a[j]), self.text("n_a", a0=self.inline(
+            NetTensor("a", 0).indexed[k]))))
+        rows.append((latex(y[j]), self.t["n_y"]))
+        rows.append((latex(sp.Symbol("n_l")), self.t["n_n"]))
+        if any(node.activation is not None for node in self.model.nodes):
+            rows.append((f"{latex(sigma(Z))}, {latex(sp.Derivative(sigma(Z), Z))}",
+                         self.t["n_sigma"]))
+        if "gamma" in roles:
+            rows.append((", ".join(latex(NetTensor(role, "l").indexed[j])
+                                   for role in ("gamma", "beta")), self.t["n_gamma"]))
+        if "mu" in roles:
+            rows.append((", ".join(latex(NetTensor(role, "l", rank=0))
+                                   for role in ("mu", "var")), self.t["n_mu"]))
+        if "xhat" in roles:
+            rows.append((latex(NetTensor("xhat", "l").indexed[j]), self.t["n_xhat"]))
+        if "mask" in roles:
+            rows.append((latex(NetTensor("mask", "l").indexed[j]), self.t["n_mask"]))
+        rows.append((latex(C), self.t["n_C"]))
+        if self.penalized:
+            rows.append((latex(R), self.t["n_R"]))
+        if self.chain:
+            definition = equation(delta[j], sp.Derivative(C, z[j], evaluate=False))
+            rows.append((latex(delta[j]), self.text("n_delta", definition=f"${definition}$")))
+        else:
+            rows.append((latex(delta[j]), self.text(
+                "n_delta_graph", z=self.inline(sp.Derivative(C, z[j], evaluate=False)),
+                a=self.inline(sp.Derivative(C, a[j], evaluate=False)))))
+        rows.append((latex(sp.KroneckerDelta(i, j)), self.t["n_kd"]))
+        vectors = [NetTensor(role, "l") for role in ("a", "z", "b", "delta") if role in roles
+                   or role in ("a", "delta")]
+        rows.append((", ".join(latex(v) for v in vectors) + ", " + latex(
+            NetTensor("w", "l", rank=2)), self.text("n_vec", w=self.inline(w[j, k]))))
+        rows.append((r"\odot,\ \oslash", self.t["n_odot"]))
         return [{"symbol": symbol, "meaning": meaning} for symbol, meaning in rows]
 
     def forward(self) -> list[dict[str, str]]:
         rows = []
-        for layer in self.model.layers:
-            for lhs, rhs, name in ((layer.z[j], layer.z_expr, "z"),
-                                   (layer.a[j], layer.a_expr, "a")):
-                rows.append({"math": equation(lhs, rhs), "lhs": latex(lhs), "rhs": latex(rhs),
-                             "label": self.label(f"{name}{layer.index}")})
+        for node in self.model.nodes:
+            for eq in node.equations:
+                lhs = latex(eq.lhs)
+                rhs = self.broken(eq.expr, lead=visual_length(lhs))
+                rows.append({"math": f"{lhs} = {rhs}", "lhs": lhs, "rhs": rhs,
+                             "label": self.label(f"{eq.target.role}{node.index}")})
         return rows
 
     def cost(self) -> dict[str, str]:
         loss = self.model.loss.name
-        return {"text": self.text("cost_text", loss=self.activation_name(loss)
-                                  if self.markdown else rf"\texttt{{{_escape(loss)}}}"),
-                "math": equation(C, self.model.cost), "label": self.label("C")}
+        return {"text": self.text("cost_text", loss=self.code(loss)),
+                "math": self.display(C, self.model.cost), "label": self.label("C")}
+
+    def penalty(self) -> dict[str, str] | None:
+        if not self.penalized:
+            return None
+        return {"text": self.text("penalty_text", R=f"${latex(R)}$"),
+                "math": self.display(R, self.model.penalty), "label": self.label("R")}
 
     def activations(self) -> list[dict[str, Any]]:
         groups: dict[str, tuple[ActivationDerivative, list[int]]] = {}
-        for layer, derivative in zip(self.model.layers, self.derivation.activation_derivatives):
-            if derivative is None:  # softmax: differentiated inside BP1
+        for node, derivative in zip(self.model.nodes, self.derivation.activation_derivatives):
+            if derivative is None:  # softmax (differentiated where it is used), or none
                 continue
-            key = repr((layer.activation.name, layer.activation.params))
-            groups.setdefault(key, (derivative, []))[1].append(layer.index)
+            key = repr((node.activation.name, node.activation.params))
+            groups.setdefault(key, (derivative, []))[1].append(node.index)
         out = []
         for derivative, layers in groups.values():
             sigma = sp.Function("sigma")
             out.append({
                 "heading": self.text("activation_of" if len(layers) == 1 else
                                      "activation_of_many",
-                                     name=self.activation_name(derivative.activation.name),
+                                     name=self.code(derivative.activation.name),
                                      layers=self.listing([str(n) for n in layers])),
                 "definition": equation(sigma(Z), derivative.activation.expr),
                 "steps": [self.step(step) for step in derivative.steps],
             })
         return out
 
-    def bp1(self) -> dict[str, Any]:
-        L = self.model.depth
-        output = self.derivation.delta(L)
-        delta = quantity("delta", "l")[j]
-        return {
-            "text": self.text("bp1_text", L=L, delta=self.inline(delta)),
-            "steps": [self.step(s) for s in (*self.derivation.loss_gradient.steps,
-                                             *output.steps)],
-            "assumptions": self.assumptions(output),
-        }
+    # -- the backward pass --
 
-    def bp2(self) -> dict[str, Any]:
+    def block(self, steps: Sequence[Step], formula: Formula | None = None,
+              heading: str = "") -> dict[str, Any]:
+        return {"heading": heading, "steps": [self.step(s) for s in steps],
+                "assumptions": self.assumptions(formula) if formula is not None else []}
+
+    def backward(self) -> list[dict[str, Any]]:
+        return self.chain_sections() if self.chain else self.graph_sections()
+
+    def chain_sections(self) -> list[dict[str, Any]]:
+        """BP1, BP2 and BP3/BP4 of a plain chain of dense layers, as in the textbooks."""
         L = self.model.depth
+        d = self.derivation
+        output = d.delta(L)
+        bp1 = {"title": self.t["sec_bp1"],
+               "text": self.text("bp1_text", L=L,
+                                 delta=self.inline(NetTensor("delta", "l").indexed[j])),
+               "parts": [{"title": "", "text": "", "others": [], "blocks": [
+                   self.block((*d.loss_gradient.steps, *output.steps), output)]}]}
         if L == 1:
-            return {"text": self.t["bp2_none"], "steps": [], "others": []}
-        shown = self.derivation.delta(L - 1)
-        return {
-            "text": self.text("bp2_text", l=L - 1),
-            "steps": [self.step(s) for s in shown.steps],
-            "others": [f"{latex(self.derivation.delta(l).lhs)} = "
-                       f"{self.index_form(self.derivation.delta(l))}"
-                       for l in range(L - 2, 0, -1)],
-        }
-
-    def bp34(self) -> dict[str, Any]:
-        L = self.model.depth
-        bias = self.derivation.bias_gradients[L - 1]
-        steps = [] if bias is None else [self.step(s) for s in bias.steps]
-        weight = self.derivation.weight_gradients[L - 1]
+            bp2 = {"title": self.t["sec_bp2"], "text": self.t["bp2_none"], "parts": []}
+        else:
+            shown = d.delta(L - 1)
+            bp2 = {"title": self.t["sec_bp2"], "text": self.text("bp2_text", l=L - 1),
+                   "parts": [{"title": "", "text": "", "blocks": [self.block(shown.steps,
+                                                                             shown)],
+                              "others": [self.display(d.delta(l).lhs, self.index_expr(
+                                  d.delta(l))) for l in range(L - 2, 0, -1)]}]}
+        bias = d.bias_gradients[L - 1]
+        weight = d.weight_gradients[L - 1]
+        steps = [*(bias.steps if bias is not None else ()), *weight.steps]
         others = []
         for l in range(L - 1, 0, -1):
-            for formula in (self.derivation.bias_gradients[l - 1],
-                            self.derivation.weight_gradients[l - 1]):
+            for formula in (d.bias_gradients[l - 1], d.weight_gradients[l - 1]):
                 if formula is not None:
-                    others.append(equation(formula.lhs, formula.rhs))
-        return {
-            "text": self.text("bp34_text", l=L),
-            "bias_steps": steps,
-            "no_bias": "" if bias is not None else self.text("bp34_no_bias", l=L),
-            "weight_steps": [self.step(s) for s in weight.steps],
-            "others": others,
-        }
+                    others.append(self.display(formula.lhs, formula.rhs))
+        bp34 = {"title": self.t["sec_bp34"], "text": self.text("bp34_text", l=L),
+                "parts": [{"title": "", "others": others,
+                           "text": "" if bias is not None else self.text("bp34_no_bias", l=L),
+                           "blocks": [self.block(steps, weight)]}]}
+        return [bp1, bp2, bp34]
 
-    def vector_form(self, formula: Formula, *, batch: bool = False) -> str:
-        """The vector form, or the generic one (sigma' left symbolic, given in the activation
+    def graph_sections(self) -> list[dict[str, Any]]:
+        """One subsection per layer, from the output back."""
+        parts = []
+        for node in reversed(self.model.nodes):
+            formulas = [f for f in self.derivation.formulas if f.node == node.index]
+            title = (self.text("node_title_named", l=node.index, name=self.code(node.name),
+                               op=self.op_name(node)) if node.name else
+                     self.text("node_title", l=node.index, op=self.op_name(node)))
+            words = [self.text("node_reads", reads=self.listing(
+                [self.node_name(n) for n in node.inputs]))]
+            consumers = self.model.consumers(node.index)
+            if consumers:
+                words.append(self.text("node_read_by", consumers=self.listing(
+                    [self.node_name(c.index) for c in consumers])))
+            else:
+                words.append(self.t["node_is_output"])
+            parts.append({"title": title, "text": " ".join(words), "others": [],
+                          "blocks": [self.block(f.steps, f, self.heading(f))
+                                     for f in formulas]})
+        text = self.text("backward_text", delta=self.inline(NetTensor("delta", "l").indexed[j]))
+        return [{"title": self.t["sec_backward"], "text": text, "parts": parts}]
+
+    def heading(self, formula: Formula) -> str:
+        q = self.inline(formula.lhs.variables[0] if isinstance(formula.lhs, sp.Derivative)
+                        else entry(formula.of, formula.indices))
+        tag = self.text("tag", tag=formula.equation) if formula.equation else ""
+        if formula.kind == "loss gradient":
+            return self.text("block_loss", q=q)
+        if formula.kind == "delta":
+            return self.text("block_delta", delta=self.inline(formula.lhs), l=formula.node,
+                             q=q, tag=tag)
+        if formula.kind == "adjoint":
+            return self.text("block_adjoint", q=q)
+        return self.text("block_gradient", q=q, tag=tag)
+
+    # -- matrix, batch and index forms --
+
+    def index_expr(self, formula: Formula) -> sp.Expr:
+        """The index form with the sizes filled in, or the generic one when shorter and the
+        concrete one is too long."""
+        concrete = formula.rhs.xreplace(self.sizes)
+        if visual_length(latex(concrete)) > LINE_BUDGET:
+            generic = formula.generic.xreplace(self.sizes)
+            if visual_length(latex(generic)) < visual_length(latex(concrete)):
+                return generic
+        return concrete
+
+    def vector_expr(self, formula: Formula, *, batch: bool = False) -> sp.Expr:
+        """The tensor form, or the generic one (σ' left symbolic, given in the activation
         section) when the concrete one would not fit on a line."""
-        if formula.equation == "BP3" and batch:
-            return batch_gradient(formula.vector)
-        text = latex(formula.vector, batch=batch)
+        concrete = formula.vector
+        text = latex(concrete, batch=batch, batch_cost=self.batch_cost)
         if visual_length(text) > LINE_BUDGET:
-            text = latex(formula.vector_generic, batch=batch)
-        return text
+            try:
+                generic = formula.vector_generic
+            except DeriveError:
+                return concrete
+            generic_text = latex(generic, batch=batch, batch_cost=self.batch_cost)
+            if visual_length(generic_text) < visual_length(text):
+                return generic
+        return concrete
 
-    def index_form(self, formula: Formula) -> str:
-        """The index form with the sizes filled in, or the generic one when too long."""
-        text = latex(formula.rhs.xreplace(self.sizes))
-        if visual_length(text) > LINE_BUDGET:
-            text = latex(formula.generic.xreplace(self.sizes))
-        return text
+    def batch_form(self, formula: Formula) -> str:
+        """The batch form of a formula: parameter gradients are means over the batch, plus
+        the derivative of the penalty."""
+        lhs = latex(formula.target, batch=True, batch_cost=self.batch_cost)
+        if formula.kind == "gradient" and formula.of.rank == 1:
+            rhs = batch_gradient(self.vector_expr(formula, batch=True),
+                                 batch_cost=self.batch_cost)
+        else:
+            rhs = self.broken(self.vector_expr(formula, batch=True), batch=True,
+                              lead=visual_length(lhs))
+        if formula.kind == "gradient" and formula.penalty != 0:
+            for sign, text in terms(formula.vector_penalty, batch=True,
+                                    batch_cost=self.batch_cost):
+                rhs += f" {sign} {text}"
+        return f"{lhs} = {rhs}"
 
     def matrix(self) -> list[dict[str, str]]:
         rows = []
         for formula in self.derivation.formulas:
-            lhs = _vector_lhs(formula)
             rows.append({
                 "tag": formula.equation,
-                "vector": f"{latex(lhs)} = {self.vector_form(formula)}",
-                "batch": f"{latex(lhs, batch=True)} = {self.vector_form(formula, batch=True)}",
+                "vector": self.display(formula.target, self.vector_expr(formula)),
+                "batch": self.batch_form(formula),
             })
         return rows
 
-    def summary(self) -> list[dict[str, str]]:
+    def summary(self) -> list[dict[str, Any]]:
         rows = []
         for formula in self.derivation.formulas:
-            if not formula.equation:
+            if self.chain and not formula.equation:
                 continue
-            index, vector = self.index_form(formula), self.vector_form(formula)
-            rows.append({
-                "tag": formula.equation,
-                "index_lhs": latex(formula.lhs),
-                "index_rhs": index,
-                "vector_lhs": latex(_vector_lhs(formula)),
-                "vector_rhs": vector,
-                # side by side when both fit on one line, else the vector form below
-                "stacked": visual_length(index) + visual_length(vector) > LINE_BUDGET,
-                "vector": f"{latex(_vector_lhs(formula))} = {latex(formula.vector)}",
-                "label": self.label(_code_name(formula)),
-            })
+            rows.append(self.summary_row(formula))
+            if formula.penalty != 0:
+                rows.append(self.penalty_row(formula))
         return rows
+
+    def summary_row(self, formula: Formula) -> dict[str, Any]:
+        index_lhs = latex(formula.lhs)
+        vector_lhs = latex(formula.target)
+        index, vector = self.index_expr(formula), self.vector_expr(formula)
+        index_text, vector_text = latex(index), latex(vector)
+        # side by side when both fit on one line (a chain), else the vector form below
+        stacked = not self.chain or (visual_length(index_lhs) + visual_length(index_text)
+                                     + visual_length(vector_lhs) + visual_length(vector_text)
+                                     > LINE_BUDGET)
+        if stacked:
+            index_text = self.broken(index, lead=visual_length(index_lhs))
+            vector_text = self.broken(vector, lead=visual_length(vector_lhs))
+        return {"tag": formula.equation, "index_lhs": index_lhs, "index_rhs": index_text,
+                "vector_lhs": vector_lhs, "vector_rhs": vector_text, "stacked": stacked,
+                "label": self.label(code_name(formula))}
+
+    def penalty_row(self, formula: Formula) -> dict[str, Any]:
+        """∂J/∂w = the batch mean of ∂C/∂w plus ∂R/∂w, in index and tensor form."""
+        (variable,) = formula.lhs.variables
+        per_sample = sp.Symbol("C_b")
+        mean = r"\frac{1}{B} \sum_{b=1}^{B} "
+        index_rhs = mean + latex(sp.Derivative(per_sample, variable, evaluate=False))
+        vector_rhs = mean + rf"\nabla_{{{latex(formula.of)}}} {latex(per_sample)}"
+        for sign, text in terms(formula.penalty):
+            index_rhs += f" {sign} {text}"
+        for sign, text in terms(formula.vector_penalty):
+            vector_rhs += f" {sign} {text}"
+        return {"tag": "", "index_lhs": latex(sp.Derivative(sp.Symbol("J"), variable,
+                                                            evaluate=False)),
+                "index_rhs": index_rhs,
+                "vector_lhs": latex(formula.target, batch=True, batch_cost="J"),
+                "vector_rhs": vector_rhs, "stacked": True,
+                "label": self.label(f"dJ_{code_name(formula)}")}
 
     # -- the worked example --
 
     def example(self, ex: WorkedExample) -> dict[str, Any]:
         model, spec = self.model, self.spec
-        values: dict[sp.Expr, float] = {}
-
-        def put(base: sp.IndexedBase, vector: Sequence[float]) -> None:
-            for n, value in enumerate(vector, start=1):
-                values[base[n]] = value
-
-        put(model.x, ex.x)
-        put(model.y, ex.y)
-        for layer in model.layers:
-            l = layer.index
-            for r, row in enumerate(ex.weights[l - 1], start=1):
-                for c, value in enumerate(row, start=1):
-                    values[layer.w[r, c]] = value
-            if layer.b is not None:
-                put(layer.b, ex.biases[l - 1])
-            put(layer.z, ex.z[l - 1])
-            put(layer.a, ex.a[l - 1])
-            put(quantity("delta", l), ex.delta[l - 1])
         wide = max(spec.sizes) > MAX_NEURONS
-        inputs = [
-            f"{latex(Vec('a^0'))} = {_column(ex.x, _short)}",
-            f"{latex(Vec('y'))} = {_column(ex.y, _short)}",
-        ]
-        for layer in model.layers:
-            l = layer.index
-            part = f"W^{{{l}}} = {_matrix(ex.weights[l - 1], _short)}"
-            if layer.b is not None:
-                part += rf",\quad {latex(Vec(f'b^{l}'))} = {_column(ex.biases[l - 1], _short)}"
-            inputs.append(part)
+        inputs = [f"{latex(model.x.label)} = {_column(ex.x, _short)}",
+                  f"{latex(model.y.label)} = {_column(ex.y, _short)}"]
+        for node in model.nodes:
+            parts = []
+            for parameter in node.parameters:
+                value = ex.parameters[parameter.key]
+                shown = _matrix(value, _short) if value.ndim == 2 else _column(value, _short)
+                parts.append(f"{latex(parameter.tensor)} = {shown}")
+            for mask, value in ex.masks:
+                if mask.node == node.index:
+                    parts.append(f"{latex(mask)} = {_column(value, _short)}")
+            if parts:
+                inputs.append(r",\quad ".join(parts))
         first = {j: sp.Integer(1), k: sp.Integer(1)}
-        shown_layers = sorted({1, model.depth})
         forward_spelled = []
-        for l in shown_layers:
-            layer = model.layer(l)
-            for expr, lhs, result in ((layer.z_expr, layer.z[j], ex.z[l - 1][0]),
-                                      (layer.a_expr, layer.a[j], ex.a[l - 1][0])):
-                text = _spelled(expr, lhs, values, self.sizes, first, result)
+        for node in self.spelled_nodes():
+            for eq in node.equations:
+                result = ex.value(eq.target).flat[0]
+                text = _spelled(eq.expr, eq.lhs, ex.lookup, self.sizes, first, result)
                 if text is not None:
                     forward_spelled.append(text)
         backward_spelled = []
-        candidates = [self.derivation.delta(model.depth)]
-        if model.depth > 1:
-            candidates.append(self.derivation.delta(model.depth - 1))
-        bias = self.derivation.bias_gradients[model.depth - 1]
-        if bias is not None:
-            candidates.append(bias)
-        candidates.append(self.derivation.weight_gradients[model.depth - 1])
-        for formula in candidates:
-            l = int(formula.key.partition("^")[2])
-            if formula.equation == "BP4":
-                result = ex.weight_gradients[l - 1][0][0]
-            elif formula.equation == "BP3":
-                result = ex.bias_gradients[l - 1][0]
-            else:
-                result = ex.delta[l - 1][0]
-            text = _spelled(formula.rhs, formula.lhs, values, self.sizes, first, result)
+        for formula in self.spelled_formulas():
+            result = ex.of(formula).flat[0]
+            text = _spelled(formula.rhs, formula.lhs, ex.lookup, self.sizes, first, result)
             if text is not None:
                 backward_spelled.append(text)
-        forward_rows, backward_rows = [], []
-        for layer in model.layers:
-            l = layer.index
-            n = spec.sizes[l]
-            for row in _shown(n):
-                if row is None:
-                    forward_rows.append({"l": "", "j": r"\vdots", "cells": [r"\vdots"] * 2})
-                    backward_rows.append({"l": "", "j": r"\vdots", "cells": [r"\vdots"] * 2})
-                    continue
-                label = str(l) if row == 1 else ""
-                forward_rows.append({"l": label, "j": str(row), "cells": [
-                    _number(ex.z[l - 1][row - 1]), _number(ex.a[l - 1][row - 1])]})
-                db = ex.bias_gradients[l - 1]
-                backward_rows.append({"l": label, "j": str(row), "cells": [
-                    _number(ex.delta[l - 1][row - 1]),
-                    _number(db[row - 1]) if db is not None else "--"]})
-            forward_rows[-1]["last_of_layer"] = True
-            backward_rows[-1]["last_of_layer"] = True
-        for rows in (forward_rows, backward_rows):
-            for row in rows:
-                row.setdefault("last_of_layer", False)
-        gradients = [
-            rf"{latex(Vec(f'dC/dw^{l}'))} = {_matrix(ex.weight_gradients[l - 1], _number)}"
-            for l in range(1, model.depth + 1)
-        ]
-        a = quantity("a", "l")
-        z = quantity("z", "l")
-        delta = quantity("delta", "l")
+        forward_rows = [self.value_row(latex(entry(tensor, (j,) * tensor.rank)), value)
+                        for tensor, value in ex.forward]
+        backward_rows = [self.value_row(latex(formula.lhs), value)
+                         for formula, value in ex.backward if value.ndim <= 1]
+        gradients = []
+        penalties = {formula.of: value for formula, value in ex.penalties}
+        for formula, value in ex.backward:
+            if value.ndim != 2:
+                continue
+            gradients.append(f"{latex(formula.target)} = {_matrix(value, _number)}")
+            if formula.of in penalties:
+                total = value + penalties[formula.of]
+                gradients.append(f"{latex(formula.target, batch=True, batch_cost='J')} = "
+                                 f"{_matrix(total, _number)}")
+        text = [self.t["example_given" if ex.given else "example_default"]]
+        if ex.masks:
+            text.append(self.t["example_mask"])
         return {
-            "long_tables": len(forward_rows) > 30,
-            "text": self.t["example_given" if ex.given else "example_default"],
+            "text": " ".join(text),
             "truncated": self.text("example_truncated", limit=MAX_NEURONS,
                                    shown=SHOWN_NEURONS) if wide else "",
             "inputs": inputs,
             "forward_spelled": forward_spelled,
-            "forward_head": [self.inline(z[j]), self.inline(a[j])],
-            "forward_rows": forward_rows,
+            "forward": self.value_table(forward_rows),
             "loss": f"C = {_number(ex.loss)}",
+            "penalty": f"R = {_number(ex.penalty)}" if self.penalized else "",
             "backward_spelled": backward_spelled,
-            "backward_head": [self.inline(delta[j]),
-                              self.inline(sp.Derivative(C, quantity("b", "l")[j]))],
-            "backward_rows": backward_rows,
+            "backward": self.value_table(backward_rows),
+            "gradients_text": self.t["example_gradients_penalty" if self.penalized
+                                     else "example_gradients"],
             "gradients": gradients,
         }
 
+    def spelled_nodes(self) -> list[Node]:
+        """The layers whose forward pass the example spells out: the first and last of a
+        chain; in a graph the first layer of each kind (op and activation)."""
+        if self.chain:
+            return [self.model.node(l) for l in sorted({1, self.model.depth})]
+        seen: set[tuple] = set()
+        out = []
+        for node in self.model.nodes:
+            kind = (node.op.name, node.activation.name if node.activation else None)
+            if kind not in seen:
+                seen.add(kind)
+                out.append(node)
+        return out
 
-def _shown(n: int) -> list[int | None]:
-    """The rows of a layer that the tables show; None marks the elided ones."""
-    if n <= MAX_NEURONS:
-        return list(range(1, n + 1))
-    return [*range(1, SHOWN_NEURONS + 1), None]
+    def spelled_formulas(self) -> list[Formula]:
+        """The formulas the example spells out: δ^L, δ^{L-1} and the gradients of layer L of
+        a chain; in a graph the first of each kind (op, kind of formula, quantity)."""
+        d, L = self.derivation, self.model.depth
+        if self.chain:
+            out = [d.delta(L)] + ([d.delta(L - 1)] if L > 1 else [])
+            return out + [f for f in (d.bias_gradients[L - 1], d.weight_gradients[L - 1])
+                          if f is not None]
+        seen: set[tuple] = set()
+        out = []
+        for formula in d.formulas:
+            if formula.kind == "loss gradient":
+                continue
+            node = self.model.node(formula.node)
+            kind = (node.op.name, node.activation.name if node.activation else None,
+                    formula.kind, formula.of.role)
+            if kind not in seen:
+                seen.add(kind)
+                out.append(formula)
+        return out
+
+    def value_row(self, name: str, value: np.ndarray) -> dict[str, Any]:
+        return {"name": f"${name}$", "values": list(np.ravel(value))}
+
+    def value_table(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows of values by neuron j; when a layer is wider than MAX_NEURONS every row shows
+        its first SHOWN_NEURONS values and an ellipsis."""
+        cut = any(len(row["values"]) > MAX_NEURONS for row in rows)
+        shown = SHOWN_NEURONS if cut else max(len(row["values"]) for row in rows)
+        width = shown + (1 if cut else 0)
+        out = []
+        for row in rows:
+            values = row["values"]
+            cells = [f"${_number(v)}$" for v in values[:shown]]
+            if len(values) > shown:
+                cells.append(r"$\cdots$")
+            out.append({"name": row["name"], "cells": cells + [""] * (width - len(cells))})
+        head = [self.t["col_quantity"]] + [f"$j = {n}$" if n == 1 else f"${n}$"
+                                           for n in range(1, shown + 1)]
+        head += [""] * (width + 1 - len(head))
+        return {"head": head, "rows": out, "columns": "r" * width,
+                "long": len(rows) > LONG_TABLE_ROWS}
 
 
-def _column(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+def _column(values: Sequence[float] | np.ndarray, fmt: Callable[[float], str]) -> str:
     """A column vector as a bmatrix (long ones in part, with a vertical ellipsis)."""
+    values = list(np.ravel(values))
     rows = [fmt(v) for v in values[:SHOWN_NEURONS]] if len(values) > MAX_NEURONS else [
         fmt(v) for v in values]
     if len(values) > MAX_NEURONS:
@@ -525,9 +790,10 @@ def _column(values: Sequence[float], fmt: Callable[[float], str]) -> str:
     return r"\begin{bmatrix}" + r" \\ ".join(rows) + r"\end{bmatrix}"
 
 
-def _matrix(rows: Sequence[Sequence[float]], fmt: Callable[[float], str]) -> str:
+def _matrix(rows: Sequence[Sequence[float]] | np.ndarray, fmt: Callable[[float], str]) -> str:
     """A matrix as a bmatrix, at most SHOWN_NEURONS rows and columns of a large one."""
-    n_rows, n_cols = len(rows), len(rows[0])
+    rows = np.asarray(rows, dtype=np.float64)
+    n_rows, n_cols = rows.shape
     cut_rows, cut_cols = n_rows > MAX_NEURONS, n_cols > MAX_NEURONS
     lines = []
     for row in rows[:SHOWN_NEURONS] if cut_rows else rows:
@@ -547,7 +813,8 @@ def _matrix(rows: Sequence[Sequence[float]], fmt: Callable[[float], str]) -> str
 
 def diagram(sizes: Sequence[int], activations: Sequence[str], input_label: str = "input",
             ) -> dict[str, Any]:
-    """Node and edge coordinates (cm) of the network drawing; wide layers are elided."""
+    """Neuron and edge coordinates (cm) of the drawing of a dense chain; wide layers are
+    elided."""
     depth = len(sizes) - 1
     dx = min(3.6, 14.0 / max(depth, 1))
     dy = 1.25
@@ -584,6 +851,51 @@ def diagram(sizes: Sequence[int], activations: Sequence[str], input_label: str =
                               "label": f"w^{{{depth}}}_{{11}}"}}
 
 
+def graph_diagram(model: Model, input_label: str = "input", cost_label: str = "cost",
+                  ) -> dict[str, Any]:
+    """Boxes and arrows (cm) of the drawing of a graph: one box per layer, top to bottom,
+    an arrow from each layer to every layer that reads it; an arrow that skips layers runs
+    on the right, further out the more layers it spans over others."""
+    count = model.depth + 2
+    dy = min(1.05, 20.0 / count)
+    boxes = [{"ref": "(n0)", "west": "(n0.west)", "at": "(0,0)", "style": "input",
+              "side": "$l = 0$",
+              "text": rf"{_escape(input_label)}: $\mathbf{{a}}^{{0}} \in "
+                      rf"\mathbb{{R}}^{{{model.spec.input}}}$"}]
+    for node in model.nodes:
+        details = [rf"\texttt{{{_escape(node.op.name)}}}"]
+        if node.activation is not None and not (node.op.name == "dense"
+                                                and node.activation.name == "identity"):
+            details.append(rf"\texttt{{{_escape(node.activation.name)}}}")
+        for key, value in node.options:
+            if key == "rate":
+                details.append(f"$p = {_short(value)}$")
+        name = rf" \textit{{({_escape(node.name)})}}" if node.name else ""
+        text = ", ".join(details) + rf"{name}: $\mathbb{{R}}^{{{node.width}}}$"
+        style = "output" if node.index == model.depth else "op"
+        boxes.append({"ref": f"(n{node.index})", "west": f"(n{node.index}.west)",
+                      "at": f"(0,{-node.index * dy:.2f})",
+                      "style": style, "side": f"$l = {node.index}$", "text": text})
+    boxes.append({"ref": "(cost)", "west": "(cost.west)",
+                  "at": f"(0,{-(model.depth + 1) * dy:.2f})", "style": "cost",
+                  "side": "", "text": rf"{_escape(cost_label)} $C$: "
+                                      rf"\texttt{{{_escape(model.loss.name)}}}"})
+    straight, skips = [], []
+    for node in model.nodes:
+        for source in node.inputs:
+            if source == node.index - 1:
+                straight.append({"from": f"(n{source}.south)", "to": f"(n{node.index}.north)"})
+            else:
+                skips.append((source, node.index))
+    straight.append({"from": f"(n{model.depth}.south)", "to": "(cost.north)"})
+    placed: list[tuple[int, int, int]] = []
+    curved = []
+    for source, target in sorted(skips, key=lambda s: (s[1] - s[0], s[0])):
+        level = 1 + max((lvl for a, b, lvl in placed if a < target and source < b), default=0)
+        placed.append((source, target, level))
+        curved.append({"from": f"(n{source}.east)", "to": f"(n{target}.east)",
+                       "out": f"({0.35 + 0.45 * level:.2f},0)"})
+    return {"boxes": boxes, "edges": straight, "skips": curved}
 # --- rendering -----------------------------------------------------------------------------
 
 

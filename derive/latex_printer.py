@@ -1,23 +1,27 @@
 """LaTeX printer for derive expressions, in the classic backpropagation notation.
 
 A SymPy ``LatexPrinter`` subclass used by :mod:`derive.latex` (documents) and by the Jupyter
-``_repr_latex_`` of :class:`~derive.derivation.Derivation`. It reads the names that
-:mod:`derive.model` gives its indexed bases (``"w^2"``, ``"delta^3"``, ``"y"``) and prints
+``_repr_latex_`` of :class:`~derive.derivation.Derivation`. It reads the fields of each
+:class:`~derive.quantities.NetTensor` (``role``, ``node``, ``of``, ``rank``), never its name,
+and prints
 
-* index form: ``w^{2}_{jk}``, ``\\delta^{3}_{j}``, ``y_{j}``, sums with their ranges
+* index form: ``w^{2}_{jk}``, ``\\delta^{3}_{j}``, ``\\gamma^{4}_{j}``, ``\\hat{x}^{4}_{j}``,
+  ``\\mu^{4}``, ``(\\sigma^{4})^{2}``, ``y_{j}``, sums with their ranges
   ``\\sum_{k=1}^{n_{2}}``, ``\\frac{\\partial C}{\\partial a^{2}_{j}}`` and the symbolic
   activation derivative of layer l as ``\\sigma_{l}'(z^{l}_{j})``;
-* vector form (:mod:`derive.vectorform`): bold vectors, ``W^{l}``, ``\\odot`` for the Hadamard
+* tensor form (:mod:`derive.vectorform`): bold vectors, ``W^{l}``, ``\\odot`` for the Hadamard
   product, ``\\oslash`` for elementwise division and ``^{\\top}`` for the transpose;
 * batch form (``batch=True``; rows are samples): ``A^{l}``, ``Z^{l}``, ``\\Delta^{l}``, ``Y``;
-  ``W^T v`` becomes ``V W``, ``u v^T`` the batch mean ``\\frac{1}{B} U^{\\top} V`` and a bias
-  vector is broadcast to every row as ``\\mathbf{1} (\\mathbf{b}^{l})^{\\top}``.
+  ``W^T v`` becomes ``V W``, ``u v^T`` the batch mean ``\\frac{1}{B} U^{\\top} V`` and a
+  parameter vector is broadcast to every row as ``\\mathbf{1} (\\mathbf{b}^{l})^{\\top}``.
 
-Nothing here computes: it only spells the expressions the derivation produced.
+Nothing here computes: it only spells the expressions the derivation produced; :func:`terms`
+prints the terms of a sum one by one, for documents that break long sums over lines.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -26,54 +30,127 @@ from sympy.core.function import AppliedUndef
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from derive.vectorform import Inner, Mat, MatVec, Outer, Vec
+from derive.quantities import NetTensor
+from derive.vectorform import Einsum, Inner, MatVec, Outer
 
-#: How a quantity's letter is spelled in index form.
-LETTERS: Mapping[str, str] = {"delta": r"\delta", "sigma": r"\sigma", "nabla": r"\nabla"}
-#: Vector form (one sample): bold letters.
+#: How a quantity's role is spelled in index form (one entry of it, or a per-sample scalar).
+LETTERS: Mapping[str, str] = {
+    "a": "a", "z": "z", "w": "w", "b": "b", "y": "y", "delta": r"\delta", "gamma": r"\gamma",
+    "beta": r"\beta", "mu": r"\mu", "var": r"\sigma", "xhat": r"\hat{x}", "mask": "m",
+    "sigma": r"\sigma", "nabla": r"\nabla",
+}
+#: Tensor form (one sample): bold vectors, capital matrices.
 VECTORS: Mapping[str, str] = {
     "a": r"\mathbf{a}", "z": r"\mathbf{z}", "b": r"\mathbf{b}", "y": r"\mathbf{y}",
-    "delta": r"\boldsymbol{\delta}",
+    "delta": r"\boldsymbol{\delta}", "gamma": r"\boldsymbol{\gamma}",
+    "beta": r"\boldsymbol{\beta}", "xhat": r"\hat{\mathbf{x}}", "mask": r"\mathbf{m}",
+    "w": "W", "mu": r"\mu", "var": r"\sigma",
 }
-#: Batch form (rows are samples): capitals.
-BATCH: Mapping[str, str] = {"a": "A", "z": "Z", "delta": r"\Delta", "y": "Y"}
+#: Batch form (rows are samples): capitals; a per-sample scalar becomes a bold column.
+BATCH: Mapping[str, str] = {
+    "a": "A", "z": "Z", "delta": r"\Delta", "y": "Y", "xhat": r"\hat{X}", "mask": "M",
+    "w": "W", "mu": r"\boldsymbol{\mu}", "var": r"\boldsymbol{\sigma}",
+}
+#: Roles printed squared: the variance of a layer norm is (σ^l)².
+SQUARED = frozenset({"var"})
+#: Roles of parameters that are vectors, broadcast to every row of a batch.
+_PARAMETERS = frozenset({"w", "b", "gamma", "beta"})
 #: Spellings of derive's own SymPy functions.
 FUNCTIONS: Mapping[str, str] = {
     "sigmoid": r"\operatorname{sigmoid}", "softplus": r"\operatorname{softplus}",
 }
 
 
-def _split(name: str) -> tuple[str, str | None]:
-    """``"w^2"`` -> ``("w", "2")``; also generic layers: ``"w^l"`` -> ``("w", "l")``."""
-    letter, _, layer = str(name).partition("^")
-    return letter, layer or None
+def _layered(symbol: str, node: object, role: str = "") -> str:
+    """``symbol`` with the layer as a superscript; a variance squared outside it."""
+    text = symbol if node is None else f"{symbol}^{{{node}}}"
+    if role in SQUARED:
+        return f"({text})^{{2}}" if node is not None else f"{symbol}^{{2}}"
+    return text
 
 
-def _layered(symbol: str, layer: object) -> str:
-    return symbol if layer is None else f"{symbol}^{{{layer}}}"
+def is_vector(expr: sp.Basic) -> bool:
+    """Whether a tensor-form expression is a vector or matrix per sample (not a scalar).
+
+    An index-form expression (entries, sums over indices) is a scalar; ``Inner`` is a scalar.
+    """
+    if isinstance(expr, NetTensor):
+        return expr.rank >= 1 and expr.role != "one"
+    if isinstance(expr, (MatVec, Outer, Einsum)):
+        return True
+    if isinstance(expr, (Inner, sp.Indexed, sp.Sum)):
+        return False
+    return any(is_vector(arg) for arg in expr.args)
 
 
 class DeriveLatexPrinter(LatexPrinter):
-    """Prints derive's index, vector and batch expressions as LaTeX math."""
+    """Prints derive's index, tensor and batch expressions as LaTeX math.
+
+    Settings: ``batch`` (rows are samples) and ``batch_cost``, the symbol of the batch
+    objective whose parameter gradients the batch form shows (``\\bar{C}``, or ``J`` when a
+    regularization penalty is added).
+    """
 
     printmethod = "_derive_latex"  # no object defines it: dispatch to the _print_* below
-    _default_settings: ClassVar[dict] = {**LatexPrinter._default_settings, "batch": False}
+    _default_settings: ClassVar[dict] = {**LatexPrinter._default_settings, "batch": False,
+                                         "batch_cost": r"\bar{C}", "fold_frac_powers": True}
 
-    # -- index form ---------------------------------------------------------------------
+    # -- quantities ---------------------------------------------------------------------
 
-    def _quantity(self, name: str) -> str:
-        letter, layer = _split(name)
-        return _layered(LETTERS.get(letter, letter), layer)
+    def _entry_symbol(self, tensor: NetTensor) -> str:
+        """The symbol of one entry (index form): w^{2}, \\hat{x}^{4}, (\\sigma^{4})^{2}."""
+        return _layered(LETTERS.get(tensor.role, tensor.role), tensor.node, tensor.role)
+
+    def _tensor_symbol(self, tensor: NetTensor, *, batch: bool | None = None) -> str:
+        """The symbol of the whole tensor: bold vector, capital matrix or batch capital."""
+        batch = self._settings["batch"] if batch is None else batch
+        role = tensor.role
+        if tensor.rank == 0:
+            table = BATCH if batch else LETTERS
+            return _layered(table.get(role, LETTERS.get(role, role)), tensor.node, role)
+        if batch and role in _PARAMETERS and tensor.rank == 1:
+            # one parameter vector for the whole batch, added to (or multiplying) every row
+            return rf"\mathbf{{1}}\left({_layered(VECTORS[role], tensor.node)}\right)^{{\top}}"
+        table = BATCH if batch else VECTORS
+        return _layered(table.get(role, role.upper() if batch else role), tensor.node, role)
+
+    def _print_NetTensor(self, expr: NetTensor) -> str:
+        if expr.role == "one":
+            return r"\mathbf{1}"
+        if expr.role == "grad":
+            return self._gradient(expr)
+        return self._tensor_symbol(expr)
+
+    def _gradient(self, tensor: NetTensor) -> str:
+        """The adjoint ∂C/∂q in tensor form: ∇_q C for a vector or matrix, a fraction for a
+        per-sample scalar; a parameter's batch gradient is that of the batch objective."""
+        batch = self._settings["batch"]
+        of = NetTensor(tensor.of, tensor.node, rank=tensor.rank)
+        if tensor.rank == 0:
+            return rf"\frac{{\partial C}}{{\partial {self._tensor_symbol(of)}}}"
+        cost = self._settings["batch_cost"] if batch and of.role in _PARAMETERS else "C"
+        if of.role in _PARAMETERS:
+            return rf"\nabla_{{{self._tensor_symbol(of, batch=False)}}} {cost}"
+        return rf"\nabla_{{{self._tensor_symbol(of)}}} {cost}"
 
     def _print_Symbol(self, expr: sp.Symbol, style: str = "plain") -> str:
-        if "^" in expr.name:
-            return self._quantity(expr.name)
+        if isinstance(expr, NetTensor):
+            return self._print_NetTensor(expr)
         return super()._print_Symbol(expr, style)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
         indices = [self._print(index) for index in expr.indices]
         separator = "" if all(len(text) == 1 for text in indices) else ","
-        return f"{self._quantity(str(expr.base.label))}_{{{separator.join(indices)}}}"
+        label = expr.base.label
+        subscript = f"_{{{separator.join(indices)}}}"
+        if isinstance(label, NetTensor) and label.role == "grad":
+            of = NetTensor(label.of, label.node, rank=label.rank)
+            return rf"\frac{{\partial C}}{{\partial {self._entry_symbol(of)}{subscript}}}"
+        if isinstance(label, NetTensor):
+            return self._entry_symbol(label) + subscript
+        return self._print(label) + subscript
+
+    # -- index form ---------------------------------------------------------------------
 
     def _as_ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
         # the classic order: sum_k w_jk a_k + b_j, W a + b (sums and products before the bias)
@@ -86,11 +163,19 @@ class DeriveLatexPrinter(LatexPrinter):
             return "-" + self._print_Sum(sp.Sum(-expr.function, *expr.limits))
         return super()._print_Sum(expr)
 
+    def _print_Rational(self, expr: sp.Rational) -> str:
+        # a small constant such as a layer norm's eps, 1/100000, reads as 10^{-5}
+        q = int(expr.q)
+        digits = len(str(q)) - 1
+        if expr.p == 1 and digits >= 4 and q == 10 ** digits:
+            return f"10^{{-{digits}}}"
+        return super()._print_Rational(expr)
+
     def _print_Pow(self, expr: sp.Pow) -> str:
         # w^{2}_{jk} squared must not become a double superscript: parenthesize the base.
         base, exponent = expr.args
-        layered = isinstance(base, sp.Indexed) or (isinstance(base, sp.Symbol)
-                                                   and "^" in base.name)
+        layered = isinstance(base, sp.Indexed) or (isinstance(base, NetTensor)
+                                                   and base.node is not None)
         if layered and exponent.is_Integer and exponent > 0:
             return rf"\left({self._print(base)}\right)^{{{self._print(exponent)}}}"
         return super()._print_Pow(expr)
@@ -122,20 +207,27 @@ class DeriveLatexPrinter(LatexPrinter):
 
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta, exp: str | None = None) -> str:
         first, second = (self._print(arg) for arg in expr.args)
-        text = rf"\delta_{{{first}{second}}}"
+        separator = "" if len(first) == 1 and len(second) == 1 else ","
+        text = rf"\delta_{{{first}{separator}{second}}}"
         return text if exp is None else rf"\left({text}\right)^{{{exp}}}"
 
-    # -- vector and batch form ----------------------------------------------------------
+    # -- products -----------------------------------------------------------------------
 
     def _print_scalar_Mul(self, expr: sp.Mul, factors: list[sp.Expr]) -> str:
+        coefficient, rest = expr.as_coeff_Mul()
+        if coefficient not in (1, -1) and not isinstance(rest, sp.Add):
+            text = self._print(rest)
+            if text.startswith(r"\mathbf{1}"):
+                # 2 1^T a would read as 21^T a
+                return rf"{self._print(coefficient)} \cdot {text}"
         simple = all(not (f.is_Pow and f.exp.is_negative) and not f.is_Number for f in factors)
         if not simple or len(factors) < 2:
             if expr.could_extract_minus_sign() and not expr.args[0].is_Number:
                 return "-" + self._print(-expr)
             return super()._print_Mul(expr)
         ordered = sorted(factors, key=_factor_rank)
-        return self._settings["mul_symbol_latex"].join(self._factor(f, last=n == len(ordered) - 1)
-                        for n, f in enumerate(ordered))
+        return self._settings["mul_symbol_latex"].join(
+            self._factor(f, last=n == len(ordered) - 1) for n, f in enumerate(ordered))
 
     def _factor(self, factor: sp.Expr, *, last: bool = False) -> str:
         """One factor of a product, bracketed only where the product would misread."""
@@ -145,40 +237,34 @@ class DeriveLatexPrinter(LatexPrinter):
             return rf"\left({text}\right)"
         return text
 
-    def _print_Vec(self, expr: Vec) -> str:
-        batch = self._settings["batch"]
-        if expr.name == "1":
-            return r"\mathbf{1}"
-        if expr.name.startswith("dC/d"):
-            return self._gradient(expr.name[4:])
-        letter, layer = _split(expr.name)
-        if batch and letter == "b":
-            # one bias vector for the whole batch, added to every row
-            return rf"\mathbf{{1}}\left({_layered(VECTORS['b'], layer)}\right)^{{\top}}"
-        table = BATCH if batch else VECTORS
-        return _layered(table.get(letter, letter.upper() if batch else letter), layer)
+    def _print_Mul(self, expr: sp.Mul) -> str:
+        factors = expr.as_ordered_factors()
+        vectors = [f for f in factors if is_vector(f)]
+        if len(vectors) < 2:
+            return self._print_scalar_Mul(expr, factors)
+        # a product of vectors is elementwise: Hadamard product, elementwise division
+        scalar = sp.Mul(*(f for f in factors if f not in vectors))
+        numerators = [f for f in vectors if not (f.is_Pow and f.exp.is_negative)]
+        denominators = [1 / f for f in vectors if f.is_Pow and f.exp.is_negative]
+        text = r" \odot ".join(self._factor(f) for f in numerators) or r"\mathbf{1}"
+        if denominators:
+            if len(numerators) > 1:
+                text = rf"\left({text}\right)"
+            text += "".join(rf" \oslash {self.parenthesize(f, PRECEDENCE['Pow'])}"
+                            for f in denominators)
+        if scalar == 1:
+            return text
+        if scalar == -1:
+            return "-" + text
+        return rf"{self.parenthesize(scalar, PRECEDENCE['Mul'])}\, {text}"
 
-    def _gradient(self, name: str) -> str:
-        """nabla_v C; for a parameter in batch form the gradient of the batch-mean cost."""
-        letter, layer = _split(name)
-        if letter == "w":
-            return rf"\nabla_{{{_layered('W', layer)}}} {self._cost()}"
-        if letter == "b":
-            return rf"\nabla_{{{_layered(VECTORS['b'], layer)}}} {self._cost()}"
-        return rf"\nabla_{{{self._print_Vec(Vec(name))}}} C"
-
-    def _cost(self) -> str:
-        return r"\bar{C}" if self._settings["batch"] else "C"
-
-    def _print_Mat(self, expr: Mat) -> str:
-        _letter, layer = _split(expr.name)
-        return _layered("W", layer)
+    # -- tensor and batch form ----------------------------------------------------------
 
     def _transposed(self, expr: sp.Expr) -> str:
         text = self._print(expr)
-        if isinstance(expr, Vec) and expr.name == "1":
+        if isinstance(expr, NetTensor) and expr.role == "one":
             return r"\mathbf{1}^{\top}"
-        if isinstance(expr, (Vec, Mat)) and "^" not in text and not text.startswith(r"\math"):
+        if isinstance(expr, NetTensor) and "^" not in text and not text.startswith(r"\math"):
             return text + r"^{\top}"
         return rf"\left({text}\right)^{{\top}}"
 
@@ -203,33 +289,15 @@ class DeriveLatexPrinter(LatexPrinter):
     def _print_Inner(self, expr: Inner) -> str:
         u, v = expr.args
         if self._settings["batch"]:
-            summand = v if u == Vec("1") else u * v
+            summand = v if isinstance(u, NetTensor) and u.role == "one" else u * v
             return rf"\operatorname{{rowsum}}\!\left({self._print(summand)}\right)"
         return rf"{self._transposed(u)}\,{self.parenthesize(v, PRECEDENCE['Mul'], strict=True)}"
 
-    def _print_Mul(self, expr: sp.Mul) -> str:
-        factors = expr.as_ordered_factors()
-        vectors = [f for f in factors if f.has(Vec, MatVec, Outer)]
-        if len(vectors) < 2:
-            return self._print_scalar_Mul(expr, factors)
-        # a product of vectors is elementwise: Hadamard product, elementwise division
-        scalar = sp.Mul(*(f for f in factors if f not in vectors))
-        numerators = [f for f in vectors if not (f.is_Pow and f.exp.is_negative)]
-        denominators = [1 / f for f in vectors if f.is_Pow and f.exp.is_negative]
-        text = r" \odot ".join(self._factor(f) for f in numerators) or r"\mathbf{1}"
-        if denominators and all(isinstance(f, Inner) for f in denominators):
-            # division by a per-sample scalar (softmax normalisation): an ordinary fraction
-            return rf"\frac{{{text}}}{{{self._print(sp.Mul(*denominators))}}}"
-        if denominators:
-            if len(numerators) > 1:
-                text = rf"\left({text}\right)"
-            text += "".join(rf" \oslash {self.parenthesize(f, PRECEDENCE['Pow'])}"
-                            for f in denominators)
-        if scalar == 1:
-            return text
-        if scalar == -1:
-            return "-" + text
-        return rf"{self.parenthesize(scalar, PRECEDENCE['Mul'])}\, {text}"
+    def _print_Einsum(self, expr: Einsum) -> str:
+        subscripts, *operands = expr.args
+        spelled = self._print(subscripts).replace("->", r"\to")
+        args = ", ".join(self._print(operand) for operand in operands)
+        return rf"\operatorname{{einsum}}_{{{spelled}}}\!\left({args}\right)"
 
 
 def _factor_rank(factor: sp.Expr) -> int:
@@ -244,15 +312,22 @@ def _factor_rank(factor: sp.Expr) -> int:
     return 3
 
 
-def latex(expr: sp.Expr, *, batch: bool = False) -> str:
+def printer(*, batch: bool = False, batch_cost: str = r"\bar{C}") -> DeriveLatexPrinter:
+    return DeriveLatexPrinter({"batch": batch, "batch_cost": batch_cost})
+
+
+def latex(expr: sp.Expr, *, batch: bool = False, batch_cost: str = r"\bar{C}") -> str:
     """``expr`` as LaTeX math in derive's notation (batch form with ``batch=True``)."""
-    return DeriveLatexPrinter({"batch": batch}).doprint(expr)
+    return printer(batch=batch, batch_cost=batch_cost).doprint(expr)
 
 
-def batch_gradient(vector: sp.Expr) -> str:
+def batch_gradient(vector: sp.Expr, *, batch_cost: str = r"\bar{C}") -> str:
     """The batch form of a per-sample gradient vector (a bias gradient): the mean over the
     rows of the batch, written with the row of ones."""
-    return rf"\frac{{1}}{{B}}\,\mathbf{{1}}^{{\top}} {latex(vector, batch=True)}"
+    text = latex(vector, batch=True, batch_cost=batch_cost)
+    if isinstance(vector, sp.Mul) and len(vector.args) > 1 or isinstance(vector, sp.Add):
+        text = rf"\left({text}\right)"
+    return rf"\frac{{1}}{{B}}\,\mathbf{{1}}^{{\top}} {text}"
 
 
 def equation(lhs: sp.Expr, rhs: sp.Expr, *, batch: bool = False) -> str:
@@ -260,11 +335,88 @@ def equation(lhs: sp.Expr, rhs: sp.Expr, *, batch: bool = False) -> str:
     return f"{latex(lhs, batch=batch)} = {latex(rhs, batch=batch)}"
 
 
+#: Commands that take no width of their own (their arguments are measured).
+_NO_WIDTH = frozenset({"left", "right", "mathbf", "boldsymbol", "operatorname", "hat", "top",
+                       "!", ",", ":", ";", "quad", "qquad", "limits", "mathrm", "text",
+                       "textit", "texttt", "cdot"})
+_COMMAND = re.compile(r"\\([A-Za-z]+|.)")
+
+
+def _group(math: str, pos: int) -> tuple[float, int]:
+    """The width of the brace group (or single character) at ``pos``, and the position after."""
+    if pos < len(math) and math[pos] == "{":
+        return _measure(math, pos + 1)
+    if pos < len(math) and math[pos] == "\\":
+        match = _COMMAND.match(math, pos)
+        return 1.0, match.end()
+    return (1.0 if pos < len(math) else 0.0), pos + 1
+
+
+def _measure(math: str, pos: int = 0) -> tuple[float, int]:
+    total = 0.0
+    while pos < len(math):
+        char = math[pos]
+        if char == "}":
+            return total, pos + 1
+        if char == "{":
+            width, pos = _measure(math, pos + 1)
+            total += width
+        elif char == "\\":
+            match = _COMMAND.match(math, pos)
+            name, pos = match.group(1), match.end()
+            if name == "frac":
+                numerator, pos = _group(math, pos)
+                denominator, pos = _group(math, pos)
+                total += max(numerator, denominator)
+            elif name in ("begin", "end"):
+                _width, pos = _group(math, pos)
+                if pos < len(math) and math[pos] == "[":
+                    pos = math.index("]", pos) + 1
+            elif name == "\\":
+                pass
+            elif name not in _NO_WIDTH:
+                total += 2.0 if name in ("sum", "prod", "odot", "oslash") else 1.0
+        elif char in "^_":
+            width, pos = _group(math, pos + 1)
+            total += 0.6 * width
+        elif char in " &":
+            pos += 1
+        elif char in "=+-<>":
+            total += 2.0  # with the spaces around it
+            pos += 1
+        else:
+            total += 1.0
+            pos += 1
+    return total, pos
+
+
+def visual_length(math: str) -> int:
+    """A rough width of printed math in characters: commands count as one symbol, a fraction
+    as its wider part, scripts as smaller; used to choose a shorter form or a line break where
+    one line would run off the page."""
+    return round(_measure(math)[0])
+
+
+def terms(expr: sp.Expr, *, batch: bool = False, batch_cost: str = r"\bar{C}"
+          ) -> list[tuple[str, str]]:
+    """The terms of a sum, each printed on its own, with its sign: [("+", "a"), ("-", "b")]."""
+    p = printer(batch=batch, batch_cost=batch_cost)
+    if not isinstance(expr, sp.Add):
+        return [("+", p.doprint(expr))]
+    out = []
+    for term in p._as_ordered_terms(expr):
+        if term.could_extract_minus_sign():
+            out.append(("-", p.doprint(-term)))
+        else:
+            out.append(("+", p.doprint(term)))
+    return out
+
+
 def repr_latex(formulas: tuple) -> str:
-    """Jupyter's ``_repr_latex_`` of formulas: index form, vector form and BP tag."""
+    """Jupyter's ``_repr_latex_`` of formulas: index form, tensor form and BP tag."""
     lines = []
     for formula in formulas:
         tag = rf"&& \text{{({formula.equation})}}" if formula.equation else ""
         lines.append(f"{latex(formula.lhs)} &= {latex(formula.rhs)} "
-                     rf"&\qquad {latex(Vec(formula.key))} &= {latex(formula.vector)} {tag}")
+                     rf"&\qquad {latex(formula.target)} &= {latex(formula.vector)} {tag}")
     return r"$$\begin{aligned}" + r" \\ ".join(lines) + r"\end{aligned}$$"

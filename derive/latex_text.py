@@ -6,13 +6,15 @@ Only words live here; the mathematics in the documents is printed from the Deriv
 text avoids other LaTeX markup, so the same strings serve LaTeX and Markdown (KaTeX/MathJax).
 
 :data:`WHY` translates the justifications that :mod:`derive.derivation` records on each
-:class:`~derive.derivation.Step`: keyed by the engine's English text, so a step whose text is
-not here is still shown (in the engine's words); ``tests/test_latex.py`` checks that every step
-of every built-in example has its entry.
+:class:`~derive.derivation.Step`: keyed by the engine's English text (:data:`WHY_PATTERNS`
+for the texts that name a layer), so a step whose text is not here is still shown (in the
+engine's words); ``tests/test_latex_text.py`` checks that every step of every built-in example,
+graph, activation and loss has its entry in every language.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 LANGUAGES = ("en", "zh")
@@ -33,29 +35,58 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "The network has $L = {L}$ layers with weights and biases, of {sizes} neurons from "
             "the input layer $l = 0$ to the output layer $l = {L}$."
         ),
+        "network_text_graph": (
+            "The network is a graph of $L = {L}$ layers, from the input $l = 0$ ({n0} "
+            "values) to the output layer $l = {L}$ ({nL} values). Each layer applies one "
+            "operation to the outputs of the layers it reads; its output is read by one or "
+            "more later layers."
+        ),
         "figure_caption": (
             "The {name} network. The arrow from neuron $k$ of layer $l-1$ to neuron $j$ of "
             "layer $l$ carries the weight {w}; each neuron of layers 1 to {L} also adds its "
             "bias {b}.{elided}"
         ),
+        "figure_caption_graph": (
+            "The {name} network, from the input at the top to the cost at the bottom. An arrow "
+            "runs from each layer to every layer that reads its output; the arrows on the "
+            "right skip layers (residual connections)."
+        ),
         "figure_elided": " Only some neurons of the wider layers are drawn.",
         "layers_caption": "Layers, sizes and activations.",
+        "layers_caption_graph": "Layers: the operation of each, what it reads and its width.",
         "col_layer": "Layer",
         "col_size": "Neurons",
         "col_activation": "Activation",
+        "col_op": "Operation",
+        "col_reads": "Reads",
+        "col_width": "Width",
         "input_layer": "input",
+        "cost_node": "cost",
         "col_symbol": "Symbol",
         "col_meaning": "Meaning",
         "notation_caption": "Notation. Indices count from 1.",
         "n_w": "weight from neuron $k$ of layer $l-1$ to neuron $j$ of layer $l$",
+        "n_w_graph": "weight from input $k$ to neuron $j$ of the dense layer $l$",
         "n_b": "bias of neuron $j$ of layer $l$",
         "n_z": "weighted input of neuron $j$ of layer $l$",
         "n_a": "activation (output) of neuron $j$ of layer $l$; {a0} is the input",
         "n_y": "target value of output $j$",
         "n_n": "number of neurons of layer $l$",
         "n_sigma": "activation function of layer $l$, and its derivative",
+        "n_gamma": "scale and shift of the layer normalisation $l$ (parameters)",
+        "n_mu": "mean and variance of the inputs of the layer normalisation $l$ (one sample)",
+        "n_xhat": "normalised input $j$ of the layer normalisation $l$",
+        "n_mask": (
+            "dropout mask of layer $l$: 0 for a dropped unit, $1/(1-p)$ for a kept one while "
+            "training, 1 otherwise"
+        ),
         "n_C": "cost of one sample",
+        "n_R": "regularization penalty, added once to the cost of a batch",
         "n_delta": "error of neuron $j$ of layer $l$, defined as {definition}",
+        "n_delta_graph": (
+            "error of layer $l$: the derivative of the cost with respect to its weighted input "
+            "{z} (dense layers) or its output {a} (other layers)"
+        ),
         "n_kd": "Kronecker delta: 1 when $i = j$, else 0",
         "n_vec": "the vectors of layer $l$ and the weight matrix, entry $(j, k)$ is {w}",
         "n_odot": "elementwise (Hadamard) product and elementwise division",
@@ -64,10 +95,23 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "The input of one sample is the activation of layer 0. Each layer then computes "
             "the weighted inputs of its neurons and applies its activation function:"
         ),
+        "forward_text_graph": (
+            "The input of one sample is $a^{{0}}$. Each layer, in order, computes its "
+            "quantities from the outputs of the layers it reads:"
+        ),
         "cost_text": "The cost of one sample, for the loss {loss}, is",
         "batch_cost_text": (
             "For a batch of $B$ samples the cost is the mean of $C$ over the samples, so every "
             "gradient of the batch is the mean of the per-sample gradients derived below."
+        ),
+        "penalty_text": (
+            "The weights are regularized: the penalty {R} is added once to the cost of a batch "
+            "(not to the cost of each sample),"
+        ),
+        "batch_cost_text_penalty": (
+            "so the batch objective is $J = \\frac{{1}}{{B}}\\sum_{{b=1}}^{{B}} C_{{b}} + R$ "
+            "over a batch of $B$ samples: the gradient of a weight is the mean of its "
+            "per-sample gradients derived below plus the derivative of the penalty."
         ),
         "sec_activation": "Derivatives of the activation functions",
         "activation_text": (
@@ -97,6 +141,29 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "layer. Here are the steps for layer $l = {l}$."
         ),
         "bp34_no_bias": "Layer {l} has no bias, so it has no BP3.",
+        "sec_backward": "Backpropagation through the graph",
+        "backward_text": (
+            "The derivatives are found layer by layer, from the output back to the input. The "
+            "error {delta} of a layer is the derivative of the cost with respect to its "
+            "weighted input (dense layers) or its output (other layers); a quantity read by "
+            "several layers collects, by the chain rule, the sum of their contributions. The "
+            "dense layers follow the classic equations, marked BP1 to BP4."
+        ),
+        "node_title": "Layer {l}: {op}",
+        "node_title_named": "Layer {l} ({name}): {op}",
+        "node_reads": "It reads {reads}.",
+        "node_read_by": "Its output is read by {consumers}.",
+        "node_is_output": "Its output is the output of the network.",
+        "layer_n": "layer {l}",
+        "the_input": "the input $a^{{0}}$",
+        "block_loss": "The derivative of the cost with respect to the output {q}:",
+        "block_delta": (
+            "The error {delta} of layer {l}{tag}, the derivative of the cost with respect to "
+            "{q}:"
+        ),
+        "block_adjoint": "The derivative of the cost with respect to the intermediate quantity {q}:",
+        "block_gradient": "The gradient of the parameter {q}{tag}:",
+        "tag": " ({tag})",
         "sec_matrix": "Matrix form and batch form",
         "matrix_text": (
             "For whole layers, with vectors in bold, $\\odot$ the elementwise product and "
@@ -107,10 +174,20 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "{D} are the samples, {ones} is a column of $B$ ones, and the gradients are means "
             "over the batch (the batch cost is the mean of $C$):"
         ),
+        "batch_text_penalty": (
+            "In code a batch of $B$ samples is processed at once: the rows of {A}, {Z} and "
+            "{D} are the samples, {ones} is a column of $B$ ones, and the gradients of the "
+            "batch objective $J$ are means over the batch plus the derivative of the penalty:"
+        ),
         "sec_summary": "Summary: the four equations for this network",
         "summary_text": (
             "The equations of backpropagation, with this network's activations and loss "
             "inserted and its layer sizes filled in:"
+        ),
+        "sec_summary_graph": "Summary: the backpropagation formulas of this network",
+        "summary_text_graph": (
+            "Every formula of backpropagation for this network, from the output back, with its "
+            "activations and loss inserted and its layer sizes filled in:"
         ),
         "sec_example": "A worked example",
         "example_given": (
@@ -124,19 +201,29 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "your own). Values are rounded to 4 decimals; they were computed from the formulas "
             "above (and agree with the NumPy code that derive generates for this network)."
         ),
+        "example_mask": (
+            "The example runs with dropout off, as the generated code computes gradients: "
+            "every mask entry is 1."
+        ),
         "example_inputs": "Input, target and parameters",
         "example_forward": "Forward pass",
         "example_forward_text": "For example, for the first neuron of each layer:",
         "example_loss": "The cost of this sample is",
+        "example_penalty": "and the penalty is",
         "example_backward": "Backward pass",
         "example_backward_text": "For example, for the first neuron of each layer:",
         "example_gradients": "The gradients of the weights are",
+        "example_gradients_penalty": (
+            "The gradients of the weights are below; for this one-sample batch ($B = 1$) the "
+            "gradient of the objective $J$ adds the derivative of the penalty:"
+        ),
         "example_truncated": (
             "Layers wider than {limit} neurons are shown in part: the first {shown} rows "
             "(and columns) of each table and matrix."
         ),
         "layer_table_caption": "Layer {l}.",
         "col_j": "$j$",
+        "col_quantity": "Quantity",
         "step": "Step",
         "rule_definition": "Definition",
         "rule_chain rule": "Chain rule",
@@ -166,37 +253,64 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "该网络共有 $L = {L}$ 个带权重和偏置的层，从输入层 $l = 0$ 到输出层 $l = {L}$ 的"
             "神经元个数依次为 {sizes}。"
         ),
+        "network_text_graph": (
+            "该网络是由 $L = {L}$ 个层构成的图，从输入 $l = 0$（{n0} 个值）到输出层 "
+            "$l = {L}$（{nL} 个值）。每一层对其读取的各层输出施加一种运算，其输出又被后面的一个"
+            "或多个层读取。"
+        ),
         "figure_caption": (
             "{name} 网络。从第 $l-1$ 层神经元 $k$ 指向第 $l$ 层神经元 $j$ 的箭头带有权重 {w}；"
             "第 1 至 {L} 层的每个神经元还加上偏置 {b}。{elided}"
         ),
+        "figure_caption_graph": (
+            "{name} 网络，输入在上，代价在下。箭头从每一层指向读取其输出的每一层；右侧的箭头"
+            "跨越若干层（残差连接）。"
+        ),
         "figure_elided": "较宽的层只画出了部分神经元。",
         "layers_caption": "各层的规模与激活函数。",
+        "layers_caption_graph": "各层：运算、读取的层与宽度。",
         "col_layer": "层",
         "col_size": "神经元数",
         "col_activation": "激活函数",
+        "col_op": "运算",
+        "col_reads": "读取",
+        "col_width": "宽度",
         "input_layer": "输入",
+        "cost_node": "代价",
         "col_symbol": "符号",
         "col_meaning": "含义",
         "notation_caption": "记号。下标从 1 开始计数。",
         "n_w": "从第 $l-1$ 层神经元 $k$ 到第 $l$ 层神经元 $j$ 的权重",
+        "n_w_graph": "全连接层 $l$ 中从输入 $k$ 到神经元 $j$ 的权重",
         "n_b": "第 $l$ 层神经元 $j$ 的偏置",
         "n_z": "第 $l$ 层神经元 $j$ 的带权输入",
         "n_a": "第 $l$ 层神经元 $j$ 的激活值（输出）；{a0} 即输入",
         "n_y": "输出 $j$ 的目标值",
         "n_n": "第 $l$ 层的神经元个数",
         "n_sigma": "第 $l$ 层的激活函数及其导数",
+        "n_gamma": "层归一化 $l$ 的缩放与平移（参数）",
+        "n_mu": "层归一化 $l$ 的输入的均值与方差（单个样本）",
+        "n_xhat": "层归一化 $l$ 的第 $j$ 个归一化输入",
+        "n_mask": "第 $l$ 层的 dropout 掩码：训练时丢弃的单元为 0、保留的为 $1/(1-p)$，其余情形为 1",
         "n_C": "单个样本的代价",
+        "n_R": "正则化惩罚项，只在批次代价中加一次",
         "n_delta": "第 $l$ 层神经元 $j$ 的误差，定义为 {definition}",
+        "n_delta_graph": "第 $l$ 层的误差：代价对其带权输入 {z}（全连接层）或对其输出 {a}（其他层）的导数",
         "n_kd": "Kronecker $\\delta$：$i = j$ 时为 1，否则为 0",
         "n_vec": "第 $l$ 层的向量与权重矩阵，矩阵的 $(j, k)$ 元为 {w}",
         "n_odot": "逐元素（Hadamard）乘积与逐元素除法",
         "sec_forward": "前向传播",
         "forward_text": "一个样本的输入就是第 0 层的激活值。之后每一层计算各神经元的带权输入，再作用激活函数：",
+        "forward_text_graph": "一个样本的输入是 $a^{{0}}$。各层依次由其读取的各层输出计算自己的量：",
         "cost_text": "对损失函数 {loss}，单个样本的代价为",
         "batch_cost_text": (
             "对含 $B$ 个样本的批次，代价取各样本 $C$ 的平均，因此批次的每个梯度都是下面推导出的"
             "单样本梯度的平均。"
+        ),
+        "penalty_text": "权重带有正则化：惩罚项 {R} 只在批次代价中加一次（而不是加到每个样本的代价上），",
+        "batch_cost_text_penalty": (
+            "因此对含 $B$ 个样本的批次，目标函数为 $J = \\frac{{1}}{{B}}\\sum_{{b=1}}^{{B}} "
+            "C_{{b}} + R$：权重的梯度是下面推导出的单样本梯度的平均再加上惩罚项的导数。"
         ),
         "sec_activation": "激活函数的导数",
         "activation_text": (
@@ -220,6 +334,24 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "sec_bp34": "偏置与权重的梯度（BP3、BP4）",
         "bp34_text": "权重或偏置只通过其所在层的带权输入影响代价。下面是第 $l = {l}$ 层的推导步骤。",
         "bp34_no_bias": "第 {l} 层没有偏置，因此没有 BP3。",
+        "sec_backward": "沿计算图反向传播",
+        "backward_text": (
+            "导数从输出向输入逐层求出。某层的误差 {delta} 是代价对其带权输入（全连接层）或对其"
+            "输出（其他层）的导数；被多个层读取的量，由链式法则得到各层贡献之和。全连接层遵循"
+            "经典方程，标为 BP1 至 BP4。"
+        ),
+        "node_title": "第 {l} 层：{op}",
+        "node_title_named": "第 {l} 层（{name}）：{op}",
+        "node_reads": "它读取{reads}。",
+        "node_read_by": "它的输出被{consumers}读取。",
+        "node_is_output": "它的输出就是网络的输出。",
+        "layer_n": "第 {l} 层",
+        "the_input": "输入 $a^{{0}}$",
+        "block_loss": "代价对输出 {q} 的导数：",
+        "block_delta": "第 {l} 层的误差 {delta}{tag}，即代价对 {q} 的导数：",
+        "block_adjoint": "代价对中间量 {q} 的导数：",
+        "block_gradient": "参数 {q} 的梯度{tag}：",
+        "tag": "（{tag}）",
         "sec_matrix": "矩阵形式与批量形式",
         "matrix_text": (
             "按整层书写时（向量用粗体，$\\odot$ 为逐元素乘积，$\\oslash$ 为逐元素除法），公式为："
@@ -228,8 +360,14 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "代码中一次处理 $B$ 个样本：{A}、{Z}、{D} 的每一行是一个样本，{ones} 是 $B$ 个 1 组成"
             "的列向量，梯度取批次平均（批次代价是 $C$ 的平均）："
         ),
+        "batch_text_penalty": (
+            "代码中一次处理 $B$ 个样本：{A}、{Z}、{D} 的每一行是一个样本，{ones} 是 $B$ 个 1 组成"
+            "的列向量，目标函数 $J$ 的梯度取批次平均再加上惩罚项的导数："
+        ),
         "sec_summary": "小结：该网络的四个方程",
         "summary_text": "代入本网络的激活函数、损失函数与各层规模后，反向传播的方程为：",
+        "sec_summary_graph": "小结：该网络的反向传播公式",
+        "summary_text_graph": "代入本网络的激活函数、损失函数与各层规模后，从输出向输入的全部反向传播公式为：",
         "sec_example": "数值算例",
         "example_given": (
             "用网络描述中给定的输入、目标和参数完整计算一次前向与反向传播。数值保留 4 位小数，"
@@ -240,16 +378,23 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "网络描述中加入 example 部分即可使用自己的数值）。数值保留 4 位小数，由上面的公式"
             "计算得到（并与 derive 为该网络生成的 NumPy 代码结果一致）。"
         ),
+        "example_mask": "与生成代码计算梯度时一样，本算例关闭 dropout：掩码的每个分量都是 1。",
         "example_inputs": "输入、目标与参数",
         "example_forward": "前向传播",
         "example_forward_text": "例如，各层第一个神经元：",
         "example_loss": "该样本的代价为",
+        "example_penalty": "惩罚项为",
         "example_backward": "反向传播",
         "example_backward_text": "例如，各层第一个神经元：",
         "example_gradients": "权重的梯度为",
+        "example_gradients_penalty": (
+            "权重的梯度如下；对这个只含一个样本的批次（$B = 1$），目标函数 $J$ 的梯度还要加上"
+            "惩罚项的导数："
+        ),
         "example_truncated": "超过 {limit} 个神经元的层只显示一部分：每个表格和矩阵的前 {shown} 行（列）。",
         "layer_table_caption": "第 {l} 层。",
         "col_j": "$j$",
+        "col_quantity": "量",
         "step": "步骤",
         "rule_definition": "定义",
         "rule_chain rule": "链式法则",
@@ -265,7 +410,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
     },
 }
 
-#: The justifications recorded by the derivation engine, in words: (English, Chinese).
+#: The justifications recorded by the derivation engine, in words: (English, Chinese). A
+#: ``{source}`` stands for the step's source equation, printed by the LaTeX printer.
 WHY: Mapping[str, tuple[str, str]] = {
     "the per-sample cost sums the loss over the outputs": (
         "The cost of one sample is the sum of the loss over the output neurons.",
@@ -275,36 +421,48 @@ WHY: Mapping[str, tuple[str, str]] = {
         "Only the term $i = j$ of the sum depends on $a^{L}_{j}$.",
         "求和中只有 $i = j$ 的一项依赖于 $a^{L}_{j}$。",
     ),
-    "the error of neuron j is the derivative of the cost with respect to its weighted input": (
-        ("The error of neuron $j$ is the derivative of the cost with respect to its weighted "
-        "input."),
-        "神经元 $j$ 的误差是代价对其带权输入的导数。",
+    "the cost depends on this quantity only through the one quantity that reads it": (
+        ("The cost depends on this quantity only through the one quantity that reads it: apply "
+        "the chain rule."),
+        "代价只通过读取它的那一个量依赖于它：应用链式法则。",
     ),
-    "C depends on z^L only through the outputs a^L_i": (
-        ("The cost depends on $z^{L}_{j}$ only through the outputs $a^{L}_{i}$: apply the chain "
-        "rule and sum over them."),
-        "代价只通过输出 $a^{L}_{i}$ 依赖于 $z^{L}_{j}$：应用链式法则并对其求和。",
+    "the cost depends on this quantity through every quantity that reads it: the chain rule "
+    "sums their contributions": (
+        ("The cost depends on this quantity through every quantity that reads it: the chain "
+        "rule adds up their contributions."),
+        "代价通过读取它的每一个量依赖于它：链式法则把这些贡献相加。",
     ),
-    "quotient rule on the softmax a^L_i": (
-        "Differentiate the softmax output $a^{L}_{i}$ by the quotient rule.",
-        "用商的求导法则对 softmax 输出 $a^{L}_{i}$ 求导。",
+    "the derivative of the cost with respect to a node's pre-activation (or output) is that "
+    "node's error delta": (
+        ("The derivative of the cost with respect to a layer's weighted input (or, for a layer "
+        "without one, its output) is that layer's error $\\delta$, already known."),
+        ("代价对某层带权输入（没有带权输入的层则为其输出）的导数就是该层的误差 $\\delta$，"
+        "它已经求出。"),
     ),
-    "write each softmax quotient as the output it defines": (
-        "Each softmax quotient is an output $a^{L}_{i}$: write it as such.",
-        "每个 softmax 商式就是一个输出 $a^{L}_{i}$，据此改写。",
+    "an elementwise activation: each output depends on its own input only": (
+        ("Differentiate the activation, {source}: it acts elementwise, so each output depends "
+        "on its own input only."),
+        "对激活 {source} 求导：激活逐元素作用，每个输出只依赖于它自己的输入。",
     ),
-    "a^L_i = sigma(z^L_i) depends on z^L_j only when i = j": (
-        ("The output $a^{L}_{i}$ is the activation of $z^{L}_{i}$ alone, so it depends on "
-        "$z^{L}_{j}$ only when $i = j$."),
-        "输出 $a^{L}_{i}$ 只是 $z^{L}_{i}$ 的激活值，因此仅当 $i = j$ 时依赖于 $z^{L}_{j}$。",
+    "differentiate the forward expression that reads it": (
+        "Differentiate the forward equation that reads it, {source}.",
+        "对读取它的前向公式 {source} 求导。",
     ),
-    "the Kronecker delta keeps only the term i = j of the sum": (
-        "The Kronecker delta keeps only the term $i = j$ of the sum.",
-        "Kronecker $\\delta$ 使求和中只剩 $i = j$ 的一项。",
+    "the Kronecker deltas keep one term of each sum": (
+        "Each Kronecker delta keeps only one term of its sum.",
+        "每个 Kronecker $\\delta$ 只保留其求和中的一项。",
+    ),
+    "insert the derivative of the cost with respect to the layer's output found above": (
+        "Insert the derivative of the cost with respect to the layer's output, found above.",
+        "代入上面求得的代价对该层输出的导数。",
     ),
     "insert dC/da^L and the activation derivative": (
         "Insert the derivative of the cost and the derivative of the activation found above.",
         "代入上面求得的代价导数与激活函数导数。",
+    ),
+    "insert the activation derivative": (
+        "Insert the derivative of the activation found above.",
+        "代入上面求得的激活函数导数。",
     ),
     "the targets sum to one: sum_i y_i = 1": (
         "The targets form a probability vector, so they sum to 1.",
@@ -314,63 +472,38 @@ WHY: Mapping[str, tuple[str, str]] = {
         "Cancel common factors.",
         "约去公因子。",
     ),
-    "the error of neuron j of layer l is dC/dz^l_j": (
-        ("The error of neuron $j$ of layer $l$ is the derivative of the cost with respect to its "
-        "weighted input."),
-        "第 $l$ 层神经元 $j$ 的误差是代价对其带权输入的导数。",
-    ),
-    "C depends on z^l only through the next layer's weighted inputs z^{l+1}_k": (
-        ("The cost depends on $z^{l}_{j}$ only through the weighted inputs $z^{l+1}_{k}$ of the "
-        "next layer: apply the chain rule and sum over them."),
-        "代价只通过下一层的带权输入 $z^{l+1}_{k}$ 依赖于 $z^{l}_{j}$：应用链式法则并对其求和。",
-    ),
-    "dC/dz^{l+1}_k is the next layer's error": (
-        ("The derivative of the cost with respect to $z^{l+1}_{k}$ is the error of the next "
-        "layer, already known."),
-        "代价对 $z^{l+1}_{k}$ 的导数就是下一层的误差，它已经求出。",
-    ),
-    "differentiate the next layer's weighted input: only the term m = j depends on z^l_j": (
-        ("Differentiate the weighted input of the next layer, {source}: only the term $m = j$ "
-         "depends on $z^{l}_{j}$."),
-        "对下一层的带权输入 {source} 求导：只有 $m = j$ 的一项依赖于 $z^{l}_{j}$。",
-    ),
-    "sigma'(z^l_j) does not depend on k and moves out of the sum": (
-        "The factor $\\sigma_{l}'(z^{l}_{j})$ does not depend on $k$ and moves out of the sum.",
-        "因子 $\\sigma_{l}'(z^{l}_{j})$ 与 $k$ 无关，可以提到求和号外。",
-    ),
-    "insert the activation derivative": (
-        "Insert the derivative of the activation found above.",
-        "代入上面求得的激活函数导数。",
-    ),
-    "the parameter enters C only through the weighted inputs z^l_i of its layer": (
-        ("The parameter changes the cost only through the weighted inputs $z^{l}_{i}$ of its "
-        "layer: apply the chain rule and sum over them."),
-        "参数只通过其所在层的带权输入 $z^{l}_{i}$ 影响代价：应用链式法则并对其求和。",
-    ),
-    "dC/dz^l_i is the error delta^l_i": (
-        "The derivative of the cost with respect to $z^{l}_{i}$ is the error $\\delta^{l}_{i}$.",
-        "代价对 $z^{l}_{i}$ 的导数就是误差 $\\delta^{l}_{i}$。",
-    ),
-    "differentiate the weighted input of the layer": (
-        "Differentiate the weighted input {source}.",
-        "对带权输入 {source} 求导。",
+    "differentiate the regularization penalty R, added once to the batch cost": (
+        ("Differentiate the regularization penalty, {source}; it is added once to the cost of "
+        "a batch, not to the cost of each sample."),
+        "对正则化惩罚项 {source} 求导；它只在批次代价中加一次，而不是加到每个样本的代价上。",
     ),
     "differentiate the activation": (
         "Differentiate the activation function {source}.",
         "对激活函数 {source} 求导。",
     ),
-    "only the term i = j of the sum remains": (
-        "The Kronecker delta keeps only the term $i = j$ of the sum.",
-        "Kronecker $\\delta$ 使求和中只剩 $i = j$ 的一项。",
-    ),
 }
 
-#: Justifications that end with what the check found: matched by their start. A ``{source}``
-#: in any justification stands for the step's source equation, printed by the LaTeX printer.
+#: Justifications that name a layer, matched whole; a ``{group}`` of the pattern stands for
+#: what the group matched.
+WHY_PATTERNS: tuple[tuple[re.Pattern[str], tuple[str, str]], ...] = (
+    (re.compile(r"the error of node (?P<node>\d+) is the derivative of the cost with respect "
+                r"to its pre-activation"), (
+        ("The error of layer {node} is the derivative of the cost with respect to its weighted "
+        "input."),
+        "第 {node} 层的误差是代价对其带权输入的导数。",
+    )),
+    (re.compile(r"the error of node (?P<node>\d+) is the derivative of the cost with respect "
+                r"to its output"), (
+        "The error of layer {node} is the derivative of the cost with respect to its output.",
+        "第 {node} 层的误差是代价对其输出的导数。",
+    )),
+)
+
+#: Justifications that end with what the check found: matched by their start.
 WHY_PREFIX: Mapping[str, tuple[str, str]] = {
     "replace sigma(z) by the layer output a": (
         ("Replace $\\sigma(z)$ by the activation $a$ it computes; derive checked that both sides "
-        "are equal for every $z$."),
+         "are equal for every $z$."),
         "把 $\\sigma(z)$ 换成它算出的激活值 $a$；derive 已验证两边对所有 $z$ 相等。",
     ),
     "solve a = sigma(z) for z and substitute": (
@@ -393,6 +526,13 @@ def why(text: str, lang: str) -> str | None:
     column = LANGUAGES.index(lang)
     if text in WHY:
         return WHY[text][column]
+    for pattern, words in WHY_PATTERNS:
+        match = pattern.fullmatch(text)
+        if match:
+            out = words[column]
+            for key, value in match.groupdict().items():
+                out = out.replace("{" + key + "}", value)
+            return out
     for prefix, words in WHY_PREFIX.items():
         if text.startswith(prefix):
             return words[column]

@@ -22,9 +22,9 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from derive.model import split_name
+from derive.quantities import NetTensor
 from derive.stability import LogSumExp, Softmax
-from derive.vectorform import Inner, Mat, MatVec, Outer, Vec
+from derive.vectorform import ONE, Einsum, Inner, MatVec, Outer
 
 
 class RowSum(sp.Function):
@@ -85,8 +85,23 @@ def _erf(x):
 ''',
 }
 
-#: Batch names of per-sample vectors: a^l -> A1, ...; lse^l is LogSumExp(z^l), one per sample.
-_BATCH_LETTERS = {"a": "A", "z": "Z", "delta": "delta", "b": "b", "lse": "LSE"}
+#: Batch names by role: a^l -> A1, w^l -> W1, ...; lse^l is LogSumExp(z^l), one per sample.
+BATCH_NAMES = {"a": "A", "z": "Z", "delta": "delta", "w": "W", "b": "b", "gamma": "gamma",
+               "beta": "beta", "mu": "mu", "var": "var", "xhat": "Xhat", "mask": "M",
+               "lse": "LSE"}
+
+
+def batch_name(tensor: NetTensor) -> str:
+    """The name of a quantity in generated code: X, Y, A1, Z1, delta2, W1, dC_dXhat3, ..."""
+    if tensor.role == "y":
+        return "Y"
+    if tensor.role == "a" and tensor.node == 0:
+        return "X"
+    if tensor.role == "grad":
+        return f"dC_d{BATCH_NAMES[tensor.of]}{tensor.node}"
+    if tensor.role in BATCH_NAMES and tensor.node is not None:
+        return f"{BATCH_NAMES[tensor.role]}{tensor.node}"
+    raise ValueError(f"no batch name for the quantity {tensor}")
 
 
 def fold_numbers(expr: sp.Expr) -> sp.Expr:
@@ -148,27 +163,12 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     # --- the network's quantities ----------------------------------------------------------
 
-    def _print_Vec(self, expr: Vec) -> str:
-        letter, layer = split_name(expr.name)
-        if letter == "y" and layer is None:
-            return "Y"
-        if letter == "a" and layer == 0:
-            return "X"
-        if letter in _BATCH_LETTERS and layer is not None:
-            return f"{_BATCH_LETTERS[letter]}{layer}"
-        if letter.startswith("dC/da") and layer is not None:
-            return f"dC_dA{layer}"
-        raise ValueError(f"no batch name for the vector {expr.name!r}")
-
-    def _print_Mat(self, expr: Mat) -> str:
-        _letter, layer = split_name(expr.name)
-        return f"W{layer}"
+    def _print_NetTensor(self, expr: NetTensor) -> str:
+        return batch_name(expr)
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
-        if isinstance(expr, Vec):
-            return self._print_Vec(expr)
-        if isinstance(expr, Mat):
-            return self._print_Mat(expr)
+        if isinstance(expr, NetTensor):
+            return self._print_NetTensor(expr)
         return super()._print_Symbol(expr)
 
     def _print_Float(self, expr: sp.Float) -> str:
@@ -189,9 +189,13 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_Inner(self, expr: Inner) -> str:
         u, v = expr.args
-        body = v if u == Vec("1", real=True) else u * v
+        body = v if u == ONE else u * v
         return f"{self.parenthesize(body, PRECEDENCE['Atom'], strict=True)}" \
                ".sum(axis=1, keepdims=True)"
+
+    def _print_Einsum(self, expr: Einsum) -> str:
+        subscripts, *operands = expr.args
+        return f"np.einsum({str(subscripts)!r}, {', '.join(self._print(o) for o in operands)})"
 
     def _print_RowSum(self, expr: RowSum) -> str:
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}.sum(axis=0)"
@@ -259,6 +263,6 @@ class NumPyBatchPrinter(NumPyPrinter):
             text = f"np.where({self._print(piece.cond)}, {self._print(piece.expr)}, {text})"
         if all(value.is_number for value in values):
             # np.where of Python numbers makes float64: keep the dtype of the array compared
-            arrays = sorted(expr.atoms(Vec), key=sp.default_sort_key)
+            arrays = sorted(expr.atoms(NetTensor), key=sp.default_sort_key)
             text = f"{text}.astype({self._print(arrays[0])}.dtype)"
         return text

@@ -1,48 +1,82 @@
 """The spec's structure as a JSON Schema (draft 2020-12), built from the registries.
 
 Part of stage 1 (the spec), for editors and other tools: ``spec_schema()`` describes the same
-fields that :func:`derive.spec.load_spec` accepts, with the activation names (and their
-parameters) and loss names taken from :mod:`derive.functions`, so it cannot drift from them.
+fields that :func:`derive.spec.load_spec` accepts (spec v2, DESIGN.md Contract 1). Everything
+that can drift is read from a registry or from :mod:`derive.spec`'s own field lists: the ops,
+their attributes, attribute kinds, defaults, required attributes and input counts from
+:data:`derive.ops.OPS`; activation names (and their parameters) and loss names from
+:mod:`derive.functions`; the parameter keys of a worked example from the ops' parameters.
 
-The schema checks structure only. These rules need more than one field or a parser, so only
-:mod:`derive.spec` checks them:
+The schema checks structure only. These rules need more than one field, the order of the
+layers, or a parser, so only :mod:`derive.spec` checks them:
 
-- softmax only on the last layer;
+- a layer reads earlier layers only: a number in ``input``/``inputs`` is below the layer's own
+  (so there are no cycles), a name is that of an earlier layer;
+- each layer's ``name`` is given once; ``inputs`` do not reach one layer twice (by its name
+  and by its number);
+- an op that adds its inputs (``add``) needs inputs of equal width;
+- every layer but the last is read by a later layer (no unused layers);
+- softmax only on the last layer (on a ``dense`` or an ``activation`` layer);
 - ``cross_entropy`` needs a softmax output, ``binary_cross_entropy`` an output in (0, 1);
 - a custom ``expr`` must parse (whitelist parser, variables ``z`` or ``a`` and ``y``);
-- the ``example`` section's lengths and shapes follow ``input`` and the layer sizes, and its
-  ``params`` give every ``W{l}`` and every ``b{l}`` of a layer with bias, and nothing else;
+- the ``example`` section's lengths and shapes follow ``input`` and the layer widths, and its
+  ``params`` give exactly the parameters of the layers (``W{l}``, ``b{l}`` of a layer with
+  bias, ``gamma{l}``, ``beta{l}``, ...);
 - numbers must be finite (JSON has no infinities, YAML and Python do).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 from derive import functions
+from derive.ops import OPS, Attribute, OpDef
+from derive.spec import (
+    CUSTOM_FIELDS,
+    DEFAULT_OP,
+    EXAMPLE_FIELDS,
+    INPUT_NAME,
+    LAYER_COMMON_FIELDS,
+    PARAMETER_KEYS,
+    REGULARIZATION_FIELDS,
+    TOP_FIELDS,
+    TOP_REQUIRED,
+)
 
 IDENTIFIER_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
 
+Schema = dict[str, Any]
 
-def _custom(kind: str, builtins: list[str], variables: str) -> dict[str, Any]:
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+# --- activations and losses, from derive.functions ---------------------------------------
+
+
+def _custom(kind: str, builtins: list[str], variables: str) -> Schema:
     """``{name, expr}``: a new identifier (not a built-in name) and an expression string."""
+    name, expr = CUSTOM_FIELDS
     return {
         "type": "object",
         "description": f"custom {kind}: an expression in {variables}",
         "properties": {
-            "name": {"type": "string", "pattern": IDENTIFIER_PATTERN, "not": {"enum": builtins}},
-            "expr": {"type": "string", "pattern": "\\S"},  # not blank
+            name: {"type": "string", "pattern": IDENTIFIER_PATTERN, "not": {"enum": builtins}},
+            expr: {"type": "string", "pattern": "\\S"},  # not blank
         },
-        "required": ["name", "expr"],
+        "required": list(CUSTOM_FIELDS),
         "additionalProperties": False,
     }
 
 
-def _activation() -> dict[str, Any]:
+def _activation() -> Schema:
     names = list(functions.ACTIVATIONS)
-    forms: list[dict[str, Any]] = [{"type": "string", "enum": names}]
+    forms: list[Schema] = [{"type": "string", "enum": names}]
     for name, entry in functions.ACTIVATIONS.items():
-        properties: dict[str, Any] = {"name": {"const": name}}
+        properties: Schema = {"name": {"const": name}}
         for param, default in entry.params:
             properties[param] = {"type": "number", "default": default}
         forms.append(
@@ -58,7 +92,7 @@ def _activation() -> dict[str, Any]:
     return {"anyOf": forms}
 
 
-def _loss() -> dict[str, Any]:
+def _loss() -> Schema:
     names = list(functions.LOSSES)
     by_name = {
         "type": "object",
@@ -71,22 +105,151 @@ def _loss() -> dict[str, Any]:
     }
 
 
-def _numbers() -> dict[str, Any]:
-    return {"type": "array", "items": {"type": "number"}}
+# --- layers, from the op registry ----------------------------------------------------------
+
+#: The schema of each attribute kind of :class:`derive.ops.Attribute`.
+ATTRIBUTE_KINDS: dict[str, Callable[[], Schema]] = {
+    "size": lambda: {"type": "integer", "minimum": 1},
+    "activation": lambda: _ref("activation"),
+    "bool": lambda: {"type": "boolean"},
+    "rate": lambda: {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+    "positive": lambda: {"type": "number", "exclusiveMinimum": 0},
+}
 
 
-def _example() -> dict[str, Any]:
+def _attribute(attribute: Attribute) -> Schema:
+    schema = ATTRIBUTE_KINDS[attribute.kind]()
+    if attribute.doc:
+        schema["description"] = attribute.doc
+    if attribute.default is not None:
+        schema["default"] = attribute.default
+    return schema
+
+
+def _reference() -> Schema:
+    """What ``input:`` or one item of ``inputs:`` may name."""
+    return {
+        "description": f"`{INPUT_NAME}` (the network input x, also 0), a layer number (from 1) "
+        "or the name of an earlier layer",
+        "anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "string", "pattern": IDENTIFIER_PATTERN},
+        ],
+    }
+
+
+def _common_fields(definition: OpDef) -> Schema:
+    """The fields every layer may give (``LAYER_COMMON_FIELDS``), for one op."""
+    low, high = definition.inputs
+    inputs: Schema = {
+        "type": "array",
+        "description": "the layers this one reads, in order",
+        "items": _ref("reference"),
+        "minItems": max(low, 1),
+        "uniqueItems": True,
+    }
+    if high is not None:
+        inputs["maxItems"] = high
+    fields: Schema = {
+        "op": {"const": definition.name},
+        "name": {"type": "string", "pattern": IDENTIFIER_PATTERN,
+                 "not": {"const": INPUT_NAME},
+                 "description": "a name other layers can read this one by"},
+        "input": {**_ref("reference"), "description": "the one layer this one reads"},
+        "inputs": inputs,
+    }
+    return {field: fields[field] for field in LAYER_COMMON_FIELDS}
+
+
+def _op_layer(definition: OpDef) -> Schema:
+    """A layer of one op: the common fields and the op's own attributes, nothing else."""
+    properties = _common_fields(definition)
+    for attribute in definition.attributes:
+        properties[attribute.name] = _attribute(attribute)
+    required = [attribute.name for attribute in definition.attributes if attribute.required]
+    if definition.inputs[0] > 1:
+        required.append("inputs")  # without `inputs:` a layer reads the previous one only
+    schema: Schema = {
+        "type": "object",
+        "description": definition.description,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _layer() -> Schema:
+    """Any layer: a known op (``DEFAULT_OP`` when omitted), then that op's own schema."""
+    branches = []
+    for name in OPS:
+        condition: Schema = {"properties": {"op": {"const": name}}}
+        if name != DEFAULT_OP:
+            condition["required"] = ["op"]  # an absent `op` means DEFAULT_OP
+        branches.append({"if": condition, "then": _ref(f"op.{name}")})
     return {
         "type": "object",
-        "description": "a worked example: one input x, its target y and every W{l}, b{l}",
+        "description": "one layer: an op applied to the previous layer's output, or to the "
+        "layers it names in `input:` (one) or `inputs:` (several)",
+        "properties": {"op": {"enum": list(OPS), "default": DEFAULT_OP}},
+        "not": {"required": ["input", "inputs"]},
+        "allOf": branches,
+    }
+
+
+# --- regularization and the worked example --------------------------------------------------
+
+
+def _regularization() -> Schema:
+    return {
+        "type": "object",
+        "description": "weight penalties added once to the batch cost: "
+        "(l2/2) sum w^2 + l1 sum |w| over the weights",
+        "properties": {key: {"type": "number", "minimum": 0, "default": 0}
+                       for key in REGULARIZATION_FIELDS},
+        "additionalProperties": False,
+    }
+
+
+def _numbers(rank: int = 1) -> Schema:
+    """A number array nested ``rank`` deep (a vector, a matrix, ...)."""
+    schema: Schema = {"type": "number"}
+    for _ in range(rank):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def parameter_ranks() -> dict[str, int]:
+    """Every parameter key prefix the ops can give (``W``, ``b``, ``gamma``, ...) and its rank.
+
+    Each op's parameters are listed under its defaults and every setting of its true/false
+    attributes (a dense layer without bias has no ``b``).
+    """
+    ranks: dict[str, int] = {}
+    for definition in OPS.values():
+        defaults = {a.name: a.default for a in definition.attributes}
+        switches = [a.name for a in definition.attributes if a.kind == "bool"]
+        for values in itertools.product((True, False), repeat=len(switches)):
+            attrs = {**defaults, **dict(zip(switches, values))}
+            for parameter in definition.parameters(attrs):
+                ranks[PARAMETER_KEYS[parameter.role]] = len(parameter.shape)
+    return ranks
+
+
+def _example() -> Schema:
+    x, y, params = EXAMPLE_FIELDS
+    return {
+        "type": "object",
+        "description": "a worked example: one input x, its target y and every parameter",
         "properties": {
-            "x": _numbers(),
-            "y": _numbers(),
-            "params": {
+            x: _numbers(),
+            y: _numbers(),
+            params: {
                 "type": "object",
                 "patternProperties": {
-                    "^W[1-9][0-9]*$": {"type": "array", "items": _numbers()},
-                    "^b[1-9][0-9]*$": _numbers(),
+                    f"^{key}[1-9][0-9]*$": _numbers(rank)
+                    for key, rank in parameter_ranks().items()
                 },
                 "additionalProperties": False,
             },
@@ -95,30 +258,28 @@ def _example() -> dict[str, Any]:
     }
 
 
-def spec_schema() -> dict[str, Any]:
+def spec_schema() -> Schema:
     """A JSON Schema (draft 2020-12) of a network spec (DESIGN.md, Contract 1)."""
-    positive = {"type": "integer", "minimum": 1}
-    layer = {
-        "type": "object",
-        "properties": {
-            "size": positive,
-            "activation": _activation(),
-            "bias": {"type": "boolean", "default": True},
-        },
-        "required": ["size", "activation"],
-        "additionalProperties": False,
+    properties: Schema = {
+        "name": {"type": "string", "pattern": IDENTIFIER_PATTERN},
+        "input": {"type": "integer", "minimum": 1, "description": "the input width n_0"},
+        "layers": {"type": "array", "minItems": 1, "items": _ref("layer"),
+                   "description": "layer l is item l (from 1); the last is the output"},
+        "loss": _loss(),
+        "regularization": _regularization(),
+        "example": _example(),
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "derive network spec",
         "type": "object",
-        "properties": {
-            "name": {"type": "string", "pattern": IDENTIFIER_PATTERN},
-            "input": positive,
-            "layers": {"type": "array", "minItems": 1, "items": layer},
-            "loss": _loss(),
-            "example": _example(),
-        },
-        "required": ["name", "input", "layers", "loss"],
+        "properties": {field: properties[field] for field in TOP_FIELDS},
+        "required": list(TOP_REQUIRED),
         "additionalProperties": False,
+        "$defs": {
+            "activation": _activation(),
+            "reference": _reference(),
+            "layer": _layer(),
+            **{f"op.{name}": _op_layer(definition) for name, definition in OPS.items()},
+        },
     }

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ EXAMPLE_FIELDS = ("x", "y", "params")
 CUSTOM_FIELDS = ("name", "expr")
 #: The spec's word for the network input x where a layer names what it reads.
 INPUT_NAME = "input"
+#: The op of a layer that gives no ``op:``.
+DEFAULT_OP = "dense"
 #: Dictionary keys of parameters by role (DESIGN.md, Contract 2: W{l}, b{l}, gamma{l}, ...).
 PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta"}
 
@@ -222,6 +225,12 @@ def layer_attributes(layer: LayerSpec) -> dict[str, object]:
     if layer.activation is not None:
         attrs["activation"] = layer.activation
     return attrs
+
+
+def _a_layer(op_name: str) -> str:
+    """``"a dense layer"``, ``"an add layer"``: the op's layer with its article."""
+    article = "an" if op_name[:1].lower() in "aeiou" else "a"
+    return f"{article} {op_name} layer"
 
 
 def _node_label(node: int, names: Mapping[str, int]) -> str:
@@ -561,7 +570,9 @@ class _Validator:
             )
         layers = self.layers(raw_layers, n_input)
         loss = self.loss(data["loss"], ("loss",))
-        regularization = self.regularization(data.get("regularization"), ("regularization",))
+        regularization = ()
+        if "regularization" in data:
+            regularization = self.regularization(data["regularization"], ("regularization",))
         spec = NetworkSpec(name, n_input, layers, loss, source=source,
                            regularization=regularization)
         self.check_semantics(spec)
@@ -572,8 +583,6 @@ class _Validator:
         return spec
 
     def regularization(self, data: object, path: FieldPath) -> tuple[tuple[str, float], ...]:
-        if data is None:
-            return ()
         self.mapping(data, path, "regularization", REGULARIZATION_FIELDS, ())
         out = []
         for key in REGULARIZATION_FIELDS:
@@ -613,14 +622,14 @@ class _Validator:
 
         if not isinstance(data, Mapping):
             raise self.error(path, f"a layer must be a mapping, got {_describe(data)}")
-        op_name = data.get("op", "dense")
+        op_name = data.get("op", DEFAULT_OP)
         if not isinstance(op_name, str) or op_name not in OPS:
             raise self.error((*path, "op"), f"unknown op {_describe(op_name)}; known: "
                                             f"{', '.join(OPS)}")
         definition = OPS[op_name]
         attributes = tuple(attribute.name for attribute in definition.attributes)
         required = tuple(a.name for a in definition.attributes if a.required)
-        self.mapping(data, path, f"a {op_name} layer", (*LAYER_COMMON_FIELDS, *attributes),
+        self.mapping(data, path, _a_layer(op_name), (*LAYER_COMMON_FIELDS, *attributes),
                      required)
         name = None
         if "name" in data:
@@ -634,14 +643,20 @@ class _Validator:
         reads = inputs if inputs is not None else (index - 1,)
         low, high = definition.inputs
         if not low <= len(reads) <= (high if high is not None else len(reads)):
-            wanted = f"{low}" if low == high else f"at least {low}"
-            raise self.error((*path, "inputs" if "inputs" in data else "input"),
-                             f"a {op_name} layer reads {wanted} input(s), got {len(reads)}")
+            if low == high:
+                wanted = f"{low}"
+            else:
+                wanted = f"at least {low}" if high is None else f"{low} to {high}"
+            given = "input" if "input" in data else "inputs"
+            default = "" if inputs is not None else (
+                " (without `inputs:` a layer reads the previous layer only)")
+            raise self.error((*path, given), f"{_a_layer(op_name)} reads {wanted} input(s), "
+                                             f"got {len(reads)}{default}")
         widths = [sizes[n] for n in reads]
         if definition.same_width_inputs and len(set(widths)) > 1:
             described = ", ".join(f"{_node_label(n, names)} has width {sizes[n]}" for n in reads)
             raise self.error((*path, "inputs"),
-                             f"shape mismatch: a {op_name} layer needs inputs of equal width; "
+                             f"shape mismatch: {_a_layer(op_name)} needs inputs of equal width; "
                              f"{described}")
         activation = None
         options: list[tuple[str, float]] = []
@@ -705,6 +720,8 @@ class _Validator:
                   names: Mapping[str, int]) -> int:
         allowed = (f"allowed: `input`, a layer number 1..{index - 1} or the name of an earlier "
                    "layer" if index > 1 else "allowed: `input` (this is the first layer)")
+        if isinstance(ref, float) and ref.is_integer():
+            ref = int(ref)  # 2.0 is an integer to JSON Schema too
         if ref == INPUT_NAME or (isinstance(ref, int) and not isinstance(ref, bool)
                                  and ref == 0):
             return 0
@@ -800,7 +817,7 @@ class _Validator:
                     "softmax is allowed on the last layer only",
                 )
         output = spec.activation(spec.depth)
-        what = output.name if output is not None else f"a {spec.layers[-1].op} layer"
+        what = output.name if output is not None else _a_layer(spec.layers[-1].op)
         needs = spec.resolved_loss().needs
         if needs == "distribution" and (output is None or not output.is_softmax):
             raise self.error(
@@ -845,7 +862,7 @@ class _Validator:
             if key not in data:
                 raise self.error((*path, key), f"missing; params must give all of: {names}")
             if len(shape) == 1:
-                what = f"{key} has length n_{key.lstrip('Wabetgmm')}"
+                what = f"{key} has length n_{key.lstrip(string.ascii_letters)}"
                 params.append((key, self.numbers(data[key], (*path, key), shape[0], what)))
                 continue
             rows, cols = shape
@@ -854,7 +871,7 @@ class _Validator:
                 raise self.error(
                     (*path, key),
                     f"must be a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
-                    f"({key} has shape n_{key.lstrip('W')} x n_in)",
+                    f"({key} has shape n_{key.lstrip(string.ascii_letters)} x n_in)",
                 )
             params.append(
                 (

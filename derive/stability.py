@@ -19,9 +19,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
 from derive.functions import sigmoid, softplus
-from derive.vectorform import Inner, Vec
-
-ONE = Vec("1", real=True)
+from derive.vectorform import ONE, Inner
 
 
 class Softmax(sp.Function):

@@ -1,30 +1,43 @@
 """Verification by expansion: the derived formulas against direct differentiation.
 
-For concrete sizes, every weight, bias, input and target becomes its own symbol; the network
-is expanded into one scalar loss expression C(w, b, x, y), and C is differentiated directly
-with respect to every parameter (SymEngine does the expansion and differentiation, which plain
-SymPy cannot do fast enough past a few neurons). The derived formulas are instantiated for the
-same sizes and evaluated the way backpropagation evaluates them (delta^L first, then down the
-layers). Each gradient entry must agree with the direct derivative: exactly (the difference
-expands to zero) where that is affordable, otherwise numerically at random points with
-50-digit arithmetic. Networks too large to expand are checked on a copy with capped widths.
+For concrete widths, every input, target, parameter and dropout-mask entry becomes its own
+symbol, and every forward equation of the model (the ops' own index-form expressions, in
+evaluation order) is expanded entry by entry into SymEngine expressions of those leaves. The
+per-sample cost C becomes one scalar expression, which is differentiated directly with respect
+to every parameter entry. The adjoint ∂C/∂q of an intermediate quantity q (a node's error δ,
+the mean of a layer norm, ...) comes from the same expansion: each entry of q is computed as
+its forward expression plus a perturbation leaf e, and ∂C/∂e at e = 0 is ∂C/∂q. None of this
+reads the derivation.
+
+The derived formulas are then evaluated the way backpropagation evaluates them: in the
+derivation's order, each one instantiated at concrete indices, its sums expanded over the
+concrete widths, and the quantities it reads (forward values, δ's and adjoints computed by
+earlier formulas) looked up. Every entry must agree with the direct derivative: exactly (the
+difference expands to zero) where that is affordable, otherwise numerically at random points
+with 50-digit arithmetic. The regularization's part of a weight's gradient, ∂R/∂w, is checked
+on its own against the expanded penalty R. Networks too large to expand are checked on a copy
+with capped widths: the same graph, ops, activations and loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import symengine as se
 import sympy as sp
 
 from derive.derivation import Derivation, Formula, derive
-from derive.functions import A, Y, Z, elementary
-from derive.model import Model, build_model, j, k, quantity
-from derive.spec import NetworkSpec
+from derive.functions import elementary
+from derive.model import Model, build_model
+from derive.ops import OPS
+from derive.quantities import NetTensor, entry, tensor_of
+from derive.spec import NetworkSpec, layer_attributes
 
 #: Precision of the numeric check: 50 decimal digits, with guard bits.
 DIGITS = 50
@@ -35,18 +48,24 @@ _TOLERANCE = 10.0 ** -(DIGITS - 10)
 PARAMETER_BUDGET = 120
 #: Exact symbolic comparison is attempted up to this many parameters.
 SYMBOLIC_LIMIT = 16
+#: Widths are never capped below this (a softmax needs two outputs).
+_MIN_WIDTH = 2
+
+Key = sp.Expr          # an entry of a quantity: Indexed, rank-0 NetTensor or Derivative(C, q)
+Index = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Check:
-    """How one formula (all its entries for one layer) was verified."""
+    """How one formula (all its entries) was verified."""
 
-    formula: str         # e.g. "delta^2", "dC/dw^1"
-    equation: str        # "BP1".."BP4"
+    formula: str         # e.g. "delta^2", "dC/dw^1", "dC/dw^1 + penalty" (display only)
+    equation: str        # "BP1".."BP4", or ""
     entries: int
     method: str          # "symbolic identity" or "numeric: N points, 50 digits"
     max_error: float     # largest relative difference seen (0 for symbolic identity)
     ok: bool
+    kind: str = ""       # the formula's kind; "penalty" for the regularization's part
 
 
 @dataclass(frozen=True)
@@ -54,12 +73,13 @@ class Report:
     """The outcome of verifying one spec."""
 
     name: str
-    sizes: tuple[int, ...]           # the sizes that were expanded
+    sizes: tuple[int, ...]           # the widths that were expanded, n_0 .. n_L
     original_sizes: tuple[int, ...]
     parameters: int
     checks: tuple[Check, ...]
     assumptions: tuple[str, ...]
     seconds: float
+    budget: int = PARAMETER_BUDGET
 
     @property
     def ok(self) -> bool:
@@ -76,37 +96,64 @@ class Report:
                f"and differentiated it directly ({self.parameters} parameters)")]
         if self.reduced:
             out.append(f"  reduced copy: the {'-'.join(map(str, self.original_sizes))} network "
-                       f"has over {PARAMETER_BUDGET} parameters; widths capped at "
-                       f"{max(self.sizes)}, same activations, loss and depth")
+                       f"has over {self.budget} parameters; widths capped at "
+                       f"{max(self.sizes)}, same graph, ops, activations and loss")
         for assumption in self.assumptions:
             out.append(f"  assuming {assumption}")
+        width = max((len(check.formula) for check in self.checks), default=10)
         for check in self.checks:
             mark = "ok      " if check.ok else "MISMATCH"
-            error = "" if check.method == "symbolic identity" else f", max rel. error {check.max_error:.1e}"
-            out.append(f"  {mark} {check.equation or '   '} {check.formula:<10} "
+            error = ("" if check.method == "symbolic identity" or math.isnan(check.max_error)
+                     else f", max rel. error {check.max_error:.1e}")
+            out.append(f"  {mark} {check.equation or '   '} {check.formula:<{width}} "
                        f"{check.entries:>4} entries  {check.method}{error}")
         verdict = "all formulas agree" if self.ok else "MISMATCH: see above"
         out.append(f"{verdict} ({self.seconds:.2f} s)")
         return out
 
 
+# --- the size of what is expanded ---------------------------------------------------------
+
+
 def parameter_count(sizes: tuple[int, ...], biases: tuple[bool, ...]) -> int:
-    """Number of weights and biases of a network with these sizes."""
+    """Number of weights and biases of a chain of dense layers with these sizes."""
     return sum(n * m + (n if bias else 0) for m, n, bias in zip(sizes, sizes[1:], biases))
+
+
+def spec_parameter_count(spec: NetworkSpec) -> int:
+    """Number of parameter entries of ``spec`` (every op's parameters)."""
+    return sum(math.prod(shape) for shape in spec.parameter_shapes().values())
+
+
+def _capped(spec: NetworkSpec, cap: int) -> NetworkSpec:
+    """``spec`` with the input and every op that chooses its width (``size``) capped at
+    ``cap``; the other ops' widths follow from their inputs, so nodes summed by ``add`` keep
+    equal widths."""
+    widths = [min(spec.input, cap)]
+    layers = []
+    for l, layer in enumerate(spec.layers, start=1):
+        definition = OPS[layer.op]
+        size = min(layer.size, cap) if definition.attribute("size") is not None else layer.size
+        attrs = {**layer_attributes(layer), "size": size}
+        width = definition.output_size(attrs, tuple(widths[n] for n in layer.reads(l)))
+        layers.append(dataclasses.replace(layer, size=width))
+        widths.append(width)
+    return dataclasses.replace(spec, input=widths[0], layers=tuple(layers), example=None)
 
 
 def reduced_spec(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> NetworkSpec:
     """``spec`` itself if it is within ``budget`` parameters, else a copy with every width
-    (the input's too) capped at the largest value that fits; same activations, loss, depth."""
-    biases = tuple(layer.bias for layer in spec.layers)
-    cap = max(spec.sizes)
-    while cap > 1 and parameter_count(tuple(min(n, cap) for n in spec.sizes), biases) > budget:
-        cap -= 1
-    if cap == max(spec.sizes):
+    (the input's too) capped at the largest value that fits, but not below 2: the same graph,
+    ops, activations and loss."""
+    if spec_parameter_count(spec) <= budget:
         return spec
-    layers = tuple(dataclasses.replace(layer, size=min(layer.size, cap))
-                   for layer in spec.layers)
-    return dataclasses.replace(spec, input=min(spec.input, cap), layers=layers, example=None)
+    cap = max(spec.sizes)
+    while cap > _MIN_WIDTH and spec_parameter_count(_capped(spec, cap)) > budget:
+        cap -= 1
+    return _capped(spec, cap)
+
+
+# --- entry points -------------------------------------------------------------------------
 
 
 def verify(spec: NetworkSpec, *, points: int = 20, seed: int = 0,
@@ -118,79 +165,147 @@ def verify(spec: NetworkSpec, *, points: int = 20, seed: int = 0,
     report = verify_derivation(derive(build_model(checked)), points=points, seed=seed,
                                progress=progress)
     return dataclasses.replace(report, name=spec.name, original_sizes=spec.sizes,
-                               seconds=time.perf_counter() - start)
+                               budget=budget, seconds=time.perf_counter() - start)
 
 
 def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0,
                       progress: Callable[[str], None] | None = None) -> Report:
-    """Check every formula of ``derivation`` at its model's concrete sizes (no reduction)."""
+    """Check every formula of ``derivation`` at its model's concrete widths (no reduction)."""
     start = time.perf_counter()
     model = derivation.model
-    instance = Instance(model)
+    formulas = derivation.formulas
+    perturb = {f.of for f in formulas if f.kind != "gradient" and f.of is not None}
+    if progress:
+        progress("expanding the forward equations into one scalar loss C")
+    instance = Instance(model, perturb=perturb)
+    if progress:
+        progress("differentiating C directly")
+    plans = [_plan(instance, formula) for formula in formulas]
+    penalties = [_penalty_plan(instance, formula) for formula in formulas]
+
     rng = random.Random(seed)
     samples = [instance.random_point(rng) for _ in range(points)]
     if progress:
         progress(f"evaluating backpropagation at {points} random points")
-    evaluated = [(point, backprop_values(instance, derivation,
-                                 {q: evaluate(v, point) for q, v in instance.values.items()}))
-                 for point in samples]
-    symbolic = instance.parameter_count <= SYMBOLIC_LIMIT
+    # per point: every formula entry as backprop computes it, and its direct derivative
+    keys = [key for plan in plans for key in plan.keys]
+    directs = [d for plan in plans for d in plan.direct]
+    numeric: list[tuple[list[se.Basic | None], list[se.Basic | None]]] = []
+    missing: set[Key] = set()
+    forward_batch, direct_batch = _Batch(list(instance.values.values())), _Batch(directs)
+    for point in samples:
+        values = forward_batch.at(point)
+        if any(value is None for value in values):
+            continue  # outside the domain of a custom function: no real forward pass
+        env = backprop_values(instance, derivation, dict(zip(instance.values, values)),
+                              numeric=True)
+        missing.update(key for key in keys if key not in env)
+        derived = [_real(env[key]) if key in env else None for key in keys]
+        numeric.append((derived, direct_batch.at(point)))
+
+    symbolic_env: dict[Key, se.Basic] | None = None
+    if instance.parameter_count <= SYMBOLIC_LIMIT and model.loss.needs != "distribution":
+        zero = instance.at_zero_error
+        symbolic_env = backprop_values(instance, derivation,
+                                       {q: v.subs(zero) for q, v in instance.values.items()})
     checks: list[Check] = []
-    for formula in derivation.formulas:
-        if formula.key.startswith("dC/da"):
-            continue  # an intermediate quantity, checked through every delta^L that uses it
+    offset = 0
+    for formula, plan, penalty in zip(formulas, plans, penalties):
         if progress:
             progress(f"checking {formula.key}")
-        checks.append(_check_formula(instance, derivation, formula, evaluated, symbolic))
-    assumptions = tuple(dict.fromkeys(a for f in derivation.formulas for a in f.assumptions))
+        if plan.error is not None:
+            checks.append(_failed(formula, 0, f"cannot be checked: {plan.error}"))
+        elif missing.intersection(plan.keys):
+            checks.append(_failed(formula, len(plan.keys),
+                                  _why_missing(instance, formula, plan, samples, derivation)))
+        else:
+            checks.append(_check_formula(instance, formula, plan, numeric, offset,
+                                         symbolic_env))
+        offset += len(plan.keys)
+        if penalty is not None:
+            checks.append(_check_penalty(formula, penalty, samples))
+    assumptions = tuple(dict.fromkeys(a for f in formulas for a in f.assumptions))
     sizes = model.spec.sizes
     return Report(model.spec.name, sizes, sizes, instance.parameter_count, tuple(checks),
                   assumptions, time.perf_counter() - start)
 
 
-class Instance:
-    """One concrete-size copy of the model: leaf symbols and expanded forward expressions.
+# --- the concrete instance ----------------------------------------------------------------
 
-    Also used by :mod:`derive.check` to evaluate user formulas on the same instances.
+
+class MissingQuantity(KeyError):
+    """A formula reads a quantity that is not known (yet) where it is evaluated."""
+
+
+class Instance:
+    """One concrete-width copy of the model: leaf symbols and expanded forward expressions.
+
+    ``values`` maps every entry of every quantity (``x``, ``y``, parameters, masks and each
+    equation's target; Indexed, or the NetTensor itself at rank 0) to its expanded SymEngine
+    expression. The entries of the quantities in ``perturb`` (default: every equation target)
+    carry a perturbation leaf (``errors``), so that ∂C/∂e at e = 0 is their adjoint. Also used
+    by :mod:`derive.check` to evaluate user formulas on the same instances.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, perturb: Iterable[NetTensor] | None = None) -> None:
         self.model = model
-        self.sizes = {size: int(value) for size, value in
-                      zip(model.sizes, model.spec.sizes)}
-        n = model.spec.sizes
+        self.sizes: dict[sp.Symbol, int] = {size: int(n) for size, n in model.widths.items()}
         self.leaves: list[se.Symbol] = []
-        self.values: dict[sp.Indexed, se.Basic] = {}   # Indexed -> expanded expression
-        self.parameters: dict[sp.Indexed, se.Symbol] = {}
-        # z^l_j + e^l_j: dC/de^l_j at e = 0 is delta^l_j, straight from the expanded C
-        self.errors: dict[sp.Indexed, se.Symbol] = {}
-        self.inputs = [self._leaf(model.x[kk], f"x_{kk}") for kk in range(1, n[0] + 1)]
-        self.targets = [self._leaf(model.y[jj], f"y_{jj}") for jj in range(1, n[-1] + 1)]
-        previous = self.inputs
-        for layer in model.layers:
-            l = layer.index
-            zs = []
-            for jj in range(1, n[l] + 1):
-                total = sum((self._parameter(layer.w[jj, kk], f"w{l}_{jj}_{kk}") * previous[kk - 1]
-                             for kk in range(1, n[l - 1] + 1)), se.Integer(0))
-                if layer.b is not None:
-                    total += self._parameter(layer.b[jj], f"b{l}_{jj}")
-                error = se.Symbol(f"e{l}_{jj}")
-                self.errors[quantity("delta", l)[jj]] = error
-                zs.append(total + error)
-            if layer.activation.is_softmax:
-                denominator = sum((se.exp(zv) for zv in zs), se.Integer(0))
-                activations = [se.exp(zv) / denominator for zv in zs]
-            else:
-                sigma = se.sympify(elementary(layer.activation.expr))
-                activations = [sigma.subs({se.Symbol(Z.name): zv}) for zv in zs]
-            for jj, (zv, av) in enumerate(zip(zs, activations), start=1):
-                self.values[layer.z[jj]] = zv
-                self.values[layer.a[jj]] = av
-            previous = activations
-        loss = se.sympify(elementary(model.loss.expr))
-        self.cost = sum((loss.subs({se.Symbol(A.name): av, se.Symbol(Y.name): yv})
-                         for av, yv in zip(previous, self.targets)), se.Integer(0))
+        self.values: dict[Key, se.Basic] = {}
+        self.parameters: dict[Key, se.Symbol] = {}
+        self.errors: dict[Key, se.Symbol] = {}       # perturbed entry -> its leaf e
+        self.shapes: dict[NetTensor, Index] = {}
+        self._leaf_of: dict[Key, se.Symbol] = {}
+        self._templates: dict[tuple[sp.Expr, tuple[sp.Symbol, ...]], _Template] = {}
+        self._keys: dict[tuple, list[tuple[Index, Key]]] = {}
+        self._interned: dict[Key, Key] = {}     # one object per key: dict lookups by identity
+        targets = {eq.target for eq in model.equations}
+        self._defined: set[NetTensor] = set()        # quantities whose values are known
+        perturbed = targets if perturb is None else set(perturb)
+
+        x, y = model.x.label, model.y.label
+        self.shapes[x] = (self.sizes[model.sizes[0]],)
+        self.shapes[y] = (model.output.width,)
+        self.inputs = [self._leaf(entry(x, index), f"x_{index[0]}")
+                       for index in _indices(self.shapes[x])]
+        self.targets = [self._leaf(entry(y, index), f"y_{index[0]}")
+                        for index in _indices(self.shapes[y])]
+        for parameter in model.parameters:
+            tensor = parameter.tensor
+            self.shapes[tensor] = tuple(parameter.shape)
+            for index in _indices(parameter.shape):
+                key = entry(tensor, index)
+                self.parameters[key] = self._leaf(key, _leaf_name(tensor, index))
+        self._defined = {x, y, *(p.tensor for p in model.parameters)}
+
+        def lookup(key: Key) -> se.Basic:
+            if key in self.values:
+                return self.values[key]
+            tensor = tensor_of(key)
+            if tensor is None or tensor in targets:
+                raise MissingQuantity(f"{key} is read before it is computed")
+            # a leaf the graph reads but does not compute (a dropout mask): an input
+            index = _concrete(key)
+            self.shapes.setdefault(tensor, ())
+            return self._leaf(key, _leaf_name(tensor, index))
+
+        for node in model.nodes:
+            for eq in node.equations:
+                shape = (node.width,) * eq.target.rank
+                self.shapes[eq.target] = shape
+                template = self._template(eq.expr, eq.indices)
+                for index in _indices(shape):
+                    key = self.intern(entry(eq.target, index))
+                    value = template.at(self, index, lookup)
+                    if eq.target in perturbed:
+                        error = se.Symbol(f"e_{_leaf_name(eq.target, index)}")
+                        self.errors[key] = error
+                        self._leaf_of[key] = error
+                        value = value + error
+                    self.values[key] = value
+                self._defined.add(eq.target)
+        self.cost: se.Basic = self._template(model.cost, ()).at(self, (), lookup)
+        self.penalty: se.Basic = self._template(model.penalty, ()).at(self, (), lookup)
 
     @property
     def parameter_count(self) -> int:
@@ -200,25 +315,50 @@ class Instance:
     def at_zero_error(self) -> dict[se.Symbol, se.Basic]:
         return {error: se.Integer(0) for error in self.errors.values()}
 
-    def variable(self, formula: Formula, index: tuple[int, ...]) -> se.Symbol:
-        """The leaf the formula differentiates by: a parameter, or e^l_j for delta^l_j."""
-        if isinstance(formula.lhs, sp.Indexed):
-            return self.errors[formula.lhs.base[index]]
-        return self.parameters[formula.lhs.variables[0].base[index]]
+    def entries(self, formula: Formula) -> list[Index]:
+        """Every concrete index of ``formula``'s free indices (the shape of what it
+        differentiates)."""
+        shape = self.shapes.get(formula.of)
+        if shape is None or len(shape) != len(formula.indices):
+            raise MissingQuantity(f"no quantity {formula.of} of rank {len(formula.indices)} "
+                                  "in the expanded network")
+        return _indices(shape)
 
-    def _leaf(self, indexed: sp.Indexed, name: str) -> se.Symbol:
+    def keyed_entries(self, formula: Formula) -> list[tuple[Index, Key]]:
+        """Each entry of ``formula`` with the key other formulas refer to it by: its lhs
+        there (δ^l[2], Derivative(C, mu^3), Derivative(C, w^1[2, 1]))."""
+        cache_key = (formula.lhs, formula.of, tuple(formula.indices))
+        if cache_key not in self._keys:
+            self._keys[cache_key] = [(index, self.intern(self.key(formula, index)))
+                                     for index in self.entries(formula)]
+        return self._keys[cache_key]
+
+    def intern(self, key: Key) -> Key:
+        return self._interned.setdefault(key, key)
+
+    def key(self, formula: Formula, index: Index) -> Key:
+        """How other formulas refer to ``formula``'s result at ``index``: its lhs there."""
+        return formula.lhs.xreplace(dict(zip(formula.indices, map(sp.Integer, index))))
+
+    def variable(self, formula: Formula, index: Index) -> se.Symbol:
+        """The leaf to differentiate C by for ``formula`` at ``index``: the parameter entry,
+        or the perturbation e of the quantity's entry."""
+        key = entry(formula.of, tuple(map(sp.Integer, index)))
+        if key not in self._leaf_of:
+            raise MissingQuantity(f"nothing to differentiate by for {key}")
+        return self._leaf_of[key]
+
+    def _leaf(self, key: Key, name: str) -> se.Symbol:
+        key = self.intern(key)
         symbol = se.Symbol(name)
         self.leaves.append(symbol)
-        self.values[indexed] = symbol
-        return symbol
-
-    def _parameter(self, indexed: sp.Indexed, name: str) -> se.Symbol:
-        symbol = self._leaf(indexed, name)
-        self.parameters[indexed] = symbol
+        self.values[key] = symbol
+        self._leaf_of[key] = symbol
         return symbol
 
     def random_point(self, rng: random.Random) -> dict[se.Symbol, se.Basic]:
-        """Random values for every leaf; targets made valid for the loss."""
+        """Random values for every leaf (masks included); targets made valid for the loss;
+        every perturbation e at 0."""
         point = {s: _number(rng.uniform(-1.5, 1.5)) for s in self.leaves}
         point.update(self.at_zero_error)
         needs = self.model.loss.needs
@@ -233,65 +373,355 @@ class Instance:
             point.update({t: se.sympify(f) for t, f in zip(self.targets, fractions)})
         return point
 
-    def instantiate(self, formula: Formula, index: tuple[int, ...],
-                    env: dict[sp.Indexed, se.Basic]) -> se.Basic:
-        """The formula's rhs at concrete indices, with every indexed quantity from ``env``."""
-        concrete = formula.rhs.xreplace(dict(zip(formula.indices, map(sp.Integer, index))))
-        concrete = concrete.xreplace(self.sizes).doit()
-        atoms = sorted(concrete.atoms(sp.Indexed), key=sp.default_sort_key)
-        names = {atom: sp.Symbol(f"_q{n}") for n, atom in enumerate(atoms)}
-        converted = se.sympify(elementary(concrete.xreplace(names)))
-        return converted.subs({se.Symbol(names[atom].name): env[atom] for atom in atoms})
+    def instantiate(self, formula: Formula, index: Index, env: Mapping[Key, se.Basic], *,
+                    numeric: bool = False) -> se.Basic:
+        """The formula's rhs at concrete indices, with every quantity it reads from ``env``
+        (forward values, and the δ's and adjoints ∂C/∂q computed before it). ``numeric``:
+        ``env`` holds numbers, and so does the result."""
+        return self.instantiate_expr(formula.rhs, formula.indices, index, env, numeric=numeric)
+
+    def instantiate_expr(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: Index,
+                         env: Mapping[Key, se.Basic], *, numeric: bool = False) -> se.Basic:
+        """``expr`` (index form, free indices ``free``) at ``index``, quantities from ``env``."""
+        def lookup(key: Key) -> se.Basic:
+            try:
+                return env[key]
+            except KeyError:
+                raise MissingQuantity(f"{key} is not known here") from None
+
+        value = self._template(expr, tuple(free)).at(self, index, lookup, numeric)
+        if numeric:
+            number = _real(value)
+            return value if number is None else number
+        return value
+
+    def _template(self, expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> _Template:
+        key = (expr, free)
+        if key not in self._templates:
+            self._templates[key] = _Template.compile(expr, free, self.sizes)
+        return self._templates[key]
+
+
+def _indices(shape: Sequence[int]) -> list[Index]:
+    return list(itertools.product(*(range(1, n + 1) for n in shape)))
+
+
+def _concrete(key: Key) -> Index:
+    return tuple(int(i) for i in key.indices) if isinstance(key, sp.Indexed) else ()
+
+
+def _leaf_name(tensor: NetTensor, index: Index) -> str:
+    """``w1_2_3``, ``b1_2``, ``gamma3_1``, ``mask4_2`` (display names of SymEngine leaves)."""
+    head = tensor.role if tensor.node is None else f"{tensor.role}{tensor.node}"
+    return "_".join([head, *map(str, index)])
 
 
 def _number(value: float) -> se.Basic:
     return se.RealMPFR(repr(value), _BITS)
 
 
-def _entries(formula: Formula, model: Model) -> list[tuple[int, ...]]:
-    n = model.spec.sizes
-    l = int(formula.key.split("^")[1])
-    if formula.indices == (j, k):
-        return [(jj, kk) for jj in range(1, n[l] + 1) for kk in range(1, n[l - 1] + 1)]
-    return [(jj,) for jj in range(1, n[l] + 1)]
+# --- index form -> SymEngine --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A quantity an expression reads: ``atom`` (with free indices) or, for ``of`` set, the
+    adjoint Derivative(``cost``, ``of``[indices])."""
+
+    symbol: se.Symbol
+    atom: sp.Expr
+    of: NetTensor | None = None
+    cost: sp.Expr | None = None
+
+    def key(self, substitution: dict[sp.Symbol, sp.Integer]) -> Key:
+        if self.of is None:
+            return self.atom.xreplace(substitution) if substitution else self.atom
+        indices = self.atom.indices if isinstance(self.atom, sp.Indexed) else ()
+        concrete = tuple(sp.sympify(i).xreplace(substitution) for i in indices)
+        return sp.Derivative(self.cost, entry(self.of, concrete))
+
+
+@dataclass(frozen=True)
+class _Template:
+    """An index-form expression compiled once: sums expanded over the concrete widths, then
+    converted to SymEngine with one placeholder per quantity it reads. Expressions that use a
+    free index other than as an index (a Kronecker delta left over) are compiled per entry."""
+
+    source: sp.Expr
+    free: tuple[sp.Symbol, ...]
+    sizes: Mapping[sp.Symbol, int]
+    expr: se.Basic | None
+    slots: tuple[_Slot, ...]
+    numeric: se.Basic | None = None     # expr with its constants as 50-digit numbers
+    keys: dict[Index, tuple[Key, ...]] = dataclasses.field(default_factory=dict, compare=False)
+
+    @classmethod
+    def compile(cls, source: sp.Expr, free: tuple[sp.Symbol, ...],
+                sizes: Mapping[sp.Symbol, int]) -> _Template:
+        hidden, adjoints = _hide_adjoints(sp.sympify(source))
+        body = elementary(hidden.xreplace(dict(sizes)).doit())
+        atoms = sorted(body.atoms(sp.Indexed), key=sp.default_sort_key)
+        names = {atom: sp.Symbol(f"_slot{n}") for n, atom in enumerate(atoms)}
+        body = body.xreplace(names)
+        scalars = sorted(body.free_symbols - set(names.values()), key=sp.default_sort_key)
+        if set(scalars) & set(free):
+            return cls(source, free, sizes, None, ())
+        for n, scalar in enumerate(scalars, start=len(atoms)):
+            names[scalar] = sp.Symbol(f"_slot{n}")
+        body = body.xreplace({s: names[s] for s in scalars})
+        slots = []
+        for atom, name in names.items():
+            label = atom.base.label if isinstance(atom, sp.Indexed) else atom
+            if label in adjoints:
+                cost, of = adjoints[label]
+                slots.append(_Slot(se.Symbol(name.name), atom, of, cost))
+            elif isinstance(label, NetTensor):
+                slots.append(_Slot(se.Symbol(name.name), atom))
+            else:
+                raise ValueError(f"cannot evaluate {source}: unknown symbol {label}")
+        expr = se.sympify(body)
+        return cls(source, free, sizes, expr, tuple(slots), _fold_constants([expr])[0])
+
+    def at(self, instance: Instance, index: Index, lookup: Callable[[Key], se.Basic],
+           numeric: bool = False) -> se.Basic:
+        """The expression at ``index``, each quantity it reads from ``lookup``; ``numeric``:
+        with its constants as numbers (for numeric values in ``lookup``, so that a piecewise
+        condition like 0 < sqrt(2)*x is decided)."""
+        if len(index) != len(self.free):
+            raise ValueError(f"{len(self.free)} indices expected, got {index}")
+        if self.expr is None:  # compiled per entry
+            substitution = dict(zip(self.free, map(sp.Integer, index)))
+            return instance._template(self.source.xreplace(substitution), ()).at(
+                instance, (), lookup, numeric)
+        expr = self.numeric if numeric else self.expr
+        keys = self.keys.get(index)
+        if keys is None:
+            substitution = dict(zip(self.free, map(sp.Integer, index)))
+            keys = self.keys[index] = tuple(instance.intern(slot.key(substitution))
+                                            for slot in self.slots)
+        if not keys:
+            return expr
+        return expr.subs({slot.symbol: lookup(key) for slot, key in zip(self.slots, keys)})
+
+
+def _hide_adjoints(expr: sp.Expr) -> tuple[sp.Expr, dict[sp.Symbol, tuple[sp.Expr, NetTensor]]]:
+    """``expr`` with each adjoint Derivative(C, q[i..]) replaced by a placeholder quantity
+    (so that ``doit`` keeps it), and what each placeholder stands for."""
+    adjoints: dict[sp.Symbol, tuple[sp.Expr, NetTensor]] = {}
+    labels: dict[tuple[sp.Expr, NetTensor], sp.Symbol] = {}
+
+    def placeholder(derivative: sp.Derivative) -> sp.Expr:
+        (variable, count), = derivative.variable_count
+        of = tensor_of(variable)
+        if of is None or count != 1:
+            raise ValueError(f"cannot evaluate {derivative}: not an adjoint of a quantity")
+        label = labels.setdefault((derivative.expr, of), sp.Symbol(f"_adjoint{len(labels)}"))
+        adjoints[label] = (derivative.expr, of)
+        if isinstance(variable, sp.Indexed):
+            return sp.IndexedBase(label)[variable.indices]
+        return label
+
+    hidden = expr.replace(lambda e: isinstance(e, sp.Derivative), placeholder)
+    return hidden, adjoints
+
+
+# --- backprop, as the derivation prescribes -----------------------------------------------
 
 
 def backprop_values(instance: Instance, derivation: Derivation,
-            env: dict[sp.Indexed, se.Basic]) -> dict[sp.Indexed, se.Basic]:
-    """env extended with every delta^l_j computed by the derived formulas, top layer first."""
+                    env: Mapping[Key, se.Basic], *, numeric: bool = False
+                    ) -> dict[Key, se.Basic]:
+    """``env`` extended with every entry of every formula, in the derivation's order (the
+    loss gradient, then from the output back): δ^l under δ^l[j], an adjoint or gradient under
+    Derivative(C, q[j, ...]). An entry that reads something not computed before it is left
+    out (its check reports why). ``numeric``: ``env`` holds numbers (faster, and piecewise
+    conditions are decided)."""
     env = dict(env)
-    for l in range(instance.model.depth, 0, -1):
-        formula = derivation.delta(l)
-        base = formula.lhs.base
-        for index in _entries(formula, instance.model):
-            env[base[index]] = instance.instantiate(formula, index, env)
+    for formula in derivation.formulas:
+        try:
+            entries = instance.keyed_entries(formula)
+        except MissingQuantity:
+            continue
+        for index, key in entries:
+            try:
+                env[key] = instance.instantiate(formula, index, env, numeric=numeric)
+            except MissingQuantity:
+                continue
     return env
 
 
-def evaluate(expr: se.Basic, point: dict[se.Symbol, se.Basic]) -> se.Basic:
+def evaluate(expr: se.Basic, point: Mapping[se.Symbol, se.Basic]) -> se.Basic:
     return expr.subs(point).n(_BITS, real=True)
 
 
-def _check_formula(instance: Instance, derivation: Derivation, formula: Formula,
-                   evaluated: list[tuple[dict, dict]], symbolic: bool) -> Check:
-    entries = _entries(formula, instance.model)
-    direct = {index: se.diff(instance.cost, instance.variable(formula, index))
-              for index in entries}
-    if symbolic and instance.model.loss.needs != "distribution":
-        zero = instance.at_zero_error
-        env = backprop_values(instance, derivation,
-                      {q: v.subs(zero) for q, v in instance.values.items()})
-        if all(se.expand(instance.instantiate(formula, index, env) - direct[index].subs(zero))
-               == 0 for index in entries):
-            return Check(formula.key, formula.equation, len(entries), "symbolic identity",
-                         0.0, True)
-    worst = 0.0
-    for point, env in evaluated:
-        for index in entries:
-            derived = evaluate(instance.instantiate(formula, index, env), point)
-            expected = evaluate(direct[index], point)
-            scale = max(1.0, abs(float(expected)))
-            worst = max(worst, abs(float(derived - expected)) / scale)
-    method = f"numeric: {len(evaluated)} points, {DIGITS} digits"
-    return Check(formula.key, formula.equation, len(entries), method, worst, worst < _TOLERANCE)
+class _Batch:
+    """Expressions evaluated together at points (one SymEngine call per point)."""
 
+    def __init__(self, exprs: Sequence[se.Basic]) -> None:
+        self.size = len(exprs)
+        folded = _fold_constants(list(exprs))
+        self.matrix = se.DenseMatrix(self.size, 1, folded) if exprs else None
+
+    def at(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic | None]:
+        """Each expression at ``point``; None where it has no finite real value."""
+        if self.matrix is None:
+            return []
+        values = self.matrix.subs(point)
+        return [_real(values[n, 0]) for n in range(self.size)]
+
+
+def _fold_constants(exprs: list[se.Basic]) -> list[se.Basic]:
+    """``exprs`` with every constant subexpression that is not a number (sqrt(2), pi,
+    erf(1/2)) replaced by its 200-bit value, so that substituting numbers for the leaves
+    evaluates everything, piecewise conditions included."""
+    constant: dict[se.Basic, bool] = {}
+    stack: list[tuple[se.Basic, bool]] = [(e, False) for e in exprs]
+    while stack:
+        node, visited = stack.pop()
+        if node in constant:
+            continue
+        if visited:
+            constant[node] = all(constant[arg] for arg in node.args)
+        elif isinstance(node, se.Symbol):
+            constant[node] = False
+        elif not node.args:
+            constant[node] = True
+        else:
+            stack.append((node, True))
+            stack.extend((arg, False) for arg in node.args if arg not in constant)
+    mapping: dict[se.Basic, se.Basic] = {}
+    roots = [e for e in exprs if constant[e]]
+    parents = [node for node, is_constant in constant.items() if not is_constant]
+    for node in roots + [arg for parent in parents for arg in parent.args if constant[arg]]:
+        if node in mapping or node.is_Number or isinstance(node, se.Boolean):
+            continue
+        number = _real(node)
+        if number is not None:
+            mapping[node] = number
+    if not mapping:
+        return list(exprs)
+    return [e.xreplace(mapping) for e in exprs]
+
+
+def _real(value: se.Basic) -> se.Basic | None:
+    try:
+        number = value.n(_BITS, real=True)
+        as_float = float(number)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return number if math.isfinite(as_float) else None
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one formula is checked against: its entries, their keys and direct derivatives."""
+
+    entries: tuple[Index, ...]
+    keys: tuple[Key, ...]
+    direct: tuple[se.Basic, ...]
+    error: str | None = None
+
+
+def _plan(instance: Instance, formula: Formula) -> _Plan:
+    try:
+        keyed = instance.keyed_entries(formula)
+        direct = tuple(se.diff(instance.cost, instance.variable(formula, index))
+                       for index, _ in keyed)
+    except MissingQuantity as err:
+        return _Plan((), (), (), str(err.args[0]))
+    return _Plan(tuple(index for index, _ in keyed), tuple(key for _, key in keyed), direct)
+
+
+def _failed(formula: Formula, entries: int, why: str) -> Check:
+    return Check(formula.key, formula.equation, entries, why, float("nan"), False,
+                 formula.kind)
+
+
+def _check_formula(instance: Instance, formula: Formula, plan: _Plan,
+                   numeric: list[tuple[list[se.Basic | None], list[se.Basic | None]]],
+                   offset: int, symbolic_env: dict[Key, se.Basic] | None) -> Check:
+    count = len(plan.keys)
+    if symbolic_env is not None:
+        zero = instance.at_zero_error
+        if all(key in symbolic_env and se.expand(symbolic_env[key] - direct.subs(zero)) == 0
+               for key, direct in zip(plan.keys, plan.direct)):
+            return Check(formula.key, formula.equation, count, "symbolic identity", 0.0, True,
+                         formula.kind)
+    worst = _worst((derived[offset:offset + count], expected[offset:offset + count])
+                   for derived, expected in numeric)
+    method = f"numeric: {len(numeric)} points, {DIGITS} digits"
+    return Check(formula.key, formula.equation, count, method, worst,
+                 worst < _TOLERANCE, formula.kind)
+
+
+def _worst(pairs: Iterable[tuple[list[se.Basic | None], list[se.Basic | None]]]) -> float:
+    """The largest relative difference |derived - direct| / max(1, |direct|); entries whose
+    direct derivative has no real value (outside a custom function's domain) are skipped;
+    NaN when nothing could be compared."""
+    worst, compared = 0.0, 0
+    for derived, expected in pairs:
+        for mine, truth in zip(derived, expected):
+            if truth is None:
+                continue
+            compared += 1
+            if mine is None:
+                worst = math.inf
+                continue
+            worst = max(worst, abs(float(mine - truth)) / max(1.0, abs(float(truth))))
+    return worst if compared else math.nan
+
+
+def _why_missing(instance: Instance, formula: Formula, plan: _Plan,
+                 samples: list[dict[se.Symbol, se.Basic]], derivation: Derivation) -> str:
+    zero = instance.at_zero_error
+    env = backprop_values(instance, derivation,
+                          {q: v.subs(zero) for q, v in instance.values.items()})
+    for index in plan.entries:
+        try:
+            instance.instantiate(formula, index, env)
+        except MissingQuantity as err:
+            return f"not computable in the derivation's order: {err.args[0]}"
+    return "not computable in the derivation's order"
+
+
+@dataclass(frozen=True)
+class _PenaltyPlan:
+    entries: tuple[Index, ...]
+    derived: tuple[se.Basic, ...]
+    direct: tuple[se.Basic, ...]
+
+
+def _penalty_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
+    """∂R/∂p from the expanded penalty R against the formula's ``penalty``, for a parameter's
+    gradient of a model with a penalty (None where both are zero: nothing to report)."""
+    if formula.kind != "gradient" or instance.model.penalty == 0:
+        return None
+    reads = instance.penalty.free_symbols
+    try:
+        entries = tuple(instance.entries(formula))
+        variables = [instance.variable(formula, index) for index in entries]
+    except MissingQuantity:
+        return None
+    direct = tuple(se.diff(instance.penalty, v) if v in reads else se.Integer(0)
+                   for v in variables)
+    if sp.sympify(formula.penalty) == 0 and all(d == 0 for d in direct):
+        return None
+    derived = tuple(instance.instantiate_expr(sp.sympify(formula.penalty), formula.indices,
+                                              index, instance.values) for index in entries)
+    return _PenaltyPlan(entries, derived, direct)
+
+
+def _check_penalty(formula: Formula, plan: _PenaltyPlan,
+                   samples: list[dict[se.Symbol, se.Basic]]) -> Check:
+    label = f"{formula.key} + penalty"
+    count = len(plan.entries)
+    if all(se.expand(derived - direct) == 0
+           for derived, direct in zip(plan.derived, plan.direct)):
+        return Check(label, "", count, "symbolic identity", 0.0, True, "penalty")
+    derived, direct = _Batch(plan.derived), _Batch(plan.direct)
+    worst = _worst((derived.at(point), direct.at(point)) for point in samples)
+    method = f"numeric: {len(samples)} points, {DIGITS} digits"
+    return Check(label, "", count, method, worst, worst < _TOLERANCE, "penalty")

@@ -179,7 +179,7 @@ def test_reference_gradients_match_finite_differences(name):
     loss = sp.lambdify((functions.A, functions.Y), derivation.model.loss.expr, "numpy")
 
     def cost(p):
-        output = _Backprop(derivation, p, X, Y).env[f"a^{derivation.model.depth}"]
+        output = _Backprop(derivation, p, X, Y).value("a", derivation.model.depth)
         return float(np.sum(loss(output, Y))) / len(X)
 
     for key in list(params)[:4]:

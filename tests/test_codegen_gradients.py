@@ -12,16 +12,21 @@ from derive.functions import ACTIVATIONS
 from derive.spec import list_examples, load_spec
 from tests import reference_backprop as ref
 from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
+from tests.torch_reference import numpy_forward_loss
 from tests.test_codegen_support import (
     batch,
     example,
     generated,
+    is_plain_chain,
     random_params,
     relative_error,
     torch_loss_and_grads,
 )
 
 EXAMPLES = [name for name, _ in list_examples()]
+#: Examples the hand-written chain reference covers; the others are graphs (spec v2).
+CHAIN_EXAMPLES = [name for name in EXAMPLES if is_plain_chain(load_spec(name))]
+GRAPH_EXAMPLES = [name for name in EXAMPLES if name not in CHAIN_EXAMPLES]
 PAIRS = valid_output_pairs()
 
 
@@ -74,7 +79,7 @@ def test_reference_shortcut_a_minus_y_equals_the_full_chain_rule(output, loss):
 # --- generated vs hand-written --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", CHAIN_EXAMPLES)
 def test_example_gradients_equal_the_hand_written_reference(name):
     spec, module = example(name)
     params, (X, Y) = random_params(spec), batch(spec)
@@ -104,6 +109,33 @@ def test_layers_without_bias():
     params, (X, Y) = random_params(spec), batch(spec)
     assert set(module.init_params()) == {"W1", "W2"}
     assert_matches(spec, module, *module.gradients(params, X, Y), params, X, Y)
+
+
+def test_the_examples_include_graphs():
+    assert CHAIN_EXAMPLES and GRAPH_EXAMPLES
+
+
+@pytest.mark.parametrize("name", GRAPH_EXAMPLES)
+def test_graph_example_gradients_equal_differences_of_an_independent_forward(name):
+    """Graph examples against central differences of a separate NumPy forward pass."""
+    spec, module = example(name)
+    params, (X, Y) = random_params(spec), batch(spec, rows=5)
+    loss_value, grads = module.gradients(params, X, Y)
+    data = spec.to_dict()
+    assert loss_value == pytest.approx(numpy_forward_loss(data, params, X, Y), rel=1e-12)
+    assert list(grads) == list(params)
+    h = 1e-5
+    for key, value in params.items():
+        numeric = np.zeros_like(value)
+        for index in np.ndindex(value.shape):
+            costs = []
+            for step in (h, -h, 2 * h, -2 * h):
+                shifted = dict(params, **{key: value.copy()})
+                shifted[key][index] += step
+                costs.append(numpy_forward_loss(data, shifted, X, Y))
+            numeric[index] = (8 * (costs[0] - costs[1]) - (costs[2] - costs[3])) / (12 * h)
+        assert grads[key].shape == value.shape
+        assert relative_error(grads[key], numeric) < 1e-7, key
 
 
 # --- central differences ---------------------------------------------------------------------
@@ -228,7 +260,9 @@ def test_float32_training_decreases_the_loss_and_stays_float32(name):
     assert all(value.dtype == np.float32 for value in params.values())
     output, cache = module.forward(params, X)
     assert output.dtype == np.float32
-    assert all(value.dtype == np.float32 for value in cache.values())
+    # a Python number (the dropout mask 1.0 while dropout is off) keeps float32 arrays float32
+    arrays = [value for value in cache.values() if not isinstance(value, float)]
+    assert all(value.dtype == np.float32 for value in arrays)
     _, grads = module.gradients(params, X, Y)
     assert all(value.dtype == np.float32 for value in grads.values())
 

@@ -10,12 +10,12 @@ from sympy.codegen.cfunctions import expm1
 
 from derive.functions import elementary, sigmoid, softplus
 from derive.numpy_printer import HELPERS, NumPyBatchPrinter, fold_numbers
+from derive.quantities import NetTensor
 from derive.stability import REWRITES, LogSumExp, Softmax, rewrite, stabilize
-from derive.vectorform import Inner, Mat, MatVec, Vec
+from derive.vectorform import ONE, Inner, MatVec
 
 x = sp.Symbol("x", real=True)
-z = Vec("z^2", real=True)
-ONE = Vec("1", real=True)
+z = NetTensor("z", 2)
 
 #: rewrite name -> (expression before, expression after); scalar cases use x.
 CASES = {
@@ -50,7 +50,7 @@ def test_rewrite_gives_the_stable_form(name):
     assert rewrite(name).apply(before) == after
 
 
-SCALAR = [name for name, (before, _) in CASES.items() if not before.has(Vec)]
+SCALAR = [name for name, (before, _) in CASES.items() if not before.has(NetTensor)]
 
 
 @pytest.mark.parametrize("name", SCALAR)
@@ -126,8 +126,8 @@ def test_numbers_print_as_python_floats():
 
 def test_matrix_products_are_parenthesized_inside_products():
     printer = NumPyBatchPrinter()
-    a1, d2 = Vec("a^1", real=True), Vec("delta^2", real=True)
-    w2 = Mat("w^2", real=True)
+    a1, d2 = NetTensor("a", 1), NetTensor("delta", 2)
+    w2 = NetTensor("w", 2, rank=2)
     text = printer.doprint(a1 * (1 - a1) * MatVec(w2, d2, sp.true))
     assert text.endswith("*(delta2 @ W2)")
 
@@ -135,13 +135,13 @@ def test_matrix_products_are_parenthesized_inside_products():
 def test_a_positive_term_prints_first():
     # `Z2 - LSE2`, not `-LSE2 + Z2`: NumPy would negate a whole array first
     printer = NumPyBatchPrinter()
-    assert printer.doprint(z - Vec("lse^2", real=True)) == "Z2 - LSE2"
-    assert printer.doprint(1 - Vec("a^1", real=True)) == "1 - A1"
+    assert printer.doprint(z - NetTensor("lse", 2)) == "Z2 - LSE2"
+    assert printer.doprint(1 - NetTensor("a", 1)) == "1 - A1"
 
 
 def test_indicator_prints_as_a_mask_and_constant_branches_keep_the_dtype():
     printer = NumPyBatchPrinter()
-    z1 = Vec("z^1", real=True)
+    z1 = NetTensor("z", 1)
     assert printer.doprint(sp.Piecewise((1, z1 > 0), (0, True))) == "(Z1 > 0)"
     leaky = printer.doprint(sp.Piecewise((1, z1 > 0), (sp.Rational(1, 100), True)))
     assert leaky == "np.where(Z1 > 0, 1, 0.01).astype(Z1.dtype)"

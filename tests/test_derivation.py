@@ -15,7 +15,8 @@ import sympy as sp
 from derive.derivation import C, Derivation, activation_derivative, derive
 from derive.functions import A, Y, Z, elementary
 from derive.model import build_model, i, j, k, quantity
-from derive.vectorform import Mat, MatVec, Outer, Vec
+from derive.quantities import NetTensor
+from derive.vectorform import MatVec, Outer
 from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
 
 
@@ -99,9 +100,11 @@ def test_gradients_are_bp3_and_bp4(bias):
     for l in range(1, 4):
         delta, previous = quantity("delta", l), quantity("a", l - 1)
         weight = derivation.weight_gradients[l - 1]
-        assert weight.lhs == sp.Derivative(C, quantity("w", l)[j, k], evaluate=False)
+        weights = NetTensor("w", l, rank=2)
+        assert weight.lhs == sp.Derivative(C, weights.indexed[j, k], evaluate=False)
+        assert weight.of == weights and derivation.gradient(weights) is weight
         assert weight.rhs == previous[k] * delta[j]
-        assert weight.vector == Outer(Vec(f"delta^{l}", real=True), Vec(f"a^{l - 1}", real=True))
+        assert weight.vector == Outer(NetTensor("delta", l), NetTensor("a", l - 1))
         bias_gradient = derivation.bias_gradients[l - 1]
         if bias:
             assert bias_gradient.rhs == delta[j]
@@ -111,14 +114,14 @@ def test_gradients_are_bp3_and_bp4(bias):
 
 def test_matrix_form_of_the_recursion():
     derivation = derivation_of([2, 3, 1], ["sigmoid", "sigmoid"])
-    a1, delta2 = Vec("a^1", real=True), Vec("delta^2", real=True)
-    transposed = MatVec(Mat("w^2", real=True), delta2, sp.true)
+    a1, delta2 = NetTensor("a", 1), NetTensor("delta", 2)
+    transposed = MatVec(NetTensor("w", 2, rank=2), delta2, sp.true)
     assert sp.expand(derivation.delta(1).vector - a1 * (1 - a1) * transposed) == 0
-    a2, y = Vec("a^2", real=True), Vec("y", real=True)
+    a2, y = NetTensor("a", 2), NetTensor("y")
     assert sp.expand(derivation.delta(2).vector - (a2 - y) * a2 * (1 - a2)) == 0
-    gradient = Vec("dC/da^2", real=True)
+    gradient = NetTensor("grad", 2, of="a")
     sigma = sp.Function("sigma_2")
-    z2 = Vec("z^2", real=True)
+    z2 = NetTensor("z", 2)
     assert derivation.delta(2).vector_generic == gradient * sp.Derivative(sigma(z2), z2)
 
 
@@ -155,3 +158,18 @@ def test_ten_layer_derivation_has_every_formula():
     derivation = derivation_of([4] + [5] * 10, ["tanh"] * 9 + ["softmax"], "cross_entropy")
     assert len(derivation.deltas) == 10
     assert [f.equation for f in derivation.formulas].count("BP2") == 9
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_formulas_run_from_the_output_back(bias):
+    """The loss gradient, then layer by layer from the output: δ^l, ∂C/∂W^l, ∂C/∂b^l."""
+    derivation = derivation_of([2, 3, 4, 1], ["tanh", "relu", "sigmoid"], bias=bias)
+    expected = [("loss gradient", "", NetTensor("a", 3))]
+    for l in (3, 2, 1):
+        expected.append(("delta", "BP1" if l == 3 else "BP2", NetTensor("z", l)))
+        expected.append(("gradient", "BP4", NetTensor("w", l, rank=2)))
+        if bias:
+            expected.append(("gradient", "BP3", NetTensor("b", l)))
+    assert [(f.kind, f.equation, f.of) for f in derivation.formulas] == expected
+    assert [f.node for f in derivation.formulas[1:]] == [
+        l for l in (3, 2, 1) for _ in range(3 if bias else 2)]

@@ -15,8 +15,12 @@ import yaml
 
 from derive import functions
 from derive.errors import DeriveError
-from derive.schema import spec_schema
+from derive.ops import OPS
+from derive.schema import ATTRIBUTE_KINDS, parameter_ranks, spec_schema
 from derive.spec import (
+    LAYER_COMMON_FIELDS,
+    PARAMETER_KEYS,
+    TOP_FIELDS,
     ExampleSpec,
     FunctionSpec,
     LayerSpec,
@@ -42,8 +46,9 @@ def same_content(a: NetworkSpec, b: NetworkSpec) -> bool:
 # --- built-in examples -----------------------------------------------------------------------
 
 
-def test_the_five_examples_are_listed_with_descriptions() -> None:
-    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "xor"]
+def test_the_examples_are_listed_with_descriptions() -> None:
+    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "layernorm_mlp",
+                        "regularized", "resmlp", "xor"]
     for name, description in list_examples():
         assert description and not description.startswith("#"), name
         assert example_path(name).read_text().startswith(f"# {description}\n")
@@ -229,7 +234,7 @@ loss: mse
 # fmt: off
 BAD: list[tuple[str, str, str | None, int, str]] = [
     ("unknown-top", GOOD_YAML + "colour: red\n", "colour", 9,
-     "allowed: name, input, layers, loss, example"),
+     "allowed: name, input, layers, loss, regularization, example"),
     ("missing-loss", GOOD_YAML.replace("loss: mse\n", ""), "loss", 1,
      "missing required field 'loss'"),
     ("missing-name", GOOD_YAML.replace("name: net\n", ""), "name", 1, "required: name, input"),
@@ -255,9 +260,11 @@ BAD: list[tuple[str, str, str | None, int, str]] = [
     ("size-bool", GOOD_YAML.replace("size: 3", "size: false"), "layers[0].size", 4,
      "positive integer"),
     ("layer-unknown-field", GOOD_YAML.replace("size: 3", "size: 3\n    units: 3"),
-     "layers[0].units", 5, "allowed: size, activation, bias"),
-    ("layer-missing-activation", GOOD_YAML.replace("    activation: tanh\n", ""),
-     "layers[0].activation", 4, "missing required field 'activation'"),
+     "layers[0].units", 5,
+     ("unknown field 'units' in a dense layer; allowed: op, name, input, inputs, size, "
+      "activation, bias")),
+    ("layer-missing-size", GOOD_YAML.replace("  - size: 3\n    activation", "  - activation"),
+     "layers[0].size", 4, "missing required field 'size' in a dense layer"),
     ("layer-not-mapping", GOOD_YAML.replace("  - size: 1\n    activation: sigmoid", "  - 7"),
      "layers[1]", 6, "must be a mapping"),
     ("bias-not-bool", GOOD_YAML.replace("size: 3", "size: 3\n    bias: 'no'"),
@@ -505,6 +512,43 @@ def _without(key: str) -> dict[str, Any]:
     return data
 
 
+#: A spec v2 graph: names, `input`, `inputs`, the ops beyond dense, regularization.
+GRAPH: dict[str, Any] = {
+    "name": "graph",
+    "input": 3,
+    "layers": [
+        {"size": 4, "activation": "tanh", "name": "h"},           # 1
+        {"op": "layer_norm", "eps": 1e-3},                        # 2
+        {"op": "dropout", "rate": 0.25},                          # 3
+        {"op": "add", "inputs": ["h", 3], "name": "sum"},         # 4
+        {"op": "activation", "activation": "relu"},               # 5
+        {"op": "dense", "size": 2, "activation": "softmax", "bias": False},  # 6
+    ],
+    "loss": "cross_entropy",
+    "regularization": {"l2": 1e-3, "l1": 1e-4},
+}
+DROP = object()  # a field to remove
+
+
+def _graph(index: int | None = None, **fields: Any) -> dict[str, Any]:
+    """GRAPH with fields of layer ``index`` (0-based) set, or removed by DROP; without an
+    index, top-level fields."""
+    data = copy.deepcopy(GRAPH)
+    target = data if index is None else data["layers"][index]
+    for key, value in fields.items():
+        if value is DROP:
+            del target[key]
+        else:
+            target[key] = value
+    return data
+
+
+_GRAPH_PARAMS = {
+    "W1": [[1, 2, 3]] * 4, "b1": [0, 1, 2, 3], "gamma2": [1, 1, 1, 1], "beta2": [0, 0, 0, 0],
+    "W6": [[1, 2, 3, 4], [5, 6, 7, 8]],
+}
+
+
 GOOD_DICTS: list[dict[str, Any]] = [
     *(load_spec(name).to_dict() for name in EXAMPLES),
     SMALL,
@@ -517,6 +561,22 @@ GOOD_DICTS: list[dict[str, Any]] = [
     _variant(example={}),
     _variant(example={"x": [0.5, -1], "y": [1]}),
     _variant(example={"params": {"W1": [[1, 2], [3, 4], [5, 6]], "W2": [[1, 2, 3]], "b2": [0]}}),
+    # spec v2
+    GRAPH,
+    _graph(1, eps=DROP),                                    # eps has a default
+    _graph(0, activation=DROP),                             # identity
+    _graph(0, input="input"),
+    _graph(0, input=0),
+    _graph(1, input="h"),
+    _graph(1, inputs=["h"]),                                # a one-item list is one input
+    _graph(3, inputs=[1, 3]),                               # layer numbers
+    _graph(3, inputs=[1, 3.0]),                             # an integral float is an integer
+    {**_graph(3, inputs=["input", 3]), "input": 4},         # the network input, by name
+    _graph(regularization={}),
+    _graph(regularization={"l2": 0}),
+    _graph(regularization={"l1": 0.5}),
+    _graph(regularization=DROP),
+    _graph(example={"x": [1, 2, 3], "y": [0.5, 0.5], "params": _GRAPH_PARAMS}),
 ]
 
 STRUCTURALLY_BAD: list[Any] = [
@@ -575,6 +635,55 @@ STRUCTURALLY_BAD: list[Any] = [
     _variant(example={"params": {"W1": [1, 2]}}),
     _variant(example={"params": {"b1": [[1]]}}),
     _variant(example={"params": []}),
+    # spec v2: ops, names, input/inputs, attribute values, regularization
+    _graph(1, op="conv9"),                                  # unknown op
+    _graph(1, op=3),
+    _graph(1, op=None),
+    _graph(0, name="input"),                                # the network input's name
+    _graph(0, name="my layer"),
+    _graph(0, name=3),
+    _graph(0, input="input", inputs=["input"]),             # both
+    _graph(0, input=-1),
+    _graph(0, input=True),
+    _graph(0, input=1.5),
+    _graph(0, input=None),
+    _graph(0, input=["input"]),
+    _graph(0, input="an input"),
+    _graph(3, inputs=[3]),                                  # add with one input
+    _graph(3, inputs=DROP),                                 # add reads only the previous layer
+    _graph(3, inputs=[]),
+    _graph(3, inputs="h"),
+    _graph(3, inputs=["h", "h"]),                           # the same layer twice
+    _graph(3, inputs=["h", {"layer": 3}]),
+    _graph(4, inputs=[4, 3]),                               # an activation reads one input
+    _graph(5, inputs=[5, "input"]),                         # a dense layer reads one input
+    _graph(3, size=4),                                      # add has no size
+    _graph(3, activation="relu"),                           # nor an activation
+    _graph(1, activation="relu"),                           # layer_norm has none either
+    _graph(1, rate=0.5),
+    _graph(1, eps=0),                                       # eps > 0
+    _graph(1, eps=-1e-5),
+    _graph(1, eps="small"),
+    _graph(1, eps=True),
+    _graph(2, rate=1.0),                                    # rate in [0, 1)
+    _graph(2, rate=-0.1),
+    _graph(2, rate=True),
+    _graph(2, rate=DROP),                                   # required
+    _graph(4, activation=DROP),                             # required
+    _graph(4, activation="swish"),
+    _graph(5, size=0),
+    _graph(5, size=DROP),
+    _graph(5, bias=None),
+    _graph(regularization={"l2": -1e-3}),
+    _graph(regularization={"l1": -1}),
+    _graph(regularization={"l3": 1e-3}),
+    _graph(regularization={"l2": "1e-3"}),
+    _graph(regularization={"l2": True}),
+    _graph(regularization=[1e-3]),
+    _graph(regularization=None),
+    _graph(example={"params": {"gamma0": [1]}}),
+    _graph(example={"params": {"gamma2": [[1]]}}),
+    _graph(example={"params": {"delta2": [1]}}),
 ]
 
 # Valid structure, broken rules that need more than one field or a parser: spec.py only.
@@ -587,6 +696,21 @@ SEMANTICALLY_BAD: list[dict[str, Any]] = [
     _variant(example={"x": [1.0]}),
     _variant(example={"params": {"W1": [[1, 2]]}}),
     _variant(example={"x": [1, float("nan")]}),
+    # spec v2: references need the order of the layers, widths and names need several fields
+    _graph(3, inputs=["h", 5]),                             # a later layer (no cycles)
+    _graph(3, inputs=["h", 4]),                             # itself
+    _graph(0, input=1),                                     # the first layer reads itself
+    _graph(3, inputs=["h", "nope"]),                        # no such name
+    _graph(3, inputs=["h", "sum"]),                         # its own name
+    _graph(3, inputs=["h", 1]),                             # one layer, by name and number
+    _graph(3, inputs=["input", 3]),                         # widths 3 and 4
+    _graph(3, inputs=["h", 2]),                             # layer 3 is never read
+    _graph(4, name="h"),                                    # a name given twice
+    _graph(4, activation="softmax"),                        # softmax before the last layer
+    _graph(5, activation="relu"),                           # cross-entropy without softmax
+    _graph(example={"params": {k: v for k, v in _GRAPH_PARAMS.items() if k != "beta2"}}),
+    _graph(example={"params": {**_GRAPH_PARAMS, "b6": [1, 2]}}),   # layer 6 has no bias
+    _graph(example={"y": [1, 2, 3]}),                       # the output has width 2
 ]
 
 
@@ -600,7 +724,7 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
 
 
 def test_schema_follows_the_registries() -> None:
-    activation = spec_schema()["properties"]["layers"]["items"]["properties"]["activation"]
+    activation = spec_schema()["$defs"]["activation"]
     assert activation["anyOf"][0]["enum"] == list(functions.ACTIVATIONS)
     loss = spec_schema()["properties"]["loss"]
     assert loss["anyOf"][0]["enum"] == list(functions.LOSSES)
@@ -610,6 +734,47 @@ def test_schema_follows_the_registries() -> None:
             data["loss"] = "mse"
             assert _schema_accepts(data)
             assert load_spec(data).activation(1).params == ((param, default + 1),)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_example_file_validates_against_the_schema(name: str) -> None:
+    data = yaml.safe_load(example_path(name).read_text(encoding="utf-8"))
+    jsonschema.validate(data, spec_schema(), cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(load_spec(name).to_dict(), spec_schema(),
+                        cls=jsonschema.Draft202012Validator)
+
+
+def test_schema_lists_the_top_fields_and_ops_of_the_spec() -> None:
+    schema = spec_schema()
+    assert list(schema["properties"]) == list(TOP_FIELDS)
+    assert schema["$defs"]["layer"]["properties"]["op"]["enum"] == list(OPS)
+    assert {key for key in schema["$defs"] if key.startswith("op.")} == {f"op.{n}" for n in OPS}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_schema_describes_each_op_from_the_registry(name: str) -> None:
+    definition = OPS[name]
+    layer = spec_schema()["$defs"][f"op.{name}"]
+    attributes = [attribute.name for attribute in definition.attributes]
+    assert list(layer["properties"]) == [*LAYER_COMMON_FIELDS, *attributes]
+    assert layer["additionalProperties"] is False
+    required = {attribute.name for attribute in definition.attributes if attribute.required}
+    assert required <= set(layer.get("required", ()))
+    for attribute in definition.attributes:
+        field = layer["properties"][attribute.name]
+        assert ATTRIBUTE_KINDS[attribute.kind]().items() <= field.items()
+        assert field.get("default") == attribute.default
+    low, high = definition.inputs
+    inputs = layer["properties"]["inputs"]
+    assert inputs["minItems"] == max(low, 1) and inputs.get("maxItems") == high
+
+
+def test_example_parameter_keys_follow_the_op_registry() -> None:
+    ranks = parameter_ranks()
+    assert set(ranks) <= set(PARAMETER_KEYS.values())
+    assert ranks["W"] == 2 and ranks["b"] == 1 and ranks["gamma"] == 1
+    patterns = spec_schema()["properties"]["example"]["properties"]["params"]
+    assert set(patterns["patternProperties"]) == {f"^{key}[1-9][0-9]*$" for key in ranks}
 
 
 @pytest.mark.parametrize("data", GOOD_DICTS, ids=range(len(GOOD_DICTS)))
