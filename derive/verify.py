@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import symengine as se
 import sympy as sp
+from symengine.lib.symengine_wrapper import Boolean as _Boolean
 
 from derive.derivation import Derivation, Formula, derive
 from derive.functions import elementary
@@ -593,7 +594,7 @@ def _fold_constants(exprs: list[se.Basic]) -> list[se.Basic]:
     roots = [e for e in exprs if constant[e]]
     parents = [node for node, is_constant in constant.items() if not is_constant]
     for node in roots + [arg for parent in parents for arg in parent.args if constant[arg]]:
-        if node in mapping or node.is_Number or isinstance(node, se.Boolean):
+        if node in mapping or node.is_Number or isinstance(node, _Boolean):
             continue
         number = _real(node)
         if number is not None:
