@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,7 @@ from typing import Any, ClassVar
 
 import symengine as se
 import sympy as sp
+from sympy.core.function import AppliedUndef
 from sympy.printing.str import StrPrinter
 
 from derive import functions
@@ -184,16 +186,20 @@ class _Network:
     when an equation indexes both with the same free index (an add's inputs and output, a
     layer norm's input and output): a vector over one is a vector over the other.
 
-    The algebra of this module (sums written out, expansions) runs on stand-in symbols, one
-    per quantity (:meth:`stand_ins`): SymPy orders the terms of a sum by comparing them, and
-    two equal quantities that are distinct objects do not compare (a NetTensor's fields
-    include None).
+    The algebra of this module (sums written out, expansions) runs on stand-ins
+    (:meth:`stand_ins`): an entry q[j] becomes ``q(j)``, an undefined function of its
+    indices, and an adjoint ∂C/∂q[j] another one; a per-sample scalar a symbol. SymPy orders
+    the terms of a sum by comparing them, and two equal quantities that are distinct objects
+    do not compare (a NetTensor's fields include None); functions of plain indices also
+    rebuild far faster than Indexed objects with assumptions.
     """
 
     def __init__(self, derivation: Derivation) -> None:
         model = derivation.model
-        self._stand_in: dict[NetTensor, sp.Dummy] = {}
-        self._stands_for: dict[sp.Symbol, NetTensor] = {}
+        self._stand_in: dict[tuple[NetTensor, bool], sp.Basic] = {}
+        self._stands_for: dict[sp.Basic, tuple[NetTensor, bool]] = {}
+        self._standing: dict[sp.Expr, sp.Expr] = {}
+        self._real: dict[sp.Expr, sp.Expr] = {}
         self._deltas: dict[int, NetTensor] = {}
         self.derivation = derivation
         self.model = model
@@ -266,48 +272,52 @@ class _Network:
 
     # -- stand-ins --
 
-    def stand_ins(self, expr: sp.Expr) -> sp.Expr:
-        """``expr`` with every quantity replaced by its stand-in symbol."""
-        tensors = expr.atoms(NetTensor)
-        for tensor in sorted(tensors - set(self._stand_in), key=str):
-            symbol = sp.Dummy(tensor.name, real=True)
-            self._stand_in[tensor] = symbol
-            self._stands_for[symbol] = tensor
-        return expr.xreplace({tensor: self._stand_in[tensor] for tensor in tensors})
+    def _stand_in_for(self, tensor: NetTensor, adjoint: bool) -> sp.Basic:
+        key = (tensor, adjoint)
+        if key not in self._stand_in:
+            name = f"{'dC/d' if adjoint else ''}{tensor.name}#{len(self._stand_in)}"
+            head = (sp.Dummy(name, real=True) if tensor.rank == 0 else
+                    sp.Function(name, real=True))
+            self._stand_in[key] = head
+            self._stands_for[head] = key
+        return self._stand_in[key]
 
-    def stands_for(self, atom: sp.Expr) -> NetTensor | None:
-        """The quantity of a stand-in entry (an Indexed, or a stand-in symbol for rank 0)."""
-        label = atom.base.label if isinstance(atom, sp.Indexed) else atom
-        return self._stands_for.get(label)
+    def stand_ins(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every entry of a quantity, and every adjoint ∂C/∂ of one, replaced by
+        its stand-in."""
+        if expr not in self._standing:
+            def stand_in(atom: sp.Expr, adjoint: bool) -> sp.Expr:
+                head = self._stand_in_for(tensor_of(atom), adjoint)
+                return head if tensor_of(atom).rank == 0 else head(*atom.indices)
+
+            out = expr.replace(
+                lambda e: isinstance(e, sp.Derivative) and e.expr == C
+                and tensor_of(e.variables[0]) is not None,
+                lambda e: stand_in(e.variables[0], True))
+            entries = {atom: stand_in(atom, False) for atom in out.atoms(sp.Indexed)
+                       if tensor_of(atom) is not None}
+            out = out.xreplace(entries)
+            scalars = {t: stand_in(t, False) for t in out.atoms(NetTensor)}
+            self._standing[expr] = out.xreplace(scalars)
+        return self._standing[expr]
+
+    def stands_for(self, atom: sp.Expr) -> tuple[NetTensor, bool] | None:
+        """(quantity, whether it is the adjoint ∂C/∂ of it) of a stand-in, else None."""
+        head = atom.func if isinstance(atom, AppliedUndef) else atom
+        try:
+            return self._stands_for.get(head)
+        except TypeError:           # not hashable: not a stand-in
+            return None
 
     def real(self, atom: sp.Expr) -> sp.Expr:
-        """A stand-in atom (an entry, or an adjoint ∂C/∂ of one) as the quantity itself."""
-        if isinstance(atom, sp.Derivative):
-            return sp.Derivative(C, self.real(atom.variables[0]), evaluate=False)
-        return entry(self.stands_for(atom), _indices_of(atom))
-
-    def tensor(self, role: str, node: int | None) -> NetTensor | None:
-        """The quantity ``role`` at ``node`` (``delta`` for a node's error), or None."""
-        for tensor in self.axes:
-            if tensor.role == role and tensor.node == node:
-                return tensor
-        return None
-
-    def layers_with(self, role: str) -> list[int]:
-        return sorted({t.node for t in self.axes if t.role == role and t.node is not None})
-
-    def is_leaf(self, tensor: NetTensor | None) -> bool:
-        return tensor in self.leaves
-
-    def size(self, node: int) -> sp.Symbol:
-        return size_symbol(node)
-
-    def entries(self, tensor: NetTensor) -> list[tuple[int, ...]]:
-        """Every 1-based index tuple of ``tensor`` at the model's concrete widths."""
-        out: list[tuple[int, ...]] = [()]
-        for axis in self.axes[tensor]:
-            out = [(*e, n) for e in out for n in range(1, self.widths[axis] + 1)]
-        return out
+        """A stand-in as the entry (or adjoint) it stands for."""
+        if atom not in self._real:
+            tensor, adjoint = self._stands_for[atom.func if isinstance(atom, AppliedUndef)
+                                               else atom]
+            quantity = entry(tensor, _indices_of(atom))
+            self._real[atom] = (sp.Derivative(C, quantity, evaluate=False) if adjoint
+                                else quantity)
+        return self._real[atom]
 
     # -- derived formulas --
 
@@ -327,6 +337,18 @@ class _Network:
         if node == 0:
             return "the input"
         return f"layer {node} is {self.model.node(node).op.name}"
+
+    @functools.cached_property
+    def evaluator(self) -> _Evaluator:
+        """The numeric evaluator of this network (it keeps what it compiled)."""
+        return _Evaluator(self)
+
+
+@functools.lru_cache(maxsize=8)
+def _network(spec: NetworkSpec) -> _Network:
+    """The derivation of ``spec``, as formulas see it (kept: a spec is often checked against
+    several formulas in a row)."""
+    return _Network(derive(build_model(spec)))
 
 
 # --- meaning: syntax tree to SymPy -------------------------------------------------------
@@ -893,19 +915,18 @@ def _instantiate(expr: sp.Expr, free: tuple[sp.Symbol, ...], values: tuple[sp.Ex
 
 
 def _indices_of(atom: sp.Expr) -> tuple[sp.Expr, ...]:
-    return tuple(atom.indices) if isinstance(atom, sp.Indexed) else ()
+    """The indices of an entry: an Indexed, or a stand-in q(j, k); () for a scalar."""
+    if isinstance(atom, sp.Indexed):
+        return tuple(atom.indices)
+    return tuple(atom.args) if isinstance(atom, AppliedUndef) else ()
 
 
-def _substitute(expr: sp.Expr, definitions: Mapping[NetTensor, tuple[tuple, sp.Expr]],
+def _substitute(expr: sp.Expr, definitions: Mapping[tuple[NetTensor, bool], tuple],
                 network: _Network) -> sp.Expr:
-    """Every entry of a quantity in ``definitions`` (quantity -> (indices, expr), in
-    stand-ins) replaced by its definition, to a fixed point; ``expr`` is in stand-ins."""
+    """Every stand-in of ``definitions`` ((quantity, adjoint) -> (indices, stand-in expr))
+    replaced by its definition, to a fixed point."""
     def defined(e: sp.Expr) -> bool:
-        # a rank-0 quantity is its own stand-in symbol; a vector's symbol is only a label
-        if not isinstance(e, (sp.Indexed, sp.Dummy)):
-            return False
-        tensor = network.stands_for(e)
-        return tensor in definitions and (isinstance(e, sp.Indexed) or tensor.rank == 0)
+        return isinstance(e, (AppliedUndef, sp.Dummy)) and network.stands_for(e) in definitions
 
     def define(e: sp.Expr) -> sp.Expr:
         free, body = definitions[network.stands_for(e)]
@@ -924,37 +945,20 @@ def _canonical(expr: sp.Expr, network: _Network) -> sp.Expr:
     and parameters replaced by their derived formulas, a node's internal quantities (x̂, μ, σ²
     of a layer norm) by their definitions, a^l = sigma_l(z^l) for every elementwise
     activation, and widths equal by construction written as one width."""
-    derivation = network.derivation
-    adjoints = {f.of: (f.indices, network.stand_ins(f.rhs))
-                for f in derivation.formulas if f.kind != "delta"}
-
-    def adjoint(e: sp.Expr) -> bool:
-        return (isinstance(e, sp.Derivative) and e.expr == C
-                and network.stands_for(e.variables[0]) in adjoints)
-
-    def formula(e: sp.Expr) -> sp.Expr:
-        free, body = adjoints[network.stands_for(e.variables[0])]
-        return _instantiate(body, free, _indices_of(e.variables[0]))
-
-    for _ in range(len(adjoints) + 1):
-        new = expr.replace(adjoint, formula)
-        if new == expr:
-            break
-        expr = new
-    # what remains differentiated is kept whole while its variable's definition goes in
-    frozen = {d: sp.Dummy("adjoint") for d in expr.atoms(sp.Derivative)}
-    expr = expr.xreplace(frozen)
-    internal: dict[NetTensor, tuple[tuple, sp.Expr]] = {}
-    activations: dict[NetTensor, tuple[tuple, sp.Expr]] = {}
+    adjoints = {(f.of, True): (f.indices, network.stand_ins(f.rhs))
+                for f in network.derivation.formulas if f.kind != "delta"}
+    internal: dict[tuple[NetTensor, bool], tuple] = {}
+    activations: dict[tuple[NetTensor, bool], tuple] = {}
     for node in network.model.nodes:
         for eq in node.equations:
             if eq.target not in (node.output, node.forward.delta):
-                internal[eq.target] = (eq.indices, network.stand_ins(eq.expr))
+                internal[(eq.target, False)] = (eq.indices, network.stand_ins(eq.expr))
             elif eq.activation is not None:
-                activations[eq.target] = (eq.indices, network.stand_ins(eq.expr))
+                activations[(eq.target, False)] = (eq.indices, network.stand_ins(eq.expr))
+    expr = _substitute(expr, adjoints, network)
     expr = _substitute(_substitute(expr, internal, network), activations, network)
     widths = {size_symbol(n): size_symbol(network._root(n)) for n in network.widths}
-    return expr.xreplace(widths).xreplace({d: a for a, d in frozen.items()})
+    return expr.xreplace(widths)
 
 
 def _expanded_terms(expr: sp.Expr) -> int:
@@ -994,9 +998,6 @@ def symbolic_identity(user: sp.Expr, derived: sp.Expr, network: _Network) -> boo
         return _canonical_sums(collapse(_canonical(expr, network)))
 
     difference = prepared(user) - prepared(derived)
-    # adjoints left in (of deltas' neighbours, the output) are atoms to the algebra below
-    difference = difference.xreplace({d: sp.Dummy("adjoint")
-                                      for d in difference.atoms(sp.Derivative)})
     if sp.count_ops(difference) > 400:
         return False          # expanding it could take long; the numeric check decides
     for attempt in (lambda e: e, elementary):
@@ -1006,7 +1007,9 @@ def symbolic_identity(user: sp.Expr, derived: sp.Expr, network: _Network) -> boo
         candidate = sp.expand(attempted)
         if candidate == 0:
             return True
-    if sp.count_ops(difference) <= 80:
+    # simplify is tried on small differences only, and never on sums: simplifying sums of
+    # square roots (a layer norm's) can take minutes for a verdict the numeric check gives
+    if sp.count_ops(difference) <= 80 and not difference.has(sp.Sum):
         try:
             return sp.simplify(elementary(difference)) == 0
         except (TypeError, ValueError, NotImplementedError):
@@ -1062,15 +1065,10 @@ class _Evaluator:
             network = self.network
             concrete = network.stand_ins(expr).xreplace(dict(zip(free, map(sp.Integer, index))))
             concrete = _unroll(concrete.xreplace(self.sizes))
-            names: dict[sp.Expr, sp.Symbol] = {}
-            for kind in (sp.Derivative, sp.Indexed, sp.Dummy):
-                atoms = sorted((a for a in concrete.atoms(kind)
-                                if kind is not sp.Dummy or network.stands_for(a) is not None),
-                               key=sp.default_sort_key)
-                step = {atom: sp.Symbol(f"_q{len(names) + n}") for n, atom in enumerate(atoms)}
-                names.update(step)
-                concrete = concrete.xreplace(step)
-            converted = se.sympify(elementary(concrete))
+            atoms = sorted((a for a in concrete.atoms(AppliedUndef, sp.Dummy)
+                            if network.stands_for(a) is not None), key=str)
+            names = {atom: sp.Symbol(f"_q{n}") for n, atom in enumerate(atoms)}
+            converted = se.sympify(elementary(concrete.xreplace(names)))
             self.compiled[key] = (converted, tuple((se.Symbol(symbol.name), network.real(atom))
                                                    for atom, symbol in names.items()))
         return self.compiled[key]
@@ -1147,7 +1145,7 @@ class _Numeric:
 
 def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, network: _Network,
                    *, points: int, seed: int) -> _Numeric:
-    evaluator = _Evaluator(network)
+    evaluator = network.evaluator
     rng = random.Random(seed)
     formulas = {layer: _derived_formula(target, layer, network) for layer in user_by_layer}
     worst = 0.0
@@ -1376,7 +1374,7 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     parsed = parse_formula(formula)
     if points < 1:
         raise DeriveError("points must be at least 1")
-    network = _Network(derive(build_model(spec)))
+    network = _network(spec)
     target = parsed.target
     meaning = _Meaning(parsed, network, None)
     pairs = _target_layers(target, meaning, network)
@@ -1398,7 +1396,7 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     symbolic = all(symbolic_identity(user[layer], formulas[layer].rhs, network)
                    for layer in concrete)
     small = capped_spec(spec, MAX_WIDTH)
-    small_network = _Network(derive(build_model(small))) if small != spec else network
+    small_network = _network(small)
     numeric = _numeric_check(user, target, small_network, points=points, seed=seed)
     shape = "-".join(map(str, small.sizes))
     where = (f"the {shape} network" if small.sizes == spec.sizes else

@@ -75,7 +75,7 @@ ENGINES = {"en": "pdflatex", "zh": "xelatex"}
 #: Overfull boxes up to this width (pt) are tolerated by :func:`log_problems`.
 OVERFULL_LIMIT_PT = 10.0
 #: Displayed math longer than this (visual_length) is shown in a shorter form or broken.
-LINE_BUDGET = 62
+LINE_BUDGET = 56
 #: Roles whose values the example gives (printed short) rather than computes.
 GIVEN_ROLES = frozenset({"w", "b", "gamma", "beta", "y", "mask"})
 #: Tables with more rows than this break across pages (longtable).
@@ -138,7 +138,23 @@ def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
 
 
 def _expand_sums(expr: sp.Expr) -> sp.Expr:
-    return expr.replace(lambda e: isinstance(e, sp.Sum), lambda e: e.doit(deep=False))
+    """Every sum with numeric limits written out term by term.
+
+    The terms are added unevaluated: SymPy would sort them, and it cannot order two equal
+    quantities built by two derivations of one process (NetTensor's fields hold None).
+    """
+    if isinstance(expr, sp.Sum):
+        body = _expand_sums(expr.function)
+        for index, low, high in expr.limits:
+            body = sp.Add(*(body.xreplace({index: sp.Integer(n)})
+                            for n in range(int(low), int(high) + 1)), evaluate=False)
+        return body
+    if not expr.args or not expr.has(sp.Sum):
+        return expr
+    args = [_expand_sums(arg) for arg in expr.args]
+    if isinstance(expr, (sp.Add, sp.Mul, sp.Pow)):
+        return expr.func(*args, evaluate=False)
+    return expr.func(*args)
 
 
 def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
@@ -621,23 +637,27 @@ class _Context:
             rows.append(self.summary_row(formula))
             if formula.penalty != 0:
                 rows.append(self.penalty_row(formula))
+        if any(row["stacked"] for row in rows):
+            # one layout for the whole box: side-by-side rows would widen the stacked ones
+            rows = [row if row["stacked"] else self.summary_row(row["formula"], stacked=True)
+                    for row in rows]
         return rows
 
-    def summary_row(self, formula: Formula) -> dict[str, Any]:
+    def summary_row(self, formula: Formula, *, stacked: bool = False) -> dict[str, Any]:
         index_lhs = latex(formula.lhs)
         vector_lhs = latex(formula.target)
         index, vector = self.index_expr(formula), self.vector_expr(formula)
         index_text, vector_text = latex(index), latex(vector)
         # side by side when both fit on one line (a chain), else the vector form below
-        stacked = not self.chain or (visual_length(index_lhs) + visual_length(index_text)
-                                     + visual_length(vector_lhs) + visual_length(vector_text)
-                                     > LINE_BUDGET)
+        stacked = stacked or not self.chain or (
+            visual_length(index_lhs) + visual_length(index_text) + visual_length(vector_lhs)
+            + visual_length(vector_text) > LINE_BUDGET)
         if stacked:
             index_text = self.broken(index, lead=visual_length(index_lhs))
             vector_text = self.broken(vector, lead=visual_length(vector_lhs))
         return {"tag": formula.equation, "index_lhs": index_lhs, "index_rhs": index_text,
                 "vector_lhs": vector_lhs, "vector_rhs": vector_text, "stacked": stacked,
-                "label": self.label(code_name(formula))}
+                "label": self.label(code_name(formula)), "formula": formula}
 
     def penalty_row(self, formula: Formula) -> dict[str, Any]:
         """∂J/∂w = the batch mean of ∂C/∂w plus ∂R/∂w, in index and tensor form."""
@@ -654,7 +674,7 @@ class _Context:
                                                             evaluate=False)),
                 "index_rhs": index_rhs,
                 "vector_lhs": latex(formula.target, batch=True, batch_cost="J"),
-                "vector_rhs": vector_rhs, "stacked": True,
+                "vector_rhs": vector_rhs, "stacked": True, "formula": formula,
                 "label": self.label(f"dJ_{code_name(formula)}")}
 
     # -- the worked example --

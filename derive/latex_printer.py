@@ -171,6 +171,13 @@ class DeriveLatexPrinter(LatexPrinter):
             return f"10^{{-{digits}}}"
         return super()._print_Rational(expr)
 
+    def _print_Basic(self, expr: sp.Basic) -> str:
+        # constants (π, γ, ∞, i) print themselves through ``_latex``, which this printer's
+        # printmethod skips; only objects with no printer method of their own get here
+        if hasattr(expr, "_latex"):
+            return expr._latex(self)
+        return super()._print_Basic(expr)
+
     def _print_Pow(self, expr: sp.Pow) -> str:
         # w^{2}_{jk} squared must not become a double superscript: parenthesize the base.
         base, exponent = expr.args
@@ -339,6 +346,9 @@ def equation(lhs: sp.Expr, rhs: sp.Expr, *, batch: bool = False) -> str:
 _NO_WIDTH = frozenset({"left", "right", "mathbf", "boldsymbol", "operatorname", "hat", "top",
                        "!", ",", ":", ";", "quad", "qquad", "limits", "mathrm", "text",
                        "textit", "texttt", "cdot"})
+#: Commands that print as their own name (operator names).
+_NAMED = frozenset({"log", "exp", "tanh", "sinh", "cosh", "sin", "cos", "tan", "max", "min",
+                    "operatorname"})
 _COMMAND = re.compile(r"\\([A-Za-z]+|.)")
 
 
@@ -374,6 +384,8 @@ def _measure(math: str, pos: int = 0) -> tuple[float, int]:
                     pos = math.index("]", pos) + 1
             elif name == "\\":
                 pass
+            elif name in _NAMED and name != "operatorname":
+                total += len(name)
             elif name not in _NO_WIDTH:
                 total += 2.0 if name in ("sum", "prod", "odot", "oslash") else 1.0
         elif char in "^_":

@@ -42,7 +42,9 @@ class NetTensor(sp.Symbol):
         return obj
 
     def _hashable_content(self) -> tuple:
-        return (*super()._hashable_content(), self.role, self.node, self.of, self.rank)
+        # SymPy orders atoms by comparing these tuples: no None in them
+        node = -1 if self.node is None else self.node
+        return (*super()._hashable_content(), self.role, node, self.of or "", self.rank)
 
     def __getnewargs_ex__(self) -> tuple[tuple, dict]:
         return (self.role, self.node, self.of, self.rank), {}

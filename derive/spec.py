@@ -687,6 +687,9 @@ class _Validator:
                 if number <= 0:
                     raise self.error(where, f"must be a number > 0, got {value!r}")
                 options.append((attribute.name, number))
+        # a default given explicitly is left out, as `bias: true` is: one canonical form
+        options = [(key, number) for key, number in options
+                   if number != definition.attribute(key).default]
         attrs = {"size": size, "bias": bias, **dict(options)}
         size = definition.output_size(attrs, tuple(widths))
         return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options))

@@ -218,7 +218,7 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
             checks.append(_failed(formula, 0, f"cannot be checked: {plan.error}"))
         elif missing.intersection(plan.keys):
             checks.append(_failed(formula, len(plan.keys),
-                                  _why_missing(instance, formula, plan, samples, derivation)))
+                                  _why_missing(instance, formula, plan, derivation)))
         else:
             checks.append(_check_formula(instance, formula, plan, numeric, offset,
                                          symbolic_env))
@@ -388,7 +388,7 @@ class Instance:
             try:
                 return env[key]
             except KeyError:
-                raise MissingQuantity(f"{key} is not known here") from None
+                raise MissingQuantity(f"reads {key}, not computed before it") from None
 
         value = self._template(expr, tuple(free)).at(self, index, lookup, numeric)
         if numeric:
@@ -559,16 +559,23 @@ class _Batch:
     """Expressions evaluated together at points (one SymEngine call per point)."""
 
     def __init__(self, exprs: Sequence[se.Basic]) -> None:
-        self.size = len(exprs)
-        folded = _fold_constants(list(exprs))
-        self.matrix = se.DenseMatrix(self.size, 1, folded) if exprs else None
+        self.exprs = list(exprs)
+        self.matrix = se.DenseMatrix(len(self.exprs), 1, self.exprs) if self.exprs else None
+        self._folded: list[se.Basic] | None = None
 
     def at(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic | None]:
         """Each expression at ``point``; None where it has no finite real value."""
         if self.matrix is None:
             return []
         values = self.matrix.subs(point)
-        return [_real(values[n, 0]) for n in range(self.size)]
+        out = [_real(values[n, 0]) for n in range(len(self.exprs))]
+        for n, value in enumerate(out):
+            if value is None:
+                # an undecided piecewise condition (0 < sqrt(2)*x): again, constants as numbers
+                if self._folded is None:
+                    self._folded = _fold_constants(self.exprs)
+                out[n] = _real(self._folded[n].subs(point))
+        return out
 
 
 def _fold_constants(exprs: list[se.Basic]) -> list[se.Basic]:
@@ -676,10 +683,15 @@ def _worst(pairs: Iterable[tuple[list[se.Basic | None], list[se.Basic | None]]])
 
 
 def _why_missing(instance: Instance, formula: Formula, plan: _Plan,
-                 samples: list[dict[se.Symbol, se.Basic]], derivation: Derivation) -> str:
+                 derivation: Derivation) -> str:
+    """Which quantity ``formula`` reads before the derivation's order has computed it."""
     zero = instance.at_zero_error
-    env = backprop_values(instance, derivation,
-                          {q: v.subs(zero) for q, v in instance.values.items()})
+    env = {q: v.subs(zero) for q, v in instance.values.items()}
+    for earlier in derivation.formulas:
+        if earlier is formula:
+            break
+        env = backprop_values(instance, dataclasses.replace(derivation, formulas=(earlier,)),
+                              env)
     for index in plan.entries:
         try:
             instance.instantiate(formula, index, env)

@@ -12,7 +12,6 @@ from derive.functions import ACTIVATIONS
 from derive.spec import list_examples, load_spec
 from tests import reference_backprop as ref
 from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
-from tests.torch_reference import numpy_forward_loss
 from tests.test_codegen_support import (
     batch,
     example,
@@ -22,6 +21,7 @@ from tests.test_codegen_support import (
     relative_error,
     torch_loss_and_grads,
 )
+from tests.torch_reference import numpy_forward_loss
 
 EXAMPLES = [name for name, _ in list_examples()]
 #: Examples the hand-written chain reference covers; the others are graphs (spec v2).
