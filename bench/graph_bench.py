@@ -21,7 +21,7 @@ each number is the median over many steps (the method of bench/train_step.py). T
 average is printed with every table: on a busy machine the wall-clock numbers, and the ratios
 of small steps, move. Usage (from the repository root):
 
-    python bench/graph_bench.py            # about 2 minutes on 2 cores
+    python bench/graph_bench.py            # about 2 minutes on 2 quiet cores (4 when busy)
     python bench/graph_bench.py --quick    # fewer repetitions, for a smoke test
 """
 
@@ -182,7 +182,7 @@ def module_step(module, params, X, Y):
 def numpy_worker(quick: bool, revision: str) -> dict:
     from bench.handwritten import STEPS
 
-    budget = 0.7 if quick else 2.0
+    budget = 0.7 if quick else 1.5
     checks, resmlp_rows, v1_rows, notes = [], [], [], []
     modules = {}
     for name in RESMLP:

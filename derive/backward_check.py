@@ -1,7 +1,9 @@
 """Checking hand-written backprop code against the derivation (``derive check --backward``).
 
 Takes a user's Python function and a :class:`Convention` saying how it takes parameters and
-returns gradients; gives a :class:`BackwardReport`. The function is called on random
+returns gradients; gives a :class:`BackwardReport`. Dense chains only, for now: a graph spec
+(residual connections, layer norms, ...) is refused with one line; its formulas can be
+checked one by one with ``derive check SPEC FORMULA``. The function is called on random
 parameters, inputs and targets (float64, one batch of :data:`BATCH` rows); each gradient it
 returns is compared with the derived one, which is computed here by evaluating the
 derivation's own vector forms on the batch (:class:`_Backprop`; nothing is typed in twice).

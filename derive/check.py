@@ -186,12 +186,12 @@ class _Network:
     when an equation indexes both with the same free index (an add's inputs and output, a
     layer norm's input and output): a vector over one is a vector over the other.
 
-    The algebra of this module (sums written out, expansions) runs on stand-ins
+    The algebra of this module (sums written out term by term, expansions) runs on stand-ins
     (:meth:`stand_ins`): an entry q[j] becomes ``q(j)``, an undefined function of its
-    indices, and an adjoint ∂C/∂q[j] another one; a per-sample scalar a symbol. SymPy orders
-    the terms of a sum by comparing them, and two equal quantities that are distinct objects
-    do not compare (a NetTensor's fields include None); functions of plain indices also
-    rebuild far faster than Indexed objects with assumptions.
+    indices, and an adjoint ∂C/∂q[j] another one; a per-sample scalar a symbol. Writing out
+    sums rebuilds every entry many times, and a function of plain indices rebuilds far
+    faster than an Indexed with assumptions; an adjoint as an atom of its own also keeps
+    substitutions from reaching inside ∂C/∂(...).
     """
 
     def __init__(self, derivation: Derivation) -> None:
@@ -282,6 +282,12 @@ class _Network:
             self._stands_for[head] = key
         return self._stand_in[key]
 
+    def stand_in(self, tensor: NetTensor, index: tuple[int, ...], adjoint: bool = False
+                 ) -> sp.Expr:
+        """The stand-in of ``tensor`` (or of its adjoint) at a concrete ``index``."""
+        head = self._stand_in_for(tensor, adjoint)
+        return head if tensor.rank == 0 else head(*map(sp.Integer, index))
+
     def stand_ins(self, expr: sp.Expr) -> sp.Expr:
         """``expr`` with every entry of a quantity, and every adjoint ∂C/∂ of one, replaced by
         its stand-in."""
@@ -303,21 +309,36 @@ class _Network:
 
     def stands_for(self, atom: sp.Expr) -> tuple[NetTensor, bool] | None:
         """(quantity, whether it is the adjoint ∂C/∂ of it) of a stand-in, else None."""
-        head = atom.func if isinstance(atom, AppliedUndef) else atom
-        try:
-            return self._stands_for.get(head)
-        except TypeError:           # not hashable: not a stand-in
-            return None
+        return self._stands_for.get(atom.func if isinstance(atom, AppliedUndef) else atom)
 
     def real(self, atom: sp.Expr) -> sp.Expr:
         """A stand-in as the entry (or adjoint) it stands for."""
         if atom not in self._real:
-            tensor, adjoint = self._stands_for[atom.func if isinstance(atom, AppliedUndef)
-                                               else atom]
+            tensor, adjoint = self.stands_for(atom)
             quantity = entry(tensor, _indices_of(atom))
             self._real[atom] = (sp.Derivative(C, quantity, evaluate=False) if adjoint
                                 else quantity)
         return self._real[atom]
+
+    def tensor(self, role: str, node: int | None) -> NetTensor | None:
+        """The quantity ``role`` at ``node`` (``delta`` for a node's error), or None."""
+        for tensor in self.axes:
+            if tensor.role == role and tensor.node == node:
+                return tensor
+        return None
+
+    def layers_with(self, role: str) -> list[int]:
+        return sorted({t.node for t in self.axes if t.role == role and t.node is not None})
+
+    def is_leaf(self, tensor: NetTensor | None) -> bool:
+        return tensor in self.leaves
+
+    def entries(self, tensor: NetTensor) -> list[tuple[int, ...]]:
+        """Every 1-based index tuple of ``tensor`` at the model's concrete widths."""
+        out: list[tuple[int, ...]] = [()]
+        for axis in self.axes[tensor]:
+            out = [(*e, n) for e in out for n in range(1, self.widths[axis] + 1)]
+        return out
 
     # -- derived formulas --
 
@@ -1038,10 +1059,6 @@ def _unroll(expr: sp.Expr) -> sp.Expr:
     return expr.func(*(_unroll(arg) for arg in expr.args))
 
 
-def _atom(tensor: NetTensor, index: tuple[int, ...]) -> sp.Expr:
-    return entry(tensor, tuple(map(sp.Integer, index)))
-
-
 def _show(value: float | None) -> str:
     return "not a real number" if value is None else f"{value:.10g}"
 
@@ -1069,7 +1086,7 @@ class _Evaluator:
                             if network.stands_for(a) is not None), key=str)
             names = {atom: sp.Symbol(f"_q{n}") for n, atom in enumerate(atoms)}
             converted = se.sympify(elementary(concrete.xreplace(names)))
-            self.compiled[key] = (converted, tuple((se.Symbol(symbol.name), network.real(atom))
+            self.compiled[key] = (converted, tuple((se.Symbol(symbol.name), atom)
                                                    for atom, symbol in names.items()))
         return self.compiled[key]
 
@@ -1111,15 +1128,18 @@ class _Evaluator:
             else:
                 values = [_decimal(rng, -1.5, 1.5) for _ in entries]
             raw.update({(tensor, index): v for index, v in zip(entries, values)})
-        env: dict[sp.Expr, se.Basic] = {_atom(t, index): se.RealMPFR(repr(v), _BITS)
+        # values by stand-in (see _Network.stand_ins)
+        env: dict[sp.Expr, se.Basic] = {network.stand_in(t, index): se.RealMPFR(repr(v), _BITS)
                                          for (t, index), v in raw.items()}
         for eq in model.equations:
             for index in network.entries(eq.target):
-                env[_atom(eq.target, index)] = self.evaluate(eq.expr, eq.indices, index, env)
+                value = self.evaluate(eq.expr, eq.indices, index, env)
+                env[network.stand_in(eq.target, index)] = value
         for formula in network.derivation.formulas:
+            lhs = network.stand_ins(formula.lhs)
             for index in network.entries(formula.of):
-                lhs = formula.lhs.xreplace(dict(zip(formula.indices, map(sp.Integer, index))))
-                env[lhs] = self.evaluate(formula.rhs, formula.indices, index, env)
+                at = lhs.xreplace(dict(zip(formula.indices, map(sp.Integer, index))))
+                env[at] = self.evaluate(formula.rhs, formula.indices, index, env)
         return env, raw
 
     def quantities(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
@@ -1129,9 +1149,10 @@ class _Evaluator:
         _compiled, reads = self.compile(expr, free, index)
         shown = []
         for _symbol, atom in reads:
-            if self.network.is_leaf(tensor_of(atom)):
+            tensor, adjoint = self.network.stands_for(atom)
+            if self.network.is_leaf(tensor) and not adjoint:
                 continue
-            shown.append((pretty(atom), _show(float(env[atom]))))
+            shown.append((pretty(self.network.real(atom)), _show(float(env[atom]))))
         return tuple(shown[:8])
 
 
@@ -1315,16 +1336,6 @@ def _printable_vector(formula: Formula) -> sp.Expr | None:
     return None if vector.has(Einsum) or vector.has(ONE) else vector
 
 
-def _latex_equation(lhs: sp.Expr, rhs: sp.Expr) -> str:
-    try:
-        from derive.latex_printer import equation  # a later stage, imported on use only
-    except ImportError:
-        # TODO(#8): the LaTeX printer is being ported to NetTensor; until it imports, SymPy's
-        # own LaTeX stands in (right math, not derive's w^{l}_{jk} notation)
-        return sp.latex(sp.Eq(lhs, rhs, evaluate=False))
-    return equation(lhs, rhs)
-
-
 def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: Formula,
                    network: _Network) -> tuple[str, ...]:
     names = _layer_names(target, layer, network.depth)
@@ -1345,7 +1356,9 @@ def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: F
         text = f"{lhs} = {say(vector)}"
     lines = [text, f"{pretty(formula.lhs)} = {pretty(formula.rhs)}"]
     if parsed.latex:
-        lines.append(_latex_equation(formula.lhs, formula.rhs))
+        from derive.latex_printer import equation  # a later stage, imported on use only
+
+        lines.append(equation(formula.lhs, formula.rhs))
     return tuple(lines)
 
 

@@ -236,6 +236,12 @@ class _Reverse:
             if node.activation is not None and not node.activation.is_softmax else None
             for node in model.nodes)
         self.inline_generic: dict[NetTensor, tuple[sp.Expr, tuple[Step, ...]]] = {}
+        # the equations that read each quantity, found once (atoms, not a scan per quantity)
+        self.readers: dict[NetTensor, list[Equation]] = {}
+        for eq in self.equations:
+            read = {t for t in eq.expr.atoms(NetTensor)}
+            for tensor in sorted(read, key=sp.default_sort_key):
+                self.readers.setdefault(tensor, []).append(eq)
 
     def _shapes(self) -> dict[NetTensor, tuple[sp.Symbol, ...]]:
         shapes: dict[NetTensor, tuple[sp.Symbol, ...]] = {tensor_of(self.model.x[0]):
@@ -284,7 +290,7 @@ class _Reverse:
         """∂C/∂q[free] as the sum over q's consumers, with the steps that led there; the
         adjoints of inline consumers are substituted (their own steps included)."""
         wrt = entry(q, free)
-        consumers = [eq for eq in self.equations if eq.expr.has(q)]
+        consumers = self.readers.get(q, [])
         avoid = set(free)
         chain_terms, terms, steps, local_steps = [], [], [], []
         for eq in consumers:
@@ -346,16 +352,15 @@ class _Reverse:
 
     def concrete(self, generic: sp.Expr, loss_gradient: Formula) -> sp.Expr:
         """σ'(z) replaced by each activation's derivative, ∂C/∂a^L by the loss gradient."""
-        out = generic
+        by_sigma = {}
         for node, derivative in zip(self.model.nodes, self.derivatives):
-            if derivative is None:
-                continue
-            sigma = self.sigmas[node.index]
-            (eq,) = [e for e in node.equations if e.activation is not None]
-            out = out.replace(
-                lambda e, sigma=sigma: isinstance(e, sp.Derivative) and e.expr.func == sigma,
-                lambda e, eq=eq, derivative=derivative: _activation_at(eq, e.expr.args[0],
-                                                                        derivative))
+            if derivative is not None:
+                (eq,) = [e for e in node.equations if e.activation is not None]
+                by_sigma[self.sigmas[node.index]] = (eq, derivative)
+        out = generic.replace(
+            lambda e: isinstance(e, sp.Derivative) and e.expr.func in by_sigma,
+            lambda e: _activation_at(*by_sigma[e.expr.func][:1], e.expr.args[0],
+                                     by_sigma[e.expr.func][1]))
         free = loss_gradient.indices
         out = out.replace(
             lambda e: isinstance(e, sp.Derivative) and e.expr == C

@@ -126,8 +126,8 @@ class _ValuePrinter(DeriveLatexPrinter):
 
 
 def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
-    """∂C/∂q[i] written as an entry of the adjoint tensor, so that expanding sums (``doit``)
-    leaves it alone rather than differentiating C."""
+    """∂C/∂q[i] written as an entry of the adjoint tensor ∂C/∂q: an entry the value printer
+    looks up (and that no rebuilding of the expression can differentiate)."""
     def adjoint(derivative: sp.Derivative) -> sp.Expr:
         (variable, _count), = derivative.variable_count
         q = tensor_of(variable)
@@ -389,13 +389,14 @@ class _Context:
                 rows.append([f"${node.index}$", f"${node.width}$",
                              self.code(node.activation.name)])
             return {"header": header, "rows": rows, "align": "ccl",
-                    "caption": self.t["layers_caption"], "width": "0.32"}
+                    "caption": self.t["layers_caption"], "width": "0.35"}
         header = [self.t["col_layer"], self.t["col_op"], self.t["col_reads"],
                   self.t["col_width"]]
         rows = [["$0$", self.t["input_layer"], "", f"${self.spec.input}$"]]
         for node in self.model.nodes:
             name = f" ({self.code(node.name)})" if node.name else ""
-            reads = ", ".join(f"${n}$" for n in node.inputs)
+            reads = ", ".join(self.t["input_layer"] if n == 0 else f"${n}$"
+                              for n in node.inputs)
             rows.append([f"${node.index}${name}", self.op_name(node), reads,
                          f"${node.width}$"])
         return {"header": header, "rows": rows, "align": "llcc",

@@ -49,6 +49,9 @@ _TOLERANCE = 10.0 ** -(DIGITS - 10)
 PARAMETER_BUDGET = 120
 #: Exact symbolic comparison is attempted up to this many parameters.
 SYMBOLIC_LIMIT = 16
+#: From this many random points on, the direct derivatives are evaluated through their common
+#: subexpressions (found once, a fixed cost that many points amortise).
+_SHARED_POINTS = 8
 #: Widths are never capped below this (a softmax needs two outputs).
 _MIN_WIDTH = 2
 
@@ -193,7 +196,8 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
     directs = [d for plan in plans for d in plan.direct]
     numeric: list[tuple[list[se.Basic | None], list[se.Basic | None]]] = []
     missing: set[Key] = set()
-    forward_batch, direct_batch = _Batch(list(instance.values.values())), _Batch(directs)
+    forward_batch = _Batch(list(instance.values.values()))
+    direct_batch = _Batch(directs, shared=points >= _SHARED_POINTS)
     for point in samples:
         values = forward_batch.at(point)
         if any(value is None for value in values):
@@ -286,9 +290,7 @@ class Instance:
             if tensor is None or tensor in targets:
                 raise MissingQuantity(f"{key} is read before it is computed")
             # a leaf the graph reads but does not compute (a dropout mask): an input
-            index = _concrete(key)
-            self.shapes.setdefault(tensor, ())
-            return self._leaf(key, _leaf_name(tensor, index))
+            return self._leaf(key, _leaf_name(tensor, _concrete(key)))
 
         for node in model.nodes:
             for eq in node.equations:
@@ -431,15 +433,16 @@ class _Slot:
 
     symbol: se.Symbol
     atom: sp.Expr
-    of: NetTensor | None = None
-    cost: sp.Expr | None = None
+    adjoint: _Adjoint | None = None
 
     def key(self, substitution: dict[sp.Symbol, sp.Integer]) -> Key:
-        if self.of is None:
+        if self.adjoint is None:
             return self.atom.xreplace(substitution) if substitution else self.atom
-        indices = self.atom.indices if isinstance(self.atom, sp.Indexed) else ()
-        concrete = tuple(sp.sympify(i).xreplace(substitution) for i in indices)
-        return sp.Derivative(self.cost, entry(self.of, concrete))
+        cost, variable = self.adjoint
+        if isinstance(self.atom, sp.Indexed):
+            indices = tuple(sp.sympify(i).xreplace(substitution) for i in self.atom.indices)
+            variable = variable.base[indices]
+        return sp.Derivative(cost, variable)
 
 
 @dataclass(frozen=True)
@@ -461,6 +464,8 @@ class _Template:
                 sizes: Mapping[sp.Symbol, int]) -> _Template:
         hidden, adjoints = _hide_adjoints(sp.sympify(source))
         body = elementary(hidden.xreplace(dict(sizes)).doit())
+        if body.has(sp.Sum):
+            raise ValueError(f"cannot expand the sums of {source} at the widths {sizes}")
         atoms = sorted(body.atoms(sp.Indexed), key=sp.default_sort_key)
         names = {atom: sp.Symbol(f"_slot{n}") for n, atom in enumerate(atoms)}
         body = body.xreplace(names)
@@ -474,8 +479,7 @@ class _Template:
         for atom, name in names.items():
             label = atom.base.label if isinstance(atom, sp.Indexed) else atom
             if label in adjoints:
-                cost, of = adjoints[label]
-                slots.append(_Slot(se.Symbol(name.name), atom, of, cost))
+                slots.append(_Slot(se.Symbol(name.name), atom, adjoints[label]))
             elif isinstance(label, NetTensor):
                 slots.append(_Slot(se.Symbol(name.name), atom))
             else:
@@ -505,22 +509,25 @@ class _Template:
         return expr.subs({slot.symbol: lookup(key) for slot, key in zip(self.slots, keys)})
 
 
-def _hide_adjoints(expr: sp.Expr) -> tuple[sp.Expr, dict[sp.Symbol, tuple[sp.Expr, NetTensor]]]:
+#: An adjoint Derivative(C, q[...]) a formula reads: C, and q as written there.
+_Adjoint = tuple[sp.Expr, sp.Expr]
+
+
+def _hide_adjoints(expr: sp.Expr) -> tuple[sp.Expr, dict[sp.Symbol, _Adjoint]]:
     """``expr`` with each adjoint Derivative(C, q[i..]) replaced by a placeholder quantity
     (so that ``doit`` keeps it), and what each placeholder stands for."""
-    adjoints: dict[sp.Symbol, tuple[sp.Expr, NetTensor]] = {}
-    labels: dict[tuple[sp.Expr, NetTensor], sp.Symbol] = {}
+    adjoints: dict[sp.Symbol, _Adjoint] = {}
+    labels: dict[tuple[sp.Expr, sp.Expr], sp.Symbol] = {}
 
     def placeholder(derivative: sp.Derivative) -> sp.Expr:
         (variable, count), = derivative.variable_count
-        of = tensor_of(variable)
-        if of is None or count != 1:
+        if tensor_of(variable) is None or count != 1:
             raise ValueError(f"cannot evaluate {derivative}: not an adjoint of a quantity")
-        label = labels.setdefault((derivative.expr, of), sp.Symbol(f"_adjoint{len(labels)}"))
-        adjoints[label] = (derivative.expr, of)
-        if isinstance(variable, sp.Indexed):
-            return sp.IndexedBase(label)[variable.indices]
-        return label
+        indexed = isinstance(variable, sp.Indexed)
+        base = variable.base if indexed else variable
+        label = labels.setdefault((derivative.expr, base), sp.Symbol(f"_adjoint{len(labels)}"))
+        adjoints[label] = (derivative.expr, variable)
+        return sp.IndexedBase(label)[variable.indices] if indexed else label
 
     hidden = expr.replace(lambda e: isinstance(e, sp.Derivative), placeholder)
     return hidden, adjoints
@@ -556,19 +563,25 @@ def evaluate(expr: se.Basic, point: Mapping[se.Symbol, se.Basic]) -> se.Basic:
 
 
 class _Batch:
-    """Expressions evaluated together at points (one SymEngine call per point)."""
+    """Expressions evaluated together at points.
 
-    def __init__(self, exprs: Sequence[se.Basic]) -> None:
+    With ``shared``, their common subexpressions are found once (``cse``) and evaluated once
+    per point, which pays off over many points: the direct derivatives of C share most of
+    the forward pass.
+    """
+
+    def __init__(self, exprs: Sequence[se.Basic], *, shared: bool = False) -> None:
         self.exprs = list(exprs)
-        self.matrix = se.DenseMatrix(len(self.exprs), 1, self.exprs) if self.exprs else None
+        self.shared = shared
+        self._matrix: se.DenseMatrix | None = None
+        self._program: tuple[list, list] | None = None
         self._folded: list[se.Basic] | None = None
 
     def at(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic | None]:
         """Each expression at ``point``; None where it has no finite real value."""
-        if self.matrix is None:
+        if not self.exprs:
             return []
-        values = self.matrix.subs(point)
-        out = [_real(values[n, 0]) for n in range(len(self.exprs))]
+        out = [_real(value) for value in self._substitute(point)]
         for n, value in enumerate(out):
             if value is None:
                 # an undecided piecewise condition (0 < sqrt(2)*x): again, constants as numbers
@@ -576,6 +589,22 @@ class _Batch:
                     self._folded = _fold_constants(self.exprs)
                 out[n] = _real(self._folded[n].subs(point))
         return out
+
+    def _substitute(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic]:
+        if not self.shared:
+            if self._matrix is None:
+                self._matrix = se.DenseMatrix(len(self.exprs), 1, self.exprs)
+            values = self._matrix.subs(point)
+            return [values[n, 0] for n in range(len(self.exprs))]
+        if self._program is None:
+            replacements, reduced = se.cse(self.exprs)
+            self._program = ([(s, e, tuple(e.free_symbols)) for s, e in replacements],
+                             [(e, tuple(e.free_symbols)) for e in reduced])
+        steps, results = self._program
+        known = dict(point)
+        for symbol, expr, reads in steps:
+            known[symbol] = expr.xreplace({s: known[s] for s in reads})
+        return [expr.xreplace({s: known[s] for s in reads}) for expr, reads in results]
 
 
 def _fold_constants(exprs: list[se.Basic]) -> list[se.Basic]:

@@ -180,7 +180,7 @@ class Evaluator:
     def _scan(self, expr: sp.Expr) -> None:
         for node in sp.preorder_traversal(expr):
             if isinstance(node, sp.Indexed):
-                tensor = self._tensor(node)
+                tensor = tensor_of(node)
                 if tensor is not None and tensor in self.values:
                     for axis, index in enumerate(node.indices):
                         if isinstance(index, sp.Symbol):
@@ -191,10 +191,6 @@ class Evaluator:
 
     def _int(self, expr: sp.Expr) -> int:
         return int(sp.sympify(expr).xreplace(self.widths))
-
-    @staticmethod
-    def _tensor(indexed: sp.Indexed) -> NetTensor | None:
-        return tensor_of(indexed)
 
     # -- evaluation --
 
@@ -355,7 +351,7 @@ class WorkedExample:
         out = {}
         for formula, value in self.backward:
             if formula.kind == "gradient":
-                key = _key_of(self.parameters, formula.of)
+                key = f"{PARAMETER_KEYS[formula.of.role]}{formula.of.node}"
                 total = value + extra[formula.of] if penalty and formula.of in extra else value
                 out[key] = total
         return out
@@ -374,10 +370,6 @@ class WorkedExample:
         if isinstance(expr, sp.Indexed):
             return float(array[tuple(int(i) - 1 for i in expr.indices)])
         return float(array)
-
-
-def _key_of(parameters: Mapping[str, np.ndarray], tensor: NetTensor) -> str:
-    return f"{PARAMETER_KEYS[tensor.role]}{tensor.node}"
 
 
 def _inputs_of(model: Model) -> list[NetTensor]:

@@ -1,6 +1,7 @@
 """derive.latex: the LaTeX printer, the document, the worked example, Markdown and the CLI.
 
-Compiling the documents is in tests/test_latex_compile.py; this file needs no TeX.
+Graph documents are in tests/test_latex_graphs.py, the words in tests/test_latex_text.py and
+compiling in tests/test_latex_compile.py; this file needs no TeX.
 """
 
 from __future__ import annotations
@@ -10,42 +11,74 @@ import re
 import numpy as np
 import pytest
 import sympy as sp
+import yaml
 
 from derive import latex as latex_module
 from derive.cli import derivation_of, main
 from derive.derivation import C
+from derive.functions import resolve_activation
 from derive.latex import log_problems, render_context, render_latex, render_markdown
-from derive.latex_printer import batch_gradient, latex
-from derive.latex_text import LANGUAGES, WHY, why
-from derive.model import j, k, quantity
-from derive.spec import list_examples, load_spec
-from derive.vectorform import Inner, Mat, MatVec, Outer, Vec
+from derive.latex_printer import batch_gradient, latex, visual_length
+from derive.latex_text import LANGUAGES
+from derive.quantities import NetTensor, j, k
+from derive.spec import EXAMPLES_DIR, list_examples, load_spec
+from derive.vectorform import ONE, Inner, MatVec, Outer, to_vector
 from derive.worked_example import default_values, worked_example
+from tests.test_latex_graphs import SPECS
 
 EXAMPLES = [name for name, _ in list_examples()]
 
 
 @pytest.fixture(scope="module")
 def derivations():
-    return {name: derivation_of(load_spec(name)) for name in EXAMPLES}
+    out = {name: derivation_of(load_spec(name)) for name in EXAMPLES}
+    out.update({name: derivation_of(load_spec(spec)) for name, spec in SPECS.items()})
+    return out
+
+
+def q(role: str, node: object = None, rank: int = 1) -> NetTensor:
+    return NetTensor(role, node, rank=rank)
 
 
 # --- the printer ---------------------------------------------------------------------------
 
 
 def test_classic_index_notation():
-    w, b, delta, y = quantity("w", 2), quantity("b", 2), quantity("delta", 3), quantity("y")
+    w, b, delta, y = q("w", 2, 2).indexed, q("b", 2).indexed, q("delta", 3).indexed, q("y")
     assert latex(w[j, k]) == "w^{2}_{jk}"
     assert latex(b[j]) == "b^{2}_{j}"
     assert latex(delta[j]) == r"\delta^{3}_{j}"
-    assert latex(y[j]) == "y_{j}"
+    assert latex(y.indexed[j]) == "y_{j}"
     assert latex(sp.Derivative(C, w[j, k], evaluate=False)) == (
         r"\frac{\partial C}{\partial w^{2}_{jk}}")
     assert latex(w[2, 11]) == "w^{2}_{2,11}"  # two-digit indices need a separator
+    assert latex(q("a", "l").indexed[j]) == "a^{l}_{j}"  # the generic layer
+
+
+def test_graph_quantities_by_their_fields():
+    assert latex(q("gamma", 4).indexed[j]) == r"\gamma^{4}_{j}"
+    assert latex(q("beta", 4).indexed[j]) == r"\beta^{4}_{j}"
+    assert latex(q("xhat", 4).indexed[j]) == r"\hat{x}^{4}_{j}"
+    assert latex(q("mask", 5).indexed[j]) == r"m^{5}_{j}"
+    assert latex(q("mu", 4, 0)) == r"\mu^{4}"
+    assert latex(q("var", 4, 0)) == r"(\sigma^{4})^{2}"
+    assert latex(sp.Derivative(C, q("var", 4, 0), evaluate=False)) == (
+        r"\frac{\partial C}{\partial (\sigma^{4})^{2}}")
+    # tensor form: vectors in bold, adjoints as gradients, a per-sample scalar as a fraction
+    assert latex(q("xhat", 4)) == r"\hat{\mathbf{x}}^{4}"
+    assert latex(q("gamma", 4)) == r"\boldsymbol{\gamma}^{4}"
+    assert latex(NetTensor("grad", 4, of="xhat")) == r"\nabla_{\hat{\mathbf{x}}^{4}} C"
+    assert latex(NetTensor("grad", 2, of="w", rank=2)) == r"\nabla_{W^{2}} C"
+    assert latex(NetTensor("grad", 4, of="mu", rank=0)) == r"\frac{\partial C}{\partial \mu^{4}}"
+    assert latex(NetTensor("grad", 2, of="w", rank=2), batch=True, batch_cost="J") == (
+        r"\nabla_{W^{2}} J")
+    # batch form: a parameter vector is broadcast to every row
+    assert latex(q("gamma", 4) * q("xhat", 4), batch=True) == (
+        r"\mathbf{1}\left(\boldsymbol{\gamma}^{4}\right)^{\top} \odot \hat{X}^{4}")
 
 
 def test_sums_with_ranges_and_weights_first():
-    w, delta = quantity("w", 3), quantity("delta", 3)
+    w, delta = q("w", 3, 2).indexed, q("delta", 3).indexed
     n = sp.Symbol("n_3", integer=True, positive=True)
     text = latex(sp.Sum(delta[k] * w[k, j], (k, 1, n)))
     assert text == r"\sum_{k=1}^{n_{3}} w^{3}_{kj} \delta^{3}_{k}"
@@ -53,77 +86,102 @@ def test_sums_with_ranges_and_weights_first():
 
 def test_sigma_prime_and_powers():
     sigma = sp.Function("sigma_2")
-    z, a = quantity("z", 2), quantity("a", 2)
+    z, a = q("z", 2).indexed, q("a", 2).indexed
     assert latex(sp.Derivative(sigma(z[j]), z[j])) == r"\sigma_{2}'\!\left(z^{2}_{j}\right)"
     assert latex(a[j] ** 2) == r"\left(a^{2}_{j}\right)^{2}"  # never a double superscript
 
 
+def test_constants_print_as_symbols():
+    """π and friends print as themselves (SymPy's fallback spelled π as \\text{\\Pi})."""
+    assert latex(sp.sqrt(sp.pi)) == r"\sqrt{\pi}"
+    assert latex(sp.EulerGamma) == r"\gamma" and latex(sp.oo) == r"\infty"
+    assert latex(sp.E) == "e" and latex(sp.Rational(1, 100000) + q("var", 4, 0)).endswith(
+        "10^{-5}")
+    gelu = resolve_activation("gelu")
+    derivative = sp.diff(gelu.expr, gelu.variable)
+    assert r"\pi" in latex(derivative) and r"\text" not in latex(derivative)
+
+
 def test_vector_forms_odot_and_transpose():
-    expr = Vec("a^1") * (1 - Vec("a^1")) * MatVec(Mat("w^2"), Vec("delta^2"), sp.true)
+    a1, w2, d2 = q("a", 1), q("w", 2, 2), q("delta", 2)
+    expr = a1 * (1 - a1) * MatVec(w2, d2, sp.true)
     text = latex(expr)
     assert r"\odot" in text and r"\left(W^{2}\right)^{\top}\,\boldsymbol{\delta}^{2}" in text
-    assert latex(Outer(Vec("delta^2"), Vec("a^1"))) == (
-        r"\boldsymbol{\delta}^{2}\,\left(\mathbf{a}^{1}\right)^{\top}")
+    assert latex(Outer(d2, a1)) == r"\boldsymbol{\delta}^{2}\,\left(\mathbf{a}^{1}\right)^{\top}"
+    assert latex(2 * Inner(ONE, q("a", 3))) == r"2 \cdot \mathbf{1}^{\top}\,\mathbf{a}^{3}"
 
 
 def test_batch_forms():
-    assert latex(MatVec(Mat("w^2"), Vec("delta^2"), sp.true), batch=True) == r"\Delta^{2}\,W^{2}"
-    assert latex(Outer(Vec("delta^2"), Vec("a^1")), batch=True) == (
+    w2, d2, a1 = q("w", 2, 2), q("delta", 2), q("a", 1)
+    assert latex(MatVec(w2, d2, sp.true), batch=True) == r"\Delta^{2}\,W^{2}"
+    assert latex(Outer(d2, a1), batch=True) == (
         r"\frac{1}{B}\,\left(\Delta^{2}\right)^{\top}\,A^{1}")
-    assert batch_gradient(Vec("delta^2")) == r"\frac{1}{B}\,\mathbf{1}^{\top} \Delta^{2}"
-    assert latex(Vec("b^1"), batch=True) == r"\mathbf{1}\left(\mathbf{b}^{1}\right)^{\top}"
-    assert "rowsum" in latex(Inner(Vec("1"), Vec("a^2")), batch=True)
+    assert batch_gradient(d2) == r"\frac{1}{B}\,\mathbf{1}^{\top} \Delta^{2}"
+    assert latex(q("b", 1), batch=True) == r"\mathbf{1}\left(\mathbf{b}^{1}\right)^{\top}"
+    assert "rowsum" in latex(Inner(ONE, q("a", 2)), batch=True)
 
 
 def test_elementwise_division_and_softmax_fraction(derivations):
     digits = derivations["digits"]
     assert latex(digits.loss_gradient.vector) == r"-\mathbf{y} \oslash \mathbf{a}^{2}"
-    softmax = derivations["digits"].model.layer(2)
-    from derive.vectorform import to_vector
-
+    softmax = digits.model.layer(2)
     assert latex(to_vector(softmax.a_expr, (j,))) == (
         r"\frac{e^{\mathbf{z}^{2}}}{\mathbf{1}^{\top}\,e^{\mathbf{z}^{2}}}")
+
+
+def test_visual_length():
+    assert visual_length(r"\frac{\partial C}{\partial a^{2}_{j}}") < visual_length(
+        r"\partial C \partial a^{2}_{j}")
+    assert visual_length(r"\tanh{\left(x \right)}") == visual_length("tanh(x)")
 
 
 # --- the document --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_every_step_has_words_in_every_language(derivations, name):
-    derivation = derivations[name]
-    steps = [step for formula in derivation.formulas for step in formula.steps]
-    steps += [step for d in derivation.activation_derivatives if d for step in d.steps]
-    missing = sorted({step.why for step in steps if why(step.why, "en") is None})
-    assert not missing, f"add these justifications to derive.latex_text.WHY: {missing}"
-    for words in WHY.values():
-        assert len(words) == len(LANGUAGES) and all(words)
-
-
-@pytest.mark.parametrize("name", EXAMPLES)
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_document_structure(derivations, name, lang):
-    text = render_latex(derivations[name], lang)
+    derivation = derivations[name]
+    text = render_latex(derivation, lang)
     head = text[:300]
     assert "generated by derive" in head.lower() and "DO NOT EDIT" in head
     assert text.count(r"\begin{document}") == 1 and text.rstrip().endswith(r"\end{document}")
     assert r"\begin{tikzpicture}" in text and r"\begin{tcolorbox}" in text
     assert ("ctexart" in text) == (lang == "zh")
-    for tag in ("BP1", "BP3", "BP4"):
-        assert rf"\tag{{{tag}}}" in text
-    depth = derivations[name].model.depth
-    for l in range(1, depth + 1):
-        assert rf"\label{{eq:{name}:dW{l}}}" in text
-        assert rf"\label{{eq:{name}:delta{l}}}" in text
-    # every \ref has its \label
+    model = derivation.model
+    if model.is_chain:
+        for tag in ("BP1", "BP3", "BP4"):
+            assert rf"\tag{{{tag}}}" in text
+    for node in model.nodes:
+        for parameter in node.parameters:
+            assert rf"\label{{eq:{name}:d{parameter.key}}}" in text
+        if model.is_chain or node.index == model.depth:
+            assert rf"\label{{eq:{name}:delta{node.index}}}" in text
     labels = set(re.findall(r"\\label\{([^}]*)\}", text))
     assert set(re.findall(r"\\(?:eq)?ref\{([^}]*)\}", text)) <= labels
     assert len(labels) == len(re.findall(r"\\label\{", text)), "duplicate labels"
 
 
+def test_chain_reads_as_the_classic_equations(derivations):
+    context = render_context(derivations["xor"])
+    titles = [section["title"] for section in context["backward"]]
+    assert titles == ["The error of the output layer (BP1)", "The error of the hidden layers (BP2)",
+                      "The gradients of the biases and weights (BP3, BP4)"]
+    assert [row["tag"] for row in context["summary"]] == ["BP1", "BP4", "BP3", "BP2", "BP4",
+                                                          "BP3"]
+    text = render_latex(derivations["deep_tanh"])
+    assert "The same steps give the other layers" in text
+    assert r"\left(W^{2}\right)^{\top}\,\boldsymbol{\delta}^{2}" in text
+
+
 def test_chinese_has_the_same_mathematics(derivations):
     en, zh = (render_context(derivations["xor"], lang) for lang in ("en", "zh"))
     assert en["summary"] == zh["summary"] and en["forward"] == zh["forward"]
-    assert [s["math"] for s in en["bp1"]["steps"]] == [s["math"] for s in zh["bp1"]["steps"]]
+    en_steps = [s["math"] for b in en["backward"] for p in b["parts"] for x in p["blocks"]
+                for s in x["steps"]]
+    zh_steps = [s["math"] for b in zh["backward"] for p in b["parts"] for x in p["blocks"]
+                for s in x["steps"]]
+    assert en_steps == zh_steps and en_steps
     assert "反向传播" in render_latex(derivations["xor"], "zh")
 
 
@@ -132,8 +190,20 @@ def test_wide_layers_are_elided(derivations):
     column = context["diagram"]["columns"][0]
     assert len(column["nodes"]) <= 8 and any(n["neuron"] is None for n in column["nodes"])
     assert context["example"]["truncated"]
-    rows = context["example"]["forward_rows"]
-    assert len(rows) < 32 and any(r"\vdots" in row["j"] for row in rows)
+    table = context["example"]["forward"]
+    assert all(len(row["cells"]) == 6 and row["cells"][-1] in (r"$\cdots$", "")
+               for row in table["rows"])
+
+
+def test_long_sums_break_over_lines():
+    expr = sp.Add(*(q("w", l, 2).indexed[j, k] * q("a", l - 1).indexed[k] for l in range(1, 16)))
+    text = latex_module.broken(expr)
+    assert text.startswith(r"\begin{aligned}[t]") and text.endswith(r"\end{aligned}")
+    lines = text.split(r"\\")
+    assert len(lines) > 1 and all(visual_length(line) <= latex_module.LINE_BUDGET
+                                  for line in lines)
+    assert latex_module.broken(expr, top=False).startswith(r"\begin{aligned} ")
+    assert latex_module.broken(q("a", 1).indexed[j]) == "a^{1}_{j}"
 
 
 def test_fragment_is_equations_only(derivations):
@@ -154,8 +224,9 @@ def test_markdown(derivations):
 
 
 def test_render_is_deterministic(derivations):
-    assert render_latex(derivations["bce"]) == render_latex(
-        derivation_of(load_spec("bce")))
+    assert render_latex(derivations["bce"]) == render_latex(derivation_of(load_spec("bce")))
+    assert render_latex(derivations["resnorm"], "zh") == render_latex(
+        derivation_of(load_spec(SPECS["resnorm"])), "zh")
 
 
 def test_repr_latex(derivations):
@@ -164,6 +235,7 @@ def test_repr_latex(derivations):
     assert text.startswith("$$") and r"\delta^{2}_{j}" in text and r"\odot" in text
     assert "(BP4)" in text
     assert "w^{2}_{kj}" in xor.delta(1)._repr_latex_()
+    assert r"\hat{x}^{4}" in derivations["resnorm"]._repr_latex_()
 
 
 # --- the worked example --------------------------------------------------------------------
@@ -171,67 +243,84 @@ def test_repr_latex(derivations):
 
 def test_worked_example_uses_the_spec_values(derivations):
     example = worked_example(derivations["xor"])
-    assert example.given and example.x == (1.0, 0.0) and example.y == (1.0,)
-    assert example.weights[0][1] == (0.3, -0.4)
+    assert example.given and tuple(example.x) == (1.0, 0.0) and tuple(example.y) == (1.0,)
+    assert tuple(example.parameters["W1"][1]) == (0.3, -0.4)
     # z^1_1 = 0.1 * 1 + 0.2 * 0 + 0.1, by hand
-    assert example.z[0][0] == pytest.approx(0.2, abs=1e-15)
+    assert example.value(NetTensor("z", 1))[0] == pytest.approx(0.2, abs=1e-15)
     context = render_context(derivations["xor"])["example"]
     assert any("0.2000" in line for line in context["forward_spelled"])
 
 
 def test_default_values_are_short_round_and_fit_the_loss():
-    spec = load_spec("digits")
-    x, y, params = default_values(spec)
+    x, y, params = default_values(load_spec("digits"))
     assert len(x) == 64 and sum(y) == 1.0 and y[0] == 1.0
-    assert params["W1"].__len__() == 32 and len(params["W1"][0]) == 64
+    assert len(params["W1"]) == 32 and len(params["W1"][0]) == 64
     assert all(round(v, 1) == v for row in params["W1"] for v in row)
+    _, _, graph = default_values(load_spec(SPECS["resnorm"]))
+    assert all(0.8 <= v <= 1.2 for v in graph["gamma4"])  # a scale starts near one
+    assert set(graph) == {"W1", "b1", "W2", "b2", "gamma4", "beta4", "W6", "b6"}
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_worked_example_matches_independent_backprop(derivations, name):
-    """The numbers of the document equal a hand-written NumPy backprop (no derive code)."""
-    from reference_backprop import Net, backprop, forward
+def _spec_data(name: str) -> dict:
+    if name in SPECS:
+        return SPECS[name]
+    return yaml.safe_load((EXAMPLES_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
 
+
+@pytest.mark.parametrize("name", [*EXAMPLES, *SPECS])
+def test_worked_example_matches_an_independent_reference(derivations, name):
+    """The numbers of the document equal PyTorch autograd (or, for a custom activation, a
+    hand-written NumPy backprop): the loss and the gradient of every parameter, with the
+    penalty (one sample, so the batch objective J is C + R)."""
     derivation = derivations[name]
     example = worked_example(derivation)
-    spec = derivation.model.spec
-    params = {key: np.array(value, dtype=np.float64) for key, value in example.params().items()}
-    X, Y = np.array([example.x]), np.array([example.y])
-    net = Net.from_spec(spec)
-    Z, A = forward(net, params, X)
-    loss, grads = backprop(net, params, X, Y)
-    assert example.loss == pytest.approx(loss, rel=1e-12, abs=1e-14)
-    for l in range(1, spec.depth + 1):
-        np.testing.assert_allclose(example.z[l - 1], Z[l][0], rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(example.a[l - 1], A[l][0], rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(example.weight_gradients[l - 1], grads[f"W{l}"],
-                                   rtol=1e-10, atol=1e-14)
-        if f"b{l}" in grads:
-            np.testing.assert_allclose(example.bias_gradients[l - 1], grads[f"b{l}"],
-                                       rtol=1e-10, atol=1e-14)
-            np.testing.assert_allclose(example.delta[l - 1], grads[f"b{l}"],
-                                       rtol=1e-10, atol=1e-14)
+    params = {key: value.copy() for key, value in example.parameters.items()}
+    X, Y = example.x[None, :], example.y[None, :]
+    data = _spec_data(name)
+    if derivation.model.spec.resolved_loss().custom or any(
+            node.activation is not None and node.activation.custom
+            for node in derivation.model.nodes):
+        from reference_backprop import Net, backprop
+
+        loss, grads = backprop(Net.from_spec(derivation.model.spec), params, X, Y)
+    else:
+        pytest.importorskip("torch")
+        from torch_reference import torch_loss_and_grads
+
+        loss, grads = torch_loss_and_grads(data, params, X, Y)
+    assert example.loss + example.penalty == pytest.approx(loss, rel=1e-12, abs=1e-14)
+    ours = example.gradients()
+    assert set(ours) == set(grads)
+    for key in grads:
+        np.testing.assert_allclose(ours[key], grads[key], rtol=1e-10, atol=1e-13, err_msg=key)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_worked_example_matches_generated_numpy_code(derivations, name):
-    """The numbers of the document equal what derive's generated NumPy module computes."""
+    """The documents say the numbers agree with the NumPy code derive generates."""
     codegen = pytest.importorskip("derive.codegen")
     derivation = derivations[name]
     module = codegen.load_module(codegen.render_module(derivation), f"{name}_for_latex")
     example = worked_example(derivation)
-    params = {key: np.array(value, dtype=np.float64) for key, value in example.params().items()}
-    X, Y = np.array([example.x]), np.array([example.y])
+    params = {key: value.copy() for key, value in example.parameters.items()}
+    X, Y = example.x[None, :], example.y[None, :]
     output, _cache = module.forward(params, X)
-    np.testing.assert_allclose(output[0], example.a[-1], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(output[0], example.value(derivation.model.output.output),
+                               rtol=1e-12, atol=1e-14)
     loss, grads = module.gradients(params, X, Y)
-    assert float(loss) == pytest.approx(example.loss, rel=1e-12, abs=1e-14)
-    for l in range(1, derivation.model.depth + 1):
-        np.testing.assert_allclose(grads[f"W{l}"], example.weight_gradients[l - 1],
-                                   rtol=1e-10, atol=1e-14)
-        if f"b{l}" in grads:
-            np.testing.assert_allclose(grads[f"b{l}"], example.bias_gradients[l - 1],
-                                       rtol=1e-10, atol=1e-14)
+    assert float(loss) == pytest.approx(example.loss + example.penalty, rel=1e-12, abs=1e-14)
+    for key, value in example.gradients().items():
+        np.testing.assert_allclose(grads[key], value, rtol=1e-10, atol=1e-14, err_msg=key)
+
+
+def test_every_number_of_a_formula_comes_from_that_formula(derivations):
+    """δ^l of a chain equals its BP2 formula evaluated by hand from the shown values."""
+    example = worked_example(derivations["xor"])
+    a1 = example.value(NetTensor("a", 1))
+    w2 = example.parameters["W2"]
+    d2 = example.value(NetTensor("delta", 2))
+    np.testing.assert_allclose(example.value(NetTensor("delta", 1)),
+                               a1 * (1 - a1) * (w2.T @ d2), rtol=1e-14)
 
 
 # --- log reading and the command line ------------------------------------------------------

@@ -1,19 +1,30 @@
-"""Compiling the LaTeX notes of every built-in example, in both languages, and reading the logs.
+"""Compiling the LaTeX notes with TeX, in both languages, and reading the logs.
 
-Each document is compiled once per session (a module-scoped fixture, two at a time) with the TeX
-installed on the machine; CI installs TeX Live (see .ci/run), so these run there. Without TeX
-the tests skip with the packages to install.
+Every document must compile without errors, undefined references, missing glyphs or overfull
+boxes wider than 10pt. Covered: every built-in example, the graphs of test_latex_graphs
+(residual connections, layer norm, dropout, penalties), and every activation of the registry
+in a hidden and in the output layer with every loss of the registry.
+
+TeX is slow to start, the Chinese engine most of all, so the documents are compiled in few
+runs: the xor notes and the residual graph on their own (their PDFs are inspected), every other
+document of a language in one merged run: the preamble of the first, then the body of each
+(the bodies are the renderer's text verbatim; labels carry the spec name, so they do not
+clash). Runs go two at a time. Without TeX the tests skip with the packages to install; CI
+installs TeX Live (see .ci/run), so they run there.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from derive.cli import derivation_of
+from derive.cli import derivation_of, main
+from derive.errors import DeriveError
+from derive.functions import ACTIVATIONS, LOSSES
 from derive.latex import (
     Compiled,
     compile_pdf,
@@ -23,50 +34,160 @@ from derive.latex import (
     tex_available,
 )
 from derive.spec import list_examples, load_spec
+from tests.test_latex_graphs import SPECS
 
-EXAMPLES = [name for name, _ in list_examples()]
-DOCUMENTS = [(name, lang) for name in EXAMPLES for lang in ("en", "zh")]
+LANGUAGES = ("en", "zh")
+ELEMENTWISE = [name for name in ACTIVATIONS if name != "softmax"]
+STANDALONE = ("xor", "resnorm")
+
+
+def activation_specs() -> dict[str, dict]:
+    """One small network per activation of the registry as the output layer, its hidden
+    layer another activation (so every elementwise one is hidden once), each with the next
+    loss of the registry that the spec accepts for that output (so every loss is used)."""
+    losses = list(LOSSES)
+    specs = {}
+    for n, output in enumerate(ACTIVATIONS):
+        hidden = ELEMENTWISE[n % len(ELEMENTWISE)]
+        for shift in range(len(losses)):
+            loss = losses[(n + shift) % len(losses)]
+            spec = {"name": f"act_{output}", "input": 2, "loss": loss,
+                    "layers": [{"size": 3, "activation": hidden},
+                               {"size": 2, "activation": output}]}
+            try:
+                load_spec(spec)
+            except DeriveError:
+                continue
+            specs[spec["name"]] = spec
+            break
+    return specs
+
+
+def all_specs() -> dict[str, object]:
+    specs: dict[str, object] = {name: name for name, _ in list_examples()}
+    specs.update(SPECS)
+    specs.update(activation_specs())
+    return specs
+
+
+def merge(documents: dict[str, str]) -> tuple[str, list[tuple[int, str]]]:
+    """One document with the preamble of the first and the body of each; and the line where
+    each body starts, to name the document a problem is in."""
+    preamble = None
+    parts, starts = [], []
+    line = 0
+    for name, text in documents.items():
+        head, _, rest = text.partition("\\begin{document}")
+        preamble = preamble or head + "\\begin{document}\n"
+        body = rest.rpartition("\\end{document}")[0]
+        if not parts:
+            line = preamble.count("\n")
+        starts.append((line + 1, name))
+        parts.append(body + "\n\\clearpage\n")
+        line += parts[-1].count("\n")
+    return preamble + "".join(parts) + "\\end{document}\n", starts
+
+
+def _where(problem: str, starts: list[tuple[int, str]]) -> str:
+    found = re.search(r"lines? (\d+)", problem) or re.search(r":(\d+):", problem)
+    if not found:
+        return problem
+    number = int(found.group(1))
+    name = [name for start, name in starts if start <= number][-1] if starts else "?"
+    return f"{name}: {problem}"
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[tuple[str, str], Compiled]:
-    for lang in ("en", "zh"):
+def compiled() -> dict[str, tuple[Compiled, list]]:
+    for lang in LANGUAGES:
         if not tex_available(lang):
             pytest.skip(missing_tex_message(lang))
+    # SymPy work in this thread; the threads below only run TeX
+    texts = {(name, lang): render_latex(derivation_of(load_spec(spec)), lang)
+             for name, spec in all_specs().items() for lang in LANGUAGES}
+    jobs: dict[str, tuple[str, str, list]] = {}
+    for lang in LANGUAGES:
+        merged, starts = merge({name: text for (name, text_lang), text in texts.items()
+                                if text_lang == lang and name not in STANDALONE})
+        jobs[f"merged-{lang}"] = (merged, lang, starts)
+    for name in STANDALONE:
+        for lang in LANGUAGES:
+            jobs[f"{name}-{lang}"] = (texts[name, lang], lang, [])
 
-    def build(document: tuple[str, str]) -> Compiled:
-        name, lang = document
-        return compile_pdf(render_latex(derivation_of(load_spec(name)), lang), lang,
-                           jobname=name)
+    def build(key: str) -> tuple[Compiled, list]:
+        text, lang, starts = jobs[key]
+        try:
+            return compile_pdf(text, lang, jobname=key.replace("-", "_")), starts
+        except DeriveError as err:  # name the document the first error is in
+            raise AssertionError(_where(str(err), starts)) from None
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(DOCUMENTS, pool.map(build, DOCUMENTS)))
+        return dict(zip(jobs, pool.map(build, jobs)))
 
 
-@pytest.mark.parametrize("document", DOCUMENTS, ids=[f"{n}-{l}" for n, l in DOCUMENTS])
-def test_compiles_cleanly(compiled, document):
-    result = compiled[document]
+@pytest.mark.parametrize("job", [f"{kind}-{lang}" for kind in ("merged", *STANDALONE)
+                                 for lang in LANGUAGES])
+def test_compiles_cleanly(compiled, job):
+    result, starts = compiled[job]
     assert result.pdf.startswith(b"%PDF")
-    # no errors, no undefined references, no overfull box wider than 10pt
-    assert log_problems(result.log) == []
+    # no errors, no undefined references, no missing glyphs, no overfull box wider than 10pt
+    assert [_where(problem, starts) for problem in _located(result.log)] == []
     assert "Output written" in result.log
+
+
+def _located(log: str) -> list[str]:
+    """log_problems, each with the whole log line it comes from (which says where)."""
+    lines = log.splitlines()
+    return [next((line for line in lines if line.startswith(problem)), problem)
+            for problem in log_problems(log)]
+
+
+def test_every_activation_and_loss_is_compiled():
+    """The merged documents hold every activation as a hidden and as an output layer and
+    every loss, in both languages (the registries, not a hand-picked list)."""
+    specs = [load_spec(spec) for spec in all_specs().values()]
+    hidden = {layer.activation.name for spec in specs for layer in spec.layers[:-1]
+              if layer.activation is not None}
+    output = {spec.layers[-1].activation.name for spec in specs
+              if spec.layers[-1].activation is not None}
+    assert set(ELEMENTWISE) <= hidden and set(ACTIVATIONS) <= output
+    assert {spec.loss.name for spec in specs} >= set(LOSSES)
 
 
 def test_chinese_pdf_has_cjk_text(compiled, tmp_path):
     if shutil.which("pdftotext") is None:
         pytest.skip("pdftotext (poppler-utils) is not installed")
     pdf = tmp_path / "xor.zh.pdf"
-    pdf.write_bytes(compiled["xor", "zh"].pdf)
+    pdf.write_bytes(compiled["xor-zh"][0].pdf)
     text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True,
                           check=True).stdout
     assert "反向传播" in text and "链式法则" in text
+    graph = tmp_path / "resnorm.zh.pdf"
+    graph.write_bytes(compiled["resnorm-zh"][0].pdf)
+    text = subprocess.run(["pdftotext", str(graph), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    assert "第 4 层" in text and "沿计算图反向传播" in text
 
 
 def test_pdf_page_one_renders(compiled, tmp_path):
     if shutil.which("pdftoppm") is None:
         pytest.skip("pdftoppm (poppler-utils) is not installed")
-    pdf = tmp_path / "xor.pdf"
-    pdf.write_bytes(compiled["xor", "en"].pdf)
-    subprocess.run(["pdftoppm", "-r", "40", "-png", "-f", "1", "-l", "1", str(pdf),
-                    str(tmp_path / "page")], check=True)
-    assert list(tmp_path.glob("page*.png"))
+    for job in ("xor-en", "resnorm-en"):
+        pdf = tmp_path / f"{job}.pdf"
+        pdf.write_bytes(compiled[job][0].pdf)
+        subprocess.run(["pdftoppm", "-r", "40", "-png", "-f", "1", "-l", "1", str(pdf),
+                        str(tmp_path / job)], check=True)
+        assert list(tmp_path.glob(f"{job}*.png"))
+
+
+def test_cli_pdf(tmp_path, capsys):
+    if not tex_available("en"):
+        pytest.skip(missing_tex_message("en"))
+    target = tmp_path / "lnsoft.pdf"
+    spec = tmp_path / "lnsoft.json"
+    import json
+
+    spec.write_text(json.dumps(SPECS["lnsoft"]), encoding="utf-8")
+    assert main(["latex", str(spec), "--pdf", "-o", str(target)]) == 0
+    assert target.read_bytes().startswith(b"%PDF")
+    assert "wrote" in capsys.readouterr().out

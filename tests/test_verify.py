@@ -301,3 +301,17 @@ def test_widths_are_never_capped_below_two():
     spec = _resmlp(width=64)
     small = reduced_spec(spec, budget=10)
     assert min(small.sizes) == 2
+
+
+@pytest.mark.parametrize("points", [3, 12])
+def test_piecewise_conditions_on_irrational_values_are_decided(points):
+    """relu after gelu: the condition 0 < z*(1 + erf(z/sqrt(2)))/2 has an exact constant in
+    it; evaluated with 50-digit numbers for every constant, each point is compared."""
+    spec = load_spec({"name": "pw", "input": 2, "layers": [
+        {"size": 2, "activation": "gelu"}, {"op": "activation", "activation": "relu"},
+        {"size": 2, "activation": {"name": "mx", "expr": "max(z*sqrt(2), z/3)"}},
+        {"size": 1}], "loss": "mse"})
+    report = verify(spec, points=points)
+    _ok(report)
+    assert all(f"{points} points" in check.method for check in report.checks
+               if check.method != "symbolic identity")
