@@ -9,16 +9,16 @@ Every formula in this module was printed from derive's symbolic derivation. The 
 pass follows the four backpropagation equations, derived per sample as
 
     (BP1) δ² = a² ⊙ (1 - a²) ⊙ (a² - y)
-    (BP2) δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))**2) ⊙ 1/(exp(z¹) + 1) ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ²
-    (BP3) ∂C/∂b² = δ²
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
-    (BP3) ∂C/∂b¹ = δ¹
+    (BP3) ∂C/∂b² = δ²
+    (BP2) δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))**2) ⊙ 1/(exp(z¹) + 1) ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
+    (BP3) ∂C/∂b¹ = δ¹
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
-API (derive's Contract 2): LAYER_SIZES, init_params, forward, loss, gradients, sgd_step, train,
-gradient_check. Parameters are a dict of arrays: W{l} has shape (n_l, n_{l-1}), b{l} shape (n_l,).
+API (derive's Contract 2): LAYER_SIZES, INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
+gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (4, 3), b1 (4,), W2 (2, 4), b2 (2,).
 Run this file to train on its demo data.
 """
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 LAYER_SIZES = [3, 4, 2]
+INPUT_SHAPE = (3,)
+OUTPUT_SHAPE = (2,)
 ACTIVATIONS = ('mish', 'sigmoid')
 LOSS = 'mse'
 SPEC_DIGEST = 'ff67ab026fce'

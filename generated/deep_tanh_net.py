@@ -9,37 +9,37 @@ Every formula in this module was printed from derive's symbolic derivation. The 
 pass follows the four backpropagation equations, derived per sample as
 
     (BP1) δ⁹ = a⁹ - y
-    (BP2) δ⁸ = (1 - a⁸**2) ⊙ (W⁹)ᵀ δ⁹
-    (BP2) δ⁷ = (1 - a⁷**2) ⊙ (W⁸)ᵀ δ⁸
-    (BP2) δ⁶ = (1 - a⁶**2) ⊙ (W⁷)ᵀ δ⁷
-    (BP2) δ⁵ = (1 - a⁵**2) ⊙ (W⁶)ᵀ δ⁶
-    (BP2) δ⁴ = (1 - a⁴**2) ⊙ (W⁵)ᵀ δ⁵
-    (BP2) δ³ = (1 - a³**2) ⊙ (W⁴)ᵀ δ⁴
-    (BP2) δ² = (1 - a²**2) ⊙ (W³)ᵀ δ³
-    (BP2) δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
-    (BP3) ∂C/∂b⁹ = δ⁹
     (BP4) ∂C/∂W⁹ = δ⁹ (a⁸)ᵀ
-    (BP3) ∂C/∂b⁸ = δ⁸
+    (BP3) ∂C/∂b⁹ = δ⁹
+    (BP2) δ⁸ = (1 - a⁸**2) ⊙ (W⁹)ᵀ δ⁹
     (BP4) ∂C/∂W⁸ = δ⁸ (a⁷)ᵀ
-    (BP3) ∂C/∂b⁷ = δ⁷
+    (BP3) ∂C/∂b⁸ = δ⁸
+    (BP2) δ⁷ = (1 - a⁷**2) ⊙ (W⁸)ᵀ δ⁸
     (BP4) ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ
-    (BP3) ∂C/∂b⁶ = δ⁶
+    (BP3) ∂C/∂b⁷ = δ⁷
+    (BP2) δ⁶ = (1 - a⁶**2) ⊙ (W⁷)ᵀ δ⁷
     (BP4) ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ
-    (BP3) ∂C/∂b⁵ = δ⁵
+    (BP3) ∂C/∂b⁶ = δ⁶
+    (BP2) δ⁵ = (1 - a⁵**2) ⊙ (W⁶)ᵀ δ⁶
     (BP4) ∂C/∂W⁵ = δ⁵ (a⁴)ᵀ
-    (BP3) ∂C/∂b⁴ = δ⁴
+    (BP3) ∂C/∂b⁵ = δ⁵
+    (BP2) δ⁴ = (1 - a⁴**2) ⊙ (W⁵)ᵀ δ⁵
     (BP4) ∂C/∂W⁴ = δ⁴ (a³)ᵀ
-    (BP3) ∂C/∂b³ = δ³
+    (BP3) ∂C/∂b⁴ = δ⁴
+    (BP2) δ³ = (1 - a³**2) ⊙ (W⁴)ᵀ δ⁴
     (BP4) ∂C/∂W³ = δ³ (a²)ᵀ
-    (BP3) ∂C/∂b² = δ²
+    (BP3) ∂C/∂b³ = δ³
+    (BP2) δ² = (1 - a²**2) ⊙ (W³)ᵀ δ³
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
-    (BP3) ∂C/∂b¹ = δ¹
+    (BP3) ∂C/∂b² = δ²
+    (BP2) δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
+    (BP3) ∂C/∂b¹ = δ¹
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
-API (derive's Contract 2): LAYER_SIZES, init_params, forward, loss, gradients, sgd_step, train,
-gradient_check. Parameters are a dict of arrays: W{l} has shape (n_l, n_{l-1}), b{l} shape (n_l,).
+API (derive's Contract 2): LAYER_SIZES, INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
+gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (6, 4), b1 (6,), W2 (6, 6), b2 (6,), W3 (6, 6), b3 (6,), W4 (6, 6), b4 (6,), W5 (6, 6), b5 (6,), W6 (6, 6), b6 (6,), W7 (6, 6), b7 (6,), W8 (6, 6), b8 (6,), W9 (2, 6), b9 (2,).
 Run this file to train on its demo data.
 """
 
@@ -48,6 +48,8 @@ from __future__ import annotations
 import numpy as np
 
 LAYER_SIZES = [4, 6, 6, 6, 6, 6, 6, 6, 6, 2]
+INPUT_SHAPE = (4,)
+OUTPUT_SHAPE = (2,)
 ACTIVATIONS = ('tanh', 'tanh', 'tanh', 'tanh', 'tanh', 'tanh', 'tanh', 'tanh', 'identity')
 LOSS = 'mse'
 SPEC_DIGEST = '6015aaed0bdc'

@@ -9,16 +9,16 @@ Every formula in this module was printed from derive's symbolic derivation. The 
 pass follows the four backpropagation equations, derived per sample as
 
     (BP1) δ² = a² ⊙ (1 - a²) ⊙ (a² - y)
-    (BP2) δ¹ = a¹ ⊙ (1 - a¹) ⊙ (W²)ᵀ δ²
-    (BP3) ∂C/∂b² = δ²
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
-    (BP3) ∂C/∂b¹ = δ¹
+    (BP3) ∂C/∂b² = δ²
+    (BP2) δ¹ = a¹ ⊙ (1 - a¹) ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
+    (BP3) ∂C/∂b¹ = δ¹
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
-API (derive's Contract 2): LAYER_SIZES, init_params, forward, loss, gradients, sgd_step, train,
-gradient_check. Parameters are a dict of arrays: W{l} has shape (n_l, n_{l-1}), b{l} shape (n_l,).
+API (derive's Contract 2): LAYER_SIZES, INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
+gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (3, 2), b1 (3,), W2 (1, 3), b2 (1,).
 Run this file to train on its demo data.
 """
 
@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 LAYER_SIZES = [2, 3, 1]
+INPUT_SHAPE = (2,)
+OUTPUT_SHAPE = (1,)
 ACTIVATIONS = ('sigmoid', 'sigmoid')
 LOSS = 'mse'
 SPEC_DIGEST = '08083a654344'
