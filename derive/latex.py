@@ -138,10 +138,8 @@ def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
 
 
 def _expand_sums(expr: sp.Expr) -> sp.Expr:
-    """Every sum with numeric limits written out term by term.
-
-    The terms are added unevaluated: SymPy would sort them, and it cannot order two equal
-    quantities built by two derivations of one process (NetTensor's fields hold None).
+    """Every sum with numeric limits written out term by term, unevaluated: the terms stay
+    as the sum gives them (no term combined with another, no Kronecker delta applied twice).
     """
     if isinstance(expr, sp.Sum):
         body = _expand_sums(expr.function)
@@ -878,7 +876,7 @@ def graph_diagram(model: Model, input_label: str = "input", cost_label: str = "c
     an arrow from each layer to every layer that reads it; an arrow that skips layers runs
     on the right, further out the more layers it spans over others."""
     count = model.depth + 2
-    dy = min(1.05, 20.0 / count)
+    dy = 1.05
     boxes = [{"ref": "(n0)", "west": "(n0.west)", "at": "(0,0)", "style": "input",
               "side": "$l = 0$",
               "text": rf"{_escape(input_label)}: $\mathbf{{a}}^{{0}} \in "
@@ -916,7 +914,9 @@ def graph_diagram(model: Model, input_label: str = "input", cost_label: str = "c
         placed.append((source, target, level))
         curved.append({"from": f"(n{source}.east)", "to": f"(n{target}.east)",
                        "out": f"({0.35 + 0.45 * level:.2f},0)"})
-    return {"boxes": boxes, "edges": straight, "skips": curved}
+    # a deep graph is drawn smaller, to fit the page (about 21 cm of it)
+    scale = min(1.0, 21.0 / (count * dy))
+    return {"boxes": boxes, "edges": straight, "skips": curved, "scale": f"{scale:.2f}"}
 # --- rendering -----------------------------------------------------------------------------
 
 
