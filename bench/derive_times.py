@@ -7,7 +7,7 @@ cold: first call in a fresh process, activation derivatives not yet cached, and 
 derivation of a residual graph of 20 blocks (dense relu -> dense -> add the block's input ->
 relu; 42 dense layers, 82 ops; target < 2 s), cold in a fresh process of its own and warm;
 verification by expansion of the 2-3-1 xor network (< 2 s) and of a 4-4-4-4-2 tanh network
-(< 30 s), each with the default 20 points at 50 digits. When ``derive.verify`` cannot be
+(< 30 s), each with the default 20 points at 50 digits. When ``derive.verify.expansion`` cannot be
 imported, the verification rows are skipped with a note.
 """
 
@@ -33,9 +33,9 @@ def _import_pipeline() -> float:
     """Import the core (spec, model, derivation) into this module's globals; seconds taken."""
     start = time.perf_counter()
     global derive, build_model, load_spec
-    from derive.derivation import derive
-    from derive.model import build_model
-    from derive.spec import load_spec
+    from derive.derivation.reverse import derive
+    from derive.graph.model import build_model
+    from derive.spec.load import load_spec
     return time.perf_counter() - start
 
 
@@ -135,9 +135,9 @@ def main() -> None:
           f"warm {warm:.3f} s   (target < 1 s)")
 
     try:
-        from derive.verify import verify
-    except Exception as error:  # noqa: BLE001 - derive.verify is being rewritten
-        print(f"verify rows skipped: derive.verify does not import "
+        from derive.verify.expansion import verify
+    except Exception as error:  # noqa: BLE001 - derive.verify.expansion is being rewritten
+        print(f"verify rows skipped: derive.verify.expansion does not import "
               f"({type(error).__name__}: {error})")
         return
     from derive import derivation
@@ -151,7 +151,7 @@ def main() -> None:
     for label, network, repeat, target in rows:
         try:
             cold, warm = timed(lambda network=network: verify(network), repeat=repeat)
-        except Exception as error:  # noqa: BLE001 - derive.verify is being rewritten
+        except Exception as error:  # noqa: BLE001 - derive.verify.expansion is being rewritten
             print(f"verify {label}: skipped, it raised {type(error).__name__}: {error}")
             continue
         print(f"verify {label}, 20 points x 50 digits: cold {cold:.2f} s, warm {warm:.2f} s"

@@ -125,17 +125,17 @@ def v1_data(module, dtype: str, batch: int, seed: int = 0) -> tuple[dict, np.nda
 
 
 def generated_module(source_spec, name: str):
-    from derive.codegen import load_module, render_module
-    from derive.derivation import derive
-    from derive.model import build_model
-    from derive.spec import load_spec
+    from derive.derivation.reverse import derive
+    from derive.graph.model import build_model
+    from derive.render.codegen import load_module, render_module
+    from derive.spec.load import load_spec
 
     return load_module(render_module(derive(build_model(load_spec(source_spec)))), name)
 
 
 def old_module(example: str, revision: str):
     """The v1 module of a built-in example as committed at ``revision`` (read-only git)."""
-    from derive.codegen import load_module
+    from derive.render.codegen import load_module
 
     path = f"{revision}:generated/{example}_net.py"
     source = subprocess.run(["git", "-C", str(ROOT), "show", path], capture_output=True,

@@ -122,10 +122,10 @@ def check_same_numbers(name: str, module, step) -> None:
 def numpy_rows(quick: bool) -> list[dict]:
     sys.path.insert(0, str(ROOT))
     from bench.handwritten import STEPS
-    from derive.codegen import load_module, render_module
-    from derive.derivation import derive
-    from derive.model import build_model
-    from derive.spec import load_spec
+    from derive.derivation.reverse import derive
+    from derive.graph.model import build_model
+    from derive.render.codegen import load_module, render_module
+    from derive.spec.load import load_spec
     from tests import reference_backprop as ref
 
     modules, nets = {}, {}
@@ -183,10 +183,10 @@ def generated_alone_rows(quick: bool) -> list[dict]:
     page-faults it back every time, which the interleaved process may not.
     """
     sys.path.insert(0, str(ROOT))
-    from derive.codegen import load_module, render_module
-    from derive.derivation import derive
-    from derive.model import build_model
-    from derive.spec import load_spec
+    from derive.derivation.reverse import derive
+    from derive.graph.model import build_model
+    from derive.render.codegen import load_module, render_module
+    from derive.spec.load import load_spec
 
     rows = []
     for name in CONFIGS:

@@ -17,7 +17,7 @@ import sympy as sp
 
 #: Roles of parameters (their gradients are what training needs).
 PARAMETER_ROLES = frozenset({"w", "b", "gamma", "beta"})
-#: Parameters that the L1/L2 penalty covers (DESIGN: weights and kernels only).
+#: Parameters that the L1/L2 penalty covers (weights and kernels only; docs/architecture.md).
 WEIGHT_ROLES = frozenset({"w"})
 
 
@@ -33,8 +33,9 @@ class NetTensor(sp.Symbol):
     of: str | None
     rank: int
 
-    def __new__(cls, role: str, node: int | None = None, of: str | None = None,
-                rank: int = 1) -> NetTensor:
+    def __new__(  # noqa: PYI034 (SymPy constructors return the instance they build)
+        cls, role: str, node: int | None = None, of: str | None = None, rank: int = 1
+    ) -> NetTensor:
         # not Symbol's cached constructor: two tensors with one display name but other fields
         # (w^2 as a matrix and as a rank-0 label) must stay two objects
         obj = sp.Symbol.__xnew__(cls, display_name(role, node, of), real=True)

@@ -3,7 +3,8 @@
 # Spec digest: 6015aaed0bdc (sha256 of the canonical spec, first 12 hex digits)
 """Train the deep_tanh network with NumPy: 4 -> 6 -> 6 -> 6 -> 6 -> 6 -> 6 -> 6 -> 6 -> 2.
 
-Activations: tanh, tanh, tanh, tanh, tanh, tanh, tanh, tanh, identity; loss: mse per sample, averaged over the batch.
+Activations: tanh, tanh, tanh, tanh, tanh, tanh, tanh, tanh, identity; loss: mse per sample,
+averaged over the batch.
 
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass follows the four backpropagation equations, derived per sample as
@@ -39,8 +40,10 @@ pass follows the four backpropagation equations, derived per sample as
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
 API (derive's Contract 2): LAYER_SIZES, INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
-gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (6, 4), b1 (6,), W2 (6, 6), b2 (6,), W3 (6, 6), b3 (6,), W4 (6, 6), b4 (6,), W5 (6, 6), b5 (6,), W6 (6, 6), b6 (6,), W7 (6, 6), b7 (6,), W8 (6, 6), b8 (6,), W9 (2, 6), b9 (2,).
-Run this file to train on its demo data.
+gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (6, 4), b1 (6,),
+W2 (6, 6), b2 (6,), W3 (6, 6), b3 (6,), W4 (6, 6), b4 (6,), W5 (6, 6), b5 (6,), W6 (6, 6), b6
+(6,), W7 (6, 6), b7 (6,), W8 (6, 6), b8 (6,), W9 (2, 6), b9 (2,). Run this file to train on its
+demo data.
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ DEMO_EPOCHS = 40
 DEMO_LR = 0.05
 DEMO_BATCH_SIZE = 32
 
-_UPDATE_BLOCK_BYTES = 65536  # largest temporary sgd_step makes (see there)
 
 
 def init_params(seed=0, dtype=np.float64):
@@ -87,8 +89,9 @@ def init_params(seed=0, dtype=np.float64):
 
 
 def forward(params, X):
-    """The forward pass: (output A9, cache). The cache keeps only what backward and
-    the loss read: X (backward), A1 (backward), A2 (backward), A3 (backward), A4 (backward), A5 (backward), A6 (backward), A7 (backward), A8 (backward), A9 (backward and loss)."""
+    """The forward pass: (output A9, cache). The cache keeps only what backward and the loss read:
+    X (backward), A1 (backward), A2 (backward), A3 (backward), A4 (backward), A5 (backward), A6
+    (backward), A7 (backward), A8 (backward), A9 (backward and loss)."""
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     W3, b3 = params["W3"], params["b3"]
@@ -232,20 +235,25 @@ def gradients(params, X, Y):
 
 
 def sgd_step(params, grads, lr):
-    """One step of gradient descent, in place: p <- p - lr * dC/dp.
-
-    A large matrix is updated a block of rows at a time, so that the temporary lr * dC/dp
-    stays small: a temporary above malloc's mmap threshold is mapped and handed back to the
-    operating system on every step, which costs more than the update itself.
-    """
-    for name, grad in grads.items():
-        param = params[name]
-        if grad.nbytes <= _UPDATE_BLOCK_BYTES:
-            param -= lr * grad
-            continue
-        rows = max(1, _UPDATE_BLOCK_BYTES // grad[0].nbytes)
-        for start in range(0, len(grad), rows):
-            param[start:start + rows] -= lr * grad[start:start + rows]
+    """One step of gradient descent, in place: p <- p - lr * dC/dp."""
+    params["W1"] -= lr * grads["W1"]
+    params["b1"] -= lr * grads["b1"]
+    params["W2"] -= lr * grads["W2"]
+    params["b2"] -= lr * grads["b2"]
+    params["W3"] -= lr * grads["W3"]
+    params["b3"] -= lr * grads["b3"]
+    params["W4"] -= lr * grads["W4"]
+    params["b4"] -= lr * grads["b4"]
+    params["W5"] -= lr * grads["W5"]
+    params["b5"] -= lr * grads["b5"]
+    params["W6"] -= lr * grads["W6"]
+    params["b6"] -= lr * grads["b6"]
+    params["W7"] -= lr * grads["W7"]
+    params["b7"] -= lr * grads["b7"]
+    params["W8"] -= lr * grads["W8"]
+    params["b8"] -= lr * grads["b8"]
+    params["W9"] -= lr * grads["W9"]
+    params["b9"] -= lr * grads["b9"]
 
 
 def train(params, X, Y, epochs, lr, batch_size=None, seed=0):

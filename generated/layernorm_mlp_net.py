@@ -3,7 +3,8 @@
 # Spec digest: c398496b35d6 (sha256 of the canonical spec, first 12 hex digits)
 """Train the layernorm_mlp network with NumPy: a graph of 4 ops, 3 -> 2.
 
-Layers: 1 = dense 4(x); 2 = layer_norm(1); 3 = activation tanh(2); 4 = dense 2 sigmoid(3). Loss: mse per sample, averaged over the batch.
+Layers: 1 = dense 4(x); 2 = layer_norm(1); 3 = activation tanh(2); 4 = dense 2 sigmoid(3). Loss:
+mse per sample, averaged over the batch.
 
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass applies the chain rule node by node, from the output back, derived per sample as
@@ -24,9 +25,9 @@ pass applies the chain rule node by node, from the output back, derived per samp
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
-API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
-gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (4, 3), b1 (4,), gamma2 (4,), beta2 (4,), W4 (2, 4), b4 (2,).
-Run this file to train on its demo data.
+API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
+sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (4, 3), b1 (4,), gamma2
+(4,), beta2 (4,), W4 (2, 4), b4 (2,). Run this file to train on its demo data.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ DEMO_EPOCHS = 40
 DEMO_LR = 0.05
 DEMO_BATCH_SIZE = 32
 
-_UPDATE_BLOCK_BYTES = 65536  # largest temporary sgd_step makes (see there)
 
 
 def _sigmoid(x):
@@ -52,7 +52,8 @@ def _sigmoid(x):
 
 
 def init_params(seed=0, dtype=np.float64):
-    """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)), zero biases."""
+    """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)), zero biases,
+    layer-norm scales one."""
     rng = np.random.default_rng(seed)
     params = {}
     params["W1"] = (rng.standard_normal((4, 3)) * 0.5345224838248488).astype(dtype)
@@ -65,8 +66,9 @@ def init_params(seed=0, dtype=np.float64):
 
 
 def forward(params, X):
-    """The forward pass: (output A4, cache). The cache keeps only what backward and
-    the loss read: X (backward), A1 (backward), mu2 (backward), var2 (backward), Xhat2 (backward), A3 (backward), A4 (backward and loss)."""
+    """The forward pass: (output A4, cache). The cache keeps only what backward and the loss read:
+    X (backward), A1 (backward), mu2 (backward), var2 (backward), Xhat2 (backward), A3
+    (backward), A4 (backward and loss)."""
     W1, b1 = params["W1"], params["b1"]
     gamma2, beta2 = params["gamma2"], params["beta2"]
     W4, b4 = params["W4"], params["b4"]
@@ -146,20 +148,13 @@ def gradients(params, X, Y):
 
 
 def sgd_step(params, grads, lr):
-    """One step of gradient descent, in place: p <- p - lr * dC/dp.
-
-    A large matrix is updated a block of rows at a time, so that the temporary lr * dC/dp
-    stays small: a temporary above malloc's mmap threshold is mapped and handed back to the
-    operating system on every step, which costs more than the update itself.
-    """
-    for name, grad in grads.items():
-        param = params[name]
-        if grad.nbytes <= _UPDATE_BLOCK_BYTES:
-            param -= lr * grad
-            continue
-        rows = max(1, _UPDATE_BLOCK_BYTES // grad[0].nbytes)
-        for start in range(0, len(grad), rows):
-            param[start:start + rows] -= lr * grad[start:start + rows]
+    """One step of gradient descent, in place: p <- p - lr * dC/dp."""
+    params["W1"] -= lr * grads["W1"]
+    params["b1"] -= lr * grads["b1"]
+    params["gamma2"] -= lr * grads["gamma2"]
+    params["beta2"] -= lr * grads["beta2"]
+    params["W4"] -= lr * grads["W4"]
+    params["b4"] -= lr * grads["b4"]
 
 
 def train(params, X, Y, epochs, lr, batch_size=None, seed=0):

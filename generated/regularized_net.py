@@ -3,7 +3,8 @@
 # Spec digest: 9b8fc0c2d8e7 (sha256 of the canonical spec, first 12 hex digits)
 """Train the regularized network with NumPy: a graph of 3 ops, 5 -> 3.
 
-Layers: 1 = dense 8 tanh(x); 2 = dropout(1); 3 = dense 3 softmax(2). Loss: cross_entropy per sample, averaged over the batch.
+Layers: 1 = dense 8 tanh(x); 2 = dropout(1); 3 = dense 3 softmax(2). Loss: cross_entropy per
+sample, averaged over the batch.
 
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass applies the chain rule node by node, from the output back, derived per sample as
@@ -18,9 +19,9 @@ pass applies the chain rule node by node, from the output back, derived per samp
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
-API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
-gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (8, 5), b1 (8,), W3 (3, 8), b3 (3,).
-Run this file to train on its demo data.
+API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
+sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (8, 5), b1 (8,), W3 (3, 8),
+b3 (3,). Run this file to train on its demo data.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ DEMO_EPOCHS = 40
 DEMO_LR = 0.1
 DEMO_BATCH_SIZE = 32
 
-_UPDATE_BLOCK_BYTES = 65536  # largest temporary sgd_step makes (see there)
 
 
-def _logsumexp(x):
-    """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
+def _softmax_logsumexp(x):
+    """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
     top = x.max(axis=1, keepdims=True)
-    return top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+    e = np.exp(x - top)
+    total = e.sum(axis=1, keepdims=True)
+    return e / total, top + np.log(total)
 
 
 def init_params(seed=0, dtype=np.float64):
@@ -58,9 +60,9 @@ def init_params(seed=0, dtype=np.float64):
 
 
 def forward(params, X, masks=None):
-    """The forward pass: (output A3, cache). The cache keeps only what backward and
-    the loss read: X (backward), A1 (backward), M2 (backward), A2 (backward), Z3 (loss), A3 (backward), LSE3 (loss). Dropout is off unless `masks` (from
-    _dropout_masks) is given."""
+    """The forward pass: (output A3, cache). The cache keeps only what backward and the loss read:
+    X (backward), A1 (backward), M2 (backward), A2 (backward), Z3 (loss), A3 (backward), LSE3
+    (loss). Dropout is off unless `masks` (from _dropout_masks) is given."""
     W1, b1 = params["W1"], params["b1"]
     W3, b3 = params["W3"], params["b3"]
     X = np.asarray(X, dtype=W1.dtype)
@@ -71,8 +73,7 @@ def forward(params, X, masks=None):
     A2 = A1*M2
     Z3 = A2 @ W3.T
     Z3 += b3
-    LSE3 = _logsumexp(Z3)
-    A3 = np.exp(Z3 - LSE3)
+    A3, LSE3 = _softmax_logsumexp(Z3)
     cache = {"X": X, "A1": A1, "M2": M2, "A2": A2, "Z3": Z3, "A3": A3, "LSE3": LSE3}
     return A3, cache
 
@@ -88,8 +89,10 @@ def _batch_loss(cache, Y):
 def _penalty(params):
     """The regularization R = (l2/2) sum w^2 + l1 sum |w| over the weights, once per batch."""
     total = 0.0
-    total += 0.001 / 2 * float(np.sum(params["W1"] ** 2)) + 0.0001 * float(np.sum(np.abs(params["W1"])))
-    total += 0.001 / 2 * float(np.sum(params["W3"] ** 2)) + 0.0001 * float(np.sum(np.abs(params["W3"])))
+    total += 0.001 / 2 * float(np.sum(params["W1"] ** 2))
+    total += 0.0001 * float(np.sum(np.abs(params["W1"])))
+    total += 0.001 / 2 * float(np.sum(params["W3"] ** 2))
+    total += 0.0001 * float(np.sum(np.abs(params["W3"])))
     return total
 
 
@@ -147,20 +150,11 @@ def _dropout_masks(rng, count, dtype):
 
 
 def sgd_step(params, grads, lr):
-    """One step of gradient descent, in place: p <- p - lr * dC/dp.
-
-    A large matrix is updated a block of rows at a time, so that the temporary lr * dC/dp
-    stays small: a temporary above malloc's mmap threshold is mapped and handed back to the
-    operating system on every step, which costs more than the update itself.
-    """
-    for name, grad in grads.items():
-        param = params[name]
-        if grad.nbytes <= _UPDATE_BLOCK_BYTES:
-            param -= lr * grad
-            continue
-        rows = max(1, _UPDATE_BLOCK_BYTES // grad[0].nbytes)
-        for start in range(0, len(grad), rows):
-            param[start:start + rows] -= lr * grad[start:start + rows]
+    """One step of gradient descent, in place: p <- p - lr * dC/dp."""
+    params["W1"] -= lr * grads["W1"]
+    params["b1"] -= lr * grads["b1"]
+    params["W3"] -= lr * grads["W3"]
+    params["b3"] -= lr * grads["b3"]
 
 
 def train(params, X, Y, epochs, lr, batch_size=None, seed=0):

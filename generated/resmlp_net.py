@@ -3,7 +3,10 @@
 # Spec digest: 4f6b1ff9bb77 (sha256 of the canonical spec, first 12 hex digits)
 """Train the resmlp network with NumPy: a graph of 10 ops, 4 -> 3.
 
-Layers: 1 (h1) = dense 6 relu(x); 2 = dense 6 relu(1); 3 (r1) = dense 6(2); 4 (s1) = add(1, 3); 5 (h2) = activation relu(4); 6 = dense 6 relu(5); 7 (r2) = dense 6(6); 8 = add(5, 7); 9 = activation relu(8); 10 = dense 3 softmax(9). Loss: cross_entropy per sample, averaged over the batch.
+Layers: 1 (h1) = dense 6 relu(x); 2 = dense 6 relu(1); 3 (r1) = dense 6(2); 4 (s1) = add(1, 3);
+5 (h2) = activation relu(4); 6 = dense 6 relu(5); 7 (r2) = dense 6(6); 8 = add(5, 7); 9 =
+activation relu(8); 10 = dense 3 softmax(9). Loss: cross_entropy per sample, averaged over the
+batch.
 
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass applies the chain rule node by node, from the output back, derived per sample as
@@ -33,9 +36,10 @@ pass applies the chain rule node by node, from the output back, derived per samp
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
-API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
-gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (6, 4), b1 (6,), W2 (6, 6), b2 (6,), W3 (6, 6), b3 (6,), W6 (6, 6), b6 (6,), W7 (6, 6), b7 (6,), W10 (3, 6), b10 (3,).
-Run this file to train on its demo data.
+API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
+sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (6, 4), b1 (6,), W2 (6, 6),
+b2 (6,), W3 (6, 6), b3 (6,), W6 (6, 6), b6 (6,), W7 (6, 6), b7 (6,), W10 (3, 6), b10 (3,). Run
+this file to train on its demo data.
 """
 
 from __future__ import annotations
@@ -52,17 +56,19 @@ DEMO_EPOCHS = 40
 DEMO_LR = 0.1
 DEMO_BATCH_SIZE = 32
 
-_UPDATE_BLOCK_BYTES = 65536  # largest temporary sgd_step makes (see there)
 
 
-def _logsumexp(x):
-    """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
+def _softmax_logsumexp(x):
+    """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
     top = x.max(axis=1, keepdims=True)
-    return top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+    e = np.exp(x - top)
+    total = e.sum(axis=1, keepdims=True)
+    return e / total, top + np.log(total)
 
 
 def init_params(seed=0, dtype=np.float64):
-    """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)) and He's sqrt(2 / n_in) (relu-like layers), zero biases."""
+    """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)) and He's sqrt(2
+    / n_in) (relu-like layers), zero biases."""
     rng = np.random.default_rng(seed)
     params = {}
     params["W1"] = (rng.standard_normal((6, 4)) * 0.7071067811865476).astype(dtype)
@@ -81,8 +87,10 @@ def init_params(seed=0, dtype=np.float64):
 
 
 def forward(params, X):
-    """The forward pass: (output A10, cache). The cache keeps only what backward and
-    the loss read: X (backward), Z1 (backward), A1 (backward), Z2 (backward), A2 (backward), A4 (backward), A5 (backward), Z6 (backward), A6 (backward), A8 (backward), A9 (backward), Z10 (loss), A10 (backward), LSE10 (loss)."""
+    """The forward pass: (output A10, cache). The cache keeps only what backward and the loss read:
+    X (backward), Z1 (backward), A1 (backward), Z2 (backward), A2 (backward), A4 (backward), A5
+    (backward), Z6 (backward), A6 (backward), A8 (backward), A9 (backward), Z10 (loss), A10
+    (backward), LSE10 (loss)."""
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     W3, b3 = params["W3"], params["b3"]
@@ -111,8 +119,7 @@ def forward(params, X):
     A9 = np.maximum(A8, 0)
     Z10 = A9 @ W10.T
     Z10 += b10
-    LSE10 = _logsumexp(Z10)
-    A10 = np.exp(Z10 - LSE10)
+    A10, LSE10 = _softmax_logsumexp(Z10)
     cache = {"X": X, "Z1": Z1, "A1": A1, "Z2": Z2, "A2": A2, "A4": A4, "A5": A5, "Z6": Z6, "A6": A6, "A8": A8, "A9": A9, "Z10": Z10, "A10": A10, "LSE10": LSE10}
     return A10, cache
 
@@ -201,20 +208,19 @@ def gradients(params, X, Y):
 
 
 def sgd_step(params, grads, lr):
-    """One step of gradient descent, in place: p <- p - lr * dC/dp.
-
-    A large matrix is updated a block of rows at a time, so that the temporary lr * dC/dp
-    stays small: a temporary above malloc's mmap threshold is mapped and handed back to the
-    operating system on every step, which costs more than the update itself.
-    """
-    for name, grad in grads.items():
-        param = params[name]
-        if grad.nbytes <= _UPDATE_BLOCK_BYTES:
-            param -= lr * grad
-            continue
-        rows = max(1, _UPDATE_BLOCK_BYTES // grad[0].nbytes)
-        for start in range(0, len(grad), rows):
-            param[start:start + rows] -= lr * grad[start:start + rows]
+    """One step of gradient descent, in place: p <- p - lr * dC/dp."""
+    params["W1"] -= lr * grads["W1"]
+    params["b1"] -= lr * grads["b1"]
+    params["W2"] -= lr * grads["W2"]
+    params["b2"] -= lr * grads["b2"]
+    params["W3"] -= lr * grads["W3"]
+    params["b3"] -= lr * grads["b3"]
+    params["W6"] -= lr * grads["W6"]
+    params["b6"] -= lr * grads["b6"]
+    params["W7"] -= lr * grads["W7"]
+    params["b7"] -= lr * grads["b7"]
+    params["W10"] -= lr * grads["W10"]
+    params["b10"] -= lr * grads["b10"]
 
 
 def train(params, X, Y, epochs, lr, batch_size=None, seed=0):

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from derive.functions import ACTIVATIONS, LOSSES
-from derive.spec import NetworkSpec, load_spec
+from derive.registry.functions import ACTIVATIONS, LOSSES
+from derive.spec.load import NetworkSpec, load_spec
 
 ELEMENTWISE = [name for name in ACTIVATIONS if name != "softmax"]
 #: Output activations known to lie in (0, 1), as binary cross-entropy needs.

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive import functions
-from derive.backward_check import BATCH, Convention, _Backprop, check_backward
-from derive.check import add_command  # noqa: F401  (the command module imports cleanly)
-from derive.cli import main
-from derive.derivation import derive
+from derive.check.backward import BATCH, Convention, _Backprop, check_backward
+from derive.cli.check import add_command  # noqa: F401  (the command module imports cleanly)
+from derive.cli.main import main
+from derive.derivation.reverse import derive
 from derive.errors import DeriveError
-from derive.model import build_model
-from derive.spec import load_spec
+from derive.graph.model import build_model
+from derive.registry import functions
+from derive.spec.load import load_spec
 from tests.conftest import make_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"

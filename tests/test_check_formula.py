@@ -8,10 +8,10 @@ import time
 import pytest
 import sympy
 
-from derive.check import check_formula
-from derive.cli import main
+from derive.check.formulas import check_formula
+from derive.check.parser import FormulaSyntaxError, parse_formula
+from derive.cli.main import main
 from derive.errors import DeriveError
-from derive.formula_parser import FormulaSyntaxError, parse_formula
 from tests.conftest import ELEMENTWISE, make_spec
 
 HIDDEN_DELTA = "delta^l = ((W^{l+1})^T delta^{l+1}) * sigma'(z^l)"
@@ -284,3 +284,36 @@ def test_a_layer_on_y_is_explained():
 def test_more_latex_variants(formula):
     verdict = check_formula("xor", formula, points=3)
     assert verdict.correct, "\n".join(verdict.lines())
+
+
+# --- the numeric service and the registry's functions ------------------------------------
+
+
+def test_piecewise_conditions_on_irrational_values_are_decided():
+    """relu after gelu: the condition 0 < z (1 + erf(z/sqrt(2)))/2 is left undecided by
+    substitution; check evaluates through derive.verify.numeric, which decides it."""
+    spec = {"name": "pw", "input": 2, "layers": [
+        {"size": 2, "activation": "gelu"}, {"op": "activation", "activation": "relu"},
+        {"size": 2, "activation": {"name": "mx", "expr": "max(z*sqrt(2), z/3)"}},
+        {"size": 1}], "loss": "mse"}
+    assert check_formula(spec, "dC/dw^1_jk = delta^1_j x_k", points=5).correct
+    wrong = check_formula(spec, "dC/dw^1_jk = 2 delta^1_j x_k", points=5)
+    assert not wrong.correct and wrong.counterexample is not None
+
+
+@pytest.mark.parametrize(("formula", "correct"), [
+    ("delta^L = (a^L - y) * tanh'(z^L)", True),      # an activation by name, with a prime
+    ("delta^L = (a^L - y) * (1 - tanh(z^L)^2)", True),
+    ("delta^L = (a^L - y) * Abs(1 - a^L^2)", True),  # the registry's aliases: Abs, Max, ln
+    ("delta^L = (a^L - y) * Max(1 - a^L^2, 0)", True),
+    ("delta^L = (a^L - y) * exp(ln(1 - a^L^2))", True),
+    ("delta^L = (a^L - y) * step(z^L)", False),
+])
+def test_functions_from_the_registry_table(formula, correct):
+    spec = make_spec([2, 3, 2], ["tanh", "tanh"])
+    assert check_formula(spec, formula, points=3).correct is correct
+
+
+def test_an_elementary_function_takes_no_prime():
+    with pytest.raises(DeriveError, match="exp' is not supported"):
+        check_formula("xor", "delta^L = exp'(z^L)", points=1)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from derive.backward_check import check_backward
-from derive.check import check_formula
-from derive.cli import main
-from derive.derivation import derive
+from derive.check.backward import check_backward
+from derive.check.formulas import check_formula
+from derive.check.parser import Adjoint, Ref, parse_formula
+from derive.cli.main import main
+from derive.derivation.reverse import derive
 from derive.errors import DeriveError
-from derive.formula_parser import Adjoint, Ref, parse_formula
-from derive.model import build_model
-from derive.spec import load_spec
+from derive.graph.model import build_model
+from derive.spec.load import load_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: 2 -> dense 3 tanh (h1) -> dense 3 sigmoid -> add(h1, 2) -> layer_norm -> dense 2 sigmoid

@@ -16,7 +16,7 @@ DERIVE = shutil.which("derive")
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    command = [DERIVE] if DERIVE else [sys.executable, "-m", "derive.cli"]
+    command = [DERIVE] if DERIVE else [sys.executable, "-m", "derive.cli.main"]
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300, check=False)
 

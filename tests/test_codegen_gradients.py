@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derive.functions import ACTIVATIONS
-from derive.spec import list_examples, load_spec
+from derive.registry.functions import ACTIVATIONS
+from derive.spec.load import list_examples, load_spec
 from tests import reference_backprop as ref
 from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
 from tests.test_codegen_support import (

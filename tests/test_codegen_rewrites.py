@@ -8,11 +8,11 @@ import pytest
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
-from derive.functions import elementary, sigmoid, softplus
-from derive.numpy_printer import HELPERS, NumPyBatchPrinter, fold_numbers
+from derive.derivation.tensorform import ONE, Inner, MatVec
 from derive.quantities import NetTensor
-from derive.stability import REWRITES, LogSumExp, Softmax, rewrite, stabilize
-from derive.vectorform import ONE, Inner, MatVec
+from derive.registry.functions import elementary, sigmoid, softplus
+from derive.render.numpy_printer import HELPERS, NumPyBatchPrinter, fold_numbers
+from derive.render.stability import REWRITES, LogSumExp, Softmax, rewrite, stabilize
 
 x = sp.Symbol("x", real=True)
 z = NetTensor("z", 2)

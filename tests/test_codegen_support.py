@@ -7,10 +7,10 @@ import types
 
 import numpy as np
 
-from derive.codegen import load_module, render_module
-from derive.derivation import derive
-from derive.model import build_model
-from derive.spec import NetworkSpec, load_spec
+from derive.derivation.reverse import derive
+from derive.graph.model import build_model
+from derive.render.codegen import load_module, render_module
+from derive.spec.load import NetworkSpec, load_spec
 
 
 @functools.cache

@@ -12,11 +12,11 @@ import mpmath
 import pytest
 import sympy as sp
 
-from derive.derivation import C, Derivation, activation_derivative, derive
-from derive.functions import A, Y, Z, elementary
-from derive.model import build_model, i, j, k, quantity
+from derive.derivation.reverse import C, Derivation, activation_derivative, derive
+from derive.derivation.tensorform import MatVec, Outer
+from derive.graph.model import build_model, i, j, k, quantity
 from derive.quantities import NetTensor
-from derive.vectorform import MatVec, Outer
+from derive.registry.functions import A, Y, Z, elementary
 from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
 
 

@@ -21,7 +21,7 @@ COMMANDS = [
 def output(args: list[str], seed: str) -> bytes:
     command = [shutil.which("derive") or sys.executable, *args]
     if not shutil.which("derive"):
-        command[1:1] = ["-m", "derive.cli"]
+        command[1:1] = ["-m", "derive.cli.main"]
     env = {**os.environ, "PYTHONHASHSEED": seed}
     result = subprocess.run(command, capture_output=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr.decode()

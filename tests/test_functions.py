@@ -10,10 +10,11 @@ import mpmath
 import pytest
 import sympy as sp
 
-from derive.derivation import activation_derivative
-from derive.functions import (
+from derive.derivation.reverse import activation_derivative
+from derive.registry.functions import (
     ACTIVATIONS,
     LOSSES,
+    SCALAR_FUNCTIONS,
     A,
     Y,
     Z,
@@ -23,7 +24,7 @@ from derive.functions import (
     sigmoid,
     softplus,
 )
-from tests.conftest import ELEMENTWISE
+from tests.conftest import ELEMENTWISE, make_spec
 
 POINTS = (-3.3, -1.1, -0.25, 0.2, 0.8, 2.6)
 
@@ -114,3 +115,54 @@ def test_custom_functions_are_parsed_not_evaluated():
 
 def test_every_registry_entry_has_a_description():
     assert all(entry.description for entry in ACTIVATIONS.values())
+
+
+# --- the function table both user-expression parsers read ----------------------------------
+
+
+def _call(name: str, argument: str) -> str:
+    entry = SCALAR_FUNCTIONS[name]
+    return f"{name}({', '.join([argument] * entry.arity)})"
+
+
+def test_the_parsers_whitelists_are_the_registry_table():
+    from derive.check import parser
+    from derive.registry import safe_expr
+
+    assert dict(safe_expr.FUNCTIONS) == dict(SCALAR_FUNCTIONS)
+    assert parser.FUNCTIONS == {"sigma", *SCALAR_FUNCTIONS, *ACTIVATIONS}
+
+
+@pytest.mark.parametrize("name", SCALAR_FUNCTIONS)
+def test_every_function_of_the_table_is_accepted_by_both_parsers(name):
+    from derive.check.formulas import check_formula
+    from derive.registry.safe_expr import parse_expression
+
+    entry = SCALAR_FUNCTIONS[name]
+    z = parse_expression(_call(name, "z"), {"z": Z})
+    assert z == entry.build(*[Z] * entry.arity)
+    call = _call(name, "a^L - y")       # check's meaning of it: f(x) - f(x) cancels
+    linear = make_spec([2, 2], ["identity"], "mse")     # delta^L = a^L - y
+    verdict = check_formula(linear, f"delta^L = (a^L - y) + {call} - {call}", points=1)
+    assert verdict.correct, verdict.lines()
+
+
+@pytest.mark.parametrize("name", ["cos", "sin", "atan", "gamma_fn", "floor", "sign", "Heaviside"])
+def test_a_function_outside_the_table_is_refused_by_both_parsers(name):
+    from derive.check.parser import FormulaSyntaxError, parse_formula
+    from derive.errors import DeriveError
+    from derive.registry.safe_expr import parse_expression
+
+    with pytest.raises(DeriveError, match="not allowed"):
+        parse_expression(f"{name}(z)", {"z": Z})
+    with pytest.raises(FormulaSyntaxError):
+        parse_formula(f"delta^L = {name}(a^L)")
+
+
+@pytest.mark.parametrize("name", [*ELEMENTWISE, *LOSSES])
+def test_the_table_covers_the_functions_the_registry_uses(name):
+    """Every built-in activation and loss can be written as a custom expression: the
+    functions its expression calls are in the table (piecewise ones through step)."""
+    expr = LOSSES[name].expr if name in LOSSES else resolve_activation(name).expr
+    used = {type(f) for f in expr.atoms(sp.Function)} - {sp.Piecewise}
+    assert used <= {entry.build for entry in SCALAR_FUNCTIONS.values()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from derive.regen import regenerate_all
+from derive.render.regen import regenerate_all
 
 GENERATED = Path(__file__).resolve().parent.parent / "generated"
 REFRESH = "derive regen   (run from the repository root)"

@@ -15,12 +15,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derive.codegen import load_module, render_module
-from derive.derivation import derive
-from derive.model import build_model
-from derive.ops import OPS
+from derive.derivation.reverse import derive
+from derive.graph.model import build_model
 from derive.quantities import NetTensor
-from derive.spec import example_path, list_examples, load_spec
+from derive.registry.ops import OPS
+from derive.render.codegen import load_module, render_module
+from derive.spec.load import example_path, list_examples, load_spec
 from tests.strategies import random_batch, random_dag_specs
 from tests.torch_reference import init_reference_params, torch_loss_and_grads
 
@@ -111,7 +111,7 @@ def test_dropout_is_off_in_gradients_and_on_in_train() -> None:
     params = init_reference_params(spec, 2)
     X, Y = random_batch(spec, 2, 6)
     # off: the module agrees with the reference, which has no dropout
-    value, grads = module.gradients(params, X, Y)
+    value, _grads = module.gradients(params, X, Y)
     assert value == pytest.approx(torch_loss_and_grads(spec, params, X, Y)[0], rel=1e-12)
     # on: with fixed masks the gradient is that of the masked loss (central differences)
     masks = module._dropout_masks(np.random.default_rng(0), len(X), np.float64)
@@ -120,7 +120,7 @@ def test_dropout_is_off_in_gradients_and_on_in_train() -> None:
     _, masked = module.gradients(params, X, Y, masks)
 
     def masked_loss(p: dict) -> float:
-        output, cache = module.forward(p, X, masks)
+        _output, cache = module.forward(p, X, masks)
         return module._batch_loss(cache, Y) + module._penalty(p)
 
     for key in params:

@@ -1,4 +1,4 @@
-"""derive.latex: the LaTeX printer, the document, the worked example, Markdown and the CLI.
+"""derive.render.latex: the LaTeX printer, the document, the worked example, Markdown and the CLI.
 
 Graph documents are in tests/test_latex_graphs.py, the words in tests/test_latex_text.py and
 compiling in tests/test_latex_compile.py; this file needs no TeX.
@@ -13,17 +13,18 @@ import pytest
 import sympy as sp
 import yaml
 
-from derive import latex as latex_module
-from derive.cli import derivation_of, main
-from derive.derivation import C
-from derive.functions import resolve_activation
-from derive.latex import log_problems, render_context, render_latex, render_markdown
-from derive.latex_printer import batch_gradient, latex, visual_length
-from derive.latex_text import LANGUAGES
+from derive.cli import latex as latex_cli
+from derive.cli.main import derivation_of, main
+from derive.derivation.reverse import C
+from derive.derivation.tensorform import ONE, Inner, MatVec, Outer, to_vector
 from derive.quantities import NetTensor, j, k
-from derive.spec import EXAMPLES_DIR, list_examples, load_spec
-from derive.vectorform import ONE, Inner, MatVec, Outer, to_vector
-from derive.worked_example import default_values, worked_example
+from derive.registry.functions import resolve_activation
+from derive.render import latex as latex_module
+from derive.render.latex import log_problems, render_context, render_latex, render_markdown
+from derive.render.latex_printer import batch_gradient, latex, visual_length
+from derive.render.latex_text import LANGUAGES
+from derive.render.worked_example import default_values, worked_example
+from derive.spec.load import EXAMPLES_DIR, list_examples, load_spec
 from tests.test_latex_graphs import SPECS
 
 EXAMPLES = [name for name, _ in list_examples()]
@@ -298,7 +299,7 @@ def test_worked_example_matches_an_independent_reference(derivations, name):
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_worked_example_matches_generated_numpy_code(derivations, name):
     """The documents say the numbers agree with the NumPy code derive generates."""
-    codegen = pytest.importorskip("derive.codegen")
+    codegen = pytest.importorskip("derive.render.codegen")
     derivation = derivations[name]
     module = codegen.load_module(codegen.render_module(derivation), f"{name}_for_latex")
     example = worked_example(derivation)
@@ -372,6 +373,6 @@ def test_cli_without_tex_names_the_debian_packages(tmp_path, monkeypatch, capsys
 def test_pipeline_step_without_tex(tmp_path, monkeypatch):
     monkeypatch.setattr(latex_module.shutil, "which", lambda name: None)
     lines: list[str] = []
-    latex_module.pipeline_step(derivation_of(load_spec("xor")), tmp_path, lines.append)
+    latex_cli.pipeline_step(derivation_of(load_spec("xor")), tmp_path, lines.append)
     assert (tmp_path / "xor.tex").exists() and not (tmp_path / "xor.pdf").exists()
     assert any("texlive" in line for line in lines)

@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from derive.cli import derivation_of, main
+from derive.cli.main import derivation_of, main
 from derive.errors import DeriveError
-from derive.functions import ACTIVATIONS, LOSSES
-from derive.latex import (
+from derive.registry.functions import ACTIVATIONS, LOSSES
+from derive.render.latex import (
     Compiled,
     compile_pdf,
     log_problems,
@@ -33,7 +33,7 @@ from derive.latex import (
     render_latex,
     tex_available,
 )
-from derive.spec import list_examples, load_spec
+from derive.spec.load import list_examples, load_spec
 from tests.test_latex_graphs import SPECS
 
 LANGUAGES = ("en", "zh")

@@ -12,10 +12,10 @@ import re
 import pytest
 import yaml
 
-from derive.derivation import derive
-from derive.latex import render_context, render_latex, render_markdown
-from derive.model import build_model
-from derive.spec import load_spec
+from derive.derivation.reverse import derive
+from derive.graph.model import build_model
+from derive.render.latex import render_context, render_latex, render_markdown
+from derive.spec.load import load_spec
 
 #: Graphs (and two chains) that exercise every op, skips from the input, several readers of
 #: one layer, both penalties, a layer without bias and a one-layer network.
@@ -163,7 +163,7 @@ def test_markdown_and_fragment(derivations, name):
 
 
 def test_cli_writes_a_graph_document(tmp_path, capsys):
-    from derive.cli import main
+    from derive.cli.main import main
 
     spec = tmp_path / "resnorm.yaml"
     spec.write_text(yaml.safe_dump(SPECS["resnorm"]), encoding="utf-8")

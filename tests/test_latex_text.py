@@ -1,4 +1,4 @@
-"""derive.latex_text: every justification the derivation can record has words in every language.
+"""derive.render.latex_text: every justification the derivation can record has words in every language.
 
 The derivation records a short English ``why`` on each step; the documents show the words of
 :data:`derive.latex_text.WHY` (or a pattern of :data:`WHY_PATTERNS`) instead. The networks
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from derive.derivation import derive
-from derive.functions import ACTIVATIONS, LOSSES
-from derive.latex_text import LANGUAGES, TEXT, WHY, WHY_PATTERNS, WHY_PREFIX, why
-from derive.model import build_model
-from derive.spec import list_examples, load_spec
+from derive.derivation.reverse import derive
+from derive.graph.model import build_model
+from derive.registry.functions import ACTIVATIONS, LOSSES
+from derive.render.latex_text import LANGUAGES, TEXT, WHY, WHY_PATTERNS, WHY_PREFIX, why
+from derive.spec.load import list_examples, load_spec
 from tests.test_latex_graphs import SPECS
 
 ELEMENTWISE = [name for name in ACTIVATIONS if name != "softmax"]

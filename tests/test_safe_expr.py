@@ -8,8 +8,8 @@ import pytest
 import sympy as sp
 
 from derive.errors import DeriveError
-from derive.functions import A, Y, Z
-from derive.safe_expr import FUNCTIONS, parse_expression
+from derive.registry.functions import A, Y, Z
+from derive.registry.safe_expr import FUNCTIONS, parse_expression
 
 ACTIVATION_VARS = {"z": Z}
 LOSS_VARS = {"a": A, "y": Y}

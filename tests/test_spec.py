@@ -13,11 +13,10 @@ import jsonschema
 import pytest
 import yaml
 
-from derive import functions
 from derive.errors import DeriveError
-from derive.ops import OPS
-from derive.schema import ATTRIBUTE_KINDS, parameter_ranks, spec_schema
-from derive.spec import (
+from derive.registry import functions
+from derive.registry.ops import OPS
+from derive.spec.load import (
     LAYER_COMMON_FIELDS,
     PARAMETER_KEYS,
     TOP_FIELDS,
@@ -29,6 +28,7 @@ from derive.spec import (
     list_examples,
     load_spec,
 )
+from derive.spec.schema import ATTRIBUTE_KINDS, parameter_ranks, spec_schema
 
 EXAMPLES = [name for name, _ in list_examples()]
 

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from derive.errors import DeriveError
-from derive.ops import OPS
-from derive.schema import spec_schema
-from derive.spec import LAYER_COMMON_FIELDS, PARAMETER_KEYS, load_spec
+from derive.registry.ops import OPS
+from derive.spec.load import LAYER_COMMON_FIELDS, PARAMETER_KEYS, load_spec
+from derive.spec.schema import spec_schema
 
 # --- the v1 built-ins keep their meaning ---------------------------------------------------
 

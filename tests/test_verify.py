@@ -9,10 +9,10 @@ import pytest
 import symengine as se
 import sympy as sp
 
-from derive.derivation import derive
-from derive.model import build_model
+from derive.derivation.reverse import derive
+from derive.graph.model import build_model
 from derive.quantities import tensor_of
-from derive.spec import list_examples, load_spec
+from derive.spec.load import list_examples, load_spec
 from derive.verify import (
     PARAMETER_BUDGET,
     Instance,
@@ -20,10 +20,10 @@ from derive.verify import (
     evaluate,
     parameter_count,
     reduced_spec,
-    spec_parameter_count,
     verify,
     verify_derivation,
 )
+from derive.verify.numeric import spec_parameter_count
 from tests.conftest import ELEMENTWISE, make_spec, valid_output_pairs
 
 
@@ -160,7 +160,7 @@ def test_targets_of_cross_entropy_sum_to_one_exactly():
 
 
 def test_instance_api_of_a_dense_chain():
-    """What derive.check reads: forward values, backprop's δ^l_j, evaluation at a point."""
+    """What derive.check.formulas reads: forward values, backprop's δ^l_j, evaluation at a point."""
     import random
 
     derivation = derive(build_model(make_spec([2, 3, 2], ["tanh", "sigmoid"], "mse")))

@@ -9,8 +9,8 @@ strategies = pytest.importorskip("tests.strategies")
 
 from hypothesis import HealthCheck, given, settings
 
-from derive.spec import load_spec
-from derive.verify import verify
+from derive.spec.load import load_spec
+from derive.verify.expansion import verify
 
 
 @settings(max_examples=10, deadline=None, derandomize=True,

@@ -1,9 +1,11 @@
 """The command line: parse arguments, call the API, print, map errors to exit codes.
 
-Exit codes (DESIGN.md, Contract 3): 0 success; 1 a verification found a mismatch; 2 bad input
-or usage, with one line on stderr and no traceback. Feature modules add their own subcommand
-through ``add_command(subparsers)`` (listed in :data:`EXTENSIONS`) and may add a step to the
-default pipeline through ``pipeline_step(derivation, out_dir, echo)``.
+Exit codes (docs/architecture.md, "The command line"): 0 success; 1 a verification found a
+mismatch; 2 bad input or usage, with one line on stderr and no traceback. The commands of the
+later stages live beside this module (``derive/cli/codegen.py``, ``latex.py``, ``check.py``,
+``regen.py``, listed in :data:`EXTENSIONS`): each adds its subcommand through
+``add_command(subparsers)`` and may add a step to the default pipeline through
+``pipeline_step(derivation, out_dir, echo)``. The stages themselves hold no argparse code.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from derive import __version__
-from derive.derivation import C, R, Derivation, Formula, derive
+from derive.derivation.reverse import C, Derivation, Formula, R, derive
 from derive.errors import DeriveError
-from derive.functions import Z
-from derive.model import Model, build_model
-from derive.pretty import pretty
-from derive.spec import NetworkSpec, list_examples, load_spec
+from derive.graph.model import Model, build_model
+from derive.registry.functions import Z
+from derive.render.pretty import pretty
+from derive.spec.load import NetworkSpec, list_examples, load_spec
 
 #: Modules that add a subcommand (``add_command``) and, optionally, a default pipeline step.
-EXTENSIONS: tuple[str, ...] = ("derive.codegen", "derive.latex", "derive.check", "derive.regen")
+EXTENSIONS: tuple[str, ...] = ("derive.cli.codegen", "derive.cli.latex", "derive.cli.check",
+                               "derive.cli.regen")
 DEFAULT_EXAMPLE = "xor"
 DEFAULT_OUT = "derive-out"
 
@@ -141,7 +144,7 @@ def _cmd_show(args: argparse.Namespace, echo: Echo) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace, echo: Echo) -> int:
-    from derive.verify import verify
+    from derive.verify.expansion import verify
 
     if args.points < 1:
         raise DeriveError("--points must be at least 1")
@@ -161,7 +164,7 @@ def _cmd_examples(args: argparse.Namespace, echo: Echo) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace, echo: Echo) -> int:
-    from derive.schema import spec_schema
+    from derive.spec.schema import spec_schema
 
     echo(json.dumps(spec_schema(), indent=2))
     return 0
@@ -181,7 +184,7 @@ def _progress_reporter(after: float = 1.0) -> Echo:
 
 def run_pipeline(spec: NetworkSpec, out_dir: Path, echo: Echo) -> int:
     """The whole pipeline: derive, print, verify, then each extension's outputs."""
-    from derive.verify import verify
+    from derive.verify.expansion import verify
 
     derivation = derivation_of(spec)
     for line in derivation_lines(derivation, steps=False):

@@ -1,7 +1,7 @@
 """Numerical stability as named rewrites of SymPy expressions, applied before code is printed.
 
 Code generation stage helper: takes expressions read from a :class:`~derive.derivation.Derivation`
-(vector forms, see :mod:`derive.vectorform`) and gives equal expressions that evaluate without
+(vector forms, see :mod:`derive.derivation.tensorform`) and gives equal expressions that evaluate without
 overflow or log(0) in floating point. Each rewrite is an exact identity, has a name and its own
 test, and is listed in :data:`REWRITES`; printers never special-case a formula.
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
-from derive.functions import sigmoid, softplus
-from derive.vectorform import ONE, Inner
+from derive.derivation.tensorform import ONE, Inner
+from derive.registry.functions import sigmoid, softplus
 
 
 class Softmax(sp.Function):

@@ -1,11 +1,11 @@
 """The prose of the LaTeX and Markdown documents, in English and Chinese.
 
 Only words live here; the mathematics in the documents is printed from the Derivation by
-:mod:`derive.latex_printer`. Fields in braces (``{L}``, ``{w}``) are filled by
-:mod:`derive.latex` with printed symbols and numbers. Inline math is written ``$...$`` and the
+:mod:`derive.render.latex_printer`. Fields in braces (``{L}``, ``{w}``) are filled by
+:mod:`derive.render.latex` with printed symbols and numbers. Inline math is written ``$...$`` and the
 text avoids other LaTeX markup, so the same strings serve LaTeX and Markdown (KaTeX/MathJax).
 
-:data:`WHY` translates the justifications that :mod:`derive.derivation` records on each
+:data:`WHY` translates the justifications that :mod:`derive.derivation.reverse` records on each
 :class:`~derive.derivation.Step`: keyed by the engine's English text (:data:`WHY_PATTERNS`
 for the texts that name a layer), so a step whose text is not here is still shown (in the
 engine's words); ``tests/test_latex_text.py`` checks that every step of every built-in example,

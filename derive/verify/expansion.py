@@ -17,6 +17,9 @@ difference expands to zero) where that is affordable, otherwise numerically at r
 with 50-digit arithmetic. The regularization's part of a weight's gradient, ∂R/∂w, is checked
 on its own against the expanded penalty R. Networks too large to expand are checked on a copy
 with capped widths: the same graph, ops, activations and loss.
+
+The random points, the capped copy and the 50-digit evaluation come from
+:mod:`derive.verify.numeric`, which :mod:`derive.check.formulas` uses too.
 """
 
 from __future__ import annotations
@@ -31,29 +34,28 @@ from dataclasses import dataclass
 
 import symengine as se
 import sympy as sp
-from symengine.lib.symengine_wrapper import Boolean as _Boolean
 
-from derive.derivation import Derivation, Formula, derive
-from derive.functions import elementary
-from derive.model import Model, build_model
-from derive.ops import OPS
+from derive.derivation.reverse import Derivation, Formula, derive
+from derive.graph.model import Model, build_model
 from derive.quantities import NetTensor, entry, tensor_of
-from derive.spec import NetworkSpec, layer_attributes
+from derive.registry.functions import elementary
+from derive.spec.load import NetworkSpec
+from derive.verify.numeric import (
+    DIGITS,
+    PARAMETER_BUDGET,
+    TOLERANCE,
+    Batch,
+    fold_constants,
+    random_point,
+    real_value,
+    reduced_spec,
+)
 
-#: Precision of the numeric check: 50 decimal digits, with guard bits.
-DIGITS = 50
-_BITS = 200
-_TOLERANCE = 10.0 ** -(DIGITS - 10)
-#: Networks with more parameters than this are checked on a copy with capped widths: the
-#: expanded loss of a wider network is too slow to differentiate.
-PARAMETER_BUDGET = 120
 #: Exact symbolic comparison is attempted up to this many parameters.
 SYMBOLIC_LIMIT = 16
 #: From this many random points on, the direct derivatives are evaluated through their common
 #: subexpressions (found once, a fixed cost that many points amortise).
 _SHARED_POINTS = 8
-#: Widths are never capped below this (a softmax needs two outputs).
-_MIN_WIDTH = 2
 
 Key = sp.Expr          # an entry of a quantity: Indexed, rank-0 NetTensor or Derivative(C, q)
 Index = tuple[int, ...]
@@ -116,47 +118,6 @@ class Report:
         return out
 
 
-# --- the size of what is expanded ---------------------------------------------------------
-
-
-def parameter_count(sizes: tuple[int, ...], biases: tuple[bool, ...]) -> int:
-    """Number of weights and biases of a chain of dense layers with these sizes."""
-    return sum(n * m + (n if bias else 0) for m, n, bias in zip(sizes, sizes[1:], biases))
-
-
-def spec_parameter_count(spec: NetworkSpec) -> int:
-    """Number of parameter entries of ``spec`` (every op's parameters)."""
-    return sum(math.prod(shape) for shape in spec.parameter_shapes().values())
-
-
-def _capped(spec: NetworkSpec, cap: int) -> NetworkSpec:
-    """``spec`` with the input and every op that chooses its width (``size``) capped at
-    ``cap``; the other ops' widths follow from their inputs, so nodes summed by ``add`` keep
-    equal widths."""
-    widths = [min(spec.input, cap)]
-    layers = []
-    for l, layer in enumerate(spec.layers, start=1):
-        definition = OPS[layer.op]
-        size = min(layer.size, cap) if definition.attribute("size") is not None else layer.size
-        attrs = {**layer_attributes(layer), "size": size}
-        width = definition.output_size(attrs, tuple(widths[n] for n in layer.reads(l)))
-        layers.append(dataclasses.replace(layer, size=width))
-        widths.append(width)
-    return dataclasses.replace(spec, input=widths[0], layers=tuple(layers), example=None)
-
-
-def reduced_spec(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> NetworkSpec:
-    """``spec`` itself if it is within ``budget`` parameters, else a copy with every width
-    (the input's too) capped at the largest value that fits, but not below 2: the same graph,
-    ops, activations and loss."""
-    if spec_parameter_count(spec) <= budget:
-        return spec
-    cap = max(spec.sizes)
-    while cap > _MIN_WIDTH and spec_parameter_count(_capped(spec, cap)) > budget:
-        cap -= 1
-    return _capped(spec, cap)
-
-
 # --- entry points -------------------------------------------------------------------------
 
 
@@ -196,8 +157,8 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
     directs = [d for plan in plans for d in plan.direct]
     numeric: list[tuple[list[se.Basic | None], list[se.Basic | None]]] = []
     missing: set[Key] = set()
-    forward_batch = _Batch(list(instance.values.values()))
-    direct_batch = _Batch(directs, shared=points >= _SHARED_POINTS)
+    forward_batch = Batch(list(instance.values.values()))
+    direct_batch = Batch(directs, shared=points >= _SHARED_POINTS)
     for point in samples:
         values = forward_batch.at(point)
         if any(value is None for value in values):
@@ -205,7 +166,7 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
         env = backprop_values(instance, derivation, dict(zip(instance.values, values)),
                               numeric=True)
         missing.update(key for key in keys if key not in env)
-        derived = [_real(env[key]) if key in env else None for key in keys]
+        derived = [real_value(env[key]) if key in env else None for key in keys]
         numeric.append((derived, direct_batch.at(point)))
 
     symbolic_env: dict[Key, se.Basic] | None = None
@@ -248,14 +209,16 @@ class Instance:
     ``values`` maps every entry of every quantity (``x``, ``y``, parameters, masks and each
     equation's target; Indexed, or the NetTensor itself at rank 0) to its expanded SymEngine
     expression. The entries of the quantities in ``perturb`` (default: every equation target)
-    carry a perturbation leaf (``errors``), so that ∂C/∂e at e = 0 is their adjoint. Also used
-    by :mod:`derive.check` to evaluate user formulas on the same instances.
+    carry a perturbation leaf (``errors``), so that ∂C/∂e at e = 0 is their adjoint. Other
+    formulas can be evaluated on the same instance (:meth:`instantiate`,
+    :func:`backprop_values`).
     """
 
     def __init__(self, model: Model, perturb: Iterable[NetTensor] | None = None) -> None:
         self.model = model
         self.sizes: dict[sp.Symbol, int] = {size: int(n) for size, n in model.widths.items()}
         self.leaves: list[se.Symbol] = []
+        self.leaf_tensors: list[tuple[se.Symbol, NetTensor]] = []  # each leaf, its quantity
         self.values: dict[Key, se.Basic] = {}
         self.parameters: dict[Key, se.Symbol] = {}
         self.errors: dict[Key, se.Symbol] = {}       # perturbed entry -> its leaf e
@@ -355,25 +318,17 @@ class Instance:
         key = self.intern(key)
         symbol = se.Symbol(name)
         self.leaves.append(symbol)
+        self.leaf_tensors.append((symbol, tensor_of(key)))
         self.values[key] = symbol
         self._leaf_of[key] = symbol
         return symbol
 
     def random_point(self, rng: random.Random) -> dict[se.Symbol, se.Basic]:
-        """Random values for every leaf (masks included); targets made valid for the loss;
+        """Random values for every leaf, masks included (they are inputs of C like any
+        other), targets valid for the loss (:func:`derive.verify.numeric.random_point`);
         every perturbation e at 0."""
-        point = {s: _number(rng.uniform(-1.5, 1.5)) for s in self.leaves}
+        point = random_point(rng, self.leaf_tensors, self.model.loss.needs)
         point.update(self.at_zero_error)
-        needs = self.model.loss.needs
-        if needs == "probability":
-            point.update({t: _number(rng.uniform(0.05, 0.95)) for t in self.targets})
-        elif needs == "distribution":
-            raw = [rng.uniform(0.05, 1.0) for _ in self.targets]
-            total = sum(raw)
-            # exact rationals so that sum_j y_j = 1 holds exactly
-            fractions = [sp.Rational(round(r * 10**6), round(total * 10**6)) for r in raw]
-            fractions[-1] = 1 - sum(fractions[:-1])
-            point.update({t: se.sympify(f) for t, f in zip(self.targets, fractions)})
         return point
 
     def instantiate(self, formula: Formula, index: Index, env: Mapping[Key, se.Basic], *,
@@ -394,7 +349,7 @@ class Instance:
 
         value = self._template(expr, tuple(free)).at(self, index, lookup, numeric)
         if numeric:
-            number = _real(value)
+            number = real_value(value)
             return value if number is None else number
         return value
 
@@ -417,10 +372,6 @@ def _leaf_name(tensor: NetTensor, index: Index) -> str:
     """``w1_2_3``, ``b1_2``, ``gamma3_1``, ``mask4_2`` (display names of SymEngine leaves)."""
     head = tensor.role if tensor.node is None else f"{tensor.role}{tensor.node}"
     return "_".join([head, *map(str, index)])
-
-
-def _number(value: float) -> se.Basic:
-    return se.RealMPFR(repr(value), _BITS)
 
 
 # --- index form -> SymEngine --------------------------------------------------------------
@@ -485,7 +436,7 @@ class _Template:
             else:
                 raise ValueError(f"cannot evaluate {source}: unknown symbol {label}")
         expr = se.sympify(body)
-        return cls(source, free, sizes, expr, tuple(slots), _fold_constants([expr])[0])
+        return cls(source, free, sizes, expr, tuple(slots), fold_constants([expr])[0])
 
     def at(self, instance: Instance, index: Index, lookup: Callable[[Key], se.Basic],
            numeric: bool = False) -> se.Basic:
@@ -558,97 +509,6 @@ def backprop_values(instance: Instance, derivation: Derivation,
     return env
 
 
-def evaluate(expr: se.Basic, point: Mapping[se.Symbol, se.Basic]) -> se.Basic:
-    return expr.subs(point).n(_BITS, real=True)
-
-
-class _Batch:
-    """Expressions evaluated together at points.
-
-    With ``shared``, their common subexpressions are found once (``cse``) and evaluated once
-    per point, which pays off over many points: the direct derivatives of C share most of
-    the forward pass.
-    """
-
-    def __init__(self, exprs: Sequence[se.Basic], *, shared: bool = False) -> None:
-        self.exprs = list(exprs)
-        self.shared = shared
-        self._matrix: se.DenseMatrix | None = None
-        self._program: tuple[list, list] | None = None
-        self._folded: list[se.Basic] | None = None
-
-    def at(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic | None]:
-        """Each expression at ``point``; None where it has no finite real value."""
-        if not self.exprs:
-            return []
-        out = [_real(value) for value in self._substitute(point)]
-        for n, value in enumerate(out):
-            if value is None:
-                # an undecided piecewise condition (0 < sqrt(2)*x): again, constants as numbers
-                if self._folded is None:
-                    self._folded = _fold_constants(self.exprs)
-                out[n] = _real(self._folded[n].subs(point))
-        return out
-
-    def _substitute(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic]:
-        if not self.shared:
-            if self._matrix is None:
-                self._matrix = se.DenseMatrix(len(self.exprs), 1, self.exprs)
-            values = self._matrix.subs(point)
-            return [values[n, 0] for n in range(len(self.exprs))]
-        if self._program is None:
-            replacements, reduced = se.cse(self.exprs)
-            self._program = ([(s, e, tuple(e.free_symbols)) for s, e in replacements],
-                             [(e, tuple(e.free_symbols)) for e in reduced])
-        steps, results = self._program
-        known = dict(point)
-        for symbol, expr, reads in steps:
-            known[symbol] = expr.xreplace({s: known[s] for s in reads})
-        return [expr.xreplace({s: known[s] for s in reads}) for expr, reads in results]
-
-
-def _fold_constants(exprs: list[se.Basic]) -> list[se.Basic]:
-    """``exprs`` with every constant subexpression that is not a number (sqrt(2), pi,
-    erf(1/2)) replaced by its 200-bit value, so that substituting numbers for the leaves
-    evaluates everything, piecewise conditions included."""
-    constant: dict[se.Basic, bool] = {}
-    stack: list[tuple[se.Basic, bool]] = [(e, False) for e in exprs]
-    while stack:
-        node, visited = stack.pop()
-        if node in constant:
-            continue
-        if visited:
-            constant[node] = all(constant[arg] for arg in node.args)
-        elif isinstance(node, se.Symbol):
-            constant[node] = False
-        elif not node.args:
-            constant[node] = True
-        else:
-            stack.append((node, True))
-            stack.extend((arg, False) for arg in node.args if arg not in constant)
-    mapping: dict[se.Basic, se.Basic] = {}
-    roots = [e for e in exprs if constant[e]]
-    parents = [node for node, is_constant in constant.items() if not is_constant]
-    for node in roots + [arg for parent in parents for arg in parent.args if constant[arg]]:
-        if node in mapping or node.is_Number or isinstance(node, _Boolean):
-            continue
-        number = _real(node)
-        if number is not None:
-            mapping[node] = number
-    if not mapping:
-        return list(exprs)
-    return [e.xreplace(mapping) for e in exprs]
-
-
-def _real(value: se.Basic) -> se.Basic | None:
-    try:
-        number = value.n(_BITS, real=True)
-        as_float = float(number)
-    except (RuntimeError, TypeError, ValueError):
-        return None
-    return number if math.isfinite(as_float) else None
-
-
 # --- the checks ---------------------------------------------------------------------------
 
 
@@ -691,7 +551,7 @@ def _check_formula(instance: Instance, formula: Formula, plan: _Plan,
                    for derived, expected in numeric)
     method = f"numeric: {len(numeric)} points, {DIGITS} digits"
     return Check(formula.key, formula.equation, count, method, worst,
-                 worst < _TOLERANCE, formula.kind)
+                 worst < TOLERANCE, formula.kind)
 
 
 def _worst(pairs: Iterable[tuple[list[se.Basic | None], list[se.Basic | None]]]) -> float:
@@ -763,7 +623,7 @@ def _check_penalty(formula: Formula, plan: _PenaltyPlan,
     if all(se.expand(derived - direct) == 0
            for derived, direct in zip(plan.derived, plan.direct)):
         return Check(label, "", count, "symbolic identity", 0.0, True, "penalty")
-    derived, direct = _Batch(plan.derived), _Batch(plan.direct)
+    derived, direct = Batch(plan.derived), Batch(plan.direct)
     worst = _worst((derived.at(point), direct.at(point)) for point in samples)
     method = f"numeric: {len(samples)} points, {DIGITS} digits"
-    return Check(label, "", count, method, worst, worst < _TOLERANCE, "penalty")
+    return Check(label, "", count, method, worst, worst < TOLERANCE, "penalty")

@@ -1,19 +1,19 @@
-"""Renderer: a Derivation as lecture notes in LaTeX (or Markdown), and the ``derive latex`` command.
+"""Renderer: a Derivation as lecture notes in LaTeX (or Markdown); the command is in cli/latex.py.
 
 Takes a :class:`~derive.derivation.Derivation` and gives the text of a complete article
 (``render_latex``), an equations-only fragment to ``\\input`` (``fragment=True``) or Markdown
 with ``$$`` math (``render_markdown``); ``compile_pdf`` runs TeX on it. The article has the
 network as a TikZ diagram, a notation table, the forward pass, the activation derivatives, the
 step-by-step derivation as the engine recorded it, the matrix and batch forms, a boxed summary
-and a worked numeric example (:mod:`derive.worked_example`).
+and a worked numeric example (:mod:`derive.render.worked_example`).
 
 The backward sections follow the graph: for a plain chain of dense layers they are the classic
 BP1 (output layer), BP2 (a hidden layer) and BP3/BP4 (biases and weights); for any other graph
 there is one subsection per layer, from the output back, with the derivation of its error, the
 adjoints of its intermediate quantities and the gradients of its parameters.
 
-Python builds a render context of already-printed strings (:mod:`derive.latex_printer` prints
-every formula, :mod:`derive.latex_text` holds the words in English and Chinese); the jinja
+Python builds a render context of already-printed strings (:mod:`derive.render.latex_printer` prints
+every formula, :mod:`derive.render.latex_text` holds the words in English and Chinese); the jinja
 templates ``codegen_templates/derivation.tex.j2``, ``equations.tex.j2`` and
 ``derivation.md.j2`` only place them. Equations carry stable labels
 ``eq:<spec name>:<name>`` with the names of the generated code: ``z1``, ``a1``, ``mu3``,
@@ -22,7 +22,6 @@ templates ``codegen_templates/derivation.tex.j2``, ``equations.tex.j2`` and
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import re
@@ -39,11 +38,14 @@ import numpy as np
 import sympy as sp
 
 from derive import __version__
-from derive.derivation import ActivationDerivative, C, Derivation, Formula, R, Step
+from derive.derivation.reverse import ActivationDerivative, C, Derivation, Formula, R, Step
+from derive.derivation.tensorform import ONE
 from derive.errors import DeriveError
-from derive.files import MARKER, write_generated
-from derive.functions import Z
-from derive.latex_printer import (
+from derive.files import MARKER
+from derive.graph.model import Model, Node
+from derive.quantities import NetTensor, entry, i, j, k, tensor_of
+from derive.registry.functions import Z
+from derive.render.latex_printer import (
     DeriveLatexPrinter,
     batch_gradient,
     equation,
@@ -51,13 +53,10 @@ from derive.latex_printer import (
     terms,
     visual_length,
 )
-from derive.latex_text import ASSUMPTIONS, LANGUAGES, TEXT, why
-from derive.model import Model, Node
-from derive.quantities import NetTensor, entry, i, j, k, tensor_of
-from derive.spec import PARAMETER_KEYS
-from derive.templates import render
-from derive.vectorform import ONE
-from derive.worked_example import WorkedExample, worked_example
+from derive.render.latex_text import ASSUMPTIONS, LANGUAGES, TEXT, why
+from derive.render.templates import render
+from derive.render.worked_example import WorkedExample, worked_example
+from derive.spec.load import PARAMETER_KEYS
 
 Echo = Callable[[str], None]
 
@@ -1030,111 +1029,3 @@ def log_problems(log: str, overfull_limit: float = OVERFULL_LIMIT_PT) -> list[st
     problems += [match.group(0) for match in _OVERFULL.finditer(log)
                  if float(match.group(1)) > overfull_limit]
     return problems
-
-
-# --- the command line ----------------------------------------------------------------------
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``derive latex`` to the command line."""
-    parser = commands.add_parser(
-        "latex", help="write the derivation as LaTeX lecture notes (or Markdown, or a PDF)",
-        description="Write the step-by-step derivation of backpropagation for a network as a "
-                    "complete LaTeX article (diagram, notation, derivation, matrix and batch "
-                    "forms, summary, worked numeric example), an equations-only fragment, "
-                    "Markdown, or a compiled PDF. Without -o the text goes to stdout.",
-        epilog="examples:\n  derive latex xor -o xor.tex\n"
-               "  derive latex net.yaml --fragment -o d.tex\n"
-               "  derive latex net.yaml --pdf -o net.pdf\n"
-               "  derive latex net.yaml --lang zh --pdf\n"
-               "  derive latex xor --format markdown -o xor.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", metavar="SPEC",
-                        help="a spec file (.yaml, .yml, .json) or a built-in example name")
-    parser.add_argument("-o", "--output", metavar="FILE",
-                        help="output file (default: stdout; with --pdf, NAME.pdf)")
-    parser.add_argument("--fragment", action="store_true",
-                        help="equations only, to \\input into slides or notes")
-    parser.add_argument("--pdf", action="store_true",
-                        help="compile with the TeX installed here (latexmk, else "
-                             "pdflatex/xelatex); with -o FILE.tex also keeps the .tex")
-    parser.add_argument("--lang", choices=LANGUAGES, default="en",
-                        help="language of the prose (default en; zh compiles with xelatex)")
-    parser.add_argument("--format", choices=("latex", "markdown"), default="latex",
-                        help="latex (default) or markdown with $$ math")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite an output file that derive did not generate")
-    parser.set_defaults(handler=_cmd_latex)
-
-
-def _derivation(source: str) -> Derivation:
-    from derive.derivation import derive
-    from derive.model import build_model
-    from derive.spec import load_spec
-
-    return derive(build_model(load_spec(source)))
-
-
-def _cmd_latex(args: argparse.Namespace, echo: Echo) -> int:
-    if args.format == "markdown" and (args.pdf or args.fragment):
-        raise DeriveError("--format markdown writes one Markdown file; drop --pdf/--fragment")
-    if args.pdf and args.fragment:
-        raise DeriveError("--pdf compiles a complete document; drop --fragment")
-    if args.pdf and not tex_available(args.lang):
-        raise DeriveError(missing_tex_message(args.lang))
-    derivation = _derivation(args.spec)
-    if args.format == "markdown":
-        text = render_markdown(derivation, args.lang)
-    else:
-        text = render_latex(derivation, args.lang, fragment=args.fragment)
-    if not args.pdf:
-        if args.output:
-            path = write_generated(args.output, text, force=args.force)
-            echo(f"wrote {path}")
-        else:
-            echo(text.rstrip("\n"))
-        return 0
-    name = derivation.model.spec.name + ("" if args.lang == "en" else f".{args.lang}")
-    target = Path(args.output or f"{name}.pdf")
-    if target.suffix.lower() != ".pdf":
-        write_generated(target, text, force=args.force)
-        echo(f"wrote {target}")
-        target = target.with_suffix(".pdf")
-    write_pdf(text, target, args.lang, echo, force=args.force)
-    return 0
-
-
-def _pdf_is_ours(path: Path) -> bool:
-    """Whether a PDF was made by derive: its Creator (read with pdfinfo) names the marker."""
-    if MARKER.encode() in path.read_bytes():
-        return True
-    if shutil.which("pdfinfo") is None:
-        return False
-    result = subprocess.run(["pdfinfo", str(path)], check=False, capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL)
-    return MARKER in result.stdout
-
-
-def write_pdf(tex: str, target: Path, lang: str, echo: Echo, *, force: bool = False) -> None:
-    """Compile ``tex`` and write the PDF to ``target`` (refusing a PDF derive did not make)."""
-    if target.exists() and not force and not _pdf_is_ours(target):
-        raise DeriveError(f"refusing to overwrite {str(target)!r}: it was not generated by "
-                          "derive (use --force to overwrite it)")
-    compiled = compile_pdf(tex, lang, jobname=target.stem)
-    write_generated(target, compiled.pdf, force=True)
-    echo(f"wrote {target} ({compiled.tool}, {compiled.seconds:.1f} s)")
-
-
-def pipeline_step(derivation: Derivation, out_dir: Path, echo: Echo) -> None:
-    """The default pipeline's LaTeX step: NAME.tex, and NAME.pdf when TeX is installed."""
-    name = derivation.model.spec.name
-    text = render_latex(derivation)
-    path = write_generated(out_dir / f"{name}.tex", text)
-    echo(f"LaTeX notes: {path}")
-    if not tex_available("en"):
-        echo(f"  (no PDF: {missing_tex_message('en')})")
-        return
-    try:
-        write_pdf(text, out_dir / f"{name}.pdf", "en", lambda line: echo(f"  {line}"))
-    except DeriveError as err:
-        echo(f"  (no PDF: {err})")

@@ -1,6 +1,6 @@
 """LaTeX printer for derive expressions, in the classic backpropagation notation.
 
-A SymPy ``LatexPrinter`` subclass used by :mod:`derive.latex` (documents) and by the Jupyter
+A SymPy ``LatexPrinter`` subclass used by :mod:`derive.render.latex` (documents) and by the Jupyter
 ``_repr_latex_`` of :class:`~derive.derivation.Derivation`. It reads the fields of each
 :class:`~derive.quantities.NetTensor` (``role``, ``node``, ``of``, ``rank``), never its name,
 and prints
@@ -9,7 +9,7 @@ and prints
   ``\\mu^{4}``, ``(\\sigma^{4})^{2}``, ``y_{j}``, sums with their ranges
   ``\\sum_{k=1}^{n_{2}}``, ``\\frac{\\partial C}{\\partial a^{2}_{j}}`` and the symbolic
   activation derivative of layer l as ``\\sigma_{l}'(z^{l}_{j})``;
-* tensor form (:mod:`derive.vectorform`): bold vectors, ``W^{l}``, ``\\odot`` for the Hadamard
+* tensor form (:mod:`derive.derivation.tensorform`): bold vectors, ``W^{l}``, ``\\odot`` for the Hadamard
   product, ``\\oslash`` for elementwise division and ``^{\\top}`` for the transpose;
 * batch form (``batch=True``; rows are samples): ``A^{l}``, ``Z^{l}``, ``\\Delta^{l}``, ``Y``;
   ``W^T v`` becomes ``V W``, ``u v^T`` the batch mean ``\\frac{1}{B} U^{\\top} V`` and a
@@ -30,8 +30,8 @@ from sympy.core.function import AppliedUndef
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
+from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer
 from derive.quantities import NetTensor
-from derive.vectorform import Einsum, Inner, MatVec, Outer
 
 #: How a quantity's role is spelled in index form (one entry of it, or a per-sample scalar).
 LETTERS: Mapping[str, str] = {

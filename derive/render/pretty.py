@@ -13,8 +13,8 @@ from typing import ClassVar
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
+from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer
 from derive.quantities import NetTensor
-from derive.vectorform import ONE, Einsum, Inner, MatVec, Outer
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeo", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒ")
@@ -94,6 +94,11 @@ class UnicodePrinter(StrPrinter):
 
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta) -> str:
         return "δ" + sub("".join(map(str, expr.args)))
+
+    def _print_Einsum(self, expr: Einsum) -> str:
+        subscripts, *operands = expr.args
+        inputs, output = str(subscripts).split("->")
+        return f"einsum[{inputs}→{output}]({', '.join(self._print(o) for o in operands)})"
 
     def _print_MatVec(self, expr: MatVec) -> str:
         matrix, vector, transposed = expr.args

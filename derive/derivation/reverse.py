@@ -1,10 +1,10 @@
 """Stage 3: backpropagation derived from the graph by one generic reverse-mode pass.
 
-``derive(model)`` walks the model's forward equations (:mod:`derive.model`) from the loss back
+``derive(model)`` walks the model's forward equations (:mod:`derive.graph.model`) from the loss back
 to the input. The adjoint of every quantity q is the sum over the equations that read q (its
 consumers) of the consumer's adjoint times the local derivative, which comes from
 ``sympy.diff`` of the consumer's index-form expression; sums against Kronecker deltas are
-collapsed by :mod:`derive.indexcalc`. A parameter read by several equations gets the sum of
+collapsed by :mod:`derive.derivation.indexcalc`. A parameter read by several equations gets the sum of
 their contributions. Nothing here types in a backprop equation or switches on an op's name
 (docs/architecture.md, "The generic derivation").
 
@@ -28,12 +28,12 @@ from functools import cache
 import mpmath
 import sympy as sp
 
-from derive.functions import A, Activation, Z, elementary
-from derive.indexcalc import collapse
-from derive.model import Model, Node
-from derive.ops import Equation
+from derive.derivation.indexcalc import collapse
+from derive.derivation.tensorform import to_vector
+from derive.graph.model import Model, Node
 from derive.quantities import NetTensor, entry, fresh_indices, tensor_of
-from derive.vectorform import to_vector
+from derive.registry.functions import A, Activation, Z, elementary
+from derive.registry.ops import Equation
 
 #: The per-sample cost, as a symbol (its expression is ``Model.cost``).
 C = sp.Symbol("C", real=True)
@@ -86,10 +86,10 @@ class Formula:
     of: NetTensor | None = None
     node: int = 0
     kind: str = "delta"
-    penalty: sp.Expr = sp.Integer(0)
+    penalty: sp.Expr = sp.S.Zero
 
     def _repr_latex_(self) -> str:  # Jupyter: this formula as rendered math
-        from derive.latex_printer import repr_latex  # a later stage, imported on use only
+        from derive.render.latex_printer import repr_latex  # a later stage, imported on use only
 
         return repr_latex((self,))
 
@@ -147,7 +147,7 @@ class Derivation:
     activation_derivatives: tuple[ActivationDerivative | None, ...]   # per node; None: none
 
     def _repr_latex_(self) -> str:  # Jupyter: the derived formulas as rendered math
-        from derive.latex_printer import repr_latex  # a later stage, imported on use only
+        from derive.render.latex_printer import repr_latex  # a later stage, imported on use only
 
         return repr_latex(self.formulas)
 
@@ -294,7 +294,7 @@ class _Reverse:
         avoid = set(free)
         chain_terms, terms, steps, local_steps = [], [], [], []
         for eq in consumers:
-            indices, expr, generic, derivative = self.local(eq, wrt, avoid)
+            indices, _expr, generic, derivative = self.local(eq, wrt, avoid)
             limits = [(index, 1, n) for index, n in zip(indices, self.shapes[eq.target])]
             lhs = entry(eq.target, indices)
             reference = partial(C, lhs)
@@ -390,8 +390,8 @@ def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> 
     (normaliser,) = normalisers
     total = sp.Dummy("S")
     base = output.base
-    numerator = [s for s in sp.preorder_traversal(expr)
-                 if isinstance(s, sp.exp) and isinstance(s.args[0], sp.Indexed)][0]
+    numerator = next(s for s in sp.preorder_traversal(expr)
+                     if isinstance(s, sp.exp) and isinstance(s.args[0], sp.Indexed))
     z_base = numerator.args[0].base
     local = sp.expand(derivative.xreplace({normaliser: total}).replace(
         lambda e: isinstance(e, sp.exp) and isinstance(e.args[0], sp.Indexed)

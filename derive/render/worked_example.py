@@ -29,12 +29,12 @@ from typing import NamedTuple
 import numpy as np
 import sympy as sp
 
-from derive.derivation import C, Derivation, Formula, adjoint_tensor
-from derive.functions import elementary, sigmoid, softplus
-from derive.model import Model
-from derive.ops import OPS
+from derive.derivation.reverse import C, Derivation, Formula, adjoint_tensor
+from derive.graph.model import Model
 from derive.quantities import NetTensor, tensor_of
-from derive.spec import PARAMETER_KEYS, NetworkSpec, layer_attributes
+from derive.registry.functions import elementary, sigmoid, softplus
+from derive.registry.ops import OPS
+from derive.spec.load import PARAMETER_KEYS, NetworkSpec, layer_attributes
 
 Vector = tuple[float, ...]
 

@@ -18,7 +18,7 @@ offsets. On the right, ``dC/d<q>^<layer>_j`` names the derived adjoint of q. Thi
 recursive-descent parser build :class:`Node` objects with the column of every piece. Nothing
 from the text is executed, imported, looked up as an attribute or passed to ``sympify``;
 anything outside the grammar is a :class:`FormulaSyntaxError` naming the column. Meaning
-(which layer, which shape, SymPy expressions) is given by :mod:`derive.check`.
+(which layer, which shape, SymPy expressions) is given by :mod:`derive.check.formulas`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 
 from derive.errors import DeriveError
+from derive.registry.functions import ACTIVATIONS, SCALAR_FUNCTIONS
 
 MAX_LENGTH = 2000
 MAX_DEPTH = 60          # nesting of parentheses, sums and calls
@@ -40,11 +41,10 @@ QUANTITIES = frozenset({"a", "z", "w", "W", "b", "y", "x", "delta", "n", "gamma"
 #: What the left side dC/d<q> may differentiate by (and the right side name an adjoint of).
 DENOMINATORS = {"w": "w", "W": "w", "b": "b", "a": "a", "z": "z", "gamma": "gamma",
                 "beta": "beta", "xhat": "xhat", "mu": "mu", "var": "var"}
-#: Functions a formula may call (meaning in derive.check). Activation names come from the
-#: registry and are accepted too, with a prime for their derivative.
-FUNCTIONS = frozenset({"sigma", "exp", "log", "ln", "sqrt", "tanh", "sinh", "cosh", "erf",
-                       "abs", "max", "min", "step", "sigmoid", "softplus", "relu",
-                       "leaky_relu", "elu", "silu", "gelu", "identity", "softmax"})
+#: Functions a formula may call (meaning in derive.check.formulas), all from the registry: its
+#: scalar functions (those a spec's expressions may call), the activations by name (with a
+#: prime for their derivative) and ``sigma``, the activation of the layer it is applied to.
+FUNCTIONS = frozenset({"sigma", *SCALAR_FUNCTIONS, *ACTIVATIONS})
 #: ``eps`` is the epsilon of the network's layer norms.
 CONSTANTS = frozenset({"pi", "e", "eps"})
 
@@ -73,7 +73,8 @@ _LATEX_WRAPPER = re.compile(
 # \hat{x}, \hat x, \widehat{x}: the normalised input x̂ of a layer norm
 _LATEX_HAT = re.compile(r"\\(?:hat|widehat)\s*(?:\{\s*x\s*\}|x(?![A-Za-z])|\s+x(?![A-Za-z]))")
 _BRACKETS = {"{": "}", "(": ")", "[": "]"}
-_MULTIWORD = ("leaky_relu",)
+# Function names with an underscore, read as one word (longest first)
+_MULTIWORD = tuple(sorted((name for name in FUNCTIONS if "_" in name), key=len, reverse=True))
 _WORD = re.compile(r"[A-Za-z]+")
 _DIGITS = frozenset("0123456789")
 _NUMBER = re.compile(r"[0-9]*\.?[0-9]*")

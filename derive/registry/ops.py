@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from derive.functions import Activation
 from derive.quantities import NetTensor, entry, fresh_indices
+from derive.registry.functions import Activation
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``derive regen``: rewrite ``generated/``, the committed outputs of the built-in examples.
+"""The contents of ``generated/``, the committed outputs of the built-in examples.
 
 ``generated/`` holds the NumPy module of every built-in example (``NAME_net.py``) and the
 lecture notes of the xor example in both languages (``xor.tex``, ``xor.zh.tex``). A snapshot
@@ -8,17 +8,15 @@ place that says what ``generated/`` contains.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
 from pathlib import Path
 
-from derive.codegen import module_filename, render_module
-from derive.derivation import derive
+from derive.derivation.reverse import derive
 from derive.errors import DeriveError
 from derive.files import is_generated, write_generated
-from derive.latex import render_latex
-from derive.model import build_model
-from derive.spec import list_examples, load_spec
+from derive.graph.model import build_model
+from derive.render.codegen import module_filename, render_module
+from derive.render.latex import render_latex
+from derive.spec.load import list_examples, load_spec
 
 GENERATED_DIR = "generated"
 COMMAND = "derive regen"
@@ -50,26 +48,3 @@ def regenerate_all(directory: str | Path) -> tuple[list[Path], list[Path]]:
             path.unlink()
             removed.append(path)
     return written, removed
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``derive regen`` to the command line."""
-    regen = commands.add_parser(
-        "regen", help=f"rewrite {GENERATED_DIR}/ (modules and notes of the built-in examples)",
-        description="Rewrite the generated module of every built-in example (NAME_net.py) and "
-                    "the xor lecture notes (xor.tex, xor.zh.tex) in a folder, and remove "
-                    "generated modules of examples that no longer exist.",
-        epilog="examples:\n  derive regen\n  derive regen --dir /tmp/generated",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    regen.add_argument("--dir", default=GENERATED_DIR,
-                       help=f"the folder to write (default {GENERATED_DIR}; it must exist)")
-    regen.set_defaults(handler=_cmd_regen)
-
-
-def _cmd_regen(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
-    written, removed = regenerate_all(args.dir)
-    for path in written:
-        echo(f"wrote {path}")
-    for path in removed:
-        echo(f"removed {path} (no built-in example of that name)")
-    return 0

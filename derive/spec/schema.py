@@ -1,14 +1,14 @@
 """The spec's structure as a JSON Schema (draft 2020-12), built from the registries.
 
 Part of stage 1 (the spec), for editors and other tools: ``spec_schema()`` describes the same
-fields that :func:`derive.spec.load_spec` accepts (spec v2, DESIGN.md Contract 1). Everything
-that can drift is read from a registry or from :mod:`derive.spec`'s own field lists: the ops,
+fields that :func:`derive.spec.load_spec` accepts (spec v2; docs/architecture.md, "Contracts"). Everything
+that can drift is read from a registry or from :mod:`derive.spec.load`'s own field lists: the ops,
 their attributes, attribute kinds, defaults, required attributes and input counts from
 :data:`derive.ops.OPS`; activation names (and their parameters) and loss names from
-:mod:`derive.functions`; the parameter keys of a worked example from the ops' parameters.
+:mod:`derive.registry.functions`; the parameter keys of a worked example from the ops' parameters.
 
 The schema checks structure only. These rules need more than one field, the order of the
-layers, or a parser, so only :mod:`derive.spec` checks them:
+layers, or a parser, so only :mod:`derive.spec.load` checks them:
 
 - a layer reads earlier layers only: a number in ``input``/``inputs`` is below the layer's own
   (so there are no cycles), a name is that of an earlier layer;
@@ -31,9 +31,9 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from derive import functions
-from derive.ops import OPS, Attribute, OpDef
-from derive.spec import (
+from derive.registry import functions
+from derive.registry.ops import OPS, Attribute, OpDef
+from derive.spec.load import (
     CUSTOM_FIELDS,
     DEFAULT_OP,
     EXAMPLE_FIELDS,
@@ -54,7 +54,7 @@ def _ref(name: str) -> Schema:
     return {"$ref": f"#/$defs/{name}"}
 
 
-# --- activations and losses, from derive.functions ---------------------------------------
+# --- activations and losses, from derive.registry.functions ---------------------------------------
 
 
 def _custom(kind: str, builtins: list[str], variables: str) -> Schema:
@@ -259,7 +259,7 @@ def _example() -> Schema:
 
 
 def spec_schema() -> Schema:
-    """A JSON Schema (draft 2020-12) of a network spec (DESIGN.md, Contract 1)."""
+    """A JSON Schema (draft 2020-12) of a network spec (docs/architecture.md, "Contracts")."""
     properties: Schema = {
         "name": {"type": "string", "pattern": IDENTIFIER_PATTERN},
         "input": {"type": "integer", "minimum": 1, "description": "the input width n_0"},

@@ -1,20 +1,17 @@
 """Code generation stage: a self-contained NumPy training module from a Derivation.
 
 ``render_module(derivation)`` reads the derived formulas (never re-deriving anything), makes
-them numerically stable with the named rewrites of :mod:`derive.stability`, prints them in the
-batch reading with :class:`~derive.numpy_printer.NumPyBatchPrinter`, and places the printed
-strings into ``codegen_templates/module.py.j2``, which holds structure only. The module follows
-Contract 2 of DESIGN.md.
-
-Command line (added through ``derive.cli.EXTENSIONS``): ``derive codegen SPEC -o FILE
-[--force]`` and ``derive regen [--dir generated]``; the default ``derive`` run writes the module
-of its example and trains it briefly (:func:`pipeline_step`).
+them numerically stable with the named rewrites of :mod:`derive.render.stability`, prints them
+in the batch reading with :class:`~derive.render.numpy_printer.NumPyBatchPrinter`, and places
+the printed strings into ``codegen_templates/module.py.j2``, which holds structure only. The
+module follows the generated-module contract of docs/architecture.md ("Contracts"). Its
+command, ``derive codegen``, is in :mod:`derive.cli.codegen`.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
+import textwrap
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,22 +20,24 @@ from pathlib import Path
 import sympy as sp
 
 from derive import __version__
-from derive.derivation import Derivation, Formula, derive
-from derive.files import write_generated
-from derive.model import Model, Node, Parameter, build_model
-from derive.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum, batch_name
-from derive.ops import Equation
-from derive.pretty import pretty
+from derive.derivation.reverse import Derivation, Formula
+from derive.derivation.tensorform import MatVec, Outer, to_vector
+from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
-from derive.spec import NetworkSpec, load_spec
-from derive.stability import LogSumExp, Softmax, stabilize
-from derive.templates import render
-from derive.vectorform import MatVec, Outer, to_vector
+from derive.registry.ops import Equation
+from derive.render.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum, batch_name
+from derive.render.pretty import pretty
+from derive.render.stability import LogSumExp, Softmax, stabilize
+from derive.render.templates import render
+from derive.spec.load import NetworkSpec
 
 Echo = Callable[[str], None]
 
 #: Activations whose layers start with He's scale sqrt(2 / n_in); the others use Glorot's.
 HE_INIT = frozenset({"relu", "leaky_relu", "elu", "silu", "gelu"})
+
+#: sgd_step updates a parameter larger than this (in float64) a block of rows at a time.
+UPDATE_BLOCK_BYTES = 65536
 
 #: Per-sample quantities a forward pass may cache for backward and the loss, in the order a
 #: node's are listed (the input X is a^0).
@@ -203,11 +202,13 @@ def _forward_statements(model: Model, printer: NumPyBatchPrinter,
             out.append(Statement(name, printer.doprint(products)))
             out.append(Statement(name, printer.doprint(expr - products), op="+="))
             continue
-        if shared is not None and equation is output:
-            logsumexp, lse = shared
-            out.append(Statement(printer.doprint(lse), printer.doprint(logsumexp)))
-            (softmax,) = expr.atoms(Softmax)
-            expr = expr.xreplace({softmax: sp.exp(softmax.args[0] - lse)})
+        if shared is not None and equation is output and isinstance(expr, Softmax):
+            # the output and the loss's log-sum-exp from one exponential of the logits
+            _logsumexp, lse = shared
+            printer.helpers.add("_softmax_logsumexp")
+            out.append(Statement(f"{name}, {printer.doprint(lse)}",
+                                 f"_softmax_logsumexp({printer.doprint(expr.args[0])})"))
+            continue
         out.append(Statement(name, printer.doprint(expr)))
     return out
 
@@ -280,8 +281,11 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                                       f"+ ∂R/∂{pretty(formula.of)} = {pretty(penalty)}, "
                                       "the penalty's gradient, once per batch", op="+="))
             backward_exprs.append(penalty)
+    updates = []
     for parameter in model.parameters:
         gradient_names.append((parameter.key, f"d{parameter.key}"))
+        nbytes = math.prod(parameter.shape) * 8
+        updates.append({"key": parameter.key, "blocked": nbytes > UPDATE_BLOCK_BYTES})
 
     # cache only what backward and the loss read
     backward_reads = _reads(backward_exprs)
@@ -309,8 +313,11 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         loss_comments.append(f"in a numerically stable form: {', '.join(loss_applied)}")
     regularization = []
     if model.penalty != 0:
-        regularization = [{"key": p.key, "l2": repr(spec.l2), "l1": repr(spec.l1)}
-                          for p in model.parameters if p.is_weight]
+        for p in model.parameters:
+            if p.is_weight and spec.l2:
+                regularization.append(f'{spec.l2!r} / 2 * float(np.sum(params["{p.key}"] ** 2))')
+            if p.is_weight and spec.l1:
+                regularization.append(f'{spec.l1!r} * float(np.sum(np.abs(params["{p.key}"])))')
 
     demo, demo_values = _demo(spec, model)
     helpers = [HELPERS[name] for name in HELPERS if name in printer.helpers]
@@ -327,6 +334,18 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         description = "Layers: " + "; ".join(_node_text(node) for node in model.nodes) + (
             f". Loss: {model.loss.name} per sample, averaged over the batch.")
     first_parameter = model.parameters[0].key if model.parameters else None
+    init_rule = " and ".join(
+        {"He": "He's sqrt(2 / n_in) (relu-like layers)",
+         "Glorot": "Glorot's sqrt(2 / (n_in + n_out))"}[rule] for rule in sorted(init_rules))
+    api = (f"API (derive's Contract 2): {'LAYER_SIZES, ' if model.is_chain else ''}INPUT_SHAPE, "
+           "OUTPUT_SHAPE, init_params, forward, loss, gradients, sgd_step, train, "
+           "gradient_check. Parameters are a dict of arrays: "
+           + ", ".join(f"{p.key} {p.shape}" for p in model.parameters)
+           + ". Run this file to train on its demo data.")
+    forward_doc = (f"The forward pass: (output {batch_name(model.output.output)}, cache). The "
+                   f"cache keeps only what backward and the loss read: {', '.join(why)}."
+                   + (" Dropout is off unless `masks` (from _dropout_masks) is given."
+                      if dropout else ""))
     return {
         "version": __version__,
         "spec_name": spec.name,
@@ -336,7 +355,12 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "chain": model.is_chain,
         "sizes": repr(list(spec.sizes)),
         "sizes_text": architecture,
-        "description": description,
+        "description": _wrap(description, 0),
+        "api_text": _wrap(api, 0),
+        "forward_text": _wrap(forward_doc, 4),
+        "init_text": _wrap(f"Fresh parameters: normal weights scaled by {init_rule}, zero "
+                           "biases" + (", layer-norm scales one" if any(
+                               p.init == "ones" for p in model.parameters) else "") + ".", 4),
         "input_shape": repr((spec.input,)),
         "output_shape": repr((spec.sizes[-1],)),
         "activations": repr(tuple(n.activation.name if n.activation else None
@@ -346,26 +370,29 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "chain_formulas": model.is_chain,
         "helpers": helpers,
         "parameters": parameters,
-        "parameter_shapes": ", ".join(f"{p.key} {p.shape}" for p in model.parameters),
         "unpack": unpack,
         "dropout": dropout,
-        "init_rule": " and ".join(
-            {"He": "He's sqrt(2 / n_in) (relu-like layers)",
-             "Glorot": "Glorot's sqrt(2 / (n_in + n_out))"}[rule] for rule in sorted(init_rules)),
         "dtype_source": first_parameter,
         "forward": forward,
         "output": batch_name(model.output.output),
         "cache": cache,
-        "cache_text": ", ".join(why),
         "loss": {"code": loss_code, "unpack": loss_unpack, "comments": loss_comments},
         "regularization": regularization,
         "backward_unpack": backward_unpack,
         "backward": backward,
         "gradient_names": gradient_names,
+        "updates": updates,
+        "any_blocked": any(update["blocked"] for update in updates),
         "demo": {"template": demo.template, "epochs": demo.epochs, "lr": repr(demo.lr),
                  "batch_size": repr(demo.batch_size)},
         **demo_values,
     }
+
+
+def _wrap(text: str, indent: int) -> str:
+    """Prose for a docstring, wrapped at 96 columns; continuation lines indented."""
+    lines = textwrap.wrap(text, 96 - indent, break_on_hyphens=False, break_long_words=False)
+    return ("\n" + " " * indent).join(lines)
 
 
 def _node_text(node: Node) -> str:
@@ -401,58 +428,3 @@ def load_module(source_text: str, name: str) -> types.ModuleType:
     module.__file__ = f"<derive generated {name}>"
     exec(compile(source_text, module.__file__, "exec"), module.__dict__)  # noqa: S102
     return module
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``derive codegen`` to the command line."""
-    codegen = commands.add_parser(
-        "codegen", help="generate a NumPy training module for a network",
-        description="Generate a self-contained NumPy module (init_params, forward, loss, "
-                    "gradients, sgd_step, train, gradient_check) from the derived formulas. "
-                    "Running the module trains the network on demo data.",
-        epilog="examples:\n  derive codegen xor -o xor_net.py && python xor_net.py\n"
-               "  derive codegen net.yaml -o net.py --force\n  derive codegen digits",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    codegen.add_argument("spec", metavar="SPEC",
-                         help="a spec file (.yaml, .yml, .json) or a built-in example name")
-    codegen.add_argument("-o", "--output", metavar="FILE",
-                         help="write the module here (atomically); without it, print it")
-    codegen.add_argument("--force", action="store_true",
-                         help="overwrite FILE even if derive did not generate it")
-    codegen.set_defaults(handler=_cmd_codegen)
-
-
-def _cmd_codegen(args: argparse.Namespace, echo: Echo) -> int:
-    spec = load_spec(args.spec)
-    derivation = derive(build_model(spec))
-    if args.output is None:
-        echo(render_module(derivation).rstrip("\n"))
-        return 0
-    command = f"derive codegen {args.spec} -o {args.output}"
-    path = write_generated(args.output, render_module(derivation, regenerate=command),
-                           force=args.force)
-    echo(f"wrote {path} (run `python {path}` to train on its demo data)")
-    return 0
-
-
-# --- the default pipeline ----------------------------------------------------------------
-
-
-def pipeline_step(derivation: Derivation, out_dir: Path, echo: Echo) -> None:
-    """Write the example's module into ``out_dir`` and train it briefly on its demo data."""
-    spec = derivation.model.spec
-    path = write_generated(Path(out_dir) / module_filename(spec), render_module(derivation))
-    echo(f"NumPy training code: {path}")
-    module = load_module(path.read_text(encoding="utf-8"), path.stem)
-    X, Y = module.demo_data()
-    params = module.init_params(seed=0)
-    losses = module.train(params, X, Y, module.DEMO_EPOCHS, module.DEMO_LR,
-                          batch_size=module.DEMO_BATCH_SIZE)
-    shown = sorted({round(i * (len(losses) - 1) / 5) for i in range(6)})
-    echo(f"  trained {len(losses)} epochs (lr {module.DEMO_LR}) on {len(X)} demo samples:")
-    for epoch in shown:
-        echo(f"    epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")
-    echo(f"  run `python {path}` to train it again")

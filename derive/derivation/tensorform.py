@@ -143,4 +143,32 @@ def _sum_to_vector(expr: sp.Sum, index: sp.Symbol | None) -> sp.Expr:
             return _vector(scalars, index) * Inner(_vector(vectors[0], summed),
                                                    _vector(vectors[1], summed))
         return _vector(scalars, index) * Inner(ONE, _vector(sp.Mul(*vectors), summed))
-    raise DeriveError(f"no tensor form for {expr}")
+    return _einsum(expr, (index,))
+
+
+_LETTERS = "jkimpqrstuvxyzabcdefgh"
+
+
+def _einsum(expr: sp.Sum, free: tuple[sp.Symbol, ...]) -> sp.Expr:
+    """Any other contraction of tensor entries: ``Einsum("kj,k->j", W, v)`` (per sample).
+
+    The summand must be a product of tensor entries and factors free of the summed indices;
+    those factors multiply the result.
+    """
+    summed = [limit[0] for limit in expr.limits]
+    operands, outside = [], []
+    for factor in sp.Mul.make_args(expr.function):
+        if not factor.has(*summed):
+            outside.append(factor)
+        elif isinstance(factor, sp.Indexed) and tensor_of(factor) is not None and all(
+                isinstance(index, sp.Symbol) for index in factor.indices):
+            operands.append(factor)
+        else:
+            raise DeriveError(f"no tensor form for {expr}")
+    letters: dict[sp.Symbol, str] = {}
+    for index in (*free, *summed, *(i for f in operands for i in f.indices)):
+        letters.setdefault(index, _LETTERS[len(letters)])
+    inputs = ",".join("".join(letters[i] for i in f.indices) for f in operands)
+    output = "".join(letters[i] for i in free)
+    contraction = Einsum(sp.Symbol(f"{inputs}->{output}"), *(tensor_of(f) for f in operands))
+    return _vector(sp.Mul(*outside), free[0] if free else None) * contraction

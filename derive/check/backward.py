@@ -21,7 +21,7 @@ given are removed, so a function that silently reads state left behind by a forw
 
 Python API::
 
-    from derive.backward_check import Convention, check_backward
+    from derive.check.backward import Convention, check_backward
     report = check_backward("xor", "my_backprop.py:backward",
                             Convention(weights="in-out", reduction="sum", bias=False))
     report.ok, report.diagnosis
@@ -47,15 +47,15 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from derive import functions
-from derive.derivation import Derivation, activation_derivative, derive
+from derive.derivation.reverse import Derivation, activation_derivative, derive
+from derive.derivation.tensorform import ONE, Inner, MatVec, Outer, adjoint, to_vector
 from derive.errors import DeriveError
-from derive.functions import A, Z
-from derive.model import build_model, j
-from derive.pretty import pretty
+from derive.graph.model import build_model, j
 from derive.quantities import NetTensor
-from derive.spec import NetworkSpec, load_spec
-from derive.vectorform import ONE, Inner, MatVec, Outer, adjoint, to_vector
+from derive.registry import functions
+from derive.registry.functions import A, Z
+from derive.render.pretty import pretty
+from derive.spec.load import NetworkSpec, load_spec
 
 #: Rows of the random batch (not 1, and unlike the widths, so a 1/B factor shows).
 BATCH = 5

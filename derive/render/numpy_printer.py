@@ -1,8 +1,8 @@
 """The NumPy code printer: vector-form expressions in their batch reading (rows = samples).
 
-Code generation stage: takes expressions over the nodes of :mod:`derive.vectorform` (after the
-rewrites of :mod:`derive.stability`) and gives Python source text for NumPy. The batch reading
-(see :mod:`derive.vectorform`): a per-sample vector v^l becomes a matrix with one row per
+Code generation stage: takes expressions over the nodes of :mod:`derive.derivation.tensorform` (after the
+rewrites of :mod:`derive.render.stability`) and gives Python source text for NumPy. The batch reading
+(see :mod:`derive.derivation.tensorform`): a per-sample vector v^l becomes a matrix with one row per
 sample (``A1``, ``Z1``, ``delta1``, ``Y``; the input a^0 is ``X``), ``MatVec(W, v, True)``
 prints ``V @ W``, ``MatVec(W, v, False)`` prints ``V @ W.T``, ``Inner`` a row-wise sum (kept as
 a column so it broadcasts), ``Outer(u, v)`` the sum over rows ``U.T @ V`` and :class:`RowSum`
@@ -22,9 +22,9 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE
 
+from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer
 from derive.quantities import NetTensor
-from derive.stability import LogSumExp, Softmax
-from derive.vectorform import ONE, Einsum, Inner, MatVec, Outer
+from derive.render.stability import LogSumExp, Softmax
 
 
 class RowSum(sp.Function):
@@ -59,6 +59,14 @@ def _logsumexp(x):
     """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
     top = x.max(axis=1, keepdims=True)
     return top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+''',
+    "_softmax_logsumexp": '''\
+def _softmax_logsumexp(x):
+    """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
+    top = x.max(axis=1, keepdims=True)
+    e = np.exp(x - top)
+    total = e.sum(axis=1, keepdims=True)
+    return e / total, top + np.log(total)
 ''',
     "_erf": '''\
 def _erf(x):
@@ -194,8 +202,14 @@ class NumPyBatchPrinter(NumPyPrinter):
                ".sum(axis=1, keepdims=True)"
 
     def _print_Einsum(self, expr: Einsum) -> str:
+        # batch reading: every per-sample operand, and then the result, gains the sample axis
         subscripts, *operands = expr.args
-        return f"np.einsum({str(subscripts)!r}, {', '.join(self._print(o) for o in operands)})"
+        inputs, output = str(subscripts).split("->")
+        batched = [not (isinstance(o, NetTensor) and o.is_parameter) for o in operands]
+        inputs = ",".join(("b" if b else "") + s for b, s in zip(batched, inputs.split(",")))
+        output = ("b" if any(batched) else "") + output
+        spec = f"{inputs}->{output}"
+        return f"np.einsum({spec!r}, {', '.join(self._print(o) for o in operands)})"
 
     def _print_RowSum(self, expr: RowSum) -> str:
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}.sum(axis=0)"

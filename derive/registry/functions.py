@@ -1,11 +1,16 @@
 """Registry of activations and losses, each defined once as a SymPy expression.
 
 Activations are expressions in the pre-activation ``z`` (elementwise), except ``softmax``, which
-is a vector function built by :mod:`derive.model`. Losses are per output component, in the
+is a vector function built by :mod:`derive.graph.model`. Losses are per output component, in the
 activation ``a`` and the target ``y``; the per-sample loss is their sum over components.
 Derivatives are never typed in here: downstream stages call ``sympy.diff`` on these
 expressions. ``sigmoid`` and ``softplus`` are SymPy functions (with ``fdiff`` and a rewrite to
 elementary functions) so that printers can emit numerically stable code for them.
+
+:data:`SCALAR_FUNCTIONS` is the one table of the functions users may call in expressions:
+the whitelists of both user-expression parsers (:mod:`derive.registry.safe_expr` for a spec's
+custom activations and losses, :mod:`derive.check.parser` for ``derive check`` formulas) are
+derived from it, so a function added here is accepted by both.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from dataclasses import dataclass, field
 import sympy as sp
 
 from derive.errors import DeriveError
-from derive.safe_expr import parse_expression
 
 #: The scalar variables of registry expressions.
 Z = sp.Symbol("z", real=True)
@@ -54,6 +58,51 @@ class softplus(sp.Function):
 
     def _eval_is_real(self) -> bool | None:
         return self.args[0].is_real
+
+
+def step(x: sp.Expr) -> sp.Expr:
+    """The unit step [x > 0] (0 at x = 0, as the relu family's derivative there)."""
+    return sp.Piecewise((1, x > 0), (0, True))
+
+
+@dataclass(frozen=True)
+class ScalarFunction:
+    """A function user expressions may call: what it builds, and its number of arguments
+    (``variadic``: at least ``arity``)."""
+
+    build: Callable[..., sp.Expr]
+    arity: int = 1
+    variadic: bool = False
+
+
+_LOG = ScalarFunction(sp.log)
+_ABS = ScalarFunction(sp.Abs)
+_MAX = ScalarFunction(sp.Max, arity=2, variadic=True)
+_MIN = ScalarFunction(sp.Min, arity=2, variadic=True)
+
+#: The scalar functions user expressions may call, by every name they may be written with:
+#: SymPy's elementary functions, the step [x > 0], and derive's own sigmoid and softplus.
+#: The spec's expression parser accepts exactly these names, the formula parser of
+#: ``derive check`` these and the activations' names.
+SCALAR_FUNCTIONS: Mapping[str, ScalarFunction] = {
+    "exp": ScalarFunction(sp.exp),
+    "log": _LOG,
+    "ln": _LOG,
+    "sqrt": ScalarFunction(sp.sqrt),
+    "tanh": ScalarFunction(sp.tanh),
+    "sinh": ScalarFunction(sp.sinh),
+    "cosh": ScalarFunction(sp.cosh),
+    "erf": ScalarFunction(sp.erf),
+    "abs": _ABS,
+    "Abs": _ABS,
+    "max": _MAX,
+    "Max": _MAX,
+    "min": _MIN,
+    "Min": _MIN,
+    "step": ScalarFunction(step),
+    "sigmoid": ScalarFunction(sigmoid),
+    "softplus": ScalarFunction(softplus),
+}
 
 
 def elementary(expr: sp.Expr) -> sp.Expr:
@@ -184,6 +233,8 @@ def _number(value: float) -> sp.Expr:
 def resolve_activation(name: str, params: Mapping[str, float] | None = None,
                        expr: str | None = None) -> Activation:
     """The :class:`Activation` for a built-in name with parameters, or a custom ``expr``."""
+    from derive.registry.safe_expr import parse_expression  # on use: safe_expr reads this module
+
     params = dict(params or {})
     if expr is not None:
         return Activation(name, expr=parse_expression(expr, {"z": Z}), custom=True)
@@ -205,6 +256,8 @@ def resolve_activation(name: str, params: Mapping[str, float] | None = None,
 
 def resolve_loss(name: str, expr: str | None = None) -> Loss:
     """The :class:`Loss` for a built-in name or a custom per-component ``expr`` in a, y."""
+    from derive.registry.safe_expr import parse_expression  # on use: safe_expr reads this module
+
     if expr is not None:
         return Loss(name, parse_expression(expr, {"a": A, "y": Y}), custom=True)
     if name not in LOSSES:

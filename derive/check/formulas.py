@@ -1,7 +1,7 @@
 """Checking what users wrote: a δ, gradient or adjoint formula against the derivation of a spec.
 
 Stage: a consumer of the derivation (like verify). Takes a spec and a formula text parsed by
-:mod:`derive.formula_parser` (never ``eval``/``sympify``); gives a :class:`FormulaVerdict`.
+:mod:`derive.check.parser` (never ``eval``/``sympify``); gives a :class:`FormulaVerdict`.
 The formula is given its meaning here: layers resolved (``l`` runs over every layer the left
 side can name), every quantity found by its role and node in the model (a NetTensor's fields,
 never its printed name), vectors and matrices given shapes by node (so a missing transpose is
@@ -18,18 +18,19 @@ Then the user's right-hand side is compared with the derived one, per layer:
 2. **numeric agreement** on a concrete copy of the network (widths capped at
    :data:`MAX_WIDTH`): every entry at N random points with 50-digit arithmetic, the user's
    quantities (a, z, delta of other layers, ...) all computed from the same random parameters,
-   inputs and targets (targets summing to 1 where the loss needs it) by this module's own
-   small evaluator: the forward equations of the graph, then the derived formulas in the
-   derivation's order.
+   inputs and targets (targets summing to 1 where the loss needs it) by this module's small
+   evaluator: the forward equations of the graph, then the derived formulas in the
+   derivation's order. The capped copy, the random points and the 50-digit arithmetic are
+   those of :mod:`derive.verify.numeric`, the numeric service verification uses too.
 
 A mismatch gives a counterexample — the parameter and input values (two decimals, to be
 reproducible by hand), the user's value and the correct one — and the derived formula printed
 in the notation the user wrote. Hand-written backprop code is checked by
-:mod:`derive.backward_check`; this module also holds the ``derive check`` command for both.
+:mod:`derive.check.backward`; the ``derive check`` command for both is in :mod:`derive.cli.check`.
 
 Python API::
 
-    from derive.check import check_formula
+    from derive.check.formulas import check_formula
     verdict = check_formula("xor", "delta^L = a^L - y")
     verdict.correct, verdict.method, verdict.counterexample
     print("\\n".join(verdict.lines()))
@@ -37,12 +38,11 @@ Python API::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,10 +51,7 @@ import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.printing.str import StrPrinter
 
-from derive import functions
-from derive.derivation import C, Derivation, Formula, activation_derivative, derive
-from derive.errors import DeriveError
-from derive.formula_parser import (
+from derive.check.parser import (
     Adjoint,
     Binary,
     Call,
@@ -72,27 +69,39 @@ from derive.formula_parser import (
     Unary,
     parse_formula,
 )
-from derive.functions import Z, elementary
-from derive.indexcalc import collapse
-from derive.model import build_model
-from derive.pretty import pretty
+from derive.derivation.indexcalc import collapse
+from derive.derivation.reverse import C, Derivation, Formula, activation_derivative, derive
+from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer
+from derive.errors import DeriveError
+from derive.graph.model import build_model
 from derive.quantities import NetTensor, entry, j, size_symbol, tensor_of
-from derive.spec import NetworkSpec, layer_attributes, load_spec
-from derive.vectorform import ONE, Einsum, Inner, MatVec, Outer
+from derive.registry import functions
+from derive.registry.functions import Z, elementary
+from derive.render.pretty import pretty
+from derive.spec.load import NetworkSpec, layer_attributes, load_spec
+from derive.verify.numeric import (
+    DIGITS,
+    TOLERANCE,
+    Sampling,
+    as_float,
+    capped_spec,
+    evaluate,
+    random_point,
+    value_at,
+)
 
 #: Widths of the concrete copy the numeric check runs on.
 MAX_WIDTH = 3
-#: Random points of the numeric check.
+#: Random points of the numeric check. Its arithmetic (DIGITS, TOLERANCE) is that of
+#: derive.verify.numeric, the numeric service verification uses too.
 POINTS = 20
-#: Decimal digits of the numeric check's arithmetic (as derive.verify).
-DIGITS = 50
-#: Relative agreement required at 50 digits.
-TOLERANCE = 10.0 ** -(DIGITS - 10)
 #: Largest integer exponent a formula may use.
 MAX_EXPONENT = 64
 #: Largest expansion the symbolic check attempts; a larger one is left to the numeric check.
 MAX_EXPANDED_TERMS = 5000
-_BITS = 200
+#: How the random points are drawn: leaves rounded to two decimals, so that a counterexample
+#: can be retyped by hand; dropout masks 1, as gradients are taken with dropout off.
+SAMPLING = Sampling(decimals=2, mask=1.0)
 
 # Placeholders for the implicit row and column index of vector-form values.
 _ROW = sp.Dummy("row", integer=True, positive=True)
@@ -396,13 +405,6 @@ class _Value:
         if self.kind == "r":
             return f"a row vector over layer {self.rows}"
         return f"an n_{self.rows} x n_{self.cols} matrix"
-
-
-_ELEMENTARY: Mapping[str, Callable[..., sp.Expr]] = {
-    "exp": sp.exp, "log": sp.log, "ln": sp.log, "sqrt": sp.sqrt, "tanh": sp.tanh,
-    "sinh": sp.sinh, "cosh": sp.cosh, "erf": sp.erf, "abs": sp.Abs,
-    "step": lambda x: sp.Piecewise((1, x > 0), (0, True)),
-}
 
 
 def _ranges(name: str, layers: Sequence[int]) -> str:
@@ -735,22 +737,26 @@ class _Meaning:
         return _Value(sp.Sum(body.expr, (dummy, 1, size)), "s")
 
     def _Call(self, node: Call) -> _Value:
+        """A call: ``sigma`` or an activation by name (its derivative with a prime), else
+        one of the registry's scalar functions (elementwise; max and min of two values)."""
         args = [self.value(arg) for arg in node.args]
         name = node.name
-        if name in ("max", "min"):
-            if len(args) != 2:
-                raise self.error(f"{name}() takes two arguments", node.pos)
-            fn = sp.Max if name == "max" else sp.Min
-            shaped = self.elementwise(args[0], args[1], "+", node.pos)
-            return dataclasses.replace(shaped, expr=fn(args[0].expr, args[1].expr))
-        if len(args) != 1:
-            raise self.error(f"{name}() takes one argument", node.pos)
-        (arg,) = args
-        if name in _ELEMENTARY:
+        if name != "sigma" and name not in functions.ACTIVATIONS:
+            function = functions.SCALAR_FUNCTIONS[name]
+            if len(args) != function.arity:
+                count = "two arguments" if function.arity == 2 else "one argument"
+                raise self.error(f"{name}() takes {count}", node.pos)
             if node.prime:
                 raise self.error(f"{name}' is not supported; write the derivative out",
                                  node.pos)
-            return dataclasses.replace(arg, expr=_ELEMENTARY[name](arg.expr))
+            shaped = args[0]
+            for other in args[1:]:
+                shaped = self.elementwise(shaped, other, "+", node.pos)
+            return dataclasses.replace(shaped,
+                                       expr=function.build(*(arg.expr for arg in args)))
+        if len(args) != 1:
+            raise self.error(f"{name}() takes one argument", node.pos)
+        (arg,) = args
         activation = self.activation_of(node)
         if activation.is_softmax:
             if node.prime:
@@ -1041,10 +1047,6 @@ def symbolic_identity(user: sp.Expr, derived: sp.Expr, network: _Network) -> boo
 # --- the numeric check: a small self-contained evaluator ---------------------------------
 
 
-def _decimal(rng: random.Random, low: float, high: float) -> float:
-    return round(rng.uniform(low, high), 2)
-
-
 def _unroll(expr: sp.Expr) -> sp.Expr:
     """Every sum over concrete limits written out term by term (``doit`` would also evaluate
     the derivatives ∂C/∂q, which here are values, not operations)."""
@@ -1064,9 +1066,10 @@ def _show(value: float | None) -> str:
 
 
 class _Evaluator:
-    """Values of a (small) model's quantities and derived formulas at random points, in
-    SymEngine's arbitrary-precision floats: the forward equations of the graph in order, then
-    every derived formula in the derivation's order (each reads only what came before it)."""
+    """Values of a (small) model's quantities and derived formulas at random points: the
+    forward equations of the graph in order, then every derived formula in the derivation's
+    order (each reads only what came before it). The points and the 50-digit arithmetic are
+    derive.verify.numeric's; what is evaluated (the formulas in stand-ins) is this module's."""
 
     def __init__(self, network: _Network) -> None:
         self.network = network
@@ -1090,22 +1093,22 @@ class _Evaluator:
                                                    for atom, symbol in names.items()))
         return self.compiled[key]
 
+    def point_of(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
+                 env: Mapping[sp.Expr, se.Basic]) -> tuple[se.Basic, dict[se.Symbol, se.Basic]]:
+        """``expr`` compiled at ``index``, and the values it reads from ``env``."""
+        compiled, reads = self.compile(expr, free, index)
+        return compiled, {symbol: env[atom] for symbol, atom in reads}
+
     def evaluate(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
                  env: Mapping[sp.Expr, se.Basic]) -> se.Basic:
-        compiled, reads = self.compile(expr, free, index)
-        return compiled.subs({symbol: env[atom] for symbol, atom in reads}).n(_BITS, real=True)
+        """``expr`` at ``index``, a 50-digit number; ValueError where it has no real value."""
+        return evaluate(*self.point_of(expr, free, index, env))
 
     def number(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
                env: Mapping[sp.Expr, se.Basic]) -> float | None:
-        """``expr`` at ``index`` as a float, or None where it has no finite real value."""
-        try:
-            # SymEngine's real evaluation refuses complex or infinite results (1/0, log(0))
-            value = complex(self.evaluate(expr, free, index, env))
-        except (TypeError, ValueError, RuntimeError):
-            return None
-        if value.imag != 0 or value.real != value.real or abs(value.real) == float("inf"):
-            return None
-        return value.real
+        """``expr`` at ``index`` as a float, or None where it has no finite real value
+        (1/0, log(0), a square root of a negative number)."""
+        return as_float(value_at(*self.point_of(expr, free, index, env)))
 
     def point(self, rng: random.Random) -> tuple[dict[sp.Expr, se.Basic],
                                                  dict[tuple[NetTensor, tuple[int, ...]], float]]:
@@ -1114,23 +1117,13 @@ class _Evaluator:
         dropout off."""
         network = self.network
         model = network.model
-        target = network.tensor("y", None)
-        raw: dict[tuple[NetTensor, tuple[int, ...]], float] = {}
-        for tensor in network.leaves:
-            entries = network.entries(tensor)
-            if tensor == target and model.loss.needs == "probability":
-                values = [_decimal(rng, 0.05, 0.95) for _ in entries]
-            elif tensor == target and model.loss.needs == "distribution":
-                cuts = sorted(rng.sample(range(1, 100), len(entries) - 1))
-                values = [(b - a) / 100 for a, b in zip([0, *cuts], [*cuts, 100])]
-            elif tensor.role == "mask":
-                values = [1.0 for _ in entries]
-            else:
-                values = [_decimal(rng, -1.5, 1.5) for _ in entries]
-            raw.update({(tensor, index): v for index, v in zip(entries, values)})
+        leaves = [((tensor, index), tensor) for tensor in network.leaves
+                  for index in network.entries(tensor)]
+        values = random_point(rng, leaves, model.loss.needs, SAMPLING)
+        raw = {key: float(value) for key, value in values.items()}
         # values by stand-in (see _Network.stand_ins)
-        env: dict[sp.Expr, se.Basic] = {network.stand_in(t, index): se.RealMPFR(repr(v), _BITS)
-                                         for (t, index), v in raw.items()}
+        env: dict[sp.Expr, se.Basic] = {network.stand_in(t, index): value
+                                         for (t, index), value in values.items()}
         for eq in model.equations:
             for index in network.entries(eq.target):
                 value = self.evaluate(eq.expr, eq.indices, index, env)
@@ -1356,24 +1349,13 @@ def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: F
         text = f"{lhs} = {say(vector)}"
     lines = [text, f"{pretty(formula.lhs)} = {pretty(formula.rhs)}"]
     if parsed.latex:
-        from derive.latex_printer import equation  # a later stage, imported on use only
+        from derive.render.latex_printer import equation  # a later stage, imported on use only
 
         lines.append(equation(formula.lhs, formula.rhs))
     return tuple(lines)
 
 
 # --- the API -----------------------------------------------------------------------------
-
-
-def capped_spec(spec: NetworkSpec, width: int = MAX_WIDTH) -> NetworkSpec:
-    """``spec`` with every width (the input's too) capped at ``width``: the concrete copy the
-    numeric check expands (a formula's shapes are checked by layer, for every size). Widths
-    equal by construction (an add's inputs) stay equal."""
-    if max(spec.sizes) <= width:
-        return spec
-    layers = tuple(dataclasses.replace(layer, size=min(layer.size, width))
-                   for layer in spec.layers)
-    return dataclasses.replace(spec, input=min(spec.input, width), layers=layers, example=None)
 
 
 def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: int = POINTS,
@@ -1434,55 +1416,3 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
 
 
 # --- the command -------------------------------------------------------------------------
-
-
-def add_command(commands: argparse._SubParsersAction) -> None:
-    """Add ``derive check`` to the CLI."""
-    parser = commands.add_parser(
-        "check", help="check a user's formula or hand-written backprop against the derivation",
-        description=(
-            "Check a delta, gradient or adjoint formula written in derive notation (plain or "
-            "LaTeX), about any layer of the network, or a hand-written backprop function "
-            "(--backward FILE:FUNCTION, dense chains for now), against the derivation of "
-            "SPEC. Exit code 0 correct, 1 incorrect, 2 unparsable or bad input."),
-        epilog=(
-            "formula examples:\n"
-            "  derive check xor \"delta^L = (a^L - y) * a^L * (1 - a^L)\"\n"
-            "  derive check xor \"delta^l_j = sum_k w^{l+1}_kj delta^{l+1}_k sigma'(z^l_j)\"\n"
-            "  derive check bce \"dC/dw^l_jk = delta^l_j a^{l-1}_k\"\n"
-            "  derive check xor '\\delta^L_j = (a^L_j - y_j)\\sigma'\"'\"'(z^L_j)'\n"
-            "  derive check resnet.yaml \"delta^1 = (delta^3 + (W^2)^T delta^2) * "
-            "sigma'(z^1)\"\n"
-            "  derive check resnet.yaml \"dC/dgamma^4 = delta^4 * xhat^4\"\n"
-            "backprop code:\n"
-            "  derive check net.yaml --backward my_backprop.py:backward\n"
-            "  derive check net.yaml --backward tutorial.py:backward --weights in-out \\\n"
-            "      --reduction sum --no-bias --arg a3=A2 --global a2=A1"),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", metavar="SPEC",
-                        help="a spec file (.yaml, .yml, .json) or a built-in example name")
-    parser.add_argument("formula", metavar="FORMULA", nargs="?",
-                        help="LHS = RHS, e.g. \"delta^L = a^L - y\"")
-    parser.add_argument("--points", type=int, default=POINTS,
-                        help=f"random points of the numeric check (default {POINTS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random points")
-    from derive.backward_check import add_arguments
-
-    add_arguments(parser)
-    parser.set_defaults(handler=_cmd_check)
-
-
-def _cmd_check(args: argparse.Namespace, echo: Callable[[str], None]) -> int:
-    if args.backward:
-        if args.formula:
-            raise DeriveError("give either a FORMULA or --backward FILE:FUNCTION, not both")
-        from derive.backward_check import run_from_args
-
-        return run_from_args(args, echo)
-    if not args.formula:
-        raise DeriveError("derive check: give a FORMULA (\"delta^L = a^L - y\") or "
-                          "--backward FILE:FUNCTION (see derive check --help)")
-    verdict = check_formula(args.spec, args.formula, points=args.points, seed=args.seed)
-    for line in verdict.lines():
-        echo(line)
-    return verdict.exit_code

@@ -1,7 +1,7 @@
 """Stage 2, the graph: the symbolic network built from a :class:`~derive.spec.NetworkSpec`.
 
 A network is a DAG of nodes. Node 0 is the input x = a⁰; node l (layer l of the spec) applies
-its op from the registry (:mod:`derive.ops`) to the outputs of the nodes it reads, with its
+its op from the registry (:mod:`derive.registry.ops`) to the outputs of the nodes it reads, with its
 parameters (``w^l``, ``b^l``, ``gamma^l``, ...) and its forward pass as index-form
 equations, e.g. for a dense layer
 
@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
-from derive.functions import A, Activation, Loss, Y
-from derive.ops import OPS, Context, Equation, Forward, Input, OpDef
 from derive.quantities import (
     WEIGHT_ROLES,
     NetTensor,
@@ -31,10 +29,12 @@ from derive.quantities import (
     m,
     size_symbol,
 )
-from derive.spec import PARAMETER_KEYS, layer_attributes
+from derive.registry.functions import A, Activation, Loss, Y
+from derive.registry.ops import OPS, Context, Equation, Forward, Input, OpDef
+from derive.spec.load import PARAMETER_KEYS, layer_attributes
 
 if TYPE_CHECKING:
-    from derive.spec import NetworkSpec
+    from derive.spec.load import NetworkSpec
 
 __all__ = ["Model", "Node", "Parameter", "build_model", "i", "j", "k", "m", "quantity",
            "size_symbol"]

@@ -2,7 +2,8 @@
 
 The text is parsed with :mod:`ast` and every node is checked against a short whitelist:
 numbers, the allowed variable names, ``+ - * / **``, unary minus and calls to the functions in
-:data:`FUNCTIONS`. Nothing from the string is ever executed, imported or looked up as an
+:data:`FUNCTIONS`, which is the registry's table
+:data:`derive.registry.functions.SCALAR_FUNCTIONS` (nothing is added or left out here). Nothing from the string is ever executed, imported or looked up as an
 attribute; ``sympify``/``parse_expr`` are never called on user text.
 """
 
@@ -15,23 +16,10 @@ from collections.abc import Mapping
 import sympy as sp
 
 from derive.errors import DeriveError
+from derive.registry.functions import SCALAR_FUNCTIONS, ScalarFunction
 
-#: The callable names a user may write, and the SymPy objects they stand for.
-FUNCTIONS: Mapping[str, object] = {
-    "exp": sp.exp,
-    "log": sp.log,
-    "sqrt": sp.sqrt,
-    "tanh": sp.tanh,
-    "sinh": sp.sinh,
-    "cosh": sp.cosh,
-    "erf": sp.erf,
-    "Abs": sp.Abs,
-    "abs": sp.Abs,
-    "Max": sp.Max,
-    "max": sp.Max,
-    "Min": sp.Min,
-    "min": sp.Min,
-}
+#: The callable names a user may write, and what each builds: the registry's table.
+FUNCTIONS: Mapping[str, ScalarFunction] = SCALAR_FUNCTIONS
 #: Named constants a user may write.
 CONSTANTS: Mapping[str, sp.Expr] = {"pi": sp.pi, "e": sp.E}
 
@@ -125,8 +113,7 @@ class _Converter:
                 raise self.fail(node, "keyword arguments are not allowed")
             args = [self.convert(arg) for arg in node.args]
             fn = FUNCTIONS[node.func.id]
-            arity = 2 if fn in (sp.Max, sp.Min) else 1
-            if len(args) != arity and not (fn in (sp.Max, sp.Min) and len(args) >= 2):
-                raise self.fail(node, f"{node.func.id}() takes {arity} argument(s)")
-            return fn(*args)
+            if len(args) != fn.arity and not (fn.variadic and len(args) >= fn.arity):
+                raise self.fail(node, f"{node.func.id}() takes {fn.arity} argument(s)")
+            return fn.build(*args)
         raise self.fail(node, f"{type(node).__name__} is not allowed")

@@ -1,14 +1,14 @@
 """Stage 1, the spec: a YAML/JSON file, built-in example or dict to a validated NetworkSpec.
 
 ``load_spec`` takes a file path, the name of a built-in example (``derive/examples/*.yaml``) or a
-plain mapping, checks every field (DESIGN.md, Contract 1) and gives a :class:`NetworkSpec`:
-frozen dataclasses holding tuples, the input of :mod:`derive.model`. Every problem is a
+plain mapping, checks every field (docs/architecture.md, "Contracts") and gives a :class:`NetworkSpec`:
+frozen dataclasses holding tuples, the input of :mod:`derive.graph.model`. Every problem is a
 :class:`~derive.errors.DeriveError` naming the source, the field path (``layers[1].activation``)
 and, for files, the line of that field.
 
 Activations and losses are kept as the user wrote them (:class:`FunctionSpec`); their SymPy
-expressions come from :mod:`derive.functions` (``NetworkSpec.activation``/``resolved_loss``).
-The structural rules are mirrored as a JSON Schema in :mod:`derive.schema`.
+expressions come from :mod:`derive.registry.functions` (``NetworkSpec.activation``/``resolved_loss``).
+The structural rules are mirrored as a JSON Schema in :mod:`derive.spec.schema`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 
-from derive import functions
 from derive.errors import DeriveError
+from derive.registry import functions
 
-EXAMPLES_DIR = Path(__file__).parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 TOP_FIELDS = ("name", "input", "layers", "loss", "regularization", "example")
@@ -44,7 +44,7 @@ CUSTOM_FIELDS = ("name", "expr")
 INPUT_NAME = "input"
 #: The op of a layer that gives no ``op:``.
 DEFAULT_OP = "dense"
-#: Dictionary keys of parameters by role (DESIGN.md, Contract 2: W{l}, b{l}, gamma{l}, ...).
+#: Dictionary keys of parameters by role (docs/architecture.md, "Contracts": W{l}, b{l}, gamma{l}, ...).
 PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta"}
 
 # A field path inside the document: keys and list indices, e.g. ("layers", 1, "activation").
@@ -147,7 +147,7 @@ class NetworkSpec:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter key (``W1``, ``b1``, ``gamma3``, ...) and its shape, in layer order."""
-        from derive.ops import OPS  # the registry, stage 0
+        from derive.registry.ops import OPS  # the registry, stage 0
 
         shapes: dict[str, tuple[int, ...]] = {}
         sizes = self.sizes
@@ -493,7 +493,7 @@ class _Validator:
         return DeriveError(message, source=self.source, field=field_path(path) or None, line=line)
 
     def locate(self, err: DeriveError, path: FieldPath) -> DeriveError:
-        """A DeriveError from :mod:`derive.functions`, placed at ``path``."""
+        """A DeriveError from :mod:`derive.registry.functions`, placed at ``path``."""
         where = self.error(path, err.message)
         return err.located(source=where.source, field=where.field, line=where.line)
 
@@ -618,7 +618,7 @@ class _Validator:
 
     def layer(self, data: object, path: FieldPath, index: int, names: Mapping[str, int],
               sizes: list[int]) -> LayerSpec:
-        from derive.ops import OPS  # the registry, stage 0
+        from derive.registry.ops import OPS  # the registry, stage 0
 
         if not isinstance(data, Mapping):
             raise self.error(path, f"a layer must be a mapping, got {_describe(data)}")
@@ -850,7 +850,7 @@ class _Validator:
     def example_params(
         self, data: object, path: FieldPath, spec: NetworkSpec
     ) -> tuple[tuple[str, tuple], ...]:
-        # shapes from the op registry (DESIGN.md, Contract 2): W{l} is n_l x n_in, ...
+        # shapes from the op registry (docs/architecture.md, "Contracts"): W{l} is n_l x n_in, ...
         expected = spec.parameter_shapes()
         names = ", ".join(expected)
         if not isinstance(data, Mapping):
