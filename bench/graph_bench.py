@@ -44,7 +44,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.derive_times import RESIDUAL_TARGET_S, residual_in_fresh_process, residual_spec
-from bench.train_step import BLOCK, _time, blas_description, relative_error, repetitions
+from bench.train_step import (
+    BLOCK,
+    _time,
+    blas_description,
+    relative_error,
+    repetitions,
+    timed_alone,
+)
 
 #: name -> (input, width, classes, batch); the topology of the built-in example resmlp
 #: (a dense relu stem, two residual blocks, a softmax output), layers 1-10.
@@ -241,14 +248,9 @@ def alone_worker(quick: bool) -> dict:
         for dtype in DTYPES:
             params, X, Y = resmlp_data(name, dtype)
             step = module_step(module, params, X, Y)
-            count = repetitions(step, 0.5 if quick else 1.0, quick)
-            gc.disable()
-            try:
-                times = [_time(step) for _ in range(count)]
-            finally:
-                gc.enable()
+            count, median = timed_alone(step, 0.5 if quick else 1.0, quick)
             rows.append({"config": name, "dtype": dtype, "reps": count,
-                         "alone_us": statistics.median(times)})
+                         "alone_us": median})
     return {"results": rows}
 
 
@@ -279,14 +281,9 @@ def torch_worker(quick: bool, threads: int | None) -> dict:
                         value -= LR * value.grad
                         value.grad = None
 
-            count = repetitions(step, 0.8 if quick else 2.0, quick)
-            gc.disable()
-            try:
-                times = [_time(step) for _ in range(count)]
-            finally:
-                gc.enable()
+            count, median = timed_alone(step, 0.8 if quick else 2.0, quick)
             rows.append({"config": name, "dtype": dtype, "reps": count,
-                         "torch_us": statistics.median(times)})
+                         "torch_us": median})
     return {"results": rows, "info": {"version": torch.__version__,
                                       "threads": torch.get_num_threads()}}
 

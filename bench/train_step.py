@@ -97,6 +97,17 @@ def _time(step) -> float:
     return (time.perf_counter_ns() - start) / 1000.0
 
 
+def timed_alone(step, budget_s: float, quick: bool) -> tuple[int, float]:
+    """(repetitions, median µs) of ``step`` run on its own, the garbage collector off."""
+    count = repetitions(step, budget_s, quick)
+    gc.disable()
+    try:
+        times = [_time(step) for _ in range(count)]
+    finally:
+        gc.enable()
+    return count, statistics.median(times)
+
+
 # --- NumPy: generated, specialized hand-written and general reference, interleaved ---------
 
 
@@ -199,14 +210,9 @@ def generated_alone_rows(quick: bool) -> list[dict]:
                 _, grads = module.gradients(p, X, Y)
                 module.sgd_step(p, grads, LR)
 
-            count = repetitions(step, 0.5 if quick else 1.0, quick)
-            gc.disable()
-            try:
-                times = [_time(step) for _ in range(count)]
-            finally:
-                gc.enable()
+            count, median = timed_alone(step, 0.5 if quick else 1.0, quick)
             rows.append({"config": name, "dtype": dtype, "reps": count,
-                         "alone_us": statistics.median(times)})
+                         "alone_us": median})
     return rows
 
 
@@ -245,14 +251,9 @@ def torch_worker(quick: bool) -> None:
                         p -= LR * p.grad
                         p.grad = None
 
-            count = repetitions(step, 0.8 if quick else 2.0, quick)
-            gc.disable()
-            try:
-                times = [_time(step) for _ in range(count)]
-            finally:
-                gc.enable()
+            count, median = timed_alone(step, 0.8 if quick else 2.0, quick)
             results.append({"config": name, "dtype": dtype, "reps": count,
-                            "torch_us": statistics.median(times)})
+                            "torch_us": median})
     info = {"version": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads()}
     print(json.dumps({"results": results, "info": info}))
