@@ -120,7 +120,8 @@ def backward(params, cache, Y):
     # δ³ = (W⁴)ᵀ δ⁴
     delta3 = delta4 @ W4
     # δ² = δ³ ⊙ (1 - a³**2)
-    delta2 = delta3*(1 - A3**2)
+    delta2 = delta3
+    delta2 *= 1 - A3**2
     # ∂C/∂x̂² = δ² ⊙ γ²
     dC_dXhat2 = delta2*gamma2
     # ∂C/∂σ²² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*(σ²² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*(σ²² + 1/100000)**(3/2))

@@ -114,19 +114,18 @@ def backward(params, cache, Y):
     B = Y.shape[0]
     # BP1: δ³ = a³ - y, each row divided by B
     delta3 = (A3 - Y)/B
-    # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows
+    # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows, + ∂R/∂W³ = W³/1000 + sign(W³)/10000 once per batch
     dW3 = delta3.T @ A2
-    # + ∂R/∂W³ = W³/1000 + sign(W³)/10000, the penalty's gradient, once per batch
     dW3 += 0.001*W3 + 0.0001*np.sign(W3)
     # BP3: ∂C/∂b³ = δ³, summed over the rows
     db3 = delta3.sum(axis=0)
     # δ² = (W³)ᵀ δ³
     delta2 = delta3 @ W3
     # δ¹ = δ² ⊙ m² ⊙ (1 - a¹**2)
-    delta1 = delta2*M2*(1 - A1**2)
-    # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
+    delta1 = delta2
+    delta1 *= M2*(1 - A1**2)
+    # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows, + ∂R/∂W¹ = W¹/1000 + sign(W¹)/10000 once per batch
     dW1 = delta1.T @ X
-    # + ∂R/∂W¹ = W¹/1000 + sign(W¹)/10000, the penalty's gradient, once per batch
     dW1 += 0.001*W1 + 0.0001*np.sign(W1)
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows
     db1 = delta1.sum(axis=0)

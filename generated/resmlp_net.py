@@ -107,7 +107,8 @@ def forward(params, X):
     Z3 = A2 @ W3.T
     Z3 += b3
     A3 = Z3
-    A4 = A1 + A3
+    A4 = A3
+    A4 += A1
     A5 = np.maximum(A4, 0)
     Z6 = A5 @ W6.T
     Z6 += b6
@@ -115,7 +116,8 @@ def forward(params, X):
     Z7 = A6 @ W7.T
     Z7 += b7
     A7 = Z7
-    A8 = A5 + A7
+    A8 = A7
+    A8 += A5
     A9 = np.maximum(A8, 0)
     Z10 = A9 @ W10.T
     Z10 += b10
@@ -160,7 +162,8 @@ def backward(params, cache, Y):
     # δ⁹ = (W¹⁰)ᵀ δ¹⁰
     delta9 = delta10 @ W10
     # δ⁸ = δ⁹ ⊙ Piecewise((1, a⁸ > 0), (0, True))
-    delta8 = delta9*(A8 > 0)
+    delta8 = delta9
+    delta8 *= (A8 > 0)
     # δ⁷ = δ⁸
     delta7 = delta8
     # BP4: ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ, summed over the rows
@@ -175,9 +178,11 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b⁶ = δ⁶, summed over the rows
     db6 = delta6.sum(axis=0)
     # δ⁵ = δ⁸ + (W⁶)ᵀ δ⁶
-    delta5 = delta6 @ W6 + delta8
+    delta5 = delta6 @ W6
+    delta5 += delta8
     # δ⁴ = δ⁵ ⊙ Piecewise((1, a⁴ > 0), (0, True))
-    delta4 = delta5*(A4 > 0)
+    delta4 = delta5
+    delta4 *= (A4 > 0)
     # δ³ = δ⁴
     delta3 = delta4
     # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows
@@ -192,7 +197,9 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
     # δ¹ = Piecewise((1, z¹ > 0), (0, True)) ⊙ (δ⁴ + (W²)ᵀ δ²)
-    delta1 = (Z1 > 0)*(delta2 @ W2 + delta4)
+    delta1 = delta2 @ W2
+    delta1 += delta4
+    delta1 *= (Z1 > 0)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

@@ -159,3 +159,27 @@ def test_residual_error_sums_both_consumers() -> None:
     assert len(model.consumers(1)) == 2
     chain_steps = [step for step in delta.steps if step.rule == "chain rule"]
     assert chain_steps and len(sp.Add.make_args(chain_steps[-1].expr)) == 2
+
+
+@pytest.mark.parametrize("name", [name for name, _ in list_examples()])
+def test_in_place_arithmetic_leaves_inputs_and_cache_alone(name: str) -> None:
+    """Generated code reuses fresh arrays in place; never X, Y, the parameters or the cache."""
+    spec = load_spec(name)
+    module = load_module(render_module(derive(build_model(spec))), name)
+    params = module.init_params(seed=1)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((5, spec.input))
+    Y = np.full((5, spec.sizes[-1]), 1.0 / spec.sizes[-1])
+    saved = {key: value.copy() for key, value in params.items()}
+    X_saved, Y_saved = X.copy(), Y.copy()
+    _, cache = module.forward(params, X)
+    cache_saved = {key: np.array(value, copy=True) for key, value in cache.items()}
+    first = module.backward(params, cache, Y)
+    second = module.backward(params, cache, Y)
+    for key in first:
+        assert np.array_equal(first[key], second[key]), key
+    for key, value in cache.items():
+        assert np.array_equal(np.asarray(value), cache_saved[key]), key
+    for key, value in params.items():
+        assert np.array_equal(value, saved[key]), key
+    assert np.array_equal(X, X_saved) and np.array_equal(Y, Y_saved)

@@ -129,20 +129,98 @@ def _shared_logsumexp(model: Model, loss_expr: sp.Expr) -> tuple[sp.Expr, NetTen
     return logsumexp, NetTensor("lse", model.depth, rank=0)
 
 
-def _in_place_product(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
-    """(matrix product, other factors) of a product with exactly one matrix product, else None.
+@dataclass(frozen=True)
+class _Assign:
+    """``target = expr``, before printing: a quantity (or a gradient's name) and its value."""
 
-    BP2 is sigma'(z^l) ⊙ (W^{l+1})ᵀ δ^{l+1}: its matrix product is a fresh array, so the
-    generated code multiplies it by the other factors in place (``delta1 = delta2 @ W2`` then
-    ``delta1 *= ...``), one (batch, n_l) array fewer than ``delta1 = ... * (delta2 @ W2)``.
+    target: NetTensor | str
+    expr: sp.Expr
+    comment: str = ""
+    code: str | None = None         # already printed (a helper returning two arrays)
+
+
+def _statements(assigns: list[_Assign], keep: set[NetTensor],
+                printer: NumPyBatchPrinter) -> list[Statement]:
+    """Print the assignments, reusing fresh arrays in place where that is safe.
+
+    A fresh (batch, n) array per ``+`` or ``*`` costs more than the arithmetic (allocation and
+    page faults, measured in bench/graph_bench.py). So when a sum or product has a term or
+    factor that is a new array anyway (a matrix product), or an array this function made that
+    nothing later reads (nor any other name of the same buffer, nor ``keep``: the cache, the
+    output), the target takes that buffer and the rest is added or multiplied in place:
+    ``delta1 = delta2 @ W2; delta1 += delta4; delta1 *= (Z1 > 0)``.
     """
-    if not isinstance(expr, sp.Mul):
+    buffer_of: dict[NetTensor, int] = {}
+    out: list[Statement] = []
+    for index, assign in enumerate(assigns):
+        later = set(keep)
+        for other in assigns[index + 1:]:
+            later |= other.expr.atoms(NetTensor)
+        groups_live = {buffer_of[t] for t in later if t in buffer_of}
+        dead = {t for t in buffer_of if buffer_of[t] not in groups_live
+                and isinstance(assign.target, NetTensor) and t.rank == assign.target.rank}
+        name = assign.target if isinstance(assign.target, str) else printer.doprint(
+            assign.target)
+        if assign.code is not None:
+            out.append(Statement(name, assign.code, assign.comment))
+            continue
+        steps, reused = _in_place(assign.expr, dead)
+        for number, (op, expr) in enumerate(steps):
+            out.append(Statement(name, _signed(printer, op, expr),
+                                 assign.comment if number == 0 else "",
+                                 _op(op, expr)))
+        if isinstance(assign.target, NetTensor):
+            shares = reused if reused is not None else (
+                assign.expr if isinstance(assign.expr, NetTensor) else None)
+            buffer_of[assign.target] = buffer_of.get(shares, index) if shares is not None \
+                else index
+    return out
+
+
+def _op(op: str, expr: sp.Expr) -> str:
+    if op == "+=" and expr.could_extract_minus_sign():
+        return "-="
+    return op
+
+
+def _signed(printer: NumPyBatchPrinter, op: str, expr: sp.Expr) -> str:
+    if op == "+=" and expr.could_extract_minus_sign():
+        return printer.doprint(-expr)
+    return printer.doprint(expr)
+
+
+def _in_place(expr: sp.Expr, dead: set[NetTensor]
+              ) -> tuple[list[tuple[str, sp.Expr]], NetTensor | None]:
+    """(steps [("=", buffer), ("+=", rest), ("*=", factor)], the dead array reused or None)."""
+
+    def buffer_in_sum(add: sp.Expr) -> sp.Expr | None:
+        terms = sp.Add.make_args(add)
+        for term in terms:                       # a matrix product first, then a dead array
+            if isinstance(term, MatVec | Outer):
+                return term
+        for term in terms:
+            if term in dead and not (add - term).has(term):
+                return term
         return None
-    products = [factor for factor in expr.args if isinstance(factor, MatVec)]
-    others = [factor for factor in expr.args if not isinstance(factor, MatVec)]
-    if len(products) != 1 or any(factor.has(MatVec, Outer) for factor in others):
-        return None
-    return products[0], sp.Mul(*others)
+
+    if isinstance(expr, sp.Add):
+        buffer = buffer_in_sum(expr)
+        if buffer is not None:
+            reused = buffer if isinstance(buffer, NetTensor) else None
+            return [("=", buffer), ("+=", expr - buffer)], reused
+    if isinstance(expr, sp.Mul):
+        for factor in expr.args:
+            rest = expr / factor
+            if isinstance(factor, MatVec) or (factor in dead and not rest.has(factor)):
+                reused = factor if isinstance(factor, NetTensor) else None
+                return [("=", factor), ("*=", rest)], reused
+            if isinstance(factor, sp.Add):
+                buffer = buffer_in_sum(factor)
+                if buffer is not None and not (isinstance(buffer, NetTensor)
+                                               and rest.has(buffer)):
+                    reused = buffer if isinstance(buffer, NetTensor) else None
+                    return [("=", buffer), ("+=", factor - buffer), ("*=", rest)], reused
+    return [("=", expr)], None
 
 
 def _init(node: Node, parameter: Parameter) -> tuple[str, str]:
@@ -187,29 +265,22 @@ def _reads(exprs: list[sp.Expr]) -> set[NetTensor]:
             if t.role in _CACHED_ROLES and t.node is not None}
 
 
-def _forward_statements(model: Model, printer: NumPyBatchPrinter,
-                        shared: tuple[sp.Expr, NetTensor] | None) -> list[Statement]:
-    """The forward pass, one statement per equation, each printed from the model."""
-    out: list[Statement] = []
+def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
+                         shared: tuple[sp.Expr, NetTensor] | None) -> list[_Assign]:
+    """The forward pass, one assignment per equation, each from the model's equations."""
+    out: list[_Assign] = []
     output = _output_equation(model)
     for equation in model.equations:
-        name = batch_name(equation.target)
         expr = stabilize(_tensor(model, equation.expr, equation.indices)).expr
-        products = sp.Add(*(t for t in sp.Add.make_args(expr) if t.has(MatVec)))
-        if products != 0 and products != expr:
-            # the bias is added in place: a fresh (batch, n) array per `+` costs more than the
-            # addition (allocation and page faults), as measured in bench/train_step.py
-            out.append(Statement(name, printer.doprint(products)))
-            out.append(Statement(name, printer.doprint(expr - products), op="+="))
-            continue
         if shared is not None and equation is output and isinstance(expr, Softmax):
             # the output and the loss's log-sum-exp from one exponential of the logits
             _logsumexp, lse = shared
             printer.helpers.add("_softmax_logsumexp")
-            out.append(Statement(f"{name}, {printer.doprint(lse)}",
-                                 f"_softmax_logsumexp({printer.doprint(expr.args[0])})"))
+            name = f"{batch_name(equation.target)}, {printer.doprint(lse)}"
+            out.append(_Assign(name, expr, code=f"_softmax_logsumexp("
+                                                f"{printer.doprint(expr.args[0])})"))
             continue
-        out.append(Statement(name, printer.doprint(expr)))
+        out.append(_Assign(equation.target, expr))
     return out
 
 
@@ -226,7 +297,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         loss_expr = loss_expr.xreplace({shared[0]: shared[1]})
     loss_code = printer.doprint(loss_expr)
 
-    forward = _forward_statements(model, printer, shared)
+    forward_assigns = _forward_assignments(model, printer, shared)
     parameters: list[dict[str, object]] = []
     init_rules = set()
     for node in model.nodes:
@@ -243,18 +314,8 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                for node in model.nodes if node.op.name == "dropout"]
 
     # backward pass: every formula after the loss gradient, in the derivation's order
-    backward: list[Statement] = []
-    backward_exprs: list[sp.Expr] = []
+    backward_assigns: list[_Assign] = []
     gradient_names: list[tuple[str, str]] = []
-
-    def add(target: str, expr: sp.Expr, comment: str) -> None:
-        backward_exprs.append(expr)
-        split = _in_place_product(expr)
-        if split is None:
-            backward.append(Statement(target, printer.doprint(expr), comment))
-        else:
-            backward.append(Statement(target, printer.doprint(split[0]), comment))
-            backward.append(Statement(target, printer.doprint(split[1]), op="*="))
 
     first = True
     for formula in derivation.formulas:
@@ -270,17 +331,19 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                 # the root of every other adjoint: dividing it by B makes every row sum below
                 # a batch mean, since each backward formula is linear in the adjoints it reads
                 expr, text, first = expr / BATCH, text + ", each row divided by B", False
-            add(batch_name(formula.target), expr, text)
+            backward_assigns.append(_Assign(formula.target, expr, text))
             continue
         name = f"d{batch_name(formula.of)}"
         expr = stable.expr if formula.of.rank == 2 else RowSum(stable.expr)
-        add(name, expr, text + ", summed over the rows")
         if formula.penalty != 0:
+            # the penalty's gradient enters once per batch, added to the row sum in place
             penalty = formula.vector_penalty.xreplace(model.widths)
-            backward.append(Statement(name, printer.doprint(penalty),
-                                      f"+ ∂R/∂{pretty(formula.of)} = {pretty(penalty)}, "
-                                      "the penalty's gradient, once per batch", op="+="))
-            backward_exprs.append(penalty)
+            expr = expr + penalty
+            text += (f", summed over the rows, + ∂R/∂{pretty(formula.of)} = {pretty(penalty)} "
+                     "once per batch")
+        else:
+            text += ", summed over the rows"
+        backward_assigns.append(_Assign(name, expr, text))
     updates = []
     for parameter in model.parameters:
         gradient_names.append((parameter.key, f"d{parameter.key}"))
@@ -288,10 +351,13 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         updates.append({"key": parameter.key, "blocked": nbytes > UPDATE_BLOCK_BYTES})
 
     # cache only what backward and the loss read
+    backward_exprs = [assign.expr for assign in backward_assigns]
     backward_reads = _reads(backward_exprs)
     loss_reads = _reads([loss_expr])
     needed = sorted(backward_reads | loss_reads, key=_sort_key)
     cache = [batch_name(t) for t in needed]
+    forward = _statements(forward_assigns, {*needed, model.output.output}, printer)
+    backward = _statements(backward_assigns, set(), printer)
     why = []
     for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))
