@@ -1,0 +1,65 @@
+"""Index form → tensor form: each pattern, printed in batch form and evaluated against the
+index-form sum computed entry by entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer, to_vector
+from derive.errors import DeriveError
+from derive.quantities import NetTensor, j, k
+from derive.render.numpy_printer import NumPyBatchPrinter
+
+W2 = NetTensor("w", 2, rank=2)
+W3 = NetTensor("w", 3, rank=2)
+A1 = NetTensor("a", 1)
+D2 = NetTensor("delta", 2)
+MU = NetTensor("mu", 2, rank=0)
+
+
+def _values(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"W2": rng.standard_normal((3, 4)), "W3": rng.standard_normal((3, 4)),
+            "A1": rng.standard_normal((5, 3)), "delta2": rng.standard_normal((5, 3)),
+            "mu2": rng.standard_normal((5, 1)), "np": np}
+
+
+def _batch(expr: sp.Expr, values: dict) -> np.ndarray:
+    return eval(NumPyBatchPrinter().doprint(expr), {}, values)
+
+
+def test_each_pattern_prints_and_evaluates_as_its_index_form() -> None:
+    values = _values(np.random.default_rng(0))
+    W, V, a, d = values["W2"], values["W3"], values["A1"], values["delta2"]
+    cases = [
+        # sum_k w_kj a_k = (Wᵀ a)_j: V @ W per sample
+        (sp.Sum(W2.indexed[k, j] * A1.indexed[k], (k, 1, 3)), (j,), MatVec,
+         np.einsum("kj,bk->bj", W, a)),
+        # a_k * delta_j: an outer product, summed over the samples
+        (D2.indexed[j] * A1.indexed[k], (j, k), Outer, d.T @ a),
+        # sum_j delta_j a_j: a per-sample scalar
+        (sp.Sum(D2.indexed[j] * A1.indexed[j], (j, 1, 3)), (), Inner,
+         (d * a).sum(axis=1, keepdims=True)),
+        # sum_k w_kj v_kj a_k: no matrix product, an einsum with explicit subscripts
+        (sp.Sum(W2.indexed[k, j] * W3.indexed[k, j] * A1.indexed[k], (k, 1, 3)), (j,), Einsum,
+         np.einsum("kj,kj,bk->bj", W, V, a)),
+    ]
+    for expr, free, kind, expected in cases:
+        tensor = to_vector(expr, free)
+        assert tensor.atoms(kind), (expr, tensor)
+        assert np.allclose(_batch(tensor, values), expected), expr
+
+
+def test_an_einsum_keeps_factors_free_of_the_summed_index_outside() -> None:
+    expr = sp.Sum(MU * W2.indexed[k, j] * W3.indexed[k, j] * A1.indexed[k], (k, 1, 3))
+    tensor = to_vector(expr, (j,))
+    values = _values(np.random.default_rng(1))
+    expected = values["mu2"] * np.einsum("kj,kj,bk->bj", values["W2"], values["W3"],
+                                         values["A1"])
+    assert np.allclose(_batch(tensor, values), expected)
+
+
+def test_an_index_pattern_without_tensor_form_is_a_clear_error() -> None:
+    with pytest.raises(DeriveError, match="no tensor form"):
+        to_vector(sp.Sum(sp.exp(W2.indexed[k, j] * A1.indexed[k]), (k, 1, 3)), (j,))
