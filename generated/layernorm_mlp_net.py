@@ -15,11 +15,11 @@ pass applies the chain rule node by node, from the output back, derived per samp
     δ³ = (W⁴)ᵀ δ⁴
     δ² = δ³ ⊙ (1 - a³**2)
     ∂C/∂x̂² = δ² ⊙ γ²
-    ∂C/∂σ²² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*(σ²² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*(σ²² + 1/100000)**(3/2))
-    ∂C/∂μ² = ∂C/∂σ²²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/sqrt(σ²² + 1/100000)
+    ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1/100000)**(3/2))
+    ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/sqrt((σ²)² + 1/100000)
     ∂C/∂γ² = δ² ⊙ x̂²
     ∂C/∂β² = δ²
-    δ¹ = ∂C/∂μ²/n_1 + ∂C/∂σ²²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/sqrt(σ²² + 1/100000)
+    δ¹ = ∂C/∂μ²/n_1 + ∂C/∂(σ²)²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/sqrt((σ²)² + 1/100000)
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -124,15 +124,15 @@ def backward(params, cache, Y):
     delta2 *= 1 - A3**2
     # ∂C/∂x̂² = δ² ⊙ γ²
     dC_dXhat2 = delta2*gamma2
-    # ∂C/∂σ²² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*(σ²² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*(σ²² + 1/100000)**(3/2))
+    # ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1/100000)**(3/2))
     dC_dvar2 = 0.5*mu2*dC_dXhat2.sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2) - 0.5*(A1*dC_dXhat2).sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2)
-    # ∂C/∂μ² = ∂C/∂σ²²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/sqrt(σ²² + 1/100000)
+    # ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/sqrt((σ²)² + 1/100000)
     dC_dmu2 = 0.25*dC_dvar2*(8*mu2 - 2*A1.sum(axis=1, keepdims=True)) - dC_dXhat2.sum(axis=1, keepdims=True)/np.sqrt(var2 + 1e-05)
     # ∂C/∂γ² = δ² ⊙ x̂², summed over the rows
     dgamma2 = (delta2*Xhat2).sum(axis=0)
     # ∂C/∂β² = δ², summed over the rows
     dbeta2 = delta2.sum(axis=0)
-    # δ¹ = ∂C/∂μ²/n_1 + ∂C/∂σ²²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/sqrt(σ²² + 1/100000)
+    # δ¹ = ∂C/∂μ²/n_1 + ∂C/∂(σ²)²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/sqrt((σ²)² + 1/100000)
     delta1 = 0.25*dC_dmu2 + 0.25*dC_dvar2*(2*A1 - 2*mu2) + dC_dXhat2/np.sqrt(var2 + 1e-05)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X

@@ -19,7 +19,7 @@ from derive.quantities import NetTensor
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeo", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒ")
 _GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "β", "mu": "μ",
-          "var": "σ²", "xhat": "x̂", "mask": "m"}
+          "var": "(σ²)", "xhat": "x̂", "mask": "m"}
 _BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M"}
 
 
