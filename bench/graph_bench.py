@@ -28,10 +28,8 @@ of small steps, move. Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -45,11 +43,9 @@ if str(ROOT) not in sys.path:
 
 from bench.derive_times import RESIDUAL_TARGET_S, residual_in_fresh_process, residual_spec
 from bench.train_step import (
-    BLOCK,
-    _time,
     blas_description,
+    interleaved,
     relative_error,
-    repetitions,
     timed_alone,
 )
 
@@ -157,26 +153,6 @@ def compare(loss_a, grads_a: dict, loss_b, grads_b: dict) -> tuple[str, float]:
     errors.update({key: relative_error(grads_a[key], grads_b[key]) for key in grads_b})
     worst = max(errors, key=errors.get)
     return worst, errors[worst]
-
-
-# --- interleaved timing ----------------------------------------------------------------------
-
-
-def interleaved(steps: list, budget_s: float, quick: bool) -> tuple[list[float], int]:
-    """Median µs of each step, run in blocks of BLOCK steps whose order rotates; steps each."""
-    sides = [(step, []) for step in steps]
-    count = repetitions(steps[0], budget_s, quick)
-    blocks = max(len(sides), count // BLOCK) // len(sides) * len(sides)
-    gc.disable()
-    try:
-        for i in range(blocks):
-            shift = i % len(sides)
-            for step, times in sides[shift:] + sides[:shift]:
-                step()                       # the first step of a block is not timed
-                times.extend(_time(step) for _ in range(BLOCK))
-    finally:
-        gc.enable()
-    return [statistics.median(times) for _, times in sides], blocks * BLOCK
 
 
 def module_step(module, params, X, Y):

@@ -97,6 +97,23 @@ def _time(step) -> float:
     return (time.perf_counter_ns() - start) / 1000.0
 
 
+def interleaved(steps: list, budget_s: float, quick: bool) -> tuple[list[float], int]:
+    """Median µs of each step, run in blocks of BLOCK steps whose order rotates; steps each."""
+    sides = [(step, []) for step in steps]
+    count = repetitions(steps[0], budget_s, quick)
+    blocks = max(len(sides), count // BLOCK) // len(sides) * len(sides)
+    gc.disable()
+    try:
+        for i in range(blocks):
+            shift = i % len(sides)
+            for step, times in sides[shift:] + sides[:shift]:
+                step()                       # the first step of a block is not timed
+                times.extend(_time(step) for _ in range(BLOCK))
+    finally:
+        gc.enable()
+    return [statistics.median(times) for _, times in sides], blocks * BLOCK
+
+
 def timed_alone(step, budget_s: float, quick: bool) -> tuple[int, float]:
     """(repetitions, median µs) of ``step`` run on its own, the garbage collector off."""
     count = repetitions(step, budget_s, quick)
@@ -164,24 +181,12 @@ def numpy_rows(quick: bool) -> list[dict]:
             def reference_step(p=params_ref, X=X, Y=Y, net=net):
                 ref.train_step(net, p, X, Y, LR)
 
-            sides = [(generated_step, []), (handwritten_step, []), (reference_step, [])]
-            count = repetitions(generated_step, 1.0 if quick else 2.0, quick)
-            blocks = max(len(sides), count // BLOCK) // len(sides) * len(sides)
-            gc.disable()
-            try:
-                # blocks of BLOCK steps, the order of the sides rotating from block to block
-                for i in range(blocks):
-                    shift = i % len(sides)
-                    for step, times in sides[shift:] + sides[:shift]:
-                        step()                       # the first step of a block is not timed
-                        times.extend(_time(step) for _ in range(BLOCK))
-            finally:
-                gc.enable()
-            medians = [statistics.median(times) for _, times in sides]
-            rows.append({"config": name, "dtype": dtype, "reps": blocks * BLOCK,
+            medians, reps = interleaved([generated_step, handwritten_step, reference_step],
+                                        1.0 if quick else 2.0, quick)
+            rows.append({"config": name, "dtype": dtype, "reps": reps,
                          "generated_us": medians[0], "handwritten_us": medians[1],
                          "reference_us": medians[2]})
-            print(f"  {name:6s} {dtype}: {blocks * BLOCK} reps per side", file=sys.stderr,
+            print(f"  {name:6s} {dtype}: {reps} reps per side", file=sys.stderr,
                   flush=True)
     return rows
 
