@@ -44,6 +44,12 @@ DEMO_EPOCHS = 40
 DEMO_LR = 0.05
 DEMO_BATCH_SIZE = 32
 
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = {"step": ("step_size", "gamma"), "cosine": ("T_max",)}  # StepLR, CosineAnnealingLR
+MOMENTUM = 0.9  # torch.optim.SGD(momentum=0.9): no dampening, no Nesterov
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
+ADAM_EPS = 1e-8
+
 
 
 def _sigmoid(x):
@@ -158,28 +164,109 @@ def sgd_step(params, grads, lr):
     params["b4"] -= lr * grads["b4"]
 
 
-def train(params, X, Y, epochs, lr, batch_size=None, seed=0):
-    """Gradient descent for `epochs` passes over (X, Y), in place; the mean loss of each epoch.
+def _momentum_step(params, grads, buffers, lr):
+    """One step of SGD with momentum, in place, by PyTorch's rule: b <- MOMENTUM b + dC/dp,
+    then p <- p - lr b. The buffers start at zero, so the first step sets b = dC/dp."""
+    for key, grad in grads.items():
+        buffers[key] *= MOMENTUM
+        buffers[key] += grad
+    sgd_step(params, buffers, lr)
+
+
+def _adam_step(params, grads, state, lr):
+    """One step of Adam, in place, by PyTorch's rule (t counts the steps, from 1):
+    m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2 and
+    p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), with g = dC/dp."""
+    beta1, beta2 = ADAM_BETAS
+    state["step"] += 1
+    correction1 = 1 - beta1 ** state["step"]
+    correction2 = 1 - beta2 ** state["step"]
+    for key, grad in grads.items():
+        m, v = state["m"][key], state["v"][key]
+        m *= beta1
+        m += (1 - beta1) * grad
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        params[key] -= lr / correction1 * m / (np.sqrt(v) / correction2 ** 0.5 + ADAM_EPS)
+
+
+def _learning_rate(lr, epoch, schedule):
+    """The learning rate of epoch `epoch` (from 0), as torch.optim.lr_scheduler sets it when
+    stepped once per epoch: constant without a schedule; ("step", step_size, gamma) multiplies it
+    by gamma every step_size epochs (StepLR); ("cosine", T_max) anneals it along a half cosine
+    to 0 at epoch T_max (CosineAnnealingLR, eta_min 0)."""
+    if schedule is None:
+        return lr
+    if schedule[0] == "step":
+        _, step_size, gamma = schedule
+        return float(lr * gamma ** (epoch // step_size))
+    _, t_max = schedule
+    return float(lr * (1 + np.cos(np.pi * epoch / t_max)) / 2)
+
+
+def _optimizer_state(optimizer, params):
+    """Fresh optimizer state for one `train` call: zeros shaped like every parameter."""
+    if optimizer == "momentum":
+        return {key: np.zeros_like(value) for key, value in params.items()}
+    if optimizer == "adam":
+        return {"step": 0,
+                "m": {key: np.zeros_like(value) for key, value in params.items()},
+                "v": {key: np.zeros_like(value) for key, value in params.items()}}
+    return None
+
+
+def _check_options(optimizer, schedule):
+    """ValueError unless `optimizer` is one of OPTIMIZERS and `schedule` None or a tuple
+    (name, arguments...) of SCHEDULES with a positive first argument."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if schedule is None:
+        return
+    name = schedule[0] if isinstance(schedule, (tuple, list)) and schedule else None
+    arguments = SCHEDULES.get(name) if isinstance(name, str) else None
+    if arguments is None or len(schedule) != 1 + len(arguments) or not schedule[1] > 0:
+        allowed = " or ".join(f"({kind!r}, {', '.join(args)})" for kind, args in SCHEDULES.items())
+        raise ValueError(f"unknown schedule {schedule!r}: use None or {allowed}, "
+                         "the first argument > 0")
+
+
+def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", schedule=None,
+          callback=None):
+    """Train for `epochs` passes over (X, Y), in place; the mean loss of each epoch.
 
     With batch_size, each epoch visits the samples in a fresh random order (from `seed`) in
-    mini-batches; without it, each epoch is one full-batch step.
+    mini-batches; without it, each epoch is one full-batch step. `optimizer` is "sgd" (sgd_step),
+    "momentum" (MOMENTUM) or "adam" (ADAM_BETAS, ADAM_EPS), with PyTorch's update rules and
+    fresh state for each call; `schedule` (see _learning_rate) sets the rate of each epoch.
+    `callback(epoch, loss, params)`, if given, runs after each epoch (from 1); when it returns
+    true, training stops there.
     """
+    _check_options(optimizer, schedule)
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)
+    state = _optimizer_state(optimizer, params)
     losses = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        rate = _learning_rate(lr, epoch, schedule)
         order = np.arange(count) if batch_size is None else rng.permutation(count)
         total = 0.0
         for start in range(0, count, size):
             rows = order[start:start + size]
             value, grads = gradients(params, X[rows], Y[rows])
-            sgd_step(params, grads, lr)
+            if optimizer == "sgd":
+                sgd_step(params, grads, rate)
+            elif optimizer == "momentum":
+                _momentum_step(params, grads, state, rate)
+            else:
+                _adam_step(params, grads, state, rate)
             total += value * len(rows)
         losses.append(total / count)
+        if callback is not None and callback(epoch + 1, losses[-1], params):
+            break
     return losses
 
 

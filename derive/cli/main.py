@@ -29,7 +29,7 @@ from derive.spec.load import NetworkSpec, list_examples, load_spec
 
 #: Modules that add a subcommand (``add_command``) and, optionally, a default pipeline step.
 EXTENSIONS: tuple[str, ...] = ("derive.cli.codegen", "derive.cli.latex", "derive.cli.check",
-                               "derive.cli.regen")
+                               "derive.cli.regen", "derive.cli.train")
 DEFAULT_EXAMPLE = "xor"
 DEFAULT_OUT = "derive-out"
 

@@ -39,6 +39,51 @@ HE_INIT = frozenset({"relu", "leaky_relu", "elu", "silu", "gelu"})
 #: sgd_step updates a parameter larger than this (in float64) a block of rows at a time.
 UPDATE_BLOCK_BYTES = 65536
 
+#: The optimizers' update rules and the learning-rate schedule of a generated module's train
+#: (PyTorch's rules; fixed, so not printed from the derivation): source in the order placed.
+OPTIMIZER_HELPERS: dict[str, str] = {
+    "_momentum_step": '''\
+def _momentum_step(params, grads, buffers, lr):
+    """One step of SGD with momentum, in place, by PyTorch's rule: b <- MOMENTUM b + dC/dp,
+    then p <- p - lr b. The buffers start at zero, so the first step sets b = dC/dp."""
+    for key, grad in grads.items():
+        buffers[key] *= MOMENTUM
+        buffers[key] += grad
+    sgd_step(params, buffers, lr)
+''',
+    "_adam_step": '''\
+def _adam_step(params, grads, state, lr):
+    """One step of Adam, in place, by PyTorch's rule (t counts the steps, from 1):
+    m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2 and
+    p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), with g = dC/dp."""
+    beta1, beta2 = ADAM_BETAS
+    state["step"] += 1
+    correction1 = 1 - beta1 ** state["step"]
+    correction2 = 1 - beta2 ** state["step"]
+    for key, grad in grads.items():
+        m, v = state["m"][key], state["v"][key]
+        m *= beta1
+        m += (1 - beta1) * grad
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        params[key] -= lr / correction1 * m / (np.sqrt(v) / correction2 ** 0.5 + ADAM_EPS)
+''',
+    "_learning_rate": '''\
+def _learning_rate(lr, epoch, schedule):
+    """The learning rate of epoch `epoch` (from 0), as torch.optim.lr_scheduler sets it when
+    stepped once per epoch: constant without a schedule; ("step", step_size, gamma) multiplies it
+    by gamma every step_size epochs (StepLR); ("cosine", T_max) anneals it along a half cosine
+    to 0 at epoch T_max (CosineAnnealingLR, eta_min 0)."""
+    if schedule is None:
+        return lr
+    if schedule[0] == "step":
+        _, step_size, gamma = schedule
+        return float(lr * gamma ** (epoch // step_size))
+    _, t_max = schedule
+    return float(lr * (1 + np.cos(np.pi * epoch / t_max)) / 2)
+''',
+}
+
 #: Per-sample quantities a forward pass may cache for backward and the loss, in the order a
 #: node's are listed (the input X is a^0).
 _CACHED_ROLES = ("mask", "z", "mu", "var", "xhat", "a", "lse")
@@ -448,6 +493,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "backward": backward,
         "gradient_names": gradient_names,
         "updates": updates,
+        "optimizer_helpers": list(OPTIMIZER_HELPERS.values()),
         "any_blocked": any(update["blocked"] for update in updates),
         "demo": {"template": demo.template, "epochs": demo.epochs, "lr": repr(demo.lr),
                  "batch_size": repr(demo.batch_size)},
