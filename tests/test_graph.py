@@ -183,3 +183,20 @@ def test_in_place_arithmetic_leaves_inputs_and_cache_alone(name: str) -> None:
     for key, value in params.items():
         assert np.array_equal(value, saved[key]), key
     assert np.array_equal(X, X_saved) and np.array_equal(Y, Y_saved)
+
+
+def test_an_alias_of_the_input_is_never_updated_in_place() -> None:
+    """identity(x) then adds of x: A1 is X itself, so A2 must not be computed in X's buffer."""
+    spec = {"name": "alias", "input": 3, "layers": [
+        {"op": "activation", "activation": "identity"}, {"op": "add", "inputs": [1, 0]},
+        {"op": "add", "inputs": [2, 0]}, {"size": 2}], "loss": "mse"}
+    module = _module(spec)
+    params = init_reference_params(spec, 0)
+    X, Y = random_batch(spec, 0, 4)
+    saved = X.copy()
+    value, grads = module.gradients(params, X, Y)
+    assert np.array_equal(X, saved)
+    expected_value, expected = torch_loss_and_grads(spec, params, X, Y)
+    assert value == pytest.approx(expected_value, rel=TOLERANCE)
+    for key in expected:
+        assert np.allclose(grads[key], expected[key], rtol=TOLERANCE, atol=TOLERANCE), key

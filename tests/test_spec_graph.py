@@ -448,3 +448,9 @@ def test_cli_reports_a_graph_error_in_one_line(tmp_path: Path,
                 or not all(fragment in lines[0] for fragment in fragments):
             failures.append((name, code, err))
     assert not failures
+
+
+def test_a_network_without_parameters_is_refused() -> None:
+    with pytest.raises(DeriveError, match="no parameters to train"):
+        load_spec({"name": "bare", "input": 3, "layers": [
+            {"op": "activation", "activation": "tanh"}], "loss": "mse"})

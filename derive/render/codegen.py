@@ -174,6 +174,10 @@ def _shared_logsumexp(model: Model, loss_expr: sp.Expr) -> tuple[sp.Expr, NetTen
     return logsumexp, NetTensor("lse", model.depth, rank=0)
 
 
+#: The buffer group of arrays a generated function did not make itself: never reused.
+_FOREIGN = -1
+
+
 @dataclass(frozen=True)
 class _Assign:
     """``target = expr``, before printing: a quantity (or a gradient's name) and its value."""
@@ -201,7 +205,7 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         later = set(keep)
         for other in assigns[index + 1:]:
             later |= other.expr.atoms(NetTensor)
-        groups_live = {buffer_of[t] for t in later if t in buffer_of}
+        groups_live = {buffer_of[t] for t in later if t in buffer_of} | {_FOREIGN}
         dead = {t for t in buffer_of if buffer_of[t] not in groups_live
                 and isinstance(assign.target, NetTensor) and t.rank == assign.target.rank}
         name = assign.target if isinstance(assign.target, str) else printer.doprint(
@@ -217,8 +221,14 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         if isinstance(assign.target, NetTensor):
             shares = reused if reused is not None else (
                 assign.expr if isinstance(assign.expr, NetTensor) else None)
-            buffer_of[assign.target] = buffer_of.get(shares, index) if shares is not None \
-                else index
+            if shares is None:
+                buffer_of[assign.target] = index            # a new array of this function
+            elif shares in buffer_of:
+                buffer_of[assign.target] = buffer_of[shares]
+            else:
+                # another name of an array this function did not make (X, a cached array):
+                # never reused in place
+                buffer_of[assign.target] = _FOREIGN
     return out
 
 

@@ -811,7 +811,11 @@ class _Validator:
         return FunctionSpec(name, params)
 
     def check_semantics(self, spec: NetworkSpec) -> None:
-        """Rules across fields: softmax only last, losses that need a kind of output."""
+        """Rules across fields: something to train, softmax only last, losses that need a kind
+        of output."""
+        if not spec.parameter_shapes():
+            raise self.error(("layers",), "the network has no parameters to train: add a dense "
+                                          "or layer_norm layer")
         for l in range(1, spec.depth):
             activation = spec.activation(l)
             if activation is not None and activation.is_softmax:
