@@ -93,13 +93,11 @@ def _batch_loss(cache, Y):
 
 
 def _penalty(params):
-    """The regularization R = (l2/2) sum w^2 + l1 sum |w| over the weights, once per batch."""
-    total = 0.0
-    total += 0.001 / 2 * float(np.sum(params["W1"] ** 2))
-    total += 0.0001 * float(np.sum(np.abs(params["W1"])))
-    total += 0.001 / 2 * float(np.sum(params["W3"] ** 2))
-    total += 0.0001 * float(np.sum(np.abs(params["W3"])))
-    return total
+    """The regularization R = Σ(W¹**2)/2000 + Σ(W³**2)/2000 + Σ(Abs(W¹))/10000 + Σ(Abs(W³))/10000,
+    over the weights, once per batch."""
+    W1 = params["W1"]
+    W3 = params["W3"]
+    return float(0.0005*np.sum(W1**2) + 0.0005*np.sum(W3**2) + 0.0001*np.sum(abs(W1)) + 0.0001*np.sum(abs(W3)))
 
 
 def loss(params, X, Y):

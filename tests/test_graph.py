@@ -135,10 +135,19 @@ def test_dropout_is_off_in_gradients_and_on_in_train() -> None:
             flat[index] = saved
             numeric[index] = (plus - minus) / 2e-6
         assert np.allclose(masked[key].reshape(-1), numeric, rtol=1e-6, atol=1e-8), key
-    # train draws masks from its seed: reproducible, and different from no dropout
+    # train draws masks from its seed: reproducible, other masks for another seed, and the
+    # full-batch losses differ from training without dropout (the masks are on)
     first = module.train(module.init_params(seed=0), X, Y, 3, 0.1, seed=7)
     again = module.train(module.init_params(seed=0), X, Y, 3, 0.1, seed=7)
-    assert first == again
+    other = module.train(module.init_params(seed=0), X, Y, 3, 0.1, seed=8)
+    assert first == again and first != other
+    unmasked = module.init_params(seed=0)
+    for _ in range(3):
+        _, plain = module.gradients(unmasked, X, Y)
+        module.sgd_step(unmasked, plain, 0.1)
+    trained = module.init_params(seed=0)
+    module.train(trained, X, Y, 3, 0.1, seed=7)
+    assert not np.allclose(trained["W1"], unmasked["W1"])
 
 
 def test_dense_chain_reads_as_bp1_to_bp4() -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer, to_vector
+from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer, Total, to_vector
 from derive.errors import DeriveError
 from derive.quantities import NetTensor, j, k
 from derive.render.numpy_printer import NumPyBatchPrinter
@@ -63,3 +63,15 @@ def test_an_einsum_keeps_factors_free_of_the_summed_index_outside() -> None:
 def test_an_index_pattern_without_tensor_form_is_a_clear_error() -> None:
     with pytest.raises(DeriveError, match="no tensor form"):
         to_vector(sp.Sum(sp.exp(W2.indexed[k, j] * A1.indexed[k]), (k, 1, 3)), (j,))
+
+
+def test_a_sum_over_every_entry_of_a_parameter_is_a_total() -> None:
+    i, m = sp.symbols("i m", integer=True, positive=True)
+    w = W2.indexed[i, m]
+    penalty = sp.Rational(1, 2) * sp.Sum(w ** 2, (i, 1, 3), (m, 1, 4)) + sp.Sum(
+        sp.Abs(w), (i, 1, 3), (m, 1, 4))
+    tensor = to_vector(penalty, ())
+    assert tensor.atoms(Total)
+    values = _values(np.random.default_rng(2))
+    W = values["W2"]
+    assert np.isclose(_batch(tensor, values), 0.5 * np.sum(W ** 2) + np.sum(np.abs(W)))

@@ -46,6 +46,13 @@ class Inner(sp.Function):
     nargs = 2
 
 
+class Total(sp.Function):
+    """``Total(f(W))``: the sum of an elementwise expression over every entry of a parameter
+    (the penalty's Σ_jk w_jk²)."""
+
+    nargs = 1
+
+
 class Einsum(sp.Function):
     """``Einsum(subscripts, *operands)``: the contraction ``np.einsum`` computes, per sample."""
 
@@ -117,6 +124,9 @@ def _vector(expr: sp.Expr, index: sp.Symbol | None) -> sp.Expr:
 
 
 def _sum_to_vector(expr: sp.Sum, index: sp.Symbol | None) -> sp.Expr:
+    total = _total(expr)
+    if total is not None:
+        return total
     if len(expr.limits) > 1:
         inner = sp.Sum(expr.function, expr.limits[0])
         return _sum_to_vector(sp.Sum(inner, *expr.limits[1:]), index)
@@ -144,6 +154,17 @@ def _sum_to_vector(expr: sp.Sum, index: sp.Symbol | None) -> sp.Expr:
                                                    _vector(vectors[1], summed))
         return _vector(scalars, index) * Inner(ONE, _vector(sp.Mul(*vectors), summed))
     return _einsum(expr, (index,))
+
+
+def _total(expr: sp.Sum) -> sp.Expr | None:
+    """Total(f(W)) when ``expr`` sums f(w_jk) over every index of one parameter, else None."""
+    summed = [limit[0] for limit in expr.limits]
+    entries = expr.function.atoms(sp.Indexed)
+    if not entries or any(
+            tensor_of(e) is None or not tensor_of(e).is_parameter
+            or sorted(e.indices, key=str) != sorted(summed, key=str) for e in entries):
+        return None
+    return Total(expr.function.xreplace({e: tensor_of(e) for e in entries}))
 
 
 _LETTERS = "jkimpqrstuvxyzabcdefgh"

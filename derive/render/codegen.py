@@ -432,13 +432,10 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     loss_comments = [f"C = {pretty(model.cost)} per sample"]
     if loss_applied:
         loss_comments.append(f"in a numerically stable form: {', '.join(loss_applied)}")
-    regularization = []
+    penalty_code = None
     if model.penalty != 0:
-        for p in model.parameters:
-            if p.is_weight and spec.l2:
-                regularization.append(f'{spec.l2!r} / 2 * float(np.sum(params["{p.key}"] ** 2))')
-            if p.is_weight and spec.l1:
-                regularization.append(f'{spec.l1!r} * float(np.sum(np.abs(params["{p.key}"])))')
+        # R is the model's own penalty expression, printed like every other formula
+        penalty_code = printer.doprint(to_vector(model.penalty, ()))
 
     demo, demo_values = _demo(spec, model)
     helpers = [HELPERS[name] for name in HELPERS if name in printer.helpers]
@@ -498,7 +495,10 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "output": batch_name(model.output.output),
         "cache": cache,
         "loss": {"code": loss_code, "unpack": loss_unpack, "comments": loss_comments},
-        "regularization": regularization,
+        "regularization": penalty_code,
+        "penalty_text": _wrap(f"The regularization R = {pretty(to_vector(model.penalty, ()))}, "
+                              "over the weights, once per batch.", 4) if penalty_code else "",
+        "penalty_keys": [p.key for p in model.parameters if p.is_weight],
         "backward_unpack": backward_unpack,
         "backward": backward,
         "gradient_names": gradient_names,

@@ -22,7 +22,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer
+from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer, Total
 from derive.quantities import NetTensor
 from derive.render.stability import LogSumExp, Softmax
 
@@ -200,6 +200,9 @@ class NumPyBatchPrinter(NumPyPrinter):
         body = v if u == ONE else u * v
         return f"{self.parenthesize(body, PRECEDENCE['Atom'], strict=True)}" \
                ".sum(axis=1, keepdims=True)"
+
+    def _print_Total(self, expr: Total) -> str:
+        return f"np.sum({self._print(expr.args[0])})"
 
     def _print_Einsum(self, expr: Einsum) -> str:
         # batch reading: every per-sample operand, and then the result, gains the sample axis

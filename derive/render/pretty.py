@@ -13,7 +13,7 @@ from typing import ClassVar
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer
+from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer, Total
 from derive.quantities import NetTensor
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
@@ -94,6 +94,9 @@ class UnicodePrinter(StrPrinter):
 
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta) -> str:
         return "δ" + sub("".join(map(str, expr.args)))
+
+    def _print_Total(self, expr: Total) -> str:
+        return f"Σ({self._print(expr.args[0])})"
 
     def _print_Einsum(self, expr: Einsum) -> str:
         subscripts, *operands = expr.args
