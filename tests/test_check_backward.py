@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive.check.backward import BATCH, Convention, _Backprop, check_backward
+from derive.check.backward import BATCH, Convention, check_backward
+from derive.check.reference import Backprop
 from derive.cli.check import add_command  # noqa: F401  (the command module imports cleanly)
 from derive.cli.main import main
 from derive.derivation.reverse import derive
@@ -142,10 +143,10 @@ def test_callables_tuples_and_transposed_returns():
 
 
 def test_undeclared_parameter_and_bad_conventions():
-    def backward(X, Y, cache):
+    def backward(X, Y, stash):
         return {}
 
-    with pytest.raises(DeriveError, match="--arg cache=ROLE"):
+    with pytest.raises(DeriveError, match="--arg stash=ROLE"):
         check_backward("xor", backward)
     with pytest.raises(DeriveError, match="unknown role"):
         Convention(args={"cache": "A9x"})
@@ -174,12 +175,12 @@ def test_reference_gradients_match_finite_differences(name):
     Y = rng.uniform(0.05, 0.95, (3, n[-1]))
     if derivation.model.loss.needs == "distribution":
         Y /= Y.sum(axis=1, keepdims=True)
-    grads = _Backprop(derivation, params, X, Y).gradients()
+    grads = Backprop(derivation, params, X, Y).gradients()
     # the batch loss, independently: the registry's loss summed over outputs, mean over rows
     loss = sp.lambdify((functions.A, functions.Y), derivation.model.loss.expr, "numpy")
 
     def cost(p):
-        output = _Backprop(derivation, p, X, Y).value("a", derivation.model.depth)
+        output = Backprop(derivation, p, X, Y).value("a", derivation.model.depth)
         return float(np.sum(loss(output, Y))) / len(X)
 
     for key in list(params)[:4]:
@@ -251,5 +252,5 @@ def test_a_square_weight_gradient_returned_transposed_is_diagnosed():
 
     report = check_backward(SQUARE, other_layout)
     assert not report.ok
-    expected = "dW2 returned transposed: the other weight layout than the declared --weights"
+    expected = "dW2 returned transposed: the other layout than the weights' (out-in)"
     assert report.diagnosis == (expected,), "\n".join(report.lines())

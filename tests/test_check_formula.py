@@ -317,3 +317,48 @@ def test_functions_from_the_registry_table(formula, correct):
 def test_an_elementary_function_takes_no_prime():
     with pytest.raises(DeriveError, match="exp' is not supported"):
         check_formula("xor", "delta^L = exp'(z^L)", points=1)
+
+
+# --- textbook forms and tautologies (issue 15, item 4) -----------------------------------
+
+
+@pytest.mark.parametrize("formula", [
+    "δᴸ = ∇ₐC ⊙ σ′(zᴸ)",                               # Nielsen's BP1, vector form
+    "\\delta^L = \\nabla_a C \\odot \\sigma'(z^L)",
+    "delta^L = nabla_{a^L} C * sigma'(z^L)",
+    "δᴸⱼ = ∂C/∂aᴸⱼ σ′(zᴸⱼ)",                            # BP1, by components
+    "\\delta^L_j = \\frac{\\partial C}{\\partial a^L_j} \\sigma'(z^L_j)",
+    "δˡ = ((wˡ⁺¹)ᵀ δˡ⁺¹) ⊙ σ′(zˡ)",                     # BP2
+    "∂C/∂bˡⱼ = δˡⱼ",                                    # BP3
+    "∂C/∂wˡⱼₖ = aˡ⁻¹ₖ δˡⱼ",                             # BP4
+])
+def test_nielsens_four_equations_as_he_writes_them(formula):
+    verdict = check_formula("xor", formula, points=3)
+    assert verdict.correct and not verdict.tautological, "\n".join(verdict.lines())
+
+
+@pytest.mark.parametrize(("formula", "definition"), [
+    ("delta^l = delta^l", False),
+    ("δᴸ = ∂C/∂zᴸ", True),
+    ("delta^L_j = dC/dz^L_j", True),
+    ("delta^L = 2*delta^L - delta^L", False),
+    ("dC/dw^l = dC/dw^l", False),
+    ("dC/da^L = nabla_a C", False),
+    ("sigma'(z^l) = sigma'(z^l)", False),
+])
+def test_a_tautology_is_reported_as_such_not_verified(formula, definition, capsys):
+    verdict = check_formula("xor", formula, points=3)
+    assert verdict.tautological and not verdict.correct and verdict.exit_code == 1
+    text = "\n".join(verdict.lines())
+    assert "TAUTOLOGICAL" in text and "CORRECT" not in text.replace("INCORRECT", "")
+    assert "true by definition" in text
+    assert ("is the definition of delta^L" in text) == definition
+    assert main(["check", "xor", formula]) == 1
+    assert "TAUTOLOGICAL" in capsys.readouterr().out
+
+
+def test_nabla_takes_the_output_activations_only():
+    with pytest.raises(FormulaSyntaxError, match="nabla_a C"):
+        check_formula("xor", "delta^L = nabla_b C")
+    with pytest.raises(DeriveError, match="dC/da is derived for the output layer"):
+        check_formula("xor", "delta^1 = nabla_{a^1} C")

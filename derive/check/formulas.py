@@ -147,6 +147,7 @@ class FormulaVerdict:
     counterexample: Counterexample | None = None
     reason: str = ""                 # for an ill-formed formula: what is wrong with it
     max_error: float = 0.0
+    tautological: bool = False       # the right side restates the left: true, but no result
 
     @property
     def exit_code(self) -> int:
@@ -159,7 +160,10 @@ class FormulaVerdict:
         out = [f"check {self.spec_name}: {self.formula}",
                f"  {self.target} at layer{plural} {layers}"]
         verdict = "CORRECT" if self.correct else "INCORRECT"
-        out.append(f"{verdict}: {self.method}" if self.correct else f"{verdict}")
+        if self.tautological:
+            out.append("TAUTOLOGICAL: not a verified result")
+        else:
+            out.append(f"{verdict}: {self.method}" if self.correct else f"{verdict}")
         for assumption in self.assumptions:
             out.append(f"  assuming {assumption}; the derivation uses it"
                        + (" and the random targets satisfy it" if "y" in assumption else ""))
@@ -1240,7 +1244,7 @@ class PlainPrinter(StrPrinter):
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):
             if expr.role == "grad":     # the tensor form of an adjoint
-                return self._adjoint(NetTensor(expr.of, expr.node, rank=expr.rank))
+                return self._adjoint(expr.target)
             letter = "W" if expr.role == "w" and expr.rank == 2 else expr.role
             return letter + self._layer(expr.node)
         node = self._settings["sizes"].get(expr)
@@ -1358,6 +1362,44 @@ def _derived_lines(parsed: ParsedFormula, target: Target, layer: int, formula: F
 # --- the API -----------------------------------------------------------------------------
 
 
+def _restated(parsed: ParsedFormula, user: Mapping[int, sp.Expr],
+              formulas: Mapping[int, Formula]) -> str:
+    """Why the right side only restates the left (``delta^l = delta^l``, ``δᴸ = ∂C/∂zᴸ``,
+    ``sigma'(z^l) = sigma'(z^l)``), or "" when it says how to compute it."""
+    target, rhs = parsed.target, parsed.rhs
+    name = _target_name(target)
+    if target.kind == "sigma'":
+        same = (isinstance(rhs, Call) and rhs.prime and len(rhs.args) == 1
+                and isinstance(rhs.args[0], Ref) and rhs.args[0].letter == "z"
+                and _same_layer(rhs.args[0].layer, target.layer)
+                and all(user[layer] == formula.rhs for layer, formula in formulas.items()))
+    else:
+        # structurally equal (SymPy's automatic simplification only: expanding a large
+        # right side could take minutes)
+        same = all(user[layer] == formula.lhs for layer, formula in formulas.items())
+    if not same:
+        return ""
+    definition = (f" (dC/dz^{target.layer} is the definition of delta^{target.layer})"
+                  if target.kind == "delta" and isinstance(rhs, Adjoint) else "")
+    return (f"the right side is {name} itself{definition}: the formula is true by "
+            "definition and says nothing about how to compute it")
+
+
+def _same_layer(a: Layer | None, b: Layer) -> bool:
+    return a is not None and (a.base, a.offset) == (b.base, b.offset)
+
+
+def own_names(spec: NetworkSpec) -> dict[str, str]:
+    """The quantities a formula about ``spec`` may name beyond the built-in ones, by role: each
+    custom op's parameters (U) and the sums derive names in its forward pass (s1, s2)."""
+    names: dict[str, str] = {}
+    for node in build_model(spec).nodes:
+        if "custom" in node.op.extra:
+            names.update((p.tensor.role, p.tensor.role) for p in node.parameters)
+            names.update((e.target.role, e.target.role) for e in node.equations[:-1])
+    return names
+
+
 def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: int = POINTS,
                   seed: int = 0) -> FormulaVerdict:
     """Check ``formula`` (derive notation, plain or LaTeX) against the derivation of ``spec``.
@@ -1366,7 +1408,7 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     text that does not parse) when the formula cannot be checked; returns a verdict otherwise.
     """
     spec = load_spec(spec)
-    parsed = parse_formula(formula)
+    parsed = parse_formula(formula, own_names(spec))
     if points < 1:
         raise DeriveError("points must be at least 1")
     network = _network(spec)
@@ -1388,6 +1430,12 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
                 _derived_lines(parsed, target, layer, formulas[layer], network),
                 reason=f"ill-formed at column {err.pos + 1}: {err.message}")
 
+    restated = _restated(parsed, user, formulas)
+    if restated:
+        return FormulaVerdict(
+            formula, spec.name, name, tuple(concrete), False, "tautology", assumptions,
+            _derived_lines(parsed, target, concrete[0], formulas[concrete[0]], network),
+            reason=restated, tautological=True)
     symbolic = all(symbolic_identity(user[layer], formulas[layer].rhs, network)
                    for layer in concrete)
     small = capped_spec(spec, MAX_WIDTH)

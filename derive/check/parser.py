@@ -24,13 +24,15 @@ anything outside the grammar is a :class:`FormulaSyntaxError` naming the column.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from derive.errors import DeriveError
+from derive.limits import MAX_EXPRESSION_LENGTH, MAX_EXPRESSION_NESTING
 from derive.registry.functions import ACTIVATIONS, SCALAR_FUNCTIONS
 
-MAX_LENGTH = 2000
-MAX_DEPTH = 60          # nesting of parentheses, sums and calls
+MAX_LENGTH = MAX_EXPRESSION_LENGTH
+MAX_DEPTH = MAX_EXPRESSION_NESTING          # nesting of parentheses, sums and calls
 MAX_NUMBER_DIGITS = 30
 
 #: Names of network quantities; ``x`` is the input a^0, ``n`` a layer size n_l; ``gamma``,
@@ -49,8 +51,9 @@ FUNCTIONS = frozenset({"sigma", *SCALAR_FUNCTIONS, *ACTIVATIONS})
 CONSTANTS = frozenset({"pi", "e", "eps"})
 
 _SUP = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡᴸ", "0123456789+-()lL"))
-_SUB = dict(zip("₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₚᵣₛₜ", "0123456789ijkmlnprst"))
+_SUB = dict(zip("₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₚᵣₛₜₐ", "0123456789ijkmlnprsta"))
 _UNICODE_NAMES = {"δ": "delta", "σ": "sigma", "Σ": "sum", "∑": "sum", "∂": "partial",
+                  "∇": "nabla",
                   "π": "pi", "Δ": "delta", "γ": "gamma", "β": "beta", "μ": "mu", "µ": "mu",
                   "ε": "eps", "ϵ": "eps"}
 _HAT = "\u0302"            # combining circumflex: x̂ is "x" followed by it
@@ -60,7 +63,7 @@ _LATEX_NAMES = {"delta": "delta", "sigma": "sigma", "sum": "sum", "partial": "pa
                 "exp": "exp", "log": "log", "ln": "ln", "tanh": "tanh", "sinh": "sinh",
                 "cosh": "cosh", "pi": "pi", "top": "T", "intercal": "T", "prime": "'",
                 "max": "max", "min": "min", "gamma": "gamma", "beta": "beta", "mu": "mu",
-                "epsilon": "eps", "varepsilon": "eps"}
+                "epsilon": "eps", "varepsilon": "eps", "nabla": "nabla"}
 _LATEX_OPS = {"cdot": "*", "times": "*", "odot": "odot", "circ": "odot", "ast": "*"}
 _LATEX_STRUCTURE = frozenset({"frac", "sqrt", "dfrac", "tfrac"})
 _LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr",
@@ -227,9 +230,12 @@ class ParsedFormula:
 # --- tokenizer ---------------------------------------------------------------------------
 
 
-def tokenize(text: str) -> list[Token]:
-    """The tokens of ``text``; Unicode super/subscripts become ``^{..}``/``_{..}`` tokens."""
+def tokenize(text: str, words: tuple[str, ...] = ()) -> list[Token]:
+    """The tokens of ``text``; Unicode super/subscripts become ``^{..}``/``_{..}`` tokens.
+    ``words`` are more names read as one word (a custom op's sum ``s1``), longest first."""
     tokens: list[Token] = []
+    multiword = tuple(sorted({*_MULTIWORD, *words, *(f"d{word}" for word in words)},
+                             key=len, reverse=True))
     n = len(text)
     i = 0
 
@@ -258,7 +264,7 @@ def tokenize(text: str) -> list[Token]:
         if ch == ".":
             raise fail("'.' (attribute access) is not allowed", i)
         if ch.isascii() and (ch.isalpha()):
-            for word in _MULTIWORD:
+            for word in multiword:
                 if text.startswith(word, i) and not (
                         i + len(word) < n and text[i + len(word)].isalnum()):
                     tokens.append(Token("name", word, i))
@@ -369,8 +375,12 @@ def _latex_command(name: str, pos: int, fail) -> list[Token]:
 # --- parser ------------------------------------------------------------------------------
 
 
-def parse_formula(text: str) -> ParsedFormula:
-    """Parse ``LHS = RHS``; raises :class:`FormulaSyntaxError` with the column on failure."""
+def parse_formula(text: str, names: Mapping[str, str] | None = None) -> ParsedFormula:
+    """Parse ``LHS = RHS``; raises :class:`FormulaSyntaxError` with the column on failure.
+
+    ``names`` are the network's own quantities beyond the built-in ones, as written and by
+    role: a custom op's parameters (``U``) and sums (``s1``)."""
+    names = dict(names or {})
     if not isinstance(text, str):
         raise DeriveError(f"a formula must be a string, got {type(text).__name__}")
     if len(text) > MAX_LENGTH:
@@ -378,14 +388,16 @@ def parse_formula(text: str) -> ParsedFormula:
                                  MAX_LENGTH + 1)
     if not text.strip():
         raise FormulaSyntaxError("empty formula; write LHS = RHS", text, 1)
-    tokens = tokenize(text)
-    return _Parser(text, tokens).formula()
+    tokens = tokenize(text, tuple(name for name in names if not name.isalpha()))
+    return _Parser(text, tokens, names).formula()
 
 
 class _Parser:
-    def __init__(self, text: str, tokens: list[Token]) -> None:
+    def __init__(self, text: str, tokens: list[Token], names: Mapping[str, str]) -> None:
         self.text = text
         self.tokens = tokens
+        self.names = names
+        self.denominators = {**DENOMINATORS, **names}
         self.at = 0
         self.depth = 0
 
@@ -519,20 +531,22 @@ class _Parser:
     def denominator(self, start: Token) -> Target:
         token = self.token
         letter = None
-        if token.kind == "name" and token.value[:1] == "d" and token.value[1:] in DENOMINATORS:
+        if token.kind == "name" and token.value[:1] == "d" and \
+                token.value[1:] in self.denominators:
             letter = token.value[1:]
             self.advance()
         elif self.is_name("partial", "d"):
             self.advance()
-            if self.token.kind == "name" and self.token.value in DENOMINATORS:
+            if self.token.kind == "name" and self.token.value in self.denominators:
                 letter = self.advance().value
             elif self.is_name("delta"):
                 raise self.fail("differentiate by w, b, a, z, gamma, beta, xhat, mu or var")
         if letter is None:
-            raise self.fail("expected dw^l, db^l, da^L, dz^l, dgamma^l or dbeta^l after dC/",
-                            token)
+            own = "".join(f", d{name}^l" for name in self.names)
+            raise self.fail(f"expected dw^l, db^l, da^L, dz^l, dgamma^l, dbeta^l{own} after "
+                            "dC/", token)
         layer, indices = self.scripts(needs_layer=letter)
-        role = DENOMINATORS[letter]
+        role = self.denominators[letter]
         if role == "z":
             return Target("delta", layer, indices, start.pos)
         return Target("grad", layer, indices, start.pos, role=role)
@@ -770,6 +784,8 @@ class _Parser:
             adjoint = self.adjoint(token)
             self.expect("}", "after the denominator")
             return adjoint
+        if name == "nabla":
+            return self.nabla_a(token)
         if name in ("dC", "partial", "d") and self.adjoint_ahead(0):
             self.numerator_c()
             self.expect("/", "in dC/d...")
@@ -791,6 +807,10 @@ class _Parser:
             return Call(token.pos, "sqrt", False, None, (inner,))
         if name == "sum":
             return self.sum_over()
+        if name in self.names and name not in QUANTITIES:
+            self.advance()
+            layer, indices = self.scripts(needs_layer=name)
+            return Ref(token.pos, self.names[name], layer, indices)
         if name in QUANTITIES:
             self.advance()
             needs = {"y": "y", "x": "x", "n": "n"}.get(name, name)
@@ -807,9 +827,10 @@ class _Parser:
             return Const(token.pos, name)
         if name in ("partial", "dC", "C"):
             raise self.fail(f"{name!r} belongs on the left-hand side")
+        own = "".join(f", {extra}" for extra in self.names)
         raise self.fail(f"unknown name {name!r}; allowed: the quantities a, z, w (or W), b, "
-                        "y, x, delta, n, gamma, beta, xhat, mu, var, mask; dC/dq^l; sum; "
-                        "functions " + ", ".join(sorted(FUNCTIONS)))
+                        f"y, x, delta, n, gamma, beta, xhat, mu, var, mask{own}; dC/dq^l; "
+                        "sum; functions " + ", ".join(sorted(FUNCTIONS)))
 
     def adjoint_ahead(self, ahead: int) -> bool:
         """Whether the tokens from ``ahead`` on start ``dC`` or ``partial C`` (then ``/``, or
@@ -825,6 +846,27 @@ class _Parser:
         if ahead:
             return self.peek(1).value == "{" and after.value == "}"
         return after.kind == "op" and after.value == "/"
+
+    def nabla_a(self, start: Token) -> Adjoint:
+        """``∇ₐC``, ``\\nabla_a C``, ``nabla_{a^L} C``: the gradient of C with respect to
+        the output activations, ∂C/∂a^L (Nielsen's BP1 in vector form, δᴸ = ∇ₐC ⊙ σ′(zᴸ))."""
+        self.advance()
+        self.expect("_", "after nabla (as in nabla_a C)")
+        braced = self.is_op("{")
+        if braced:
+            self.advance()
+        if not self.is_name("a"):
+            raise self.fail("nabla takes the output activations: nabla_a C")
+        self.advance()
+        layer = Layer("L", 0, start.pos)
+        if braced and self.is_op("^"):
+            layer = self.layer_script("^")
+        if braced:
+            self.expect("}", "to close nabla's subscript")
+        if not self.is_name("C"):
+            raise self.fail("expected C after nabla_a (the gradient of the cost C)")
+        self.advance()
+        return Adjoint(start.pos, "a", layer, ())
 
     def adjoint(self, start: Token) -> Adjoint:
         target = self.denominator(start)
