@@ -34,6 +34,7 @@ from derive.render.latex import (
     tex_available,
 )
 from derive.spec.load import list_examples, load_spec
+from tests.custom_op_specs import BILINEAR, PRODUCT, RBF
 from tests.test_latex_graphs import SPECS
 
 LANGUAGES = ("en", "zh")
@@ -67,6 +68,8 @@ def all_specs() -> dict[str, object]:
     specs: dict[str, object] = {name: name for name, _ in list_examples()}
     specs.update(SPECS)
     specs.update(activation_specs())
+    # custom ops: contractions printed as einsum, a tensor parameter, placed sums
+    specs.update({spec["name"]: spec for spec in (BILINEAR, RBF, PRODUCT)})
     return specs
 
 

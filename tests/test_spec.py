@@ -47,7 +47,7 @@ def same_content(a: NetworkSpec, b: NetworkSpec) -> bool:
 
 
 def test_the_examples_are_listed_with_descriptions() -> None:
-    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "layernorm_mlp",
+    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "gated_mlp", "layernorm_mlp",
                         "regularized", "resmlp", "xor"]
     for name, description in list_examples():
         assert description and not description.startswith("#"), name
@@ -747,8 +747,9 @@ def test_every_example_file_validates_against_the_schema(name: str) -> None:
 def test_schema_lists_the_top_fields_and_ops_of_the_spec() -> None:
     schema = spec_schema()
     assert list(schema["properties"]) == list(TOP_FIELDS)
-    assert schema["$defs"]["layer"]["properties"]["op"]["enum"] == list(OPS)
-    assert {key for key in schema["$defs"] if key.startswith("op.")} == {f"op.{n}" for n in OPS}
+    assert schema["$defs"]["layer"]["properties"]["op"]["anyOf"][0]["enum"] == list(OPS)
+    assert {key for key in schema["$defs"] if key.startswith("op.")} == {
+        *(f"op.{n}" for n in OPS), "op.custom"}
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -774,7 +775,9 @@ def test_example_parameter_keys_follow_the_op_registry() -> None:
     assert set(ranks) <= set(PARAMETER_KEYS.values())
     assert ranks["W"] == 2 and ranks["b"] == 1 and ranks["gamma"] == 1
     patterns = spec_schema()["properties"]["example"]["properties"]["params"]
-    assert set(patterns["patternProperties"]) == {f"^{key}[1-9][0-9]*$" for key in ranks}
+    assert set(patterns["patternProperties"]) == {
+        *(f"^{key}[1-9][0-9]*$" for key in ranks),
+        "^[A-Za-z_]([A-Za-z0-9_]*[A-Za-z_])?[1-9][0-9]*$"}   # a custom op's parameters
 
 
 @pytest.mark.parametrize("data", GOOD_DICTS, ids=range(len(GOOD_DICTS)))

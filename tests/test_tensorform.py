@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer, Total, to_vector
+from derive.derivation.tensorform import (
+    Broadcast,
+    Einsum,
+    Inner,
+    MatVec,
+    Outer,
+    SumAxes,
+    Total,
+    to_vector,
+)
 from derive.errors import DeriveError
 from derive.quantities import NetTensor, j, k
 from derive.render.numpy_printer import NumPyBatchPrinter
@@ -60,9 +69,31 @@ def test_an_einsum_keeps_factors_free_of_the_summed_index_outside() -> None:
     assert np.allclose(_batch(tensor, values), expected)
 
 
+def test_any_other_sum_is_an_elementwise_expression_summed_over_its_axes() -> None:
+    values = _values(np.random.default_rng(3))
+    W, a, d = values["W2"], values["A1"], values["delta2"]
+    i = sp.Symbol("i", integer=True, positive=True)
+    cases = [
+        # sum_k exp(w_kj a_k): no product of entries; the (B, j, k) array summed over k
+        (sp.Sum(sp.exp(W2.indexed[k, j] * A1.indexed[k]), (k, 1, 3)), (j,), SumAxes,
+         np.exp(W.T[None, :, :] * a[:, None, :]).sum(axis=2)),
+        # (a_k - w_kj)² for free j, k: a per-sample matrix, each tensor placed on its axes
+        ((A1.indexed[k] - W2.indexed[k, j]) ** 2, (j, k), Broadcast,
+         (a[:, None, :] - W.T[None, :, :]) ** 2),
+        # delta_j a_k a_i: three free indices, an einsum
+        (D2.indexed[j] * A1.indexed[k] * A1.indexed[i], (j, k, i), Einsum,
+         np.einsum("bj,bk,bi->bjki", d, a, a)),
+    ]
+    for expr, free, kind, expected in cases:
+        tensor = to_vector(expr, free)
+        assert tensor.atoms(kind), (expr, tensor)
+        assert np.allclose(_batch(tensor, values), expected), expr
+
+
 def test_an_index_pattern_without_tensor_form_is_a_clear_error() -> None:
+    # a per-sample scalar among the axes of an elementwise sum
     with pytest.raises(DeriveError, match="no tensor form"):
-        to_vector(sp.Sum(sp.exp(W2.indexed[k, j] * A1.indexed[k]), (k, 1, 3)), (j,))
+        to_vector(sp.Sum(sp.exp(MU * W2.indexed[k, j] * A1.indexed[k]), (k, 1, 3)), (j,))
 
 
 def test_a_sum_over_every_entry_of_a_parameter_is_a_total() -> None:

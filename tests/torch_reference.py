@@ -12,7 +12,8 @@ plus, once, ``(l2/2) * sum(W**2) + l1 * sum(|W|)`` over the weight matrices ``W{
 :func:`torch_loss_and_grads` uses PyTorch's own functions in float64 and autograd;
 :func:`numpy_forward_loss` is separate NumPy code for the same cost (forward only), for finite
 differences. Both share only the reading of the spec's structure (:func:`reference_graph`).
-Custom activations, losses and ops (mappings with ``expr``) raise ``NotImplementedError``.
+Custom ops are evaluated entry by entry by :mod:`tests.index_reference` (its own reading of
+the index notation); custom activations and losses raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ class Node:
     bias: bool = True
     eps: float = 1e-5
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    custom: dict[str, Any] | None = None          # a custom op: {name, expr, params}
+
+    def custom_output(self, outputs: list, params: dict, lib: Any) -> Any:
+        """A custom op's output by :func:`tests.index_reference.evaluate`."""
+        from tests.index_reference import evaluate
+
+        names = ["x"] if len(self.inputs) == 1 else [f"x{n}" for n in
+                                                     range(1, len(self.inputs) + 1)]
+        arrays = {name: outputs[i] for name, i in zip(names, self.inputs)}
+        arrays.update({name: params[f"{name}{self.number}"]
+                       for name in self.custom.get("params", {})})
+        return evaluate(self.custom["expr"], arrays, self.width, lib, frozenset(names))
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,11 @@ class Graph:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter's name and shape, in layer order."""
         return {name: shape for node in self.nodes for name, shape in node.params.items()}
+
+    @property
+    def weight_names(self) -> list[str]:
+        """The penalised parameters: the weight matrices of dense layers."""
+        return [f"W{node.number}" for node in self.nodes if node.op == "dense"]
 
     @property
     def output_size(self) -> int:
@@ -152,7 +170,10 @@ def reference_graph(spec: dict) -> Graph:
     nodes: list[Node] = []
     for number, layer in enumerate(layers, start=1):
         op = layer.get("op", "dense")
-        if not isinstance(op, str) or op not in SUPPORTED_OPS:
+        custom = op if isinstance(op, dict) else None
+        if custom is not None:
+            op = "custom"
+        elif not isinstance(op, str) or op not in SUPPORTED_OPS:
             raise NotImplementedError(f"layer {number}: op {op!r} is not supported")
         if "inputs" in layer:
             refs = layer["inputs"]
@@ -167,7 +188,7 @@ def reference_graph(spec: dict) -> Graph:
                 raise ValueError(f"layer {number}: add needs at least two inputs")
             if len(in_widths) != 1:
                 raise ValueError(f"layer {number}: add of different widths {sorted(in_widths)}")
-        elif len(inputs) != 1:
+        elif len(inputs) != 1 and custom is None:
             raise ValueError(f"layer {number}: {op} takes one input, got {len(inputs)}")
         n_in = widths[inputs[0]]
         kwargs: dict[str, Any] = {}
@@ -182,6 +203,13 @@ def reference_graph(spec: dict) -> Graph:
         elif op == "activation":
             width = n_in
             kwargs = {"activation": parse_activation(layer["activation"])}
+        elif custom is not None:
+            width = int(layer["size"])
+            axes = {"size": width, "in": n_in,
+                    **{f"in{n}": widths[i] for n, i in enumerate(inputs, start=1)}}
+            kwargs = {"custom": custom, "params": {
+                f"{name}{number}": tuple(axes[axis] for axis in shape)
+                for name, shape in custom.get("params", {}).items()}}
         elif op == "layer_norm":
             width = n_in
             kwargs = {"eps": float(layer.get("eps", 1e-5)),
@@ -302,6 +330,8 @@ def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarra
         elif node.op == "layer_norm":
             out = F.layer_norm(h, (node.width,), weight=tp[f"gamma{k}"], bias=tp[f"beta{k}"],
                                eps=node.eps)
+        elif node.op == "custom":
+            out = node.custom_output(outputs, tp, torch)
         else:  # dropout, evaluation mode
             out = F.dropout(h, p=0.0, training=False)
         outputs.append(out)
@@ -314,7 +344,7 @@ def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarra
     else:
         total = F.binary_cross_entropy(a, y, reduction="sum")
     cost = total / batch
-    weights = [tp[name] for name in tp if name.startswith("W")]
+    weights = [tp[name] for name in graph.weight_names]
     if graph.l2 and weights:
         cost = cost + graph.l2 / 2 * sum((w ** 2).sum() for w in weights)
     if graph.l1 and weights:
@@ -379,6 +409,8 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
             out = outputs[node.inputs[0]].copy()
             for i in node.inputs[1:]:
                 out = out + outputs[i]
+        elif node.op == "custom":
+            out = node.custom_output(outputs, params, np)
         elif node.op == "layer_norm":
             mean = h.mean(axis=-1, keepdims=True)
             var = ((h - mean) ** 2).mean(axis=-1, keepdims=True)
@@ -394,7 +426,7 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
     else:
         per_sample = -(Y * np.log(a) + (1.0 - Y) * np.log1p(-a)).sum(axis=1)
     cost = per_sample.mean()
-    weights = [value for name, value in params.items() if name.startswith("W")]
+    weights = [params[name] for name in graph.weight_names]
     cost += graph.l2 / 2 * sum(float((w ** 2).sum()) for w in weights)
     cost += graph.l1 * sum(float(np.abs(w).sum()) for w in weights)
     return float(cost)

@@ -12,11 +12,29 @@ from __future__ import annotations
 import sympy as sp
 
 
+def _deltas_out(expr: sp.Expr) -> sp.Expr:
+    """Each piecewise expression whose every branch has the same Kronecker delta factor (a
+    step's derivative times δ_jk) as that delta times the piecewise expression without it."""
+    def pull(piecewise: sp.Piecewise) -> sp.Expr:
+        factors = [{f for f in sp.Mul.make_args(branch.expr)
+                    if isinstance(f, sp.KroneckerDelta)}
+                   for branch in piecewise.args if branch.expr != 0]
+        common = set.intersection(*factors) if factors else set()
+        if not common:
+            return piecewise
+        delta = sp.Mul(*common)
+        return delta * sp.Piecewise(*((branch.expr / delta, branch.cond)
+                                      for branch in piecewise.args))
+
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), pull) \
+        if expr.has(sp.Piecewise) else expr
+
+
 def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
     """One sum, expanded: split over +, pull out constant factors, collapse deltas."""
     index = limits[0]
-    summand = sp.expand(summand, deep=False, mul=True, multinomial=False, power_base=False,
-                        power_exp=False, log=False)
+    summand = sp.expand(_deltas_out(summand), deep=False, mul=True, multinomial=False,
+                        power_base=False, power_exp=False, log=False)
     if summand == 0:
         return sp.Integer(0)
     if isinstance(summand, sp.Add):

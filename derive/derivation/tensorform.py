@@ -22,10 +22,16 @@ from __future__ import annotations
 import sympy as sp
 
 from derive.errors import DeriveError
-from derive.quantities import NetTensor, tensor_of
+from derive.quantities import NetTensor, entry, tensor_of
 
 #: The all-ones vector: ``Inner(ONE, v)`` is the sum of v's components.
 ONE = NetTensor("one")
+
+
+def _zero_if_any(*operands: sp.Expr) -> sp.Expr | None:
+    """0 when an operand of a product is 0 (an adjoint that is 0 through a step), else None:
+    the products below are linear in each operand."""
+    return sp.Integer(0) if any(operand == 0 for operand in operands) else None
 
 
 class MatVec(sp.Function):
@@ -33,17 +39,29 @@ class MatVec(sp.Function):
 
     nargs = 3
 
+    @classmethod
+    def eval(cls, matrix: sp.Expr, vector: sp.Expr, transposed: sp.Expr) -> sp.Expr | None:
+        return _zero_if_any(matrix, vector)
+
 
 class Outer(sp.Function):
     """``Outer(u, v)`` = u v^T."""
 
     nargs = 2
 
+    @classmethod
+    def eval(cls, u: sp.Expr, v: sp.Expr) -> sp.Expr | None:
+        return _zero_if_any(u, v)
+
 
 class Inner(sp.Function):
     """``Inner(u, v)`` = u^T v, a scalar per sample."""
 
     nargs = 2
+
+    @classmethod
+    def eval(cls, u: sp.Expr, v: sp.Expr) -> sp.Expr | None:
+        return _zero_if_any(u, v)
 
 
 class Total(sp.Function):
@@ -56,10 +74,37 @@ class Total(sp.Function):
 class Einsum(sp.Function):
     """``Einsum(subscripts, *operands)``: the contraction ``np.einsum`` computes, per sample."""
 
+    @classmethod
+    def eval(cls, subscripts: sp.Expr, *operands: sp.Expr) -> sp.Expr | None:
+        return _zero_if_any(*operands)
+
+
+class Broadcast(sp.Function):
+    """``Broadcast(q, Symbol("k"), Symbol("jk"))``: the tensor q, whose axes are the letters
+    of the second argument, placed among the axes of an elementwise expression over the axes
+    of the third (here: constant along j)."""
+
+    nargs = 3
+
+    @classmethod
+    def eval(cls, tensor: sp.Expr, axes: sp.Expr, frame: sp.Expr) -> sp.Expr | None:
+        return _zero_if_any(tensor)
+
+
+class SumAxes(sp.Function):
+    """``SumAxes(body, Symbol("jk"), Symbol("j"))``: an elementwise expression over the axes
+    jk (its tensors placed by :class:`Broadcast`), summed over the axes that are not kept."""
+
+    nargs = 3
+
+    @classmethod
+    def eval(cls, body: sp.Expr, axes: sp.Expr, kept: sp.Expr) -> sp.Expr | None:
+        return _zero_if_any(body)
+
 
 def adjoint(of: NetTensor) -> NetTensor:
     """The tensor of ∂C/∂q."""
-    return NetTensor("grad", of.node, of=of.role, rank=of.rank)
+    return of.adjoint()
 
 
 def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
@@ -73,8 +118,14 @@ def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
     if len(free) == 1:
         return _vector(expr, free[0])
     if len(free) == 2:
-        return _matrix_form(expr, free)
-    raise DeriveError(f"no tensor form for an expression with free indices {free}")
+        try:
+            return _matrix_form(expr, free)
+        except DeriveError:
+            pass
+    try:
+        return _einsum(expr, free)
+    except DeriveError:
+        return _elementwise(expr, free, ())
 
 
 def _matrix_form(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
@@ -108,7 +159,10 @@ def _vector(expr: sp.Expr, index: sp.Symbol | None) -> sp.Expr:
             raise DeriveError(f"no tensor form for {expr} (free index {index})")
         return base
     if isinstance(expr, sp.Sum):
-        return _sum_to_vector(expr, index)
+        try:
+            return _sum_to_vector(_flattened(expr), index)
+        except DeriveError:
+            return _elementwise(expr, (index,) if index is not None else (), ())
     if isinstance(expr, sp.Derivative):
         (var, _count), = expr.variable_count
         quantity = tensor_of(var)
@@ -128,8 +182,7 @@ def _sum_to_vector(expr: sp.Sum, index: sp.Symbol | None) -> sp.Expr:
     if total is not None:
         return total
     if len(expr.limits) > 1:
-        inner = sp.Sum(expr.function, expr.limits[0])
-        return _sum_to_vector(sp.Sum(inner, *expr.limits[1:]), index)
+        return _einsum(expr, (index,) if index is not None else ())
     (summed, _low, _high), = expr.limits
     factors = sp.Mul.make_args(expr.function)
     matrices = [f for f in factors if isinstance(f, sp.Indexed) and len(f.indices) == 2]
@@ -170,16 +223,77 @@ def _total(expr: sp.Sum) -> sp.Expr | None:
 _LETTERS = "jkimpqrstuvxyzabcdefgh"
 
 
-def _einsum(expr: sp.Sum, free: tuple[sp.Symbol, ...]) -> sp.Expr:
-    """Any other contraction of tensor entries: ``Einsum("kj,k->j", W, v)`` (per sample).
+def _adjoint_entries(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with each ∂C/∂q[i] written as the entry i of the adjoint tensor ∂C/∂q."""
+    def adjoint_entry(derivative: sp.Derivative) -> sp.Expr:
+        (variable, _count), = derivative.variable_count
+        quantity = tensor_of(variable)
+        if quantity is None:
+            raise DeriveError(f"no tensor form for {expr}")
+        indices = tuple(variable.indices) if isinstance(variable, sp.Indexed) else ()
+        return entry(quantity.adjoint(), indices)
+
+    return expr.replace(lambda e: isinstance(e, sp.Derivative), adjoint_entry)
+
+
+def _flattened(expr: sp.Sum) -> sp.Sum:
+    """Σ_m Σ_k f as one sum over k and m (and Σ_m u_m Σ_k f as Σ_{k,m} u_m f)."""
+    limits, body = list(expr.limits), expr.function
+    while True:
+        factors = sp.Mul.make_args(body)
+        inner = [f for f in factors if isinstance(f, sp.Sum)]
+        if len(inner) != 1:
+            return sp.Sum(body, *limits) if len(limits) > 1 else expr
+        (total,) = inner
+        rest = sp.Mul(*(f for f in factors if f is not total))
+        if rest.has(*(limit[0] for limit in total.limits)):
+            return sp.Sum(body, *limits) if len(limits) > 1 else expr
+        limits += list(total.limits)
+        body = rest * total.function
+
+
+def _elementwise(expr: sp.Expr, free: tuple[sp.Symbol, ...],
+                 summed: tuple[sp.Symbol, ...]) -> sp.Expr:
+    """Any other index expression with free indices ``free``: an elementwise expression over
+    the axes of ``free`` and every index it sums, each tensor placed among those axes by
+    :class:`Broadcast`, then summed over the summed axes (:class:`SumAxes`); e.g. the
+    squared distance Σ_k (x_k - c_jk)² of an RBF unit."""
+    if isinstance(expr, sp.Sum):
+        return _elementwise(expr.function, free, (*summed, *(l[0] for l in expr.limits)))
+    if expr.has(sp.Sum):
+        raise DeriveError(f"no tensor form for {expr}")
+    frame = (*free, *summed)
+    letters = {index: _LETTERS[n] for n, index in enumerate(frame)}
+    axes = sp.Symbol("".join(letters.values()))
+
+    def place(e: sp.Indexed) -> sp.Expr:
+        quantity = tensor_of(e)
+        if quantity is None or any(i not in letters for i in e.indices) or \
+                len(set(e.indices)) != len(e.indices):
+            raise DeriveError(f"no tensor form for {expr}")
+        return Broadcast(quantity, sp.Symbol("".join(letters[i] for i in e.indices)), axes)
+
+    body = _adjoint_entries(expr)
+    if any(t.rank == 0 and not t.is_parameter for t in body.atoms(NetTensor)):
+        raise DeriveError(f"no tensor form for {expr}")  # a per-sample scalar among axes
+    body = body.replace(lambda e: isinstance(e, sp.Indexed), place)
+    kept = sp.Symbol("".join(letters[i] for i in free))
+    return SumAxes(body, axes, kept) if summed else body
+
+
+def _einsum(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
+    """Any other contraction of tensor entries: ``Einsum("kj,k->j", W, v)`` (per sample), or
+    a product of entries with more free indices than an outer product has
+    (``Einsum("j,k,m->jkm", g, x, x)``).
 
     The summand must be a product of tensor entries and factors free of the summed indices;
     those factors multiply the result.
     """
-    summed = [limit[0] for limit in expr.limits]
+    summed = [limit[0] for limit in expr.limits] if isinstance(expr, sp.Sum) else []
     operands, outside = [], []
-    for factor in sp.Mul.make_args(expr.function):
-        if not factor.has(*summed):
+    function = _adjoint_entries(expr.function if isinstance(expr, sp.Sum) else expr)
+    for factor in sp.Mul.make_args(function):
+        if not factor.has(*summed, *(free if not summed else ())):
             outside.append(factor)
         elif isinstance(factor, sp.Indexed) and tensor_of(factor) is not None and all(
                 isinstance(index, sp.Symbol) for index in factor.indices):

@@ -12,7 +12,7 @@ Stage 0 (a registry used by the spec and the graph stages). Takes nothing; gives
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -39,12 +39,13 @@ class Attribute:
 
 @dataclass(frozen=True)
 class ParameterDef:
-    """A parameter of an op: ``role`` (``w``, ``b``, ``gamma``, ``beta``), its shape in terms
-    of ``"size"`` (the node's width) and ``"in"`` (its input's width), and how it starts."""
+    """A parameter of an op: ``role`` (``w``, ``b``, ``gamma``, ``beta``; a custom op's own
+    names), its shape in terms of ``"size"`` (the node's width), ``"in"`` (its input's width)
+    and ``"in1"``, ``"in2"``, ... (each input's), and how it starts."""
 
     role: str
     shape: tuple[str, ...]
-    init: str            # "fan" (He or Glorot by activation), "zeros" or "ones"
+    init: str   # "fan" (He or Glorot by activation), "glorot", "zeros" or "ones"
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,29 @@ def _same_size(attrs: Mapping[str, object], inputs: tuple[int, ...]) -> int:
     return inputs[0]
 
 
-OPS: Mapping[str, OpDef] = {
+class _Registry(Mapping):
+    """The built-in ops by name; a custom op (:class:`~derive.registry.custom_ops.CustomOp`)
+    is a key too, whose entry it builds itself. Iterating lists the built-in ops."""
+
+    def __init__(self, builtins: Mapping[str, OpDef]) -> None:
+        self._builtins = dict(builtins)
+
+    def __getitem__(self, key: object) -> OpDef:
+        if isinstance(key, str):
+            return self._builtins[key]
+        definition = getattr(key, "definition", None)
+        if definition is None:
+            raise KeyError(key)
+        return definition()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._builtins)
+
+    def __len__(self) -> int:
+        return len(self._builtins)
+
+
+OPS: Mapping[object, OpDef] = _Registry({
     "dense": OpDef(
         "dense", "fully connected: z = W x + b, a = σ(z)",
         (Attribute("size", "size", required=True, doc="number of neurons n_l"), _ACTIVATION,
@@ -253,7 +276,7 @@ OPS: Mapping[str, OpDef] = {
         "dropout", "inverted dropout while training (mask m/(1-p)); identity otherwise",
         (Attribute("rate", "rate", required=True, doc="probability p of dropping a unit"),),
         (1, 1), lambda attrs: (), _same_size, _dropout_forward, label="drop"),
-}
+})
 
 
 def op(name: str) -> OpDef:

@@ -2,7 +2,8 @@
 
 The text is parsed with :mod:`ast` and every node is checked against a short whitelist:
 numbers, the allowed variable names, ``+ - * / **``, unary minus and calls to the functions in
-:data:`FUNCTIONS`, which is the registry's table
+:data:`FUNCTIONS` (and, for a custom op's forward pass in index notation, entries ``U[j, k]``
+of known arrays and sums ``sum(EXPR, k)``: :func:`parse_index_expression`), which is the registry's table
 :data:`derive.registry.functions.SCALAR_FUNCTIONS` (nothing is added or left out here). Nothing from the string is ever executed, imported or looked up as an
 attribute; ``sympify``/``parse_expr`` are never called on user text.
 """
@@ -12,10 +13,13 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import sympy as sp
 
 from derive.errors import DeriveError
+from derive.limits import check_expression
+from derive.quantities import INDEX_POOL
 from derive.registry.functions import SCALAR_FUNCTIONS, ScalarFunction
 
 #: The callable names a user may write, and what each builds: the registry's table.
@@ -23,7 +27,6 @@ FUNCTIONS: Mapping[str, ScalarFunction] = SCALAR_FUNCTIONS
 #: Named constants a user may write.
 CONSTANTS: Mapping[str, sp.Expr] = {"pi": sp.pi, "e": sp.E}
 
-_MAX_LENGTH = 2000
 _MAX_EXPONENT = 1000  # integer exponents past this are refused: they only blow up expansion
 _MAX_DIGITS = 300  # a constant power may not exceed 10^300
 _BINARY = {
@@ -42,8 +45,7 @@ def parse_expression(text: str, variables: Mapping[str, sp.Symbol]) -> sp.Expr:
     """
     if not isinstance(text, str):
         raise DeriveError(f"expression must be a string, got {type(text).__name__}")
-    if len(text) > _MAX_LENGTH:
-        raise DeriveError(f"expression longer than {_MAX_LENGTH} characters")
+    check_expression(text)
     source = text.replace("^", "**")
     try:
         tree = ast.parse(source.strip(), mode="eval")
@@ -117,3 +119,149 @@ class _Converter:
                 raise self.fail(node, f"{node.func.id}() takes {fn.arity} argument(s)")
             return fn.build(*args)
         raise self.fail(node, f"{type(node).__name__} is not allowed")
+
+
+# --- index notation: the forward pass of a custom op ---------------------------------------
+
+#: The function that sums over an index: ``sum(EXPR, k)``.
+SUM = "sum"
+
+
+@dataclass(frozen=True)
+class Array:
+    """A name an index expression may index: its base and the range (a name such as ``size``
+    or ``in``) of each of its axes."""
+
+    base: sp.IndexedBase
+    axes: tuple[str, ...]
+
+
+def parse_index_expression(
+    text: str, arrays: Mapping[str, Array], ranges: Mapping[str, sp.Expr],
+    widths: Mapping[str, int], output: str = "j",
+) -> tuple[sp.Expr, tuple[sp.Sum, ...]]:
+    """Parse an expression in index notation: entries ``U[j, k]`` of ``arrays``, sums
+    ``sum(EXPR, k)`` over the range that the index's positions imply, numbers, ``+ - * / **``
+    and the functions of :data:`FUNCTIONS`.
+
+    ``output`` is the one index that may stay free (its range is ``size``); ``ranges`` gives
+    each range name's upper bound (a sum runs from 1 to it); ``widths`` its value, so that an
+    index used over two ranges of different widths is refused. The user's index names become
+    symbols of :data:`~derive.quantities.INDEX_POOL`: the output is j, a name in the pool keeps
+    its letter where it is free, any other takes the next free one. Gives the expression and
+    its sums in the order the text closes them (an inner sum before the one around it). Raises
+    :class:`DeriveError` naming the problem and its column.
+    """
+    if not isinstance(text, str):
+        raise DeriveError(f"expression must be a string, got {type(text).__name__}")
+    check_expression(text)
+    converter = _IndexConverter(text, arrays, ranges, widths, output)
+    try:
+        tree = ast.parse(text.replace("^", "**").strip(), mode="eval")
+        expr = converter.convert(tree.body)
+    except SyntaxError as err:
+        raise DeriveError(f"cannot parse expression {text!r} (syntax error at column "
+                          f"{err.offset or 0})") from None
+    except RecursionError:
+        raise DeriveError(f"expression {text[:40]!r}... is nested too deeply") from None
+    if not expr.has(converter.symbol(output)):
+        raise DeriveError(f"expression {text!r} does not use the output index {output!r}: "
+                          f"entry {output} of the output must depend on {output}")
+    return expr, tuple(converter.sums)
+
+
+class _IndexConverter(_Converter):
+    """The whitelist converter with entries of arrays and sums over indices."""
+
+    def __init__(self, text: str, arrays: Mapping[str, Array], ranges: Mapping[str, sp.Expr],
+                 widths: Mapping[str, int], output: str) -> None:
+        super().__init__(text, {})
+        self.arrays, self.ranges, self.widths, self.output = arrays, ranges, widths, output
+        self.indices: dict[str, sp.Symbol] = {output: INDEX_POOL[0]}
+        # where each index in scope was first used: its range name and the entry that used it
+        self.seen: dict[str, tuple[str, str]] = {output: ("size", f"the output index {output}")}
+        self.bound: list[str] = []
+        self.sums: list[sp.Sum] = []
+
+    def fail(self, node: ast.AST, what: str) -> DeriveError:
+        col = getattr(node, "col_offset", None)
+        at = f" at column {col + 1}" if col is not None else ""
+        return DeriveError(
+            f"{what}{at} in expression {self.text!r}; allowed: numbers, entries of "
+            f"{', '.join(sorted(self.arrays))} such as x[k], sum(EXPR, k), + - * / ** and "
+            f"functions {', '.join(sorted(FUNCTIONS))}")
+
+    def convert(self, node: ast.AST) -> sp.Expr:
+        if isinstance(node, ast.Subscript):
+            return self.entry(node)
+        if isinstance(node, ast.Name) and node.id in self.arrays:
+            raise self.fail(node, f"{node.id!r} has {len(self.arrays[node.id].axes)} axes: "
+                                  f"write its entries, {node.id}[...]")
+        if isinstance(node, ast.Name) and (node.id in self.seen or node.id in self.bound):
+            raise self.fail(node, f"index {node.id!r} used as a value")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id == SUM:
+            return self.sum(node)
+        return super().convert(node)
+
+    def entry(self, node: ast.Subscript) -> sp.Expr:
+        if not isinstance(node.value, ast.Name):
+            self.convert(node.value)        # refuses what it does not allow, by name
+            raise self.fail(node, "only a parameter or an input can be indexed")
+        if node.value.id not in self.arrays:
+            raise self.fail(node, f"unknown name {node.value.id!r} (what can be indexed: "
+                                  f"{', '.join(sorted(self.arrays))})")
+        name = node.value.id
+        array = self.arrays[name]
+        items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if len(items) != len(array.axes):
+            raise self.fail(node, f"{name!r} has {len(array.axes)} axes, indexed with "
+                                  f"{len(items)}")
+        symbols = []
+        for position, (item, axis) in enumerate(zip(items, array.axes), start=1):
+            if not isinstance(item, ast.Name):
+                raise self.fail(item, f"an index of {name!r} must be a name (j, k, ...)")
+            index = item.id
+            if index != self.output and index not in self.bound:
+                raise self.fail(item, f"index {index!r} is free: only {self.output!r} may be "
+                                      f"free; sum over it with sum(..., {index})")
+            where = f"axis {position} of {name}"
+            first = self.seen.setdefault(index, (axis, where))
+            if self.widths[first[0]] != self.widths[axis]:
+                raise self.fail(item, f"index {index!r} ranges over {first[0]} "
+                                      f"({self.widths[first[0]]}, {first[1]}) and over {axis} "
+                                      f"({self.widths[axis]}, {where})")
+            symbols.append(self.symbol(index))
+        return array.base[tuple(symbols)]
+
+    def sum(self, node: ast.Call) -> sp.Expr:
+        if len(node.args) != 2 or node.keywords or not isinstance(node.args[1], ast.Name):
+            raise self.fail(node, "sum takes an expression and an index: sum(EXPR, k)")
+        index = node.args[1].id
+        if index == self.output or index in self.bound:
+            raise self.fail(node.args[1], f"index {index!r} is already in use here: sum over "
+                                          "an index of its own")
+        if index in self.arrays or index in FUNCTIONS or index in CONSTANTS or index == SUM:
+            raise self.fail(node.args[1], f"{index!r} names something else: choose another "
+                                          "index name")
+        self.bound.append(index)
+        body = self.convert(node.args[0])
+        self.bound.pop()
+        used = self.seen.pop(index, None)
+        if used is None:
+            raise self.fail(node, f"sum over {index!r}, which the summed expression does not "
+                                  "index with")
+        self.sums.append(sp.Sum(body, (self.symbol(index), 1, self.ranges[used[0]])))
+        return self.sums[-1]
+
+    def symbol(self, name: str) -> sp.Symbol:
+        """The index symbol standing for the user's index ``name``."""
+        if name not in self.indices:
+            taken = set(self.indices.values())
+            free = [s for s in INDEX_POOL if s not in taken]
+            if not free:
+                raise DeriveError(f"expression {self.text!r} uses more than "
+                                  f"{len(INDEX_POOL)} index names")
+            same = [s for s in free if s.name == name]
+            self.indices[name] = (same or free)[0]
+        return self.indices[name]

@@ -30,7 +30,7 @@ from sympy.core.function import AppliedUndef
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer
+from derive.derivation.tensorform import Broadcast, Einsum, Inner, MatVec, Outer, SumAxes
 from derive.quantities import NetTensor
 
 #: How a quantity's role is spelled in index form (one entry of it, or a per-sample scalar).
@@ -53,12 +53,16 @@ BATCH: Mapping[str, str] = {
 }
 #: Roles printed squared: the variance of a layer norm is (σ^l)².
 SQUARED = frozenset({"var"})
-#: Roles of parameters that are vectors, broadcast to every row of a batch.
-_PARAMETERS = frozenset({"w", "b", "gamma", "beta"})
 #: Spellings of derive's own SymPy functions.
 FUNCTIONS: Mapping[str, str] = {
     "sigmoid": r"\operatorname{sigmoid}", "softplus": r"\operatorname{softplus}",
 }
+
+
+def _spelled(role: str) -> str:
+    """A role no table knows (a custom op's parameter U, its sums s1): one letter as it is,
+    a longer name upright."""
+    return role if len(role) == 1 else rf"\mathrm{{{role}}}"
 
 
 def _layered(symbol: str, node: object, role: str = "") -> str:
@@ -76,7 +80,7 @@ def is_vector(expr: sp.Basic) -> bool:
     """
     if isinstance(expr, NetTensor):
         return expr.rank >= 1 and expr.role != "one"
-    if isinstance(expr, (MatVec, Outer, Einsum)):
+    if isinstance(expr, (MatVec, Outer, Einsum, Broadcast, SumAxes)):
         return True
     if isinstance(expr, (Inner, sp.Indexed, sp.Sum)):
         return False
@@ -99,7 +103,8 @@ class DeriveLatexPrinter(LatexPrinter):
 
     def _entry_symbol(self, tensor: NetTensor) -> str:
         """The symbol of one entry (index form): w^{2}, \\hat{x}^{4}, (\\sigma^{4})^{2}."""
-        return _layered(LETTERS.get(tensor.role, tensor.role), tensor.node, tensor.role)
+        return _layered(LETTERS.get(tensor.role, _spelled(tensor.role)), tensor.node,
+                        tensor.role)
 
     def _tensor_symbol(self, tensor: NetTensor, *, batch: bool | None = None) -> str:
         """The symbol of the whole tensor: bold vector, capital matrix or batch capital."""
@@ -107,12 +112,19 @@ class DeriveLatexPrinter(LatexPrinter):
         role = tensor.role
         if tensor.rank == 0:
             table = BATCH if batch else LETTERS
-            return _layered(table.get(role, LETTERS.get(role, role)), tensor.node, role)
-        if batch and role in _PARAMETERS and tensor.rank == 1:
+            return _layered(table.get(role, LETTERS.get(role, _spelled(role))), tensor.node,
+                            role)
+        if batch and tensor.is_parameter and tensor.rank == 1:
             # one parameter vector for the whole batch, added to (or multiplying) every row
-            return rf"\mathbf{{1}}\left({_layered(VECTORS[role], tensor.node)}\right)^{{\top}}"
+            vector = VECTORS.get(role, rf"\mathbf{{{role}}}")
+            return rf"\mathbf{{1}}\left({_layered(vector, tensor.node)}\right)^{{\top}}"
+        if tensor.is_parameter and role not in VECTORS:
+            # a custom op's parameter: the name the user gave it, batch or not
+            symbol = _spelled(role) if tensor.rank >= 2 else rf"\mathbf{{{role}}}"
+            return _layered(symbol, tensor.node, role)
         table = BATCH if batch else VECTORS
-        return _layered(table.get(role, role.upper() if batch else role), tensor.node, role)
+        return _layered(table.get(role, _spelled(role.upper() if batch else role)),
+                        tensor.node, role)
 
     def _print_NetTensor(self, expr: NetTensor) -> str:
         if expr.role == "one":
@@ -125,11 +137,11 @@ class DeriveLatexPrinter(LatexPrinter):
         """The adjoint ∂C/∂q in tensor form: ∇_q C for a vector or matrix, a fraction for a
         per-sample scalar; a parameter's batch gradient is that of the batch objective."""
         batch = self._settings["batch"]
-        of = NetTensor(tensor.of, tensor.node, rank=tensor.rank)
+        of = tensor.target
         if tensor.rank == 0:
             return rf"\frac{{\partial C}}{{\partial {self._tensor_symbol(of)}}}"
-        cost = self._settings["batch_cost"] if batch and of.role in _PARAMETERS else "C"
-        if of.role in _PARAMETERS:
+        cost = self._settings["batch_cost"] if batch and of.is_parameter else "C"
+        if of.is_parameter:
             return rf"\nabla_{{{self._tensor_symbol(of, batch=False)}}} {cost}"
         return rf"\nabla_{{{self._tensor_symbol(of)}}} {cost}"
 
@@ -144,7 +156,7 @@ class DeriveLatexPrinter(LatexPrinter):
         label = expr.base.label
         subscript = f"_{{{separator.join(indices)}}}"
         if isinstance(label, NetTensor) and label.role == "grad":
-            of = NetTensor(label.of, label.node, rank=label.rank)
+            of = label.target
             return rf"\frac{{\partial C}}{{\partial {self._entry_symbol(of)}{subscript}}}"
         if isinstance(label, NetTensor):
             return self._entry_symbol(label) + subscript
@@ -300,9 +312,21 @@ class DeriveLatexPrinter(LatexPrinter):
             return rf"\operatorname{{rowsum}}\!\left({self._print(summand)}\right)"
         return rf"{self._transposed(u)}\,{self.parenthesize(v, PRECEDENCE['Mul'], strict=True)}"
 
+    def _print_Broadcast(self, expr: Broadcast) -> str:
+        # an entry, in index notation: the axes are the indices
+        tensor, axes = expr.args[0], str(expr.args[1])
+        if tensor.role == "grad":
+            return self._print(sp.Indexed(sp.IndexedBase(tensor), *sp.symbols(list(axes))))
+        return rf"{self._entry_symbol(tensor)}_{{{axes}}}"
+
+    def _print_SumAxes(self, expr: SumAxes) -> str:
+        summed = "".join(c for c in str(expr.args[1]) if c not in str(expr.args[2]))
+        body = self.parenthesize(expr.args[0], PRECEDENCE["Mul"], strict=True)
+        return rf"\sum_{{{summed}}} {body}"
+
     def _print_Einsum(self, expr: Einsum) -> str:
         subscripts, *operands = expr.args
-        spelled = self._print(subscripts).replace("->", r"\to")
+        spelled = self._print(subscripts).replace("->", r" \to ")
         args = ", ".join(self._print(operand) for operand in operands)
         return rf"\operatorname{{einsum}}_{{{spelled}}}\!\left({args}\right)"
 

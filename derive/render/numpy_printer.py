@@ -22,7 +22,16 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer, Total
+from derive.derivation.tensorform import (
+    ONE,
+    Broadcast,
+    Einsum,
+    Inner,
+    MatVec,
+    Outer,
+    SumAxes,
+    Total,
+)
 from derive.quantities import NetTensor
 from derive.render.stability import LogSumExp, Softmax
 
@@ -40,8 +49,16 @@ BATCH = sp.Symbol("B", positive=True, integer=True)
 HELPERS: dict[str, str] = {
     "_sigmoid": '''\
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), as (1 + tanh(x/2)) / 2: no overflow."""
-    return 0.5 + 0.5 * np.tanh(0.5 * x)
+    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
+    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+''',
+    "_sum_squares": '''\
+def _sum_squares(x, count):
+    """The sum of x² over the last ``count`` axes of x, with no array of the squares."""
+    x = x.reshape(*x.shape[:x.ndim - count], -1)
+    return np.einsum("...i,...i->...", x, x)
 ''',
     "_softplus": '''\
 def _softplus(x):
@@ -106,10 +123,21 @@ def batch_name(tensor: NetTensor) -> str:
     if tensor.role == "a" and tensor.node == 0:
         return "X"
     if tensor.role == "grad":
-        return f"dC_d{BATCH_NAMES[tensor.of]}{tensor.node}"
-    if tensor.role in BATCH_NAMES and tensor.node is not None:
+        return f"dC_d{batch_name(tensor.target)}"
+    if tensor.node is None:
+        raise ValueError(f"no batch name for the quantity {tensor}")
+    if tensor.role in BATCH_NAMES:
         return f"{BATCH_NAMES[tensor.role]}{tensor.node}"
-    raise ValueError(f"no batch name for the quantity {tensor}")
+    # a custom op's parameter U at layer 3 is U3 (its key); its sum s1 is S1_3
+    name = tensor.role if tensor.is_parameter else tensor.role.upper()
+    return f"{name}_{tensor.node}" if name[-1].isdigit() else f"{name}{tensor.node}"
+
+
+def _einsum_call(subscripts: str, operands: list[str]) -> str:
+    """``np.einsum`` of printed operands; with two or more, NumPy chooses the order of the
+    contraction (a sum over the samples first, a matrix product through BLAS)."""
+    optimize = ", optimize=True" if len(operands) > 1 else ""
+    return f"np.einsum({subscripts!r}, {', '.join(operands)}{optimize})"
 
 
 def fold_numbers(expr: sp.Expr) -> sp.Expr:
@@ -211,11 +239,53 @@ class NumPyBatchPrinter(NumPyPrinter):
         batched = [not (isinstance(o, NetTensor) and o.is_parameter) for o in operands]
         inputs = ",".join(("b" if b else "") + s for b, s in zip(batched, inputs.split(",")))
         output = ("b" if any(batched) else "") + output
-        spec = f"{inputs}->{output}"
-        return f"np.einsum({spec!r}, {', '.join(self._print(o) for o in operands)})"
+        return _einsum_call(f"{inputs}->{output}", [self._print(o) for o in operands])
 
     def _print_RowSum(self, expr: RowSum) -> str:
+        # a sum over the samples of products of tensors: inside np.einsum, with no array of
+        # shape (B, ...) in between; anything else: summed over axis 0
+        terms = [self._summed_product(term) for term in sp.Add.make_args(expr.args[0])]
+        if all(term is not None for term in terms):
+            return " + ".join(terms).replace("+ -", "- ")
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}.sum(axis=0)"
+
+    def _summed_product(self, term: sp.Expr) -> str | None:
+        """``coefficient * np.einsum(...)``, the sum over the samples of ``term``, when it is a
+        number times a contraction or a product of placed tensors; else None."""
+        coefficient, rest = term.as_coeff_Mul()
+        if isinstance(rest, Einsum):
+            printed = self._print_Einsum(rest).replace("->b", "->", 1)
+        else:
+            factors = sp.Mul.make_args(rest)
+            if not all(isinstance(f, Broadcast) for f in factors):
+                return None
+            inputs = []
+            for tensor, axes, frame in (f.args for f in factors):
+                inputs.append(("" if tensor.is_parameter else "b") + str(axes))
+            printed = _einsum_call(f"{','.join(inputs)}->{factors[0].args[2]}",
+                                   [self._print(f.args[0]) for f in factors])
+        return printed if coefficient == 1 else f"{self._print(coefficient)}*{printed}"
+
+    def _print_Broadcast(self, expr: Broadcast) -> str:
+        tensor, axes, frame = (expr.args[0], str(expr.args[1]), str(expr.args[2]))
+        batched = not tensor.is_parameter
+        name = self._print(tensor)
+        ordered = "".join(letter for letter in frame if letter in axes)
+        if ordered != axes:     # its axes in the frame's order (a view)
+            lead = "b" if batched else ""
+            name = f"np.einsum({f'{lead}{axes}->{lead}{ordered}'!r}, {name})"
+        slots = [":" if letter in axes else "None" for letter in frame]
+        if all(slot == ":" for slot in slots):
+            return name
+        return f"{name}[{', '.join([':'] * batched + slots)}]"
+
+    def _print_SumAxes(self, expr: SumAxes) -> str:
+        body, frame, kept = expr.args[0], str(expr.args[1]), str(expr.args[2])
+        axes = tuple(n - len(frame) for n, letter in enumerate(frame) if letter not in kept)
+        if isinstance(body, sp.Pow) and body.exp == 2:      # a squared distance
+            self.helpers.add("_sum_squares")
+            return f"_sum_squares({self._print(body.base)}, {len(axes)})"
+        return f"np.sum({self._print(body)}, axis={axes!r})"
 
     # --- functions ---------------------------------------------------------------------------
 

@@ -32,9 +32,11 @@ from collections.abc import Callable
 from typing import Any
 
 from derive.registry import functions
+from derive.registry.custom_ops import MAX_AXES, RESERVED
 from derive.registry.ops import OPS, Attribute, OpDef
 from derive.spec.load import (
     CUSTOM_FIELDS,
+    CUSTOM_OP_SIZE,
     DEFAULT_OP,
     EXAMPLE_FIELDS,
     INPUT_NAME,
@@ -180,19 +182,57 @@ def _op_layer(definition: OpDef) -> Schema:
     return schema
 
 
+def _custom_op() -> Schema:
+    """The ``op:`` of a custom op: its name, forward expression and parameters' shapes."""
+    axis = {"type": "string", "pattern": "^(size|in[1-9]?[0-9]*)$",
+            "description": "`size` (the layer's width), `in` (its input's) or `in1`, `in2`, "
+                           "... (each input's, for several)"}
+    return {
+        "type": "object",
+        "description": "a custom op: entry j of the output in index notation; x (or x1, x2, "
+                       "...) is the input, sum(EXPR, k) sums over k",
+        "properties": {
+            "name": {"type": "string", "pattern": IDENTIFIER_PATTERN,
+                     "not": {"enum": list(OPS)}},
+            "expr": {"type": "string", "minLength": 1},
+            "params": {"type": "object", "additionalProperties": {
+                "type": "array", "items": axis, "minItems": 1, "maxItems": MAX_AXES}},
+        },
+        "required": ["name", "expr"],
+        "additionalProperties": False,
+    }
+
+
+def _custom_op_layer() -> Schema:
+    """A layer of a custom op: the common fields, the op and its ``size``."""
+    properties = _common_fields(OPS[DEFAULT_OP])        # the fields; op and inputs below
+    properties["op"] = _custom_op()
+    properties[CUSTOM_OP_SIZE] = {**ATTRIBUTE_KINDS["size"](),
+                                  "description": "the output width n_l (the range of j)"}
+    properties["inputs"] = {key: value for key, value in properties["inputs"].items()
+                            if key != "maxItems"}
+    return {"type": "object", "description": "a layer of a custom op",
+            "properties": properties, "required": ["op", CUSTOM_OP_SIZE],
+            "additionalProperties": False}
+
+
 def _layer() -> Schema:
-    """Any layer: a known op (``DEFAULT_OP`` when omitted), then that op's own schema."""
+    """Any layer: a known op (``DEFAULT_OP`` when omitted) or a custom op, then that op's own
+    schema."""
     branches = []
     for name in OPS:
         condition: Schema = {"properties": {"op": {"const": name}}}
         if name != DEFAULT_OP:
             condition["required"] = ["op"]  # an absent `op` means DEFAULT_OP
         branches.append({"if": condition, "then": _ref(f"op.{name}")})
+    branches.append({"if": {"properties": {"op": {"type": "object"}}, "required": ["op"]},
+                     "then": _ref("op.custom")})
     return {
         "type": "object",
         "description": "one layer: an op applied to the previous layer's output, or to the "
         "layers it names in `input:` (one) or `inputs:` (several)",
-        "properties": {"op": {"enum": list(OPS), "default": DEFAULT_OP}},
+        "properties": {"op": {"anyOf": [{"enum": list(OPS)}, {"type": "object"}],
+                              "default": DEFAULT_OP}},
         "not": {"required": ["input", "inputs"]},
         "allOf": branches,
     }
@@ -248,9 +288,15 @@ def _example() -> Schema:
             params: {
                 "type": "object",
                 "patternProperties": {
-                    f"^{key}[1-9][0-9]*$": _numbers(rank)
-                    for key, rank in parameter_ranks().items()
+                    **{f"^{key}[1-9][0-9]*$": _numbers(rank)
+                       for key, rank in parameter_ranks().items()},
+                    # a custom op's parameter (its name ends in a letter or _)
+                    "^[A-Za-z_]([A-Za-z0-9_]*[A-Za-z_])?[1-9][0-9]*$": {
+                        "anyOf": [_numbers(rank) for rank in range(1, MAX_AXES + 1)]},
                 },
+                # never a name derive gives to a quantity (a custom op's parameter cannot be
+                # called so either)
+                "propertyNames": {"not": {"pattern": f"^({'|'.join(sorted(RESERVED))})[0-9]"}},
                 "additionalProperties": False,
             },
         },
@@ -281,5 +327,6 @@ def spec_schema() -> Schema:
             "reference": _reference(),
             "layer": _layer(),
             **{f"op.{name}": _op_layer(definition) for name, definition in OPS.items()},
+            "op.custom": _custom_op_layer(),
         },
     }
