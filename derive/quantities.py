@@ -13,6 +13,8 @@ quantity is the tensor itself: a whole vector, matrix or per-sample scalar.
 
 from __future__ import annotations
 
+from functools import cache
+
 import sympy as sp
 
 #: Roles of parameters (their gradients are what training needs).
@@ -26,38 +28,72 @@ class NetTensor(sp.Symbol):
 
     ``NetTensor("a", 2)`` is a^2; ``NetTensor("delta", 2)`` is δ²; ``NetTensor("grad", 3, of="mu")`` is
     ∂C/∂μ³; ``NetTensor("y")`` the target; ``NetTensor("a", 0)`` the input x = a⁰.
+    ``parameter`` says whether q (for an adjoint: the q it is of) is a parameter: the built-in
+    roles by default, a custom op's parameters explicitly.
     """
 
     role: str
     node: int | None
     of: str | None
     rank: int
+    parameter: bool
 
     def __new__(  # noqa: PYI034 (SymPy constructors return the instance they build)
-        cls, role: str, node: int | None = None, of: str | None = None, rank: int = 1
+        cls, role: str, node: int | None = None, of: str | None = None, rank: int = 1,
+        parameter: bool | None = None,
     ) -> NetTensor:
-        # not Symbol's cached constructor: two tensors with one display name but other fields
-        # (w^2 as a matrix and as a rank-0 label) must stay two objects
-        obj = sp.Symbol.__xnew__(cls, display_name(role, node, of), real=True)
-        obj.role, obj.node, obj.of, obj.rank = role, node, of, rank
-        return obj
+        if parameter is None:   # the built-in roles; a custom op's parameters say so
+            parameter = (of if role == "grad" else role) in PARAMETER_ROLES
+        return _tensor(cls, role, node, of, rank, parameter)
 
     def _hashable_content(self) -> tuple:
         # SymPy orders atoms by comparing these tuples: no None in them
         node = -1 if self.node is None else self.node
-        return (*super()._hashable_content(), self.role, node, self.of or "", self.rank)
+        return (*super()._hashable_content(), self.role, node, self.of or "", self.rank,
+                self.parameter)
 
     def __getnewargs_ex__(self) -> tuple[tuple, dict]:
-        return (self.role, self.node, self.of, self.rank), {}
+        return (self.role, self.node, self.of, self.rank, self.parameter), {}
 
     @property
     def is_parameter(self) -> bool:
-        return self.role in PARAMETER_ROLES
+        """Whether this is a parameter (for an adjoint ∂C/∂q: False; its ``target`` says)."""
+        return self.parameter and self.role != "grad"
+
+    def adjoint(self) -> NetTensor:
+        """The tensor of ∂C/∂q for this quantity q."""
+        return NetTensor("grad", self.node, of=self.role, rank=self.rank,
+                         parameter=self.parameter)
+
+    @property
+    def target(self) -> NetTensor:
+        """The quantity q of an adjoint ∂C/∂q."""
+        return NetTensor(self.of, self.node, rank=self.rank, parameter=self.parameter)
 
     @property
     def indexed(self) -> sp.IndexedBase:
         """The indexed base of this quantity (rank ≥ 1)."""
-        return sp.IndexedBase(self, real=True)
+        return _indexed_base(self)
+
+
+# SymPy deduces every assumption of a new symbol, IndexedBase or Indexed from ``real=True``
+# (about 0.1 ms each): a deep network names the same quantities thousands of times, so each
+# is built once. SymPy objects are immutable, which makes sharing them safe.
+
+
+@cache
+def _tensor(cls: type, role: str, node: int | None, of: str | None, rank: int,
+            parameter: bool) -> NetTensor:
+    # not Symbol's cached constructor: two tensors with one display name but other fields
+    # (w^2 as a matrix and as a rank-0 label) must stay two objects
+    obj = sp.Symbol.__xnew__(cls, display_name(role, node, of), real=True)
+    obj.role, obj.node, obj.of, obj.rank, obj.parameter = role, node, of, rank, parameter
+    return obj
+
+
+@cache
+def _indexed_base(tensor: NetTensor) -> sp.IndexedBase:
+    return sp.IndexedBase(tensor, real=True)
 
 
 def display_name(role: str, node: int | None, of: str | None = None) -> str:
@@ -79,6 +115,11 @@ def entry(tensor: NetTensor, indices: tuple[sp.Expr, ...]) -> sp.Expr:
     """``tensor`` at ``indices``: an Indexed, or the tensor itself for rank 0."""
     if not indices:
         return tensor
+    return _entry(tensor, tuple(indices))
+
+
+@cache
+def _entry(tensor: NetTensor, indices: tuple[sp.Expr, ...]) -> sp.Indexed:
     return tensor.indexed[indices]
 
 

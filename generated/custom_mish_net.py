@@ -11,7 +11,7 @@ pass follows the four backpropagation equations, derived per sample as
     (BP1) δ² = a² ⊙ (1 - a²) ⊙ (a² - y)
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    (BP2) δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))**2) ⊙ 1/(exp(z¹) + 1) ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ²
+    (BP2) δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))²) ⊙ (exp(z¹) + 1)⁻¹ ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -46,13 +46,29 @@ ADAM_EPS = 1e-8
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), as (1 + tanh(x/2)) / 2: no overflow."""
-    return 0.5 + 0.5 * np.tanh(0.5 * x)
+    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
+    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def _softplus(x):
     """log(1 + exp(x)), as logaddexp(0, x): no overflow."""
     return np.logaddexp(0.0, x)
+
+
+def _check_input(X):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
 
 
 def init_params(seed=0, dtype=np.float64):
@@ -72,6 +88,7 @@ def forward(params, X):
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
     A1 = Z1*np.tanh(_softplus(Z1))
@@ -85,14 +102,16 @@ def forward(params, X):
 def _batch_loss(cache, Y):
     """The loss C averaged over the batch, from a forward pass's cache."""
     A2 = cache["A2"]
-    # C = Σᵢ ((a²ᵢ - yᵢ)**2/2) per sample
+    # C = Σᵢ ((a²ᵢ - yᵢ)²/2) per sample
     return float(np.sum(0.5*(A2 - Y)**2)) / Y.shape[0]
 
 
 def loss(params, X, Y):
     """The loss C averaged over the batch."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype))
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y)
 
 
 def backward(params, cache, Y):
@@ -110,9 +129,13 @@ def backward(params, cache, Y):
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # BP2: δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))**2) ⊙ 1/(exp(z¹) + 1) ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ² [stable: sigmoid_from_exp, softplus_from_log]
+    # softplus(z¹), used more than once
+    softplus_Z1 = _softplus(Z1)
+    # tanh(softplus(z¹)), used more than once
+    tanh_softplus_Z1 = np.tanh(softplus_Z1)
+    # BP2: δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))²) ⊙ (exp(z¹) + 1)⁻¹ ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ² [stable: sigmoid_from_exp, softplus_from_log]
     delta1 = delta2 @ W2
-    delta1 *= Z1*(1 - np.tanh(_softplus(Z1))**2)*_sigmoid(Z1) + np.tanh(_softplus(Z1))
+    delta1 *= Z1*(1 - tanh_softplus_Z1**2)*_sigmoid(Z1) + tanh_softplus_Z1
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows
@@ -124,6 +147,7 @@ def gradients(params, X, Y):
     """(loss, grads): the batch-mean loss and its gradient for every parameter."""
     output, cache = forward(params, X)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y), backward(params, cache, Y)
 
 
@@ -216,6 +240,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

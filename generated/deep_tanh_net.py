@@ -12,28 +12,28 @@ pass follows the four backpropagation equations, derived per sample as
     (BP1) δ⁹ = a⁹ - y
     (BP4) ∂C/∂W⁹ = δ⁹ (a⁸)ᵀ
     (BP3) ∂C/∂b⁹ = δ⁹
-    (BP2) δ⁸ = (1 - a⁸**2) ⊙ (W⁹)ᵀ δ⁹
+    (BP2) δ⁸ = (1 - (a⁸)²) ⊙ (W⁹)ᵀ δ⁹
     (BP4) ∂C/∂W⁸ = δ⁸ (a⁷)ᵀ
     (BP3) ∂C/∂b⁸ = δ⁸
-    (BP2) δ⁷ = (1 - a⁷**2) ⊙ (W⁸)ᵀ δ⁸
+    (BP2) δ⁷ = (1 - (a⁷)²) ⊙ (W⁸)ᵀ δ⁸
     (BP4) ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ
     (BP3) ∂C/∂b⁷ = δ⁷
-    (BP2) δ⁶ = (1 - a⁶**2) ⊙ (W⁷)ᵀ δ⁷
+    (BP2) δ⁶ = (1 - (a⁶)²) ⊙ (W⁷)ᵀ δ⁷
     (BP4) ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ
     (BP3) ∂C/∂b⁶ = δ⁶
-    (BP2) δ⁵ = (1 - a⁵**2) ⊙ (W⁶)ᵀ δ⁶
+    (BP2) δ⁵ = (1 - (a⁵)²) ⊙ (W⁶)ᵀ δ⁶
     (BP4) ∂C/∂W⁵ = δ⁵ (a⁴)ᵀ
     (BP3) ∂C/∂b⁵ = δ⁵
-    (BP2) δ⁴ = (1 - a⁴**2) ⊙ (W⁵)ᵀ δ⁵
+    (BP2) δ⁴ = (1 - (a⁴)²) ⊙ (W⁵)ᵀ δ⁵
     (BP4) ∂C/∂W⁴ = δ⁴ (a³)ᵀ
     (BP3) ∂C/∂b⁴ = δ⁴
-    (BP2) δ³ = (1 - a³**2) ⊙ (W⁴)ᵀ δ⁴
+    (BP2) δ³ = (1 - (a³)²) ⊙ (W⁴)ᵀ δ⁴
     (BP4) ∂C/∂W³ = δ³ (a²)ᵀ
     (BP3) ∂C/∂b³ = δ³
-    (BP2) δ² = (1 - a²**2) ⊙ (W³)ᵀ δ³
+    (BP2) δ² = (1 - (a²)²) ⊙ (W³)ᵀ δ³
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    (BP2) δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
+    (BP2) δ¹ = (1 - (a¹)²) ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -67,6 +67,20 @@ MOMENTUM = 0.9  # torch.optim.SGD(momentum=0.9): no dampening, no Nesterov
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
 ADAM_EPS = 1e-8
 
+
+
+def _check_input(X):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
 
 
 def init_params(seed=0, dtype=np.float64):
@@ -108,6 +122,7 @@ def forward(params, X):
     W8, b8 = params["W8"], params["b8"]
     W9, b9 = params["W9"], params["b9"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
     A1 = np.tanh(Z1)
@@ -142,14 +157,16 @@ def forward(params, X):
 def _batch_loss(cache, Y):
     """The loss C averaged over the batch, from a forward pass's cache."""
     A9 = cache["A9"]
-    # C = Σᵢ ((a⁹ᵢ - yᵢ)**2/2) per sample
+    # C = Σᵢ ((a⁹ᵢ - yᵢ)²/2) per sample
     return float(np.sum(0.5*(A9 - Y)**2)) / Y.shape[0]
 
 
 def loss(params, X, Y):
     """The loss C averaged over the batch."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype))
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y)
 
 
 def backward(params, cache, Y):
@@ -174,56 +191,56 @@ def backward(params, cache, Y):
     dW9 = delta9.T @ A8
     # BP3: ∂C/∂b⁹ = δ⁹, summed over the rows
     db9 = delta9.sum(axis=0)
-    # BP2: δ⁸ = (1 - a⁸**2) ⊙ (W⁹)ᵀ δ⁹
+    # BP2: δ⁸ = (1 - (a⁸)²) ⊙ (W⁹)ᵀ δ⁹
     delta8 = delta9 @ W9
     delta8 *= 1 - A8**2
     # BP4: ∂C/∂W⁸ = δ⁸ (a⁷)ᵀ, summed over the rows
     dW8 = delta8.T @ A7
     # BP3: ∂C/∂b⁸ = δ⁸, summed over the rows
     db8 = delta8.sum(axis=0)
-    # BP2: δ⁷ = (1 - a⁷**2) ⊙ (W⁸)ᵀ δ⁸
+    # BP2: δ⁷ = (1 - (a⁷)²) ⊙ (W⁸)ᵀ δ⁸
     delta7 = delta8 @ W8
     delta7 *= 1 - A7**2
     # BP4: ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ, summed over the rows
     dW7 = delta7.T @ A6
     # BP3: ∂C/∂b⁷ = δ⁷, summed over the rows
     db7 = delta7.sum(axis=0)
-    # BP2: δ⁶ = (1 - a⁶**2) ⊙ (W⁷)ᵀ δ⁷
+    # BP2: δ⁶ = (1 - (a⁶)²) ⊙ (W⁷)ᵀ δ⁷
     delta6 = delta7 @ W7
     delta6 *= 1 - A6**2
     # BP4: ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ, summed over the rows
     dW6 = delta6.T @ A5
     # BP3: ∂C/∂b⁶ = δ⁶, summed over the rows
     db6 = delta6.sum(axis=0)
-    # BP2: δ⁵ = (1 - a⁵**2) ⊙ (W⁶)ᵀ δ⁶
+    # BP2: δ⁵ = (1 - (a⁵)²) ⊙ (W⁶)ᵀ δ⁶
     delta5 = delta6 @ W6
     delta5 *= 1 - A5**2
     # BP4: ∂C/∂W⁵ = δ⁵ (a⁴)ᵀ, summed over the rows
     dW5 = delta5.T @ A4
     # BP3: ∂C/∂b⁵ = δ⁵, summed over the rows
     db5 = delta5.sum(axis=0)
-    # BP2: δ⁴ = (1 - a⁴**2) ⊙ (W⁵)ᵀ δ⁵
+    # BP2: δ⁴ = (1 - (a⁴)²) ⊙ (W⁵)ᵀ δ⁵
     delta4 = delta5 @ W5
     delta4 *= 1 - A4**2
     # BP4: ∂C/∂W⁴ = δ⁴ (a³)ᵀ, summed over the rows
     dW4 = delta4.T @ A3
     # BP3: ∂C/∂b⁴ = δ⁴, summed over the rows
     db4 = delta4.sum(axis=0)
-    # BP2: δ³ = (1 - a³**2) ⊙ (W⁴)ᵀ δ⁴
+    # BP2: δ³ = (1 - (a³)²) ⊙ (W⁴)ᵀ δ⁴
     delta3 = delta4 @ W4
     delta3 *= 1 - A3**2
     # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows
     dW3 = delta3.T @ A2
     # BP3: ∂C/∂b³ = δ³, summed over the rows
     db3 = delta3.sum(axis=0)
-    # BP2: δ² = (1 - a²**2) ⊙ (W³)ᵀ δ³
+    # BP2: δ² = (1 - (a²)²) ⊙ (W³)ᵀ δ³
     delta2 = delta3 @ W3
     delta2 *= 1 - A2**2
     # BP4: ∂C/∂W² = δ² (a¹)ᵀ, summed over the rows
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # BP2: δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
+    # BP2: δ¹ = (1 - (a¹)²) ⊙ (W²)ᵀ δ²
     delta1 = delta2 @ W2
     delta1 *= 1 - A1**2
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
@@ -237,6 +254,7 @@ def gradients(params, X, Y):
     """(loss, grads): the batch-mean loss and its gradient for every parameter."""
     output, cache = forward(params, X)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y), backward(params, cache, Y)
 
 
@@ -343,6 +361,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ pass follows the four backpropagation equations, derived per sample as
     (BP1) δ² = a² - y
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    (BP2) δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
+    (BP2) δ¹ = (1 - (a¹)²) ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -53,6 +53,20 @@ def _softmax_logsumexp(x):
     return e / total, top + np.log(total)
 
 
+def _check_input(X):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
+
+
 def init_params(seed=0, dtype=np.float64):
     """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)), zero biases."""
     rng = np.random.default_rng(seed)
@@ -70,6 +84,7 @@ def forward(params, X):
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
     A1 = np.tanh(Z1)
@@ -91,7 +106,9 @@ def _batch_loss(cache, Y):
 def loss(params, X, Y):
     """The loss C averaged over the batch."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype))
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y)
 
 
 def backward(params, cache, Y):
@@ -109,7 +126,7 @@ def backward(params, cache, Y):
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # BP2: δ¹ = (1 - a¹**2) ⊙ (W²)ᵀ δ²
+    # BP2: δ¹ = (1 - (a¹)²) ⊙ (W²)ᵀ δ²
     delta1 = delta2 @ W2
     delta1 *= 1 - A1**2
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
@@ -123,6 +140,7 @@ def gradients(params, X, Y):
     """(loss, grads): the batch-mean loss and its gradient for every parameter."""
     output, cache = forward(params, X)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y), backward(params, cache, Y)
 
 
@@ -215,6 +233,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

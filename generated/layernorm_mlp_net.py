@@ -13,13 +13,13 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W⁴ = δ⁴ (a³)ᵀ
     (BP3) ∂C/∂b⁴ = δ⁴
     δ³ = (W⁴)ᵀ δ⁴
-    δ² = δ³ ⊙ (1 - a³**2)
+    δ² = δ³ ⊙ (1 - (a³)²)
     ∂C/∂x̂² = δ² ⊙ γ²
-    ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1/100000)**(3/2))
-    ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/sqrt((σ²)² + 1/100000)
+    ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1e-5)^(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1e-5)^(3/2))
+    ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/√((σ²)² + 1e-5)
     ∂C/∂γ² = δ² ⊙ x̂²
     ∂C/∂β² = δ²
-    δ¹ = ∂C/∂μ²/n_1 + ∂C/∂(σ²)²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/sqrt((σ²)² + 1/100000)
+    δ¹ = ∂C/∂μ²/n_1 + ∂C/∂(σ²)²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/√((σ²)² + 1e-5)
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -53,8 +53,24 @@ ADAM_EPS = 1e-8
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), as (1 + tanh(x/2)) / 2: no overflow."""
-    return 0.5 + 0.5 * np.tanh(0.5 * x)
+    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
+    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def _check_input(X):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
 
 
 def init_params(seed=0, dtype=np.float64):
@@ -79,6 +95,7 @@ def forward(params, X):
     gamma2, beta2 = params["gamma2"], params["beta2"]
     W4, b4 = params["W4"], params["b4"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
     A1 = Z1
@@ -97,14 +114,16 @@ def forward(params, X):
 def _batch_loss(cache, Y):
     """The loss C averaged over the batch, from a forward pass's cache."""
     A4 = cache["A4"]
-    # C = Σᵢ ((a⁴ᵢ - yᵢ)**2/2) per sample
+    # C = Σᵢ ((a⁴ᵢ - yᵢ)²/2) per sample
     return float(np.sum(0.5*(A4 - Y)**2)) / Y.shape[0]
 
 
 def loss(params, X, Y):
     """The loss C averaged over the batch."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype))
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y)
 
 
 def backward(params, cache, Y):
@@ -125,20 +144,22 @@ def backward(params, cache, Y):
     db4 = delta4.sum(axis=0)
     # δ³ = (W⁴)ᵀ δ⁴
     delta3 = delta4 @ W4
-    # δ² = δ³ ⊙ (1 - a³**2)
+    # δ² = δ³ ⊙ (1 - (a³)²)
     delta2 = delta3
     delta2 *= 1 - A3**2
     # ∂C/∂x̂² = δ² ⊙ γ²
     dC_dXhat2 = delta2*gamma2
-    # ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1/100000)**(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1/100000)**(3/2))
-    dC_dvar2 = 0.5*mu2*dC_dXhat2.sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2) - 0.5*(A1*dC_dXhat2).sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2)
-    # ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/sqrt((σ²)² + 1/100000)
-    dC_dmu2 = 0.25*dC_dvar2*(8*mu2 - 2*A1.sum(axis=1, keepdims=True)) - dC_dXhat2.sum(axis=1, keepdims=True)/np.sqrt(var2 + 1e-05)
+    # (𝟏)ᵀ ∇_x̂² C, used more than once
+    shared1 = dC_dXhat2.sum(axis=1, keepdims=True)
+    # ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1e-5)^(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1e-5)^(3/2))
+    dC_dvar2 = 0.5*mu2*shared1/(var2 + 1e-05)**(3/2) - 0.5*(A1*dC_dXhat2).sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2)
+    # ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/√((σ²)² + 1e-5)
+    dC_dmu2 = 0.25*dC_dvar2*(8*mu2 - 2*A1.sum(axis=1, keepdims=True)) - shared1/np.sqrt(var2 + 1e-05)
     # ∂C/∂γ² = δ² ⊙ x̂², summed over the rows
     dgamma2 = (delta2*Xhat2).sum(axis=0)
     # ∂C/∂β² = δ², summed over the rows
     dbeta2 = delta2.sum(axis=0)
-    # δ¹ = ∂C/∂μ²/n_1 + ∂C/∂(σ²)²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/sqrt((σ²)² + 1/100000)
+    # δ¹ = ∂C/∂μ²/n_1 + ∂C/∂(σ²)²*(2*a¹ - 2*μ²)/n_1 + ∇_x̂² C/√((σ²)² + 1e-5)
     delta1 = 0.25*dC_dmu2 + 0.25*dC_dvar2*(2*A1 - 2*mu2) + dC_dXhat2/np.sqrt(var2 + 1e-05)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
@@ -151,6 +172,7 @@ def gradients(params, X, Y):
     """(loss, grads): the batch-mean loss and its gradient for every parameter."""
     output, cache = forward(params, X)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y), backward(params, cache, Y)
 
 
@@ -245,6 +267,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

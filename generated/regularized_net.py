@@ -13,7 +13,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W³ = δ³ (a²)ᵀ
     (BP3) ∂C/∂b³ = δ³
     δ² = (W³)ᵀ δ³
-    δ¹ = δ² ⊙ m² ⊙ (1 - a¹**2)
+    δ¹ = δ² ⊙ m² ⊙ (1 - (a¹)²)
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -30,6 +30,7 @@ import numpy as np
 
 INPUT_SHAPE = (5,)
 OUTPUT_SHAPE = (3,)
+DROPOUT_WIDTHS = {"M2": 8}
 ACTIVATIONS = ('tanh', None, 'softmax')
 LOSS = 'cross_entropy'
 SPEC_DIGEST = '9b8fc0c2d8e7'
@@ -54,6 +55,25 @@ def _softmax_logsumexp(x):
     return e / total, top + np.log(total)
 
 
+def _check_input(X, masks=None):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row, and each mask
+    one row of its layer's width per sample."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+    for name, width in DROPOUT_WIDTHS.items():
+        if masks is not None and np.shape(masks[name]) != (len(X), width):
+            raise ValueError(f"masks[{name!r}] must have shape {(len(X), width)} "
+                             f"(one row per sample of X), got {np.shape(masks[name])}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
+
+
 def init_params(seed=0, dtype=np.float64):
     """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)), zero biases."""
     rng = np.random.default_rng(seed)
@@ -72,6 +92,7 @@ def forward(params, X, masks=None):
     W1, b1 = params["W1"], params["b1"]
     W3, b3 = params["W3"], params["b3"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X, masks)
     M2 = 1.0 if masks is None else masks["M2"]
     Z1 = X @ W1.T
     Z1 += b1
@@ -93,7 +114,7 @@ def _batch_loss(cache, Y):
 
 
 def _penalty(params):
-    """The regularization R = Σ(W¹**2)/2000 + Σ(W³**2)/2000 + Σ(Abs(W¹))/10000 + Σ(Abs(W³))/10000,
+    """The regularization R = Σ((W¹)²)/2000 + Σ((W³)²)/2000 + 1e-4·Σ(Abs(W¹)) + 1e-4·Σ(Abs(W³)),
     over the weights, once per batch."""
     W1 = params["W1"]
     W3 = params["W3"]
@@ -103,7 +124,9 @@ def _penalty(params):
 def loss(params, X, Y):
     """The batch cost: the loss C averaged over the batch, plus the penalty R."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype)) + _penalty(params)
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y) + _penalty(params)
 
 
 def backward(params, cache, Y):
@@ -118,17 +141,17 @@ def backward(params, cache, Y):
     B = Y.shape[0]
     # BP1: δ³ = a³ - y, each row divided by B
     delta3 = (A3 - Y)/B
-    # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows, + ∂R/∂W³ = W³/1000 + sign(W³)/10000 once per batch
+    # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows, + ∂R/∂W³ = W³/1000 + 1e-4·sign(W³) once per batch
     dW3 = delta3.T @ A2
     dW3 += 0.001*W3 + 0.0001*np.sign(W3)
     # BP3: ∂C/∂b³ = δ³, summed over the rows
     db3 = delta3.sum(axis=0)
     # δ² = (W³)ᵀ δ³
     delta2 = delta3 @ W3
-    # δ¹ = δ² ⊙ m² ⊙ (1 - a¹**2)
+    # δ¹ = δ² ⊙ m² ⊙ (1 - (a¹)²)
     delta1 = delta2
     delta1 *= M2*(1 - A1**2)
-    # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows, + ∂R/∂W¹ = W¹/1000 + sign(W¹)/10000 once per batch
+    # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows, + ∂R/∂W¹ = W¹/1000 + 1e-4·sign(W¹) once per batch
     dW1 = delta1.T @ X
     dW1 += 0.001*W1 + 0.0001*np.sign(W1)
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows
@@ -141,6 +164,7 @@ def gradients(params, X, Y, masks=None):
     `masks` is given)."""
     output, cache = forward(params, X, masks)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y) + _penalty(params), backward(params, cache, Y)
 
 
@@ -242,6 +266,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

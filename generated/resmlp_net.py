@@ -15,22 +15,22 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W¹⁰ = δ¹⁰ (a⁹)ᵀ
     (BP3) ∂C/∂b¹⁰ = δ¹⁰
     δ⁹ = (W¹⁰)ᵀ δ¹⁰
-    δ⁸ = δ⁹ ⊙ Piecewise((1, a⁸ > 0), (0, True))
+    δ⁸ = δ⁹ ⊙ [a⁸ > 0]
     δ⁷ = δ⁸
     (BP4) ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ
     (BP3) ∂C/∂b⁷ = δ⁷
-    δ⁶ = Piecewise((1, z⁶ > 0), (0, True)) ⊙ (W⁷)ᵀ δ⁷
+    δ⁶ = [z⁶ > 0] ⊙ (W⁷)ᵀ δ⁷
     (BP4) ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ
     (BP3) ∂C/∂b⁶ = δ⁶
     δ⁵ = δ⁸ + (W⁶)ᵀ δ⁶
-    δ⁴ = δ⁵ ⊙ Piecewise((1, a⁴ > 0), (0, True))
+    δ⁴ = δ⁵ ⊙ [a⁴ > 0]
     δ³ = δ⁴
     (BP4) ∂C/∂W³ = δ³ (a²)ᵀ
     (BP3) ∂C/∂b³ = δ³
-    δ² = Piecewise((1, z² > 0), (0, True)) ⊙ (W³)ᵀ δ³
+    δ² = [z² > 0] ⊙ (W³)ᵀ δ³
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    δ¹ = Piecewise((1, z¹ > 0), (0, True)) ⊙ (δ⁴ + (W²)ᵀ δ²)
+    δ¹ = [z¹ > 0] ⊙ (δ⁴ + (W²)ᵀ δ²)
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -72,6 +72,20 @@ def _softmax_logsumexp(x):
     return e / total, top + np.log(total)
 
 
+def _check_input(X):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
+
+
 def init_params(seed=0, dtype=np.float64):
     """Fresh parameters: normal weights scaled by Glorot's sqrt(2 / (n_in + n_out)) and He's sqrt(2
     / n_in) (relu-like layers), zero biases."""
@@ -104,6 +118,7 @@ def forward(params, X):
     W7, b7 = params["W7"], params["b7"]
     W10, b10 = params["W10"], params["b10"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
     A1 = np.maximum(Z1, 0)
@@ -143,7 +158,9 @@ def _batch_loss(cache, Y):
 def loss(params, X, Y):
     """The loss C averaged over the batch."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype))
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y)
 
 
 def backward(params, cache, Y):
@@ -167,7 +184,7 @@ def backward(params, cache, Y):
     db10 = delta10.sum(axis=0)
     # δ⁹ = (W¹⁰)ᵀ δ¹⁰
     delta9 = delta10 @ W10
-    # δ⁸ = δ⁹ ⊙ Piecewise((1, a⁸ > 0), (0, True))
+    # δ⁸ = δ⁹ ⊙ [a⁸ > 0]
     delta8 = delta9
     delta8 *= (A8 > 0)
     # δ⁷ = δ⁸
@@ -176,7 +193,7 @@ def backward(params, cache, Y):
     dW7 = delta7.T @ A6
     # BP3: ∂C/∂b⁷ = δ⁷, summed over the rows
     db7 = delta7.sum(axis=0)
-    # δ⁶ = Piecewise((1, z⁶ > 0), (0, True)) ⊙ (W⁷)ᵀ δ⁷
+    # δ⁶ = [z⁶ > 0] ⊙ (W⁷)ᵀ δ⁷
     delta6 = delta7 @ W7
     delta6 *= (Z6 > 0)
     # BP4: ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ, summed over the rows
@@ -186,7 +203,7 @@ def backward(params, cache, Y):
     # δ⁵ = δ⁸ + (W⁶)ᵀ δ⁶
     delta5 = delta6 @ W6
     delta5 += delta8
-    # δ⁴ = δ⁵ ⊙ Piecewise((1, a⁴ > 0), (0, True))
+    # δ⁴ = δ⁵ ⊙ [a⁴ > 0]
     delta4 = delta5
     delta4 *= (A4 > 0)
     # δ³ = δ⁴
@@ -195,14 +212,14 @@ def backward(params, cache, Y):
     dW3 = delta3.T @ A2
     # BP3: ∂C/∂b³ = δ³, summed over the rows
     db3 = delta3.sum(axis=0)
-    # δ² = Piecewise((1, z² > 0), (0, True)) ⊙ (W³)ᵀ δ³
+    # δ² = [z² > 0] ⊙ (W³)ᵀ δ³
     delta2 = delta3 @ W3
     delta2 *= (Z2 > 0)
     # BP4: ∂C/∂W² = δ² (a¹)ᵀ, summed over the rows
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # δ¹ = Piecewise((1, z¹ > 0), (0, True)) ⊙ (δ⁴ + (W²)ᵀ δ²)
+    # δ¹ = [z¹ > 0] ⊙ (δ⁴ + (W²)ᵀ δ²)
     delta1 = delta2 @ W2
     delta1 += delta4
     delta1 *= (Z1 > 0)
@@ -217,6 +234,7 @@ def gradients(params, X, Y):
     """(loss, grads): the batch-mean loss and its gradient for every parameter."""
     output, cache = forward(params, X)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y), backward(params, cache, Y)
 
 
@@ -317,6 +335,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

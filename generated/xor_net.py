@@ -46,8 +46,24 @@ ADAM_EPS = 1e-8
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), as (1 + tanh(x/2)) / 2: no overflow."""
-    return 0.5 + 0.5 * np.tanh(0.5 * x)
+    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
+    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def _check_input(X):
+    """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+        raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
+                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+
+
+def _check_target(Y, rows):
+    """ValueError unless Y holds `rows` targets of OUTPUT_SHAPE, one per row of X."""
+    if Y.shape != (rows, *OUTPUT_SHAPE):
+        raise ValueError(f"Y must have shape {(rows, *OUTPUT_SHAPE)} (one target of "
+                         f"OUTPUT_SHAPE per row of X), got {Y.shape}")
 
 
 def init_params(seed=0, dtype=np.float64):
@@ -67,6 +83,7 @@ def forward(params, X):
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=W1.dtype)
+    _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
     A1 = _sigmoid(Z1)
@@ -80,14 +97,16 @@ def forward(params, X):
 def _batch_loss(cache, Y):
     """The loss C averaged over the batch, from a forward pass's cache."""
     A2 = cache["A2"]
-    # C = Σᵢ ((a²ᵢ - yᵢ)**2/2) per sample
+    # C = Σᵢ ((a²ᵢ - yᵢ)²/2) per sample
     return float(np.sum(0.5*(A2 - Y)**2)) / Y.shape[0]
 
 
 def loss(params, X, Y):
     """The loss C averaged over the batch."""
     output, cache = forward(params, X)
-    return _batch_loss(cache, np.asarray(Y, dtype=output.dtype))
+    Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
+    return _batch_loss(cache, Y)
 
 
 def backward(params, cache, Y):
@@ -119,6 +138,7 @@ def gradients(params, X, Y):
     """(loss, grads): the batch-mean loss and its gradient for every parameter."""
     output, cache = forward(params, X)
     Y = np.asarray(Y, dtype=output.dtype)
+    _check_target(Y, len(output))
     return _batch_loss(cache, Y), backward(params, cache, Y)
 
 
@@ -211,6 +231,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
+    _check_input(X)
+    _check_target(Y, len(X))
     count = X.shape[0]
     size = count if batch_size is None else batch_size
     rng = np.random.default_rng(seed)

@@ -134,3 +134,25 @@ def test_wheel_ships_examples_and_templates(tmp_path):
     expected = [p.name for p in (ROOT / "codegen_templates").glob("*.j2")]
     assert sorted(Path(n).name for n in templates if n.endswith(".j2")) == sorted(expected)
     assert any(n.endswith("entry_points.txt") for n in names)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["examples"]])
+def test_help_and_examples_load_no_heavy_library(args):
+    """`derive --help` and `derive examples` start at once: SymPy, NumPy, SymEngine, jinja2
+    and PyYAML are imported only by the commands that use them."""
+    heavy = {"numpy", "sympy", "symengine", "jinja2", "yaml"}
+    code = (f"import sys\nfrom derive.cli.main import main\nassert main({args!r}) == 0\n"
+            f"print(sorted(set(sys.modules) & {heavy!r}), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "[]"
+
+
+def test_every_command_is_listed_and_runs_its_own_parser():
+    listed = run("--help").stdout
+    for command in ("show", "verify", "examples", "schema", "codegen", "latex", "check",
+                    "regen", "train"):
+        assert f"    {command} " in listed
+    assert "--fragment" in run("latex", "--help").stdout
+    assert run("codegen", "xor", "--fragment").returncode == 2  # codegen's parser, not latex's

@@ -322,3 +322,38 @@ def test_default_pipeline_writes_and_trains_the_xor_module(tmp_path, capsys):
     assert (tmp_path / "xor_net.py").exists()
     losses = [float(v) for v in re.findall(r"epoch +\d+ +loss (\d+\.\d+)", out)]
     assert len(losses) >= 5 and losses[-1] < losses[0]
+
+
+# --- shapes -------------------------------------------------------------------------------
+
+
+def test_wrong_shapes_raise_a_value_error_naming_expected_and_given():
+    _, module = example("xor")
+    params = module.init_params()
+    X, Y = np.zeros((4, 2)), np.zeros((4, 1))
+    with pytest.raises(ValueError, match=r"X must have shape \(B, 2\) .*got \(4, 3\)"):
+        module.forward(params, np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"X must have shape \(B, 2\) .*got \(2,\)"):
+        module.loss(params, np.zeros(2), Y)
+    with pytest.raises(ValueError, match=r"Y must have shape \(4, 1\) .*got \(4, 2\)"):
+        module.gradients(params, X, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"Y must have shape \(4, 1\) .*got \(3, 1\)"):
+        module.loss(params, X, np.zeros((3, 1)))
+    before = {key: value.copy() for key, value in params.items()}
+    with pytest.raises(ValueError, match=r"Y must have shape \(4, 1\) .*got \(4,\)"):
+        module.train(params, X, np.zeros(4), epochs=1, lr=0.1)
+    assert all(np.array_equal(params[key], before[key]) for key in params)
+    assert module.gradients(params, X, Y)[0] >= 0      # the right shapes still work
+
+
+def test_wrong_dropout_mask_shapes_raise_a_value_error():
+    spec = load_spec({"name": "drop", "input": 3, "layers": [
+        {"size": 4, "activation": "relu"}, {"op": "dropout", "rate": 0.5},
+        {"size": 2}], "loss": "mse"})
+    module = generated(spec)
+    params = module.init_params()
+    X = np.zeros((5, 3))
+    with pytest.raises(ValueError, match=r"masks\['M2'\] must have shape \(5, 4\) .*got \(5, 3\)"):
+        module.forward(params, X, masks={"M2": np.ones((5, 3))})
+    output, _ = module.forward(params, X, masks={"M2": np.ones((5, 4))})
+    assert output.shape == (5, 2)

@@ -28,6 +28,10 @@ CASES = {
     "relu_as_max": (sp.Piecewise((x, x > 0), (0, True)), sp.Max(x, 0)),
     "clamp_piecewise_exp": (sp.Piecewise((1, x > 0), (sp.exp(x), True)),
                             sp.Piecewise((1, x > 0), (sp.exp(sp.Min(x, 0)), True))),
+    "log_cosh": (sp.log(sp.cosh(x)), sp.Abs(x) + softplus(-2 * sp.Abs(x)) - sp.log(2)),
+    "exp_ratio": (sp.exp(x) / (1 + sp.exp(2 * x)), sp.Piecewise(
+        (sigmoid(2 * sp.Max(x, 0)) * sp.exp(-sp.Max(x, 0)), x > 0),
+        (sigmoid(-2 * sp.Min(x, 0)) * sp.exp(sp.Min(x, 0)), True))),
     "expm1": (sp.exp(x) - 1, expm1(x)),
 }
 
@@ -93,6 +97,24 @@ def test_stable_forms_evaluate_where_the_naive_ones_fail():
     tiny = 1e-12
     assert np.expm1(tiny) == pytest.approx(tiny + tiny**2 / 2, rel=1e-15, abs=0)
     assert (np.exp(tiny) - 1) != pytest.approx(tiny, rel=1e-6, abs=0)   # cancellation without expm1
+
+
+def test_exp_ratio_normalises_logs_and_combined_exponentials_and_leaves_lone_sums():
+    a, y = sp.Symbol("a", real=True), sp.Symbol("y", real=True)
+    exp_ratio = rewrite("exp_ratio").apply
+    # log(e^x + e^{2x}) = 2x + softplus(-x) for x > 0, x + softplus(x) below
+    assert exp_ratio(sp.log(sp.exp(x) + sp.exp(2 * x))) == sp.Piecewise(
+        (2 * sp.Max(x, 0) + softplus(-sp.Max(x, 0)), x > 0),
+        (sp.Min(x, 0) + softplus(sp.Min(x, 0)), True))
+    # e^a e^-y is one exponential of a - y
+    combined = exp_ratio((sp.exp(a) * sp.exp(-y) - 1) / (sp.exp(a) * sp.exp(-y) + 1))
+    assert isinstance(combined, sp.Piecewise) and combined.args[0].cond == (a - y > 0)
+    # a sum alone overflows only where its value does; a clamped form is left alone
+    assert exp_ratio(sp.exp(x) + sp.exp(-x)) == sp.exp(x) + sp.exp(-x)
+    assert exp_ratio(combined) == combined
+    # a positive argument needs no branch
+    assert exp_ratio(1 / (1 + sp.exp(-2 * softplus(x)))**2) == \
+        1 / (1 + sp.exp(-2 * softplus(x)))**2
 
 
 def test_stabilize_records_which_rewrites_applied():

@@ -173,3 +173,80 @@ def test_formulas_run_from_the_output_back(bias):
     assert [(f.kind, f.equation, f.of) for f in derivation.formulas] == expected
     assert [f.node for f in derivation.formulas[1:]] == [
         l for l in (3, 2, 1) for _ in range(3 if bias else 2)]
+
+
+# --- equal layers are derived once ----------------------------------------------------------
+
+#: Networks whose layers repeat: mixed activations with L1 and L2, a residual graph with layer
+#: norm and dropout, blocks of a custom op.
+REPEATING = {
+    "mixed": make_spec([3] + [3] * 13 + [2], ["tanh", "relu", "softplus", "gelu"] * 3
+                       + ["elu", "sigmoid"], "binary_cross_entropy"),
+    "resnorm": {"name": "resnorm", "input": 3, "loss": "cross_entropy",
+                "regularization": {"l1": 0.01, "l2": 0.02},
+                "layers": [layer for b in range(4) for layer in (
+                    {"size": 3, "activation": "relu", "name": f"h{b}"},
+                    {"op": "dropout", "rate": 0.1}, {"op": "layer_norm"},
+                    {"op": "add", "inputs": [f"h{b}", 4 * b + 3]})]
+                + [{"size": 2, "activation": "softmax"}]},
+    "gated": {"name": "gated", "input": 3, "loss": "mse", "layers": [
+        {"size": 3, "op": {"name": "gated", "params": {"U": ["size", "in"], "c": ["size"]},
+                           "expr": "tanh(sum(U[j,k]*x[k], k)) + c[j]"}}] * 5 + [{"size": 2}]},
+}
+
+
+@pytest.mark.parametrize("name", REPEATING)
+def test_renumbered_formulas_equal_formulas_derived_afresh(name, monkeypatch):
+    """A layer whose neighbourhood was seen gets the earlier layer's formulas renumbered:
+    they equal, steps included, what deriving that layer from scratch gives."""
+    from derive.derivation import reverse
+    from derive.spec.load import load_spec
+
+    spec = REPEATING[name]
+    model = build_model(spec if not isinstance(spec, dict) else load_spec(spec))
+    renumbered = derive(model)
+    monkeypatch.setattr(reverse._Reverse, "neighbourhood", lambda self, node: object())
+    afresh = derive(model)
+    assert len(renumbered.formulas) == len(afresh.formulas)
+    for ours, theirs in zip(renumbered.formulas, afresh.formulas):
+        assert ours == theirs, ours.key
+        assert tuple(ours.steps) == tuple(theirs.steps), ours.key
+        assert ours.vector == theirs.vector, ours.key
+
+
+def test_a_deep_chain_derives_a_few_layers_only(monkeypatch):
+    """A chain of 40 equal layers is derived for the output layer, the one below it and one
+    generic hidden layer (as the textbook derives layer l); the others are renumbered."""
+    from derive.derivation import reverse
+
+    derived = []
+    original = reverse._Reverse._adjoint
+
+    def counting(self, q, target, loss_gradient):
+        derived.append(q)
+        return original(self, q, target, loss_gradient)
+
+    monkeypatch.setattr(reverse._Reverse, "_adjoint", counting)
+    derivation = derivation_of([4] * 41, ["tanh"] * 40)
+    assert len(derivation.formulas) == 1 + 3 * 40
+    assert [(q.role, q.node) for q in derived] == [
+        (role, l) for l in (40, 39, 38) for role in ("z", "w", "b")]
+    assert derivation.delta(17).rhs == (1 - quantity("a", 17)[j] ** 2) * sp.Sum(
+        quantity("delta", 18)[k] * NetTensor("w", 18, rank=2).indexed[k, j],
+        (k, 1, sp.Symbol("n_18", integer=True, positive=True)))
+
+
+def test_a_deeply_nested_custom_activation_is_differentiated_without_simplifying() -> None:
+    """tanh of tanh ... (twelve deep): sympy.simplify and sympy.solve would take minutes on
+    it; its derivative is kept as differentiated, correct, and not rewritten in a."""
+    from derive.spec.load import load_spec
+
+    expr = "z"
+    for _ in range(12):
+        expr = f"tanh({expr})"
+    spec = load_spec({"name": "deep", "input": 2, "loss": "mse", "layers": [
+        {"size": 2, "activation": {"name": "nested", "expr": expr}}, {"size": 1}]})
+    activation = spec.activation(1)
+    derivative = activation_derivative(activation)
+    assert derivative.in_z == sp.diff(activation.expr, Z)
+    assert derivative.in_a is None

@@ -196,6 +196,63 @@ def test_wide_layers_are_elided(derivations):
                for row in table["rows"])
 
 
+def _mnist_by_hand(x, y, params):
+    """Forward and backward pass of 784-128-64-10 (relu, relu, softmax + cross-entropy) in
+    NumPy, written out by hand: the layer values and the weight gradients."""
+    W1, W2, W3 = (np.asarray(params[f"W{l}"]) for l in (1, 2, 3))
+    b1, b2, b3 = (np.asarray(params[f"b{l}"]) for l in (1, 2, 3))
+    z1 = W1 @ x + b1
+    a1 = np.maximum(z1, 0)
+    z2 = W2 @ a1 + b2
+    a2 = np.maximum(z2, 0)
+    z3 = W3 @ a2 + b3
+    a3 = np.exp(z3 - z3.max()) / np.exp(z3 - z3.max()).sum()
+    delta3 = a3 - y
+    delta2 = (W3.T @ delta3) * (z2 > 0)
+    delta1 = (W2.T @ delta2) * (z1 > 0)
+    return {"z1": z1, "a3": a3, "C": -np.sum(y * np.log(a3)),
+            "W1": np.outer(delta1, x), "W2": np.outer(delta2, a1), "W3": np.outer(delta3, a2)}
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_mnist_sized_example_computes_and_prints_the_shown_block(lang):
+    """784-128-64-10: the example computes each weight gradient for the 5 x 5 block the
+    document prints, says so in the text, and prints the numbers of a NumPy pass by hand."""
+    spec = load_spec({"name": "mnist", "input": 784, "loss": "cross_entropy",
+                      "layers": [{"size": 128, "activation": "relu"},
+                                 {"size": 64, "activation": "relu"},
+                                 {"size": 10, "activation": "softmax"}]})
+    derivation = derivation_of(spec)
+    x, y, params = default_values(spec)
+    hand = _mnist_by_hand(np.asarray(x), np.asarray(y), params)
+    example = worked_example(derivation, shown=latex_module._shown)
+    assert example.loss == pytest.approx(hand["C"], rel=1e-12)
+    for key, value in example.gradients().items():
+        if value.ndim == 2:
+            assert value.shape == (5, 5)
+            np.testing.assert_allclose(value, hand[key][:5, :5], rtol=1e-12, atol=1e-15)
+    context = render_context(derivation, lang)["example"]
+    assert context["truncated"] == latex_module.TEXT[lang]["example_truncated"].format(
+        limit=latex_module.MAX_NEURONS, shown=latex_module.SHOWN_NEURONS)
+    printed = [text.split(" = ", 1)[1] for text in context["gradients"]]
+    assert printed == [latex_module._matrix(hand[key], latex_module._number)
+                       for key in ("W3", "W2", "W1")]
+    assert all(r"\cdots" in text and r"\vdots" in text for text in printed[1:])
+    z1_row = next(row for row in context["forward"]["rows"] if row["name"] == "$z^{1}_{j}$")
+    assert z1_row["cells"] == [f"${latex_module._number(v)}$" for v in hand["z1"][:5]] + [
+        r"$\cdots$"]
+
+
+def test_fragment_places_what_the_document_computes(derivations):
+    """The fragment is built from fewer sections than the document; its text is what the
+    fragment template makes of the whole document's context."""
+    from derive.render.templates import render
+
+    for name in ("xor", "regularized", "resnorm"):
+        whole = render("equations.tex.j2", render_context(derivations[name]), latex=True)
+        assert render_latex(derivations[name], fragment=True) == whole
+
+
 def test_long_sums_break_over_lines():
     expr = sp.Add(*(q("w", l, 2).indexed[j, k] * q("a", l - 1).indexed[k] for l in range(1, 16)))
     text = latex_module.broken(expr)

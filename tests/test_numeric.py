@@ -219,12 +219,11 @@ def test_no_real_value_is_none_or_an_error(expr):
         evaluate(expr, point)
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_undecided_piecewise_conditions_are_decided(shared):
+def test_undecided_piecewise_conditions_are_decided():
     """0 < sqrt(2)*x stays undecided when x is substituted; folding sqrt(2) decides it."""
     expr = se.Piecewise((X * se.sqrt(2), se.StrictLessThan(0, X * se.sqrt(2))), (X / 3, True))
     for x, expected in ((0.3, 0.3 * math.sqrt(2)), (-0.3, -0.1)):
         point = {X: number(x)}
         assert abs(float(evaluate(expr, point)) - expected) < 1e-15
-        (batched,) = Batch([expr], shared=shared).at(point)
+        (batched,) = Batch([expr]).at(point)
         assert abs(float(batched) - expected) < 1e-15

@@ -96,8 +96,10 @@ def test_wide_networks_are_checked_on_a_reduced_copy():
     report = verify(load_spec("digits"), points=3)
     assert report.reduced and report.original_sizes == (64, 32, 10)
     assert parameter_count(report.sizes, (True, True)) <= PARAMETER_BUDGET
-    assert len(set(report.sizes)) == 1  # every width capped at the same value
-    assert any("reduced copy" in line for line in report.lines())
+    cap = max(report.sizes)
+    assert report.sizes == tuple(min(n, cap) for n in report.original_sizes)  # one cap
+    assert any("checked copy of the 64-32-10 network" in line for line in report.lines())
+    assert any(f"widths capped at {cap}" in line for line in report.lines())
     assert any("sum_j y_j = 1" in line for line in report.lines())
 
 
@@ -297,10 +299,12 @@ def test_reduced_copy_of_a_graph_keeps_its_ops_and_graph():
     assert report.reduced and report.original_sizes == spec.sizes
 
 
-def test_widths_are_never_capped_below_two():
+def test_widths_are_never_capped_below_three():
     spec = _resmlp(width=64)
     small = reduced_spec(spec, budget=10)
-    assert min(small.sizes) == 2
+    assert min(small.sizes) == 3
+    assert reduced_spec(make_spec([2, 40, 1], ["tanh", "sigmoid"]), budget=10).sizes == (
+        2, 3, 1)   # widths already under the floor stay
 
 
 @pytest.mark.parametrize("points", [3, 12])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from derive.cli.main import Echo
-from derive.derivation import Derivation, derive
-from derive.files import write_generated
-from derive.graph import build_model
-from derive.render.codegen import load_module, module_filename, render_module
-from derive.spec import load_spec
+from derive.cli.main import Echo, derivation_of, load
+from derive.files import check_target, write_generated
+
+if TYPE_CHECKING:
+    from derive.derivation import Derivation
 
 # --- command line ------------------------------------------------------------------------
 
@@ -18,7 +19,7 @@ from derive.spec import load_spec
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``derive codegen`` to the command line."""
     codegen = commands.add_parser(
-        "codegen", help="generate a NumPy training module for a network",
+        "codegen",  # its line in `derive --help`: derive.cli.main.EXTENSIONS
         description="Generate a self-contained NumPy module (init_params, forward, loss, "
                     "gradients, sgd_step, train, gradient_check) from the derived formulas. "
                     "Running the module trains the network on demo data.",
@@ -35,12 +36,15 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_codegen(args: argparse.Namespace, echo: Echo) -> int:
-    spec = load_spec(args.spec)
-    derivation = derive(build_model(spec))
+    if args.output is not None:
+        check_target(args.output, force=args.force)  # before the work, not after it
+    from derive.render.codegen import render_module
+
+    derivation = derivation_of(load(args.spec))
     if args.output is None:
         echo(render_module(derivation).rstrip("\n"))
         return 0
-    command = f"derive codegen {args.spec} -o {args.output}"
+    command = shlex.join(["derive", "codegen", args.spec, "-o", args.output])
     path = write_generated(args.output, render_module(derivation, regenerate=command),
                            force=args.force)
     echo(f"wrote {path} (run `python {path}` to train on its demo data)")
@@ -52,6 +56,8 @@ def _cmd_codegen(args: argparse.Namespace, echo: Echo) -> int:
 
 def pipeline_step(derivation: Derivation, out_dir: Path, echo: Echo) -> None:
     """Write the example's module into ``out_dir`` and train it briefly on its demo data."""
+    from derive.render.codegen import load_module, module_filename, render_module
+
     spec = derivation.model.spec
     path = write_generated(Path(out_dir) / module_filename(spec), render_module(derivation))
     echo(f"NumPy training code: {path}")

@@ -10,7 +10,8 @@ from pathlib import Path
 from derive.cli.main import Echo
 from derive.derivation import Derivation
 from derive.errors import DeriveError
-from derive.files import MARKER, write_generated
+from derive.files import MARKER, check_target, write_generated
+from derive.progress import Progress
 from derive.render.latex import (
     compile_pdf,
     missing_tex_message,
@@ -26,7 +27,7 @@ from derive.render.latex_text import LANGUAGES
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``derive latex`` to the command line."""
     parser = commands.add_parser(
-        "latex", help="write the derivation as LaTeX lecture notes (or Markdown, or a PDF)",
+        "latex",  # its line in `derive --help`: derive.cli.main.EXTENSIONS
         description="Write the step-by-step derivation of backpropagation for a network as a "
                     "complete LaTeX article (diagram, notation, derivation, matrix and batch "
                     "forms, summary, worked numeric example), an equations-only fragment, "
@@ -55,12 +56,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_cmd_latex)
 
 
-def _derivation(source: str) -> Derivation:
+def _derivation(source: str, progress: Progress) -> Derivation:
     from derive.derivation.reverse import derive
     from derive.graph.model import build_model
     from derive.spec.load import load_spec
 
-    return derive(build_model(load_spec(source)))
+    return derive(build_model(load_spec(source)), progress)
 
 
 def _cmd_latex(args: argparse.Namespace, echo: Echo) -> int:
@@ -70,11 +71,15 @@ def _cmd_latex(args: argparse.Namespace, echo: Echo) -> int:
         raise DeriveError("--pdf compiles a complete document; drop --fragment")
     if args.pdf and not tex_available(args.lang):
         raise DeriveError(missing_tex_message(args.lang))
-    derivation = _derivation(args.spec)
-    if args.format == "markdown":
-        text = render_markdown(derivation, args.lang)
-    else:
-        text = render_latex(derivation, args.lang, fragment=args.fragment)
+    if args.output:     # refused before the work, not after it
+        check_target(args.output, force=args.force)
+    with Progress() as progress:
+        derivation = _derivation(args.spec, progress)
+        if args.format == "markdown":
+            text = render_markdown(derivation, args.lang, progress=progress)
+        else:
+            text = render_latex(derivation, args.lang, fragment=args.fragment,
+                                progress=progress)
     if not args.pdf:
         if args.output:
             path = write_generated(args.output, text, force=args.force)

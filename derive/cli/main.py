@@ -1,11 +1,16 @@
 """The command line: parse arguments, call the API, print, map errors to exit codes.
 
 Exit codes (docs/architecture.md, "The command line"): 0 success; 1 a verification found a
-mismatch; 2 bad input or usage, with one line on stderr and no traceback. The commands of the
-later stages live beside this module (``derive/cli/codegen.py``, ``latex.py``, ``check.py``,
-``regen.py``, listed in :data:`EXTENSIONS`): each adds its subcommand through
-``add_command(subparsers)`` and may add a step to the default pipeline through
-``pipeline_step(derivation, out_dir, echo)``. The stages themselves hold no argparse code.
+mismatch; 2 bad input or usage, with one line on stderr and no traceback, also when standard
+output cannot be written. A reader that goes away (``derive check ... | head -1``) is not an
+error: the exit code stays the command's.
+
+The commands of the later stages live beside this module (``derive/cli/codegen.py``,
+``latex.py``, ``check.py``, ``regen.py``, ``train.py``, listed in :data:`EXTENSIONS`): each adds
+its subcommand through ``add_command(subparsers)`` and may add a step to the default pipeline
+through ``pipeline_step(derivation, out_dir, echo)``. The stages themselves hold no argparse
+code. SymPy, NumPy, SymEngine and jinja2 are imported only by the commands that use them, so
+``derive --help`` and ``derive examples`` start at once.
 """
 
 from __future__ import annotations
@@ -18,18 +23,30 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
-from derive import __version__
-from derive.derivation.reverse import C, Derivation, Formula, R, derive
+from derive import __version__, limits
 from derive.errors import DeriveError
-from derive.graph.model import Model, build_model
-from derive.registry.functions import Z
-from derive.render.pretty import pretty
-from derive.spec.load import NetworkSpec, list_examples, load_spec
+from derive.files import check_folder
 
-#: Modules that add a subcommand (``add_command``) and, optionally, a default pipeline step.
-EXTENSIONS: tuple[str, ...] = ("derive.cli.codegen", "derive.cli.latex", "derive.cli.check",
-                               "derive.cli.regen", "derive.cli.train")
+if TYPE_CHECKING:
+    from derive.derivation.reverse import Derivation, Formula
+    from derive.graph.model import Model
+    from derive.spec.load import NetworkSpec
+
+#: The commands that live beside this module: name -> (module, its line in `derive --help`).
+#: A module is imported only when its command runs, or by the default pipeline (for its
+#: ``pipeline_step``); until then the command is a placeholder that only lists it.
+EXTENSIONS: dict[str, tuple[str, str]] = {
+    "codegen": ("derive.cli.codegen", "generate a NumPy training module for a network"),
+    "latex": ("derive.cli.latex",
+              "write the derivation as LaTeX lecture notes (or Markdown, or a PDF)"),
+    "check": ("derive.cli.check",
+              "check a user's formula or hand-written backprop against the derivation"),
+    "regen": ("derive.cli.regen",
+              "rewrite generated/ (modules and notes of the built-in examples)"),
+    "train": ("derive.cli.train", "train a network's generated NumPy module on data"),
+}
 DEFAULT_EXAMPLE = "xor"
 DEFAULT_OUT = "derive-out"
 
@@ -42,6 +59,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise DeriveError(f"{self.prog}: {message} (see {self.prog} --help)")
 
+    def print_help(self, file: IO[str] | None = None) -> None:
+        if file is not None:
+            super().print_help(file)
+            return
+        # on standard output through echo: argparse's own ignores a failed write (a full disk)
+        echo(self.format_help().rstrip("\n"))
+
 
 def _spec_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC",
@@ -49,7 +73,9 @@ def _spec_argument(parser: argparse.ArgumentParser) -> None:
                              "(see `derive examples`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full parser of the extension ``command`` (placeholders for the
+    other extensions; see :data:`EXTENSIONS`)."""
     parser = _Parser(
         prog="derive",
         description="Derive, explain, verify and generate backpropagation for a network spec. "
@@ -58,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  derive\n  derive show xor\n  derive verify net.yaml\n"
                "  derive examples\n  derive schema > derive-spec.schema.json",
     )
-    parser.add_argument("--version", action="version", version=f"derive {__version__}")
+    # not argparse's "version" action, which ignores a failed write (a full disk)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-o", "--out-dir", default=DEFAULT_OUT,
                         help=f"where the default pipeline writes its outputs (default {DEFAULT_OUT})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -100,9 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     schema.set_defaults(handler=_cmd_schema)
 
-    for name in EXTENSIONS:
-        importlib.import_module(name).add_command(commands)
+    for name, (module, summary) in EXTENSIONS.items():
+        if name == command:
+            importlib.import_module(module).add_command(commands)
+        else:
+            commands.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse in two passes: the first, with placeholders, finds the command; the second parses
+    everything with that command's own parser, importing only its module."""
+    command = build_parser().parse_known_args(argv)[0].command
+    return build_parser(command).parse_args(argv)
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -110,14 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(source: str) -> NetworkSpec:
     """The spec named on the command line."""
+    from derive.spec.load import load_spec
+
     return load_spec(source)
 
 
 def derivation_of(spec: NetworkSpec) -> Derivation:
-    return derive(build_model(spec))
+    """The derivation of ``spec``, with a progress line on a terminal when it takes a while."""
+    from derive.derivation.reverse import derive
+    from derive.graph.model import build_model
+    from derive.progress import Progress
+
+    with Progress() as progress:
+        return derive(build_model(spec), progress)
 
 
 def _cmd_show(args: argparse.Namespace, echo: Echo) -> int:
+    from derive.derivation.reverse import derive
+    from derive.graph.model import build_model
+    from derive.progress import Progress
+
     spec = load(args.spec)
     if args.stage == "spec":
         echo(json.dumps(spec.to_dict(), indent=2))
@@ -127,7 +176,8 @@ def _cmd_show(args: argparse.Namespace, echo: Echo) -> int:
         for line in model_lines(model):
             echo(line)
         return 0
-    derivation = derive(model)
+    with Progress() as progress:
+        derivation = derive(model, progress)
     if args.stage == "derivation":
         for formula in derivation.formulas:
             echo(f"{formula.key} [{formula.equation or '-'}]")
@@ -146,8 +196,7 @@ def _cmd_show(args: argparse.Namespace, echo: Echo) -> int:
 def _cmd_verify(args: argparse.Namespace, echo: Echo) -> int:
     from derive.verify.expansion import verify
 
-    if args.points < 1:
-        raise DeriveError("--points must be at least 1")
+    limits.check_count("--points", args.points, limits.MAX_POINTS, "MAX_POINTS")
     report = verify(load(args.spec), points=args.points, seed=args.seed,
                     progress=_progress_reporter())
     for line in report.lines():
@@ -156,6 +205,8 @@ def _cmd_verify(args: argparse.Namespace, echo: Echo) -> int:
 
 
 def _cmd_examples(args: argparse.Namespace, echo: Echo) -> int:
+    from derive.examples import list_examples
+
     examples = list_examples()
     width = max(len(name) for name, _ in examples)
     for name, description in examples:
@@ -193,7 +244,7 @@ def run_pipeline(spec: NetworkSpec, out_dir: Path, echo: Echo) -> int:
     report = verify(spec, progress=_progress_reporter())
     for line in report.lines():
         echo(line)
-    steps = [importlib.import_module(name) for name in EXTENSIONS]
+    steps = [importlib.import_module(module) for module, _ in EXTENSIONS.values()]
     steps = [module for module in steps if hasattr(module, "pipeline_step")]
     if steps:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +266,9 @@ def _architecture(model: Model) -> str:
 
 def model_lines(model: Model) -> list[str]:
     """The symbolic model, readable: every node's op, inputs and forward equations."""
+    from derive.derivation.reverse import C, R
+    from derive.render.pretty import pretty
+
     out = [f"network {model.spec.name}: {_architecture(model)}"]
     for node in model.nodes:
         reads = ", ".join("x" if n == 0 else f"layer {n}" for n in node.inputs)
@@ -231,6 +285,9 @@ def model_lines(model: Model) -> list[str]:
 
 def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
     """The derived formulas in index, vector and batch form, with the activation derivatives."""
+    from derive.registry.functions import Z
+    from derive.render.pretty import pretty
+
     model = derivation.model
     spec = model.spec
     activations = ", ".join(node.activation.name if node.activation else node.op.name
@@ -268,6 +325,8 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
 
 
 def _batch(formula: Formula) -> str:
+    from derive.render.pretty import pretty
+
     text = pretty(formula.vector, batch=True)
     if formula.kind == "gradient" and formula.of.rank == 1:
         return f"(1/B) Σ_rows {text}"
@@ -277,26 +336,70 @@ def _batch(formula: Formula) -> str:
 # --- entry point -------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    echo: Echo = print
+def _discard_stdout() -> None:
+    """Send what is still to be printed to the null device: the reader is gone, or the
+    device is full, and Python's own flush at exit must not fail again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
+def echo(line: str) -> None:
+    """Print one line of a command's output on standard output."""
     try:
-        args = build_parser().parse_args(argv)
+        print(line, flush=True)  # a write that fails, fails here, before any file is written
+    except BrokenPipeError:  # the reader went away (`derive show xor | head`): not an error
+        _discard_stdout()
+    except OSError as err:  # e.g. a full disk
+        _discard_stdout()
+        raise DeriveError(f"cannot write to standard output: {err.strerror}") from None
+    except UnicodeEncodeError as err:
+        raise DeriveError(f"standard output ({err.encoding}) cannot show "
+                          f"{err.object[err.start:err.end]!r}; set PYTHONIOENCODING=utf-8"
+                          ) from None
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.version:
+            echo(f"derive {__version__}")
+            return 0
         if args.command is None:
+            check_folder(args.out_dir)  # before the work, not after it
             echo(f"derive {__version__}: whole pipeline on the built-in {DEFAULT_EXAMPLE!r} "
                  "example")
             return run_pipeline(load(DEFAULT_EXAMPLE), Path(args.out_dir), echo)
         return args.handler(args, echo)
+    except SystemExit as done:  # --help prints, then exits
+        return done.code if isinstance(done.code, int) else 0
     except DeriveError as err:
         print(f"derive: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("derive: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # the reader went away (`derive show xor | head`): not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # printed past echo (a stage's own print): the reader went away
+        _discard_stdout()
         return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    code = _run(argv)
+    if sys.stdout is None:  # started with standard output closed: nothing was printed
+        return code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+    except OSError as err:
+        _discard_stdout()
+        if code != 2:  # an error already printed is the one line
+            print(f"derive: error: cannot write to standard output: {err.strerror}",
+                  file=sys.stderr)
+        return 2
+    return code
 
 
 if __name__ == "__main__":

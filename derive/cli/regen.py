@@ -11,7 +11,7 @@ from derive.render.regen import GENERATED_DIR, regenerate_all
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``derive regen`` to the command line."""
     regen = commands.add_parser(
-        "regen", help=f"rewrite {GENERATED_DIR}/ (modules and notes of the built-in examples)",
+        "regen",  # its line in `derive --help`: derive.cli.main.EXTENSIONS
         description="Rewrite the generated module of every built-in example (NAME_net.py) and "
                     "the xor lecture notes (xor.tex, xor.zh.tex) in a folder, and remove "
                     "generated modules of examples that no longer exist.",

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
-from derive.cli.main import Echo
-from derive.derivation import derive
+from derive.cli.main import Echo, derivation_of, load
 from derive.errors import DeriveError
-from derive.files import write_generated
-from derive.graph import build_model
-from derive.render.codegen import load_module, module_filename, render_module
-from derive.spec import load_spec
+from derive.files import check_target, write_generated
 from derive.train import (
     BUILTIN_DATA,
     OPTIMIZERS,
@@ -38,7 +35,7 @@ DEFAULT_FRACTION = 0.2
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``derive train`` to the command line."""
     train = commands.add_parser(
-        "train", help="train a network's generated NumPy module on data",
+        "train",  # its line in `derive --help`: derive.cli.main.EXTENSIONS
         description="Generate the NumPy module of a network (as `derive codegen` does), load "
                     "data and check it against the spec, split it into train, validation and "
                     "test rows by seed, train epoch by epoch with the module's own train(), "
@@ -92,10 +89,16 @@ def _cmd_train(args: argparse.Namespace, echo: Echo) -> int:
         raise DeriveError(f"--lr is {args.lr:g}; expected a positive number")
     if args.plot is not None:
         require_matplotlib(args.plot)  # before any work: a run that cannot plot writes nothing
+        check_target(args.plot, force=True)  # a plot carries no marker: it is overwritten
+    if args.output is not None:
+        check_target(args.output, force=args.force)  # nor a run that cannot write its module
 
-    spec = load_spec(args.spec)
-    derivation = derive(build_model(spec))
-    regenerate = f"derive codegen {args.spec} -o {args.output or module_filename(spec)}"
+    from derive.render.codegen import load_module, module_filename, render_module
+
+    spec = load(args.spec)
+    derivation = derivation_of(spec)
+    regenerate = shlex.join(["derive", "codegen", args.spec,
+                             "-o", args.output or module_filename(spec)])
     source_text = render_module(derivation, regenerate=regenerate)
     module = load_module(source_text, module_filename(spec).removesuffix(".py"))
     task = Task.of(module, spec.name)

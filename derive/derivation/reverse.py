@@ -22,16 +22,19 @@ Later stages (LaTeX, code, verification) read these and never re-derive anything
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import mpmath
 import sympy as sp
 
 from derive.derivation.indexcalc import collapse
+from derive.derivation.renumber import Renumber
 from derive.derivation.tensorform import to_vector
 from derive.graph.model import Model, Node
-from derive.quantities import NetTensor, entry, fresh_indices, tensor_of
+from derive.progress import Report
+from derive.quantities import NetTensor, entry, fresh_indices, size_symbol, tensor_of
 from derive.registry.functions import A, Activation, Z, elementary
 from derive.registry.ops import Equation
 
@@ -73,6 +76,8 @@ class Formula:
     derivative and loss gradient were inserted; ``rhs`` the concrete, simplified result.
     ``penalty`` is the regularization's part of a weight's gradient, ∂R/∂w (0 without one): it
     enters the batch gradient once, not per sample. ``key`` is a display label only.
+    ``steps`` may be a :class:`LazySteps`: a formula renumbered from another node's makes its
+    steps when they are first read.
     """
 
     key: str
@@ -81,7 +86,7 @@ class Formula:
     rhs: sp.Expr
     generic: sp.Expr
     indices: tuple[sp.Symbol, ...]
-    steps: tuple[Step, ...]
+    steps: Sequence[Step]
     assumptions: tuple[str, ...] = ()
     of: NetTensor | None = None
     node: int = 0
@@ -101,9 +106,9 @@ class Formula:
             return base
         return adjoint_tensor(self.of)
 
-    @property
+    @cached_property
     def vector(self) -> sp.Expr:
-        """The vector (matrix) form of ``rhs``."""
+        """The vector (matrix) form of ``rhs`` (made once: every printer reads it)."""
         return to_vector(self.rhs, self.indices)
 
     @property
@@ -118,7 +123,7 @@ class Formula:
 
 def adjoint_tensor(of: NetTensor) -> NetTensor:
     """The tensor of ∂C/∂q in tensor form (∂C/∂a^L, ∂C/∂μ^l, ∂C/∂w^l)."""
-    return NetTensor("grad", of.node, of=of.role, rank=of.rank)
+    return of.adjoint()
 
 @dataclass(frozen=True)
 class ActivationDerivative:
@@ -151,8 +156,28 @@ class Derivation:
 
         return repr_latex(self.formulas)
 
+    # looked up by kind, node and quantity: a document asks once per layer, so each lookup
+    # must not scan the formulas of a deep network
+
+    @cached_property
+    def _by_kind(self) -> dict[str, tuple[Formula, ...]]:
+        out: dict[str, list[Formula]] = {}
+        for formula in self.formulas:
+            out.setdefault(formula.kind, []).append(formula)
+        return {kind: tuple(formulas) for kind, formulas in out.items()}
+
+    @cached_property
+    def _by_quantity(self) -> dict[tuple[str, object], Formula]:
+        out: dict[tuple[str, object], Formula] = {}
+        for formula in self.formulas:
+            if formula.kind == "delta":
+                out.setdefault(("delta", formula.node), formula)
+            elif formula.kind == "gradient":
+                out.setdefault(("gradient", formula.of), formula)
+        return out
+
     def of_kind(self, kind: str) -> tuple[Formula, ...]:
-        return tuple(f for f in self.formulas if f.kind == kind)
+        return self._by_kind.get(kind, ())
 
     @property
     def loss_gradient(self) -> Formula:
@@ -161,19 +186,19 @@ class Derivation:
 
     def delta(self, node: int) -> Formula:
         """δ^l of node ``node``."""
-        for formula in self.of_kind("delta"):
-            if formula.node == node:
-                return formula
-        raise KeyError(node)
+        try:
+            return self._by_quantity["delta", node]
+        except KeyError:
+            raise KeyError(node) from None
 
     def gradient(self, parameter: NetTensor) -> Formula:
-        for formula in self.of_kind("gradient"):
-            if formula.of == parameter:
-                return formula
-        raise KeyError(parameter)
+        try:
+            return self._by_quantity["gradient", parameter]
+        except KeyError:
+            raise KeyError(parameter) from None
 
     # the dense-chain view: one δ, bias and weight gradient per layer
-    @property
+    @cached_property
     def deltas(self) -> tuple[Formula, ...]:
         return tuple(self.delta(node.index) for node in self.model.nodes)
 
@@ -184,11 +209,11 @@ class Derivation:
             out.append(None if parameter is None else self.gradient(parameter.tensor))
         return tuple(out)
 
-    @property
+    @cached_property
     def bias_gradients(self) -> tuple[Formula | None, ...]:
         return self._parameter_gradients("b")
 
-    @property
+    @cached_property
     def weight_gradients(self) -> tuple[Formula | None, ...]:
         return self._parameter_gradients("w")
 
@@ -219,6 +244,71 @@ def _relabel(expr: sp.Expr, free: tuple[sp.Symbol, ...], new_free: tuple[sp.Expr
     return expr.xreplace(dict(zip(free, new_free)))
 
 
+class LazySteps(Sequence[Step]):
+    """Recorded steps made when first read: the steps of a formula renumbered from another
+    node's (most formulas of a deep network are printed without their steps). Compares equal
+    to the tuple of its steps and pickles as that tuple."""
+
+    def __init__(self, make: Callable[[], tuple[Step, ...]]) -> None:
+        self._make: Callable[[], tuple[Step, ...]] | None = make
+        self._steps: tuple[Step, ...] = ()
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        if self._make is not None:
+            self._steps, self._make = self._make(), None
+        return self._steps
+
+    def __getitem__(self, index: int | slice) -> Step | tuple[Step, ...]:  # type: ignore[override]
+        return self.steps[index]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return self.steps == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(self.steps)
+
+    def __repr__(self) -> str:
+        return repr(self.steps)
+
+    def __reduce__(self) -> tuple:
+        return tuple, (self.steps,)
+
+
+def _joined(*parts: Sequence[Step]) -> Sequence[Step]:
+    """The steps of ``parts`` in order; made when first read if a part is."""
+    if all(isinstance(part, tuple) for part in parts):
+        return tuple(step for part in parts for step in part)
+    return LazySteps(lambda: tuple(step for part in parts for step in part))
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """What the reverse pass derives for one quantity q: ∂C/∂q before and after inserting
+    the activation derivatives and the loss gradient, the steps between, the assumptions made,
+    and, for a weight, ∂R/∂q."""
+
+    generic: sp.Expr
+    concrete: sp.Expr
+    steps: Sequence[Step]
+    assumptions: tuple[str, ...]
+    penalty: sp.Expr
+
+    def renumbered(self, at: Renumber) -> _Derived:
+        def steps() -> tuple[Step, ...]:
+            return tuple(Step(step.rule, at(step.target), at(step.expr), step.why,
+                              None if step.source is None else at(step.source))
+                         for step in self.steps)
+
+        return _Derived(at(self.generic), at(self.concrete), LazySteps(steps),
+                        self.assumptions, at(self.penalty))
+
+
 class _Reverse:
     """One reverse pass over a model; see the module docstring."""
 
@@ -235,6 +325,12 @@ class _Reverse:
             activation_derivative(node.activation)
             if node.activation is not None and not node.activation.is_softmax else None
             for node in model.nodes)
+        # σ_l → (the equation a = σ(x) of node l, σ's derivative), for the concrete forms
+        self.by_sigma: dict[type, tuple[Equation, ActivationDerivative]] = {}
+        for node, derivative in zip(model.nodes, self.derivatives):
+            if derivative is not None:
+                (eq,) = [e for e in node.equations if e.activation is not None]
+                self.by_sigma[self.sigmas[node.index]] = (eq, derivative)
         self.inline_generic: dict[NetTensor, tuple[sp.Expr, tuple[Step, ...]]] = {}
         # the equations that read each quantity, found once (atoms, not a scan per quantity)
         self.readers: dict[NetTensor, list[Equation]] = {}
@@ -242,6 +338,16 @@ class _Reverse:
             read = {t for t in eq.expr.atoms(NetTensor)}
             for tensor in sorted(read, key=sp.default_sort_key):
                 self.readers.setdefault(tensor, []).append(eq)
+        # derived once per neighbourhood, renumbered for every other node that has it
+        self.width_node = {size: n for n, size in enumerate(model.sizes)}
+        self.sigma_node = {sigma: n for n, sigma in self.sigmas.items()}
+        self.forms: dict[int, tuple] = {}
+        self.derived: dict[tuple, tuple[int, _Derived]] = {}
+        # the terms of the penalty R that each weight appears in
+        self.penalty_terms: dict[NetTensor, list[sp.Expr]] = {}
+        for term in sp.Add.make_args(model.penalty):
+            for tensor in sorted(term.atoms(NetTensor), key=sp.default_sort_key):
+                self.penalty_terms.setdefault(tensor, []).append(term)
 
     def _shapes(self) -> dict[NetTensor, tuple[sp.Symbol, ...]]:
         shapes: dict[NetTensor, tuple[sp.Symbol, ...]] = {tensor_of(self.model.x[0]):
@@ -252,6 +358,73 @@ class _Reverse:
             for parameter in node.parameters:
                 shapes[parameter.tensor] = parameter.shape_symbols
         return shapes
+
+    # -- derived once per neighbourhood --
+
+    def renumber(self, offset: int) -> Renumber:
+        """Node n → node n + ``offset`` (quantities, widths n_l, functions σ_l)."""
+        return Renumber(offset, self.width_node, size_symbol, self.sigma_node,
+                        self.sigmas.__getitem__)
+
+    def form(self, node: Node) -> tuple:
+        """Node ``node`` numbered from itself: its equations, parameters, width, activation
+        and error, and whether it is the output. Equal forms are equal nodes up to numbering
+        (the nodes they read included, by their distance)."""
+        if node.index not in self.forms:
+            at = Renumber(-node.index, self.width_node, size_symbol)
+            self.forms[node.index] = (
+                tuple((at(eq.target), eq.indices, at(eq.expr), eq.inline, eq.activation,
+                       None if eq.argument is None else at(eq.argument), eq.source_kind)
+                      for eq in node.equations),
+                tuple((at(p.tensor), tuple(at(s) for s in p.shape_symbols))
+                      for p in node.parameters),
+                at(node.size), node.activation, at(node.forward.delta),
+                node is self.model.output)
+        return self.forms[node.index]
+
+    def neighbourhood(self, node: Node) -> tuple:
+        """Everything the formulas of ``node`` are derived from, numbered from ``node``: its
+        own equations and those of every node that reads one of its quantities (through an
+        inline quantity, substituted where it is used, the nodes that read that)."""
+        nodes = {node.index: node}
+        todo = [eq.target for eq in node.equations] + [p.tensor for p in node.parameters]
+        seen = set(todo)
+        while todo:
+            for eq in self.readers.get(todo.pop(), []):
+                owner = self.node_of[eq.target]
+                nodes[owner.index] = owner
+                if self.is_inline(eq.target) and eq.target not in seen:
+                    seen.add(eq.target)
+                    todo.append(eq.target)
+        return tuple((n - node.index, self.form(nodes[n])) for n in sorted(nodes))
+
+    def adjoint(self, node: Node, q: NetTensor, target: sp.Expr, loss_gradient: Formula
+                ) -> _Derived:
+        """∂C/∂q of a quantity or parameter q of ``node`` (``target`` names it): derived for
+        the first node of each neighbourhood, renumbered for the others (a deep chain of
+        equal layers is derived once, as the textbook derives a generic layer l)."""
+        key = (self.neighbourhood(node), q.role, q.rank, q.parameter)   # q is of ``node``
+        known = self.derived.get(key)
+        if known is not None:
+            source, derived = known
+            return derived.renumbered(self.renumber(node.index - source))
+        derived = self._adjoint(q, target, loss_gradient)
+        self.derived[key] = (node.index, derived)
+        return derived
+
+    def _adjoint(self, q: NetTensor, target: sp.Expr, loss_gradient: Formula) -> _Derived:
+        free = fresh_indices(q.rank, set())
+        steps: list[Step] = []
+        if q == self.output:
+            generic = partial(C, entry(q, free))
+        else:
+            generic, more = self.contributions(q, free, target)
+            steps.extend(more)
+        concrete, assumptions = _finish(self, target, generic, loss_gradient, steps)
+        penalty = sp.Integer(0)
+        if q in self.penalty_terms:
+            penalty = collapse(sp.diff(sp.Add(*self.penalty_terms[q]), entry(q, free)))
+        return _Derived(generic, concrete, tuple(steps), assumptions, penalty)
 
     # -- names of adjoints --
 
@@ -352,11 +525,7 @@ class _Reverse:
 
     def concrete(self, generic: sp.Expr, loss_gradient: Formula) -> sp.Expr:
         """σ'(z) replaced by each activation's derivative, ∂C/∂a^L by the loss gradient."""
-        by_sigma = {}
-        for node, derivative in zip(self.model.nodes, self.derivatives):
-            if derivative is not None:
-                (eq,) = [e for e in node.equations if e.activation is not None]
-                by_sigma[self.sigmas[node.index]] = (eq, derivative)
+        by_sigma = self.by_sigma
         out = generic.replace(
             lambda e: isinstance(e, sp.Derivative) and e.expr.func in by_sigma,
             lambda e: _activation_at(*by_sigma[e.expr.func][:1], e.expr.args[0],
@@ -432,6 +601,13 @@ def _same_function(lhs: sp.Expr, rhs: sp.Expr, points: tuple[float, ...]) -> boo
 _CHECK_POINTS = (-2.75, -1.3, -0.4, 0.35, 0.9, 1.7, 3.1)
 
 
+#: The most operations of an activation whose inverse is searched to write σ' in a
+#: (softplus, log(1 + exp(z)), has 3).
+_MAX_INVERTED_OPS = 4
+#: The most operations of σ'(z) that ``sympy.simplify`` is asked to shorten (silu's has 11).
+_MAX_SIMPLIFIED_OPS = 24
+
+
 @cache
 def activation_derivative(activation: Activation) -> ActivationDerivative:
     """sigma'(z) by ``sympy.diff``, and its rewrite in a = sigma(z) when one exists.
@@ -442,7 +618,9 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
     """
     f = activation.expr
     raw = sp.diff(f, Z)
-    in_z = _simplest(raw, sp.simplify(raw))
+    # simplify's time grows fast with the size of what it simplifies (seconds for six nested
+    # tanh): a long derivative is kept as differentiated
+    in_z = _simplest(raw, sp.simplify(raw)) if sp.count_ops(raw) <= _MAX_SIMPLIFIED_OPS else raw
     sigma = sp.Function("sigma")
     steps = [Step("differentiate", sp.Derivative(sigma(Z), Z), in_z,
                   "differentiate the activation", sp.Eq(sigma(Z), f, evaluate=False))]
@@ -453,9 +631,13 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
     if not substituted.has(Z):
         candidates.append((substituted, "replace sigma(z) by the layer output a", None))
     fe = elementary(f)
-    if not candidates and not fe.has(sp.Piecewise) and fe.count(Z) == 1:
+    # inverting is tried for short expressions only: sympy.solve's time grows fast with
+    # nesting (tanh(tanh(tanh(z))) took minutes); its roots are not checked by solve, since
+    # the one kept is checked below
+    if not candidates and not fe.has(sp.Piecewise) and fe.count(Z) == 1 and \
+            sp.count_ops(fe) <= _MAX_INVERTED_OPS:
         try:
-            inverses = sp.solve(sp.Eq(fe, A), Z)
+            inverses = sp.solve(sp.Eq(fe, A), Z, check=False, simplify=False)
         except NotImplementedError:
             inverses = []
         if len(inverses) == 1:
@@ -477,12 +659,15 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
 # --- the formulas ------------------------------------------------------------------------
 
 
-def derive(model: Model) -> Derivation:
-    """Derive every backpropagation formula of ``model`` by one generic reverse pass."""
+def derive(model: Model, progress: Report | None = None) -> Derivation:
+    """Derive every backpropagation formula of ``model`` by one generic reverse pass
+    (``progress`` is told of each node done)."""
     reverse = _Reverse(model)
     loss_gradient = _loss_gradient(model)
     formulas: list[Formula] = [loss_gradient]
-    for node in reversed(model.nodes):
+    for done, node in enumerate(reversed(model.nodes)):
+        if progress is not None:
+            progress("deriving", done, model.depth)
         for eq in reversed(node.equations):
             if reverse.is_inline(eq.target):
                 continue  # substituted where it is used (the output's: the loss gradient)
@@ -566,16 +751,12 @@ def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient:
         steps.append(Step("definition", lhs, partial(C, entry(q, free)),
                           f"the error of node {node.index} is the derivative of the cost with "
                           f"respect to its {what}"))
-    if q == reverse.output:
-        generic = partial(C, entry(q, free))
-    else:
-        generic, more = reverse.contributions(q, free, lhs)
-        steps.extend(more)
-    concrete, assumptions = _finish(reverse, lhs, generic, loss_gradient, steps)
+    derived = reverse.adjoint(node, q, lhs, loss_gradient)
     kind = "delta" if is_delta else "adjoint"
     key = f"delta^{node.index}" if is_delta else f"dC/d{q.role}^{node.index}"
-    return Formula(key, _label(model, node, kind), lhs, concrete, generic, free, tuple(steps),
-                   assumptions, of=q, node=node.index, kind=kind)
+    return Formula(key, _label(model, node, kind), lhs, derived.concrete, derived.generic, free,
+                   _joined(tuple(steps), derived.steps), derived.assumptions, of=q,
+                   node=node.index, kind=kind)
 
 
 def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
@@ -583,15 +764,13 @@ def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient
     model = reverse.model
     free = fresh_indices(q.rank, set())
     lhs = partial(C, entry(q, free))
-    generic, steps = reverse.contributions(q, free, lhs)
-    concrete, assumptions = _finish(reverse, lhs, generic, loss_gradient, steps)
-    penalty = sp.Integer(0)
-    if model.penalty != 0:
-        penalty = collapse(sp.diff(model.penalty, entry(q, free)))
-        if penalty != 0:
-            steps.append(Step("differentiate", partial(R, entry(q, free)), penalty,
-                              "differentiate the regularization penalty R, added once to the "
-                              "batch cost", sp.Eq(R, model.penalty, evaluate=False)))
+    derived = reverse.adjoint(node, q, lhs, loss_gradient)
+    steps = derived.steps
+    if derived.penalty != 0:
+        steps = _joined(steps, (Step(
+            "differentiate", partial(R, entry(q, free)), derived.penalty,
+            "differentiate the regularization penalty R, added once to the batch cost",
+            sp.Eq(R, model.penalty, evaluate=False)),))
     return Formula(f"dC/d{q.role}^{node.index}", _label(model, node, "gradient", q.role), lhs,
-                   concrete, generic, free, tuple(steps), assumptions, of=q,
-                   node=node.index, kind="gradient", penalty=penalty)
+                   derived.concrete, derived.generic, free, steps, derived.assumptions, of=q,
+                   node=node.index, kind="gradient", penalty=derived.penalty)

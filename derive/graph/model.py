@@ -15,6 +15,7 @@ here differentiates anything (docs/architecture.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import sympy as sp
@@ -31,7 +32,7 @@ from derive.quantities import (
 )
 from derive.registry.functions import A, Activation, Loss, Y
 from derive.registry.ops import OPS, Context, Equation, Forward, Input, OpDef
-from derive.spec.load import PARAMETER_KEYS, layer_attributes
+from derive.spec.load import axis_values, layer_attributes, parameter_key
 
 if TYPE_CHECKING:
     from derive.spec.load import NetworkSpec
@@ -145,8 +146,8 @@ class Model:
     def output(self) -> Node:
         return self.nodes[-1]
 
-    @property
-    def is_chain(self) -> bool:
+    @cached_property
+    def is_chain(self) -> bool:   # asked once per formula by later stages: found once
         return self.spec.is_chain
 
     def node(self, index: int) -> Node:
@@ -163,7 +164,15 @@ class Model:
 
     def consumers(self, index: int) -> tuple[Node, ...]:
         """The nodes that read node ``index``'s output."""
-        return tuple(node for node in self.nodes if index in node.inputs)
+        return self._consumers.get(index, ())
+
+    @cached_property
+    def _consumers(self) -> dict[int, tuple[Node, ...]]:   # found once, not per node
+        out: dict[int, list[Node]] = {}
+        for node in self.nodes:
+            for index in dict.fromkeys(node.inputs):
+                out.setdefault(index, []).append(node)
+        return {index: tuple(nodes) for index, nodes in out.items()}
 
     # the dense-chain view (layers = nodes), for stages that present the classic MLP
     @property
@@ -183,15 +192,14 @@ class Model:
         return self.loss.expr.subs({A: a_expr, Y: y_expr}, simultaneous=True)
 
 
-def _parameters(node: int, definition: OpDef, attrs: dict, size: sp.Symbol,
-                in_size: sp.Symbol, width: int, in_width: int) -> tuple[Parameter, ...]:
-    symbols = {"size": size, "in": in_size}
-    values = {"size": width, "in": in_width}
+def _parameters(node: int, definition: OpDef, attrs: dict, symbols: dict[str, sp.Symbol],
+                values: dict[str, int]) -> tuple[Parameter, ...]:
     out = []
     for parameter in definition.parameters(attrs):
         rank = len(parameter.shape)
         out.append(Parameter(
-            NetTensor(parameter.role, node, rank=rank), f"{PARAMETER_KEYS[parameter.role]}{node}",
+            NetTensor(parameter.role, node, rank=rank, parameter=True),
+            parameter_key(parameter.role, node),
             tuple(values[axis] for axis in parameter.shape),
             tuple(symbols[axis] for axis in parameter.shape), parameter.init))
     return tuple(out)
@@ -228,9 +236,8 @@ def build_model(spec: NetworkSpec) -> Model:
         attrs = layer_attributes(layer_spec)
         size = size_symbol(l)
         widths[size] = layer_spec.size
-        in_width = spec.sizes[reads[0]]
-        parameters = _parameters(l, definition, attrs, size, sizes[reads[0]],
-                                 layer_spec.size, in_width)
+        parameters = _parameters(l, definition, attrs, axis_values(layer_spec, l, [*sizes, size]),
+                                 axis_values(layer_spec, l, spec.sizes))
         activation = spec.activation(l)
         ctx = Context(l, attrs, tuple(Input(outputs[n], sizes[n]) for n in reads), size,
                       activation, {p.tensor.role: p.indexed for p in parameters})

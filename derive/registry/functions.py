@@ -59,6 +59,9 @@ class softplus(sp.Function):
     def _eval_is_real(self) -> bool | None:
         return self.args[0].is_real
 
+    def _eval_is_positive(self) -> bool | None:
+        return True if self.args[0].is_real else None
+
 
 def step(x: sp.Expr) -> sp.Expr:
     """The unit step [x > 0] (0 at x = 0, as the relu family's derivative there)."""

@@ -11,6 +11,7 @@ command, ``derive codegen``, is in :mod:`derive.cli.codegen`.
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 import types
 from collections.abc import Callable
@@ -21,12 +22,13 @@ import sympy as sp
 
 from derive import __version__
 from derive.derivation.reverse import Derivation, Formula
-from derive.derivation.tensorform import MatVec, Outer, to_vector
+from derive.derivation.tensorform import Broadcast, MatVec, Outer, to_vector
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
 from derive.registry.ops import Equation
 from derive.render.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum, batch_name
 from derive.render.pretty import pretty
+from derive.render.probe import first_overflow
 from derive.render.stability import LogSumExp, Softmax, stabilize
 from derive.render.templates import render
 from derive.spec.load import NetworkSpec
@@ -84,9 +86,6 @@ def _learning_rate(lr, epoch, schedule):
 ''',
 }
 
-#: Per-sample quantities a forward pass may cache for backward and the loss, in the order a
-#: node's are listed (the input X is a^0).
-_CACHED_ROLES = ("mask", "z", "mu", "var", "xhat", "a", "lse")
 
 
 @dataclass(frozen=True)
@@ -188,6 +187,47 @@ class _Assign:
     code: str | None = None         # already printed (a helper returning two arrays)
 
 
+def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_Assign]:
+    """The assignments with every elementwise function call that they make more than once
+    (tanh(S1) in the derivative of a custom op: 1 - tanh(S1)², tanh(S1)·sigmoid(S2)) computed
+    once, into a variable named after it, just before its first use."""
+    counts: dict[sp.Expr, int] = {}
+    for assign in assigns:
+        if assign.code is None:
+            for e in sp.preorder_traversal(assign.expr):
+                # (a placed tensor is a view of one: nothing to save, and the row sums of
+                # products of them print as one einsum)
+                if isinstance(e, sp.Function) and not isinstance(e, RowSum | Broadcast) and \
+                        e.has(NetTensor):
+                    counts[e] = counts.get(e, 0) + 1
+    # inner calls first, so that an outer one reads them: tanh(softplus(Z1)) after softplus
+    shared = sorted((e for e, count in counts.items() if count > 1), key=sp.count_ops)
+    if not shared:
+        return assigns
+
+    def name(e: sp.Expr, number: int) -> sp.Symbol:
+        chain, inner = [], e
+        while isinstance(inner, sp.Function) and len(inner.args) == 1:
+            chain.append(type(inner).__name__)
+            inner = inner.args[0]
+        if isinstance(inner, NetTensor):      # tanh(softplus(z¹)): tanh_softplus_Z1
+            return sp.Symbol("_".join([*chain, printer.doprint(inner)]))
+        return sp.Symbol(f"shared{number}")
+
+    names = {e: name(e, n) for n, e in enumerate(shared, start=1)}
+    out: list[_Assign] = []
+    done: dict[sp.Expr, sp.Symbol] = {}
+    for assign in assigns:
+        for e in shared:
+            if e not in done and assign.code is None and assign.expr.has(e):
+                out.append(_Assign(str(names[e]), e.xreplace(done),
+                                   f"{pretty(e)}, used more than once"))
+                done[e] = names[e]
+        out.append(assign if assign.code is not None else
+                   _Assign(assign.target, assign.expr.xreplace(names), assign.comment))
+    return out
+
+
 def _statements(assigns: list[_Assign], keep: set[NetTensor],
                 printer: NumPyBatchPrinter) -> list[Statement]:
     """Print the assignments, reusing fresh arrays in place where that is safe.
@@ -199,15 +239,18 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
     output), the target takes that buffer and the rest is added or multiplied in place:
     ``delta1 = delta2 @ W2; delta1 += delta4; delta1 *= (Z1 > 0)``.
     """
+    # the last statement that reads each array (keep: read after the function): a buffer is
+    # dead once the last reader of every name it has is behind; one pass, not one per line
+    last_read: dict[NetTensor, float] = {}
+    for index, assign in enumerate(assigns):
+        for tensor in assign.expr.atoms(NetTensor):
+            last_read[tensor] = index
+    last_read.update(dict.fromkeys(keep, math.inf))
     buffer_of: dict[NetTensor, int] = {}
+    live_until: dict[int, float] = {_FOREIGN: math.inf}     # buffer -> its last reader
     out: list[Statement] = []
     for index, assign in enumerate(assigns):
-        later = set(keep)
-        for other in assigns[index + 1:]:
-            later |= other.expr.atoms(NetTensor)
-        groups_live = {buffer_of[t] for t in later if t in buffer_of} | {_FOREIGN}
-        dead = {t for t in buffer_of if buffer_of[t] not in groups_live
-                and isinstance(assign.target, NetTensor) and t.rank == assign.target.rank}
+        dead = _DeadArrays(buffer_of, live_until, index, assign.target)
         name = assign.target if isinstance(assign.target, str) else printer.doprint(
             assign.target)
         if assign.code is not None:
@@ -229,7 +272,26 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
                 # another name of an array this function did not make (X, a cached array):
                 # never reused in place
                 buffer_of[assign.target] = _FOREIGN
+            group = buffer_of[assign.target]
+            live_until[group] = max(live_until.get(group, -1),
+                                    last_read.get(assign.target, -1))
     return out
+
+
+@dataclass(frozen=True)
+class _DeadArrays:
+    """The arrays a statement may take over: made by this function, of the target's rank,
+    and read by no later statement under any of their names (nor kept)."""
+
+    buffer_of: dict[NetTensor, int]
+    live_until: dict[int, float]
+    index: int
+    target: NetTensor | str
+
+    def __contains__(self, tensor: object) -> bool:
+        return (isinstance(tensor, NetTensor) and isinstance(self.target, NetTensor)
+                and tensor in self.buffer_of and tensor.rank == self.target.rank
+                and self.live_until[self.buffer_of[tensor]] <= self.index)
 
 
 def _op(op: str, expr: sp.Expr) -> str:
@@ -244,7 +306,7 @@ def _signed(printer: NumPyBatchPrinter, op: str, expr: sp.Expr) -> str:
     return printer.doprint(expr)
 
 
-def _in_place(expr: sp.Expr, dead: set[NetTensor]
+def _in_place(expr: sp.Expr, dead: _DeadArrays
               ) -> tuple[list[tuple[str, sp.Expr]], NetTensor | None]:
     """(steps [("=", buffer), ("+=", rest), ("*=", factor)], the dead array reused or None)."""
 
@@ -265,6 +327,8 @@ def _in_place(expr: sp.Expr, dead: set[NetTensor]
             return [("=", buffer), ("+=", expr - buffer)], reused
     if isinstance(expr, sp.Mul):
         for factor in expr.args:
+            if not (isinstance(factor, MatVec | sp.Add) or factor in dead):
+                continue
             rest = expr / factor
             if isinstance(factor, MatVec) or (factor in dead and not rest.has(factor)):
                 reused = factor if isinstance(factor, NetTensor) else None
@@ -285,12 +349,14 @@ def _init(node: Node, parameter: Parameter) -> tuple[str, str]:
         return f"np.zeros({shape[0]}, dtype=dtype)", "zeros"
     if parameter.init == "ones":
         return f"np.ones({shape[0]}, dtype=dtype)", "ones"
-    rows, cols = shape
-    if node.activation is not None and node.activation.name in HE_INIT:
+    # fan-out the first axis, fan-in the others (a custom op's U[j, k, m]: n_in·n_in)
+    rows, cols = shape[0], math.prod(shape[1:])
+    if parameter.init == "fan" and node.activation is not None and \
+            node.activation.name in HE_INIT:
         scale, rule = math.sqrt(2.0 / cols), "He"
     else:
         scale, rule = math.sqrt(2.0 / (cols + rows)), "Glorot"
-    return f"(rng.standard_normal(({rows}, {cols})) * {scale!r}).astype(dtype)", rule
+    return f"(rng.standard_normal({shape}) * {scale!r}).astype(dtype)", rule
 
 
 def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
@@ -310,14 +376,22 @@ def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
     return Demo("demo_regression.py.j2", 40, 0.05, 32), {**extra, "low": low, "high": high}
 
 
-def _sort_key(tensor: NetTensor) -> tuple[int, int]:
-    return (tensor.node or 0, _CACHED_ROLES.index(tensor.role))
+def _forward_quantities(model: Model, shared: tuple[sp.Expr, NetTensor] | None
+                        ) -> list[NetTensor]:
+    """Every per-sample quantity a forward pass reads or computes, in its order: x, then each
+    node's leaves (a dropout mask) and its equations' targets, then a shared log-sum-exp."""
+    out = {model.x.label: None}          # ordered, with set lookups
+    for equation in model.equations:
+        out.update(dict.fromkeys(sorted(t for t in equation.expr.atoms(NetTensor)
+                                        if not t.is_parameter and t not in out
+                                        and t.node is not None)))
+        out[equation.target] = None
+    return [*out] if shared is None else [*out, shared[1]]
 
 
-def _reads(exprs: list[sp.Expr]) -> set[NetTensor]:
-    """The per-sample quantities (a^l, z^l, x̂^l, masks, ...) the expressions read."""
-    return {t for expr in exprs for t in expr.atoms(NetTensor)
-            if t.role in _CACHED_ROLES and t.node is not None}
+def _reads(exprs: list[sp.Expr], quantities: dict[NetTensor, int]) -> set[NetTensor]:
+    """The forward pass's ``quantities`` that the expressions read."""
+    return {t for expr in exprs for t in expr.atoms(NetTensor) if t in quantities}
 
 
 def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
@@ -370,18 +444,26 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
 
     # backward pass: every formula after the loss gradient, in the derivation's order
     backward_assigns: list[_Assign] = []
+    # (what, stable form, exact form) of every printed formula, for the overflow probe
+    checked = [("the loss", loss_expr, model.loss_of(_output_equation(model).target,
+                                                    NetTensor("y")))]
     gradient_names: list[tuple[str, str]] = []
 
     first = True
+    zero: dict[sp.Expr, sp.Expr] = {}       # adjoints that are 0 (through a step function)
     for formula in derivation.formulas:
         if formula.kind == "loss gradient":
             continue
-        stable = stabilize(formula.vector.xreplace(model.widths))
+        stable = stabilize(formula.vector.xreplace(zero).xreplace(model.widths))
+        checked.append((_lhs_text(formula), stable.expr, formula.vector.xreplace(model.widths)))
         label = f"{formula.equation}: " if formula.equation else ""
         text = (f"{label}{_lhs_text(formula)} = {pretty(formula.vector)}"
                 f"{_applied_note(stable.applied)}")
         if formula.kind in ("delta", "adjoint"):
             expr = stable.expr
+            if expr == 0:
+                zero[formula.target] = sp.Integer(0)
+                continue
             if first:
                 # the root of every other adjoint: dividing it by B makes every row sum below
                 # a batch mean, since each backward formula is linear in the adjoints it reads
@@ -389,7 +471,16 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
             backward_assigns.append(_Assign(formula.target, expr, text))
             continue
         name = f"d{batch_name(formula.of)}"
-        expr = stable.expr if formula.of.rank == 2 else RowSum(stable.expr)
+        if stable.expr == 0 and formula.penalty == 0:
+            shape = next(p.shape for p in model.parameters if p.tensor == formula.of)
+            backward_assigns.append(_Assign(name, sp.Integer(0), text, code=(
+                f"np.zeros({shape}, dtype=Y.dtype)")))
+            continue
+        # outer products sum over the rows as they multiply (Δᵀ A); the rest is summed
+        terms = sp.Add.make_args(stable.expr)
+        outer = [term for term in terms if term.as_coeff_Mul()[1].func == Outer]
+        rest = sp.Add(*(term for term in terms if term not in outer))
+        expr = sp.Add(*outer, *([RowSum(rest)] if rest != 0 else []))
         if formula.penalty != 0:
             # the penalty's gradient enters once per batch, added to the row sum in place
             penalty = formula.vector_penalty.xreplace(model.widths)
@@ -407,12 +498,13 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
 
     # cache only what backward and the loss read
     backward_exprs = [assign.expr for assign in backward_assigns]
-    backward_reads = _reads(backward_exprs)
-    loss_reads = _reads([loss_expr])
-    needed = sorted(backward_reads | loss_reads, key=_sort_key)
+    quantities = {t: n for n, t in enumerate(_forward_quantities(model, shared))}
+    backward_reads = _reads(backward_exprs, quantities)
+    loss_reads = _reads([loss_expr], quantities)
+    needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
     cache = [batch_name(t) for t in needed]
     forward = _statements(forward_assigns, {*needed, model.output.output}, printer)
-    backward = _statements(backward_assigns, set(), printer)
+    backward = _statements(_shared_calls(backward_assigns, printer), set(), printer)
     why = []
     for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))
@@ -466,6 +558,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                       if dropout else ""))
     return {
         "version": __version__,
+        "stability_notes": _overflow_notes(model, checked),
         "spec_name": spec.name,
         "digest": spec.digest(),
         "digest_literal": repr(spec.digest()),
@@ -511,6 +604,37 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     }
 
 
+def _custom_arguments(model: Model) -> list[tuple[NetTensor, dict[NetTensor, tuple]]]:
+    """(z, {a: (stable σ(z), exact σ(z))}) for every node whose activation is custom, and for
+    the output node when the loss is custom: the arguments the overflow probe drives."""
+    out = []
+    for node in model.nodes:
+        activation = node.activation
+        if activation is None or activation.is_softmax or not (
+                activation.custom or (node is model.output and model.loss.custom)):
+            continue
+        (equation,) = [e for e in node.equations if e.activation is not None]
+        exact = _tensor(model, equation.expr, equation.indices)
+        z = _tensor(model, equation.argument, equation.indices)
+        out.append((z, {equation.target: (stabilize(exact).expr, exact)}))
+    return out
+
+
+def _overflow_notes(model: Model, checked: list[tuple[str, sp.Expr, sp.Expr]]) -> list[str]:
+    """One line for each formula of a custom function whose generated code gives inf or NaN
+    where its value is finite (see :mod:`derive.render.probe`)."""
+    notes = []
+    for z, outputs in _custom_arguments(model):
+        forward = [(pretty(a), stable, exact) for a, (stable, exact) in outputs.items()]
+        for what, stable, exact in forward + checked:
+            point = first_overflow(stable, exact, z, outputs)
+            if point is not None:
+                notes.append(f"no overflow-free form found for {what}: the generated code "
+                             f"gives inf or NaN at {pretty(z)} = {point:g}, where its value "
+                             "is finite")
+    return notes
+
+
 def _wrap(text: str, indent: int) -> str:
     """Prose for a docstring, wrapped at 96 columns; continuation lines indented."""
     lines = textwrap.wrap(text, 96 - indent, break_on_hyphens=False, break_long_words=False)
@@ -534,13 +658,22 @@ def _default_regenerate(spec: NetworkSpec) -> str:
     return f"derive codegen {Path(source).name} -o {module_filename(spec)}"
 
 
-def render_module(derivation: Derivation, *, regenerate: str | None = None) -> str:
+def _to_stderr(message: str) -> None:
+    print(f"derive: warning: {message}", file=sys.stderr)
+
+
+def render_module(derivation: Derivation, *, regenerate: str | None = None,
+                  warn: Echo = _to_stderr) -> str:
     """The generated NumPy module of ``derivation``, as source text (deterministic bytes).
 
     ``regenerate`` is the command quoted on the header's second line (default: ``derive
-    codegen <spec> -o <name>_net.py``).
+    codegen <spec> -o <name>_net.py``). Each formula of a custom activation or loss that no
+    stability rewrite keeps finite is reported through ``warn`` (one line, default standard
+    error) and in a comment under the module's header.
     """
     context = module_context(derivation, regenerate)
+    for note in context["stability_notes"]:
+        warn(note)
     return render("module.py.j2", context)
 
 

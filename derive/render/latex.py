@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,6 +43,7 @@ from derive.derivation.tensorform import ONE
 from derive.errors import DeriveError
 from derive.files import MARKER
 from derive.graph.model import Model, Node
+from derive.progress import Report
 from derive.quantities import NetTensor, entry, i, j, k, tensor_of
 from derive.registry.functions import Z
 from derive.render.latex_printer import (
@@ -56,7 +57,7 @@ from derive.render.latex_printer import (
 from derive.render.latex_text import ASSUMPTIONS, LANGUAGES, TEXT, why
 from derive.render.templates import render
 from derive.render.worked_example import WorkedExample, worked_example
-from derive.spec.load import PARAMETER_KEYS
+from derive.spec.load import parameter_key
 
 Echo = Callable[[str], None]
 
@@ -131,7 +132,7 @@ def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
         (variable, _count), = derivative.variable_count
         q = tensor_of(variable)
         indices = tuple(variable.indices) if isinstance(variable, sp.Indexed) else ()
-        return entry(NetTensor("grad", q.node, of=q.role, rank=q.rank), indices)
+        return entry(q.adjoint(), indices)
 
     return expr.replace(lambda e: isinstance(e, sp.Derivative) and e.expr == C, adjoint)
 
@@ -159,10 +160,20 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
     """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
     (lines of an ``align``); None when it would be too long to be worth spelling out."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
-    concrete = _expand_sums(_hide_derivatives(expr).xreplace({**sizes, **free}))
+    concrete = _hide_derivatives(expr).xreplace({**sizes, **free})
+    # every term of a sum reads its own entries: a sum longer than max_terms is too long,
+    # known before writing out its terms (784 of them for an MNIST input)
+    if any(int(high) - int(low) + 1 > max_terms
+           for s in concrete.atoms(sp.Sum) for _index, low, high in s.limits
+           if low.is_Integer and high.is_Integer):
+        return None
+    concrete = _expand_sums(concrete)
     scalars = {t for t in concrete.atoms(NetTensor) if t.rank == 0}
     if len(concrete.atoms(sp.Indexed)) + len(scalars) > max_terms or concrete.has(sp.Sum):
         return None
+    if any(not index.is_Integer for entry in concrete.atoms(sp.Indexed)
+           for index in entry.indices):
+        return None        # an index the example does not fix (a third axis of a parameter)
     left = latex(lhs.xreplace(free))
     symbolic = latex(concrete)
     if isinstance(concrete, (sp.Indexed, NetTensor)):
@@ -187,7 +198,7 @@ def code_name(formula: Formula) -> str:
     if formula.kind == "delta":
         return f"delta{of.node}"
     if formula.kind == "gradient":
-        return f"d{PARAMETER_KEYS[of.role]}{of.node}"
+        return f"d{parameter_key(of.role, of.node)}"
     if formula.kind == "loss gradient":
         return f"dA{of.node}"
     return f"d{of.role}{of.node}"
@@ -226,6 +237,7 @@ class _Context:
     derivation: Derivation
     lang: str
     markdown: bool
+    progress: Report | None = None
 
     def __post_init__(self) -> None:
         self.model: Model = self.derivation.model
@@ -237,6 +249,15 @@ class _Context:
         self.batch_cost = "J" if self.penalized else r"\bar{C}"
 
     # -- small pieces --
+
+    def formulas(self, what: str) -> Iterator[Formula]:
+        """The derivation's formulas, telling ``progress`` of each (a deep network has
+        thousands)."""
+        total = len(self.derivation.formulas)
+        for done, formula in enumerate(self.derivation.formulas):
+            if self.progress is not None:
+                self.progress(what, done, total)
+            yield formula
 
     def text(self, key: str, **fields: object) -> str:
         return self.t[key].format(**fields)
@@ -268,7 +289,11 @@ class _Context:
         if words is None:  # a justification without a translation: the engine's own words
             words = step.why if self.markdown else _escape(step.why)
         if step.source is not None:
-            source = f"${equation(step.source.lhs, step.source.rhs)}$"
+            text = equation(step.source.lhs, step.source.rhs)
+            # a long equation cannot break inside a line of prose: it gets a line of its own
+            long = visual_length(text) > LINE_BUDGET // 2
+            source = (f"$${text}$$" if self.markdown else f"\\[ {text} \\]") if long \
+                else f"${text}$"
             words = words.replace("{source}", source) if "{source}" in words else (
                 f"{words} ({source})")
         return {"rule": self.t.get(f"rule_{step.rule}", step.rule), "why": words,
@@ -293,8 +318,23 @@ class _Context:
 
     # -- sections --
 
+    def fragment(self) -> dict[str, Any]:
+        """What the equations-only fragment places: no worked example, prose or diagram."""
+        return {
+            "version": __version__,
+            "spec_name": self.spec.name,
+            "command": self.command(),
+            "forward": self.forward(),
+            "cost": self.cost(),
+            "penalty": self.penalty(),
+            "activations": self.activations(),
+            "summary": self.summary(),
+            "matrix": [{"tag": formula.equation, "batch": self.batch_form(formula)}
+                       for formula in self.formulas("writing the batch forms")],
+        }
+
     def build(self) -> dict[str, Any]:
-        example = worked_example(self.derivation)
+        example = worked_example(self.derivation, shown=_shown)
         delta_l = NetTensor("delta", "l")
         summary = self.summary()
         return {
@@ -339,7 +379,7 @@ class _Context:
 
     def command(self) -> str:
         suffix = "" if self.lang == "en" else f" --lang {self.lang}"
-        return f"derive latex {self.spec.name}{suffix}"
+        return f"derive latex {self.spec.argument()}{suffix}"
 
     def network_text(self) -> str:
         L = self.model.depth
@@ -542,8 +582,11 @@ class _Context:
     def graph_sections(self) -> list[dict[str, Any]]:
         """One subsection per layer, from the output back."""
         parts = []
+        by_node: dict[int, list[Formula]] = {}
+        for formula in self.derivation.formulas:
+            by_node.setdefault(formula.node, []).append(formula)
         for node in reversed(self.model.nodes):
-            formulas = [f for f in self.derivation.formulas if f.node == node.index]
+            formulas = by_node.get(node.index, [])
             title = (self.text("node_title_named", l=node.index, name=self.code(node.name),
                                op=self.op_name(node)) if node.name else
                      self.text("node_title", l=node.index, op=self.op_name(node)))
@@ -619,7 +662,7 @@ class _Context:
 
     def matrix(self) -> list[dict[str, str]]:
         rows = []
-        for formula in self.derivation.formulas:
+        for formula in self.formulas("writing the tensor forms"):
             rows.append({
                 "tag": formula.equation,
                 "vector": self.display(formula.target, self.vector_expr(formula)),
@@ -629,7 +672,7 @@ class _Context:
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
-        for formula in self.derivation.formulas:
+        for formula in self.formulas("writing the summary"):
             if self.chain and not formula.equation:
                 continue
             rows.append(self.summary_row(formula))
@@ -686,13 +729,17 @@ class _Context:
             parts = []
             for parameter in node.parameters:
                 value = ex.parameters[parameter.key]
+                if value.ndim > 2:      # a custom op's tensor: its shape, not a page of numbers
+                    dims = r" \times ".join(map(str, value.shape))
+                    parts.append(rf"{latex(parameter.tensor)} \in \mathbb{{R}}^{{{dims}}}")
+                    continue
                 shown = _matrix(value, _short) if value.ndim == 2 else _column(value, _short)
                 parts.append(f"{latex(parameter.tensor)} = {shown}")
             for mask, value in ex.masks:
                 if mask.node == node.index:
                     parts.append(f"{latex(mask)} = {_column(value, _short)}")
-            if parts:
-                inputs.append(r",\quad ".join(parts))
+            # two to a line: a layer with more parameters (a custom op) does not run off
+            inputs += [r",\quad ".join(parts[n:n + 2]) for n in range(0, len(parts), 2)]
         first = {j: sp.Integer(1), k: sp.Integer(1)}
         forward_spelled = []
         for node in self.spelled_nodes():
@@ -716,11 +763,12 @@ class _Context:
         for formula, value in ex.backward:
             if value.ndim != 2:
                 continue
-            gradients.append(f"{latex(formula.target)} = {_matrix(value, _number)}")
+            shape = ex.value(formula.of).shape
+            gradients.append(f"{latex(formula.target)} = {_matrix(value, _number, shape)}")
             if formula.of in penalties:
                 total = value + penalties[formula.of]
                 gradients.append(f"{latex(formula.target, batch=True, batch_cost='J')} = "
-                                 f"{_matrix(total, _number)}")
+                                 f"{_matrix(total, _number, shape)}")
         text = [self.t["example_given" if ex.given else "example_default"]]
         if ex.masks:
             text.append(self.t["example_mask"])
@@ -808,10 +856,17 @@ def _column(values: Sequence[float] | np.ndarray, fmt: Callable[[float], str]) -
     return r"\begin{bmatrix}" + r" \\ ".join(rows) + r"\end{bmatrix}"
 
 
-def _matrix(rows: Sequence[Sequence[float]] | np.ndarray, fmt: Callable[[float], str]) -> str:
-    """A matrix as a bmatrix, at most SHOWN_NEURONS rows and columns of a large one."""
+def _shown(n: int) -> int:
+    """How many entries of an axis of length n the tables and matrices print."""
+    return SHOWN_NEURONS if n > MAX_NEURONS else n
+
+
+def _matrix(rows: Sequence[Sequence[float]] | np.ndarray, fmt: Callable[[float], str],
+            shape: tuple[int, int] | None = None) -> str:
+    """A matrix as a bmatrix, at most SHOWN_NEURONS rows and columns of a large one; ``shape``
+    is the whole matrix's when ``rows`` holds only the block shown."""
     rows = np.asarray(rows, dtype=np.float64)
-    n_rows, n_cols = rows.shape
+    n_rows, n_cols = shape or rows.shape
     cut_rows, cut_cols = n_rows > MAX_NEURONS, n_cols > MAX_NEURONS
     lines = []
     for row in rows[:SHOWN_NEURONS] if cut_rows else rows:
@@ -924,23 +979,29 @@ def _check_language(lang: str) -> None:
         raise DeriveError(f"unknown language {lang!r}; known: {', '.join(LANGUAGES)}")
 
 
-def render_context(derivation: Derivation, lang: str = "en", *,
-                   markdown: bool = False) -> dict[str, Any]:
-    """The already-printed strings that the templates place."""
+def render_context(derivation: Derivation, lang: str = "en", *, markdown: bool = False,
+                   progress: Report | None = None) -> dict[str, Any]:
+    """The already-printed strings that the templates place (``progress`` is told of each
+    formula written)."""
     _check_language(lang)
-    return _Context(derivation, lang, markdown).build()
+    return _Context(derivation, lang, markdown, progress).build()
 
 
-def render_latex(derivation: Derivation, lang: str = "en", fragment: bool = False) -> str:
+def render_latex(derivation: Derivation, lang: str = "en", fragment: bool = False, *,
+                 progress: Report | None = None) -> str:
     """A complete LaTeX article (or, with ``fragment``, the equations only) for ``derivation``."""
-    context = render_context(derivation, lang)
-    name = "equations.tex.j2" if fragment else "derivation.tex.j2"
-    return render(name, context, latex=True)
+    if fragment:
+        _check_language(lang)
+        context = _Context(derivation, lang, False, progress).fragment()
+        return render("equations.tex.j2", context, latex=True)
+    context = render_context(derivation, lang, progress=progress)
+    return render("derivation.tex.j2", context, latex=True)
 
 
-def render_markdown(derivation: Derivation, lang: str = "en") -> str:
+def render_markdown(derivation: Derivation, lang: str = "en", *,
+                    progress: Report | None = None) -> str:
     """The same content as Markdown with ``$$`` math (KaTeX/MathJax); no diagram."""
-    context = render_context(derivation, lang, markdown=True)
+    context = render_context(derivation, lang, markdown=True, progress=progress)
     return render("derivation.md.j2", context, latex=True)
 
 

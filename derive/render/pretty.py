@@ -8,12 +8,23 @@ become matrices A², Z², Δ², Y and ``(W³)ᵀ δ³`` becomes ``Δ³ W³``.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
-from derive.derivation.tensorform import ONE, Einsum, Inner, MatVec, Outer, Total
+from derive.derivation.tensorform import (
+    ONE,
+    Broadcast,
+    Einsum,
+    Inner,
+    MatVec,
+    Outer,
+    SumAxes,
+    Total,
+)
 from derive.quantities import NetTensor
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
@@ -57,7 +68,7 @@ class UnicodePrinter(StrPrinter):
         if expr == ONE:
             return "𝟏"
         if expr.role == "grad" and not self._settings["batch"] and expr.rank == 1:
-            inner = NetTensor(expr.of, expr.node, rank=expr.rank)
+            inner = expr.target
             return f"∇_{self._name(inner)} C"
         return self._name(expr, batch=self._settings["batch"])
 
@@ -92,11 +103,48 @@ class UnicodePrinter(StrPrinter):
             return f"{_GREEK.get(letter, letter)}{sub(layer)}({args})"
         return super()._print_Function(expr)
 
+    # --- math rather than SymPy's spelling: [z > 0], z², √x, 1e-5 ---------------------------
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        *pieces, (default, _) = expr.args
+        if len(pieces) == 1 and (pieces[0].expr, default) == (1, 0):
+            return f"[{self._print(pieces[0].cond)}]"       # an indicator (Iverson bracket)
+        cases = [f"{self._print(e)} if {self._print(c)}" for e, c in pieces]
+        return "{" + ", ".join([*cases, f"{self._print(default)} otherwise"]) + "}"
+
+    def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
+        base, exponent = expr.args
+        if exponent == sp.S.Half:
+            return f"√{self.parenthesize(base, PRECEDENCE['Pow'], strict=True)}"
+        if exponent == -sp.S.Half:
+            return f"1/√{self.parenthesize(base, PRECEDENCE['Pow'], strict=True)}"
+        text = self.parenthesize(base, PRECEDENCE["Pow"], strict=True)
+        if exponent.is_Rational and not exponent.is_Integer:
+            return f"{text}^({exponent})"                  # x^(3/2)
+        if not exponent.is_Integer:
+            return super()._print_Pow(expr, rational)
+        if text[-1] in "⁰¹²³⁴⁵⁶⁷⁸⁹ˡ":
+            text = f"({text})"          # (z¹)², not z¹² (which reads as z to the 12)
+        return text + sup(exponent)
+
+    def _print_Rational(self, expr: sp.Rational) -> str:
+        return _decimal(expr) or super()._print_Rational(expr)
+
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta) -> str:
         return "δ" + sub("".join(map(str, expr.args)))
 
     def _print_Total(self, expr: Total) -> str:
         return f"Σ({self._print(expr.args[0])})"
+
+    def _print_Broadcast(self, expr: Broadcast) -> str:
+        # an entry, in index notation: the axes are the indices
+        tensor, axes = expr.args[0], str(expr.args[1])
+        return self._print(tensor) + sub(axes)
+
+    def _print_SumAxes(self, expr: SumAxes) -> str:
+        summed = "".join(c for c in str(expr.args[1]) if c not in str(expr.args[2]))
+        body = self.parenthesize(expr.args[0], sp.printing.precedence.PRECEDENCE["Mul"])
+        return f"Σ{sub(summed)} {body}"
 
     def _print_Einsum(self, expr: Einsum) -> str:
         subscripts, *operands = expr.args
@@ -123,6 +171,9 @@ class UnicodePrinter(StrPrinter):
         return f"({self._print(u)})ᵀ {self._print(v)}"
 
     def _print_Mul(self, expr: sp.Mul) -> str:
+        coefficient, rest = expr.as_coeff_Mul()
+        if _decimal(coefficient) and rest != 1:
+            return f"{_decimal(coefficient)}·{self.parenthesize(rest, PRECEDENCE['Mul'])}"
         factors = expr.as_ordered_factors()
         vectors = [f for f in factors if _is_tensor(f)]
         if len(vectors) < 2:
@@ -133,6 +184,15 @@ class UnicodePrinter(StrPrinter):
         if scalar == -1:
             return "-" + text
         return text if scalar == 1 else self.parenthesize(scalar, prec) + "·" + text
+
+
+def _decimal(number: sp.Expr) -> str | None:
+    """A small constant such as ε = 1/100000 in scientific notation (``1e-5``), else None."""
+    if not isinstance(number, sp.Rational) or number.q < 10000 or 10 ** int(
+            math.log10(number.q)) != number.q:
+        return None
+    mantissa, _, exponent = f"{float(number):e}".partition("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _is_tensor(expr: sp.Expr) -> bool:

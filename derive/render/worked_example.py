@@ -9,7 +9,9 @@ Nothing is typed in: the forward values come from the nodes' own index-form equa
 (``Node.equations``, ``Model.cost``, ``Model.penalty``) and the backward values from the
 derived formulas (``Formula.rhs``, ``Formula.penalty``), each evaluated with NumPy over its
 free indices (an index is an array axis, a sum over an index sums that axis). So the numbers a
-student checks by hand are the numbers of the formulas printed above them.
+student checks by hand are the numbers of the formulas printed above them. Nothing is
+substituted symbolically, and a document computes only what it prints: a wide layer's weight
+gradient only for the rows and columns shown (``worked_example(..., shown=...)``).
 
 The input, target and parameters come from the spec's ``example:`` section when it has one
 (:class:`~derive.spec.ExampleSpec`: ``x``, ``y``, ``params`` W1, b1, gamma2, ...); otherwise
@@ -34,7 +36,7 @@ from derive.graph.model import Model
 from derive.quantities import NetTensor, tensor_of
 from derive.registry.functions import elementary, sigmoid, softplus
 from derive.registry.ops import OPS
-from derive.spec.load import PARAMETER_KEYS, NetworkSpec, layer_attributes
+from derive.spec.load import NetworkSpec, layer_attributes, parameter_key
 
 Vector = tuple[float, ...]
 
@@ -46,7 +48,8 @@ def _tenth(n: int) -> float:
     return n / 10
 
 
-def default_values(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple]]:
+def default_values(spec: NetworkSpec
+                   ) -> tuple[Vector, Vector, dict[str, tuple | np.ndarray]]:
     """Short round values (one decimal) for x, y and the parameters, without randomness.
 
     The patterns only need to be fixed, varied and small; the target suits the loss: a one-hot
@@ -63,22 +66,28 @@ def default_values(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple]]
         y = tuple(1.0 if n % 2 == 0 else 0.0 for n in range(n_out))
     else:
         y = tuple(0.5 if n % 2 == 0 else -0.5 for n in range(n_out))
-    params: dict[str, tuple] = {}
+    params: dict[str, tuple | np.ndarray] = {}
+    shapes = spec.parameter_shapes()
     for l, layer in enumerate(spec.layers, start=1):
-        n_in = sizes[layer.reads(l)[0]]
-        widths = {"size": layer.size, "in": n_in}
         for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
-            key = f"{PARAMETER_KEYS[parameter.role]}{l}"
-            shape = tuple(widths[axis] for axis in parameter.shape)
-            if len(shape) == 2:
-                params[key] = tuple(
-                    tuple(_tenth((3 * row + 5 * col + l) % 9 - 4) for col in range(1, shape[1] + 1))
-                    for row in range(1, shape[0] + 1))
+            key = parameter_key(parameter.role, l)
+            shape = shapes[key]
+            if len(shape) >= 2:
+                params[key] = _matrix_values(shape, l)
             else:
                 start = 1.0 if parameter.init == "ones" else 0.0
                 params[key] = tuple(start + _tenth((row + l) % 3 - 1)
                                     for row in range(1, shape[0] + 1))
     return x, y, params
+
+
+def _matrix_values(shape: tuple[int, ...], l: int) -> np.ndarray:
+    """Small distinct tenths for a matrix (or a tensor of more axes): the entry at indices
+    (r, c1, c2, ...) counted from 1 is ((3 r + 5 c + l) mod 9 − 4)/10 with c = c1 + 4 (c2 +
+    ...); all entries at once (an MNIST layer has 100 000)."""
+    index = np.indices(shape) + 1
+    row, col = index[0], index[1:].sum(axis=0) + 3 * index[2:].sum(axis=0)
+    return ((3 * row + 5 * col + l) % 9 - 4) / 10
 
 
 def example_inputs(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple], bool]:
@@ -159,8 +168,10 @@ class Evaluator:
 
     def __call__(self, expr: sp.Expr, indices: tuple[sp.Symbol, ...] = (),
                  shape: tuple[int, ...] = ()) -> np.ndarray:
-        """The value of ``expr`` as an array over its free ``indices`` (of sizes ``shape``)."""
+        """The value of ``expr`` as an array over its free ``indices`` (of sizes ``shape``:
+        the first entries of each, when shorter than the tensors they index)."""
         self._sizes = dict(zip(indices, shape))
+        self._free = dict(self._sizes)
         self._scan(expr)
         array, labels = self._eval(expr)
         array = np.asarray(array, dtype=np.float64)
@@ -209,7 +220,7 @@ class Evaluator:
                 if index in labels:
                     raise ValueError(f"repeated index {index} in one entry")
                 labels.append(index)
-                selection.append(slice(None))
+                selection.append(slice(None, self._free.get(index)))
             else:
                 raise ValueError(f"cannot evaluate the index {index}")
         return _Labeled(array[tuple(selection)], tuple(labels))
@@ -314,7 +325,8 @@ class WorkedExample:
 
     ``parameters`` maps each key (``W1``, ``b1``, ``gamma3``) to its array; ``forward`` holds
     every forward quantity in evaluation order; ``backward`` every formula of the derivation
-    with its value, in the derivation's order; ``penalties`` ∂R/∂w of the weights with one.
+    with its value, in the derivation's order (a weight matrix's gradient: the block a document
+    shows, when made with ``shown``); ``penalties`` ∂R/∂w of the weights with one.
     """
 
     x: np.ndarray
@@ -351,7 +363,7 @@ class WorkedExample:
         out = {}
         for formula, value in self.backward:
             if formula.kind == "gradient":
-                key = f"{PARAMETER_KEYS[formula.of.role]}{formula.of.node}"
+                key = parameter_key(formula.of.role, formula.of.node)
                 total = value + extra[formula.of] if penalty and formula.of in extra else value
                 out[key] = total
         return out
@@ -389,8 +401,14 @@ def _inputs_of(model: Model) -> list[NetTensor]:
     return out
 
 
-def worked_example(derivation: Derivation) -> WorkedExample:
-    """The forward and backward pass of the spec's example (or the default values)."""
+def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None = None
+                   ) -> WorkedExample:
+    """The forward and backward pass of the spec's example (or the default values).
+
+    ``shown(n)`` is how many entries of an axis of length n a document prints: the gradient of
+    a weight matrix, which no other formula reads, is then computed for the entries printed
+    only (its top-left block), not for every weight of a wide layer. Without it, everything.
+    """
     model = derivation.model
     spec = model.spec
     x, y, params, given = example_inputs(spec)
@@ -420,6 +438,8 @@ def worked_example(derivation: Derivation) -> WorkedExample:
     backward, penalties = [], []
     for formula in derivation.formulas:
         shape = evaluate.values[formula.of].shape
+        if shown is not None and formula.kind == "gradient" and formula.of.rank >= 2:
+            shape = tuple(shown(n) for n in shape)
         value = evaluate(formula.rhs, formula.indices, shape)
         backward.append((formula, value))
         evaluate.values[formula.target] = value

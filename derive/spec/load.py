@@ -19,18 +19,23 @@ import json
 import math
 import os
 import re
+import shlex
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+from derive import limits
 from derive.errors import DeriveError
+from derive.examples import EXAMPLES_DIR, example_names, example_path, list_examples  # noqa: F401
 from derive.registry import functions
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+if TYPE_CHECKING:
+    from derive.registry.custom_ops import CustomOp
+
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 TOP_FIELDS = ("name", "input", "layers", "loss", "regularization", "example")
@@ -40,12 +45,34 @@ LAYER_COMMON_FIELDS = ("op", "name", "input", "inputs")
 REGULARIZATION_FIELDS = ("l2", "l1")
 EXAMPLE_FIELDS = ("x", "y", "params")
 CUSTOM_FIELDS = ("name", "expr")
+CUSTOM_OP_FIELDS = ("name", "expr", "params")
+#: The one attribute of a custom op's layer: its output width, the range of j.
+CUSTOM_OP_SIZE = "size"
+#: How the ``source`` of a built-in example starts (then its quoted name).
+BUILTIN_LABEL = "built-in example"
 #: The spec's word for the network input x where a layer names what it reads.
 INPUT_NAME = "input"
 #: The op of a layer that gives no ``op:``.
 DEFAULT_OP = "dense"
 #: Dictionary keys of parameters by role (docs/architecture.md, "Contracts": W{l}, b{l}, gamma{l}, ...).
 PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta"}
+
+
+def parameter_key(role: str, node: int) -> str:
+    """The key of a parameter in the parameter dict: W3, b3, gamma3; a custom op's U3."""
+    return f"{PARAMETER_KEYS.get(role, role)}{node}"
+
+
+def axis_values(layer: LayerSpec, l: int, per_node: Sequence[T]) -> dict[str, T]:
+    """What the axis names of parameter shapes stand for at layer ``l``, given one value per
+    node (a width or its symbol): ``size`` (the layer's own), ``in`` (its first input's) and
+    ``in1``, ``in2``, ... (each input's, in order)."""
+    reads = layer.reads(l)
+    values = {"size": per_node[l], "in": per_node[reads[0]]}
+    values.update((f"in{n}", per_node[node]) for n, node in enumerate(reads, start=1))
+    return values
+
+T = TypeVar("T")
 
 # A field path inside the document: keys and list indices, e.g. ("layers", 1, "activation").
 FieldPath = tuple[str | int, ...]
@@ -84,7 +111,7 @@ class LayerSpec:
     size: int
     activation: FunctionSpec | None
     bias: bool = True
-    op: str = "dense"
+    op: str | CustomOp = "dense"
     name: str | None = None
     inputs: tuple[int, ...] | None = None
     options: tuple[tuple[str, float], ...] = ()
@@ -150,11 +177,10 @@ class NetworkSpec:
         from derive.registry.ops import OPS  # the registry, stage 0
 
         shapes: dict[str, tuple[int, ...]] = {}
-        sizes = self.sizes
         for l, layer in enumerate(self.layers, start=1):
-            widths = {"size": layer.size, "in": sizes[layer.reads(l)[0]]}
+            widths = axis_values(layer, l, self.sizes)
             for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
-                shapes[f"{PARAMETER_KEYS[parameter.role]}{l}"] = tuple(
+                shapes[parameter_key(parameter.role, l)] = tuple(
                     widths[axis] for axis in parameter.shape)
         return shapes
 
@@ -186,15 +212,15 @@ class NetworkSpec:
         for layer in self.layers:
             entry: dict[str, Any] = {}
             if layer.op != "dense":
-                entry["op"] = layer.op
+                entry["op"] = layer.op if isinstance(layer.op, str) else layer.op.to_data()
             if layer.name is not None:
                 entry["name"] = layer.name
             if layer.inputs is not None:
                 key = "input" if len(layer.inputs) == 1 else "inputs"
                 values = [INPUT_NAME if n == 0 else n for n in layer.inputs]
                 entry[key] = values[0] if key == "input" else values
-            if layer.op == "dense":
-                entry["size"] = layer.size
+            if layer.op == "dense" or not isinstance(layer.op, str):
+                entry["size"] = layer.size          # the ops that choose their own width
             if layer.activation is not None:
                 entry["activation"] = layer.activation.to_data()
             if layer.op == "dense" and not layer.bias:
@@ -213,6 +239,17 @@ class NetworkSpec:
             data["example"] = self.example.to_data()
         return data
 
+    def argument(self) -> str:
+        """The SPEC argument that names this spec in a command quoted in generated files
+        ("Regenerate: derive latex SPEC"): a built-in example's name; a file's name, shell
+        quoted (the command is run beside the file); ``<spec of NAME>`` for a spec given as
+        data, which no command can name."""
+        if self.source.startswith(BUILTIN_LABEL):
+            return self.name
+        if self.source == "<dict>":
+            return f"<spec of {self.name}>"
+        return shlex.quote(Path(self.source).name)
+
     def digest(self) -> str:
         """A short content hash of the spec (its source does not count)."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -227,8 +264,10 @@ def layer_attributes(layer: LayerSpec) -> dict[str, object]:
     return attrs
 
 
-def _a_layer(op_name: str) -> str:
+def _a_layer(op_name: str | CustomOp) -> str:
     """``"a dense layer"``, ``"an add layer"``: the op's layer with its article."""
+    if not isinstance(op_name, str):
+        return f"a {op_name.name} layer (a custom op)"
     article = "an" if op_name[:1].lower() in "aeiou" else "a"
     return f"{article} {op_name} layer"
 
@@ -256,31 +295,6 @@ def _resolve_loss(spec: FunctionSpec) -> functions.Loss:
     return functions.resolve_loss(spec.name, spec.expr)
 
 
-# --- built-in examples ---------------------------------------------------------------------
-
-
-def list_examples() -> list[tuple[str, str]]:
-    """``(name, one-line description)`` of each built-in example, sorted by name."""
-    examples = []
-    for path in sorted(EXAMPLES_DIR.glob("*.yaml")):
-        first = path.read_text(encoding="utf-8").partition("\n")[0]
-        description = first[1:].strip() if first.startswith("#") else ""
-        examples.append((path.stem, description))
-    return examples
-
-
-def example_path(name: str) -> Path:
-    """The file of the built-in example ``name``."""
-    if name not in _example_names():
-        known = ", ".join(_example_names())
-        raise DeriveError(f"no built-in example {name!r}; built-in examples: {known}")
-    return EXAMPLES_DIR / f"{name}.yaml"
-
-
-def _example_names() -> list[str]:
-    return sorted(path.stem for path in EXAMPLES_DIR.glob("*.yaml"))
-
-
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -297,15 +311,15 @@ def load_spec(source: str | os.PathLike | Mapping) -> NetworkSpec:
         return _Validator(None, {}).network(source, "<dict>")
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"load_spec takes a path, an example name or a mapping, not {source!r}")
-    if isinstance(source, str) and not os.path.exists(source) and source in _example_names():
-        path, label = example_path(source), f"built-in example {source!r}"
+    if isinstance(source, str) and not os.path.exists(source) and source in example_names():
+        path, label = example_path(source), f"{BUILTIN_LABEL} {source!r}"
     else:
         path, label = Path(source), os.fspath(source)
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         if not path.exists():
             raise DeriveError(
                 f"no such file or built-in example {label!r}; "
-                f"built-in examples: {', '.join(_example_names())}"
+                f"built-in examples: {', '.join(example_names())}"
             )
         raise DeriveError("a spec file must end in .yaml, .yml or .json", source=label)
     data, lines = _read_file(path, label)
@@ -314,12 +328,28 @@ def load_spec(source: str | os.PathLike | Mapping) -> NetworkSpec:
 
 def _read_file(path: Path, label: str) -> tuple[Any, dict[FieldPath, int]]:
     """The file's data and the 1-based line of each field path in it."""
+    if path.exists() and not path.is_file():  # a folder; a pipe or a device would block
+        raise DeriveError("cannot read the file: it is not a regular file (a folder, a device "
+                          "or a pipe)", source=label)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the spec
+        with open(path, "rb") as handle:
+            raw = handle.read(limits.MAX_SPEC_BYTES + 1)
+            size = max(len(raw), os.fstat(handle.fileno()).st_size)
     except FileNotFoundError:
         raise DeriveError("no such file", source=label) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DeriveError(f"cannot read the file ({err})", source=label) from None
+    except OSError as err:
+        raise DeriveError(f"cannot read the file: {err.strerror or err}", source=label) from None
+    if size > limits.MAX_SPEC_BYTES:
+        raise limits.over_limit("the file's size in bytes", size, limits.MAX_SPEC_BYTES,
+                                "MAX_SPEC_BYTES").located(source=label) from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM is not part of the spec
+    except UnicodeDecodeError as err:
+        raise DeriveError(f"not a UTF-8 text file (byte {err.start + 1} is not UTF-8)",
+                          source=label) from None
+    if "\0" in text:  # a binary file that happens to decode, or a stray NUL
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DeriveError("a NUL byte: a spec is a text file", source=label, line=line)
     if path.suffix.lower() == ".json":
         return _read_json(text, label)
     return _read_yaml(text, label)
@@ -337,8 +367,9 @@ _Loader.add_implicit_resolver(
 
 
 def _read_yaml(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # it checks every character at once
         node = loader.get_single_node()
         if node is None:
             return None, {}
@@ -347,9 +378,14 @@ def _read_yaml(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
     except yaml.MarkedYAMLError as err:
         raise _syntax_error("YAML", err, label) from None
     except yaml.YAMLError as err:
+        raise DeriveError(f"malformed YAML: {' '.join(str(err).split())}", source=label) from None
+    except ValueError as err:  # a constructor's, e.g. an integer of 5000 digits
         raise DeriveError(f"malformed YAML: {err}", source=label) from None
+    except RecursionError:
+        raise DeriveError("malformed YAML: nested too deeply", source=label) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _read_json(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
@@ -357,7 +393,7 @@ def _read_json(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
     # refuses tabs); the same text composed as YAML gives the line of each field.
     try:
         node = yaml.compose(text, Loader=_Loader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         node = None
     if node is not None:
         _check_duplicates(node, label)
@@ -371,6 +407,9 @@ def _read_json(text: str, label: str) -> tuple[Any, dict[FieldPath, int]]:
         ) from None
     except DeriveError as err:
         raise err.located(source=label) from None
+    except (ValueError, RecursionError) as err:  # an integer of 5000 digits; deep nesting
+        what = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise DeriveError(f"malformed JSON: {what}", source=label) from None
     return data, _field_lines(node) if node is not None else {}
 
 
@@ -530,6 +569,18 @@ class _Validator:
             )
         return value
 
+    def width(self, value: object, path: FieldPath) -> int:
+        """The width of the input or of a layer: a positive integer within the limit."""
+        width = self.positive_int(value, path)
+        if width > limits.MAX_WIDTH:
+            raise self.limit(path, "the width", width, limits.MAX_WIDTH, "MAX_WIDTH")
+        return width
+
+    def limit(self, path: FieldPath, what: str, value: int, limit: int,
+              name: str) -> DeriveError:
+        """:func:`derive.limits.over_limit`, placed at ``path``."""
+        return self.locate(limits.over_limit(what, value, limit, name), path)
+
     def identifier(self, value: object, path: FieldPath) -> str:
         if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
             raise self.error(
@@ -562,12 +613,15 @@ class _Validator:
             )
         self.mapping(data, (), "the spec", TOP_FIELDS, TOP_REQUIRED)
         name = self.identifier(data["name"], ("name",))
-        n_input = self.positive_int(data["input"], ("input",))
+        n_input = self.width(data["input"], ("input",))
         raw_layers = data["layers"]
         if not isinstance(raw_layers, list | tuple) or not raw_layers:
             raise self.error(
                 ("layers",), f"must be a non-empty list of layers, got {_describe(raw_layers)}"
             )
+        if len(raw_layers) > limits.MAX_DEPTH:
+            raise self.limit(("layers",), "the number of layers", len(raw_layers),
+                             limits.MAX_DEPTH, "MAX_DEPTH")
         layers = self.layers(raw_layers, n_input)
         loss = self.loss(data["loss"], ("loss",))
         regularization = ()
@@ -623,12 +677,18 @@ class _Validator:
         if not isinstance(data, Mapping):
             raise self.error(path, f"a layer must be a mapping, got {_describe(data)}")
         op_name = data.get("op", DEFAULT_OP)
-        if not isinstance(op_name, str) or op_name not in OPS:
+        custom = isinstance(op_name, Mapping)
+        if not custom and (not isinstance(op_name, str) or op_name not in OPS):
             raise self.error((*path, "op"), f"unknown op {_describe(op_name)}; known: "
-                                            f"{', '.join(OPS)}")
-        definition = OPS[op_name]
-        attributes = tuple(attribute.name for attribute in definition.attributes)
-        required = tuple(a.name for a in definition.attributes if a.required)
+                                            f"{', '.join(OPS)}, or a custom op "
+                                            "{name, expr, params}")
+        if custom:
+            attributes = required = (CUSTOM_OP_SIZE,)
+            op_name = "custom op"
+        else:
+            definition = OPS[op_name]
+            attributes = tuple(attribute.name for attribute in definition.attributes)
+            required = tuple(a.name for a in definition.attributes if a.required)
         self.mapping(data, path, _a_layer(op_name), (*LAYER_COMMON_FIELDS, *attributes),
                      required)
         name = None
@@ -641,6 +701,11 @@ class _Validator:
                                                   "name of its own")
         inputs = self.inputs(data, path, index, names)
         reads = inputs if inputs is not None else (index - 1,)
+        if custom:
+            width = self.width(data[CUSTOM_OP_SIZE], (*path, CUSTOM_OP_SIZE))
+            op_name = self.custom_op(data["op"], (*path, "op"), width,
+                                     tuple(sizes[n] for n in reads))
+            definition = OPS[op_name]
         low, high = definition.inputs
         if not low <= len(reads) <= (high if high is not None else len(reads)):
             if low == high:
@@ -670,7 +735,7 @@ class _Validator:
                 continue
             value = data[attribute.name]
             if attribute.kind == "size":
-                size = self.positive_int(value, where)
+                size = self.width(value, where)
             elif attribute.kind == "activation":
                 activation = self.activation(value, where)
             elif attribute.kind == "bool":
@@ -693,6 +758,56 @@ class _Validator:
         attrs = {"size": size, "bias": bias, **dict(options)}
         size = definition.output_size(attrs, tuple(widths))
         return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options))
+
+    def custom_op(self, data: object, path: FieldPath, size: int,
+                  widths: tuple[int, ...]) -> CustomOp:
+        """A custom op ``{name, expr, params}`` reading inputs of these widths, its expression
+        parsed by the whitelist parser (docs/architecture.md, "Custom ops")."""
+        import sympy as sp
+
+        from derive.registry.custom_ops import MAX_AXES, RESERVED, CustomOp
+        from derive.registry.ops import OPS  # the registry, stage 0
+
+        self.mapping(data, path, "a custom op", CUSTOM_OP_FIELDS, ("name", "expr"))
+        name = self.identifier(data["name"], (*path, "name"))
+        if name in OPS:
+            raise self.error((*path, "name"), f"{name!r} is a built-in op; give the custom op "
+                                              "another name")
+        expr = data["expr"]
+        if not isinstance(expr, str) or not expr.strip():
+            raise self.error((*path, "expr"), f"must be an expression string, got "
+                                              f"{_describe(expr)}")
+        probe = CustomOp(name, expr, (), len(widths))
+        axes = probe.axis_names
+        if len(widths) > 1:
+            axes = tuple(axis for axis in axes if axis != "in")
+        raw = data.get("params", {})
+        if not isinstance(raw, Mapping):
+            raise self.error((*path, "params"), "must map parameter names to shapes, e.g. "
+                                                f"{{U: [size, {axes[1]}]}}, got {_describe(raw)}")
+        params = []
+        taken = {*probe.input_names, *RESERVED}
+        for key, shape in raw.items():
+            where = (*path, "params", str(key))
+            key = self.identifier(key, where)
+            if key in taken or key[-1].isdigit():
+                why = ("ends in a digit (the layer number follows it: U3)" if key[-1].isdigit()
+                       else "is a name derive gives to a quantity or an input")
+                raise self.error(where, f"parameter name {key!r} {why}; choose another")
+            if not isinstance(shape, list | tuple) or not 1 <= len(shape) <= MAX_AXES or any(
+                    axis not in axes for axis in shape):
+                raise self.error(where, f"must be a list of 1 to {MAX_AXES} axes, each one of "
+                                        f"{', '.join(axes)}; got {_describe(shape)}")
+            params.append((key, tuple(shape)))
+        custom = CustomOp(name, expr, tuple(params), len(widths))
+        values = {"size": size, "in": widths[0], **dict(zip(probe.input_axes, widths))}
+        try:
+            custom.parse({key: sp.IndexedBase(key) for key, _ in params},
+                         tuple(sp.IndexedBase(x) for x in custom.input_names),
+                         {axis: sp.Symbol(axis) for axis in values}, values)
+        except DeriveError as err:
+            raise self.locate(err, (*path, "expr")) from None
+        return custom
 
     def inputs(self, data: Mapping, path: FieldPath, index: int,
                names: Mapping[str, int]) -> tuple[int, ...] | None:
@@ -813,9 +928,14 @@ class _Validator:
     def check_semantics(self, spec: NetworkSpec) -> None:
         """Rules across fields: something to train, softmax only last, losses that need a kind
         of output."""
-        if not spec.parameter_shapes():
+        shapes = spec.parameter_shapes()
+        if not shapes:
             raise self.error(("layers",), "the network has no parameters to train: add a dense "
                                           "or layer_norm layer")
+        count = sum(math.prod(shape) for shape in shapes.values())
+        if count > limits.MAX_PARAMETERS:
+            raise self.limit(("layers",), "the number of trainable parameters", count,
+                             limits.MAX_PARAMETERS, "MAX_PARAMETERS")
         for l in range(1, spec.depth):
             activation = spec.activation(l)
             if activation is not None and activation.is_softmax:

@@ -9,6 +9,7 @@ draws the record with matplotlib. Nothing here computes a gradient: the module d
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from derive.errors import DeriveError
+from derive.files import write_generated
 from derive.train.data import Dataset, Task
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -215,9 +217,7 @@ def plot_history(result: TrainResult, task: Task, title: str, path: str | Path) 
         axes.set_ylabel(name)
         axes.grid(alpha=0.3)
         axes.legend()
-    try:
-        figure.savefig(target, dpi=100)
-    except OSError as err:
-        raise DeriveError(f"cannot write the plot ({err.strerror})", source=str(target)) \
-            from None
-    return target
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    # written whole or not at all (a full disk leaves no half PNG); a plot is replaced freely
+    return write_generated(target, image.getvalue(), force=True)

@@ -1,8 +1,9 @@
 """Verification: the derived formulas against direct differentiation of the expanded loss.
 
-Public API: :func:`verify` (spec → :class:`Report`), :func:`verify_derivation`, and the
-concrete :class:`Instance` with :func:`backprop_values` and :func:`evaluate`. Independent of
-the derivation: it expands the ops' own forward equations.
+Public API: :func:`verify` (spec → :class:`Report`), :func:`verify_derivation`, the
+concrete :class:`Instance` with :func:`backprop_values` and :func:`evaluate`, and
+:func:`checked_copy` (the copy of a network over the budget that is expanded, and why it
+covers the network). Independent of the derivation: it expands the ops' own forward equations.
 
 :mod:`derive.verify.numeric` is the numeric service that verification and
 :mod:`derive.check` share: random points valid for the loss, the capped copy of a network
@@ -26,6 +27,8 @@ from derive.verify.numeric import (
     parameter_count,
     reduced_spec,
 )
+from derive.verify.reduction import CheckedCopy, checked_copy
 
-__all__ = ["DIGITS", "PARAMETER_BUDGET", "Instance", "Report", "backprop_values", "evaluate",
-           "numeric", "parameter_count", "reduced_spec", "verify", "verify_derivation"]
+__all__ = ["DIGITS", "PARAMETER_BUDGET", "CheckedCopy", "Instance", "Report",
+           "backprop_values", "checked_copy", "evaluate", "numeric", "parameter_count",
+           "reduced_spec", "verify", "verify_derivation"]

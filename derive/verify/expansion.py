@@ -14,9 +14,13 @@ derivation's order, each one instantiated at concrete indices, its sums expanded
 concrete widths, and the quantities it reads (forward values, δ's and adjoints computed by
 earlier formulas) looked up. Every entry must agree with the direct derivative: exactly (the
 difference expands to zero) where that is affordable, otherwise numerically at random points
-with 50-digit arithmetic. The regularization's part of a weight's gradient, ∂R/∂w, is checked
-on its own against the expanded penalty R. Networks too large to expand are checked on a copy
-with capped widths: the same graph, ops, activations and loss.
+with 50-digit arithmetic, where the direct derivatives at a point come from reverse
+accumulation over the same expanded entries (:mod:`derive.verify.tape`), which equals the
+derivative of the expanded C and costs one sweep instead of one expression per leaf. The
+regularization's part of a weight's gradient, ∂R/∂w, is checked on its own against the
+expanded penalty R. Networks over the parameter budget are checked on the copy that
+:mod:`derive.verify.reduction` builds and justifies: every layer kind in its position, repeated
+layers left out where their formulas are shown to be another layer's, widths capped.
 
 The random points, the capped copy and the 50-digit evaluation come from
 :mod:`derive.verify.numeric`, which :mod:`derive.check.formulas` uses too.
@@ -35,8 +39,9 @@ from dataclasses import dataclass
 import symengine as se
 import sympy as sp
 
-from derive.derivation.reverse import Derivation, Formula, derive
-from derive.graph.model import Model, build_model
+from derive.derivation.reverse import Derivation, Formula
+from derive.graph.model import Model
+from derive.limits import MAX_POINTS, check_count
 from derive.quantities import NetTensor, entry, tensor_of
 from derive.registry.functions import elementary
 from derive.spec.load import NetworkSpec
@@ -48,14 +53,12 @@ from derive.verify.numeric import (
     fold_constants,
     random_point,
     real_value,
-    reduced_spec,
 )
+from derive.verify.reduction import CheckedCopy, checked_copy
+from derive.verify.tape import Tape
 
 #: Exact symbolic comparison is attempted up to this many parameters.
 SYMBOLIC_LIMIT = 16
-#: From this many random points on, the direct derivatives are evaluated through their common
-#: subexpressions (found once, a fixed cost that many points amortise).
-_SHARED_POINTS = 8
 
 Key = sp.Expr          # an entry of a quantity: Indexed, rank-0 NetTensor or Derivative(C, q)
 Index = tuple[int, ...]
@@ -86,10 +89,12 @@ class Report:
     assumptions: tuple[str, ...]
     seconds: float
     budget: int = PARAMETER_BUDGET
+    copy: CheckedCopy | None = None  # what was expanded for a network over the budget
 
     @property
     def ok(self) -> bool:
-        return all(check.ok for check in self.checks)
+        covered = self.copy is None or self.copy.mismatch is None
+        return covered and all(check.ok for check in self.checks)
 
     @property
     def reduced(self) -> bool:
@@ -100,10 +105,8 @@ class Report:
         shape = "-".join(map(str, self.sizes))
         out = [(f"verify {self.name}: expanded the {shape} network into one scalar loss C "
                f"and differentiated it directly ({self.parameters} parameters)")]
-        if self.reduced:
-            out.append(f"  reduced copy: the {'-'.join(map(str, self.original_sizes))} network "
-                       f"has over {self.budget} parameters; widths capped at "
-                       f"{max(self.sizes)}, same graph, ops, activations and loss")
+        if self.copy is not None:
+            out += self.copy.lines()
         for assumption in self.assumptions:
             out.append(f"  assuming {assumption}")
         width = max((len(check.formula) for check in self.checks), default=10)
@@ -124,18 +127,26 @@ class Report:
 def verify(spec: NetworkSpec, *, points: int = 20, seed: int = 0,
            budget: int = PARAMETER_BUDGET,
            progress: Callable[[str], None] | None = None) -> Report:
-    """Verify the derivation of ``spec`` against direct differentiation of the expanded loss."""
+    """Verify the derivation of ``spec`` against direct differentiation of the expanded loss,
+    on the copy :func:`derive.verify.reduction.checked_copy` gives (``spec`` itself within
+    ``budget`` parameters), at most :data:`derive.limits.MAX_POINTS` ``points``."""
     start = time.perf_counter()
-    checked = reduced_spec(spec, budget)
-    report = verify_derivation(derive(build_model(checked)), points=points, seed=seed,
-                               progress=progress)
+    check_count("points", points, MAX_POINTS, "MAX_POINTS")
+    if progress:
+        progress("deriving the network and the copy to expand")
+    copy = checked_copy(spec, budget)
+    report = verify_derivation(copy.derivation, points=points, seed=seed, progress=progress,
+                               names=dict(copy.names))
     return dataclasses.replace(report, name=spec.name, original_sizes=spec.sizes,
-                               budget=budget, seconds=time.perf_counter() - start)
+                               budget=budget, seconds=time.perf_counter() - start,
+                               copy=copy if copy.spec != spec else None)
 
 
 def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> Report:
-    """Check every formula of ``derivation`` at its model's concrete widths (no reduction)."""
+                      progress: Callable[[str], None] | None = None,
+                      names: Mapping[str, str] | None = None) -> Report:
+    """Check every formula of ``derivation`` at its model's concrete widths (no reduction).
+    ``names``: how the report calls a formula (by its key; the key itself where absent)."""
     start = time.perf_counter()
     model = derivation.model
     formulas = derivation.formulas
@@ -143,53 +154,55 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
     if progress:
         progress("expanding the forward equations into one scalar loss C")
     instance = Instance(model, perturb=perturb)
-    if progress:
+    symbolic = (instance.parameter_count <= SYMBOLIC_LIMIT
+                and model.loss.needs != "distribution")
+    if progress and symbolic:
         progress("differentiating C directly")
-    plans = [_plan(instance, formula) for formula in formulas]
+    plans = [_plan(instance, formula, symbolic) for formula in formulas]
     penalties = [_penalty_plan(instance, formula) for formula in formulas]
 
     rng = random.Random(seed)
     samples = [instance.random_point(rng) for _ in range(points)]
     if progress:
-        progress(f"evaluating backpropagation at {points} random points")
+        progress(f"evaluating backpropagation and the direct derivatives at {points} random "
+                 "points")
     # per point: every formula entry as backprop computes it, and its direct derivative
     keys = [key for plan in plans for key in plan.keys]
-    directs = [d for plan in plans for d in plan.direct]
+    variables = [v for plan in plans for v in plan.variables]
     numeric: list[tuple[list[se.Basic | None], list[se.Basic | None]]] = []
     missing: set[Key] = set()
-    forward_batch = Batch(list(instance.values.values()))
-    direct_batch = Batch(directs, shared=points >= _SHARED_POINTS)
     for point in samples:
-        values = forward_batch.at(point)
-        if any(value is None for value in values):
+        swept = instance.sweep(point)
+        if swept is None:
             continue  # outside the domain of a custom function: no real forward pass
-        env = backprop_values(instance, derivation, dict(zip(instance.values, values)),
-                              numeric=True)
+        values, direct = swept
+        env = backprop_values(instance, derivation, values, numeric=True)
         missing.update(key for key in keys if key not in env)
         derived = [real_value(env[key]) if key in env else None for key in keys]
-        numeric.append((derived, direct_batch.at(point)))
+        numeric.append((derived, [direct[v] for v in variables]))
 
     symbolic_env: dict[Key, se.Basic] | None = None
-    if instance.parameter_count <= SYMBOLIC_LIMIT and model.loss.needs != "distribution":
+    if symbolic:
         zero = instance.at_zero_error
         symbolic_env = backprop_values(instance, derivation,
                                        {q: v.subs(zero) for q, v in instance.values.items()})
     checks: list[Check] = []
     offset = 0
     for formula, plan, penalty in zip(formulas, plans, penalties):
+        name = (names or {}).get(formula.key, formula.key)
         if progress:
-            progress(f"checking {formula.key}")
+            progress(f"checking {name}")
         if plan.error is not None:
-            checks.append(_failed(formula, 0, f"cannot be checked: {plan.error}"))
+            checks.append(_failed(formula, name, 0, f"cannot be checked: {plan.error}"))
         elif missing.intersection(plan.keys):
-            checks.append(_failed(formula, len(plan.keys),
+            checks.append(_failed(formula, name, len(plan.keys),
                                   _why_missing(instance, formula, plan, derivation)))
         else:
-            checks.append(_check_formula(instance, formula, plan, numeric, offset,
+            checks.append(_check_formula(instance, formula, name, plan, numeric, offset,
                                          symbolic_env))
         offset += len(plan.keys)
         if penalty is not None:
-            checks.append(_check_penalty(formula, penalty, samples))
+            checks.append(_check_penalty(formula, name, penalty, samples))
     assumptions = tuple(dict.fromkeys(a for f in formulas for a in f.assumptions))
     sizes = model.spec.sizes
     return Report(model.spec.name, sizes, sizes, instance.parameter_count, tuple(checks),
@@ -227,6 +240,8 @@ class Instance:
         self._templates: dict[tuple[sp.Expr, tuple[sp.Symbol, ...]], _Template] = {}
         self._keys: dict[tuple, list[tuple[Index, Key]]] = {}
         self._interned: dict[Key, Key] = {}     # one object per key: dict lookups by identity
+        self.tape = Tape()                      # the same entries, each reading its inputs
+        self.nodes: dict[Key, int] = {}         # every key of ``values`` -> its tape node
         targets = {eq.target for eq in model.equations}
         self._defined: set[NetTensor] = set()        # quantities whose values are known
         perturbed = targets if perturb is None else set(perturb)
@@ -263,6 +278,7 @@ class Instance:
                 for index in _indices(shape):
                     key = self.intern(entry(eq.target, index))
                     value = template.at(self, index, lookup)
+                    self.nodes[key] = self._node(template, index)
                     if eq.target in perturbed:
                         error = se.Symbol(f"e_{_leaf_name(eq.target, index)}")
                         self.errors[key] = error
@@ -271,6 +287,7 @@ class Instance:
                     self.values[key] = value
                 self._defined.add(eq.target)
         self.cost: se.Basic = self._template(model.cost, ()).at(self, (), lookup)
+        self.cost_node = self._node(self._template(model.cost, ()), ())
         self.penalty: se.Basic = self._template(model.penalty, ()).at(self, (), lookup)
 
     @property
@@ -321,7 +338,26 @@ class Instance:
         self.leaf_tensors.append((symbol, tensor_of(key)))
         self.values[key] = symbol
         self._leaf_of[key] = symbol
+        self.nodes[key] = self.tape.leaf(symbol)
         return symbol
+
+    def _node(self, template: _Template, index: Index) -> int:
+        """The tape node of ``template`` at ``index``: its own expression, reading the nodes
+        of the entries it reads (known by now: the expansion has read them)."""
+        expr, args, keys = template.local(self, index)
+        return self.tape.node(expr, args, [self.nodes[key] for key in keys])
+
+    def sweep(self, point: Mapping[se.Symbol, se.Basic]
+              ) -> tuple[dict[Key, se.Basic], dict[Key, se.Basic | None]] | None:
+        """At ``point``: the value of every entry (the keys of ``values``) and the direct
+        derivative ∂C/∂q of C by each of them, by reverse accumulation over the entries
+        (:mod:`derive.verify.tape`); None where a value is not a finite real number."""
+        swept = self.tape.sweep(point, self.cost_node)
+        if swept is None:
+            return None
+        values, adjoints = swept
+        return ({key: values[n] for key, n in self.nodes.items()},
+                {key: adjoints[n] for key, n in self.nodes.items()})
 
     def random_point(self, rng: random.Random) -> dict[se.Symbol, se.Basic]:
         """Random values for every leaf, masks included (they are inputs of C like any
@@ -438,6 +474,24 @@ class _Template:
         expr = se.sympify(body)
         return cls(source, free, sizes, expr, tuple(slots), fold_constants([expr])[0])
 
+    def local(self, instance: Instance, index: Index
+              ) -> tuple[se.Basic, tuple[se.Symbol, ...], tuple[Key, ...]]:
+        """The expression at ``index`` as a function of what it reads: its constants as
+        numbers, its placeholders, and the key each placeholder stands for."""
+        if self.expr is None:  # compiled per entry
+            substitution = dict(zip(self.free, map(sp.Integer, index)))
+            return instance._template(self.source.xreplace(substitution), ()).local(instance, ())
+        return (self.numeric, tuple(slot.symbol for slot in self.slots),
+                self._keys(instance, index))
+
+    def _keys(self, instance: Instance, index: Index) -> tuple[Key, ...]:
+        keys = self.keys.get(index)
+        if keys is None:
+            substitution = dict(zip(self.free, map(sp.Integer, index)))
+            keys = self.keys[index] = tuple(instance.intern(slot.key(substitution))
+                                            for slot in self.slots)
+        return keys
+
     def at(self, instance: Instance, index: Index, lookup: Callable[[Key], se.Basic],
            numeric: bool = False) -> se.Basic:
         """The expression at ``index``, each quantity it reads from ``lookup``; ``numeric``:
@@ -450,11 +504,7 @@ class _Template:
             return instance._template(self.source.xreplace(substitution), ()).at(
                 instance, (), lookup, numeric)
         expr = self.numeric if numeric else self.expr
-        keys = self.keys.get(index)
-        if keys is None:
-            substitution = dict(zip(self.free, map(sp.Integer, index)))
-            keys = self.keys[index] = tuple(instance.intern(slot.key(substitution))
-                                            for slot in self.slots)
+        keys = self._keys(instance, index)
         if not keys:
             return expr
         return expr.subs({slot.symbol: lookup(key) for slot, key in zip(self.slots, keys)})
@@ -514,30 +564,35 @@ def backprop_values(instance: Instance, derivation: Derivation,
 
 @dataclass(frozen=True)
 class _Plan:
-    """What one formula is checked against: its entries, their keys and direct derivatives."""
+    """What one formula is checked against: its entries, their keys, the entries of the
+    quantity it differentiates (whose direct derivatives the tape gives at each point) and,
+    for an exact comparison, the symbolic direct derivatives."""
 
     entries: tuple[Index, ...]
     keys: tuple[Key, ...]
-    direct: tuple[se.Basic, ...]
+    variables: tuple[Key, ...]
+    direct: tuple[se.Basic, ...] = ()
     error: str | None = None
 
 
-def _plan(instance: Instance, formula: Formula) -> _Plan:
+def _plan(instance: Instance, formula: Formula, symbolic: bool) -> _Plan:
     try:
         keyed = instance.keyed_entries(formula)
-        direct = tuple(se.diff(instance.cost, instance.variable(formula, index))
-                       for index, _ in keyed)
+        leaves = [instance.variable(formula, index) for index, _ in keyed]
     except MissingQuantity as err:
-        return _Plan((), (), (), str(err.args[0]))
-    return _Plan(tuple(index for index, _ in keyed), tuple(key for _, key in keyed), direct)
+        return _Plan((), (), (), error=str(err.args[0]))
+    direct = tuple(se.diff(instance.cost, leaf) for leaf in leaves) if symbolic else ()
+    return _Plan(tuple(index for index, _ in keyed), tuple(key for _, key in keyed),
+                 tuple(instance.intern(entry(formula.of, tuple(map(sp.Integer, index))))
+                       for index, _ in keyed), direct)
 
 
-def _failed(formula: Formula, entries: int, why: str) -> Check:
-    return Check(formula.key, formula.equation, entries, why, float("nan"), False,
+def _failed(formula: Formula, name: str, entries: int, why: str) -> Check:
+    return Check(name, formula.equation, entries, why, float("nan"), False,
                  formula.kind)
 
 
-def _check_formula(instance: Instance, formula: Formula, plan: _Plan,
+def _check_formula(instance: Instance, formula: Formula, name: str, plan: _Plan,
                    numeric: list[tuple[list[se.Basic | None], list[se.Basic | None]]],
                    offset: int, symbolic_env: dict[Key, se.Basic] | None) -> Check:
     count = len(plan.keys)
@@ -545,12 +600,12 @@ def _check_formula(instance: Instance, formula: Formula, plan: _Plan,
         zero = instance.at_zero_error
         if all(key in symbolic_env and se.expand(symbolic_env[key] - direct.subs(zero)) == 0
                for key, direct in zip(plan.keys, plan.direct)):
-            return Check(formula.key, formula.equation, count, "symbolic identity", 0.0, True,
+            return Check(name, formula.equation, count, "symbolic identity", 0.0, True,
                          formula.kind)
     worst = _worst((derived[offset:offset + count], expected[offset:offset + count])
                    for derived, expected in numeric)
     method = f"numeric: {len(numeric)} points, {DIGITS} digits"
-    return Check(formula.key, formula.equation, count, method, worst,
+    return Check(name, formula.equation, count, method, worst,
                  worst < TOLERANCE, formula.kind)
 
 
@@ -616,9 +671,9 @@ def _penalty_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
     return _PenaltyPlan(entries, derived, direct)
 
 
-def _check_penalty(formula: Formula, plan: _PenaltyPlan,
+def _check_penalty(formula: Formula, name: str, plan: _PenaltyPlan,
                    samples: list[dict[se.Symbol, se.Basic]]) -> Check:
-    label = f"{formula.key} + penalty"
+    label = f"{name} + penalty"
     count = len(plan.entries)
     if all(se.expand(derived - direct) == 0
            for derived, direct in zip(plan.derived, plan.direct)):

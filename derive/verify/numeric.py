@@ -39,11 +39,14 @@ DIGITS = 50
 BITS = 200
 #: Relative agreement required at 50 digits (ten digits of slack for cancellation).
 TOLERANCE = 10.0 ** -(DIGITS - 10)
-#: Networks with more parameters than this are verified on a copy with capped widths: the
-#: expanded loss of a wider network is too slow to differentiate.
-PARAMETER_BUDGET = 120
-#: Widths are never capped below this (a softmax needs two outputs).
-MIN_WIDTH = 2
+#: Networks with more parameters than this are verified on a copy with capped widths (after
+#: repeated layers are left out, :mod:`derive.verify.reduction`): 700 parameters verify in
+#: about 2 s at 20 points (bench/verify_times.py).
+PARAMETER_BUDGET = 700
+#: Widths are never capped below this: with three values, the indices of a formula (j, k and
+#: a summed index) can all differ, so a transposed matrix or a softmax's missing cross term
+#: cannot agree with the truth by chance. A width already below it stays as it is.
+MIN_WIDTH = 3
 #: Where binary cross-entropy's targets are drawn: probabilities away from 0 and 1.
 PROBABILITY_RANGE = (0.05, 0.95)
 #: Resolution of an exact probability vector drawn without rounding (entries k / 10^6).
@@ -175,8 +178,8 @@ def largest_cap(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> int:
 
 def reduced_spec(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> NetworkSpec:
     """``spec`` itself if it is within ``budget`` parameters, else a copy with every width
-    (the input's too) capped at the largest value that fits, but not below 2: the same graph,
-    ops, activations and loss."""
+    (the input's too) capped at the largest value that fits, but not below
+    :data:`MIN_WIDTH`: the same graph, ops, activations and loss."""
     if spec_parameter_count(spec) <= budget:
         return spec
     return capped_spec(spec, largest_cap(spec, budget))
@@ -226,18 +229,11 @@ def as_float(value: se.Basic | None) -> float | None:
 
 
 class Batch:
-    """Expressions evaluated together at points, each with :func:`value_at`'s fallback.
+    """Expressions evaluated together at points, each with :func:`value_at`'s fallback."""
 
-    With ``shared``, their common subexpressions are found once (``cse``) and evaluated once
-    per point, which pays off over many points: the direct derivatives of C share most of
-    the forward pass.
-    """
-
-    def __init__(self, exprs: Sequence[se.Basic], *, shared: bool = False) -> None:
+    def __init__(self, exprs: Sequence[se.Basic]) -> None:
         self.exprs = list(exprs)
-        self.shared = shared
         self._matrix: se.DenseMatrix | None = None
-        self._program: tuple[list, list] | None = None
         self._folded: list[se.Basic] | None = None
 
     def at(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic | None]:
@@ -254,20 +250,10 @@ class Batch:
         return out
 
     def _substitute(self, point: Mapping[se.Symbol, se.Basic]) -> list[se.Basic]:
-        if not self.shared:
-            if self._matrix is None:
-                self._matrix = se.DenseMatrix(len(self.exprs), 1, self.exprs)
-            values = self._matrix.subs(point)
-            return [values[n, 0] for n in range(len(self.exprs))]
-        if self._program is None:
-            replacements, reduced = se.cse(self.exprs)
-            self._program = ([(s, e, tuple(e.free_symbols)) for s, e in replacements],
-                             [(e, tuple(e.free_symbols)) for e in reduced])
-        steps, results = self._program
-        known = dict(point)
-        for symbol, expr, reads in steps:
-            known[symbol] = expr.xreplace({s: known[s] for s in reads})
-        return [expr.xreplace({s: known[s] for s in reads}) for expr, reads in results]
+        if self._matrix is None:
+            self._matrix = se.DenseMatrix(len(self.exprs), 1, self.exprs)
+        values = self._matrix.subs(point)
+        return [values[n, 0] for n in range(len(self.exprs))]
 
 
 def fold_constants(exprs: Sequence[se.Basic]) -> list[se.Basic]:
