@@ -34,7 +34,7 @@ from derive.render.latex import (
     tex_available,
 )
 from derive.spec.load import list_examples, load_spec
-from tests.custom_op_specs import BILINEAR, PRODUCT, RBF
+from tests.custom_op_specs import BILINEAR, HIGHWAY, PRODUCT, RBF
 from tests.test_latex_graphs import SPECS
 
 LANGUAGES = ("en", "zh")
@@ -69,7 +69,7 @@ def all_specs() -> dict[str, object]:
     specs.update(SPECS)
     specs.update(activation_specs())
     # custom ops: contractions printed as einsum, a tensor parameter, placed sums
-    specs.update({spec["name"]: spec for spec in (BILINEAR, RBF, PRODUCT)})
+    specs.update({spec["name"]: spec for spec in (BILINEAR, HIGHWAY, RBF, PRODUCT)})
     return specs
 
 

@@ -649,8 +649,13 @@ class _Context:
         the derivative of the penalty."""
         lhs = latex(formula.target, batch=True, batch_cost=self.batch_cost)
         if formula.kind == "gradient" and formula.of.rank == 1:
-            rhs = batch_gradient(self.vector_expr(formula, batch=True),
-                                 batch_cost=self.batch_cost)
+            vector = self.vector_expr(formula, batch=True)
+            rhs = batch_gradient(vector, batch_cost=self.batch_cost)
+            if visual_length(rhs) + visual_length(lhs) > LINE_BUDGET and \
+                    isinstance(vector, sp.Add):
+                # the mean over the rows of a long sum: the sum broken over lines inside
+                inner = self.broken(vector, batch=True, lead=visual_length(lhs) + 8)
+                rhs = rf"\frac{{1}}{{B}}\,\mathbf{{1}}^{{\top}} \left({inner}\right)"
         else:
             rhs = self.broken(self.vector_expr(formula, batch=True), batch=True,
                               lead=visual_length(lhs))
