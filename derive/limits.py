@@ -25,6 +25,9 @@ MAX_PARAMETERS = 20_000_000
 MAX_EXPRESSION_LENGTH = 2_000
 #: Depth of brackets in such an expression.
 MAX_EXPRESSION_NESTING = 60
+#: Function calls nested inside one another (tanh(tanh(...))): each level multiplies the work of
+#: differentiating and simplifying what it wraps.
+MAX_CALL_NESTING = 8
 #: Random points of a numeric check (`derive verify --points`, `derive check --points`).
 MAX_POINTS = 1_000
 #: Rows of a random batch (`derive check --backward ... --batch`).

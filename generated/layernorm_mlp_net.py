@@ -150,11 +150,11 @@ def backward(params, cache, Y):
     # ∂C/∂x̂² = δ² ⊙ γ²
     dC_dXhat2 = delta2*gamma2
     # (𝟏)ᵀ ∇_x̂² C, used more than once
-    shared1 = dC_dXhat2.sum(axis=1, keepdims=True)
+    shared_1 = dC_dXhat2.sum(axis=1, keepdims=True)
     # ∂C/∂(σ²)² = μ²*(𝟏)ᵀ ∇_x̂² C/(2*((σ²)² + 1e-5)^(3/2)) - (∇_x̂² C)ᵀ a¹/(2*((σ²)² + 1e-5)^(3/2))
-    dC_dvar2 = 0.5*mu2*shared1/(var2 + 1e-05)**(3/2) - 0.5*(A1*dC_dXhat2).sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2)
+    dC_dvar2 = 0.5*mu2*shared_1/(var2 + 1e-05)**(3/2) - 0.5*(A1*dC_dXhat2).sum(axis=1, keepdims=True)/(var2 + 1e-05)**(3/2)
     # ∂C/∂μ² = ∂C/∂(σ²)²*(2*μ²*n_1 - 2*(𝟏)ᵀ a¹)/n_1 - (𝟏)ᵀ ∇_x̂² C/√((σ²)² + 1e-5)
-    dC_dmu2 = 0.25*dC_dvar2*(8*mu2 - 2*A1.sum(axis=1, keepdims=True)) - shared1/np.sqrt(var2 + 1e-05)
+    dC_dmu2 = 0.25*dC_dvar2*(8*mu2 - 2*A1.sum(axis=1, keepdims=True)) - shared_1/np.sqrt(var2 + 1e-05)
     # ∂C/∂γ² = δ² ⊙ x̂², summed over the rows
     dgamma2 = (delta2*Xhat2).sum(axis=0)
     # ∂C/∂β² = δ², summed over the rows

@@ -185,8 +185,17 @@ BAD = [
     ("c[j]", {"c": []}, "list of 1 to 4 axes"),
     ("c[j]", {"delta": ["size"]}, "parameter name 'delta'"),
     ("c[j]", {"A": ["size"]}, "parameter name 'A'"),
-    ("c[j]", {"c2": ["size"]}, "ends in a digit"),
+    ("c[j]", {"c2": ["size"]}, "must be letters only"),
+    ("c[j]", {"S1_": ["size"]}, "must be letters only"),
+    ("c[j]", {"lambda": ["size"]}, "Python keyword"),
+    ("c[j] * dc[j]", {"c": ["size"], "dc": ["size"]}, "gradient of 'c'"),
+    ("c[j]", {"c": ["size", "out"]}, "'out' among them"),
+    ("sum(U[j,k], k) * x[j]", {"U": ["size", "in"]}, "does not read the input"),
+    ("x[j] - x[j] + c[j]", {"c": ["size"]}, "does not read the input"),
+    ("sum(U[k,k]*x[k], k) + x[j]", {"U": ["in", "in"]}, "an index appears twice"),
     ("x[j] ** 100000", {}, "exponent 100000 too large"),
+    ("x[j] * log(0)", {}, "not a finite real number"),
+    ("x[j] * sqrt(-1)", {}, "not a finite real number"),
 ]
 
 

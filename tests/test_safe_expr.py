@@ -156,3 +156,9 @@ def test_message_says_where_and_what_is_allowed() -> None:
     assert "'foo'" in message and "column 5" in message
     assert "variables (z)" in message
     assert all(name in message for name in FUNCTIONS)
+
+
+@pytest.mark.parametrize("text", ["z*log(0)", "z/0", "sqrt(-1)*z", "z + log(-1)", "0*z/0"])
+def test_constants_without_a_finite_real_value_are_refused(text: str) -> None:
+    with pytest.raises(DeriveError, match="not a finite real number"):
+        parse_expression(text, {"z": sp.Symbol("z")})

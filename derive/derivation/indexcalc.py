@@ -16,15 +16,16 @@ def _deltas_out(expr: sp.Expr) -> sp.Expr:
     """Each piecewise expression whose every branch has the same Kronecker delta factor (a
     step's derivative times δ_jk) as that delta times the piecewise expression without it."""
     def pull(piecewise: sp.Piecewise) -> sp.Expr:
-        factors = [{f for f in sp.Mul.make_args(branch.expr)
-                    if isinstance(f, sp.KroneckerDelta)}
-                   for branch in piecewise.args if branch.expr != 0]
+        branches = [(sp.Add.make_args(sp.expand(branch.expr)), branch.cond)
+                    for branch in piecewise.args]
+        factors = [{f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta)}
+                   for terms, _cond in branches for term in terms if term != 0]
         common = set.intersection(*factors) if factors else set()
         if not common:
             return piecewise
         delta = sp.Mul(*common)
-        return delta * sp.Piecewise(*((branch.expr / delta, branch.cond)
-                                      for branch in piecewise.args))
+        return delta * sp.Piecewise(*((sp.Add(*(term / delta for term in terms)), cond)
+                                      for terms, cond in branches))
 
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), pull) \
         if expr.has(sp.Piecewise) else expr

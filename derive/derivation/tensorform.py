@@ -111,8 +111,11 @@ def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
     """The tensor form of index expression ``expr`` whose free indices are ``free``.
 
     No free index: a per-sample scalar; one: a vector expression; two (j, k): an outer product.
-    Raises ``DeriveError`` for an index pattern without a tensor form.
+    Raises ``DeriveError`` for an index pattern without a tensor form (a Kronecker delta the
+    derivation could not collapse among them).
     """
+    if expr.has(sp.KroneckerDelta):
+        raise DeriveError(f"no tensor form for {expr} (a Kronecker delta left in it)")
     if len(free) == 0:
         return _vector(expr, None)
     if len(free) == 1:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from derive.errors import DeriveError
 from derive.quantities import INDEX_POOL, NetTensor, entry
 from derive.registry.ops import Attribute, Context, Equation, Forward, OpDef, ParameterDef
 from derive.registry.safe_expr import Array, parse_index_expression
@@ -78,7 +79,16 @@ class CustomOp:
         arrays = {name: Array(params[name], shape) for name, shape in self.params}
         arrays.update((name, Array(base, (axis,))) for name, base, axis
                       in zip(self.input_names, inputs, self.input_axes))
-        return parse_index_expression(self.expr, arrays, ranges, widths, OUTPUT_INDEX)
+        expr, sums = parse_index_expression(self.expr, arrays, ranges, widths, OUTPUT_INDEX)
+        # a per-sample layer: its output, and every sum in it, read an input (a sum over
+        # parameters alone is a parameter of its own: give it as one)
+        for what, part in [("the expression", expr), *(("the sum " + str(total), total)
+                                                        for total in sums)]:
+            if not part.has(*inputs):
+                raise DeriveError(f"{what} in {self.expr!r} does not read the input "
+                                  f"({', '.join(self.input_names)}); a part that depends on "
+                                  "parameters only is a parameter of its own")
+        return expr, sums
 
     def definition(self) -> OpDef:
         """The op registry's entry for this op."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from derive.errors import DeriveError
-from derive.limits import check_expression
+from derive.limits import MAX_CALL_NESTING, check_expression
 from derive.quantities import INDEX_POOL
 from derive.registry.functions import SCALAR_FUNCTIONS, ScalarFunction
 
@@ -49,7 +49,7 @@ def parse_expression(text: str, variables: Mapping[str, sp.Symbol]) -> sp.Expr:
     source = text.replace("^", "**")
     try:
         tree = ast.parse(source.strip(), mode="eval")
-        return _Converter(text, variables).convert(tree.body)
+        return _real(_Converter(text, variables).convert(tree.body), text)
     except SyntaxError as err:
         col = (err.offset or 0)
         raise DeriveError(f"cannot parse expression {text!r} (syntax error at column {col})")
@@ -58,10 +58,20 @@ def parse_expression(text: str, variables: Mapping[str, sp.Symbol]) -> sp.Expr:
         raise DeriveError(f"expression {text[:40]!r}... is nested too deeply") from None
 
 
+def _real(expr: sp.Expr, text: str) -> sp.Expr:
+    """``expr``, unless a constant in it is not a finite real number (log(0), 1/0, sqrt(-1),
+    log(-1)): those have no value the network could compute."""
+    if expr.has(sp.zoo, sp.oo, -sp.oo, sp.nan, sp.I):
+        raise DeriveError(f"expression {text!r} has a constant that is not a finite real "
+                          "number (such as log(0), 1/0 or sqrt(-1))")
+    return expr
+
+
 class _Converter:
     def __init__(self, text: str, variables: Mapping[str, sp.Symbol]) -> None:
         self.text = text
         self.variables = variables
+        self.calls = 0          # function calls open around the node being converted
 
     def fail(self, node: ast.AST, what: str) -> DeriveError:
         col = getattr(node, "col_offset", None)
@@ -108,17 +118,26 @@ class _Converter:
                 self.check_power(node, left, right)
             return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
-                name = node.func.id if isinstance(node.func, ast.Name) else "this call"
-                raise self.fail(node, f"function {name!r} is not allowed")
-            if node.keywords:
-                raise self.fail(node, "keyword arguments are not allowed")
-            args = [self.convert(arg) for arg in node.args]
-            fn = FUNCTIONS[node.func.id]
-            if len(args) != fn.arity and not (fn.variadic and len(args) >= fn.arity):
-                raise self.fail(node, f"{node.func.id}() takes {fn.arity} argument(s)")
-            return fn.build(*args)
+            return self.call(node)
         raise self.fail(node, f"{type(node).__name__} is not allowed")
+
+    def call(self, node: ast.Call) -> sp.Expr:
+        if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
+            name = node.func.id if isinstance(node.func, ast.Name) else "this call"
+            raise self.fail(node, f"function {name!r} is not allowed")
+        if node.keywords:
+            raise self.fail(node, "keyword arguments are not allowed")
+        self.calls += 1
+        if self.calls > MAX_CALL_NESTING:
+            # each level multiplies what differentiation and simplification meet
+            raise self.fail(node, f"function calls nested more than {MAX_CALL_NESTING} deep "
+                                  "(derive.limits.MAX_CALL_NESTING)")
+        args = [self.convert(arg) for arg in node.args]
+        self.calls -= 1
+        fn = FUNCTIONS[node.func.id]
+        if len(args) != fn.arity and not (fn.variadic and len(args) >= fn.arity):
+            raise self.fail(node, f"{node.func.id}() takes {fn.arity} argument(s)")
+        return fn.build(*args)
 
 
 # --- index notation: the forward pass of a custom op ---------------------------------------
@@ -164,6 +183,7 @@ def parse_index_expression(
                           f"{err.offset or 0})") from None
     except RecursionError:
         raise DeriveError(f"expression {text[:40]!r}... is nested too deeply") from None
+    _real(expr, text)
     if not expr.has(converter.symbol(output)):
         raise DeriveError(f"expression {text!r} does not use the output index {output!r}: "
                           f"entry {output} of the output must depend on {output}")
@@ -217,6 +237,10 @@ class _IndexConverter(_Converter):
         if len(items) != len(array.axes):
             raise self.fail(node, f"{name!r} has {len(array.axes)} axes, indexed with "
                                   f"{len(items)}")
+        names = [item.id for item in items if isinstance(item, ast.Name)]
+        if len(set(names)) != len(names):
+            raise self.fail(node, f"an index appears twice in one entry of {name!r} (a "
+                                  "diagonal): write each axis with an index of its own")
         symbols = []
         for position, (item, axis) in enumerate(zip(items, array.axes), start=1):
             if not isinstance(item, ast.Name):

@@ -212,7 +212,7 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
             inner = inner.args[0]
         if isinstance(inner, NetTensor):      # tanh(softplus(z¹)): tanh_softplus_Z1
             return sp.Symbol("_".join([*chain, printer.doprint(inner)]))
-        return sp.Symbol(f"shared{number}")
+        return sp.Symbol(f"shared_{number}")     # never a parameter's key (letters, digits)
 
     names = {e: name(e, n) for n, e in enumerate(shared, start=1)}
     out: list[_Assign] = []

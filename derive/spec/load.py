@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import keyword
 import math
 import os
 import re
@@ -790,14 +791,23 @@ class _Validator:
         for key, shape in raw.items():
             where = (*path, "params", str(key))
             key = self.identifier(key, where)
-            if key in taken or key[-1].isdigit():
-                why = ("ends in a digit (the layer number follows it: U3)" if key[-1].isdigit()
-                       else "is a name derive gives to a quantity or an input")
+            why = None
+            if not key.isascii() or not key.isalpha():
+                # letters only: its key P{l} and generated code's own names (S1_3, dU3,
+                # tanh_S1_3) can never meet, and a formula or LaTeX can write it
+                why = "must be letters only (its key adds the layer number: U3)"
+            elif key in taken or keyword.iskeyword(key):
+                why = "is a name derive gives to a quantity or an input, or a Python keyword"
+            elif key.startswith("d") and key[1:] in raw:
+                why = f"would be the name of the gradient of {key[1:]!r} in generated code"
+            if why is not None:
                 raise self.error(where, f"parameter name {key!r} {why}; choose another")
-            if not isinstance(shape, list | tuple) or not 1 <= len(shape) <= MAX_AXES or any(
-                    axis not in axes for axis in shape):
+            bad = [axis for axis in shape if axis not in axes] \
+                if isinstance(shape, list | tuple) else []
+            if not isinstance(shape, list | tuple) or not 1 <= len(shape) <= MAX_AXES or bad:
+                got = f"{bad[0]!r} among them" if bad else _describe(shape)
                 raise self.error(where, f"must be a list of 1 to {MAX_AXES} axes, each one of "
-                                        f"{', '.join(axes)}; got {_describe(shape)}")
+                                        f"{', '.join(axes)}; got {got}")
             params.append((key, tuple(shape)))
         custom = CustomOp(name, expr, tuple(params), len(widths))
         values = {"size": size, "in": widths[0], **dict(zip(probe.input_axes, widths))}
@@ -971,6 +981,23 @@ class _Validator:
             params = self.example_params(data["params"], (*path, "params"), spec)
         return ExampleSpec(x, y, params)
 
+    def nested(self, value: object, path: FieldPath, shape: tuple[int, ...],
+               key: str) -> tuple:
+        """A matrix (a list of rows), or a tensor of more axes (lists nested as deep), of
+        numbers of exactly ``shape``."""
+        if len(shape) == 1:
+            return self.numbers(value, path, shape[0], f"a row of {key}")
+        if not isinstance(value, list | tuple) or len(value) != shape[0]:
+            if len(shape) == 2:
+                rows, cols = shape
+                what = (f"a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
+                        f"({key} has shape n_{key.lstrip(string.ascii_letters)} x n_in)")
+            else:
+                what = f"a {' x '.join(map(str, shape))} array, lists nested {len(shape)} deep"
+            raise self.error(path, f"must be {what}")
+        return tuple(self.nested(item, (*path, i), shape[1:], key)
+                     for i, item in enumerate(value))
+
     def example_params(
         self, data: object, path: FieldPath, spec: NetworkSpec
     ) -> tuple[tuple[str, tuple], ...]:
@@ -992,21 +1019,5 @@ class _Validator:
                 what = f"{key} has length n_{key.lstrip(string.ascii_letters)}"
                 params.append((key, self.numbers(data[key], (*path, key), shape[0], what)))
                 continue
-            rows, cols = shape
-            matrix = data[key]
-            if not isinstance(matrix, list | tuple) or len(matrix) != rows:
-                raise self.error(
-                    (*path, key),
-                    f"must be a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
-                    f"({key} has shape n_{key.lstrip(string.ascii_letters)} x n_in)",
-                )
-            params.append(
-                (
-                    key,
-                    tuple(
-                        self.numbers(row, (*path, key, i), cols, f"a row of {key}")
-                        for i, row in enumerate(matrix)
-                    ),
-                )
-            )
+            params.append((key, self.nested(data[key], (*path, key), shape, key)))
         return tuple(params)
