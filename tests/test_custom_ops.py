@@ -299,3 +299,12 @@ def test_every_registry_function_in_a_custom_op(name: str) -> None:
     _close(grads, reference)
     report = verify(load_spec(spec), points=2)
     assert report.ok, "\n".join(report.lines())
+
+
+def test_sigma_about_a_custom_op_is_refused_not_guessed() -> None:
+    """The op has no activation σ: σ(s2) is not the output layer's softmax."""
+    from derive.check.formulas import check_formula
+
+    with pytest.raises(DeriveError, match="layer 1, which has no activation"):
+        check_formula("gated_mlp", "dC/dU^1_jk = delta^1_j (1 - tanh(s1^1_j)^2) "
+                      "sigma(s2^1_j) x_k", points=2)

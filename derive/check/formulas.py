@@ -801,6 +801,12 @@ class _Meaning:
         layers = [layer for layer in layers if layer in activations]
         if len(layers) == 1:
             return activations[layers[0]]
+        read = sorted({self.layer(ref.layer) for ref in _refs(node.args[0])
+                       if ref.layer is not None})
+        if read and not layers and not any(layer in activations for layer in read):
+            raise self.error(f"sigma(...) here reads layer {read[0]}, which has no "
+                             "activation: write the function by name, e.g. sigmoid(...)",
+                             node.pos)
         distinct = set(activations.values())
         if len(distinct) == 1:
             return distinct.pop()
