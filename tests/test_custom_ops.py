@@ -195,6 +195,7 @@ BAD = [
     ("sum(U[k,k]*x[k], k) + x[j]", {"U": ["in", "in"]}, "an index appears twice"),
     ("x[j] ** 100000", {}, "exponent 100000 too large"),
     ("x[j] * log(0)", {}, "not a finite real number"),
+    ("x[j] * c[j]", {"c": ["size"], "q": ["size"]}, "q declared but not used"),
     ("x[j] * sqrt(-1)", {}, "not a finite real number"),
 ]
 

@@ -88,6 +88,11 @@ class CustomOp:
                 raise DeriveError(f"{what} in {self.expr!r} does not read the input "
                                   f"({', '.join(self.input_names)}); a part that depends on "
                                   "parameters only is a parameter of its own")
+        unused = [name for name, base in [*params.items(), *zip(self.input_names, inputs)]
+                  if name in arrays and not expr.has(base)]
+        if unused:
+            raise DeriveError(f"{', '.join(unused)} declared but not used in {self.expr!r}: "
+                              "drop it, or use it")
         return expr, sums
 
     def definition(self) -> OpDef:
