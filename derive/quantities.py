@@ -128,11 +128,47 @@ def size_symbol(node: int) -> sp.Symbol:
     return sp.Symbol(f"n_{node}", integer=True, positive=True)
 
 
+def shape_symbols(node: int, rank: int) -> tuple[sp.Symbol, ...]:
+    """The per-sample shape of node l's output as symbols: (n_l,) for a vector, (n_l, H_l,
+    W_l) for an image (n_l channels of H_l rows and W_l columns)."""
+    if rank == 1:
+        return (size_symbol(node),)
+    return (size_symbol(node), sp.Symbol(f"H_{node}", integer=True, positive=True),
+            sp.Symbol(f"W_{node}", integer=True, positive=True))
+
+
 #: Index symbols, in the order formulas take them: j (this layer), k (the layer it reads),
 #: then i, m, p, q, r, s for consumers and sums.
 INDEX_POOL: tuple[sp.Symbol, ...] = sp.symbols("j k i m p q r s t u", integer=True,
                                                positive=True)
 j, k, i, m = INDEX_POOL[:4]
+
+#: Index families of an image's axes, so a formula reads as the textbooks write it: channels
+#: j, k, i, m; rows r, u, e; columns s, v, f; a kernel's row and column offsets p, g and q, h.
+#: A summation index renamed away from others stays in its family.
+_FAMILIES: dict[str, tuple[sp.Symbol, ...]] = {
+    "channel": INDEX_POOL[:4],
+    "row": (INDEX_POOL[6], *sp.symbols("u e", integer=True, positive=True)),
+    "col": (INDEX_POOL[7], *sp.symbols("v f", integer=True, positive=True)),
+    "offset_row": (INDEX_POOL[4], *sp.symbols("g p'", integer=True, positive=True)),
+    "offset_col": (INDEX_POOL[5], *sp.symbols("h q'", integer=True, positive=True)),
+}
+_FAMILY_OF = {index: family for family, members in _FAMILIES.items() for index in members
+              if family != "channel"}
+#: The axes of per-sample images and kernels, by rank: (channel, row, column) of a feature
+#: map; (out channel, in channel, row offset, column offset) of a kernel; a pooling layer's
+#: window indicator has a feature map's axes and then a window's.
+_IMAGE_AXES = ("channel", "row", "col")
+_KERNEL_AXES = ("channel", "channel", "offset_row", "offset_col")
+_WINDOW_AXES = (*_IMAGE_AXES, "offset_row", "offset_col")
+
+
+def index_family(index: sp.Symbol) -> str:
+    """The family of an index symbol: "channel" (j, k, i, m), "row", "col", "offset_row",
+    "offset_col", or "" for the general pool's others."""
+    if index in _FAMILIES["channel"]:
+        return "channel"
+    return _FAMILY_OF.get(index, "")
 
 
 def fresh_indices(count: int, used: set[sp.Symbol]) -> tuple[sp.Symbol, ...]:
@@ -141,3 +177,44 @@ def fresh_indices(count: int, used: set[sp.Symbol]) -> tuple[sp.Symbol, ...]:
     if len(out) < count:
         raise ValueError("index pool exhausted")
     return tuple(out)
+
+
+def family_indices(families: tuple[str, ...], used: set[sp.Symbol]) -> tuple[sp.Symbol, ...]:
+    """One index per family in ``families`` ("channel", "row", "col", "offset_row",
+    "offset_col"), none in ``used`` and no two equal; the general pool when a family runs
+    out."""
+    out: list[sp.Symbol] = []
+    for family in families:
+        taken = used | set(out)
+        choice = next((index for index in _FAMILIES[family] if index not in taken), None)
+        if choice is None:
+            choice = fresh_indices(1, taken)[0]
+        out.append(choice)
+    return tuple(out)
+
+
+def fresh_like(indices: tuple[sp.Symbol, ...], used: set[sp.Symbol]) -> tuple[sp.Symbol, ...]:
+    """Replacements for ``indices`` that avoid ``used``, each from its own family (a row
+    index stays a row index); indices of no image family come from the general pool."""
+    out: list[sp.Symbol] = []
+    for index in indices:
+        taken = used | set(out)
+        family = _FAMILY_OF.get(index)
+        if family is None:
+            out.append(fresh_indices(1, taken)[0])
+        else:
+            out.append(family_indices((family,), taken)[0])
+    return tuple(out)
+
+
+def indices_for(tensor: NetTensor, used: set[sp.Symbol] | None = None) -> tuple[sp.Symbol, ...]:
+    """The free indices a formula about ``tensor`` (or its adjoint) is written in: j, k, ...
+    for vectors and matrices; (j, r, s) for a feature map, (j, k, p, q) for a kernel."""
+    used = used or set()
+    if not tensor.parameter and tensor.rank == 3:
+        return family_indices(_IMAGE_AXES, used)
+    if not tensor.parameter and tensor.rank == 5:
+        return family_indices(_WINDOW_AXES, used)
+    if tensor.rank == 4 and (tensor.of if tensor.role == "grad" else tensor.role) == "w":
+        return family_indices(_KERNEL_AXES, used)
+    return fresh_indices(tensor.rank, used)

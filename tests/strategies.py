@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.torch_reference import spec_input_size, spec_output_size
+from tests.torch_reference import reference_batch
 
 #: Elementwise activations (every built-in but softmax), as names or parameter mappings.
 ELEMENTWISE_ACTIVATIONS: tuple[Any, ...] = (
@@ -155,22 +155,11 @@ def random_dag_specs(draw: st.DrawFn, max_layers: int = 6, max_width: int = 4,
 
 
 def random_batch(spec: dict, seed: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 (X, Y) for a spec: X standard normal; Y valid for the spec's loss.
+    """Float64 (X, Y) for a spec, vector or image input: X standard normal; Y valid for the
+    spec's loss (:func:`tests.torch_reference.reference_batch`).
 
     cross_entropy: rows of Y are positive and sum to 1; binary_cross_entropy: entries in
     (0.05, 0.95); mse: standard normal. The stream differs from ``default_rng(seed)``, so the
     batch is not correlated with parameters drawn from the same seed.
     """
-    rng = np.random.default_rng([seed, 0xBA7C])  # a stream apart from the params' seed
-    n_out = spec_output_size(spec)
-    X = rng.standard_normal((batch, spec_input_size(spec)))
-    loss = spec["loss"]
-    loss = loss.get("name") if isinstance(loss, dict) else loss
-    if loss == "cross_entropy":
-        Y = rng.uniform(0.05, 1.0, (batch, n_out))
-        Y /= Y.sum(axis=1, keepdims=True)
-    elif loss == "binary_cross_entropy":
-        Y = rng.uniform(0.05, 0.95, (batch, n_out))
-    else:
-        Y = rng.standard_normal((batch, n_out))
-    return X, Y
+    return reference_batch(spec, seed, batch)

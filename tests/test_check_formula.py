@@ -362,3 +362,11 @@ def test_nabla_takes_the_output_activations_only():
         check_formula("xor", "delta^L = nabla_b C")
     with pytest.raises(DeriveError, match="dC/da is derived for the output layer"):
         check_formula("xor", "delta^1 = nabla_{a^1} C")
+
+
+def test_an_index_expression_outside_a_vector_has_no_value():
+    # index expressions (written for feature maps) are read for vectors too; an entry past
+    # the end is no value, not zero padding
+    verdict = check_formula("xor", "delta^1_j = a^1_{j+1}", points=2)
+    assert not verdict.correct
+    assert verdict.counterexample.user_value.startswith("no value: it reads a¹₄, outside")

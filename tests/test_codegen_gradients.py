@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from derive.registry.functions import ACTIVATIONS
@@ -125,17 +125,24 @@ def test_graph_example_gradients_equal_differences_of_an_independent_forward(nam
     assert loss_value == pytest.approx(numpy_forward_loss(data, params, X, Y), rel=1e-12)
     assert list(grads) == list(params)
     h = 1e-5
+    rng = np.random.default_rng(0)
     for key, value in params.items():
-        numeric = np.zeros_like(value)
-        for index in np.ndindex(value.shape):
+        # every entry of a small array; 40 entries drawn at random of a large one (a LeNet
+        # kernel or dense layer: a forward pass per entry would take minutes)
+        indices = list(np.ndindex(value.shape))
+        if len(indices) > 40:
+            indices = [indices[n] for n in rng.choice(len(indices), 40, replace=False)]
+        numeric, analytic = [], []
+        for index in indices:
             costs = []
             for step in (h, -h, 2 * h, -2 * h):
                 shifted = dict(params, **{key: value.copy()})
                 shifted[key][index] += step
                 costs.append(numpy_forward_loss(data, shifted, X, Y))
-            numeric[index] = (8 * (costs[0] - costs[1]) - (costs[2] - costs[3])) / (12 * h)
+            numeric.append((8 * (costs[0] - costs[1]) - (costs[2] - costs[3])) / (12 * h))
+            analytic.append(grads[key][index])
         assert grads[key].shape == value.shape
-        assert relative_error(grads[key], numeric) < 1e-7, key
+        assert relative_error(np.array(analytic), np.array(numeric)) < 1e-7, key
 
 
 # --- central differences ---------------------------------------------------------------------
@@ -221,6 +228,12 @@ def test_random_networks_match_reference_and_pytorch(case):
     spec, seed = case
     module = generated(spec)
     params, (X, Y) = random_params(spec, seed), batch(spec, rows=4, seed=seed)
+    if spec.resolved_loss().needs is not None:
+        # a probability within 1e-6 of 0 or 1 makes the log-losses' gradients ill-conditioned
+        # (relative rounding errors of 1e-9 in any float64 implementation): not a comparison
+        # at 1e-10
+        output, _ = module.forward(params, X)
+        assume(float(np.min(np.minimum(output, 1 - output))) > 1e-6)
     loss_value, grads = module.gradients(params, X, Y)
     assert_matches(spec, module, loss_value, grads, params, X, Y)
     try:

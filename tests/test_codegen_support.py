@@ -27,8 +27,8 @@ def example(name: str) -> tuple[NetworkSpec, types.ModuleType]:
 def batch(spec: NetworkSpec, rows: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random inputs and non-uniform targets of the kind the spec's loss expects."""
     rng = np.random.default_rng(seed)
-    n_in, n_out = spec.sizes[0], spec.sizes[-1]
-    X = rng.normal(size=(rows, n_in))
+    n_out = spec.sizes[-1]
+    X = rng.normal(size=(rows, *spec.input_shape))
     needs = spec.resolved_loss().needs
     if needs == "distribution":
         Y = rng.dirichlet(np.ones(n_out), size=rows)      # soft targets, summing to 1

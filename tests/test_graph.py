@@ -49,13 +49,25 @@ def _compare(spec: dict, seed: int = 0, batch: int = 5, fd: bool = True) -> None
 
 
 def _with_op(op: str, position: str) -> dict:
-    """A small spec with ``op`` in a hidden position or as the output node."""
+    """A small spec with ``op`` in a hidden position or as the output node (an op that
+    reads images: the last of the feature maps, which a flatten and a dense layer end)."""
     layer = {"op": op}
     definition = OPS[op]
     for attribute in definition.attributes:
         if attribute.required:
-            layer[attribute.name] = {"size": 3, "activation": "tanh", "rate": 0.25}[
-                attribute.kind if attribute.kind != "rate" else "rate"]
+            layer[attribute.name] = {"size": 3, "activation": "tanh", "rate": 0.25,
+                                     "pair": 2}[attribute.kind]
+    if definition.reads == "image":
+        layers = [{"op": "conv2d", "channels": 2, "kernel": 2, "padding": 1,
+                   "activation": "tanh"}, layer]
+        if op != "flatten":
+            layers.append({"op": "flatten"})
+        if position == "hidden":
+            layers.append({"size": 2, "activation": "softmax"})
+            return {"name": f"{op}_hidden", "input": [2, 5, 6], "layers": layers,
+                    "loss": "cross_entropy"}
+        layers.append({"size": 2})
+        return {"name": f"{op}_output", "input": [2, 5, 6], "layers": layers, "loss": "mse"}
     if op == "add":
         layers = [{"size": 3, "activation": "tanh", "name": "h"}, {"size": 3},
                   {**layer, "inputs": ["h", 2]}]
@@ -177,7 +189,7 @@ def test_in_place_arithmetic_leaves_inputs_and_cache_alone(name: str) -> None:
     module = load_module(render_module(derive(build_model(spec))), name)
     params = module.init_params(seed=1)
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((5, spec.input))
+    X = rng.standard_normal((5, *spec.input_shape))
     Y = np.full((5, spec.sizes[-1]), 1.0 / spec.sizes[-1])
     saved = {key: value.copy() for key, value in params.items()}
     X_saved, Y_saved = X.copy(), Y.copy()

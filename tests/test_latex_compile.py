@@ -1,12 +1,15 @@
 """Compiling the LaTeX notes with TeX, in both languages, and reading the logs.
 
 Every document must compile without errors, undefined references, missing glyphs or overfull
-boxes wider than 10pt. Covered: every built-in example, the graphs of test_latex_graphs
-(residual connections, layer norm, dropout, penalties), and every activation of the registry
-in a hidden and in the output layer with every loss of the registry.
+boxes wider than 10pt. Covered: every built-in example (the convolutional networks tiny_cnn,
+digits_cnn and lenet among them), the graphs of test_latex_graphs (residual connections, layer
+norm, dropout, penalties), a CNN with strides per axis, padding and average pooling
+(test_latex_images), and every activation of the registry in a hidden and in the output layer
+with every loss of the registry.
 
 TeX is slow to start, the Chinese engine most of all, so the documents are compiled in few
-runs: the xor notes and the residual graph on their own (their PDFs are inspected), every other
+runs: the xor notes, the residual graph and the hand-checkable CNN on their own (their PDFs are
+inspected), every other
 document of a language in one merged run: the preamble of the first, then the body of each
 (the bodies are the renderer's text verbatim; labels carry the spec name, so they do not
 clash). Runs go two at a time. Without TeX the tests skip with the packages to install; CI
@@ -36,10 +39,11 @@ from derive.render.latex import (
 from derive.spec.load import list_examples, load_spec
 from tests.custom_op_specs import BILINEAR, HIGHWAY, PRODUCT, RBF
 from tests.test_latex_graphs import SPECS
+from tests.test_latex_images import CNNS, STRIDED
 
 LANGUAGES = ("en", "zh")
 ELEMENTWISE = [name for name in ACTIVATIONS if name != "softmax"]
-STANDALONE = ("xor", "resnorm")
+STANDALONE = ("xor", "resnorm", "tiny_cnn")
 
 
 def activation_specs() -> dict[str, dict]:
@@ -70,7 +74,12 @@ def all_specs() -> dict[str, object]:
     specs.update(activation_specs())
     # custom ops: contractions printed as einsum, a tensor parameter, placed sums
     specs.update({spec["name"]: spec for spec in (BILINEAR, HIGHWAY, RBF, PRODUCT)})
+    specs[STRIDED["name"]] = STRIDED
     return specs
+
+
+def test_the_convolutional_networks_are_compiled():
+    assert set(CNNS) | {STRIDED["name"]} <= set(all_specs())
 
 
 def merge(documents: dict[str, str]) -> tuple[str, list[tuple[int, str]]]:
@@ -172,10 +181,25 @@ def test_chinese_pdf_has_cjk_text(compiled, tmp_path):
     assert "第 4 层" in text and "沿计算图反向传播" in text
 
 
+def test_cnn_pdf_reads_its_derivation(compiled, tmp_path):
+    """The hand-checkable CNN's notes, in both languages: the feature-map diagram's labels,
+    the indicator of the first maximum and the words on the bracket reach the PDF."""
+    if shutil.which("pdftotext") is None:
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    for lang, words in (("en", "only the windows that cover this entry"),
+                        ("zh", "只有覆盖该元素的窗口")):
+        pdf = tmp_path / f"tiny_cnn.{lang}.pdf"
+        pdf.write_bytes(compiled[f"tiny_cnn-{lang}"][0].pdf)
+        text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True,
+                              check=True).stdout
+        assert "argmax" in text and "win" in text
+        assert " ".join(words.split()) in " ".join(text.split())
+
+
 def test_pdf_page_one_renders(compiled, tmp_path):
     if shutil.which("pdftoppm") is None:
         pytest.skip("pdftoppm (poppler-utils) is not installed")
-    for job in ("xor-en", "resnorm-en"):
+    for job in ("xor-en", "resnorm-en", "tiny_cnn-en"):
         pdf = tmp_path / f"{job}.pdf"
         pdf.write_bytes(compiled[job][0].pdf)
         subprocess.run(["pdftoppm", "-r", "40", "-png", "-f", "1", "-l", "1", str(pdf),

@@ -47,8 +47,8 @@ def same_content(a: NetworkSpec, b: NetworkSpec) -> bool:
 
 
 def test_the_examples_are_listed_with_descriptions() -> None:
-    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "gated_mlp", "layernorm_mlp",
-                        "regularized", "resmlp", "xor"]
+    assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "digits_cnn", "gated_mlp",
+                        "layernorm_mlp", "lenet", "regularized", "resmlp", "tiny_cnn", "xor"]
     for name, description in list_examples():
         assert description and not description.startswith("#"), name
         assert example_path(name).read_text().startswith(f"# {description}\n")
@@ -773,7 +773,7 @@ def test_schema_describes_each_op_from_the_registry(name: str) -> None:
 def test_example_parameter_keys_follow_the_op_registry() -> None:
     ranks = parameter_ranks()
     assert set(ranks) <= set(PARAMETER_KEYS.values())
-    assert ranks["W"] == 2 and ranks["b"] == 1 and ranks["gamma"] == 1
+    assert ranks["W"] == (2, 4) and ranks["b"] == (1,) and ranks["gamma"] == (1,)
     patterns = spec_schema()["properties"]["example"]["properties"]["params"]
     assert set(patterns["patternProperties"]) == {
         *(f"^{key}[1-9][0-9]*$" for key in ranks),

@@ -86,6 +86,7 @@ def test_v1_builtins_are_dense_chains(name: str) -> None:
 #: A valid and several invalid values of each attribute kind of the registry.
 VALID_VALUE: dict[str, Any] = {
     "size": 5, "activation": "tanh", "bool": False, "rate": 0.5, "positive": 0.25,
+    "pair": [2, 1], "pair0": 1,
 }
 INVALID_VALUES: dict[str, list[Any]] = {
     "size": [0, -1, 2.5, True, "4", None],
@@ -93,8 +94,12 @@ INVALID_VALUES: dict[str, list[Any]] = {
     "bool": ["yes", 1, None],
     "rate": [1.0, 1.5, -0.1, True, "0.5", None],
     "positive": [0, -1e-5, True, "1", None],
+    "pair": [0, -1, 1.5, True, "2", [2], [1, 2, 3], [0, 1], None],
+    "pair0": [-1, 0.5, True, "1", [1], [0, -1], None],
 }
 WIDTH = 4
+#: The input of a spec around an op that reads images.
+IMAGE = [2, 7, 7]
 
 
 def op_spec(name: str, **fields: Any) -> tuple[dict[str, Any], int]:
@@ -103,7 +108,10 @@ def op_spec(name: str, **fields: Any) -> tuple[dict[str, Any], int]:
     are set on the layer."""
     definition = OPS[name]
     feeders = max(definition.inputs[0], 1)
-    layers: list[dict[str, Any]] = [{"size": WIDTH, "activation": "tanh", "name": f"h{n}"}
+    image = definition.reads == "image"
+    feeder: dict[str, Any] = ({"op": "conv2d", "channels": 2, "kernel": 2} if image
+                              else {"size": WIDTH})
+    layers: list[dict[str, Any]] = [{**feeder, "activation": "tanh", "name": f"h{n}"}
                                     for n in range(1, feeders + 1)]
     layer: dict[str, Any] = {"op": name}
     for attribute in definition.attributes:
@@ -112,8 +120,12 @@ def op_spec(name: str, **fields: Any) -> tuple[dict[str, Any], int]:
     if definition.inputs[0] > 1:
         layer["inputs"] = [f"h{n}" for n in range(1, feeders + 1)]
     layer.update(fields)
-    layers += [layer, {"size": 2, "activation": "sigmoid"}]
-    return {"name": f"with_{name}", "input": 3, "layers": layers, "loss": "mse"}, feeders
+    layers.append(layer)
+    if image and name != "flatten":
+        layers.append({"op": "flatten"})
+    layers.append({"size": 2, "activation": "sigmoid"})
+    return {"name": f"with_{name}", "input": IMAGE if image else 3, "layers": layers,
+            "loss": "mse"}, feeders
 
 
 def schema_accepts(data: Any) -> bool:
@@ -137,7 +149,7 @@ def test_every_op_loads_in_a_spec(name: str) -> None:
     definition = OPS[name]
     in_width = spec.sizes[layer.reads(index + 1)[0]]
     keys = {f"{PARAMETER_KEYS[p.role]}{index + 1}": tuple(
-        {"size": layer.size, "in": in_width}[axis] for axis in p.shape)
+        {"size": layer.size, "in": in_width}.get(axis, axis) for axis in p.shape)
         for p in definition.parameters({"bias": layer.bias, **dict(layer.options)})}
     assert {k: v for k, v in spec.parameter_shapes().items() if k.endswith(str(index + 1))} \
         == keys

@@ -1,4 +1,6 @@
-"""Self-test of the independent references: PyTorch autograd against the NumPy forward pass."""
+"""Self-test of the independent references: PyTorch autograd against the NumPy forward pass,
+and, for convolutional chains, against the loop-by-loop backward pass of tests/conv_reference.py.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +9,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.strategies import random_batch, random_dag_specs
+from tests import conv_reference
+from tests.strategies import ELEMENTWISE_ACTIVATIONS, random_batch, random_dag_specs
 from tests.torch_reference import (
     init_reference_params,
     numpy_forward_loss,
+    reference_batch,
     reference_graph,
+    spec_input_shape,
     spec_input_size,
+    spec_output_shape,
     spec_output_size,
     torch_loss_and_grads,
 )
@@ -123,3 +129,345 @@ def test_random_dag_specs(spec: dict, seed: int) -> None:
     graph = reference_graph(spec)  # valid: every layer used, widths agree
     assert 2 <= len(graph.nodes) <= 6
     check_spec(spec, seed)
+
+
+# --- images: conv2d, pooling, flatten ------------------------------------------------------------
+
+
+def _pair_value(draw: st.DrawFn, pair: tuple[int, int]) -> int | list[int]:
+    """A (h, w) attribute as the spec may write it: an int when h == w (or a list), else a list."""
+    if pair[0] == pair[1] and draw(st.booleans()):
+        return pair[0]
+    return list(pair)
+
+
+def _window_layer(draw: st.DrawFn, op: str, shape: tuple[int, int, int],
+                  activations: tuple = ELEMENTWISE_ACTIVATIONS) -> tuple[dict, tuple]:
+    """A conv2d / max_pool2d / avg_pool2d layer that fits ``shape``; (layer, output shape)."""
+    c, h, w = shape
+    layer: dict = {"op": op}
+    padding = (0, 0)
+    if op == "conv2d":
+        padding = (draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+        if padding != (0, 0) or draw(st.booleans()):
+            layer["padding"] = _pair_value(draw, padding)
+    kernel = (draw(st.integers(1, min(3, h + 2 * padding[0]))),
+              draw(st.integers(1, min(3, w + 2 * padding[1]))))
+    layer["kernel"] = _pair_value(draw, kernel)
+    stride = kernel if op != "conv2d" else (1, 1)
+    if draw(st.booleans()):
+        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        layer["stride"] = _pair_value(draw, stride)
+    out = tuple((n + 2 * pad - k) // st_ + 1
+                for n, k, st_, pad in zip((h, w), kernel, stride, padding))
+    if op == "conv2d":
+        c = draw(st.integers(1, 3))
+        layer["channels"] = c
+        bias = draw(st.sampled_from([None, True, False]))
+        if bias is not None:
+            layer["bias"] = bias
+        act = draw(st.sampled_from((None,) + activations))
+        if act is not None:
+            layer["activation"] = act
+    return layer, (c, *out)
+
+
+@st.composite
+def random_conv_specs(draw: st.DrawFn, chain: bool = True) -> dict:
+    """A small valid spec with image input: 1-3 image layers (conv2d, pools, activation; with
+    ``chain=False`` also dropout, ``add`` skip connections and residual blocks: a conv2d that
+    keeps the shape, added to its input), then either an image output (a
+    conv2d: mse, or sigmoid + binary_cross_entropy) or flatten, at most one hidden vector
+    layer (dense or activation; layer_norm when not ``chain``) and a dense output.
+    C <= 3, H, W <= 7, kernel <= 3, stride <= 2, padding <= 1."""
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    shapes = [shape]
+    layers: list[dict] = []
+    for _ in range(draw(st.integers(1, 3))):
+        ops = ["conv2d", "conv2d", "max_pool2d", "avg_pool2d", "activation"]
+        same = [i for i in range(len(shapes) - 1) if shapes[i] == shape]
+        if not chain:
+            ops += ["dropout", "residual", "residual"] + (["add", "add"] if same else [])
+        op = draw(st.sampled_from(ops))
+        if op == "residual":  # a shape-keeping conv2d (odd kernel, half padding), then add
+            kernel = (draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 3])))
+            layers.append({"op": "conv2d", "channels": shape[0],
+                           "kernel": _pair_value(draw, kernel),
+                           "padding": _pair_value(draw, (kernel[0] // 2, kernel[1] // 2)),
+                           "activation": draw(st.sampled_from(ELEMENTWISE_ACTIVATIONS))})
+            shapes.append(shape)
+            layer = {"op": "add", "inputs": draw(st.permutations([len(shapes) - 1,
+                                                                  len(shapes) - 2]))}
+        elif op == "activation":
+            layer = {"op": op, "activation": draw(st.sampled_from(ELEMENTWISE_ACTIVATIONS))}
+        elif op == "dropout":
+            layer = {"op": op, "rate": 0.5}
+        elif op == "add":
+            other = draw(st.sampled_from(same))
+            layer = {"op": op, "inputs": draw(st.permutations([len(shapes) - 1, other]))}
+        else:
+            layer, shape = _window_layer(draw, op, shape)
+        layers.append(layer)
+        shapes.append(shape)
+    if draw(st.integers(0, 2)) == 0:  # an image output
+        loss = draw(st.sampled_from(["mse", "binary_cross_entropy"]))
+        acts = ELEMENTWISE_ACTIVATIONS if loss == "mse" else ("sigmoid",)
+        layer, shape = _window_layer(draw, "conv2d", shape, acts)
+        if loss == "binary_cross_entropy":
+            layer["activation"] = "sigmoid"
+        layers.append(layer)
+    else:
+        layers.append({"op": "flatten"})
+        width = shape[0] * shape[1] * shape[2]
+        hidden = ["none", "dense", "activation"] + ([] if chain else ["layer_norm"] * (width > 1))
+        kind = draw(st.sampled_from(hidden))
+        if kind == "dense":
+            layers.append({"size": draw(st.integers(1, 3)),
+                           "activation": draw(st.sampled_from(ELEMENTWISE_ACTIVATIONS))})
+        elif kind == "activation":
+            layers.append({"op": "activation",
+                           "activation": draw(st.sampled_from(ELEMENTWISE_ACTIVATIONS))})
+        elif kind == "layer_norm":
+            layers.append({"op": "layer_norm"})
+        loss = draw(st.sampled_from(["mse", "cross_entropy", "binary_cross_entropy"]))
+        if loss == "cross_entropy":
+            out = {"size": draw(st.integers(2, 3)), "activation": "softmax"}
+        elif loss == "binary_cross_entropy":
+            out = {"size": draw(st.integers(1, 3)), "activation": "sigmoid"}
+        else:
+            out = {"size": draw(st.integers(1, 3)),
+                   "activation": draw(st.sampled_from(ELEMENTWISE_ACTIVATIONS))}
+        if draw(st.booleans()):
+            out["bias"] = False
+        layers.append(out)
+    spec = {"name": "convnet", "input": list(shapes[0]), "layers": layers, "loss": loss}
+    reg = draw(st.sampled_from([None, {"l2": 0.01}, {"l1": 0.01}, {"l2": 0.05, "l1": 0.02}]))
+    if reg is not None:
+        spec["regularization"] = reg
+    return spec
+
+
+def difference_error(exact: np.ndarray, numeric: np.ndarray, cost: float) -> float:
+    """max |exact - numeric| in units of rtol * max|exact| + atol, rtol = 1e-8 and atol =
+    1e-10 * max(1, |cost|): the differences of f(w +- h) lose about eps * |cost| / h ~ 1e-11 * |cost|
+    to rounding (h = 1e-5), which dominates for gradients much smaller than 1e-3."""
+    tolerance = 1e-8 * np.abs(exact).max(initial=0.0) + 1e-10 * max(1.0, abs(cost))
+    return float(np.abs(exact - numeric).max(initial=0.0) / tolerance)
+
+
+def away_from_zero(params: dict[str, np.ndarray], margin: float = 1e-3) -> dict[str, np.ndarray]:
+    """The parameters with every entry of magnitude below ``margin`` pushed out to it, so that
+    finite differences of an l1 penalty never straddle its kink at 0."""
+    return {name: np.where(np.abs(value) < margin, np.where(value < 0, -margin, margin), value)
+            for name, value in params.items()}
+
+
+def check_image_spec(spec: dict, seed: int, batch: int, chain: bool) -> None:
+    """Torch, central differences of the NumPy forward and (for chains) conv_reference agree."""
+    params = away_from_zero(init_reference_params(spec, seed))
+    X, Y = reference_batch(spec, seed, batch)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    assert loss == pytest.approx(numpy_forward_loss(spec, params, X, Y), rel=1e-12, abs=1e-12)
+    assert set(grads) == set(params)
+    numeric = central_differences(spec, params, X, Y)
+    for name in params:
+        assert grads[name].shape == params[name].shape
+        assert difference_error(grads[name], numeric[name], loss) < 1.0, name
+    if chain:
+        naive_loss, naive = conv_reference.conv_net_loss_and_grads(spec, params, X, Y)
+        assert naive_loss == pytest.approx(loss, rel=1e-12, abs=1e-12)
+        assert set(naive) == set(params)
+        for name in params:
+            assert relative_error(naive[name], grads[name]) < 1e-11, name
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spec=random_conv_specs(), seed=st.integers(0, 2**16), batch=st.integers(1, 3))
+def test_random_conv_chains_three_references_agree(spec: dict, seed: int, batch: int) -> None:
+    check_image_spec(spec, seed, batch, chain=True)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(spec=random_conv_specs(chain=False), seed=st.integers(0, 2**16),
+       batch=st.integers(1, 3))
+def test_random_conv_graphs_torch_matches_differences(spec: dict, seed: int,
+                                                      batch: int) -> None:
+    check_image_spec(spec, seed, batch, chain=False)
+
+
+LENET_SPEC = {
+    "name": "lenet",
+    "input": [2, 7, 6],
+    "layers": [
+        {"op": "conv2d", "channels": 3, "kernel": [3, 2], "stride": [2, 1], "padding": 1,
+         "activation": "tanh"},                                       # [3, 4, 7]
+        {"op": "max_pool2d", "kernel": 2, "stride": [1, 2]},           # [3, 3, 3]
+        {"op": "conv2d", "channels": 2, "kernel": 2, "padding": [1, 0], "bias": False,
+         "activation": {"name": "leaky_relu", "alpha": 0.1}},          # [2, 4, 2]
+        {"op": "avg_pool2d", "kernel": [2, 1]},                        # [2, 2, 2]
+        {"op": "flatten"},                                             # 8
+        {"size": 4, "activation": "gelu"},
+        {"size": 3, "activation": "softmax"},
+    ],
+    "loss": "cross_entropy",
+    "regularization": {"l2": 0.02, "l1": 0.01},
+}
+
+
+def test_image_spec_shapes() -> None:
+    graph = reference_graph(LENET_SPEC)
+    assert spec_input_shape(LENET_SPEC) == (2, 7, 6)
+    assert [node.shape for node in graph.nodes] == [
+        (3, 4, 7), (3, 3, 3), (2, 4, 2), (2, 2, 2), (8,), (4,), (3,)]
+    assert spec_output_shape(LENET_SPEC) == (3,)
+    assert spec_output_size(LENET_SPEC) == 3
+    assert graph.param_shapes == {"W1": (3, 2, 3, 2), "b1": (3,), "W3": (2, 3, 2, 2),
+                                  "W6": (4, 8), "b6": (4,), "W7": (3, 4), "b7": (3,)}
+    assert graph.weight_names == ["W1", "W3", "W6", "W7"]
+    assert conv_reference.parameter_shapes(LENET_SPEC) == graph.param_shapes
+    with pytest.raises(NotImplementedError, match="spec_input_shape"):
+        spec_input_size(LENET_SPEC)
+    X, Y = reference_batch(LENET_SPEC, 0, 4)
+    assert X.shape == (4, 2, 7, 6) and Y.shape == (4, 3)
+    np.testing.assert_allclose(Y.sum(axis=1), 1.0)
+    # vector specs: the batch of tests.strategies.random_batch, and the former 0.5 * normal
+    # initialisation of narrow dense layers
+    vector = {"input": 3, "layers": [{"size": 2}], "loss": "mse"}
+    for got, want in zip(reference_batch(vector, 5, 3), random_batch(vector, 5, 3)):
+        np.testing.assert_array_equal(got, want)
+    rng = np.random.default_rng(7)
+    np.testing.assert_array_equal(init_reference_params(vector, 7)["W1"],
+                                  0.5 * rng.standard_normal((2, 3)))
+    # conv kernels: fan-in scaling
+    kernels = init_reference_params({"input": [3, 9, 9], "layers": [
+        {"op": "conv2d", "channels": 40, "kernel": 3}], "loss": "mse"}, 0)["W1"]
+    assert kernels.std() == pytest.approx(1 / np.sqrt(27), rel=0.1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lenet_spec_three_references_agree(seed: int) -> None:
+    check_image_spec(LENET_SPEC, seed, 3, chain=True)
+
+
+def test_image_output_sums_the_loss_over_every_component() -> None:
+    spec = {"input": [1, 3, 2], "layers": [
+        {"op": "conv2d", "channels": 2, "kernel": 1, "bias": False}], "loss": "mse"}
+    params = {"W1": np.zeros((2, 1, 1, 1))}
+    X = np.random.default_rng(0).standard_normal((4, 1, 3, 2))
+    Y = np.ones((4, 2, 3, 2))
+    expected = 0.5 * 2 * 3 * 2  # every one of the 12 components of a sample, mean over 4
+    assert numpy_forward_loss(spec, params, X, Y) == pytest.approx(expected, rel=1e-15)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    naive_loss, naive = conv_reference.conv_net_loss_and_grads(spec, params, X, Y)
+    assert loss == pytest.approx(expected, rel=1e-15)
+    assert naive_loss == pytest.approx(expected, rel=1e-15)
+    # dC/dW[j] = mean over samples of sum_{r,s} (0 - 1) * x[r, s]
+    want = -X.sum(axis=(1, 2, 3)).mean() * np.ones((2, 1, 1, 1))
+    np.testing.assert_allclose(grads["W1"], want, rtol=1e-13)
+    np.testing.assert_allclose(naive["W1"], want, rtol=1e-13)
+
+
+def test_conv2d_is_cross_correlation_with_zero_padding() -> None:
+    """A kernel with a single 1 at (p, q) = (1, 2) (1-based) reads x[i, i2 + 1]: no flip."""
+    import torch
+    import torch.nn.functional as F
+
+    x = np.arange(1.0, 13.0).reshape(1, 1, 3, 4)
+    W = np.zeros((1, 1, 2, 2))
+    W[0, 0, 0, 1] = 1.0
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = padded[:, :, 0:3:2, 1:6:2]  # z[r, s] = xpad[2(r-1) + 1, 2(s-1) + 2], 1-based
+    assert want.shape == (1, 1, 2, 3)
+    naive = conv_reference.conv2d_forward(x, W, None, (2, 2), (1, 1), (2, 3))
+    np.testing.assert_array_equal(naive, want)
+    torch_z = F.conv2d(torch.tensor(x), torch.tensor(W), stride=2, padding=1).numpy()
+    np.testing.assert_array_equal(torch_z, want)
+    np.testing.assert_array_equal(conv_reference.flatten_forward(naive),
+                                  torch.flatten(torch.tensor(naive), 1).numpy())
+
+
+def test_max_pool_ties_route_to_the_first_maximum() -> None:
+    """PyTorch and conv_reference send a tied window's gradient to its FIRST maximum in
+    row-major order; the generated code does the same. (Finite differences cannot check this:
+    at a tie the cost is not differentiable.)"""
+    import torch
+    import torch.nn.functional as F
+
+    x = np.array([[[[1.0, 3.0, 3.0],
+                    [3.0, 2.0, 3.0],
+                    [0.0, 0.0, 0.0]]]])
+    first = np.array([[[[0.0, 2.0, 0.0],     # windows (1,1), (1,2) pick x[1,2]
+                        [1.0, 0.0, 1.0],     # window (2,1) x[2,1]; window (2,2) x[2,3]
+                        [0.0, 0.0, 0.0]]]])
+    xt = torch.tensor(x, requires_grad=True)
+    F.max_pool2d(xt, 2, stride=1).sum().backward()
+    np.testing.assert_array_equal(xt.grad.numpy(), first)
+    out, where = conv_reference.max_pool2d_forward(x, (2, 2), (1, 1), (2, 2))
+    np.testing.assert_array_equal(out, np.full((1, 1, 2, 2), 3.0))
+    dx = conv_reference.max_pool2d_backward(np.ones((1, 1, 2, 2)), where, x.shape)
+    np.testing.assert_array_equal(dx, first)
+    spec = {"input": [1, 3, 3], "layers": [{"op": "max_pool2d", "kernel": 2, "stride": 1},
+                                           {"op": "flatten"}, {"size": 1, "bias": False}],
+            "loss": "mse"}
+    params, Y = {"W3": np.ones((1, 4))}, np.zeros((1, 1))
+    _, grads = torch_loss_and_grads(spec, params, x, Y)
+    _, naive = conv_reference.conv_net_loss_and_grads(spec, params, x, Y)
+    np.testing.assert_array_equal(grads["W3"], naive["W3"])
+
+
+def test_regularization_covers_conv_kernels() -> None:
+    spec = {**LENET_SPEC, "regularization": {}}
+    params = init_reference_params(spec, 3)
+    X, Y = reference_batch(spec, 3, 2)
+    base = numpy_forward_loss(spec, params, X, Y)
+    l2, l1 = 0.3, 0.2
+    reg_spec = {**spec, "regularization": {"l2": l2, "l1": l1}}
+    weights = [params[name] for name in ("W1", "W3", "W6", "W7")]
+    expected = base + l2 / 2 * sum((w ** 2).sum() for w in weights) + l1 * sum(
+        np.abs(w).sum() for w in weights)
+    _, plain = torch_loss_and_grads(spec, params, X, Y)
+    for reference in (torch_loss_and_grads, conv_reference.conv_net_loss_and_grads):
+        loss, grads = reference(reg_spec, params, X, Y)
+        assert loss == pytest.approx(expected, rel=1e-12)
+        np.testing.assert_allclose(grads["W1"], plain["W1"] + l2 * params["W1"]
+                                   + l1 * np.sign(params["W1"]), rtol=1e-10)
+        np.testing.assert_allclose(grads["b1"], plain["b1"], rtol=1e-10)
+
+
+@pytest.mark.parametrize(("layers", "error", "match"), [
+    ([{"op": "conv2d", "channels": 2, "kernel": 2, "activation": "softmax"}], ValueError,
+     "softmax"),
+    ([{"op": "activation", "activation": "softmax"}], ValueError, "softmax"),
+    ([{"size": 2}], ValueError, "flatten it first"),
+    ([{"op": "layer_norm"}], ValueError, "vector"),
+    ([{"op": "conv2d", "kernel": 2}], ValueError, "channels"),
+    ([{"op": "conv2d", "channels": 1}], ValueError, "kernel"),
+    ([{"op": "conv2d", "channels": 1, "kernel": 5}], ValueError, "exceeds"),
+    ([{"op": "conv2d", "channels": 1, "kernel": 6, "padding": 1}], ValueError, "padded"),
+    ([{"op": "conv2d", "channels": 1, "kernel": 2, "stride": 0}], ValueError, "stride"),
+    ([{"op": "conv2d", "channels": 1, "kernel": [2, 2, 2]}], ValueError, "kernel"),
+    ([{"op": "max_pool2d", "kernel": [2, 4]}], ValueError, "exceeds"),
+    ([{"op": "avg_pool2d", "kernel": 2, "padding": 1}], ValueError, "padding"),
+    ([{"op": "flatten"}, {"op": "flatten"}], ValueError, "image"),
+])
+def test_rejects_bad_image_specs(layers: list, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        reference_graph({"input": [1, 3, 3], "layers": layers, "loss": "mse"})
+
+
+def test_rejects_bad_image_inputs() -> None:
+    for value in ([1, 3], [1, 0, 3], [1, 2.5, 3], "image"):
+        with pytest.raises((ValueError, NotImplementedError)):
+            spec_input_shape({"input": value, "layers": [], "loss": "mse"})
+    vector = {"input": 4, "layers": [{"op": "max_pool2d", "kernel": 2}], "loss": "mse"}
+    with pytest.raises(ValueError, match="reads an image"):
+        reference_graph(vector)
+    dag = {"input": [1, 2, 2], "layers": [{"op": "activation", "activation": "tanh"},
+                                          {"op": "add", "inputs": ["input", 1]}],
+           "loss": "mse"}
+    assert spec_output_shape(dag) == (1, 2, 2)
+    with pytest.raises(NotImplementedError, match="chains only"):
+        conv_reference.conv_net_loss_and_grads(dag, {}, np.zeros((1, 1, 2, 2)),
+                                               np.zeros((1, 1, 2, 2)))

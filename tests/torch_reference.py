@@ -1,19 +1,52 @@
 """An independent reference for graph specs: PyTorch autograd and a plain NumPy forward pass.
 
 Nothing here imports ``derive``. A spec is a plain dict (already parsed YAML/JSON) in the form
-of Contract 1, restricted to vector input and the ops ``dense`` (op omitted = dense),
-``activation``, ``add``, ``layer_norm`` and ``dropout`` (identity: gradients are taken with
-dropout off). Parameters follow Contract 2: ``W{l}`` (n, n_in), ``b{l}`` (n,), ``gamma{l}`` and
-``beta{l}`` (n,), where l is the 1-based position of the layer in ``layers``.
+of Contract 1, restricted to vector input (``input: n``) or image input (``input: [C, H, W]``)
+and the ops ``dense`` (op omitted = dense), ``activation``, ``add``, ``layer_norm``,
+``dropout`` (identity: gradients are taken with dropout off), ``conv2d``, ``max_pool2d``,
+``avg_pool2d``, ``flatten`` and custom ops. Parameters follow Contract 2, where l is the
+1-based position of the layer in ``layers``: ``W{l}`` (n, n_in) and ``b{l}`` (n,) of a dense
+layer; ``W{l}`` (C_out, C_in, kh, kw) and ``b{l}`` (C_out,) of a conv2d layer; ``gamma{l}``
+and ``beta{l}`` (n,) of layer_norm.
 
-The batch cost is the mean over samples of the per-sample cost (summed over output components)
-plus, once, ``(l2/2) * sum(W**2) + l1 * sum(|W|)`` over the weight matrices ``W{l}`` only.
+Shapes. Every node's output has a per-sample shape: ``(n,)`` (a vector) or ``(C, H, W)`` (an
+image); X is ``(B, *input shape)`` and Y ``(B, *output shape)``. ``dense``, ``layer_norm`` and
+custom ops read vectors; ``conv2d`` and the pools read images; ``flatten`` turns an image into
+the vector of its C*H*W entries, C-major (``torch.flatten(x, 1)``); ``activation``, ``add``
+and ``dropout`` work on either, elementwise (softmax only on vectors, over the feature axis).
+
+- ``conv2d``: ``channels`` C_out and ``kernel`` (int or [kh, kw]) required; ``stride`` (int
+  or [sh, sw], default 1), ``padding`` (int or [ph, pw], default 0; zeros on both sides),
+  ``bias`` (true), ``activation`` (identity, applied elementwise). Cross-correlation, as
+  ``torch.nn.functional.conv2d``; output [C_out, H', W'] with
+  H' = floor((H + 2 ph - kh) / sh) + 1 (and W' alike), which must be at least 1.
+- ``max_pool2d``, ``avg_pool2d``: ``kernel`` required, ``stride`` (default = kernel), no
+  padding; output [C, floor((H - kh) / sh) + 1, floor((W - kw) / sw) + 1]. The average is over
+  the kh*kw entries of the window. Max-pool ties: PyTorch's CPU kernel
+  (aten/src/ATen/native/cpu/MaxPoolKernel.cpp) scans a window row by row, left to right, and
+  takes a value only when it is strictly greater than the best so far (or NaN), so its
+  gradient goes wholly to the FIRST maximum in row-major window order -- the same rule as the
+  generated code and :mod:`tests.conv_reference` (checked by the tests). At a tie the cost is
+  not differentiable, so finite differences are meaningless there: tests use continuous random
+  data, where ties have probability zero.
+
+The per-sample cost is the loss summed over every output component (all C*H*W entries of an
+image output); the batch cost is its mean over samples plus, once,
+``(l2/2) * sum(W**2) + l1 * sum(|W|)`` over the weights ``W{l}`` of dense and conv2d layers
+only (not biases, gamma/beta or custom-op parameters).
 
 :func:`torch_loss_and_grads` uses PyTorch's own functions in float64 and autograd;
-:func:`numpy_forward_loss` is separate NumPy code for the same cost (forward only), for finite
-differences. Both share only the reading of the spec's structure (:func:`reference_graph`).
-Custom ops are evaluated entry by entry by :mod:`tests.index_reference` (its own reading of
-the index notation); custom activations and losses raise ``NotImplementedError``.
+:func:`numpy_forward_loss` is separate NumPy code for the same cost (forward only; convolution
+and pooling written as loops over kernel offsets), for finite differences. Both share only the
+reading of the spec's structure (:func:`reference_graph`). Custom ops are evaluated entry by
+entry by :mod:`tests.index_reference` (its own reading of the index notation); custom
+activations and losses raise ``NotImplementedError``. :mod:`tests.conv_reference` is a third,
+loop-by-loop reference for convolutional chains with its own reading of the spec.
+
+API: :func:`reference_graph`, :func:`spec_input_shape`, :func:`spec_output_shape`,
+:func:`spec_input_size` and :func:`spec_output_size` (vector specs only),
+:func:`init_reference_params`, :func:`reference_batch`, :func:`torch_loss_and_grads`,
+:func:`numpy_forward_loss`.
 """
 
 from __future__ import annotations
@@ -27,7 +60,10 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-SUPPORTED_OPS = ("dense", "activation", "add", "layer_norm", "dropout")
+SUPPORTED_OPS = ("dense", "activation", "add", "layer_norm", "dropout", "conv2d", "max_pool2d",
+                 "avg_pool2d", "flatten")
+#: Ops with a weight ``W{l}`` that the regularization penalises.
+WEIGHTED_OPS = ("dense", "conv2d")
 ACTIVATION_NAMES = (
     "identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "silu", "gelu",
     "softmax",
@@ -50,17 +86,29 @@ class Activation:
 
 @dataclass(frozen=True)
 class Node:
-    """One layer of the spec: its 1-based number, op, input node numbers (0 = x) and width."""
+    """One layer of the spec: its 1-based number, op, input node numbers (0 = x) and the
+    per-sample shape of its output: ``(n,)`` for a vector, ``(C, H, W)`` for an image.
+
+    ``kernel``, ``stride`` and ``padding`` are (height, width) pairs of conv2d and the pools.
+    """
 
     number: int
     op: str
     inputs: tuple[int, ...]
-    width: int
+    shape: tuple[int, ...]
     activation: Activation | None = None
     bias: bool = True
     eps: float = 1e-5
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
     custom: dict[str, Any] | None = None          # a custom op: {name, expr, params}
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    @property
+    def width(self) -> int:
+        """The number of components of the output (n for a vector, C*H*W for an image)."""
+        return math.prod(self.shape)
 
     def custom_output(self, outputs: list, params: dict, lib: Any) -> Any:
         """A custom op's output by :func:`tests.index_reference.evaluate`."""
@@ -76,9 +124,9 @@ class Node:
 
 @dataclass(frozen=True)
 class Graph:
-    """The spec's structure: input width, nodes in order, loss name and regularization."""
+    """The spec's structure: input shape, nodes in order, loss name and regularization."""
 
-    input_size: int
+    input_shape: tuple[int, ...]
     nodes: tuple[Node, ...]
     loss: str
     l2: float
@@ -91,12 +139,22 @@ class Graph:
 
     @property
     def weight_names(self) -> list[str]:
-        """The penalised parameters: the weight matrices of dense layers."""
-        return [f"W{node.number}" for node in self.nodes if node.op == "dense"]
+        """The penalised parameters: the weights of dense layers and the kernels of conv2d."""
+        return [f"W{node.number}" for node in self.nodes if node.op in WEIGHTED_OPS]
+
+    @property
+    def input_size(self) -> int:
+        """Number of input components (n_0 for a vector, C*H*W for an image)."""
+        return math.prod(self.input_shape)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of the last layer's output."""
+        return self.nodes[-1].shape
 
     @property
     def output_size(self) -> int:
-        """Width of the last layer."""
+        """Number of output components (the width of a vector output)."""
         return self.nodes[-1].width
 
 
@@ -131,14 +189,58 @@ def parse_loss(value: Any) -> str:
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def spec_input_shape(spec: dict) -> tuple[int, ...]:
+    """The per-sample input shape: ``(n_0,)`` for ``input: n_0``, ``(C, H, W)`` for
+    ``input: [C, H, W]``."""
+    value = spec["input"]
+    if _is_int(value):
+        shape = (int(value),)
+    elif isinstance(value, (list, tuple)) and len(value) == 3 and all(map(_is_int, value)):
+        shape = tuple(int(v) for v in value)
+    else:
+        raise NotImplementedError(
+            f"input must be a width n or an image [C, H, W] of ints, not {value!r}")
+    if min(shape) < 1:
+        raise ValueError(f"input sizes must be positive, not {value!r}")
+    return shape
+
+
 def spec_input_size(spec: dict) -> int:
-    """The width n_0 of the (vector) input."""
-    size = spec["input"]
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise NotImplementedError(f"only vector input (an int) is supported, not {size!r}")
-    if size < 1:
-        raise ValueError(f"input width must be positive, not {size}")
-    return size
+    """The width n_0 of a vector input (an image input raises: see :func:`spec_input_shape`)."""
+    shape = spec_input_shape(spec)
+    if len(shape) != 1:
+        raise NotImplementedError(f"input {spec['input']!r} is an image, not a vector; "
+                                  "use spec_input_shape")
+    return shape[0]
+
+
+def _pair(layer: dict, key: str, number: int, default: Any = None,
+          minimum: int = 1) -> tuple[int, int]:
+    """An (height, width) attribute given as an int or a two-list ``[h, w]``."""
+    value = layer.get(key, default)
+    if value is None:
+        raise ValueError(f"layer {number}: {layer.get('op')} needs {key!r}")
+    if _is_int(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_int, value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise ValueError(f"layer {number}: {key} must be an int or [h, w], not {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"layer {number}: {key} must be at least {minimum}, not {value!r}")
+    return pair
+
+
+def _window_count(size: int, kernel: int, stride: int, padding: int, number: int) -> int:
+    """floor((size + 2 padding - kernel) / stride) + 1, the positions of a sliding window."""
+    if size + 2 * padding < kernel:
+        raise ValueError(f"layer {number}: kernel {kernel} exceeds the input size {size}"
+                         + (f" padded by {padding} on each side" if padding else ""))
+    return (size + 2 * padding - kernel) // stride + 1
 
 
 def _resolve(ref: Any, names: dict[str, int], number: int) -> int:
@@ -159,13 +261,21 @@ def _resolve(ref: Any, names: dict[str, int], number: int) -> int:
     return ref
 
 
+def _check_activation(act: Activation, shape: tuple[int, ...], number: int) -> Activation:
+    """Softmax normalises over a vector's feature axis; an image has none."""
+    if act.name == "softmax" and len(shape) != 1:
+        raise ValueError(f"layer {number}: softmax applies to vectors, not to an image "
+                         f"{list(shape)}")
+    return act
+
+
 def reference_graph(spec: dict) -> Graph:
-    """Read the spec's structure: nodes, widths, parameter shapes; checks unused layers."""
-    n_in0 = spec_input_size(spec)
+    """Read the spec's structure: nodes, shapes, parameter shapes; checks unused layers."""
+    input_shape = spec_input_shape(spec)
     layers = spec["layers"]
     if not layers:
         raise ValueError("a spec needs at least one layer")
-    widths = [n_in0]
+    shapes = [input_shape]
     names: dict[str, int] = {}
     nodes: list[Node] = []
     for number, layer in enumerate(layers, start=1):
@@ -182,42 +292,81 @@ def reference_graph(spec: dict) -> Graph:
         else:
             refs = [number - 1]
         inputs = tuple(_resolve(ref, names, number) for ref in refs)
-        in_widths = {widths[i] for i in inputs}
+        in_shapes = {shapes[i] for i in inputs}
         if op == "add":
             if len(inputs) < 2:
                 raise ValueError(f"layer {number}: add needs at least two inputs")
-            if len(in_widths) != 1:
-                raise ValueError(f"layer {number}: add of different widths {sorted(in_widths)}")
+            if len(in_shapes) != 1:
+                raise ValueError(f"layer {number}: add of different shapes "
+                                 f"{sorted(map(list, in_shapes))}")
         elif len(inputs) != 1 and custom is None:
             raise ValueError(f"layer {number}: {op} takes one input, got {len(inputs)}")
-        n_in = widths[inputs[0]]
+        in_shape = shapes[inputs[0]]
+        if op in ("dense", "layer_norm", "custom") and any(len(shapes[i]) != 1 for i in inputs):
+            raise ValueError(f"layer {number}: {op} reads a vector, not an image "
+                             f"{list(in_shape)} (flatten it first)")
+        if op in ("conv2d", "max_pool2d", "avg_pool2d", "flatten") and len(in_shape) != 3:
+            raise ValueError(f"layer {number}: {op} reads an image [C, H, W], not a vector "
+                             f"of {in_shape[0]}")
         kwargs: dict[str, Any] = {}
         if op == "dense":
-            width = int(layer["size"])
+            n_in = in_shape[0]
+            shape = (int(layer["size"]),)
             bias = bool(layer.get("bias", True))
-            params = {f"W{number}": (width, n_in)}
+            params = {f"W{number}": (shape[0], n_in)}
             if bias:
-                params[f"b{number}"] = (width,)
+                params[f"b{number}"] = shape
             kwargs = {"activation": parse_activation(layer.get("activation", "identity")),
                       "bias": bias, "params": params}
+        elif op == "conv2d":
+            channels = layer.get("channels")
+            if not _is_int(channels) or channels < 1:
+                raise ValueError(f"layer {number}: conv2d needs channels, a positive int, "
+                                 f"not {channels!r}")
+            kernel = _pair(layer, "kernel", number)
+            stride = _pair(layer, "stride", number, default=1)
+            padding = _pair(layer, "padding", number, default=0, minimum=0)
+            shape = (int(channels),) + tuple(
+                _window_count(in_shape[1 + a], kernel[a], stride[a], padding[a], number)
+                for a in (0, 1))
+            bias = bool(layer.get("bias", True))
+            params = {f"W{number}": (shape[0], in_shape[0], *kernel)}
+            if bias:
+                params[f"b{number}"] = (shape[0],)
+            act = parse_activation(layer.get("activation", "identity"))
+            kwargs = {"activation": _check_activation(act, shape, number), "bias": bias,
+                      "params": params, "kernel": kernel, "stride": stride,
+                      "padding": padding}
+        elif op in ("max_pool2d", "avg_pool2d"):
+            if "padding" in layer:
+                raise ValueError(f"layer {number}: {op} takes no padding")
+            kernel = _pair(layer, "kernel", number)
+            stride = _pair(layer, "stride", number, default=list(kernel))
+            shape = (in_shape[0],) + tuple(
+                _window_count(in_shape[1 + a], kernel[a], stride[a], 0, number)
+                for a in (0, 1))
+            kwargs = {"kernel": kernel, "stride": stride}
+        elif op == "flatten":
+            shape = (math.prod(in_shape),)
         elif op == "activation":
-            width = n_in
-            kwargs = {"activation": parse_activation(layer["activation"])}
+            shape = in_shape
+            kwargs = {"activation": _check_activation(parse_activation(layer["activation"]),
+                                                      shape, number)}
         elif custom is not None:
-            width = int(layer["size"])
-            axes = {"size": width, "in": n_in,
-                    **{f"in{n}": widths[i] for n, i in enumerate(inputs, start=1)}}
+            shape = (int(layer["size"]),)
+            axes = {"size": shape[0], "in": in_shape[0],
+                    **{f"in{n}": shapes[i][0] for n, i in enumerate(inputs, start=1)}}
             kwargs = {"custom": custom, "params": {
-                f"{name}{number}": tuple(axes[axis] for axis in shape)
-                for name, shape in custom.get("params", {}).items()}}
+                f"{name}{number}": tuple(axes[axis] for axis in param_shape)
+                for name, param_shape in custom.get("params", {}).items()}}
         elif op == "layer_norm":
-            width = n_in
+            shape = in_shape
             kwargs = {"eps": float(layer.get("eps", 1e-5)),
-                      "params": {f"gamma{number}": (width,), f"beta{number}": (width,)}}
+                      "params": {f"gamma{number}": shape, f"beta{number}": shape}}
         else:  # add, dropout
-            width = n_in
-        nodes.append(Node(number, op, inputs, width, **kwargs))
-        widths.append(width)
+            shape = in_shape
+        nodes.append(Node(number, op, inputs, shape, **kwargs))
+        shapes.append(shape)
         if "name" in layer:
             name = layer["name"]
             if name in names or name == "input":
@@ -228,13 +377,22 @@ def reference_graph(spec: dict) -> Graph:
     if unused:
         raise ValueError(f"unused layer(s) {unused}")
     reg = spec.get("regularization") or {}
-    return Graph(n_in0, tuple(nodes), parse_loss(spec["loss"]),
+    return Graph(input_shape, tuple(nodes), parse_loss(spec["loss"]),
                  float(reg.get("l2", 0.0)), float(reg.get("l1", 0.0)))
 
 
+def spec_output_shape(spec: dict) -> tuple[int, ...]:
+    """The per-sample shape of the last layer's output: ``(n_L,)`` or ``(C, H, W)``."""
+    return reference_graph(spec).output_shape
+
+
 def spec_output_size(spec: dict) -> int:
-    """The width n_L of the last layer."""
-    return reference_graph(spec).output_size
+    """The width n_L of a vector output (an image output raises: see spec_output_shape)."""
+    shape = spec_output_shape(spec)
+    if len(shape) != 1:
+        raise NotImplementedError(f"the output is an image {list(shape)}, not a vector; "
+                                  "use spec_output_shape")
+    return shape[0]
 
 
 def _check_arrays(graph: Graph, params: dict[str, np.ndarray], X: np.ndarray,
@@ -251,26 +409,60 @@ def _check_arrays(graph: Graph, params: dict[str, np.ndarray], X: np.ndarray,
         out[name] = value
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=np.float64)
-    if X.ndim != 2 or X.shape[1] != graph.input_size:
-        raise ValueError(f"X has shape {X.shape}, expected (B, {graph.input_size})")
-    if Y.shape != (X.shape[0], graph.output_size):
-        raise ValueError(f"Y has shape {Y.shape}, expected ({X.shape[0]}, {graph.output_size})")
+    if X.ndim != 1 + len(graph.input_shape) or X.shape[1:] != graph.input_shape:
+        raise ValueError(f"X has shape {X.shape}, expected (B, "
+                         f"{', '.join(map(str, graph.input_shape))})")
+    if Y.shape != (X.shape[0], *graph.output_shape):
+        raise ValueError(f"Y has shape {Y.shape}, expected "
+                         f"{(X.shape[0], *graph.output_shape)}")
     return out, X, Y
 
 
 def init_reference_params(spec: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random float64 parameters: normal * 0.5; gamma 1 + 0.1 * normal, beta 0.1 * normal."""
+    """Random float64 parameters, drawn in layer order from ``default_rng(seed)``.
+
+    Each entry is a standard normal draw, scaled: a dense weight by min(0.5, 1/sqrt(n_in))
+    (0.5 up to n_in = 4); a conv2d kernel by 1/sqrt(C_in*kh*kw) (fan-in); gamma is
+    1 + 0.1 * normal, beta 0.1 * normal; biases and custom-op parameters 0.5 * normal.
+    """
     rng = np.random.default_rng(seed)
     params = {}
-    for name, shape in reference_graph(spec).param_shapes.items():
-        noise = rng.standard_normal(shape)
-        if name.startswith("gamma"):
-            params[name] = 1.0 + 0.1 * noise
-        elif name.startswith("beta"):
-            params[name] = 0.1 * noise
-        else:
-            params[name] = 0.5 * noise
+    for node in reference_graph(spec).nodes:
+        for name, shape in node.params.items():
+            noise = rng.standard_normal(shape)
+            if name.startswith("gamma") and node.op == "layer_norm":
+                params[name] = 1.0 + 0.1 * noise
+            elif name.startswith("beta") and node.op == "layer_norm":
+                params[name] = 0.1 * noise
+            elif name == f"W{node.number}" and node.op == "dense":
+                params[name] = min(0.5, 1.0 / math.sqrt(shape[1])) * noise
+            elif name == f"W{node.number}" and node.op == "conv2d":
+                params[name] = noise / math.sqrt(math.prod(shape[1:]))
+            else:
+                params[name] = 0.5 * noise
     return params
+
+
+def reference_batch(spec: dict, seed: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 (X, Y) of shapes (B, *input shape) and (B, *output shape), vector or image.
+
+    X is standard normal (continuous: no max-pool ties). Y suits the loss: cross_entropy,
+    positive entries summing to 1 per sample; binary_cross_entropy, entries in (0.05, 0.95);
+    mse, standard normal. For vector specs this is the batch of
+    ``tests.strategies.random_batch`` (the same stream, apart from the params' seed).
+    """
+    graph = reference_graph(spec)
+    rng = np.random.default_rng([seed, 0xBA7C])
+    X = rng.standard_normal((batch, *graph.input_shape))
+    shape = (batch, *graph.output_shape)
+    if graph.loss == "cross_entropy":
+        Y = rng.uniform(0.05, 1.0, shape)
+        Y /= Y.reshape(batch, -1).sum(axis=1).reshape((batch,) + (1,) * (Y.ndim - 1))
+    elif graph.loss == "binary_cross_entropy":
+        Y = rng.uniform(0.05, 0.95, shape)
+    else:
+        Y = rng.standard_normal(shape)
+    return X, Y
 
 
 # --- PyTorch ---------------------------------------------------------------------------------
@@ -323,6 +515,16 @@ def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarra
         if node.op == "dense":
             out = _torch_activation(node.activation,
                                     F.linear(h, tp[f"W{k}"], tp[f"b{k}"] if node.bias else None))
+        elif node.op == "conv2d":
+            z = F.conv2d(h, tp[f"W{k}"], tp[f"b{k}"] if node.bias else None,
+                         stride=node.stride, padding=node.padding)
+            out = _torch_activation(node.activation, z)
+        elif node.op == "max_pool2d":
+            out = F.max_pool2d(h, node.kernel, stride=node.stride)
+        elif node.op == "avg_pool2d":
+            out = F.avg_pool2d(h, node.kernel, stride=node.stride)
+        elif node.op == "flatten":
+            out = torch.flatten(h, 1)
         elif node.op == "activation":
             out = _torch_activation(node.activation, h)
         elif node.op == "add":
@@ -389,6 +591,46 @@ def _np_activation(act: Activation, z: np.ndarray) -> np.ndarray:
     raise NotImplementedError(name)
 
 
+def _np_conv2d(x: np.ndarray, W: np.ndarray, b: np.ndarray | None, stride: tuple[int, int],
+               padding: tuple[int, int]) -> np.ndarray:
+    """Cross-correlation of a batch x (B, C_in, H, W) with W (C_out, C_in, kh, kw).
+
+    z[:, j, r, s] = sum_{k,p,q} W[j, k, p, q] * xpad[:, k, r*sh + p, s*sw + q] (0-based), xpad
+    being x with ph (pw) rows (columns) of zeros on each side: one term per kernel offset.
+    """
+    batch, channels, height, width = x.shape
+    (sh, sw), (ph, pw) = stride, padding
+    kh, kw = W.shape[2:]
+    xpad = np.zeros((batch, channels, height + 2 * ph, width + 2 * pw))
+    xpad[:, :, ph:ph + height, pw:pw + width] = x
+    out_h = (height + 2 * ph - kh) // sh + 1
+    out_w = (width + 2 * pw - kw) // sw + 1
+    z = np.zeros((batch, W.shape[0], out_h, out_w))
+    for p in range(kh):
+        for q in range(kw):
+            window = xpad[:, :, p:p + sh * (out_h - 1) + 1:sh, q:q + sw * (out_w - 1) + 1:sw]
+            z += np.einsum("bkrs,jk->bjrs", window, W[:, :, p, q])
+    if b is not None:
+        z += b[None, :, None, None]
+    return z
+
+
+def _np_pool2d(x: np.ndarray, op: str, kernel: tuple[int, int],
+               stride: tuple[int, int]) -> np.ndarray:
+    """Max or mean of x (B, C, H, W) over each kh x kw window, windows stride apart."""
+    (kh, kw), (sh, sw) = kernel, stride
+    out_h = (x.shape[2] - kh) // sh + 1
+    out_w = (x.shape[3] - kw) // sw + 1
+    windows = [x[:, :, p:p + sh * (out_h - 1) + 1:sh, q:q + sw * (out_w - 1) + 1:sw]
+               for p in range(kh) for q in range(kw)]
+    if op == "max_pool2d":
+        out = windows[0]
+        for window in windows[1:]:
+            out = np.maximum(out, window)
+        return out
+    return sum(windows[1:], windows[0]) / (kh * kw)
+
+
 def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
                        Y: np.ndarray) -> float:
     """The same batch cost as :func:`torch_loss_and_grads`, in plain NumPy float64."""
@@ -403,6 +645,14 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
             if node.bias:
                 z = z + params[f"b{k}"]
             out = _np_activation(node.activation, z)
+        elif node.op == "conv2d":
+            out = _np_activation(node.activation, _np_conv2d(
+                h, params[f"W{k}"], params[f"b{k}"] if node.bias else None, node.stride,
+                node.padding))
+        elif node.op in ("max_pool2d", "avg_pool2d"):
+            out = _np_pool2d(h, node.op, node.kernel, node.stride)
+        elif node.op == "flatten":
+            out = h.reshape(h.shape[0], -1)  # C order: channel slowest, then row, column
         elif node.op == "activation":
             out = _np_activation(node.activation, h)
         elif node.op == "add":
@@ -420,11 +670,12 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
         outputs.append(out)
     a = outputs[-1]
     if graph.loss == "mse":
-        per_sample = 0.5 * ((a - Y) ** 2).sum(axis=1)
+        terms = 0.5 * (a - Y) ** 2
     elif graph.loss == "cross_entropy":
-        per_sample = -(Y * np.log(a)).sum(axis=1)
+        terms = -(Y * np.log(a))
     else:
-        per_sample = -(Y * np.log(a) + (1.0 - Y) * np.log1p(-a)).sum(axis=1)
+        terms = -(Y * np.log(a) + (1.0 - Y) * np.log1p(-a))
+    per_sample = terms.reshape(terms.shape[0], -1).sum(axis=1)  # every output component
     cost = per_sample.mean()
     weights = [params[name] for name in graph.weight_names]
     cost += graph.l2 / 2 * sum(float((w ** 2).sum()) for w in weights)

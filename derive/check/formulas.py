@@ -23,6 +23,15 @@ Then the user's right-hand side is compared with the derived one, per layer:
    derivation's order. The capped copy, the random points and the 50-digit arithmetic are
    those of :mod:`derive.verify.numeric`, the numeric service verification uses too.
 
+Networks with feature maps (``input: [C, H, W]``) are checked the same way, in index form:
+an axis is a node's width n_l, a feature map's rows H_l or columns W_l, or a kernel's offsets;
+indices may be expressions (a^0_{k,r+p-1,s+q-1}); Iverson brackets become ``InRange`` (an
+index's range, as the derivation writes it) or 1/0 comparisons, and the argmax of a window the
+derivation's ``FirstMax``. Their numeric check runs on the expanded copy verification builds
+(:class:`derive.verify.expansion.Instance`, which reads a feature map's padding as 0 and
+writes a window's maximum out); an entry the user's formula reads outside a kernel or vector
+has no value, which makes the formula incorrect (a missing bracket).
+
 A mismatch gives a counterexample — the parameter and input values (two decimals, to be
 reproducible by hand), the user's value and the correct one — and the derived formula printed
 in the notation the user wrote. Hand-written backprop code is checked by
@@ -49,6 +58,7 @@ from typing import Any, ClassVar
 import symengine as se
 import sympy as sp
 from sympy.core.function import AppliedUndef
+from sympy.core.relational import Relational
 from sympy.printing.str import StrPrinter
 
 from derive.check.parser import (
@@ -56,17 +66,22 @@ from derive.check.parser import (
     Binary,
     Call,
     Const,
+    Coordinates,
     FormulaError,
+    IndexVar,
+    Iverson,
     Layer,
     Node,
     Num,
     ParsedFormula,
     Product,
     Ref,
+    ShapeSize,
     SumOver,
     Target,
     Transpose,
     Unary,
+    WindowMaxOf,
     parse_formula,
 )
 from derive.derivation.indexcalc import collapse
@@ -77,8 +92,11 @@ from derive.graph.model import build_model
 from derive.quantities import NetTensor, entry, j, size_symbol, tensor_of
 from derive.registry import functions
 from derive.registry.functions import Z, elementary
+from derive.registry.image_ops import geometry
+from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.pretty import pretty
 from derive.spec.load import NetworkSpec, layer_attributes, load_spec
+from derive.verify.expansion import Instance, MissingQuantity, backprop_values
 from derive.verify.numeric import (
     DIGITS,
     TOLERANCE,
@@ -87,8 +105,10 @@ from derive.verify.numeric import (
     capped_spec,
     evaluate,
     random_point,
+    real_value,
     value_at,
 )
+from derive.verify.reduction import network_shape
 
 #: Widths of the concrete copy the numeric check runs on.
 MAX_WIDTH = 3
@@ -108,6 +128,65 @@ _ROW = sp.Dummy("row", integer=True, positive=True)
 _COL = sp.Dummy("col", integer=True, positive=True)
 
 
+class _OutsideRange(Exception):
+    """The user's formula reads an entry outside a quantity's range (a kernel offset past the
+    kernel's size): it has no value there. Entries of feature maps outside the map are 0
+    (zero padding, as in the convolution's own equation)."""
+
+
+class WindowMaximum(WindowMax):
+    """A window's maximum as a value (max_{p,q} f in a user's formula): written out with
+    concrete limits as ``Max`` of the window's entries, which a comparison [a = max ...] can
+    hold (the registry's WindowMax, written out as a piecewise choice, is for the maximum a
+    pooling layer computes and whose first maximum FirstMax marks)."""
+
+    def doit(self, **hints: object) -> sp.Expr:
+        entries = [self.function]
+        for index, low, high in self.limits:
+            if not (low.is_Integer and high.is_Integer):
+                return self
+            entries = [e.xreplace({index: sp.Integer(v)}) for e in entries
+                       for v in range(int(low), int(high) + 1)]
+        return sp.Max(*(e.doit(**hints) for e in entries))
+
+
+_RELATIONS = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge, "=": sp.Eq}
+_FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "="}
+
+
+class AgainstMax(sp.Function):
+    """``AgainstMax(x, window, op)``: the Iverson bracket [x op max window], op one of < <= >
+    >= = (its position in :data:`_RELATIONS`). With concrete limits it is written out
+    without a maximum: x = max f holds where x >= every entry and equals one of them (a
+    comparison with a piecewise maximum is not something SymEngine evaluates)."""
+
+    nargs = 3
+    is_real = True
+    is_integer = True
+
+    def fdiff(self, argindex: int = 1) -> sp.Expr:
+        return sp.Integer(0)
+
+    def doit(self, **hints: object) -> sp.Expr:
+        x, window, code = self.args
+        entries = [window.function]
+        for index, low, high in window.limits:
+            if not (low.is_Integer and high.is_Integer):
+                return self
+            entries = [e.xreplace({index: sp.Integer(v)}) for e in entries
+                       for v in range(int(low), int(high) + 1)]
+        x = x.doit(**hints)
+        entries = [e.doit(**hints) for e in entries]
+        op = list(_RELATIONS)[int(code)]
+        if op == "=":
+            holds = sp.And(*(x >= e for e in entries), sp.Or(*(sp.Eq(x, e) for e in entries)))
+        elif op in (">", ">="):
+            holds = sp.And(*(_RELATIONS[op](x, e) for e in entries))
+        else:
+            holds = sp.Or(*(_RELATIONS[op](x, e) for e in entries))
+        return sp.Piecewise((1, holds), (0, True))
+
+
 class IllFormed(Exception):
     """The formula parses but has no meaning as written (shapes, index ranges): incorrect."""
 
@@ -115,6 +194,11 @@ class IllFormed(Exception):
         super().__init__(message)
         self.message = message
         self.pos = pos
+
+
+class _DoesNotFit(IllFormed):
+    """At this value of the generic l, a quantity has more or fewer indices than written
+    (delta^l_jrs where δ^l is a vector): l does not run over this layer."""
 
 
 # --- results -----------------------------------------------------------------------------
@@ -195,9 +279,12 @@ class _Network:
     its axes run over, which nodes share a width by construction, and the derived formula of
     each adjoint.
 
-    Axes are node numbers: an axis of node l has n_l entries. Two nodes share an axis class
-    when an equation indexes both with the same free index (an add's inputs and output, a
-    layer norm's input and output): a vector over one is a vector over the other.
+    An axis of node l's vectors (or of its feature maps' channels) is the node number l, with
+    n_l entries; a feature map's rows and columns are the symbols H_l and W_l, and a kernel's
+    offsets its size (an Integer): :func:`axis_size` gives the size of any of them. Two nodes
+    share an axis class when an equation indexes both with the same free index (an add's
+    inputs and output, a layer norm's input and output, a pooling layer's channels): a vector
+    over one is a vector over the other.
 
     The algebra of this module (sums written out term by term, expansions) runs on stand-ins
     (:meth:`stand_ins`): an entry q[j] becomes ``q(j)``, an undefined function of its
@@ -220,17 +307,15 @@ class _Network:
         self.chain = model.is_chain
         self.widths = {0: model.spec.input, **{node.index: node.width for node in model.nodes}}
         self.size_node = {size_symbol(0): 0, **{node.size: node.index for node in model.nodes}}
-        self.axes: dict[NetTensor, tuple[int, ...]] = {}
-        x, y = tensor_of(model.x[j]), tensor_of(model.y[j])
-        self._add(x, (0,))
-        self._add(y, (model.output.index,))
+        #: the concrete size of every axis that is not a node's width (H_l, W_l)
+        self.extents = {symbol: value for symbol, value in model.widths.items()
+                        if symbol not in self.size_node}
+        self.images = model.spec.image is not None
+        self.axes: dict[NetTensor, tuple[Axis, ...]] = {}
+        for tensor, shape in model.shapes.items():
+            self._add(tensor, tuple(self.axis_of(size) for size in shape))
         targets = {eq.target for eq in model.equations}
         for node in model.nodes:
-            for eq in node.equations:
-                self._add(eq.target, (node.index,) * eq.target.rank)
-            for parameter in node.parameters:
-                self._add(parameter.tensor,
-                          tuple(self.size_node[s] for s in parameter.shape_symbols))
             for eq in node.equations:       # leaves an op reads besides parameters (masks)
                 for tensor in sorted(eq.expr.atoms(NetTensor), key=sp.default_sort_key):
                     if tensor not in self.axes and tensor.node == node.index:
@@ -238,8 +323,10 @@ class _Network:
             self._add(self.delta_tensor(node.index), self.axes[node.forward.delta])
         #: the inputs of the forward pass: parameters, x, y and masks, in a fixed order
         self.leaves = tuple(t for t in self.axes if t not in targets and t.role != "delta")
-        self.parent = {n: n for n in self.widths}
+        self.parent: dict[Axis, Axis] = {}
         for eq in model.equations:
+            if eq.at is not None:           # a flatten's entry is not its input's entry
+                continue
             for atom in eq.expr.atoms(sp.Indexed):
                 tensor = tensor_of(atom)
                 for position, index in enumerate(atom.indices):
@@ -248,20 +335,33 @@ class _Network:
                                     self.axes[eq.target][eq.indices.index(index)])
         self.eps = self._eps()
 
-    def _add(self, tensor: NetTensor, axes: tuple[int, ...]) -> None:
+    def _add(self, tensor: NetTensor, axes: tuple[Axis, ...]) -> None:
         self.axes.setdefault(tensor, axes)
 
-    def _root(self, node: int) -> int:
-        while self.parent[node] != node:
+    def axis_of(self, size: sp.Expr) -> Axis:
+        """The axis whose size is ``size``: n_l is node l's, H_l, W_l and a kernel's size
+        their own."""
+        return self.size_node.get(size, size)
+
+    def width(self, axis: Axis) -> int:
+        """The concrete number of entries along ``axis``."""
+        if isinstance(axis, int):
+            return self.widths[axis]
+        return int(self.extents.get(axis, axis))
+
+    def _root(self, node: Axis) -> Axis:
+        while self.parent.get(node, node) != node:
             node = self.parent[node]
         return node
 
-    def _union(self, a: int, b: int) -> None:
+    def _union(self, a: Axis, b: Axis) -> None:
         a, b = self._root(a), self._root(b)
-        self.parent[max(a, b)] = min(a, b)
+        if a != b:
+            first, second = sorted((a, b), key=_axis_order)
+            self.parent[second] = first
 
-    def same(self, a: int, b: int) -> bool:
-        """Whether axes over nodes a and b are one axis (same width by construction)."""
+    def same(self, a: Axis, b: Axis) -> bool:
+        """Whether axes a and b are one axis (same width by construction)."""
         return self._root(a) == self._root(b)
 
     def _eps(self) -> sp.Expr | None:
@@ -350,7 +450,7 @@ class _Network:
         """Every 1-based index tuple of ``tensor`` at the model's concrete widths."""
         out: list[tuple[int, ...]] = [()]
         for axis in self.axes[tensor]:
-            out = [(*e, n) for e in out for n in range(1, self.widths[axis] + 1)]
+            out = [(*e, n) for e in out for n in range(1, self.width(axis) + 1)]
         return out
 
     # -- derived formulas --
@@ -367,15 +467,63 @@ class _Network:
                 return formula
         return None
 
+    def outside(self, atom: sp.Expr) -> str:
+        """Why ``atom`` (a concrete entry, or a stand-in of one) has no value: it lies outside
+        its quantity's range and is not a feature map's padding; "" when it has one."""
+        standing = self.stands_for(atom)
+        tensor = standing[0] if standing else tensor_of(atom)
+        if tensor is None or tensor not in self.axes or (standing and standing[1]):
+            return ""
+        indices = _indices_of(atom)
+        if not indices or not all(i.is_Integer for i in indices):
+            return ""
+        axes = self.axes[tensor]
+        if all(1 <= int(i) <= self.width(axis) for i, axis in zip(indices, axes)):
+            return ""
+        if len(axes) == 3 and not tensor.parameter:
+            return ""                      # zero padding
+        shape = " x ".join(str(self.width(axis)) for axis in axes)
+        hint = " (a bracket such as [1 <= r-u+1 <= 2] missing?)" if len(axes) == 4 else ""
+        return (f"it reads {pretty(entry(tensor, indices))}, outside {tensor.name}'s "
+                f"{shape} entries{hint}")
+
     def describe(self, node: int) -> str:
         if node == 0:
             return "the input"
         return f"layer {node} is {self.model.node(node).op.name}"
 
     @functools.cached_property
-    def evaluator(self) -> _Evaluator:
-        """The numeric evaluator of this network (it keeps what it compiled)."""
-        return _Evaluator(self)
+    def evaluator(self) -> _Evaluator | _Expanded:
+        """The numeric evaluator of this network (it keeps what it compiled): verify's
+        expansion for a network with feature maps, which reads padding entries as 0 and
+        writes a window's maximum out, else this module's own."""
+        return _Expanded(self) if self.images else _Evaluator(self)
+
+
+#: An axis: a node's width (its number), a feature map's rows or columns (H_l, W_l) or a
+#: kernel's offsets (its size, an Integer).
+Axis = "int | sp.Expr"
+
+
+def axis_size(axis: Axis) -> sp.Expr:
+    """The symbolic size of an axis: n_l, H_l, W_l or a kernel's size."""
+    return size_symbol(axis) if isinstance(axis, int) else axis
+
+
+def describe_axis(axis: Axis) -> str:
+    """``layer 2 (n_2 values)``, ``the rows of layer 1 (H_1 values)``, ``a kernel's 2
+    offsets``."""
+    if isinstance(axis, int):
+        return f"layer {axis} (n_{axis} values)"
+    if axis.is_Integer:
+        return f"a kernel's {axis} offsets"
+    dim, node = str(axis).split("_", 1)
+    what = "rows" if dim == "H" else "columns"
+    return f"the {what} of layer {node} ({axis} values)"
+
+
+def _axis_order(axis: Axis) -> tuple:
+    return (0, axis, "") if isinstance(axis, int) else (1, 0, str(axis))
 
 
 @functools.lru_cache(maxsize=8)
@@ -482,6 +630,12 @@ class _Meaning:
                 raise self.error(f"{name} is a scalar per sample: it takes no index",
                                  target.indices[0][1])
             return []
+        if len(axes) > 2:
+            return self.image_indices(target, name, axes, free)
+        if len(target.indices) > 2:
+            raise self.error(f"{name} takes {len(axes)} "
+                             f"{'index' if len(axes) == 1 else 'indices'}, not "
+                             f"{len(target.indices)}", target.indices[0][1])
         if len(axes) == 2:
             written = target.indices or (("j", target.pos), ("k", target.pos))
             if len(written) != 2:
@@ -497,6 +651,24 @@ class _Meaning:
         ((letter, pos),) = written
         return [(letter, axes[0], free[0], pos)]
 
+    def image_indices(self, target: Target, name: str, axes: tuple[Axis, ...],
+                      free: tuple[sp.Symbol, ...]) -> list[tuple[str, Axis, sp.Symbol, int]]:
+        """The left side's indices of a feature map (j, r, s) or a kernel (j, k, p, q):
+        written out, each a different letter."""
+        example = "_jkpq" if len(axes) == 4 else "_jrs"
+        what = "a kernel" if len(axes) == 4 else "a feature map"
+        if len(target.indices) != len(axes):
+            raise self.error(f"{name} is {what}: write its entries with {len(axes)} indices, "
+                             f"as in {name}{example}",
+                             target.indices[0][1] if target.indices else target.pos)
+        letters = [letter for letter, _ in target.indices]
+        for n, (letter, pos) in enumerate(target.indices):
+            if letter in letters[:n]:
+                raise self.error(f"{name} needs {len(axes)} different indices, as in "
+                                 f"{name}{example}", pos)
+        return [(letter, axis, symbol, pos)
+                for (letter, pos), axis, symbol in zip(target.indices, axes, free)]
+
     # -- the right side --
 
     def convert(self, target: Target, formula: Formula) -> sp.Expr:
@@ -508,6 +680,9 @@ class _Meaning:
         value = self.value(self.parsed.rhs)
         if value.kind == "s":
             return value.expr
+        if len(axes) > 2:
+            raise IllFormed(f"the right side is {value.describe()}; write the entry of the "
+                            "feature map or kernel with indices", self.parsed.rhs.pos)
         name = _target_name(target, formula.node)
         if len(axes) == 2:
             if value.kind == "m" and network.same(value.rows, axes[0]) and network.same(
@@ -523,19 +698,61 @@ class _Meaning:
         raise IllFormed(f"the right side is {value.describe()}; the left side is a scalar per "
                         "sample", self.parsed.rhs.pos)
 
-    def index(self, letter: str, layer: int, pos: int) -> sp.Symbol:
+    def index(self, letter: str, layer: Axis, pos: int) -> sp.Symbol:
         for scope in reversed(self.scopes):
             if letter in scope:
                 entry = scope[letter]
                 if entry[1] is None:
                     entry[1], entry[2] = layer, pos
                 elif not self.network.same(entry[1], layer):
+                    if isinstance(entry[1], int) and isinstance(layer, int):
+                        raise IllFormed(
+                            f"index {letter} ranges over layer {entry[1]} (n_{entry[1]} "
+                            f"values, column {entry[2] + 1}) but here over layer {layer} "
+                            f"(n_{layer} values)", pos)
                     raise IllFormed(
-                        f"index {letter} ranges over layer {entry[1]} (n_{entry[1]} values, "
-                        f"column {entry[2] + 1}) but here over layer {layer} (n_{layer} "
-                        "values)", pos)
+                        f"index {letter} ranges over {describe_axis(entry[1])}, column "
+                        f"{entry[2] + 1}, but here over {describe_axis(layer)}", pos)
                 return entry[0]
         raise IllFormed(f"index {letter} is neither on the left side nor summed over", pos)
+
+    def index_symbol(self, letter: str, pos: int) -> sp.Symbol:
+        """An index letter inside an index expression: its symbol (the range it runs over
+        comes from where it stands alone, or from its sum's upper bound)."""
+        for scope in reversed(self.scopes):
+            if letter in scope:
+                return scope[letter][0]
+        raise IllFormed(f"index {letter} is neither on the left side nor summed over", pos)
+
+    def index_expression(self, node: Node) -> sp.Expr:
+        """An index written as an expression (r+p-1, 2s+q-3, H_2W_2(j-1)+W_2(r-1)+s)."""
+        if isinstance(node, IndexVar):
+            return self.index_symbol(node.letter, node.pos)
+        if isinstance(node, Num):
+            return sp.Integer(node.text)
+        if isinstance(node, (ShapeSize, Ref)):
+            return self.value(node).expr
+        if isinstance(node, Unary):
+            return -self.index_expression(node.operand)
+        if isinstance(node, Binary):
+            left, right = self.index_expression(node.left), self.index_expression(node.right)
+            return left + right if node.op == "+" else left - right
+        assert isinstance(node, Product)
+        out = self.index_expression(node.first)
+        for _op, _pos, factor in node.rest:
+            out = out * self.index_expression(factor)
+        return out
+
+    def _IndexVar(self, node: IndexVar) -> _Value:
+        return _Value(self.index_symbol(node.letter, node.pos), "s")
+
+    def _ShapeSize(self, node: ShapeSize) -> _Value:
+        layer = self.layer(node.layer)
+        size = sp.Symbol(f"{node.dim}_{layer}", integer=True, positive=True)
+        if size not in self.network.extents:
+            raise self.error(f"{node.dim}_{node.layer}: layer {layer} has no feature maps",
+                             node.pos)
+        return _Value(size, "s")
 
     def value(self, node: Node) -> _Value:
         method = getattr(self, f"_{type(node).__name__}")
@@ -564,15 +781,26 @@ class _Meaning:
                 return _Value(tensor, "s")
             if len(axes) == 1:
                 return _Value(tensor.indexed[_ROW], "v", axes[0])
-            return _Value(tensor.indexed[_ROW, _COL], "m", axes[0], axes[1])
+            if len(axes) == 2:
+                return _Value(tensor.indexed[_ROW, _COL], "m", axes[0], axes[1])
+            example = "_{j,k,p,q}" if len(axes) == 4 else "_{j,r,s}"
+            raise self.error(f"{name} is {'a kernel' if len(axes) == 4 else 'a feature map'}"
+                             f": write its entries with {len(axes)} indices, as in "
+                             f"{name}{example}", pos)
         if not axes:
             raise self.error(f"{name} is a scalar per sample: it takes no index", pos)
         if len(letters) != len(axes):
             if len(axes) == 2:
-                raise self.error(f"{name} takes two indices ({name}_jk) or none (the matrix)",
-                                 pos)
-            raise self.error(f"{name} takes one index", pos)
-        symbols = tuple(self.index(letter, axis, at)
+                message = f"{name} takes two indices ({name}_jk) or none (the matrix)"
+            elif len(axes) > 2:
+                message = f"{name} takes {len(axes)} indices, not {len(letters)}"
+            else:
+                message = f"{name} takes one index"
+            if self.l_value is not None and self.network.images:
+                raise _DoesNotFit(message, pos)
+            raise self.error(message, pos)
+        symbols = tuple(self.index(letter, axis, at) if isinstance(letter, str)
+                        else self.index_expression(letter)
                         for (letter, at), axis in zip(written, axes))
         return _Value(tensor.indexed[symbols], "s")
 
@@ -728,17 +956,130 @@ class _Meaning:
         if body.kind != "s":
             raise IllFormed(f"sum_{node.index} of {body.describe()}: write the summand with "
                             "indices", node.pos)
-        if entry[1] is None:
-            raise self.error(f"the summed index {node.index} does not appear in the sum",
-                             node.pos)
-        size = size_symbol(entry[1])
+        bound = None
         if node.upper is not None:
             upper = self.value(node.upper)
-            bound = self.network.size_node.get(upper.expr)
-            if bound is None or not self.network.same(bound, entry[1]):
-                raise IllFormed(f"sum_{node.index} runs to {upper.expr}, but {node.index} "
-                                f"indexes layer {entry[1]} ({size} values)", node.upper.pos)
-        return _Value(sp.Sum(body.expr, (dummy, 1, size)), "s")
+            bound = self.network.axis_of(upper.expr)
+            if not (isinstance(bound, int) or upper.expr in self.network.extents
+                    or (upper.expr.is_Integer and upper.expr > 0)):
+                raise IllFormed(f"sum_{node.index} runs to {upper.expr}: a sum runs to a "
+                                "size, n_l, H_l, W_l or a kernel's size", node.upper.pos)
+        if entry[1] is None:
+            if bound is None:
+                if not body.expr.has(dummy):
+                    raise self.error(f"the summed index {node.index} does not appear in the "
+                                     "sum", node.pos)
+                raise self.error(f"the summed index {node.index} stands only inside index "
+                                 "expressions: say how far it runs, as in "
+                                 f"sum_{{{node.index}=1}}^{{H_2}}", node.pos)
+            entry[1] = bound
+        elif bound is not None and not self.network.same(bound, entry[1]):
+            raise IllFormed(f"sum_{node.index} runs to {upper.expr}, but {node.index} "
+                            f"indexes {describe_axis(entry[1])}", node.upper.pos)
+        return _Value(sp.Sum(body.expr, (dummy, 1, axis_size(entry[1]))), "s")
+
+    def _Iverson(self, node: Iverson) -> _Value:
+        """An Iverson bracket: [low <= e <= high] of an index e is InRange(e, low, high), as
+        the derivation writes a kernel offset's range; [(P, Q) = argmax_{p,q} f] the
+        indicator FirstMax of the window's first maximum; any other comparison 1 or 0."""
+        operands, ops = node.operands, node.ops
+        first_max = self.first_max(node)
+        if first_max is not None:
+            return first_max
+        for operand in operands:
+            if isinstance(operand, Coordinates) or (
+                    isinstance(operand, WindowMaxOf) and operand.arg):
+                raise self.error("write the argmax of a window as [(P, Q) = argmax_{p,q} "
+                                 "...], a position of as many offsets as the window has",
+                                 operand.pos)
+        values = [self.value(operand) for operand in operands]
+        shaped = values[0]
+        for other, operand in zip(values[1:], operands[1:]):
+            shaped = self.elementwise(shaped, other, "+", operand.pos)
+        exprs = [value.expr for value in values]
+        if (ops in (("<=", "<="), (">=", ">=")) and not _reads_quantities(exprs[1])
+                and all(e.is_integer for e in exprs)):
+            low, high = (exprs[0], exprs[2]) if ops[0] == "<=" else (exprs[2], exprs[0])
+            return _Value(InRange(exprs[1], low, high), shaped.kind, shaped.rows, shaped.cols)
+        out = sp.Integer(1)
+        for op, left, right in zip(ops, exprs, exprs[1:]):
+            if isinstance(right, WindowMax) or isinstance(left, WindowMax):
+                if isinstance(left, WindowMax):
+                    op, left, right = _FLIPPED[op], right, left
+                out *= AgainstMax(left, right, sp.Integer(list(_RELATIONS).index(op)))
+                continue
+            holds = _RELATIONS[op](left, right)
+            if holds in (sp.true, sp.false):
+                out *= sp.Integer(1 if holds == sp.true else 0)
+            else:
+                out *= sp.Piecewise((1, holds), (0, True))
+        return _Value(out, shaped.kind, shaped.rows, shaped.cols)
+
+    def first_max(self, node: Iverson) -> _Value | None:
+        """[(P, Q) = argmax_{p,q} f] (either way round): FirstMax(max_{p,q} f, P, Q)."""
+        if node.ops != ("=",):
+            return None
+        left, right = node.operands
+        if isinstance(left, WindowMaxOf):
+            left, right = right, left
+        if not (isinstance(left, Coordinates) and isinstance(right, WindowMaxOf)
+                and right.arg):
+            return None
+        if len(left.items) != len(right.offsets):
+            raise IllFormed(f"a position of {len(left.items)} coordinates compared with a "
+                            f"window of {len(right.offsets)} offsets", left.pos)
+        window = self.window(right)
+        position = [self.value(item) for item in left.items]
+        if any(value.kind != "s" for value in position):
+            raise IllFormed("a position in a window is written with indices", left.pos)
+        return _Value(FirstMax(window, *(value.expr for value in position)), "s")
+
+    def _Coordinates(self, node: Coordinates) -> _Value:
+        raise self.error("a position (P, Q) is compared with an argmax: [(P, Q) = "
+                         "argmax_{p,q} ...]", node.pos)
+
+    def _WindowMaxOf(self, node: WindowMaxOf) -> _Value:
+        if node.arg:
+            raise self.error("argmax gives a position: compare it, as in [(r-u+1, s-v+1) = "
+                             "argmax_{p,q} a^1_{j,u+p-1,v+q-1}]", node.pos)
+        window = self.window(node)
+        return _Value(WindowMaximum(window.function, *window.limits), "s")
+
+    def window(self, node: WindowMaxOf) -> WindowMax:
+        """max_{p,q} f over a pooling window: p and q run over the kernel of the max pooling
+        layer that reads f's quantity (or over the axis where they stand alone)."""
+        if len(node.offsets) != 2:
+            raise self.error("a window has two offsets (rows and columns), as in max_{p,q}",
+                             node.pos)
+        entries = [[sp.Dummy(letter, integer=True, positive=True), None, pos]
+                   for letter, pos in node.offsets]
+        self.scopes.append({letter: entry for (letter, _), entry in zip(node.offsets, entries)})
+        body = self.value(node.body)
+        self.scopes.pop()
+        if body.kind != "s":
+            raise IllFormed(f"the maximum of {body.describe()}: write the window's entry with "
+                            "indices", node.body.pos)
+        kernel = self.pooling_kernel(node)
+        limits = []
+        for n, (symbol, axis, _pos) in enumerate(entries):
+            size = axis_size(axis) if axis is not None else sp.Integer(kernel[n])
+            limits.append((symbol, 1, size))
+        return WindowMax(body.expr, *limits)
+
+    def pooling_kernel(self, node: WindowMaxOf) -> tuple[int, int]:
+        """The kernel of the max pooling layer that reads the quantity under max_{p,q}."""
+        read = {self.layer(ref.layer) for ref in _refs(node.body) if ref.layer is not None}
+        kernels = set()
+        for pooling in self.model.nodes:
+            if pooling.op.name == "max_pool2d" and read & set(pooling.inputs):
+                attrs = layer_attributes(self.spec.layers[pooling.index - 1])
+                kernels.add(geometry(attrs, pooling=True)[0])
+        if len(kernels) != 1:
+            quantity = ", ".join(f"layer {n}" for n in sorted(read)) or "no layer"
+            raise self.error(f"max_{{p,q}} here reads {quantity}, which "
+                             f"{'no' if not kernels else 'more than one'} max pooling layer "
+                             "reads: the window's offsets have no range", node.pos)
+        return kernels.pop()
 
     def _Call(self, node: Call) -> _Value:
         """A call: ``sigma`` or an activation by name (its derivative with a prime), else
@@ -814,6 +1155,11 @@ class _Meaning:
                          "sigma_2(...) or apply it to z^l", node.pos)
 
 
+def _reads_quantities(expr: sp.Expr) -> bool:
+    """Whether ``expr`` reads a network quantity (else it is an expression of indices)."""
+    return bool(expr.atoms(sp.Indexed, NetTensor, sp.Derivative, WindowMax))
+
+
 def _refs(node: Node) -> list[Ref]:
     """Every quantity reference under ``node``."""
     if isinstance(node, Ref):
@@ -880,6 +1226,12 @@ def _target_layers(target: Target, meaning: _Meaning,
         pairs = [(None, layer)]
     result = [(l_value, layer) for l_value, layer in pairs
               if _has_target(target, layer, network)]
+    if target.layer.base == "l":
+        # the generic l of a network with feature maps: the layers whose quantity has as
+        # many indices as the left side writes (delta^l_jrs: the feature maps' δ)
+        fitting = [(l_value, layer) for l_value, layer in result
+                   if _fits(target, _target_tensor(target, layer, network), network)]
+        result = fitting or result
     if result:
         return result
     if target.kind == "sigma'":
@@ -896,6 +1248,12 @@ def _target_layers(target: Target, meaning: _Meaning,
             where += " (a dense layer's output enters through its error delta^l)"
         message = f"no layer named by the left side has {name}{where}"
     raise meaning.error(message, target.pos)
+
+
+def _fits(target: Target, q: NetTensor | None, network: _Network) -> bool:
+    """Whether the left side's indices (none: the vector form) fit ``q``'s rank."""
+    rank = len(network.axes.get(q, ())) if q is not None else 0
+    return rank == len(target.indices) if target.indices else rank <= 2
 
 
 def _derived_formula(target: Target, layer: int, network: _Network) -> Formula:
@@ -930,12 +1288,29 @@ def _target_name(target: Target, layer: int | None = None) -> str:
 
 
 def _canonical_sums(expr: sp.Expr, depth: int = 0) -> sp.Expr:
-    """Bound indices renamed by nesting depth, so that equal sums compare equal."""
+    """Bound indices renamed by nesting depth, so that equal sums compare equal. Directly
+    nested sums (sum_r sum_s, or one sum over r and s) become one sum over their indices,
+    ordered by their ranges where no range reads another index (the order of independent
+    sums does not matter); a window's maximum has its offsets renamed likewise."""
     if isinstance(expr, sp.Sum):
-        (var, low, high), = expr.limits
-        name = sp.Symbol(f"_s{depth}", integer=True, positive=True)
-        body = _canonical_sums(expr.function.xreplace({var: name}), depth + 1)
-        return sp.Sum(body, (name, low, high))
+        limits: list[tuple] = []
+        body = expr
+        while isinstance(body, sp.Sum):
+            limits = [*limits, *body.limits]
+            body = body.function
+        variables = {limit[0] for limit in limits}
+        if not any(bound.has(*variables) for _v, *bounds in limits for bound in bounds):
+            limits.sort(key=lambda limit: (str(limit[1]), str(limit[2])))
+        names = {var: sp.Symbol(f"_s{depth + n}", integer=True, positive=True)
+                 for n, (var, _low, _high) in enumerate(limits)}
+        body = _canonical_sums(body.xreplace(names), depth + len(limits))
+        return sp.Sum(body, *((names[var], low.xreplace(names), high.xreplace(names))
+                              for var, low, high in limits))
+    if isinstance(expr, WindowMax):
+        names = {limit[0]: sp.Symbol(f"_w{depth + n}", integer=True, positive=True)
+                 for n, limit in enumerate(expr.limits)}
+        body = _canonical_sums(expr.function.xreplace(names), depth + len(names))
+        return expr.func(body, *((names[var], low, high) for var, low, high in expr.limits))
     if not expr.args:
         return expr
     return expr.func(*(_canonical_sums(arg, depth) for arg in expr.args))
@@ -994,7 +1369,7 @@ def _canonical(expr: sp.Expr, network: _Network) -> sp.Expr:
                 activations[(eq.target, False)] = (eq.indices, network.stand_ins(eq.expr))
     expr = _substitute(expr, adjoints, network)
     expr = _substitute(_substitute(expr, internal, network), activations, network)
-    widths = {size_symbol(n): size_symbol(network._root(n)) for n in network.widths}
+    widths = {size_symbol(n): axis_size(network._root(n)) for n in network.widths}
     return expr.xreplace(widths)
 
 
@@ -1030,6 +1405,8 @@ def _expanded_terms(expr: sp.Expr) -> int:
 
 def symbolic_identity(user: sp.Expr, derived: sp.Expr, network: _Network) -> bool:
     """True when user == derived for every layer size (see :func:`_canonical`)."""
+    if any(relation.has(WindowMax) for relation in user.atoms(Relational)):
+        return False          # [a = max_{p,q} ...]: SymPy would compare piecewise maxima
     def prepared(expr: sp.Expr) -> sp.Expr:
         expr = collapse(network.stand_ins(expr))
         return _canonical_sums(collapse(_canonical(expr, network)))
@@ -1107,6 +1484,9 @@ class _Evaluator:
                  env: Mapping[sp.Expr, se.Basic]) -> tuple[se.Basic, dict[se.Symbol, se.Basic]]:
         """``expr`` compiled at ``index``, and the values it reads from ``env``."""
         compiled, reads = self.compile(expr, free, index)
+        for _symbol, atom in reads:
+            if atom not in env:
+                raise _OutsideRange(self.network.outside(atom) or f"it reads {atom}")
         return compiled, {symbol: env[atom] for symbol, atom in reads}
 
     def evaluate(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
@@ -1152,10 +1532,100 @@ class _Evaluator:
         _compiled, reads = self.compile(expr, free, index)
         shown = []
         for _symbol, atom in reads:
+            if atom not in env:
+                continue
             tensor, adjoint = self.network.stands_for(atom)
             if self.network.is_leaf(tensor) and not adjoint:
                 continue
             shown.append((pretty(self.network.real(atom)), _show(float(env[atom]))))
+        return tuple(shown[:8])
+
+
+class _Expanded:
+    """Values of a small network with feature maps at random points, on the expanded copy
+    that verification builds (:class:`derive.verify.expansion.Instance`: padding entries are
+    0, a flatten's entries land where it puts them, a window's maximum is the piecewise
+    choice of its first maximum), the derived formulas evaluated in the derivation's order by
+    :func:`derive.verify.expansion.backprop_values`. Same interface as :class:`_Evaluator`."""
+
+    def __init__(self, network: _Network) -> None:
+        self.network = network
+        self.instance = Instance(network.model, perturb=())
+        self.outside: dict[tuple, str] = {}
+        # δ^l has the shape of what it differentiates: read outside it, it is 0 as well
+        # (the padding of a full correlation written Σ_p δ_{j,r-p+1,...} w_{jkpq})
+        for node in network.model.nodes:
+            forward = self.instance.shapes.get(node.forward.delta)
+            if forward is not None:
+                self.instance.shapes[network.delta_tensor(node.index)] = forward
+
+    def point(self, rng: random.Random) -> tuple[dict[sp.Expr, se.Basic],
+                                                 dict[tuple[NetTensor, tuple[int, ...]], float]]:
+        network, instance = self.network, self.instance
+        for _ in range(100):
+            point = random_point(rng, instance.leaf_tensors, network.model.loss.needs,
+                                 SAMPLING)
+            # the forward values only: the reverse sweep from node 0, a leaf, is empty
+            swept = instance.tape.sweep(point, 0)
+            if swept is not None:
+                break
+        else:
+            raise DeriveError("no random point gives a real forward pass")
+        values = {key: swept[0][n] for key, n in instance.nodes.items()}
+        env = backprop_values(instance, network.derivation, values, numeric=True)
+        raw = {(tensor, index): float(point[instance.values[entry(tensor, index)]])
+               for tensor in network.leaves for index in network.entries(tensor)
+               if entry(tensor, index) in instance.values}
+        return env, raw
+
+    def number(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
+               env: Mapping[sp.Expr, se.Basic]) -> float | None:
+        """``expr`` at ``index``; raises _OutsideRange where it reads an entry that has no
+        value (the expansion would read any entry outside a quantity as 0, padding or not)."""
+        key = (expr, free, index)
+        if key not in self.outside and not self.may_read_outside(expr):
+            self.outside[key] = ""
+        if key not in self.outside:
+            self.outside[key] = next(
+                (why for atom in sorted(self.concrete(expr, free, index).atoms(sp.Indexed),
+                                        key=sp.default_sort_key)
+                 if (why := self.network.outside(atom))), "")
+        if self.outside[key]:
+            raise _OutsideRange(self.outside[key])
+        try:
+            value = self.instance.instantiate_expr(expr, free, index, env, numeric=True)
+        except (MissingQuantity, ValueError, TypeError):
+            return None
+        return as_float(real_value(value))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one evaluator per cached network)
+    def may_read_outside(self, expr: sp.Expr) -> bool:
+        """Whether ``expr`` reads an entry at a computed index of a quantity that is not a
+        feature map (a kernel's w_{j,k,r-u+1,s-v+1}): only those can lie outside."""
+        return any(not (len(self.network.axes.get(tensor_of(atom), ())) == 3
+                        and not tensor_of(atom).parameter)
+                   and not all(isinstance(i, sp.Symbol) for i in atom.indices)
+                   for atom in expr.atoms(sp.Indexed) if tensor_of(atom) is not None)
+
+    def concrete(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...]
+                 ) -> sp.Expr:
+        """``expr`` at ``index`` and the concrete sizes, its sums written out (a term under
+        a bracket that does not hold is gone: InRange of numbers is 0)."""
+        sizes = {size: sp.Integer(n) for size, n in self.instance.sizes.items()}
+        return _unroll(expr.xreplace(dict(zip(free, map(sp.Integer, index)))).xreplace(sizes))
+
+    def quantities(self, expr: sp.Expr, free: tuple[sp.Symbol, ...], index: tuple[int, ...],
+                   env: Mapping[sp.Expr, se.Basic]) -> tuple[tuple[str, str], ...]:
+        """The computed values (not random leaves) that ``expr`` reads at ``index``, where
+        its sums can be written out (not inside a window's maximum)."""
+        concrete = self.concrete(expr, free, index)
+        reads = sorted(concrete.atoms(sp.Indexed, sp.Derivative), key=sp.default_sort_key)
+        shown = []
+        for atom in reads:
+            tensor = tensor_of(atom.variables[0] if isinstance(atom, sp.Derivative) else atom)
+            if atom in env and not (self.network.is_leaf(tensor)
+                                    and not isinstance(atom, sp.Derivative)):
+                shown.append((pretty(atom), _show(float(env[atom]))))
         return tuple(shown[:8])
 
 
@@ -1173,6 +1643,7 @@ def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, network
     rng = random.Random(seed)
     formulas = {layer: _derived_formula(target, layer, network) for layer in user_by_layer}
     worst = 0.0
+    reasons: dict[tuple[int, tuple[int, ...]], str] = {}
     for _ in range(points):
         env, raw = evaluator.point(rng)
         failure: tuple[float, int, tuple[int, ...], float | None, float | None] | None = None
@@ -1180,7 +1651,10 @@ def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, network
             formula = formulas[layer]
             for index in network.entries(formula.of):
                 correct = evaluator.number(formula.rhs, formula.indices, index, env)
-                theirs = evaluator.number(user, formula.indices, index, env)
+                try:
+                    theirs = evaluator.number(user, formula.indices, index, env)
+                except _OutsideRange as err:
+                    theirs, reasons[(layer, index)] = None, str(err)
                 assert correct is not None, "the derived formula gave no real number"
                 error = float("inf") if theirs is None else (
                     abs(theirs - correct) / max(1.0, abs(correct)))
@@ -1192,8 +1666,10 @@ def _numeric_check(user_by_layer: Mapping[int, sp.Expr], target: Target, network
         if failure is not None:
             error, layer, index, theirs, correct = failure
             formula = formulas[layer]
+            shown = (f"no value: {reasons[(layer, index)]}" if (layer, index) in reasons
+                     else _show(theirs))
             example = Counterexample(
-                layer, index, _show(theirs), _show(correct), _point_values(network, raw),
+                layer, index, shown, _show(correct), _point_values(network, raw),
                 evaluator.quantities(user_by_layer[layer], formula.indices, index, env))
             return _Numeric(False, error, points, example)
     return _Numeric(True, worst, points, None)
@@ -1206,17 +1682,25 @@ def _point_values(network: _Network, raw: Mapping[tuple[NetTensor, tuple[int, ..
     for parameter in network.model.parameters:
         tensor = parameter.tensor
         name = f"W^{tensor.node}" if tensor.role == "w" else f"{tensor.role}^{tensor.node}"
-        values = {index: raw[(tensor, index)] for index in network.entries(tensor)}
-        if len(parameter.shape) == 2:
-            rows, cols = parameter.shape
-            text = "[" + ", ".join(_vector([values[(a, b)] for b in range(1, cols + 1)])
-                                   for a in range(1, rows + 1)) + "]"
-        else:
-            text = _vector(list(values.values()))
-        out.append((name, text))
+        out.append((name, _array(tensor, network, raw)))
     for name, tensor in (("x", network.tensor("a", 0)), ("y", network.tensor("y", None))):
-        out.append((name, _vector([raw[(tensor, index)] for index in network.entries(tensor)])))
+        out.append((name, _array(tensor, network, raw)))
     return tuple(out)
+
+
+def _array(tensor: NetTensor, network: _Network,
+           raw: Mapping[tuple[NetTensor, tuple[int, ...]], float]) -> str:
+    """The values of ``tensor`` as nested lists, as NumPy prints an array: a vector
+    ``[0.3, -1.2]``, a matrix ``[[...], [...]]``, a kernel four levels deep."""
+    widths = [network.width(axis) for axis in network.axes[tensor]]
+
+    def nested(prefix: tuple[int, ...]) -> str:
+        if len(prefix) == len(widths) - 1:
+            return _vector([raw[(tensor, (*prefix, n))] for n in range(1, widths[-1] + 1)])
+        return "[" + ", ".join(nested((*prefix, n))
+                               for n in range(1, widths[len(prefix)] + 1)) + "]"
+
+    return nested(()) if widths else _show(raw[(tensor, ())])
 
 
 def _vector(values: Sequence[float]) -> str:
@@ -1266,7 +1750,17 @@ class PlainPrinter(StrPrinter):
         tensor = tensor_of(expr)
         if tensor is None:
             return super()._print_Indexed(expr)
-        return tensor.role + self._layer(tensor.node) + "_" + "".join(map(str, expr.indices))
+        return tensor.role + self._layer(tensor.node) + self._indices(expr.indices)
+
+    def _indices(self, indices: Sequence[sp.Expr]) -> str:
+        """``_jk`` for letters, ``_{k,r+p-1,s+q-1}`` once an index is an expression."""
+        printed = [self._index(index) for index in indices]
+        if all(len(text) == 1 for text in printed):
+            return "_" + "".join(printed)
+        return "_{" + ",".join(printed) + "}"
+
+    def _index(self, index: sp.Expr) -> str:
+        return self._print(index).replace(" ", "")
 
     def _print_Derivative(self, expr: sp.Derivative) -> str:
         (variable, _count), = expr.variable_count
@@ -1276,9 +1770,38 @@ class PlainPrinter(StrPrinter):
         return super()._print_Derivative(expr)
 
     def _print_Sum(self, expr: sp.Sum) -> str:
-        (index, _low, _high), = expr.limits
         body = self.parenthesize(expr.function, sp.printing.precedence.PRECEDENCE["Mul"])
-        return f"sum_{index} {body}"
+        # the first limit is the innermost sum
+        return " ".join(f"sum_{limit[0]}" for limit in reversed(expr.limits)) + f" {body}"
+
+    def _print_InRange(self, expr: InRange) -> str:
+        value, low, high = expr.args
+        return f"[{self._index(low)} <= {self._index(value)} <= {self._index(high)}]"
+
+    def _print_WindowMax(self, expr: WindowMax) -> str:
+        window, letters = self._window(expr, set())
+        return f"max_{{{letters}}} {self.parenthesize(window.function, 999)}"
+
+    def _print_FirstMax(self, expr: FirstMax) -> str:
+        window, p, q = expr.args
+        used = {str(symbol) for symbol in (p.free_symbols | q.free_symbols)}
+        window, letters = self._window(window, used)
+        return (f"[({self._index(p)}, {self._index(q)}) = argmax_{{{letters}}} "
+                f"{self.parenthesize(window.function, 999)}]")
+
+    def _window(self, window: WindowMax, used: set[str]) -> tuple[WindowMax, str]:
+        """``window`` with offsets the formula syntax can name (p', a renamed p, cannot) and
+        those names, "p,q"."""
+        used = used | {str(symbol) for symbol in window.free_symbols}
+        names: dict[sp.Symbol, sp.Symbol] = {}
+        for offset, *_bounds in window.limits:
+            name = str(offset)
+            if len(name) != 1 or name in used:
+                name = next(c for c in "pqghtxyz" if c not in used)
+            used.add(name)
+            names[offset] = sp.Symbol(name, integer=True, positive=True)
+        renamed = window.xreplace(names)
+        return renamed, ",".join(str(names[limit[0]]) for limit in window.limits)
 
     def _print_Piecewise(self, expr: sp.Piecewise) -> str:
         # derive's piecewise activations test z > 0: written with step(z) = [z > 0]
@@ -1395,6 +1918,30 @@ def _same_layer(a: Layer | None, b: Layer) -> bool:
     return a is not None and (a.base, a.offset) == (b.base, b.offset)
 
 
+def _fitting_layers(pairs: list[tuple[int | None, int]], meaning: _Meaning, target: Target,
+                    formulas: Mapping[int, Formula]) -> list[tuple[int | None, int]]:
+    """The layers a generic l runs over in a network with feature maps: those where the
+    formula's indices fit its quantities (``dC/db^l_j = sum_r sum_s delta^l_jrs`` names the
+    convolutions, not a dense layer's bias); every layer it can name otherwise."""
+    if len(pairs) < 2 or not meaning.network.images:
+        return pairs
+    fitting, misfit = [], None
+    for l_value, layer in pairs:
+        meaning.l_value = l_value
+        try:
+            meaning.convert(target, formulas[layer])
+        except _DoesNotFit as err:
+            misfit = err
+            continue
+        except (IllFormed, DeriveError):
+            pass                  # reported when the formula is converted for the verdict
+        fitting.append((l_value, layer))
+    if not fitting:
+        assert misfit is not None
+        raise meaning.error(misfit.message, misfit.pos)
+    return fitting
+
+
 def own_names(spec: NetworkSpec) -> dict[str, str]:
     """The quantities a formula about ``spec`` may name beyond the built-in ones, by role: each
     custom op's parameters (U) and the sums derive names in its forward pass (s1, s2)."""
@@ -1421,10 +1968,12 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     target = parsed.target
     meaning = _Meaning(parsed, network, None)
     pairs = _target_layers(target, meaning, network)
-    concrete = [layer for _, layer in pairs]
     name = _target_name(target)
-    formulas = {layer: _derived_formula(target, layer, network) for layer in concrete}
-    assumptions = tuple(dict.fromkeys(a for f in formulas.values() for a in f.assumptions))
+    formulas = {layer: _derived_formula(target, layer, network) for _, layer in pairs}
+    pairs = _fitting_layers(pairs, meaning, target, formulas)
+    concrete = [layer for _, layer in pairs]
+    assumptions = tuple(dict.fromkeys(a for layer in concrete
+                                      for a in formulas[layer].assumptions))
     user: dict[int, sp.Expr] = {}
     for l_value, layer in pairs:
         meaning.l_value = l_value
@@ -1447,9 +1996,9 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     small = capped_spec(spec, MAX_WIDTH)
     small_network = _network(small)
     numeric = _numeric_check(user, target, small_network, points=points, seed=seed)
-    shape = "-".join(map(str, small.sizes))
-    where = (f"the {shape} network" if small.sizes == spec.sizes else
-             f"a {shape} copy of the {'-'.join(map(str, spec.sizes))} network")
+    shape = network_shape(small.shapes)
+    where = (f"the {shape} network" if small.shapes == spec.shapes else
+             f"a {shape} copy of the {network_shape(spec.shapes)} network")
     numeric_text = (f"numeric agreement at {numeric.points} random points, {DIGITS}-digit "
                     f"arithmetic, on {where} (max rel. error {numeric.max_error:.1e})")
     if symbolic and not numeric.ok:

@@ -10,11 +10,20 @@ A formula is ``LHS = RHS`` in the derive notation, in plain text, Unicode or LaT
     \\frac{\\partial C}{\\partial w^l_{jk}} = a^{l-1}_k \\delta^l_j
     dC/dgamma^4 = delta^4 * xhat^4                       # a layer norm's scale γ
     ∂C/∂β⁴ⱼ = δ⁴ⱼ
+    dC/dw^1_jkpq = sum_r sum_s delta^1_jrs a^0_{k,r+p-1,s+q-1}     # a convolution's kernel
+    delta^1_{k,r,s} = sum_{j,u,v} [1 <= r-u+1 <= 2] [1 <= s-v+1 <= 2] delta^2_juv w^2_{j,k,r-u+1,s-v+1}
+    δ¹[j, r, s] = [z¹[j, r, s] > 0]*Σ_uv (𝟙[(r-u+1, s-v+1) = argmax_p,q a¹[j, u+p-1, v+q-1]] ...)
 
 The left-hand sides are ``delta^<layer>`` (also ``dC/dz^<layer>``), ``dC/d<q>^<layer>`` for a
 parameter or intermediate q (``w``, ``b``, ``gamma``, ``beta``, ``a``, ``xhat``, ``mu``,
 ``var``) and ``sigma'(z^<layer>)``; a layer is a number, ``l``, ``L``, or ``{l+1}``-style
-offsets. On the right, ``dC/d<q>^<layer>_j`` names the derived adjoint of q. This module only parses: a hand-written tokenizer and
+offsets. On the right, ``dC/d<q>^<layer>_j`` names the derived adjoint of q. Entries of
+feature maps and kernels take up to four indices; on the right an index may be an expression
+(``a^0_{k,r+p-1,s+q-1}``: commas separate the indices), and Iverson brackets (``[1 <= r-u+1 <=
+2]``, ``[z^1_jrs > 0]``), window maxima (``max_{p,q} a^1_{j,u+p-1,v+q-1}``) and the indicator
+of a window's first maximum (``[(r-u+1, s-v+1) = argmax_{p,q} a^1_{j,u+p-1,v+q-1}]``) say what
+a pooling layer does. ``derive show``'s own output (``δ¹[j, r, s]``, ``Σ_rs``, ``𝟙[...]``) is
+read as well. This module only parses: a hand-written tokenizer and
 recursive-descent parser build :class:`Node` objects with the column of every piece. Nothing
 from the text is executed, imported, looked up as an attribute or passed to ``sympify``;
 anything outside the grammar is a :class:`FormulaSyntaxError` naming the column. Meaning
@@ -34,6 +43,8 @@ from derive.registry.functions import ACTIVATIONS, SCALAR_FUNCTIONS
 MAX_LENGTH = MAX_EXPRESSION_LENGTH
 MAX_DEPTH = MAX_EXPRESSION_NESTING          # nesting of parentheses, sums and calls
 MAX_NUMBER_DIGITS = 30
+#: Indices of an entry: a kernel's w^l_{jkpq} has four.
+MAX_INDICES = 4
 
 #: Names of network quantities; ``x`` is the input a^0, ``n`` a layer size n_l; ``gamma``,
 #: ``beta`` a layer norm's scale and shift, ``xhat``, ``mu``, ``var`` its normalised input,
@@ -51,20 +62,25 @@ FUNCTIONS = frozenset({"sigma", *SCALAR_FUNCTIONS, *ACTIVATIONS})
 CONSTANTS = frozenset({"pi", "e", "eps"})
 
 _SUP = dict(zip("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡᴸ", "0123456789+-()lL"))
-_SUB = dict(zip("₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₚᵣₛₜₐ", "0123456789ijkmlnprsta"))
+_SUB = dict(zip("₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₚᵣₛₜₐᵤᵥₑₕ", "0123456789ijkmlnprstauveh"))
 _UNICODE_NAMES = {"δ": "delta", "σ": "sigma", "Σ": "sum", "∑": "sum", "∂": "partial",
                   "∇": "nabla",
                   "π": "pi", "Δ": "delta", "γ": "gamma", "β": "beta", "μ": "mu", "µ": "mu",
-                  "ε": "eps", "ϵ": "eps"}
+                  "ε": "eps", "ϵ": "eps", "𝟙": "indicator"}
 _HAT = "\u0302"            # combining circumflex: x̂ is "x" followed by it
 _UNICODE_OPS = {"⊙": "odot", "∘": "odot", "·": "*", "⋅": "*", "×": "*", "−": "-",
-                "′": "'", "∗": "*"}
+                "′": "'", "∗": "*", "≤": "<=", "≥": ">=", "⩽": "<=", "⩾": ">="}
 _LATEX_NAMES = {"delta": "delta", "sigma": "sigma", "sum": "sum", "partial": "partial",
                 "exp": "exp", "log": "log", "ln": "ln", "tanh": "tanh", "sinh": "sinh",
                 "cosh": "cosh", "pi": "pi", "top": "T", "intercal": "T", "prime": "'",
                 "max": "max", "min": "min", "gamma": "gamma", "beta": "beta", "mu": "mu",
-                "epsilon": "eps", "varepsilon": "eps", "nabla": "nabla"}
-_LATEX_OPS = {"cdot": "*", "times": "*", "odot": "odot", "circ": "odot", "ast": "*"}
+                "epsilon": "eps", "varepsilon": "eps", "nabla": "nabla", "arg": "arg",
+                "argmax": "argmax"}
+_LATEX_OPS = {"cdot": "*", "times": "*", "odot": "odot", "circ": "odot", "ast": "*",
+              "le": "<=", "leq": "<=", "leqslant": "<=", "ge": ">=", "geq": ">=",
+              "geqslant": ">=", "lt": "<", "gt": ">"}
+#: Comparisons, inside an Iverson bracket [...] only.
+COMPARISONS = frozenset({"<", "<=", ">", ">=", "="})
 _LATEX_STRUCTURE = frozenset({"frac", "sqrt", "dfrac", "tfrac"})
 _LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr",
                             "Bigl", "Bigr", "displaystyle", "quad", "qquad", "limits",
@@ -73,6 +89,8 @@ _LATEX_IGNORED = frozenset({"left", "right", "big", "Big", "bigg", "Bigg", "bigl
 _LATEX_WRAPPER = re.compile(
     r"\\(?:mathbf|boldsymbol|bm|mathrm|mathit|mathsf|operatorname|text)"
     r"(?:\s*\{\s*(\\?[A-Za-z_]+)\s*\}|\s+([A-Za-z])(?![A-Za-z])|\s*(\\[A-Za-z]+))")
+# \mathbb{1}, \mathbf 1, \mathds{1}: the indicator 𝟙 of an Iverson bracket 𝟙[...]
+_LATEX_ONE = re.compile(r"\\(?:mathbb|mathbf|mathds|boldsymbol|bm)\s*(?:\{\s*1\s*\}|1)")
 # \hat{x}, \hat x, \widehat{x}: the normalised input x̂ of a layer norm
 _LATEX_HAT = re.compile(r"\\(?:hat|widehat)\s*(?:\{\s*x\s*\}|x(?![A-Za-z])|\s+x(?![A-Za-z]))")
 _BRACKETS = {"{": "}", "(": ")", "[": "]"}
@@ -143,13 +161,57 @@ class Const(Node):
     name: str
 
 
+#: One written index and its column: a letter, or (right side only) an index expression such
+#: as r+p-1 (a :class:`Node` of :class:`IndexVar`, :class:`Num` and + - *).
+Index = tuple["str | Node", int]
+
+
 @dataclass(frozen=True)
 class Ref(Node):
-    """A network quantity: ``letter`` with an optional layer and index letters."""
+    """A network quantity: ``letter`` with an optional layer and indices."""
 
     letter: str
     layer: Layer | None
-    indices: tuple[tuple[str, int], ...]     # (letter, pos)
+    indices: tuple[Index, ...]
+
+
+@dataclass(frozen=True)
+class IndexVar(Node):
+    """An index letter inside an index expression (the r of a^0_{k,r+p-1,s+q-1})."""
+
+    letter: str
+
+
+@dataclass(frozen=True)
+class ShapeSize(Node):
+    """H_l or W_l: the rows or columns of layer l's feature maps."""
+
+    dim: str                                 # "H" or "W"
+    layer: Layer
+
+
+@dataclass(frozen=True)
+class Iverson(Node):
+    """``[a <= b < c]``: 1 where every comparison holds, else 0 (``𝟙[...]`` too)."""
+
+    operands: tuple[Node, ...]
+    ops: tuple[str, ...]                     # "<", "<=", ">", ">=", "="
+
+
+@dataclass(frozen=True)
+class Coordinates(Node):
+    """``(r-u+1, s-v+1)``: a position in a window, compared with an argmax."""
+
+    items: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class WindowMaxOf(Node):
+    """``max_{p,q} body`` (``arg``: ``argmax_{p,q} body``): over a window's offsets."""
+
+    offsets: tuple[tuple[str, int], ...]
+    body: Node
+    arg: bool
 
 
 @dataclass(frozen=True)
@@ -281,6 +343,11 @@ def tokenize(text: str, words: tuple[str, ...] = ()) -> list[Token]:
                 i = match.end()
             continue
         if ch == "\\":
+            one = _LATEX_ONE.match(text, i)
+            if one:
+                tokens.append(Token("name", "indicator", i, latex=True))
+                i = one.end()
+                continue
             hat = _LATEX_HAT.match(text, i)
             if hat:
                 tokens.append(Token("name", "xhat", i, latex=True))
@@ -349,6 +416,14 @@ def tokenize(text: str, words: tuple[str, ...] = ()) -> list[Token]:
             continue
         if text.startswith("==", i):
             raise fail("'==' is not allowed; a formula is LHS = RHS", i)
+        if text.startswith("<=", i) or text.startswith(">=", i):
+            tokens.append(Token("op", text[i:i + 2], i))
+            i += 2
+            continue
+        if ch in "<>":
+            tokens.append(Token("op", ch, i))
+            i += 1
+            continue
         if ch in "+-*/^_(){}[],='@":
             tokens.append(Token("op", ch, i))
             i += 1
@@ -400,6 +475,7 @@ class _Parser:
         self.denominators = {**DENOMINATORS, **names}
         self.at = 0
         self.depth = 0
+        self.brackets = 0         # inside [...]: a lone index letter is an index (r-u+1)
 
     # -- helpers --
 
@@ -442,9 +518,10 @@ class _Parser:
 
     def formula(self) -> ParsedFormula:
         equals, braces = [], 0
-        for n, t in enumerate(self.tokens):   # an "=" inside braces is a sum's lower bound
+        # an "=" inside brackets is a sum's lower bound or a comparison [(r, s) = argmax ...]
+        for n, t in enumerate(self.tokens):
             if t.kind == "op":
-                braces += {"{": 1, "}": -1}.get(t.value, 0)
+                braces += {"{": 1, "}": -1, "[": 1, "]": -1, "(": 1, ")": -1}.get(t.value, 0)
                 if t.value == "=" and braces <= 0:
                     equals.append(n)
         if not equals:
@@ -568,8 +645,11 @@ class _Parser:
 
     # -- super- and subscripts --
 
-    def scripts(self, needs_layer: str) -> tuple[Layer | None, tuple[tuple[str, int], ...]]:
-        """``^layer`` and ``_indices``, in either order, after the quantity ``needs_layer``.
+    def scripts(self, needs_layer: str, expressions: bool = False
+                ) -> tuple[Layer | None, tuple[Index, ...]]:
+        """``^layer`` and ``_indices``, in either order, after the quantity ``needs_layer``;
+        or the indices in brackets right after it, as ``derive show`` prints a feature map's
+        entries (``δ¹[j, r, s]``). ``expressions``: an index may be an expression (r+p-1).
 
         ``y`` and ``x`` take no layer (a ``^`` after them is a power); ``n`` takes its layer
         as a subscript (n_l).
@@ -587,16 +667,23 @@ class _Parser:
                 raise self.fail(f"{needs_layer} takes no layer ({what}); write "
                                 f"{needs_layer}", script)
         layer: Layer | None = None
-        indices: tuple[tuple[str, int], ...] = ()
+        indices: tuple[Index, ...] = ()
         for _ in range(2):
             if layered and layer is None and self.is_op("^") and not self.transpose_ahead():
                 layer = self.layer_script("^")
             elif self.is_op("_") and not indices:
-                indices = self.index_script()
+                indices = self.index_script(expressions)
         if layered and layer is None:
             raise self.fail(f"{needs_layer} needs a layer, e.g. {needs_layer}^l, "
                             f"{needs_layer}^L or {needs_layer}^2")
+        if not indices and self.is_op("[") and self.adjacent():
+            indices = self.index_list("]", expressions)
         return layer, indices
+
+    def adjacent(self) -> bool:
+        """Whether the current token follows the text before it without a space (δ¹[j])."""
+        pos = self.token.pos
+        return pos > 0 and not self.text[pos - 1].isspace()
 
     def transpose_ahead(self) -> bool:
         nxt = self.peek()
@@ -646,8 +733,12 @@ class _Parser:
             return Layer(token.value, offset, token.pos)
         raise self.fail("expected a layer: a number, l, L, l+1, L-1")
 
-    def index_script(self) -> tuple[tuple[str, int], ...]:
+    def index_script(self, expressions: bool = False) -> tuple[Index, ...]:
         self.expect("_", "")
+        if self.is_op("{") and (self.has_comma("}") or (expressions and not (
+                self.peek().kind == "name" and self.peek(2).kind == "op"
+                and self.peek(2).value == "}"))):
+            return self.index_list("}", expressions)
         braced = self.is_op("{")
         if braced:
             self.advance()
@@ -673,9 +764,124 @@ class _Parser:
             if self.is_op("}"):
                 self.advance()
                 break
-        if len(letters) > 2:
-            raise self.fail("at most two indices", self.tokens[self.at - 1])
+        if len(letters) > MAX_INDICES:
+            raise self.fail(f"at most {MAX_INDICES} indices", self.tokens[self.at - 1])
         return tuple(letters)
+
+    def has_comma(self, close: str) -> bool:
+        """Whether a comma separates items before the bracket opened here closes."""
+        depth = 0
+        for token in self.tokens[self.at:]:
+            if token.kind == "end":
+                return False
+            if token.kind == "op" and token.value in "{[(":
+                depth += 1
+            elif token.kind == "op" and token.value in "}])":
+                depth -= 1
+                if depth == 0:
+                    return False
+            elif token.kind == "op" and token.value == "," and depth == 1:
+                return True
+        return False
+
+    def index_list(self, close: str, expressions: bool) -> tuple[Index, ...]:
+        """``{k, r+p-1, s+q-1}`` or ``[j, r, s]``: one index per comma-separated item, each a
+        letter or (where ``expressions``) an index expression."""
+        self.advance()
+        items: list[Index] = []
+        while True:
+            token = self.token
+            if token.kind == "name" and self.peek().kind == "op" and self.peek().value in (
+                    ",", close):
+                items.append((self.index_letter(token), token.pos))
+                self.advance()
+            elif expressions:
+                self.nest()
+                items.append((self.index_expression(), token.pos))
+                self.depth -= 1
+            else:
+                raise self.fail("expected an index letter (j, k, ...); index expressions "
+                                "are for the right-hand side")
+            if self.is_op(","):
+                self.advance()
+                continue
+            self.expect(close, "to close the indices")
+            break
+        if len(items) > MAX_INDICES:
+            raise self.fail(f"at most {MAX_INDICES} indices", self.tokens[self.at - 1])
+        return tuple(items)
+
+    def index_letter(self, token: Token) -> str:
+        value = token.value
+        if len(value) != 1 or not value.islower() or value == "l":
+            raise self.fail(f"index {value!r}: an index is one lowercase letter other than "
+                            "l (j, k, r, s, ...); separate indices with commas", token)
+        return value
+
+    def index_expression(self) -> Node:
+        """An index as an expression of index letters: sums and differences of letters,
+        whole numbers and their products (2v, 2(u-1)), and the sizes H_l, W_l, n_l."""
+        node = self.index_term()
+        while self.is_op("+") or self.is_op("-"):
+            op = self.advance()
+            node = Binary(op.pos, op.value, node, self.index_term())
+        return node
+
+    def index_term(self) -> Node:
+        if self.is_op("-") or self.is_op("+"):
+            op = self.advance()
+            operand = self.index_term()
+            return Unary(op.pos, "-", operand) if op.value == "-" else operand
+        first = self.index_factor()
+        rest: list[tuple[str, int, Node]] = []
+        while True:
+            if self.is_op("*"):
+                op = self.advance()
+                rest.append(("*", op.pos, self.index_factor()))
+            elif self.token.kind in ("num", "name") or self.is_op("("):
+                rest.append(("", self.token.pos, self.index_factor()))
+            else:
+                break
+        return Product(first.pos, first, tuple(rest)) if rest else first
+
+    def index_factor(self) -> Node:
+        token = self.token
+        if token.kind == "num":
+            if not token.value.isdigit():
+                raise self.fail("an index expression takes whole numbers")
+            self.advance()
+            return Num(token.pos, token.value)
+        if self.is_op("("):
+            self.advance()
+            self.nest()
+            inner = self.index_expression()
+            self.depth -= 1
+            self.expect(")", "to close the index expression")
+            return inner
+        if token.kind == "name" and token.value in ("H", "W", "n") and self.is_layer_subscript():
+            return self.shape_size()
+        if token.kind == "name":
+            self.advance()
+            return IndexVar(token.pos, self.index_letter(token))
+        raise self.fail(f"expected an index expression (r+p-1, 2s+q-3), found "
+                        f"{self.describe(token)}")
+
+    def is_layer_subscript(self) -> bool:
+        """Whether ``_`` and a layer (2, l, L, {l+1}) follow: H_2, W_l, n_{l+1}."""
+        if not (self.peek().kind == "op" and self.peek().value == "_"):
+            return False
+        after = self.peek(2)
+        if after.kind == "op" and after.value == "{":
+            after = self.peek(3)
+        return after.kind == "num" or (after.kind == "name" and after.value in ("l", "L"))
+
+    def shape_size(self) -> Node:
+        """H_l, W_l (a feature map's rows and columns) or n_l (a layer's width)."""
+        token = self.advance()
+        layer = self.layer_script("_")
+        if token.value == "n":
+            return Ref(token.pos, "n", layer, ())
+        return ShapeSize(token.pos, token.value, layer)
 
     # -- right-hand side --
 
@@ -759,8 +965,12 @@ class _Parser:
         if token.kind == "num":
             self.advance()
             return Num(token.pos, token.value)
-        if self.is_op("(") or self.is_op("{") or self.is_op("["):
-            close = {"(": ")", "{": "}", "[": "]"}[token.value]
+        if self.is_op("(") and self.has_comma(")"):
+            return self.coordinates()
+        if self.is_op("["):
+            return self.bracket()
+        if self.is_op("(") or self.is_op("{"):
+            close = {"(": ")", "{": "}"}[token.value]
             self.advance()
             self.nest()
             inner = self.expression()
@@ -807,14 +1017,26 @@ class _Parser:
             return Call(token.pos, "sqrt", False, None, (inner,))
         if name == "sum":
             return self.sum_over()
+        if name == "indicator":
+            self.advance()
+            if not self.is_op("["):
+                raise self.fail("expected [ after 𝟙, as in 𝟙[z^1_jrs > 0]")
+            return self.bracket(indicator=True)
+        if name in ("H", "W") and self.is_layer_subscript() and not self.layer_ahead():
+            return self.shape_size()
+        if name in ("max", "argmax") and self.peek().kind == "op" and self.peek().value == "_":
+            return self.window_max(token, name == "argmax")
+        if name == "arg" and self.peek().kind == "name" and self.peek().value == "max":
+            self.advance()
+            return self.window_max(token, True)
         if name in self.names and name not in QUANTITIES:
             self.advance()
-            layer, indices = self.scripts(needs_layer=name)
+            layer, indices = self.scripts(needs_layer=name, expressions=True)
             return Ref(token.pos, self.names[name], layer, indices)
         if name in QUANTITIES:
             self.advance()
             needs = {"y": "y", "x": "x", "n": "n"}.get(name, name)
-            layer, indices = self.scripts(needs_layer=needs)
+            layer, indices = self.scripts(needs_layer=needs, expressions=True)
             if name == "n":
                 return Ref(token.pos, "n", layer, ())
             if name == "x":
@@ -825,12 +1047,88 @@ class _Parser:
         if name in CONSTANTS:
             self.advance()
             return Const(token.pos, name)
+        if self.brackets and len(name) == 1 and name.islower() and name != "l":
+            self.advance()
+            return IndexVar(token.pos, name)
         if name in ("partial", "dC", "C"):
             raise self.fail(f"{name!r} belongs on the left-hand side")
         own = "".join(f", {extra}" for extra in self.names)
         raise self.fail(f"unknown name {name!r}; allowed: the quantities a, z, w (or W), b, "
                         f"y, x, delta, n, gamma, beta, xhat, mu, var, mask{own}; dC/dq^l; "
                         "sum; functions " + ", ".join(sorted(FUNCTIONS)))
+
+    def layer_ahead(self) -> bool:
+        """Whether a superscript follows the subscript after the name here (W_{jk}^l: the
+        weights, not the columns W_l)."""
+        ahead = 3
+        if self.peek(2).kind == "op" and self.peek(2).value == "{":
+            while self.peek(ahead).kind != "end" and self.peek(ahead).value != "}":
+                ahead += 1
+            ahead += 1
+        after = self.peek(ahead)
+        return after.kind == "op" and after.value == "^"
+
+    def coordinates(self) -> Coordinates:
+        """``(r-u+1, s-v+1)``: a position in a window."""
+        start = self.advance()
+        self.nest()
+        items = [self.expression()]
+        while self.is_op(","):
+            self.advance()
+            items.append(self.expression())
+        self.depth -= 1
+        self.expect(")", f"to close '(' at column {start.pos + 1}")
+        return Coordinates(start.pos, tuple(items))
+
+    def bracket(self, indicator: bool = False) -> Node:
+        """``[...]``: an Iverson bracket when it holds a comparison (``[1 <= r-u+1 <= 2]``,
+        ``[z^1_jrs > 0]``, ``[(r, s) = argmax_{p,q} ...]``), else a parenthesis."""
+        start = self.advance()
+        self.nest()
+        self.brackets += 1
+        operands = [self.expression()]
+        ops: list[str] = []
+        while self.token.kind == "op" and self.token.value in COMPARISONS:
+            ops.append(self.advance().value)
+            operands.append(self.expression())
+        self.brackets -= 1
+        self.depth -= 1
+        if not self.is_op("]"):
+            raise self.fail(f"expected ']' to close '[' at column {start.pos + 1}, found "
+                            f"{self.describe(self.token)}")
+        self.advance()
+        if not ops:
+            if indicator:
+                raise self.fail("𝟙[...] takes a condition, as in 𝟙[z^1_jrs > 0]", start)
+            return operands[0]
+        return Iverson(start.pos, tuple(operands), tuple(ops))
+
+    def window_max(self, start: Token, arg: bool) -> WindowMaxOf:
+        """``max_{p,q} body``, ``argmax_{p,q} body`` (also ``argmax_pq``, ``argmax_p,q`` as
+        derive show prints it, ``\\arg\\max``): over a window's offsets p and q."""
+        self.advance()
+        self.expect("_", "after max (the window's offsets, as in max_{p,q})")
+        offsets: list[tuple[str, int]] = []
+        braced = self.is_op("{")
+        if braced:
+            self.advance()
+        while True:
+            token = self.token
+            if token.kind != "name":
+                raise self.fail("expected the window's offsets, as in max_{p,q}")
+            for n, letter in enumerate(token.value):
+                offsets.append((self.index_letter(Token("name", letter, token.pos + n)),
+                                token.pos + n))
+            self.advance()
+            if not self.is_op(","):
+                break
+            self.advance()
+        if braced:
+            self.expect("}", "to close the window's offsets")
+        self.nest()
+        body = self.unary()
+        self.depth -= 1
+        return WindowMaxOf(start.pos, tuple(offsets), body, arg)
 
     def adjoint_ahead(self, ahead: int) -> bool:
         """Whether the tokens from ``ahead`` on start ``dC`` or ``partial C`` (then ``/``, or
@@ -902,6 +1200,8 @@ class _Parser:
         return Call(token.pos, token.value, prime, layer, tuple(args))
 
     def sum_over(self) -> Node:
+        """``sum_k``, ``\\sum_{k=1}^{n_l}``, and over several indices ``sum_{r,s}``,
+        ``Σ_rs`` (one sum per index, the first outermost)."""
         token = self.advance()
         if not self.is_op("_"):
             raise self.fail("expected _ and the summed index after sum, as in sum_k")
@@ -911,10 +1211,23 @@ class _Parser:
         if braced:
             self.advance()
         index = self.token
-        if index.kind != "name" or len(index.value) != 1 or not index.value.islower() or (
-                index.value == "l"):
+        if index.kind != "name" or not index.value.islower() or "l" in index.value:
             raise self.fail("expected the summed index, one lowercase letter (k, i, m, ...)")
+        letters = [(letter, index.pos + n) for n, letter in enumerate(index.value)]
         self.advance()
+        while braced and self.is_op(",") and self.peek().kind == "name":
+            self.advance()
+            more = self.advance()
+            letters.append((self.index_letter(more), more.pos))
+        if len(letters) > 1:
+            if braced:
+                self.expect("}", "to close the sum's subscript")
+            self.nest()
+            body = self.term()
+            self.depth -= 1
+            for letter, _pos in reversed(letters):
+                body = SumOver(token.pos, letter, None, body)
+            return body
         if braced:
             if self.is_op("="):
                 self.advance()

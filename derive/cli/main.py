@@ -31,7 +31,7 @@ from derive.files import check_folder
 
 if TYPE_CHECKING:
     from derive.derivation.reverse import Derivation, Formula
-    from derive.graph.model import Model
+    from derive.graph.model import Model, Node
     from derive.spec.load import NetworkSpec
 
 #: The commands that live beside this module: name -> (module, its line in `derive --help`).
@@ -257,10 +257,17 @@ def run_pipeline(spec: NetworkSpec, out_dir: Path, echo: Echo) -> int:
 # --- text of the stages ------------------------------------------------------------------
 
 
+def _shape(dims: tuple[int, ...]) -> str:
+    """A per-sample shape as people write it: 64, or 1×8×8 for an image."""
+    return "×".join(map(str, dims))
+
+
 def _architecture(model: Model) -> str:
     spec = model.spec
     if model.is_chain:
         return " -> ".join(map(str, spec.sizes))
+    if spec.image is not None:     # the shapes of the feature maps say what the layers do
+        return " -> ".join([_shape(spec.input_shape), *(_shape(node.dims) for node in model.nodes)])
     return f"a graph of {model.depth} ops, {spec.input} -> {spec.sizes[-1]}"
 
 
@@ -273,7 +280,7 @@ def model_lines(model: Model) -> list[str]:
     for node in model.nodes:
         reads = ", ".join("x" if n == 0 else f"layer {n}" for n in node.inputs)
         activation = f", activation {node.activation.name}" if node.activation else ""
-        out.append(f"  layer {node.label}: {node.op.name}, {node.width} outputs{activation}, "
+        out.append(f"  layer {node.label}: {node.op.name}, {_shape(node.dims)} outputs{activation}, "
                    f"reads {reads}")
         for equation in node.equations:
             out.append(f"    {pretty(equation.lhs)} = {pretty(equation.expr)}")
@@ -290,8 +297,7 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
 
     model = derivation.model
     spec = model.spec
-    activations = ", ".join(node.activation.name if node.activation else node.op.name
-                            for node in model.nodes)
+    activations = ", ".join(_layer_kind(node) for node in model.nodes)
     out = [f"{spec.name}: {_architecture(model)}, layers {activations}, loss {model.loss.name}"]
     out.append("activation derivatives:")
     seen: set[str] = set()
@@ -322,6 +328,19 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
                 out.append(f"          {step.rule:<16} {pretty(step.target)} = {pretty(step.expr)}"
                            f"    [{why}]")
     return out
+
+
+def _layer_kind(node: Node) -> str:
+    """A layer in the header: its activation (dense), ``conv2d 3×3 relu``, ``max_pool2d 2×2``."""
+    if node.op.reads != "image":
+        return node.activation.name if node.activation else node.op.name
+    options = dict(node.options)
+    parts = [node.op.name]
+    if "kernel" in options:
+        parts.append("×".join(map(str, options["kernel"])))
+    if node.activation is not None and node.activation.name != "identity":
+        parts.append(node.activation.name)
+    return " ".join(parts)
 
 
 def _batch(formula: Formula) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sympy as sp
 
+from derive.registry.windows import InRange
+
 
 def _deltas_out(expr: sp.Expr) -> sp.Expr:
     """Each piecewise expression whose every branch has the same Kronecker delta factor (a
@@ -31,6 +33,16 @@ def _deltas_out(expr: sp.Expr) -> sp.Expr:
         if expr.has(sp.Piecewise) else expr
 
 
+def _solved(delta: sp.KroneckerDelta, index: sp.Symbol) -> sp.Expr | None:
+    """The value of ``index`` that the delta selects, when it is one: the delta's two sides
+    differ by ±index plus terms free of it (δ_km: m; δ(u + p - 2, r): p = r - u + 2)."""
+    difference = sp.expand(delta.args[0] - delta.args[1])
+    coefficient = difference.coeff(index)
+    if coefficient not in (1, -1) or (difference - coefficient * index).has(index):
+        return None
+    return sp.expand(-(difference - coefficient * index) / coefficient)
+
+
 def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
     """One sum, expanded: split over +, pull out constant factors, collapse deltas."""
     index = limits[0]
@@ -45,10 +57,15 @@ def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
         (inside if factor.has(index) else outside).append(factor)
     inner = sp.Mul(*inside)
     for factor in inside:
-        if isinstance(factor, sp.KroneckerDelta) and index in factor.args:
-            other = factor.args[1] if factor.args[0] == index else factor.args[0]
-            rest = sp.Mul(*(f for f in inside if f is not factor))
-            return sp.Mul(*outside) * rest.xreplace({index: other})
+        if isinstance(factor, sp.KroneckerDelta) and factor.has(index):
+            other = _solved(factor, index)
+            if other is None:
+                continue
+            rest = sp.Mul(*(f for f in inside if f is not factor)).xreplace({index: other})
+            if not isinstance(other, sp.Symbol):
+                # a shifted index (u - r + 2): the sum kept the terms in its range only
+                rest = rest * InRange(other, limits[1], limits[2])
+            return sp.Mul(*outside) * rest
     if not inside:
         # a constant summand: n copies of it
         return sp.Mul(*outside) * (limits[2] - limits[1] + 1)

@@ -28,13 +28,22 @@ from functools import cache, cached_property
 
 import mpmath
 import sympy as sp
+from sympy.concrete.expr_with_limits import ExprWithLimits
 
 from derive.derivation.indexcalc import collapse
 from derive.derivation.renumber import Renumber
 from derive.derivation.tensorform import to_vector
 from derive.graph.model import Model, Node
 from derive.progress import Report
-from derive.quantities import NetTensor, entry, fresh_indices, size_symbol, tensor_of
+from derive.quantities import (
+    NetTensor,
+    entry,
+    fresh_indices,
+    fresh_like,
+    indices_for,
+    size_symbol,
+    tensor_of,
+)
 from derive.registry.functions import A, Activation, Z, elementary
 from derive.registry.ops import Equation
 
@@ -92,6 +101,7 @@ class Formula:
     node: int = 0
     kind: str = "delta"
     penalty: sp.Expr = sp.S.Zero
+    ranges: tuple[sp.Expr, ...] = ()   # the range 1..n of each free index (its n)
 
     def _repr_latex_(self) -> str:  # Jupyter: this formula as rendered math
         from derive.render.latex_printer import repr_latex  # a later stage, imported on use only
@@ -109,16 +119,17 @@ class Formula:
     @cached_property
     def vector(self) -> sp.Expr:
         """The vector (matrix) form of ``rhs`` (made once: every printer reads it)."""
-        return to_vector(self.rhs, self.indices)
+        return to_vector(self.rhs, self.indices, self.ranges)
 
     @property
     def vector_generic(self) -> sp.Expr:
         """The vector form of ``generic`` (nabla_a C, sigma' symbolic)."""
-        return to_vector(self.generic, self.indices)
+        return to_vector(self.generic, self.indices, self.ranges)
 
     @property
     def vector_penalty(self) -> sp.Expr:
-        return to_vector(self.penalty, self.indices) if self.penalty != 0 else sp.Integer(0)
+        return to_vector(self.penalty, self.indices, self.ranges) if self.penalty != 0 \
+            else sp.Integer(0)
 
 
 def adjoint_tensor(of: NetTensor) -> NetTensor:
@@ -225,7 +236,7 @@ def _bound_indices(expr: sp.Expr) -> list[sp.Symbol]:
     """The summation indices of ``expr``, in a deterministic order."""
     found: list[sp.Symbol] = []
     for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Sum):
+        if isinstance(node, ExprWithLimits):
             for limit in node.limits:
                 if limit[0] not in found:
                     found.append(limit[0])
@@ -238,7 +249,7 @@ def _relabel(expr: sp.Expr, free: tuple[sp.Symbol, ...], new_free: tuple[sp.Expr
     indices renamed to fresh symbols that clash with neither ``avoid`` nor ``new_free``."""
     used = set(avoid) | {s for e in new_free for s in sp.sympify(e).free_symbols}
     bound = _bound_indices(expr)
-    fresh = fresh_indices(len(bound), used | set(free))
+    fresh = fresh_like(tuple(bound), used | set(free))
     mapping = dict(zip(bound, fresh))
     expr = expr.xreplace(mapping)
     return expr.xreplace(dict(zip(free, new_free)))
@@ -319,7 +330,6 @@ class _Reverse:
         self.node_of = {eq.target: node for node in model.nodes for eq in node.equations}
         self.delta_of = {node.forward.delta: node for node in model.nodes}
         self.output = model.output.output
-        self.shapes = self._shapes()
         self.sigmas = {node.index: sp.Function(f"sigma_{node.index}") for node in model.nodes}
         self.derivatives = tuple(
             activation_derivative(node.activation)
@@ -349,15 +359,6 @@ class _Reverse:
             for tensor in sorted(term.atoms(NetTensor), key=sp.default_sort_key):
                 self.penalty_terms.setdefault(tensor, []).append(term)
 
-    def _shapes(self) -> dict[NetTensor, tuple[sp.Symbol, ...]]:
-        shapes: dict[NetTensor, tuple[sp.Symbol, ...]] = {tensor_of(self.model.x[0]):
-                                                       (self.model.sizes[0],)}
-        for node in self.model.nodes:
-            for eq in node.equations:
-                shapes[eq.target] = (node.size,) * eq.target.rank
-            for parameter in node.parameters:
-                shapes[parameter.tensor] = parameter.shape_symbols
-        return shapes
 
     # -- derived once per neighbourhood --
 
@@ -413,7 +414,7 @@ class _Reverse:
         return derived
 
     def _adjoint(self, q: NetTensor, target: sp.Expr, loss_gradient: Formula) -> _Derived:
-        free = fresh_indices(q.rank, set())
+        free = indices_for(q)
         steps: list[Step] = []
         if q == self.output:
             generic = partial(C, entry(q, free))
@@ -444,7 +445,7 @@ class _Reverse:
               ) -> tuple[tuple[sp.Symbol, ...], sp.Expr, sp.Expr, sp.Expr]:
         """(consumer indices, the consumer's equation relabelled, its generic right-hand side,
         d consumer / d wrt), with indices renamed away from ``avoid``."""
-        new_free = fresh_indices(len(eq.indices), avoid)
+        new_free = fresh_like(eq.indices, avoid)
         expr = _relabel(eq.expr, eq.indices, new_free, avoid | set(new_free))
         generic = expr
         if eq.activation is not None:
@@ -468,14 +469,14 @@ class _Reverse:
         chain_terms, terms, steps, local_steps = [], [], [], []
         for eq in consumers:
             indices, _expr, generic, derivative = self.local(eq, wrt, avoid)
-            limits = [(index, 1, n) for index, n in zip(indices, self.shapes[eq.target])]
-            lhs = entry(eq.target, indices)
+            limits = [(index, 1, n) for index, n in zip(indices, eq.ranges)]
+            lhs = entry(eq.target, eq.target_indices(indices))
             reference = partial(C, lhs)
             chain = reference * partial(lhs, wrt)
             chain_terms.append(sp.Sum(chain, *limits) if limits else chain)
             local_steps.append(Step("differentiate", partial(lhs, wrt), derivative,
                                     _why_local(eq, q), sp.Eq(lhs, generic, evaluate=False)))
-            by_name = self.reference(eq.target, indices)
+            by_name = self.reference(eq.target, eq.target_indices(indices))
             term = by_name * derivative
             terms.append(collapse(sp.Sum(term, *limits)) if limits else term)
         steps.append(Step("chain rule", target, sp.Add(*chain_terms),
@@ -499,7 +500,7 @@ class _Reverse:
                          and tensor_of(d.variables[0]) != self.output},
                         key=sp.default_sort_key)
         for p in inline:
-            p_free = fresh_indices(p.rank, set())
+            p_free = indices_for(p)
             p_target = partial(C, entry(p, p_free))
             p_expr, p_steps = self.adjoint_generic(p, p_free, p_target)
             steps.extend(p_steps)
@@ -700,7 +701,7 @@ def _loss_gradient(model: Model) -> Formula:
              "only the term i = j of the sum depends on a^L_j (Kronecker delta)"),
     )
     return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, (j,), steps, of=out.output,
-                   node=out.index, kind="loss gradient")
+                   node=out.index, kind="loss gradient", ranges=model.shapes[out.output])
 
 
 def _target_sums(expr: sp.Expr, model: Model) -> list[sp.Sum]:
@@ -742,7 +743,7 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
 def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
                      ) -> Formula:
     model = reverse.model
-    free = fresh_indices(q.rank, set())
+    free = indices_for(q)
     is_delta = q in reverse.delta_of
     lhs = reverse.reference(q, free)
     steps: list[Step] = []
@@ -756,13 +757,13 @@ def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient:
     key = f"delta^{node.index}" if is_delta else f"dC/d{q.role}^{node.index}"
     return Formula(key, _label(model, node, kind), lhs, derived.concrete, derived.generic, free,
                    _joined(tuple(steps), derived.steps), derived.assumptions, of=q,
-                   node=node.index, kind=kind)
+                   node=node.index, kind=kind, ranges=model.shapes[q])
 
 
 def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
                       ) -> Formula:
     model = reverse.model
-    free = fresh_indices(q.rank, set())
+    free = indices_for(q)
     lhs = partial(C, entry(q, free))
     derived = reverse.adjoint(node, q, lhs, loss_gradient)
     steps = derived.steps
@@ -773,4 +774,5 @@ def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient
             sp.Eq(R, model.penalty, evaluate=False)),))
     return Formula(f"dC/d{q.role}^{node.index}", _label(model, node, "gradient", q.role), lhs,
                    derived.concrete, derived.generic, free, steps, derived.assumptions, of=q,
-                   node=node.index, kind="gradient", penalty=derived.penalty)
+                   node=node.index, kind="gradient", penalty=derived.penalty,
+                   ranges=model.shapes[q])

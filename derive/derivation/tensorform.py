@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from derive.derivation.imageform import ARRAYS, Flatten, image_form, is_image_form
 from derive.errors import DeriveError
 from derive.quantities import NetTensor, entry, tensor_of
 
@@ -107,8 +108,10 @@ def adjoint(of: NetTensor) -> NetTensor:
     return of.adjoint()
 
 
-def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
-    """The tensor form of index expression ``expr`` whose free indices are ``free``.
+def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...],
+              ranges: tuple[sp.Expr, ...] = ()) -> sp.Expr:
+    """The tensor form of index expression ``expr`` whose free indices are ``free`` (and
+    their ranges ``ranges``, which feature maps need: :mod:`derive.derivation.imageform`).
 
     No free index: a per-sample scalar; one: a vector expression; two (j, k): an outer product.
     Raises ``DeriveError`` for an index pattern without a tensor form (a Kronecker delta the
@@ -116,6 +119,8 @@ def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
     """
     if expr.has(sp.KroneckerDelta):
         raise DeriveError(f"no tensor form for {expr} (a Kronecker delta left in it)")
+    if is_image_form(expr, free):
+        return image_form(_adjoint_entries(expr), free, dict(zip(free, ranges)), _einsum)
     if len(free) == 0:
         return _vector(expr, None)
     if len(free) == 1:
@@ -129,6 +134,13 @@ def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
         return _einsum(expr, free)
     except DeriveError:
         return _elementwise(expr, free, ())
+
+
+def equation_tensor(equation) -> sp.Expr:
+    """The tensor form of a forward equation's right side, as its target reads it: a
+    flatten's (whose target entry is an expression of its indices) is ``Flatten`` of it."""
+    expr = to_vector(equation.expr, equation.indices, equation.ranges)
+    return Flatten(expr) if equation.at is not None else expr
 
 
 def _matrix_form(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
@@ -226,6 +238,11 @@ def _total(expr: sp.Sum) -> sp.Expr | None:
 _LETTERS = "jkimpqrstuvxyzabcdefgh"
 
 
+def letters(indices: tuple[sp.Symbol, ...]) -> dict[sp.Symbol, str]:
+    """One einsum letter per index, in order."""
+    return {index: _LETTERS[n] for n, index in enumerate(indices)}
+
+
 def _adjoint_entries(expr: sp.Expr) -> sp.Expr:
     """``expr`` with each ∂C/∂q[i] written as the entry i of the adjoint tensor ∂C/∂q."""
     def adjoint_entry(derivative: sp.Derivative) -> sp.Expr:
@@ -284,6 +301,15 @@ def _elementwise(expr: sp.Expr, free: tuple[sp.Symbol, ...],
     return SumAxes(body, axes, kept) if summed else body
 
 
+def _array_of(entry: sp.Indexed) -> sp.Expr | None:
+    """The whole array an entry is of: its NetTensor, or a tensor-form array (a feature
+    map's windows)."""
+    tensor = tensor_of(entry)
+    if tensor is not None:
+        return tensor
+    return entry.base.label if isinstance(entry.base.label, ARRAYS) else None
+
+
 def _einsum(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
     """Any other contraction of tensor entries: ``Einsum("kj,k->j", W, v)`` (per sample), or
     a product of entries with more free indices than an outer product has
@@ -298,7 +324,7 @@ def _einsum(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
     for factor in sp.Mul.make_args(function):
         if not factor.has(*summed, *(free if not summed else ())):
             outside.append(factor)
-        elif isinstance(factor, sp.Indexed) and tensor_of(factor) is not None and all(
+        elif isinstance(factor, sp.Indexed) and _array_of(factor) is not None and all(
                 isinstance(index, sp.Symbol) for index in factor.indices):
             operands.append(factor)
         else:
@@ -308,5 +334,5 @@ def _einsum(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:
         letters.setdefault(index, _LETTERS[len(letters)])
     inputs = ",".join("".join(letters[i] for i in f.indices) for f in operands)
     output = "".join(letters[i] for i in free)
-    contraction = Einsum(sp.Symbol(f"{inputs}->{output}"), *(tensor_of(f) for f in operands))
+    contraction = Einsum(sp.Symbol(f"{inputs}->{output}"), *(_array_of(f) for f in operands))
     return _vector(sp.Mul(*outside), free[0] if free else None) * contraction

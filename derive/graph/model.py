@@ -14,7 +14,7 @@ here differentiates anything (docs/architecture.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from derive.quantities import (
     j,
     k,
     m,
+    shape_symbols,
     size_symbol,
 )
 from derive.registry.functions import A, Activation, Loss, Y
@@ -79,6 +80,8 @@ class Node:
     parameters: tuple[Parameter, ...]
     forward: Forward
     options: tuple[tuple[str, float], ...] = ()
+    shape: tuple[sp.Symbol, ...] = ()        # per-sample output shape: (n_l,) or (n_l, H_l, W_l)
+    dims: tuple[int, ...] = ()               # its values
 
     @property
     def equations(self) -> tuple[Equation, ...]:
@@ -162,6 +165,20 @@ class Model:
     def parameters(self) -> tuple[Parameter, ...]:
         return tuple(p for node in self.nodes for p in node.parameters)
 
+    @cached_property
+    def shapes(self) -> dict[NetTensor, tuple[sp.Expr, ...]]:
+        """The per-sample shape, as symbols, of x, y, every equation's target and every
+        parameter."""
+        out: dict[NetTensor, tuple[sp.Expr, ...]] = {
+            self.x.label: shape_symbols(0, self.x.label.rank),
+            self.y.label: self.output.shape}
+        for node in self.nodes:
+            for eq in node.equations:
+                out[eq.target] = node.shape if eq.at is not None else eq.ranges
+            for parameter in node.parameters:
+                out[parameter.tensor] = parameter.shape_symbols
+        return out
+
     def consumers(self, index: int) -> tuple[Node, ...]:
         """The nodes that read node ``index``'s output."""
         return self._consumers.get(index, ())
@@ -200,8 +217,9 @@ def _parameters(node: int, definition: OpDef, attrs: dict, symbols: dict[str, sp
         out.append(Parameter(
             NetTensor(parameter.role, node, rank=rank, parameter=True),
             parameter_key(parameter.role, node),
-            tuple(values[axis] for axis in parameter.shape),
-            tuple(symbols[axis] for axis in parameter.shape), parameter.init))
+            tuple(values[axis] if isinstance(axis, str) else axis for axis in parameter.shape),
+            tuple(symbols[axis] if isinstance(axis, str) else sp.Integer(axis)
+                  for axis in parameter.shape), parameter.init))
     return tuple(out)
 
 
@@ -223,29 +241,45 @@ def penalty_expression(spec: NetworkSpec, parameters: tuple[Parameter, ...]) -> 
     return total
 
 
+def _ranged(forward: Forward, shape: tuple[sp.Symbol, ...]) -> Forward:
+    """``forward`` with the ranges of every equation's indices given: an equation over as many
+    indices as the node's shape has axes runs over that shape, any other over its width."""
+    equations = []
+    for eq in forward.equations:
+        if not eq.ranges and eq.indices:
+            ranges = shape if len(eq.indices) == len(shape) else (shape[0],) * len(eq.indices)
+            eq = replace(eq, ranges=ranges)
+        equations.append(eq)
+    return replace(forward, equations=tuple(equations))
+
+
 def build_model(spec: NetworkSpec) -> Model:
     """The symbolic :class:`Model` of ``spec``."""
-    x = NetTensor("a", 0)
+    x = NetTensor("a", 0, rank=len(spec.input_shape))
     outputs: list[NetTensor] = [x]
     sizes: list[sp.Symbol] = [size_symbol(0)]
-    widths: dict[sp.Symbol, int] = {size_symbol(0): spec.input}
+    shapes = [shape_symbols(0, len(spec.input_shape))]
+    widths: dict[sp.Symbol, int] = dict(zip(shapes[0], spec.input_shape))
     nodes: list[Node] = []
     for l, layer_spec in enumerate(spec.layers, start=1):
         definition = OPS[layer_spec.op]
         reads = layer_spec.reads(l)
         attrs = layer_attributes(layer_spec)
         size = size_symbol(l)
-        widths[size] = layer_spec.size
+        shape = shape_symbols(l, len(layer_spec.shape))
+        widths.update(zip(shape, layer_spec.shape))
         parameters = _parameters(l, definition, attrs, axis_values(layer_spec, l, [*sizes, size]),
                                  axis_values(layer_spec, l, spec.sizes))
         activation = spec.activation(l)
-        ctx = Context(l, attrs, tuple(Input(outputs[n], sizes[n]) for n in reads), size,
-                      activation, {p.tensor.role: p.indexed for p in parameters})
-        forward = definition.forward(ctx)
+        ctx = Context(l, attrs, tuple(Input(outputs[n], sizes[n], shapes[n]) for n in reads),
+                      size, activation, {p.tensor.role: p.indexed for p in parameters}, shape)
+        forward = _ranged(definition.forward(ctx), shape)
         nodes.append(Node(l, definition, layer_spec.name, reads, size, layer_spec.size,
-                          activation, parameters, forward, layer_spec.options))
+                          activation, parameters, forward, layer_spec.options, shape,
+                          layer_spec.shape))
         outputs.append(forward.output)
         sizes.append(size)
+        shapes.append(shape)
     y = NetTensor("y").indexed
     loss = spec.resolved_loss()
     output = nodes[-1]

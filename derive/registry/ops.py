@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from derive.quantities import NetTensor, entry, fresh_indices
+from derive.quantities import NetTensor, entry, fresh_indices, indices_for
 from derive.registry.functions import Activation
 
 
@@ -26,7 +26,9 @@ class Attribute:
     """An attribute an op takes in the spec.
 
     ``kind``: ``"size"`` (a positive integer), ``"activation"`` (an activation reference),
-    ``"bool"``, ``"rate"`` (a number in [0, 1)) or ``"positive"`` (a number > 0).
+    ``"bool"``, ``"rate"`` (a number in [0, 1)), ``"positive"`` (a number > 0), ``"pair"``
+    (a positive integer or [rows, columns]: a kernel, a stride) or ``"pair0"`` (the same,
+    from 0: a padding).
     ``default`` ``None`` with ``required`` false means "absent".
     """
 
@@ -44,7 +46,7 @@ class ParameterDef:
     and ``"in1"``, ``"in2"``, ... (each input's), and how it starts."""
 
     role: str
-    shape: tuple[str, ...]
+    shape: tuple[str | int, ...]   # axis names, or numbers (a kernel's rows and columns)
     init: str   # "fan" (He or Glorot by activation), "glorot", "zeros" or "ones"
 
 
@@ -57,6 +59,10 @@ class Equation:
     derivative as σ'(argument) before inserting the activation's own derivative. ``inline``
     says the target's adjoint is substituted where it is used rather than shown as a formula of
     its own (the a^l of a dense layer: the classic equations speak of δ^l = ∂C/∂z^l only).
+
+    ``ranges`` are the ranges 1..n of ``indices`` (empty: the node's width for each, filled in
+    by the graph); ``at`` the target's entry as expressions of ``indices`` when it is not
+    simply ``indices`` (a flatten's a_{(k-1)HW + (r-1)W + s} = x_{krs}).
     """
 
     target: NetTensor
@@ -66,18 +72,29 @@ class Equation:
     activation: Activation | None = None
     argument: sp.Expr | None = None
     source_kind: str = ""           # what the equation defines, for documents: "z", "a", ...
+    ranges: tuple[sp.Expr, ...] = ()
+    at: tuple[sp.Expr, ...] | None = None
 
     @property
     def lhs(self) -> sp.Expr:
-        return entry(self.target, self.indices)
+        return entry(self.target, self.target_indices(self.indices))
+
+    def target_indices(self, indices: tuple[sp.Expr, ...]) -> tuple[sp.Expr, ...]:
+        """The target's entry when the equation's indices are ``indices``."""
+        if self.at is None:
+            return tuple(indices)
+        mapping = dict(zip(self.indices, indices))
+        return tuple(sp.sympify(e).xreplace(mapping) for e in self.at)
 
 
 @dataclass(frozen=True)
 class Input:
-    """One input a node reads: its quantity (a rank-1 NetTensor) and its width symbol."""
+    """One input a node reads: its quantity, its width symbol (an image's channels) and its
+    per-sample shape as symbols ((n,) or (C, H, W))."""
 
     tensor: NetTensor
     size: sp.Symbol
+    shape: tuple[sp.Symbol, ...] = ()
 
     def __getitem__(self, index: sp.Expr) -> sp.Expr:
         return self.tensor.indexed[index]
@@ -93,22 +110,25 @@ class Context:
     size: sp.Symbol
     activation: Activation | None
     params: Mapping[str, sp.IndexedBase]
+    shape: tuple[sp.Symbol, ...] = ()     # the node's own per-sample shape, as symbols
 
     def quantity(self, role: str, rank: int = 1) -> NetTensor:
         return NetTensor(role, self.node, rank=rank)
 
     def activate(self, argument: NetTensor, role: str = "a") -> Equation:
         """The equation ``role^l_j = σ(argument_j)`` of this node's activation (softmax: the
-        vector function over the feature axis)."""
-        out = self.quantity(role)
-        j, summed = fresh_indices(2, set())[0], fresh_indices(3, set())[2]
-        z = argument.indexed
+        vector function over the feature axis); entrywise on an image."""
+        out = self.quantity(role, argument.rank)
         activation = self.activation
         if activation.vector is not None:
+            j, summed = fresh_indices(2, set())[0], fresh_indices(3, set())[2]
+            z = argument.indexed
             return Equation(out, (j,), activation.vector(z, j, summed, self.size),
                             source_kind=role)
-        return Equation(out, (j,), activation.expr.subs(activation.variable, z[j]),
-                        activation=activation, argument=z[j], source_kind=role)
+        indices = indices_for(argument)
+        z = entry(argument, indices)
+        return Equation(out, indices, activation.expr.subs(activation.variable, z),
+                        activation=activation, argument=z, source_kind=role)
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,11 @@ class OpDef:
     same_width_inputs: bool = False                         # every input has the output's width
     label: str = ""                                         # short label for diagrams
     extra: Mapping[str, object] = field(default_factory=dict)
+    #: what its inputs are: "vector", "image" ([C, H, W]) or "any" (an entrywise op)
+    reads: str = "vector"
+    #: the per-sample output shape from the attributes and the first input's shape, for ops
+    #: whose output is not a vector of ``output_size`` (raises ValueError when none fits)
+    output_shape: Callable[[Mapping[str, object], tuple[int, ...]], tuple[int, ...]] | None = None
 
     def attribute(self, name: str) -> Attribute | None:
         for attribute in self.attributes:
@@ -188,9 +213,10 @@ def _activation_forward(ctx: Context) -> Forward:
 
 
 def _add_forward(ctx: Context) -> Forward:
-    (j,) = fresh_indices(1, set())
-    out = ctx.quantity("a")
-    equation = Equation(out, (j,), sp.Add(*(x[j] for x in ctx.inputs)), source_kind="a")
+    out = ctx.quantity("a", len(ctx.shape) or 1)
+    indices = indices_for(out)
+    equation = Equation(out, indices, sp.Add(*(entry(x.tensor, indices) for x in ctx.inputs)),
+                        source_kind="a")
     return Forward((equation,), out)
 
 
@@ -228,6 +254,13 @@ def _same_size(attrs: Mapping[str, object], inputs: tuple[int, ...]) -> int:
     return inputs[0]
 
 
+def _same_shape(attrs: Mapping[str, object], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape
+
+
+from derive.registry.image_ops import IMAGE_OPS
+
+
 class _Registry(Mapping):
     """The built-in ops by name; a custom op (:class:`~derive.registry.custom_ops.CustomOp`)
     is a key too, whose entry it builds itself. Iterating lists the built-in ops."""
@@ -260,11 +293,12 @@ OPS: Mapping[object, OpDef] = _Registry({
     "activation": OpDef(
         "activation", "an activation on its own: a = σ(x)",
         (Attribute("activation", "activation", required=True, doc="the activation"),),
-        (1, 1), lambda attrs: (), _same_size, _activation_forward, label="σ"),
+        (1, 1), lambda attrs: (), _same_size, _activation_forward, label="σ", reads="any",
+        output_shape=_same_shape),
     "add": OpDef(
         "add", "sum of two or more inputs of equal width (a residual connection)",
         (), (2, None), lambda attrs: (), _same_size, _add_forward, same_width_inputs=True,
-        label="+"),
+        label="+", reads="any", output_shape=_same_shape),
     "layer_norm": OpDef(
         "layer_norm", "layer normalisation over the features, with scale γ and shift β",
         (Attribute("eps", "positive", 1e-5, doc="added to the variance (default 1e-5)"),),
@@ -276,6 +310,7 @@ OPS: Mapping[object, OpDef] = _Registry({
         "dropout", "inverted dropout while training (mask m/(1-p)); identity otherwise",
         (Attribute("rate", "rate", required=True, doc="probability p of dropping a unit"),),
         (1, 1), lambda attrs: (), _same_size, _dropout_forward, label="drop"),
+    **IMAGE_OPS,
 })
 
 

@@ -22,7 +22,7 @@ import sympy as sp
 
 from derive import __version__
 from derive.derivation.reverse import Derivation, Formula
-from derive.derivation.tensorform import Broadcast, MatVec, Outer, to_vector
+from derive.derivation.tensorform import Broadcast, MatVec, Outer, equation_tensor, to_vector
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
 from derive.registry.ops import Equation
@@ -363,6 +363,8 @@ def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
     """Which demo data a module trains on, and with which settings."""
     n_in, n_out = spec.sizes[0], spec.sizes[-1]
     needs = model.loss.needs
+    if spec.image is not None and needs == "distribution":
+        return Demo("demo_images.py.j2", 15, 0.05, 32), {"n_out": n_out}
     if n_in == 2 and n_out == 1 and needs != "distribution":
         # a two-input, one-output network: the classic test that a hidden layer is needed
         return Demo("demo_xor.py.j2", 3000, 2.0, None), {}
@@ -400,7 +402,7 @@ def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
     out: list[_Assign] = []
     output = _output_equation(model)
     for equation in model.equations:
-        expr = stabilize(_tensor(model, equation.expr, equation.indices)).expr
+        expr = stabilize(equation_tensor(equation).xreplace(model.widths)).expr
         if shared is not None and equation is output and isinstance(expr, Softmax):
             # the output and the loss's log-sum-exp from one exponential of the logits
             _logsumexp, lse = shared
@@ -540,7 +542,8 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         description = (f"Activations: {', '.join(activations)}; loss: {model.loss.name} per "
                        "sample, averaged over the batch.")
     else:
-        architecture = f"a graph of {model.depth} ops, {spec.input} -> {spec.sizes[-1]}"
+        shape = "x".join(map(str, spec.input_shape))
+        architecture = f"a graph of {model.depth} ops, {shape} -> {spec.sizes[-1]}"
         description = "Layers: " + "; ".join(_node_text(node) for node in model.nodes) + (
             f". Loss: {model.loss.name} per sample, averaged over the batch.")
     first_parameter = model.parameters[0].key if model.parameters else None
@@ -572,7 +575,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "init_text": _wrap(f"Fresh parameters: normal weights scaled by {init_rule}, zero "
                            "biases" + (", layer-norm scales one" if any(
                                p.init == "ones" for p in model.parameters) else "") + ".", 4),
-        "input_shape": repr((spec.input,)),
+        "input_shape": repr(spec.input_shape),
         "output_shape": repr((spec.sizes[-1],)),
         "activations": repr(tuple(n.activation.name if n.activation else None
                                   for n in model.nodes)),

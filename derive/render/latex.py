@@ -38,17 +38,20 @@ import numpy as np
 import sympy as sp
 
 from derive import __version__
+from derive.derivation.imageform import is_image_form
 from derive.derivation.reverse import ActivationDerivative, C, Derivation, Formula, R, Step
-from derive.derivation.tensorform import ONE
+from derive.derivation.tensorform import ONE, equation_tensor
 from derive.errors import DeriveError
 from derive.files import MARKER
 from derive.graph.model import Model, Node
 from derive.progress import Report
 from derive.quantities import NetTensor, entry, i, j, k, tensor_of
 from derive.registry.functions import Z
+from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.latex_printer import (
     DeriveLatexPrinter,
     batch_gradient,
+    chain,
     equation,
     latex,
     terms,
@@ -78,6 +81,9 @@ OVERFULL_LIMIT_PT = 10.0
 LINE_BUDGET = 56
 #: Roles whose values the example gives (printed short) rather than computes.
 GIVEN_ROLES = frozenset({"w", "b", "gamma", "beta", "y", "mask"})
+#: Of a tensor with more channels (or channel pairs, for a kernel), the example shows this
+#: many maps.
+MAX_MAPS = 4
 #: Tables with more rows than this break across pages (longtable).
 LONG_TABLE_ROWS = 26
 
@@ -143,10 +149,11 @@ def _expand_sums(expr: sp.Expr) -> sp.Expr:
     """
     if isinstance(expr, sp.Sum):
         body = _expand_sums(expr.function)
-        for index, low, high in expr.limits:
-            body = sp.Add(*(body.xreplace({index: sp.Integer(n)})
-                            for n in range(int(low), int(high) + 1)), evaluate=False)
-        return body
+        # one sum of every term, Σ_k Σ_p Σ_q as well (a convolution): k, then p, then q
+        ranges = [[(index, sp.Integer(n)) for n in range(int(low), int(high) + 1)]
+                  for index, low, high in expr.limits]
+        return sp.Add(*(body.xreplace(dict(at)) for at in itertools.product(*ranges)),
+                      evaluate=False)
     if not expr.args or not expr.has(sp.Sum):
         return expr
     args = [_expand_sums(arg) for arg in expr.args]
@@ -156,7 +163,8 @@ def _expand_sums(expr: sp.Expr) -> sp.Expr:
 
 
 def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
-             index: dict, result: float, max_terms: int = 8) -> str | None:
+             index: dict, result: float, max_terms: int = 8,
+             inside: Callable[[sp.Indexed], bool] | None = None) -> str | None:
     """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
     (lines of an ``align``); None when it would be too long to be worth spelling out."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
@@ -168,6 +176,10 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
            if low.is_Integer and high.is_Integer):
         return None
     concrete = _expand_sums(concrete)
+    if inside is not None and any(not inside(e) for e in concrete.atoms(sp.Indexed)):
+        # an entry in a feature map's padding is 0: its term drops out
+        concrete = concrete.xreplace({e: sp.Integer(0) for e in concrete.atoms(sp.Indexed)
+                                      if not inside(e)})
     scalars = {t for t in concrete.atoms(NetTensor) if t.rank == 0}
     if len(concrete.atoms(sp.Indexed)) + len(scalars) > max_terms or concrete.has(sp.Sum):
         return None
@@ -182,6 +194,36 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
     if visual_length(numbers) > LINE_BUDGET or visual_length(symbolic) > LINE_BUDGET:
         return None
     return f"{left} &= {symbolic} \\\\\n  &= {numbers} = {_number(result)}"
+
+
+def _side_by_side(parts: list[str], columns: int) -> list[str]:
+    """Matrices of ``columns`` columns each, as many to a line as fit the page (about 11
+    columns of 4-decimal numbers)."""
+    per_line = max(1, 11 // (columns + 2))
+    return [r",\quad ".join(parts[n:n + per_line]) for n in range(0, len(parts), per_line)]
+
+
+def _slice_symbol(tensor: NetTensor) -> str:
+    """The symbol of one entry of ``tensor`` (a^{1}, w^{1}), whose slice a^{1}_{j··} the
+    example shows."""
+    return DeriveLatexPrinter()._entry_symbol(tensor)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    """A shape as math: 64, or 1 \times 8 \times 8 for feature maps."""
+    return r" \times ".join(map(str, shape))
+
+
+def _pair(value: Sequence[object]) -> str:
+    a, b = value
+    return str(a) if a == b else f"({a}, {b})"
+
+
+def _window_option(key: str, value: Sequence[object]) -> str:
+    """A window's option as the notation writes it: $3 \times 3$, $S = 2$, $P = 1$."""
+    if key == "kernel":
+        return f"${_dims(value)}$"
+    return f"${ {'stride': 'S', 'padding': 'P'}.get(key, key) } = {_pair(value)}$"
 
 
 def _escape(text: str) -> str:
@@ -210,8 +252,14 @@ def broken(expr: sp.Expr, *, lead: int = 0, budget: int = LINE_BUDGET, batch: bo
     ``lead`` characters already on the line), its terms broken over the lines of an
     ``aligned`` block."""
     one_line = latex(expr, batch=batch, batch_cost=batch_cost)
+    if lead + visual_length(one_line) <= budget:
+        return one_line
     pieces = terms(expr, batch=batch, batch_cost=batch_cost)
-    if lead + visual_length(one_line) <= budget or len(pieces) < 2:
+    if len(pieces) < 2 and is_image_form(expr, ()):
+        # one long product of a feature map's formula: broken between its factors and sums
+        return _broken_chain(chain(expr, batch=batch, batch_cost=batch_cost), lead, budget,
+                             top)
+    if len(pieces) < 2:
         return one_line
     lines: list[str] = []
     current = ""
@@ -227,6 +275,29 @@ def broken(expr: sp.Expr, *, lead: int = 0, budget: int = LINE_BUDGET, batch: bo
     lines.append(current)
     head = r"\begin{aligned}[t]" if top else r"\begin{aligned}"
     return head + " & " + r" \\ & \quad ".join(lines) + r" \end{aligned}"
+
+
+def _broken_chain(pieces: list[str], lead: int, budget: int, top: bool) -> str:
+    """Pieces of a product (:func:`~derive.render.latex_printer.chain`) packed into lines."""
+    lines = _packed(pieces, lead, budget)
+    if len(lines) == 1:
+        return lines[0]
+    head = r"\begin{aligned}[t]" if top else r"\begin{aligned}"
+    return head + " & " + r" \\ & \quad ".join(lines) + r" \end{aligned}"
+
+
+def _packed(pieces: list[str], lead: int, budget: int) -> list[str]:
+    lines: list[str] = []
+    current = ""
+    for piece in pieces:
+        limit = budget - lead - (0 if not lines else 4)   # every line sits after the lead
+        if current and visual_length(current) + visual_length(piece) > limit:
+            lines.append(current)
+            current = piece
+        else:
+            current = f"{current} {piece}" if current else piece
+    lines.append(current)
+    return lines
 
 
 # --- the render context --------------------------------------------------------------------
@@ -247,6 +318,8 @@ class _Context:
         self.sizes = {symbol: sp.Integer(n) for symbol, n in self.model.widths.items()}
         self.penalized = self.model.penalty != 0
         self.batch_cost = "J" if self.penalized else r"\bar{C}"
+        self.images = self.spec.image is not None      # a convolutional network
+        self.said: set[str] = set()                     # explanations given once
 
     # -- small pieces --
 
@@ -282,7 +355,17 @@ class _Context:
     def display(self, lhs: sp.Expr | str, rhs: sp.Expr, *, batch: bool = False) -> str:
         left = lhs if isinstance(lhs, str) else latex(lhs, batch=batch,
                                                       batch_cost=self.batch_cost)
-        return f"{left} = {self.broken(rhs, lead=visual_length(left) + 2, batch=batch)}"
+        lead = visual_length(left) + 2
+        if self.images and not batch and is_image_form(rhs, ()) and not isinstance(rhs, sp.Add):
+            pieces = chain(rhs, batch=batch, batch_cost=self.batch_cost)
+            if lead + max(visual_length(p) for p in pieces) > LINE_BUDGET - 4:
+                # a factor too wide to sit after the left side (a window's indicator): the
+                # left side on a line of its own, the factors below it
+                lines = _packed(pieces, 4, LINE_BUDGET)
+                head = r"\begin{aligned}[t]" if not self.markdown else r"\begin{aligned}"
+                return (f"{head} & {left} = \\\\ & \\qquad "
+                        + r" \\ & \qquad ".join(lines) + r" \end{aligned}")
+        return f"{left} = {self.broken(rhs, lead=lead, batch=batch)}"
 
     def step(self, step: Step) -> dict[str, str]:
         words = why(step.why, self.lang)
@@ -291,13 +374,28 @@ class _Context:
         if step.source is not None:
             text = equation(step.source.lhs, step.source.rhs)
             # a long equation cannot break inside a line of prose: it gets a line of its own
-            long = visual_length(text) > LINE_BUDGET // 2
+            long = visual_length(text) > LINE_BUDGET // 2 or (
+                self.images and step.source.rhs.has(WindowMax, InRange, FirstMax))
             source = (f"$${text}$$" if self.markdown else f"\\[ {text} \\]") if long \
                 else f"${text}$"
             words = words.replace("{source}", source) if "{source}" in words else (
                 f"{words} ({source})")
+        words += self.image_words(step)
         return {"rule": self.t.get(f"rule_{step.rule}", step.rule), "why": words,
                 "math": self.display(step.target, step.expr)}
+
+    def image_words(self, step: Step) -> str:
+        """What a step on feature maps does beyond its rule, said the first time it happens:
+        the bracket a shifted Kronecker delta leaves, the indicator of a window's maximum."""
+        said = ""
+        for key, found in (("bracket_words", step.rule == "Kronecker delta"
+                            and step.expr.has(InRange)),
+                           ("argmax_words", step.rule == "differentiate"
+                            and step.expr.has(FirstMax))):
+            if found and key not in self.said:
+                self.said.add(key)
+                said += " " + self.text(key)
+        return said
 
     def assumptions(self, formula: Formula) -> list[str]:
         column = LANGUAGES.index(self.lang)
@@ -358,6 +456,9 @@ class _Context:
             "notation": self.notation(),
             "forward_text": self.text("forward_text" if self.chain else "forward_text_graph"),
             "forward": self.forward(),
+            "forward_tensor": self.forward_tensor(),
+            "forward_tensor_text": self.text("forward_tensor_text"),
+            "conv_text": self.text("conv_text") if self.images else "",
             "cost": self.cost(),
             "penalty": self.penalty(),
             "batch_cost_text": self.text("batch_cost_text_penalty" if self.penalized
@@ -386,10 +487,15 @@ class _Context:
         if self.chain:
             return self.text("network_text", L=L, sizes=self.listing(
                 [str(n) for n in self.spec.sizes]))
+        if self.images:
+            return self.text("network_text_image", L=L, nL=self.spec.sizes[-1],
+                             shape=f"${_dims(self.spec.input_shape)}$")
         return self.text("network_text_graph", L=L, n0=self.spec.input,
                          nL=self.spec.sizes[-1])
 
     def figure_caption(self) -> str:
+        if self.images:
+            return self.text("figure_caption_image", name=self.name())
         if not self.chain:
             return self.text("figure_caption_graph", name=self.name())
         w = NetTensor("w", "l", rank=2).indexed[j, k]
@@ -401,11 +507,14 @@ class _Context:
 
     def diagram(self) -> dict[str, Any]:
         if self.chain:
-            return {"chain": True, **diagram(
+            return {"chain": True, "maps": False, **diagram(
                 self.spec.sizes, [node.activation.name for node in self.model.nodes],
                 self.t["input_layer"])}
-        return {"chain": False, **graph_diagram(self.model, self.t["input_layer"],
-                                                self.t["cost_node"])}
+        if self.images:
+            return {"chain": False, "maps": True, **map_diagram(
+                self.model, self.t["input_layer"], self.t["cost_node"])}
+        return {"chain": False, "maps": False, **graph_diagram(
+            self.model, self.t["input_layer"], self.t["cost_node"])}
 
     def op_name(self, node: Node) -> str:
         """The op of a node as a reader sees it: ``dense, relu`` or ``dropout, p = 0.1``."""
@@ -413,6 +522,9 @@ class _Context:
         if node.activation is not None:
             parts.append(self.code(node.activation.name))
         for key, value in node.options:
+            if isinstance(value, tuple):     # a window's kernel, stride, padding
+                parts.append(_window_option(key, value))
+                continue
             symbol = {"rate": "p", "eps": r"\epsilon"}.get(key, key)
             parts.append(f"${symbol} = {_short(value)}$" if key != "eps" else
                          f"${symbol} = {latex(sp.Rational(repr(float(value))))}$")
@@ -428,14 +540,14 @@ class _Context:
             return {"header": header, "rows": rows, "align": "ccl",
                     "caption": self.t["layers_caption"], "width": "0.35"}
         header = [self.t["col_layer"], self.t["col_op"], self.t["col_reads"],
-                  self.t["col_width"]]
-        rows = [["$0$", self.t["input_layer"], "", f"${self.spec.input}$"]]
+                  self.t["col_shape" if self.images else "col_width"]]
+        rows = [["$0$", self.t["input_layer"], "", f"${_dims(self.spec.input_shape)}$"]]
         for node in self.model.nodes:
             name = f" ({self.code(node.name)})" if node.name else ""
             reads = ", ".join(self.t["input_layer"] if n == 0 else f"${n}$"
                               for n in node.inputs)
             rows.append([f"${node.index}${name}", self.op_name(node), reads,
-                         f"${node.width}$"])
+                         f"${_dims(node.dims or (node.width,))}$"])
         return {"header": header, "rows": rows, "align": "llcc",
                 "caption": self.t["layers_caption_graph"], "width": "0.40"}
 
@@ -454,6 +566,8 @@ class _Context:
         sigma = sp.Function("sigma_l")
         roles = self.roles()
         rows = []
+        if self.images:
+            rows += self.image_notation()
         if "w" in roles:
             rows.append((latex(w[j, k]), self.t["n_w" if self.chain else "n_w_graph"]))
         if "b" in roles:
@@ -494,6 +608,44 @@ class _Context:
             NetTensor("w", "l", rank=2)), self.text("n_vec", w=self.inline(w[j, k]))))
         rows.append((r"\odot,\ \oslash", self.t["n_odot"]))
         return [{"symbol": symbol, "meaning": meaning} for symbol, meaning in rows]
+
+    def image_notation(self) -> list[tuple[str, str]]:
+        """The rows of the notation table that feature maps need."""
+        r, s, p, q = sp.symbols("r s p q", integer=True, positive=True)
+        a = NetTensor("a", "l", rank=3).indexed
+        rows = [(latex(a[j, r, s]), self.text("n_map", a0=self.inline(
+                    NetTensor("a", 0, rank=3).indexed[k, r, s])))]
+        if any(node.op.name == "conv2d" for node in self.model.nodes):
+            rows.append((latex(NetTensor("w", "l", rank=4, parameter=True).indexed[j, k, p, q]),
+                         self.text("n_kernel")))
+        rows.append((r"n_{l},\ H_{l},\ W_{l}", self.text("n_shape")))
+        rows.append((r"k_h \times k_w,\ S,\ P", self.text("n_window")))
+        rows.append((r"\left[1 \le e \le k_h\right]", self.text("n_iverson")))
+        if any(node.op.name == "max_pool2d" for node in self.model.nodes):
+            rows.append((r"\mathbb{1}\!\left[(p,q) = \operatorname{argmax}_{p',q'} \dots\right]",
+                         self.text("n_indicator")))
+        rows.append((r"W \star \mathbf{a}", self.text("n_star")))
+        rows.append((r"\operatorname{win},\ \operatorname{win}^{\top}", self.text("n_win")))
+        if any(node.op.name == "flatten" for node in self.model.nodes):
+            rows.append((r"\operatorname{vec},\ \operatorname{vec}^{-1}", self.text("n_flat")))
+        return rows
+
+    def forward_tensor(self) -> list[str]:
+        """The forward pass of a convolutional network in tensor form: W ⋆ a + b, max over
+        windows, vec (a flatten's target is an entry of an expression of its indices, so the
+        tensor form says what the op is: a reshape)."""
+        if not self.images:
+            return []
+        rows = []
+        for node in self.model.nodes:
+            for eq in node.equations:
+                try:
+                    rhs = equation_tensor(eq)
+                except DeriveError:
+                    rhs = None
+                if rhs is not None:
+                    rows.append(self.display(eq.target, rhs))
+        return rows
 
     def forward(self) -> list[dict[str, str]]:
         rows = []
@@ -728,12 +880,15 @@ class _Context:
     def example(self, ex: WorkedExample) -> dict[str, Any]:
         model, spec = self.model, self.spec
         wide = max(spec.sizes) > MAX_NEURONS
-        inputs = [f"{latex(model.x.label)} = {_column(ex.x, _short)}",
-                  f"{latex(model.y.label)} = {_column(ex.y, _short)}"]
+        inputs = ([f"{latex(model.y.label)} = {_column(ex.y, _short)}"] if self.images else
+                  [f"{latex(model.x.label)} = {_column(ex.x, _short)}",
+                   f"{latex(model.y.label)} = {_column(ex.y, _short)}"])
         for node in model.nodes:
             parts = []
             for parameter in node.parameters:
                 value = ex.parameters[parameter.key]
+                if value.ndim == 4 and node.op.name == "conv2d":   # kernels, as matrices
+                    continue
                 if value.ndim > 2:      # a custom op's tensor: its shape, not a page of numbers
                     dims = r" \times ".join(map(str, value.shape))
                     parts.append(rf"{latex(parameter.tensor)} \in \mathbb{{R}}^{{{dims}}}")
@@ -750,22 +905,33 @@ class _Context:
         for node in self.spelled_nodes():
             for eq in node.equations:
                 result = ex.value(eq.target).flat[0]
-                text = _spelled(eq.expr, eq.lhs, ex.lookup, self.sizes, first, result)
+                if eq.at is not None or (self.images and eq.expr.has(FirstMax, WindowMax)):
+                    continue            # a reshape; a maximum (the maps below show them)
+                at = {**first, **{i: sp.Integer(1) for i in eq.indices}}
+                text = _spelled(eq.expr, eq.lhs, ex.lookup, self.sizes, at, result,
+                                max_terms=12 if self.images else 8, inside=ex.inside)
                 if text is not None:
                     forward_spelled.append(text)
         backward_spelled = []
         for formula in self.spelled_formulas():
             result = ex.of(formula).flat[0]
-            text = _spelled(formula.rhs, formula.lhs, ex.lookup, self.sizes, first, result)
+            if formula.rhs.has(FirstMax, InRange, WindowMax):
+                continue                # the routing of a window: the maps below show it
+            at = {**first, **{i: sp.Integer(1) for i in formula.indices}}
+            text = _spelled(formula.rhs, formula.lhs, ex.lookup, self.sizes, at, result,
+                            max_terms=12 if self.images else 8, inside=ex.inside)
             if text is not None:
                 backward_spelled.append(text)
         forward_rows = [self.value_row(latex(entry(tensor, (j,) * tensor.rank)), value)
-                        for tensor, value in ex.forward]
+                        for tensor, value in ex.forward if value.ndim <= 1]
         backward_rows = [self.value_row(latex(formula.lhs), value)
                          for formula, value in ex.backward if value.ndim <= 1]
         gradients = []
         penalties = {formula.of: value for formula, value in ex.penalties}
         for formula, value in ex.backward:
+            if value.ndim == 4 and self.images:
+                gradients.extend(self.kernel_lines(formula.target, value, _number))
+                continue
             if value.ndim != 2:
                 continue
             shape = ex.value(formula.of).shape
@@ -777,6 +943,13 @@ class _Context:
         text = [self.t["example_given" if ex.given else "example_default"]]
         if ex.masks:
             text.append(self.t["example_mask"])
+        maps = self.example_maps(ex) if self.images else {}
+        if self.images:
+            cut = any(v.ndim >= 3 and (v.shape[0] > MAX_MAPS or max(v.shape[-2:]) > MAX_NEURONS)
+                      for v in (ex.x, *ex.parameters.values(), *(v for _t, v in ex.forward)))
+            text.append(self.text("example_maps") + (self.text(
+                "example_maps_cut", maps=MAX_MAPS, limit=MAX_NEURONS, shown=SHOWN_NEURONS)
+                if cut else ""))
         return {
             "text": " ".join(text),
             "truncated": self.text("example_truncated", limit=MAX_NEURONS,
@@ -791,7 +964,62 @@ class _Context:
             "gradients_text": self.t["example_gradients_penalty" if self.penalized
                                      else "example_gradients"],
             "gradients": gradients,
+            "input_maps": maps.get("inputs", []),
+            "forward_maps": maps.get("forward", []),
+            "indicators": maps.get("indicators", []),
+            "backward_maps": maps.get("backward", []),
         }
+
+    # -- feature maps in the worked example --
+
+    def map_lines(self, symbol: NetTensor | str, value: np.ndarray,
+                  fmt: Callable[[float], str]) -> list[str]:
+        """A feature map (channels, rows, columns) channel by channel: a^{1}_{1··} = [...];
+        the first MAX_MAPS channels, as many to a line as fit."""
+        name = symbol if isinstance(symbol, str) else _slice_symbol(symbol)
+        parts = [f"{name}_{{{c + 1}\\cdot\\cdot}} = {_matrix(value[c], fmt)}"
+                 for c in range(min(value.shape[0], MAX_MAPS))]
+        return _side_by_side(parts, _shown(value.shape[-1]) + (value.shape[-1] > MAX_NEURONS))
+
+    def kernel_lines(self, symbol: NetTensor, value: np.ndarray,
+                     fmt: Callable[[float], str]) -> list[str]:
+        """A kernel (or its gradient) as the matrices w_{jk··} of its first MAX_MAPS
+        (output, input) channel pairs, as many to a line as fit."""
+        pairs = [(o, c) for o in range(value.shape[0]) for c in range(value.shape[1])]
+        tensor = symbol.target if symbol.role == "grad" else symbol
+        parts = []
+        for o, c in pairs[:MAX_MAPS]:
+            name = f"{_slice_symbol(tensor)}_{{{o + 1}{c + 1}\\cdot\\cdot}}"
+            if symbol.role == "grad":
+                name = rf"\frac{{\partial C}}{{\partial {name}}}"
+            parts.append(f"{name} = {_matrix(value[o, c], fmt)}")
+        return _side_by_side(parts, _shown(value.shape[-1]) + (value.shape[-1] > MAX_NEURONS))
+
+    def example_maps(self, ex: WorkedExample) -> dict[str, list]:
+        """The feature maps of the example: the input image and the kernels, every map of
+        the forward pass, the max-pooling indicators, the errors δ of the maps."""
+        inputs = self.map_lines(self.model.x.label, ex.x, _short)
+        for node in self.model.nodes:
+            for parameter in node.parameters:
+                value = ex.parameters[parameter.key]
+                if value.ndim == 4 and node.op.name == "conv2d":
+                    inputs += self.kernel_lines(parameter.tensor, value, _short)
+        forward = [line for tensor, value in ex.forward if value.ndim == 3
+                   for line in self.map_lines(tensor, value, _number)]
+        indicators = []
+        for node, value in ex.indicators:
+            indicators.append({"text": self.text("example_indicator", l=node),
+                               "lines": self.map_lines(rf"\mathbb{{1}}^{{{node}}}", value,
+                                                       _short)})
+        backward = []
+        for formula, value in ex.backward:
+            if value.ndim == 3:
+                symbol = formula.of if formula.kind == "delta" else formula.target
+                if formula.kind == "delta":
+                    symbol = NetTensor("delta", formula.node, rank=3)
+                backward += self.map_lines(symbol, value, _number)
+        return {"inputs": inputs, "forward": forward, "indicators": indicators,
+                "backward": backward}
 
     def spelled_nodes(self) -> list[Node]:
         """The layers whose forward pass the example spells out: the first and last of a
@@ -976,6 +1204,76 @@ def graph_diagram(model: Model, input_label: str = "input", cost_label: str = "c
     # a deep graph is drawn smaller, to fit the page (about 21 cm of it)
     scale = min(1.0, 21.0 / (count * dy))
     return {"boxes": boxes, "edges": straight, "skips": curved, "scale": f"{scale:.2f}"}
+def _arrow_label(node: Node) -> str:
+    """What an arrow into a layer does: ``conv $3\times 3$, $P = 1$``, ``max $2\times 2$``."""
+    options = dict(node.options)
+    parts = [_escape(node.op.label or node.op.name)]
+    if "kernel" in options:
+        parts[0] += rf" ${options['kernel'][0]}\times {options['kernel'][1]}$"
+    strides = []
+    # what is not the op's default: a pooling layer's stride is its kernel, a convolution's 1
+    pooling = node.op.name != "conv2d"
+    defaults = {"stride": options.get("kernel") if pooling else (1, 1), "padding": (0, 0)}
+    for key, symbol in (("stride", "S"), ("padding", "P")):
+        value = options.get(key)
+        if value is not None and tuple(value) != tuple(defaults[key]):
+            strides.append(f"${symbol} = {_pair(value)}$")
+    if strides:
+        parts.append(", ".join(strides))
+    if node.activation is not None and node.activation.name != "identity":
+        parts.append(rf"\texttt{{{_escape(node.activation.name)}}}")
+    return r"\\ ".join(parts)     # one line each: the op, its stride and padding, σ
+
+
+def map_diagram(model: Model, input_label: str = "input", cost_label: str = "cost",
+                ) -> dict[str, Any]:
+    """Boxes and arrows (cm) of the drawing of a convolutional network, left to right: a
+    stack of rectangles per feature map (height and width after its rows and columns,
+    labelled channels × rows × columns), a bar per vector, an arrow per layer labelled with
+    what it does (its kernel, stride and padding), skip connections as arcs above."""
+    shapes = [model.spec.input_shape, *((node.dims or (node.width,)) for node in model.nodes)]
+    largest = max(max(shape[1:]) for shape in shapes if len(shape) == 3)
+    dx = 3.0
+    boxes = []
+    for n, shape in enumerate(shapes):
+        x = n * dx
+        if len(shape) == 3:
+            channels, rows, cols = shape
+            height = 0.5 + 1.7 * rows / largest
+            width = 0.3 + 0.9 * cols / largest
+            layers = min(channels, 3)
+        else:
+            height, width, layers = 2.2, 0.3, 1
+        sheets = [{"from": f"({x - width / 2 + 0.12 * t:.2f},{-height / 2 - 0.12 * t:.2f})",
+                   "to": f"({x + width / 2 + 0.12 * t:.2f},{height / 2 - 0.12 * t:.2f})"}
+                  for t in reversed(range(layers))]
+        style = "input" if n == 0 else ("output" if n == len(shapes) - 1 else "map")
+        boxes.append({"sheets": sheets, "style": style, "ref": f"(m{n})",
+                      "at": f"({x:.2f},0)", "east": f"({x + width / 2 + 0.05:.2f},0)",
+                      "west": f"({x - width / 2 - 0.05:.2f},0)",
+                      "label": f"${_dims(shape)}$",
+                      "below": f"({x:.2f},{-1.45 - 0.12 * (layers - 1):.2f})",
+                      "above": f"({x:.2f},1.45)",
+                      "head": _escape(input_label) if n == 0 else f"$l = {n}$"})
+    arrows = []
+    for node in model.nodes:
+        for source in node.inputs:
+            if source == node.index - 1:
+                arrows.append({"from": boxes[source]["east"], "to": boxes[node.index]["west"],
+                               "label": _arrow_label(node), "skip": False})
+            else:
+                arrows.append({"from": f"({source * dx:.2f},1.75)",
+                               "to": f"({node.index * dx:.2f},1.75)",
+                               "label": _arrow_label(node), "skip": True})
+    cost_x = len(shapes) * dx - 0.6
+    count = len(shapes) + 1
+    return {"boxes": boxes, "arrows": arrows,
+            "cost": {"at": f"({cost_x:.2f},0)", "from": boxes[-1]["east"],
+                     "text": rf"{_escape(cost_label)} $C$"},
+            # the page is about 16 cm wide
+            "scale": f"{min(1.0, 15.5 / (count * dx)):.2f}"}
+
+
 # --- rendering -----------------------------------------------------------------------------
 
 

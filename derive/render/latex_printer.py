@@ -11,6 +11,16 @@ and prints
   activation derivative of layer l as ``\\sigma_{l}'(z^{l}_{j})``;
 * tensor form (:mod:`derive.derivation.tensorform`): bold vectors, ``W^{l}``, ``\\odot`` for the Hadamard
   product, ``\\oslash`` for elementwise division and ``^{\\top}`` for the transpose;
+* feature maps (docs/architecture.md, "Images"): entries at shifted indices
+  ``a^{0}_{k,\\,2r+p-3,\\,2s+q-3}``, the Iverson bracket ``\\left[1 \\le r-u+2 \\le 3\\right]``,
+  a window's maximum ``\\max_{p,q}`` and the indicator of its first maximum
+  ``\\mathbb{1}\\left[(p, q) = \\operatorname{argmax}_{p',q'} ...\\right]``; in tensor form a
+  convolution ``W^{1} \\star \\mathbf{a}^{0}``, a kernel's gradient
+  ``\\mathbf{a}^{0} \\star \\boldsymbol{\\delta}^{1}``, the full correlation with the flipped
+  kernel ``\\boldsymbol{\\delta}^{2} \\star_{\\mathrm{full}} \\operatorname{rot180}(W^{2})``,
+  the sliding windows ``\\operatorname{win}`` and their adjoint ``\\operatorname{win}^{\\top}``,
+  ``\\operatorname{vec}`` and ``\\operatorname{vec}^{-1}`` (what each is, read from the tree's
+  structure by :mod:`derive.render.imagenotation`);
 * batch form (``batch=True``; rows are samples): ``A^{l}``, ``Z^{l}``, ``\\Delta^{l}``, ``Y``;
   ``W^T v`` becomes ``V W``, ``u v^T`` the batch mean ``\\frac{1}{B} U^{\\top} V`` and a
   parameter vector is broadcast to every row as ``\\mathbf{1} (\\mathbf{b}^{l})^{\\top}``.
@@ -30,8 +40,27 @@ from sympy.core.function import AppliedUndef
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 
+from derive.derivation.imageform import (
+    FirstMaxMask,
+    Flatten,
+    Fold,
+    Unflatten,
+    Windows,
+    WindowsMax,
+)
 from derive.derivation.tensorform import Broadcast, Einsum, Inner, MatVec, Outer, SumAxes
 from derive.quantities import NetTensor
+from derive.registry.windows import FirstMax, InRange, WindowMax
+from derive.render.imagenotation import (
+    Geometry,
+    contraction,
+    folded,
+    index_terms,
+    is_index_expression,
+    spread_map,
+    summed_axes,
+    windows_geometry,
+)
 
 #: How a quantity's role is spelled in index form (one entry of it, or a per-sample scalar).
 LETTERS: Mapping[str, str] = {
@@ -80,7 +109,8 @@ def is_vector(expr: sp.Basic) -> bool:
     """
     if isinstance(expr, NetTensor):
         return expr.rank >= 1 and expr.role != "one"
-    if isinstance(expr, (MatVec, Outer, Einsum, Broadcast, SumAxes)):
+    if isinstance(expr, (MatVec, Outer, Einsum, Broadcast, SumAxes, Windows, WindowsMax,
+                         FirstMaxMask, Fold, Flatten, Unflatten)):
         return True
     if isinstance(expr, (Inner, sp.Indexed, sp.Sum)):
         return False
@@ -151,8 +181,10 @@ class DeriveLatexPrinter(LatexPrinter):
         return super()._print_Symbol(expr, style)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
-        indices = [self._print(index) for index in expr.indices]
-        separator = "" if all(len(text) == 1 for text in indices) else ","
+        indices = [self._index(index) for index in expr.indices]
+        compound = any(not isinstance(i, sp.Symbol | sp.Integer) for i in expr.indices)
+        separator = r",\," if compound else (
+            "" if all(len(text) == 1 for text in indices) else ",")
         label = expr.base.label
         subscript = f"_{{{separator.join(indices)}}}"
         if isinstance(label, NetTensor) and label.role == "grad":
@@ -162,18 +194,67 @@ class DeriveLatexPrinter(LatexPrinter):
             return self._entry_symbol(label) + subscript
         return self._print(label) + subscript
 
+    def _index(self, index: sp.Expr) -> str:
+        """One index of an entry: a shifted index compact and in reading order, 2r+p-3."""
+        if not is_index_expression(index):
+            return self._print(index)
+        text = ""
+        for term in index_terms(index):
+            # 2r+p-3 without spaces; a space between two letters stays (\cdot x)
+            printed = re.sub(r" (?=[^A-Za-z])|(?<=[^A-Za-z]) ", "", self._print(term))
+            if text and not printed.startswith("-"):
+                text += "+"
+            text += printed
+        return text
+
     # -- index form ---------------------------------------------------------------------
 
     def _as_ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
+        if is_index_expression(expr):
+            return index_terms(expr)
         # the classic order: sum_k w_jk a_k + b_j, W a + b (sums and products before the bias)
         terms = super()._as_ordered_terms(expr, order=order)
-        return sorted(terms, key=lambda term: 0 if term.has(sp.Sum, MatVec) else 1)
+        return sorted(terms, key=lambda term: 0 if term.has(sp.Sum, MatVec, Einsum) else 1)
 
     def _print_Sum(self, expr: sp.Sum) -> str:
         # -sum_i y_i log a_i rather than sum_i -log(a_i) y_i
         if expr.function.could_extract_minus_sign():
             return "-" + self._print_Sum(sp.Sum(-expr.function, *expr.limits))
+        if len(expr.limits) > 1:
+            # Σ_k Σ_p Σ_q, each with its range, as the textbooks write a convolution
+            heads = "".join(rf"\sum_{{{self._print(i)}={self._print(low)}}}^{{{self._print(high)}}} "
+                            for i, low, high in expr.limits)
+            body = expr.function
+            return heads + (rf"\left({self._print(body)}\right)" if isinstance(body, sp.Add)
+                            else self._print(body))
         return super()._print_Sum(expr)
+
+    # -- windows of feature maps: brackets, maxima, indicators -----------------------------
+
+    def _print_InRange(self, expr: InRange) -> str:
+        value, low, high = (self._index(arg) for arg in expr.args)
+        return rf"\left[{low} \le {value} \le {high}\right]"
+
+    def _window_offsets(self, window: WindowMax, avoid: set[sp.Symbol]) -> WindowMax:
+        """The window with its offsets primed where they would read as free indices."""
+        renamed = {}
+        for index, _low, _high in window.limits:
+            if index in avoid:
+                renamed[index] = sp.Symbol(f"{index.name}'", integer=True, positive=True)
+        return window.xreplace(renamed) if renamed else window
+
+    def _print_WindowMax(self, expr: WindowMax) -> str:
+        offsets = ",".join(self._print(limit[0]) for limit in expr.limits)
+        body = self.parenthesize(expr.function, PRECEDENCE["Mul"], strict=True)
+        return rf"\max_{{{offsets}}} {body}"
+
+    def _print_FirstMax(self, expr: FirstMax) -> str:
+        window, *at = expr.args
+        window = self._window_offsets(window, set().union(*(a.free_symbols for a in at)))
+        offsets = ",".join(self._print(limit[0]) for limit in window.limits)
+        position = ",\\,".join(self._index(a) for a in at)
+        return (rf"\mathbb{{1}}\!\left[({position}) = \operatorname{{argmax}}_{{{offsets}}} "
+                rf"{self._print(window.function)}\right]")
 
     def _print_Rational(self, expr: sp.Rational) -> str:
         # a small constant such as a layer norm's eps, 1/100000, reads as 10^{-5}
@@ -198,6 +279,13 @@ class DeriveLatexPrinter(LatexPrinter):
         if layered and exponent.is_Integer and exponent > 0:
             return rf"\left({self._print(base)}\right)^{{{self._print(exponent)}}}"
         return super()._print_Pow(expr)
+
+    def _print_Piecewise(self, expr: sp.Piecewise) -> str:
+        *pieces, (default, _) = expr.args
+        if len(pieces) == 1 and (pieces[0].expr, default) == (1, 0):
+            # an indicator: the Iverson bracket [z > 0], as the terminal prints it
+            return rf"\left[{self._print(pieces[0].cond)}\right]"
+        return super()._print_Piecewise(expr)
 
     def _print_Derivative(self, expr: sp.Derivative) -> str:
         (variable, count), = expr.variable_count
@@ -234,6 +322,11 @@ class DeriveLatexPrinter(LatexPrinter):
 
     def _print_scalar_Mul(self, expr: sp.Mul, factors: list[sp.Expr]) -> str:
         coefficient, rest = expr.as_coeff_Mul()
+        if coefficient.is_Rational and abs(coefficient.p) == 1 and coefficient.q > 1 and (
+                isinstance(rest, sp.Sum) or rest.has(Fold, Windows, InRange)):
+            # an average pool's 1/(kh kw) before its sum, not a fraction over the sum
+            sign = "-" if coefficient < 0 else ""
+            return rf"{sign}\frac{{1}}{{{coefficient.q}}} {self._factor(rest, last=True)}"
         if coefficient not in (1, -1) and not isinstance(rest, sp.Add):
             text = self._print(rest)
             if text.startswith(r"\mathbf{1}"):
@@ -251,8 +344,12 @@ class DeriveLatexPrinter(LatexPrinter):
     def _factor(self, factor: sp.Expr, *, last: bool = False) -> str:
         """One factor of a product, bracketed only where the product would misread."""
         text = self._print(factor)
+        if is_convolution(factor):
+            return rf"\left({text}\right)"   # (δ ⋆ rot180(W)) ⊙ σ'(z), not δ ⋆ (... ⊙ ...)
+        if isinstance(factor, sp.Piecewise) and text.startswith(r"\left["):
+            return text
         if isinstance(factor, (sp.Add, sp.Piecewise, MatVec)) or (
-                isinstance(factor, sp.Sum) and not last):
+                isinstance(factor, (sp.Sum, WindowMax)) and not last):
             return rf"\left({text}\right)"
         return text
 
@@ -261,6 +358,11 @@ class DeriveLatexPrinter(LatexPrinter):
         vectors = [f for f in factors if is_vector(f)]
         if len(vectors) < 2:
             return self._print_scalar_Mul(expr, factors)
+        coefficient, rest = expr.as_coeff_Mul()
+        if coefficient.is_Rational and abs(coefficient.p) == 1 and coefficient.q > 1 and \
+                rest.has(Fold, Windows):
+            sign = "-" if coefficient < 0 else ""
+            return rf"{sign}\frac{{1}}{{{coefficient.q}}}\, {self._print(rest)}"
         # a product of vectors is elementwise: Hadamard product, elementwise division
         scalar = sp.Mul(*(f for f in factors if f not in vectors))
         numerators = [f for f in vectors if not (f.is_Pow and f.exp.is_negative)]
@@ -313,8 +415,13 @@ class DeriveLatexPrinter(LatexPrinter):
         return rf"{self._transposed(u)}\,{self.parenthesize(v, PRECEDENCE['Mul'], strict=True)}"
 
     def _print_Broadcast(self, expr: Broadcast) -> str:
-        # an entry, in index notation: the axes are the indices
         tensor, axes = expr.args[0], str(expr.args[1])
+        if spread_map(expr):
+            # a bias per channel at every position, δ on every entry of its window: the
+            # tensor itself (a parameter is one for the whole batch)
+            return self._tensor_symbol(tensor, batch=self._settings["batch"]
+                                       and not tensor.is_parameter)
+        # an entry, in index notation: the axes are the indices
         if tensor.role == "grad":
             return self._print(sp.Indexed(sp.IndexedBase(tensor), *sp.symbols(list(axes))))
         return rf"{self._entry_symbol(tensor)}_{{{axes}}}"
@@ -324,18 +431,80 @@ class DeriveLatexPrinter(LatexPrinter):
         body = self.parenthesize(expr.args[0], PRECEDENCE["Mul"], strict=True)
         return rf"\sum_{{{summed}}} {body}"
 
+    def _geometry(self, geometry: Geometry | None, *, kernel: bool, extra: str = "") -> str:
+        notes = ([extra] if extra else []) + (geometry.notes(kernel=kernel, times=r"\times ")
+                                              if geometry is not None else [])
+        return "_{" + r",\,".join(notes) + "}" if notes else ""
+
+    def _operand(self, expr: sp.Expr) -> str:
+        return self.parenthesize(expr, PRECEDENCE["Mul"], strict=True)
+
+    def _print_Windows(self, expr: Windows) -> str:
+        geometry = self._geometry(windows_geometry(expr), kernel=True)
+        return rf"\operatorname{{win}}{geometry}\!\left({self._print(expr.args[0])}\right)"
+
+    def _print_WindowsMax(self, expr: WindowsMax) -> str:
+        return rf"\max_{{p,q}} {self._print(expr.args[0])}"
+
+    def _print_FirstMaxMask(self, expr: FirstMaxMask) -> str:
+        return rf"\mathbb{{1}}_{{\max}}\!\left({self._print(expr.args[0])}\right)"
+
+    def _print_Flatten(self, expr: Flatten) -> str:
+        return rf"\operatorname{{vec}}\!\left({self._print(expr.args[0])}\right)"
+
+    def _print_Unflatten(self, expr: Unflatten) -> str:
+        return rf"\operatorname{{vec}}^{{-1}}\!\left({self._print(expr.args[0])}\right)"
+
+    def _print_Fold(self, expr: Fold) -> str:
+        found = folded(expr)
+        if found.kind == "full":
+            # the transposed convolution: δ against the flipped kernel, summed over the
+            # output channels; stride and padding say how δ is dilated and cropped
+            geometry = self._geometry(found.geometry, kernel=False, extra=r"\mathrm{full}")
+            return (rf"{self._operand(found.left)} \star{geometry} "
+                    rf"\operatorname{{rot180}}\!\left({self._print(found.right)}\right)")
+        head = rf"\operatorname{{win}}{self._geometry(found.geometry, kernel=True)}^{{\top}}"
+        if found.kind == "route":
+            mask = rf"\mathbb{{1}}_{{\max}}\!\left({self._print(found.right)}\right)"
+            inner = rf"{self._tensor_symbol(found.left)} \odot {mask}"
+        elif found.kind == "spread":
+            inner = self._tensor_symbol(found.left)
+        else:
+            inner = self._print(found.left)
+        return rf"{head}\!\left({inner}\right)"
+
     def _print_Einsum(self, expr: Einsum) -> str:
+        found = contraction(expr)
+        if found is not None and found.kind in ("conv", "correlate"):
+            geometry = self._geometry(found.geometry, kernel=False)
+            left, right = found.operands()
+            return rf"{self._operand(left)} \star{geometry} {self._operand(right)}"
+        if found is not None and found.kind == "sum" and summed_axes(found):
+            return rf"\sum_{{{summed_axes(found)}}} {self._operand(found.left)}"
         subscripts, *operands = expr.args
         spelled = self._print(subscripts).replace("->", r" \to ")
         args = ", ".join(self._print(operand) for operand in operands)
         return rf"\operatorname{{einsum}}_{{{spelled}}}\!\left({args}\right)"
 
 
+def is_convolution(expr: sp.Expr) -> bool:
+    """Whether a tensor form prints as a ⋆ b (a factor of a product needs brackets)."""
+    if isinstance(expr, Fold):
+        return folded(expr).kind == "full"
+    if isinstance(expr, Einsum):
+        found = contraction(expr)
+        return found is not None and found.kind in ("conv", "correlate")
+    return False
+
+
 def _factor_rank(factor: sp.Expr) -> int:
     """Order of factors in a product, as written on paper: w^{l+1}_{kj} delta^{l+1}_k,
     a^{l-1}_k delta^l_j, y_j log a_j, (a_j - y_j) sigma'(z_j)."""
+    if isinstance(factor, InRange):
+        return -1       # the bracket first: [1 <= r - u + 2 <= 3] w_{...} delta_{...}
     if isinstance(factor, sp.Indexed):
-        return 0 if len(factor.indices) == 2 else 1
+        # a weight first: w_jk a_k, and a kernel's w_jkpq before the window's entry
+        return 0 if len(factor.indices) in (2, 4) else 1
     if factor.is_Symbol or (factor.is_Pow and factor.base.is_Symbol):
         return 1
     if isinstance(factor, sp.Add):
@@ -446,6 +615,35 @@ def terms(expr: sp.Expr, *, batch: bool = False, batch_cost: str = r"\bar{C}"
         else:
             out.append(("+", p.doprint(term)))
     return out
+
+
+def chain(expr: sp.Expr, *, batch: bool = False, batch_cost: str = r"\bar{C}") -> list[str]:
+    """A product of index-form factors and nested sums, printed piece by piece in reading
+    order: ``[\\left[z > 0\\right], \\sum_{v=1}^{W_{2}}, \\left[1 \\le ...\\right], ...]``;
+    a document breaks a line that would run off the page between pieces (a sum's body
+    continues on the next line, as textbooks write it)."""
+    p = printer(batch=batch, batch_cost=batch_cost)
+
+    def pieces(e: sp.Expr) -> list[str]:
+        if isinstance(e, sp.Sum) and not isinstance(e.function, sp.Add):
+            heads = [rf"\sum_{{{p._print(i)}={p._print(low)}}}^{{{p._print(high)}}}"
+                     for i, low, high in e.limits]
+            return heads + pieces(e.function)
+        if isinstance(e, sp.Mul) and not any(is_vector(f) for f in e.args):
+            coefficient, rest = e.as_coeff_Mul()
+            factors = sorted(sp.Mul.make_args(rest),
+                             key=lambda f: (isinstance(f, sp.Sum), _factor_rank(f)))
+            out = [p._factor(f) for f in factors[:-1]] + pieces(factors[-1])
+            if coefficient == -1:
+                return ["-" + out[0], *out[1:]]
+            if coefficient != 1:
+                head = (rf"\frac{{1}}{{{coefficient.q}}}" if abs(coefficient.p) == 1
+                        else p._print(abs(coefficient)))
+                return [("-" if coefficient < 0 else "") + head, *out]
+            return out
+        return [p._print(e)]
+
+    return pieces(expr)
 
 
 def repr_latex(formulas: tuple) -> str:

@@ -239,6 +239,95 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "(derive latex {name} --pdf)."
         ),
         "and": "and",
+        # -- feature maps (convolutional networks) --
+        "network_text_image": (
+            "The network is a graph of $L = {L}$ layers, from the input image $l = 0$ "
+            "({shape}: channels $\\times$ rows $\\times$ columns) to the output layer "
+            "$l = {L}$ ({nL} values). Convolution and pooling layers read and give feature "
+            "maps: per sample, a tensor with an entry for every channel $j$, row $r$ and column "
+            "$s$; a flatten layer reads them as one vector, which dense layers read."
+        ),
+        "figure_caption_image": (
+            "The {name} network, from the input on the left to the cost on the right. Each box "
+            "is the output of a layer, labelled channels $\\times$ rows $\\times$ columns (a "
+            "vector: its width); an arrow says what the layer does: its kernel $k_h \\times "
+            "k_w$, its stride $S$ and zero padding $P$ where they are not 1 and 0."
+        ),
+        "n_map": (
+            "entry of feature map $l$: channel $j$, row $r$, column $s$; {a0} is the input "
+            "image"
+        ),
+        "n_kernel": (
+            "kernel weight of the convolution $l$: output channel $j$, input channel $k$, "
+            "offset $(p, q)$ in the window"
+        ),
+        "n_shape": "channels, rows and columns of the feature maps of layer $l$",
+        "n_window": (
+            "with kernel $k_h \\times k_w$, stride $S$ and padding $P$, output entry $(r, s)$ "
+            "reads input row $S(r-1)+p-P$ and column $S(s-1)+q-P$ at offset $(p, q)$; an "
+            "entry outside the input is 0 (the padding)"
+        ),
+        "n_iverson": "Iverson bracket: 1 when the condition holds, else 0",
+        "n_indicator": (
+            "1 when offset $(p, q)$ is where the window takes its maximum (the first one, row "
+            "by row, when several entries are equal), else 0"
+        ),
+        "n_star": (
+            "the correlation a convolutional layer computes (its forward equation above); "
+            "a stride $S$ and a padding $P$ are written under $\\star$ when they are not 1 "
+            "and 0"
+        ),
+        "n_win": (
+            "the sliding windows of a feature map (im2col); $\\operatorname{{win}}^{{\\top}}$ "
+            "adds each window's entries back where they came from (its adjoint)"
+        ),
+        "n_flat": "a feature map as a vector, channel by channel, row by row, and back",
+        "col_shape": "Output",
+        "forward_tensor_text": (
+            "In tensor form, with $\\star$ the correlation that a convolutional layer computes "
+            "(the notation table says how it reads):"
+        ),
+        "bracket_words": (
+            "The Kronecker delta fixes the kernel offset to the value that reaches this entry; "
+            "the offset had to lie in $1, \\dots, k_h$ (and $1, \\dots, k_w$), so the sum keeps "
+            "the bracket $[1 \\le \\cdot \\le k_h]$: only the windows that cover this entry "
+            "contribute. This is where the stride and the padding show up."
+        ),
+        "argmax_words": (
+            "The derivative of a maximum is the indicator of the entry that attains it: "
+            "$\\mathbb{{1}}[\\dots]$ is 1 for the window's first maximum and 0 for the others, "
+            "as the derivative of relu is a step."
+        ),
+        "conv_text": (
+            "For the convolutional layers: $\\star$ is the correlation of the forward pass; the "
+            "gradient of a kernel is the correlation of the layer's input with its error, "
+            "$\\nabla_{{W}} C = \\mathbf{{a}} \\star \\boldsymbol{{\\delta}}$ (with a stride "
+            "$S > 1$, $\\boldsymbol{{\\delta}}$ is spread out by $S$); the error of its input "
+            "is the full correlation $\\star_{{\\mathrm{{full}}}}$ of the error with the kernel "
+            "rotated by 180 degrees, $\\operatorname{{rot180}}(W)$, summed over the output "
+            "channels, with $\\boldsymbol{{\\delta}}$ spread out by the stride and $P$ rows and "
+            "columns cropped at each border for a padding $P$. A max-pooling layer routes each "
+            "error to the first maximum of its window, $\\mathbb{{1}}_{{\\max}}$; an average "
+            "pooling layer spreads it evenly over its window; a flatten layer only reshapes."
+        ),
+        "example_maps": (
+            "A feature map is shown channel by channel: $a^{{l}}_{{j\\cdot\\cdot}}$ is the "
+            "matrix of channel $j$ (rows $r$, columns $s$), $w^{{l}}_{{jk\\cdot\\cdot}}$ the "
+            "kernel from input channel $k$ to output channel $j$."
+        ),
+        "example_maps_cut": (
+            " Of tensors with more than {maps} channels, the first {maps} are shown; of maps "
+            "larger than {limit} $\\times$ {limit}, the top-left {shown} $\\times$ {shown} "
+            "block."
+        ),
+        "example_indicator": (
+            "The max-pooling layer {l} sends each error to the first maximum of its window. "
+            "The indicator, summed over the windows (so 1 marks an entry that is the maximum of "
+            "one window, 0 an entry that is the maximum of none):"
+        ),
+        "example_maps_forward": "The feature maps:",
+        "example_maps_backward": "The errors of the feature maps:",
+        "example_kernel_gradients": "The gradients of the kernels:",
     },
     "zh": {
         "title": "反向传播推导：{name} 网络",
@@ -407,6 +496,69 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "assuming": "这里假设{what}。",
         "markdown_diagram": "网络结构图见本讲义的 LaTeX 与 PDF 版本（derive latex {name} --pdf）。",
         "and": "和",
+        # -- feature maps (convolutional networks) --
+        "network_text_image": (
+            "该网络是由 $L = {L}$ 个层构成的图，从输入图像 $l = 0$（{shape}：通道 $\\times$ 行 "
+            "$\\times$ 列）到输出层 $l = {L}$（{nL} 个值）。卷积层与池化层读取并输出特征图："
+            "每个样本是一个张量，每个通道 $j$、行 $r$、列 $s$ 各有一个元素；展平层把特征图读成一个"
+            "向量，供全连接层读取。"
+        ),
+        "figure_caption_image": (
+            "{name} 网络，输入在左，代价在右。每个方框是一层的输出，标注为通道 $\\times$ 行 "
+            "$\\times$ 列（向量则为其宽度）；箭头说明该层的运算：卷积核 $k_h \\times k_w$，以及"
+            "不为 1 的步长 $S$ 和不为 0 的零填充 $P$。"
+        ),
+        "n_map": "第 $l$ 层特征图的元素：通道 $j$、行 $r$、列 $s$；{a0} 即输入图像",
+        "n_kernel": "第 $l$ 层卷积核的权重：输出通道 $j$、输入通道 $k$、窗口内偏移 $(p, q)$",
+        "n_shape": "第 $l$ 层特征图的通道数、行数与列数",
+        "n_window": (
+            "卷积核为 $k_h \\times k_w$、步长为 $S$、填充为 $P$ 时，输出元素 $(r, s)$ 在偏移 "
+            "$(p, q)$ 处读取输入的第 $S(r-1)+p-P$ 行、第 $S(s-1)+q-P$ 列；输入之外的元素为 0"
+            "（即填充）"
+        ),
+        "n_iverson": "Iverson 括号：条件成立时为 1，否则为 0",
+        "n_indicator": "偏移 $(p, q)$ 是窗口取得最大值的位置时为 1（若有相等的元素，取按行优先的第一个），否则为 0",
+        "n_star": "卷积层计算的互相关（见上面的前向公式）；步长 $S$ 与填充 $P$ 不为 1 和 0 时写在 $\\star$ 下方",
+        "n_win": (
+            "特征图的滑动窗口（im2col）；$\\operatorname{{win}}^{{\\top}}$ 把每个窗口的元素加回"
+            "它们原来的位置（即其伴随）"
+        ),
+        "n_flat": "把特征图按通道、按行展平为向量，以及其逆",
+        "col_shape": "输出",
+        "forward_tensor_text": "写成张量形式，其中 $\\star$ 是卷积层计算的互相关（其含义见符号表）：",
+        "bracket_words": (
+            "Kronecker $\\delta$ 把卷积核偏移固定为到达该元素的那个值；偏移原本必须在 "
+            "$1, \\dots, k_h$（以及 $1, \\dots, k_w$）之内，因此求和中留下括号 "
+            "$[1 \\le \\cdot \\le k_h]$：只有覆盖该元素的窗口才有贡献。步长与填充正是在这里出现。"
+        ),
+        "argmax_words": (
+            "最大值的导数是取得最大值的那个元素的指示函数：$\\mathbb{{1}}[\\dots]$ 对窗口中的第一个"
+            "最大值为 1，对其余元素为 0，正如 relu 的导数是阶跃函数。"
+        ),
+        "conv_text": (
+            "对卷积层：$\\star$ 是前向传播中的互相关；卷积核的梯度是该层输入与其误差的互相关 "
+            "$\\nabla_{{W}} C = \\mathbf{{a}} \\star \\boldsymbol{{\\delta}}$（步长 $S > 1$ 时，"
+            "$\\boldsymbol{{\\delta}}$ 按 $S$ 拉开）；其输入的误差是误差与旋转 180 度的卷积核 "
+            "$\\operatorname{{rot180}}(W)$ 的完全互相关 $\\star_{{\\mathrm{{full}}}}$，对输出通道求和，"
+            "其中 $\\boldsymbol{{\\delta}}$ 按步长拉开，填充为 $P$ 时在每条边界裁去 $P$ 行与 $P$ "
+            "列。最大池化层把每个误差传给其窗口中的第一个最大值 $\\mathbb{{1}}_{{\\max}}$；平均池化层"
+            "把误差平均分给窗口中的各元素；展平层只改变形状。"
+        ),
+        "example_maps": (
+            "特征图按通道给出：$a^{{l}}_{{j\\cdot\\cdot}}$ 是通道 $j$ 的矩阵（行 $r$、列 $s$），"
+            "$w^{{l}}_{{jk\\cdot\\cdot}}$ 是从输入通道 $k$ 到输出通道 $j$ 的卷积核。"
+        ),
+        "example_maps_cut": (
+            "通道数超过 {maps} 的张量只显示前 {maps} 个通道；大于 {limit} $\\times$ {limit} 的"
+            "特征图只显示左上角 {shown} $\\times$ {shown} 的部分。"
+        ),
+        "example_indicator": (
+            "第 {l} 层最大池化把每个误差传给其窗口中的第一个最大值。对所有窗口求和的指示函数"
+            "（1 表示该元素是某一个窗口的最大值，0 表示不是任何窗口的最大值）："
+        ),
+        "example_maps_forward": "各特征图：",
+        "example_maps_backward": "各特征图的误差：",
+        "example_kernel_gradients": "卷积核的梯度：",
     },
 }
 

@@ -4,6 +4,13 @@ A SymPy ``StrPrinter`` subclass: w^l_{jk} prints as ``w²ⱼₖ``, sums as ``Σ�
 derivatives as ``∂C/∂a²ⱼ``, vector forms with ``⊙`` for the Hadamard product and ``ᵀ`` for the
 transpose. With ``batch=True`` the vector forms print in batch form (rows = samples): vectors
 become matrices A², Z², Δ², Y and ``(W³)ᵀ δ³`` becomes ``Δ³ W³``.
+
+Feature maps (docs/architecture.md, "Images"): an entry of rank 3 or more, or at a shifted
+index, prints with brackets, ``a⁰[k, 2r+p-3, 2s+q-3]``; the Iverson bracket ``[1 ≤ r-u+2 ≤
+2]``, a window's maximum ``max_{p,q}`` and its indicator ``𝟙[(p, q) = argmax_{p,q} ...]``; in
+tensor form ``W¹ ⋆ a⁰`` (a convolution), ``a⁰ ⋆ δ¹`` (a kernel's gradient), ``δ² ⋆full
+rot180(W²)``, the sliding windows ``win`` and their adjoint ``winᵀ``, ``vec`` and ``vec⁻¹``,
+as :mod:`derive.render.imagenotation` reads the tree.
 """
 
 from __future__ import annotations
@@ -12,9 +19,18 @@ import math
 from typing import ClassVar
 
 import sympy as sp
+from sympy.printing.conventions import split_super_sub
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
+from derive.derivation.imageform import (
+    FirstMaxMask,
+    Flatten,
+    Fold,
+    Unflatten,
+    Windows,
+    WindowsMax,
+)
 from derive.derivation.tensorform import (
     ONE,
     Broadcast,
@@ -26,9 +42,21 @@ from derive.derivation.tensorform import (
     Total,
 )
 from derive.quantities import NetTensor
+from derive.registry.windows import FirstMax, InRange, WindowMax
+from derive.render.imagenotation import (
+    Geometry,
+    contraction,
+    folded,
+    index_terms,
+    is_index_expression,
+    spread_map,
+    summed_axes,
+    windows_geometry,
+)
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeo", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒ")
+_SUBSCRIPTABLE = frozenset("0123456789ijkmlnaeo")
 _GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "β", "mu": "μ",
           "var": "(σ²)", "xhat": "x̂", "mask": "m"}
 _BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M"}
@@ -54,7 +82,7 @@ class UnicodePrinter(StrPrinter):
         role = tensor.of if tensor.role == "grad" else tensor.role
         if batch:
             symbol = _BATCH.get(role, _GREEK.get(role, role))
-        elif tensor.rank == 2 and tensor.is_parameter and tensor.role != "grad":
+        elif tensor.rank >= 2 and tensor.is_parameter and tensor.role != "grad":
             symbol = role.upper()        # the matrix W^l (its entries print as w^l_jk)
         else:
             symbol = _GREEK.get(role, role)
@@ -75,18 +103,99 @@ class UnicodePrinter(StrPrinter):
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):
             return self._print_NetTensor(expr)
+        name, _sups, subs = split_super_sub(expr.name)
+        if len(subs) == 1 and subs[0].isdigit() and name in ("n", "H", "W"):
+            return name + sub(subs[0])          # a layer's sizes: n₂, H₂, W₂
         return _GREEK.get(expr.name, expr.name)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
         label = expr.base.label
         name = self._name(NetTensor(label.role, label.node, label.of, rank=0)) \
             if isinstance(label, NetTensor) else str(label)
-        return name + sub("".join(map(str, expr.indices)))
+        indices = [self._index(index) for index in expr.indices]
+        if len(indices) <= 2 and all(len(i) == 1 and i in _SUBSCRIPTABLE for i in indices):
+            return name + sub("".join(indices))
+        # a feature map's entry, a kernel's, a shifted index: a¹[j, 2r+p-2, 2s+q-2]
+        return f"{name}[{', '.join(indices)}]"
+
+    def _index(self, index: sp.Expr) -> str:
+        """One index: a shifted one compact and in reading order, 2r+p-3."""
+        if not is_index_expression(index):
+            return self._print(index)
+        text = ""
+        for term in index_terms(index):
+            printed = self._print(term).replace("*", "").replace(" ", "")
+            if text and not printed.startswith("-"):
+                text += "+"
+            text += printed
+        return text
 
     def _print_Sum(self, expr: sp.Sum) -> str:
-        indices = "".join(str(limit[0]) for limit in expr.limits)
+        indices = [str(limit[0]) for limit in expr.limits]
         body = self.parenthesize(expr.function, sp.printing.precedence.PRECEDENCE["Mul"])
-        return f"Σ{sub(indices)} {body}"
+        if all(i in _SUBSCRIPTABLE for i in "".join(indices)):
+            return f"Σ{sub(''.join(indices))} {body}"
+        return f"Σ_{''.join(indices)} {body}"
+
+    # --- windows of feature maps -----------------------------------------------------------
+
+    def _print_InRange(self, expr: InRange) -> str:
+        value, low, high = (self._index(arg) for arg in expr.args)
+        return f"[{low} ≤ {value} ≤ {high}]"
+
+    def _print_WindowMax(self, expr: WindowMax) -> str:
+        offsets = ",".join(str(limit[0]) for limit in expr.limits)
+        return f"max_{offsets} {self._print(expr.function)}"
+
+    def _print_FirstMax(self, expr: FirstMax) -> str:
+        window, *at = expr.args
+        avoid = set().union(*(a.free_symbols for a in at))
+        renamed = {i: sp.Symbol(f"{i.name}'", integer=True, positive=True)
+                   for i, _low, _high in window.limits if i in avoid}
+        window = window.xreplace(renamed)
+        offsets = ",".join(str(limit[0]) for limit in window.limits)
+        position = ", ".join(self._index(a) for a in at)
+        return f"𝟙[({position}) = argmax_{offsets} {self._print(window.function)}]"
+
+    def _geometry(self, geometry: Geometry | None, *, kernel: bool, extra: str = "") -> str:
+        notes = ([extra] if extra else []) + (geometry.notes(kernel=kernel)
+                                              if geometry is not None else [])
+        return f"[{', '.join(notes)}]" if notes else ""
+
+    def _operand(self, expr: sp.Expr) -> str:
+        return self.parenthesize(expr, PRECEDENCE["Mul"], strict=True)
+
+    def _print_Windows(self, expr: Windows) -> str:
+        return f"win{self._geometry(windows_geometry(expr), kernel=True)}({self._print(expr.args[0])})"
+
+    def _print_WindowsMax(self, expr: WindowsMax) -> str:
+        return f"max_p,q {self._print(expr.args[0])}"
+
+    def _print_FirstMaxMask(self, expr: FirstMaxMask) -> str:
+        return f"𝟙max({self._print(expr.args[0])})"
+
+    def _print_Flatten(self, expr: Flatten) -> str:
+        return f"vec({self._print(expr.args[0])})"
+
+    def _print_Unflatten(self, expr: Unflatten) -> str:
+        return f"vec⁻¹({self._print(expr.args[0])})"
+
+    def _print_Fold(self, expr: Fold) -> str:
+        found = folded(expr)
+        if found.kind == "full":
+            geometry = self._geometry(found.geometry, kernel=False, extra="full")
+            return f"{self._operand(found.left)} ⋆{geometry} rot180({self._print(found.right)})"
+        head = f"win{self._geometry(found.geometry, kernel=True)}ᵀ"
+        if found.kind == "route":
+            inner = f"{self._print(found.left)} ⊙ 𝟙max({self._print(found.right)})"
+        else:
+            inner = self._print(found.left)
+        return f"{head}({inner})"
+
+    def _as_ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
+        # a convolution before its bias, W ⋆ a + b, as the dense W a + b
+        terms = super()._as_ordered_terms(expr, order=order)
+        return sorted(terms, key=lambda term: 0 if term.has(Einsum) else 1)
 
     def _print_Derivative(self, expr: sp.Derivative) -> str:
         (var, _count), = expr.variable_count
@@ -137,8 +246,10 @@ class UnicodePrinter(StrPrinter):
         return f"Σ({self._print(expr.args[0])})"
 
     def _print_Broadcast(self, expr: Broadcast) -> str:
-        # an entry, in index notation: the axes are the indices
         tensor, axes = expr.args[0], str(expr.args[1])
+        if spread_map(expr):        # a bias per channel, δ over its window: the tensor itself
+            return self._print(tensor) if not tensor.is_parameter else self._name(tensor)
+        # an entry, in index notation: the axes are the indices
         return self._print(tensor) + sub(axes)
 
     def _print_SumAxes(self, expr: SumAxes) -> str:
@@ -147,6 +258,13 @@ class UnicodePrinter(StrPrinter):
         return f"Σ{sub(summed)} {body}"
 
     def _print_Einsum(self, expr: Einsum) -> str:
+        found = contraction(expr)
+        if found is not None and found.kind in ("conv", "correlate"):
+            left, right = found.operands()
+            geometry = self._geometry(found.geometry, kernel=False)
+            return f"{self._operand(left)} ⋆{geometry} {self._operand(right)}"
+        if found is not None and found.kind == "sum" and summed_axes(found):
+            return f"Σ_{summed_axes(found).replace(',', '')} {self._operand(found.left)}"
         subscripts, *operands = expr.args
         inputs, output = str(subscripts).split("->")
         return f"einsum[{inputs}→{output}]({', '.join(self._print(o) for o in operands)})"
@@ -180,7 +298,8 @@ class UnicodePrinter(StrPrinter):
             return super()._print_Mul(expr)
         scalar = sp.Mul(*(f for f in factors if f not in vectors))
         prec = sp.printing.precedence.PRECEDENCE["Mul"]
-        text = " ⊙ ".join(self.parenthesize(f, prec) for f in vectors)
+        text = " ⊙ ".join(f"({self._print(f)})" if _is_convolution(f) else
+                          self.parenthesize(f, prec) for f in vectors)
         if scalar == -1:
             return "-" + text
         return text if scalar == 1 else self.parenthesize(scalar, prec) + "·" + text
@@ -195,11 +314,17 @@ def _decimal(number: sp.Expr) -> str | None:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def _is_convolution(expr: sp.Expr) -> bool:
+    from derive.render.latex_printer import is_convolution
+
+    return is_convolution(expr)
+
+
 def _is_tensor(expr: sp.Expr) -> bool:
     """Whether ``expr`` is a tensor-form vector or matrix (not a scalar, not an index form)."""
     if expr.has(sp.Indexed):
         return False
-    if expr.has(MatVec, Outer, Einsum):
+    if expr.has(MatVec, Outer, Einsum, Windows, Fold, Unflatten, Flatten):
         return True
     return any(t.rank >= 1 and t != ONE for t in expr.atoms(NetTensor))
 

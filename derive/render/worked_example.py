@@ -8,7 +8,10 @@ and every parameter gradient, with ∂R/∂w where there is a penalty) for one i
 Nothing is typed in: the forward values come from the nodes' own index-form equations
 (``Node.equations``, ``Model.cost``, ``Model.penalty``) and the backward values from the
 derived formulas (``Formula.rhs``, ``Formula.penalty``), each evaluated with NumPy over its
-free indices (an index is an array axis, a sum over an index sums that axis). So the numbers a
+free indices (an index is an array axis, a sum over an index sums that axis; an entry at a
+shifted index, a_{k, 2r+p-3, 2s+q-3}, gathers the entries its index expressions reach, 0 outside
+the array, which is where the padding is; a window's maximum, the indicator of its first
+maximum and an Iverson bracket are evaluated as the registry defines them). So the numbers a
 student checks by hand are the numbers of the formulas printed above them. Nothing is
 substituted symbolically, and a document computes only what it prints: a wide layer's weight
 gradient only for the rows and columns shown (``worked_example(..., shown=...)``).
@@ -32,10 +35,11 @@ import numpy as np
 import sympy as sp
 
 from derive.derivation.reverse import C, Derivation, Formula, adjoint_tensor
-from derive.graph.model import Model
+from derive.graph.model import Model, Node
 from derive.quantities import NetTensor, tensor_of
 from derive.registry.functions import elementary, sigmoid, softplus
 from derive.registry.ops import OPS
+from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.spec.load import NetworkSpec, layer_attributes, parameter_key
 
 Vector = tuple[float, ...]
@@ -57,7 +61,13 @@ def default_values(spec: NetworkSpec
     starts at one (a layer norm's scale γ) gets values near one.
     """
     sizes = spec.sizes
-    x = tuple(_tenth((7 * n) % 11 - 5) for n in range(1, sizes[0] + 1))
+    if spec.image is None:
+        x = tuple(_tenth((7 * n) % 11 - 5) for n in range(1, sizes[0] + 1))
+    else:
+        # an image's values row by row, channel-major; a longer period than a vector's, so
+        # that the windows of a max-pooling layer have no ties (which the first maximum
+        # would break by rounding errors rather than by the numbers shown)
+        x = tuple(_tenth((7 * n) % 17 - 8) for n in range(1, math.prod(spec.input_shape) + 1))
     output = spec.activation(spec.depth)
     n_out = sizes[-1]
     if spec.resolved_loss().needs == "distribution":
@@ -72,7 +82,9 @@ def default_values(spec: NetworkSpec
         for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
             key = parameter_key(parameter.role, l)
             shape = shapes[key]
-            if len(shape) >= 2:
+            if layer.op == "conv2d" and len(shape) == 4:
+                params[key] = _kernel_values(shape, l)
+            elif len(shape) >= 2:
                 params[key] = _matrix_values(shape, l)
             else:
                 start = 1.0 if parameter.init == "ones" else 0.0
@@ -88,6 +100,13 @@ def _matrix_values(shape: tuple[int, ...], l: int) -> np.ndarray:
     index = np.indices(shape) + 1
     row, col = index[0], index[1:].sum(axis=0) + 3 * index[2:].sum(axis=0)
     return ((3 * row + 5 * col + l) % 9 - 4) / 10
+
+
+def _kernel_values(shape: tuple[int, ...], l: int) -> np.ndarray:
+    """Small distinct tenths for a convolution's kernels, different in every channel: the
+    entry at position n (row-major, from 1) is ((7 n + l) mod 17 − 8)/10."""
+    n = np.arange(1, int(np.prod(shape)) + 1).reshape(shape)
+    return ((7 * n + l) % 17 - 8) / 10
 
 
 def example_inputs(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple], bool]:
@@ -196,12 +215,16 @@ class Evaluator:
                     for axis, index in enumerate(node.indices):
                         if isinstance(index, sp.Symbol):
                             self._sizes.setdefault(index, self.values[tensor].shape[axis])
-            elif isinstance(node, sp.Sum):
+            elif isinstance(node, sp.Sum | WindowMax):
                 for index, _low, high in node.limits:
                     self._sizes.setdefault(index, self._int(high))
 
     def _int(self, expr: sp.Expr) -> int:
         return int(sp.sympify(expr).xreplace(self.widths))
+
+    def size(self, expr: sp.Expr) -> int:
+        """The value of a size expression (n_l, H_l, a kernel's 3)."""
+        return self._int(expr)
 
     # -- evaluation --
 
@@ -211,6 +234,8 @@ class Evaluator:
         return self.values[tensor]
 
     def _indexed(self, array: np.ndarray, indices: tuple[sp.Expr, ...]) -> _Labeled:
+        if not all(index.is_Integer or isinstance(index, sp.Symbol) for index in indices):
+            return self._gathered(array, indices)
         labels: list[sp.Symbol] = []
         selection: list[object] = []
         for index in indices:
@@ -224,6 +249,87 @@ class Evaluator:
             else:
                 raise ValueError(f"cannot evaluate the index {index}")
         return _Labeled(array[tuple(selection)], tuple(labels))
+
+    def _index_value(self, e: sp.Expr) -> _Labeled:
+        """An index expression as an integer array over its index symbols (values from 1)."""
+        if e.is_Integer:
+            return _Labeled(np.int64(int(e)), ())
+        if isinstance(e, sp.Symbol):
+            if e in self.widths:
+                return _Labeled(np.int64(self.widths[e]), ())
+            size = self._free.get(e) or self._sizes.get(e)
+            if size is None:
+                raise ValueError(f"no range for the index {e}")
+            return _Labeled(np.arange(1, size + 1), (e,))
+        if isinstance(e, sp.Add | sp.Mul):
+            arrays, labels = _align([self._index_value(arg) for arg in e.args])
+            combine = np.add if isinstance(e, sp.Add) else np.multiply
+            return _Labeled(combine.reduce(np.broadcast_arrays(*arrays)), labels)
+        raise ValueError(f"cannot evaluate the index {e}")
+
+    def index_values(self, expr: sp.Expr, indices: tuple[sp.Symbol, ...],
+                     shape: tuple[int, ...]) -> np.ndarray:
+        """The values (from 1) of the index expression ``expr`` over ``indices``."""
+        self._sizes = dict(zip(indices, shape))
+        self._free = dict(self._sizes)
+        array, labels = self._index_value(sp.sympify(expr))
+        full = [a for a in indices if a not in labels]
+        array = np.asarray(array).reshape(np.shape(array) + (1,) * len(full))
+        order = [(*labels, *full).index(a) for a in indices]
+        return np.broadcast_to(np.transpose(array, order), shape).copy()
+
+    def _gathered(self, array: np.ndarray, indices: tuple[sp.Expr, ...]) -> _Labeled:
+        """An entry at index expressions (x_{k, 2r+p-3, ...}): the entries they reach, 0 where
+        one falls outside its axis (the padding)."""
+        positions, labels = _align([self._index_value(index) for index in indices])
+        positions = np.broadcast_arrays(*positions)
+        inside = np.ones(positions[0].shape, dtype=bool)
+        for axis, position in enumerate(positions):
+            inside &= (position >= 1) & (position <= array.shape[axis])
+        clipped = tuple(np.clip(position, 1, array.shape[axis]) - 1
+                        for axis, position in enumerate(positions))
+        return _Labeled(np.where(inside, array[clipped], 0.0), labels)
+
+    def _window(self, window: WindowMax) -> tuple[np.ndarray, tuple[sp.Symbol, ...],
+                                                  list[int]]:
+        """The entries of each window, the window's offsets on the last two axes (their
+        lower limits too)."""
+        offsets = [sp.Dummy(str(limit[0]), integer=True) for limit in window.limits]
+        renamed = window.xreplace(dict(zip([limit[0] for limit in window.limits], offsets)))
+        lows = []
+        for offset, (_index, low, high) in zip(offsets, renamed.limits):
+            self._sizes[offset] = self._int(high)
+            lows.append(self._int(low))
+        array, labels = self._eval(renamed.function)
+        for offset in offsets:
+            if offset not in labels:          # a window constant along an offset
+                array, labels = np.asarray(array)[..., np.newaxis], (*labels, offset)
+        order = [n for n, label in enumerate(labels) if label not in offsets] + [
+            labels.index(offset) for offset in offsets]
+        array = np.transpose(array, order)
+        rest = tuple(labels[n] for n in order[:-len(offsets)])
+        slices = tuple(slice(low - 1, None) for low in lows)
+        return array[(..., *slices)], rest, lows
+
+    def _window_max(self, e: WindowMax) -> _Labeled:
+        array, labels, _lows = self._window(e)
+        return _Labeled(array.max(axis=(-2, -1)), labels)
+
+    def _first_max(self, e: FirstMax) -> _Labeled:
+        """1 where offsets (p, q) are the window's first maximum in row-major order, else 0."""
+        window, p, q = e.args
+        array, labels, (low_p, low_q) = self._window(window)
+        columns = array.shape[-1]
+        first = np.argmax(array.reshape(*array.shape[:-2], -1), axis=-1)  # the first maximum
+        items = [_Labeled(first // columns + low_p, labels), _Labeled(first % columns + low_q,
+                                                                       labels),
+                 self._index_value(p), self._index_value(q)]
+        (best_p, best_q, at_p, at_q), labels = _align(items)
+        return _Labeled(((best_p == at_p) & (best_q == at_q)).astype(np.float64), labels)
+
+    def _in_range(self, e: InRange) -> _Labeled:
+        (value, low, high), labels = _align([self._index_value(arg) for arg in e.args])
+        return _Labeled(((low <= value) & (value <= high)).astype(np.float64), labels)
 
     def _eval(self, e: sp.Basic) -> _Labeled:
         if isinstance(e, NetTensor):
@@ -265,6 +371,12 @@ class Evaluator:
             return self._kronecker(e)
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e)
+        if isinstance(e, WindowMax):
+            return self._window_max(e)
+        if isinstance(e, FirstMax):
+            return self._first_max(e)
+        if isinstance(e, InRange):
+            return self._in_range(e)
         if isinstance(e, sp.core.relational.Relational):
             (lhs, rhs), labels = _align([self._eval(e.lhs), self._eval(e.rhs)])
             return _Labeled(_RELATIONS[e.rel_op](lhs, rhs), labels)
@@ -340,6 +452,9 @@ class WorkedExample:
     penalties: tuple[tuple[Formula, np.ndarray], ...]
     given: bool
     values: Mapping[NetTensor, np.ndarray]
+    #: for each max-pooling layer, the indicator of its windows' first maxima summed over
+    #: the windows, on its input's grid: where its errors go
+    indicators: tuple[tuple[int, np.ndarray], ...] = ()
 
     def value(self, tensor: NetTensor) -> np.ndarray:
         """The value of a quantity, parameter, δ^l or adjoint (``NetTensor("grad", ...)``)."""
@@ -367,6 +482,15 @@ class WorkedExample:
                 total = value + extra[formula.of] if penalty and formula.of in extra else value
                 out[key] = total
         return out
+
+    def inside(self, expr: sp.Indexed) -> bool:
+        """Whether an entry with integer indices (from 1) lies inside its array; one outside,
+        in a feature map's padding, is 0."""
+        tensor = tensor_of(expr)
+        if tensor is None or tensor not in self.values:
+            return True
+        shape = np.shape(self.values[tensor])
+        return all(not i.is_Integer or 1 <= int(i) <= n for i, n in zip(expr.indices, shape))
 
     def lookup(self, expr: sp.Expr) -> float:
         """The value of one entry: ``q[1, 2]`` (indices from 1), a per-sample scalar, or
@@ -413,7 +537,8 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
     spec = model.spec
     x, y, params, given = example_inputs(spec)
     evaluate = Evaluator(model.widths)
-    evaluate.values[model.x.label] = np.asarray(x, dtype=np.float64)
+    evaluate.values[model.x.label] = np.asarray(x, dtype=np.float64).reshape(
+        spec.input_shape)
     evaluate.values[model.y.label] = np.asarray(y, dtype=np.float64)
     parameters = {}
     for parameter in model.parameters:
@@ -430,7 +555,14 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
     forward = []
     for node in model.nodes:
         for eq in node.equations:
-            value = evaluate(eq.expr, eq.indices, (node.width,) * len(eq.indices))
+            shape = tuple(evaluate.size(r) for r in eq.ranges) if eq.ranges else (
+                (node.width,) * len(eq.indices))
+            value = evaluate(eq.expr, eq.indices, shape)
+            if eq.at is not None:     # a flatten: each value placed at the target's entry
+                placed = np.zeros(node.dims)
+                at = tuple(evaluate.index_values(e, eq.indices, shape) - 1 for e in eq.at)
+                placed[at] = value
+                value = placed
             evaluate.values[eq.target] = value
             forward.append((eq.target, value))
     loss = float(evaluate(model.cost))
@@ -450,4 +582,41 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
         x=evaluate.values[model.x.label], y=evaluate.values[model.y.label],
         parameters=parameters, masks=tuple(masks), forward=tuple(forward), loss=loss,
         penalty=penalty, backward=tuple(backward), penalties=tuple(penalties), given=given,
-        values=dict(evaluate.values))
+        values=dict(evaluate.values), indicators=_indicators(derivation, evaluate))
+
+
+def _indicators(derivation: Derivation, evaluate: Evaluator
+                ) -> tuple[tuple[int, np.ndarray], ...]:
+    """For each max-pooling layer n, the part of the derived error of its input that routes
+    the errors of n (the outermost sum holding the indicator of a window's first maximum),
+    with every error of n set to 1: on the input's grid, how many windows take their
+    maximum at each entry (1 or 0 when the windows do not overlap)."""
+    out = []
+    for node in derivation.model.nodes:
+        if node.op.name != "max_pool2d":
+            continue
+        source = node.inputs[0]
+
+        def upstream(e: sp.Basic, node: Node = node) -> bool:
+            if isinstance(e, sp.Derivative) and e.expr == C:
+                tensor = tensor_of(e.variable_count[0][0])
+            elif isinstance(e, sp.Indexed):
+                tensor = tensor_of(e)
+            else:
+                return False
+            target = tensor.target if tensor is not None and tensor.role == "grad" else tensor
+            return target is not None and target.node == node.index and (
+                tensor.role in ("delta", "grad") or isinstance(e, sp.Derivative))
+
+        for formula in derivation.formulas:
+            if formula.node != source or not formula.rhs.has(FirstMax):
+                continue
+            sums = [s for s in formula.rhs.atoms(sp.Sum) if s.has(FirstMax)]
+            outer = [s for s in sums if not any(s != t and t.has(s) for t in sums)]
+            if len(outer) != 1:
+                continue
+            routing = outer[0].replace(upstream, lambda e: sp.Integer(1))
+            shape = evaluate.values[formula.of].shape
+            out.append((node.index, evaluate(routing, formula.indices, shape)))
+            break
+    return tuple(out)

@@ -106,7 +106,9 @@ class LayerSpec:
 
     ``inputs`` are node numbers (0 is the input x), resolved from the names or numbers the
     spec gave; ``None`` means the previous layer. ``options`` holds the op's numeric
-    attributes (``eps``, ``rate``) as given. ``activation`` is ``None`` for ops without one.
+    attributes (``eps``, ``rate``; a kernel's, stride's or padding's (rows, columns)) as given.
+    ``activation`` is ``None`` for ops without one. A layer whose output is an image has
+    ``image`` (C, H, W) and ``size`` C.
     """
 
     size: int
@@ -115,7 +117,13 @@ class LayerSpec:
     op: str | CustomOp = "dense"
     name: str | None = None
     inputs: tuple[int, ...] | None = None
-    options: tuple[tuple[str, float], ...] = ()
+    options: tuple[tuple[str, float | tuple[int, int]], ...] = ()
+    image: tuple[int, int, int] | None = None    # [C, H, W] of an image output
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The per-sample shape of the layer's output: (n_l,) or (C, H, W)."""
+        return self.image if self.image is not None else (self.size,)
 
     def reads(self, index: int) -> tuple[int, ...]:
         """The node numbers layer ``index`` (1-based) reads."""
@@ -140,7 +148,7 @@ class ExampleSpec:
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
         if self.x is not None:
-            data["x"] = list(self.x)
+            data["x"] = _lists(self.x)
         if self.y is not None:
             data["y"] = list(self.y)
         if self.params:
@@ -150,7 +158,10 @@ class ExampleSpec:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """A validated network: input width, dense layers, loss and an optional worked example."""
+    """A validated network: input width, dense layers, loss and an optional worked example.
+
+    ``input`` is n_0, the input's width, or its channels C when the input is an image
+    (``image`` is then (C, H, W))."""
 
     name: str
     input: int
@@ -159,6 +170,17 @@ class NetworkSpec:
     example: ExampleSpec | None = None
     source: str = "<dict>"
     regularization: tuple[tuple[str, float], ...] = ()
+    image: tuple[int, int, int] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The per-sample shape of x: (n_0,) or (C, H, W)."""
+        return self.image if self.image is not None else (self.input,)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The per-sample shape of every node's output, the input's first."""
+        return (self.input_shape, *(layer.shape for layer in self.layers))
 
     @property
     def l2(self) -> float:
@@ -182,7 +204,8 @@ class NetworkSpec:
             widths = axis_values(layer, l, self.sizes)
             for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
                 shapes[parameter_key(parameter.role, l)] = tuple(
-                    widths[axis] for axis in parameter.shape)
+                    widths[axis] if isinstance(axis, str) else axis
+                    for axis in parameter.shape)
         return shapes
 
     @property
@@ -209,6 +232,8 @@ class NetworkSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical plain dict: the file's fields, fixed key order, defaults left out."""
+        from derive.registry.ops import OPS  # the registry, stage 0
+
         layers = []
         for layer in self.layers:
             entry: dict[str, Any] = {}
@@ -220,17 +245,20 @@ class NetworkSpec:
                 key = "input" if len(layer.inputs) == 1 else "inputs"
                 values = [INPUT_NAME if n == 0 else n for n in layer.inputs]
                 entry[key] = values[0] if key == "input" else values
-            if layer.op == "dense" or not isinstance(layer.op, str):
-                entry["size"] = layer.size          # the ops that choose their own width
+            if not isinstance(layer.op, str):
+                entry["size"] = layer.size
+            else:                                   # the ops that choose their own width
+                entry.update((a.name, layer.size) for a in OPS[layer.op].attributes
+                             if a.kind == "size")
             if layer.activation is not None:
                 entry["activation"] = layer.activation.to_data()
-            if layer.op == "dense" and not layer.bias:
+            if not layer.bias:
                 entry["bias"] = False
-            entry.update(layer.options)
+            entry.update((key, _pair_data(value)) for key, value in layer.options)
             layers.append(entry)
         data: dict[str, Any] = {
             "name": self.name,
-            "input": self.input,
+            "input": list(self.image) if self.image is not None else self.input,
             "layers": layers,
             "loss": self.loss.to_data(),
         }
@@ -280,6 +308,22 @@ def _node_label(node: int, names: Mapping[str, int]) -> str:
         if number == node:
             return f"layer {node} ({name})"
     return f"layer {node}"
+
+
+def _pair_default(attribute: object) -> object:
+    """An attribute's default as its values are kept: a pair for a kernel, stride or
+    padding."""
+    default = attribute.default
+    if attribute.kind in ("pair", "pair0") and isinstance(default, int):
+        return default, default
+    return default
+
+
+def _pair_data(value: float | tuple[int, int]) -> float | int | list[int]:
+    """An option as the spec writes it: a (rows, columns) pair of equal values as one."""
+    if isinstance(value, tuple):
+        return value[0] if value[0] == value[1] else list(value)
+    return value
 
 
 def _lists(value: tuple | float) -> list | float:
@@ -614,7 +658,12 @@ class _Validator:
             )
         self.mapping(data, (), "the spec", TOP_FIELDS, TOP_REQUIRED)
         name = self.identifier(data["name"], ("name",))
-        n_input = self.width(data["input"], ("input",))
+        image = None
+        if isinstance(data["input"], list | tuple):
+            image = self.image(data["input"], ("input",))
+            n_input = image[0]
+        else:
+            n_input = self.width(data["input"], ("input",))
         raw_layers = data["layers"]
         if not isinstance(raw_layers, list | tuple) or not raw_layers:
             raise self.error(
@@ -623,19 +672,52 @@ class _Validator:
         if len(raw_layers) > limits.MAX_DEPTH:
             raise self.limit(("layers",), "the number of layers", len(raw_layers),
                              limits.MAX_DEPTH, "MAX_DEPTH")
-        layers = self.layers(raw_layers, n_input)
+        layers = self.layers(raw_layers, image or (n_input,))
         loss = self.loss(data["loss"], ("loss",))
         regularization = ()
         if "regularization" in data:
             regularization = self.regularization(data["regularization"], ("regularization",))
         spec = NetworkSpec(name, n_input, layers, loss, source=source,
-                           regularization=regularization)
+                           regularization=regularization, image=image)
         self.check_semantics(spec)
         if "example" in data:
             example = self.example(data["example"], ("example",), spec)
             if example != ExampleSpec():
-                spec = NetworkSpec(name, n_input, layers, loss, example, source, regularization)
+                spec = NetworkSpec(name, n_input, layers, loss, example, source, regularization,
+                                   image)
         return spec
+
+    def image(self, value: list | tuple, path: FieldPath) -> tuple[int, int, int]:
+        """An image input [C, H, W]: three positive integers within the width limit."""
+        if len(value) != 3:
+            raise self.error(path, "an image input is [C, H, W] (channels, height, width), "
+                                   f"got a list of {len(value)}")
+        out = tuple(self.width(item, (*path, n)) for n, item in enumerate(value))
+        if math.prod(out) > limits.MAX_WIDTH:
+            raise self.limit(path, "the input's size C*H*W", math.prod(out), limits.MAX_WIDTH,
+                             "MAX_WIDTH")
+        return out  # type: ignore[return-value]
+
+    def pair(self, value: object, path: FieldPath, low: int) -> tuple[int, int]:
+        """A kernel's, stride's or padding's (rows, columns): an integer >= ``low`` for both,
+        or a list of two."""
+        items = list(value) if isinstance(value, list | tuple) else [value, value]
+        what = "positive integer" if low else "integer >= 0"
+        if len(items) != 2:
+            raise self.error(path, f"must be a {what} or a list [rows, columns] of two, got "
+                                   f"{_describe(value)}")
+        out = []
+        for item in items:
+            if isinstance(item, float) and item.is_integer():
+                item = int(item)
+            if isinstance(item, bool) or not isinstance(item, int) or item < low:
+                raise self.error(path, f"must be a {what} or a list [rows, columns] of two, "
+                                       f"got {_describe(value)}")
+            if item > limits.MAX_WIDTH:
+                raise self.limit(path, "a kernel, stride or padding", item, limits.MAX_WIDTH,
+                                 "MAX_WIDTH")
+            out.append(item)
+        return out[0], out[1]
 
     def regularization(self, data: object, path: FieldPath) -> tuple[tuple[str, float], ...]:
         self.mapping(data, path, "regularization", REGULARIZATION_FIELDS, ())
@@ -649,17 +731,18 @@ class _Validator:
                     out.append((key, value))
         return tuple(out)
 
-    def layers(self, raw_layers: list | tuple, n_input: int) -> tuple[LayerSpec, ...]:
+    def layers(self, raw_layers: list | tuple, input_shape: tuple[int, ...]
+               ) -> tuple[LayerSpec, ...]:
         """Every layer, with what it reads resolved to node numbers; the graph rules checked:
         earlier layers only (so no cycles), known names, equal widths, every layer used."""
         names: dict[str, int] = {}
-        sizes = [n_input]
+        shapes = [input_shape]
         layers: list[LayerSpec] = []
         for index, raw in enumerate(raw_layers, start=1):
-            layer = self.layer(raw, ("layers", index - 1), index, names, sizes)
+            layer = self.layer(raw, ("layers", index - 1), index, names, shapes)
             if layer.name is not None:
                 names[layer.name] = index
-            sizes.append(layer.size)
+            shapes.append(layer.shape)
             layers.append(layer)
         used = {n for l, layer in enumerate(layers, start=1) for n in layer.reads(l)}
         for l, layer in enumerate(layers[:-1], start=1):
@@ -672,7 +755,7 @@ class _Validator:
         return tuple(layers)
 
     def layer(self, data: object, path: FieldPath, index: int, names: Mapping[str, int],
-              sizes: list[int]) -> LayerSpec:
+              shapes: list[tuple[int, ...]]) -> LayerSpec:
         from derive.registry.ops import OPS  # the registry, stage 0
 
         if not isinstance(data, Mapping):
@@ -702,6 +785,9 @@ class _Validator:
                                                   "name of its own")
         inputs = self.inputs(data, path, index, names)
         reads = inputs if inputs is not None else (index - 1,)
+        sizes = [shape[0] for shape in shapes]
+        self.input_kinds(op_name if not custom else None, reads, shapes, names,
+                         (*path, "input" if "input" in data else "inputs"), index)
         if custom:
             width = self.width(data[CUSTOM_OP_SIZE], (*path, CUSTOM_OP_SIZE))
             op_name = self.custom_op(data["op"], (*path, "op"), width,
@@ -719,8 +805,10 @@ class _Validator:
             raise self.error((*path, given), f"{_a_layer(op_name)} reads {wanted} input(s), "
                                              f"got {len(reads)}{default}")
         widths = [sizes[n] for n in reads]
-        if definition.same_width_inputs and len(set(widths)) > 1:
-            described = ", ".join(f"{_node_label(n, names)} has width {sizes[n]}" for n in reads)
+        if definition.same_width_inputs and len({shapes[n] for n in reads}) > 1:
+            described = ", ".join(f"{_node_label(n, names)} has "
+                                  + (f"width {sizes[n]}" if len(shapes[n]) == 1
+                                     else f"shape {list(shapes[n])}") for n in reads)
             raise self.error((*path, "inputs"),
                              f"shape mismatch: {_a_layer(op_name)} needs inputs of equal width; "
                              f"{described}")
@@ -753,12 +841,44 @@ class _Validator:
                 if number <= 0:
                     raise self.error(where, f"must be a number > 0, got {value!r}")
                 options.append((attribute.name, number))
+            elif attribute.kind in ("pair", "pair0"):
+                options.append((attribute.name, self.pair(value, where,
+                                                          int(attribute.kind == "pair"))))
         # a default given explicitly is left out, as `bias: true` is: one canonical form
         options = [(key, number) for key, number in options
-                   if number != definition.attribute(key).default]
+                   if number != _pair_default(definition.attribute(key))]
         attrs = {"size": size, "bias": bias, **dict(options)}
-        size = definition.output_size(attrs, tuple(widths))
-        return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options))
+        if definition.output_shape is not None:
+            try:
+                shape = definition.output_shape(attrs, shapes[reads[0]])
+            except ValueError as err:
+                raise self.error(path, f"{_a_layer(op_name)}: {err}") from None
+            image = shape if len(shape) == 3 else None
+            size = shape[0]
+        else:
+            image, size = None, definition.output_size(attrs, tuple(widths))
+        return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options), image)
+
+    def input_kinds(self, op_name: str | None, reads: tuple[int, ...],
+                    shapes: list[tuple[int, ...]], names: Mapping[str, int], path: FieldPath,
+                    index: int) -> None:
+        """An op reads vectors, images, or either (elementwise ops); say which it got."""
+        from derive.registry.ops import OPS  # the registry, stage 0
+
+        wanted = OPS[op_name].reads if op_name is not None else "vector"
+        for n in reads:
+            kind = "image" if len(shapes[n]) == 3 else "vector"
+            if wanted in (kind, "any"):
+                continue
+            what = _node_label(n, names) if n != index - 1 or n == 0 else (
+                "the layer before it" if n else "the input")
+            layer = _a_layer(op_name) if op_name is not None else "a custom op"
+            if kind == "image":
+                raise self.error(path, f"{layer} reads a vector, but {what} gives an image "
+                                       f"{list(shapes[n])}: put a {{op: flatten}} layer "
+                                       "before it")
+            raise self.error(path, f"{layer} reads an image [C, H, W], but {what} gives a "
+                                   f"vector of width {shapes[n][0]}")
 
     def custom_op(self, data: object, path: FieldPath, size: int,
                   widths: tuple[int, ...]) -> CustomOp:
@@ -937,7 +1057,12 @@ class _Validator:
 
     def check_semantics(self, spec: NetworkSpec) -> None:
         """Rules across fields: something to train, softmax only last, losses that need a kind
-        of output."""
+        of output, a vector output."""
+        if spec.layers[-1].image is not None:
+            raise self.error(("layers", spec.depth - 1),
+                             "the last layer gives an image "
+                             f"{list(spec.layers[-1].image)}; the loss reads a vector: end "
+                             "with {op: flatten} and a dense layer")
         shapes = spec.parameter_shapes()
         if not shapes:
             raise self.error(("layers",), "the network has no parameters to train: add a dense "
@@ -972,7 +1097,9 @@ class _Validator:
     def example(self, data: object, path: FieldPath, spec: NetworkSpec) -> ExampleSpec:
         self.mapping(data, path, "the example", EXAMPLE_FIELDS, ())
         x = y = None
-        if "x" in data:
+        if "x" in data and spec.image is not None:
+            x = self.nested(data["x"], (*path, "x"), spec.image, "x")
+        elif "x" in data:
             x = self.numbers(data["x"], (*path, "x"), spec.input, "one input sample, n_0")
         if "y" in data:
             y = self.numbers(data["y"], (*path, "y"), spec.sizes[-1], "its target, n_L")

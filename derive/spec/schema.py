@@ -116,7 +116,16 @@ ATTRIBUTE_KINDS: dict[str, Callable[[], Schema]] = {
     "bool": lambda: {"type": "boolean"},
     "rate": lambda: {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
     "positive": lambda: {"type": "number", "exclusiveMinimum": 0},
+    "pair": lambda: _pair(1),
+    "pair0": lambda: _pair(0),
 }
+
+
+def _pair(minimum: int) -> Schema:
+    """A kernel's, stride's or padding's rows and columns: one integer, or [rows, columns]."""
+    number = {"type": "integer", "minimum": minimum}
+    return {"anyOf": [number, {"type": "array", "items": number, "minItems": 2,
+                               "maxItems": 2}]}
 
 
 def _attribute(attribute: Attribute) -> Schema:
@@ -260,21 +269,24 @@ def _numbers(rank: int = 1) -> Schema:
     return schema
 
 
-def parameter_ranks() -> dict[str, int]:
-    """Every parameter key prefix the ops can give (``W``, ``b``, ``gamma``, ...) and its rank.
+def parameter_ranks() -> dict[str, tuple[int, ...]]:
+    """Every parameter key prefix the ops can give (``W``, ``b``, ``gamma``, ...) and its
+    ranks (``W``: a dense layer's matrix, a convolution's kernel of rank 4).
 
-    Each op's parameters are listed under its defaults and every setting of its true/false
-    attributes (a dense layer without bias has no ``b``).
+    Each op's parameters are listed under its defaults (a required kernel at 1) and every
+    setting of its true/false attributes (a dense layer without bias has no ``b``).
     """
-    ranks: dict[str, int] = {}
+    ranks: dict[str, set[int]] = {}
     for definition in OPS.values():
-        defaults = {a.name: a.default for a in definition.attributes}
+        defaults = {a.name: 1 if a.default is None and a.kind in ("pair", "pair0")
+                    else a.default for a in definition.attributes}
         switches = [a.name for a in definition.attributes if a.kind == "bool"]
         for values in itertools.product((True, False), repeat=len(switches)):
             attrs = {**defaults, **dict(zip(switches, values))}
             for parameter in definition.parameters(attrs):
-                ranks[PARAMETER_KEYS[parameter.role]] = len(parameter.shape)
-    return ranks
+                ranks.setdefault(PARAMETER_KEYS[parameter.role], set()).add(
+                    len(parameter.shape))
+    return {key: tuple(sorted(found)) for key, found in ranks.items()}
 
 
 def _example() -> Schema:
@@ -283,13 +295,14 @@ def _example() -> Schema:
         "type": "object",
         "description": "a worked example: one input x, its target y and every parameter",
         "properties": {
-            x: _numbers(),
+            x: {"anyOf": [_numbers(), _numbers(3)],
+                "description": "n_0 numbers, or an image input's [C][H][W] nested lists"},
             y: _numbers(),
             params: {
                 "type": "object",
                 "patternProperties": {
-                    **{f"^{key}[1-9][0-9]*$": _numbers(rank)
-                       for key, rank in parameter_ranks().items()},
+                    **{f"^{key}[1-9][0-9]*$": {"anyOf": [_numbers(rank) for rank in ranks]}
+                       for key, ranks in parameter_ranks().items()},
                     # a custom op's parameter (its name ends in a letter or _)
                     "^[A-Za-z_]([A-Za-z0-9_]*[A-Za-z_])?[1-9][0-9]*$": {
                         "anyOf": [_numbers(rank) for rank in range(1, MAX_AXES + 1)]},
@@ -308,7 +321,10 @@ def spec_schema() -> Schema:
     """A JSON Schema (draft 2020-12) of a network spec (docs/architecture.md, "Contracts")."""
     properties: Schema = {
         "name": {"type": "string", "pattern": IDENTIFIER_PATTERN},
-        "input": {"type": "integer", "minimum": 1, "description": "the input width n_0"},
+        "input": {"anyOf": [
+            {"type": "integer", "minimum": 1, "description": "the input width n_0"},
+            {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 3,
+             "maxItems": 3, "description": "an image [C, H, W]: channels, height, width"}]},
         "layers": {"type": "array", "minItems": 1, "items": _ref("layer"),
                    "description": "layer l is item l (from 1); the last is the output"},
         "loss": _loss(),

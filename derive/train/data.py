@@ -109,9 +109,11 @@ def load_data(source: str, task: Task) -> Dataset:
 
 
 def _digits(task: Task) -> tuple[np.ndarray, np.ndarray]:
-    if task.n_in != 64 or task.n_out != 10 or task.kind != "classes":
-        raise DeriveError("the 8x8 digit images need a spec with an input of 64 and 10 "
-                          f"softmax outputs (like `derive train digits`); {task.describe()}",
+    if task.input_shape not in ((64,), (1, 8, 8)) or task.n_out != 10 or \
+            task.kind != "classes":
+        raise DeriveError("the 8x8 digit images need a spec with an input of 64 or [1, 8, 8] "
+                          "and 10 softmax outputs (like `derive train digits` or `derive train "
+                          f"digits_cnn`); {task.describe()}",
                           field="--data digits")
     try:
         from sklearn.datasets import load_digits
@@ -121,7 +123,8 @@ def _digits(task: Task) -> tuple[np.ndarray, np.ndarray]:
                           field="--data digits") from None
     digits = load_digits()  # bundled with scikit-learn: no download
     X = digits.data.astype(np.float64) / 16.0  # pixel intensities 0..16 -> [0, 1]
-    return X, _one_hot(digits.target, 10)
+    # a vector of 64, or the 1x8x8 image (C, H, W) a convolutional network reads
+    return X.reshape((len(X), *task.input_shape)), _one_hot(digits.target, 10)
 
 
 def _xor(task: Task) -> tuple[np.ndarray, np.ndarray]:

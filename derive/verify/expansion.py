@@ -44,6 +44,7 @@ from derive.graph.model import Model
 from derive.limits import MAX_POINTS, check_count
 from derive.quantities import NetTensor, entry, tensor_of
 from derive.registry.functions import elementary
+from derive.registry.windows import InRange
 from derive.spec.load import NetworkSpec
 from derive.verify.numeric import (
     DIGITS,
@@ -54,7 +55,7 @@ from derive.verify.numeric import (
     random_point,
     real_value,
 )
-from derive.verify.reduction import CheckedCopy, checked_copy
+from derive.verify.reduction import CheckedCopy, checked_copy, network_shape
 from derive.verify.tape import Tape
 
 #: Exact symbolic comparison is attempted up to this many parameters.
@@ -90,6 +91,7 @@ class Report:
     seconds: float
     budget: int = PARAMETER_BUDGET
     copy: CheckedCopy | None = None  # what was expanded for a network over the budget
+    shapes: tuple[tuple[int, ...], ...] = ()   # the per-sample shapes expanded, x first
 
     @property
     def ok(self) -> bool:
@@ -102,7 +104,7 @@ class Report:
 
     def lines(self) -> list[str]:
         """The report as text, one line per formula."""
-        shape = "-".join(map(str, self.sizes))
+        shape = network_shape(self.shapes or tuple((n,) for n in self.sizes))
         out = [(f"verify {self.name}: expanded the {shape} network into one scalar loss C "
                f"and differentiated it directly ({self.parameters} parameters)")]
         if self.copy is not None:
@@ -206,7 +208,7 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
     assumptions = tuple(dict.fromkeys(a for f in formulas for a in f.assumptions))
     sizes = model.spec.sizes
     return Report(model.spec.name, sizes, sizes, instance.parameter_count, tuple(checks),
-                  assumptions, time.perf_counter() - start)
+                  assumptions, time.perf_counter() - start, shapes=model.spec.shapes)
 
 
 # --- the concrete instance ----------------------------------------------------------------
@@ -247,12 +249,13 @@ class Instance:
         perturbed = targets if perturb is None else set(perturb)
 
         x, y = model.x.label, model.y.label
-        self.shapes[x] = (self.sizes[model.sizes[0]],)
-        self.shapes[y] = (model.output.width,)
-        self.inputs = [self._leaf(entry(x, index), f"x_{index[0]}")
+        self.shapes.update((tensor, self.concrete_shape(shape))
+                           for tensor, shape in model.shapes.items())
+        self.inputs = [self._leaf(entry(x, index), "_".join(["x", *map(str, index)]))
                        for index in _indices(self.shapes[x])]
         self.targets = [self._leaf(entry(y, index), f"y_{index[0]}")
                         for index in _indices(self.shapes[y])]
+        self._zero = self.tape.node(se.Integer(0), (), ())   # an entry in the padding
         for parameter in model.parameters:
             tensor = parameter.tensor
             self.shapes[tensor] = tuple(parameter.shape)
@@ -272,11 +275,11 @@ class Instance:
 
         for node in model.nodes:
             for eq in node.equations:
-                shape = (node.width,) * eq.target.rank
-                self.shapes[eq.target] = shape
                 template = self._template(eq.expr, eq.indices)
-                for index in _indices(shape):
-                    key = self.intern(entry(eq.target, index))
+                for index in _indices(self.concrete_shape(eq.ranges)):
+                    at = tuple(sp.sympify(i).xreplace(self.sizes) for i in
+                               eq.target_indices(tuple(map(sp.Integer, index))))
+                    key = self.intern(entry(eq.target, at))
                     value = template.at(self, index, lookup)
                     self.nodes[key] = self._node(template, index)
                     if eq.target in perturbed:
@@ -289,6 +292,21 @@ class Instance:
         self.cost: se.Basic = self._template(model.cost, ()).at(self, (), lookup)
         self.cost_node = self._node(self._template(model.cost, ()), ())
         self.penalty: se.Basic = self._template(model.penalty, ()).at(self, (), lookup)
+
+    def concrete_shape(self, shape: Sequence[sp.Expr]) -> Index:
+        return tuple(int(sp.sympify(n).xreplace(self.sizes)) for n in shape)
+
+    def padding(self, key: Key) -> bool:
+        """Whether ``key`` is an entry outside its quantity's shape (a convolution's zero
+        padding); if so, it is registered as the constant 0."""
+        tensor = tensor_of(key)
+        shape = self.shapes.get(tensor) if tensor is not None else None
+        if shape is None or not isinstance(key, sp.Indexed) or all(
+                1 <= int(i) <= n for i, n in zip(key.indices, shape)):
+            return False
+        self.values[key] = se.Integer(0)
+        self.nodes[key] = self._zero
+        return True
 
     @property
     def parameter_count(self) -> int:
@@ -381,6 +399,8 @@ class Instance:
             try:
                 return env[key]
             except KeyError:
+                if self.padding(key):
+                    return se.Integer(0)
                 raise MissingQuantity(f"reads {key}, not computed before it") from None
 
         value = self._template(expr, tuple(free)).at(self, index, lookup, numeric)
@@ -424,7 +444,15 @@ class _Slot:
 
     def key(self, substitution: dict[sp.Symbol, sp.Integer]) -> Key:
         if self.adjoint is None:
-            return self.atom.xreplace(substitution) if substitution else self.atom
+            if not substitution:
+                return self.atom
+            tensor = tensor_of(self.atom)
+            if isinstance(self.atom, sp.Indexed) and tensor is not None:
+                # built once per entry (entry() caches): a new Indexed deduces its
+                # assumptions, which a large feature map would pay for at every read
+                return entry(tensor, tuple(sp.sympify(i).xreplace(substitution)
+                                           for i in self.atom.indices))
+            return self.atom.xreplace(substitution)
         cost, variable = self.adjoint
         if isinstance(self.atom, sp.Indexed):
             indices = tuple(sp.sympify(i).xreplace(substitution) for i in self.atom.indices)
@@ -453,7 +481,11 @@ class _Template:
         body = elementary(hidden.xreplace(dict(sizes)).doit())
         if body.has(sp.Sum):
             raise ValueError(f"cannot expand the sums of {source} at the widths {sizes}")
-        atoms = sorted(body.atoms(sp.Indexed), key=sp.default_sort_key)
+        # an Iverson bracket of the free indices (a kernel offset in range) is 0 or 1 at
+        # each entry: one placeholder each, decided per entry like an entry's key
+        brackets = sorted((b for b in body.atoms(InRange) if b.has(*free)),
+                          key=sp.default_sort_key)
+        atoms = [*sorted(body.atoms(sp.Indexed), key=sp.default_sort_key), *brackets]
         names = {atom: sp.Symbol(f"_slot{n}") for n, atom in enumerate(atoms)}
         body = body.xreplace(names)
         scalars = sorted(body.free_symbols - set(names.values()), key=sp.default_sort_key)
@@ -465,7 +497,9 @@ class _Template:
         slots = []
         for atom, name in names.items():
             label = atom.base.label if isinstance(atom, sp.Indexed) else atom
-            if label in adjoints:
+            if isinstance(atom, InRange):
+                slots.append(_Slot(se.Symbol(name.name), atom))
+            elif label in adjoints:
                 slots.append(_Slot(se.Symbol(name.name), atom, adjoints[label]))
             elif isinstance(label, NetTensor):
                 slots.append(_Slot(se.Symbol(name.name), atom))
@@ -490,6 +524,9 @@ class _Template:
             substitution = dict(zip(self.free, map(sp.Integer, index)))
             keys = self.keys[index] = tuple(instance.intern(slot.key(substitution))
                                             for slot in self.slots)
+            for key in keys:
+                if key not in instance.values:
+                    instance.padding(key)
         return keys
 
     def at(self, instance: Instance, index: Index, lookup: Callable[[Key], se.Basic],
@@ -507,7 +544,8 @@ class _Template:
         keys = self._keys(instance, index)
         if not keys:
             return expr
-        return expr.subs({slot.symbol: lookup(key) for slot, key in zip(self.slots, keys)})
+        return expr.subs({slot.symbol: se.Integer(int(key)) if key.is_Integer else lookup(key)
+                          for slot, key in zip(self.slots, keys)})
 
 
 #: An adjoint Derivative(C, q[...]) a formula reads: C, and q as written there.

@@ -140,22 +140,62 @@ def spec_parameter_count(spec: NetworkSpec) -> int:
 
 
 def capped_spec(spec: NetworkSpec, cap: int) -> NetworkSpec:
-    """``spec`` with the input and every op that chooses its width (``size``) capped at
-    ``cap``: the same graph, ops, activations and loss. The other ops' widths follow from
-    their inputs, so nodes summed by ``add`` keep equal widths. ``spec`` itself where no
-    width exceeds ``cap``."""
-    if max(spec.sizes) <= cap:
+    """``spec`` with the input and every op that chooses its width (``size``, a convolution's
+    ``channels``) capped at ``cap``, and an image input as small as keeps every feature map
+    at least 2 x 2 (or as it was, if smaller): the same graph, ops, activations and loss. The
+    other ops' shapes follow from their inputs, so nodes summed by ``add`` keep equal shapes.
+    ``spec`` itself where nothing exceeds ``cap``."""
+    if max(spec.sizes) <= cap and spec.image is None:
         return spec
-    widths = [min(spec.input, cap)]
-    layers = []
+    image = None
+    if spec.image is not None:
+        image = _smallest_image(spec, min(spec.image[0], cap))
+        if image == spec.image and max(spec.sizes) <= cap:
+            return spec
+    shapes = _capped_shapes(spec, cap, image)
+    layers = tuple(dataclasses.replace(layer, size=shape[0],
+                                       image=shape if len(shape) == 3 else None)
+                   for layer, shape in zip(spec.layers, shapes[1:]))
+    return dataclasses.replace(spec, input=shapes[0][0], layers=layers, example=None,
+                               image=image)
+
+
+def _capped_shapes(spec: NetworkSpec, cap: int, image: tuple[int, ...] | None
+                   ) -> list[tuple[int, ...]]:
+    """The shape of every node with widths capped at ``cap`` and the input ``image`` (or
+    the input's width capped); ValueError where a window no longer fits."""
+    shapes = [image if image is not None else (min(spec.input, cap),)]
     for l, layer in enumerate(spec.layers, start=1):
         definition = OPS[layer.op]
-        size = min(layer.size, cap) if definition.attribute("size") is not None else layer.size
-        attrs = {**layer_attributes(layer), "size": size}
-        width = definition.output_size(attrs, tuple(widths[n] for n in layer.reads(l)))
-        layers.append(dataclasses.replace(layer, size=width))
-        widths.append(width)
-    return dataclasses.replace(spec, input=widths[0], layers=tuple(layers), example=None)
+        chooses = any(a.kind == "size" for a in definition.attributes)
+        attrs = {**layer_attributes(layer), "size": min(layer.size, cap) if chooses
+                 else layer.size}
+        reads = layer.reads(l)
+        if definition.output_shape is not None:
+            shapes.append(definition.output_shape(attrs, shapes[reads[0]]))
+        else:
+            shapes.append((definition.output_size(attrs, tuple(shapes[n][0] for n in reads)),))
+    return shapes
+
+
+def _smallest_image(spec: NetworkSpec, channels: int) -> tuple[int, int, int]:
+    """The smallest image input (channels, H, W) with which every feature map keeps at least
+    min(2, its own) rows and columns: rows first, then columns."""
+    wanted = [tuple(min(2, n) for n in shape[1:]) for shape in spec.shapes if len(shape) == 3]
+    size = list(spec.image[1:])
+    for axis in (0, 1):
+        for candidate in range(1, spec.image[axis + 1] + 1):
+            trial = [*size]
+            trial[axis] = candidate
+            try:
+                shapes = _capped_shapes(spec, max(spec.sizes), (channels, *trial))
+            except ValueError:
+                continue
+            maps = [shape[1:] for shape in shapes if len(shape) == 3]
+            if all(got[axis] >= want[axis] for got, want in zip(maps, wanted)):
+                size = trial
+                break
+    return (channels, size[0], size[1])
 
 
 def largest_cap(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> int:

@@ -69,14 +69,15 @@ class CheckedCopy:
 
     @property
     def narrower(self) -> bool:
-        kept = (self.original.input, *(self.original.layers[l - 1].size for l in self.layers))
-        return self.spec.sizes != kept
+        kept = (self.original.input_shape,
+                *(self.original.layers[l - 1].shape for l in self.layers))
+        return self.spec.shapes != kept
 
     def lines(self) -> list[str]:
         """What was checked and why it covers the whole network (empty: the network itself)."""
         if not (self.shallower or self.narrower):
             return []
-        full = _shape(self.original.sizes)
+        full = network_shape(self.original.shapes)
         count = spec_parameter_count(self.original)
         which = (f"its layers {_ranges(self.layers)}" if self.shallower
                  else f"all {self.original.depth} layers")
@@ -90,8 +91,12 @@ class CheckedCopy:
         if self.narrower:
             over = spec_parameter_count(self.spec) - self.budget
             floor = f", {over} over the budget at the floor" if over > 0 else ""
+            image = "" if self.spec.image is None else (
+                f"; the input image {'x'.join(map(str, self.spec.image))}, the smallest that "
+                "keeps every feature map at least 2 x 2 (as the formulas are written for any "
+                "H_l and W_l)")
             out.append(f"  widths capped at {max(self.spec.sizes)} (budget {self.budget} "
-                       f"parameters{floor}), none below {MIN_WIDTH}: the formulas are "
+                       f"parameters{floor}){image}, none below {MIN_WIDTH}: the formulas are "
                        "written for any width n_l, and with 3 values every index of a formula "
                        "(j, k, a summed index) can differ, so a transposed matrix or a missing "
                        "softmax cross term does not agree by chance")
@@ -248,10 +253,12 @@ def _renumbered(formula: Formula, node: Callable[[int], int | None],
     return dataclasses.replace(formula, lhs=lhs, rhs=rhs, penalty=penalty)
 
 
-def _shape(sizes: tuple[int, ...]) -> str:
-    """4-6-6-2, or 16-16-…-16-2 (100 layers) for a deep network."""
+def network_shape(shapes: tuple[tuple[int, ...], ...]) -> str:
+    """4-6-6-2, 1x8x8-8x8x8-8x4x4-128-10 with feature maps, or 16-16-…-16-2 (100 layers)
+    for a deep network."""
+    sizes = ["x".join(map(str, shape)) for shape in shapes]
     if len(sizes) <= 12:
-        return "-".join(map(str, sizes))
+        return "-".join(sizes)
     return f"{sizes[0]}-{sizes[1]}-…-{sizes[-2]}-{sizes[-1]} ({len(sizes) - 1} layers)"
 
 

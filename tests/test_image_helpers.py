@@ -1,0 +1,104 @@
+"""The image helpers a generated module may define (derive/render/numpy_printer.py) against
+their definitions written entry by entry, over random sizes, strides and paddings: the
+fallbacks too, which the built-in ops' modules do not reach."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from derive.render.numpy_printer import HELPERS
+
+NAMES = ("_windows", "_fold", "_first_max", "_window_max", "_window_sum", "_max_unpool",
+         "_im2col", "_correlate", "_correlate_kernel", "_correlate_input")
+SPACE: dict = {"np": np}
+for _name in NAMES:
+    exec(HELPERS[_name], SPACE)  # noqa: S102 (derive's own helper source, not user text)
+
+
+def padded(x: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
+    top, left = padding
+    return np.pad(x, ((0, 0), (0, 0), (top, top), (left, left)))
+
+
+def window(x: np.ndarray, kernel, stride, padding, r: int, s: int) -> np.ndarray:
+    """Window (r, s) (from 0) of the padded maps: (B, C, kh, kw)."""
+    p = padded(x, padding)
+    return p[:, :, r * stride[0]:r * stride[0] + kernel[0], s * stride[1]:s * stride[1] + kernel[1]]
+
+
+geometry = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.integers(1, 2),
+                     st.integers(0, 1), st.integers(0, 1), st.integers(1, 3), st.integers(2, 7),
+                     st.integers(2, 7), st.integers(0, 10_000))
+
+
+def case(g):
+    kh, kw, sh, sw, ph, pw, channels, height, width, seed = g
+    rng = np.random.default_rng(seed)
+    height, width = max(height, kh), max(width, kw)
+    x = rng.standard_normal((2, channels, height, width))
+    rows = (height + 2 * ph - kh) // sh + 1
+    cols = (width + 2 * pw - kw) // sw + 1
+    return rng, x, (kh, kw), (sh, sw), (ph, pw), rows, cols
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(geometry)
+def test_windows_im2col_and_correlations(g) -> None:
+    rng, x, kernel, stride, padding, rows, cols = case(g)
+    windows = SPACE["_windows"](x, kernel, stride, padding)
+    assert windows.shape == (*x.shape[:2], rows, cols, *kernel)
+    for r, s in itertools.product(range(rows), range(cols)):
+        assert np.array_equal(windows[:, :, r, s], window(x, kernel, stride, padding, r, s))
+    im2col, shape = SPACE["_im2col"](x, kernel, stride, padding)
+    assert shape == (rows, cols)
+    assert np.array_equal(im2col, windows.transpose(0, 1, 4, 5, 2, 3).reshape(len(x), -1,
+                                                                              rows * cols))
+    w = rng.standard_normal((3, x.shape[1], *kernel))
+    expected = np.einsum("bkrspq,jkpq->bjrs", windows, w)
+    assert np.allclose(SPACE["_correlate"](w, x, stride, padding), expected)
+    delta = rng.standard_normal((len(x), 3, rows, cols))
+    assert np.allclose(SPACE["_correlate_kernel"](delta, x, kernel, stride, padding),
+                       np.einsum("bkrspq,bjrs->jkpq", windows, delta))
+    # the fold is the adjoint of the windows: <fold(c), x> = <c, windows(x)>
+    parts = rng.standard_normal(windows.shape)
+    folded = SPACE["_fold"](parts, x.shape[2:], stride, padding, kernel)
+    assert np.isclose(np.sum(folded * x), np.sum(parts * windows))
+    broadcast = SPACE["_fold"](delta[:, :1, :, :, None, None], x.shape[2:], stride, padding,
+                               kernel)
+    full = SPACE["_fold"](np.broadcast_to(delta[:, :1, :, :, None, None],
+                                          (len(x), 1, rows, cols, *kernel)).copy(),
+                          x.shape[2:], stride, padding, kernel)
+    assert np.allclose(broadcast, full)
+    inputs = SPACE["_correlate_input"](delta, w, x.shape[2:], stride, padding)
+    assert np.allclose(inputs, SPACE["_fold"](np.einsum("bjrs,jkpq->bkrspq", delta, w),
+                                              x.shape[2:], stride, padding, kernel))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(geometry, st.booleans())
+def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
+    rng, x, kernel, stride, _padding, _rows, _cols = case(g)
+    if ties:
+        x = np.round(x)          # many equal entries in a window
+    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
+    windows = SPACE["_windows"](x, kernel, stride, (0, 0))
+    assert np.array_equal(SPACE["_window_max"](x, kernel, stride), windows.max(axis=(4, 5)))
+    assert np.allclose(SPACE["_window_sum"](x, kernel, stride), windows.sum(axis=(4, 5)))
+    mask = SPACE["_first_max"](windows)
+    delta = rng.standard_normal((len(x), x.shape[1], rows, cols))
+    expected = np.zeros_like(x)
+    for b, c, r, s in itertools.product(*(range(n) for n in delta.shape)):
+        flat = windows[b, c, r, s].reshape(-1)
+        first = int(np.flatnonzero(flat == flat.max())[0])      # row-major: the first
+        p, q = divmod(first, kernel[1])
+        assert mask[b, c, r, s].reshape(-1).tolist() == [float(n == first)
+                                                         for n in range(flat.size)]
+        expected[b, c, r * stride[0] + p, s * stride[1] + q] += delta[b, c, r, s]
+    assert np.allclose(SPACE["_max_unpool"](delta, x, kernel, stride), expected)
+    assert np.allclose(SPACE["_fold"](delta[..., None, None] * mask, x.shape[2:], stride,
+                                      (0, 0), kernel), expected)
