@@ -30,7 +30,7 @@ import numpy as np
 
 INPUT_SHAPE = (5,)
 OUTPUT_SHAPE = (3,)
-DROPOUT_WIDTHS = {"M2": 8}
+DROPOUT_SHAPES = {"M2": (8,)}
 ACTIVATIONS = ('tanh', None, 'softmax')
 LOSS = 'cross_entropy'
 SPEC_DIGEST = '9b8fc0c2d8e7'
@@ -61,9 +61,9 @@ def _check_input(X, masks=None):
     if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
         raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
                          f"(B samples of INPUT_SHAPE), got {X.shape}")
-    for name, width in DROPOUT_WIDTHS.items():
-        if masks is not None and np.shape(masks[name]) != (len(X), width):
-            raise ValueError(f"masks[{name!r}] must have shape {(len(X), width)} "
+    for name, shape in DROPOUT_SHAPES.items():
+        if masks is not None and np.shape(masks[name]) != (len(X), *shape):
+            raise ValueError(f"masks[{name!r}] must have shape {(len(X), *shape)} "
                              f"(one row per sample of X), got {np.shape(masks[name])}")
 
 

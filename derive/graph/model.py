@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import sympy as sp
 
 from derive.quantities import (
+    INDEX_POOL,
     WEIGHT_ROLES,
     NetTensor,
     fresh_indices,
@@ -231,7 +232,9 @@ def penalty_expression(spec: NetworkSpec, parameters: tuple[Parameter, ...]) -> 
     for parameter in parameters:
         if not parameter.is_weight:
             continue
-        indices = fresh_indices(len(parameter.shape), {j, k})
+        # summation indices apart from every free index a gradient formula may have
+        # (j, k of a matrix; j, k, p, q of a kernel)
+        indices = fresh_indices(len(parameter.shape), {j, k, *INDEX_POOL[4:6]})
         limits = [(index, 1, n) for index, n in zip(indices, parameter.shape_symbols)]
         w = parameter.indexed[indices]
         if l2:

@@ -243,10 +243,12 @@ def _layer_norm_forward(ctx: Context) -> Forward:
 
 def _dropout_forward(ctx: Context) -> Forward:
     (x,) = ctx.inputs
-    (j,) = fresh_indices(1, set())
-    out = ctx.quantity("a")
-    mask = NetTensor("mask", ctx.node)
-    equation = Equation(out, (j,), mask.indexed[j] * x[j], source_kind="a")
+    rank = len(ctx.shape) or 1
+    out = ctx.quantity("a", rank)
+    indices = indices_for(out)
+    mask = NetTensor("mask", ctx.node, rank=rank)
+    equation = Equation(out, indices, entry(mask, indices) * entry(x.tensor, indices),
+                        source_kind="a")
     return Forward((equation,), out)
 
 
@@ -309,7 +311,8 @@ OPS: Mapping[object, OpDef] = _Registry({
     "dropout": OpDef(
         "dropout", "inverted dropout while training (mask m/(1-p)); identity otherwise",
         (Attribute("rate", "rate", required=True, doc="probability p of dropping a unit"),),
-        (1, 1), lambda attrs: (), _same_size, _dropout_forward, label="drop"),
+        (1, 1), lambda attrs: (), _same_size, _dropout_forward, label="drop", reads="any",
+        output_shape=_same_shape),
     **IMAGE_OPS,
 })
 

@@ -440,7 +440,8 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     unpack = [", ".join(p.key for p in node.parameters) + " = "
               + ", ".join(f'params["{p.key}"]' for p in node.parameters)
               for node in model.nodes if node.parameters]
-    dropout = [{"mask": batch_name(NetTensor("mask", node.index)), "size": node.width,
+    dropout = [{"mask": batch_name(NetTensor("mask", node.index, rank=len(node.dims))),
+                "size": ", ".join(map(str, node.dims)),
                 "keep": repr(1.0 - float(dict(node.options)["rate"]))}
                for node in model.nodes if node.op.name == "dropout"]
 

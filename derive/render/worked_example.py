@@ -550,7 +550,8 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
         if tensor.role != "mask":
             raise ValueError(f"the worked example has no value for {tensor}")
         node = model.node(tensor.node)
-        masks.append((tensor, np.ones((node.width,) * tensor.rank)))
+        masks.append((tensor, np.ones(node.dims if tensor.rank == len(node.dims)
+                                      else (node.width,) * tensor.rank)))
         evaluate.values[tensor] = masks[-1][1]
     forward = []
     for node in model.nodes:

@@ -787,7 +787,8 @@ class _Validator:
         reads = inputs if inputs is not None else (index - 1,)
         sizes = [shape[0] for shape in shapes]
         self.input_kinds(op_name if not custom else None, reads, shapes, names,
-                         (*path, "input" if "input" in data else "inputs"), index)
+                         (*path, "input") if "input" in data else
+                         (*path, "inputs") if "inputs" in data else path, index)
         if custom:
             width = self.width(data[CUSTOM_OP_SIZE], (*path, CUSTOM_OP_SIZE))
             op_name = self.custom_op(data["op"], (*path, "op"), width,
