@@ -111,16 +111,25 @@ def _max_unpool(delta, x, kernel, stride):
     """The fold of delta times each window's first-maximum indicator: delta (B, C, H', W')
     added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere."""
     rows, cols = delta.shape[2:]
-    slices = [(slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
-               slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
-              for p in range(kernel[0]) for q in range(kernel[1])]
-    largest = _window_max(x, kernel, stride)
+    parts = [(p, q, x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
+                      q:q + stride[1] * (cols - 1) + 1:stride[1]])
+             for p in range(kernel[0]) for q in range(kernel[1])]
+    largest = parts[0][2].copy()
+    for _, _, part in parts[1:]:
+        np.maximum(largest, part, out=largest)
     out = np.zeros(x.shape, dtype=delta.dtype)
-    open_ = np.ones(largest.shape, dtype=bool)
-    for rows_at, cols_at in slices:
-        first = (x[:, :, rows_at, cols_at] == largest) & open_
-        open_ &= ~first
-        out[:, :, rows_at, cols_at] += delta * first
+    overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
+    open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
+    for p, q, part in parts:
+        first = np.equal(part, largest)
+        first &= open_
+        open_ ^= first
+        at = out[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
+                 q:q + stride[1] * (cols - 1) + 1:stride[1]]
+        if overlap:
+            at += delta * first
+        else:                        # each entry in one window at most: written once
+            np.multiply(delta, first, out=at)
     return out
 
 
