@@ -315,18 +315,11 @@ class _Form:
 
 def _nested(expr: sp.Sum) -> tuple[sp.Expr, list[tuple]]:
     """Σ_a Σ_b f (nested, or with factors free of the inner indices outside) as one body
-    and its limits."""
-    limits = list(expr.limits)
-    body = expr.function
-    while True:
-        factors = sp.Mul.make_args(body)
-        inner = [f for f in factors if isinstance(f, sp.Sum)]
-        if len(inner) != 1:
-            return body, limits
-        (total,) = inner
-        rest = sp.Mul(*(f for f in factors if f is not total))
-        limits += list(total.limits)
-        body = rest * total.function
+    and its limits (tensorform's flattening of nested sums)."""
+    from derive.derivation.tensorform import _flattened
+
+    flat = _flattened(expr)
+    return flat.function, list(flat.limits)
 
 
 def _fresh_offset(axis: int, taken: set[sp.Symbol]) -> sp.Symbol:

@@ -118,11 +118,3 @@ def _first_max_condition(entries: list[sp.Expr], position: int) -> sp.Expr:
     return sp.And(*(chosen > e for e in entries[:position]),
                   *(chosen >= e for e in entries[position + 1:]))
 
-
-def first_max_position(values: list[float]) -> int:
-    """The position of the first maximum of ``values`` (row-major window order)."""
-    best = 0
-    for position, value in enumerate(values):
-        if value > values[best]:
-            best = position
-    return best
