@@ -17,10 +17,11 @@ from functools import cache
 
 import sympy as sp
 
-#: Roles of parameters (their gradients are what training needs).
-PARAMETER_ROLES = frozenset({"w", "b", "gamma", "beta"})
+#: Roles of parameters (their gradients are what training needs): a dense layer's or kernel's
+#: w and b; a recurrent layer's input and hidden weights wx, wh and a GRU's two biases.
+PARAMETER_ROLES = frozenset({"w", "b", "gamma", "beta", "wx", "wh", "bx", "bh"})
 #: Parameters that the L1/L2 penalty covers (weights and kernels only; docs/architecture.md).
-WEIGHT_ROLES = frozenset({"w"})
+WEIGHT_ROLES = frozenset({"w", "wx", "wh"})
 
 
 class NetTensor(sp.Symbol):
@@ -30,6 +31,10 @@ class NetTensor(sp.Symbol):
     ∂C/∂μ³; ``NetTensor("y")`` the target; ``NetTensor("a", 0)`` the input x = a⁰.
     ``parameter`` says whether q (for an adjoint: the q it is of) is a parameter: the built-in
     roles by default, a custom op's parameters explicitly.
+
+    ``step`` makes the tensor form's view of a sequence quantity at one time step
+    (docs/architecture.md, "Sequences"): an int c is the quantity at step t + c (rank one
+    less: the time axis taken out), ``"T"`` at the last step; ``None`` is the quantity itself.
     """
 
     role: str
@@ -37,23 +42,36 @@ class NetTensor(sp.Symbol):
     of: str | None
     rank: int
     parameter: bool
+    step: int | str | None
 
     def __new__(  # noqa: PYI034 (SymPy constructors return the instance they build)
         cls, role: str, node: int | None = None, of: str | None = None, rank: int = 1,
-        parameter: bool | None = None,
+        parameter: bool | None = None, step: int | str | None = None,
     ) -> NetTensor:
         if parameter is None:   # the built-in roles; a custom op's parameters say so
             parameter = (of if role == "grad" else role) in PARAMETER_ROLES
-        return _tensor(cls, role, node, of, rank, parameter)
+        return _tensor(cls, role, node, of, rank, parameter, step)
 
     def _hashable_content(self) -> tuple:
         # SymPy orders atoms by comparing these tuples: no None in them
         node = -1 if self.node is None else self.node
+        step = "" if self.step is None else str(self.step)
         return (*super()._hashable_content(), self.role, node, self.of or "", self.rank,
-                self.parameter)
+                self.parameter, step)
 
     def __getnewargs_ex__(self) -> tuple[tuple, dict]:
-        return (self.role, self.node, self.of, self.rank, self.parameter), {}
+        return (self.role, self.node, self.of, self.rank, self.parameter, self.step), {}
+
+    def at_step(self, step: int | str) -> NetTensor:
+        """This sequence quantity's view at time step t + ``step`` (or ``"T"``, the last)."""
+        return NetTensor(self.role, self.node, self.of, self.rank - 1, self.parameter, step)
+
+    @property
+    def whole(self) -> NetTensor:
+        """The sequence quantity a step view is of (itself if it is none)."""
+        if self.step is None:
+            return self
+        return NetTensor(self.role, self.node, self.of, self.rank + 1, self.parameter)
 
     @property
     def is_parameter(self) -> bool:
@@ -63,12 +81,13 @@ class NetTensor(sp.Symbol):
     def adjoint(self) -> NetTensor:
         """The tensor of ∂C/∂q for this quantity q."""
         return NetTensor("grad", self.node, of=self.role, rank=self.rank,
-                         parameter=self.parameter)
+                         parameter=self.parameter, step=self.step)
 
     @property
     def target(self) -> NetTensor:
         """The quantity q of an adjoint ∂C/∂q."""
-        return NetTensor(self.of, self.node, rank=self.rank, parameter=self.parameter)
+        return NetTensor(self.of, self.node, rank=self.rank, parameter=self.parameter,
+                         step=self.step)
 
     @property
     def indexed(self) -> sp.IndexedBase:
@@ -83,11 +102,12 @@ class NetTensor(sp.Symbol):
 
 @cache
 def _tensor(cls: type, role: str, node: int | None, of: str | None, rank: int,
-            parameter: bool) -> NetTensor:
+            parameter: bool, step: int | str | None) -> NetTensor:
     # not Symbol's cached constructor: two tensors with one display name but other fields
     # (w^2 as a matrix and as a rank-0 label) must stay two objects
     obj = sp.Symbol.__xnew__(cls, display_name(role, node, of), real=True)
     obj.role, obj.node, obj.of, obj.rank, obj.parameter = role, node, of, rank, parameter
+    obj.step = step
     return obj
 
 
@@ -128,11 +148,18 @@ def size_symbol(node: int) -> sp.Symbol:
     return sp.Symbol(f"n_{node}", integer=True, positive=True)
 
 
+#: The length of a sequence: its time steps are t = 1..T.
+LENGTH = sp.Symbol("T", integer=True, positive=True)
+
+
 def shape_symbols(node: int, rank: int) -> tuple[sp.Symbol, ...]:
-    """The per-sample shape of node l's output as symbols: (n_l,) for a vector, (n_l, H_l,
-    W_l) for an image (n_l channels of H_l rows and W_l columns)."""
+    """The per-sample shape of node l's output as symbols: (n_l,) for a vector, (T, n_l) for
+    a sequence (T steps of n_l features), (n_l, H_l, W_l) for an image (n_l channels of H_l
+    rows and W_l columns)."""
     if rank == 1:
         return (size_symbol(node),)
+    if rank == 2:
+        return (LENGTH, size_symbol(node))
     return (size_symbol(node), sp.Symbol(f"H_{node}", integer=True, positive=True),
             sp.Symbol(f"W_{node}", integer=True, positive=True))
 
@@ -152,6 +179,7 @@ _FAMILIES: dict[str, tuple[sp.Symbol, ...]] = {
     "col": (INDEX_POOL[7], *sp.symbols("v f", integer=True, positive=True)),
     "offset_row": (INDEX_POOL[4], *sp.symbols("g p'", integer=True, positive=True)),
     "offset_col": (INDEX_POOL[5], *sp.symbols("h q'", integer=True, positive=True)),
+    "time": (INDEX_POOL[8], *sp.symbols("tau t'", integer=True, positive=True)),
 }
 _FAMILY_OF = {index: family for family, members in _FAMILIES.items() for index in members
               if family != "channel"}
@@ -165,7 +193,7 @@ _WINDOW_AXES = (*_IMAGE_AXES, "offset_row", "offset_col")
 
 def index_family(index: sp.Symbol) -> str:
     """The family of an index symbol: "channel" (j, k, i, m), "row", "col", "offset_row",
-    "offset_col", or "" for the general pool's others."""
+    "offset_col", "time" (t, τ, t'), or "" for the general pool's others."""
     if index in _FAMILIES["channel"]:
         return "channel"
     return _FAMILY_OF.get(index, "")
@@ -209,8 +237,11 @@ def fresh_like(indices: tuple[sp.Symbol, ...], used: set[sp.Symbol]) -> tuple[sp
 
 def indices_for(tensor: NetTensor, used: set[sp.Symbol] | None = None) -> tuple[sp.Symbol, ...]:
     """The free indices a formula about ``tensor`` (or its adjoint) is written in: j, k, ...
-    for vectors and matrices; (j, r, s) for a feature map, (j, k, p, q) for a kernel."""
+    for vectors and matrices; (t, j) for a sequence; (j, r, s) for a feature map, (j, k, p,
+    q) for a kernel."""
     used = used or set()
+    if not tensor.parameter and tensor.rank == 2:
+        return family_indices(("time", "channel"), used)
     if not tensor.parameter and tensor.rank == 3:
         return family_indices(_IMAGE_AXES, used)
     if not tensor.parameter and tensor.rank == 5:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from derive.errors import DeriveError
-from derive.registry.ops import OPS
+from derive.registry.ops import OPS, axis_value
 from derive.spec.load import LAYER_COMMON_FIELDS, PARAMETER_KEYS, load_spec
 from derive.spec.schema import spec_schema
 
@@ -86,7 +86,7 @@ def test_v1_builtins_are_dense_chains(name: str) -> None:
 #: A valid and several invalid values of each attribute kind of the registry.
 VALID_VALUE: dict[str, Any] = {
     "size": 5, "activation": "tanh", "bool": False, "rate": 0.5, "positive": 0.25,
-    "pair": [2, 1], "pair0": 1,
+    "pair": [2, 1], "pair0": 1, "choice": "last",
 }
 INVALID_VALUES: dict[str, list[Any]] = {
     "size": [0, -1, 2.5, True, "4", None],
@@ -96,10 +96,12 @@ INVALID_VALUES: dict[str, list[Any]] = {
     "positive": [0, -1e-5, True, "1", None],
     "pair": [0, -1, 1.5, True, "2", [2], [1, 2, 3], [0, 1], None],
     "pair0": [-1, 0.5, True, "1", [1], [0, -1], None],
+    "choice": ["first", 1, True, None, ["last"]],
 }
 WIDTH = 4
-#: The input of a spec around an op that reads images.
+#: The input of a spec around an op that reads images; around one that reads sequences.
 IMAGE = [2, 7, 7]
+SEQUENCE = {"size": 3, "length": 4}
 
 
 def op_spec(name: str, **fields: Any) -> tuple[dict[str, Any], int]:
@@ -124,8 +126,9 @@ def op_spec(name: str, **fields: Any) -> tuple[dict[str, Any], int]:
     if image and name != "flatten":
         layers.append({"op": "flatten"})
     layers.append({"size": 2, "activation": "sigmoid"})
-    return {"name": f"with_{name}", "input": IMAGE if image else 3, "layers": layers,
-            "loss": "mse"}, feeders
+    sequence = definition.reads == "sequence"
+    return {"name": f"with_{name}", "input": IMAGE if image else SEQUENCE if sequence else 3,
+            "layers": layers, "loss": "mse"}, feeders
 
 
 def schema_accepts(data: Any) -> bool:
@@ -149,7 +152,7 @@ def test_every_op_loads_in_a_spec(name: str) -> None:
     definition = OPS[name]
     in_width = spec.sizes[layer.reads(index + 1)[0]]
     keys = {f"{PARAMETER_KEYS[p.role]}{index + 1}": tuple(
-        {"size": layer.size, "in": in_width}.get(axis, axis) for axis in p.shape)
+        axis_value(axis, {"size": layer.size, "in": in_width}) for axis in p.shape)
         for p in definition.parameters({"bias": layer.bias, **dict(layer.options)})}
     assert {k: v for k, v in spec.parameter_shapes().items() if k.endswith(str(index + 1))} \
         == keys

@@ -471,3 +471,237 @@ def test_rejects_bad_image_inputs() -> None:
     with pytest.raises(NotImplementedError, match="chains only"):
         conv_reference.conv_net_loss_and_grads(dag, {}, np.zeros((1, 1, 2, 2)),
                                                np.zeros((1, 1, 2, 2)))
+
+
+# --- sequences: rnn, lstm, gru -------------------------------------------------------------------
+
+#: The built-in sequence examples, as dicts.
+RNN_SINE = {"name": "rnn_sine", "input": {"size": 1, "length": 20},
+            "layers": [{"op": "rnn", "size": 16}, {"size": 1}], "loss": "mse"}
+LSTM_ADDING = {"name": "lstm_adding", "input": {"size": 2, "length": 20},
+               "layers": [{"op": "lstm", "size": 32, "return": "last"}, {"size": 1}],
+               "loss": "mse"}
+GRU_TONES = {"name": "gru_tones", "input": {"size": 1, "length": 16},
+             "layers": [{"op": "gru", "size": 16, "return": "last"},
+                        {"size": 3, "activation": "softmax"}],
+             "loss": "cross_entropy"}
+SEQUENCE_LOSSES = {"mse": "tanh", "cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
+
+
+def sequence_spec(cell: str, returns: str, loss: str, **extra: object) -> dict:
+    """input (T, n) = (4, 2) -> ``cell`` of size 3 -> dense of 2 (per step for a sequence),
+    with l2 and l1 regularization; ``extra`` are attributes of the recurrent layer."""
+    return {"name": f"{cell}_{returns}", "input": {"size": 2, "length": 4},
+            "layers": [{"op": cell, "size": 3, "return": returns, **extra},
+                       {"size": 2, "activation": SEQUENCE_LOSSES[loss]}],
+            "loss": loss, "regularization": {"l2": 0.02, "l1": 0.01}}
+
+
+def difference_check(spec: dict, params: dict[str, np.ndarray], X: np.ndarray, Y: np.ndarray,
+                     grads: dict[str, np.ndarray], entries: int | None = None,
+                     eps: float = 1e-6) -> dict[str, float]:
+    """Relative error of torch's gradient against central differences
+    (f(w + eps) - f(w - eps)) / 2 eps of :func:`numpy_forward_loss`, per parameter: over every
+    entry, or over ``entries`` entries drawn at random; max |difference| over the selected
+    entries, relative to max |gradient| over the whole parameter (at least 1e-3)."""
+    rng = np.random.default_rng(0)
+    errors = {}
+    for name, value in params.items():
+        indices = list(np.ndindex(value.shape))
+        if entries is not None and entries < len(indices):
+            indices = [indices[i] for i in rng.choice(len(indices), entries, replace=False)]
+        worst = 0.0
+        for index in indices:
+            f = []
+            for step in (eps, -eps):
+                shifted = dict(params)
+                shifted[name] = value.copy()
+                shifted[name][index] += step
+                f.append(numpy_forward_loss(spec, shifted, X, Y))
+            worst = max(worst, abs((f[0] - f[1]) / (2 * eps) - grads[name][index]))
+        errors[name] = worst / max(float(np.abs(grads[name]).max()), 1e-3)
+    return errors
+
+
+def check_sequence_spec(spec: dict, seed: int, batch: int = 3,
+                        entries: int | None = None) -> None:
+    """Torch and NumPy losses agree to 1e-10; torch gradients match central differences."""
+    params = away_from_zero(init_reference_params(spec, seed))
+    X, Y = reference_batch(spec, seed, batch)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    assert loss == pytest.approx(numpy_forward_loss(spec, params, X, Y), rel=1e-10, abs=1e-10)
+    assert set(grads) == set(params)
+    for name in params:
+        assert grads[name].shape == params[name].shape, name
+        assert np.abs(grads[name]).max() > 1e-6, name  # every parameter matters
+    errors = difference_check(spec, params, X, Y, grads, entries)
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_sequence_spec_shapes() -> None:
+    assert spec_input_shape(RNN_SINE) == (20, 1)
+    assert spec_output_shape(RNN_SINE) == (20, 1)
+    graph = reference_graph(RNN_SINE)
+    assert graph.param_shapes == {"Wx1": (16, 1), "Wh1": (16, 16), "b1": (16,),
+                                  "W2": (1, 16), "b2": (1,)}
+    assert graph.weight_names == ["Wx1", "Wh1", "W2"]
+    assert spec_input_shape(LSTM_ADDING) == (20, 2)
+    assert spec_output_shape(LSTM_ADDING) == (1,) and spec_output_size(LSTM_ADDING) == 1
+    assert reference_graph(LSTM_ADDING).param_shapes == {
+        "Wx1": (128, 2), "Wh1": (128, 32), "b1": (128,), "W2": (1, 32), "b2": (1,)}
+    graph = reference_graph(GRU_TONES)
+    assert graph.param_shapes == {"Wx1": (48, 1), "Wh1": (48, 16), "bx1": (48,),
+                                  "bh1": (48,), "W2": (3, 16), "b2": (3,)}
+    assert graph.weight_names == ["Wx1", "Wh1", "W2"]
+    X, Y = reference_batch(GRU_TONES, 0, 5)
+    assert X.shape == (5, 16, 1) and Y.shape == (5, 3)
+    np.testing.assert_allclose(Y.sum(axis=1), 1.0)
+    for spec in (RNN_SINE, LSTM_ADDING, GRU_TONES):
+        params = init_reference_params(spec, 0)
+        assert {k: v.shape for k, v in params.items()} == reference_graph(spec).param_shapes
+    with pytest.raises(NotImplementedError, match="not a vector"):
+        spec_input_size(RNN_SINE)
+    with pytest.raises(NotImplementedError, match="sequence"):
+        spec_output_size(RNN_SINE)
+    # cross-entropy targets of a sequence output: a distribution at every time step
+    spec = sequence_spec("gru", "sequence", "cross_entropy")
+    X, Y = reference_batch(spec, 1, 3)
+    assert X.shape == (3, 4, 2) and Y.shape == (3, 4, 2)
+    np.testing.assert_allclose(Y.sum(axis=2), 1.0)
+    assert (Y > 0).all()
+    # the output of every layer after the recurrent one keeps the time axis
+    chain = {"input": {"size": 2, "length": 3}, "layers": [
+        {"op": "lstm", "size": 4, "name": "h"}, {"size": 3, "activation": "relu"},
+        {"op": "dropout", "rate": 0.1}, {"size": 4}, {"op": "add", "inputs": ["h", 4]},
+        {"op": "rnn", "size": 2, "activation": "silu", "bias": False, "return": "last"}],
+        "loss": "mse"}
+    assert [node.shape for node in reference_graph(chain).nodes] == [
+        (3, 4), (3, 3), (3, 3), (3, 4), (3, 4), (2,)]
+    assert set(reference_graph(chain).param_shapes) == {
+        "Wx1", "Wh1", "b1", "W2", "b2", "W4", "b4", "Wx6", "Wh6"}
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", "binary_cross_entropy"])
+@pytest.mark.parametrize("returns", ["sequence", "last"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_recurrent_torch_matches_numpy(cell: str, returns: str, loss: str) -> None:
+    spec = sequence_spec(cell, returns, loss)
+    for seed in range(3):
+        params = init_reference_params(spec, seed)
+        X, Y = reference_batch(spec, seed, 3)
+        loss_value, _ = torch_loss_and_grads(spec, params, X, Y)
+        assert loss_value == pytest.approx(numpy_forward_loss(spec, params, X, Y), rel=1e-10,
+                                           abs=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("returns", ["sequence", "last"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_recurrent_torch_matches_differences(cell: str, returns: str, loss: str) -> None:
+    check_sequence_spec(sequence_spec(cell, returns, loss), seed=11)
+
+
+@pytest.mark.parametrize("activation", [
+    "relu",                                  # torch.nn.RNN(nonlinearity="relu")
+    "sigmoid", "identity", "gelu",           # written out in torch ops, step by step
+    {"name": "leaky_relu", "alpha": 0.2},
+])
+def test_rnn_activations(activation: object) -> None:
+    check_sequence_spec(sequence_spec("rnn", "sequence", "mse", activation=activation),
+                        seed=5)
+    check_sequence_spec(sequence_spec("rnn", "last", "mse", activation=activation,
+                                      bias=False), seed=6)
+
+
+@pytest.mark.parametrize("spec", [RNN_SINE, LSTM_ADDING, GRU_TONES],
+                         ids=lambda spec: spec["name"])
+def test_builtin_sequence_examples(spec: dict) -> None:
+    check_sequence_spec({**spec, "regularization": {"l2": 0.01, "l1": 0.001}}, seed=2,
+                        batch=2, entries=3)
+
+
+def test_sequence_cost_sums_over_time() -> None:
+    """With zero weights h_t = 0 at every step: 0.5 * (0 - 1)^2 per step and component, summed
+    over T = 3 steps and n = 2 components (not averaged over time), mean over the batch."""
+    spec = {"input": {"size": 1, "length": 3},
+            "layers": [{"op": "rnn", "size": 2, "bias": False}], "loss": "mse"}
+    params = {"Wx1": np.zeros((2, 1)), "Wh1": np.zeros((2, 2))}
+    X = np.random.default_rng(0).standard_normal((4, 3, 1))
+    Y = np.ones((4, 3, 2))
+    assert numpy_forward_loss(spec, params, X, Y) == pytest.approx(3.0, rel=1e-15)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    assert loss == pytest.approx(3.0, rel=1e-15)
+    # dC/dWx[j] = mean over samples of sum_t (h_t - y_t) tanh'(0) x_t = -mean(sum_t x_t)
+    np.testing.assert_allclose(grads["Wx1"], -X.sum(axis=(1, 2)).mean() * np.ones((2, 1)),
+                               rtol=1e-13)
+    np.testing.assert_allclose(grads["Wh1"], 0.0, atol=1e-15)  # h_{t-1} = 0
+
+
+def test_regularization_covers_recurrent_weights() -> None:
+    spec = sequence_spec("gru", "sequence", "cross_entropy")
+    plain_spec = {**spec, "regularization": {}}
+    params = init_reference_params(spec, 4)
+    X, Y = reference_batch(spec, 4, 2)
+    base = numpy_forward_loss(plain_spec, params, X, Y)
+    l2, l1 = 0.02, 0.01
+    weights = [params[name] for name in ("Wx1", "Wh1", "W2")]
+    expected = base + l2 / 2 * sum((w ** 2).sum() for w in weights) + l1 * sum(
+        np.abs(w).sum() for w in weights)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    assert numpy_forward_loss(spec, params, X, Y) == pytest.approx(expected, rel=1e-12)
+    _, plain = torch_loss_and_grads(plain_spec, params, X, Y)
+    for name in ("Wx1", "Wh1"):
+        np.testing.assert_allclose(grads[name], plain[name] + l2 * params[name]
+                                   + l1 * np.sign(params[name]), rtol=1e-10)
+    for name in ("bx1", "bh1"):
+        np.testing.assert_allclose(grads[name], plain[name], rtol=1e-12)
+
+
+def test_recurrent_modules_leave_torch_rng_alone() -> None:
+    import torch
+
+    spec = sequence_spec("lstm", "last", "mse")
+    params = init_reference_params(spec, 0)
+    X, Y = reference_batch(spec, 0, 2)
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    torch_loss_and_grads(spec, params, X, Y)
+    assert torch.equal(torch.rand(3), want)
+
+
+@pytest.mark.parametrize(("input_", "layers", "error", "match"), [
+    (3, [{"op": "rnn", "size": 2}], ValueError, "reads a sequence"),
+    ([1, 3, 3], [{"op": "gru", "size": 2}], ValueError, "reads a sequence"),
+    ({"size": 2, "length": 3}, [{"op": "lstm", "size": 2, "return": "last"},
+                                {"op": "lstm", "size": 2}], ValueError, "reads a sequence"),
+    ({"size": 2, "length": 3}, [{"op": "layer_norm"}], NotImplementedError, "sequence"),
+    ({"size": 2, "length": 3}, [{"op": "conv2d", "channels": 1, "kernel": 1}], ValueError,
+     "reads an image"),
+    ({"size": 2, "length": 3}, [{"op": "flatten"}], ValueError, "reads an image"),
+    ({"size": 2, "length": 3}, [{"op": "rnn"}], ValueError, "size"),
+    ({"size": 2, "length": 3}, [{"op": "rnn", "size": 0}], ValueError, "size"),
+    ({"size": 2, "length": 3}, [{"op": "rnn", "size": 2, "return": "first"}], ValueError,
+     "return"),
+    ({"size": 2, "length": 3}, [{"op": "rnn", "size": 2, "activation": "softmax"}],
+     ValueError, "elementwise"),
+    ({"size": 2, "length": 3}, [{"op": "lstm", "size": 2, "activation": "relu"}],
+     ValueError, "activation"),
+    ({"size": 2, "length": 3}, [{"op": "gru", "size": 2, "bias": False}], ValueError, "bias"),
+    ({"size": 2, "length": 3}, [{"op": "rnn", "size": 2, "name": "a"},
+                                {"op": "gru", "size": 2, "return": "last", "input": "a"},
+                                {"op": "add", "inputs": ["a", 2]}], ValueError,
+     "different shapes"),
+])
+def test_rejects_bad_sequence_specs(input_: object, layers: list, error: type,
+                                    match: str) -> None:
+    with pytest.raises(error, match=match):
+        reference_graph({"input": input_, "layers": layers, "loss": "mse"})
+
+
+def test_rejects_bad_sequence_inputs() -> None:
+    for value in ({"size": 2}, {"size": 2, "length": 0}, {"size": 2.0, "length": 3},
+                  {"size": 2, "length": 3, "channels": 1}):
+        with pytest.raises((ValueError, NotImplementedError)):
+            spec_input_shape({"input": value, "layers": [], "loss": "mse"})

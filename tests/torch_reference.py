@@ -1,19 +1,43 @@
 """An independent reference for graph specs: PyTorch autograd and a plain NumPy forward pass.
 
 Nothing here imports ``derive``. A spec is a plain dict (already parsed YAML/JSON) in the form
-of Contract 1, restricted to vector input (``input: n``) or image input (``input: [C, H, W]``)
-and the ops ``dense`` (op omitted = dense), ``activation``, ``add``, ``layer_norm``,
-``dropout`` (identity: gradients are taken with dropout off), ``conv2d``, ``max_pool2d``,
-``avg_pool2d``, ``flatten`` and custom ops. Parameters follow Contract 2, where l is the
-1-based position of the layer in ``layers``: ``W{l}`` (n, n_in) and ``b{l}`` (n,) of a dense
-layer; ``W{l}`` (C_out, C_in, kh, kw) and ``b{l}`` (C_out,) of a conv2d layer; ``gamma{l}``
-and ``beta{l}`` (n,) of layer_norm.
+of Contract 1, restricted to vector input (``input: n``), sequence input
+(``input: {size: n, length: T}``) or image input (``input: [C, H, W]``) and the ops ``dense``
+(op omitted = dense), ``activation``, ``add``, ``layer_norm``, ``dropout`` (identity: gradients
+are taken with dropout off), ``conv2d``, ``max_pool2d``, ``avg_pool2d``, ``flatten``, ``rnn``,
+``lstm``, ``gru`` and custom ops. Parameters follow Contract 2, where l is the 1-based position
+of the layer in ``layers``: ``W{l}`` (n, n_in) and ``b{l}`` (n,) of a dense layer; ``W{l}``
+(C_out, C_in, kh, kw) and ``b{l}`` (C_out,) of a conv2d layer; ``gamma{l}`` and ``beta{l}``
+(n,) of layer_norm; ``Wx{l}``, ``Wh{l}`` and biases of the recurrent ops (below).
 
-Shapes. Every node's output has a per-sample shape: ``(n,)`` (a vector) or ``(C, H, W)`` (an
-image); X is ``(B, *input shape)`` and Y ``(B, *output shape)``. ``dense``, ``layer_norm`` and
-custom ops read vectors; ``conv2d`` and the pools read images; ``flatten`` turns an image into
-the vector of its C*H*W entries, C-major (``torch.flatten(x, 1)``); ``activation``, ``add``
-and ``dropout`` work on either, elementwise (softmax only on vectors, over the feature axis).
+Shapes. Every node's output has a per-sample shape: ``(n,)`` (a vector), ``(T, n)`` (a
+sequence of T time steps of n features) or ``(C, H, W)`` (an image); X is
+``(B, *input shape)`` -- ``(B, T, n)`` for a sequence -- and Y ``(B, *output shape)``:
+``(B, T, n_L)`` for a sequence output, ``(B, n_L)`` for a vector one. ``dense`` reads a vector
+or a sequence (a sequence step by step, the same W and b at every step: output
+``(T, n_out)``); ``layer_norm`` and custom ops read vectors (a sequence raises
+``NotImplementedError``: not supported yet); ``conv2d`` and the pools read images;
+``flatten`` turns an image into the vector of its C*H*W entries, C-major
+(``torch.flatten(x, 1)``); ``rnn``, ``lstm`` and ``gru`` read sequences only; ``activation``,
+``add`` and ``dropout`` work on any shape, elementwise (softmax on vectors, over the feature
+axis, and on sequences, over the feature axis at each time step; not on images).
+
+- ``rnn``, ``lstm``, ``gru``: ``size`` n required; ``return`` ``sequence`` (the default: the
+  output is h_1..h_T, shape (T, n)) or ``last`` (h_T, shape (n,)). They start from
+  h_0 = 0 (and c_0 = 0); sigma is the logistic sigmoid.
+
+  - ``rnn``: ``activation`` (default tanh; any elementwise one, not softmax) and ``bias``
+    (default true). ``Wx{l}`` (n, n_in), ``Wh{l}`` (n, n), ``b{l}`` (n,);
+    h_t = act(Wx x_t + Wh h_{t-1} + b).
+  - ``lstm``: ``Wx{l}`` (4n, n_in), ``Wh{l}`` (4n, n), ``b{l}`` (4n,), the rows of the gates
+    i, f, g, o stacked in that order (PyTorch's). With [i; f; g; o] = Wx x_t + Wh h_{t-1} + b:
+    c_t = sigma(f) c_{t-1} + sigma(i) tanh(g), h_t = sigma(o) tanh(c_t).
+  - ``gru``: ``Wx{l}`` (3n, n_in), ``Wh{l}`` (3n, n), ``bx{l}`` and ``bh{l}`` (3n,), the rows
+    of r, z, n in that order (PyTorch's, and PyTorch's equations): with [a_r; a_z; a_n] =
+    Wx x_t + bx and [u_r; u_z; u_n] = Wh h_{t-1} + bh, r = sigma(a_r + u_r),
+    z = sigma(a_z + u_z), n = tanh(a_n + r * u_n), h_t = (1 - z) * n + z * h_{t-1}.
+
+  lstm and gru take no ``activation``, and no ``bias`` other than ``true`` (ValueError).
 
 - ``conv2d``: ``channels`` C_out and ``kernel`` (int or [kh, kw]) required; ``stride`` (int
   or [sh, sw], default 1), ``padding`` (int or [ph, pw], default 0; zeros on both sides),
@@ -31,20 +55,26 @@ and ``dropout`` work on either, elementwise (softmax only on vectors, over the f
   data, where ties have probability zero.
 
 The per-sample cost is the loss summed over every output component (all C*H*W entries of an
-image output); the batch cost is its mean over samples plus, once,
-``(l2/2) * sum(W**2) + l1 * sum(|W|)`` over the weights ``W{l}`` of dense and conv2d layers
-only (not biases, gamma/beta or custom-op parameters).
+image output; every time step and every component of a sequence output: a sum over time, not
+a mean; cross_entropy with a softmax per step); the batch cost is its mean over samples plus,
+once, ``(l2/2) * sum(W**2) + l1 * sum(|W|)`` over the weights ``W{l}`` of dense and conv2d
+layers and ``Wx{l}``, ``Wh{l}`` of rnn, lstm and gru only (not biases ``b``, ``bx``, ``bh``,
+gamma/beta or custom-op parameters).
 
-:func:`torch_loss_and_grads` uses PyTorch's own functions in float64 and autograd;
-:func:`numpy_forward_loss` is separate NumPy code for the same cost (forward only; convolution
-and pooling written as loops over kernel offsets), for finite differences. Both share only the
+:func:`torch_loss_and_grads` uses PyTorch's own functions in float64 and autograd: for the
+recurrent ops the modules ``torch.nn.RNN`` (tanh, relu; an rnn with another activation is a
+loop of torch ops), ``torch.nn.LSTM`` and ``torch.nn.GRU`` (``batch_first=True``) with our
+values copied in (``bias_ih_l0`` = b and ``bias_hh_l0`` = 0 for rnn and lstm; bx and bh for
+gru). :func:`numpy_forward_loss` is separate NumPy code for the same cost (forward only;
+convolution and pooling written as loops over kernel offsets, the recurrent ops as a loop
+over time steps from the equations above), for finite differences. Both share only the
 reading of the spec's structure (:func:`reference_graph`). Custom ops are evaluated entry by
 entry by :mod:`tests.index_reference` (its own reading of the index notation); custom
 activations and losses raise ``NotImplementedError``. :mod:`tests.conv_reference` is a third,
 loop-by-loop reference for convolutional chains with its own reading of the spec.
 
 API: :func:`reference_graph`, :func:`spec_input_shape`, :func:`spec_output_shape`,
-:func:`spec_input_size` and :func:`spec_output_size` (vector specs only),
+:func:`spec_input_size` and :func:`spec_output_size` (vector input / output only),
 :func:`init_reference_params`, :func:`reference_batch`, :func:`torch_loss_and_grads`,
 :func:`numpy_forward_loss`.
 """
@@ -60,10 +90,15 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+#: Recurrent ops: they read a sequence [T, n_in], step by step from h_0 = 0.
+RECURRENT_OPS = ("rnn", "lstm", "gru")
 SUPPORTED_OPS = ("dense", "activation", "add", "layer_norm", "dropout", "conv2d", "max_pool2d",
-                 "avg_pool2d", "flatten")
-#: Ops with a weight ``W{l}`` that the regularization penalises.
+                 "avg_pool2d", "flatten", *RECURRENT_OPS)
+#: Ops with a weight ``W{l}`` that the regularization penalises (recurrent ops: ``Wx{l}`` and
+#: ``Wh{l}``).
 WEIGHTED_OPS = ("dense", "conv2d")
+#: Gates stacked in the rows of ``Wx{l}``, ``Wh{l}`` and the biases, PyTorch's order.
+GATES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 ACTIVATION_NAMES = (
     "identity", "sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "silu", "gelu",
     "softmax",
@@ -87,9 +122,11 @@ class Activation:
 @dataclass(frozen=True)
 class Node:
     """One layer of the spec: its 1-based number, op, input node numbers (0 = x) and the
-    per-sample shape of its output: ``(n,)`` for a vector, ``(C, H, W)`` for an image.
+    per-sample shape of its output: ``(n,)`` for a vector, ``(T, n)`` for a sequence,
+    ``(C, H, W)`` for an image.
 
-    ``kernel``, ``stride`` and ``padding`` are (height, width) pairs of conv2d and the pools.
+    ``kernel``, ``stride`` and ``padding`` are (height, width) pairs of conv2d and the pools;
+    ``returns`` is ``"sequence"`` or ``"last"`` for a recurrent op.
     """
 
     number: int
@@ -104,10 +141,12 @@ class Node:
     kernel: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
+    returns: str = "sequence"
 
     @property
     def width(self) -> int:
-        """The number of components of the output (n for a vector, C*H*W for an image)."""
+        """The number of components of the output (n for a vector, T*n for a sequence, C*H*W
+        for an image)."""
         return math.prod(self.shape)
 
     def custom_output(self, outputs: list, params: dict, lib: Any) -> Any:
@@ -139,12 +178,20 @@ class Graph:
 
     @property
     def weight_names(self) -> list[str]:
-        """The penalised parameters: the weights of dense layers and the kernels of conv2d."""
-        return [f"W{node.number}" for node in self.nodes if node.op in WEIGHTED_OPS]
+        """The penalised parameters: the weights of dense layers, the kernels of conv2d and the
+        input and recurrent weights ``Wx{l}``, ``Wh{l}`` of rnn, lstm and gru."""
+        names = []
+        for node in self.nodes:
+            if node.op in WEIGHTED_OPS:
+                names.append(f"W{node.number}")
+            elif node.op in RECURRENT_OPS:
+                names += [f"Wx{node.number}", f"Wh{node.number}"]
+        return names
 
     @property
     def input_size(self) -> int:
-        """Number of input components (n_0 for a vector, C*H*W for an image)."""
+        """Number of input components (n_0 for a vector, T*n for a sequence, C*H*W for an
+        image)."""
         return math.prod(self.input_shape)
 
     @property
@@ -194,27 +241,32 @@ def _is_int(value: Any) -> bool:
 
 
 def spec_input_shape(spec: dict) -> tuple[int, ...]:
-    """The per-sample input shape: ``(n_0,)`` for ``input: n_0``, ``(C, H, W)`` for
-    ``input: [C, H, W]``."""
+    """The per-sample input shape: ``(n_0,)`` for ``input: n_0``, ``(T, n)`` for a sequence
+    ``input: {size: n, length: T}``, ``(C, H, W)`` for ``input: [C, H, W]``."""
     value = spec["input"]
     if _is_int(value):
         shape = (int(value),)
     elif isinstance(value, (list, tuple)) and len(value) == 3 and all(map(_is_int, value)):
         shape = tuple(int(v) for v in value)
+    elif (isinstance(value, dict) and set(value) == {"size", "length"}
+          and _is_int(value["size"]) and _is_int(value["length"])):
+        shape = (int(value["length"]), int(value["size"]))
     else:
         raise NotImplementedError(
-            f"input must be a width n or an image [C, H, W] of ints, not {value!r}")
+            f"input must be a width n, a sequence {{size: n, length: T}} or an image "
+            f"[C, H, W] of ints, not {value!r}")
     if min(shape) < 1:
         raise ValueError(f"input sizes must be positive, not {value!r}")
     return shape
 
 
 def spec_input_size(spec: dict) -> int:
-    """The width n_0 of a vector input (an image input raises: see :func:`spec_input_shape`)."""
+    """The width n_0 of a vector input (a sequence or an image input raises: see
+    :func:`spec_input_shape`)."""
     shape = spec_input_shape(spec)
     if len(shape) != 1:
-        raise NotImplementedError(f"input {spec['input']!r} is an image, not a vector; "
-                                  "use spec_input_shape")
+        raise NotImplementedError(f"input {spec['input']!r} is {_describe(shape)}, not a "
+                                  "vector; use spec_input_shape")
     return shape[0]
 
 
@@ -261,12 +313,64 @@ def _resolve(ref: Any, names: dict[str, int], number: int) -> int:
     return ref
 
 
+def _describe(shape: tuple[int, ...]) -> str:
+    """A per-sample shape in words: a vector, a sequence [T, n] or an image [C, H, W]."""
+    if len(shape) == 1:
+        return f"a vector of {shape[0]}"
+    if len(shape) == 2:
+        return f"a sequence [T, n] = {list(shape)}"
+    return f"an image {list(shape)}"
+
+
 def _check_activation(act: Activation, shape: tuple[int, ...], number: int) -> Activation:
-    """Softmax normalises over a vector's feature axis; an image has none."""
-    if act.name == "softmax" and len(shape) != 1:
-        raise ValueError(f"layer {number}: softmax applies to vectors, not to an image "
-                         f"{list(shape)}")
+    """Softmax normalises over the feature axis: a vector's, or a sequence's at each time step;
+    an image has none."""
+    if act.name == "softmax" and len(shape) == 3:
+        raise ValueError(f"layer {number}: softmax applies to vectors and sequences, not to "
+                         f"an image {list(shape)}")
     return act
+
+
+def _recurrent(layer: dict, op: str, in_shape: tuple[int, ...], number: int) -> tuple[
+        tuple[int, ...], dict[str, Any]]:
+    """Output shape and Node fields of an rnn, lstm or gru layer reading ``in_shape`` (T, n_in).
+
+    rnn: ``Wx{l}`` (n, n_in), ``Wh{l}`` (n, n), ``b{l}`` (n,) unless ``bias: false``; lstm:
+    (4n, n_in), (4n, n), ``b{l}`` (4n,); gru: (3n, n_in), (3n, n), ``bx{l}`` and ``bh{l}``
+    (3n,). Output (T, n) (``return: sequence``, the default) or (n,) (``return: last``)."""
+    size = layer.get("size")
+    if not _is_int(size) or size < 1:
+        raise ValueError(f"layer {number}: {op} needs size, a positive int, not {size!r}")
+    n = int(size)
+    returns = layer.get("return", "sequence")
+    if returns not in ("sequence", "last"):
+        raise ValueError(f"layer {number}: return must be 'sequence' or 'last', not "
+                         f"{returns!r}")
+    length, n_in = in_shape
+    if op == "rnn":
+        act = parse_activation(layer.get("activation", "tanh"))
+        if act.name == "softmax":
+            raise ValueError(f"layer {number}: rnn needs an elementwise activation, not "
+                             "softmax")
+        bias = bool(layer.get("bias", True))
+        params = {f"Wx{number}": (n, n_in), f"Wh{number}": (n, n)}
+        if bias:
+            params[f"b{number}"] = (n,)
+    else:
+        if "activation" in layer:
+            raise ValueError(f"layer {number}: {op} takes no activation (its gates are fixed)")
+        if layer.get("bias", True) is not True:
+            raise ValueError(f"layer {number}: {op} takes no bias attribute (its biases are "
+                             "always there)")
+        act, bias = None, True
+        rows = len(GATES[op]) * n
+        params = {f"Wx{number}": (rows, n_in), f"Wh{number}": (rows, n)}
+        if op == "lstm":
+            params[f"b{number}"] = (rows,)
+        else:
+            params.update({f"bx{number}": (rows,), f"bh{number}": (rows,)})
+    shape = (length, n) if returns == "sequence" else (n,)
+    return shape, {"activation": act, "bias": bias, "params": params, "returns": returns}
 
 
 def reference_graph(spec: dict) -> Graph:
@@ -302,20 +406,28 @@ def reference_graph(spec: dict) -> Graph:
         elif len(inputs) != 1 and custom is None:
             raise ValueError(f"layer {number}: {op} takes one input, got {len(inputs)}")
         in_shape = shapes[inputs[0]]
-        if op in ("dense", "layer_norm", "custom") and any(len(shapes[i]) != 1 for i in inputs):
-            raise ValueError(f"layer {number}: {op} reads a vector, not an image "
+        ranks = {len(shapes[i]) for i in inputs}
+        if op in ("dense", "layer_norm", "custom") and 3 in ranks:
+            reads = "a vector or a sequence" if op == "dense" else "a vector"
+            raise ValueError(f"layer {number}: {op} reads {reads}, not an image "
                              f"{list(in_shape)} (flatten it first)")
+        if op in ("layer_norm", "custom") and 2 in ranks:
+            raise NotImplementedError(f"layer {number}: {op} of a sequence [T, n] is not "
+                                      "supported yet")
         if op in ("conv2d", "max_pool2d", "avg_pool2d", "flatten") and len(in_shape) != 3:
-            raise ValueError(f"layer {number}: {op} reads an image [C, H, W], not a vector "
-                             f"of {in_shape[0]}")
+            raise ValueError(f"layer {number}: {op} reads an image [C, H, W], not "
+                             f"{_describe(in_shape)}")
+        if op in RECURRENT_OPS and len(in_shape) != 2:
+            raise ValueError(f"layer {number}: {op} reads a sequence [T, n], not "
+                             f"{_describe(in_shape)}")
         kwargs: dict[str, Any] = {}
-        if op == "dense":
-            n_in = in_shape[0]
-            shape = (int(layer["size"]),)
+        if op == "dense":  # on a sequence: the same weights at every time step
+            n_in = in_shape[-1]
+            shape = (*in_shape[:-1], int(layer["size"]))
             bias = bool(layer.get("bias", True))
-            params = {f"W{number}": (shape[0], n_in)}
+            params = {f"W{number}": (shape[-1], n_in)}
             if bias:
-                params[f"b{number}"] = shape
+                params[f"b{number}"] = (shape[-1],)
             kwargs = {"activation": parse_activation(layer.get("activation", "identity")),
                       "bias": bias, "params": params}
         elif op == "conv2d":
@@ -348,6 +460,8 @@ def reference_graph(spec: dict) -> Graph:
             kwargs = {"kernel": kernel, "stride": stride}
         elif op == "flatten":
             shape = (math.prod(in_shape),)
+        elif op in RECURRENT_OPS:
+            shape, kwargs = _recurrent(layer, op, in_shape, number)
         elif op == "activation":
             shape = in_shape
             kwargs = {"activation": _check_activation(parse_activation(layer["activation"]),
@@ -382,15 +496,17 @@ def reference_graph(spec: dict) -> Graph:
 
 
 def spec_output_shape(spec: dict) -> tuple[int, ...]:
-    """The per-sample shape of the last layer's output: ``(n_L,)`` or ``(C, H, W)``."""
+    """The per-sample shape of the last layer's output: ``(n_L,)``, ``(T, n_L)`` or
+    ``(C, H, W)``."""
     return reference_graph(spec).output_shape
 
 
 def spec_output_size(spec: dict) -> int:
-    """The width n_L of a vector output (an image output raises: see spec_output_shape)."""
+    """The width n_L of a vector output (a sequence or an image output raises: see
+    spec_output_shape)."""
     shape = spec_output_shape(spec)
     if len(shape) != 1:
-        raise NotImplementedError(f"the output is an image {list(shape)}, not a vector; "
+        raise NotImplementedError(f"the output is {_describe(shape)}, not a vector; "
                                   "use spec_output_shape")
     return shape[0]
 
@@ -422,8 +538,10 @@ def init_reference_params(spec: dict, seed: int) -> dict[str, np.ndarray]:
     """Random float64 parameters, drawn in layer order from ``default_rng(seed)``.
 
     Each entry is a standard normal draw, scaled: a dense weight by min(0.5, 1/sqrt(n_in))
-    (0.5 up to n_in = 4); a conv2d kernel by 1/sqrt(C_in*kh*kw) (fan-in); gamma is
-    1 + 0.1 * normal, beta 0.1 * normal; biases and custom-op parameters 0.5 * normal.
+    (0.5 up to n_in = 4); a conv2d kernel by 1/sqrt(C_in*kh*kw) (fan-in); a recurrent layer's
+    ``Wx{l}`` by min(0.5, 1/sqrt(n_in)) and ``Wh{l}`` by min(0.5, 1/sqrt(n)) (n its size, the
+    fan-in of every gate); gamma is 1 + 0.1 * normal, beta 0.1 * normal; biases (``b``, ``bx``,
+    ``bh``) and custom-op parameters 0.5 * normal.
     """
     rng = np.random.default_rng(seed)
     params = {}
@@ -438,17 +556,20 @@ def init_reference_params(spec: dict, seed: int) -> dict[str, np.ndarray]:
                 params[name] = min(0.5, 1.0 / math.sqrt(shape[1])) * noise
             elif name == f"W{node.number}" and node.op == "conv2d":
                 params[name] = noise / math.sqrt(math.prod(shape[1:]))
+            elif name in (f"Wx{node.number}", f"Wh{node.number}") and node.op in RECURRENT_OPS:
+                params[name] = min(0.5, 1.0 / math.sqrt(shape[1])) * noise
             else:
                 params[name] = 0.5 * noise
     return params
 
 
 def reference_batch(spec: dict, seed: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 (X, Y) of shapes (B, *input shape) and (B, *output shape), vector or image.
+    """Float64 (X, Y) of shapes (B, *input shape) and (B, *output shape): vector, sequence
+    (B, T, n) or image.
 
     X is standard normal (continuous: no max-pool ties). Y suits the loss: cross_entropy,
-    positive entries summing to 1 per sample; binary_cross_entropy, entries in (0.05, 0.95);
-    mse, standard normal. For vector specs this is the batch of
+    positive entries summing to 1 per sample (per sample and time step for a sequence
+    output); binary_cross_entropy, entries in (0.05, 0.95); mse, standard normal. For vector specs this is the batch of
     ``tests.strategies.random_batch`` (the same stream, apart from the params' seed).
     """
     graph = reference_graph(spec)
@@ -457,7 +578,10 @@ def reference_batch(spec: dict, seed: int, batch: int) -> tuple[np.ndarray, np.n
     shape = (batch, *graph.output_shape)
     if graph.loss == "cross_entropy":
         Y = rng.uniform(0.05, 1.0, shape)
-        Y /= Y.reshape(batch, -1).sum(axis=1).reshape((batch,) + (1,) * (Y.ndim - 1))
+        if len(graph.output_shape) == 2:  # a sequence: a distribution at every time step
+            Y /= Y.sum(axis=-1, keepdims=True)
+        else:
+            Y /= Y.reshape(batch, -1).sum(axis=1).reshape((batch,) + (1,) * (Y.ndim - 1))
     elif graph.loss == "binary_cross_entropy":
         Y = rng.uniform(0.05, 0.95, shape)
     else:
@@ -496,9 +620,62 @@ def _torch_activation(act: Activation, z: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError(act.name)
 
 
+def _torch_recurrent(node: Node, x: torch.Tensor, tp: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An rnn, lstm or gru layer on x (B, T, n_in), batch first: its output (B, T, n) or, with
+    ``return: last``, (B, n).
+
+    PyTorch's own ``torch.nn.RNN`` (tanh or relu), ``torch.nn.LSTM`` and ``torch.nn.GRU`` in
+    float64, our values copied in: ``weight_ih_l0`` = Wx, ``weight_hh_l0`` = Wh; for rnn and
+    lstm ``bias_ih_l0`` = b and ``bias_hh_l0`` = 0 (constant: PyTorch adds both biases, ours is
+    one), for gru ``bias_ih_l0`` = bx and ``bias_hh_l0`` = bh (they differ: bh sits inside
+    r * (...)). The module's parameters then replace our entries of ``tp``, so that their
+    gradients are those of Wx, Wh and the biases. An rnn with another activation is written
+    out step by step: h_t = act(x_t Wx^T + b + h_{t-1} Wh^T), h_0 = 0.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    k, n = node.number, node.shape[-1]
+    if node.op == "rnn" and node.activation.name not in ("tanh", "relu"):
+        bias = tp[f"b{k}"] if node.bias else None
+        h = x.new_zeros((x.shape[0], n))
+        steps = []
+        for t in range(x.shape[1]):
+            h = _torch_activation(node.activation, F.linear(x[:, t], tp[f"Wx{k}"], bias)
+                                  + F.linear(h, tp[f"Wh{k}"]))
+            steps.append(h)
+        out = torch.stack(steps, dim=1)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the modules' own initialisation, discarded
+            if node.op == "rnn":
+                module = torch.nn.RNN(x.shape[-1], n, nonlinearity=node.activation.name,
+                                      bias=node.bias, batch_first=True, dtype=torch.float64)
+            else:
+                cls = torch.nn.LSTM if node.op == "lstm" else torch.nn.GRU
+                module = cls(x.shape[-1], n, batch_first=True, dtype=torch.float64)
+        ours = {"weight_ih_l0": f"Wx{k}", "weight_hh_l0": f"Wh{k}"}
+        if node.op == "gru":
+            ours.update(bias_ih_l0=f"bx{k}", bias_hh_l0=f"bh{k}")
+        elif node.bias:
+            ours["bias_ih_l0"] = f"b{k}"
+        with torch.no_grad():
+            for attribute, parameter in module.named_parameters():
+                if attribute in ours:
+                    parameter.copy_(tp[ours[attribute]])
+                else:  # bias_hh_l0 of rnn and lstm
+                    parameter.zero_()
+                    parameter.requires_grad_(False)
+        for attribute, name in ours.items():
+            tp[name] = getattr(module, attribute)
+        out, _ = module(x)
+    return out if node.returns == "sequence" else out[:, -1]
+
+
 def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
                          Y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-    """Batch cost and its gradient for every parameter, by PyTorch autograd in float64."""
+    """Batch cost and its gradient for every parameter, by PyTorch autograd in float64.
+
+    X is (B, *input shape), (B, T, n) for a sequence input; Y (B, *output shape)."""
     import torch
     import torch.nn.functional as F
 
@@ -525,6 +702,8 @@ def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarra
             out = F.avg_pool2d(h, node.kernel, stride=node.stride)
         elif node.op == "flatten":
             out = torch.flatten(h, 1)
+        elif node.op in RECURRENT_OPS:
+            out = _torch_recurrent(node, h, tp)
         elif node.op == "activation":
             out = _torch_activation(node.activation, h)
         elif node.op == "add":
@@ -631,6 +810,48 @@ def _np_pool2d(x: np.ndarray, op: str, kernel: tuple[int, int],
     return sum(windows[1:], windows[0]) / (kh * kw)
 
 
+def _np_sigmoid(z: np.ndarray) -> np.ndarray:
+    return _np_activation(Activation("sigmoid"), z)
+
+
+def _np_recurrent(node: Node, x: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """An rnn, lstm or gru layer on x (B, T, n_in), one time step at a time from h_0 = c_0 = 0;
+    the stacked h_1..h_T (B, T, n), or h_T (B, n) for ``return: last``.
+
+    rnn:  h_t = act(Wx x_t + Wh h_{t-1} + b).
+    lstm: rows [i; f; g; o] of Wx x_t + Wh h_{t-1} + b; c_t = sig(f) c_{t-1} + sig(i) tanh(g),
+          h_t = sig(o) tanh(c_t).
+    gru:  rows [r; z; n] of a = Wx x_t + bx and u = Wh h_{t-1} + bh; r = sig(a_r + u_r),
+          z = sig(a_z + u_z), n = tanh(a_n + r u_n), h_t = (1 - z) n + z h_{t-1}.
+    """
+    k, n = node.number, node.shape[-1]
+    Wx, Wh = params[f"Wx{k}"], params[f"Wh{k}"]
+    h = np.zeros((x.shape[0], n))
+    c = np.zeros((x.shape[0], n))
+    steps = []
+    for t in range(x.shape[1]):
+        xt = x[:, t, :]
+        if node.op == "rnn":
+            z = xt @ Wx.T + h @ Wh.T
+            if node.bias:
+                z = z + params[f"b{k}"]
+            h = _np_activation(node.activation, z)
+        elif node.op == "lstm":
+            z = xt @ Wx.T + h @ Wh.T + params[f"b{k}"]
+            i, f, g, o = (z[:, j * n:(j + 1) * n] for j in range(4))
+            c = _np_sigmoid(f) * c + _np_sigmoid(i) * np.tanh(g)
+            h = _np_sigmoid(o) * np.tanh(c)
+        else:  # gru
+            a = xt @ Wx.T + params[f"bx{k}"]
+            u = h @ Wh.T + params[f"bh{k}"]
+            r = _np_sigmoid(a[:, :n] + u[:, :n])
+            update = _np_sigmoid(a[:, n:2 * n] + u[:, n:2 * n])
+            candidate = np.tanh(a[:, 2 * n:] + r * u[:, 2 * n:])
+            h = (1.0 - update) * candidate + update * h
+        steps.append(h)
+    return np.stack(steps, axis=1) if node.returns == "sequence" else h
+
+
 def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
                        Y: np.ndarray) -> float:
     """The same batch cost as :func:`torch_loss_and_grads`, in plain NumPy float64."""
@@ -653,6 +874,8 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
             out = _np_pool2d(h, node.op, node.kernel, node.stride)
         elif node.op == "flatten":
             out = h.reshape(h.shape[0], -1)  # C order: channel slowest, then row, column
+        elif node.op in RECURRENT_OPS:
+            out = _np_recurrent(node, h, params)
         elif node.op == "activation":
             out = _np_activation(node.activation, h)
         elif node.op == "add":

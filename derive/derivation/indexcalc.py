@@ -43,7 +43,12 @@ def _solved(delta: sp.KroneckerDelta, index: sp.Symbol) -> sp.Expr | None:
     return sp.expand(-(difference - coefficient * index) / coefficient)
 
 
-def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
+#: The range (low, high) of a free index, where the caller knows it, as numbers.
+Ranges = dict[sp.Symbol, tuple[int, int]]
+
+
+def _split_sum(summand: sp.Expr, limits: tuple, ranges: Ranges,
+               widths: dict[sp.Symbol, int]) -> sp.Expr:
     """One sum, expanded: split over +, pull out constant factors, collapse deltas."""
     index = limits[0]
     summand = sp.expand(_deltas_out(summand), deep=False, mul=True, multinomial=False,
@@ -51,7 +56,7 @@ def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
     if summand == 0:
         return sp.Integer(0)
     if isinstance(summand, sp.Add):
-        return sp.Add(*(_split_sum(term, limits) for term in summand.args))
+        return sp.Add(*(_split_sum(term, limits, ranges, widths) for term in summand.args))
     outside, inside = [], []
     for factor in sp.Mul.make_args(summand):
         (inside if factor.has(index) else outside).append(factor)
@@ -62,8 +67,11 @@ def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
             if other is None:
                 continue
             rest = sp.Mul(*(f for f in inside if f is not factor)).xreplace({index: other})
-            if not isinstance(other, sp.Symbol):
-                # a shifted index (u - r + 2): the sum kept the terms in its range only
+            if not isinstance(other, sp.Symbol) or other in ranges and ranges[other] != tuple(
+                    sp.sympify(limit).xreplace(widths) for limit in limits[1:]):
+                # a shifted index (u - r + 2), or one whose range is wider than the sum's
+                # (one gate's block of an LSTM's stacked rows): the sum kept the terms in its
+                # range only
                 rest = rest * InRange(other, limits[1], limits[2])
             return sp.Mul(*outside) * rest
     if not inside:
@@ -72,21 +80,27 @@ def _split_sum(summand: sp.Expr, limits: tuple) -> sp.Expr:
     return sp.Mul(*outside) * sp.Sum(inner, limits)
 
 
-def _split_sums(summand: sp.Expr, limits: tuple[tuple, ...]) -> sp.Expr:
+def _split_sums(summand: sp.Expr, limits: tuple[tuple, ...], ranges: Ranges,
+                widths: dict[sp.Symbol, int]) -> sp.Expr:
     """Sum(f, (i, ...), (m, ...)) = sum over m of (sum over i of f): one index at a time."""
     for one in limits:
-        summand = _split_sum(summand, one)
+        summand = _split_sum(summand, one, ranges, widths)
     return summand
 
 
-def collapse(expr: sp.Expr) -> sp.Expr:
-    """Expand sums, pull out constant factors and eliminate Kronecker deltas, to a fixed point."""
+def collapse(expr: sp.Expr, ranges: Ranges | None = None,
+             widths: dict[sp.Symbol, int] | None = None) -> sp.Expr:
+    """Expand sums, pull out constant factors and eliminate Kronecker deltas, to a fixed point.
+    ``ranges`` are the (low, high) of free indices, in numbers (``widths`` gives the numbers
+    of the sums' limits): a delta that selects a free index of another range than the sum's
+    leaves the bracket ``InRange`` of the sum's range."""
+    ranges, widths = ranges or {}, widths or {}
     previous = None
     while previous != expr:
         previous = expr
         expr = expr.replace(
             lambda e: isinstance(e, sp.Sum),
-            lambda e: _split_sums(e.function, e.limits),
+            lambda e: _split_sums(e.function, e.limits, ranges, widths),
         )
     return expr
 

@@ -49,7 +49,7 @@ class Renumber:
         if not isinstance(tensor.node, int):
             return tensor
         return NetTensor(tensor.role, tensor.node + self.offset, of=tensor.of, rank=tensor.rank,
-                         parameter=tensor.parameter)
+                         parameter=tensor.parameter, step=tensor.step)
 
     def _rename(self, expr: sp.Basic) -> sp.Basic:
         if isinstance(expr, NetTensor):

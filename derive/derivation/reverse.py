@@ -22,13 +22,14 @@ Later stages (LaTeX, code, verification) read these and never re-derive anything
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache, cached_property
 
 import mpmath
 import sympy as sp
 from sympy.concrete.expr_with_limits import ExprWithLimits
+from sympy.core.function import AppliedUndef
 
 from derive.derivation.indexcalc import collapse
 from derive.derivation.renumber import Renumber
@@ -38,7 +39,6 @@ from derive.progress import Report
 from derive.quantities import (
     NetTensor,
     entry,
-    fresh_indices,
     fresh_like,
     indices_for,
     size_symbol,
@@ -102,6 +102,9 @@ class Formula:
     kind: str = "delta"
     penalty: sp.Expr = sp.S.Zero
     ranges: tuple[sp.Expr, ...] = ()   # the range 1..n of each free index (its n)
+    #: the feature width of every quantity (the model's): a stacked gate's blocks need them
+    widths: Mapping[NetTensor, sp.Expr] = field(default_factory=dict, compare=False,
+                                                hash=False, repr=False)
 
     def _repr_latex_(self) -> str:  # Jupyter: this formula as rendered math
         from derive.render.latex_printer import repr_latex  # a later stage, imported on use only
@@ -119,16 +122,17 @@ class Formula:
     @cached_property
     def vector(self) -> sp.Expr:
         """The vector (matrix) form of ``rhs`` (made once: every printer reads it)."""
-        return to_vector(self.rhs, self.indices, self.ranges)
+        return to_vector(self.rhs, self.indices, self.ranges, self.widths)
 
     @property
     def vector_generic(self) -> sp.Expr:
         """The vector form of ``generic`` (nabla_a C, sigma' symbolic)."""
-        return to_vector(self.generic, self.indices, self.ranges)
+        return to_vector(self.generic, self.indices, self.ranges, self.widths)
 
     @property
     def vector_penalty(self) -> sp.Expr:
-        return to_vector(self.penalty, self.indices, self.ranges) if self.penalty != 0 \
+        return to_vector(self.penalty, self.indices, self.ranges, self.widths) \
+            if self.penalty != 0 \
             else sp.Integer(0)
 
 
@@ -336,11 +340,16 @@ class _Reverse:
             if node.activation is not None and not node.activation.is_softmax else None
             for node in model.nodes)
         # σ_l → (the equation a = σ(x) of node l, σ's derivative), for the concrete forms
-        self.by_sigma: dict[type, tuple[Equation, ActivationDerivative]] = {}
+        self.by_sigma: dict[tuple[type, int], tuple[Equation, ActivationDerivative]] = {}
         for node, derivative in zip(model.nodes, self.derivatives):
             if derivative is not None:
-                (eq,) = [e for e in node.equations if e.activation is not None]
-                self.by_sigma[self.sigmas[node.index]] = (eq, derivative)
+                (eq,) = [e for e in node.equations if e.activation is not None and not e.gate]
+                self.by_sigma[self.sigmas[node.index], node.index] = (eq, derivative)
+            # an op's own functions (an LSTM's gates): σ_f, tanh_g, ... of this node
+            for eq in node.equations:
+                if eq.gate:
+                    self.by_sigma[_gate_function(eq), node.index] = (
+                        eq, activation_derivative(eq.activation))
         self.inline_generic: dict[NetTensor, tuple[sp.Expr, tuple[Step, ...]]] = {}
         # the equations that read each quantity, found once (atoms, not a scan per quantity)
         self.readers: dict[NetTensor, list[Equation]] = {}
@@ -449,7 +458,8 @@ class _Reverse:
         expr = _relabel(eq.expr, eq.indices, new_free, avoid | set(new_free))
         generic = expr
         if eq.activation is not None:
-            sigma = self.sigmas[self.node_of[eq.target].index]
+            sigma = _gate_function(eq) if eq.gate else \
+                self.sigmas[self.node_of[eq.target].index]
             argument = _relabel(eq.argument, eq.indices, new_free, avoid | set(new_free))
             generic = sigma(argument)
         derivative = collapse(sp.diff(generic, wrt))
@@ -466,6 +476,9 @@ class _Reverse:
         wrt = entry(q, free)
         consumers = self.readers.get(q, [])
         avoid = set(free)
+        widths = self.model.widths
+        ranges = {index: (1, sp.sympify(n).xreplace(widths))
+                  for index, n in zip(free, self.model.shapes.get(q, ()))}
         chain_terms, terms, steps, local_steps = [], [], [], []
         for eq in consumers:
             indices, _expr, generic, derivative = self.local(eq, wrt, avoid)
@@ -478,7 +491,7 @@ class _Reverse:
                                     _why_local(eq, q), sp.Eq(lhs, generic, evaluate=False)))
             by_name = self.reference(eq.target, eq.target_indices(indices))
             term = by_name * derivative
-            terms.append(collapse(sp.Sum(term, *limits)) if limits else term)
+            terms.append(collapse(sp.Sum(term, *limits), ranges, widths) if limits else term)
         steps.append(Step("chain rule", target, sp.Add(*chain_terms),
                           _why_chain(q, consumers)))
         named = sp.Add(*(t.xreplace({}) for t in chain_terms))
@@ -527,10 +540,21 @@ class _Reverse:
     def concrete(self, generic: sp.Expr, loss_gradient: Formula) -> sp.Expr:
         """σ'(z) replaced by each activation's derivative, ∂C/∂a^L by the loss gradient."""
         by_sigma = self.by_sigma
+
+        def key(e: sp.Expr) -> tuple[type, int | None] | None:
+            applied = applied_derivative(e)
+            if applied is None:
+                return None
+            function, argument = applied
+            if function in self.sigma_node:       # σ_l: the node in its name
+                return function, self.sigma_node[function]
+            nodes = {t.node for t in argument.atoms(NetTensor) if not t.is_parameter}
+            return function, nodes.pop() if len(nodes) == 1 else None
+
         out = generic.replace(
-            lambda e: isinstance(e, sp.Derivative) and e.expr.func in by_sigma,
-            lambda e: _activation_at(*by_sigma[e.expr.func][:1], e.expr.args[0],
-                                     by_sigma[e.expr.func][1]))
+            lambda e: key(e) in by_sigma,
+            lambda e: _activation_at(by_sigma[key(e)][0], applied_derivative(e)[1],
+                                     by_sigma[key(e)][1]))
         free = loss_gradient.indices
         out = out.replace(
             lambda e: isinstance(e, sp.Derivative) and e.expr == C
@@ -543,12 +567,51 @@ def _indices(indexed: sp.Expr) -> tuple[sp.Expr, ...]:
     return tuple(indexed.indices) if isinstance(indexed, sp.Indexed) else ()
 
 
+def applied_derivative(expr: sp.Expr) -> tuple[type, sp.Expr] | None:
+    """(F, x) when ``expr`` is F'(x) of a generic function F (σ_l, an LSTM gate's σ_f): SymPy
+    writes it Derivative(F(x), x) at an entry x, Subs(Derivative(F(ξ), ξ), ξ, x) at a sum."""
+    if isinstance(expr, sp.Derivative) and isinstance(expr.expr, AppliedUndef) and \
+            expr.variable_count == ((expr.expr.args[0], 1),):
+        return expr.expr.func, expr.expr.args[0]
+    if isinstance(expr, sp.Subs) and isinstance(expr.expr, sp.Derivative) and \
+            isinstance(expr.expr.expr, AppliedUndef) and len(expr.variables) == 1:
+        (variable,), (point,) = expr.variables, expr.point
+        if expr.expr.variable_count == ((variable, 1),) and expr.expr.expr.args == (variable,):
+            return expr.expr.expr.func, point
+    return None
+
+
+def _gate_function(eq: Equation) -> type:
+    """The generic function of an op's own activation (σ_f of an LSTM's forget gate)."""
+    return sp.Function(f"{'sigma' if eq.activation.name == 'sigmoid' else eq.activation.name}"
+                       f"_{eq.target.role}")
+
+
 def _activation_at(eq: Equation, argument: sp.Expr, derivative: ActivationDerivative
                    ) -> sp.Expr:
-    """σ'(argument) of equation ``eq`` (a = σ(x)), written in its output a where possible."""
-    (index_map,) = [dict(zip(_indices(eq.argument), _indices(argument)))]
-    output = entry(eq.target, tuple(index_map.get(i, i) for i in eq.indices))
+    """σ'(argument) of equation ``eq`` (a = σ(x)), written in its output a where possible:
+    the output's entry is the one whose argument ``argument`` is (an LSTM's forget gate
+    f_{tj} = σ(z_{t, j+n}) at the argument z_{tu} is f_{t, u-n})."""
+    solved = _solved_indices(eq.argument, argument, eq.indices)
+    output = entry(eq.target, tuple(solved.get(i, i) for i in eq.indices))
     return derivative.at(argument, output)
+
+
+def _solved_indices(pattern: sp.Expr, actual: sp.Expr, indices: tuple[sp.Symbol, ...]
+                    ) -> dict[sp.Symbol, sp.Expr]:
+    """The values of ``indices`` that make the entries of ``pattern`` those of ``actual``
+    (both read the same arrays, in the same order): each index position solved for the one
+    index it holds (j + n = u: j = u - n)."""
+    def entries(expr: sp.Expr) -> list[sp.Indexed]:
+        return sorted(expr.atoms(sp.Indexed), key=lambda e: sp.default_sort_key(e.base))
+
+    solved: dict[sp.Symbol, sp.Expr] = {}
+    for mine, theirs in zip(entries(pattern), entries(actual)):
+        for position, value in zip(mine.indices, theirs.indices):
+            unknown = [i for i in indices if position.has(i) and i not in solved]
+            if len(unknown) == 1 and sp.expand(position).coeff(unknown[0]) == 1:
+                solved[unknown[0]] = sp.expand(value - (position - unknown[0]))
+    return solved
 
 
 def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> sp.Expr:
@@ -691,17 +754,20 @@ def _label(model: Model, node: Node, kind: str, role: str = "") -> str:
 
 def _loss_gradient(model: Model) -> Formula:
     out = model.output
-    j = fresh_indices(1, set())[0]
-    lhs = partial(C, out.a[j])
-    raw = collapse(sp.diff(model.cost, out.a[j]))
+    free = indices_for(out.output)          # (j,), or (t, j) for a sequence output
+    lhs = partial(C, entry(out.output, free))
+    cost = _relabel(model.cost, (), (), set(free))     # its sums' indices apart from free
+    raw = collapse(sp.diff(cost, entry(out.output, free)))
     rhs = _simplest(raw, sp.together(raw), sp.factor(raw))
     steps = (
-        Step("definition", C, model.cost, "the per-sample cost sums the loss over the outputs"),
+        Step("definition", C, model.cost, "the per-sample cost sums the loss over the outputs"
+             + (" and the time steps" if len(free) == 2 else "")),
         Step("differentiate", lhs, rhs,
              "only the term i = j of the sum depends on a^L_j (Kronecker delta)"),
     )
-    return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, (j,), steps, of=out.output,
-                   node=out.index, kind="loss gradient", ranges=model.shapes[out.output])
+    return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, free, steps, of=out.output,
+                   node=out.index, kind="loss gradient", ranges=model.shapes[out.output],
+                   widths=model.feature_widths)
 
 
 def _target_sums(expr: sp.Expr, model: Model) -> list[sp.Sum]:
@@ -757,7 +823,8 @@ def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient:
     key = f"delta^{node.index}" if is_delta else f"dC/d{q.role}^{node.index}"
     return Formula(key, _label(model, node, kind), lhs, derived.concrete, derived.generic, free,
                    _joined(tuple(steps), derived.steps), derived.assumptions, of=q,
-                   node=node.index, kind=kind, ranges=model.shapes[q])
+                   node=node.index, kind=kind, ranges=model.shapes[q],
+                   widths=model.feature_widths)
 
 
 def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
@@ -775,4 +842,4 @@ def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient
     return Formula(f"dC/d{q.role}^{node.index}", _label(model, node, "gradient", q.role), lhs,
                    derived.concrete, derived.generic, free, steps, derived.assumptions, of=q,
                    node=node.index, kind="gradient", penalty=derived.penalty,
-                   ranges=model.shapes[q])
+                   ranges=model.shapes[q], widths=model.feature_widths)

@@ -19,9 +19,12 @@ rows. The tree is shared by the NumPy, LaTeX and terminal printers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import sympy as sp
 
 from derive.derivation.imageform import ARRAYS, Flatten, image_form, is_image_form
+from derive.derivation.stepform import Block, SumSteps, blocks, is_step_form, one_step
 from derive.errors import DeriveError
 from derive.quantities import NetTensor, entry, tensor_of
 
@@ -109,14 +112,24 @@ def adjoint(of: NetTensor) -> NetTensor:
 
 
 def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...],
-              ranges: tuple[sp.Expr, ...] = ()) -> sp.Expr:
+              ranges: tuple[sp.Expr, ...] = (),
+              widths: Mapping[NetTensor, sp.Expr] | None = None) -> sp.Expr:
     """The tensor form of index expression ``expr`` whose free indices are ``free`` (and
-    their ranges ``ranges``, which feature maps need: :mod:`derive.derivation.imageform`).
+    their ranges ``ranges``, which feature maps and stacked gates need:
+    :mod:`derive.derivation.imageform`, :mod:`derive.derivation.stepform`). ``widths`` are
+    the feature widths of the quantities it reads (where one is read in blocks).
 
     No free index: a per-sample scalar; one: a vector expression; two (j, k): an outer product.
-    Raises ``DeriveError`` for an index pattern without a tensor form (a Kronecker delta the
-    derivation could not collapse among them).
+    A sequence formula is read at one time step. Raises ``DeriveError`` for an index pattern
+    without a tensor form (a Kronecker delta the derivation could not collapse among them).
     """
+    if is_step_form(expr):
+        expr, free, ranges, summed = one_step(_adjoint_entries(expr), free, ranges)
+        found = blocks(expr, free, ranges, widths or {},
+                       lambda e, f: to_vector(e, f, (), widths))
+        if found is None:
+            found = to_vector(expr, free, ranges, widths)
+        return SumSteps(found) if summed else found
     if expr.has(sp.KroneckerDelta):
         raise DeriveError(f"no tensor form for {expr} (a Kronecker delta left in it)")
     if is_image_form(expr, free):
@@ -136,10 +149,10 @@ def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...],
         return _elementwise(expr, free, ())
 
 
-def equation_tensor(equation) -> sp.Expr:
+def equation_tensor(equation, widths: Mapping[NetTensor, sp.Expr] | None = None) -> sp.Expr:
     """The tensor form of a forward equation's right side, as its target reads it: a
     flatten's (whose target entry is an expression of its indices) is ``Flatten`` of it."""
-    expr = to_vector(equation.expr, equation.indices, equation.ranges)
+    expr = to_vector(equation.expr, equation.indices, equation.ranges, widths)
     return Flatten(expr) if equation.at is not None else expr
 
 
@@ -169,7 +182,7 @@ def _vector(expr: sp.Expr, index: sp.Symbol | None) -> sp.Expr:
     if isinstance(expr, NetTensor):
         return expr                      # a per-sample scalar (rank 0)
     if isinstance(expr, sp.Indexed):
-        base = tensor_of(expr)
+        base = _array_of(expr)
         if base is None or index is None or tuple(expr.indices) != (index,):
             raise DeriveError(f"no tensor form for {expr} (free index {index})")
         return base
@@ -307,7 +320,7 @@ def _array_of(entry: sp.Indexed) -> sp.Expr | None:
     tensor = tensor_of(entry)
     if tensor is not None:
         return tensor
-    return entry.base.label if isinstance(entry.base.label, ARRAYS) else None
+    return entry.base.label if isinstance(entry.base.label, (*ARRAYS, Block)) else None
 
 
 def _einsum(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> sp.Expr:

@@ -33,7 +33,7 @@ from derive.quantities import (
     size_symbol,
 )
 from derive.registry.functions import A, Activation, Loss, Y
-from derive.registry.ops import OPS, Context, Equation, Forward, Input, OpDef
+from derive.registry.ops import OPS, Context, Equation, Forward, Input, OpDef, axis_value
 from derive.spec.load import axis_values, layer_attributes, parameter_key
 
 if TYPE_CHECKING:
@@ -180,6 +180,11 @@ class Model:
                 out[parameter.tensor] = parameter.shape_symbols
         return out
 
+    @cached_property
+    def feature_widths(self) -> dict[NetTensor, sp.Expr]:
+        """The width of every quantity's last axis (its features), as symbols."""
+        return {tensor: shape[-1] for tensor, shape in self.shapes.items() if shape}
+
     def consumers(self, index: int) -> tuple[Node, ...]:
         """The nodes that read node ``index``'s output."""
         return self._consumers.get(index, ())
@@ -218,9 +223,9 @@ def _parameters(node: int, definition: OpDef, attrs: dict, symbols: dict[str, sp
         out.append(Parameter(
             NetTensor(parameter.role, node, rank=rank, parameter=True),
             parameter_key(parameter.role, node),
-            tuple(values[axis] if isinstance(axis, str) else axis for axis in parameter.shape),
-            tuple(symbols[axis] if isinstance(axis, str) else sp.Integer(axis)
-                  for axis in parameter.shape), parameter.init))
+            tuple(axis_value(axis, values) for axis in parameter.shape),
+            tuple(sp.sympify(axis_value(axis, symbols)) for axis in parameter.shape),
+            parameter.init))
     return tuple(out)
 
 
@@ -283,11 +288,14 @@ def build_model(spec: NetworkSpec) -> Model:
         outputs.append(forward.output)
         sizes.append(size)
         shapes.append(shape)
-    y = NetTensor("y").indexed
-    loss = spec.resolved_loss()
     output = nodes[-1]
-    cost = sp.Sum(loss.expr.subs({A: output.a[i], Y: y[i]}, simultaneous=True),
-                  (i, 1, output.size))
+    y = NetTensor("y", rank=len(output.shape)).indexed
+    loss = spec.resolved_loss()
+    # the loss of every output component (of every time step of a sequence: Σ_t Σ_i)
+    steps = (sp.Symbol("t", integer=True, positive=True),) if len(output.shape) == 2 else ()
+    at = (*steps, i)
+    cost = sp.Sum(loss.expr.subs({A: output.a[at], Y: y[at]}, simultaneous=True),
+                  *((s, 1, n) for s, n in zip(at, output.shape)))
     all_parameters = tuple(p for node in nodes for p in node.parameters)
     return Model(spec, tuple(nodes), x.indexed, y, loss, cost,
                  penalty_expression(spec, all_parameters), widths)

@@ -27,8 +27,8 @@ class Attribute:
 
     ``kind``: ``"size"`` (a positive integer), ``"activation"`` (an activation reference),
     ``"bool"``, ``"rate"`` (a number in [0, 1)), ``"positive"`` (a number > 0), ``"pair"``
-    (a positive integer or [rows, columns]: a kernel, a stride) or ``"pair0"`` (the same,
-    from 0: a padding).
+    (a positive integer or [rows, columns]: a kernel, a stride), ``"pair0"`` (the same,
+    from 0: a padding) or ``"choice"`` (one of ``choices``; a recurrent layer's ``return``).
     ``default`` ``None`` with ``required`` false means "absent".
     """
 
@@ -37,6 +37,7 @@ class Attribute:
     default: object = None
     required: bool = False
     doc: str = ""
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,21 @@ class ParameterDef:
     and ``"in1"``, ``"in2"``, ... (each input's), and how it starts."""
 
     role: str
-    shape: tuple[str | int, ...]   # axis names, or numbers (a kernel's rows and columns)
+    #: axis names, numbers (a kernel's rows and columns), or (name, k): k times the axis (an
+    #: LSTM's four gates stacked: ("size", 4))
+    shape: tuple[str | int | tuple[str, int], ...]
     init: str   # "fan" (He or Glorot by activation), "glorot", "zeros" or "ones"
+
+
+def axis_value(axis: str | int | tuple[str, int], values: Mapping[str, object]) -> object:
+    """One axis of a parameter's shape, with the axis names' ``values`` (numbers or
+    symbols)."""
+    if isinstance(axis, str):
+        return values[axis]
+    if isinstance(axis, tuple):
+        name, times = axis
+        return times * values[name]
+    return axis
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class Equation:
     source_kind: str = ""           # what the equation defines, for documents: "z", "a", ...
     ranges: tuple[sp.Expr, ...] = ()
     at: tuple[sp.Expr, ...] | None = None
+    gate: bool = False              # ``activation`` is the op's own, not the node's (a gate)
 
     @property
     def lhs(self) -> sp.Expr:
@@ -120,15 +135,28 @@ class Context:
         vector function over the feature axis); entrywise on an image."""
         out = self.quantity(role, argument.rank)
         activation = self.activation
-        if activation.vector is not None:
-            j, summed = fresh_indices(2, set())[0], fresh_indices(3, set())[2]
-            z = argument.indexed
-            return Equation(out, (j,), activation.vector(z, j, summed, self.size),
+        if activation.vector is not None:       # over the feature axis, per step of a sequence
+            *steps, j = indices_for(argument)
+            summed = fresh_indices(3, set())[2]
+            z = _StepBase(argument.indexed, tuple(steps))
+            return Equation(out, (*steps, j), activation.vector(z, j, summed, self.size),
                             source_kind=role)
         indices = indices_for(argument)
         z = entry(argument, indices)
         return Equation(out, indices, activation.expr.subs(activation.variable, z),
                         activation=activation, argument=z, source_kind=role)
+
+
+@dataclass(frozen=True)
+class _StepBase:
+    """An indexed base read at fixed leading indices: ``z[j]`` is ``z[t, j]`` (softmax over
+    the features of one time step)."""
+
+    base: sp.IndexedBase
+    steps: tuple[sp.Symbol, ...]
+
+    def __getitem__(self, index: sp.Expr) -> sp.Expr:
+        return self.base[(*self.steps, index)]
 
 
 @dataclass(frozen=True)
@@ -158,8 +186,11 @@ class OpDef:
     same_width_inputs: bool = False                         # every input has the output's width
     label: str = ""                                         # short label for diagrams
     extra: Mapping[str, object] = field(default_factory=dict)
-    #: what its inputs are: "vector", "image" ([C, H, W]) or "any" (an entrywise op)
+    #: what its inputs are: "vector", "sequence" ((T, n)), "image" ([C, H, W]) or "any" (an
+    #: entrywise op)
     reads: str = "vector"
+    #: a vector op that also reads a sequence, step by step (dense: z_t = W x_t + b)
+    per_step: bool = False
     #: the per-sample output shape from the attributes and the first input's shape, for ops
     #: whose output is not a vector of ``output_size`` (raises ValueError when none fits)
     output_shape: Callable[[Mapping[str, object], tuple[int, ...]], tuple[int, ...]] | None = None
@@ -187,12 +218,13 @@ def _dense_parameters(attrs: Mapping[str, object]) -> tuple[ParameterDef, ...]:
 
 def _dense_forward(ctx: Context) -> Forward:
     (x,) = ctx.inputs
-    j, k = fresh_indices(2, set())
-    z = ctx.quantity("z")
-    expr = sp.Sum(ctx.params["w"][j, k] * x[k], (k, 1, x.size))
+    z = ctx.quantity("z", len(ctx.shape))
+    *steps, j = indices_for(z)                  # (t, j) on a sequence: one step at a time
+    (k,) = fresh_indices(1, {j, *steps})
+    expr = sp.Sum(ctx.params["w"][j, k] * entry(x.tensor, (*steps, k)), (k, 1, x.size))
     if "b" in ctx.params:
         expr = expr + ctx.params["b"][j]
-    linear = Equation(z, (j,), expr, source_kind="z")
+    linear = Equation(z, (*steps, j), expr, source_kind="z")
     activation = ctx.activate(z)
     activation = Equation(activation.target, activation.indices, activation.expr, inline=True,
                           activation=activation.activation, argument=activation.argument,
@@ -261,6 +293,7 @@ def _same_shape(attrs: Mapping[str, object], shape: tuple[int, ...]) -> tuple[in
 
 
 from derive.registry.image_ops import IMAGE_OPS
+from derive.registry.sequence_ops import SEQUENCE_OPS
 
 
 class _Registry(Mapping):
@@ -291,7 +324,7 @@ OPS: Mapping[object, OpDef] = _Registry({
         (Attribute("size", "size", required=True, doc="number of neurons n_l"), _ACTIVATION,
          Attribute("bias", "bool", True, doc="whether the layer has a bias b^l")),
         (1, 1), _dense_parameters, lambda attrs, inputs: int(attrs["size"]), _dense_forward,
-        label="dense"),
+        label="dense", per_step=True),
     "activation": OpDef(
         "activation", "an activation on its own: a = σ(x)",
         (Attribute("activation", "activation", required=True, doc="the activation"),),
@@ -314,6 +347,7 @@ OPS: Mapping[object, OpDef] = _Registry({
         (1, 1), lambda attrs: (), _same_size, _dropout_forward, label="drop", reads="any",
         output_shape=_same_shape),
     **IMAGE_OPS,
+    **SEQUENCE_OPS,
 })
 
 

@@ -22,6 +22,7 @@ import sympy as sp
 
 from derive import __version__
 from derive.derivation.reverse import Derivation, Formula
+from derive.derivation.stepform import SumSteps
 from derive.derivation.tensorform import Broadcast, MatVec, Outer, equation_tensor, to_vector
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
@@ -31,6 +32,7 @@ from derive.render.pretty import pretty
 from derive.render.probe import first_overflow
 from derive.render.stability import LogSumExp, Softmax, stabilize
 from derive.render.templates import render
+from derive.render.timeloops import Loop, guarded, hoisted, loops, views
 from derive.spec.load import NetworkSpec
 
 Echo = Callable[[str], None]
@@ -90,12 +92,23 @@ def _learning_rate(lr, epoch, schedule):
 
 @dataclass(frozen=True)
 class Statement:
-    """One line of generated code: ``target = code``, with a comment citing its equation."""
+    """One line of generated code: ``target = code``, with a comment citing its equation;
+    with no ``op``, the line ``target`` as it is (a loop's header). ``indent``: the levels of
+    the loops it is in."""
 
     target: str
     code: str
     comment: str = ""
     op: str = "="
+    indent: int = 0
+
+    @property
+    def text(self) -> str:
+        return f"{self.target} {self.op} {self.code}" if self.op else self.target
+
+    @property
+    def margin(self) -> str:
+        return "    " * self.indent
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class Demo:
     epochs: int
     lr: float
     batch_size: int | None
+    clip: float | None = None
+    optimizer: str = "sgd"
 
 
 def module_filename(spec: NetworkSpec) -> str:
@@ -211,8 +226,12 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
             chain.append(type(inner).__name__)
             inner = inner.args[0]
         if isinstance(inner, NetTensor):      # tanh(softplus(z¹)): tanh_softplus_Z1
-            return sp.Symbol("_".join([*chain, printer.doprint(inner)]))
-        return sp.Symbol(f"shared_{number}")     # never a parameter's key (letters, digits)
+            text = "_".join([*chain, batch_name(inner)])
+        else:
+            text = f"shared_{number}"         # never a parameter's key (letters, digits)
+        if views(e):     # of a sequence: an array of every step, read at step t
+            return NetTensor("hoisted", of=text, rank=2).at_step(0)
+        return sp.Symbol(text)
 
     names = {e: name(e, n) for n, e in enumerate(shared, start=1)}
     out: list[_Assign] = []
@@ -220,7 +239,8 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
     for assign in assigns:
         for e in shared:
             if e not in done and assign.code is None and assign.expr.has(e):
-                out.append(_Assign(str(names[e]), e.xreplace(done),
+                target = names[e].whole if isinstance(names[e], NetTensor) else str(names[e])
+                out.append(_Assign(target, e.xreplace(done),
                                    f"{pretty(e)}, used more than once"))
                 done[e] = names[e]
         out.append(assign if assign.code is not None else
@@ -243,13 +263,18 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
     # dead once the last reader of every name it has is behind; one pass, not one per line
     last_read: dict[NetTensor, float] = {}
     for index, assign in enumerate(assigns):
-        for tensor in assign.expr.atoms(NetTensor):
+        for tensor in _read(assign):
             last_read[tensor] = index
     last_read.update(dict.fromkeys(keep, math.inf))
     buffer_of: dict[NetTensor, int] = {}
     live_until: dict[int, float] = {_FOREIGN: math.inf}     # buffer -> its last reader
     out: list[Statement] = []
     for index, assign in enumerate(assigns):
+        if isinstance(assign, _LoopCode):
+            out.extend(assign.statements(printer))
+            for target in assign.targets:   # arrays filled step by step: never taken over
+                buffer_of[target] = _FOREIGN
+            continue
         dead = _DeadArrays(buffer_of, live_until, index, assign.target)
         name = assign.target if isinstance(assign.target, str) else printer.doprint(
             assign.target)
@@ -257,10 +282,11 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             out.append(Statement(name, assign.code, assign.comment))
             continue
         steps, reused = _in_place(assign.expr, dead)
-        for number, (op, expr) in enumerate(steps):
-            out.append(Statement(name, _signed(printer, op, expr),
-                                 assign.comment if number == 0 else "",
-                                 _op(op, expr)))
+        with printer.steps(views(assign.expr)):
+            for number, (op, expr) in enumerate(steps):
+                out.append(Statement(name, _signed(printer, op, expr),
+                                     assign.comment if number == 0 else "",
+                                     _op(op, expr)))
         if isinstance(assign.target, NetTensor):
             shares = reused if reused is not None else (
                 assign.expr if isinstance(assign.expr, NetTensor) else None)
@@ -276,6 +302,44 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             live_until[group] = max(live_until.get(group, -1),
                                     last_read.get(assign.target, -1))
     return out
+
+
+def _read(item: _Assign | _LoopCode) -> set[NetTensor]:
+    """The arrays a statement (or a whole loop) reads, step views as their whole arrays."""
+    exprs = [a.expr for a in item.body] + list(item.before) if isinstance(item, _LoopCode) \
+        else [item.expr]
+    return {t.whole for e in exprs for t in e.atoms(NetTensor)}
+
+
+@dataclass(frozen=True)
+class _LoopCode:
+    """A loop over time steps, ready to print: the arrays it fills (allocated before it,
+    ``shapes`` per sample), its body, and what it reads that was hoisted before it."""
+
+    targets: tuple[NetTensor, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    body: tuple[_Assign, ...]
+    forward: bool
+    length: int
+    batch: str
+    dtype: str
+    before: tuple[sp.Expr, ...] = ()
+
+    def statements(self, printer: NumPyBatchPrinter) -> list[Statement]:
+        out = [Statement(batch_name(target), f"np.empty(({self.batch}, "
+                         f"{', '.join(map(str, shape))}), dtype={self.dtype})",
+                         "filled one time step at a time in the loop below" if n == 0 else "")
+               for n, (target, shape) in enumerate(zip(self.targets, self.shapes))]
+        steps = f"range({self.length})" if self.forward else f"range({self.length - 1}, -1, -1)"
+        out.append(Statement(f"for t in {steps}:", "", op="",
+                             comment="one time step at a time, t from 0 "
+                                     + ("forward" if self.forward else "backward")))
+        with printer.steps(None, loop=True):
+            for assign in self.body:
+                name = printer.doprint(assign.target.at_step(0))
+                out.append(Statement(name, printer.doprint(assign.expr), assign.comment,
+                                     indent=1))
+        return out
 
 
 @dataclass(frozen=True)
@@ -365,6 +429,16 @@ def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
     needs = model.loss.needs
     if spec.image is not None and needs == "distribution":
         return Demo("demo_images.py.j2", 15, 0.05, 32), {"n_out": n_out}
+    activation = model.output.activation
+    low, high = (activation.output_range if activation is not None else None) or (0.0, 1.0)
+    if spec.length is not None:
+        # sequences: a task of the output's kind; the gradient norm clipped (BPTT)
+        sequence_out = len(spec.shapes[-1]) == 2
+        task = ("tones" if needs == "distribution" else "sign" if needs == "probability"
+                else "next" if sequence_out else "adding" if n_in == 2 else "mean")
+        return Demo("demo_sequences.py.j2", 30, 0.01, 32, 1.0, "adam"), {
+            "n_in": n_in, "n_out": n_out, "length": spec.length, "task": task,
+            "sequence_out": sequence_out, "low": low, "high": high}
     if n_in == 2 and n_out == 1 and needs != "distribution":
         # a two-input, one-output network: the classic test that a hidden layer is needed
         return Demo("demo_xor.py.j2", 3000, 2.0, None), {}
@@ -392,8 +466,44 @@ def _forward_quantities(model: Model, shared: tuple[sp.Expr, NetTensor] | None
 
 
 def _reads(exprs: list[sp.Expr], quantities: dict[NetTensor, int]) -> set[NetTensor]:
-    """The forward pass's ``quantities`` that the expressions read."""
-    return {t for expr in exprs for t in expr.atoms(NetTensor) if t in quantities}
+    """The forward pass's ``quantities`` that the expressions read (a step view: its
+    sequence)."""
+    return {t.whole for expr in exprs for t in expr.atoms(NetTensor) if t.whole in quantities}
+
+
+def _feature_width(model: Model, tensor: NetTensor) -> int:
+    """The number of features of a quantity, δ^l or an adjoint (of its quantity's)."""
+    if tensor.role == "delta":
+        tensor = model.node(tensor.node).forward.delta
+    elif tensor.role == "grad":
+        tensor = tensor.target
+    return int(sp.sympify(model.feature_widths[tensor]).xreplace(model.widths))
+
+
+def _timed(assigns: list[_Assign], model: Model, forward: bool) -> list:
+    """The assignments, with those that need a loop over time steps in one
+    (:mod:`derive.render.timeloops`); what a loop reads from outside it is hoisted before it,
+    for every step at once."""
+    out: list = []
+    for item in loops(assigns):
+        if not isinstance(item, Loop):
+            out.append(item)
+            continue
+        targets = tuple(assign.target for assign in item.assigns)
+        body = []
+        for assign in item.assigns:
+            outside = NetTensor("hoisted", of=f"{batch_name(assign.target)}_in", rank=2)
+            expr, part = hoisted(assign.expr, set(targets), outside.at_step(0))
+            if part is not None:
+                out.append(_Assign(outside, part, "the part of "
+                                   f"{pretty(assign.target)} from outside the loop below, "
+                                   "for every step at once"))
+            body.append(_Assign(assign.target, guarded(expr, set(targets)), assign.comment))
+        length = model.spec.length
+        out.append(_LoopCode(targets, tuple((length, _feature_width(model, t)) for t in targets),
+                             tuple(body), item.forward, length,
+                             "X.shape[0]" if forward else "B", "X.dtype" if forward else "Y.dtype"))
+    return out
 
 
 def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
@@ -402,7 +512,8 @@ def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
     out: list[_Assign] = []
     output = _output_equation(model)
     for equation in model.equations:
-        expr = stabilize(equation_tensor(equation).xreplace(model.widths)).expr
+        expr = stabilize(equation_tensor(equation, model.feature_widths).xreplace(
+            model.widths)).expr
         if shared is not None and equation is output and isinstance(expr, Softmax):
             # the output and the loss's log-sum-exp from one exponential of the logits
             _logsumexp, lse = shared
@@ -420,6 +531,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     model = derivation.model
     spec = model.spec
     printer = NumPyBatchPrinter()
+    printer.length = spec.length or 0
 
     # the loss value, in its stable form; a softmax output may share its log-sum-exp with it
     loss_expr, loss_applied = _loss_expression(model)
@@ -457,8 +569,10 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     for formula in derivation.formulas:
         if formula.kind == "loss gradient":
             continue
-        stable = stabilize(formula.vector.xreplace(zero).xreplace(model.widths))
-        checked.append((_lhs_text(formula), stable.expr, formula.vector.xreplace(model.widths)))
+        # a sum over the time steps is a sum over rows, as the one over the samples is
+        vector = formula.vector.replace(lambda e: isinstance(e, SumSteps), lambda e: e.args[0])
+        stable = stabilize(vector.xreplace(zero).xreplace(model.widths))
+        checked.append((_lhs_text(formula), stable.expr, vector.xreplace(model.widths)))
         label = f"{formula.equation}: " if formula.equation else ""
         text = (f"{label}{_lhs_text(formula)} = {pretty(formula.vector)}"
                 f"{_applied_note(stable.applied)}")
@@ -506,8 +620,10 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     loss_reads = _reads([loss_expr], quantities)
     needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
     cache = [batch_name(t) for t in needed]
-    forward = _statements(forward_assigns, {*needed, model.output.output}, printer)
-    backward = _statements(_shared_calls(backward_assigns, printer), set(), printer)
+    forward = _statements(_timed(forward_assigns, model, True), {*needed, model.output.output},
+                          printer)
+    backward = _statements(_timed(_shared_calls(backward_assigns, printer), model, False), set(),
+                           printer)
     why = []
     for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))
@@ -577,7 +693,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                            "biases" + (", layer-norm scales one" if any(
                                p.init == "ones" for p in model.parameters) else "") + ".", 4),
         "input_shape": repr(spec.input_shape),
-        "output_shape": repr((spec.sizes[-1],)),
+        "output_shape": repr(spec.shapes[-1]),
         "activations": repr(tuple(n.activation.name if n.activation else None
                                   for n in model.nodes)),
         "loss_name": repr(model.loss.name),
@@ -603,7 +719,9 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "optimizer_helpers": list(OPTIMIZER_HELPERS.values()),
         "any_blocked": any(update["blocked"] for update in updates),
         "demo": {"template": demo.template, "epochs": demo.epochs, "lr": repr(demo.lr),
-                 "batch_size": repr(demo.batch_size)},
+                 "batch_size": repr(demo.batch_size),
+                 "clip": repr(demo.clip) if demo.clip is not None else None,
+                 "optimizer": demo.optimizer},
         **demo_values,
     }
 

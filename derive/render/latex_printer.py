@@ -32,7 +32,7 @@ prints the terms of a sum one by one, for documents that break long sums over li
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import sympy as sp
@@ -48,8 +48,9 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
+from derive.derivation.stepform import Block, Concat, StepGuard, SumSteps
 from derive.derivation.tensorform import Broadcast, Einsum, Inner, MatVec, Outer, SumAxes
-from derive.quantities import NetTensor
+from derive.quantities import LENGTH, NetTensor
 from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.imagenotation import (
     Geometry,
@@ -67,6 +68,10 @@ LETTERS: Mapping[str, str] = {
     "a": "a", "z": "z", "w": "w", "b": "b", "y": "y", "delta": r"\delta", "gamma": r"\gamma",
     "beta": r"\beta", "mu": r"\mu", "var": r"\sigma", "xhat": r"\hat{x}", "mask": "m",
     "sigma": r"\sigma", "nabla": r"\nabla",
+    # a recurrent layer's weights and stacked pre-activations (grouped: a layer's superscript
+    # and an entry's subscript follow them)
+    "wx": "{w_{x}}", "wh": "{w_{h}}", "bx": "{b_{x}}", "bh": "{b_{h}}", "zx": "{z_{x}}",
+    "zh": "{z_{h}}",
 }
 #: Tensor form (one sample): bold vectors, capital matrices.
 VECTORS: Mapping[str, str] = {
@@ -74,11 +79,15 @@ VECTORS: Mapping[str, str] = {
     "delta": r"\boldsymbol{\delta}", "gamma": r"\boldsymbol{\gamma}",
     "beta": r"\boldsymbol{\beta}", "xhat": r"\hat{\mathbf{x}}", "mask": r"\mathbf{m}",
     "w": "W", "mu": r"\mu", "var": r"\sigma",
+    "wx": "{W_{x}}", "wh": "{W_{h}}", "bx": r"{\mathbf{b}_{x}}", "bh": r"{\mathbf{b}_{h}}",
+    "zx": r"{\mathbf{z}_{x}}", "zh": r"{\mathbf{z}_{h}}",
+    **{role: rf"\mathbf{{{role}}}" for role in ("h", "c", "i", "f", "g", "o", "r", "u")},
 }
 #: Batch form (rows are samples): capitals; a per-sample scalar becomes a bold column.
 BATCH: Mapping[str, str] = {
     "a": "A", "z": "Z", "delta": r"\Delta", "y": "Y", "xhat": r"\hat{X}", "mask": "M",
     "w": "W", "mu": r"\boldsymbol{\mu}", "var": r"\boldsymbol{\sigma}",
+    "wx": "{W_{x}}", "wh": "{W_{h}}", "zx": "{Z_{x}}", "zh": "{Z_{h}}",
 }
 #: Roles printed squared: the variance of a layer norm is (σ^l)².
 SQUARED = frozenset({"var"})
@@ -102,6 +111,28 @@ def _layered(symbol: str, node: object, role: str = "") -> str:
     return text
 
 
+def step_subscript(tensor: NetTensor) -> str:
+    """The time step of a step view as a subscript: _{t}, _{t-1}, _{T}; else nothing."""
+    if tensor.step is None:
+        return ""
+    if tensor.step == "T":
+        return "_{T}"
+    return f"_{{t{'' if tensor.step == 0 else f'{tensor.step:+d}'}}}"
+
+
+def step_condition(guard: StepGuard, show: Callable[[sp.Expr], str], le: str) -> str:
+    r"""The steps a guard keeps, as a condition on t: t = T, t \le T - 1, 2 \le t."""
+    low, high = guard.args
+    t = sp.Symbol("t")
+    if low == high:
+        return f"t = {show(high)}"
+    parts = [] if low == 1 or (low.is_number and low <= 1) else [f"{show(low)} {le}"]
+    parts.append("t")
+    if high != LENGTH:
+        parts.append(f"{le}{show(high)}")
+    return " ".join(parts) if len(parts) > 1 else f"1 {le}{t} {le}T"
+
+
 def is_vector(expr: sp.Basic) -> bool:
     """Whether a tensor-form expression is a vector or matrix per sample (not a scalar).
 
@@ -110,7 +141,7 @@ def is_vector(expr: sp.Basic) -> bool:
     if isinstance(expr, NetTensor):
         return expr.rank >= 1 and expr.role != "one"
     if isinstance(expr, (MatVec, Outer, Einsum, Broadcast, SumAxes, Windows, WindowsMax,
-                         FirstMaxMask, Fold, Flatten, Unflatten)):
+                         FirstMaxMask, Fold, Flatten, Unflatten, Block, Concat)):
         return True
     if isinstance(expr, (Inner, sp.Indexed, sp.Sum)):
         return False
@@ -161,7 +192,7 @@ class DeriveLatexPrinter(LatexPrinter):
             return r"\mathbf{1}"
         if expr.role == "grad":
             return self._gradient(expr)
-        return self._tensor_symbol(expr)
+        return self._tensor_symbol(expr) + step_subscript(expr)
 
     def _gradient(self, tensor: NetTensor) -> str:
         """The adjoint ∂C/∂q in tensor form: ∇_q C for a vector or matrix, a fraction for a
@@ -173,7 +204,7 @@ class DeriveLatexPrinter(LatexPrinter):
         cost = self._settings["batch_cost"] if batch and of.is_parameter else "C"
         if of.is_parameter:
             return rf"\nabla_{{{self._tensor_symbol(of, batch=False)}}} {cost}"
-        return rf"\nabla_{{{self._tensor_symbol(of)}}} {cost}"
+        return rf"\nabla_{{{self._tensor_symbol(of)}{step_subscript(of)}}} {cost}"
 
     def _print_Symbol(self, expr: sp.Symbol, style: str = "plain") -> str:
         if isinstance(expr, NetTensor):
@@ -425,6 +456,25 @@ class DeriveLatexPrinter(LatexPrinter):
         if tensor.role == "grad":
             return self._print(sp.Indexed(sp.IndexedBase(tensor), *sp.symbols(list(axes))))
         return rf"{self._entry_symbol(tensor)}_{{{axes}}}"
+
+    # -- sequences (docs/architecture.md, "Sequences") ------------------------------------
+
+    def _print_SumSteps(self, expr: SumSteps) -> str:
+        return rf"\sum_{{t=1}}^{{T}} {self.parenthesize(expr.args[0], PRECEDENCE['Mul'])}"
+
+    def _print_StepGuard(self, expr: StepGuard) -> str:
+        condition = step_condition(expr, self._print, "\\le ")
+        return rf"\left[{condition}\right]"
+
+    def _print_Block(self, expr: Block) -> str:
+        tensor, start, size = expr.args
+        return (rf"{self.parenthesize(tensor, PRECEDENCE['Atom'], strict=True)}"
+                rf"_{{[{self._print(start + 1)}\,:\,{self._print(start + size)}]}}")
+
+    def _print_Concat(self, expr: Concat) -> str:
+        *parts, _size = expr.args
+        rows = r" \\ ".join(self._print(part) for part in parts)
+        return rf"\begin{{bmatrix}} {rows} \end{{bmatrix}}"
 
     def _print_SumAxes(self, expr: SumAxes) -> str:
         summed = "".join(c for c in str(expr.args[1]) if c not in str(expr.args[2]))

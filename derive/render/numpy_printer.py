@@ -18,6 +18,9 @@ ones used, so a module defines only those.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import sympy as sp
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE
@@ -30,6 +33,7 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
+from derive.derivation.stepform import Block, Concat
 from derive.derivation.tensorform import (
     ONE,
     Broadcast,
@@ -40,8 +44,9 @@ from derive.derivation.tensorform import (
     SumAxes,
     Total,
 )
-from derive.quantities import NetTensor
+from derive.quantities import LENGTH, NetTensor
 from derive.render.stability import LogSumExp, Softmax
+from derive.render.timeloops import Guarded
 
 
 class RowSum(sp.Function):
@@ -76,21 +81,21 @@ def _softplus(x):
     "_softmax": '''\
 def _softmax(x):
     """Softmax of each row, after subtracting the row maximum (so exp cannot overflow)."""
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 ''',
     "_logsumexp": '''\
 def _logsumexp(x):
     """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
-    top = x.max(axis=1, keepdims=True)
-    return top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+    top = x.max(axis=-1, keepdims=True)
+    return top + np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
 ''',
     "_softmax_logsumexp": '''\
 def _softmax_logsumexp(x):
     """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
-    top = x.max(axis=1, keepdims=True)
+    top = x.max(axis=-1, keepdims=True)
     e = np.exp(x - top)
-    total = e.sum(axis=1, keepdims=True)
+    total = e.sum(axis=-1, keepdims=True)
     return e / total, top + np.log(total)
 ''',
     "_erf": '''\
@@ -319,13 +324,16 @@ def _ints(pair: sp.Expr) -> str:
 #: Batch names by role: a^l -> A1, w^l -> W1, ...; lse^l is LogSumExp(z^l), one per sample.
 BATCH_NAMES = {"a": "A", "z": "Z", "delta": "delta", "w": "W", "b": "b", "gamma": "gamma",
                "beta": "beta", "mu": "mu", "var": "var", "xhat": "Xhat", "mask": "M",
-               "lse": "LSE"}
+               "lse": "LSE", "wx": "Wx", "wh": "Wh", "bx": "bx", "bh": "bh", "zx": "Zx",
+               "zh": "Zh"}
 
 
 def batch_name(tensor: NetTensor) -> str:
     """The name of a quantity in generated code: X, Y, A1, Z1, delta2, W1, dC_dXhat3, ..."""
     if tensor.role == "y":
         return "Y"
+    if tensor.role == "hoisted":      # an array the code generator names (docs: "Sequences")
+        return tensor.of
     if tensor.role == "a" and tensor.node == 0:
         return "X"
     if tensor.role == "grad":
@@ -411,6 +419,34 @@ class NumPyBatchPrinter(NumPyPrinter):
     def __init__(self, settings: dict | None = None) -> None:
         super().__init__({"fully_qualified_modules": True, **(settings or {})})
         self.helpers: set[str] = set()
+        self.length = 0             # T of a sequence network (docs/architecture.md, "Sequences")
+        # how step views print: None (every step at once: the whole (B, T, n) array), "loop"
+        # (step t of a loop: Q[:, t + c]) or (first, stop): the steps a row-summed statement
+        # reads, when its views are at several steps (δ_t h_{t-1}: steps 1.. and ..T-1)
+        self._time: str | tuple[int, int] | None = None
+
+    @contextmanager
+    def steps(self, found: set[NetTensor] | None, loop: bool = False) -> Iterator[None]:
+        """Print step views as in a loop over t, or, for a statement over every step that
+        reads the views ``found``, as the slices of the steps where all of them exist."""
+        previous = self._time
+        shifts = {v.step for v in found or () if isinstance(v.step, int)}
+        if loop:
+            self._time = "loop"
+        elif shifts - {0}:
+            self._time = (max(0, -min(shifts)), self.length - max(0, max(shifts)))
+        else:
+            self._time = None
+        try:
+            yield
+        finally:
+            self._time = previous
+
+    def _sequence(self, expr: sp.Expr) -> bool:
+        """Whether ``expr`` is over every step of a sequence (a (B, T, ...) array)."""
+        return self._time != "loop" and any(
+            isinstance(t.step, int) or (t.rank == 2 and not t.is_parameter and t.step is None)
+            for t in expr.atoms(NetTensor) if t.role != "hoisted" or t.step is not None)
 
     # numpy.exp -> np.exp; the generated module imports numpy as np
     def _module_format(self, fqn: str, register: bool = True) -> str:
@@ -434,7 +470,20 @@ class NumPyBatchPrinter(NumPyPrinter):
     # --- the network's quantities ----------------------------------------------------------
 
     def _print_NetTensor(self, expr: NetTensor) -> str:
-        return batch_name(expr)
+        name = batch_name(expr)
+        if expr.step is None:
+            return name
+        if expr.step == "T":
+            return f"{name}[:, -1]"
+        if self._time == "loop":
+            return f"{name}[:, t]" if expr.step == 0 else f"{name}[:, t {'+-'[expr.step < 0]} " \
+                                                           f"{abs(expr.step)}]"
+        if isinstance(self._time, tuple):
+            first, stop = (n + expr.step for n in self._time)
+            return f"{name}[:, {first or ''}:{'' if stop == self.length else stop}]"
+        if expr.step != 0:
+            raise ValueError(f"{name} at step t{expr.step:+d} outside a loop over time")
+        return name
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):
@@ -454,14 +503,17 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_Outer(self, expr: Outer) -> str:
         u, v = expr.args
+        if self._sequence(expr):     # summed over the samples and the steps
+            return f"np.tensordot({self._print(u)}, {self._print(v)}, axes=([0, 1], [0, 1]))"
         return (f"{self.parenthesize(u, PRECEDENCE['Atom'], strict=True)}.T @ "
                 f"{self.parenthesize(v, PRECEDENCE['Mul'], strict=True)}")
 
     def _print_Inner(self, expr: Inner) -> str:
         u, v = expr.args
         body = v if u == ONE else u * v
+        axis = -1 if self._sequence(expr) else 1
         return f"{self.parenthesize(body, PRECEDENCE['Atom'], strict=True)}" \
-               ".sum(axis=1, keepdims=True)"
+               f".sum(axis={axis}, keepdims=True)"
 
     def _print_Total(self, expr: Total) -> str:
         return f"np.sum({self._print(expr.args[0])})"
@@ -517,9 +569,11 @@ class NumPyBatchPrinter(NumPyPrinter):
         # a sum over the samples of products of tensors: inside np.einsum, with no array of
         # shape (B, ...) in between; anything else: summed over axis 0
         terms = [self._summed_product(term) for term in sp.Add.make_args(expr.args[0])]
-        if all(term is not None for term in terms):
+        axes = "(0, 1)" if self._sequence(expr) else "0"
+        if all(term is not None for term in terms) and axes == "0":
             return " + ".join(terms).replace("+ -", "- ")
-        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}.sum(axis=0)"
+        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}" \
+               f".sum(axis={axes})"
 
     def _summed_product(self, term: sp.Expr) -> str | None:
         """``coefficient * np.einsum(...)``, the sum over the samples of ``term``, when it is a
@@ -558,6 +612,29 @@ class NumPyBatchPrinter(NumPyPrinter):
             self.helpers.add("_sum_squares")
             return f"_sum_squares({self._print(body.base)}, {len(axes)})"
         return f"np.sum({self._print(body)}, axis={axes!r})"
+
+    # --- sequences (docs/architecture.md, "Sequences") -------------------------------------
+
+    def _print_Guarded(self, expr: Guarded) -> str:
+        # expr at the (1-based) steps low..high of a loop over t (from 0), else 0
+        body, low, high = (e.xreplace({LENGTH: self.length}) for e in expr.args)
+        first, last = int(low) - 1, int(high) - 1
+        if first == last:
+            condition = f"t == {first}"
+        else:
+            parts = ([f"t >= {first}"] if first > 0 else []) + (
+                [f"t <= {last}"] if last < self.length - 1 else [])
+            condition = " and ".join(parts) or "True"
+        return f"({self._print(body)} if {condition} else 0)"
+
+    def _print_Block(self, expr: Block) -> str:
+        tensor, start, size = expr.args
+        return (f"{self.parenthesize(tensor, PRECEDENCE['Atom'], strict=True)}"
+                f"[..., {int(start)}:{int(start + size)}]")
+
+    def _print_Concat(self, expr: Concat) -> str:
+        *parts, _size = expr.args
+        return f"np.concatenate(({', '.join(self._print(p) for p in parts)}), axis=-1)"
 
     # --- feature maps (docs/architecture.md, "Images") -------------------------------------
 

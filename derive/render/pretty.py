@@ -31,6 +31,7 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
+from derive.derivation.stepform import Block, Concat, StepGuard, SumSteps
 from derive.derivation.tensorform import (
     ONE,
     Broadcast,
@@ -53,13 +54,25 @@ from derive.render.imagenotation import (
     summed_axes,
     windows_geometry,
 )
+from derive.render.latex_printer import step_condition
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
-_SUB = str.maketrans("0123456789ijkmlnaeo", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒ")
-_SUBSCRIPTABLE = frozenset("0123456789ijkmlnaeo")
+_SUB = str.maketrans("0123456789ijkmlnaeot+-", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒₜ₊₋")
+_SUBSCRIPTABLE = frozenset("0123456789ijkmlnaeot")
 _GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "β", "mu": "μ",
-          "var": "(σ²)", "xhat": "x̂", "mask": "m"}
+          "var": "(σ²)", "xhat": "x̂", "mask": "m",
+          # a recurrent layer's weights, biases and stacked pre-activations: wₓ, wₕ, ...
+          "wx": "wₓ", "wh": "wₕ", "bx": "bₓ", "bh": "bₕ", "zx": "zₓ", "zh": "zₕ"}
 _BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M"}
+
+
+def _step(tensor: NetTensor) -> str:
+    """A step view's time step as a subscript: ₜ, ₜ₋₁, T."""
+    if tensor.step is None:
+        return ""
+    if tensor.step == "T":
+        return "_T"
+    return "ₜ" + ("" if tensor.step == 0 else sub(f"{tensor.step:+d}"))
 
 
 def sup(text: object) -> str:
@@ -83,7 +96,8 @@ class UnicodePrinter(StrPrinter):
         if batch:
             symbol = _BATCH.get(role, _GREEK.get(role, role))
         elif tensor.rank >= 2 and tensor.is_parameter and tensor.role != "grad":
-            symbol = role.upper()        # the matrix W^l (its entries print as w^l_jk)
+            # the matrix W^l (its entries print as w^l_jk); Wₓ^l of a recurrent layer
+            symbol = _GREEK[role].capitalize() if role in _GREEK else role.upper()
         else:
             symbol = _GREEK.get(role, role)
         if tensor.node is not None:
@@ -97,8 +111,24 @@ class UnicodePrinter(StrPrinter):
             return "𝟏"
         if expr.role == "grad" and not self._settings["batch"] and expr.rank == 1:
             inner = expr.target
-            return f"∇_{self._name(inner)} C"
-        return self._name(expr, batch=self._settings["batch"])
+            return f"∇_{self._name(inner)}{_step(inner)} C"
+        return self._name(expr, batch=self._settings["batch"]) + _step(expr)
+
+    # --- sequences (docs/architecture.md, "Sequences") ----------------------------------
+
+    def _print_SumSteps(self, expr: SumSteps) -> str:
+        return f"Σₜ {self.parenthesize(expr.args[0], PRECEDENCE['Mul'])}"
+
+    def _print_StepGuard(self, expr: StepGuard) -> str:
+        return f"[{step_condition(expr, self._print, '≤ ')}]"
+
+    def _print_Block(self, expr: Block) -> str:
+        tensor, start, size = expr.args
+        return f"{self._print(tensor)}[{self._print(start + 1)}:{self._print(start + size)}]"
+
+    def _print_Concat(self, expr: Concat) -> str:
+        *parts, _size = expr.args
+        return f"[{'; '.join(self._print(part) for part in parts)}]"
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):

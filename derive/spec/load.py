@@ -56,7 +56,26 @@ INPUT_NAME = "input"
 #: The op of a layer that gives no ``op:``.
 DEFAULT_OP = "dense"
 #: Dictionary keys of parameters by role (docs/architecture.md, "Contracts": W{l}, b{l}, gamma{l}, ...).
-PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta"}
+PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta", "wx": "Wx", "wh": "Wh",
+                  "bx": "bx", "bh": "bh"}
+#: The fields of a sequence input ``{size: n, length: T}``.
+SEQUENCE_FIELDS = ("size", "length")
+
+
+def shape_kind(shape: tuple[int, ...]) -> str:
+    """What a per-sample shape holds: "vector" (n,), "sequence" (T, n) or "image" (C, H, W)."""
+    return {1: "vector", 2: "sequence", 3: "image"}[len(shape)]
+
+
+def describe_shape(shape: tuple[int, ...]) -> str:
+    """A shape as an error message names it: "a vector of width 4", "a sequence of 20 steps
+    of width 3", "an image [1, 8, 8]"."""
+    kind = shape_kind(shape)
+    if kind == "vector":
+        return f"a vector of width {shape[0]}"
+    if kind == "sequence":
+        return f"a sequence of {shape[0]} steps of width {shape[1]}"
+    return f"an image {list(shape)}"
 
 
 def parameter_key(role: str, node: int) -> str:
@@ -108,7 +127,8 @@ class LayerSpec:
     spec gave; ``None`` means the previous layer. ``options`` holds the op's numeric
     attributes (``eps``, ``rate``; a kernel's, stride's or padding's (rows, columns)) as given.
     ``activation`` is ``None`` for ops without one. A layer whose output is an image has
-    ``image`` (C, H, W) and ``size`` C.
+    ``image`` (C, H, W) and ``size`` C; one whose output is a sequence has ``length`` T (its
+    shape is (T, size)).
     """
 
     size: int
@@ -119,11 +139,14 @@ class LayerSpec:
     inputs: tuple[int, ...] | None = None
     options: tuple[tuple[str, float | tuple[int, int]], ...] = ()
     image: tuple[int, int, int] | None = None    # [C, H, W] of an image output
+    length: int | None = None                    # T of a sequence output
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The per-sample shape of the layer's output: (n_l,) or (C, H, W)."""
-        return self.image if self.image is not None else (self.size,)
+        """The per-sample shape of the layer's output: (n_l,), (T, n_l) or (C, H, W)."""
+        if self.image is not None:
+            return self.image
+        return (self.length, self.size) if self.length is not None else (self.size,)
 
     def reads(self, index: int) -> tuple[int, ...]:
         """The node numbers layer ``index`` (1-based) reads."""
@@ -150,7 +173,7 @@ class ExampleSpec:
         if self.x is not None:
             data["x"] = _lists(self.x)
         if self.y is not None:
-            data["y"] = list(self.y)
+            data["y"] = _lists(self.y)
         if self.params:
             data["params"] = {key: _lists(value) for key, value in self.params}
         return data
@@ -161,7 +184,7 @@ class NetworkSpec:
     """A validated network: input width, dense layers, loss and an optional worked example.
 
     ``input`` is n_0, the input's width, or its channels C when the input is an image
-    (``image`` is then (C, H, W))."""
+    (``image`` is then (C, H, W)); a sequence input has ``length`` T (x is (T, n_0))."""
 
     name: str
     input: int
@@ -171,11 +194,19 @@ class NetworkSpec:
     source: str = "<dict>"
     regularization: tuple[tuple[str, float], ...] = ()
     image: tuple[int, int, int] | None = None
+    length: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """The per-sample shape of x: (n_0,) or (C, H, W)."""
-        return self.image if self.image is not None else (self.input,)
+        """The per-sample shape of x: (n_0,), (T, n_0) or (C, H, W)."""
+        if self.image is not None:
+            return self.image
+        return (self.length, self.input) if self.length is not None else (self.input,)
+
+    @property
+    def sequence(self) -> bool:
+        """Whether the input is a sequence (the network has time steps)."""
+        return self.length is not None
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -197,15 +228,14 @@ class NetworkSpec:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter key (``W1``, ``b1``, ``gamma3``, ...) and its shape, in layer order."""
-        from derive.registry.ops import OPS  # the registry, stage 0
+        from derive.registry.ops import OPS, axis_value  # the registry, stage 0
 
         shapes: dict[str, tuple[int, ...]] = {}
         for l, layer in enumerate(self.layers, start=1):
             widths = axis_values(layer, l, self.sizes)
             for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
                 shapes[parameter_key(parameter.role, l)] = tuple(
-                    widths[axis] if isinstance(axis, str) else axis
-                    for axis in parameter.shape)
+                    axis_value(axis, widths) for axis in parameter.shape)
         return shapes
 
     @property
@@ -258,7 +288,9 @@ class NetworkSpec:
             layers.append(entry)
         data: dict[str, Any] = {
             "name": self.name,
-            "input": list(self.image) if self.image is not None else self.input,
+            "input": list(self.image) if self.image is not None else (
+                {"size": self.input, "length": self.length} if self.length is not None
+                else self.input),
             "layers": layers,
             "loss": self.loss.to_data(),
         }
@@ -658,10 +690,12 @@ class _Validator:
             )
         self.mapping(data, (), "the spec", TOP_FIELDS, TOP_REQUIRED)
         name = self.identifier(data["name"], ("name",))
-        image = None
+        image = length = None
         if isinstance(data["input"], list | tuple):
             image = self.image(data["input"], ("input",))
             n_input = image[0]
+        elif isinstance(data["input"], Mapping):
+            n_input, length = self.sequence_input(data["input"], ("input",))
         else:
             n_input = self.width(data["input"], ("input",))
         raw_layers = data["layers"]
@@ -672,19 +706,20 @@ class _Validator:
         if len(raw_layers) > limits.MAX_DEPTH:
             raise self.limit(("layers",), "the number of layers", len(raw_layers),
                              limits.MAX_DEPTH, "MAX_DEPTH")
-        layers = self.layers(raw_layers, image or (n_input,))
+        input_shape = image or ((length, n_input) if length is not None else (n_input,))
+        layers = self.layers(raw_layers, input_shape)
         loss = self.loss(data["loss"], ("loss",))
         regularization = ()
         if "regularization" in data:
             regularization = self.regularization(data["regularization"], ("regularization",))
         spec = NetworkSpec(name, n_input, layers, loss, source=source,
-                           regularization=regularization, image=image)
+                           regularization=regularization, image=image, length=length)
         self.check_semantics(spec)
         if "example" in data:
             example = self.example(data["example"], ("example",), spec)
             if example != ExampleSpec():
                 spec = NetworkSpec(name, n_input, layers, loss, example, source, regularization,
-                                   image)
+                                   image, length)
         return spec
 
     def image(self, value: list | tuple, path: FieldPath) -> tuple[int, int, int]:
@@ -697,6 +732,17 @@ class _Validator:
             raise self.limit(path, "the input's size C*H*W", math.prod(out), limits.MAX_WIDTH,
                              "MAX_WIDTH")
         return out  # type: ignore[return-value]
+
+    def sequence_input(self, value: Mapping, path: FieldPath) -> tuple[int, int]:
+        """A sequence input {size: n, length: T}: (n, T), within the width limit."""
+        self.mapping(value, path, "a sequence input {size: n, length: T}", SEQUENCE_FIELDS,
+                     SEQUENCE_FIELDS)
+        size = self.width(value["size"], (*path, "size"))
+        length = self.width(value["length"], (*path, "length"))
+        if size * length > limits.MAX_WIDTH:
+            raise self.limit(path, "the input's size n*T", size * length, limits.MAX_WIDTH,
+                             "MAX_WIDTH")
+        return size, length
 
     def pair(self, value: object, path: FieldPath, low: int) -> tuple[int, int]:
         """A kernel's, stride's or padding's (rows, columns): an integer >= ``low`` for both,
@@ -785,7 +831,7 @@ class _Validator:
                                                   "name of its own")
         inputs = self.inputs(data, path, index, names)
         reads = inputs if inputs is not None else (index - 1,)
-        sizes = [shape[0] for shape in shapes]
+        sizes = [shape[-1] if shape_kind(shape) == "sequence" else shape[0] for shape in shapes]
         self.input_kinds(op_name if not custom else None, reads, shapes, names,
                          (*path, "input") if "input" in data else
                          (*path, "inputs") if "inputs" in data else path, index)
@@ -845,41 +891,61 @@ class _Validator:
             elif attribute.kind in ("pair", "pair0"):
                 options.append((attribute.name, self.pair(value, where,
                                                           int(attribute.kind == "pair"))))
+            elif attribute.kind == "choice":
+                if value not in attribute.choices:
+                    raise self.error(where, f"must be one of {', '.join(attribute.choices)}, "
+                                            f"got {_describe(value)}")
+                options.append((attribute.name, value))
         # a default given explicitly is left out, as `bias: true` is: one canonical form
         options = [(key, number) for key, number in options
                    if number != _pair_default(definition.attribute(key))]
         attrs = {"size": size, "bias": bias, **dict(options)}
+        length = None
         if definition.output_shape is not None:
             try:
                 shape = definition.output_shape(attrs, shapes[reads[0]])
             except ValueError as err:
                 raise self.error(path, f"{_a_layer(op_name)}: {err}") from None
             image = shape if len(shape) == 3 else None
-            size = shape[0]
+            length, size = (shape[0], shape[1]) if len(shape) == 2 else (None, shape[0])
         else:
             image, size = None, definition.output_size(attrs, tuple(widths))
-        return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options), image)
+            if shape_kind(shapes[reads[0]]) == "sequence":      # per time step
+                length = shapes[reads[0]][0]
+        return LayerSpec(size, activation, bias, op_name, name, inputs, tuple(options), image,
+                         length)
 
     def input_kinds(self, op_name: str | None, reads: tuple[int, ...],
                     shapes: list[tuple[int, ...]], names: Mapping[str, int], path: FieldPath,
                     index: int) -> None:
-        """An op reads vectors, images, or either (elementwise ops); say which it got."""
+        """An op reads vectors (a dense layer also a sequence, step by step), sequences,
+        images, or any of them (elementwise ops); say which it got."""
         from derive.registry.ops import OPS  # the registry, stage 0
 
-        wanted = OPS[op_name].reads if op_name is not None else "vector"
+        definition = OPS[op_name] if op_name is not None else None
+        wanted = definition.reads if definition is not None else "vector"
+        per_step = definition is not None and definition.per_step
+        kinds = {shape_kind(shapes[n]) for n in reads}
         for n in reads:
-            kind = "image" if len(shapes[n]) == 3 else "vector"
-            if wanted in (kind, "any"):
+            kind = shape_kind(shapes[n])
+            if wanted in (kind, "any") or (per_step and kind == "sequence"):
                 continue
             what = _node_label(n, names) if n != index - 1 or n == 0 else (
                 "the layer before it" if n else "the input")
             layer = _a_layer(op_name) if op_name is not None else "a custom op"
-            if kind == "image":
-                raise self.error(path, f"{layer} reads a vector, but {what} gives an image "
-                                       f"{list(shapes[n])}: put a {{op: flatten}} layer "
-                                       "before it")
-            raise self.error(path, f"{layer} reads an image [C, H, W], but {what} gives a "
-                                   f"vector of width {shapes[n][0]}")
+            got = describe_shape(shapes[n])
+            if kind == "image" and wanted == "vector":
+                raise self.error(path, f"{layer} reads a vector, but {what} gives {got}: put "
+                                       "a {op: flatten} layer before it")
+            wanted_text = {"vector": "a vector", "image": "an image [C, H, W]",
+                           "sequence": "a sequence (input {size, length}, or a recurrent "
+                                       "layer's output)"}[wanted]
+            hint = " (a recurrent layer with `return: last` gives a vector)" if (
+                kind == "sequence" and wanted == "vector") else ""
+            raise self.error(path, f"{layer} reads {wanted_text}, but {what} gives {got}{hint}")
+        if len(kinds) > 1:
+            raise self.error(path, f"{_a_layer(op_name)} reads inputs of one kind; got "
+                                   + ", ".join(describe_shape(shapes[n]) for n in reads))
 
     def custom_op(self, data: object, path: FieldPath, size: int,
                   widths: tuple[int, ...]) -> CustomOp:
@@ -1062,8 +1128,8 @@ class _Validator:
         if spec.layers[-1].image is not None:
             raise self.error(("layers", spec.depth - 1),
                              "the last layer gives an image "
-                             f"{list(spec.layers[-1].image)}; the loss reads a vector: end "
-                             "with {op: flatten} and a dense layer")
+                             f"{list(spec.layers[-1].image)}; the loss reads a vector or a "
+                             "sequence: end with {op: flatten} and a dense layer")
         shapes = spec.parameter_shapes()
         if not shapes:
             raise self.error(("layers",), "the network has no parameters to train: add a dense "
@@ -1098,11 +1164,13 @@ class _Validator:
     def example(self, data: object, path: FieldPath, spec: NetworkSpec) -> ExampleSpec:
         self.mapping(data, path, "the example", EXAMPLE_FIELDS, ())
         x = y = None
-        if "x" in data and spec.image is not None:
-            x = self.nested(data["x"], (*path, "x"), spec.image, "x")
+        if "x" in data and len(spec.input_shape) > 1:
+            x = self.nested(data["x"], (*path, "x"), spec.input_shape, "x")
         elif "x" in data:
             x = self.numbers(data["x"], (*path, "x"), spec.input, "one input sample, n_0")
-        if "y" in data:
+        if "y" in data and len(spec.shapes[-1]) > 1:
+            y = self.nested(data["y"], (*path, "y"), spec.shapes[-1], "y")
+        elif "y" in data:
             y = self.numbers(data["y"], (*path, "y"), spec.sizes[-1], "its target, n_L")
         params: tuple[tuple[str, tuple], ...] = ()
         if "params" in data:

@@ -43,6 +43,7 @@ from derive.spec.load import (
     LAYER_COMMON_FIELDS,
     PARAMETER_KEYS,
     REGULARIZATION_FIELDS,
+    SEQUENCE_FIELDS,
     TOP_FIELDS,
     TOP_REQUIRED,
 )
@@ -118,6 +119,7 @@ ATTRIBUTE_KINDS: dict[str, Callable[[], Schema]] = {
     "positive": lambda: {"type": "number", "exclusiveMinimum": 0},
     "pair": lambda: _pair(1),
     "pair0": lambda: _pair(0),
+    "choice": lambda: {"type": "string"},          # its values: _attribute, from the entry
 }
 
 
@@ -130,6 +132,8 @@ def _pair(minimum: int) -> Schema:
 
 def _attribute(attribute: Attribute) -> Schema:
     schema = ATTRIBUTE_KINDS[attribute.kind]()
+    if attribute.choices:
+        schema["enum"] = list(attribute.choices)
     if attribute.doc:
         schema["description"] = attribute.doc
     if attribute.default is not None:
@@ -295,9 +299,11 @@ def _example() -> Schema:
         "type": "object",
         "description": "a worked example: one input x, its target y and every parameter",
         "properties": {
-            x: {"anyOf": [_numbers(), _numbers(3)],
-                "description": "n_0 numbers, or an image input's [C][H][W] nested lists"},
-            y: _numbers(),
+            x: {"anyOf": [_numbers(), _numbers(2), _numbers(3)],
+                "description": "n_0 numbers, a sequence input's [T][n_0] or an image "
+                               "input's [C][H][W] nested lists"},
+            y: {"anyOf": [_numbers(), _numbers(2)],
+                "description": "n_L numbers, or a sequence output's [T][n_L]"},
             params: {
                 "type": "object",
                 "patternProperties": {
@@ -324,7 +330,13 @@ def spec_schema() -> Schema:
         "input": {"anyOf": [
             {"type": "integer", "minimum": 1, "description": "the input width n_0"},
             {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 3,
-             "maxItems": 3, "description": "an image [C, H, W]: channels, height, width"}]},
+             "maxItems": 3, "description": "an image [C, H, W]: channels, height, width"},
+            {"type": "object", "description": "a sequence: T steps of n features",
+             "properties": {"size": {"type": "integer", "minimum": 1,
+                                     "description": "the features per step n_0"},
+                            "length": {"type": "integer", "minimum": 1,
+                                       "description": "the number of steps T"}},
+             "required": list(SEQUENCE_FIELDS), "additionalProperties": False}]},
         "layers": {"type": "array", "minItems": 1, "items": _ref("layer"),
                    "description": "layer l is item l (from 1); the last is the output"},
         "loss": _loss(),

@@ -33,17 +33,18 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import symengine as se
 import sympy as sp
 
 from derive.derivation.reverse import Derivation, Formula
-from derive.graph.model import Model
+from derive.graph.model import Model, Node
 from derive.limits import MAX_POINTS, check_count
-from derive.quantities import NetTensor, entry, tensor_of
+from derive.quantities import LENGTH, NetTensor, entry, index_family, tensor_of
 from derive.registry.functions import elementary
+from derive.registry.ops import Equation
 from derive.registry.windows import InRange
 from derive.spec.load import NetworkSpec
 from derive.verify.numeric import (
@@ -274,9 +275,9 @@ class Instance:
             return self._leaf(key, _leaf_name(tensor, _concrete(key)))
 
         for node in model.nodes:
-            for eq in node.equations:
+            for eq, index in self._in_order(node):
                 template = self._template(eq.expr, eq.indices)
-                for index in _indices(self.concrete_shape(eq.ranges)):
+                if True:
                     at = tuple(sp.sympify(i).xreplace(self.sizes) for i in
                                eq.target_indices(tuple(map(sp.Integer, index))))
                     key = self.intern(entry(eq.target, at))
@@ -288,10 +289,33 @@ class Instance:
                         self._leaf_of[key] = error
                         value = value + error
                     self.values[key] = value
-                self._defined.add(eq.target)
+            self._defined.update(eq.target for eq in node.equations)
         self.cost: se.Basic = self._template(model.cost, ()).at(self, (), lookup)
         self.cost_node = self._node(self._template(model.cost, ()), ())
         self.penalty: se.Basic = self._template(model.penalty, ()).at(self, (), lookup)
+
+    def _in_order(self, node: Node) -> Iterator[tuple[Equation, Index]]:
+        """Every entry of ``node``'s equations, in an order that computes each before it is
+        read: equation by equation; a recurrent layer's (which reads its own state at the
+        step before) step by step, its equations in order within each step."""
+        timed = [eq for eq in node.equations
+                 if eq.indices and index_family(eq.indices[0]) == "time"]
+        recurrent = any(t in {e.target for e in timed}
+                        for eq in timed for t in eq.expr.atoms(NetTensor))
+        if not recurrent:
+            for eq in node.equations:
+                for index in _indices(self.concrete_shape(eq.ranges)):
+                    yield eq, index
+            return
+        length = self.concrete_shape((LENGTH,))[0]
+        for step in range(1, length + 1):
+            for eq in timed:
+                for index in _indices(self.concrete_shape(eq.ranges[1:])):
+                    yield eq, (step, *index)
+        for eq in node.equations:
+            if eq not in timed:
+                for index in _indices(self.concrete_shape(eq.ranges)):
+                    yield eq, index
 
     def concrete_shape(self, shape: Sequence[sp.Expr]) -> Index:
         return tuple(int(sp.sympify(n).xreplace(self.sizes)) for n in shape)
@@ -299,7 +323,16 @@ class Instance:
     def padding(self, key: Key) -> bool:
         """Whether ``key`` is an entry outside its quantity's shape (a convolution's zero
         padding); if so, it is registered as the constant 0."""
+        if isinstance(key, sp.Derivative):      # an adjoint at δ_{T+1}: 0 as well
+            entry_ = key.variables[0]
+            tensor = tensor_of(entry_)
+            return isinstance(entry_, sp.Indexed) and tensor in self.shapes and not all(
+                1 <= int(i) <= n for i, n in zip(entry_.indices, self.shapes[tensor]))
         tensor = tensor_of(key)
+        if tensor is not None and tensor.role == "delta":
+            shape = self.shapes.get(self.model.node(tensor.node).forward.delta)
+            return shape is not None and not all(
+                1 <= int(i) <= n for i, n in zip(key.indices, shape))
         shape = self.shapes.get(tensor) if tensor is not None else None
         if shape is None or not isinstance(key, sp.Indexed) or all(
                 1 <= int(i) <= n for i, n in zip(key.indices, shape)):
@@ -584,16 +617,27 @@ def backprop_values(instance: Instance, derivation: Derivation,
     out (its check reports why). ``numeric``: ``env`` holds numbers (faster, and piecewise
     conditions are decided)."""
     env = dict(env)
+    # an entry of a recurrence through time reads the same formulas at the step after
+    # (δ_t reads δ_{t+1}): it waits for them, and the entries are tried again until none is
+    # added; what stays left out reads something no formula computes
+    waiting: list[tuple[Formula, Index, Key]] = []
     for formula in derivation.formulas:
         try:
             entries = instance.keyed_entries(formula)
         except MissingQuantity:
             continue
         for index, key in entries:
+            waiting.append((formula, index, key))
+    while waiting:
+        left = []
+        for formula, index, key in waiting:
             try:
                 env[key] = instance.instantiate(formula, index, env, numeric=numeric)
             except MissingQuantity:
-                continue
+                left.append((formula, index, key))
+        if len(left) == len(waiting):
+            break
+        waiting = left
     return env
 
 

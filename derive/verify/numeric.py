@@ -139,32 +139,42 @@ def spec_parameter_count(spec: NetworkSpec) -> int:
     return sum(math.prod(shape) for shape in spec.parameter_shapes().values())
 
 
+#: The time steps a checked copy of a sequence network keeps: the first step (which reads
+#: h_0 = 0), one in the middle and the last (whose error has no step after it).
+CHECKED_STEPS = 3
+
+
 def capped_spec(spec: NetworkSpec, cap: int) -> NetworkSpec:
     """``spec`` with the input and every op that chooses its width (``size``, a convolution's
     ``channels``) capped at ``cap``, and an image input as small as keeps every feature map
     at least 2 x 2 (or as it was, if smaller): the same graph, ops, activations and loss. The
     other ops' shapes follow from their inputs, so nodes summed by ``add`` keep equal shapes.
-    ``spec`` itself where nothing exceeds ``cap``."""
-    if max(spec.sizes) <= cap and spec.image is None:
+    A sequence keeps ``CHECKED_STEPS`` time steps. ``spec`` itself where nothing exceeds
+    ``cap``."""
+    length = min(spec.length, CHECKED_STEPS) if spec.length is not None else None
+    if max(spec.sizes) <= cap and spec.image is None and length == spec.length:
         return spec
     image = None
     if spec.image is not None:
         image = _smallest_image(spec, min(spec.image[0], cap))
         if image == spec.image and max(spec.sizes) <= cap:
             return spec
-    shapes = _capped_shapes(spec, cap, image)
-    layers = tuple(dataclasses.replace(layer, size=shape[0],
-                                       image=shape if len(shape) == 3 else None)
+    shapes = _capped_shapes(spec, cap, image, length)
+    layers = tuple(dataclasses.replace(layer, size=shape[-1] if len(shape) == 2 else shape[0],
+                                       image=shape if len(shape) == 3 else None,
+                                       length=shape[0] if len(shape) == 2 else None)
                    for layer, shape in zip(spec.layers, shapes[1:]))
-    return dataclasses.replace(spec, input=shapes[0][0], layers=layers, example=None,
-                               image=image)
+    return dataclasses.replace(spec, input=shapes[0][-1] if length else shapes[0][0],
+                               layers=layers, example=None, image=image, length=length)
 
 
-def _capped_shapes(spec: NetworkSpec, cap: int, image: tuple[int, ...] | None
-                   ) -> list[tuple[int, ...]]:
+def _capped_shapes(spec: NetworkSpec, cap: int, image: tuple[int, ...] | None,
+                   length: int | None = None) -> list[tuple[int, ...]]:
     """The shape of every node with widths capped at ``cap`` and the input ``image`` (or
-    the input's width capped); ValueError where a window no longer fits."""
-    shapes = [image if image is not None else (min(spec.input, cap),)]
+    the input's width capped; a sequence of ``length`` steps); ValueError where a window no
+    longer fits."""
+    width = min(spec.input, cap)
+    shapes = [image if image is not None else (length, width) if length else (width,)]
     for l, layer in enumerate(spec.layers, start=1):
         definition = OPS[layer.op]
         chooses = any(a.kind == "size" for a in definition.attributes)
@@ -174,7 +184,10 @@ def _capped_shapes(spec: NetworkSpec, cap: int, image: tuple[int, ...] | None
         if definition.output_shape is not None:
             shapes.append(definition.output_shape(attrs, shapes[reads[0]]))
         else:
-            shapes.append((definition.output_size(attrs, tuple(shapes[n][0] for n in reads)),))
+            size = definition.output_size(attrs, tuple(shapes[n][-1] if len(shapes[n]) == 2
+                                                        else shapes[n][0] for n in reads))
+            steps = shapes[reads[0]][:1] if len(shapes[reads[0]]) == 2 else ()
+            shapes.append((*steps, size))
     return shapes
 
 
@@ -219,9 +232,10 @@ def largest_cap(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> int:
 def reduced_spec(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> NetworkSpec:
     """``spec`` itself if it is within ``budget`` parameters, else a copy with every width
     (the input's too) capped at the largest value that fits, but not below
-    :data:`MIN_WIDTH`: the same graph, ops, activations and loss."""
+    :data:`MIN_WIDTH`: the same graph, ops, activations and loss. A sequence keeps
+    :data:`CHECKED_STEPS` steps."""
     if spec_parameter_count(spec) <= budget:
-        return spec
+        return capped_spec(spec, max(spec.sizes))      # a sequence: its steps capped
     return capped_spec(spec, largest_cap(spec, budget))
 
 

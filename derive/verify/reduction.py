@@ -32,6 +32,7 @@ from derive.graph.model import build_model
 from derive.quantities import NetTensor, size_symbol
 from derive.spec.load import LayerSpec, NetworkSpec
 from derive.verify.numeric import (
+    CHECKED_STEPS,
     MIN_WIDTH,
     PARAMETER_BUDGET,
     reduced_spec,
@@ -95,6 +96,10 @@ class CheckedCopy:
                 f"; the input image {'x'.join(map(str, self.spec.image))}, the smallest that "
                 "keeps every feature map at least 2 x 2 (as the formulas are written for any "
                 "H_l and W_l)")
+            if self.spec.length != self.original.length:
+                image += (f"; {self.spec.length} time steps of {self.original.length} (the "
+                          "formulas are written for any T: the first step reads h_0 = 0, the "
+                          "last has no error from a step after it, the middle one both)")
             out.append(f"  widths capped at {max(self.spec.sizes)} (budget {self.budget} "
                        f"parameters{floor}){image}, none below {MIN_WIDTH}: the formulas are "
                        "written for any width n_l, and with 3 values every index of a formula "
@@ -109,7 +114,7 @@ class CheckedCopy:
 def checked_copy(spec: NetworkSpec, budget: int = PARAMETER_BUDGET) -> CheckedCopy:
     """The copy of ``spec`` that verification expands, within ``budget`` parameters where
     widths of 3 allow it; ``spec`` itself where it fits."""
-    if spec_parameter_count(spec) <= budget:
+    if spec_parameter_count(spec) <= budget and (spec.length or 0) <= CHECKED_STEPS:
         return CheckedCopy(spec, spec, derive(build_model(spec)),
                            tuple(range(1, spec.depth + 1)), budget=budget)
     whole = derive(build_model(spec))

@@ -1,0 +1,202 @@
+"""Loops over time steps in generated code (docs/architecture.md, "Sequences").
+
+The tensor form reads a sequence formula at one step t (:mod:`derive.derivation.stepform`):
+``h.at_step(-1)`` is h_{t-1}. Most statements of a sequence network need no loop: a step
+view at t is the whole (B, T, n) array, and a product with a matrix reads every step at once.
+A statement needs the loop when what it computes at step t reads what the statements of the
+loop compute at another step: the forward recurrence h_t(h_{t-1}), the backward one
+δ_t(δ_{t+1}). Those statements are the strongly connected parts of the graph of "reads" among
+the assignments; each runs in one loop over t (forward when they read earlier steps, backward
+when they read later ones), vectorized over the batch. Around it:
+
+* what a loop statement computes from quantities outside the loop (the input's projection
+  Wx x_t, the error a dense layer sends back) is hoisted before the loop, for all steps in one
+  matrix product, and read at step t inside it;
+* an entry at a step outside 1..T is 0: a term that reads one (h_0) is guarded by the step
+  (``StepGuard``); the derivation's own brackets ([t + 1 ≤ T]) are guards already.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy as sp
+
+from derive.derivation.stepform import StepGuard
+from derive.derivation.tensorform import Einsum, MatVec, Outer
+from derive.quantities import LENGTH, NetTensor
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Assignments run once per time step, ``forward`` (t = 1..T) or backward (T..1)."""
+
+    assigns: tuple
+    forward: bool
+
+
+class Guarded(sp.Function):
+    """``Guarded(expr, low, high)``: expr at the steps low..high (1-based), 0 elsewhere."""
+
+    nargs = 3
+
+
+def views(expr: sp.Expr) -> set[NetTensor]:
+    """The step views an expression reads."""
+    return {t for t in expr.atoms(NetTensor) if isinstance(t.step, int)}
+
+
+def _target(assign) -> NetTensor | None:
+    target = assign.target
+    return target.whole if isinstance(target, NetTensor) else None
+
+
+def loops(assigns: list) -> list:
+    """``assigns`` with the statements that need a loop over time gathered into
+    :class:`Loop`s, at the place of the first of them."""
+    targets = {_target(a): n for n, a in enumerate(assigns) if _target(a) is not None}
+    reads: list[set[int]] = []
+    shifted: list[set[int]] = []
+    for assign in assigns:
+        found = views(assign.expr) if assign.code is None else set()
+        reads.append({targets[v.whole] for v in found if v.whole in targets})
+        shifted.append({targets[v.whole] for v in found if v.whole in targets and v.step})
+    groups = _components(reads)
+    out: list = []
+    done: set[int] = set()
+    for n, assign in enumerate(assigns):
+        if n in done:
+            continue
+        group = groups[n]
+        if not any(shifted[m] & group for m in group):
+            out.append(assign)
+            continue
+        members = sorted(group)
+        done.update(members)
+        # what stands among the loop's statements but reads nothing the loop computes goes
+        # before it (a shared tanh(c) the loop reads)
+        for m in range(n + 1, members[-1]):
+            if m not in group and not _reaches(m, group, reads):
+                out.append(assigns[m])
+                done.add(m)
+        steps = {v.step for m in members for v in views(assigns[m].expr)
+                 if v.whole in targets and targets[v.whole] in group and v.step}
+        out.append(Loop(tuple(assigns[m] for m in members), forward=min(steps) < 0))
+    return out
+
+
+def _reaches(start: int, group: set[int], reads: list[set[int]]) -> bool:
+    """Whether assignment ``start`` reads (through others) one of ``group``."""
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for other in reads[node]:
+            if other in group:
+                return True
+            if other not in seen:
+                seen.add(other)
+                todo.append(other)
+    return False
+
+
+def _components(reads: list[set[int]]) -> list[set[int]]:
+    """The strongly connected component of each node of the graph n → reads[n] (Tarjan)."""
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    stack: list[int] = []
+    on_stack: set[int] = set()
+    out: list[set[int]] = [set() for _ in reads]
+    counter = 0
+
+    def visit(node: int) -> None:
+        nonlocal counter
+        index[node] = low[node] = counter
+        counter += 1
+        stack.append(node)
+        on_stack.add(node)
+        for other in reads[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            for member in component:
+                out[member] = component
+
+    for node in range(len(reads)):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def guarded(expr: sp.Expr, loop_targets: set[NetTensor]) -> sp.Expr:
+    """``expr`` with every term that reads a quantity at another step guarded by the steps
+    where that step is in 1..T: an entry outside is 0 (h_0 = 0, the error δ_{T+1} = 0), so
+    is the term (every term is linear in such an entry), as the derivation's own brackets say
+    (``StepGuard``)."""
+    def guard(part: sp.Expr) -> sp.Expr:
+        if isinstance(part, sp.Add):
+            return sp.Add(*(guard(term) for term in part.args))
+        factors = sp.Mul.make_args(part)
+        shifts = [v.step for f in factors if not isinstance(f, sp.Add) for v in views(f)
+                  if v.step]
+        term = sp.Mul(*(guard(f) if isinstance(f, sp.Add) else f for f in factors))
+        if not shifts:
+            return term
+        return StepGuard(1 - min(shifts + [0]), LENGTH - max(shifts + [0])) * term
+
+    expr = guard(expr)
+
+    def fold(mul: sp.Mul) -> sp.Expr:
+        guards = [f for f in mul.args if isinstance(f, StepGuard)]
+        rest = sp.Mul(*(f for f in mul.args if not isinstance(f, StepGuard)))
+        low = sp.Max(*(g.args[0] for g in guards))
+        high = sp.Min(*(g.args[1] for g in guards))
+        return Guarded(rest, low, high)
+
+    expr = expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(StepGuard)
+                        and any(isinstance(f, StepGuard) for f in e.args), fold)
+    return expr.replace(lambda e: isinstance(e, StepGuard), lambda e: Guarded(1, *e.args))
+
+
+def hoisted(expr: sp.Expr, loop_targets: set[NetTensor], stand_in: sp.Expr
+            ) -> tuple[sp.Expr, sp.Expr | None]:
+    """(the loop's expression, with ``stand_in`` where it read the part computed before the
+    loop; that part) when ``expr`` (or the sum among its factors) has matrix products that
+    read nothing the loop computes; else (expr, None)."""
+    def outside(term: sp.Expr) -> bool:
+        return not term.has(StepGuard) and not any(
+            t.whole in loop_targets for t in term.atoms(NetTensor)) and \
+            term.has(MatVec, Outer, Einsum)
+
+    def split(total: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+        terms = sp.Add.make_args(total)
+        moved = [term for term in terms if outside(term)]
+        if not moved:
+            return None
+        # a bias that goes with the products goes too (W x_t + b: one statement)
+        moved += [term for term in terms if term not in moved and not term.has(StepGuard)
+                  and all(t.is_parameter for t in term.atoms(NetTensor))]
+        return sp.Add(*moved), sp.Add(*(term for term in terms if term not in moved))
+
+    if isinstance(expr, sp.Add):
+        found = split(expr)
+        if found is not None:
+            part, rest = found
+            return rest + stand_in, part
+    if isinstance(expr, sp.Mul):
+        for factor in expr.args:
+            if isinstance(factor, sp.Add):
+                found = split(factor)
+                if found is not None:
+                    part, rest = found
+                    return expr.xreplace({factor: rest + stand_in}), part
+    return expr, None
