@@ -20,7 +20,7 @@ batch 32, hidden 64, float32 and float64, OpenBLAS, on 2 cores of a virtual mach
   so a time step's slice is a contiguous (h, B) or (G h, B) block, and so is every gate's
   block inside it. The recurrent GEMM is Wh @ h_{t-1}. (The row form (T, B, G h) with
   h_{t-1} @ Wh^T leaves each gate a strided column block, and the elementwise ops on those
-  are 2-3x slower: the lstm's forward loop is 7% slower in float64, 28% in float32.)
+  are 2-3x slower: the lstm's forward loop is 5-7% slower in float64, 17-28% in float32.)
 - The input projection of every step is one batched GEMM before the loop, Wx @ X_t with X
   copied once into (T, n, B), written straight into the gates' array; the dense layer, its
   error and dW2 are one GEMM each over all T*B columns.

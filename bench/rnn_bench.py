@@ -54,10 +54,10 @@ loop).
 
 Usage (from the repository root):
 
-    python bench/rnn_bench.py            # about 2 minutes on 2 cores
-    python bench/rnn_bench.py --quick    # fewer repetitions, one malloc setting (~30 s)
+    python bench/rnn_bench.py            # about 2.5 minutes on 2 cores (4 on a busy machine)
+    python bench/rnn_bench.py --quick    # fewer repetitions, one malloc setting (~35 s)
     python bench/rnn_bench.py --threads 1   # one thread on each side
-    python bench/rnn_bench.py --idioms   # the NumPy idioms (~30 s)
+    python bench/rnn_bench.py --idioms   # the NumPy idioms (~15 s)
 """
 
 from __future__ import annotations
@@ -524,8 +524,8 @@ def nonlinearity_variants(rows: int, dtype: str) -> dict:
 
     tanh, sigmoid = np.tanh(z), 1 / (1 + np.exp(-z))
     return {
-        "tanh: np.tanh": (tanh_np, tanh),
-        "tanh: 2 / (1 + exp(-2z)) - 1, -2z prescaled [chosen for the gates]": (tanh_exp, tanh),
+        "tanh: np.tanh [chosen in float32]": (tanh_np, tanh),
+        "tanh: 2 / (1 + exp(-2z)) - 1, -2z prescaled [chosen in float64]": (tanh_exp, tanh),
         "tanh: 2 / (1 + exp(-2z)) - 1, multiplying by -2 first": (tanh_exp_scaling, tanh),
         "sigmoid: 1 / (1 + exp(-z)), -z prescaled [chosen]": (sigmoid_exp, sigmoid),
         "sigmoid: 1 / (1 + exp(-z)), negating first": (sigmoid_exp_negating, sigmoid),

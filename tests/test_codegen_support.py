@@ -27,15 +27,15 @@ def example(name: str) -> tuple[NetworkSpec, types.ModuleType]:
 def batch(spec: NetworkSpec, rows: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random inputs and non-uniform targets of the kind the spec's loss expects."""
     rng = np.random.default_rng(seed)
-    n_out = spec.sizes[-1]
+    *steps, n_out = spec.shapes[-1]          # (n_L,), or (T, n_L) for a sequence output
     X = rng.normal(size=(rows, *spec.input_shape))
     needs = spec.resolved_loss().needs
-    if needs == "distribution":
-        Y = rng.dirichlet(np.ones(n_out), size=rows)      # soft targets, summing to 1
+    if needs == "distribution":                           # soft targets, summing to 1
+        Y = rng.dirichlet(np.ones(n_out), size=(rows, *steps))
     elif needs == "probability":
-        Y = rng.uniform(0.05, 0.95, size=(rows, n_out))
+        Y = rng.uniform(0.05, 0.95, size=(rows, *steps, n_out))
     else:
-        Y = rng.normal(size=(rows, n_out))
+        Y = rng.normal(size=(rows, *steps, n_out))
     return X, Y
 
 

@@ -68,6 +68,14 @@ def _with_op(op: str, position: str) -> dict:
                     "loss": "cross_entropy"}
         layers.append({"size": 2})
         return {"name": f"{op}_output", "input": [2, 5, 6], "layers": layers, "loss": "mse"}
+    if definition.reads == "sequence":   # a recurrent layer: after a dense layer per step
+        layers = [{"size": 3, "activation": "tanh"}, layer]
+        if position == "hidden":
+            layers.append({"size": 2, "activation": "softmax"})
+            return {"name": f"{op}_hidden", "input": {"size": 2, "length": 3},
+                    "layers": layers, "loss": "cross_entropy"}
+        return {"name": f"{op}_output", "input": {"size": 2, "length": 3}, "layers": layers,
+                "loss": "mse"}
     if op == "add":
         layers = [{"size": 3, "activation": "tanh", "name": "h"}, {"size": 3},
                   {**layer, "inputs": ["h", 2]}]
@@ -190,7 +198,7 @@ def test_in_place_arithmetic_leaves_inputs_and_cache_alone(name: str) -> None:
     params = module.init_params(seed=1)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((5, *spec.input_shape))
-    Y = np.full((5, spec.sizes[-1]), 1.0 / spec.sizes[-1])
+    Y = np.full((5, *spec.shapes[-1]), 1.0 / spec.sizes[-1])
     saved = {key: value.copy() for key, value in params.items()}
     X_saved, Y_saved = X.copy(), Y.copy()
     _, cache = module.forward(params, X)

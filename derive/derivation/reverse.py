@@ -426,7 +426,12 @@ class _Reverse:
         free = indices_for(q)
         steps: list[Step] = []
         if q == self.output:
+            # the loss reads it; a recurrent output (h_t) is also read at the step after
             generic = partial(C, entry(q, free))
+            if self.readers.get(q):
+                more_terms, more = self.contributions(q, free, target)
+                generic = self.direct(free) + more_terms
+                steps.extend(more)
         else:
             generic, more = self.contributions(q, free, target)
             steps.extend(more)
@@ -510,7 +515,8 @@ class _Reverse:
         # substitute the adjoints of inline quantities (a^l of a dense layer) by their formula
         inline = sorted({tensor_of(d.variables[0]) for d in result.atoms(sp.Derivative)
                          if d.expr == C and self.is_inline(tensor_of(d.variables[0]))
-                         and tensor_of(d.variables[0]) != self.output},
+                         and (tensor_of(d.variables[0]) != self.output
+                              or self.readers.get(self.output))},
                         key=sp.default_sort_key)
         for p in inline:
             p_free = indices_for(p)
@@ -532,8 +538,17 @@ class _Reverse:
         key = (q, free)
         if key not in self.inline_generic:
             result, steps = self.contributions(q, free, target)
+            if q == self.output:     # a recurrent output: the loss's own part as well
+                result = self.direct(free) + result
             self.inline_generic[key] = (result, tuple(steps))
         return self.inline_generic[key]
+
+    def direct(self, free: tuple[sp.Symbol, ...]) -> sp.Expr:
+        """The loss's own part of ∂C/∂h_t for an output that is also read at the step after
+        (a recurrent layer's state): the loss gradient itself, at ``free``. (Elsewhere ∂C/∂h_t
+        then names the whole adjoint, so the loss gradient is written in at once.)"""
+        formula = self.loss_gradient
+        return _relabel(formula.rhs, formula.indices, free, set())
 
     # -- concrete forms --
 
@@ -558,7 +573,7 @@ class _Reverse:
         free = loss_gradient.indices
         out = out.replace(
             lambda e: isinstance(e, sp.Derivative) and e.expr == C
-            and tensor_of(e.variables[0]) == self.output,
+            and tensor_of(e.variables[0]) == self.output and not self.readers.get(self.output),
             lambda e: _relabel(loss_gradient.rhs, free, _indices(e.variables[0]), set()))
         return collapse(out)
 
@@ -728,6 +743,7 @@ def derive(model: Model, progress: Report | None = None) -> Derivation:
     (``progress`` is told of each node done)."""
     reverse = _Reverse(model)
     loss_gradient = _loss_gradient(model)
+    reverse.loss_gradient = loss_gradient
     formulas: list[Formula] = [loss_gradient]
     for done, node in enumerate(reversed(model.nodes)):
         if progress is not None:

@@ -471,6 +471,21 @@ def _reads(exprs: list[sp.Expr], quantities: dict[NetTensor, int]) -> set[NetTen
     return {t.whole for expr in exprs for t in expr.atoms(NetTensor) if t.whole in quantities}
 
 
+def _batch_mean(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the terms that read no adjoint (the loss gradient's) divided by B."""
+    def adjoint(e: sp.Expr) -> bool:
+        return any(t.role in ("grad", "delta") for t in e.atoms(NetTensor))
+
+    if not adjoint(expr):
+        return expr / BATCH
+    if isinstance(expr, sp.Add):
+        return sp.Add(*(_batch_mean(term) for term in expr.args))
+    if isinstance(expr, sp.Mul):
+        (factor,) = [f for f in expr.args if adjoint(f)]     # linear in the adjoints
+        return expr.xreplace({factor: _batch_mean(factor)})
+    return expr
+
+
 def _feature_width(model: Model, tensor: NetTensor) -> int:
     """The number of features of a quantity, δ^l or an adjoint (of its quantity's)."""
     if tensor.role == "delta":
@@ -584,7 +599,8 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
             if first:
                 # the root of every other adjoint: dividing it by B makes every row sum below
                 # a batch mean, since each backward formula is linear in the adjoints it reads
-                expr, text, first = expr / BATCH, text + ", each row divided by B", False
+                # (a recurrent output's reads its own later steps: only the loss's part)
+                expr, text, first = _batch_mean(expr), text + ", each row divided by B", False
             backward_assigns.append(_Assign(formula.target, expr, text))
             continue
         name = f"d{batch_name(formula.of)}"

@@ -39,14 +39,35 @@ import sympy as sp
 
 from derive import __version__
 from derive.derivation.imageform import is_image_form
-from derive.derivation.reverse import ActivationDerivative, C, Derivation, Formula, R, Step
-from derive.derivation.tensorform import ONE, equation_tensor
+from derive.derivation.indexcalc import collapse
+from derive.derivation.reverse import (
+    ActivationDerivative,
+    C,
+    Derivation,
+    Formula,
+    R,
+    Step,
+    activation_derivative,
+)
+from derive.derivation.tensorform import ONE, equation_tensor, to_vector
 from derive.errors import DeriveError
 from derive.files import MARKER
 from derive.graph.model import Model, Node
 from derive.progress import Report
-from derive.quantities import NetTensor, entry, i, j, k, tensor_of
+from derive.quantities import (
+    INDEX_POOL,
+    LENGTH,
+    NetTensor,
+    entry,
+    family_indices,
+    i,
+    index_family,
+    j,
+    k,
+    tensor_of,
+)
 from derive.registry.functions import Z
+from derive.registry.ops import Equation
 from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.latex_printer import (
     DeriveLatexPrinter,
@@ -57,9 +78,10 @@ from derive.render.latex_printer import (
     terms,
     visual_length,
 )
-from derive.render.latex_text import ASSUMPTIONS, LANGUAGES, TEXT, why
+from derive.render.latex_text import ASSUMPTIONS, LANGUAGES, QUANTITY_NAMES, TEXT, why
+from derive.render.pretty import pretty, sub
 from derive.render.templates import render
-from derive.render.worked_example import WorkedExample, worked_example
+from derive.render.worked_example import WorkedExample, recurrent_equations, worked_example
 from derive.spec.load import parameter_key
 
 Echo = Callable[[str], None]
@@ -80,12 +102,15 @@ OVERFULL_LIMIT_PT = 10.0
 #: Displayed math longer than this (visual_length) is shown in a shorter form or broken.
 LINE_BUDGET = 56
 #: Roles whose values the example gives (printed short) rather than computes.
-GIVEN_ROLES = frozenset({"w", "b", "gamma", "beta", "y", "mask"})
+GIVEN_ROLES = frozenset({"w", "b", "gamma", "beta", "y", "mask", "wx", "wh", "bx", "bh"})
 #: Of a tensor with more channels (or channel pairs, for a kernel), the example shows this
 #: many maps.
 MAX_MAPS = 4
 #: Tables with more rows than this break across pages (longtable).
 LONG_TABLE_ROWS = 26
+#: A step of a recurrence spelled out with numbers: at most this many entries, this long.
+SPELLED_TERMS = 10
+SPELLED_BUDGET = 70
 
 
 # --- printing helpers ----------------------------------------------------------------------
@@ -164,7 +189,8 @@ def _expand_sums(expr: sp.Expr) -> sp.Expr:
 
 def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
              index: dict, result: float, max_terms: int = 8,
-             inside: Callable[[sp.Indexed], bool] | None = None) -> str | None:
+             inside: Callable[[sp.Indexed], bool] | None = None,
+             budget: int = LINE_BUDGET) -> str | None:
     """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
     (lines of an ``align``); None when it would be too long to be worth spelling out."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
@@ -191,7 +217,7 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
     if isinstance(concrete, (sp.Indexed, NetTensor)):
         return f"{left} &= {symbolic} = {_number(result)}"
     numbers = _ValuePrinter({"lookup": lookup}).doprint(concrete)
-    if visual_length(numbers) > LINE_BUDGET or visual_length(symbolic) > LINE_BUDGET:
+    if visual_length(numbers) > budget or visual_length(symbolic) > budget:
         return None
     return f"{left} &= {symbolic} \\\\\n  &= {numbers} = {_number(result)}"
 
@@ -300,6 +326,63 @@ def _packed(pieces: list[str], lead: int, budget: int) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class _Carry:
+    """How a formula of a recurrence reads its own quantity at the step after: the
+    derivative of the formula with respect to that entry (it is linear in it: the
+    coefficient), in index form, (J_t)_{jk}; and its tensor form, J_t = diag(d) W^T (through
+    a weight matrix W, a simple recurrent layer) or diag(d) (through a gate, an LSTM's cell
+    state or a GRU's state). ``gate`` is the gate's entry at step t + 1 in the latter."""
+
+    formula: Formula
+    node: int
+    derivative: sp.Expr
+    diagonal: sp.Expr | None         # tensor form of d at step t, None when d = 1
+    weight: NetTensor | None
+    gate: sp.Indexed | None
+    column: sp.Symbol               # the index k of the step after's entry
+
+
+def carry_of(formula: Formula, widths: dict) -> _Carry | None:
+    """How ``formula`` (δ^l_{tj}, or ∂C/∂c^l_{tj}) reads its own quantity at step t + 1; None
+    when it does not, or not in one of the two forms above."""
+    if not _is_timed(formula) or len(formula.indices) != 2:
+        return None
+    time, row = formula.indices
+    hidden = _hide_derivatives(formula.rhs)
+    own = formula.target
+    if not any(tensor_of(e) == own and sp.expand(e.indices[0] - time) == 1
+               for e in hidden.atoms(sp.Indexed)):
+        return None
+    used = set(formula.indices) | {limit[0] for total in hidden.atoms(sp.Sum)
+                                    for limit in total.limits}
+    (column,) = family_indices(("channel",), used)
+    derivative = collapse(sp.diff(hidden, entry(own, (time + 1, column))))
+    if k not in derivative.free_symbols and k != row:
+        derivative, column = derivative.xreplace({column: k}), k
+    factors = sp.Mul.make_args(derivative)
+    guards = [f for f in factors if isinstance(f, InRange) and f.args[0].has(time)]
+    deltas = [f for f in factors if isinstance(f, sp.KroneckerDelta)
+              and set(f.args) == {row, column}]
+    weights = [f for f in factors if isinstance(f, sp.Indexed) and tuple(f.indices) == (
+        column, row) and tensor_of(f).is_parameter]
+    rest = [f for f in factors if f not in guards + deltas + weights]
+    if any(f.has(column) for f in rest) or len(deltas) + len(weights) != 1:
+        return None
+    diagonal_entry = sp.Mul(*rest)
+    diagonal = None if diagonal_entry == 1 else to_vector(
+        diagonal_entry, formula.indices, formula.ranges, widths)
+    gate = None
+    if deltas:
+        gates = [f for f in rest if isinstance(f, sp.Indexed)
+                 and sp.expand(f.indices[0] - time) == 1]
+        if len(gates) != 1 or len(rest) != 1:
+            return None
+        gate = gates[0]
+    return _Carry(formula, formula.node, derivative, diagonal,
+                  tensor_of(weights[0]) if weights else None, gate, column)
+
+
 # --- the render context --------------------------------------------------------------------
 
 
@@ -319,6 +402,10 @@ class _Context:
         self.penalized = self.model.penalty != 0
         self.batch_cost = "J" if self.penalized else r"\bar{C}"
         self.images = self.spec.image is not None      # a convolutional network
+        self.sequence = self.spec.sequence              # a network with time steps
+        # the feature width of every quantity (stacked gates are read in blocks of it)
+        formulas = self.derivation.formulas
+        self.widths = formulas[0].widths if formulas else {}
         self.said: set[str] = set()                     # explanations given once
 
     # -- small pieces --
@@ -380,18 +467,52 @@ class _Context:
                 else f"${text}$"
             words = words.replace("{source}", source) if "{source}" in words else (
                 f"{words} ({source})")
-        words += self.image_words(step)
+        words += self.image_words(step) + self.sequence_words(step)
         return {"rule": self.t.get(f"rule_{step.rule}", step.rule), "why": words,
                 "math": self.display(step.target, step.expr)}
 
     def image_words(self, step: Step) -> str:
         """What a step on feature maps does beyond its rule, said the first time it happens:
         the bracket a shifted Kronecker delta leaves, the indicator of a window's maximum."""
+        if not self.images:
+            return ""
         said = ""
         for key, found in (("bracket_words", step.rule == "Kronecker delta"
                             and step.expr.has(InRange)),
                            ("argmax_words", step.rule == "differentiate"
                             and step.expr.has(FirstMax))):
+            if found and key not in self.said:
+                self.said.add(key)
+                said += " " + self.text(key)
+        return said
+
+    def sequence_words(self, step: Step) -> str:
+        """What a step through time does beyond its rule, said the first time it happens:
+        the bracket [1 ≤ t+1 ≤ T] of the error fed back from the step after, the bracket
+        [t = T] of a layer that returns its last state, the sum over the steps of a shared
+        parameter's gradient."""
+        if not self.sequence:
+            return ""
+
+        def timed_bracket(expr: sp.Expr) -> bool:
+            return any(index_family(symbol) == "time" for bracket in expr.atoms(InRange)
+                       for symbol in bracket.args[0].free_symbols)
+
+        def shared(step: Step) -> bool:
+            if step.rule != "chain rule" or not isinstance(step.target, sp.Derivative):
+                return False
+            tensor = tensor_of(step.target.variables[0])
+            return tensor is not None and tensor.is_parameter and any(
+                index_family(limit[0]) == "time" for total in step.expr.atoms(sp.Sum)
+                for limit in total.limits)
+
+        said = ""
+        for key, found in (
+                ("time_bracket_words", step.rule == "Kronecker delta"
+                 and timed_bracket(step.expr)),
+                ("last_step_words", any(LENGTH in delta.args
+                                        for delta in step.expr.atoms(sp.KroneckerDelta))),
+                ("shared_words", shared(step))):
             if found and key not in self.said:
                 self.said.add(key)
                 said += " " + self.text(key)
@@ -452,12 +573,16 @@ class _Context:
             "figure_caption": self.figure_caption(),
             "markdown_diagram": self.text("markdown_diagram", name=self.spec.name),
             "diagram": self.diagram(),
+            "sequence": self.sequence,
+            "unrolled_text": unrolled_text(self.model) if self.sequence else [],
+            "markdown_unrolled": self.t["markdown_unrolled"],
             "layer_table": self.layer_table(),
             "notation": self.notation(),
             "forward_text": self.text("forward_text" if self.chain else "forward_text_graph"),
             "forward": self.forward(),
             "forward_tensor": self.forward_tensor(),
-            "forward_tensor_text": self.text("forward_tensor_text"),
+            "forward_tensor_text": self.text("forward_tensor_text_sequence"
+                                             if self.sequence else "forward_tensor_text"),
             "conv_text": self.text("conv_text") if self.images else "",
             "cost": self.cost(),
             "penalty": self.penalty(),
@@ -465,13 +590,17 @@ class _Context:
                                          else "batch_cost_text"),
             "activations": self.activations(),
             "backward": self.backward(),
+            "vanishing": self.vanishing(),
             "matrix": self.matrix(),
             "batch_text": self.text(
                 "batch_text_penalty" if self.penalized else "batch_text",
                 ones=self.inline(ONE),
                 A=self.inline(NetTensor("a", "l"), batch=True),
                 Z=self.inline(NetTensor("z", "l"), batch=True),
-                D=self.inline(delta_l, batch=True)),
+                D=self.inline(delta_l, batch=True)) + (self.text(
+                    "batch_text_sequence", H=self.inline(NetTensor("h", "l", step=0),
+                                                         batch=True))
+                    if self.sequence else ""),
             "summary_title": self.t["sec_summary" if self.chain else "sec_summary_graph"],
             "summary_text": self.t["summary_text" if self.chain else "summary_text_graph"],
             "summary": summary,
@@ -490,12 +619,23 @@ class _Context:
         if self.images:
             return self.text("network_text_image", L=L, nL=self.spec.sizes[-1],
                              shape=f"${_dims(self.spec.input_shape)}$")
+        if self.sequence:
+            last = [node for node in self.model.nodes if ("return", "last") in node.options]
+            output = (self.text("output_last", l=last[0].index, nL=self.spec.sizes[-1])
+                      if last else self.text("output_sequence", nL=self.spec.sizes[-1]))
+            return self.text("network_text_sequence", T=self.spec.length, n0=self.spec.input,
+                             L=L, output=output)
         return self.text("network_text_graph", L=L, n0=self.spec.input,
                          nL=self.spec.sizes[-1])
 
     def figure_caption(self) -> str:
         if self.images:
             return self.text("figure_caption_image", name=self.name())
+        if self.sequence:
+            elided = self.text("figure_elided_steps", T=self.spec.length) if (
+                self.spec.length > 4) else ""
+            return self.text("figure_caption_unrolled", name=self.name(), elided=elided,
+                             wh=self.inline(NetTensor("wh", "l", rank=2)))
         if not self.chain:
             return self.text("figure_caption_graph", name=self.name())
         w = NetTensor("w", "l", rank=2).indexed[j, k]
@@ -506,15 +646,19 @@ class _Context:
                          else "")
 
     def diagram(self) -> dict[str, Any]:
+        kinds = {"chain": False, "maps": False, "unrolled": False}
         if self.chain:
-            return {"chain": True, "maps": False, **diagram(
+            return {**kinds, "chain": True, **diagram(
                 self.spec.sizes, [node.activation.name for node in self.model.nodes],
                 self.t["input_layer"])}
         if self.images:
-            return {"chain": False, "maps": True, **map_diagram(
+            return {**kinds, "maps": True, **map_diagram(
                 self.model, self.t["input_layer"], self.t["cost_node"])}
-        return {"chain": False, "maps": False, **graph_diagram(
-            self.model, self.t["input_layer"], self.t["cost_node"])}
+        if self.sequence:
+            return {**kinds, "unrolled": True, **unrolled_diagram(
+                self.model, self.t["input_layer"], self.t["cost_node"])}
+        return {**kinds, **graph_diagram(self.model, self.t["input_layer"],
+                                         self.t["cost_node"])}
 
     def op_name(self, node: Node) -> str:
         """The op of a node as a reader sees it: ``dense, relu`` or ``dropout, p = 0.1``."""
@@ -524,6 +668,9 @@ class _Context:
         for key, value in node.options:
             if isinstance(value, tuple):     # a window's kernel, stride, padding
                 parts.append(_window_option(key, value))
+                continue
+            if isinstance(value, str):       # a recurrent layer's return: last
+                parts.append(self.code(f"{key}: {value}"))
                 continue
             symbol = {"rate": "p", "eps": r"\epsilon"}.get(key, key)
             parts.append(f"${symbol} = {_short(value)}$" if key != "eps" else
@@ -540,7 +687,7 @@ class _Context:
             return {"header": header, "rows": rows, "align": "ccl",
                     "caption": self.t["layers_caption"], "width": "0.35"}
         header = [self.t["col_layer"], self.t["col_op"], self.t["col_reads"],
-                  self.t["col_shape" if self.images else "col_width"]]
+                  self.t["col_shape" if self.images or self.sequence else "col_width"]]
         rows = [["$0$", self.t["input_layer"], "", f"${_dims(self.spec.input_shape)}$"]]
         for node in self.model.nodes:
             name = f" ({self.code(node.name)})" if node.name else ""
@@ -568,6 +715,8 @@ class _Context:
         rows = []
         if self.images:
             rows += self.image_notation()
+        if self.sequence:
+            return self.sequence_notation(roles)
         if "w" in roles:
             rows.append((latex(w[j, k]), self.t["n_w" if self.chain else "n_w_graph"]))
         if "b" in roles:
@@ -609,6 +758,62 @@ class _Context:
         rows.append((r"\odot,\ \oslash", self.t["n_odot"]))
         return [{"symbol": symbol, "meaning": meaning} for symbol, meaning in rows]
 
+    def sequence_notation(self, roles: set[str]) -> list[dict[str, str]]:
+        """The notation table of a network with time steps: quantities carry the step t."""
+        t = INDEX_POOL[8]
+        seq = {role: NetTensor(role, "l", rank=2).indexed for role in (
+            "a", "z", "h", "c", "zx", "zh")}
+        rows = [(r"t,\ T", self.text("n_time")),
+                (latex(seq["a"][t, j]), self.text("n_seq_a", a0=self.inline(
+                    NetTensor("a", 0, rank=2).indexed[t, k])))]
+        if "z" in roles:
+            rows.append((latex(seq["z"][t, j]), self.text("n_seq_z")))
+        if "h" in roles:
+            rows.append((latex(seq["h"][t, j]), self.text("n_h")))
+        if "w" in roles:
+            rows.append((latex(NetTensor("w", "l", rank=2).indexed[j, k]),
+                         self.text("n_w_graph")))
+        if "b" in roles:
+            rows.append((latex(NetTensor("b", "l").indexed[j]), self.text("n_b")))
+        if "wx" in roles:
+            rows.append((", ".join(latex(NetTensor(role, "l", rank=2).indexed[j, k])
+                                   for role in ("wx", "wh")), self.text("n_wx")))
+        if "bx" in roles:
+            rows.append((", ".join(latex(NetTensor(role, "l").indexed[j])
+                                   for role in ("bx", "bh")), self.text("n_bxh")))
+        if "zx" in roles:
+            rows.append((", ".join(latex(seq[role][t, j]) for role in ("zx", "zh")),
+                         self.text("n_zxh")))
+        if "c" in roles:
+            rows.append((latex(seq["c"][t, j]), self.text("n_c")))
+        for gates, key in ((("i", "f", "g", "o"), "n_lstm_gates"), (("r", "u", "g"),
+                                                                      "n_gru_gates")):
+            if all(role in roles for role in gates) and not (key == "n_gru_gates"
+                                                             and "c" in roles):
+                rows.append((r",\ ".join(latex(NetTensor(role, "l", rank=2).indexed[t, j])
+                                         for role in gates), self.t[key]))
+        rows.append((latex(NetTensor("y", None, rank=2).indexed[t, j]), self.text("n_y")))
+        rows.append((latex(sp.Symbol("n_l")), self.text("n_n")))
+        if any(node.activation is not None for node in self.model.nodes):
+            sigma = sp.Function("sigma_l")
+            rows.append((f"{latex(sigma(Z))}, {latex(sp.Derivative(sigma(Z), Z))}",
+                         self.text("n_sigma")))
+        rows.append((latex(C), self.t["n_C"]))
+        if self.penalized:
+            rows.append((latex(R), self.t["n_R"]))
+        rows.append((latex(NetTensor("delta", "l", rank=2).indexed[t, j]), self.text(
+            "n_delta_graph", z=self.inline(sp.Derivative(C, seq["z"][t, j], evaluate=False)),
+            a=self.inline(sp.Derivative(C, seq["a"][t, j], evaluate=False)))))
+        rows.append((r"\left[t \le T-1\right],\ \left[t = T\right]",
+                     self.text("n_step_bracket")))
+        rows.append((latex(sp.KroneckerDelta(i, j)), self.text("n_kd")))
+        if "c" in roles or "zx" in roles:
+            rows.append((r"\mathbf{v}_{[a\,:\,b]}", self.text("n_block")))
+            rows.append((r"\begin{bmatrix} \mathbf{u} \\ \mathbf{v} \end{bmatrix}",
+                         self.text("n_stack")))
+        rows.append((r"\odot,\ \oslash", self.text("n_odot")))
+        return [{"symbol": symbol, "meaning": meaning} for symbol, meaning in rows]
+
     def image_notation(self) -> list[tuple[str, str]]:
         """The rows of the notation table that feature maps need."""
         r, s, p, q = sp.symbols("r s p q", integer=True, positive=True)
@@ -634,17 +839,17 @@ class _Context:
         """The forward pass of a convolutional network in tensor form: W ⋆ a + b, max over
         windows, vec (a flatten's target is an entry of an expression of its indices, so the
         tensor form says what the op is: a reshape)."""
-        if not self.images:
+        if not self.images and not self.sequence:
             return []
         rows = []
         for node in self.model.nodes:
             for eq in node.equations:
                 try:
-                    rhs = equation_tensor(eq)
+                    rhs = equation_tensor(eq, self.widths)
                 except DeriveError:
                     rhs = None
                 if rhs is not None:
-                    rows.append(self.display(eq.target, rhs))
+                    rows.append(self.display(equation_target(eq), rhs))
         return rows
 
     def forward(self) -> list[dict[str, str]]:
@@ -686,14 +891,42 @@ class _Context:
                 "definition": equation(sigma(Z), derivative.activation.expr),
                 "steps": [self.step(step) for step in derivative.steps],
             })
+        return out + self.gate_activations()
+
+    def gate_activations(self) -> list[dict[str, Any]]:
+        """The activations of an LSTM's or a GRU's gates (fixed by the op), whose
+        derivatives the derivation inserts into the layer's error."""
+        out = []
+        column = LANGUAGES.index(self.lang)
+        for node in self.model.nodes:
+            gates: dict[str, list[Equation]] = {}
+            for eq in node.equations:
+                if eq.gate and eq.activation is not None:
+                    gates.setdefault(eq.activation.name, []).append(eq)
+            for name, eqs in gates.items():
+                # the derivative the derivation itself used for these gates (cached there)
+                derivative = activation_derivative(eqs[0].activation)
+                words = [f"{QUANTITY_NAMES.get(eq.target.role, (eq.target.role,) * 2)[column]}"
+                         f" {self.inline(entry(eq.target, (INDEX_POOL[8], j)))}"
+                         for eq in eqs]
+                sigma = sp.Function("sigma")
+                out.append({
+                    "heading": self.text("activation_of_gates", name=self.code(name),
+                                         gates=self.listing(words), l=node.index),
+                    "definition": equation(sigma(Z), derivative.activation.expr),
+                    "steps": [self.step(step) for step in derivative.steps]})
         return out
 
     # -- the backward pass --
 
     def block(self, steps: Sequence[Step], formula: Formula | None = None,
               heading: str = "") -> dict[str, Any]:
+        # after the derivation of a recurrence: the recursion in tensor form, in words
+        after = [item for carry in self.carries() if carry.formula is formula
+                 for item in self.carry_items(carry)]
         return {"heading": heading, "steps": [self.step(s) for s in steps],
-                "assumptions": self.assumptions(formula) if formula is not None else []}
+                "assumptions": self.assumptions(formula) if formula is not None else [],
+                "after": after}
 
     def backward(self) -> list[dict[str, Any]]:
         return self.chain_sections() if self.chain else self.graph_sections()
@@ -706,15 +939,15 @@ class _Context:
         bp1 = {"title": self.t["sec_bp1"],
                "text": self.text("bp1_text", L=L,
                                  delta=self.inline(NetTensor("delta", "l").indexed[j])),
-               "parts": [{"title": "", "text": "", "others": [], "blocks": [
+               "parts": [{"title": "", "text": "", "others": [], "after": [], "blocks": [
                    self.block((*d.loss_gradient.steps, *output.steps), output)]}]}
         if L == 1:
             bp2 = {"title": self.t["sec_bp2"], "text": self.t["bp2_none"], "parts": []}
         else:
             shown = d.delta(L - 1)
             bp2 = {"title": self.t["sec_bp2"], "text": self.text("bp2_text", l=L - 1),
-                   "parts": [{"title": "", "text": "", "blocks": [self.block(shown.steps,
-                                                                             shown)],
+                   "parts": [{"title": "", "text": "", "after": [],
+                              "blocks": [self.block(shown.steps, shown)],
                               "others": [self.display(d.delta(l).lhs, self.index_expr(
                                   d.delta(l))) for l in range(L - 2, 0, -1)]}]}
         bias = d.bias_gradients[L - 1]
@@ -726,7 +959,7 @@ class _Context:
                 if formula is not None:
                     others.append(self.display(formula.lhs, formula.rhs))
         bp34 = {"title": self.t["sec_bp34"], "text": self.text("bp34_text", l=L),
-                "parts": [{"title": "", "others": others,
+                "parts": [{"title": "", "others": others, "after": [],
                            "text": "" if bias is not None else self.text("bp34_no_bias", l=L),
                            "blocks": [self.block(steps, weight)]}]}
         return [bp1, bp2, bp34]
@@ -750,11 +983,135 @@ class _Context:
                     [self.node_name(c.index) for c in consumers])))
             else:
                 words.append(self.t["node_is_output"])
+            states = state_tensors(node)
+            if states:
+                column = LANGUAGES.index(self.lang)
+                words.append(self.text("node_recurrent", state=self.listing(
+                    [f"{QUANTITY_NAMES[s.role][column]} {self.inline(s.at_step(-1))}"
+                     for s in states])))
             parts.append({"title": title, "text": " ".join(words), "others": [],
                           "blocks": [self.block(f.steps, f, self.heading(f))
-                                     for f in formulas]})
-        text = self.text("backward_text", delta=self.inline(NetTensor("delta", "l").indexed[j]))
+                                     for f in formulas], "after": []})
+        delta = self.inline(NetTensor("delta", "l").indexed[j])
+        if self.sequence:
+            return [{"title": self.t["sec_bptt"], "parts": parts,
+                     "text": self.text("bptt_text", delta=delta)}]
+        text = self.text("backward_text", delta=delta)
         return [{"title": self.t["sec_backward"], "text": text, "parts": parts}]
+
+    # -- sequences: what the error carries from step to step --
+
+    def carries(self) -> list[_Carry]:
+        """The formulas of the recurrences that read their own quantity at the step after."""
+        if not self.sequence:
+            return []
+        if not hasattr(self, "_carries"):
+            self._carries = [carry for formula in self.derivation.formulas
+                             if (carry := carry_of(formula, self.widths)) is not None]
+        return self._carries
+
+    def ref(self, formula: Formula) -> str:
+        """A reference to a formula's equation in the summary: (eq. 12), or words in
+        Markdown, which has no equation numbers."""
+        if self.markdown:
+            return self.t["see_summary"]
+        return self.text("see_eq", eq=rf"\eqref{{{self.label(code_name(formula))}}}")
+
+    def math_item(self, *lines: str) -> dict[str, Any]:
+        return {"text": "", "math": list(lines)}
+
+    def quantity_words(self, carry: _Carry) -> str:
+        """The error of the state (or of the cell state) and its symbol, at step t."""
+        q = self.inline(step_target(carry.formula))
+        return self.text("what_cell" if carry.formula.of.role == "c" else "what_state", q=q)
+
+    def gate_name(self, carry: _Carry) -> str:
+        role = tensor_of(carry.gate).role
+        return QUANTITY_NAMES.get(role, (role, role))[LANGUAGES.index(self.lang)]
+
+    def carry_items(self, carry: _Carry) -> list[dict[str, Any]]:
+        """After a recurrent layer's derivation: its recursion in tensor form, the error of
+        the step after sent back through W_h, or through a gate."""
+        formula = carry.formula
+        math = self.display(step_target(formula), formula.vector)
+        if carry.gate is None:
+            return [{"text": self.text("carry_matrix", l=carry.node), "math": [math]}]
+        gate = tensor_of(carry.gate).at_step(1)
+        return [{"text": self.text("carry_gate", what=self.quantity_words(carry),
+                                   gate=self.gate_name(carry), g=self.inline(gate)),
+                 "math": [math]}]
+
+    def vanishing(self) -> list[dict[str, Any]]:
+        """Why gradients vanish or explode: the products of Jacobians that unrolling each
+        recursion through time gives, and what bounds them."""
+        carries = self.carries()
+        if not carries:
+            return []
+        items = [{"text": self.text("vanishing_intro"), "math": []}]
+        for carry in carries:
+            items += (self.vanishing_matrix(carry) if carry.gate is None
+                      else self.vanishing_gate(carry))
+        items.append({"text": self.text("clip_words", clip=self.code("train(..., clip=...)")),
+                      "math": []})
+        return [{"title": self.t["sec_vanishing"], "paragraphs": items}]
+
+    def jacobian(self, carry: _Carry) -> tuple[str, str]:
+        """(J_t)_{jk} = the derivative, and diag(d) of J_t's tensor form."""
+        row = carry.formula.indices[1]
+        entry_text = rf"\left(J_{{t}}\right)_{{{latex(row)}{latex(carry.column)}}}"
+        diagonal = (rf"\operatorname{{diag}}\!\left({latex(carry.diagonal)}\right)"
+                    if carry.diagonal is not None else "")
+        return f"{entry_text} = {latex(carry.derivative)}", diagonal
+
+    def vanishing_matrix(self, carry: _Carry) -> list[dict[str, Any]]:
+        """A simple recurrent layer: J_t = diag(σ'(z_t)) W_hᵀ, its products, their bound."""
+        formula = carry.formula
+        here = step_target(formula)
+        after = here.whole.at_step(1)
+        derivative, diagonal = self.jacobian(carry)
+        weight = latex(carry.weight)
+        matrix = rf"J_{{t}} = {diagonal}\,\left({weight}\right)^{{\top}} \qquad (t \le T-1)"
+        e = r"\mathbf{e}"
+        recursion = rf"{latex(here)} = J_{{t}}\, {latex(after)} + {e}_{{t}}"
+        unrolled = (rf"{latex(here)} = \sum_{{s=t}}^{{T}} \Biggl(\prod_{{\tau=t}}^{{s-1}} "
+                    rf"J_{{\tau}}\Biggr) {e}_{{s}}")
+        product = r"\Biggl\lVert \prod_{\tau=t}^{s-1} J_{\tau} \Biggr\rVert"
+        sigma = rf"\sigma_{{{carry.node}}}'\!\left(\mathbf{{z}}^{{{carry.node}}}_{{\tau}}\right)"
+        factors = (rf"\prod_{{\tau=t}}^{{s-1}} \Bigl\lVert \operatorname{{diag}}\!\left("
+                   rf"{sigma}\right) \Bigr\rVert\, \bigl\lVert {weight} \bigr\rVert")
+        bound = rf"\left(\gamma\, \bigl\lVert {weight} \bigr\rVert\right)^{{s-t}}"
+        return [
+            {"text": self.text("vanishing_matrix", l=carry.node, q=self.inline(here),
+                               ref=self.ref(formula)), "math": [derivative]},
+            {"text": self.text("vanishing_jacobian", q=self.inline(here),
+                               next=self.inline(after)), "math": [matrix]},
+            {"text": self.text("vanishing_unroll", e=f"${e}_{{t}}$"),
+             "math": [rf"{recursion}, \qquad {unrolled}"]},
+            {"text": self.text("vanishing_bound"),
+             "math": [rf"{product} \le {factors} \le {bound}"]},
+            {"text": self.text("vanishing_words", wh=weight, Tm1=self.spec.length - 1),
+             "math": []},
+        ]
+
+    def vanishing_gate(self, carry: _Carry) -> list[dict[str, Any]]:
+        """An LSTM's cell state or a GRU's state: J_t = diag(gate_{t+1}), products of gates."""
+        formula = carry.formula
+        row = formula.indices[1]
+        time, tau, s = formula.indices[0], sp.Symbol("tau"), sp.Symbol("s")
+        derivative, diagonal = self.jacobian(carry)
+        gates = sp.Product(carry.gate.xreplace({time: tau - 1}), (tau, time + 1, s))
+        product = (rf"\Biggl(\prod_{{\tau=t}}^{{s-1}} J_{{\tau}}\Biggr)_{{{latex(row)}"
+                   rf"{latex(row)}}} = {latex(gates)}")
+        weight = latex(NetTensor("wh", carry.node, rank=2))
+        return [
+            {"text": self.text("vanishing_gate", l=carry.node, what=self.quantity_words(carry),
+                               gate=self.gate_name(carry), ref=self.ref(formula)),
+             "math": [derivative]},
+            {"text": self.text("vanishing_gate_jacobian"),
+             "math": [rf"J_{{t}} = {diagonal} \quad (t \le T-1), \qquad {product}"]},
+            {"text": self.text("vanishing_gate_words", gate=self.gate_name(carry),
+                               wh=f"${weight}$"), "math": []},
+        ]
 
     def heading(self, formula: Formula) -> str:
         q = self.inline(formula.lhs.variables[0] if isinstance(formula.lhs, sp.Derivative)
@@ -786,7 +1143,8 @@ class _Context:
         section) when the concrete one would not fit on a line."""
         concrete = formula.vector
         text = latex(concrete, batch=batch, batch_cost=self.batch_cost)
-        if visual_length(text) > LINE_BUDGET:
+        # (not at a time step: the tensor form of a generic σ'(z_t) is not σ'(z_t) yet)
+        if visual_length(text) > LINE_BUDGET and not _is_timed(formula):
             try:
                 generic = formula.vector_generic
             except DeriveError:
@@ -799,7 +1157,7 @@ class _Context:
     def batch_form(self, formula: Formula) -> str:
         """The batch form of a formula: parameter gradients are means over the batch, plus
         the derivative of the penalty."""
-        lhs = latex(formula.target, batch=True, batch_cost=self.batch_cost)
+        lhs = latex(step_target(formula), batch=True, batch_cost=self.batch_cost)
         if formula.kind == "gradient" and formula.of.rank == 1:
             vector = self.vector_expr(formula, batch=True)
             rhs = batch_gradient(vector, batch_cost=self.batch_cost)
@@ -822,7 +1180,7 @@ class _Context:
         for formula in self.formulas("writing the tensor forms"):
             rows.append({
                 "tag": formula.equation,
-                "vector": self.display(formula.target, self.vector_expr(formula)),
+                "vector": self.display(step_target(formula), self.vector_expr(formula)),
                 "batch": self.batch_form(formula),
             })
         return rows
@@ -843,7 +1201,7 @@ class _Context:
 
     def summary_row(self, formula: Formula, *, stacked: bool = False) -> dict[str, Any]:
         index_lhs = latex(formula.lhs)
-        vector_lhs = latex(formula.target)
+        vector_lhs = latex(step_target(formula))
         index, vector = self.index_expr(formula), self.vector_expr(formula)
         index_text, vector_text = latex(index), latex(vector)
         # side by side when both fit on one line (a chain), else the vector form below
@@ -878,28 +1236,14 @@ class _Context:
     # -- the worked example --
 
     def example(self, ex: WorkedExample) -> dict[str, Any]:
+        if self.sequence:
+            return self.sequence_example(ex)
         model, spec = self.model, self.spec
         wide = max(spec.sizes) > MAX_NEURONS
         inputs = ([f"{latex(model.y.label)} = {_column(ex.y, _short)}"] if self.images else
                   [f"{latex(model.x.label)} = {_column(ex.x, _short)}",
                    f"{latex(model.y.label)} = {_column(ex.y, _short)}"])
-        for node in model.nodes:
-            parts = []
-            for parameter in node.parameters:
-                value = ex.parameters[parameter.key]
-                if value.ndim == 4 and node.op.name == "conv2d":   # kernels, as matrices
-                    continue
-                if value.ndim > 2:      # a custom op's tensor: its shape, not a page of numbers
-                    dims = r" \times ".join(map(str, value.shape))
-                    parts.append(rf"{latex(parameter.tensor)} \in \mathbb{{R}}^{{{dims}}}")
-                    continue
-                shown = _matrix(value, _short) if value.ndim == 2 else _column(value, _short)
-                parts.append(f"{latex(parameter.tensor)} = {shown}")
-            for mask, value in ex.masks:
-                if mask.node == node.index:
-                    parts.append(f"{latex(mask)} = {_column(value, _short)}")
-            # two to a line: a layer with more parameters (a custom op) does not run off
-            inputs += [r",\quad ".join(parts[n:n + 2]) for n in range(0, len(parts), 2)]
+        inputs += self.parameter_lines(ex)
         first = {j: sp.Integer(1), k: sp.Integer(1)}
         forward_spelled = []
         for node in self.spelled_nodes():
@@ -968,7 +1312,182 @@ class _Context:
             "forward_maps": maps.get("forward", []),
             "indicators": maps.get("indicators", []),
             "backward_maps": maps.get("backward", []),
+            "forward_steps": [], "backward_steps": [], "sums": [],
+            "backward_text": self.t["example_backward_text"],
         }
+
+    def parameter_lines(self, ex: WorkedExample) -> list[str]:
+        """The parameters of the example (and its dropout masks), two to a line."""
+        inputs: list[str] = []
+        for node in self.model.nodes:
+            parts = []
+            for parameter in node.parameters:
+                value = ex.parameters[parameter.key]
+                if value.ndim == 4 and node.op.name == "conv2d":   # kernels, as matrices
+                    continue
+                if value.ndim > 2:      # a custom op's tensor: its shape, not a page of numbers
+                    dims = r" \times ".join(map(str, value.shape))
+                    parts.append(rf"{latex(parameter.tensor)} \in \mathbb{{R}}^{{{dims}}}")
+                    continue
+                shown = _matrix(value, _short) if value.ndim == 2 else _column(value, _short)
+                parts.append(f"{latex(parameter.tensor)} = {shown}")
+            for mask, value in ex.masks:
+                if mask.node == node.index:
+                    parts.append(f"{latex(mask)} = {_column(value, _short)}")
+            # two to a line: a layer with more parameters (a custom op) does not run off
+            inputs += [r",\quad ".join(parts[n:n + 2]) for n in range(0, len(parts), 2)]
+        return inputs
+
+    # -- the worked example of a network with time steps --
+
+    def sequence_example(self, ex: WorkedExample) -> dict[str, Any]:
+        """One sample's forward pass step by step, t = 1..T, and its backward pass through
+        time, t = T..1: the first unit of each layer spelled out at every step of a short
+        sequence (the first two forward and the last two backward of a long one), tables of
+        every quantity at the steps shown, and each shared parameter's gradient as the sum
+        of its terms, one per step."""
+        model, spec = self.model, self.spec
+        length = spec.length
+        table_steps = _table_steps(length)
+        inputs = [self.sequence_value(model.x.label, ex.x, r"\mathbf{x}"),
+                  self.sequence_value(model.y.label, ex.y, r"\mathbf{y}")]
+        inputs += self.parameter_lines(ex)
+        first = {j: sp.Integer(1), k: sp.Integer(1), i: sp.Integer(1)}
+        nodes = self.spelled_nodes()
+        timed = {eq for node in nodes for eq in node.equations if _timed_equation(eq)}
+        forward_steps = []
+        for step in (range(1, length + 1) if length <= 4 else (1, 2)):
+            lines = []
+            for node in nodes:
+                for eq in node.equations:
+                    if eq in timed:
+                        at = {**first, **{index: sp.Integer(1) for index in eq.indices},
+                              eq.indices[0]: sp.Integer(step)}
+                        result = ex.value(eq.target)[step - 1].flat[0]
+                        lines += self.spelled(eq.expr, eq.lhs, ex, at, result)
+            if lines:
+                forward_steps.append({"title": self.text("example_step", t=step),
+                                      "lines": lines})
+        forward_spelled = []
+        for node in nodes:
+            for eq in node.equations:
+                if eq not in timed:
+                    at = {**first, **{index: sp.Integer(1) for index in eq.indices}}
+                    forward_spelled += self.spelled(eq.expr, eq.lhs, ex, at,
+                                                    ex.value(eq.target).flat[0])
+        forward_rows = self.step_rows([(tensor, value) for tensor, value in ex.forward],
+                                      table_steps)
+        recurrent = {node.index for node in model.nodes if state_tensors(node)}
+        group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)]
+        backward_steps = []
+        for step in (range(length, 0, -1) if length <= 4 else (length, length - 1)):
+            lines = []
+            for formula in group:
+                at = {**first, **{index: sp.Integer(1) for index in formula.indices},
+                      formula.indices[0]: sp.Integer(step)}
+                lines += self.spelled(formula.rhs, formula.lhs, ex, at,
+                                      ex.of(formula)[step - 1].flat[0])
+            if lines:
+                backward_steps.append({"title": self.text("example_step", t=step),
+                                       "lines": lines})
+        backward_spelled = []
+        for formula in self.spelled_formulas():
+            if formula in group:
+                continue
+            at = {**first, **{index: sp.Integer(1) for index in formula.indices}}
+            if _is_timed(formula):
+                at[formula.indices[0]] = sp.Integer(length)
+            value = ex.of(formula)
+            result = (value[length - 1] if _is_timed(formula) else value).flat[0]
+            backward_spelled += self.spelled(formula.rhs, formula.lhs, ex, at, result)
+        backward_rows = self.step_rows(
+            [(step_target(f).whole if _is_timed(f) else f.target, value)
+             for f, value in ex.backward if f.kind != "gradient" or value.ndim <= 1],
+            table_steps, backward=True)
+        sums, gradients = [], []
+        for formula, value in ex.backward:
+            if formula.kind != "gradient":
+                continue
+            terms = ex.terms_of(formula)
+            shape = ex.value(formula.of).shape
+            if terms is not None and length <= 4 and max(shape) <= MAX_NEURONS:
+                show = _matrix if value.ndim == 2 else _column
+                parts = " + ".join(show(term, _number) for term in terms)
+                sums.append(f"{latex(formula.target)} &= {latex(formula.vector)} \\\\\n"
+                            f"  &= {parts} \\\\\n  &= {show(value, _number)}")
+            elif value.ndim == 2:
+                gradients.append(f"{latex(formula.target)} = {_matrix(value, _number, shape)}")
+        text = [self.t["example_given" if ex.given else "example_default"],
+                self.t["example_sequence"]]
+        if len(table_steps) < length:
+            text.append(self.text("example_steps_cut", T=length, shown=", ".join(
+                r"\dots" if s is None else str(s) for s in table_steps)))
+        wide = max(spec.sizes) > MAX_NEURONS
+        return {
+            "text": " ".join(text),
+            "truncated": self.text("example_truncated", limit=MAX_NEURONS,
+                                   shown=SHOWN_NEURONS) if wide else "",
+            "inputs": inputs, "input_maps": [],
+            "forward_steps": forward_steps,
+            "forward_steps_text": self.text("example_forward_steps"),
+            "forward_spelled": forward_spelled, "forward_maps": [],
+            "forward": self.value_table(forward_rows),
+            "loss": f"C = {_number(ex.loss)}",
+            "penalty": f"R = {_number(ex.penalty)}" if self.penalized else "",
+            "backward_steps": backward_steps,
+            "backward_steps_text": self.text("example_backward_steps"),
+            "backward_spelled": backward_spelled,
+            "backward_text": self.text("example_gradient_entries"),
+            "backward": self.value_table(backward_rows),
+            "indicators": [], "backward_maps": [],
+            "sums": sums,
+            "gradients_text": self.t["example_sums"] if sums else self.t[
+                "example_gradients_penalty" if self.penalized else "example_gradients"],
+            "gradients": gradients,
+        }
+
+    def spelled(self, expr: sp.Expr, lhs: sp.Expr, ex: WorkedExample, at: dict,
+                result: float) -> list[str]:
+        # a line of its own for each: longer sums than in a table of layers (a step of a
+        # recurrence reads the input, the state before and the bias)
+        text = _spelled(expr, lhs, ex.lookup, self.sizes, at, result, inside=ex.inside,
+                        max_terms=SPELLED_TERMS, budget=SPELLED_BUDGET)
+        return [] if text is None else [text]
+
+    def sequence_value(self, tensor: NetTensor, value: np.ndarray, symbol: str) -> str:
+        """x (or y) of the example: a sequence one step per row, [x_1ᵀ; x_2ᵀ; ...] = [...];
+        a vector as a column."""
+        if value.ndim == 1:
+            return f"{latex(tensor)} = {_column(value, _short)}"
+        steps = [f"{symbol}_{{{s}}}^{{\\top}}" for s in range(1, value.shape[0] + 1)]
+        if len(steps) > MAX_NEURONS:
+            steps = [*steps[:SHOWN_NEURONS], r"\vdots"]
+        return (r"\begin{bmatrix}" + r" \\ ".join(steps) + r"\end{bmatrix} = "
+                + _matrix(value, _short))
+
+    def step_rows(self, values: list[tuple[NetTensor, np.ndarray]],
+                  steps: list[int | None], *, backward: bool = False
+                  ) -> list[dict[str, Any]]:
+        """Rows of a value table: a sequence quantity once per step shown (in the order of
+        the steps: forward in time, or backwards), each row its vector at that step; then
+        the quantities without steps."""
+        sequences = [(tensor, value) for tensor, value in values
+                     if value.ndim == 2 and not tensor.is_parameter]
+        rows = []
+        order = list(reversed(steps)) if backward else steps
+        for step in order:
+            if step is None:
+                rows.append({"name": r"$\vdots$", "values": []})
+                continue
+            for tensor, value in sequences:
+                rows.append(self.value_row(_step_symbol(tensor, step), value[step - 1]))
+        for tensor, value in values:
+            if value.ndim <= 1:
+                name = latex(entry(tensor, (j,) * tensor.rank)) if tensor.role != "grad" \
+                    else latex(sp.Derivative(C, entry(tensor.target, (j,) * tensor.rank),
+                                             evaluate=False))
+                rows.append(self.value_row(name, value))
+        return rows
 
     # -- feature maps in the worked example --
 
@@ -1078,6 +1597,22 @@ class _Context:
         return {"head": head, "rows": out, "columns": "r" * width,
                 "long": len(rows) > LONG_TABLE_ROWS}
 
+
+
+def _timed_equation(eq: Equation) -> bool:
+    return bool(eq.indices) and index_family(eq.indices[0]) == "time"
+
+
+def _table_steps(length: int) -> list[int | None]:
+    """The steps the example's tables show: all of a short sequence, else 1, 2, T-1, T."""
+    return list(range(1, length + 1)) if length <= 4 else [1, 2, None, length - 1, length]
+
+
+def _step_symbol(tensor: NetTensor, step: int) -> str:
+    """A quantity's vector at a concrete step: \\mathbf{h}^{1}_{2}, \\nabla_{\\mathbf{c}^{1}_{3}} C."""
+    if tensor.role == "grad":
+        return rf"\nabla_{{{_vector_name(tensor.target)}_{{{step}}}}} C"
+    return f"{_vector_name(tensor)}_{{{step}}}"
 
 def _column(values: Sequence[float] | np.ndarray, fmt: Callable[[float], str]) -> str:
     """A column vector as a bmatrix (long ones in part, with a vertical ellipsis)."""
@@ -1272,6 +1807,194 @@ def map_diagram(model: Model, input_label: str = "input", cost_label: str = "cos
                      "text": rf"{_escape(cost_label)} $C$"},
             # the page is about 16 cm wide
             "scale": f"{min(1.0, 15.5 / (count * dx)):.2f}"}
+
+
+# --- sequences: the unrolled network --------------------------------------------------------
+
+
+def _is_timed(formula: Formula) -> bool:
+    """Whether a formula holds at a generic time step t (its first free index)."""
+    return bool(formula.indices) and index_family(formula.indices[0]) == "time"
+
+
+def step_target(formula: Formula) -> NetTensor:
+    """What a formula computes, in tensor form: δ^l_t rather than δ^l for a formula at a
+    generic step t (its tensor form is read at that step)."""
+    target = formula.target
+    return target.at_step(0) if _is_timed(formula) and target.step is None else target
+
+
+def equation_target(eq: Equation) -> NetTensor:
+    """The target of a forward equation in tensor form: h^l_t for one at a step t."""
+    timed = bool(eq.indices) and index_family(eq.indices[0]) == "time"
+    return eq.target.at_step(0) if timed else eq.target
+
+
+def state_tensors(node: Node) -> list[NetTensor]:
+    """The quantities a recurrent layer carries from one step to the next (read by its own
+    equations at the step before): h, and an LSTM's c; none for another layer."""
+    timed = recurrent_equations(node)
+    targets = {eq.target for eq in timed}
+    carried: list[NetTensor] = []
+    for eq in timed:
+        for found in sorted(eq.expr.atoms(sp.Indexed), key=sp.default_sort_key):
+            tensor = tensor_of(found)
+            if tensor in targets and found.indices[0] != eq.indices[0] and tensor not in carried:
+                carried.append(tensor)
+    return sorted(carried, key=lambda tensor: (tensor.role != "h", tensor.role))
+
+
+def _shown_steps(length: int) -> list[int | None]:
+    """The steps a drawing or table shows: all of a short sequence, else 1, 2, ..., T
+    (None marks the steps left out)."""
+    return list(range(1, length + 1)) if length <= 4 else [1, 2, None, length]
+
+
+def _vector_name(tensor: NetTensor) -> str:
+    """A quantity's vector symbol, without a step: \\mathbf{h}^{1}."""
+    return latex(NetTensor(tensor.role, tensor.node, rank=1))
+
+
+def unrolled_diagram(model: Model, input_label: str = "input", cost_label: str = "cost",
+                     ) -> dict[str, Any]:
+    """Boxes and arrows (cm) of a sequence network unrolled in time: one column per step
+    (steps 1, 2 and T of a long sequence, with dots between), one row per layer from the
+    input at the bottom; a recurrent layer's row starts with its initial state h_0 = 0, and
+    horizontal arrows carry its state from step to step through W_h; a layer that returns
+    only its last state feeds the layers above it at step T alone."""
+    length = model.spec.length
+    steps = _shown_steps(length)
+    states = {node.index: state_tensors(node) for node in model.nodes}
+    wide = any(len(found) > 1 for found in states.values())
+    dx, dy = (3.1 if wide else 2.5), 1.45
+    per_step = {0: True}
+    for node in model.nodes:
+        per_step[node.index] = bool(states[node.index]) or len(node.dims) == 2
+    boxes, edges, recurrent = [], [], []
+    last = len(steps) - 1
+    for l in range(model.depth + 1):
+        y = f"{l * dy:.2f}"
+        style = "input" if l == 0 else ("output" if l == model.depth else (
+            "state" if states.get(l) else "op"))
+        columns = range(len(steps)) if per_step[l] else [last]
+        for c in columns:
+            step = steps[c]
+            ref = f"(s{l}c{c})"
+            at = f"({(c + 1) * dx:.2f},{y})"
+            if step is None:
+                boxes.append({"ref": ref, "at": at, "style": "dots", "label": r"\cdots"})
+                continue
+            if l == 0:
+                label = rf"\mathbf{{x}}_{{{step}}}"
+            elif states.get(l):
+                label = ",\\ ".join(f"{_vector_name(s)}_{{{step}}}" for s in states[l])
+            elif per_step[l]:
+                label = f"{_vector_name(model.node(l).output)}_{{{step}}}"
+            else:
+                label = _vector_name(model.node(l).output)
+            boxes.append({"ref": ref, "at": at, "style": style, "label": label})
+        if states.get(l):
+            zero = " = ".join(f"{_vector_name(s)}_{{0}}" for s in states[l]) + r" = \mathbf{0}"
+            boxes.append({"ref": f"(s{l}c-1)", "at": f"(0,{y})", "style": "zero",
+                          "label": zero})
+            node = model.node(l)
+            weight = node.parameter("wh")
+            label = latex(weight.tensor) if weight is not None else ""
+            for c in range(-1, last):
+                dotted = c >= 0 and steps[c] is None or steps[c + 1] is None
+                recurrent.append({"from": f"(s{l}c{c})", "to": f"(s{l}c{c + 1})",
+                                  "label": "" if dotted else label})
+        if l == 0:
+            continue
+        for source in model.node(l).inputs:
+            for c in columns:
+                if steps[c] is None:
+                    continue
+                below = c if per_step[source] else last
+                edges.append({"from": f"(s{source}c{below})", "to": f"(s{l}c{c})"})
+    top = model.depth * dy + dy
+    middle = (len(steps) + 1) / 2 * dx
+    cost = {"at": f"({middle:.2f},{top:.2f})",
+            "text": rf"{_escape(cost_label)} $C$: \texttt{{{_escape(model.loss.name)}}}"}
+    outputs = [box for box in boxes if box["style"] == "output"]
+    width = (len(steps) + 1) * dx + 2.5
+    return {"boxes": boxes, "edges": edges, "recurrent": recurrent, "cost": cost,
+            "cost_edges": [{"from": box["ref"], "to": "(cost)"} for box in outputs],
+            "heads": [{"at": f"({(c + 1) * dx:.2f},-0.75)",
+                       "text": "" if step is None else (
+                           f"$t = {step}$" if length <= 4 or step != length
+                           else f"$t = T = {step}$")}
+                      for c, step in enumerate(steps)],
+            "sides": [{"at": f"({-2.1 if wide else -1.4:.2f},{l * dy:.2f})",
+                       "text": f"$l = {l}$"} for l in range(model.depth + 1)],
+            "scale": f"{min(1.0, 15.5 / width):.2f}"}
+
+
+def unrolled_text(model: Model) -> list[str]:
+    """The unrolled network as lines of text (Markdown): the same rows and columns as
+    :func:`unrolled_diagram`, with ─→ for the recurrent arrows and ↑ for a layer reading the
+    one below."""
+    steps = _shown_steps(model.spec.length)
+    states = {node.index: state_tensors(node) for node in model.nodes}
+    per_step = {0: True, **{node.index: bool(states[node.index]) or len(node.dims) == 2
+                            for node in model.nodes}}
+
+    def name(tensor: NetTensor, step: int | None) -> str:
+        text = pretty(NetTensor(tensor.role, tensor.node, rank=0))
+        return text + ("" if step is None else sub(step))
+
+    labels: dict[tuple[int, int], str] = {}
+    for l in range(model.depth + 1):
+        for c, step in enumerate(steps):
+            if not per_step[l] and c != len(steps) - 1:
+                continue
+            if step is None:
+                labels[l, c] = "⋯"
+            elif l == 0:
+                labels[l, c] = "x" + sub(step)
+            elif states[l]:
+                labels[l, c] = ",".join(name(s, step) for s in states[l])
+            else:
+                labels[l, c] = name(model.node(l).output, step if per_step[l] else None)
+    zeros = {l: "=".join(name(s, 0) for s in found) + "=0" for l, found in states.items()
+             if found}
+    first = max([len(z) for z in zeros.values()] + [5]) + 4
+    cell = max(len(text) for text in labels.values()) + 6
+    width = first + cell * len(steps)
+
+    def center(c: int) -> int:
+        return first + c * cell + cell // 2
+
+    def placed(line: list[str], text: str, middle: int) -> tuple[int, int]:
+        start = middle - len(text) // 2
+        line[start:start + len(text)] = list(text)
+        return start, start + len(text)
+
+    out = []
+    for l in range(model.depth, -1, -1):
+        line = [" "] * width
+        spans = {}
+        for (row, c), text in labels.items():
+            if row == l:
+                spans[c] = placed(line, text, center(c))
+        if l in zeros:
+            spans[-1] = placed(line, zeros[l], first // 2 - 1)
+            for c in range(-1, len(steps) - 1):
+                begin, end = spans[c][1] + 1, spans[c + 1][0] - 1
+                line[begin:end] = list("─" * (end - begin - 1) + "→")
+        out.append("".join(line).rstrip())
+        if l > 0:
+            arrows = [" "] * width
+            for (row, c) in labels:
+                if row == l and steps[c] is not None:
+                    arrows[center(c)] = "↑"
+            out.append("".join(arrows).rstrip())
+    heads = [" "] * width
+    for c, step in enumerate(steps):
+        if step is not None:
+            placed(heads, f"t={step}", center(c))
+    out.append("".join(heads).rstrip())
+    return out
 
 
 # --- rendering -----------------------------------------------------------------------------

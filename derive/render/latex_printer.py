@@ -67,7 +67,7 @@ from derive.render.imagenotation import (
 LETTERS: Mapping[str, str] = {
     "a": "a", "z": "z", "w": "w", "b": "b", "y": "y", "delta": r"\delta", "gamma": r"\gamma",
     "beta": r"\beta", "mu": r"\mu", "var": r"\sigma", "xhat": r"\hat{x}", "mask": "m",
-    "sigma": r"\sigma", "nabla": r"\nabla",
+    "sigma": r"\sigma", "nabla": r"\nabla", "tanh": r"\tanh",
     # a recurrent layer's weights and stacked pre-activations (grouped: a layer's superscript
     # and an entry's subscript follow them)
     "wx": "{w_{x}}", "wh": "{w_{h}}", "bx": "{b_{x}}", "bh": "{b_{h}}", "zx": "{z_{x}}",
@@ -88,6 +88,10 @@ BATCH: Mapping[str, str] = {
     "a": "A", "z": "Z", "delta": r"\Delta", "y": "Y", "xhat": r"\hat{X}", "mask": "M",
     "w": "W", "mu": r"\boldsymbol{\mu}", "var": r"\boldsymbol{\sigma}",
     "wx": "{W_{x}}", "wh": "{W_{h}}", "zx": "{Z_{x}}", "zh": "{Z_{h}}",
+    # a recurrent layer's states and gates, one row per sample; the cell state is not C,
+    # which is the cost
+    "h": "H", "c": r"\mathcal{C}", "i": "I", "f": "F", "g": "G", "o": "O", "r": "R",
+    "u": "U",
 }
 #: Roles printed squared: the variance of a layer norm is (σ^l)².
 SQUARED = frozenset({"var"})
@@ -243,9 +247,12 @@ class DeriveLatexPrinter(LatexPrinter):
     def _as_ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
         if is_index_expression(expr):
             return index_terms(expr)
-        # the classic order: sum_k w_jk a_k + b_j, W a + b (sums and products before the bias)
+        # the classic order: sum_k w_jk a_k + b_j, W a + b (sums and products before the
+        # bias); at a time step, what the step reads before what the step before left:
+        # W_x x_t + W_h h_{t-1} + b
         terms = super()._as_ordered_terms(expr, order=order)
-        return sorted(terms, key=lambda term: 0 if term.has(sp.Sum, MatVec, Einsum) else 1)
+        return sorted(terms, key=lambda term: (0 if term.has(sp.Sum, MatVec, Einsum) else 1,
+                                               -_latest_step(term)))
 
     def _print_Sum(self, expr: sp.Sum) -> str:
         # -sum_i y_i log a_i rather than sum_i -log(a_i) y_i
@@ -343,7 +350,22 @@ class DeriveLatexPrinter(LatexPrinter):
         text = rf"{head}\!\left({args}\right)"
         return text if exp is None else rf"{head}^{{{exp}}}\!\left({args}\right)"
 
+    def _print_Subs(self, expr: sp.Subs) -> str:
+        # F'(x) of a generic function at an expression (a GRU gate's tanh_g' at its sum)
+        inner = expr.expr
+        if isinstance(inner, sp.Derivative) and isinstance(inner.expr, AppliedUndef) and \
+                len(expr.variables) == 1 and inner.variable_count == ((expr.variables[0], 1),):
+            letter, _, layer = inner.expr.func.__name__.partition("_")
+            symbol = LETTERS.get(letter, letter) + (f"_{{{layer}}}" if layer else "")
+            return rf"{symbol}'\!\left({self._print(expr.point[0])}\right)"
+        return super()._print_Subs(expr)
+
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta, exp: str | None = None) -> str:
+        if LENGTH in expr.args:
+            # δ_{tT} of the last step, which a reader would take for an error δ: [t = T]
+            other = next(arg for arg in expr.args if arg != LENGTH)
+            text = rf"\left[{self._print(other)} = T\right]"
+            return text if exp is None else rf"{text}^{{{exp}}}"
         first, second = (self._print(arg) for arg in expr.args)
         separator = "" if len(first) == 1 and len(second) == 1 else ","
         text = rf"\delta_{{{first}{separator}{second}}}"
@@ -352,6 +374,16 @@ class DeriveLatexPrinter(LatexPrinter):
     # -- products -----------------------------------------------------------------------
 
     def _print_scalar_Mul(self, expr: sp.Mul, factors: list[sp.Expr]) -> str:
+        guards = [f for f in factors if isinstance(f, StepGuard)]
+        if guards and len(factors) > len(guards):
+            # [t ≤ T-1] (W_h)ᵀ δ_{t+1}: the bracket says at which steps the rest is there
+            rest = sp.Mul(*(f for f in factors if not isinstance(f, StepGuard)))
+            text = self._print(rest)
+            if isinstance(rest, sp.Add):
+                text = rf"\left({text}\right)"
+            elif rest.could_extract_minus_sign():
+                return "-" + self._print_scalar_Mul(-expr, sp.Mul.make_args(-expr))
+            return " ".join(self._print(g) for g in guards) + " " + text
         coefficient, rest = expr.as_coeff_Mul()
         if coefficient.is_Rational and abs(coefficient.p) == 1 and coefficient.q > 1 and (
                 isinstance(rest, sp.Sum) or rest.has(Fold, Windows, InRange)):
@@ -460,7 +492,13 @@ class DeriveLatexPrinter(LatexPrinter):
     # -- sequences (docs/architecture.md, "Sequences") ------------------------------------
 
     def _print_SumSteps(self, expr: SumSteps) -> str:
-        return rf"\sum_{{t=1}}^{{T}} {self.parenthesize(expr.args[0], PRECEDENCE['Mul'])}"
+        (body,) = expr.args
+        if self._settings["batch"] and isinstance(body, Outer):
+            # the batch mean of the sum over the steps: (1/B) Σ_t U_tᵀ V_t
+            u, v = body.args
+            return (rf"\frac{{1}}{{B}}\sum_{{t=1}}^{{T}} {self._transposed(u)}\,"
+                    rf"{self._print(v)}")
+        return rf"\sum_{{t=1}}^{{T}} {self.parenthesize(body, PRECEDENCE['Mul'])}"
 
     def _print_StepGuard(self, expr: StepGuard) -> str:
         condition = step_condition(expr, self._print, "\\le ")
@@ -468,8 +506,10 @@ class DeriveLatexPrinter(LatexPrinter):
 
     def _print_Block(self, expr: Block) -> str:
         tensor, start, size = expr.args
-        return (rf"{self.parenthesize(tensor, PRECEDENCE['Atom'], strict=True)}"
-                rf"_{{[{self._print(start + 1)}\,:\,{self._print(start + size)}]}}")
+        text = self.parenthesize(tensor, PRECEDENCE['Atom'], strict=True)
+        if isinstance(tensor, NetTensor) and step_subscript(tensor):
+            text = rf"\left({text}\right)"      # z_t's block: (z_t)_{[...]}, not z_t_{[...]}
+        return rf"{text}_{{[{self._print(start + 1)}\,:\,{self._print(start + size)}]}}"
 
     def _print_Concat(self, expr: Concat) -> str:
         *parts, _size = expr.args
@@ -535,6 +575,12 @@ class DeriveLatexPrinter(LatexPrinter):
         spelled = self._print(subscripts).replace("->", r" \to ")
         args = ", ".join(self._print(operand) for operand in operands)
         return rf"\operatorname{{einsum}}_{{{spelled}}}\!\left({args}\right)"
+
+
+def _latest_step(expr: sp.Expr) -> int:
+    """The latest time step a term of a tensor form reads, relative to t (0 for none)."""
+    steps = [t.step for t in expr.atoms(NetTensor) if isinstance(t.step, int)]
+    return max(steps, default=0)
 
 
 def is_convolution(expr: sp.Expr) -> bool:

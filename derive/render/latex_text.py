@@ -328,6 +328,223 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "example_maps_forward": "The feature maps:",
         "example_maps_backward": "The errors of the feature maps:",
         "example_kernel_gradients": "The gradients of the kernels:",
+        # -- sequences (recurrent networks) --
+        "network_text_sequence": (
+            "The network reads a sequence of $T = {T}$ steps, $\\mathbf{{x}}_{{1}}, \\dots, "
+            "\\mathbf{{x}}_{{T}}$, each a vector of $n_{{0}} = {n0}$ values (entry $k$ of "
+            "$\\mathbf{{x}}_{{t}}$ is $a^{{0}}_{{tk}}$). Its $L = {L}$ layers form a graph. A "
+            "recurrent layer computes at every step $t$ a state $\\mathbf{{h}}_{{t}}$ from the "
+            "input of that step and from its own state at the step before, "
+            "$\\mathbf{{h}}_{{t-1}}$, starting from $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$, with "
+            "the same parameters at every step; a dense layer that reads a sequence acts on the "
+            "vector of each step on its own. {output}"
+        ),
+        "output_sequence": (
+            "The output is a sequence too: a vector of width $n_{{L}} = {nL}$ at every step."
+        ),
+        "output_last": (
+            "Layer {l} returns its last state only, $\\mathbf{{h}}_{{T}}$, so the output is "
+            "one vector of width $n_{{L}} = {nL}$."
+        ),
+        "figure_caption_unrolled": (
+            "The {name} network unrolled in time: one column per step $t$, the input at the "
+            "bottom, the output at the top. A horizontal arrow carries the state of step $t-1$ "
+            "into step $t$ through the recurrent weights {wh}, the same matrix at every step; "
+            "the first step reads $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$.{elided}"
+        ),
+        "figure_elided_steps": " The steps between $t = 2$ and $t = T = {T}$ are not drawn.",
+        "markdown_unrolled": (
+            "The network unrolled in time, one column per step (a horizontal arrow carries the "
+            "state to the next step through the recurrent weights, the same at every step; a "
+            "vertical one is a layer reading the layer below at the same step):"
+        ),
+        "n_time": (
+            "time step $t = 1, \\dots, T$ ($T$ the length of the sequence); a bold vector with "
+            "subscript $t$ is a quantity at step $t$"
+        ),
+        "n_seq_a": (
+            "unit $j$ of the output of layer $l$ at step $t$; {a0} is entry $k$ of the input "
+            "$\\mathbf{{x}}_{{t}}$"
+        ),
+        "n_seq_z": "weighted input of unit $j$ of layer $l$ at step $t$",
+        "n_h": (
+            "state of unit $j$ of the recurrent layer $l$ at step $t$; "
+            "$\\mathbf{{h}}^{{l}}_{{0}} = \\mathbf{{0}}$"
+        ),
+        "n_wx": (
+            "input and recurrent weights of layer $l$ (from input $k$, from unit $k$ of the "
+            "state at $t-1$, to row $j$): the same at every step"
+        ),
+        "n_bxh": "biases of the GRU layer $l$ on its input side and its state side",
+        "n_zxh": "the GRU's stacked sums on the input side and the state side, at step $t$",
+        "n_c": "cell state of unit $j$ of the LSTM layer $l$ at step $t$; $c^{{l}}_{{0j}} = 0$",
+        "n_lstm_gates": (
+            "the LSTM's input gate, forget gate, candidate and output gate at step $t$: blocks "
+            "1 to 4 of its stacked weighted input $z^{{l}}_{{t}}$, of $n_{{l}}$ rows each"
+        ),
+        "n_gru_gates": (
+            "the GRU's reset gate, update gate (PyTorch's $z$) and candidate (PyTorch's $n$) "
+            "at step $t$"
+        ),
+        "n_block": "rows $a$ to $b$ of a stacked vector",
+        "n_stack": "vectors stacked one above the other",
+        "n_step_bracket": (
+            "1 at the steps where the condition holds, else 0: $[1 \\le t+1 \\le T]$ (in "
+            "tensor form $[t \\le T-1]$) is 0 at the last step, $[t = T]$ is 1 there only"
+        ),
+        "forward_tensor_text_sequence": (
+            "In tensor form, step by step for $t = 1, \\dots, T$ (with "
+            "$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$):"
+        ),
+        "batch_text_sequence": (
+            " A quantity with subscript $t$ is the matrix of that quantity at step $t$, one row "
+            "per sample (as {H}), and the gradient of a parameter sums over the steps and "
+            "averages over the samples."
+        ),
+        "sec_bptt": "Backpropagation through time",
+        "bptt_text": (
+            "The derivatives are found layer by layer from the output back, as for any graph, "
+            "with one thing new: a recurrent layer reads its own state at the step before, so "
+            "its quantities at step $t$ are read at step $t$ and again at step $t+1$. The "
+            "derivation works at a generic step $t$, as the derivation of a chain of layers "
+            "works at a generic layer $l$. The error at step $t$ collects, by the chain rule, "
+            "what the layers above contribute at the same step and what the layer itself "
+            "contributes at the next step $t+1$: this is backpropagation through time (BPTT). "
+            "So the errors are computed backwards in time too, from $t = T$ down to $t = 1$. "
+            "The error {delta} of a layer is the derivative of the cost with respect to its "
+            "weighted input (a dense or simple recurrent layer) or its output (other layers). "
+            "The parameters are the same at every step: their gradients are sums over the "
+            "steps $t = 1, \\dots, T$."
+        ),
+        "node_recurrent": (
+            "It reads its own {state} at the step before, $t-1$ (which is 0 before the first "
+            "step), so its error at step $t$ is fed by the step after, $t+1$."
+        ),
+        "time_bracket_words": (
+            "The sum over the steps $\\tau$ that read step $t$ keeps one term, $\\tau = t+1$, "
+            "and that step exists only when $t+1 \\le T$: the bracket $[1 \\le t+1 \\le T]$ "
+            "(in tensor form $[t \\le T-1]$) is 1 for $t = 1, \\dots, T-1$ and 0 at the last "
+            "step, where nothing comes back from the future ($\\boldsymbol{{\\delta}}_{{T+1}} "
+            "= \\mathbf{{0}}$)."
+        ),
+        "last_step_words": (
+            "The bracket $[t = T]$ is 1 at the last step only: the layer returns its last "
+            "state $\\mathbf{{h}}_{{T}}$, so the error from above enters at $t = T$ and at no "
+            "other step."
+        ),
+        "shared_words": (
+            "The parameter is the same at every step, so the cost depends on it through every "
+            "step: the chain rule adds the contributions of the steps $t = 1, \\dots, T$, and "
+            "its gradient is a sum over $t$."
+        ),
+        "carry_matrix": (
+            "In tensor form, the error of layer {l} at step $t$ is the error of the step after "
+            "sent back through the transposed recurrent weights, plus the error from the layer "
+            "above at the same step, multiplied elementwise by the derivative of the "
+            "activation at step $t$: the BPTT recursion,"
+        ),
+        "carry_gate": (
+            "In tensor form, the {what} at step $t$ receives the same quantity of the step "
+            "after through the {gate} of that step, {g} (the term with the bracket $[t \\le "
+            "T-1]$), besides what reaches it through the other quantities of its own step:"
+        ),
+        "what_cell": "error of the cell state, {q},",
+        "what_state": "error of the state, {q},",
+        "sec_vanishing": "Why gradients vanish or explode",
+        "vanishing_intro": (
+            "Backpropagation through time multiplies: the error of step $t$ is computed from "
+            "that of step $t+1$, which was computed from that of step $t+2$, and so on up to "
+            "$T$. The derivation shows by how much each step back multiplies."
+        ),
+        "vanishing_matrix": (
+            "In layer {l}, the error {q} depends on the error of the step after through its "
+            "formula{ref}. The formula is linear in that error; its coefficient, the "
+            "derivative with respect to it, is"
+        ),
+        "vanishing_jacobian": (
+            "that is, for $t \\le T-1$, the Jacobian of {q} with respect to {next} is"
+        ),
+        "vanishing_unroll": (
+            "Write {e} for the rest of the formula, what the layers above contribute at step "
+            "$t$. Then the recursion and, unrolled from $t$ to $T$ (the product taken in the "
+            "order $J_{{t}} J_{{t+1}} \\cdots J_{{s-1}}$, the empty product at $s = t$ being "
+            "the identity),"
+        ),
+        "vanishing_bound": (
+            "The error that step $s$ sends back to step $t$ has been multiplied by $s - t$ "
+            "Jacobians, each the derivative of the activation times the transposed recurrent "
+            "weights. With $\\lVert \\cdot \\rVert$ the spectral norm (the largest singular "
+            "value) and $\\gamma = \\max_{{z}} \\lvert \\sigma'(z) \\rvert$ (1 for tanh, "
+            "$\\tfrac{{1}}{{4}}$ for the sigmoid),"
+        ),
+        "vanishing_words": (
+            "The bound shrinks or grows geometrically with the distance $s - t$. When "
+            "$\\gamma \\lVert {wh} \\rVert < 1$, the contributions of distant steps to the "
+            "error, and so to the gradients of the shared weights (sums over $t$ of terms "
+            "with $\\boldsymbol{{\\delta}}_{{t}}$), fade geometrically: the gradients vanish, "
+            "and a dependence between steps far apart is hard to learn. When the Jacobians "
+            "are larger than 1 (singular values of ${wh}$ above $1/\\gamma$, with units that are "
+            "not saturated), their products can grow geometrically instead: the gradients "
+            "explode, and one step of gradient descent throws the parameters far away. Over "
+            "the whole sequence, the error of the last step reaches the first through "
+            "$T - 1 = {Tm1}$ Jacobians."
+        ),
+        "vanishing_gate": (
+            "In layer {l}, the {what} reads the same quantity of the step after through the "
+            "{gate}; its formula{ref} is linear in it, with the coefficient"
+        ),
+        "vanishing_gate_jacobian": (
+            "Along this path the Jacobian is diagonal, and the error of step $s$ reaches step "
+            "$t$ multiplied, unit by unit, by the gates of the steps in between:"
+        ),
+        "vanishing_gate_words": (
+            "No recurrent weight matrix and no derivative of an activation stands between the "
+            "steps on this path. Where the {gate} stays close to 1, the error passes back over "
+            "many steps almost unchanged (the constant error carousel of Hochreiter and "
+            "Schmidhuber, 1997); where it is close to 0, the network has chosen to forget. The "
+            "gate is computed from the input and the state, so the network learns when to keep "
+            "the path open. The other paths back, through the state and the recurrent weights "
+            "{wh}, multiply by {wh} and the derivatives of the gates, as in a simple recurrent "
+            "layer, and can vanish or explode as there."
+        ),
+        "clip_words": (
+            "The module that derive generates guards against exploding gradients: "
+            "{clip} rescales the gradient, whenever the norm of all its entries together "
+            "exceeds the given value, to that norm before the update (gradient clipping). "
+            "Vanishing gradients are what the gated layers, the LSTM and the GRU, were "
+            "designed against: their state carries the error back through a gate rather than "
+            "through the recurrent weights and $\\sigma'$."
+        ),
+        "see_eq": " (eq. {eq})",
+        "see_summary": " (in the summary below)",
+        "activation_of_gates": "Activation {name}, used in the {gates} of layer {l}:",
+        "example_sequence": (
+            "The sequence is given one step per row: row $t$ of a matrix below is the vector "
+            "of step $t$."
+        ),
+        "example_steps_cut": (
+            " Of the $T = {T}$ steps, the tables show $t = {shown}$."
+        ),
+        "example_step": "Step $t = {t}$:",
+        "example_forward_steps": (
+            "Step by step, $t = 1, \\dots, T$, from $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$ (an "
+            "entry at step 0 is 0, so its terms drop out); for example, for the first unit of "
+            "each layer:"
+        ),
+        "example_backward_steps": (
+            "Backwards in time, $t = T, \\dots, 1$: at the last step the bracket "
+            "$[1 \\le t+1 \\le T]$ is 0, so its terms drop out; at every other step the error "
+            "of the step after, just computed, comes in. For example, for the first unit of "
+            "each layer:"
+        ),
+        "example_sums": (
+            "Each gradient of a shared parameter is the sum over the steps of one term per "
+            "step:"
+        ),
+        "example_gradient_entries": (
+            "The gradient of a parameter shared by the steps sums over them; for example, for "
+            "its first entry:"
+        ),
     },
     "zh": {
         "title": "反向传播推导：{name} 网络",
@@ -559,12 +776,170 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "example_maps_forward": "各特征图：",
         "example_maps_backward": "各特征图的误差：",
         "example_kernel_gradients": "卷积核的梯度：",
+        # -- sequences (recurrent networks) --
+        "network_text_sequence": (
+            "该网络读入一个长为 $T = {T}$ 步的序列 $\\mathbf{{x}}_{{1}}, \\dots, "
+            "\\mathbf{{x}}_{{T}}$，每一步是含 $n_{{0}} = {n0}$ 个值的向量（$\\mathbf{{x}}_{{t}}$ "
+            "的第 $k$ 个分量记为 $a^{{0}}_{{tk}}$）。它的 $L = {L}$ 个层构成一个图。循环层在每一步 "
+            "$t$ 由该步的输入和它自己在上一步的状态 $\\mathbf{{h}}_{{t-1}}$ 计算状态 "
+            "$\\mathbf{{h}}_{{t}}$，初始状态为 $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$，每一步使用相同"
+            "的参数；读取序列的全连接层对每一步的向量分别作用。{output}"
+        ),
+        "output_sequence": "输出也是一个序列：每一步一个宽度为 $n_{{L}} = {nL}$ 的向量。",
+        "output_last": (
+            "第 {l} 层只返回最后一步的状态 $\\mathbf{{h}}_{{T}}$，因此输出是一个宽度为 "
+            "$n_{{L}} = {nL}$ 的向量。"
+        ),
+        "figure_caption_unrolled": (
+            "{name} 网络按时间展开：每一列是一个时间步 $t$，输入在下，输出在上。水平箭头经由循环"
+            "权重 {wh}（每一步是同一个矩阵）把第 $t-1$ 步的状态送入第 $t$ 步；第一步读取 "
+            "$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$。{elided}"
+        ),
+        "figure_elided_steps": "第 $t = 2$ 步与第 $t = T = {T}$ 步之间的各步没有画出。",
+        "markdown_unrolled": (
+            "按时间展开的网络，每一列是一个时间步（水平箭头经由循环权重把状态送入下一步，每一步"
+            "权重相同；竖直箭头表示一层读取同一步下面一层的输出）："
+        ),
+        "n_time": "时间步 $t = 1, \\dots, T$（$T$ 为序列长度）；带下标 $t$ 的粗体向量是第 $t$ 步的量",
+        "n_seq_a": "第 $l$ 层在第 $t$ 步输出的第 $j$ 个分量；{a0} 是输入 $\\mathbf{{x}}_{{t}}$ 的第 $k$ 个分量",
+        "n_seq_z": "第 $l$ 层第 $j$ 个单元在第 $t$ 步的带权输入",
+        "n_h": "循环层 $l$ 第 $j$ 个单元在第 $t$ 步的状态；$\\mathbf{{h}}^{{l}}_{{0}} = \\mathbf{{0}}$",
+        "n_wx": "第 $l$ 层的输入权重与循环权重（从输入 $k$、从第 $t-1$ 步状态的单元 $k$ 到第 $j$ 行）：每一步相同",
+        "n_bxh": "GRU 层 $l$ 在输入一侧与状态一侧的偏置",
+        "n_zxh": "GRU 在第 $t$ 步输入一侧与状态一侧的堆叠求和",
+        "n_c": "LSTM 层 $l$ 第 $j$ 个单元在第 $t$ 步的细胞状态；$c^{{l}}_{{0j}} = 0$",
+        "n_lstm_gates": (
+            "LSTM 在第 $t$ 步的输入门、遗忘门、候选值与输出门：其堆叠带权输入 $z^{{l}}_{{t}}$ 的"
+            "第 1 至第 4 块，每块 $n_{{l}}$ 行"
+        ),
+        "n_gru_gates": "GRU 在第 $t$ 步的重置门、更新门（PyTorch 的 $z$）与候选值（PyTorch 的 $n$）",
+        "n_block": "堆叠向量的第 $a$ 至第 $b$ 行",
+        "n_stack": "上下堆叠的向量",
+        "n_step_bracket": (
+            "条件成立的时间步为 1，否则为 0：$[1 \\le t+1 \\le T]$（张量形式为 $[t \\le T-1]$）"
+            "在最后一步为 0，$[t = T]$ 只在最后一步为 1"
+        ),
+        "forward_tensor_text_sequence": (
+            "写成张量形式，对 $t = 1, \\dots, T$ 逐步计算（$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$）："
+        ),
+        "batch_text_sequence": (
+            "带下标 $t$ 的量是该量在第 $t$ 步的矩阵，每行一个样本（如 {H}）；参数的梯度对各时间"
+            "步求和、对各样本取平均。"
+        ),
+        "sec_bptt": "随时间反向传播",
+        "bptt_text": (
+            "与任何计算图一样，导数从输出向输入逐层求出，只多了一点：循环层读取自己在上一步的"
+            "状态，因此它在第 $t$ 步的量既在第 $t$ 步被读取，又在第 $t+1$ 步再次被读取。推导在一个"
+            "一般的时间步 $t$ 上进行，正如全连接链的推导在一般的第 $l$ 层上进行。由链式法则，第 "
+            "$t$ 步的误差汇集了上面各层在同一步的贡献和该层自身在下一步 $t+1$ 的贡献：这就是随时间"
+            "反向传播（BPTT）。因此误差也沿时间反向计算，从 $t = T$ 到 $t = 1$。某层的误差 "
+            "{delta} 是代价对其带权输入（全连接层与简单循环层）或对其输出（其他层）的导数。参数在"
+            "每一步都相同：它们的梯度是对时间步 $t = 1, \\dots, T$ 的求和。"
+        ),
+        "node_recurrent": (
+            "它读取自己在上一步 $t-1$ 的{state}（第一步之前为 0），因此它在第 $t$ 步的误差由下一步 "
+            "$t+1$ 传回。"
+        ),
+        "time_bracket_words": (
+            "对读取第 $t$ 步的各时间步 $\\tau$ 的求和只保留一项 $\\tau = t+1$，而这一步只在 "
+            "$t+1 \\le T$ 时存在：括号 $[1 \\le t+1 \\le T]$（张量形式为 $[t \\le T-1]$）在 "
+            "$t = 1, \\dots, T-1$ 时为 1，在最后一步为 0——那里没有来自未来的误差"
+            "（$\\boldsymbol{{\\delta}}_{{T+1}} = \\mathbf{{0}}$）。"
+        ),
+        "last_step_words": (
+            "括号 $[t = T]$ 只在最后一步为 1：该层只返回最后一步的状态 $\\mathbf{{h}}_{{T}}$，"
+            "因此上面传来的误差只在 $t = T$ 时进入。"
+        ),
+        "shared_words": (
+            "该参数在每一步都相同，代价通过每一步依赖于它：链式法则把第 $t = 1, \\dots, T$ 步的"
+            "贡献相加，它的梯度是对 $t$ 的求和。"
+        ),
+        "carry_matrix": (
+            "写成张量形式，第 {l} 层在第 $t$ 步的误差等于下一步的误差经转置的循环权重传回，加上"
+            "同一步上面一层传来的误差，再逐元素乘以第 $t$ 步激活函数的导数：这就是 BPTT 递推式，"
+        ),
+        "carry_gate": (
+            "写成张量形式，第 $t$ 步的{what}除了经由本步其他量得到的部分，还经由下一步的{gate} "
+            "{g} 接收下一步的同一个量（带括号 $[t \\le T-1]$ 的那一项）："
+        ),
+        "what_cell": "细胞状态误差 {q} ",
+        "what_state": "状态误差 {q} ",
+        "sec_vanishing": "梯度为何消失或爆炸",
+        "vanishing_intro": (
+            "随时间反向传播是一连串乘法：第 $t$ 步的误差由第 $t+1$ 步的误差算出，后者又由第 "
+            "$t+2$ 步的误差算出，一直到第 $T$ 步。推导给出了每向前一步要乘上什么。"
+        ),
+        "vanishing_matrix": (
+            "在第 {l} 层，误差 {q} 通过其公式{ref}依赖于下一步的误差。该公式对这个误差是线性的；"
+            "其系数，即对它的导数，为"
+        ),
+        "vanishing_jacobian": "也就是说，当 $t \\le T-1$ 时，{q} 对 {next} 的雅可比矩阵为",
+        "vanishing_unroll": (
+            "把公式的其余部分（上面各层在第 $t$ 步的贡献）记为 {e}。于是得到递推式，并从 $t$ "
+            "展开到 $T$（乘积按 $J_{{t}} J_{{t+1}} \\cdots J_{{s-1}}$ 的顺序，$s = t$ 时的空乘积"
+            "为单位矩阵）："
+        ),
+        "vanishing_bound": (
+            "第 $s$ 步传回第 $t$ 步的误差乘上了 $s - t$ 个雅可比矩阵，每个都是激活函数的导数乘以"
+            "转置的循环权重。记 $\\lVert \\cdot \\rVert$ 为谱范数（最大奇异值），"
+            "$\\gamma = \\max_{{z}} \\lvert \\sigma'(z) \\rvert$（tanh 为 1，sigmoid 为 "
+            "$\\tfrac{{1}}{{4}}$），则"
+        ),
+        "vanishing_words": (
+            "这个上界随距离 $s - t$ 按几何级数缩小或增大。当 $\\gamma \\lVert {wh} \\rVert < 1$ "
+            "时，远处各步对误差的贡献——从而对共享权重梯度（对 $t$ 求和、含 "
+            "$\\boldsymbol{{\\delta}}_{{t}}$ 的各项）的贡献——按几何级数衰减：梯度消失，相距很远的"
+            "时间步之间的依赖难以学到。当雅可比矩阵大于 1（${wh}$ 的奇异值大于 $1/\\gamma$，且单元"
+            "未饱和）时，它们的乘积反而可能按几何级数增长：梯度爆炸，一步梯度下降就会把参数甩得"
+            "很远。对整个序列而言，最后一步的误差要经过 $T - 1 = {Tm1}$ 个雅可比矩阵才能到达"
+            "第一步。"
+        ),
+        "vanishing_gate": (
+            "在第 {l} 层，{what}经由{gate}读取下一步的同一个量；它的公式{ref}对该量是线性的，"
+            "系数为"
+        ),
+        "vanishing_gate_jacobian": (
+            "沿这条路径雅可比矩阵是对角的，第 $s$ 步的误差传到第 $t$ 步时，逐个单元地乘上中间"
+            "各步的门："
+        ),
+        "vanishing_gate_words": (
+            "在这条路径上，相邻时间步之间既没有循环权重矩阵，也没有激活函数的导数。{gate}接近 1 "
+            "的地方，误差几乎不变地传回许多步（Hochreiter 与 Schmidhuber 1997 年提出的“常数误差"
+            "传送带”）；接近 0 的地方，是网络选择了遗忘。门由输入和状态计算，因此网络能学会何时"
+            "让这条路径保持畅通。其他反向路径经过状态和循环权重 {wh}，要乘上 {wh} 和各门的导数，"
+            "与简单循环层一样，也会消失或爆炸。"
+        ),
+        "clip_words": (
+            "derive 生成的模块可以防止梯度爆炸：{clip} 在全部梯度分量合起来的范数超过给定值时，"
+            "先把梯度缩放到该范数再更新参数（梯度裁剪）。门控层 LSTM 与 GRU 正是为对付梯度消失而"
+            "设计的：它们的状态经由门、而不是经由循环权重和 $\\sigma'$ 传回误差。"
+        ),
+        "see_eq": "（式 {eq}）",
+        "see_summary": "（见下文小结）",
+        "activation_of_gates": "激活函数 {name}，用于第 {l} 层的{gates}：",
+        "example_sequence": "序列按步逐行给出：下面矩阵的第 $t$ 行是第 $t$ 步的向量。",
+        "example_steps_cut": "在 $T = {T}$ 个时间步中，表格只显示 $t = {shown}$。",
+        "example_step": "第 $t = {t}$ 步：",
+        "example_forward_steps": (
+            "对 $t = 1, \\dots, T$ 逐步计算，从 $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$ 开始（第 0 "
+            "步的分量为 0，相应的项消去）；例如，各层第一个单元："
+        ),
+        "example_backward_steps": (
+            "沿时间反向，$t = T, \\dots, 1$：最后一步的括号 $[1 \\le t+1 \\le T]$ 为 0，相应的项"
+            "消去；其余各步都要用到刚算出的下一步的误差。例如，各层第一个单元："
+        ),
+        "example_sums": "每个共享参数的梯度是各时间步各一项之和：",
+        "example_gradient_entries": "各时间步共享的参数的梯度对各步求和；例如，它的第一个分量：",
     },
 }
 
 #: The justifications recorded by the derivation engine, in words: (English, Chinese). A
 #: ``{source}`` stands for the step's source equation, printed by the LaTeX printer.
 WHY: Mapping[str, tuple[str, str]] = {
+    "the per-sample cost sums the loss over the outputs and the time steps": (
+        "The cost of one sample is the sum of the loss over the outputs of every time step.",
+        "单个样本的代价是各时间步所有输出上损失之和。",
+    ),
     "the per-sample cost sums the loss over the outputs": (
         "The cost of one sample is the sum of the loss over the output neurons.",
         "单个样本的代价是各输出神经元上损失之和。",
@@ -663,6 +1038,18 @@ WHY_PREFIX: Mapping[str, tuple[str, str]] = {
          "sides are equal for every $z$."),
         "由 $a = \\sigma(z)$ 解出 {source} 并代入；derive 已验证两边对所有 $z$ 相等。",
     ),
+}
+
+#: What the quantities of a recurrent layer are called, by role: (English, Chinese).
+QUANTITY_NAMES: Mapping[str, tuple[str, str]] = {
+    "h": ("state", "状态"),
+    "c": ("cell state", "细胞状态"),
+    "i": ("input gate", "输入门"),
+    "f": ("forget gate", "遗忘门"),
+    "g": ("candidate", "候选值"),
+    "o": ("output gate", "输出门"),
+    "r": ("reset gate", "重置门"),
+    "u": ("update gate", "更新门"),
 }
 
 ASSUMPTIONS: Mapping[str, tuple[str, str]] = {

@@ -170,12 +170,14 @@ def guarded(expr: sp.Expr, loop_targets: set[NetTensor]) -> sp.Expr:
 def hoisted(expr: sp.Expr, loop_targets: set[NetTensor], stand_in: sp.Expr
             ) -> tuple[sp.Expr, sp.Expr | None]:
     """(the loop's expression, with ``stand_in`` where it read the part computed before the
-    loop; that part) when ``expr`` (or the sum among its factors) has matrix products that
-    read nothing the loop computes; else (expr, None)."""
+    loop; that part) when ``expr`` (or the sum among its factors) has terms that read nothing
+    the loop computes (matrix products, or other arrays of every step); else (expr, None)."""
     def outside(term: sp.Expr) -> bool:
+        # a product with a matrix, or anything of the steps' arrays (a dropout's mask times
+        # the error from the layer above) that reads nothing the loop computes
         return not term.has(StepGuard) and not any(
-            t.whole in loop_targets for t in term.atoms(NetTensor)) and \
-            term.has(MatVec, Outer, Einsum)
+            t.whole in loop_targets for t in term.atoms(NetTensor)) and (
+            term.has(MatVec, Outer, Einsum) or bool(views(term)))
 
     def split(total: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
         terms = sp.Add.make_args(total)

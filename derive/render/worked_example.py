@@ -20,6 +20,14 @@ The input, target and parameters come from the spec's ``example:`` section when 
 (:class:`~derive.spec.ExampleSpec`: ``x``, ``y``, ``params`` W1, b1, gamma2, ...); otherwise
 :func:`default_values` picks short round values. A dropout mask is 1 everywhere: the example
 runs with dropout off, as the generated code's ``gradients()`` does.
+
+A recurrent layer (one whose equations read its own quantities at the step before, h_{t-1})
+is evaluated step by step, t = 1..T, its equations in order within each step; an entry at step
+0 lies outside the sequence and reads 0 (h_0 = 0). Its errors go the other way: the formulas
+of a recurrent layer with the time step t free are evaluated from t = T down to 1, since δ_t
+reads δ_{t+1} (which is 0 past the last step). A parameter's gradient sums over the steps; the
+terms of that sum, one per step, are kept as well (``WorkedExample.step_terms``), for a
+document that shows the sum term by term.
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ import sympy as sp
 
 from derive.derivation.reverse import C, Derivation, Formula, adjoint_tensor
 from derive.graph.model import Model, Node
-from derive.quantities import NetTensor, tensor_of
+from derive.quantities import LENGTH, NetTensor, index_family, tensor_of
 from derive.registry.functions import elementary, sigmoid, softplus
-from derive.registry.ops import OPS
+from derive.registry.ops import OPS, Equation
 from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.spec.load import NetworkSpec, layer_attributes, parameter_key
 
@@ -62,7 +70,9 @@ def default_values(spec: NetworkSpec
     """
     sizes = spec.sizes
     if spec.image is None:
-        x = tuple(_tenth((7 * n) % 11 - 5) for n in range(1, sizes[0] + 1))
+        # a sequence's values step by step: T steps of n_0 (the same pattern, longer)
+        count = math.prod(spec.input_shape)
+        x = tuple(_tenth((7 * n) % 11 - 5) for n in range(1, count + 1))
     else:
         # an image's values row by row, channel-major; a longer period than a vector's, so
         # that the windows of a max-pooling layer have no ties (which the first maximum
@@ -70,12 +80,13 @@ def default_values(spec: NetworkSpec
         x = tuple(_tenth((7 * n) % 17 - 8) for n in range(1, math.prod(spec.input_shape) + 1))
     output = spec.activation(spec.depth)
     n_out = sizes[-1]
+    steps = math.prod(spec.shapes[-1][:-1])       # T outputs of a sequence, else one
     if spec.resolved_loss().needs == "distribution":
-        y = tuple(1.0 if n == 0 else 0.0 for n in range(n_out))
+        y = tuple(1.0 if n % n_out == 0 else 0.0 for n in range(n_out * steps))
     elif output is not None and output.is_probability:
-        y = tuple(1.0 if n % 2 == 0 else 0.0 for n in range(n_out))
+        y = tuple(1.0 if n % 2 == 0 else 0.0 for n in range(n_out * steps))
     else:
-        y = tuple(0.5 if n % 2 == 0 else -0.5 for n in range(n_out))
+        y = tuple(0.5 if n % 2 == 0 else -0.5 for n in range(n_out * steps))
     params: dict[str, tuple | np.ndarray] = {}
     shapes = spec.parameter_shapes()
     for l, layer in enumerate(spec.layers, start=1):
@@ -183,6 +194,7 @@ class Evaluator:
 
     def __init__(self, widths: Mapping[sp.Symbol, int]) -> None:
         self.widths = {symbol: int(n) for symbol, n in widths.items()}
+        self._numbers = {symbol: sp.Integer(n) for symbol, n in self.widths.items()}
         self.values: dict[NetTensor, np.ndarray] = {}
 
     def __call__(self, expr: sp.Expr, indices: tuple[sp.Symbol, ...] = (),
@@ -191,6 +203,9 @@ class Evaluator:
         the first entries of each, when shorter than the tensors they index)."""
         self._sizes = dict(zip(indices, shape))
         self._free = dict(self._sizes)
+        # the sizes as numbers: an entry at the last step h_{T,j} is at an index, and so is
+        # the step of a Kronecker delta δ_{Tt}
+        expr = sp.sympify(expr).xreplace(self._numbers)
         self._scan(expr)
         array, labels = self._eval(expr)
         array = np.asarray(array, dtype=np.float64)
@@ -234,7 +249,17 @@ class Evaluator:
         return self.values[tensor]
 
     def _indexed(self, array: np.ndarray, indices: tuple[sp.Expr, ...]) -> _Labeled:
-        if not all(index.is_Integer or isinstance(index, sp.Symbol) for index in indices):
+        if any(index.is_Integer and not 1 <= int(index) <= n
+               for index, n in zip(indices, np.shape(array))):
+            # a step outside the sequence (h_0 before the first step, δ_{T+1} after the
+            # last): the entry is 0
+            inside = tuple(sp.Integer(1) if index.is_Integer else index for index in indices)
+            found = self._indexed(array, inside)
+            return _Labeled(np.zeros_like(found.array), found.labels)
+        if not all(index.is_Integer or isinstance(index, sp.Symbol) for index in indices) or \
+                any(self._free.get(index, 0) > n for index, n in zip(indices, np.shape(array))):
+            # an index expression, or a free index longer than the axis (i_{tj} of an LSTM's
+            # gate in its stacked error, j = 1..4n): the entries reached, 0 outside the array
             return self._gathered(array, indices)
         labels: list[sp.Symbol] = []
         selection: list[object] = []
@@ -455,6 +480,9 @@ class WorkedExample:
     #: for each max-pooling layer, the indicator of its windows' first maxima summed over
     #: the windows, on its input's grid: where its errors go
     indicators: tuple[tuple[int, np.ndarray], ...] = ()
+    #: for each parameter gradient that sums over the time steps, the terms of that sum: one
+    #: array per step (axis 0 is t), of the shape of the gradient (the block shown)
+    step_terms: tuple[tuple[Formula, np.ndarray], ...] = ()
 
     def value(self, tensor: NetTensor) -> np.ndarray:
         """The value of a quantity, parameter, δ^l or adjoint (``NetTensor("grad", ...)``)."""
@@ -466,6 +494,13 @@ class WorkedExample:
             if candidate is formula:
                 return value
         raise KeyError(formula.key)
+
+    def terms_of(self, formula: Formula) -> np.ndarray | None:
+        """The terms of ``formula``'s sum over the time steps, one per step (or None)."""
+        for candidate, value in self.step_terms:
+            if candidate is formula:
+                return value
+        return None
 
     def params(self) -> dict[str, list]:
         """The parameters as nested lists, keyed as in a generated module."""
@@ -539,7 +574,8 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
     evaluate = Evaluator(model.widths)
     evaluate.values[model.x.label] = np.asarray(x, dtype=np.float64).reshape(
         spec.input_shape)
-    evaluate.values[model.y.label] = np.asarray(y, dtype=np.float64)
+    evaluate.values[model.y.label] = np.asarray(y, dtype=np.float64).reshape(
+        spec.shapes[-1])
     parameters = {}
     for parameter in model.parameters:
         value = np.asarray(params[parameter.key], dtype=np.float64).reshape(parameter.shape)
@@ -555,9 +591,14 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
         evaluate.values[tensor] = masks[-1][1]
     forward = []
     for node in model.nodes:
+        timed = recurrent_equations(node)
+        if timed:
+            _forward_steps(evaluate, timed, node)
         for eq in node.equations:
-            shape = tuple(evaluate.size(r) for r in eq.ranges) if eq.ranges else (
-                (node.width,) * len(eq.indices))
+            if eq in timed:
+                forward.append((eq.target, evaluate.values[eq.target]))
+                continue
+            shape = _shape(evaluate, eq, node)
             value = evaluate(eq.expr, eq.indices, shape)
             if eq.at is not None:     # a flatten: each value placed at the target's entry
                 placed = np.zeros(node.dims)
@@ -568,12 +609,24 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
             forward.append((eq.target, value))
     loss = float(evaluate(model.cost))
     penalty = float(evaluate(model.penalty)) if model.penalty != 0 else 0.0
-    backward, penalties = [], []
+    backward, penalties, step_terms = [], [], []
+    recurrent = {node.index for node in model.nodes if recurrent_equations(node)}
+    done: dict[int, np.ndarray] = {}          # id(formula) -> value, of the stepped ones
     for formula in derivation.formulas:
+        if id(formula) not in done and formula.node in recurrent and _timed(formula):
+            # the errors of a recurrence through time: step by step, from T down to 1
+            done.update(_backward_steps(evaluate, [f for f in derivation.formulas
+                                                   if f.node == formula.node and _timed(f)]))
         shape = evaluate.values[formula.of].shape
         if shown is not None and formula.kind == "gradient" and formula.of.rank >= 2:
             shape = tuple(shown(n) for n in shape)
-        value = evaluate(formula.rhs, formula.indices, shape)
+        if id(formula) in done:
+            value = done[id(formula)]
+        else:
+            value = evaluate(formula.rhs, formula.indices, shape)
+            terms = _step_terms(evaluate, formula, shape)
+            if terms is not None:
+                step_terms.append((formula, terms))
         backward.append((formula, value))
         evaluate.values[formula.target] = value
         evaluate.values[adjoint_tensor(formula.of)] = value
@@ -583,7 +636,89 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
         x=evaluate.values[model.x.label], y=evaluate.values[model.y.label],
         parameters=parameters, masks=tuple(masks), forward=tuple(forward), loss=loss,
         penalty=penalty, backward=tuple(backward), penalties=tuple(penalties), given=given,
-        values=dict(evaluate.values), indicators=_indicators(derivation, evaluate))
+        values=dict(evaluate.values), indicators=_indicators(derivation, evaluate),
+        step_terms=tuple(step_terms))
+
+
+def _shape(evaluate: Evaluator, eq: Equation, node: Node) -> tuple[int, ...]:
+    return tuple(evaluate.size(r) for r in eq.ranges) if eq.ranges else (
+        (node.width,) * len(eq.indices))
+
+
+def recurrent_equations(node: Node) -> tuple[Equation, ...]:
+    """The equations of a recurrent layer that run step by step (their first index is the
+    time step, and one of them reads what one of them computes: h_{t-1}); () for a layer
+    that is not recurrent."""
+    timed = tuple(eq for eq in node.equations
+                  if eq.indices and index_family(eq.indices[0]) == "time")
+    targets = {eq.target for eq in timed}
+    if any(tensor_of(found) in targets and found.indices[0] != eq.indices[0]
+           for eq in timed for found in eq.expr.atoms(sp.Indexed)):
+        return timed
+    return ()
+
+
+def _forward_steps(evaluate: Evaluator, timed: tuple[Equation, ...], node: Node) -> None:
+    """A recurrent layer's equations, step by step: at each step t = 1..T every equation in
+    order, each entry at step 0 reading 0 (h_0 = 0)."""
+    length = evaluate.size(LENGTH)
+    for eq in timed:
+        evaluate.values[eq.target] = np.full(_shape(evaluate, eq, node), np.nan)
+    for step in range(1, length + 1):
+        for eq in timed:
+            time, *rest = eq.indices
+            shape = _shape(evaluate, eq, node)[1:]
+            value = evaluate(eq.expr.xreplace({time: sp.Integer(step)}), tuple(rest), shape)
+            evaluate.values[eq.target][step - 1] = value
+
+
+def _timed(formula: Formula) -> bool:
+    return bool(formula.indices) and index_family(formula.indices[0]) == "time"
+
+
+def _backward_steps(evaluate: Evaluator, formulas: list[Formula]) -> dict[int, np.ndarray]:
+    """The formulas of a recurrent layer with the step t free, from t = T down to 1: each
+    step's entries read those of the step after (0 past the last step). Within a step the
+    formulas are taken in the derivation's order; one that reads an entry of its step not yet
+    computed waits for it (a NaN in its result), and the others are tried again."""
+    length = evaluate.size(LENGTH)
+    arrays = {}
+    for formula in formulas:
+        array = np.full(evaluate.values[formula.of].shape, np.nan)
+        arrays[id(formula)] = array
+        evaluate.values[formula.target] = array
+        evaluate.values[adjoint_tensor(formula.of)] = array
+    for step in range(length, 0, -1):
+        waiting = list(formulas)
+        while waiting:
+            left = []
+            for formula in waiting:
+                time, *rest = formula.indices
+                shape = evaluate.values[formula.of].shape[1:]
+                value = evaluate(formula.rhs.xreplace({time: sp.Integer(step)}), tuple(rest),
+                                 shape)
+                if np.isnan(value).any():
+                    left.append(formula)
+                else:
+                    arrays[id(formula)][step - 1] = value
+            if len(left) == len(waiting):
+                raise ValueError(f"the errors of step {step} read values no formula computes: "
+                                 f"{', '.join(f.key for f in left)}")
+            waiting = left
+    return arrays
+
+
+def _step_terms(evaluate: Evaluator, formula: Formula, shape: tuple[int, ...]
+                ) -> np.ndarray | None:
+    """The terms, one per step, of a gradient that is a sum over the time steps."""
+    total = formula.rhs
+    if formula.kind != "gradient" or not isinstance(total, sp.Sum) or len(total.limits) != 1:
+        return None
+    (time, low, high), = total.limits
+    if index_family(time) != "time" or (low, high) != (1, LENGTH):
+        return None
+    return evaluate(total.function, (time, *formula.indices),
+                    (evaluate.size(LENGTH), *shape))
 
 
 def _indicators(derivation: Derivation, evaluate: Evaluator

@@ -617,27 +617,41 @@ def backprop_values(instance: Instance, derivation: Derivation,
     out (its check reports why). ``numeric``: ``env`` holds numbers (faster, and piecewise
     conditions are decided)."""
     env = dict(env)
-    # an entry of a recurrence through time reads the same formulas at the step after
-    # (δ_t reads δ_{t+1}): it waits for them, and the entries are tried again until none is
-    # added; what stays left out reads something no formula computes
+    # an entry of a recurrence through time reads the node's formulas at the step after
+    # (δ_t reads δ_{t+1}, ∂C/∂h_t reads δ_{t+1} of the stacked gates): it waits for them
+    # while the formulas of its node are computed, tried again until none is added; what
+    # stays left out, or reads a later node's formula, is not computable in this order
     waiting: list[tuple[Formula, Index, Key]] = []
+
+    def settle() -> None:
+        nonlocal waiting
+        while waiting:
+            left = []
+            for formula, index, key in waiting:
+                try:
+                    env[key] = instance.instantiate(formula, index, env, numeric=numeric)
+                except MissingQuantity:
+                    left.append((formula, index, key))
+            if len(left) == len(waiting):
+                break
+            waiting = left
+        waiting = []
+
+    node = None
     for formula in derivation.formulas:
+        if formula.node != node:
+            settle()
+            node = formula.node
         try:
             entries = instance.keyed_entries(formula)
         except MissingQuantity:
             continue
         for index, key in entries:
-            waiting.append((formula, index, key))
-    while waiting:
-        left = []
-        for formula, index, key in waiting:
             try:
                 env[key] = instance.instantiate(formula, index, env, numeric=numeric)
             except MissingQuantity:
-                left.append((formula, index, key))
-        if len(left) == len(waiting):
-            break
-        waiting = left
+                waiting.append((formula, index, key))
+    settle()
     return env
 
 
