@@ -268,6 +268,10 @@ def _architecture(model: Model) -> str:
         return " -> ".join(map(str, spec.sizes))
     if spec.image is not None:     # the shapes of the feature maps say what the layers do
         return " -> ".join([_shape(spec.input_shape), *(_shape(node.dims) for node in model.nodes)])
+    if spec.sequence:              # steps × features, the last state alone a vector
+        shapes = " -> ".join([_shape(spec.input_shape),
+                              *(_shape(node.dims) for node in model.nodes)])
+        return f"sequences of T = {spec.length} steps, {shapes}"
     return f"a graph of {model.depth} ops, {spec.input} -> {spec.sizes[-1]}"
 
 
@@ -309,6 +313,7 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
         if derivative.in_a is not None and derivative.in_z.has(Z):
             in_a = f"  =  {pretty(derivative.in_a)}   (a = σ(z))"
         out.append(f"  {node.activation.name}: σ'(z) = {pretty(derivative.in_z)}{in_a}")
+    out += _gate_lines(model, seen)
     out.append("derived formulas (index form | vector form | batch form, rows = samples):")
     for formula in derivation.formulas:
         tag = f"({formula.equation})" if formula.equation else "     "
@@ -330,8 +335,41 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
     return out
 
 
+def _gate_lines(model: Model, seen: set[str]) -> list[str]:
+    """The activations of an LSTM's or a GRU's gates (the op fixes them), not listed yet."""
+    from derive.derivation.reverse import activation_derivative
+    from derive.registry.functions import Z
+    from derive.render.pretty import pretty
+
+    out = []
+    for node in model.nodes:
+        gates: dict[str, list[str]] = {}
+        activations = {}
+        for equation in node.equations:
+            if equation.gate and equation.activation is not None:
+                name = equation.activation.name
+                gates.setdefault(name, []).append(equation.target.role)
+                activations[name] = equation.activation
+        for name, roles in gates.items():
+            if name in seen:
+                continue
+            seen.add(name)
+            derivative = activation_derivative(activations[name])
+            in_a = ""
+            if derivative.in_a is not None and derivative.in_z.has(Z):
+                in_a = f"  =  {pretty(derivative.in_a)}   (a = σ(z))"
+            gate = "gates" if len(roles) > 1 else "gate"
+            out.append(f"  {name} ({gate} {', '.join(roles)} of layer {node.index}): "
+                       f"σ'(z) = {pretty(derivative.in_z)}{in_a}")
+    return out
+
+
 def _layer_kind(node: Node) -> str:
     """A layer in the header: its activation (dense), ``conv2d 3×3 relu``, ``max_pool2d 2×2``."""
+    if node.op.reads == "sequence":      # rnn tanh, lstm last, gru
+        parts = [node.op.name, *([node.activation.name] if node.activation else []),
+                 *(f"({value})" for key, value in node.options if key == "return")]
+        return " ".join(parts)
     if node.op.reads != "image":
         return node.activation.name if node.activation else node.op.name
     options = dict(node.options)

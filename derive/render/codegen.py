@@ -22,7 +22,7 @@ import sympy as sp
 
 from derive import __version__
 from derive.derivation.reverse import Derivation, Formula
-from derive.derivation.stepform import SumSteps
+from derive.derivation.stepform import Concat, SumSteps
 from derive.derivation.tensorform import Broadcast, MatVec, Outer, equation_tensor, to_vector
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
@@ -276,13 +276,16 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
                 buffer_of[target] = _FOREIGN
             continue
         dead = _DeadArrays(buffer_of, live_until, index, assign.target)
+        layout = _layout(assign, printer)
+        if layout == "time" and isinstance(assign.target, NetTensor):
+            printer.time_major.add(assign.target)
         name = assign.target if isinstance(assign.target, str) else printer.doprint(
             assign.target)
         if assign.code is not None:
             out.append(Statement(name, assign.code, assign.comment))
             continue
         steps, reused = _in_place(assign.expr, dead)
-        with printer.steps(views(assign.expr)):
+        with printer.steps(views(assign.expr), layout=layout):
             for number, (op, expr) in enumerate(steps):
                 out.append(Statement(name, _signed(printer, op, expr),
                                      assign.comment if number == 0 else "",
@@ -302,6 +305,19 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             live_until[group] = max(live_until.get(group, -1),
                                     last_read.get(assign.target, -1))
     return out
+
+
+def _layout(assign: _Assign, printer: NumPyBatchPrinter) -> str:
+    """The layout a statement over every step computes in: step-major ("time") for what a
+    loop over time reads (``hoisted``) and for a sum over the steps of step-major arrays
+    (a parameter's gradient); else that of the batch, (B, T, n)."""
+    target = assign.target
+    if isinstance(target, NetTensor) and target.role == "hoisted":
+        return "time"
+    sequence = isinstance(target, NetTensor) and target.rank == 2 and not target.is_parameter
+    if not sequence and any(v.whole in printer.time_major for v in views(assign.expr)):
+        return "time"
+    return "batch"
 
 
 def _read(item: _Assign | _LoopCode) -> set[NetTensor]:
@@ -324,12 +340,20 @@ class _LoopCode:
     batch: str
     dtype: str
     before: tuple[sp.Expr, ...] = ()
+    batch_major: frozenset[NetTensor] = frozenset()   # the network's output: (B, T, n)
 
     def statements(self, printer: NumPyBatchPrinter) -> list[Statement]:
-        out = [Statement(batch_name(target), f"np.empty(({self.batch}, "
-                         f"{', '.join(map(str, shape))}), dtype={self.dtype})",
-                         "filled one time step at a time in the loop below" if n == 0 else "")
-               for n, (target, shape) in enumerate(zip(self.targets, self.shapes))]
+        out = []
+        for n, (target, (length, *shape)) in enumerate(zip(self.targets, self.shapes)):
+            steps = target not in self.batch_major
+            if steps:
+                printer.time_major.add(target)
+            size = (f"{length}, {self.batch}" if steps else f"{self.batch}, {length}")
+            out.append(Statement(printer.name(target), f"np.empty(({size}, "
+                                 f"{', '.join(map(str, shape))}), dtype={self.dtype})",
+                                 "filled one time step at a time in the loop below"
+                                 + (", step-major: each step one contiguous block" if steps
+                                    else "") if n == 0 else ""))
         steps = f"range({self.length})" if self.forward else f"range({self.length - 1}, -1, -1)"
         out.append(Statement(f"for t in {steps}:", "", op="",
                              comment="one time step at a time, t from 0 "
@@ -337,8 +361,16 @@ class _LoopCode:
         with printer.steps(None, loop=True):
             for assign in self.body:
                 name = printer.doprint(assign.target.at_step(0))
-                out.append(Statement(name, printer.doprint(assign.expr), assign.comment,
-                                     indent=1))
+                expr = sp.factor_terms(assign.expr)     # ∂h o - ∂h o tanh(c)²: one product
+                if not isinstance(expr, Concat):
+                    out.append(Statement(name, printer.doprint(expr), assign.comment, indent=1))
+                    continue
+                # stacked gates: each block written in place, no concatenated copy
+                *parts, (size,) = expr.args
+                for number, part in enumerate(parts):
+                    out.append(Statement(f"{name}[..., {number * size}:{(number + 1) * size}]",
+                                         printer.doprint(part),
+                                         assign.comment if number == 0 else "", indent=1))
         return out
 
 
@@ -517,7 +549,8 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool) -> list:
         length = model.spec.length
         out.append(_LoopCode(targets, tuple((length, _feature_width(model, t)) for t in targets),
                              tuple(body), item.forward, length,
-                             "X.shape[0]" if forward else "B", "X.dtype" if forward else "Y.dtype"))
+                             "X.shape[0]" if forward else "B", "X.dtype" if forward else "Y.dtype",
+                             batch_major=frozenset({model.output.output})))
     return out
 
 
@@ -635,25 +668,25 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     backward_reads = _reads(backward_exprs, quantities)
     loss_reads = _reads([loss_expr], quantities)
     needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
-    cache = [batch_name(t) for t in needed]
     forward = _statements(_timed(forward_assigns, model, True), {*needed, model.output.output},
                           printer)
+    cache = [printer.name(t) for t in needed]
     backward = _statements(_timed(_shared_calls(backward_assigns, printer), model, False), set(),
                            printer)
     why = []
     for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))
                    if tensor in reads]
-        why.append(f"{batch_name(tensor)} ({' and '.join(readers)})")
+        why.append(f"{printer.name(tensor)} ({' and '.join(readers)})")
     keys = [p.key for p in model.parameters]
     params_read = sorted({t for e in backward_exprs for t in e.atoms(NetTensor)
                           if t.is_parameter}, key=lambda t: keys.index(batch_name(t)))
     backward_unpack = [f'{batch_name(t)} = params["{batch_name(t)}"]' for t in params_read]
-    read_names = [batch_name(t) for t in needed if t in backward_reads]
+    read_names = [printer.name(t) for t in needed if t in backward_reads]
     if read_names:
         backward_unpack.append(", ".join(read_names) + " = "
                                + ", ".join(f'cache["{name}"]' for name in read_names))
-    loss_names = [batch_name(t) for t in needed if t in loss_reads]
+    loss_names = [printer.name(t) for t in needed if t in loss_reads]
     loss_unpack = (", ".join(loss_names) + " = "
                    + ", ".join(f'cache["{name}"]' for name in loss_names))
     loss_comments = [f"C = {pretty(model.cost)} per sample"]

@@ -399,6 +399,9 @@ class _Context:
         self.t = TEXT[self.lang]
         self.chain = self.model.is_chain
         self.sizes = {symbol: sp.Integer(n) for symbol, n in self.model.widths.items()}
+        # the widths a formula shows filled in; the length T stays a letter, as the steps
+        # t = 1..T and the brackets [t ≤ T - 1] read it
+        self.filled = {symbol: n for symbol, n in self.sizes.items() if symbol != LENGTH}
         self.penalized = self.model.penalty != 0
         self.batch_cost = "J" if self.penalized else r"\bar{C}"
         self.images = self.spec.image is not None      # a convolutional network
@@ -1110,7 +1113,8 @@ class _Context:
             {"text": self.text("vanishing_gate_jacobian"),
              "math": [rf"J_{{t}} = {diagonal} \quad (t \le T-1), \qquad {product}"]},
             {"text": self.text("vanishing_gate_words", gate=self.gate_name(carry),
-                               wh=f"${weight}$"), "math": []},
+                               wh=f"${weight}$", carousel=self.t["carousel"]
+                               if formula.of.role == "c" else ""), "math": []},
         ]
 
     def heading(self, formula: Formula) -> str:
@@ -1131,9 +1135,9 @@ class _Context:
     def index_expr(self, formula: Formula) -> sp.Expr:
         """The index form with the sizes filled in, or the generic one when shorter and the
         concrete one is too long."""
-        concrete = formula.rhs.xreplace(self.sizes)
+        concrete = formula.rhs.xreplace(self.filled)
         if visual_length(latex(concrete)) > LINE_BUDGET:
-            generic = formula.generic.xreplace(self.sizes)
+            generic = formula.generic.xreplace(self.filled)
             if visual_length(latex(generic)) < visual_length(latex(concrete)):
                 return generic
         return concrete

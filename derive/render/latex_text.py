@@ -500,8 +500,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "vanishing_gate_words": (
             "No recurrent weight matrix and no derivative of an activation stands between the "
             "steps on this path. Where the {gate} stays close to 1, the error passes back over "
-            "many steps almost unchanged (the constant error carousel of Hochreiter and "
-            "Schmidhuber, 1997); where it is close to 0, the network has chosen to forget. The "
+            "many steps almost unchanged{carousel}; where it is close to 0, the network has "
+            "chosen to forget. The "
             "gate is computed from the input and the state, so the network learns when to keep "
             "the path open. The other paths back, through the state and the recurrent weights "
             "{wh}, multiply by {wh} and the derivatives of the gates, as in a simple recurrent "
@@ -515,6 +515,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "designed against: their state carries the error back through a gate rather than "
             "through the recurrent weights and $\\sigma'$."
         ),
+        "carousel": " (the constant error carousel of Hochreiter and Schmidhuber, 1997)",
         "see_eq": " (eq. {eq})",
         "see_summary": " (in the summary below)",
         "activation_of_gates": "Activation {name}, used in the {gates} of layer {l}:",
@@ -904,8 +905,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "vanishing_gate_words": (
             "在这条路径上，相邻时间步之间既没有循环权重矩阵，也没有激活函数的导数。{gate}接近 1 "
-            "的地方，误差几乎不变地传回许多步（Hochreiter 与 Schmidhuber 1997 年提出的“常数误差"
-            "传送带”）；接近 0 的地方，是网络选择了遗忘。门由输入和状态计算，因此网络能学会何时"
+            "的地方，误差几乎不变地传回许多步{carousel}；接近 0 的地方，是网络选择了遗忘。门由输入和状态计算，因此网络能学会何时"
             "让这条路径保持畅通。其他反向路径经过状态和循环权重 {wh}，要乘上 {wh} 和各门的导数，"
             "与简单循环层一样，也会消失或爆炸。"
         ),
@@ -914,6 +914,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "先把梯度缩放到该范数再更新参数（梯度裁剪）。门控层 LSTM 与 GRU 正是为对付梯度消失而"
             "设计的：它们的状态经由门、而不是经由循环权重和 $\\sigma'$ 传回误差。"
         ),
+        "carousel": "（Hochreiter 与 Schmidhuber 1997 年提出的“常数误差传送带”）",
         "see_eq": "（式 {eq}）",
         "see_summary": "（见下文小结）",
         "activation_of_gates": "激活函数 {name}，用于第 {l} 层的{gates}：",

@@ -424,12 +424,24 @@ class NumPyBatchPrinter(NumPyPrinter):
         # (step t of a loop: Q[:, t + c]) or (first, stop): the steps a row-summed statement
         # reads, when its views are at several steps (δ_t h_{t-1}: steps 1.. and ..T-1)
         self._time: str | tuple[int, int] | None = None
+        # sequences that a loop over time fills are stored step-major, (T, B, n), so that each
+        # step is one contiguous block (named Q_steps); a statement over every step is printed
+        # in one layout, "batch" (B, T, n) or "time" (T, B, n), the others' arrays swapped
+        self.time_major: set[NetTensor] = set()
+        self._layout = "batch"
+
+    def name(self, tensor: NetTensor) -> str:
+        """The variable that holds ``tensor``: its batch name; Q_steps when step-major."""
+        name = batch_name(tensor)
+        return f"{name}_steps" if tensor.whole in self.time_major else name
 
     @contextmanager
-    def steps(self, found: set[NetTensor] | None, loop: bool = False) -> Iterator[None]:
+    def steps(self, found: set[NetTensor] | None, loop: bool = False,
+              layout: str = "batch") -> Iterator[None]:
         """Print step views as in a loop over t, or, for a statement over every step that
-        reads the views ``found``, as the slices of the steps where all of them exist."""
-        previous = self._time
+        reads the views ``found``, as the slices of the steps where all of them exist, in
+        ``layout``."""
+        previous = self._time, self._layout
         shifts = {v.step for v in found or () if isinstance(v.step, int)}
         if loop:
             self._time = "loop"
@@ -437,10 +449,11 @@ class NumPyBatchPrinter(NumPyPrinter):
             self._time = (max(0, -min(shifts)), self.length - max(0, max(shifts)))
         else:
             self._time = None
+        self._layout = layout
         try:
             yield
         finally:
-            self._time = previous
+            self._time, self._layout = previous
 
     def _sequence(self, expr: sp.Expr) -> bool:
         """Whether ``expr`` is over every step of a sequence (a (B, T, ...) array)."""
@@ -470,19 +483,23 @@ class NumPyBatchPrinter(NumPyPrinter):
     # --- the network's quantities ----------------------------------------------------------
 
     def _print_NetTensor(self, expr: NetTensor) -> str:
-        name = batch_name(expr)
+        name = self.name(expr)
         if expr.step is None:
             return name
+        steps = expr.whole in self.time_major
+        lead = "" if steps else ":, "
         if expr.step == "T":
-            return f"{name}[:, -1]"
+            return f"{name}[{lead}-1]"
         if self._time == "loop":
-            return f"{name}[:, t]" if expr.step == 0 else f"{name}[:, t {'+-'[expr.step < 0]} " \
-                                                           f"{abs(expr.step)}]"
+            at = "t" if expr.step == 0 else f"t {'+-'[expr.step < 0]} {abs(expr.step)}"
+            return f"{name}[{lead}{at}]"
         if isinstance(self._time, tuple):
             first, stop = (n + expr.step for n in self._time)
-            return f"{name}[:, {first or ''}:{'' if stop == self.length else stop}]"
-        if expr.step != 0:
+            name = f"{name}[{lead}{first or ''}:{'' if stop == self.length else stop}]"
+        elif expr.step != 0:
             raise ValueError(f"{name} at step t{expr.step:+d} outside a loop over time")
+        if steps != (self._layout == "time"):
+            return f"{name}.swapaxes(0, 1)"
         return name
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:

@@ -42,7 +42,7 @@ from derive.derivation.tensorform import (
     SumAxes,
     Total,
 )
-from derive.quantities import NetTensor
+from derive.quantities import LENGTH, NetTensor
 from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.imagenotation import (
     Geometry,
@@ -63,7 +63,11 @@ _GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "
           "var": "(σ²)", "xhat": "x̂", "mask": "m",
           # a recurrent layer's weights, biases and stacked pre-activations: wₓ, wₕ, ...
           "wx": "wₓ", "wh": "wₕ", "bx": "bₓ", "bh": "bₕ", "zx": "zₓ", "zh": "zₕ"}
-_BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M"}
+_BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M",
+          # a recurrent layer's matrices, states and gates, one row per sample (the names of
+          # the generated code: Wx1, H1, C1, ...)
+          "wx": "Wₓ", "wh": "Wₕ", "zx": "Zₓ", "zh": "Zₕ", "h": "H", "c": "C", "i": "I",
+          "f": "F", "g": "G", "o": "O", "r": "R", "u": "U"}
 
 
 def _step(tensor: NetTensor) -> str:
@@ -117,7 +121,12 @@ class UnicodePrinter(StrPrinter):
     # --- sequences (docs/architecture.md, "Sequences") ----------------------------------
 
     def _print_SumSteps(self, expr: SumSteps) -> str:
-        return f"Σₜ {self.parenthesize(expr.args[0], PRECEDENCE['Mul'])}"
+        (body,) = expr.args
+        if self._settings["batch"] and isinstance(body, Outer):
+            # the batch mean of the sum over the steps: (1/B) Σₜ (Uₜ)ᵀ Vₜ
+            u, v = (self._print(arg) for arg in body.args)
+            return f"(1/B) Σₜ ({u})ᵀ {v}"
+        return f"Σₜ {self.parenthesize(body, PRECEDENCE['Mul'])}"
 
     def _print_StepGuard(self, expr: StepGuard) -> str:
         return f"[{step_condition(expr, self._print, '≤ ')}]"
@@ -270,6 +279,9 @@ class UnicodePrinter(StrPrinter):
         return _decimal(expr) or super()._print_Rational(expr)
 
     def _print_KroneckerDelta(self, expr: sp.KroneckerDelta) -> str:
+        if LENGTH in expr.args:        # the last step: [t = T], not δ_Tt (an error's letter)
+            other = next(arg for arg in expr.args if arg != LENGTH)
+            return f"[{self._print(other)} = T]"
         return "δ" + sub("".join(map(str, expr.args)))
 
     def _print_Total(self, expr: Total) -> str:
@@ -319,6 +331,16 @@ class UnicodePrinter(StrPrinter):
         return f"({self._print(u)})ᵀ {self._print(v)}"
 
     def _print_Mul(self, expr: sp.Mul) -> str:
+        guards = [f for f in expr.args if isinstance(f, StepGuard)]
+        if guards and len(guards) < len(expr.args):
+            # [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁: the bracket says at which steps the rest is there
+            rest = sp.Mul(*(f for f in expr.args if not isinstance(f, StepGuard)))
+            text = self._print(rest)
+            if isinstance(rest, sp.Add):
+                text = f"({text})"
+            if rest.could_extract_minus_sign() and not isinstance(rest, sp.Add):
+                return "-" + self._print(-expr)
+            return " ".join(self._print(g) for g in guards) + " " + text
         coefficient, rest = expr.as_coeff_Mul()
         if _decimal(coefficient) and rest != 1:
             return f"{_decimal(coefficient)}·{self.parenthesize(rest, PRECEDENCE['Mul'])}"
