@@ -1961,6 +1961,10 @@ def check_formula(spec: NetworkSpec | str | Mapping, formula: str, *, points: in
     text that does not parse) when the formula cannot be checked; returns a verdict otherwise.
     """
     spec = load_spec(spec)
+    if spec.sequence:
+        raise DeriveError(f"{spec.name}: derive check reads formulas of vector and image "
+                          "networks; a sequence network's (time steps t) are not supported "
+                          "yet: derive show and derive verify cover it")
     parsed = parse_formula(formula, own_names(spec))
     if points < 1:
         raise DeriveError("points must be at least 1")

@@ -53,7 +53,8 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--data", default=None, metavar="DATA",
                        help=f"{' | '.join(BUILTIN_DATA)} | PATH.npz | PATH.csv (default: "
                             "digits for a 64-input, 10-class spec, xor for a 2-input, "
-                            "1-output spec)")
+                            "1-output spec, demo (the module's demo data) for a sequence "
+                            "spec)")
     train.add_argument("--epochs", type=int, help="epochs (default: the module's DEMO_EPOCHS)")
     train.add_argument("--lr", type=float,
                        help="learning rate (default: DEMO_LR for sgd, DEMO_LR/10 for momentum, "
@@ -62,6 +63,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                        help="mini-batch rows (default: DEMO_BATCH_SIZE; none = full batch)")
     train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="the update rule of the module's train() (default sgd)")
+    train.add_argument("--clip", type=float, metavar="NORM",
+                       help="cap the norm of all gradients together at each step (against "
+                            "exploding gradients through time; default: the module's "
+                            "DEMO_CLIP for a sequence spec, none otherwise)")
     train.add_argument("--val-fraction", type=float, metavar="F",
                        help=f"validation rows (default {DEFAULT_FRACTION}; 0 for xor)")
     train.add_argument("--test-fraction", type=float, metavar="F",
@@ -104,7 +109,7 @@ def _cmd_train(args: argparse.Namespace, echo: Echo) -> int:
     task = Task.of(module, spec.name)
 
     data_name = args.data or _default_data(task)
-    data = load_data(data_name, task)
+    data = load_data(data_name, task, module)
     whole_table = data_name == "xor"
     fraction = 0.0 if whole_table else DEFAULT_FRACTION
     split = split_rows(len(data),
@@ -115,7 +120,8 @@ def _cmd_train(args: argparse.Namespace, echo: Echo) -> int:
         epochs=args.epochs or module.DEMO_EPOCHS,
         lr=args.lr or default_lr(module, args.optimizer),
         batch_size=args.batch_size or module.DEMO_BATCH_SIZE,
-        optimizer=args.optimizer, patience=args.early_stopping, seed=args.seed)
+        optimizer=args.optimizer, patience=args.early_stopping, seed=args.seed,
+        clip=args.clip if args.clip is not None else getattr(module, "DEMO_CLIP", None))
 
     check_settings(module, split, settings)
     batch = "full batch" if settings.batch_size is None else f"batch {settings.batch_size}"
@@ -154,6 +160,8 @@ def _default_data(task: Task) -> str:
         return "digits"
     if task.n_in == 2 and task.n_out == 1 and task.kind != "classes":
         return "xor"
+    if len(task.input_shape) == 2:       # a sequence: the generated module's demo data
+        return "demo"
     raise DeriveError(f"no built-in data fits ({task.describe()}); expected --data PATH.npz or "
                       "PATH.csv", field="--data")
 

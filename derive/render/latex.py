@@ -48,6 +48,7 @@ from derive.derivation.reverse import (
     R,
     Step,
     activation_derivative,
+    adjoint_tensor,
 )
 from derive.derivation.tensorform import ONE, equation_tensor, to_vector
 from derive.errors import DeriveError
@@ -168,12 +169,14 @@ def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.Derivative) and e.expr == C, adjoint)
 
 
-def _expand_sums(expr: sp.Expr) -> sp.Expr:
+def _expand_sums(expr: sp.Expr, flat: bool = False) -> sp.Expr:
     """Every sum with numeric limits written out term by term, unevaluated: the terms stay
     as the sum gives them (no term combined with another, no Kronecker delta applied twice).
+    With ``flat``, the terms of a sum written out join the terms around it (a + b + c rather
+    than (a + b) + c).
     """
     if isinstance(expr, sp.Sum):
-        body = _expand_sums(expr.function)
+        body = _expand_sums(expr.function, flat)
         # one sum of every term, Σ_k Σ_p Σ_q as well (a convolution): k, then p, then q
         ranges = [[(index, sp.Integer(n)) for n in range(int(low), int(high) + 1)]
                   for index, low, high in expr.limits]
@@ -181,7 +184,11 @@ def _expand_sums(expr: sp.Expr) -> sp.Expr:
                       evaluate=False)
     if not expr.args or not expr.has(sp.Sum):
         return expr
-    args = [_expand_sums(arg) for arg in expr.args]
+    args = [_expand_sums(arg, flat) for arg in expr.args]
+    if isinstance(expr, sp.Add) and flat:
+        terms = [term for arg in args for term in (arg.args if isinstance(arg, sp.Add)
+                                                   else (arg,))]
+        return sp.Add(*terms, evaluate=False)
     if isinstance(expr, (sp.Add, sp.Mul, sp.Pow)):
         return expr.func(*args, evaluate=False)
     return expr.func(*args)
@@ -190,7 +197,7 @@ def _expand_sums(expr: sp.Expr) -> sp.Expr:
 def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
              index: dict, result: float, max_terms: int = 8,
              inside: Callable[[sp.Indexed], bool] | None = None,
-             budget: int = LINE_BUDGET) -> str | None:
+             budget: int = LINE_BUDGET, flat: bool = False) -> str | None:
     """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
     (lines of an ``align``); None when it would be too long to be worth spelling out."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
@@ -201,7 +208,7 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
            for s in concrete.atoms(sp.Sum) for _index, low, high in s.limits
            if low.is_Integer and high.is_Integer):
         return None
-    concrete = _expand_sums(concrete)
+    concrete = _expand_sums(concrete, flat)
     if inside is not None and any(not inside(e) for e in concrete.atoms(sp.Indexed)):
         # an entry in a feature map's padding is 0: its term drops out
         concrete = concrete.xreplace({e: sp.Integer(0) for e in concrete.atoms(sp.Indexed)
@@ -1318,6 +1325,7 @@ class _Context:
             "backward_maps": maps.get("backward", []),
             "forward_steps": [], "backward_steps": [], "sums": [],
             "backward_text": self.t["example_backward_text"],
+            "backward_after": [],
         }
 
     def parameter_lines(self, ex: WorkedExample) -> list[str]:
@@ -1383,10 +1391,16 @@ class _Context:
                                       table_steps)
         recurrent = {node.index for node in model.nodes if state_tensors(node)}
         group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)]
+        # the formulas spelled out: those of the recurrence (and any other at a step t) in
+        # the block of each step, backwards in time; the others before or after them, in
+        # the derivation's order
+        spelled = [f for f in self.spelled_formulas() if f not in group]
+        stepped = group + [f for f in spelled if _is_timed(f)]
+        stepped.sort(key=self.derivation.formulas.index)
         backward_steps = []
         for step in (range(length, 0, -1) if length <= 4 else (length, length - 1)):
             lines = []
-            for formula in group:
+            for formula in stepped:
                 at = {**first, **{index: sp.Integer(1) for index in formula.indices},
                       formula.indices[0]: sp.Integer(step)}
                 lines += self.spelled(formula.rhs, formula.lhs, ex, at,
@@ -1394,16 +1408,17 @@ class _Context:
             if lines:
                 backward_steps.append({"title": self.text("example_step", t=step),
                                        "lines": lines})
-        backward_spelled = []
-        for formula in self.spelled_formulas():
-            if formula in group:
+        # before the steps what the recurrence reads (the error of the layer above its last
+        # state); after them the rest (the gradients)
+        read = {tensor_of(e) for f in group for e in _hide_derivatives(f.rhs).atoms(sp.Indexed)}
+        backward_spelled, backward_after = [], []
+        for formula in spelled:
+            if _is_timed(formula):
                 continue
             at = {**first, **{index: sp.Integer(1) for index in formula.indices}}
-            if _is_timed(formula):
-                at[formula.indices[0]] = sp.Integer(length)
-            value = ex.of(formula)
-            result = (value[length - 1] if _is_timed(formula) else value).flat[0]
-            backward_spelled += self.spelled(formula.rhs, formula.lhs, ex, at, result)
+            before = formula.target in read or adjoint_tensor(formula.of) in read
+            (backward_spelled if before else backward_after).extend(
+                self.spelled(formula.rhs, formula.lhs, ex, at, ex.of(formula).flat[0]))
         backward_rows = self.step_rows(
             [(step_target(f).whole if _is_timed(f) else f.target, value)
              for f, value in ex.backward if f.kind != "gradient" or value.ndim <= 1],
@@ -1441,7 +1456,9 @@ class _Context:
             "backward_steps": backward_steps,
             "backward_steps_text": self.text("example_backward_steps"),
             "backward_spelled": backward_spelled,
-            "backward_text": self.text("example_gradient_entries"),
+            "backward_text": self.t["example_backward_text"],
+            "backward_after": backward_after,
+            "backward_after_text": self.text("example_gradient_entries"),
             "backward": self.value_table(backward_rows),
             "indicators": [], "backward_maps": [],
             "sums": sums,
@@ -1455,7 +1472,7 @@ class _Context:
         # a line of its own for each: longer sums than in a table of layers (a step of a
         # recurrence reads the input, the state before and the bias)
         text = _spelled(expr, lhs, ex.lookup, self.sizes, at, result, inside=ex.inside,
-                        max_terms=SPELLED_TERMS, budget=SPELLED_BUDGET)
+                        max_terms=SPELLED_TERMS, budget=SPELLED_BUDGET, flat=True)
         return [] if text is None else [text]
 
     def sequence_value(self, tensor: NetTensor, value: np.ndarray, symbol: str) -> str:

@@ -543,8 +543,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "step:"
         ),
         "example_gradient_entries": (
-            "The gradient of a parameter shared by the steps sums over them; for example, for "
-            "its first entry:"
+            "After the recurrence, the gradients (that of a parameter shared by the steps sums "
+            "over them); for example, for the first entry of each:"
         ),
     },
     "zh": {
@@ -930,7 +930,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "消去；其余各步都要用到刚算出的下一步的误差。例如，各层第一个单元："
         ),
         "example_sums": "每个共享参数的梯度是各时间步各一项之和：",
-        "example_gradient_entries": "各时间步共享的参数的梯度对各步求和；例如，它的第一个分量：",
+        "example_gradient_entries": "循环之后是各梯度（各时间步共享的参数的梯度对各步求和）；例如，每个梯度的第一个分量：",
     },
 }
 

@@ -20,7 +20,7 @@ import numpy as np
 from derive.errors import DeriveError
 
 #: Built-in data sets, for ``--help`` and error messages.
-BUILTIN_DATA = ("digits", "xor")
+BUILTIN_DATA = ("digits", "xor", "demo")
 #: Fewest rows a data set may have (the XOR table has four).
 MIN_ROWS = 4
 
@@ -66,6 +66,9 @@ class Task:
 
     def describe(self) -> str:
         kind = {"classes": "softmax ", "binary": "sigmoid ", "regression": ""}[self.kind]
+        if len(self.input_shape) > 1 or len(self.output_shape) > 1:   # a sequence, an image
+            return (f"spec {self.name!r} has an input of shape {list(self.input_shape)} and "
+                    f"{kind}outputs of shape {list(self.output_shape)}")
         outputs = plural(self.n_out, f"{kind}output")
         return f"spec {self.name!r} has an input of {self.n_in} and {outputs}"
 
@@ -82,9 +85,14 @@ class Dataset:
         return len(self.X)
 
 
-def load_data(source: str, task: Task) -> Dataset:
-    """Load ``source`` (``digits``, ``xor``, ``PATH.npz`` or ``PATH.csv``) for ``task``."""
-    if source == "digits":
+def load_data(source: str, task: Task, module: ModuleType | None = None) -> Dataset:
+    """Load ``source`` (``digits``, ``xor``, ``demo``: the generated ``module``'s own demo
+    data, ``PATH.npz`` or ``PATH.csv``) for ``task``."""
+    if source == "demo":
+        if module is None or not hasattr(module, "demo_data"):
+            raise DeriveError("the demo data comes from a generated module", field="--data demo")
+        X, Y = module.demo_data()
+    elif source == "digits":
         X, Y = _digits(task)
     elif source == "xor":
         X, Y = _xor(task)

@@ -63,6 +63,7 @@ class Settings:
     optimizer: str = "sgd"
     patience: int | None = None
     seed: int = 0
+    clip: float | None = None       # the gradient norm's cap (train's clip=)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,9 @@ def check_settings(module: ModuleType, split: Split, settings: Settings) -> dict
     if optimizer not in OPTIMIZERS:
         raise DeriveError(f"unknown optimizer {optimizer!r}; expected one of "
                           f"{', '.join(OPTIMIZERS)}", field="--optimizer")
-    return {"optimizer": optimizer}
+    if settings.clip is not None and not (settings.clip > 0 and np.isfinite(settings.clip)):
+        raise DeriveError(f"must be a number > 0, got {settings.clip!r}", field="--clip")
+    return {"optimizer": optimizer, **({"clip": settings.clip} if settings.clip else {})}
 
 
 def _copy(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
