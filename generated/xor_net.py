@@ -201,11 +201,15 @@ def _optimizer_state(optimizer, params):
     return None
 
 
-def _check_options(optimizer, schedule):
-    """ValueError unless `optimizer` is one of OPTIMIZERS and `schedule` None or a tuple
-    (name, arguments...) of SCHEDULES with a positive first argument."""
+def _check_options(optimizer, schedule, clip=None):
+    """ValueError unless `optimizer` is one of OPTIMIZERS, `clip` None or a number > 0 and
+    `schedule` None or a tuple (name, arguments...) of SCHEDULES with a positive first
+    argument."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+                                 and clip > 0 and np.isfinite(clip)):
+        raise ValueError(f"clip must be None or a number > 0, got {clip!r}")
     if schedule is None:
         return
     name = schedule[0] if isinstance(schedule, (tuple, list)) and schedule else None
@@ -216,8 +220,19 @@ def _check_options(optimizer, schedule):
                          "the first argument > 0")
 
 
+def clip_gradients(grads, max_norm):
+    """Scale every gradient, in place, by max_norm / (norm + 1e-6) when the norm of all of
+    them together exceeds max_norm, as torch.nn.utils.clip_grad_norm_ does; the norm before."""
+    norm = float(np.sqrt(sum(float(np.vdot(grad, grad)) for grad in grads.values())))
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for grad in grads.values():
+            grad *= scale
+    return norm
+
+
 def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", schedule=None,
-          callback=None):
+          callback=None, clip=None):
     """Train for `epochs` passes over (X, Y), in place; the mean loss of each epoch.
 
     With batch_size, each epoch visits the samples in a fresh random order (from `seed`) in
@@ -225,9 +240,10 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
     "momentum" (MOMENTUM) or "adam" (ADAM_BETAS, ADAM_EPS), with PyTorch's update rules and
     fresh state for each call; `schedule` (see _learning_rate) sets the rate of each epoch.
     `callback(epoch, loss, params)`, if given, runs after each epoch (from 1); when it returns
-    true, training stops there.
+    true, training stops there. `clip`, if given, caps the norm of all gradients together at
+    each step (clip_gradients): exploding gradients through time or depth cannot blow a step up.
     """
-    _check_options(optimizer, schedule)
+    _check_options(optimizer, schedule, clip)
     dtype = next(iter(params.values())).dtype
     X = np.asarray(X, dtype=dtype)
     Y = np.asarray(Y, dtype=dtype)
@@ -245,6 +261,8 @@ def train(params, X, Y, epochs, lr, batch_size=None, seed=0, optimizer="sgd", sc
         for start in range(0, count, size):
             rows = order[start:start + size]
             value, grads = gradients(params, X[rows], Y[rows])
+            if clip is not None:
+                clip_gradients(grads, clip)
             if optimizer == "sgd":
                 sgd_step(params, grads, rate)
             elif optimizer == "momentum":

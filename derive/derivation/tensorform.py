@@ -266,7 +266,9 @@ def _adjoint_entries(expr: sp.Expr) -> sp.Expr:
         indices = tuple(variable.indices) if isinstance(variable, sp.Indexed) else ()
         return entry(quantity.adjoint(), indices)
 
-    return expr.replace(lambda e: isinstance(e, sp.Derivative), adjoint_entry)
+    # ∂C/∂q only: σ'(z) of a generic form (the derivative of a function) stays as it is
+    return expr.replace(lambda e: isinstance(e, sp.Derivative) and e.expr.is_Symbol,
+                        adjoint_entry)
 
 
 def _flattened(expr: sp.Sum) -> sp.Sum:

@@ -32,7 +32,7 @@ from derive.render.pretty import pretty
 from derive.render.probe import first_overflow
 from derive.render.stability import LogSumExp, Softmax, stabilize
 from derive.render.templates import render
-from derive.render.timeloops import Loop, guarded, hoisted, loops, views
+from derive.render.timeloops import Guarded, Loop, guarded, hoisted, loops, views
 from derive.spec.load import NetworkSpec
 
 Echo = Callable[[str], None]
@@ -361,7 +361,7 @@ class _LoopCode:
         with printer.steps(None, loop=True):
             for assign in self.body:
                 name = printer.doprint(assign.target.at_step(0))
-                expr = sp.factor_terms(assign.expr)     # ∂h o - ∂h o tanh(c)²: one product
+                expr = _factored(assign.expr)     # ∂h o - ∂h o tanh(c)²: ∂h o (1 - tanh(c)²)
                 if not isinstance(expr, Concat):
                     out.append(Statement(name, printer.doprint(expr), assign.comment, indent=1))
                     continue
@@ -503,6 +503,15 @@ def _reads(exprs: list[sp.Expr], quantities: dict[NetTensor, int]) -> set[NetTen
     return {t.whole for expr in exprs for t in expr.atoms(NetTensor) if t.whole in quantities}
 
 
+def _factored(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the factors common to its unguarded terms taken out once."""
+    if not isinstance(expr, sp.Add):
+        return sp.factor_terms(expr)
+    guarded_terms = [term for term in expr.args if term.has(Guarded)]
+    plain = sp.Add(*(term for term in expr.args if not term.has(Guarded)))
+    return sp.factor_terms(plain) + sp.Add(*guarded_terms)
+
+
 def _batch_mean(expr: sp.Expr) -> sp.Expr:
     """``expr`` with the terms that read no adjoint (the loss gradient's) divided by B."""
     def adjoint(e: sp.Expr) -> bool:
@@ -602,7 +611,10 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
               for node in model.nodes if node.parameters]
     dropout = [{"mask": batch_name(NetTensor("mask", node.index, rank=len(node.dims))),
                 "size": ", ".join(map(str, node.dims)),
-                "keep": repr(1.0 - float(dict(node.options)["rate"]))}
+                "keep": repr(1.0 - float(dict(node.options)["rate"])),
+                # dropout off: 1; on a sequence an array of ones, whose axes a loop's
+                # step-major statements can swap
+                "off": "1.0" if len(node.dims) != 2 else "np.ones((1, 1, 1), dtype=X.dtype)"}
                for node in model.nodes if node.op.name == "dropout"]
 
     # backward pass: every formula after the loss gradient, in the derivation's order

@@ -12,6 +12,17 @@ BP1 (output layer), BP2 (a hidden layer) and BP3/BP4 (biases and weights); for a
 there is one subsection per layer, from the output back, with the derivation of its error, the
 adjoints of its intermediate quantities and the gradients of its parameters.
 
+A sequence network (docs/architecture.md, "Sequences") is drawn unrolled in time (TikZ; lines of
+text in Markdown), and its backward section is backpropagation through time at a generic step t,
+as the derivation recorded it, with the words on the brackets [1 ≤ t+1 ≤ T] and [t = T] and on
+the sums over t of shared parameters. A formula of a recurrence that reads its own quantity at
+the step after (δ_t of a simple recurrent layer, an LSTM's cell error, a GRU's state error) is
+linear in it; its coefficient, read off by differentiating (``carry_of``), is the Jacobian J_t of
+one step back: diag(σ'(z_t)) W_hᵀ or diag(gate_{t+1}). The section on vanishing and exploding
+gradients prints these and what their products are bounded by; the worked example runs forward
+t = 1..T and backward t = T..1 (:mod:`derive.render.worked_example`) and writes each gradient of a
+shared parameter as its sum over the steps.
+
 Python builds a render context of already-printed strings (:mod:`derive.render.latex_printer` prints
 every formula, :mod:`derive.render.latex_text` holds the words in English and Chinese); the jinja
 templates ``codegen_templates/derivation.tex.j2``, ``equations.tex.j2`` and
@@ -31,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -802,7 +814,7 @@ class _Context:
                                                              and "c" in roles):
                 rows.append((r",\ ".join(latex(NetTensor(role, "l", rank=2).indexed[t, j])
                                          for role in gates), self.t[key]))
-        rows.append((latex(NetTensor("y", None, rank=2).indexed[t, j]), self.text("n_y")))
+        rows.append((latex(NetTensor("y", None, rank=2).indexed[t, j]), self.text("n_seq_y")))
         rows.append((latex(sp.Symbol("n_l")), self.text("n_n")))
         if any(node.activation is not None for node in self.model.nodes):
             sigma = sp.Function("sigma_l")
@@ -812,7 +824,7 @@ class _Context:
         if self.penalized:
             rows.append((latex(R), self.t["n_R"]))
         rows.append((latex(NetTensor("delta", "l", rank=2).indexed[t, j]), self.text(
-            "n_delta_graph", z=self.inline(sp.Derivative(C, seq["z"][t, j], evaluate=False)),
+            "n_seq_delta", z=self.inline(sp.Derivative(C, seq["z"][t, j], evaluate=False)),
             a=self.inline(sp.Derivative(C, seq["a"][t, j], evaluate=False)))))
         rows.append((r"\left[t \le T-1\right],\ \left[t = T\right]",
                      self.text("n_step_bracket")))
@@ -932,7 +944,7 @@ class _Context:
     def block(self, steps: Sequence[Step], formula: Formula | None = None,
               heading: str = "") -> dict[str, Any]:
         # after the derivation of a recurrence: the recursion in tensor form, in words
-        after = [item for carry in self.carries() if carry.formula is formula
+        after = [item for carry in self.carries if carry.formula is formula
                  for item in self.carry_items(carry)]
         return {"heading": heading, "steps": [self.step(s) for s in steps],
                 "assumptions": self.assumptions(formula) if formula is not None else [],
@@ -1004,6 +1016,7 @@ class _Context:
                                      for f in formulas], "after": []})
         delta = self.inline(NetTensor("delta", "l").indexed[j])
         if self.sequence:
+            delta = self.inline(NetTensor("delta", "l", rank=2).indexed[INDEX_POOL[8], j])
             return [{"title": self.t["sec_bptt"], "parts": parts,
                      "text": self.text("bptt_text", delta=delta)}]
         text = self.text("backward_text", delta=delta)
@@ -1011,14 +1024,13 @@ class _Context:
 
     # -- sequences: what the error carries from step to step --
 
+    @cached_property
     def carries(self) -> list[_Carry]:
         """The formulas of the recurrences that read their own quantity at the step after."""
         if not self.sequence:
             return []
-        if not hasattr(self, "_carries"):
-            self._carries = [carry for formula in self.derivation.formulas
-                             if (carry := carry_of(formula, self.widths)) is not None]
-        return self._carries
+        return [carry for formula in self.derivation.formulas
+                if (carry := carry_of(formula, self.widths)) is not None]
 
     def ref(self, formula: Formula) -> str:
         """A reference to a formula's equation in the summary: (eq. 12), or words in
@@ -1054,11 +1066,23 @@ class _Context:
     def vanishing(self) -> list[dict[str, Any]]:
         """Why gradients vanish or explode: the products of Jacobians that unrolling each
         recursion through time gives, and what bounds them."""
-        carries = self.carries()
+        carries = self.carries
         if not carries:
             return []
         items = [{"text": self.text("vanishing_intro"), "math": []}]
+        explained: set[str] = set()
         for carry in carries:
+            kind = "matrix" if carry.gate is None else tensor_of(carry.gate).role
+            if kind in explained:
+                # another layer of a kind explained above: its Jacobian only
+                derivative, diagonal = self.jacobian(carry)
+                matrix = (rf"J_{{t}} = {diagonal}\,\left({latex(carry.weight)}\right)^{{\top}}"
+                          if carry.gate is None else rf"J_{{t}} = {diagonal}")
+                items.append({"text": self.text("vanishing_same", l=carry.node,
+                                                q=self.inline(step_target(carry.formula))),
+                              "math": [derivative, matrix]})
+                continue
+            explained.add(kind)
             items += (self.vanishing_matrix(carry) if carry.gate is None
                       else self.vanishing_gate(carry))
         items.append({"text": self.text("clip_words", clip=self.code("train(..., clip=...)")),
@@ -1346,6 +1370,10 @@ class _Context:
             for mask, value in ex.masks:
                 if mask.node == node.index:
                     parts.append(f"{latex(mask)} = {_column(value, _short)}")
+            if self.sequence:
+                # as many to a line as fit: a recurrent layer's W_x and W_h are both matrices
+                inputs += _packed_parts(parts)
+                continue
             # two to a line: a layer with more parameters (a custom op) does not run off
             inputs += [r",\quad ".join(parts[n:n + 2]) for n in range(0, len(parts), 2)]
         return inputs
@@ -1431,7 +1459,13 @@ class _Context:
             shape = ex.value(formula.of).shape
             if terms is not None and length <= 4 and max(shape) <= MAX_NEURONS:
                 show = _matrix if value.ndim == 2 else _column
-                parts = " + ".join(show(term, _number) for term in terms)
+                columns = shape[1] if value.ndim == 2 else 1
+                # as many terms to a line as fit the page (about 10 columns of numbers)
+                per_line = max(1, 10 // (columns + 1))
+                shown = [show(term, _number) for term in terms]
+                lines = [" + ".join(shown[n:n + per_line])
+                         for n in range(0, len(shown), per_line)]
+                parts = " \\\\\n  &\\quad + ".join(lines)
                 sums.append(f"{latex(formula.target)} &= {latex(formula.vector)} \\\\\n"
                             f"  &= {parts} \\\\\n  &= {show(value, _number)}")
             elif value.ndim == 2:
@@ -1618,6 +1652,22 @@ class _Context:
         return {"head": head, "rows": out, "columns": "r" * width,
                 "long": len(rows) > LONG_TABLE_ROWS}
 
+
+
+def _packed_parts(parts: list[str]) -> list[str]:
+    """``name = matrix`` parts side by side, as many to a line as fit the page (about 12
+    columns of numbers, a column vector counting as one)."""
+    def columns(part: str) -> int:
+        rows = part.split(r"\begin{bmatrix}")[-1].split(r"\\")
+        return max(row.count("&") + 1 for row in rows) + 2
+
+    lines: list[list[str]] = []
+    for part in parts:
+        if lines and sum(map(columns, lines[-1])) + columns(part) <= 14:
+            lines[-1].append(part)
+        else:
+            lines.append([part])
+    return [r",\quad ".join(line) for line in lines]
 
 
 def _timed_equation(eq: Equation) -> bool:

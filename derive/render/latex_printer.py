@@ -21,6 +21,10 @@ and prints
   the sliding windows ``\\operatorname{win}`` and their adjoint ``\\operatorname{win}^{\\top}``,
   ``\\operatorname{vec}`` and ``\\operatorname{vec}^{-1}`` (what each is, read from the tree's
   structure by :mod:`derive.render.imagenotation`);
+* sequences (:mod:`derive.derivation.stepform`): a quantity at a step, ``\\mathbf{h}^{1}_{t-1}``;
+  the bracket of the steps a term is there, ``\\left[t \\le T - 1\\right]`` (and δ_{tT} as
+  ``\\left[t = T\\right]``); a block of stacked gates ``\\left(\\mathbf{z}^{1}_{t}\\right)_{[a\\,:\\,b]}``,
+  the blocks of a stacked error as a column; a shared parameter's gradient ``\\sum_{t=1}^{T} ...``;
 * batch form (``batch=True``; rows are samples): ``A^{l}``, ``Z^{l}``, ``\\Delta^{l}``, ``Y``;
   ``W^T v`` becomes ``V W``, ``u v^T`` the batch mean ``\\frac{1}{B} U^{\\top} V`` and a
   parameter vector is broadcast to every row as ``\\mathbf{1} (\\mathbf{b}^{l})^{\\top}``.

@@ -367,6 +367,12 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "$\\mathbf{{x}}_{{t}}$"
         ),
         "n_seq_z": "weighted input of unit $j$ of layer $l$ at step $t$",
+        "n_seq_y": "target value of output $j$ at step $t$",
+        "n_seq_delta": (
+            "error of layer $l$ at step $t$: the derivative of the cost with respect to its "
+            "weighted input {z} (dense and simple recurrent layers) or its output {a} (other "
+            "layers)"
+        ),
         "n_h": (
             "state of unit $j$ of the recurrent layer $l$ at step $t$; "
             "$\\mathbf{{h}}^{{l}}_{{0}} = \\mathbf{{0}}$"
@@ -516,6 +522,10 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "through the recurrent weights and $\\sigma'$."
         ),
         "carousel": " (the constant error carousel of Hochreiter and Schmidhuber, 1997)",
+        "vanishing_same": (
+            "The same holds for layer {l}: the coefficient of the error of the step after in "
+            "the formula of {q}, and its Jacobian for $t \\le T-1$, are"
+        ),
         "see_eq": " (eq. {eq})",
         "see_summary": " (in the summary below)",
         "activation_of_gates": "Activation {name}, used in the {gates} of layer {l}:",
@@ -804,6 +814,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "n_time": "时间步 $t = 1, \\dots, T$（$T$ 为序列长度）；带下标 $t$ 的粗体向量是第 $t$ 步的量",
         "n_seq_a": "第 $l$ 层在第 $t$ 步输出的第 $j$ 个分量；{a0} 是输入 $\\mathbf{{x}}_{{t}}$ 的第 $k$ 个分量",
         "n_seq_z": "第 $l$ 层第 $j$ 个单元在第 $t$ 步的带权输入",
+        "n_seq_y": "输出 $j$ 在第 $t$ 步的目标值",
+        "n_seq_delta": "第 $l$ 层在第 $t$ 步的误差：代价对其带权输入 {z}（全连接层与简单循环层）或对其输出 {a}（其他层）的导数",
         "n_h": "循环层 $l$ 第 $j$ 个单元在第 $t$ 步的状态；$\\mathbf{{h}}^{{l}}_{{0}} = \\mathbf{{0}}$",
         "n_wx": "第 $l$ 层的输入权重与循环权重（从输入 $k$、从第 $t-1$ 步状态的单元 $k$ 到第 $j$ 行）：每一步相同",
         "n_bxh": "GRU 层 $l$ 在输入一侧与状态一侧的偏置",
@@ -915,6 +927,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "设计的：它们的状态经由门、而不是经由循环权重和 $\\sigma'$ 传回误差。"
         ),
         "carousel": "（Hochreiter 与 Schmidhuber 1997 年提出的“常数误差传送带”）",
+        "vanishing_same": "第 {l} 层同理：{q} 的公式中下一步误差的系数，以及 $t \\le T-1$ 时的雅可比矩阵为",
         "see_eq": "（式 {eq}）",
         "see_summary": "（见下文小结）",
         "activation_of_gates": "激活函数 {name}，用于第 {l} 层的{gates}：",

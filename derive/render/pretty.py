@@ -11,6 +11,11 @@ index, prints with brackets, ``a⁰[k, 2r+p-3, 2s+q-3]``; the Iverson bracket ``
 tensor form ``W¹ ⋆ a⁰`` (a convolution), ``a⁰ ⋆ δ¹`` (a kernel's gradient), ``δ² ⋆full
 rot180(W²)``, the sliding windows ``win`` and their adjoint ``winᵀ``, ``vec`` and ``vec⁻¹``,
 as :mod:`derive.render.imagenotation` reads the tree.
+
+Sequences (docs/architecture.md, "Sequences"): a quantity at a step ``h¹ₜ₋₁``, the brackets
+``[t ≤ T - 1]`` and ``[t = T]``, blocks of stacked gates ``z¹ₜ[n₁ + 1:2*n₁]``, stacked errors
+``[...; ...]``, a shared parameter's gradient ``Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ`` (in batch form
+``(1/B) Σₜ (Δ¹ₜ)ᵀ H¹ₜ₋₁``).
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ _SUBSCRIPTABLE = frozenset("0123456789ijkmlnaeot")
 _GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "β", "mu": "μ",
           "var": "(σ²)", "xhat": "x̂", "mask": "m",
           # a recurrent layer's weights, biases and stacked pre-activations: wₓ, wₕ, ...
-          "wx": "wₓ", "wh": "wₕ", "bx": "bₓ", "bh": "bₕ", "zx": "zₓ", "zh": "zₕ"}
+          "wx": "wₓ", "wh": "wₕ", "bx": "bₓ", "bh": "bₕ", "zx": "zₓ", "zh": "zₕ",
+          # a second time index, the steps that read step t
+          "tau": "τ"}
 _BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M",
           # a recurrent layer's matrices, states and gates, one row per sample (the names of
           # the generated code: Wx1, H1, C1, ...)
@@ -170,7 +177,7 @@ class UnicodePrinter(StrPrinter):
         return text
 
     def _print_Sum(self, expr: sp.Sum) -> str:
-        indices = [str(limit[0]) for limit in expr.limits]
+        indices = [self._print(limit[0]) for limit in expr.limits]
         body = self.parenthesize(expr.function, sp.printing.precedence.PRECEDENCE["Mul"])
         if all(i in _SUBSCRIPTABLE for i in "".join(indices)):
             return f"Σ{sub(''.join(indices))} {body}"
@@ -282,7 +289,10 @@ class UnicodePrinter(StrPrinter):
         if LENGTH in expr.args:        # the last step: [t = T], not δ_Tt (an error's letter)
             other = next(arg for arg in expr.args if arg != LENGTH)
             return f"[{self._print(other)} = T]"
-        return "δ" + sub("".join(map(str, expr.args)))
+        parts = [self._print(arg) for arg in expr.args]
+        if all(len(part) == 1 and part.isascii() for part in parts):
+            return "δ" + sub("".join(parts))
+        return f"δ({', '.join(parts)})"       # δ(t, τ - 1): a step of the recurrence
 
     def _print_Total(self, expr: Total) -> str:
         return f"Σ({self._print(expr.args[0])})"

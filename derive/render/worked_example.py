@@ -195,17 +195,26 @@ class Evaluator:
     def __init__(self, widths: Mapping[sp.Symbol, int]) -> None:
         self.widths = {symbol: int(n) for symbol, n in widths.items()}
         self._numbers = {symbol: sp.Integer(n) for symbol, n in self.widths.items()}
+        self._numbered: dict[sp.Expr, sp.Expr] = {}
+        self._fixed: dict[sp.Symbol, sp.Integer] = {}
         self.values: dict[NetTensor, np.ndarray] = {}
 
     def __call__(self, expr: sp.Expr, indices: tuple[sp.Symbol, ...] = (),
-                 shape: tuple[int, ...] = ()) -> np.ndarray:
+                 shape: tuple[int, ...] = (), fixed: Mapping[sp.Symbol, int] | None = None,
+                 ) -> np.ndarray:
         """The value of ``expr`` as an array over its free ``indices`` (of sizes ``shape``:
-        the first entries of each, when shorter than the tensors they index)."""
+        the first entries of each, when shorter than the tensors they index); an index of
+        ``fixed`` has the value given there (the step t of a recurrence, one at a time)."""
         self._sizes = dict(zip(indices, shape))
         self._free = dict(self._sizes)
+        self._fixed = {symbol: sp.Integer(value) for symbol, value in (fixed or {}).items()}
         # the sizes as numbers: an entry at the last step h_{T,j} is at an index, and so is
-        # the step of a Kronecker delta δ_{Tt}
-        expr = sp.sympify(expr).xreplace(self._numbers)
+        # the step of a Kronecker delta δ_{Tt} (once per expression: a recurrence evaluates
+        # the same ones at every step)
+        expr = sp.sympify(expr)
+        if expr not in self._numbered:
+            self._numbered[expr] = expr.xreplace(self._numbers)
+        expr = self._numbered[expr]
         self._scan(expr)
         array, labels = self._eval(expr)
         array = np.asarray(array, dtype=np.float64)
@@ -249,6 +258,9 @@ class Evaluator:
         return self.values[tensor]
 
     def _indexed(self, array: np.ndarray, indices: tuple[sp.Expr, ...]) -> _Labeled:
+        if self._fixed:
+            indices = tuple(index.xreplace(self._fixed) if index.free_symbols & set(self._fixed)
+                            else index for index in indices)
         if any(index.is_Integer and not 1 <= int(index) <= n
                for index, n in zip(indices, np.shape(array))):
             # a step outside the sequence (h_0 before the first step, δ_{T+1} after the
@@ -282,6 +294,8 @@ class Evaluator:
         if isinstance(e, sp.Symbol):
             if e in self.widths:
                 return _Labeled(np.int64(self.widths[e]), ())
+            if e in self._fixed:
+                return _Labeled(np.int64(int(self._fixed[e])), ())
             size = self._free.get(e) or self._sizes.get(e)
             if size is None:
                 raise ValueError(f"no range for the index {e}")
@@ -297,6 +311,7 @@ class Evaluator:
         """The values (from 1) of the index expression ``expr`` over ``indices``."""
         self._sizes = dict(zip(indices, shape))
         self._free = dict(self._sizes)
+        self._fixed = {}
         array, labels = self._index_value(sp.sympify(expr))
         full = [a for a in indices if a not in labels]
         array = np.asarray(array).reshape(np.shape(array) + (1,) * len(full))
@@ -366,6 +381,8 @@ class Evaluator:
         if isinstance(e, sp.Symbol):
             if e in self.widths:
                 return _Labeled(np.float64(self.widths[e]), ())
+            if e in self._fixed:
+                return _Labeled(np.float64(int(self._fixed[e])), ())
             raise ValueError(f"no value for the symbol {e}")
         if isinstance(e, sp.Indexed):
             return self._indexed(self._lookup(tensor_of(e)), e.indices)
@@ -433,7 +450,7 @@ class Evaluator:
         return _Labeled(array, labels)
 
     def _kronecker(self, e: sp.KroneckerDelta) -> _Labeled:
-        first, second = e.args
+        first, second = (arg.xreplace(self._fixed) for arg in e.args)
         symbols = [arg for arg in (first, second) if isinstance(arg, sp.Symbol)]
         if not symbols:
             return _Labeled(np.float64(first == second), ())
@@ -668,7 +685,7 @@ def _forward_steps(evaluate: Evaluator, timed: tuple[Equation, ...], node: Node)
         for eq in timed:
             time, *rest = eq.indices
             shape = _shape(evaluate, eq, node)[1:]
-            value = evaluate(eq.expr.xreplace({time: sp.Integer(step)}), tuple(rest), shape)
+            value = evaluate(eq.expr, tuple(rest), shape, fixed={time: step})
             evaluate.values[eq.target][step - 1] = value
 
 
@@ -695,8 +712,7 @@ def _backward_steps(evaluate: Evaluator, formulas: list[Formula]) -> dict[int, n
             for formula in waiting:
                 time, *rest = formula.indices
                 shape = evaluate.values[formula.of].shape[1:]
-                value = evaluate(formula.rhs.xreplace({time: sp.Integer(step)}), tuple(rest),
-                                 shape)
+                value = evaluate(formula.rhs, tuple(rest), shape, fixed={time: step})
                 if np.isnan(value).any():
                     left.append(formula)
                 else:
