@@ -103,8 +103,8 @@ def forward(params, X):
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
-    Zx1 = X @ Wx1.T
-    Zx1 += bx1
+    Zx1_steps = X.swapaxes(0, 1) @ Wx1.T
+    Zx1_steps += bx1
     Zh1_steps = np.empty((16, X.shape[0], 48), dtype=X.dtype)
     R1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     U1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
@@ -112,9 +112,9 @@ def forward(params, X):
     H1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     for t in range(16):
         Zh1_steps[t] = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + bh1
-        R1_steps[t] = _sigmoid(Zh1_steps[t][..., 0:16] + Zx1[:, t][..., 0:16])
-        U1_steps[t] = _sigmoid(Zh1_steps[t][..., 16:32] + Zx1[:, t][..., 16:32])
-        G1_steps[t] = np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1[:, t][..., 32:48])
+        R1_steps[t] = _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16])
+        U1_steps[t] = _sigmoid(Zh1_steps[t][..., 16:32] + Zx1_steps[t][..., 16:32])
+        G1_steps[t] = np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48])
         H1_steps[t] = G1_steps[t]*(1 - U1_steps[t]) + (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0)
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
@@ -151,41 +151,41 @@ def backward(params, cache, Y):
     X, H1_steps, Zh1_steps, R1_steps, U1_steps, G1_steps, A1, A2 = cache["X"], cache["H1_steps"], cache["Zh1_steps"], cache["R1_steps"], cache["U1_steps"], cache["G1_steps"], cache["A1"], cache["A2"]
     B = Y.shape[0]
     # BP1: δ² = a² - y, each row divided by B
-    delta2 = (A2 - Y)/B
+    delta2_steps = (A2 - Y)/B
     # BP4: ∂C/∂W² = δ² (a¹)ᵀ, summed over the rows
-    dW2 = delta2.T @ A1
+    dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
-    db2 = delta2.sum(axis=0)
+    db2 = delta2_steps.sum(axis=0)
     # the part of ∂C/∂r¹ from outside the loop below, for every step at once
     dC_dR1_in_steps = 1 - G1_steps**2
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     delta1_steps = np.empty((16, B, 16), dtype=Y.dtype)
-    dC_dG1_steps = np.empty((16, B, 16), dtype=Y.dtype)
-    dC_dU1_steps = np.empty((16, B, 16), dtype=Y.dtype)
-    dC_dR1_steps = np.empty((16, B, 16), dtype=Y.dtype)
     dC_dZh1_steps = np.empty((16, B, 48), dtype=Y.dtype)
+    dC_dZx1_steps = np.empty((16, B, 48), dtype=Y.dtype)
     # one time step at a time, t from 0 backward
     for t in range(15, -1, -1):
         # δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
-        delta1_steps[t] = (delta2 @ W2 if t == 15 else 0) + (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0) + (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
+        delta1_steps[t] = (delta2_steps @ W2 if t == 15 else 0) + (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0) + (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
         # ∂C/∂g¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
-        dC_dG1_steps[t] = delta1_steps[t]*(1 - U1_steps[t])
+        dC_dG1 = delta1_steps[t]*(1 - U1_steps[t])
         # ∂C/∂u¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
-        dC_dU1_steps[t] = (delta1_steps[t]*H1_steps[t - 1] if t >= 1 else 0) - delta1_steps[t]*G1_steps[t]
+        dC_dU1 = (delta1_steps[t]*H1_steps[t - 1] if t >= 1 else 0) - delta1_steps[t]*G1_steps[t]
         # ∂C/∂r¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
-        dC_dR1_steps[t] = dC_dG1_steps[t]*dC_dR1_in_steps[t]*Zh1_steps[t][..., 32:48]
+        dC_dR1 = dC_dG1*dC_dR1_in_steps[t]*Zh1_steps[t][..., 32:48]
         # ∂C/∂zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
-        dC_dZh1_steps[t][..., 0:16] = dC_dR1_steps[t]*R1_steps[t]*(1 - R1_steps[t])
-        dC_dZh1_steps[t][..., 16:32] = dC_dU1_steps[t]*U1_steps[t]*(1 - U1_steps[t])
-        dC_dZh1_steps[t][..., 32:48] = dC_dG1_steps[t]*R1_steps[t]*(1 - G1_steps[t]**2)
-    # ∂C/∂zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
-    dC_dZx1 = np.concatenate((dC_dR1_steps.swapaxes(0, 1)*R1_steps.swapaxes(0, 1)*(1 - R1_steps.swapaxes(0, 1)), dC_dU1_steps.swapaxes(0, 1)*U1_steps.swapaxes(0, 1)*(1 - U1_steps.swapaxes(0, 1)), dC_dG1_steps.swapaxes(0, 1)*(1 - G1_steps.swapaxes(0, 1)**2)), axis=-1)
+        dC_dZh1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
+        dC_dZh1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
+        dC_dZh1_steps[t][..., 32:48] = dC_dG1*R1_steps[t]*(1 - G1_steps[t]**2)
+        # ∂C/∂zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
+        dC_dZx1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
+        dC_dZx1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
+        dC_dZx1_steps[t][..., 32:48] = dC_dG1*(1 - G1_steps[t]**2)
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
-    dWx1 = np.tensordot(dC_dZx1, X, axes=([0, 1], [0, 1]))
+    dWx1 = np.tensordot(dC_dZx1_steps, X.swapaxes(0, 1), axes=([0, 1], [0, 1]))
     # ∂C/∂Wₕ¹ = Σₜ ∇_zₕ¹ₜ C (h¹ₜ₋₁)ᵀ, summed over the rows
     dWh1 = np.tensordot(dC_dZh1_steps[1:], H1_steps[:15], axes=([0, 1], [0, 1]))
     # ∂C/∂bₓ¹ = Σₜ ∇_zₓ¹ₜ C, summed over the rows
-    dbx1 = dC_dZx1.sum(axis=(0, 1))
+    dbx1 = dC_dZx1_steps.sum(axis=(0, 1))
     # ∂C/∂bₕ¹ = Σₜ ∇_zₕ¹ₜ C, summed over the rows
     dbh1 = dC_dZh1_steps.sum(axis=(0, 1))
     return {"Wx1": dWx1, "Wh1": dWh1, "bx1": dbx1, "bh1": dbh1, "W2": dW2, "b2": db2}

@@ -95,7 +95,6 @@ def forward(params, X):
     _check_input(X)
     Z1_in_steps = X.swapaxes(0, 1) @ Wx1.T
     Z1_in_steps += b1
-    Z1_steps = np.empty((20, X.shape[0], 128), dtype=X.dtype)
     I1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     F1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     G1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
@@ -103,11 +102,11 @@ def forward(params, X):
     C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     H1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     for t in range(20):
-        Z1_steps[t] = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
-        I1_steps[t] = _sigmoid(Z1_steps[t][..., 0:32])
-        F1_steps[t] = _sigmoid(Z1_steps[t][..., 32:64])
-        G1_steps[t] = np.tanh(Z1_steps[t][..., 64:96])
-        O1_steps[t] = _sigmoid(Z1_steps[t][..., 96:128])
+        Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
+        I1_steps[t] = _sigmoid(Z1[..., 0:32])
+        F1_steps[t] = _sigmoid(Z1[..., 32:64])
+        G1_steps[t] = np.tanh(Z1[..., 64:96])
+        O1_steps[t] = _sigmoid(Z1[..., 96:128])
         C1_steps[t] = G1_steps[t]*I1_steps[t] + (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0)
         H1_steps[t] = O1_steps[t]*np.tanh(C1_steps[t])
     A1 = H1_steps[-1]
@@ -144,40 +143,35 @@ def backward(params, cache, Y):
     X, H1_steps, I1_steps, F1_steps, G1_steps, O1_steps, C1_steps, A1, A2 = cache["X"], cache["H1_steps"], cache["I1_steps"], cache["F1_steps"], cache["G1_steps"], cache["O1_steps"], cache["C1_steps"], cache["A1"], cache["A2"]
     B = Y.shape[0]
     # BP1: δ² = a² - y, each row divided by B
-    delta2 = (A2 - Y)/B
+    delta2_steps = (A2 - Y)/B
     # BP4: ∂C/∂W² = δ² (a¹)ᵀ, summed over the rows
-    dW2 = delta2.T @ A1
+    dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
-    db2 = delta2.sum(axis=0)
+    db2 = delta2_steps.sum(axis=0)
     # tanh(c¹ₜ), used more than once
     tanh_C1_steps = np.tanh(C1_steps)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
-    dC_dH1_steps = np.empty((20, B, 32), dtype=Y.dtype)
     dC_dC1_steps = np.empty((20, B, 32), dtype=Y.dtype)
-    dC_dO1_steps = np.empty((20, B, 32), dtype=Y.dtype)
-    dC_dG1_steps = np.empty((20, B, 32), dtype=Y.dtype)
-    dC_dF1_steps = np.empty((20, B, 32), dtype=Y.dtype)
-    dC_dI1_steps = np.empty((20, B, 32), dtype=Y.dtype)
     delta1_steps = np.empty((20, B, 128), dtype=Y.dtype)
     # one time step at a time, t from 0 backward
     for t in range(19, -1, -1):
         # ∂C/∂h¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
-        dC_dH1_steps[t] = (delta2 @ W2 if t == 19 else 0) + (delta1_steps[t + 1] @ Wh1 if t <= 18 else 0)
+        dC_dH1 = (delta2_steps @ W2 if t == 19 else 0) + (delta1_steps[t + 1] @ Wh1 if t <= 18 else 0)
         # ∂C/∂c¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
-        dC_dC1_steps[t] = dC_dH1_steps[t]*O1_steps[t]*(1 - tanh_C1_steps[t]**2) + (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0)
+        dC_dC1_steps[t] = dC_dH1*O1_steps[t]*(1 - tanh_C1_steps[t]**2) + (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0)
         # ∂C/∂o¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
-        dC_dO1_steps[t] = dC_dH1_steps[t]*tanh_C1_steps[t]
+        dC_dO1 = dC_dH1*tanh_C1_steps[t]
         # ∂C/∂g¹ = ∇_c¹ₜ C ⊙ i¹ₜ
-        dC_dG1_steps[t] = dC_dC1_steps[t]*I1_steps[t]
+        dC_dG1 = dC_dC1_steps[t]*I1_steps[t]
         # ∂C/∂f¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
-        dC_dF1_steps[t] = (C1_steps[t - 1]*dC_dC1_steps[t] if t >= 1 else 0)
+        dC_dF1 = (C1_steps[t - 1]*dC_dC1_steps[t] if t >= 1 else 0)
         # ∂C/∂i¹ = ∇_c¹ₜ C ⊙ g¹ₜ
-        dC_dI1_steps[t] = dC_dC1_steps[t]*G1_steps[t]
+        dC_dI1 = dC_dC1_steps[t]*G1_steps[t]
         # δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)]
-        delta1_steps[t][..., 0:32] = dC_dI1_steps[t]*I1_steps[t]*(1 - I1_steps[t])
-        delta1_steps[t][..., 32:64] = dC_dF1_steps[t]*F1_steps[t]*(1 - F1_steps[t])
-        delta1_steps[t][..., 64:96] = dC_dG1_steps[t]*(1 - G1_steps[t]**2)
-        delta1_steps[t][..., 96:128] = dC_dO1_steps[t]*O1_steps[t]*(1 - O1_steps[t])
+        delta1_steps[t][..., 0:32] = dC_dI1*I1_steps[t]*(1 - I1_steps[t])
+        delta1_steps[t][..., 32:64] = dC_dF1*F1_steps[t]*(1 - F1_steps[t])
+        delta1_steps[t][..., 64:96] = dC_dG1*(1 - G1_steps[t]**2)
+        delta1_steps[t][..., 96:128] = dC_dO1*O1_steps[t]*(1 - O1_steps[t])
     # ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = np.tensordot(delta1_steps, X.swapaxes(0, 1), axes=([0, 1], [0, 1]))
     # ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ, summed over the rows

@@ -81,14 +81,13 @@ def forward(params, X):
     _check_input(X)
     Z1_in_steps = X.swapaxes(0, 1) @ Wx1.T
     Z1_in_steps += b1
-    Z1_steps = np.empty((20, X.shape[0], 16), dtype=X.dtype)
     H1_steps = np.empty((20, X.shape[0], 16), dtype=X.dtype)
     for t in range(20):
-        Z1_steps[t] = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
-        H1_steps[t] = np.tanh(Z1_steps[t])
-    Z2 = H1_steps.swapaxes(0, 1) @ W2.T
-    Z2 += b2
-    A2 = Z2
+        Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
+        H1_steps[t] = np.tanh(Z1)
+    Z2_steps = H1_steps @ W2.T
+    Z2_steps += b2
+    A2 = Z2_steps.swapaxes(0, 1)
     cache = {"X": X, "H1_steps": H1_steps, "A2": A2}
     return A2, cache
 
@@ -119,11 +118,11 @@ def backward(params, cache, Y):
     X, H1_steps, A2 = cache["X"], cache["H1_steps"], cache["A2"]
     B = Y.shape[0]
     # BP1: δ² = a²ₜ - yₜ, each row divided by B
-    delta2 = (A2 - Y)/B
+    delta2_steps = (A2.swapaxes(0, 1) - Y.swapaxes(0, 1))/B
     # BP4: ∂C/∂W² = Σₜ δ²ₜ (h¹ₜ)ᵀ, summed over the rows
-    dW2 = np.tensordot(delta2.swapaxes(0, 1), H1_steps, axes=([0, 1], [0, 1]))
+    dW2 = np.tensordot(delta2_steps, H1_steps, axes=([0, 1], [0, 1]))
     # BP3: ∂C/∂b² = Σₜ δ²ₜ, summed over the rows
-    db2 = delta2.sum(axis=(0, 1))
+    db2 = delta2_steps.sum(axis=(0, 1))
     # the part of δ¹ from outside the loop below, for every step at once
     delta1_in_steps = 1 - H1_steps**2
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
@@ -131,7 +130,7 @@ def backward(params, cache, Y):
     # one time step at a time, t from 0 backward
     for t in range(19, -1, -1):
         # δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
-        delta1_steps[t] = delta1_in_steps[t]*((delta1_steps[t + 1] @ Wh1 if t <= 18 else 0) + delta2[:, t] @ W2)
+        delta1_steps[t] = delta1_in_steps[t]*((delta1_steps[t + 1] @ Wh1 if t <= 18 else 0) + delta2_steps[t] @ W2)
     # ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = np.tensordot(delta1_steps, X.swapaxes(0, 1), axes=([0, 1], [0, 1]))
     # ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ, summed over the rows

@@ -47,9 +47,10 @@ def _compare(spec: dict, seed: int, batch: int = 3, fd: bool = True) -> None:
         scale = max(1.0, float(np.abs(expected[key]).max()))
         assert np.abs(grads[key] - expected[key]).max() / scale < TOLERANCE, key
     if fd:
-        # central differences in float64 are good to about 1e-6 on these (a saturated gate
-        # makes some steeper); a wrong formula gives about 1; exactness is PyTorch's above
-        assert module.gradient_check(params, X, Y) < 1e-4
+        # central differences in float64 are good to about 1e-6 on these (saturated gates
+        # and a one-unit softmax make a few worse, up to about 4e-4); a wrong formula gives
+        # about 1; exactness is PyTorch's comparison above
+        assert module.gradient_check(params, X, Y) < 1e-3
 
 
 # --- the derivation ------------------------------------------------------------------------

@@ -249,7 +249,8 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
 
 
 def _statements(assigns: list[_Assign], keep: set[NetTensor],
-                printer: NumPyBatchPrinter) -> list[Statement]:
+                printer: NumPyBatchPrinter,
+                batch_only: frozenset[NetTensor] = frozenset()) -> list[Statement]:
     """Print the assignments, reusing fresh arrays in place where that is safe.
 
     A fresh (batch, n) array per ``+`` or ``*`` costs more than the arithmetic (allocation and
@@ -269,6 +270,7 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
     buffer_of: dict[NetTensor, int] = {}
     live_until: dict[int, float] = {_FOREIGN: math.inf}     # buffer -> its last reader
     out: list[Statement] = []
+    loop_reads = {t for item in assigns if isinstance(item, _LoopCode) for t in _read(item)}
     for index, assign in enumerate(assigns):
         if isinstance(assign, _LoopCode):
             out.extend(assign.statements(printer))
@@ -276,7 +278,7 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
                 buffer_of[target] = _FOREIGN
             continue
         dead = _DeadArrays(buffer_of, live_until, index, assign.target)
-        layout = _layout(assign, printer)
+        layout = _layout(assign, printer, loop_reads, batch_only)
         if layout == "time" and isinstance(assign.target, NetTensor):
             printer.time_major.add(assign.target)
         name = assign.target if isinstance(assign.target, str) else printer.doprint(
@@ -307,15 +309,20 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
     return out
 
 
-def _layout(assign: _Assign, printer: NumPyBatchPrinter) -> str:
+def _layout(assign: _Assign, printer: NumPyBatchPrinter, loop_reads: set[NetTensor],
+            batch_only: frozenset[NetTensor]) -> str:
     """The layout a statement over every step computes in: step-major ("time") for what a
-    loop over time reads (``hoisted``) and for a sum over the steps of step-major arrays
-    (a parameter's gradient); else that of the batch, (B, T, n)."""
+    loop over time reads, and for what reads step-major arrays (a dense layer per step after
+    a recurrent one; a sum over the steps, a parameter's gradient), unless the output or the
+    loss reads it; else that of the batch, (B, T, n)."""
     target = assign.target
-    if isinstance(target, NetTensor) and target.role == "hoisted":
+    reads_steps = any(v.whole in printer.time_major for v in views(assign.expr))
+    if not isinstance(target, NetTensor):           # a gradient: summed over the steps
+        return "time" if reads_steps else "batch"
+    if target.role == "hoisted" or (target in loop_reads and target not in batch_only):
         return "time"
-    sequence = isinstance(target, NetTensor) and target.rank == 2 and not target.is_parameter
-    if not sequence and any(v.whole in printer.time_major for v in views(assign.expr)):
+    if target not in batch_only and any(v.whole in printer.time_major
+                                        for v in views(assign.expr)):
         return "time"
     return "batch"
 
@@ -341,6 +348,7 @@ class _LoopCode:
     dtype: str
     before: tuple[sp.Expr, ...] = ()
     batch_major: frozenset[NetTensor] = frozenset()   # the network's output: (B, T, n)
+    local: frozenset[NetTensor] = frozenset()     # one step's arrays, made anew at each step
 
     def statements(self, printer: NumPyBatchPrinter) -> list[Statement]:
         out = []
@@ -358,6 +366,7 @@ class _LoopCode:
         out.append(Statement(f"for t in {steps}:", "", op="",
                              comment="one time step at a time, t from 0 "
                                      + ("forward" if self.forward else "backward")))
+        printer.step_local.update(self.local)
         with printer.steps(None, loop=True):
             for assign in self.body:
                 name = printer.doprint(assign.target.at_step(0))
@@ -367,6 +376,9 @@ class _LoopCode:
                     continue
                 # stacked gates: each block written in place, no concatenated copy
                 *parts, (size,) = expr.args
+                if assign.target in self.local:
+                    out.append(Statement(name, f"np.empty(({self.batch}, {len(parts) * size}), "
+                                               f"dtype={self.dtype})", indent=1))
                 for number, part in enumerate(parts):
                     out.append(Statement(f"{name}[..., {number * size}:{(number + 1) * size}]",
                                          printer.doprint(part),
@@ -536,16 +548,25 @@ def _feature_width(model: Model, tensor: NetTensor) -> int:
     return int(sp.sympify(model.feature_widths[tensor]).xreplace(model.widths))
 
 
-def _timed(assigns: list[_Assign], model: Model, forward: bool) -> list:
+def _timed(assigns: list[_Assign], model: Model, forward: bool,
+           keep: set[NetTensor] = frozenset()) -> list:
     """The assignments, with those that need a loop over time steps in one
     (:mod:`derive.render.timeloops`); what a loop reads from outside it is hoisted before it,
-    for every step at once."""
+    for every step at once. A loop quantity that nothing reads at another step, after the
+    loop or in ``keep`` (the cache) is one step's array, not a (T, B, n) one."""
     out: list = []
-    for item in loops(assigns):
+    items = loops(assigns)
+    for number, item in enumerate(items):
         if not isinstance(item, Loop):
             out.append(item)
             continue
+        later = set(keep) | {t.whole for other in items[number + 1:] for t in (
+            _read(other) if isinstance(other, _Assign) else
+            {a for loop_assign in other.assigns for a in _read(loop_assign)})}
+        shifted = {v.whole for assign in item.assigns for v in views(assign.expr) if v.step}
         targets = tuple(assign.target for assign in item.assigns)
+        local = frozenset(t for t in targets if t not in later and t not in shifted
+                          and t != model.output.output)
         body = []
         for assign in item.assigns:
             outside = NetTensor("hoisted", of=f"{batch_name(assign.target)}_in", rank=2)
@@ -556,10 +577,11 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool) -> list:
                                    "for every step at once"))
             body.append(_Assign(assign.target, guarded(expr, set(targets)), assign.comment))
         length = model.spec.length
-        out.append(_LoopCode(targets, tuple((length, _feature_width(model, t)) for t in targets),
+        kept = tuple(t for t in targets if t not in local)
+        out.append(_LoopCode(kept, tuple((length, _feature_width(model, t)) for t in kept),
                              tuple(body), item.forward, length,
                              "X.shape[0]" if forward else "B", "X.dtype" if forward else "Y.dtype",
-                             batch_major=frozenset({model.output.output})))
+                             batch_major=frozenset({model.output.output}), local=local))
     return out
 
 
@@ -680,11 +702,12 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     backward_reads = _reads(backward_exprs, quantities)
     loss_reads = _reads([loss_expr], quantities)
     needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
-    forward = _statements(_timed(forward_assigns, model, True), {*needed, model.output.output},
-                          printer)
+    batch_only = frozenset({model.output.output, *loss_reads})    # the loss reads (B, T, n)
+    forward = _statements(_timed(forward_assigns, model, True, {*needed, model.output.output}),
+                          {*needed, model.output.output}, printer, batch_only)
     cache = [printer.name(t) for t in needed]
     backward = _statements(_timed(_shared_calls(backward_assigns, printer), model, False), set(),
-                           printer)
+                           printer, batch_only)
     why = []
     for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))

@@ -429,6 +429,8 @@ class NumPyBatchPrinter(NumPyPrinter):
         # in one layout, "batch" (B, T, n) or "time" (T, B, n), the others' arrays swapped
         self.time_major: set[NetTensor] = set()
         self._layout = "batch"
+        # a loop quantity read only at its own step: one (B, n) array per step, no index
+        self.step_local: set[NetTensor] = set()
 
     def name(self, tensor: NetTensor) -> str:
         """The variable that holds ``tensor``: its batch name; Q_steps when step-major."""
@@ -490,6 +492,8 @@ class NumPyBatchPrinter(NumPyPrinter):
         lead = "" if steps else ":, "
         if expr.step == "T":
             return f"{name}[{lead}-1]"
+        if self._time == "loop" and expr.whole in self.step_local:
+            return name
         if self._time == "loop":
             at = "t" if expr.step == 0 else f"t {'+-'[expr.step < 0]} {abs(expr.step)}"
             return f"{name}[{lead}{at}]"

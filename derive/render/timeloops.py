@@ -81,8 +81,35 @@ def loops(assigns: list) -> list:
                 done.add(m)
         steps = {v.step for m in members for v in views(assigns[m].expr)
                  if v.whole in targets and targets[v.whole] in group and v.step}
+        members += _fused(assigns, reads, n, set(members), done)
         out.append(Loop(tuple(assigns[m] for m in members), forward=min(steps) < 0))
     return out
+
+
+def _fused(assigns: list, reads: list[set[int]], first: int, group: set[int],
+           done: set[int]) -> list[int]:
+    """Later statements the loop computes too: elementwise ones over the steps that read
+    what the loop computes at the same step, and nothing computed after the loop starts but
+    by it (a GRU's stacked input error from its gates' errors): the gates' errors then need
+    no array of every step."""
+    found = []
+    for m in range(max(group) + 1, len(assigns)):
+        assign = assigns[m]
+        target = _target(assign)
+        if m in done or assign.code is not None or target is None or target.rank != 2 \
+                or target.is_parameter or assign.expr.has(MatVec, Outer, Einsum):
+            continue
+        found_views = views(assign.expr)
+        # (a dropout's mask may be the number 1: read whole, outside a loop)
+        if not found_views or any(v.step != 0 or v.role == "mask" for v in found_views) or \
+                any(t.step is None and t.whole in {_target(a) for a in assigns[first:]}
+                    for t in assign.expr.atoms(NetTensor)):
+            continue
+        if reads[m] & group and all(r < first or r in group for r in reads[m]):
+            found.append(m)
+            group.add(m)
+            done.add(m)
+    return found
 
 
 def _reaches(start: int, group: set[int], reads: list[set[int]]) -> bool:
