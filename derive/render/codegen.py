@@ -329,7 +329,7 @@ def _layout(assign: _Assign, printer: NumPyBatchPrinter, loop_reads: set[NetTens
 
 def _read(item: _Assign | _LoopCode) -> set[NetTensor]:
     """The arrays a statement (or a whole loop) reads, step views as their whole arrays."""
-    exprs = [a.expr for a in item.body] + list(item.before) if isinstance(item, _LoopCode) \
+    exprs = [a.expr for a in item.body] if isinstance(item, _LoopCode) \
         else [item.expr]
     return {t.whole for e in exprs for t in e.atoms(NetTensor)}
 
@@ -337,7 +337,7 @@ def _read(item: _Assign | _LoopCode) -> set[NetTensor]:
 @dataclass(frozen=True)
 class _LoopCode:
     """A loop over time steps, ready to print: the arrays it fills (allocated before it,
-    ``shapes`` per sample), its body, and what it reads that was hoisted before it."""
+    ``shapes`` per sample; ``local``: those made anew at each step) and its body."""
 
     targets: tuple[NetTensor, ...]
     shapes: tuple[tuple[int, ...], ...]
@@ -346,7 +346,6 @@ class _LoopCode:
     length: int
     batch: str
     dtype: str
-    before: tuple[sp.Expr, ...] = ()
     batch_major: frozenset[NetTensor] = frozenset()   # the network's output: (B, T, n)
     local: frozenset[NetTensor] = frozenset()     # one step's arrays, made anew at each step
 
