@@ -15,7 +15,8 @@ from derive.derivation.reverse import derive
 from derive.errors import DeriveError
 from derive.graph.model import build_model
 from derive.quantities import LENGTH, NetTensor, entry
-from derive.registry.functions import ACTIVATIONS
+from derive.registry.functions import ACTIVATIONS, LOSSES
+from derive.registry.ops import OPS
 from derive.registry.windows import InRange
 from derive.render.codegen import load_module, render_module
 from derive.spec.load import load_spec
@@ -25,7 +26,8 @@ from tests.torch_reference import reference_batch, torch_loss_and_grads
 pytest.importorskip("torch")
 
 TOLERANCE = 1e-10
-RECURRENT = ("rnn", "lstm", "gru")
+#: every op of the registry that reads a sequence (a recurrent layer)
+RECURRENT = tuple(name for name, op in OPS.items() if op.reads == "sequence")
 
 
 def _module(spec: dict):
@@ -143,7 +145,7 @@ def random_sequence_specs(draw: st.DrawFn) -> dict:
         op = draw(st.sampled_from(RECURRENT))
         layer: dict = {"op": op, "size": draw(st.integers(1, 3))}
         if op == "rnn":
-            layer["activation"] = draw(st.sampled_from(["tanh", "relu", "sigmoid", "identity"]))
+            layer["activation"] = draw(st.sampled_from(_ACTIVATIONS))
             if draw(st.booleans()):
                 layer["bias"] = False
         last = number == count - 1 and draw(st.booleans())
@@ -162,10 +164,10 @@ def random_sequence_specs(draw: st.DrawFn) -> dict:
             else:
                 layers.append({"op": "activation",
                                "activation": draw(st.sampled_from(_ACTIVATIONS))})
-    loss = draw(st.sampled_from(["mse", "cross_entropy", "binary_cross_entropy"]))
+    loss = draw(st.sampled_from(sorted(LOSSES)))
     out = draw(st.integers(2, 3))
-    activation = {"mse": draw(st.sampled_from(["identity", "tanh"])), "cross_entropy": "softmax",
-                  "binary_cross_entropy": "sigmoid"}[loss]
+    activation = {"distribution": "softmax", "probability": "sigmoid"}.get(
+        LOSSES[loss].needs) or draw(st.sampled_from(["identity", "tanh"]))
     layers.append({"size": out, "activation": activation})
     return {"name": "random_sequence", "input": {"size": size, "length": length},
             "layers": layers, "loss": loss}
@@ -177,7 +179,8 @@ def random_sequence_specs(draw: st.DrawFn) -> dict:
 def test_random_sequence_specs_match_pytorch_and_central_differences(spec: dict,
                                                                      seed: int) -> None:
     # relu across its kink makes central differences inexact now and then; PyTorch is exact
-    relu = any(layer.get("activation") == "relu" for layer in spec["layers"])
+    relu = any(layer.get("activation") in ("relu", "leaky_relu", "elu")
+               for layer in spec["layers"])
     _compare(spec, seed, fd=not relu)
 
 

@@ -574,7 +574,7 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
                 out.append(_Assign(outside, part, "the part of "
                                    f"{pretty(assign.target)} from outside the loop below, "
                                    "for every step at once"))
-            body.append(_Assign(assign.target, guarded(expr, set(targets)), assign.comment))
+            body.append(_Assign(assign.target, guarded(expr), assign.comment))
         length = model.spec.length
         kept = tuple(t for t in targets if t not in local)
         out.append(_LoopCode(kept, tuple((length, _feature_width(model, t)) for t in kept),

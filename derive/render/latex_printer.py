@@ -131,14 +131,13 @@ def step_subscript(tensor: NetTensor) -> str:
 def step_condition(guard: StepGuard, show: Callable[[sp.Expr], str], le: str) -> str:
     r"""The steps a guard keeps, as a condition on t: t = T, t \le T - 1, 2 \le t."""
     low, high = guard.args
-    t = sp.Symbol("t")
     if low == high:
         return f"t = {show(high)}"
     parts = [] if low == 1 or (low.is_number and low <= 1) else [f"{show(low)} {le}"]
     parts.append("t")
     if high != LENGTH:
         parts.append(f"{le}{show(high)}")
-    return " ".join(parts) if len(parts) > 1 else f"1 {le}{t} {le}T"
+    return " ".join(parts) if len(parts) > 1 else f"1 {le}t {le}T"
 
 
 def is_vector(expr: sp.Basic) -> bool:

@@ -164,7 +164,7 @@ def _components(reads: list[set[int]]) -> list[set[int]]:
     return out
 
 
-def guarded(expr: sp.Expr, loop_targets: set[NetTensor]) -> sp.Expr:
+def guarded(expr: sp.Expr) -> sp.Expr:
     """``expr`` with every term that reads a quantity at another step guarded by the steps
     where that step is in 1..T: an entry outside is 0 (h_0 = 0, the error δ_{T+1} = 0), so
     is the term (every term is linear in such an entry), as the derivation's own brackets say
