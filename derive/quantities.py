@@ -19,9 +19,11 @@ import sympy as sp
 
 #: Roles of parameters (their gradients are what training needs): a dense layer's or kernel's
 #: w and b; a recurrent layer's input and hidden weights wx, wh and a GRU's two biases.
-PARAMETER_ROLES = frozenset({"w", "b", "gamma", "beta", "wx", "wh", "bx", "bh"})
-#: Parameters that the L1/L2 penalty covers (weights and kernels only; docs/architecture.md).
-WEIGHT_ROLES = frozenset({"w", "wx", "wh"})
+PARAMETER_ROLES = frozenset({"w", "b", "gamma", "beta", "wx", "wh", "bx", "bh", "wq", "wk",
+                             "wv"})
+#: Parameters that the L1/L2 penalty covers (weights and kernels only; docs/architecture.md):
+#: an attention layer's query, key and value weights wq, wk, wv are weights too.
+WEIGHT_ROLES = frozenset({"w", "wx", "wh", "wq", "wk", "wv"})
 
 
 class NetTensor(sp.Symbol):
@@ -179,7 +181,7 @@ _FAMILIES: dict[str, tuple[sp.Symbol, ...]] = {
     "col": (INDEX_POOL[7], *sp.symbols("v f", integer=True, positive=True)),
     "offset_row": (INDEX_POOL[4], *sp.symbols("g p'", integer=True, positive=True)),
     "offset_col": (INDEX_POOL[5], *sp.symbols("h q'", integer=True, positive=True)),
-    "time": (INDEX_POOL[8], *sp.symbols("tau t'", integer=True, positive=True)),
+    "time": (INDEX_POOL[8], *sp.symbols("tau t' tau' t''", integer=True, positive=True)),
 }
 _FAMILY_OF = {index: family for family, members in _FAMILIES.items() for index in members
               if family != "channel"}
@@ -235,11 +237,16 @@ def fresh_like(indices: tuple[sp.Symbol, ...], used: set[sp.Symbol]) -> tuple[sp
     return tuple(out)
 
 
-def indices_for(tensor: NetTensor, used: set[sp.Symbol] | None = None) -> tuple[sp.Symbol, ...]:
+def indices_for(tensor: NetTensor, used: set[sp.Symbol] | None = None,
+                shape: tuple[sp.Expr, ...] | None = None) -> tuple[sp.Symbol, ...]:
     """The free indices a formula about ``tensor`` (or its adjoint) is written in: j, k, ...
     for vectors and matrices; (t, j) for a sequence; (j, r, s) for a feature map, (j, k, p,
-    q) for a kernel."""
+    q) for a kernel. With its per-sample ``shape`` given, an axis of length T takes a time
+    index: a layer norm's mean of each step μ_t, attention weights α_{tτ}."""
     used = used or set()
+    if shape and not tensor.parameter and LENGTH in shape and len(shape) == tensor.rank:
+        return family_indices(tuple("time" if n == LENGTH else "channel" for n in shape),
+                              used)
     if not tensor.parameter and tensor.rank == 2:
         return family_indices(("time", "channel"), used)
     if not tensor.parameter and tensor.rank == 3:

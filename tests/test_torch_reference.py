@@ -12,6 +12,10 @@ from hypothesis import strategies as st
 from tests import conv_reference
 from tests.strategies import ELEMENTWISE_ACTIVATIONS, random_batch, random_dag_specs
 from tests.torch_reference import (
+    ATTENTION_MODES,
+    Node,
+    _np_attention,
+    _torch_attention,
     init_reference_params,
     numpy_forward_loss,
     reference_batch,
@@ -676,7 +680,21 @@ def test_recurrent_modules_leave_torch_rng_alone() -> None:
     ([1, 3, 3], [{"op": "gru", "size": 2}], ValueError, "reads a sequence"),
     ({"size": 2, "length": 3}, [{"op": "lstm", "size": 2, "return": "last"},
                                 {"op": "lstm", "size": 2}], ValueError, "reads a sequence"),
-    ({"size": 2, "length": 3}, [{"op": "layer_norm"}], NotImplementedError, "sequence"),
+    ({"size": 2, "length": 3}, [{"op": {"name": "sq", "expr": "x[j]^2"}, "size": 2}],
+     NotImplementedError, "sequence"),
+    (3, [{"op": "attention", "size": 2}], ValueError, "reads a sequence"),
+    ([1, 3, 3], [{"op": "attention", "size": 2}], ValueError, "reads a sequence"),
+    ({"size": 2, "length": 3}, [{"op": "attention"}], ValueError, "size"),
+    ({"size": 2, "length": 3}, [{"op": "attention", "size": 0}], ValueError, "size"),
+    ({"size": 2, "length": 3}, [{"op": "attention", "size": 2, "causal": "yes"}], TypeError,
+     "causal"),
+    ({"size": 2, "length": 3}, [{"op": "attention", "size": 2, "activation": "tanh"}],
+     ValueError, "activation"),
+    ({"size": 2, "length": 3}, [{"op": "attention", "size": 2, "bias": True}], ValueError,
+     "bias"),
+    ({"size": 2, "length": 3}, [{"op": "attention", "size": 3, "name": "a"},
+                                {"op": "add", "inputs": ["input", "a"]}], ValueError,
+     "different shapes"),
     ({"size": 2, "length": 3}, [{"op": "conv2d", "channels": 1, "kernel": 1}], ValueError,
      "reads an image"),
     ({"size": 2, "length": 3}, [{"op": "flatten"}], ValueError, "reads an image"),
@@ -705,3 +723,199 @@ def test_rejects_bad_sequence_inputs() -> None:
                   {"size": 2, "length": 3, "channels": 1}):
         with pytest.raises((ValueError, NotImplementedError)):
             spec_input_shape({"input": value, "layers": [], "loss": "mse"})
+
+
+# --- attention and layer_norm on sequences -------------------------------------------------------
+
+
+def attention_spec(causal: bool, residual: bool) -> dict:
+    """input (T, n) = (4, 3) -> attention -> layer_norm -> dense of 2 per step, mse, with l2 and
+    l1 regularization. ``residual``: attention of size 3 added to the input (x + att(x)), then
+    layer_norm; otherwise attention of size 2, a tanh dense layer of 3 and layer_norm (over 3
+    features: layer_norm over two is +-1, nearly constant, whatever its input)."""
+    if residual:
+        layers = [{"op": "attention", "size": 3, "causal": causal, "name": "att"},
+                  {"op": "add", "inputs": ["input", "att"]}]
+    else:
+        layers = [{"op": "attention", "size": 2, "causal": causal},
+                  {"size": 3, "activation": "tanh"}]
+    return {"name": "attention", "input": {"size": 3, "length": 4},
+            "layers": [*layers, {"op": "layer_norm"}, {"size": 2}], "loss": "mse",
+            "regularization": {"l2": 0.02, "l1": 0.01}}
+
+
+def transformer_spec(causal: bool) -> dict:
+    """A transformer-like block on (T, n) = (5, 4): x + attention(x), layer_norm, a relu
+    feed-forward pair of dense layers (8, then 4) added to that, layer_norm, dense of 3."""
+    return {"name": "transformer", "input": {"size": 4, "length": 5}, "layers": [
+        {"op": "attention", "size": 4, "causal": causal, "name": "att"},
+        {"op": "add", "inputs": ["input", "att"], "name": "r1"},
+        {"op": "layer_norm", "name": "n1"},
+        {"size": 8, "activation": "relu"},
+        {"size": 4, "name": "ff"},
+        {"op": "add", "inputs": ["n1", "ff"]},
+        {"op": "layer_norm"},
+        {"size": 3}], "loss": "mse", "regularization": {"l2": 0.01, "l1": 0.001}}
+
+
+def check_attention_modes_agree(spec: dict, seed: int, batch: int = 3) -> None:
+    """The explicit and the scaled_dot_product_attention versions agree to 1e-12 on the loss
+    and on every gradient."""
+    params = init_reference_params(spec, seed)
+    X, Y = reference_batch(spec, seed, batch)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    sdpa_loss, sdpa = torch_loss_and_grads(spec, params, X, Y, attention="sdpa")
+    assert sdpa_loss == pytest.approx(loss, rel=1e-12, abs=1e-12)
+    assert set(sdpa) == set(grads) == set(params)
+    for name in params:
+        assert relative_error(sdpa[name], grads[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_torch_matches_differences(causal: bool, residual: bool) -> None:
+    spec = attention_spec(causal, residual)
+    d = 3 if residual else 2
+    graph = reference_graph(spec)
+    assert graph.nodes[0].shape == (4, d) and graph.nodes[0].causal is causal
+    assert {name: graph.param_shapes[name] for name in ("Wq1", "Wk1", "Wv1")} == {
+        "Wq1": (d, 3), "Wk1": (d, 3), "Wv1": (d, 3)}
+    assert spec_output_shape(spec) == (4, 2)
+    for seed in range(2):
+        check_attention_modes_agree(spec, seed)
+        check_sequence_spec(spec, seed)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_transformer_block(causal: bool) -> None:
+    spec = transformer_spec(causal)
+    graph = reference_graph(spec)
+    assert [node.inputs for node in graph.nodes] == [(0,), (0, 1), (2,), (3,), (4,), (3, 5),
+                                                     (6,), (7,)]
+    assert [node.shape for node in graph.nodes] == [(5, 4)] * 3 + [(5, 8)] + [(5, 4)] * 3 + [
+        (5, 3)]
+    assert graph.param_shapes == {
+        "Wq1": (4, 4), "Wk1": (4, 4), "Wv1": (4, 4), "gamma3": (4,), "beta3": (4,),
+        "W4": (8, 4), "b4": (8,), "W5": (4, 8), "b5": (4,), "gamma7": (4,), "beta7": (4,),
+        "W8": (3, 4), "b8": (3,)}
+    assert graph.weight_names == ["Wq1", "Wk1", "Wv1", "W4", "W5", "W8"]
+    check_attention_modes_agree(spec, seed=3)
+    check_sequence_spec(spec, seed=3, batch=2)
+
+
+def test_attention_modes_are_checked() -> None:
+    spec = attention_spec(False, True)
+    params = init_reference_params(spec, 0)
+    X, Y = reference_batch(spec, 0, 1)
+    with pytest.raises(ValueError, match="attention must be"):
+        torch_loss_and_grads(spec, params, X, Y, attention="flash")
+
+
+def _attention_outputs(node: Node, params: dict[str, np.ndarray],
+                       x: np.ndarray) -> dict[str, np.ndarray]:
+    """An attention layer's output (B, T, d) on x by the three implementations."""
+    import torch
+
+    tp = {name: torch.tensor(value) for name, value in params.items()}
+    outputs = {mode: _torch_attention(node, torch.tensor(x), tp, mode).numpy()
+               for mode in ATTENTION_MODES}
+    outputs["numpy"] = _np_attention(node, x, params)
+    return outputs
+
+
+def test_attention_matches_its_definition() -> None:
+    """out_t = sum_s p_ts Wv x_s with p_t = softmax over s (s <= t when causal) of
+    (Wq x_t) . (Wk x_s) / sqrt(d), written out for one sample."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 4, 3))
+    for causal in (False, True):
+        spec = {"input": {"size": 3, "length": 4},
+                "layers": [{"op": "attention", "size": 2, "causal": causal}], "loss": "mse"}
+        node = reference_graph(spec).nodes[0]
+        params = init_reference_params(spec, 4)
+        Wq, Wk, Wv = params["Wq1"], params["Wk1"], params["Wv1"]
+        want = np.zeros((2, 4, 2))
+        for b in range(2):
+            for t in range(4):
+                keys = range(t + 1) if causal else range(4)
+                e = np.array([Wq @ x[b, t] @ (Wk @ x[b, s]) / np.sqrt(2) for s in keys])
+                p = np.exp(e) / np.exp(e).sum()
+                want[b, t] = sum(p_s * (Wv @ x[b, s]) for p_s, s in zip(p, keys))
+        for mode, got in _attention_outputs(node, params, x).items():
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15, err_msg=mode)
+
+
+def test_causal_attention_ignores_later_steps() -> None:
+    """With ``causal: true`` changing x at step t leaves the output at every step before t as
+    it was (in all three implementations); without it, every step changes."""
+    rng = np.random.default_rng(9)
+    length = 5
+    x = rng.standard_normal((3, length, 3))
+    for causal in (True, False):
+        spec = {"input": {"size": 3, "length": length},
+                "layers": [{"op": "attention", "size": 2, "causal": causal}], "loss": "mse"}
+        node = reference_graph(spec).nodes[0]
+        params = init_reference_params(spec, 1)
+        before = _attention_outputs(node, params, x)
+        for t in range(length):
+            changed = x.copy()
+            changed[:, t] += rng.standard_normal((3, 3))
+            after = _attention_outputs(node, params, changed)
+            for mode in before:
+                moved = np.abs(after[mode] - before[mode]).max(axis=(0, 2))  # per step
+                if causal:
+                    assert (moved[:t] == 0.0).all(), (mode, t, moved)
+                    assert (moved[t:] > 1e-6).all(), (mode, t, moved)
+                else:
+                    assert (moved > 1e-6).all(), (mode, t, moved)
+
+
+def test_regularization_covers_attention_weights() -> None:
+    spec = attention_spec(True, False)
+    plain_spec = {**spec, "regularization": {}}
+    params = init_reference_params(spec, 2)
+    X, Y = reference_batch(spec, 2, 2)
+    l2, l1 = 0.02, 0.01
+    weights = [params[name] for name in ("Wq1", "Wk1", "Wv1", "W2", "W4")]
+    assert reference_graph(spec).weight_names == ["Wq1", "Wk1", "Wv1", "W2", "W4"]
+    expected = numpy_forward_loss(plain_spec, params, X, Y) + l2 / 2 * sum(
+        (w ** 2).sum() for w in weights) + l1 * sum(np.abs(w).sum() for w in weights)
+    _, plain = torch_loss_and_grads(plain_spec, params, X, Y)
+    for mode in ATTENTION_MODES:
+        loss, grads = torch_loss_and_grads(spec, params, X, Y, attention=mode)
+        assert loss == pytest.approx(expected, rel=1e-12)
+        for name in ("Wq1", "Wk1", "Wv1"):
+            np.testing.assert_allclose(grads[name], plain[name] + l2 * params[name]
+                                       + l1 * np.sign(params[name]), rtol=1e-10)
+        for name in ("gamma3", "beta3", "b2"):
+            np.testing.assert_allclose(grads[name], plain[name], rtol=1e-10)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-3])
+def test_layer_norm_of_a_sequence_normalises_each_step(eps: float | None) -> None:
+    """Each time step normalised over its features (biased variance, eps 1e-5 by default), the
+    same gamma and beta (n,) at every step; then with mse loss
+    dC/dbeta = mean_b sum_t (out - y) and dC/dgamma = mean_b sum_t (out - y) xhat."""
+    layer = {"op": "layer_norm"} if eps is None else {"op": "layer_norm", "eps": eps}
+    spec = {"input": {"size": 3, "length": 4}, "layers": [layer], "loss": "mse"}
+    assert reference_graph(spec).param_shapes == {"gamma1": (3,), "beta1": (3,)}
+    assert spec_output_shape(spec) == (4, 3)
+    params = init_reference_params(spec, 6)
+    X, Y = reference_batch(spec, 6, 2)
+    gamma, beta = params["gamma1"], params["beta1"]
+    xhat = np.zeros_like(X)
+    for b in range(X.shape[0]):
+        for t in range(X.shape[1]):
+            step = X[b, t]
+            mean = sum(step) / 3
+            var = sum((v - mean) ** 2 for v in step) / 3
+            xhat[b, t] = (step - mean) / np.sqrt(var + (1e-5 if eps is None else eps))
+    out = xhat * gamma + beta
+    expected = 0.5 * ((out - Y) ** 2).sum() / X.shape[0]
+    assert numpy_forward_loss(spec, params, X, Y) == pytest.approx(expected, rel=1e-13)
+    loss, grads = torch_loss_and_grads(spec, params, X, Y)
+    assert loss == pytest.approx(expected, rel=1e-13)
+    np.testing.assert_allclose(grads["beta1"], (out - Y).sum(axis=(0, 1)) / X.shape[0],
+                               rtol=1e-12)
+    np.testing.assert_allclose(grads["gamma1"],
+                               ((out - Y) * xhat).sum(axis=(0, 1)) / X.shape[0], rtol=1e-12)

@@ -5,20 +5,23 @@ of Contract 1, restricted to vector input (``input: n``), sequence input
 (``input: {size: n, length: T}``) or image input (``input: [C, H, W]``) and the ops ``dense``
 (op omitted = dense), ``activation``, ``add``, ``layer_norm``, ``dropout`` (identity: gradients
 are taken with dropout off), ``conv2d``, ``max_pool2d``, ``avg_pool2d``, ``flatten``, ``rnn``,
-``lstm``, ``gru`` and custom ops. Parameters follow Contract 2, where l is the 1-based position
-of the layer in ``layers``: ``W{l}`` (n, n_in) and ``b{l}`` (n,) of a dense layer; ``W{l}``
-(C_out, C_in, kh, kw) and ``b{l}`` (C_out,) of a conv2d layer; ``gamma{l}`` and ``beta{l}``
-(n,) of layer_norm; ``Wx{l}``, ``Wh{l}`` and biases of the recurrent ops (below).
+``lstm``, ``gru``, ``attention`` and custom ops. Parameters follow Contract 2, where l is the
+1-based position of the layer in ``layers``: ``W{l}`` (n, n_in) and ``b{l}`` (n,) of a dense
+layer; ``W{l}`` (C_out, C_in, kh, kw) and ``b{l}`` (C_out,) of a conv2d layer; ``gamma{l}`` and
+``beta{l}`` (n,) of layer_norm (n the number of features, also on a sequence); ``Wx{l}``,
+``Wh{l}`` and biases of the recurrent ops, ``Wq{l}``, ``Wk{l}``, ``Wv{l}`` of attention (below).
 
 Shapes. Every node's output has a per-sample shape: ``(n,)`` (a vector), ``(T, n)`` (a
 sequence of T time steps of n features) or ``(C, H, W)`` (an image); X is
 ``(B, *input shape)`` -- ``(B, T, n)`` for a sequence -- and Y ``(B, *output shape)``:
 ``(B, T, n_L)`` for a sequence output, ``(B, n_L)`` for a vector one. ``dense`` reads a vector
 or a sequence (a sequence step by step, the same W and b at every step: output
-``(T, n_out)``); ``layer_norm`` and custom ops read vectors (a sequence raises
-``NotImplementedError``: not supported yet); ``conv2d`` and the pools read images;
-``flatten`` turns an image into the vector of its C*H*W entries, C-major
-(``torch.flatten(x, 1)``); ``rnn``, ``lstm`` and ``gru`` read sequences only; ``activation``,
+``(T, n_out)``); ``layer_norm`` reads a vector or a sequence (a sequence step by step: each
+time step normalised over its n features, biased variance, the same gamma and beta at every
+step); custom ops read vectors (a sequence raises ``NotImplementedError``: not supported yet);
+``conv2d`` and the pools read images; ``flatten`` turns an image into the vector of its C*H*W
+entries, C-major (``torch.flatten(x, 1)``); ``rnn``, ``lstm``, ``gru`` and ``attention`` read
+sequences only; ``activation``,
 ``add`` and ``dropout`` work on any shape, elementwise (softmax on vectors, over the feature
 axis, and on sequences, over the feature axis at each time step; not on images).
 
@@ -39,6 +42,16 @@ axis, and on sequences, over the feature axis at each time step; not on images).
 
   lstm and gru take no ``activation``, and no ``bias`` other than ``true`` (ValueError).
 
+- ``attention``: single-head self-attention of a sequence x_1..x_T (T, n_in); ``size`` d
+  required, ``causal`` (bool, default false); no bias, no activation (ValueError). ``Wq{l}``,
+  ``Wk{l}``, ``Wv{l}`` (d, n_in). Per sample, q_t = Wq x_t, k_s = Wk x_s, v_s = Wv x_s,
+  e_ts = q_t . k_s / sqrt(d), p_ts = exp(e_ts) / sum_s' exp(e_ts') (softmax over s; causal: over
+  s, s' <= t only, p_ts = 0 for s > t) and out_t = sum_s p_ts v_s: output (T, d).
+  :func:`torch_loss_and_grads` computes it one of two ways, ``attention="explicit"`` (the
+  default: ``softmax(q k^T / sqrt(d))`` masked with -inf, then ``@ v``) or ``"sdpa"``
+  (``torch.nn.functional.scaled_dot_product_attention``, whose default scale 1/sqrt(d) with d
+  the last dimension of q is the same): the two must agree.
+
 - ``conv2d``: ``channels`` C_out and ``kernel`` (int or [kh, kw]) required; ``stride`` (int
   or [sh, sw], default 1), ``padding`` (int or [ph, pw], default 0; zeros on both sides),
   ``bias`` (true), ``activation`` (identity, applied elementwise). Cross-correlation, as
@@ -58,8 +71,8 @@ The per-sample cost is the loss summed over every output component (all C*H*W en
 image output; every time step and every component of a sequence output: a sum over time, not
 a mean; cross_entropy with a softmax per step); the batch cost is its mean over samples plus,
 once, ``(l2/2) * sum(W**2) + l1 * sum(|W|)`` over the weights ``W{l}`` of dense and conv2d
-layers and ``Wx{l}``, ``Wh{l}`` of rnn, lstm and gru only (not biases ``b``, ``bx``, ``bh``,
-gamma/beta or custom-op parameters).
+layers, ``Wx{l}``, ``Wh{l}`` of rnn, lstm and gru and ``Wq{l}``, ``Wk{l}``, ``Wv{l}`` of
+attention only (not biases ``b``, ``bx``, ``bh``, gamma/beta or custom-op parameters).
 
 :func:`torch_loss_and_grads` uses PyTorch's own functions in float64 and autograd: for the
 recurrent ops the modules ``torch.nn.RNN`` (tanh, relu; an rnn with another activation is a
@@ -67,7 +80,8 @@ loop of torch ops), ``torch.nn.LSTM`` and ``torch.nn.GRU`` (``batch_first=True``
 values copied in (``bias_ih_l0`` = b and ``bias_hh_l0`` = 0 for rnn and lstm; bx and bh for
 gru). :func:`numpy_forward_loss` is separate NumPy code for the same cost (forward only;
 convolution and pooling written as loops over kernel offsets, the recurrent ops as a loop
-over time steps from the equations above), for finite differences. Both share only the
+over time steps from the equations above, attention as loops over the query step t and the key
+step s with a max-shifted softmax), for finite differences. Both share only the
 reading of the spec's structure (:func:`reference_graph`). Custom ops are evaluated entry by
 entry by :mod:`tests.index_reference` (its own reading of the index notation); custom
 activations and losses raise ``NotImplementedError``. :mod:`tests.conv_reference` is a third,
@@ -93,10 +107,15 @@ if TYPE_CHECKING:
 #: Recurrent ops: they read a sequence [T, n_in], step by step from h_0 = 0.
 RECURRENT_OPS = ("rnn", "lstm", "gru")
 SUPPORTED_OPS = ("dense", "activation", "add", "layer_norm", "dropout", "conv2d", "max_pool2d",
-                 "avg_pool2d", "flatten", *RECURRENT_OPS)
+                 "avg_pool2d", "flatten", *RECURRENT_OPS, "attention")
 #: Ops with a weight ``W{l}`` that the regularization penalises (recurrent ops: ``Wx{l}`` and
-#: ``Wh{l}``).
+#: ``Wh{l}``; attention: ``Wq{l}``, ``Wk{l}``, ``Wv{l}``).
 WEIGHTED_OPS = ("dense", "conv2d")
+#: The weights of an attention layer, all penalised: query, key, value.
+ATTENTION_WEIGHTS = ("Wq", "Wk", "Wv")
+#: The ways :func:`torch_loss_and_grads` computes attention: written out, or by
+#: ``torch.nn.functional.scaled_dot_product_attention``.
+ATTENTION_MODES = ("explicit", "sdpa")
 #: Gates stacked in the rows of ``Wx{l}``, ``Wh{l}`` and the biases, PyTorch's order.
 GATES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 ACTIVATION_NAMES = (
@@ -126,7 +145,8 @@ class Node:
     ``(C, H, W)`` for an image.
 
     ``kernel``, ``stride`` and ``padding`` are (height, width) pairs of conv2d and the pools;
-    ``returns`` is ``"sequence"`` or ``"last"`` for a recurrent op.
+    ``returns`` is ``"sequence"`` or ``"last"`` for a recurrent op; ``causal`` says whether an
+    attention layer's step t attends to steps s <= t only.
     """
 
     number: int
@@ -142,6 +162,7 @@ class Node:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     returns: str = "sequence"
+    causal: bool = False
 
     @property
     def width(self) -> int:
@@ -178,14 +199,17 @@ class Graph:
 
     @property
     def weight_names(self) -> list[str]:
-        """The penalised parameters: the weights of dense layers, the kernels of conv2d and the
-        input and recurrent weights ``Wx{l}``, ``Wh{l}`` of rnn, lstm and gru."""
+        """The penalised parameters: the weights of dense layers, the kernels of conv2d, the
+        input and recurrent weights ``Wx{l}``, ``Wh{l}`` of rnn, lstm and gru and the query,
+        key and value weights ``Wq{l}``, ``Wk{l}``, ``Wv{l}`` of attention."""
         names = []
         for node in self.nodes:
             if node.op in WEIGHTED_OPS:
                 names.append(f"W{node.number}")
             elif node.op in RECURRENT_OPS:
                 names += [f"Wx{node.number}", f"Wh{node.number}"]
+            elif node.op == "attention":
+                names += [f"{w}{node.number}" for w in ATTENTION_WEIGHTS]
         return names
 
     @property
@@ -373,6 +397,26 @@ def _recurrent(layer: dict, op: str, in_shape: tuple[int, ...], number: int) -> 
     return shape, {"activation": act, "bias": bias, "params": params, "returns": returns}
 
 
+def _attention(layer: dict, in_shape: tuple[int, ...], number: int) -> tuple[
+        tuple[int, ...], dict[str, Any]]:
+    """Output shape (T, d) and Node fields of an attention layer reading ``in_shape``
+    (T, n_in): ``Wq{l}``, ``Wk{l}``, ``Wv{l}`` (d, n_in) and ``causal``."""
+    size = layer.get("size")
+    if not _is_int(size) or size < 1:
+        raise ValueError(f"layer {number}: attention needs size, a positive int, not {size!r}")
+    causal = layer.get("causal", False)
+    if not isinstance(causal, bool):
+        raise TypeError(f"layer {number}: causal must be true or false, not {causal!r}")
+    for key in ("activation", "bias"):
+        if key in layer:
+            raise ValueError(f"layer {number}: attention takes no {key} (q, k and v are linear "
+                             "maps without biases)")
+    length, n_in = in_shape
+    d = int(size)
+    params = {f"{w}{number}": (d, n_in) for w in ATTENTION_WEIGHTS}
+    return (length, d), {"params": params, "causal": causal}
+
+
 def reference_graph(spec: dict) -> Graph:
     """Read the spec's structure: nodes, shapes, parameter shapes; checks unused layers."""
     input_shape = spec_input_shape(spec)
@@ -408,16 +452,16 @@ def reference_graph(spec: dict) -> Graph:
         in_shape = shapes[inputs[0]]
         ranks = {len(shapes[i]) for i in inputs}
         if op in ("dense", "layer_norm", "custom") and 3 in ranks:
-            reads = "a vector or a sequence" if op == "dense" else "a vector"
+            reads = "a vector" if op == "custom" else "a vector or a sequence"
             raise ValueError(f"layer {number}: {op} reads {reads}, not an image "
                              f"{list(in_shape)} (flatten it first)")
-        if op in ("layer_norm", "custom") and 2 in ranks:
+        if op == "custom" and 2 in ranks:
             raise NotImplementedError(f"layer {number}: {op} of a sequence [T, n] is not "
                                       "supported yet")
         if op in ("conv2d", "max_pool2d", "avg_pool2d", "flatten") and len(in_shape) != 3:
             raise ValueError(f"layer {number}: {op} reads an image [C, H, W], not "
                              f"{_describe(in_shape)}")
-        if op in RECURRENT_OPS and len(in_shape) != 2:
+        if (op in RECURRENT_OPS or op == "attention") and len(in_shape) != 2:
             raise ValueError(f"layer {number}: {op} reads a sequence [T, n], not "
                              f"{_describe(in_shape)}")
         kwargs: dict[str, Any] = {}
@@ -462,6 +506,8 @@ def reference_graph(spec: dict) -> Graph:
             shape = (math.prod(in_shape),)
         elif op in RECURRENT_OPS:
             shape, kwargs = _recurrent(layer, op, in_shape, number)
+        elif op == "attention":
+            shape, kwargs = _attention(layer, in_shape, number)
         elif op == "activation":
             shape = in_shape
             kwargs = {"activation": _check_activation(parse_activation(layer["activation"]),
@@ -473,10 +519,10 @@ def reference_graph(spec: dict) -> Graph:
             kwargs = {"custom": custom, "params": {
                 f"{name}{number}": tuple(axes[axis] for axis in param_shape)
                 for name, param_shape in custom.get("params", {}).items()}}
-        elif op == "layer_norm":
+        elif op == "layer_norm":  # over the feature axis (of each time step of a sequence)
             shape = in_shape
             kwargs = {"eps": float(layer.get("eps", 1e-5)),
-                      "params": {f"gamma{number}": shape, f"beta{number}": shape}}
+                      "params": {f"gamma{number}": shape[-1:], f"beta{number}": shape[-1:]}}
         else:  # add, dropout
             shape = in_shape
         nodes.append(Node(number, op, inputs, shape, **kwargs))
@@ -540,8 +586,9 @@ def init_reference_params(spec: dict, seed: int) -> dict[str, np.ndarray]:
     Each entry is a standard normal draw, scaled: a dense weight by min(0.5, 1/sqrt(n_in))
     (0.5 up to n_in = 4); a conv2d kernel by 1/sqrt(C_in*kh*kw) (fan-in); a recurrent layer's
     ``Wx{l}`` by min(0.5, 1/sqrt(n_in)) and ``Wh{l}`` by min(0.5, 1/sqrt(n)) (n its size, the
-    fan-in of every gate); gamma is 1 + 0.1 * normal, beta 0.1 * normal; biases (``b``, ``bx``,
-    ``bh``) and custom-op parameters 0.5 * normal.
+    fan-in of every gate); an attention layer's ``Wq{l}``, ``Wk{l}``, ``Wv{l}`` (d, n_in) by
+    sqrt(2 / (n_in + d)) (Glorot normal); gamma is 1 + 0.1 * normal, beta 0.1 * normal; biases
+    (``b``, ``bx``, ``bh``) and custom-op parameters 0.5 * normal.
     """
     rng = np.random.default_rng(seed)
     params = {}
@@ -558,6 +605,8 @@ def init_reference_params(spec: dict, seed: int) -> dict[str, np.ndarray]:
                 params[name] = noise / math.sqrt(math.prod(shape[1:]))
             elif name in (f"Wx{node.number}", f"Wh{node.number}") and node.op in RECURRENT_OPS:
                 params[name] = min(0.5, 1.0 / math.sqrt(shape[1])) * noise
+            elif node.op == "attention":  # Wq, Wk, Wv
+                params[name] = math.sqrt(2.0 / (shape[0] + shape[1])) * noise
             else:
                 params[name] = 0.5 * noise
     return params
@@ -671,14 +720,44 @@ def _torch_recurrent(node: Node, x: torch.Tensor, tp: dict[str, torch.Tensor]) -
     return out if node.returns == "sequence" else out[:, -1]
 
 
-def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
-                         Y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-    """Batch cost and its gradient for every parameter, by PyTorch autograd in float64.
+def _torch_attention(node: Node, x: torch.Tensor, tp: dict[str, torch.Tensor],
+                     mode: str) -> torch.Tensor:
+    """An attention layer on x (B, T, n_in): its output (B, T, d).
 
-    X is (B, *input shape), (B, T, n) for a sequence input; Y (B, *output shape)."""
+    q, k, v = x Wq^T, x Wk^T, x Wv^T (B, T, d). ``mode`` ``"explicit"``: softmax over the last
+    axis of q k^T / sqrt(d), entries s > t set to -inf first when causal, times v;
+    ``"sdpa"``: ``scaled_dot_product_attention(q, k, v, is_causal=causal)`` (scale 1/sqrt(d),
+    its default, and the same lower-triangular mask).
+    """
     import torch
     import torch.nn.functional as F
 
+    k = node.number
+    q, key, v = (F.linear(x, tp[f"{w}{k}"]) for w in ATTENTION_WEIGHTS)
+    if mode == "sdpa":
+        return F.scaled_dot_product_attention(q, key, v, is_causal=node.causal)
+    scores = q @ key.transpose(-1, -2) / math.sqrt(node.shape[-1])
+    if node.causal:
+        length = x.shape[1]
+        later = torch.ones(length, length, dtype=torch.bool).triu(diagonal=1)  # s > t
+        scores = scores.masked_fill(later, float("-inf"))
+    return F.softmax(scores, dim=-1) @ v
+
+
+def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
+                         Y: np.ndarray, *, attention: str = "explicit") -> tuple[
+                             float, dict[str, np.ndarray]]:
+    """Batch cost and its gradient for every parameter, by PyTorch autograd in float64.
+
+    X is (B, *input shape), (B, T, n) for a sequence input; Y (B, *output shape).
+    ``attention`` (one of :data:`ATTENTION_MODES`) chooses how attention layers are computed:
+    ``"explicit"`` (softmax of the scaled scores, written out) or ``"sdpa"``
+    (``torch.nn.functional.scaled_dot_product_attention``)."""
+    import torch
+    import torch.nn.functional as F
+
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, not {attention!r}")
     graph = reference_graph(spec)
     params, X, Y = _check_arrays(graph, params, X, Y)
     tp = {name: torch.tensor(value, dtype=torch.float64, requires_grad=True)
@@ -704,13 +783,15 @@ def torch_loss_and_grads(spec: dict, params: dict[str, np.ndarray], X: np.ndarra
             out = torch.flatten(h, 1)
         elif node.op in RECURRENT_OPS:
             out = _torch_recurrent(node, h, tp)
+        elif node.op == "attention":
+            out = _torch_attention(node, h, tp, attention)
         elif node.op == "activation":
             out = _torch_activation(node.activation, h)
         elif node.op == "add":
             out = torch.stack([outputs[i] for i in node.inputs]).sum(dim=0)
         elif node.op == "layer_norm":
-            out = F.layer_norm(h, (node.width,), weight=tp[f"gamma{k}"], bias=tp[f"beta{k}"],
-                               eps=node.eps)
+            out = F.layer_norm(h, node.shape[-1:], weight=tp[f"gamma{k}"],
+                               bias=tp[f"beta{k}"], eps=node.eps)
         elif node.op == "custom":
             out = node.custom_output(outputs, tp, torch)
         else:  # dropout, evaluation mode
@@ -852,6 +933,28 @@ def _np_recurrent(node: Node, x: np.ndarray, params: dict[str, np.ndarray]) -> n
     return np.stack(steps, axis=1) if node.returns == "sequence" else h
 
 
+def _np_attention(node: Node, x: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """An attention layer on x (B, T, n_in), one query step t and one key step s at a time;
+    the stacked out_1..out_T (B, T, d).
+
+    q_t = Wq x_t, k_s = Wk x_s, v_s = Wv x_s; e_ts = q_t . k_s / sqrt(d) for s = 1..T (causal:
+    s = 1..t); out_t = sum_s exp(e_ts - m_t) v_s / sum_s exp(e_ts - m_t), m_t = max_s e_ts.
+    """
+    k, d = node.number, node.shape[-1]
+    q, key, v = (x @ params[f"{w}{k}"].T for w in ATTENTION_WEIGHTS)
+    length = x.shape[1]
+    steps = []
+    for t in range(length):
+        keys = range(t + 1) if node.causal else range(length)
+        scores = [(q[:, t] * key[:, s]).sum(axis=-1) / math.sqrt(d) for s in keys]  # (B,) each
+        shift = np.max(scores, axis=0)
+        weights = [np.exp(e - shift) for e in scores]
+        total = sum(weights[1:], weights[0])
+        out = sum(w[:, None] * v[:, s] for w, s in zip(weights, keys))
+        steps.append(out / total[:, None])
+    return np.stack(steps, axis=1)
+
+
 def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
                        Y: np.ndarray) -> float:
     """The same batch cost as :func:`torch_loss_and_grads`, in plain NumPy float64."""
@@ -876,6 +979,8 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
             out = h.reshape(h.shape[0], -1)  # C order: channel slowest, then row, column
         elif node.op in RECURRENT_OPS:
             out = _np_recurrent(node, h, params)
+        elif node.op == "attention":
+            out = _np_attention(node, h, params)
         elif node.op == "activation":
             out = _np_activation(node.activation, h)
         elif node.op == "add":
@@ -884,7 +989,7 @@ def numpy_forward_loss(spec: dict, params: dict[str, np.ndarray], X: np.ndarray,
                 out = out + outputs[i]
         elif node.op == "custom":
             out = node.custom_output(outputs, params, np)
-        elif node.op == "layer_norm":
+        elif node.op == "layer_norm":  # over the last (feature) axis
             mean = h.mean(axis=-1, keepdims=True)
             var = ((h - mean) ** 2).mean(axis=-1, keepdims=True)
             out = (h - mean) / np.sqrt(var + node.eps) * params[f"gamma{k}"] + params[f"beta{k}"]

@@ -46,6 +46,7 @@ from derive.quantities import (
 )
 from derive.registry.functions import A, Activation, Z, elementary
 from derive.registry.ops import Equation
+from derive.registry.windows import InRange
 
 #: The per-sample cost, as a symbol (its expression is ``Model.cost``).
 C = sp.Symbol("C", real=True)
@@ -423,7 +424,7 @@ class _Reverse:
         return derived
 
     def _adjoint(self, q: NetTensor, target: sp.Expr, loss_gradient: Formula) -> _Derived:
-        free = indices_for(q)
+        free = _free(self.model, q)
         steps: list[Step] = []
         if q == self.output:
             # the loss reads it; a recurrent output (h_t) is also read at the step after
@@ -468,9 +469,7 @@ class _Reverse:
             argument = _relabel(eq.argument, eq.indices, new_free, avoid | set(new_free))
             generic = sigma(argument)
         derivative = collapse(sp.diff(generic, wrt))
-        activation = self.node_of[eq.target].activation
-        if eq.activation is None and activation is not None and activation.is_softmax \
-                and eq.source_kind in ("a",):
+        if eq.softmax:
             derivative = _softmax_in_outputs(derivative, expr, entry(eq.target, new_free))
         return new_free, expr, generic, derivative
 
@@ -519,7 +518,7 @@ class _Reverse:
                               or self.readers.get(self.output))},
                         key=sp.default_sort_key)
         for p in inline:
-            p_free = indices_for(p)
+            p_free = _free(self.model, p)
             p_target = partial(C, entry(p, p_free))
             p_expr, p_steps = self.adjoint_generic(p, p_free, p_target)
             steps.extend(p_steps)
@@ -578,6 +577,11 @@ class _Reverse:
         return collapse(out)
 
 
+def _free(model: Model, q: NetTensor) -> tuple[sp.Symbol, ...]:
+    """The free indices of a formula about ``q``: by its shape (a time axis takes t)."""
+    return indices_for(q, shape=model.shapes.get(q))
+
+
 def _indices(indexed: sp.Expr) -> tuple[sp.Expr, ...]:
     return tuple(indexed.indices) if isinstance(indexed, sp.Indexed) else ()
 
@@ -631,7 +635,9 @@ def _solved_indices(pattern: sp.Expr, actual: sp.Expr, indices: tuple[sp.Symbol,
 
 def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> sp.Expr:
     """Each quotient e^{z_x} / sum_m e^{z_m} of a softmax derivative written as the output
-    a_x it defines (the forward expression ``expr`` of ``output``)."""
+    a_x it defines (the forward expression ``expr`` of ``output``). A masked softmax (each
+    exponential times a bracket [x ≤ t], causal attention) has a_x = [x ≤ t] e^{z_x} / sum:
+    a bracket beside the output it masks is 1 wherever that output is not 0."""
     normalisers = [s for s in sp.preorder_traversal(expr) if isinstance(s, sp.Sum)]
     if len(normalisers) != 1:
         return derivative
@@ -641,11 +647,28 @@ def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> 
     numerator = next(s for s in sp.preorder_traversal(expr)
                      if isinstance(s, sp.exp) and isinstance(s.args[0], sp.Indexed))
     z_base = numerator.args[0].base
+    (summed, _low, _high), = normaliser.limits
+    masks = [f for f in sp.Mul.make_args(normaliser.function) if isinstance(f, InRange)]
     local = sp.expand(derivative.xreplace({normaliser: total}).replace(
         lambda e: isinstance(e, sp.exp) and isinstance(e.args[0], sp.Indexed)
         and e.args[0].base == z_base,
         lambda e: base[e.args[0].indices] * total))
-    return derivative if local.has(total) else local
+    if local.has(total):
+        return derivative
+    if masks:
+        (mask,) = masks
+        position = list(normaliser.function.atoms(sp.Indexed))[0].indices.index(summed)
+
+        def unmasked(term: sp.Expr) -> sp.Expr:
+            factors = list(sp.Mul.make_args(term))
+            for found in [f for f in factors if isinstance(f, sp.Indexed) and f.base == base]:
+                bracket = mask.xreplace({summed: found.indices[position]})
+                if bracket in factors:
+                    factors.remove(bracket)
+            return sp.Mul(*factors)
+
+        local = sp.Add(*(unmasked(term) for term in sp.Add.make_args(local)))
+    return local
 
 
 def _why_chain(q: NetTensor, consumers: list[Equation]) -> str:
@@ -770,7 +793,7 @@ def _label(model: Model, node: Node, kind: str, role: str = "") -> str:
 
 def _loss_gradient(model: Model) -> Formula:
     out = model.output
-    free = indices_for(out.output)          # (j,), or (t, j) for a sequence output
+    free = _free(model, out.output)         # (j,), or (t, j) for a sequence output
     lhs = partial(C, entry(out.output, free))
     cost = _relabel(model.cost, (), (), set(free))     # its sums' indices apart from free
     raw = collapse(sp.diff(cost, entry(out.output, free)))
@@ -825,7 +848,7 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
 def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
                      ) -> Formula:
     model = reverse.model
-    free = indices_for(q)
+    free = _free(model, q)
     is_delta = q in reverse.delta_of
     lhs = reverse.reference(q, free)
     steps: list[Step] = []
@@ -846,7 +869,7 @@ def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient:
 def _gradient_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula
                       ) -> Formula:
     model = reverse.model
-    free = indices_for(q)
+    free = _free(model, q)
     lhs = partial(C, entry(q, free))
     derived = reverse.adjoint(node, q, lhs, loss_gradient)
     steps = derived.steps

@@ -53,18 +53,32 @@ class Concat(sp.Function):
     """``Concat(*parts)``: vectors side by side along the feature axis."""
 
 
-def _is_sequence(tensor: NetTensor | None) -> bool:
-    return tensor is not None and not tensor.is_parameter and tensor.rank == 2 and \
-        tensor.step is None
+def _is_sequence(found: sp.Expr) -> bool:
+    """Whether ``found`` is an entry of a quantity with a time axis first: a sequence (t, j),
+    attention weights (t, τ), a layer norm's mean of each step μ_t."""
+    tensor = tensor_of(found)
+    if tensor is None or tensor.is_parameter or tensor.step is not None or \
+            not isinstance(found, sp.Indexed):
+        return False
+    first = found.indices[0]
+    return tensor.rank == 2 or first.has(LENGTH) or any(
+        index_family(symbol) == "time" for symbol in first.free_symbols)
 
 
 def is_step_form(expr: sp.Expr) -> bool:
     """Whether ``expr`` reads an entry of a sequence quantity (or its adjoint)."""
     for found in expr.atoms(sp.Indexed):
-        if _is_sequence(tensor_of(found)):
+        if _is_sequence(found):
             return True
-    return any(isinstance(d, sp.Derivative) and _is_sequence(tensor_of(d.variables[0]))
+    return any(isinstance(d, sp.Derivative) and _is_sequence(d.variables[0])
                for d in expr.atoms(sp.Derivative))
+
+
+def time_indices(expr: sp.Expr, free: tuple[sp.Symbol, ...]) -> set[sp.Symbol]:
+    """The time indices of a formula: its free ones and those it sums over."""
+    times = {index for index in free if index_family(index) == "time"}
+    return times | {limit[0] for s in expr.atoms(sp.Sum) for limit in s.limits
+                    if index_family(limit[0]) == "time"}
 
 
 def one_step(expr: sp.Expr, free: tuple[sp.Symbol, ...], ranges: tuple[sp.Expr, ...]
@@ -73,9 +87,7 @@ def one_step(expr: sp.Expr, free: tuple[sp.Symbol, ...], ranges: tuple[sp.Expr, 
     as step views, sums over time dropped, time brackets as guards; with the free indices and
     ranges that remain, and whether it summed over the steps (a parameter's gradient: the
     caller wraps its tensor form in ``SumSteps``)."""
-    times = {index for index in free if index_family(index) == "time"}
-    times |= {limit[0] for s in expr.atoms(sp.Sum) for limit in s.limits
-              if index_family(limit[0]) == "time"}
+    times = time_indices(expr, free)
     if len(times) > 1:
         raise DeriveError(f"no tensor form for {expr} (two time indices)")
     time = next(iter(times), None)
@@ -89,9 +101,9 @@ def one_step(expr: sp.Expr, free: tuple[sp.Symbol, ...], ranges: tuple[sp.Expr, 
         return int(shift)
 
     def view(found: sp.Indexed) -> sp.Expr:
-        tensor = tensor_of(found)
-        if not _is_sequence(tensor):
+        if not _is_sequence(found):
             return found
+        tensor = tensor_of(found)
         first, *rest = found.indices
         return entry(tensor.at_step(offset(first)), tuple(rest))
 
@@ -185,3 +197,91 @@ def _concat(terms: tuple[sp.Expr, ...], brackets: list[list[InRange]], index: sp
         out.append(inner if inner is not None else vector(part, (index,)) if part != 0
                    else sp.Integer(0))
     return Concat(*out, sp.Tuple(block))
+
+
+# --- whole sequences: formulas over two time axes (attention) -------------------------------
+
+
+class Causal(sp.Function):
+    """``Causal(T)``: the T × T matrix of the brackets [τ ≤ t] (row t, column τ): causal
+    attention's mask."""
+
+    nargs = 1
+
+
+class SumLast(sp.Function):
+    """``SumLast(x)``: x summed over its last axis, which is kept with length 1, so that it
+    stands beside the tensors of the frame it was summed in (Σ_τ' α_{tτ'} g_{tτ'}, beside
+    α_{tτ}: a column)."""
+
+    nargs = 1
+
+
+def whole_sequence(expr: sp.Expr, free: tuple[sp.Symbol, ...], einsum) -> sp.Expr:
+    """The tensor form of a formula over two time axes (attention's scores s_{tτ}, its
+    output Σ_τ α_{tτ} v_{τj}, their adjoints), read over whole sequences: an entry q_{tj} is
+    the (T, n) tensor q. A contraction of entries is ``einsum(expr, free)``; anything else
+    must be elementwise over the axes ``free``, with sums over the last axis (``SumLast``) and
+    the causal bracket [τ ≤ t] (``Causal``) inside."""
+    constant = sp.Mul(*(f for f in sp.Mul.make_args(expr) if not f.has(sp.Indexed)))
+    try:
+        contraction = einsum(expr / constant, free)
+    except DeriveError:
+        return _pointwise(expr, free, expr)
+    return constant * _as_product(contraction)
+
+
+class MatProd(sp.Function):
+    """``MatProd(A, B)``: the matrix product of two whole sequences read as matrices (steps as
+    rows, or the two time axes of attention weights), one per sample."""
+
+    nargs = 2
+
+
+class Transposed(sp.Function):
+    """``Transposed(A)``: a whole sequence's matrix, transposed."""
+
+    nargs = 1
+
+
+def _as_product(contraction: sp.Expr) -> sp.Expr:
+    """A contraction of two matrices over one shared axis (``Einsum("ji,ki->jk", δ, v)``)
+    as the matrix product it is (δ vᵀ); any other contraction as it is."""
+    subscripts, *operands = contraction.args
+    inputs, output = str(subscripts).split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2 or len(output) != 2 or any(len(p) != 2 for p in parts):
+        return contraction
+    shared = set(parts[0]) & set(parts[1])
+    if len(shared) != 1 or shared & set(output) or len(set(output)) != 2:
+        return contraction
+    (summed,) = shared
+    if output[0] not in parts[0]:
+        parts, operands = parts[::-1], operands[::-1]
+    if output[0] not in parts[0] or output[1] not in parts[1]:
+        return contraction
+    left = operands[0] if parts[0] == output[0] + summed else Transposed(operands[0])
+    right = operands[1] if parts[1] == summed + output[1] else Transposed(operands[1])
+    return MatProd(left, right)
+
+
+def _pointwise(expr: sp.Expr, frame: tuple[sp.Symbol, ...], whole: sp.Expr) -> sp.Expr:
+    if isinstance(expr, sp.Indexed):
+        tensor = tensor_of(expr)
+        if tensor is None or tuple(expr.indices) != frame:
+            raise DeriveError(f"no tensor form for {whole} (an entry {expr})")
+        return tensor
+    if isinstance(expr, InRange):
+        if len(frame) == 2 and tuple(expr.args) == (frame[1], 1, frame[0]):
+            return Causal(LENGTH)
+        raise DeriveError(f"no tensor form for {whole} (a bracket {expr})")
+    if isinstance(expr, sp.Sum):
+        (index, _low, _high), *more = expr.limits
+        if more or not frame or expr.function.free_symbols & set(frame[-1:]) - {index}:
+            raise DeriveError(f"no tensor form for {whole}")
+        return SumLast(_pointwise(expr.function, (*frame[:-1], index), whole))
+    if isinstance(expr, NetTensor) and expr.rank and not expr.is_parameter:
+        raise DeriveError(f"no tensor form for {whole}")
+    if not expr.args or not expr.has(sp.Indexed):
+        return expr
+    return expr.func(*(_pointwise(arg, frame, whole) for arg in expr.args))

@@ -24,7 +24,15 @@ from collections.abc import Mapping
 import sympy as sp
 
 from derive.derivation.imageform import ARRAYS, Flatten, image_form, is_image_form
-from derive.derivation.stepform import Block, SumSteps, blocks, is_step_form, one_step
+from derive.derivation.stepform import (
+    Block,
+    SumSteps,
+    blocks,
+    is_step_form,
+    one_step,
+    time_indices,
+    whole_sequence,
+)
 from derive.errors import DeriveError
 from derive.quantities import NetTensor, entry, tensor_of
 
@@ -124,6 +132,8 @@ def to_vector(expr: sp.Expr, free: tuple[sp.Symbol, ...],
     without a tensor form (a Kronecker delta the derivation could not collapse among them).
     """
     if is_step_form(expr):
+        if len(time_indices(expr, free)) > 1:       # over two time axes: attention
+            return whole_sequence(_adjoint_entries(expr), free, _einsum)
         expr, free, ranges, summed = one_step(_adjoint_entries(expr), free, ranges)
         found = blocks(expr, free, ranges, widths or {},
                        lambda e, f: to_vector(e, f, (), widths))

@@ -89,6 +89,9 @@ class Equation:
     ranges: tuple[sp.Expr, ...] = ()
     at: tuple[sp.Expr, ...] | None = None
     gate: bool = False              # ``activation`` is the op's own, not the node's (a gate)
+    #: a softmax: expr is e^{x_j} / Σ_i e^{x_i} (each term possibly masked by a bracket); its
+    #: derivative is written in the outputs it defines
+    softmax: bool = False
 
     @property
     def lhs(self) -> sp.Expr:
@@ -140,7 +143,7 @@ class Context:
             summed = fresh_indices(3, set())[2]
             z = _StepBase(argument.indexed, tuple(steps))
             return Equation(out, (*steps, j), activation.vector(z, j, summed, self.size),
-                            source_kind=role)
+                            source_kind=role, softmax=activation.is_softmax)
         indices = indices_for(argument)
         z = entry(argument, indices)
         return Equation(out, indices, activation.expr.subs(activation.variable, z),
@@ -256,16 +259,25 @@ def _add_forward(ctx: Context) -> Forward:
 
 
 def _layer_norm_forward(ctx: Context) -> Forward:
+    """Over the features; on a sequence, of each step t: μ_t, σ²_t of step t's features."""
     (x,) = ctx.inputs
-    j, k = fresh_indices(2, set())
+    steps = indices_for(NetTensor("a", rank=len(ctx.shape)))[:-1]      # (t,) on a sequence
+    j, k = fresh_indices(2, set(steps))
     n = x.size
     eps = sp.Rational(repr(float(ctx.attrs.get("eps", 1e-5))))
-    mu, var = ctx.quantity("mu", 0), ctx.quantity("var", 0)
-    xhat, out = ctx.quantity("xhat"), ctx.quantity("a")
-    mean = Equation(mu, (), sp.Sum(x[k], (k, 1, n)) / n, source_kind="mu")
-    variance = Equation(var, (), sp.Sum((x[k] - mu) ** 2, (k, 1, n)) / n, source_kind="var")
-    normalised = Equation(xhat, (j,), (x[j] - mu) / sp.sqrt(var + eps), source_kind="xhat")
-    affine = Equation(out, (j,), ctx.params["gamma"][j] * xhat.indexed[j]
+    rank = len(steps)
+    mu, var = ctx.quantity("mu", rank), ctx.quantity("var", rank)
+    xhat, out = ctx.quantity("xhat", rank + 1), ctx.quantity("a", rank + 1)
+    m, v = entry(mu, steps), entry(var, steps)
+    x_at = lambda i: entry(x.tensor, (*steps, i))       # noqa: E731
+    ranges = ctx.shape[:-1]
+    mean = Equation(mu, steps, sp.Sum(x_at(k), (k, 1, n)) / n, source_kind="mu",
+                    ranges=ranges)
+    variance = Equation(var, steps, sp.Sum((x_at(k) - m) ** 2, (k, 1, n)) / n,
+                        source_kind="var", ranges=ranges)
+    normalised = Equation(xhat, (*steps, j), (x_at(j) - m) / sp.sqrt(v + eps),
+                          source_kind="xhat")
+    affine = Equation(out, (*steps, j), ctx.params["gamma"][j] * entry(xhat, (*steps, j))
                       + ctx.params["beta"][j], source_kind="a")
     return Forward((mean, variance, normalised, affine), out)
 
@@ -292,6 +304,7 @@ def _same_shape(attrs: Mapping[str, object], shape: tuple[int, ...]) -> tuple[in
     return shape
 
 
+from derive.registry.attention_ops import ATTENTION_OPS
 from derive.registry.image_ops import IMAGE_OPS
 from derive.registry.sequence_ops import SEQUENCE_OPS
 
@@ -340,7 +353,7 @@ OPS: Mapping[object, OpDef] = _Registry({
         (1, 1),
         lambda attrs: (ParameterDef("gamma", ("size",), "ones"),
                        ParameterDef("beta", ("size",), "zeros")),
-        _same_size, _layer_norm_forward, label="LN"),
+        _same_size, _layer_norm_forward, label="LN", per_step=True),
     "dropout": OpDef(
         "dropout", "inverted dropout while training (mask m/(1-p)); identity otherwise",
         (Attribute("rate", "rate", required=True, doc="probability p of dropping a unit"),),
@@ -348,6 +361,7 @@ OPS: Mapping[object, OpDef] = _Registry({
         output_shape=_same_shape),
     **IMAGE_OPS,
     **SEQUENCE_OPS,
+    **ATTENTION_OPS,
 })
 
 

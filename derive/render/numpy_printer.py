@@ -33,7 +33,7 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
-from derive.derivation.stepform import Block, Concat
+from derive.derivation.stepform import Block, Causal, Concat, MatProd, SumLast, Transposed
 from derive.derivation.tensorform import (
     ONE,
     Broadcast,
@@ -45,7 +45,7 @@ from derive.derivation.tensorform import (
     Total,
 )
 from derive.quantities import LENGTH, NetTensor
-from derive.render.stability import LogSumExp, Softmax
+from derive.render.stability import CausalSoftmax, LogSumExp, Softmax
 from derive.render.timeloops import Guarded
 
 
@@ -81,6 +81,14 @@ def _softplus(x):
     "_softmax": '''\
 def _softmax(x):
     """Softmax of each row, after subtracting the row maximum (so exp cannot overflow)."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+''',
+    "_causal_softmax": '''\
+def _causal_softmax(x):
+    """Softmax of each row t of the last two axes over the columns up to t (0 beyond), the
+    row maximum taken out first."""
+    x = np.where(np.tri(x.shape[-1], dtype=bool), x, -np.inf)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 ''',
@@ -325,7 +333,8 @@ def _ints(pair: sp.Expr) -> str:
 BATCH_NAMES = {"a": "A", "z": "Z", "delta": "delta", "w": "W", "b": "b", "gamma": "gamma",
                "beta": "beta", "mu": "mu", "var": "var", "xhat": "Xhat", "mask": "M",
                "lse": "LSE", "wx": "Wx", "wh": "Wh", "bx": "bx", "bh": "bh", "zx": "Zx",
-               "zh": "Zh"}
+               "zh": "Zh", "wq": "Wq", "wk": "Wk", "wv": "Wv", "q": "Q", "k": "K", "v": "V",
+               "s": "S", "alpha": "Alpha"}
 
 
 def batch_name(tensor: NetTensor) -> str:
@@ -478,7 +487,7 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def parenthesize(self, item: sp.Basic, level: int, strict: bool = False) -> str:
         # `@` binds like `*` in Python: a matrix product inside a product needs parentheses
-        if isinstance(item, MatVec | Outer) and level >= PRECEDENCE["Mul"]:
+        if isinstance(item, MatVec | Outer | MatProd) and level >= PRECEDENCE["Mul"]:
             return f"({self._print(item)})"
         return super().parenthesize(item, level, strict)
 
@@ -713,6 +722,26 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_Softmax(self, expr: Softmax) -> str:
         return self._helper("_softmax", *expr.args)
+
+    def _print_CausalSoftmax(self, expr: CausalSoftmax) -> str:
+        return self._helper("_causal_softmax", *expr.args)
+
+    # --- whole sequences (attention) -------------------------------------------------------
+
+    def _print_MatProd(self, expr: MatProd) -> str:
+        left, right = (self.parenthesize(a, PRECEDENCE["Mul"], strict=True) for a in expr.args)
+        return f"{left} @ {right}"
+
+    def _print_Transposed(self, expr: Transposed) -> str:
+        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}" \
+               ".swapaxes(-1, -2)"
+
+    def _print_SumLast(self, expr: SumLast) -> str:
+        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}" \
+               ".sum(axis=-1, keepdims=True)"
+
+    def _print_Causal(self, expr: Causal) -> str:
+        return f"np.tri({self.length})"
 
     def _print_LogSumExp(self, expr: LogSumExp) -> str:
         return self._helper("_logsumexp", *expr.args)

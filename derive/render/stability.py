@@ -19,12 +19,20 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
+from derive.derivation.stepform import Causal, SumLast
 from derive.derivation.tensorform import ONE, Inner
 from derive.registry.functions import sigmoid, softplus
 
 
 class Softmax(sp.Function):
     """``Softmax(v)`` = e^v / Σ_i e^{v_i}, a vector function (row-wise in a batch)."""
+
+    nargs = 1
+
+
+class CausalSoftmax(sp.Function):
+    """``CausalSoftmax(v)``: of a (T, T) matrix, row t's softmax over columns τ ≤ t (0
+    beyond): causal attention's weights."""
 
     nargs = 1
 
@@ -105,14 +113,21 @@ def _log_one_plus_exp(expr: sp.Expr) -> sp.Expr:
                         lambda e: softplus(_one_plus_exp(e.args[0])))
 
 
-def _softmax_parts(mul: sp.Basic) -> sp.Expr | None:
-    """v when ``mul`` is e^v / Inner(1, e^v), else None."""
-    if not isinstance(mul, sp.Mul) or len(mul.args) != 2:
+def _softmax_parts(mul: sp.Basic, masked: bool = False) -> sp.Expr | None:
+    """v when ``mul`` is e^v / Inner(1, e^v) (or over the last axis of a whole sequence:
+    e^v / SumLast(e^v)); with ``masked``, v when it is [τ ≤ t] e^v over the same sum of
+    masked terms (causal attention). Else None."""
+    if not isinstance(mul, sp.Mul) or len(mul.args) != 2 + masked:
         return None
-    for numerator, denominator in (mul.args, reversed(mul.args)):
+    mask = [a for a in mul.args if isinstance(a, Causal)]
+    if len(mask) != masked:
+        return None
+    args = [a for a in mul.args if not isinstance(a, Causal)]
+    for numerator, denominator in (args, reversed(args)):
         v = _exp_argument(numerator)
+        whole = sp.Mul(*mask, numerator)
         if (v is not None and isinstance(denominator, sp.Pow) and denominator.exp == -1
-                and denominator.base == Inner(ONE, numerator)):
+                and denominator.base in (Inner(ONE, whole), SumLast(whole))):
             return v
     return None
 
@@ -269,6 +284,10 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite("softmax", "e^v / sum(e^v) = Softmax(v), evaluated after subtracting max(v)",
             _replace(lambda e: _softmax_parts(e) is not None,
                      lambda e: Softmax(_softmax_parts(e)))),
+    Rewrite("causal_softmax", "[τ ≤ t] e^v / sum([τ ≤ t] e^v) = CausalSoftmax(v), evaluated "
+            "with the masked entries at -inf, after subtracting the row maximum", _replace(
+                lambda e: _softmax_parts(e, masked=True) is not None,
+                lambda e: CausalSoftmax(_softmax_parts(e, masked=True)))),
     Rewrite("log_softmax", "log Softmax(v) = v - LogSumExp(v)", _replace(
         lambda e: isinstance(e, sp.log) and isinstance(e.args[0], Softmax),
         lambda e: e.args[0].args[0] - LogSumExp(e.args[0].args[0]))),

@@ -57,7 +57,7 @@ INPUT_NAME = "input"
 DEFAULT_OP = "dense"
 #: Dictionary keys of parameters by role (docs/architecture.md, "Contracts": W{l}, b{l}, gamma{l}, ...).
 PARAMETER_KEYS = {"w": "W", "b": "b", "gamma": "gamma", "beta": "beta", "wx": "Wx", "wh": "Wh",
-                  "bx": "bx", "bh": "bh"}
+                  "bx": "bx", "bh": "bh", "wq": "Wq", "wk": "Wk", "wv": "Wv"}
 #: The fields of a sequence input ``{size: n, length: T}``.
 SEQUENCE_FIELDS = ("size", "length")
 
@@ -877,7 +877,10 @@ class _Validator:
             elif attribute.kind == "bool":
                 if not isinstance(value, bool):
                     raise self.error(where, f"must be true or false, got {_describe(value)}")
-                bias = value
+                if attribute.name == "bias":
+                    bias = value
+                else:
+                    options.append((attribute.name, value))
             elif attribute.kind == "rate":
                 number = self.number(value, where)
                 if not 0 <= number < 1:

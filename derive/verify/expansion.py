@@ -300,8 +300,10 @@ class Instance:
         step before) step by step, its equations in order within each step."""
         timed = [eq for eq in node.equations
                  if eq.indices and index_family(eq.indices[0]) == "time"]
-        recurrent = any(t in {e.target for e in timed}
-                        for eq in timed for t in eq.expr.atoms(NetTensor))
+        targets = {e.target for e in timed}
+        recurrent = any(
+            tensor_of(found) in targets and (eq.indices[0] - found.indices[0]).is_positive
+            for eq in timed for found in eq.expr.atoms(sp.Indexed))   # reads h_{t-1}
         if not recurrent:
             for eq in node.equations:
                 for index in _indices(self.concrete_shape(eq.ranges)):
