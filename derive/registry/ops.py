@@ -13,7 +13,7 @@ Stage 0 (a registry used by the spec and the graph stages). Takes nothing; gives
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
@@ -228,10 +228,7 @@ def _dense_forward(ctx: Context) -> Forward:
     if "b" in ctx.params:
         expr = expr + ctx.params["b"][j]
     linear = Equation(z, (*steps, j), expr, source_kind="z")
-    activation = ctx.activate(z)
-    activation = Equation(activation.target, activation.indices, activation.expr, inline=True,
-                          activation=activation.activation, argument=activation.argument,
-                          source_kind="a")
+    activation = replace(ctx.activate(z), inline=True, source_kind="a")
     return Forward((linear, activation), z)
 
 

@@ -287,6 +287,7 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             out.append(Statement(name, assign.code, assign.comment))
             continue
         steps, reused = _in_place(assign.expr, dead)
+        printer.whole = _whole(assign.expr)
         with printer.steps(views(assign.expr), layout=layout):
             for number, (op, expr) in enumerate(steps):
                 out.append(Statement(name, _signed(printer, op, expr),
@@ -316,15 +317,24 @@ def _layout(assign: _Assign, printer: NumPyBatchPrinter, loop_reads: set[NetTens
     a recurrent one; a sum over the steps, a parameter's gradient), unless the output or the
     loss reads it; else that of the batch, (B, T, n)."""
     target = assign.target
+    if _whole(assign.expr):
+        return "batch"
     reads_steps = any(v.whole in printer.time_major for v in views(assign.expr))
     if not isinstance(target, NetTensor):           # a gradient: summed over the steps
         return "time" if reads_steps else "batch"
-    if target.role == "hoisted" or (target in loop_reads and target not in batch_only):
+    if (target.role == "hoisted" and loop_reads) or (target in loop_reads
+                                                     and target not in batch_only):
         return "time"
     if target not in batch_only and any(v.whole in printer.time_major
                                         for v in views(assign.expr)):
         return "time"
     return "batch"
+
+
+def _whole(expr: sp.Expr) -> bool:
+    """Whether ``expr`` reads whole sequences (attention's (T, T) products), not steps."""
+    return any(t.rank == 2 and t.step is None and not t.is_parameter and t.role != "hoisted"
+               for t in expr.atoms(NetTensor))
 
 
 def _read(item: _Assign | _LoopCode) -> set[NetTensor]:
@@ -477,7 +487,8 @@ def _demo(spec: NetworkSpec, model: Model) -> tuple[Demo, dict[str, object]]:
     if spec.length is not None:
         # sequences: a task of the output's kind; the gradient norm clipped (BPTT)
         sequence_out = len(spec.shapes[-1]) == 2
-        task = ("tones" if needs == "distribution" else "sign" if needs == "probability"
+        task = ("majority" if needs == "distribution" and sequence_out and n_in >= n_out
+                else "tones" if needs == "distribution" else "sign" if needs == "probability"
                 else "next" if sequence_out else "adding" if n_in == 2 else "mean")
         return Demo("demo_sequences.py.j2", 30, 0.01, 32, 1.0, "adam"), {
             "n_in": n_in, "n_out": n_out, "length": spec.length, "task": task,

@@ -440,6 +440,8 @@ class NumPyBatchPrinter(NumPyPrinter):
         self._layout = "batch"
         # a loop quantity read only at its own step: one (B, n) array per step, no index
         self.step_local: set[NetTensor] = set()
+        # printing a statement over whole sequences (attention), in the batch layout
+        self.whole = False
 
     def name(self, tensor: NetTensor) -> str:
         """The variable that holds ``tensor``: its batch name; Q_steps when step-major."""
@@ -495,8 +497,8 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_NetTensor(self, expr: NetTensor) -> str:
         name = self.name(expr)
-        if expr.step is None:
-            return name
+        if expr.step is None:       # a whole sequence (attention) reads (B, T, n)
+            return f"{name}.swapaxes(0, 1)" if self.whole and expr in self.time_major else name
         steps = expr.whole in self.time_major
         lead = "" if steps else ":, "
         if expr.step == "T":
