@@ -26,8 +26,10 @@ from tests.torch_reference import reference_batch, torch_loss_and_grads
 pytest.importorskip("torch")
 
 TOLERANCE = 1e-10
-#: every op of the registry that reads a sequence (a recurrent layer)
-RECURRENT = tuple(name for name, op in OPS.items() if op.reads == "sequence")
+#: every op of the registry that reads a sequence (recurrent layers, attention)
+SEQUENCE_OPS = tuple(name for name, op in OPS.items() if op.reads == "sequence")
+#: those that may return their last state only (the recurrent layers)
+RECURRENT = tuple(name for name in SEQUENCE_OPS if OPS[name].attribute("return") is not None)
 
 
 def _module(spec: dict):
@@ -132,8 +134,10 @@ _ACTIVATIONS = sorted(name for name in ACTIVATIONS if name != "softmax")
 @st.composite
 def random_sequence_specs(draw: st.DrawFn) -> dict:
     """A small sequence network: a dense or activation layer per step (sometimes), one or
-    two recurrent layers (the first returning the sequence), with a residual add or
-    dropout between (sometimes), then a dense output per step or after `return: last`."""
+    two layers of the ops that read sequences (recurrent layers, attention, causal or not;
+    the first returning the sequence), with a residual add, dropout, an activation or a
+    layer norm per step between (sometimes), then a dense output per step or after
+    `return: last`."""
     size, length = draw(st.integers(1, 3)), draw(st.integers(1, 4))
     layers: list[dict] = []
     width = size
@@ -142,25 +146,29 @@ def random_sequence_specs(draw: st.DrawFn) -> dict:
         layers.append({"size": width, "activation": draw(st.sampled_from(_ACTIVATIONS))})
     count = draw(st.integers(1, 2))
     for number in range(count):
-        op = draw(st.sampled_from(RECURRENT))
+        op = draw(st.sampled_from(SEQUENCE_OPS))
         layer: dict = {"op": op, "size": draw(st.integers(1, 3))}
+        if OPS[op].attribute("causal") is not None:
+            layer["causal"] = draw(st.booleans())
         if op == "rnn":
             layer["activation"] = draw(st.sampled_from(_ACTIVATIONS))
             if draw(st.booleans()):
                 layer["bias"] = False
-        last = number == count - 1 and draw(st.booleans())
+        last = number == count - 1 and op in RECURRENT and draw(st.booleans())
         if last:
             layer["return"] = "last"
         layers.append(layer)
         width = layer["size"]
         if not last and draw(st.booleans()):
-            extra = draw(st.sampled_from(["add", "dropout", "activation"]))
+            extra = draw(st.sampled_from(["add", "dropout", "activation", "layer_norm"]))
             if extra == "add":
                 layers[-1]["name"] = f"r{number}"
                 layers.append({"size": width, "activation": "tanh"})
                 layers.append({"op": "add", "inputs": [f"r{number}", len(layers)]})
             elif extra == "dropout":
                 layers.append({"op": "dropout", "rate": 0.5})
+            elif extra == "layer_norm":
+                layers.append({"op": "layer_norm"})
             else:
                 layers.append({"op": "activation",
                                "activation": draw(st.sampled_from(_ACTIVATIONS))})

@@ -49,7 +49,7 @@ def same_content(a: NetworkSpec, b: NetworkSpec) -> bool:
 def test_the_examples_are_listed_with_descriptions() -> None:
     assert EXAMPLES == ["bce", "custom_mish", "deep_tanh", "digits", "digits_cnn", "gated_mlp",
                         "gru_tones", "layernorm_mlp", "lenet", "lstm_adding", "regularized",
-                        "resmlp", "rnn_sine", "tiny_cnn", "tiny_rnn", "xor"]
+                        "resmlp", "rnn_sine", "tiny_cnn", "tiny_rnn", "transformer_block", "xor"]
     for name, description in list_examples():
         assert description and not description.startswith("#"), name
         assert example_path(name).read_text().startswith(f"# {description}\n")

@@ -25,6 +25,12 @@ and prints
   the bracket of the steps a term is there, ``\\left[t \\le T - 1\\right]`` (and δ_{tT} as
   ``\\left[t = T\\right]``); a block of stacked gates ``\\left(\\mathbf{z}^{1}_{t}\\right)_{[a\\,:\\,b]}``,
   the blocks of a stacked error as a column; a shared parameter's gradient ``\\sum_{t=1}^{T} ...``;
+* whole sequences (attention, :func:`derive.derivation.stepform.whole_sequence`): a quantity
+  with no step is the matrix of all its steps, one row per step, a capital (``Q^{1}``,
+  ``K^{1}``, ``V^{1}``, ``S^{1}``, ``\\Delta^{1}``; the weights α as
+  ``\\boldsymbol{\\alpha}^{1}``); matrix products ``Q^{1} \\left(K^{1}\\right)^{\\top}``, the
+  row sums ``\\operatorname{rowsum}``, the causal mask ``M_{\\mathrm{causal}}`` and the
+  softmax of each row;
 * batch form (``batch=True``; rows are samples): ``A^{l}``, ``Z^{l}``, ``\\Delta^{l}``, ``Y``;
   ``W^T v`` becomes ``V W``, ``u v^T`` the batch mean ``\\frac{1}{B} U^{\\top} V`` and a
   parameter vector is broadcast to every row as ``\\mathbf{1} (\\mathbf{b}^{l})^{\\top}``.
@@ -52,7 +58,16 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
-from derive.derivation.stepform import Block, Concat, StepGuard, SumSteps
+from derive.derivation.stepform import (
+    Block,
+    Causal,
+    Concat,
+    MatProd,
+    StepGuard,
+    SumLast,
+    SumSteps,
+    Transposed,
+)
 from derive.derivation.tensorform import Broadcast, Einsum, Inner, MatVec, Outer, SumAxes
 from derive.quantities import LENGTH, NetTensor
 from derive.registry.windows import FirstMax, InRange, WindowMax
@@ -76,6 +91,9 @@ LETTERS: Mapping[str, str] = {
     # and an entry's subscript follow them)
     "wx": "{w_{x}}", "wh": "{w_{h}}", "bx": "{b_{x}}", "bh": "{b_{h}}", "zx": "{z_{x}}",
     "zh": "{z_{h}}",
+    # attention: queries, keys, values, scores, weights and the projections
+    "q": "q", "k": "k", "v": "v", "s": "s", "alpha": r"\alpha",
+    "wq": "{w_{q}}", "wk": "{w_{k}}", "wv": "{w_{v}}",
 }
 #: Tensor form (one sample): bold vectors, capital matrices.
 VECTORS: Mapping[str, str] = {
@@ -86,6 +104,8 @@ VECTORS: Mapping[str, str] = {
     "wx": "{W_{x}}", "wh": "{W_{h}}", "bx": r"{\mathbf{b}_{x}}", "bh": r"{\mathbf{b}_{h}}",
     "zx": r"{\mathbf{z}_{x}}", "zh": r"{\mathbf{z}_{h}}",
     **{role: rf"\mathbf{{{role}}}" for role in ("h", "c", "i", "f", "g", "o", "r", "u")},
+    **{role: rf"\mathbf{{{role}}}" for role in ("q", "k", "v", "s")},
+    "alpha": r"\boldsymbol{\alpha}", "wq": "{W_{q}}", "wk": "{W_{k}}", "wv": "{W_{v}}",
 }
 #: Batch form (rows are samples): capitals; a per-sample scalar becomes a bold column.
 BATCH: Mapping[str, str] = {
@@ -96,7 +116,19 @@ BATCH: Mapping[str, str] = {
     # which is the cost
     "h": "H", "c": r"\mathcal{C}", "i": "I", "f": "F", "g": "G", "o": "O", "r": "R",
     "u": "U",
+    "q": "Q", "k": "K", "v": "V", "s": "S", "alpha": r"\boldsymbol{\alpha}",
+    "wq": "{W_{q}}", "wk": "{W_{k}}", "wv": "{W_{v}}",
 }
+#: A whole sequence (attention's formulas, :func:`derive.derivation.stepform.whole_sequence`):
+#: the matrix of every step of one sample, one row per step. The weights α are a bold α, as
+#: A would read as the layer's output.
+WHOLE: Mapping[str, str] = {
+    "a": "A", "z": "Z", "delta": r"\Delta", "y": "Y", "xhat": r"\hat{X}", "mask": "M",
+    "h": "H", "q": "Q", "k": "K", "v": "V", "s": "S", "alpha": r"\boldsymbol{\alpha}",
+}
+#: Functions of the stability rewrites (derive.render.stability) that give a matrix: the
+#: softmax of each row, the causal one.
+_MATRIX_FUNCTIONS = frozenset({"Softmax", "CausalSoftmax"})
 #: Roles printed squared: the variance of a layer norm is (σ^l)².
 SQUARED = frozenset({"var"})
 #: Spellings of derive's own SymPy functions.
@@ -140,6 +172,30 @@ def step_condition(guard: StepGuard, show: Callable[[sp.Expr], str], le: str) ->
     return " ".join(parts) if len(parts) > 1 else f"1 {le}t {le}T"
 
 
+def is_whole_tensor(tensor: NetTensor) -> bool:
+    """Whether ``tensor`` stands for a whole sequence of one sample (a rank-2 quantity with no
+    step: attention's Q, K, V, S, α and the error Δ they read), not one step of it."""
+    return tensor.rank == 2 and not tensor.is_parameter and tensor.step is None and \
+        tensor.role not in ("one", "grad")
+
+
+#: The functions of whole sequences: matrix products and transposes, row sums, the causal
+#: mask (all of them matrices per sample).
+WHOLE_FUNCTIONS = (MatProd, Transposed, SumLast, Causal)
+
+
+def is_whole(expr: sp.Basic) -> bool:
+    """Whether a tensor form reads whole sequences (attention's matrices, one row per
+    step) rather than one step t."""
+    if expr.has(*WHOLE_FUNCTIONS):
+        return True
+    for tensor in expr.atoms(NetTensor):
+        tensor = tensor.target if tensor.role == "grad" else tensor
+        if tensor is not None and is_whole_tensor(tensor):
+            return True
+    return False
+
+
 def is_vector(expr: sp.Basic) -> bool:
     """Whether a tensor-form expression is a vector or matrix per sample (not a scalar).
 
@@ -148,7 +204,8 @@ def is_vector(expr: sp.Basic) -> bool:
     if isinstance(expr, NetTensor):
         return expr.rank >= 1 and expr.role != "one"
     if isinstance(expr, (MatVec, Outer, Einsum, Broadcast, SumAxes, Windows, WindowsMax,
-                         FirstMaxMask, Fold, Flatten, Unflatten, Block, Concat)):
+                         FirstMaxMask, Fold, Flatten, Unflatten, Block, Concat,
+                         *WHOLE_FUNCTIONS)) or type(expr).__name__ in _MATRIX_FUNCTIONS:
         return True
     if isinstance(expr, (Inner, sp.Indexed, sp.Sum)):
         return False
@@ -186,6 +243,9 @@ class DeriveLatexPrinter(LatexPrinter):
             # one parameter vector for the whole batch, added to (or multiplying) every row
             vector = VECTORS.get(role, rf"\mathbf{{{role}}}")
             return rf"\mathbf{{1}}\left({_layered(vector, tensor.node)}\right)^{{\top}}"
+        if is_whole_tensor(tensor) and role in WHOLE:
+            # every step of one sample, one row per step (batch or not: per sample)
+            return _layered(WHOLE[role], tensor.node, role)
         if tensor.is_parameter and role not in VECTORS:
             # a custom op's parameter: the name the user gave it, batch or not
             symbol = _spelled(role) if tensor.rank >= 2 else rf"\mathbf{{{role}}}"
@@ -216,6 +276,11 @@ class DeriveLatexPrinter(LatexPrinter):
     def _print_Symbol(self, expr: sp.Symbol, style: str = "plain") -> str:
         if isinstance(expr, NetTensor):
             return self._print_NetTensor(expr)
+        primed = re.fullmatch(r"([A-Za-z]+)('+)", expr.name)
+        if primed:
+            # a second time index: tau' as \tau', t'' as t''
+            base = super()._print_Symbol(sp.Symbol(primed.group(1)), style)
+            return base + primed.group(2)
         return super()._print_Symbol(expr, style)
 
     def _print_Indexed(self, expr: sp.Indexed) -> str:
@@ -414,7 +479,7 @@ class DeriveLatexPrinter(LatexPrinter):
             return rf"\left({text}\right)"   # (δ ⋆ rot180(W)) ⊙ σ'(z), not δ ⋆ (... ⊙ ...)
         if isinstance(factor, sp.Piecewise) and text.startswith(r"\left["):
             return text
-        if isinstance(factor, (sp.Add, sp.Piecewise, MatVec)) or (
+        if isinstance(factor, (sp.Add, sp.Piecewise, MatVec, MatProd)) or (
                 isinstance(factor, (sp.Sum, WindowMax)) and not last):
             return rf"\left({text}\right)"
         return text
@@ -518,6 +583,31 @@ class DeriveLatexPrinter(LatexPrinter):
         *parts, _size = expr.args
         rows = r" \\ ".join(self._print(part) for part in parts)
         return rf"\begin{{bmatrix}} {rows} \end{{bmatrix}}"
+
+    # -- whole sequences (attention): one matrix per sample, a row per step ----------------
+
+    def _print_MatProd(self, expr: MatProd) -> str:
+        left, right = (self.parenthesize(arg, PRECEDENCE["Mul"], strict=True)
+                       if not isinstance(arg, (MatProd, Transposed)) else self._print(arg)
+                       for arg in expr.args)
+        return rf"{left}\,{right}"
+
+    def _print_Transposed(self, expr: Transposed) -> str:
+        return self._transposed(expr.args[0])
+
+    def _print_SumLast(self, expr: SumLast) -> str:
+        # Σ_τ' of each row, a column beside the rows it was summed in
+        return rf"\operatorname{{rowsum}}\!\left({self._print(expr.args[0])}\right)"
+
+    def _print_Causal(self, expr: Causal) -> str:
+        return r"M_{\mathrm{causal}}"
+
+    def _print_Softmax(self, expr: sp.Function) -> str:
+        return rf"\operatorname{{softmax}}\!\left({self._print(expr.args[0])}\right)"
+
+    def _print_CausalSoftmax(self, expr: sp.Function) -> str:
+        return (rf"\operatorname{{softmax}}_{{\mathrm{{causal}}}}\!\left("
+                rf"{self._print(expr.args[0])}\right)")
 
     def _print_SumAxes(self, expr: SumAxes) -> str:
         summed = "".join(c for c in str(expr.args[1]) if c not in str(expr.args[2]))

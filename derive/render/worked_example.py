@@ -669,10 +669,18 @@ def recurrent_equations(node: Node) -> tuple[Equation, ...]:
     timed = tuple(eq for eq in node.equations
                   if eq.indices and index_family(eq.indices[0]) == "time")
     targets = {eq.target for eq in timed}
-    if any(tensor_of(found) in targets and found.indices[0] != eq.indices[0]
+    if any(tensor_of(found) in targets and _shifted_step(found.indices[0], eq.indices[0])
            for eq in timed for found in eq.expr.atoms(sp.Indexed)):
         return timed
     return ()
+
+
+def _shifted_step(position: sp.Expr, time: sp.Symbol) -> bool:
+    """Whether an entry's step ``position`` is the step ``time`` shifted by a constant
+    (h_{t-1}): a recurrence. An entry at another time index (k_{τj} read by attention's
+    scores s_{tτ}, every step at once) is not one."""
+    shift = sp.expand(position - time)
+    return shift.is_Integer and shift != 0
 
 
 def _forward_steps(evaluate: Evaluator, timed: tuple[Equation, ...], node: Node) -> None:

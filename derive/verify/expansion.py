@@ -398,7 +398,13 @@ class Instance:
         """The tape node of ``template`` at ``index``: its own expression, reading the nodes
         of the entries it reads (known by now: the expansion has read them)."""
         expr, args, keys = template.local(self, index)
-        return self.tape.node(expr, args, [self.nodes[key] for key in keys])
+        # an Iverson bracket (a causal mask's [τ ≤ t]) is a number at each entry
+        brackets = {arg: se.Integer(int(key)) for arg, key in zip(args, keys) if key.is_Integer}
+        if brackets:
+            expr = expr.subs(brackets)
+            args, keys = zip(*[(a, k) for a, k in zip(args, keys) if a not in brackets]) \
+                if len(brackets) < len(args) else ((), ())
+        return self.tape.node(expr, tuple(args), [self.nodes[key] for key in keys])
 
     def sweep(self, point: Mapping[se.Symbol, se.Basic]
               ) -> tuple[dict[Key, se.Basic], dict[Key, se.Basic | None]] | None:
