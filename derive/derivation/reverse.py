@@ -657,7 +657,7 @@ def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> 
         return derivative
     if masks:
         (mask,) = masks
-        position = list(normaliser.function.atoms(sp.Indexed))[0].indices.index(summed)
+        position = next(iter(normaliser.function.atoms(sp.Indexed))).indices.index(summed)
 
         def unmasked(term: sp.Expr) -> sp.Expr:
             factors = list(sp.Mul.make_args(term))

@@ -266,8 +266,11 @@ def _layer_norm_forward(ctx: Context) -> Forward:
     mu, var = ctx.quantity("mu", rank), ctx.quantity("var", rank)
     xhat, out = ctx.quantity("xhat", rank + 1), ctx.quantity("a", rank + 1)
     m, v = entry(mu, steps), entry(var, steps)
-    x_at = lambda i: entry(x.tensor, (*steps, i))       # noqa: E731
     ranges = ctx.shape[:-1]
+
+    def x_at(index: sp.Symbol) -> sp.Expr:
+        return entry(x.tensor, (*steps, index))
+
     mean = Equation(mu, steps, sp.Sum(x_at(k), (k, 1, n)) / n, source_kind="mu",
                     ranges=ranges)
     variance = Equation(var, steps, sp.Sum((x_at(k) - m) ** 2, (k, 1, n)) / n,
