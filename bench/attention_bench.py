@@ -49,10 +49,10 @@ NumPy forms of the dominant statements that the generated code could use instead
 Usage (from the repository root):
 
     python bench/attention_bench.py              # about 1 minute on 2 cores
-    python bench/attention_bench.py --quick      # fewer repetitions, one malloc setting (~15 s)
+    python bench/attention_bench.py --quick      # fewer repetitions, one malloc setting (~10 s)
     python bench/attention_bench.py --threads 1  # one thread on each side
-    python bench/attention_bench.py --lines      # the generated statements' times (~15 s)
-    python bench/attention_bench.py --idioms     # the NumPy alternatives (~30 s)
+    python bench/attention_bench.py --lines      # the generated statements' times (~10 s)
+    python bench/attention_bench.py --idioms     # the NumPy alternatives (~15 s)
     python -m derive codegen bench/transformer_block_bench.yaml -o /tmp/tb.py --force
     python bench/attention_bench.py --module /tmp/tb.py   # time that file instead
 """
@@ -536,6 +536,48 @@ def idiom_cases(dtype: str) -> dict[str, dict]:
     dAlpha, Q, D = normal(B, T, T), normal(B, T, d), normal(B, T, d)
     Wqkv = np.concatenate([W, W, W])
 
+    gamma, beta = 1 + 0.1 * normal(d), 0.1 * normal(d)
+    A = normal(B, T, d)
+    mu = A.mean(axis=-1, keepdims=True)
+    var = ((A - mu) ** 2).mean(axis=-1, keepdims=True)
+    inv = 1 / np.sqrt(var + 1e-5)
+    Xhat = (A - mu) * inv
+    n = 1.0 / d
+
+    def layer_norm_generated():
+        mu = n * A.sum(axis=-1, keepdims=True)
+        var = n * ((A - mu) ** 2).sum(axis=-1, keepdims=True)
+        Xhat = (A[..., 0:d] - mu) / np.sqrt(var + 1e-05)
+        return beta + gamma * Xhat
+
+    def layer_norm_compact():
+        xhat = A - A.mean(axis=-1, keepdims=True)
+        inv = 1.0 / np.sqrt(np.einsum("btj,btj->bt", xhat, xhat)[..., None] * n + 1e-05)
+        xhat *= inv
+        out = xhat * gamma
+        out += beta
+        return out
+
+    def layer_norm_backward_generated():
+        dXhat = D * gamma
+        shared = dXhat.sum(axis=-1, keepdims=True)
+        dvar = (0.5 * shared * mu / (var + 1e-05) ** (3 / 2)
+                - 0.5 * (A * dXhat).sum(axis=-1, keepdims=True) / (var + 1e-05) ** (3 / 2))
+        dmu = (2 * dvar * mu - 2 * n * dvar * A.sum(axis=-1, keepdims=True)
+               - shared / np.sqrt(var + 1e-05))
+        return 2 * n * A * dvar + n * dmu + dXhat / np.sqrt(var + 1e-05) - 2 * n * dvar * mu
+
+    def layer_norm_backward_compact():
+        g = D * gamma
+        out = g - g.mean(axis=-1, keepdims=True)
+        out -= Xhat * (np.einsum("btj,btj->bt", g, Xhat)[..., None] * n)
+        out *= inv
+        return out
+
+    def softmax_generated():
+        e = np.exp(S - S.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
     def softmax_fused():
         e = S - S.max(axis=-1, keepdims=True)
         np.exp(e, out=e)
@@ -586,10 +628,19 @@ def idiom_cases(dtype: str) -> dict[str, dict]:
             "np.einsum('btd,bsd->bts', optimize=True), scaled":
                 lambda: 0.125 * np.einsum("btd,bsd->bts", Q, X, optimize=True),
         },
+        "layer norm forward over the last axis (B, T, 64)": {
+            "mu, var, (A - mu)/sqrt(var + eps), beta + gamma*xhat [generated]":
+                layer_norm_generated,
+            "xhat = A - mean; einsum row dot for var; in place": layer_norm_compact,
+        },
+        "layer norm backward: the input's error from delta (B, T, 64)": {
+            "dXhat, dvar, dmu, then the 4-term delta [generated, 5 statements]":
+                layer_norm_backward_generated,
+            "inv_std * (g - mean(g) - xhat * mean(g * xhat)), g = delta * gamma":
+                layer_norm_backward_compact,
+        },
         "softmax over the last axis (B, T, T)": {
-            "exp(x - max) / sum [generated _softmax]": lambda: (
-                lambda e: e / e.sum(axis=-1, keepdims=True))(np.exp(S - S.max(axis=-1,
-                                                                            keepdims=True))),
+            "exp(x - max) / sum [generated _softmax]": softmax_generated,
             "in place: one temporary, exp and divide into it": softmax_fused,
         },
         "softmax backward: alpha * g - alpha * sum(alpha * g)": {
