@@ -8,20 +8,31 @@ import pytest
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
 
+from derive.derivation.stepform import Causal, SumLast
 from derive.derivation.tensorform import ONE, Inner, MatVec
-from derive.quantities import NetTensor
+from derive.quantities import LENGTH, NetTensor
 from derive.registry.functions import elementary, sigmoid, softplus
 from derive.render.numpy_printer import HELPERS, NumPyBatchPrinter, fold_numbers
-from derive.render.stability import REWRITES, LogSumExp, Softmax, rewrite, stabilize
+from derive.render.stability import (
+    REWRITES,
+    CausalSoftmax,
+    LogSumExp,
+    Softmax,
+    rewrite,
+    stabilize,
+)
 
 x = sp.Symbol("x", real=True)
 z = NetTensor("z", 2)
+s = NetTensor("s", 1, rank=2)       # attention scores
 
 #: rewrite name -> (expression before, expression after); scalar cases use x.
 CASES = {
     "sigmoid_from_exp": (sp.exp(x) / (1 + sp.exp(x)), sigmoid(x)),
     "softplus_from_log": (sp.log(1 + sp.exp(x)), softplus(x)),
     "softmax": (sp.exp(z) / Inner(ONE, sp.exp(z)), Softmax(z)),
+    "causal_softmax": (Causal(LENGTH) * sp.exp(s) / SumLast(Causal(LENGTH) * sp.exp(s)),
+                       CausalSoftmax(s)),
     "log_softmax": (sp.log(Softmax(z)), z - LogSumExp(z)),
     "log_sigmoid": (sp.log(sigmoid(x)), -softplus(-x)),
     "log_one_minus_sigmoid": (sp.log(1 - sigmoid(x)), -softplus(x)),
@@ -75,6 +86,23 @@ def test_softmax_rewrites_are_identities_numerically():
     np.testing.assert_allclose(namespace["_softmax"](Z2), naive, rtol=1e-15)
     np.testing.assert_allclose(namespace["_logsumexp"](Z2),
                                np.log(np.exp(Z2).sum(axis=1, keepdims=True)), rtol=1e-15)
+
+
+def test_the_causal_softmax_masks_and_normalises_each_row():
+    printer = NumPyBatchPrinter()
+    printer.length = 3
+    assert printer.doprint(CausalSoftmax(s)) == "_causal_softmax(S1)"
+    assert printer.doprint(SumLast(s)) == "S1.sum(axis=-1, keepdims=True)"
+    assert printer.doprint(Causal(LENGTH)) == "np.tri(3)"
+    scores = np.array([[[0.5, -1.0, 2.0], [3.0, 3.0, -4.0], [1e4, -1e4, 0.0]]])
+    mask = np.tri(3)
+    naive = mask * np.exp(np.minimum(scores, 50)) / (
+        mask * np.exp(np.minimum(scores, 50))).sum(axis=-1, keepdims=True)
+    with np.errstate(over="raise", invalid="raise"):
+        got = helpers()["_causal_softmax"](scores)
+    np.testing.assert_allclose(got[0, :2], naive[0, :2], rtol=1e-15)
+    np.testing.assert_allclose(got[0, 2], [1.0, 0.0, 0.0])
+    assert np.array_equal(np.triu(got[0], 1), np.zeros((3, 3)))
 
 
 def test_stable_forms_evaluate_where_the_naive_ones_fail():
