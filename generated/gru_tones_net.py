@@ -12,12 +12,12 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP1) δ² = a² - y
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
-    ∂C/∂g¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
-    ∂C/∂u¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
-    ∂C/∂r¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
-    ∂C/∂zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
-    ∂C/∂zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
+    Δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
+    ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
+    ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
+    ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
+    ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
+    ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
     ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ
     ∂C/∂Wₕ¹ = Σₜ ∇_zₕ¹ₜ C (h¹ₜ₋₁)ᵀ
     ∂C/∂bₓ¹ = Σₜ ∇_zₓ¹ₜ C
@@ -33,6 +33,14 @@ sgd_step, train, gradient_check. Parameters are a dict of arrays: Wx1 (48, 1), W
 from __future__ import annotations
 
 import numpy as np
+
+# A training step frees and allocates the same arrays again and again. glibc's malloc returns
+# freed memory at the top of its heap to the system once more than a threshold is free, and
+# takes the pages back, zeroed, one fault each, at the next step (about 40% of a transformer
+# block's step, bench/attention_bench.py). Freeing one block from mmap raises that threshold
+# to twice the block: this 30 MiB block is allocated and freed here, never touched, so that
+# up to 60 MiB of freed arrays stay in the process for reuse. Other allocators ignore it.
+np.empty(30 * 2**20, dtype=np.uint8)
 
 INPUT_SHAPE = (16, 1)
 OUTPUT_SHAPE = (3,)
@@ -58,6 +66,14 @@ def _sigmoid(x):
     x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def _dot_rows(x, w):
+    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis (a stack
+    of small products otherwise)."""
+    if x.ndim == 2 or not x.flags.c_contiguous:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _softmax_logsumexp(x):
@@ -103,7 +119,7 @@ def forward(params, X):
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
-    Zx1_steps = X.swapaxes(0, 1) @ Wx1.T
+    Zx1_steps = _dot_rows(X.swapaxes(0, 1), Wx1.T)
     Zx1_steps += bx1
     Zh1_steps = np.empty((16, X.shape[0], 48), dtype=X.dtype)
     R1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
@@ -156,7 +172,7 @@ def backward(params, cache, Y):
     dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2_steps.sum(axis=0)
-    # the part of ∂C/∂r¹ from outside the loop below, for every step at once
+    # the part of ∂C/∂R¹ from outside the loop below, for every step at once
     dC_dR1_in_steps = 1 - G1_steps**2
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     delta1_steps = np.empty((16, B, 16), dtype=Y.dtype)
@@ -164,19 +180,19 @@ def backward(params, cache, Y):
     dC_dZx1_steps = np.empty((16, B, 48), dtype=Y.dtype)
     # one time step at a time, t from 0 backward
     for t in range(15, -1, -1):
-        # δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
+        # Δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
         delta1_steps[t] = (delta2_steps @ W2 if t == 15 else 0) + (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0) + (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
-        # ∂C/∂g¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
+        # ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
         dC_dG1 = delta1_steps[t]*(1 - U1_steps[t])
-        # ∂C/∂u¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
+        # ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
         dC_dU1 = (delta1_steps[t]*H1_steps[t - 1] if t >= 1 else 0) - delta1_steps[t]*G1_steps[t]
-        # ∂C/∂r¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
+        # ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
         dC_dR1 = dC_dG1*dC_dR1_in_steps[t]*Zh1_steps[t][..., 32:48]
-        # ∂C/∂zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
+        # ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
         dC_dZh1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
         dC_dZh1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
         dC_dZh1_steps[t][..., 32:48] = dC_dG1*R1_steps[t]*(1 - G1_steps[t]**2)
-        # ∂C/∂zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
+        # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
         dC_dZx1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
         dC_dZx1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
         dC_dZx1_steps[t][..., 32:48] = dC_dG1*(1 - G1_steps[t]**2)

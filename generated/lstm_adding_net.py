@@ -11,13 +11,13 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP1) δ² = a² - y
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    ∂C/∂h¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
-    ∂C/∂c¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
-    ∂C/∂o¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
-    ∂C/∂g¹ = ∇_c¹ₜ C ⊙ i¹ₜ
-    ∂C/∂f¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
-    ∂C/∂i¹ = ∇_c¹ₜ C ⊙ g¹ₜ
-    δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)]
+    ∂C/∂H¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
+    ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
+    ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
+    ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ
+    ∂C/∂F¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
+    ∂C/∂I¹ = ∇_c¹ₜ C ⊙ g¹ₜ
+    Δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)]
     ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ
     ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ
     ∂C/∂b¹ = Σₜ δ¹ₜ
@@ -32,6 +32,14 @@ b1 (128,), W2 (1, 32), b2 (1,). Run this file to train on its demo data.
 from __future__ import annotations
 
 import numpy as np
+
+# A training step frees and allocates the same arrays again and again. glibc's malloc returns
+# freed memory at the top of its heap to the system once more than a threshold is free, and
+# takes the pages back, zeroed, one fault each, at the next step (about 40% of a transformer
+# block's step, bench/attention_bench.py). Freeing one block from mmap raises that threshold
+# to twice the block: this 30 MiB block is allocated and freed here, never touched, so that
+# up to 60 MiB of freed arrays stay in the process for reuse. Other allocators ignore it.
+np.empty(30 * 2**20, dtype=np.uint8)
 
 INPUT_SHAPE = (20, 2)
 OUTPUT_SHAPE = (1,)
@@ -57,6 +65,14 @@ def _sigmoid(x):
     x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def _dot_rows(x, w):
+    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis (a stack
+    of small products otherwise)."""
+    if x.ndim == 2 or not x.flags.c_contiguous:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _check_input(X):
@@ -93,7 +109,7 @@ def forward(params, X):
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
-    Z1_in_steps = X.swapaxes(0, 1) @ Wx1.T
+    Z1_in_steps = _dot_rows(X.swapaxes(0, 1), Wx1.T)
     Z1_in_steps += b1
     I1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     F1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
@@ -155,19 +171,19 @@ def backward(params, cache, Y):
     delta1_steps = np.empty((20, B, 128), dtype=Y.dtype)
     # one time step at a time, t from 0 backward
     for t in range(19, -1, -1):
-        # ∂C/∂h¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
+        # ∂C/∂H¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
         dC_dH1 = (delta2_steps @ W2 if t == 19 else 0) + (delta1_steps[t + 1] @ Wh1 if t <= 18 else 0)
-        # ∂C/∂c¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
+        # ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
         dC_dC1_steps[t] = dC_dH1*O1_steps[t]*(1 - tanh_C1_steps[t]**2) + (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0)
-        # ∂C/∂o¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
+        # ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
         dC_dO1 = dC_dH1*tanh_C1_steps[t]
-        # ∂C/∂g¹ = ∇_c¹ₜ C ⊙ i¹ₜ
+        # ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ
         dC_dG1 = dC_dC1_steps[t]*I1_steps[t]
-        # ∂C/∂f¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
+        # ∂C/∂F¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
         dC_dF1 = (C1_steps[t - 1]*dC_dC1_steps[t] if t >= 1 else 0)
-        # ∂C/∂i¹ = ∇_c¹ₜ C ⊙ g¹ₜ
+        # ∂C/∂I¹ = ∇_c¹ₜ C ⊙ g¹ₜ
         dC_dI1 = dC_dC1_steps[t]*G1_steps[t]
-        # δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)]
+        # Δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)]
         delta1_steps[t][..., 0:32] = dC_dI1*I1_steps[t]*(1 - I1_steps[t])
         delta1_steps[t][..., 32:64] = dC_dF1*F1_steps[t]*(1 - F1_steps[t])
         delta1_steps[t][..., 64:96] = dC_dG1*(1 - G1_steps[t]**2)

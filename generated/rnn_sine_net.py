@@ -8,10 +8,10 @@ Layers: 1 = rnn tanh(x); 2 = dense 1(1). Loss: mse per sample, averaged over the
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass applies the chain rule node by node, from the output back, derived per sample as
 
-    (BP1) δ² = a²ₜ - yₜ
+    (BP1) Δ² = a²ₜ - yₜ
     (BP4) ∂C/∂W² = Σₜ δ²ₜ (h¹ₜ)ᵀ
     (BP3) ∂C/∂b² = Σₜ δ²ₜ
-    δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
+    Δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
     ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ
     ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ
     ∂C/∂b¹ = Σₜ δ¹ₜ
@@ -26,6 +26,14 @@ sgd_step, train, gradient_check. Parameters are a dict of arrays: Wx1 (16, 1), W
 from __future__ import annotations
 
 import numpy as np
+
+# A training step frees and allocates the same arrays again and again. glibc's malloc returns
+# freed memory at the top of its heap to the system once more than a threshold is free, and
+# takes the pages back, zeroed, one fault each, at the next step (about 40% of a transformer
+# block's step, bench/attention_bench.py). Freeing one block from mmap raises that threshold
+# to twice the block: this 30 MiB block is allocated and freed here, never touched, so that
+# up to 60 MiB of freed arrays stay in the process for reuse. Other allocators ignore it.
+np.empty(30 * 2**20, dtype=np.uint8)
 
 INPUT_SHAPE = (20, 1)
 OUTPUT_SHAPE = (20, 1)
@@ -44,6 +52,14 @@ MOMENTUM = 0.9  # torch.optim.SGD(momentum=0.9): no dampening, no Nesterov
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
 ADAM_EPS = 1e-8
 
+
+
+def _dot_rows(x, w):
+    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis (a stack
+    of small products otherwise)."""
+    if x.ndim == 2 or not x.flags.c_contiguous:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _check_input(X):
@@ -79,13 +95,13 @@ def forward(params, X):
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
-    Z1_in_steps = X.swapaxes(0, 1) @ Wx1.T
+    Z1_in_steps = _dot_rows(X.swapaxes(0, 1), Wx1.T)
     Z1_in_steps += b1
     H1_steps = np.empty((20, X.shape[0], 16), dtype=X.dtype)
     for t in range(20):
         Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
         H1_steps[t] = np.tanh(Z1)
-    Z2_steps = H1_steps @ W2.T
+    Z2_steps = _dot_rows(H1_steps, W2.T)
     Z2_steps += b2
     A2 = Z2_steps.swapaxes(0, 1)
     cache = {"X": X, "H1_steps": H1_steps, "A2": A2}
@@ -117,19 +133,19 @@ def backward(params, cache, Y):
     W2 = params["W2"]
     X, H1_steps, A2 = cache["X"], cache["H1_steps"], cache["A2"]
     B = Y.shape[0]
-    # BP1: δ² = a²ₜ - yₜ, each row divided by B
+    # BP1: Δ² = a²ₜ - yₜ, each row divided by B
     delta2_steps = (A2.swapaxes(0, 1) - Y.swapaxes(0, 1))/B
     # BP4: ∂C/∂W² = Σₜ δ²ₜ (h¹ₜ)ᵀ, summed over the rows
     dW2 = np.tensordot(delta2_steps, H1_steps, axes=([0, 1], [0, 1]))
     # BP3: ∂C/∂b² = Σₜ δ²ₜ, summed over the rows
     db2 = delta2_steps.sum(axis=(0, 1))
-    # the part of δ¹ from outside the loop below, for every step at once
+    # the part of Δ¹ from outside the loop below, for every step at once
     delta1_in_steps = 1 - H1_steps**2
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     delta1_steps = np.empty((20, B, 16), dtype=Y.dtype)
     # one time step at a time, t from 0 backward
     for t in range(19, -1, -1):
-        # δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
+        # Δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
         delta1_steps[t] = delta1_in_steps[t]*((delta1_steps[t + 1] @ Wh1 if t <= 18 else 0) + delta2_steps[t] @ W2)
     # ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = np.tensordot(delta1_steps, X.swapaxes(0, 1), axes=([0, 1], [0, 1]))

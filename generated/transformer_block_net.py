@@ -10,38 +10,38 @@ dense 16 relu(3); 5 (ff2) = dense 8(4); 6 (res2) = add(3, 5); 7 (norm2) = layer_
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass applies the chain rule node by node, from the output back, derived per sample as
 
-    (BP1) δ⁸ = a⁸ₜ ⊙ (𝟏)ᵀ yₜ - yₜ
+    (BP1) Δ⁸ = a⁸ₜ ⊙ (𝟏)ᵀ yₜ - yₜ
     (BP4) ∂C/∂W⁸ = Σₜ δ⁸ₜ (a⁷ₜ)ᵀ
     (BP3) ∂C/∂b⁸ = Σₜ δ⁸ₜ
-    δ⁷ = (W⁸)ᵀ δ⁸ₜ
-    ∂C/∂x̂⁷ = δ⁷ₜ ⊙ γ⁷
+    Δ⁷ = (W⁸)ᵀ δ⁸ₜ
+    ∂C/∂X̂⁷ = δ⁷ₜ ⊙ γ⁷
     ∂C/∂(σ²)⁷ = μ⁷ₜ*(𝟏)ᵀ ∇_x̂⁷ₜ C/(2*((σ²)⁷ₜ + 1e-5)^(3/2)) - (a⁶ₜ)ᵀ ∇_x̂⁷ₜ C/(2*((σ²)⁷ₜ + 1e-5)^(3/2))
     ∂C/∂μ⁷ = 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ - 2*∂C/∂(σ²)⁷ₜ*(𝟏)ᵀ a⁶ₜ/n₆ - (𝟏)ᵀ ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
     ∂C/∂γ⁷ = Σₜ (δ⁷ₜ ⊙ x̂⁷ₜ)
     ∂C/∂β⁷ = Σₜ δ⁷ₜ
-    δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
-    δ⁵ = δ⁶ₜ
+    Δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
+    Δ⁵ = δ⁶ₜ
     (BP4) ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ
     (BP3) ∂C/∂b⁵ = Σₜ δ⁵ₜ
-    δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
+    Δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
     (BP4) ∂C/∂W⁴ = Σₜ δ⁴ₜ (a³ₜ)ᵀ
     (BP3) ∂C/∂b⁴ = Σₜ δ⁴ₜ
-    δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
-    ∂C/∂x̂³ = δ³ₜ ⊙ γ³
+    Δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
+    ∂C/∂X̂³ = δ³ₜ ⊙ γ³
     ∂C/∂(σ²)³ = μ³ₜ*(𝟏)ᵀ ∇_x̂³ₜ C/(2*((σ²)³ₜ + 1e-5)^(3/2)) - (a²ₜ)ᵀ ∇_x̂³ₜ C/(2*((σ²)³ₜ + 1e-5)^(3/2))
     ∂C/∂μ³ = 2*∂C/∂(σ²)³ₜ*μ³ₜ - 2*∂C/∂(σ²)³ₜ*(𝟏)ᵀ a²ₜ/n₂ - (𝟏)ᵀ ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
     ∂C/∂γ³ = Σₜ (δ³ₜ ⊙ x̂³ₜ)
     ∂C/∂β³ = Σₜ δ³ₜ
-    δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
-    δ¹ = δ²ₜ
-    ∂C/∂alpha¹ = MatProd(δ¹, Transposed(v¹))
-    ∂C/∂s¹ = alpha¹ ⊙ ∂C/∂alpha¹ - alpha¹ ⊙ SumLast(alpha¹ ⊙ ∂C/∂alpha¹)
-    ∂C/∂v¹ = MatProd(Transposed(alpha¹), δ¹)
-    ∂C/∂k¹ = MatProd(Transposed(∂C/∂s¹), q¹)/√n₁
-    ∂C/∂q¹ = MatProd(∂C/∂s¹, k¹)/√n₁
-    ∂C/∂WQ¹ = Σₜ ∇_q¹ₜ C (a⁰ₜ)ᵀ
-    ∂C/∂WK¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ
-    ∂C/∂WV¹ = Σₜ ∇_v¹ₜ C (a⁰ₜ)ᵀ
+    Δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
+    Δ¹ = δ²ₜ
+    ∂C/∂α¹ = Δ¹ (V¹)ᵀ
+    ∂C/∂S¹ = α¹ ⊙ ∂C/∂α¹ - α¹ ⊙ rowsum(α¹ ⊙ ∂C/∂α¹)
+    ∂C/∂V¹ = (α¹)ᵀ Δ¹
+    ∂C/∂K¹ = (∂C/∂S¹)ᵀ Q¹/√n₁
+    ∂C/∂Q¹ = (∂C/∂S¹) K¹/√n₁
+    ∂C/∂W_q¹ = Σₜ ∇_q¹ₜ C (a⁰ₜ)ᵀ
+    ∂C/∂W_k¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ
+    ∂C/∂W_v¹ = Σₜ ∇_v¹ₜ C (a⁰ₜ)ᵀ
 
 and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
 
@@ -54,6 +54,14 @@ sgd_step, train, gradient_check. Parameters are a dict of arrays: Wq1 (8, 8), Wk
 from __future__ import annotations
 
 import numpy as np
+
+# A training step frees and allocates the same arrays again and again. glibc's malloc returns
+# freed memory at the top of its heap to the system once more than a threshold is free, and
+# takes the pages back, zeroed, one fault each, at the next step (about 40% of a transformer
+# block's step, bench/attention_bench.py). Freeing one block from mmap raises that threshold
+# to twice the block: this 30 MiB block is allocated and freed here, never touched, so that
+# up to 60 MiB of freed arrays stay in the process for reuse. Other allocators ignore it.
+np.empty(30 * 2**20, dtype=np.uint8)
 
 INPUT_SHAPE = (8, 8)
 OUTPUT_SHAPE = (8, 4)
@@ -78,6 +86,14 @@ def _softmax(x):
     """Softmax of each row, after subtracting the row maximum (so exp cannot overflow)."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def _dot_rows(x, w):
+    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis (a stack
+    of small products otherwise)."""
+    if x.ndim == 2 or not x.flags.c_contiguous:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _softmax_logsumexp(x):
@@ -137,29 +153,29 @@ def forward(params, X):
     W8, b8 = params["W8"], params["b8"]
     X = np.asarray(X, dtype=Wq1.dtype)
     _check_input(X)
-    Q1 = X @ Wq1.T
-    K1 = X @ Wk1.T
-    V1 = X @ Wv1.T
+    Q1 = _dot_rows(X, Wq1.T)
+    K1 = _dot_rows(X, Wk1.T)
+    V1 = _dot_rows(X, Wv1.T)
     S1 = 0.3535533905932738*(Q1 @ K1.swapaxes(-1, -2))
     Alpha1 = _softmax(S1)
     A1 = Alpha1 @ V1
-    A2 = X[..., 0:8] + A1[..., 0:8]
+    A2 = X + A1
     mu3 = 0.125*A2.sum(axis=-1, keepdims=True)
     var3 = 0.125*((A2 - mu3)**2).sum(axis=-1, keepdims=True)
-    Xhat3 = (A2[..., 0:8] - mu3)/np.sqrt(var3 + 1e-05)
+    Xhat3 = (A2 - mu3)/np.sqrt(var3 + 1e-05)
     A3 = beta3 + gamma3*Xhat3
-    Z4 = A3 @ W4.T
+    Z4 = _dot_rows(A3, W4.T)
     Z4 += b4
     A4 = np.maximum(Z4, 0)
-    Z5 = A4 @ W5.T
+    Z5 = _dot_rows(A4, W5.T)
     Z5 += b5
     A5 = Z5
-    A6 = A3[..., 0:8] + A5[..., 0:8]
+    A6 = A3 + A5
     mu7 = 0.125*A6.sum(axis=-1, keepdims=True)
     var7 = 0.125*((A6 - mu7)**2).sum(axis=-1, keepdims=True)
-    Xhat7 = (A6[..., 0:8] - mu7)/np.sqrt(var7 + 1e-05)
+    Xhat7 = (A6 - mu7)/np.sqrt(var7 + 1e-05)
     A7 = beta7 + gamma7*Xhat7
-    Z8 = A7 @ W8.T
+    Z8 = _dot_rows(A7, W8.T)
     Z8 += b8
     A8, LSE8 = _softmax_logsumexp(Z8)
     cache = {"X": X, "Q1": Q1, "K1": K1, "V1": V1, "Alpha1": Alpha1, "A2": A2, "mu3": mu3, "var3": var3, "Xhat3": Xhat3, "A3": A3, "Z4": Z4, "A4": A4, "A6": A6, "mu7": mu7, "var7": var7, "Xhat7": Xhat7, "A7": A7, "Z8": Z8, "A8": A8, "LSE8": LSE8}
@@ -195,15 +211,15 @@ def backward(params, cache, Y):
     W8 = params["W8"]
     X, Q1, K1, V1, Alpha1, A2, mu3, var3, Xhat3, A3, Z4, A4, A6, mu7, var7, Xhat7, A7, A8 = cache["X"], cache["Q1"], cache["K1"], cache["V1"], cache["Alpha1"], cache["A2"], cache["mu3"], cache["var3"], cache["Xhat3"], cache["A3"], cache["Z4"], cache["A4"], cache["A6"], cache["mu7"], cache["var7"], cache["Xhat7"], cache["A7"], cache["A8"]
     B = Y.shape[0]
-    # BP1: δ⁸ = a⁸ₜ ⊙ (𝟏)ᵀ yₜ - yₜ, each row divided by B
+    # BP1: Δ⁸ = a⁸ₜ ⊙ (𝟏)ᵀ yₜ - yₜ, each row divided by B
     delta8 = (A8*Y.sum(axis=-1, keepdims=True) - Y)/B
     # BP4: ∂C/∂W⁸ = Σₜ δ⁸ₜ (a⁷ₜ)ᵀ, summed over the rows
     dW8 = np.tensordot(delta8, A7, axes=([0, 1], [0, 1]))
     # BP3: ∂C/∂b⁸ = Σₜ δ⁸ₜ, summed over the rows
     db8 = delta8.sum(axis=(0, 1))
-    # δ⁷ = (W⁸)ᵀ δ⁸ₜ
-    delta7 = delta8 @ W8
-    # ∂C/∂x̂⁷ = δ⁷ₜ ⊙ γ⁷
+    # Δ⁷ = (W⁸)ᵀ δ⁸ₜ
+    delta7 = _dot_rows(delta8, W8)
+    # ∂C/∂X̂⁷ = δ⁷ₜ ⊙ γ⁷
     dC_dXhat7 = delta7*gamma7
     # (𝟏)ᵀ ∇_x̂⁷ₜ C, used more than once
     shared_1 = dC_dXhat7.sum(axis=-1, keepdims=True)
@@ -215,25 +231,25 @@ def backward(params, cache, Y):
     dgamma7 = (delta7*Xhat7).sum(axis=(0, 1))
     # ∂C/∂β⁷ = Σₜ δ⁷ₜ, summed over the rows
     dbeta7 = delta7.sum(axis=(0, 1))
-    # δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
+    # Δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
     delta6 = 0.25*A6*dC_dvar7 + 0.125*dC_dmu7 + dC_dXhat7/np.sqrt(var7 + 1e-05) - 0.25*dC_dvar7*mu7
-    # δ⁵ = δ⁶ₜ
+    # Δ⁵ = δ⁶ₜ
     delta5 = delta6
     # BP4: ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ, summed over the rows
     dW5 = np.tensordot(delta5, A4, axes=([0, 1], [0, 1]))
     # BP3: ∂C/∂b⁵ = Σₜ δ⁵ₜ, summed over the rows
     db5 = delta5.sum(axis=(0, 1))
-    # δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
-    delta4 = delta5 @ W5
+    # Δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
+    delta4 = _dot_rows(delta5, W5)
     delta4 *= (Z4 > 0)
     # BP4: ∂C/∂W⁴ = Σₜ δ⁴ₜ (a³ₜ)ᵀ, summed over the rows
     dW4 = np.tensordot(delta4, A3, axes=([0, 1], [0, 1]))
     # BP3: ∂C/∂b⁴ = Σₜ δ⁴ₜ, summed over the rows
     db4 = delta4.sum(axis=(0, 1))
-    # δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
-    delta3 = delta4 @ W4
+    # Δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
+    delta3 = _dot_rows(delta4, W4)
     delta3 += delta6
-    # ∂C/∂x̂³ = δ³ₜ ⊙ γ³
+    # ∂C/∂X̂³ = δ³ₜ ⊙ γ³
     dC_dXhat3 = delta3*gamma3
     # (𝟏)ᵀ ∇_x̂³ₜ C, used more than once
     shared_2 = dC_dXhat3.sum(axis=-1, keepdims=True)
@@ -245,25 +261,25 @@ def backward(params, cache, Y):
     dgamma3 = (delta3*Xhat3).sum(axis=(0, 1))
     # ∂C/∂β³ = Σₜ δ³ₜ, summed over the rows
     dbeta3 = delta3.sum(axis=(0, 1))
-    # δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
+    # Δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
     delta2 = 0.25*A2*dC_dvar3 + 0.125*dC_dmu3 + dC_dXhat3/np.sqrt(var3 + 1e-05) - 0.25*dC_dvar3*mu3
-    # δ¹ = δ²ₜ
+    # Δ¹ = δ²ₜ
     delta1 = delta2
-    # ∂C/∂alpha¹ = MatProd(δ¹, Transposed(v¹))
+    # ∂C/∂α¹ = Δ¹ (V¹)ᵀ
     dC_dAlpha1 = delta1 @ V1.swapaxes(-1, -2)
-    # ∂C/∂s¹ = alpha¹ ⊙ ∂C/∂alpha¹ - alpha¹ ⊙ SumLast(alpha¹ ⊙ ∂C/∂alpha¹)
-    dC_dS1 = Alpha1*dC_dAlpha1 - Alpha1*(Alpha1*dC_dAlpha1).sum(axis=-1, keepdims=True)
-    # ∂C/∂v¹ = MatProd(Transposed(alpha¹), δ¹)
+    # ∂C/∂S¹ = α¹ ⊙ ∂C/∂α¹ - α¹ ⊙ rowsum(α¹ ⊙ ∂C/∂α¹)
+    dC_dS1 = Alpha1*(dC_dAlpha1 - (Alpha1*dC_dAlpha1).sum(axis=-1, keepdims=True))
+    # ∂C/∂V¹ = (α¹)ᵀ Δ¹
     dC_dV1 = Alpha1.swapaxes(-1, -2) @ delta1
-    # ∂C/∂k¹ = MatProd(Transposed(∂C/∂s¹), q¹)/√n₁
+    # ∂C/∂K¹ = (∂C/∂S¹)ᵀ Q¹/√n₁
     dC_dK1 = 0.3535533905932738*(dC_dS1.swapaxes(-1, -2) @ Q1)
-    # ∂C/∂q¹ = MatProd(∂C/∂s¹, k¹)/√n₁
+    # ∂C/∂Q¹ = (∂C/∂S¹) K¹/√n₁
     dC_dQ1 = 0.3535533905932738*(dC_dS1 @ K1)
-    # ∂C/∂WQ¹ = Σₜ ∇_q¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
+    # ∂C/∂W_q¹ = Σₜ ∇_q¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWq1 = np.tensordot(dC_dQ1, X, axes=([0, 1], [0, 1]))
-    # ∂C/∂WK¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
+    # ∂C/∂W_k¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWk1 = np.tensordot(dC_dK1, X, axes=([0, 1], [0, 1]))
-    # ∂C/∂WV¹ = Σₜ ∇_v¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
+    # ∂C/∂W_v¹ = Σₜ ∇_v¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWv1 = np.tensordot(dC_dV1, X, axes=([0, 1], [0, 1]))
     return {"Wq1": dWq1, "Wk1": dWk1, "Wv1": dWv1, "gamma3": dgamma3, "beta3": dbeta3, "W4": dW4, "b4": db4, "W5": dW5, "b5": db5, "gamma7": dgamma7, "beta7": dbeta7, "W8": dW8, "b8": db8}
 

@@ -154,8 +154,15 @@ def blocks(expr: sp.Expr, free: tuple[sp.Symbol, ...], ranges: tuple[sp.Expr, ..
         return None
     reads = [e for e in expr.atoms(sp.Indexed) if e.indices and e.indices[-1].has(index)
              and tensor_of(e) is not None]
-    if not any(e.indices[-1] != index or widths.get(tensor_of(e).whole, size) != size
-               for e in reads):
+
+    def stacked(tensor: NetTensor) -> bool:
+        """Whether ``tensor`` is wider than the formula's index by a whole factor (an LSTM's
+        4n-wide pre-activation read by a gate of n); two widths that are different symbols
+        are equal (the inputs of an add)."""
+        ratio = sp.simplify(widths.get(tensor.whole, size) / size)
+        return ratio.is_number and ratio != 1
+
+    if not any(e.indices[-1] != index or stacked(tensor_of(e)) for e in reads):
         return None
 
     def block(found: sp.Indexed) -> sp.Expr:
@@ -163,7 +170,7 @@ def blocks(expr: sp.Expr, free: tuple[sp.Symbol, ...], ranges: tuple[sp.Expr, ..
         if start.has(index):
             raise DeriveError(f"no tensor form for {expr}")
         tensor = tensor_of(found)
-        if start == 0 and widths.get(tensor.whole, size) == size:
+        if start == 0 and not stacked(tensor):
             return found
         return sp.IndexedBase(Block(tensor, start, size))[(*found.indices[:-1], index)]
 

@@ -22,7 +22,7 @@ import sympy as sp
 
 from derive import __version__
 from derive.derivation.reverse import Derivation, Formula
-from derive.derivation.stepform import Concat, SumSteps
+from derive.derivation.stepform import Concat, MatProd, SumSteps
 from derive.derivation.tensorform import Broadcast, MatVec, Outer, equation_tensor, to_vector
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
@@ -430,7 +430,7 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
     def buffer_in_sum(add: sp.Expr) -> sp.Expr | None:
         terms = sp.Add.make_args(add)
         for term in terms:                       # a matrix product first, then a dead array
-            if isinstance(term, MatVec | Outer):
+            if isinstance(term, MatVec | Outer | MatProd):
                 return term
         for term in terms:
             if term in dead and not (add - term).has(term):
@@ -670,6 +670,8 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                 f"{_applied_note(stable.applied)}")
         if formula.kind in ("delta", "adjoint"):
             expr = stable.expr
+            if _whole(expr):    # α ⊙ g - α ⊙ rowsum(α ⊙ g): α ⊙ (g - rowsum(α ⊙ g))
+                expr = sp.factor_terms(expr)
             if expr == 0:
                 zero[formula.target] = sp.Integer(0)
                 continue

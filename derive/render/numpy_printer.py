@@ -92,6 +92,14 @@ def _causal_softmax(x):
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 ''',
+    "_dot_rows": '''\
+def _dot_rows(x, w):
+    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis (a stack
+    of small products otherwise)."""
+    if x.ndim == 2 or not x.flags.c_contiguous:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+''',
     "_logsumexp": '''\
 def _logsumexp(x):
     """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
@@ -529,9 +537,11 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_MatVec(self, expr: MatVec) -> str:
         matrix, vector, transposed = expr.args
-        rows = self.parenthesize(vector, PRECEDENCE["Mul"])
-        w = self._print(matrix)
-        return f"{rows} @ {w}" if transposed else f"{rows} @ {w}.T"
+        w = self._print(matrix) + ("" if transposed else ".T")
+        if self._sequence(expr):     # every step of every sample: one 2-D product
+            self.helpers.add("_dot_rows")
+            return f"_dot_rows({self._print(vector)}, {w})"
+        return f"{self.parenthesize(vector, PRECEDENCE['Mul'])} @ {w}"
 
     def _print_Outer(self, expr: Outer) -> str:
         u, v = expr.args
