@@ -76,7 +76,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.train_step import TUNED_MALLOC, blas_description, relative_error, timed_alone
+from bench.train_step import (
+    TUNED_MALLOC,
+    blas_description,
+    copy_params,
+    median_times,
+    reason,
+    timed_alone,
+    worst_error,
+)
 
 SPEC_PATH = Path(__file__).resolve().parent / "transformer_block_bench.yaml"
 NAME = "transformer_block_bench"
@@ -137,28 +145,6 @@ def data(dtype: str, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
     return params, X, Y
 
 
-def copy_params(params: dict) -> dict:
-    return {key: value.copy() for key, value in params.items()}
-
-
-def worst_error(loss: float, grads: dict, want_loss: float, want_grads: dict) -> tuple[str, float]:
-    """(name, error) of the largest relative error among the loss and the gradients."""
-    if sorted(grads) != sorted(want_grads):
-        return f"keys {sorted(grads)} != {sorted(want_grads)}", float("inf")
-    errors = {"loss": relative_error(loss, want_loss)}
-    for key, want in want_grads.items():
-        if np.shape(grads[key]) != np.shape(want):
-            return f"shape of {key} {np.shape(grads[key])}", float("inf")
-        errors[key] = relative_error(grads[key], want)
-    worst = max(errors, key=errors.get)
-    return worst, errors[worst]
-
-
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 # --- the generated module ---------------------------------------------------------------------
 
 
@@ -187,7 +173,7 @@ def build_generated():
                 return None, None, f"the module has no {attribute}()"
         return module, source, None
     except Exception as error:  # noqa: BLE001 - reported, and the column skipped
-        return None, None, _reason(error)
+        return None, None, reason(error)
 
 
 def generated_step(module, params: dict, X: np.ndarray, Y: np.ndarray):
@@ -275,7 +261,7 @@ def torch_payload(quick: bool) -> dict:
             worst, error = worst_error(got_loss, got, loss.item(), want)
             check = {"worst": worst, "error": error}
         except Exception as error:  # noqa: BLE001 - reported as a failed check
-            check = {"worst": _reason(error), "error": float("inf")}
+            check = {"worst": reason(error), "error": float("inf")}
 
     results = []
     for dtype in DTYPES:
@@ -495,31 +481,6 @@ def lines_report(quick: bool) -> int:
 # --- NumPy alternatives for the dominant statements, side by side -----------------------------
 
 
-def _median_times(functions: dict, budget_s: float) -> dict:
-    """Median µs of each function, run interleaved in blocks of 5 calls whose order rotates."""
-    for function in functions.values():
-        function()
-    start = time.perf_counter()
-    for function in functions.values():
-        function()
-    once = time.perf_counter() - start
-    blocks = int(min(400, max(6, budget_s / max(once, 1e-7) / 5)))
-    items = list(functions.items())
-    times = {name: [] for name in functions}
-    gc.disable()
-    try:
-        for i in range(blocks):
-            shift = i % len(items)
-            for name, function in items[shift:] + items[:shift]:
-                for _ in range(5):
-                    begin = time.perf_counter_ns()
-                    function()
-                    times[name].append((time.perf_counter_ns() - begin) / 1000.0)
-    finally:
-        gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def idiom_cases(dtype: str) -> dict[str, dict]:
     """title -> {variant -> function}; the first variant is the generated code's form, every
     variant returns the same array (checked)."""
@@ -663,7 +624,7 @@ def idioms(quick: bool) -> int:
                 got = function()
                 pairs = zip(got, want) if isinstance(want, tuple) else [(got, want)]
                 assert all(np.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in pairs), name
-            times = _median_times(variants, budget)
+            times = median_times(variants, budget)
             print(f"### {title}, {dtype}\n\n| variant | µs | vs generated |\n|---|---|---|")
             chosen = next(iter(times.values()))
             for name, value in times.items():

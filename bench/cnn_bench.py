@@ -49,11 +49,9 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -69,9 +67,11 @@ from bench.handwritten_cnn import NETWORKS
 from bench.train_step import (
     TUNED_MALLOC,
     blas_description,
+    copy_params,
     interleaved,
-    relative_error,
+    median_times,
     timed_alone,
+    worst_error,
 )
 
 #: name -> (batch, input shape (C, H, W), parameter shapes, init scale rule)
@@ -139,23 +139,6 @@ def data(name: str, dtype: str, seed: int = 0) -> tuple[dict, np.ndarray, np.nda
     X = rng.standard_normal((batch, *shape)).astype(dtype)
     Y = np.eye(CLASSES, dtype=dtype)[rng.integers(0, CLASSES, batch)]
     return params, X, Y
-
-
-def copy_params(params: dict) -> dict:
-    return {key: value.copy() for key, value in params.items()}
-
-
-def worst_error(loss: float, grads: dict, want_loss: float, want_grads: dict) -> tuple[str, float]:
-    """(name, error) of the largest relative error among the loss and the gradients."""
-    if sorted(grads) != sorted(want_grads):
-        return f"keys {sorted(grads)} != {sorted(want_grads)}", float("inf")
-    errors = {"loss": relative_error(loss, want_loss)}
-    for key, want in want_grads.items():
-        if np.shape(grads[key]) != np.shape(want):
-            return f"shape of {key} {np.shape(grads[key])}", float("inf")
-        errors[key] = relative_error(grads[key], want)
-    worst = max(errors, key=errors.get)
-    return worst, errors[worst]
 
 
 # --- NumPy: generated and hand-written, interleaved -------------------------------------------
@@ -443,31 +426,6 @@ def bench(args: argparse.Namespace) -> int:
 # --- the NumPy idioms, side by side -------------------------------------------------------------
 
 
-def _median_times(functions: dict, budget_s: float) -> dict:
-    """Median µs of each function, run interleaved in blocks of 5 calls whose order rotates."""
-    for function in functions.values():
-        function()
-    start = time.perf_counter()
-    for function in functions.values():
-        function()
-    once = time.perf_counter() - start
-    blocks = int(min(200, max(6, budget_s / max(once, 1e-7) / 5)))
-    items = list(functions.items())
-    times = {name: [] for name in functions}
-    gc.disable()
-    try:
-        for i in range(blocks):
-            shift = i % len(items)
-            for name, function in items[shift:] + items[:shift]:
-                for _ in range(5):
-                    begin = time.perf_counter_ns()
-                    function()
-                    times[name].append((time.perf_counter_ns() - begin) / 1000.0)
-    finally:
-        gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def col2im_variants(O: int, C: int, k: int, B: int, H: int, pad: int, dtype: str) -> dict:
     """name -> function returning the input error (C, H, W, B) of a k x k convolution, stride 1,
     padding ``pad``, from its output error, the im2col matrix's GEMM included."""
@@ -672,7 +630,7 @@ def idioms(quick: bool) -> int:
              "lenet conv 2 (6 channels, 14x14, 5x5, batch 64)": (6, 14, 5, 64)}
     for label, case in cases.items():
         for dtype in DTYPES:
-            times = _median_times(im2col_variants(*case, dtype), budget / 2)
+            times = median_times(im2col_variants(*case, dtype), budget / 2, most=200)
             print(f"### {label}, {dtype}\n\n| variant | µs | vs chosen |\n|---|---|---|")
             chosen = next(iter(times.values()))
             for name, value in times.items():
@@ -688,7 +646,7 @@ def idioms(quick: bool) -> int:
             for name, function in variants.items():
                 got = function()
                 assert np.allclose(got, want, rtol=1e-4, atol=1e-3), name
-            times = _median_times(variants, budget)
+            times = median_times(variants, budget, most=200)
             print(f"### {label}, {dtype}\n\n| variant | µs | vs chosen |\n|---|---|---|")
             chosen = next(iter(times.values()))
             for name, value in times.items():
@@ -704,11 +662,11 @@ def idioms(quick: bool) -> int:
             for name, (_, backward) in variants.items():
                 if "ALL" not in name:
                     assert np.array_equal(backward(saved[name]), want), name
-            forwards = _median_times({name: forward for name, (forward, _) in variants.items()},
-                                     budget / 2)
-            backwards = _median_times(
+            forwards = median_times({name: forward for name, (forward, _) in variants.items()},
+                                    budget / 2, most=200)
+            backwards = median_times(
                 {name: (lambda b=backward, s=saved[name]: b(s))
-                 for name, (_, backward) in variants.items()}, budget / 2)
+                 for name, (_, backward) in variants.items()}, budget / 2, most=200)
             print(f"### (C, H, W, B) = {shape}, {dtype}\n\n"
                   "| variant | forward µs | backward µs | sum | vs chosen |\n|---|---|---|---|---|")
             chosen = None

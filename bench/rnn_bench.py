@@ -64,10 +64,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -83,9 +81,12 @@ from bench.handwritten_rnn import NETWORKS
 from bench.train_step import (
     TUNED_MALLOC,
     blas_description,
+    copy_params,
     interleaved,
-    relative_error,
+    median_times,
+    reason,
     timed_alone,
+    worst_error,
 )
 
 BATCH, LENGTH, INPUTS, HIDDEN, OUTPUTS = 32, 20, 8, 64, 8
@@ -148,28 +149,6 @@ def data(name: str, dtype: str, seed: int = 0) -> tuple[dict, np.ndarray, np.nda
     return params, X, Y
 
 
-def copy_params(params: dict) -> dict:
-    return {key: value.copy() for key, value in params.items()}
-
-
-def worst_error(loss: float, grads: dict, want_loss: float, want_grads: dict) -> tuple[str, float]:
-    """(name, error) of the largest relative error among the loss and the gradients."""
-    if sorted(grads) != sorted(want_grads):
-        return f"keys {sorted(grads)} != {sorted(want_grads)}", float("inf")
-    errors = {"loss": relative_error(loss, want_loss)}
-    for key, want in want_grads.items():
-        if np.shape(grads[key]) != np.shape(want):
-            return f"shape of {key} {np.shape(grads[key])}", float("inf")
-        errors[key] = relative_error(grads[key], want)
-    worst = max(errors, key=errors.get)
-    return worst, errors[worst]
-
-
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 # --- NumPy: generated and hand-written, interleaved -------------------------------------------
 
 
@@ -190,7 +169,7 @@ def build_generated(name: str):
                 return None, f"the module has no {attribute}()"
         return module, None
     except Exception as error:  # noqa: BLE001 - reported, and the column skipped
-        return None, _reason(error)
+        return None, reason(error)
 
 
 def generated_step(module, params: dict, X: np.ndarray, Y: np.ndarray):
@@ -207,7 +186,7 @@ def check_generated(name: str, module) -> dict:
     try:
         loss, grads = module.gradients(copy_params(params), X, Y)
     except Exception as error:  # noqa: BLE001 - reported as a failed check
-        return {"config": name, "worst": _reason(error), "error": float("inf")}
+        return {"config": name, "worst": reason(error), "error": float("inf")}
     worst, error = worst_error(loss, grads, want_loss, want_grads)
     return {"config": name, "worst": worst, "error": error}
 
@@ -399,8 +378,8 @@ def print_checks(numpy: dict, torch: dict) -> tuple[bool, bool]:
         print(f"generated vs hand-written float64, {check['config']}: largest relative "
               f"error {check['error']:.1e} ({check['worst']}) "
               f"{'ok' if good else 'FAILED: its generated column is not timed'}")
-    for name, reason in numpy.get("unavailable", {}).items():
-        print(f"generated {name}: not available ({reason})")
+    for name, why in numpy.get("unavailable", {}).items():
+        print(f"generated {name}: not available ({why})")
     return hand_ok, all_ok and hand_ok
 
 
@@ -454,31 +433,6 @@ def bench(args: argparse.Namespace) -> int:
 
 
 # --- the NumPy idioms, side by side -------------------------------------------------------------
-
-
-def _median_times(functions: dict, budget_s: float) -> dict:
-    """Median µs of each function, run interleaved in blocks of 5 calls whose order rotates."""
-    for function in functions.values():
-        function()
-    start = time.perf_counter()
-    for function in functions.values():
-        function()
-    once = time.perf_counter() - start
-    blocks = int(min(400, max(6, budget_s / max(once, 1e-7) / 5)))
-    items = list(functions.items())
-    times = {name: [] for name in functions}
-    gc.disable()
-    try:
-        for i in range(blocks):
-            shift = i % len(items)
-            for name, function in items[shift:] + items[:shift]:
-                for _ in range(5):
-                    begin = time.perf_counter_ns()
-                    function()
-                    times[name].append((time.perf_counter_ns() - begin) / 1000.0)
-    finally:
-        gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def nonlinearity_variants(rows: int, dtype: str) -> dict:
@@ -595,7 +549,7 @@ def idioms(quick: bool) -> int:
             variants = nonlinearity_variants(rows, dtype)
             for name, (function, want) in variants.items():
                 assert np.allclose(function(), want, rtol=1e-5, atol=1e-6), name
-            times = _median_times({name: function for name, (function, _) in variants.items()},
+            times = median_times({name: function for name, (function, _) in variants.items()},
                                   budget)
             print(f"### ({rows}, {BATCH}), {dtype}\n\n| variant | µs |\n|---|---|")
             for name, value in times.items():
@@ -606,7 +560,7 @@ def idioms(quick: bool) -> int:
         variants = lstm_forward_variants(dtype)
         results = [function() for function in variants.values()]
         assert np.allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
-        times = _median_times(variants, 2 * budget)
+        times = median_times(variants, 2 * budget)
         print(f"### {dtype}\n\n| variant | µs | vs chosen |\n|---|---|---|")
         chosen = next(iter(times.values()))
         for name, value in times.items():

@@ -135,6 +135,54 @@ def relative_error(got: np.ndarray | float, want: np.ndarray | float) -> float:
     return difference / scale if scale else difference
 
 
+def copy_params(params: dict) -> dict:
+    return {key: value.copy() for key, value in params.items()}
+
+
+def worst_error(loss: float, grads: dict, want_loss: float, want_grads: dict) -> tuple[str, float]:
+    """(name, error) of the largest relative error among the loss and the gradients."""
+    if sorted(grads) != sorted(want_grads):
+        return f"keys {sorted(grads)} != {sorted(want_grads)}", float("inf")
+    errors = {"loss": relative_error(loss, want_loss)}
+    for key, want in want_grads.items():
+        if np.shape(grads[key]) != np.shape(want):
+            return f"shape of {key} {np.shape(grads[key])}", float("inf")
+        errors[key] = relative_error(grads[key], want)
+    worst = max(errors, key=errors.get)
+    return worst, errors[worst]
+
+
+def reason(error: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def median_times(functions: dict, budget_s: float, most: int = 400) -> dict:
+    """Median µs of each function, run interleaved in blocks of 5 calls whose order rotates."""
+    for function in functions.values():
+        function()
+    start = time.perf_counter()
+    for function in functions.values():
+        function()
+    once = time.perf_counter() - start
+    blocks = int(min(most, max(6, budget_s / max(once, 1e-7) / 5)))
+    items = list(functions.items())
+    times = {name: [] for name in functions}
+    gc.disable()
+    try:
+        for i in range(blocks):
+            shift = i % len(items)
+            for name, function in items[shift:] + items[:shift]:
+                for _ in range(5):
+                    begin = time.perf_counter_ns()
+                    function()
+                    times[name].append((time.perf_counter_ns() - begin) / 1000.0)
+    finally:
+        gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def check_same_numbers(name: str, module, step) -> None:
     """The specialized step gives the generated module's loss and gradients (float64, 1e-10)."""
     params, X, Y = data(name, "float64")
