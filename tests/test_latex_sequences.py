@@ -23,6 +23,7 @@ from derive.cli.main import derivation_of, main
 from derive.derivation.stepform import Block, StepGuard, SumSteps
 from derive.derivation.tensorform import MatVec, Outer
 from derive.quantities import INDEX_POOL, LENGTH, NetTensor
+from derive.registry.ops import OPS
 from derive.render.latex import (
     compile_pdf,
     log_problems,
@@ -39,7 +40,10 @@ from derive.render.pretty import pretty
 from derive.render.worked_example import default_values, worked_example
 from derive.spec.load import EXAMPLES_DIR, list_examples, load_spec
 
-SEQUENCES = [name for name, _ in list_examples() if load_spec(name).sequence]
+#: the built-in recurrent networks: a layer of an op of the registry that may return its last
+#: state (attention's notes: tests/test_latex_attention.py)
+SEQUENCES = [name for name, _ in list_examples() if any(
+    OPS[layer.op].attribute("return") is not None for layer in load_spec(name).layers)]
 #: Sequence networks beyond the built-in ones: stacked recurrent layers (relu, no bias),
 #: gated layers returning every step, a sigmoid rnn returning its last state with a penalty,
 #: a dense layer per step below a recurrence.

@@ -23,6 +23,17 @@ gradients prints these and what their products are bounded by; the worked exampl
 t = 1..T and backward t = T..1 (:mod:`derive.render.worked_example`) and writes each gradient of a
 shared parameter as its sum over the steps.
 
+A network with attention (docs/architecture.md, "Sequences"; every step reads every step) is
+drawn as a transformer block, bottom to top, with its first attention layer unrolled over the
+steps beside it (TikZ; lines of text in Markdown). The derivation of an attention layer is
+followed by what it says: the softmax Jacobian read off its differentiation step, the error of
+the scores factored (α ⊙ (∇_α C − rowsum(α ⊙ ∇_α C))), the 1/√d of queries and keys, what
+values and keys collect, and the causal mask (or what it would change); then the layer in
+matrix form, one row per step (Q, K, V, S, α: the tensor form of whole sequences). An error
+read through a residual connection is said to sum the errors of both paths. Its worked
+example runs a small copy (T = 3, widths at most 3), one step spelled out forward and one
+backward, and shows attention's T × T matrices whole.
+
 Python builds a render context of already-printed strings (:mod:`derive.render.latex_printer` prints
 every formula, :mod:`derive.render.latex_text` holds the words in English and Chinese); the jinja
 templates ``codegen_templates/derivation.tex.j2``, ``equations.tex.j2`` and
@@ -62,6 +73,7 @@ from derive.derivation.reverse import (
     activation_derivative,
     adjoint_tensor,
 )
+from derive.derivation.stepform import Block, Causal
 from derive.derivation.tensorform import ONE, equation_tensor, to_vector
 from derive.errors import DeriveError
 from derive.files import MARKER
@@ -87,14 +99,22 @@ from derive.render.latex_printer import (
     batch_gradient,
     chain,
     equation,
+    is_vector,
+    is_whole,
     latex,
     terms,
     visual_length,
 )
 from derive.render.latex_text import ASSUMPTIONS, LANGUAGES, QUANTITY_NAMES, TEXT, why
 from derive.render.pretty import pretty, sub
+from derive.render.stability import rewrite
 from derive.render.templates import render
-from derive.render.worked_example import WorkedExample, recurrent_equations, worked_example
+from derive.render.worked_example import (
+    WorkedExample,
+    recurrent_equations,
+    shifted_step,
+    worked_example,
+)
 from derive.spec.load import parameter_key
 
 Echo = Callable[[str], None]
@@ -169,6 +189,18 @@ class _ValuePrinter(DeriveLatexPrinter):
         return self._value(expr, expr)
 
 
+class _PlusFirst(DeriveLatexPrinter):
+    """Prints the terms of a sum with a plus sign before those with a minus sign."""
+
+    def _as_ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
+        found = super()._as_ordered_terms(expr, order=order)
+        return sorted(found, key=lambda term: term.could_extract_minus_sign())
+
+
+class _PlusFirstValues(_PlusFirst, _ValuePrinter):
+    """:class:`_ValuePrinter` with the terms of a sum ordered as :class:`_PlusFirst`'s."""
+
+
 def _hide_derivatives(expr: sp.Expr) -> sp.Expr:
     """∂C/∂q[i] written as an entry of the adjoint tensor ∂C/∂q: an entry the value printer
     looks up (and that no rebuilding of the expression can differentiate)."""
@@ -209,11 +241,12 @@ def _expand_sums(expr: sp.Expr, flat: bool = False) -> sp.Expr:
 def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
              index: dict, result: float, max_terms: int = 8,
              inside: Callable[[sp.Indexed], bool] | None = None,
-             budget: int = LINE_BUDGET, flat: bool = False) -> str | None:
+             budget: int = LINE_BUDGET, flat: bool = False, ordered: bool = False
+             ) -> str | None:
     """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
     (lines of an ``align``); None when it would be too long to be worth spelling out."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
-    concrete = _hide_derivatives(expr).xreplace({**sizes, **free})
+    concrete = _filled(_hide_derivatives(expr), {**sizes, **free})
     # every term of a sum reads its own entries: a sum longer than max_terms is too long,
     # known before writing out its terms (784 of them for an MNIST input)
     if any(int(high) - int(low) + 1 > max_terms
@@ -232,13 +265,50 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
            for index in entry.indices):
         return None        # an index the example does not fix (a third axis of a parameter)
     left = latex(lhs.xreplace(free))
-    symbolic = latex(concrete)
+    # ``ordered``: the terms of a sum with a plus sign first (α (g − Σ α g))
+    symbolic = (_PlusFirst() if ordered else DeriveLatexPrinter()).doprint(concrete)
     if isinstance(concrete, (sp.Indexed, NetTensor)):
         return f"{left} &= {symbolic} = {_number(result)}"
-    numbers = _ValuePrinter({"lookup": lookup}).doprint(concrete)
-    if visual_length(numbers) > budget or visual_length(symbolic) > budget:
+    values = (_PlusFirstValues if ordered else _ValuePrinter)({"lookup": lookup})
+    numbers = values.doprint(concrete)
+    if ordered and visual_length(f"{numbers} = {_number(result)}") > budget and \
+            isinstance(concrete, sp.Mul):
+        numbers = _two_lines(concrete, values, budget) or numbers
+    if max(visual_length(line) for line in numbers.split("\\\\")) > budget or \
+            visual_length(symbolic) > budget:
         return None
     return f"{left} &= {symbolic} \\\\\n  &= {numbers} = {_number(result)}"
+
+
+def _two_lines(product: sp.Mul, values: DeriveLatexPrinter, budget: int) -> str | None:
+    """The numbers of a factor times a sum, f (g − m), on two lines, the sum's first term on
+    the first and the others on the second; None for another product."""
+    sums = [f for f in product.args if isinstance(f, sp.Add)]
+    if len(sums) != 1:
+        return None
+    front = sp.Mul(*(f for f in product.args if f is not sums[0]))
+    first, *rest = values._as_ordered_terms(sums[0])
+    tail = ""
+    for term in rest:
+        negative = term.could_extract_minus_sign()
+        text = values._print(-term if negative else term)
+        if isinstance(-term if negative else term, sp.Add):
+            text = rf"\left({text}\right)"
+        tail += f" - {text}" if negative else f" + {text}"
+    return (rf"{values._print(front)} \cdot \Bigl({values._print(first)} \\" + "\n"
+            rf"  &\qquad {tail.strip()}\Bigr)")
+
+
+def _filled(expr: sp.Expr, sizes: dict) -> sp.Expr:
+    """``expr`` with the sizes filled in; a root of a size stays a root of its number
+    (attention's 1/√d with d = 8 reads 1/√8, not √2/4)."""
+    roots = {}
+    for power in expr.atoms(sp.Pow):
+        if power.base in sizes and abs(power.exp) == sp.S.Half:
+            # a symbol that prints as the root (SymPy would write 1/√8 as √2/4)
+            root = sp.Symbol(rf"\sqrt{{{sizes[power.base]}}}", positive=True)
+            roots[power] = root if power.exp > 0 else 1 / root
+    return expr.xreplace(roots).xreplace(sizes) if roots else expr.xreplace(sizes)
 
 
 def _side_by_side(parts: list[str], columns: int) -> list[str]:
@@ -300,12 +370,53 @@ def broken(expr: sp.Expr, *, lead: int = 0, budget: int = LINE_BUDGET, batch: bo
     if lead + visual_length(one_line) <= budget:
         return one_line
     pieces = terms(expr, batch=batch, batch_cost=batch_cost)
+    if len(pieces) < 2:
+        # a feature map's product breaks between its factors below, unless a sum in it is
+        # too long for a line of its own
+        product = _broken_product(expr, lead, budget, batch, batch_cost, top,
+                                  any_sum=not is_image_form(expr, ()))
+        if product is not None:
+            return product
     if len(pieces) < 2 and is_image_form(expr, ()):
         # one long product of a feature map's formula: broken between its factors and sums
         return _broken_chain(chain(expr, batch=batch, batch_cost=batch_cost), lead, budget,
                              top)
     if len(pieces) < 2:
         return one_line
+    return _broken_lines(pieces, lead, budget, top)
+
+
+def _broken_product(expr: sp.Expr, lead: int, budget: int, batch: bool, batch_cost: str,
+                    top: bool, any_sum: bool = True) -> str | None:
+    """A product with one long sum among its factors (the error of a recurrent layer that
+    several layers read: σ'(z) times the sum of what each sends back), the other factors
+    first and the sum's terms broken over lines inside big brackets; None for any other
+    expression."""
+    if not isinstance(expr, sp.Mul):
+        return None
+    sums = sorted((f for f in expr.args if isinstance(f, sp.Add)),
+                  key=lambda f: -visual_length(latex(f, batch=batch, batch_cost=batch_cost)))
+    if not sums or not any_sum and lead + visual_length(
+            latex(sums[0], batch=batch, batch_cost=batch_cost)) <= budget:
+        return None                     # no sum too long for a line of its own
+    rest = sp.Mul(*(f for f in expr.args if f is not sums[0]))
+    if rest.is_Number:
+        return None
+    front = latex(rest, batch=batch, batch_cost=batch_cost)
+    if isinstance(rest, sp.Add):
+        front = rf"\left({front}\right)"
+    joint = r" \odot " if is_vector(rest) and is_vector(sums[0]) else r"\, "
+    head = f"{front}{joint}"
+    pieces = terms(sums[0], batch=batch, batch_cost=batch_cost)
+    text = _broken_lines(pieces, lead + visual_length(head) + 2, budget, top, inner=True)
+    return rf"{head}\Bigl({text}\Bigr)" if not text.startswith(r"\begin") else (
+        text.replace(" & ", rf" & {head}\Bigl(", 1).replace(r" \end{aligned}",
+                                                               r"\Bigr) \end{aligned}"))
+
+
+def _broken_lines(pieces: list[tuple[str, str]], lead: int, budget: int, top: bool,
+                  inner: bool = False) -> str:
+    """Signed terms packed into the lines of an ``aligned`` block (or one line)."""
     lines: list[str] = []
     current = ""
     for sign, text in pieces:
@@ -318,6 +429,8 @@ def broken(expr: sp.Expr, *, lead: int = 0, budget: int = LINE_BUDGET, batch: bo
         else:
             current = f"{current} {piece}".strip() if current else piece
     lines.append(current)
+    if inner and len(lines) == 1:
+        return lines[0]
     head = r"\begin{aligned}[t]" if top else r"\begin{aligned}"
     return head + " & " + r" \\ & \quad ".join(lines) + r" \end{aligned}"
 
@@ -343,6 +456,43 @@ def _packed(pieces: list[str], lead: int, budget: int) -> list[str]:
             current = f"{current} {piece}" if current else piece
     lines.append(current)
     return lines
+
+
+def _ordered_terms(expr: sp.Expr) -> list[sp.Expr]:
+    """The terms of a sum as the printer orders them, those with a plus sign first."""
+    found = DeriveLatexPrinter()._as_ordered_terms(expr) if isinstance(expr, sp.Add) else [expr]
+    return sorted(found, key=lambda term: term.could_extract_minus_sign())
+
+
+def _common_factor(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    """(f, r) with ``expr`` = f r, f the factors all the terms of the sum ``expr`` share (at
+    the top: a sum keeps the indices it binds); None when they share none."""
+    if not isinstance(expr, sp.Add):
+        return None
+    factors = [set(sp.Mul.make_args(term.as_coeff_Mul()[1])) for term in expr.args]
+    common = set.intersection(*factors)
+    if not common:
+        return None
+    front = sp.Mul(*sorted(common, key=sp.default_sort_key))
+    return front, sp.Add(*(term / front for term in expr.args))
+
+
+def _factored(expr: sp.Expr) -> str:
+    """``expr`` printed with the factors common to all its terms in front: α_{tτ}(g_{tτ} −
+    Σ_τ' α_{tτ'} g_{tτ'}), the positive terms first; as it is when they share none. (Only
+    factors of the terms at the top, never out of a sum: the indices a sum binds stay in
+    it.)"""
+    found = _common_factor(expr)
+    if found is None:
+        return latex(expr)
+    front, rest = found
+    text = ""
+    for term in _ordered_terms(rest):
+        if term.could_extract_minus_sign():
+            text += f" - {latex(-term)}"
+        else:
+            text += f" + {latex(term)}" if text else latex(term)
+    return rf"{latex(front)} \left({text}\right)"
 
 
 @dataclass(frozen=True)
@@ -429,6 +579,11 @@ class _Context:
         formulas = self.derivation.formulas
         self.widths = formulas[0].widths if formulas else {}
         self.said: set[str] = set()                     # explanations given once
+        # attention layers (every step reads every step) and recurrent ones (a step reads
+        # the step before)
+        self.attention = [node for node in self.model.nodes if node.op.name == "attention"]
+        self.causal = [node for node in self.attention if dict(node.options).get("causal")]
+        self.recurrent = self.sequence and any(state_tensors(node) for node in self.model.nodes)
 
     # -- small pieces --
 
@@ -575,7 +730,7 @@ class _Context:
         }
 
     def build(self) -> dict[str, Any]:
-        example = worked_example(self.derivation, shown=_shown)
+        example = worked_example(self.derivation, shown=_shown, small=True)
         delta_l = NetTensor("delta", "l")
         summary = self.summary()
         return {
@@ -596,15 +751,18 @@ class _Context:
             "markdown_diagram": self.text("markdown_diagram", name=self.spec.name),
             "diagram": self.diagram(),
             "sequence": self.sequence,
-            "unrolled_text": unrolled_text(self.model) if self.sequence else [],
-            "markdown_unrolled": self.t["markdown_unrolled"],
+            "unrolled_text": block_text(self.model, self.t["input_layer"], self.t["cost_node"])
+            if self.attention else unrolled_text(self.model) if self.sequence else [],
+            "markdown_unrolled": self.t["markdown_block" if self.attention
+                                       else "markdown_unrolled"],
             "layer_table": self.layer_table(),
             "notation": self.notation(),
             "forward_text": self.text("forward_text" if self.chain else "forward_text_graph"),
             "forward": self.forward(),
             "forward_tensor": self.forward_tensor(),
-            "forward_tensor_text": self.text("forward_tensor_text_sequence"
-                                             if self.sequence else "forward_tensor_text"),
+            "forward_tensor_text": self.text(
+                "forward_tensor_text_attention" if self.attention else
+                "forward_tensor_text_sequence" if self.sequence else "forward_tensor_text"),
             "conv_text": self.text("conv_text") if self.images else "",
             "cost": self.cost(),
             "penalty": self.penalty(),
@@ -622,7 +780,8 @@ class _Context:
                 D=self.inline(delta_l, batch=True)) + (self.text(
                     "batch_text_sequence", H=self.inline(NetTensor("h", "l", step=0),
                                                          batch=True))
-                    if self.sequence else ""),
+                    if self.sequence else "") + (self.text("batch_text_attention")
+                                                 if self.attention else ""),
             "summary_title": self.t["sec_summary" if self.chain else "sec_summary_graph"],
             "summary_text": self.t["summary_text" if self.chain else "summary_text_graph"],
             "summary": summary,
@@ -645,6 +804,13 @@ class _Context:
             last = [node for node in self.model.nodes if ("return", "last") in node.options]
             output = (self.text("output_last", l=last[0].index, nL=self.spec.sizes[-1])
                       if last else self.text("output_sequence", nL=self.spec.sizes[-1]))
+            if self.attention:
+                return self.text("network_text_attention", T=self.spec.length,
+                                 n0=self.spec.input, L=L, output=output,
+                                 layers=self.listing([str(n.index) for n in self.attention]),
+                                 causal=self.text("network_causal") if self.causal else "",
+                                 recurrent=self.text("network_recurrent")
+                                 if self.recurrent else "")
             return self.text("network_text_sequence", T=self.spec.length, n0=self.spec.input,
                              L=L, output=output)
         return self.text("network_text_graph", L=L, n0=self.spec.input,
@@ -653,6 +819,16 @@ class _Context:
     def figure_caption(self) -> str:
         if self.images:
             return self.text("figure_caption_image", name=self.name())
+        if self.attention:
+            node = self.attention[0]
+            elided = self.text("figure_elided_steps", T=self.spec.length) if (
+                self.spec.length > 4) else ""
+            skips = any(len(n.inputs) > 1 or n.inputs[0] != n.index - 1
+                        for n in self.model.nodes)
+            return self.text("figure_caption_block", name=self.name(), l=node.index,
+                             elided=elided, causal=self.text("figure_causal")
+                             if node in self.causal else "",
+                             residual=self.text("figure_residual") if skips else "")
         if self.sequence:
             elided = self.text("figure_elided_steps", T=self.spec.length) if (
                 self.spec.length > 4) else ""
@@ -668,7 +844,7 @@ class _Context:
                          else "")
 
     def diagram(self) -> dict[str, Any]:
-        kinds = {"chain": False, "maps": False, "unrolled": False}
+        kinds = {"chain": False, "maps": False, "unrolled": False, "block": False}
         if self.chain:
             return {**kinds, "chain": True, **diagram(
                 self.spec.sizes, [node.activation.name for node in self.model.nodes],
@@ -676,6 +852,10 @@ class _Context:
         if self.images:
             return {**kinds, "maps": True, **map_diagram(
                 self.model, self.t["input_layer"], self.t["cost_node"])}
+        if self.attention:
+            return {**kinds, "block": True, **block_diagram(
+                self.model, self.t["input_layer"], self.t["cost_node"],
+                self.text("diagram_unrolled", l=self.attention[0].index))}
         if self.sequence:
             return {**kinds, "unrolled": True, **unrolled_diagram(
                 self.model, self.t["input_layer"], self.t["cost_node"])}
@@ -808,6 +988,17 @@ class _Context:
                          self.text("n_zxh")))
         if "c" in roles:
             rows.append((latex(seq["c"][t, j]), self.text("n_c")))
+        if "gamma" in roles:
+            rows.append((", ".join(latex(NetTensor(role, "l").indexed[j])
+                                   for role in ("gamma", "beta")), self.text("n_gamma")))
+        if "mu" in roles:
+            rows.append((r",\ ".join(latex(NetTensor(role, "l", rank=1).indexed[t])
+                                     for role in ("mu", "var")), self.text("n_seq_mu")))
+        if "xhat" in roles:
+            rows.append((latex(NetTensor("xhat", "l", rank=2).indexed[t, j]),
+                         self.text("n_seq_xhat")))
+        if self.attention:
+            rows += self.attention_notation()
         for gates, key in ((("i", "f", "g", "o"), "n_lstm_gates"), (("r", "u", "g"),
                                                                       "n_gru_gates")):
             if all(role in roles for role in gates) and not (key == "n_gru_gates"
@@ -824,17 +1015,45 @@ class _Context:
         if self.penalized:
             rows.append((latex(R), self.t["n_R"]))
         rows.append((latex(NetTensor("delta", "l", rank=2).indexed[t, j]), self.text(
-            "n_seq_delta", z=self.inline(sp.Derivative(C, seq["z"][t, j], evaluate=False)),
+            "n_seq_delta" if self.recurrent else "n_seq_delta_steps",
+            z=self.inline(sp.Derivative(C, seq["z"][t, j], evaluate=False)),
             a=self.inline(sp.Derivative(C, seq["a"][t, j], evaluate=False)))))
-        rows.append((r"\left[t \le T-1\right],\ \left[t = T\right]",
-                     self.text("n_step_bracket")))
+        if self.recurrent:
+            rows.append((r"\left[t \le T-1\right],\ \left[t = T\right]",
+                         self.text("n_step_bracket")))
         rows.append((latex(sp.KroneckerDelta(i, j)), self.text("n_kd")))
+        if self.causal:
+            rows.append((r"\left[1 \le \tau \le t\right]", self.text("n_iverson")))
         if "c" in roles or "zx" in roles:
             rows.append((r"\mathbf{v}_{[a\,:\,b]}", self.text("n_block")))
             rows.append((r"\begin{bmatrix} \mathbf{u} \\ \mathbf{v} \end{bmatrix}",
                          self.text("n_stack")))
         rows.append((r"\odot,\ \oslash", self.text("n_odot")))
         return [{"symbol": symbol, "meaning": meaning} for symbol, meaning in rows]
+
+    def attention_notation(self) -> list[tuple[str, str]]:
+        """The rows of the notation table that attention needs: its quantities entry by
+        entry, the other time indices, its matrices (one row per step), rowsum, the mask."""
+        t, (tau, *others) = INDEX_POOL[8], family_indices(("time",) * 4, {INDEX_POOL[8]})
+        entries = {role: NetTensor(role, "l", rank=2).indexed for role in (
+            "q", "k", "v", "s", "alpha", "wq", "wk", "wv")}
+        whole = [latex(NetTensor(role, "l", rank=2)) for role in (
+            "q", "k", "v", "s", "alpha", "a", "delta")]
+        rows = [(r",\ ".join(latex(entries[role][t, j]) for role in ("q", "k", "v")),
+                 self.text("n_attn_qkv")),
+                (r",\ ".join(latex(entries[role][j, k]) for role in ("wq", "wk", "wv")),
+                 self.text("n_attn_w")),
+                (latex(entries["s"][t, tau]), self.text("n_attn_s")),
+                (latex(entries["alpha"][t, tau]), self.text(
+                    "n_attn_alpha", causal=self.text("n_attn_alpha_causal")
+                    if self.causal else "")),
+                (r",\ ".join(latex(index) for index in (tau, *others[:3])),
+                 self.text("n_attn_tau")),
+                (r",\ ".join(whole), self.text("n_attn_whole")),
+                (r"\operatorname{rowsum}", self.text("n_rowsum"))]
+        if self.causal:
+            rows.append((latex(Causal(LENGTH)), self.text("n_causal_mask")))
+        return rows
 
     def image_notation(self) -> list[tuple[str, str]]:
         """The rows of the notation table that feature maps need."""
@@ -871,7 +1090,7 @@ class _Context:
                 except DeriveError:
                     rhs = None
                 if rhs is not None:
-                    rows.append(self.display(equation_target(eq), rhs))
+                    rows.append(self.forward_line(eq, rhs))
         return rows
 
     def forward(self) -> list[dict[str, str]]:
@@ -946,6 +1165,9 @@ class _Context:
         # after the derivation of a recurrence: the recursion in tensor form, in words
         after = [item for carry in self.carries if carry.formula is formula
                  for item in self.carry_items(carry)]
+        if formula is not None and not self.chain:
+            # what attention's formulas say, and the errors a residual connection adds
+            after += self.attention_items(formula) + self.branch_items(formula)
         return {"heading": heading, "steps": [self.step(s) for s in steps],
                 "assumptions": self.assumptions(formula) if formula is not None else [],
                 "after": after}
@@ -1011,16 +1233,145 @@ class _Context:
                 words.append(self.text("node_recurrent", state=self.listing(
                     [f"{QUANTITY_NAMES[s.role][column]} {self.inline(s.at_step(-1))}"
                      for s in states])))
+            if node.op.name == "attention":
+                words.append(self.text("node_attention", causal=self.text(
+                    "node_attention_causal") if node in self.causal else ""))
+            if node.op.name == "add":
+                words.append(self.text("res_add", reads=self.listing(
+                    [self.node_name(n) for n in node.inputs])))
             parts.append({"title": title, "text": " ".join(words), "others": [],
                           "blocks": [self.block(f.steps, f, self.heading(f))
-                                     for f in formulas], "after": []})
+                                     for f in formulas],
+                          "after": self.attention_matrix(node, formulas)
+                          if node.op.name == "attention" else []})
         delta = self.inline(NetTensor("delta", "l").indexed[j])
+        if self.sequence and not self.recurrent:
+            # time steps, but nothing carried from step to step: attention, per-step layers
+            delta = self.inline(NetTensor("delta", "l", rank=2).indexed[INDEX_POOL[8], j])
+            return [{"title": self.t["sec_backward"], "parts": parts,
+                     "text": self.text("backward_text_steps", delta=delta) + (self.text(
+                         "backward_text_attention") if self.attention else "")}]
         if self.sequence:
             delta = self.inline(NetTensor("delta", "l", rank=2).indexed[INDEX_POOL[8], j])
             return [{"title": self.t["sec_bptt"], "parts": parts,
                      "text": self.text("bptt_text", delta=delta)}]
         text = self.text("backward_text", delta=delta)
         return [{"title": self.t["sec_backward"], "text": text, "parts": parts}]
+
+    # -- attention: what its formulas say ---------------------------------------------------
+
+    def attention_items(self, formula: Formula) -> list[dict[str, Any]]:
+        """After a formula of an attention layer, what it says: ∂C/∂α is δ_t · v_τ; the
+        differentiation of ∂C/∂s is the softmax Jacobian, which gives each weight's gradient
+        minus the mean of its row (rows of ∇_S C sum to 0), and what the causal mask does;
+        a value collects the errors of the steps that attend to it, a key those of every query
+        that reads it, both scaled by 1/√d as the queries' are. Each in matrix form."""
+        node = self.model.node(formula.node)
+        if node.op.name != "attention" or formula.kind == "delta":
+            return []
+        role = formula.of.role
+        matrix = self.display(step_target(formula), self.vector_expr(formula))
+        time = formula.indices[0] if formula.indices else None
+        summed = [limit[0] for total in formula.rhs.atoms(sp.Sum) for limit in total.limits
+                  if index_family(limit[0]) == "time"]
+        other = self.inline(summed[0]) if summed else ""
+        width = f"$d = {latex(node.size)} = {node.width}$"
+        if role == "alpha":
+            return [{"text": self.text("attn_dalpha", t=self.inline(time)), "math": [matrix]}]
+        if role == "s":
+            return self.softmax_items(formula, node, matrix)
+        if role == "v":
+            weights = [e for e in formula.rhs.atoms(sp.Indexed) if tensor_of(e).role == "alpha"]
+            return [{"text": self.text("attn_dv", t=self.inline(time), tau=other,
+                                       weight=self.inline(weights[0]) if weights else ""),
+                     "math": [matrix]}]
+        if role == "k":
+            return [{"text": self.text("attn_dk", t=self.inline(time), tau=other, d=width),
+                     "math": [matrix]}]
+        if role == "q":
+            return [{"text": self.text("attn_dq", t=self.inline(time), tau=other, d=width),
+                     "math": [matrix]},
+                    {"text": self.text("attn_scale", d=width), "math": []}]
+        if formula.kind == "gradient" and role == "wv":
+            return [{"text": self.text("attn_projections"), "math": []}]
+        return []
+
+    def softmax_items(self, formula: Formula, node: Node, matrix: str) -> list[dict[str, Any]]:
+        """The softmax Jacobian read off the differentiation step of ∂C/∂s (row t' = t), the
+        error of the scores factored, the rows of ∇_S C summing to 0, and the causal mask."""
+        items = []
+        time = formula.indices[0]
+        for step in formula.steps:
+            if step.rule != "differentiate" or not isinstance(step.target, sp.Derivative):
+                continue
+            rows = [arg for delta in step.expr.atoms(sp.KroneckerDelta) for arg in delta.args
+                    if time in delta.args and arg != time]
+            if not rows:
+                continue
+            # the Kronecker delta δ_{tt'}: a row's scores move that row's weights only
+            same = {rows[0]: time}
+            jacobian = _factored(sp.expand(step.expr.xreplace(same)))
+            items.append({"text": self.text("attn_jacobian", delta=self.inline(
+                sp.KroneckerDelta(time, rows[0]))), "math": [
+                    f"{latex(step.target.xreplace(same))} = {jacobian}"]})
+            break
+        items.append({"text": self.text("attn_ds"), "math": [
+            f"{latex(formula.lhs)} = {_factored(formula.rhs)}", matrix]})
+        items.append({"text": self.text("attn_ds_rows"), "math": []})
+        if node in self.causal:
+            weights = [eq for eq in node.equations if eq.target.role == "alpha"]
+            source = equation(weights[0].lhs, weights[0].expr) if weights else ""
+            items.append({"text": self.text("attn_causal", source=f"$${source}$$" if
+                                            self.markdown else rf"\[ {source} \]"),
+                          "math": []})
+        else:
+            items.append({"text": self.text("attn_not_causal", causal=self.code("causal: true")),
+                          "math": []})
+        return items
+
+    def attention_matrix(self, node: Node, formulas: list[Formula]) -> list[dict[str, Any]]:
+        """An attention layer in matrix form, one row per step: its forward pass over whole
+        sequences (the projections step by step), then its backward formulas."""
+        forward = []
+        for eq in node.equations:
+            try:
+                rhs = equation_tensor(eq, self.widths)
+            except DeriveError:
+                continue
+            forward.append(self.forward_line(eq, rhs))
+        backward = [self.display(step_target(f), self.vector_expr(f)) for f in formulas
+                    if f.kind != "gradient" and f.kind != "delta" and is_whole(f.vector)]
+        return [{"text": self.text("attn_matrix_forward", l=node.index, T=self.spec.length,
+                                   d=node.width), "math": forward},
+                {"text": self.text("attn_matrix_backward"), "math": backward}]
+
+    def forward_line(self, eq: Equation, rhs: sp.Expr) -> str:
+        """A forward equation in tensor form; a softmax of whole rows also by its name."""
+        rhs = self.whole_blocks(rhs)
+        line = self.display(equation_target(eq, rhs), rhs)
+        if is_whole(rhs):
+            named = rewrite("causal_softmax").apply(rewrite("softmax").apply(rhs))
+            if named != rhs:
+                line += f" = {latex(named)}"
+        return line
+
+    def branch_items(self, formula: Formula) -> list[dict[str, Any]]:
+        """After the error of a layer read through a residual connection (by an add and by
+        another layer): the sum of the errors of both paths."""
+        if formula.kind != "delta":
+            return []
+        consumers = self.model.consumers(formula.node)
+        adds = [c for c in consumers if c.op.name == "add"]
+        if len(consumers) < 2 or not adds or not isinstance(formula.rhs, sp.Add):
+            return []
+        others = [c for c in consumers if c not in adds]
+        pieces = [self.inline(term) for term in _ordered_terms(formula.rhs)]
+        return [{"text": self.text(
+            "res_branch", l=formula.node, count=len(consumers),
+            adds=self.listing([self.node_name(c.index) for c in adds]),
+            others=self.listing([self.node_name(c.index) for c in others])
+            if others else self.listing([self.node_name(c.index) for c in adds[1:]]),
+            terms=self.listing(pieces)), "math": []}]
 
     # -- sequences: what the error carries from step to step --
 
@@ -1166,17 +1517,23 @@ class _Context:
     def index_expr(self, formula: Formula) -> sp.Expr:
         """The index form with the sizes filled in, or the generic one when shorter and the
         concrete one is too long."""
-        concrete = formula.rhs.xreplace(self.filled)
+        concrete = _filled(formula.rhs, self.filled)
         if visual_length(latex(concrete)) > LINE_BUDGET:
-            generic = formula.generic.xreplace(self.filled)
+            generic = _filled(formula.generic, self.filled)
             if visual_length(latex(generic)) < visual_length(latex(concrete)):
                 return generic
         return concrete
 
     def vector_expr(self, formula: Formula, *, batch: bool = False) -> sp.Expr:
         """The tensor form, or the generic one (σ' left symbolic, given in the activation
-        section) when the concrete one would not fit on a line."""
-        concrete = formula.vector
+        section) when the concrete one would not fit on a line; a form over whole sequences
+        with the factors its terms share in front (α ⊙ (∇_α C − rowsum(α ⊙ ∇_α C)))."""
+        concrete = self.whole_blocks(formula.vector)
+        if is_whole(concrete) and isinstance(concrete, sp.Add):
+            factored = sp.factor_terms(concrete)
+            if factored != concrete and visual_length(latex(factored)) <= visual_length(
+                    latex(concrete)):
+                return factored
         text = latex(concrete, batch=batch, batch_cost=self.batch_cost)
         # (not at a time step: the tensor form of a generic σ'(z_t) is not σ'(z_t) yet)
         if visual_length(text) > LINE_BUDGET and not _is_timed(formula):
@@ -1188,6 +1545,20 @@ class _Context:
             if visual_length(generic_text) < visual_length(text):
                 return generic
         return concrete
+
+    def whole_blocks(self, expr: sp.Expr) -> sp.Expr:
+        """``expr`` with every block of a quantity that is all of it in this network (its
+        first n_2 entries, where its width n_0 is n_2 too: an add of a sequence reading the
+        input) written as the quantity itself."""
+        def whole(block: Block) -> sp.Expr:
+            tensor, start, size = block.args
+            width = self.widths.get(tensor.whole) if isinstance(tensor, NetTensor) else None
+            if start == 0 and width is not None and sp.sympify(width).xreplace(
+                    self.sizes) == sp.sympify(size).xreplace(self.sizes):
+                return tensor
+            return block
+
+        return expr.replace(lambda e: isinstance(e, Block), whole) if expr.has(Block) else expr
 
     def batch_form(self, formula: Formula) -> str:
         """The batch form of a formula: parameter gradients are means over the batch, plus
@@ -1349,7 +1720,7 @@ class _Context:
             "backward_maps": maps.get("backward", []),
             "forward_steps": [], "backward_steps": [], "sums": [],
             "backward_text": self.t["example_backward_text"],
-            "backward_after": [],
+            "backward_after": [], "attention_forward": [], "attention_backward": [],
         }
 
     def parameter_lines(self, ex: WorkedExample) -> list[str]:
@@ -1385,9 +1756,13 @@ class _Context:
         time, t = T..1: the first unit of each layer spelled out at every step of a short
         sequence (the first two forward and the last two backward of a long one), tables of
         every quantity at the steps shown, and each shared parameter's gradient as the sum
-        of its terms, one per step."""
-        model, spec = self.model, self.spec
+        of its terms, one per step. A network without a recurrence computes its steps in any
+        order: one step is spelled out (the last forward, the first backward, where causal
+        attention reads, and is read by, the most steps); attention's T × T matrices are
+        shown whole (of a network with attention, a small copy: fewer steps, narrower)."""
+        model, spec = self.model, ex.spec or self.spec
         length = spec.length
+        sizes = {symbol: sp.Integer(n) for symbol, n in ex.widths.items()} or self.sizes
         table_steps = _table_steps(length)
         inputs = [self.sequence_value(model.x.label, ex.x, r"\mathbf{x}"),
                   self.sequence_value(model.y.label, ex.y, r"\mathbf{y}")]
@@ -1395,8 +1770,13 @@ class _Context:
         first = {j: sp.Integer(1), k: sp.Integer(1), i: sp.Integer(1)}
         nodes = self.spelled_nodes()
         timed = {eq for node in nodes for eq in node.equations if _timed_equation(eq)}
+        if self.recurrent:
+            forward_at = range(1, length + 1) if length <= 4 else (1, 2)
+            backward_at = range(length, 0, -1) if length <= 4 else (length, length - 1)
+        else:
+            forward_at, backward_at = (length,), (1,)
         forward_steps = []
-        for step in (range(1, length + 1) if length <= 4 else (1, 2)):
+        for step in forward_at:
             lines = []
             for node in nodes:
                 for eq in node.equations:
@@ -1404,7 +1784,7 @@ class _Context:
                         at = {**first, **{index: sp.Integer(1) for index in eq.indices},
                               eq.indices[0]: sp.Integer(step)}
                         result = ex.value(eq.target)[step - 1].flat[0]
-                        lines += self.spelled(eq.expr, eq.lhs, ex, at, result)
+                        lines += self.spelled(eq.expr, eq.lhs, ex, at, result, sizes)
             if lines:
                 forward_steps.append({"title": self.text("example_step", t=step),
                                       "lines": lines})
@@ -1414,9 +1794,10 @@ class _Context:
                 if eq not in timed:
                     at = {**first, **{index: sp.Integer(1) for index in eq.indices}}
                     forward_spelled += self.spelled(eq.expr, eq.lhs, ex, at,
-                                                    ex.value(eq.target).flat[0])
-        forward_rows = self.step_rows([(tensor, value) for tensor, value in ex.forward],
-                                      table_steps)
+                                                    ex.value(eq.target).flat[0], sizes)
+        pairs = self.pair_tensors()
+        forward_rows = self.step_rows([(tensor, value) for tensor, value in ex.forward
+                                       if tensor not in pairs], table_steps)
         recurrent = {node.index for node in model.nodes if state_tensors(node)}
         group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)]
         # the formulas spelled out: those of the recurrence (and any other at a step t) in
@@ -1426,13 +1807,19 @@ class _Context:
         stepped = group + [f for f in spelled if _is_timed(f)]
         stepped.sort(key=self.derivation.formulas.index)
         backward_steps = []
-        for step in (range(length, 0, -1) if length <= 4 else (length, length - 1)):
+        for step in backward_at:
             lines = []
             for formula in stepped:
                 at = {**first, **{index: sp.Integer(1) for index in formula.indices},
                       formula.indices[0]: sp.Integer(step)}
-                lines += self.spelled(formula.rhs, formula.lhs, ex, at,
-                                      ex.of(formula)[step - 1].flat[0])
+                # attention's error of a score as the notes write it: α (g − Σ α g)
+                factored = _common_factor(formula.rhs) if is_whole(formula.vector) else None
+                rhs = formula.rhs if factored is None else sp.Mul(
+                    factored[0], sp.Add(*_ordered_terms(factored[1]), evaluate=False),
+                    evaluate=False)
+                lines += self.spelled(rhs, formula.lhs, ex, at,
+                                      ex.of(formula)[step - 1].flat[0], sizes,
+                                      ordered=factored is not None)
             if lines:
                 backward_steps.append({"title": self.text("example_step", t=step),
                                        "lines": lines})
@@ -1446,11 +1833,11 @@ class _Context:
             at = {**first, **{index: sp.Integer(1) for index in formula.indices}}
             before = formula.target in read or adjoint_tensor(formula.of) in read
             (backward_spelled if before else backward_after).extend(
-                self.spelled(formula.rhs, formula.lhs, ex, at, ex.of(formula).flat[0]))
+                self.spelled(formula.rhs, formula.lhs, ex, at, ex.of(formula).flat[0], sizes))
         backward_rows = self.step_rows(
             [(step_target(f).whole if _is_timed(f) else f.target, value)
-             for f, value in ex.backward if f.kind != "gradient" or value.ndim <= 1],
-            table_steps, backward=True)
+             for f, value in ex.backward if (f.kind != "gradient" or value.ndim <= 1)
+             and f.target not in pairs], table_steps, backward=True)
         sums, gradients = [], []
         for formula, value in ex.backward:
             if formula.kind != "gradient":
@@ -1470,30 +1857,38 @@ class _Context:
                             f"  &= {parts} \\\\\n  &= {show(value, _number)}")
             elif value.ndim == 2:
                 gradients.append(f"{latex(formula.target)} = {_matrix(value, _number, shape)}")
-        text = [self.t["example_given" if ex.given else "example_default"],
-                self.t["example_sequence"]]
+        text = [self.t["example_given" if ex.given else "example_default"]]
+        if ex.small:
+            text.append(self.example_small(ex))
+        text.append(self.t["example_sequence"])
         if len(table_steps) < length:
             text.append(self.text("example_steps_cut", T=length, shown=", ".join(
                 r"\dots" if s is None else str(s) for s in table_steps)))
         wide = max(spec.sizes) > MAX_NEURONS
+        attention_forward, attention_backward = self.attention_values(ex)
         return {
             "text": " ".join(text),
             "truncated": self.text("example_truncated", limit=MAX_NEURONS,
                                    shown=SHOWN_NEURONS) if wide else "",
             "inputs": inputs, "input_maps": [],
             "forward_steps": forward_steps,
-            "forward_steps_text": self.text("example_forward_steps"),
+            "forward_steps_text": self.text("example_forward_steps" if self.recurrent
+                                            else "example_forward_one_step", t=length),
             "forward_spelled": forward_spelled, "forward_maps": [],
             "forward": self.value_table(forward_rows),
+            "attention_forward": attention_forward,
             "loss": f"C = {_number(ex.loss)}",
             "penalty": f"R = {_number(ex.penalty)}" if self.penalized else "",
             "backward_steps": backward_steps,
-            "backward_steps_text": self.text("example_backward_steps"),
+            "backward_steps_text": self.text("example_backward_steps" if self.recurrent
+                                             else "example_backward_one_step", t=1),
             "backward_spelled": backward_spelled,
             "backward_text": self.t["example_backward_text"],
             "backward_after": backward_after,
-            "backward_after_text": self.text("example_gradient_entries"),
+            "backward_after_text": self.text("example_gradient_entries" if self.recurrent
+                                             else "example_gradient_entries_steps"),
             "backward": self.value_table(backward_rows),
+            "attention_backward": attention_backward,
             "indicators": [], "backward_maps": [],
             "sums": sums,
             "gradients_text": self.t["example_sums"] if sums else self.t[
@@ -1501,12 +1896,60 @@ class _Context:
             "gradients": gradients,
         }
 
+    def example_small(self, ex: WorkedExample) -> str:
+        """Why the example's network is smaller than the one derived, and its sizes."""
+        shapes = r" \to ".join(_dims(shape) for shape in ex.spec.shapes)
+        return self.text("example_small", T=self.spec.length, t=ex.spec.length,
+                         n=max(self.spec.sizes), m=max(ex.spec.sizes), shapes=f"${shapes}$")
+
+    def pair_tensors(self) -> set[NetTensor]:
+        """The quantities over two time axes (attention's scores and weights, T × T) and
+        their adjoints: the example shows them as matrices, not row by row."""
+        out = set()
+        for eq in self.model.equations:
+            if len(eq.indices) == 2 and all(index_family(index) == "time" for index in eq.indices):
+                out |= {eq.target, adjoint_tensor(eq.target)}
+        return out
+
+    def attention_values(self, ex: WorkedExample) -> tuple[list[dict[str, Any]],
+                                                           list[dict[str, Any]]]:
+        """The T × T matrices of each attention layer in the example: the scores and the
+        weights with the row sums of α (1), then ∇_α C and ∇_S C with the row sums of ∇_S C
+        (0: a softmax does not change when all the scores of a row move together)."""
+        forward, backward = [], []
+        by_role = {(formula.node, formula.of.role): (formula, value)
+                   for formula, value in ex.backward}
+        for node in self.attention:
+            lines, sums = [], []
+            for eq in node.equations:
+                if eq.target.role in ("s", "alpha"):
+                    lines.append(f"{latex(eq.target)} = {_matrix(ex.value(eq.target), _number)}")
+                if eq.target.role == "alpha":
+                    sums.append(rf"\operatorname{{rowsum}}\!\left({latex(eq.target)}\right) = "
+                                rf"{_column(ex.value(eq.target).sum(axis=-1), _number)}")
+            forward.append({"text": self.text("example_attention_forward", l=node.index),
+                            "math": [*_side_by_side(lines, ex.spec.length), *sums]})
+            lines, sums = [], []
+            for role in ("alpha", "s"):
+                if (node.index, role) not in by_role:
+                    continue
+                formula, value = by_role[node.index, role]
+                lines.append(f"{latex(step_target(formula))} = {_matrix(value, _number)}")
+                if role == "s":
+                    sums.append(rf"\operatorname{{rowsum}}\!\left({latex(step_target(formula))}"
+                                rf"\right) = {_column(value.sum(axis=-1), _number)}")
+            if lines:
+                backward.append({"text": self.text("example_attention_backward", l=node.index),
+                                 "math": [*_side_by_side(lines, ex.spec.length), *sums]})
+        return forward, backward
+
     def spelled(self, expr: sp.Expr, lhs: sp.Expr, ex: WorkedExample, at: dict,
-                result: float) -> list[str]:
+                result: float, sizes: dict | None = None, ordered: bool = False) -> list[str]:
         # a line of its own for each: longer sums than in a table of layers (a step of a
         # recurrence reads the input, the state before and the bias)
-        text = _spelled(expr, lhs, ex.lookup, self.sizes, at, result, inside=ex.inside,
-                        max_terms=SPELLED_TERMS, budget=SPELLED_BUDGET, flat=True)
+        text = _spelled(expr, lhs, ex.lookup, sizes or self.sizes, at, result,
+                        inside=ex.inside, max_terms=SPELLED_TERMS, budget=SPELLED_BUDGET,
+                        flat=True, ordered=ordered)
         return [] if text is None else [text]
 
     def sequence_value(self, tensor: NetTensor, value: np.ndarray, symbol: str) -> str:
@@ -1526,8 +1969,9 @@ class _Context:
         """Rows of a value table: a sequence quantity once per step shown (in the order of
         the steps: forward in time, or backwards), each row its vector at that step; then
         the quantities without steps."""
+        scalars = self.per_step_scalars()
         sequences = [(tensor, value) for tensor, value in values
-                     if value.ndim == 2 and not tensor.is_parameter]
+                     if (value.ndim == 2 or tensor in scalars) and not tensor.is_parameter]
         rows = []
         order = list(reversed(steps)) if backward else steps
         for step in order:
@@ -1537,12 +1981,21 @@ class _Context:
             for tensor, value in sequences:
                 rows.append(self.value_row(_step_symbol(tensor, step), value[step - 1]))
         for tensor, value in values:
-            if value.ndim <= 1:
+            if value.ndim <= 1 and tensor not in scalars:
                 name = latex(entry(tensor, (j,) * tensor.rank)) if tensor.role != "grad" \
                     else latex(sp.Derivative(C, entry(tensor.target, (j,) * tensor.rank),
                                              evaluate=False))
                 rows.append(self.value_row(name, value))
         return rows
+
+    def per_step_scalars(self) -> set[NetTensor]:
+        """The quantities with one value per step (a layer norm's μ_t and σ²_t on a sequence)
+        and their adjoints: a row of one value at each step in the example's tables."""
+        out = set()
+        for tensor, shape in self.model.shapes.items():
+            if tuple(shape) == (LENGTH,) and not tensor.is_parameter:
+                out |= {tensor, adjoint_tensor(tensor)}
+        return out
 
     # -- feature maps in the worked example --
 
@@ -1680,10 +2133,19 @@ def _table_steps(length: int) -> list[int | None]:
 
 
 def _step_symbol(tensor: NetTensor, step: int) -> str:
-    """A quantity's vector at a concrete step: \\mathbf{h}^{1}_{2}, \\nabla_{\\mathbf{c}^{1}_{3}} C."""
+    """A quantity's vector at a concrete step: \\mathbf{h}^{1}_{2}, \\nabla_{\\mathbf{c}^{1}_{3}} C;
+    a value per step: \\mu^{3}_{2}, (\\sigma^{3}_{2})^{2}, \\frac{\\partial C}{\\partial \\mu^{3}_{2}}."""
+    target = tensor.target if tensor.role == "grad" else tensor
+    scalar = target.rank == 1                      # one value per step
+    symbol = NetTensor(target.role, target.node, rank=0 if scalar else 1)
+    name = DeriveLatexPrinter()._tensor_symbol(symbol, step=f"_{{{step}}}")
+    if not scalar:
+        name += f"_{{{step}}}"
     if tensor.role == "grad":
-        return rf"\nabla_{{{_vector_name(tensor.target)}_{{{step}}}}} C"
-    return f"{_vector_name(tensor)}_{{{step}}}"
+        if scalar:
+            return rf"\frac{{\partial C}}{{\partial {name}}}"
+        return rf"\nabla_{{{name}}} C"
+    return name
 
 def _column(values: Sequence[float] | np.ndarray, fmt: Callable[[float], str]) -> str:
     """A column vector as a bmatrix (long ones in part, with a vertical ellipsis)."""
@@ -1890,15 +2352,20 @@ def _is_timed(formula: Formula) -> bool:
 
 def step_target(formula: Formula) -> NetTensor:
     """What a formula computes, in tensor form: δ^l_t rather than δ^l for a formula at a
-    generic step t (its tensor form is read at that step)."""
+    generic step t (its tensor form is read at that step); the whole sequence (∇_S C, every
+    step of one sample, a row per step) for one whose tensor form reads whole sequences."""
     target = formula.target
-    return target.at_step(0) if _is_timed(formula) and target.step is None else target
+    if _is_timed(formula) and target.step is None and not is_whole(formula.vector):
+        return target.at_step(0)
+    return target
 
 
-def equation_target(eq: Equation) -> NetTensor:
-    """The target of a forward equation in tensor form: h^l_t for one at a step t."""
+def equation_target(eq: Equation, rhs: sp.Expr | None = None) -> NetTensor:
+    """The target of a forward equation in tensor form: h^l_t for one at a step t; the whole
+    sequence S^l where its tensor form ``rhs`` reads whole sequences (attention)."""
     timed = bool(eq.indices) and index_family(eq.indices[0]) == "time"
-    return eq.target.at_step(0) if timed else eq.target
+    whole = rhs is not None and is_whole(rhs)
+    return eq.target.at_step(0) if timed and not whole else eq.target
 
 
 def state_tensors(node: Node) -> list[NetTensor]:
@@ -1910,7 +2377,8 @@ def state_tensors(node: Node) -> list[NetTensor]:
     for eq in timed:
         for found in sorted(eq.expr.atoms(sp.Indexed), key=sp.default_sort_key):
             tensor = tensor_of(found)
-            if tensor in targets and found.indices[0] != eq.indices[0] and tensor not in carried:
+            if tensor in targets and shifted_step(found.indices[0], eq.indices[0]) and \
+                    tensor not in carried:
                 carried.append(tensor)
     return sorted(carried, key=lambda tensor: (tensor.role != "h", tensor.role))
 
@@ -2065,6 +2533,177 @@ def unrolled_text(model: Model) -> list[str]:
         if step is not None:
             placed(heads, f"t={step}", center(c))
     out.append("".join(heads).rstrip())
+    return out
+
+
+# --- attention: the block diagram -----------------------------------------------------------
+
+
+def _box_text(node: Node) -> str:
+    """What a layer's box of the block diagram says: its op (and activation, its width d for
+    attention), its name."""
+    parts = [rf"\texttt{{{_escape(node.op.name)}}}"]
+    if node.activation is not None and not (node.op.name == "dense"
+                                            and node.activation.name == "identity"):
+        parts.append(rf"\texttt{{{_escape(node.activation.name)}}}")
+    if node.op.name == "attention":
+        parts.append(f"$d = {node.width}$")
+        if dict(node.options).get("causal"):
+            parts.append(r"\textit{causal}")
+    name = rf" \textit{{({_escape(node.name)})}}" if node.name else ""
+    return ", ".join(parts) + name
+
+
+def _attention_line(node: Node) -> str:
+    """The second line of an attention layer's box: its weights and its output at step t, in
+    the notation of the equations (entries of the layer's own quantities)."""
+    t, tau = INDEX_POOL[8], sp.Symbol("tau", integer=True, positive=True)
+    alpha = latex(NetTensor("alpha", None, rank=2).indexed[t, tau])
+    q, key, v = (latex(NetTensor(role, None, rank=1)) for role in ("q", "k", "v"))
+    over = r"\tau \le t" if dict(node.options).get("causal") else r"\tau"
+    return (rf"${alpha} = \operatorname{{softmax}}_{{{over}}}\bigl({q}_{{t}} \cdot "
+            rf"{key}_{{\tau}} / \sqrt{{d}}\bigr)$, $\ \mathbf{{a}}_{{t}} = \sum_{{{over}}} "
+            rf"{alpha}\, {v}_{{\tau}}$")
+
+
+def block_diagram(model: Model, input_label: str = "input", cost_label: str = "cost",
+                  detail_label: str = "") -> dict[str, Any]:
+    """Nodes and paths (cm) of the drawing of a network with attention, bottom to top as a
+    transformer block is drawn: one box per layer (an add is a circle ⊕), an arrow from each
+    layer to the next, a residual connection on the left to the add that reads it, the cost
+    at the top; beside it the first attention layer unrolled over the steps (steps 1, 2 and T
+    of a long sequence): the input x_τ of every step, its query, key and value, and the
+    output a_t of every step reading the values v_τ of every step (τ ≤ t when causal) with
+    the weights α_{tτ}, those into a_2 labelled."""
+    dy = 1.05
+    nodes: list[dict[str, str]] = [
+        {"ref": "(n0)", "at": "(0,0)", "style": "input",
+         "text": rf"{_escape(input_label)}: $\mathbf{{x}}_{{1}}, \dots, \mathbf{{x}}_{{T}}$, "
+                 rf"${_dims(model.spec.input_shape)}$"}]
+    labels: list[dict[str, str]] = [{"at": "(n0.east)", "text": "$l = 0$"}]
+    for node in model.nodes:
+        at = f"(0,{node.index * dy:.2f})"
+        ref = f"n{node.index}"
+        if node.op.name == "add":
+            nodes.append({"ref": f"({ref})", "at": at, "style": "add", "text": "$+$"})
+            labels.append({"at": f"({ref}.east)",
+                           "text": rf"$l = {node.index}$: {_box_text(node)}, "
+                                   rf"${_dims(node.dims or (node.width,))}$"})
+            continue
+        style = ("output" if node.index == model.depth else "attention"
+                 if node.op.name == "attention" else "norm" if node.op.name == "layer_norm"
+                 else "op")
+        text = rf"{_box_text(node)}: ${_dims(node.dims or (node.width,))}$"
+        if node.op.name == "attention":
+            text = rf"{text}\\ {{\scriptsize {_attention_line(node)}}}"
+        nodes.append({"ref": f"({ref})", "at": at, "style": style, "text": text})
+        labels.append({"at": f"({ref}.east)", "text": f"$l = {node.index}$"})
+    top = (model.depth + 1) * dy
+    nodes.append({"ref": "(cost)", "at": f"(0,{top:.2f})", "style": "cost",
+                  "text": rf"{_escape(cost_label)} $C$: \texttt{{{_escape(model.loss.name)}}}"})
+    paths: list[dict[str, str]] = []
+    skips = []
+    for node in model.nodes:
+        for source in node.inputs:
+            if source == node.index - 1:
+                paths.append({"style": "edge", "from": f"(n{source}.north)",
+                              "to": f"(n{node.index}.south)", "via": "--"})
+            else:
+                skips.append((source, node.index))
+    paths.append({"style": "edge", "from": f"(n{model.depth}.north)", "to": "(cost.south)",
+                  "via": "--"})
+    placed: list[tuple[int, int, int]] = []
+    for source, target in sorted(skips, key=lambda s: (s[1] - s[0], s[0])):
+        level = 1 + max((lvl for a, b, lvl in placed if a < target and source < b), default=0)
+        placed.append((source, target, level))
+        paths.append({"style": "skip", "from": f"(n{source}.west)", "to": f"(n{target}.west)",
+                      "via": f"-- ++({-0.3 - 0.35 * level:.2f},0) |-"})
+    lanes = max((level for _a, _b, level in placed), default=0)
+    attention = [node for node in model.nodes if node.op.name == "attention"]
+    detail = _attention_detail(model, attention[0]) if attention else None
+    left = 2.8 + 0.3 + 0.35 * lanes + 0.2         # the boxes' half width, the lanes
+    shift = 2.8 + 1.6 + 0.8                            # beyond the side labels
+    width = left + (shift + detail["width"] - 0.8 if detail else 4.4)
+    return {"nodes": nodes, "labels": labels, "paths": paths, "detail": detail,
+            "detail_shift": f"({shift:.2f},0)", "detail_label": detail_label,
+            "scale": f"{min(1.0, 15.5 / width):.2f}"}
+
+
+def _attention_detail(model: Model, node: Node) -> dict[str, Any]:
+    """The attention layer ``node`` unrolled over the steps shown (see block_diagram)."""
+    length = model.spec.length
+    steps = _shown_steps(length)
+    causal = bool(dict(node.options).get("causal"))
+    dx = 2.1
+    source = node.inputs[0]
+    x_name = r"\mathbf{x}" if source == 0 else _vector_name(model.node(source).output)
+    out_name = _vector_name(node.output)
+    nodes, paths = [], []
+    for c, step in enumerate(steps):
+        x = c * dx
+        if step is None:
+            for row, y in (("x", 0.0), ("k", 1.3), ("a", 4.3)):
+                nodes.append({"ref": f"(d{row}{c})", "at": f"({x:.2f},{y:.2f})", "style": "dots",
+                              "text": r"$\cdots$"})
+            continue
+        nodes.append({"ref": f"(dx{c})", "at": f"({x:.2f},0)", "style": "stepbox",
+                      "text": f"${x_name}_{{{step}}}$"})
+        for role, shift in (("q", -0.62), ("k", 0.0), ("v", 0.62)):
+            symbol = latex(NetTensor(role, None, rank=1))
+            nodes.append({"ref": f"(d{role}{c})", "at": f"({x + shift:.2f},1.3)",
+                          "style": "small", "text": f"${symbol}_{{{step}}}$"})
+            paths.append({"style": "thin", "from": f"(dx{c}.north)", "to": f"(d{role}{c}.south)",
+                          "via": "--", "label": ""})
+        nodes.append({"ref": f"(da{c})", "at": f"({x:.2f},4.3)", "style": "stepout",
+                      "text": f"${out_name}_{{{step}}}$"})
+    shown = [(c, step) for c, step in enumerate(steps) if step is not None]
+    marked = shown[1][1] if len(shown) > 1 else shown[0][1]       # the arrows into a_2
+    for c_out, t in shown:
+        for c_in, tau in shown:
+            if causal and tau > t:
+                continue
+            label = ""
+            if t == marked:
+                label = rf"$\alpha_{{{t}{tau}}}$"
+            paths.append({"style": "weight" if t == marked else "faint",
+                          "from": f"(dv{c_in}.north)", "to": f"(da{c_out}.south)",
+                          "via": "--", "label": label})
+    return {"nodes": nodes, "paths": paths, "width": (len(steps) - 1) * dx + 1.6,
+            "title_at": f"({(len(steps) - 1) * dx / 2:.2f},5.1)"}
+
+
+def block_text(model: Model, input_label: str = "input", cost_label: str = "cost"
+               ) -> list[str]:
+    """The block diagram as lines of text (Markdown): the layers from the cost at the top
+    to the input at the bottom, each with its op, name and shape, an add with the layers it
+    adds (the residual connection), an attention layer with its weights."""
+    rows: list[tuple[str, str, str]] = [("", f"{cost_label} C: {model.loss.name}", "")]
+    for node in reversed(model.nodes):
+        parts = [node.op.name]
+        if node.activation is not None and not (node.op.name == "dense"
+                                                and node.activation.name == "identity"):
+            parts.append(node.activation.name)
+        if node.op.name == "attention":
+            parts.append(f"d = {node.width}" + (", causal" if dict(node.options).get("causal")
+                                                 else ""))
+        text = ", ".join(parts) + (f" ({node.name})" if node.name else "")
+        if len(node.inputs) > 1:
+            text += " ⊕ " + " + ".join(f"l={n}" for n in node.inputs)
+        rows.append((f"l={node.index}", text, _dims(node.dims or (node.width,)).replace(
+            r" \times ", "×")))
+        if node.op.name == "attention":
+            over = "τ≤t" if dict(node.options).get("causal") else "τ"
+            rows.append(("", f"  α_tτ = softmax_{over}(q_t·k_τ/√d), a_t = Σ_{over} α_tτ v_τ",
+                         ""))
+    rows.append(("l=0", f"{input_label} x₁ … x_T", _dims(model.spec.input_shape).replace(
+        r" \times ", "×")))
+    first = max(len(r[0]) for r in rows) + 2
+    middle = max(len(r[1]) for r in rows) + 3
+    out = []
+    for n, (side, text, shape) in enumerate(rows):
+        out.append((side.ljust(first) + text.ljust(middle) + shape).rstrip())
+        if n + 1 < len(rows) and rows[n + 1][0]:
+            out.append(" " * first + "↑")
     return out
 
 

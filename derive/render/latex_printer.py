@@ -69,7 +69,7 @@ from derive.derivation.stepform import (
     Transposed,
 )
 from derive.derivation.tensorform import Broadcast, Einsum, Inner, MatVec, Outer, SumAxes
-from derive.quantities import LENGTH, NetTensor
+from derive.quantities import LENGTH, NetTensor, family_indices
 from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.imagenotation import (
     Geometry,
@@ -82,6 +82,8 @@ from derive.render.imagenotation import (
     windows_geometry,
 )
 
+#: The time indices (t, τ, t', τ', t'').
+_TIME = frozenset(family_indices(("time",) * 5, set()))
 #: How a quantity's role is spelled in index form (one entry of it, or a per-sample scalar).
 LETTERS: Mapping[str, str] = {
     "a": "a", "z": "z", "w": "w", "b": "b", "y": "y", "delta": r"\delta", "gamma": r"\gamma",
@@ -143,12 +145,13 @@ def _spelled(role: str) -> str:
     return role if len(role) == 1 else rf"\mathrm{{{role}}}"
 
 
-def _layered(symbol: str, node: object, role: str = "") -> str:
-    """``symbol`` with the layer as a superscript; a variance squared outside it."""
+def _layered(symbol: str, node: object, role: str = "", subscript: str = "") -> str:
+    """``symbol`` with the layer as a superscript (and ``subscript``, an entry's indices or a
+    step); a variance squared outside both: (σ^{3}_{t})^{2}, the variance of step t."""
     text = symbol if node is None else f"{symbol}^{{{node}}}"
     if role in SQUARED:
-        return f"({text})^{{2}}" if node is not None else f"{symbol}^{{2}}"
-    return text
+        return f"({text}{subscript})^{{2}}" if node is not None else f"{symbol}{subscript}^{{2}}"
+    return text + subscript
 
 
 def step_subscript(tensor: NetTensor) -> str:
@@ -226,19 +229,26 @@ class DeriveLatexPrinter(LatexPrinter):
 
     # -- quantities ---------------------------------------------------------------------
 
-    def _entry_symbol(self, tensor: NetTensor) -> str:
-        """The symbol of one entry (index form): w^{2}, \\hat{x}^{4}, (\\sigma^{4})^{2}."""
+    def _entry_symbol(self, tensor: NetTensor, subscript: str = "") -> str:
+        """The symbol of one entry (index form): w^{2}, \\hat{x}^{4}, (\\sigma^{4})^{2}; with
+        ``subscript`` its indices, inside the square of a variance: (\\sigma^{4}_{t})^{2}."""
         return _layered(LETTERS.get(tensor.role, _spelled(tensor.role)), tensor.node,
-                        tensor.role)
+                        tensor.role, subscript)
 
-    def _tensor_symbol(self, tensor: NetTensor, *, batch: bool | None = None) -> str:
-        """The symbol of the whole tensor: bold vector, capital matrix or batch capital."""
+    def _tensor_symbol(self, tensor: NetTensor, *, batch: bool | None = None,
+                       step: str = "") -> str:
+        """The symbol of the whole tensor: bold vector, capital matrix or batch capital (with
+        ``step``, the subscript of a step view, inside the square of a variance)."""
         batch = self._settings["batch"] if batch is None else batch
         role = tensor.role
+        if role in SQUARED and tensor.rank == 0 and step:
+            # a layer norm's variance at step t: (σ^{l}_{t})^{2}, one value per step
+            table = BATCH if batch else VECTORS
+            return _layered(table.get(role, LETTERS[role]), tensor.node, role, step)
         if tensor.rank == 0:
             table = BATCH if batch else LETTERS
             return _layered(table.get(role, LETTERS.get(role, _spelled(role))), tensor.node,
-                            role)
+                            role, step)
         if batch and tensor.is_parameter and tensor.rank == 1:
             # one parameter vector for the whole batch, added to (or multiplying) every row
             vector = VECTORS.get(role, rf"\mathbf{{{role}}}")
@@ -259,6 +269,8 @@ class DeriveLatexPrinter(LatexPrinter):
             return r"\mathbf{1}"
         if expr.role == "grad":
             return self._gradient(expr)
+        if expr.role in SQUARED and step_subscript(expr):
+            return self._tensor_symbol(expr, step=step_subscript(expr))
         return self._tensor_symbol(expr) + step_subscript(expr)
 
     def _gradient(self, tensor: NetTensor) -> str:
@@ -267,7 +279,8 @@ class DeriveLatexPrinter(LatexPrinter):
         batch = self._settings["batch"]
         of = tensor.target
         if tensor.rank == 0:
-            return rf"\frac{{\partial C}}{{\partial {self._tensor_symbol(of)}}}"
+            # a per-sample scalar, or one value per step (a layer norm's μ_t): a fraction
+            return rf"\frac{{\partial C}}{{\partial {self._print_NetTensor(of)}}}"
         cost = self._settings["batch_cost"] if batch and of.is_parameter else "C"
         if of.is_parameter:
             return rf"\nabla_{{{self._tensor_symbol(of, batch=False)}}} {cost}"
@@ -292,9 +305,9 @@ class DeriveLatexPrinter(LatexPrinter):
         subscript = f"_{{{separator.join(indices)}}}"
         if isinstance(label, NetTensor) and label.role == "grad":
             of = label.target
-            return rf"\frac{{\partial C}}{{\partial {self._entry_symbol(of)}{subscript}}}"
+            return rf"\frac{{\partial C}}{{\partial {self._entry_symbol(of, subscript)}}}"
         if isinstance(label, NetTensor):
-            return self._entry_symbol(label) + subscript
+            return self._entry_symbol(label, subscript)
         return self._print(label) + subscript
 
     def _index(self, index: sp.Expr) -> str:
@@ -587,10 +600,15 @@ class DeriveLatexPrinter(LatexPrinter):
     # -- whole sequences (attention): one matrix per sample, a row per step ----------------
 
     def _print_MatProd(self, expr: MatProd) -> str:
-        left, right = (self.parenthesize(arg, PRECEDENCE["Mul"], strict=True)
-                       if not isinstance(arg, (MatProd, Transposed)) else self._print(arg)
-                       for arg in expr.args)
-        return rf"{left}\,{right}"
+        def operand(arg: sp.Expr) -> str:
+            if isinstance(arg, (MatProd, Transposed)):
+                return self._print(arg)
+            if isinstance(arg, NetTensor) and arg.role == "grad":
+                # (∇_S C) K, not ∇_S C K, which reads as the gradient of C K
+                return rf"\left({self._print(arg)}\right)"
+            return self.parenthesize(arg, PRECEDENCE["Mul"], strict=True)
+
+        return rf"{operand(expr.args[0])}\,{operand(expr.args[1])}"
 
     def _print_Transposed(self, expr: Transposed) -> str:
         return self._transposed(expr.args[0])
@@ -840,6 +858,9 @@ def repr_latex(formulas: tuple) -> str:
     lines = []
     for formula in formulas:
         tag = rf"&& \text{{({formula.equation})}}" if formula.equation else ""
+        target = formula.target
+        if formula.indices and formula.indices[0] in _TIME and not is_whole(formula.vector):
+            target = target.at_step(0)       # a formula at a step t: δ_t, not the whole Δ
         lines.append(f"{latex(formula.lhs)} &= {latex(formula.rhs)} "
-                     rf"&\qquad {latex(formula.target)} &= {latex(formula.vector)} {tag}")
+                     rf"&\qquad {latex(target)} &= {latex(formula.vector)} {tag}")
     return r"$$\begin{aligned}" + r" \\ ".join(lines) + r"\end{aligned}$$"

@@ -556,6 +556,240 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "After the recurrence, the gradients (that of a parameter shared by the steps sums "
             "over them); for example, for the first entry of each:"
         ),
+        # -- attention (transformer blocks) --
+        "network_text_attention": (
+            "The network reads a sequence of $T = {T}$ steps, $\\mathbf{{x}}_{{1}}, \\dots, "
+            "\\mathbf{{x}}_{{T}}$, each a vector of $n_{{0}} = {n0}$ values (entry $k$ of "
+            "$\\mathbf{{x}}_{{t}}$ is $a^{{0}}_{{tk}}$). Its $L = {L}$ layers form a graph. In "
+            "the attention layer {layers} every step looks at every step: step $t$ compares its "
+            "query $\\mathbf{{q}}_{{t}}$ with the key $\\mathbf{{k}}_{{\\tau}}$ of each step "
+            "$\\tau$, turns the scores into weights $\\alpha_{{t\\tau}}$ that sum to 1 (a "
+            "softmax over $\\tau$) and outputs the weighted sum of the values "
+            "$\\mathbf{{v}}_{{\\tau}}$.{causal} The other layers act on each step on its own, "
+            "with the same parameters at every step: dense layers, layer normalisations over "
+            "the features of a step, and adds, which make residual connections.{recurrent} "
+            "{output}"
+        ),
+        "network_causal": (
+            " The attention is causal: step $t$ looks only at the steps $\\tau \\le t$, itself "
+            "and those before it."
+        ),
+        "network_recurrent": (
+            " A recurrent layer computes at every step a state $\\mathbf{{h}}_{{t}}$ from the "
+            "input of that step and its own state at the step before, starting from "
+            "$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$."
+        ),
+        "figure_caption_block": (
+            "The {name} network, from the input at the bottom to the cost at the top, as "
+            "transformer blocks are drawn. Every box acts on the whole sequence, step by step, "
+            "except attention.{residual} On the right, the attention layer {l} unrolled over the "
+            "steps: each step's input gives its query $\\mathbf{{q}}$, key $\\mathbf{{k}}$ and "
+            "value $\\mathbf{{v}}$; the output $\\mathbf{{a}}_{{t}}$ of every step reads the "
+            "values of the steps, the arrow from $\\mathbf{{v}}_{{\\tau}}$ carrying the weight "
+            "$\\alpha_{{t\\tau}}$, the softmax over $\\tau$ of "
+            "$\\mathbf{{q}}_{{t}} \\cdot \\mathbf{{k}}_{{\\tau}} / \\sqrt{{d}}$ (those into "
+            "step 2 are labelled).{causal}{elided}"
+        ),
+        "figure_residual": (
+            " $+$ is an add, and the arrows on the left are the residual connections into it."
+        ),
+        "figure_causal": (
+            " The layer is causal: step $t$ reads only the steps $\\tau \\le t$, so no arrow "
+            "goes from a later step to an earlier one."
+        ),
+        "diagram_unrolled": "Layer {l} (attention), unrolled over the steps",
+        "markdown_block": (
+            "The network from the cost at the top to the input at the bottom (each layer acts "
+            "on every step; an add sums the layers it names, a residual connection; the "
+            "attention layer mixes the steps):"
+        ),
+        "n_seq_delta_steps": (
+            "error of layer $l$ at step $t$: the derivative of the cost with respect to its "
+            "weighted input {z} (dense layers) or its output {a} (other layers)"
+        ),
+        "n_seq_mu": (
+            "mean and variance of the features of step $t$ that the layer normalisation $l$ "
+            "reads: one value per step"
+        ),
+        "n_seq_xhat": "normalised input $j$ of the layer normalisation $l$ at step $t$",
+        "n_attn_qkv": (
+            "query, key and value of step $t$ (entry $j$) in the attention layer $l$: "
+            "projections of the input of that step"
+        ),
+        "n_attn_w": "the weights of the three projections (the same at every step)",
+        "n_attn_s": (
+            "score of step $\\tau$ for step $t$: the dot product of query $t$ with key "
+            "$\\tau$, divided by $\\sqrt{{d}}$ ($d = n_{{l}}$ the width of queries and keys)"
+        ),
+        "n_attn_alpha": (
+            "weight of step $\\tau$ in the output of step $t$: the softmax of the scores of "
+            "row $t$ over $\\tau$, so each row sums to 1{causal}"
+        ),
+        "n_attn_alpha_causal": "; 0 for $\\tau > t$ (causal)",
+        "n_attn_tau": "other time steps, in sums and in the steps that read step $t$",
+        "n_attn_whole": (
+            "whole sequences of one sample as matrices, row $t$ the vector of step $t$: "
+            "queries, keys and values ($T \\times d$), scores and weights ($T \\times T$), "
+            "the layer's output and its error ($T \\times d$)"
+        ),
+        "n_rowsum": (
+            "the sum of each row of a matrix, a column, which stands beside every entry of "
+            "its row"
+        ),
+        "n_causal_mask": "the causal mask: entry $(t, \\tau)$ is $[\\tau \\le t]$",
+        "forward_tensor_text_attention": (
+            "In tensor form: the layers other than attention step by step, for "
+            "$t = 1, \\dots, T$; attention over whole sequences, as matrices with one row per "
+            "step ($\\operatorname{{rowsum}}$ sums each row):"
+        ),
+        "backward_text_steps": (
+            "The derivatives are found layer by layer, from the output back to the input, at "
+            "a generic step $t$. The error {delta} of a layer at step $t$ is the derivative of "
+            "the cost with respect to its weighted input (dense layers) or its output (other "
+            "layers); a quantity read by several layers collects, by the chain rule, the sum "
+            "of their contributions. The parameters are the same at every step: their "
+            "gradients are sums over the steps $t = 1, \\dots, T$."
+        ),
+        "backward_text_attention": (
+            " No layer carries a state from step to step, so the errors of all steps can be "
+            "computed at once. Only attention mixes the steps: its output at step $\\tau$ "
+            "reads the values of every step, so the error of a value, a key or a query at step "
+            "$t$ sums over the steps $\\tau$, and the adjoints of the scores and the weights "
+            "are $T \\times T$ matrices."
+        ),
+        "node_attention": (
+            "It reads all the steps of its input at once: its output at step $t$ mixes the "
+            "values of every step{causal}. Its scores and weights have two time indices, step "
+            "$t$ (the row: the query) and step $\\tau$ (the column: the key)."
+        ),
+        "node_attention_causal": " $\\tau \\le t$ (the layer is causal)",
+        "res_add": (
+            "An add passes its error on unchanged to each of the layers it reads, {reads}: "
+            "the derivative of a sum with respect to each of its terms is 1."
+        ),
+        "res_branch": (
+            "The output of layer {l} is read along {count} paths: by {adds} (a residual "
+            "connection) and by {others}. Its error is therefore the sum of the errors of the "
+            "paths, {terms}. Along the residual path the error comes back unchanged, with no "
+            "weight matrix and no derivative of an activation in between; this is why "
+            "residual connections keep the gradients of deep stacks from vanishing."
+        ),
+        "attn_dalpha": (
+            "The weight $\\alpha_{{t\\tau}}$ multiplies the value of step $\\tau$ in the output "
+            "of step {t}, so its gradient is the dot product of the error of step {t} with the "
+            "value of step $\\tau$. In matrix form, with one row per step:"
+        ),
+        "attn_jacobian": (
+            "The differentiation above is the Jacobian of the softmax. The Kronecker delta "
+            "{delta} says that the scores of a row move only the weights of that row: each "
+            "row is a softmax of its own. Within the row, a score raises its own weight (the "
+            "term with the Kronecker delta of the columns) and lowers every weight of the row "
+            "in proportion to it, since the weights always sum to 1:"
+        ),
+        "attn_ds": (
+            "Summed against the gradients of the weights of the row, this gives the error of "
+            "the scores: each weight times its own gradient minus the weighted mean of the "
+            "gradients of its row, in index form and in matrix form:"
+        ),
+        "attn_ds_rows": (
+            "Adding the same number to every score of a row does not change its softmax; "
+            "accordingly every row of $\\nabla_{{S}} C$ sums to 0."
+        ),
+        "attn_causal": (
+            "The causal mask. The forward equation of the weights has the bracket "
+            "$[\\tau \\le t]$, {source} so a weight is 0 for $\\tau > t$. Differentiating "
+            "it gives the formulas above with a bracket "
+            "$[\\tau \\le t]$ beside each weight $\\alpha_{{t\\tau}}$; where the bracket is 0 "
+            "the weight is 0 already, so the bracket is 1 wherever it matters and the "
+            "derivation drops it: the mask is inside $\\alpha$. The formulas are those of "
+            "attention without a mask, and the mask still acts through them: the error of a "
+            "score above the diagonal ($\\tau > t$) is 0, since it has the factor "
+            "$\\alpha_{{t\\tau}} = 0$, so no gradient flows from step $t$ to the key or the "
+            "value of a later step, which step $t$ cannot see."
+        ),
+        "attn_not_causal": (
+            "This layer is not causal: every step attends to every step, before and after it. "
+            "With {causal} (a decoder, which must not read the future) the weights would be "
+            "$\\alpha_{{t\\tau}} = [\\tau \\le t]\\, e^{{s_{{t\\tau}}}} / \\sum_{{\\tau'}} "
+            "[\\tau' \\le t]\\, e^{{s_{{t\\tau'}}}}$, 0 above the diagonal. The backward "
+            "formulas would be the same (the bracket stands beside a weight that is 0 "
+            "wherever the bracket is: the mask is inside $\\alpha$), and through the factor "
+            "$\\alpha_{{t\\tau}}$ the errors of the scores above the diagonal would be 0: no "
+            "gradient would reach a key or a value from a step that may not see it."
+        ),
+        "attn_dv": (
+            "The value of step {t} enters the output of every step {tau} with the weight "
+            "{weight}, so its error collects the errors of all the steps, each in proportion "
+            "to how much that step attends to step {t} (column {t} of $\\alpha$):"
+        ),
+        "attn_dk": (
+            "The key of step {t} is read by the score of every query {tau} that attends to it "
+            "(column {t} of $S$), so its error sums their contributions: the queries, weighted "
+            "by the errors of those scores, divided by $\\sqrt{{d}}$ with {d}:"
+        ),
+        "attn_dq": (
+            "The query of step {t} is read by the scores of its own row, one for each key "
+            "{tau}: its error is the sum of the keys weighted by the errors of those scores, "
+            "divided by $\\sqrt{{d}}$ again:"
+        ),
+        "attn_scale": (
+            "The factor $1/\\sqrt{{d}}$ ({d}) of the scores comes back in the gradients of the "
+            "queries and the keys, by the chain rule. It is there for the forward pass: a "
+            "score is a sum of $d$ products, and for entries of unit variance its variance is "
+            "$d$; without the factor the scores grow with $d$, the softmax saturates (one "
+            "weight near 1, the others near 0) and its Jacobian $\\alpha (\\delta - \\alpha)$ "
+            "almost vanishes, and so would every gradient that passes through it."
+        ),
+        "attn_projections": (
+            "The projections are dense layers without bias, the same at every step: the "
+            "gradient of each weight matrix sums over the steps the outer product of the "
+            "error of its query, key or value with the input of the step."
+        ),
+        "attn_matrix_forward": (
+            "Layer {l} in matrix form, one row per step ($T = {T}$, $d = {d}$): the "
+            "projections step by step, then the scores and weights ($T \\times T$) and the "
+            "output ($T \\times d$),"
+        ),
+        "attn_matrix_backward": (
+            "and its backward pass, the forward pass read backwards: from the error of the "
+            "output, $\\Delta$, the gradients of the weights and of the values; from those of "
+            "the weights, the gradient of the scores; from it, those of the queries and the "
+            "keys:"
+        ),
+        "batch_text_attention": (
+            " Attention's formulas act on whole sequences: in code each of them is the same "
+            "for every sample, one $T \\times T$ or $T \\times d$ matrix per sample (a batch "
+            "of matrix products)."
+        ),
+        "example_small": (
+            "The network above has $T = {T}$ steps and layers up to {n} wide; to keep the "
+            "numbers few enough to check by hand, the example runs the same network on "
+            "$T = {t}$ steps, with every width at most {m}: its shapes are {shapes}. The "
+            "formulas are the ones derived above, which hold for every $T$ and every width "
+            "$n_{{l}}$; only the sizes they are evaluated with change."
+        ),
+        "example_forward_one_step": (
+            "No layer reads the step before, so the steps can be computed in any order (in "
+            "code, all at once); attention reads all of them. At step $t = {t}$, for example, "
+            "for the first unit of each layer:"
+        ),
+        "example_backward_one_step": (
+            "The errors of all steps can be computed at once too. At step $t = {t}$, for "
+            "example, for the first unit of each layer (attention's formulas read every step "
+            "$\\tau$):"
+        ),
+        "example_gradient_entries_steps": (
+            "The gradients of the parameters, sums over the steps; for example, for the first "
+            "entry of each:"
+        ),
+        "example_attention_forward": (
+            "The scores and the weights of the attention layer {l}, row $t$ and column "
+            "$\\tau$; each row of the weights sums to 1:"
+        ),
+        "example_attention_backward": (
+            "The gradients of the weights and of the scores of layer {l}; each row of the "
+            "latter sums to 0:"
+        ),
     },
     "zh": {
         "title": "反向传播推导：{name} 网络",
@@ -944,6 +1178,164 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "example_sums": "每个共享参数的梯度是各时间步各一项之和：",
         "example_gradient_entries": "循环之后是各梯度（各时间步共享的参数的梯度对各步求和）；例如，每个梯度的第一个分量：",
+        # -- attention (transformer blocks) --
+        "network_text_attention": (
+            "该网络读入一个长为 $T = {T}$ 步的序列 $\\mathbf{{x}}_{{1}}, \\dots, "
+            "\\mathbf{{x}}_{{T}}$，每一步是含 $n_{{0}} = {n0}$ 个值的向量（$\\mathbf{{x}}_{{t}}$ "
+            "的第 $k$ 个分量记为 $a^{{0}}_{{tk}}$）。它的 $L = {L}$ 个层构成一个图。在注意力层 "
+            "{layers} 中，每一步都看向每一步：第 $t$ 步把自己的查询 $\\mathbf{{q}}_{{t}}$ 与各步 "
+            "$\\tau$ 的键 $\\mathbf{{k}}_{{\\tau}}$ 比较，把得分变成和为 1 的权重 "
+            "$\\alpha_{{t\\tau}}$（对 $\\tau$ 取 softmax），输出各步值 $\\mathbf{{v}}_{{\\tau}}$ "
+            "的加权和。{causal}其余各层对每一步分别作用，每一步使用相同的参数：全连接层、对一步"
+            "的各特征做的层归一化，以及构成残差连接的加法层。{recurrent}{output}"
+        ),
+        "network_causal": "该注意力是因果的：第 $t$ 步只看 $\\tau \\le t$ 的各步，即它自己和它之前的步。",
+        "network_recurrent": (
+            "循环层在每一步由该步的输入和它自己在上一步的状态计算状态 $\\mathbf{{h}}_{{t}}$，"
+            "初始状态为 $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$。"
+        ),
+        "figure_caption_block": (
+            "{name} 网络，按 Transformer 块的习惯画法，输入在下，代价在上。除注意力层外，每个"
+            "方框都逐步作用于整个序列。{residual}右侧是第 {l} "
+            "层注意力按时间步展开：每一步的输入给出该步的查询 $\\mathbf{{q}}$、键 $\\mathbf{{k}}$ "
+            "和值 $\\mathbf{{v}}$；每一步的输出 $\\mathbf{{a}}_{{t}}$ 读取各步的值，从 "
+            "$\\mathbf{{v}}_{{\\tau}}$ 出发的箭头带有权重 $\\alpha_{{t\\tau}}$，即 "
+            "$\\mathbf{{q}}_{{t}} \\cdot \\mathbf{{k}}_{{\\tau}} / \\sqrt{{d}}$ 对 $\\tau$ 的 "
+            "softmax（进入第 2 步的箭头标出了权重）。{causal}{elided}"
+        ),
+        "figure_residual": "$+$ 是加法层，左侧的箭头是进入它的残差连接。",
+        "figure_causal": "该层是因果的：第 $t$ 步只读取 $\\tau \\le t$ 的各步，因此没有从后面的步指向前面的步的箭头。",
+        "diagram_unrolled": "第 {l} 层（注意力）按时间步展开",
+        "markdown_block": (
+            "网络从上面的代价到下面的输入（每一层作用于每一步；加法层把它列出的各层相加，即残差"
+            "连接；注意力层混合各步）："
+        ),
+        "n_seq_delta_steps": "第 $l$ 层在第 $t$ 步的误差：代价对其带权输入 {z}（全连接层）或对其输出 {a}（其他层）的导数",
+        "n_seq_mu": "层归一化 $l$ 读取的第 $t$ 步各特征的均值与方差：每一步一个值",
+        "n_seq_xhat": "层归一化 $l$ 在第 $t$ 步的第 $j$ 个归一化输入",
+        "n_attn_qkv": "注意力层 $l$ 中第 $t$ 步的查询、键和值（第 $j$ 个分量）：该步输入的投影",
+        "n_attn_w": "三个投影的权重（每一步相同）",
+        "n_attn_s": (
+            "第 $\\tau$ 步对第 $t$ 步的得分：查询 $t$ 与键 $\\tau$ 的点积除以 $\\sqrt{{d}}$"
+            "（$d = n_{{l}}$ 为查询和键的宽度）"
+        ),
+        "n_attn_alpha": "第 $\\tau$ 步在第 $t$ 步输出中的权重：第 $t$ 行得分对 $\\tau$ 的 softmax，因此每行之和为 1{causal}",
+        "n_attn_alpha_causal": "；$\\tau > t$ 时为 0（因果）",
+        "n_attn_tau": "其他时间步，出现在求和中以及读取第 $t$ 步的各步中",
+        "n_attn_whole": (
+            "一个样本的整个序列写成矩阵，第 $t$ 行是第 $t$ 步的向量：查询、键和值"
+            "（$T \\times d$），得分与权重（$T \\times T$），该层的输出及其误差（$T \\times d$）"
+        ),
+        "n_rowsum": "矩阵每一行之和，是一个列向量，与其所在行的每个元素并列",
+        "n_causal_mask": "因果掩码：第 $(t, \\tau)$ 个元素为 $[\\tau \\le t]$",
+        "forward_tensor_text_attention": (
+            "写成张量形式：注意力以外的各层对 $t = 1, \\dots, T$ 逐步计算；注意力按整个序列"
+            "计算，写成每步一行的矩阵（$\\operatorname{{rowsum}}$ 对每一行求和）："
+        ),
+        "backward_text_steps": (
+            "导数在一般的时间步 $t$ 上从输出向输入逐层求出。某层在第 $t$ 步的误差 {delta} 是代价"
+            "对其带权输入（全连接层）或对其输出（其他层）的导数；被多个层读取的量，由链式法则"
+            "得到各层贡献之和。参数在每一步都相同：它们的梯度是对时间步 $t = 1, \\dots, T$ 的"
+            "求和。"
+        ),
+        "backward_text_attention": (
+            "没有哪一层把状态从一步带到下一步，因此所有时间步的误差可以同时计算。只有注意力混合"
+            "各步：它在第 $\\tau$ 步的输出读取每一步的值，因此第 $t$ 步的值、键或查询的误差要对"
+            "各步 $\\tau$ 求和，得分与权重的伴随是 $T \\times T$ 矩阵。"
+        ),
+        "node_attention": (
+            "它一次读取输入的所有时间步：它在第 $t$ 步的输出混合了每一步{causal}的值。它的得分和"
+            "权重有两个时间下标：第 $t$ 步（行：查询）与第 $\\tau$ 步（列：键）。"
+        ),
+        "node_attention_causal": " $\\tau \\le t$（该层是因果的）",
+        "res_add": "加法层把自己的误差原样传给它读取的每一层，即{reads}：和对其每一项的导数都是 1。",
+        "res_branch": (
+            "第 {l} 层的输出沿 {count} 条路径被读取：被{adds}读取（残差连接），也被{others}读取。"
+            "因此它的误差是各路径误差之和，即{terms}。沿残差路径误差原样传回，中间既没有权重矩阵"
+            "也没有激活函数的导数；这正是残差连接能防止深层网络梯度消失的原因。"
+        ),
+        "attn_dalpha": (
+            "权重 $\\alpha_{{t\\tau}}$ 在第 {t} 步的输出中乘以第 $\\tau$ 步的值，因此它的梯度是第 "
+            "{t} 步的误差与第 $\\tau$ 步的值的点积。写成每步一行的矩阵形式："
+        ),
+        "attn_jacobian": (
+            "上面的求导就是 softmax 的雅可比矩阵。Kronecker $\\delta$ {delta} 表明一行的得分只"
+            "影响该行的权重：每一行各自是一个 softmax。在同一行内，一个得分使它自己的权重增大"
+            "（带列的 Kronecker $\\delta$ 的那一项），同时按比例减小该行的每个权重，因为各权重"
+            "之和始终为 1："
+        ),
+        "attn_ds": (
+            "与该行各权重的梯度相乘求和，就得到得分的误差：每个权重乘以（它自己的梯度减去该行各"
+            "梯度的加权平均），分别写成下标形式和矩阵形式："
+        ),
+        "attn_ds_rows": "给一行的所有得分加上同一个数不改变它的 softmax；相应地，$\\nabla_{{S}} C$ 的每一行之和为 0。",
+        "attn_causal": (
+            "因果掩码。权重的前向公式带有括号 $[\\tau \\le t]$，{source}因此 $\\tau > t$ 时"
+            "权重为 0。对它求导"
+            "得到的正是上面的公式，只是每个权重 $\\alpha_{{t\\tau}}$ 旁边多了一个括号 "
+            "$[\\tau \\le t]$；括号为 0 的地方权重本来就是 0，因此凡是起作用的地方括号都等于 1，"
+            "推导把它去掉了：掩码已包含在 $\\alpha$ 之中。公式与不带掩码的注意力相同，掩码仍通过"
+            "它们起作用：对角线以上（$\\tau > t$）的得分误差为 0，因为它带有因子 "
+            "$\\alpha_{{t\\tau}} = 0$，所以第 $t$ 步不会向它看不见的后面各步的键或值传回任何梯度。"
+        ),
+        "attn_not_causal": (
+            "该层不是因果的：每一步都关注每一步，无论在它之前还是之后。若设 {causal}（解码器不能"
+            "读取未来），权重将是 $\\alpha_{{t\\tau}} = [\\tau \\le t]\\, e^{{s_{{t\\tau}}}} / "
+            "\\sum_{{\\tau'}} [\\tau' \\le t]\\, e^{{s_{{t\\tau'}}}}$，对角线以上为 0。反向公式不变"
+            "（括号旁边的权重在括号为 0 的地方本来就是 0：掩码包含在 $\\alpha$ 之中），而通过因子 "
+            "$\\alpha_{{t\\tau}}$，对角线以上的得分误差将为 0：不会有梯度从看不见某一步的那些步"
+            "传到该步的键或值。"
+        ),
+        "attn_dv": (
+            "第 {t} 步的值以权重 {weight} 进入每一步 {tau} 的输出，因此它的误差汇集了所有各步的"
+            "误差，每一步按它对第 {t} 步的关注程度（$\\alpha$ 的第 {t} 列）加权："
+        ),
+        "attn_dk": (
+            "第 {t} 步的键被关注它的每个查询 {tau} 的得分读取（$S$ 的第 {t} 列），因此它的误差"
+            "是这些贡献之和：各查询按这些得分的误差加权，再除以 $\\sqrt{{d}}$，其中 {d}："
+        ),
+        "attn_dq": (
+            "第 {t} 步的查询只被它自己那一行的得分读取，每个键 {tau} 一个：它的误差是各键按这些"
+            "得分的误差加权之和，同样除以 $\\sqrt{{d}}$："
+        ),
+        "attn_scale": (
+            "得分中的因子 $1/\\sqrt{{d}}$（{d}）由链式法则回到查询和键的梯度中。它是为前向传播"
+            "而设的：得分是 $d$ 个乘积之和，分量方差为 1 时其方差为 $d$；没有这个因子，得分随 "
+            "$d$ 增大，softmax 饱和（一个权重接近 1，其余接近 0），其雅可比矩阵 "
+            "$\\alpha (\\delta - \\alpha)$ 几乎为零，经过它的每个梯度也随之几乎为零。"
+        ),
+        "attn_projections": (
+            "三个投影是不带偏置的全连接层，每一步相同：每个权重矩阵的梯度是对各步求和的外积，"
+            "即其查询、键或值的误差与该步输入的外积。"
+        ),
+        "attn_matrix_forward": (
+            "第 {l} 层写成每步一行的矩阵形式（$T = {T}$，$d = {d}$）：先逐步计算投影，再计算得分"
+            "和权重（$T \\times T$）以及输出（$T \\times d$），"
+        ),
+        "attn_matrix_backward": (
+            "它的反向传播就是把前向传播倒过来读：由输出的误差 $\\Delta$ 得到权重和值的梯度；由"
+            "权重的梯度得到得分的梯度；再由它得到查询和键的梯度："
+        ),
+        "batch_text_attention": (
+            "注意力的公式作用于整个序列：在代码中，每个公式对每个样本都一样，每个样本一个 "
+            "$T \\times T$ 或 $T \\times d$ 矩阵（一批矩阵乘积）。"
+        ),
+        "example_small": (
+            "上面的网络有 $T = {T}$ 步，层宽最大为 {n}；为使数值少到可以手算，算例在 $T = {t}$ "
+            "步上运行同一个网络，每个宽度至多为 {m}：各层形状为 {shapes}。公式就是上面推导出的"
+            "公式，对任意 $T$ 和任意宽度 $n_{{l}}$ 都成立；变的只是代入的规模。"
+        ),
+        "example_forward_one_step": (
+            "没有哪一层读取上一步，因此各步可以按任意顺序计算（代码中一次全部算出）；注意力读取"
+            "所有各步。例如在第 $t = {t}$ 步，各层第一个单元："
+        ),
+        "example_backward_one_step": (
+            "所有时间步的误差同样可以一次算出。例如在第 $t = {t}$ 步，各层第一个单元（注意力的"
+            "公式读取每一步 $\\tau$）："
+        ),
+        "example_gradient_entries_steps": "参数的梯度是对各时间步的求和；例如，每个梯度的第一个分量：",
+        "example_attention_forward": "第 {l} 层注意力的得分与权重，第 $t$ 行、第 $\\tau$ 列；权重的每一行之和为 1：",
+        "example_attention_backward": "第 {l} 层权重与得分的梯度；后者的每一行之和为 0：",
     },
 }
 

@@ -16,6 +16,11 @@ Sequences (docs/architecture.md, "Sequences"): a quantity at a step ``h¹ₜ₋�
 ``[t ≤ T - 1]`` and ``[t = T]``, blocks of stacked gates ``z¹ₜ[n₁ + 1:2*n₁]``, stacked errors
 ``[...; ...]``, a shared parameter's gradient ``Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ`` (in batch form
 ``(1/B) Σₜ (Δ¹ₜ)ᵀ H¹ₜ₋₁``).
+
+Attention (:func:`derive.derivation.stepform.whole_sequence`): entries ``α¹ₜτ`` (τ, τ' and t''
+as they are), a whole sequence as the matrix of its steps, one row per step, ``Q¹``, ``K¹``,
+``V¹``, ``S¹``, ``α¹``, ``Δ¹``; matrix products ``Δ¹ (V¹)ᵀ``, row sums ``rowsum(...)``, the
+causal mask ``M_causal`` and the softmax of each row.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
-from derive.derivation.stepform import Block, Concat, StepGuard, SumSteps
+from derive.derivation.stepform import (
+    Block,
+    Causal,
+    Concat,
+    MatProd,
+    StepGuard,
+    SumLast,
+    SumSteps,
+    Transposed,
+)
 from derive.derivation.tensorform import (
     ONE,
     Broadcast,
@@ -59,7 +73,7 @@ from derive.render.imagenotation import (
     summed_axes,
     windows_geometry,
 )
-from derive.render.latex_printer import step_condition
+from derive.render.latex_printer import is_whole_tensor, step_condition
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeot+-", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒₜ₊₋")
@@ -68,13 +82,18 @@ _GREEK = {"delta": "δ", "sigma": "σ", "nabla": "∇", "gamma": "γ", "beta": "
           "var": "(σ²)", "xhat": "x̂", "mask": "m",
           # a recurrent layer's weights, biases and stacked pre-activations: wₓ, wₕ, ...
           "wx": "wₓ", "wh": "wₕ", "bx": "bₓ", "bh": "bₕ", "zx": "zₓ", "zh": "zₕ",
+          # attention: weights, projections
+          "alpha": "α", "wq": "w_q", "wk": "w_k", "wv": "w_v",
           # a second time index, the steps that read step t
-          "tau": "τ"}
+          "tau": "τ", "tau'": "τ'"}
 _BATCH = {"a": "A", "z": "Z", "delta": "Δ", "y": "Y", "w": "W", "xhat": "X̂", "mask": "M",
           # a recurrent layer's matrices, states and gates, one row per sample (the names of
           # the generated code: Wx1, H1, C1, ...)
           "wx": "Wₓ", "wh": "Wₕ", "zx": "Zₓ", "zh": "Zₕ", "h": "H", "c": "C", "i": "I",
-          "f": "F", "g": "G", "o": "O", "r": "R", "u": "U"}
+          "f": "F", "g": "G", "o": "O", "r": "R", "u": "U",
+          # attention's queries, keys, values, scores (a whole sequence, or a batch at a step)
+          "q": "Q", "k": "K", "v": "V", "s": "S", "alpha": "α", "wq": "W_q", "wk": "W_k",
+          "wv": "W_v"}
 
 
 def _step(tensor: NetTensor) -> str:
@@ -104,7 +123,9 @@ class UnicodePrinter(StrPrinter):
 
     def _name(self, tensor: NetTensor, *, batch: bool = False) -> str:
         role = tensor.of if tensor.role == "grad" else tensor.role
-        if batch:
+        inner = tensor.target if tensor.role == "grad" else tensor
+        if batch or (inner is not None and is_whole_tensor(inner)):
+            # a batch, or every step of one sample (attention's Q, K, V, S, α, Δ)
             symbol = _BATCH.get(role, _GREEK.get(role, role))
         elif tensor.rank >= 2 and tensor.is_parameter and tensor.role != "grad":
             # the matrix W^l (its entries print as w^l_jk); Wₓ^l of a recurrent layer
@@ -145,6 +166,30 @@ class UnicodePrinter(StrPrinter):
     def _print_Concat(self, expr: Concat) -> str:
         *parts, _size = expr.args
         return f"[{'; '.join(self._print(part) for part in parts)}]"
+
+    # --- whole sequences (attention) ---------------------------------------------------
+
+    def _print_MatProd(self, expr: MatProd) -> str:
+        # an operand ∂C/∂S¹ in brackets: ∂C/∂S¹ K¹ would read as ∂C/∂(S¹ K¹)
+        left, right = (self._print(arg) if isinstance(arg, (MatProd, Transposed)) or (
+            isinstance(arg, NetTensor) and arg.role != "grad") else f"({self._print(arg)})"
+            for arg in expr.args)
+        return f"{left} {right}"
+
+    def _print_Transposed(self, expr: Transposed) -> str:
+        return f"({self._print(expr.args[0])})ᵀ"
+
+    def _print_SumLast(self, expr: SumLast) -> str:
+        return f"rowsum({self._print(expr.args[0])})"
+
+    def _print_Causal(self, expr: Causal) -> str:
+        return "M_causal"
+
+    def _print_Softmax(self, expr: sp.Function) -> str:
+        return f"softmax({self._print(expr.args[0])})"
+
+    def _print_CausalSoftmax(self, expr: sp.Function) -> str:
+        return f"softmax_causal({self._print(expr.args[0])})"
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):
@@ -386,7 +431,8 @@ def _is_tensor(expr: sp.Expr) -> bool:
     """Whether ``expr`` is a tensor-form vector or matrix (not a scalar, not an index form)."""
     if expr.has(sp.Indexed):
         return False
-    if expr.has(MatVec, Outer, Einsum, Windows, Fold, Unflatten, Flatten):
+    if expr.has(MatVec, Outer, Einsum, Windows, Fold, Unflatten, Flatten, MatProd, Transposed,
+                SumLast, Causal):
         return True
     return any(t.rank >= 1 and t != ONE for t in expr.atoms(NetTensor))
 

@@ -28,10 +28,20 @@ of a recurrent layer with the time step t free are evaluated from t = T down to 
 reads δ_{t+1} (which is 0 past the last step). A parameter's gradient sums over the steps; the
 terms of that sum, one per step, are kept as well (``WorkedExample.step_terms``), for a
 document that shows the sum term by term.
+
+Attention reads every step at once (its scores s_{tτ} read the keys k_τ of every step): its
+equations, and its formulas, which read the adjoints at every step τ (whole T × T matrices),
+are evaluated over all steps at once, in the derivation's order (each reads only what an
+earlier one computed). Its worked numbers would be T² per matrix, so a network with attention
+whose spec gives no example is worked on a small copy (``worked_example(..., small=True)``,
+:func:`small_copy`): :data:`SMALL_STEPS` steps and every width at most :data:`SMALL_WIDTH`,
+the same graph. The formulas are the derivation's, which hold for every T and every width
+n_l; only the numbers they are evaluated with change (``WorkedExample.widths``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -43,7 +53,7 @@ import numpy as np
 import sympy as sp
 
 from derive.derivation.reverse import C, Derivation, Formula, adjoint_tensor
-from derive.graph.model import Model, Node
+from derive.graph.model import Model, Node, build_model
 from derive.quantities import LENGTH, NetTensor, index_family, tensor_of
 from derive.registry.functions import elementary, sigmoid, softplus
 from derive.registry.ops import OPS, Equation
@@ -51,6 +61,12 @@ from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.spec.load import NetworkSpec, layer_attributes, parameter_key
 
 Vector = tuple[float, ...]
+
+#: The small copy of a network with attention that the worked example runs (no example given):
+#: this many time steps, every width at most this (3: a layer norm over 2 features would
+#: give ±1 whatever it reads, and a gradient through it of almost 0).
+SMALL_STEPS = 3
+SMALL_WIDTH = 3
 
 
 # --- the values of the example ---------------------------------------------------------------
@@ -67,9 +83,19 @@ def default_values(spec: NetworkSpec
     The patterns only need to be fixed, varied and small; the target suits the loss: a one-hot
     vector for cross-entropy, 1/0 for outputs in (0, 1), +-0.5 otherwise. A parameter that
     starts at one (a layer norm's scale γ) gets values near one.
+
+    A network with attention gets steps that differ by more than a shift (which a layer norm
+    would undo), a class per step that changes with the step, and projections in halves, each
+    its own, so that the weights α are far from uniform (with tenths the scores would all be
+    near 0) and the gradients of queries and keys far from 0.
     """
     sizes = spec.sizes
-    if spec.image is None:
+    attention = reads_whole_sequences(spec)
+    if attention:
+        steps_x, width = spec.input_shape
+        x = tuple(_tenth((7 * t * k + 2 * t + 2 * k) % 11 - 5)
+                  for t in range(1, steps_x + 1) for k in range(1, width + 1))
+    elif spec.image is None:
         # a sequence's values step by step: T steps of n_0 (the same pattern, longer)
         count = math.prod(spec.input_shape)
         x = tuple(_tenth((7 * n) % 11 - 5) for n in range(1, count + 1))
@@ -81,7 +107,10 @@ def default_values(spec: NetworkSpec
     output = spec.activation(spec.depth)
     n_out = sizes[-1]
     steps = math.prod(spec.shapes[-1][:-1])       # T outputs of a sequence, else one
-    if spec.resolved_loss().needs == "distribution":
+    if spec.resolved_loss().needs == "distribution" and attention:
+        y = tuple(1.0 if n % n_out == (n // n_out + 1) % n_out else 0.0
+                  for n in range(n_out * steps))          # class t mod n_L at step t
+    elif spec.resolved_loss().needs == "distribution":
         y = tuple(1.0 if n % n_out == 0 else 0.0 for n in range(n_out * steps))
     elif output is not None and output.is_probability:
         y = tuple(1.0 if n % 2 == 0 else 0.0 for n in range(n_out * steps))
@@ -95,6 +124,9 @@ def default_values(spec: NetworkSpec
             shape = shapes[key]
             if layer.op == "conv2d" and len(shape) == 4:
                 params[key] = _kernel_values(shape, l)
+            elif attention and parameter.role in _PROJECTIONS:
+                params[key] = _projection_values(shape, l + 2 * _PROJECTIONS.index(
+                    parameter.role))
             elif len(shape) >= 2:
                 params[key] = _matrix_values(shape, l)
             else:
@@ -102,6 +134,17 @@ def default_values(spec: NetworkSpec
                 params[key] = tuple(start + _tenth((row + l) % 3 - 1)
                                     for row in range(1, shape[0] + 1))
     return x, y, params
+
+
+#: Attention's projections, which get values of their own (:func:`_projection_values`).
+_PROJECTIONS = ("wq", "wk", "wv")
+
+
+def _projection_values(shape: tuple[int, ...], offset: int) -> np.ndarray:
+    """Halves for a projection of attention: the entry at (r, c), counted from 1, is
+    ((2 r + 3 c + offset) mod 5 − 2)/2, one of −1, −0.5, 0, 0.5, 1."""
+    row, col = np.indices(shape) + 1
+    return ((2 * row + 3 * col + offset) % 5 - 2) / 2
 
 
 def _matrix_values(shape: tuple[int, ...], l: int) -> np.ndarray:
@@ -130,6 +173,41 @@ def example_inputs(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple],
     return (example.x if example.x is not None else x,
             example.y if example.y is not None else y,
             {**params, **given}, True)
+
+
+def reads_whole_sequences(spec: NetworkSpec) -> bool:
+    """Whether a layer of ``spec`` reads every step of a sequence at once (attention)."""
+    return any(isinstance(layer.op, str) and layer.op == "attention" for layer in spec.layers)
+
+
+def small_copy(spec: NetworkSpec, steps: int = SMALL_STEPS, width: int = SMALL_WIDTH
+               ) -> NetworkSpec:
+    """``spec`` with at most ``steps`` time steps and every width that an op chooses (a
+    ``size``), the input's too, at most ``width``: the same graph, ops, activations and loss
+    (the widths of the other ops follow from what they read). ``spec`` itself where nothing
+    is larger, or where it is not a sequence network or gives its own example."""
+    if not spec.sequence or spec.image is not None or spec.example is not None:
+        return spec
+    length = min(spec.length, steps)
+    shapes: list[tuple[int, ...]] = [(length, min(spec.input, width))]
+    for l, layer in enumerate(spec.layers, start=1):
+        definition = OPS[layer.op]
+        chooses = any(attribute.kind == "size" for attribute in definition.attributes)
+        attrs = {**layer_attributes(layer),
+                 "size": min(layer.size, width) if chooses else layer.size}
+        reads = layer.reads(l)
+        if definition.output_shape is not None:
+            shapes.append(tuple(definition.output_shape(attrs, shapes[reads[0]])))
+        else:
+            size = definition.output_size(attrs, tuple(shapes[n][-1] for n in reads))
+            steps_of = shapes[reads[0]][:1] if len(shapes[reads[0]]) == 2 else ()
+            shapes.append((*steps_of, size))
+    if shapes == list(spec.shapes):
+        return spec
+    layers = tuple(dataclasses.replace(layer, size=shape[-1],
+                                       length=shape[0] if len(shape) == 2 else None)
+                   for layer, shape in zip(spec.layers, shapes[1:]))
+    return dataclasses.replace(spec, input=shapes[0][-1], layers=layers, length=length)
 
 
 # --- NumPy evaluation of index expressions ----------------------------------------------------
@@ -500,6 +578,18 @@ class WorkedExample:
     #: for each parameter gradient that sums over the time steps, the terms of that sum: one
     #: array per step (axis 0 is t), of the shape of the gradient (the block shown)
     step_terms: tuple[tuple[Formula, np.ndarray], ...] = ()
+    #: the spec whose numbers these are (a small copy of the derivation's: ``small``) and the
+    #: value of every size symbol (n_l, T) in it
+    spec: NetworkSpec | None = None
+    widths: Mapping[sp.Symbol, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def small(self) -> bool:
+        """Whether the example runs a small copy of the network (fewer steps, narrower)."""
+        return self.spec is not None and self.spec.shapes != self.derived_shapes
+
+    #: the shapes of the network that was derived (``small`` compares them)
+    derived_shapes: tuple[tuple[int, ...], ...] = ()
 
     def value(self, tensor: NetTensor) -> np.ndarray:
         """The value of a quantity, parameter, δ^l or adjoint (``NetTensor("grad", ...)``)."""
@@ -577,15 +667,22 @@ def _inputs_of(model: Model) -> list[NetTensor]:
     return out
 
 
-def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None = None
-                   ) -> WorkedExample:
+def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None = None,
+                   small: bool = False) -> WorkedExample:
     """The forward and backward pass of the spec's example (or the default values).
 
     ``shown(n)`` is how many entries of an axis of length n a document prints: the gradient of
     a weight matrix, which no other formula reads, is then computed for the entries printed
     only (its top-left block), not for every weight of a wide layer. Without it, everything.
+    With ``small``, a network with attention whose spec gives no example runs its
+    :func:`small_copy`: the derivation's formulas evaluated with fewer steps and widths.
     """
     model = derivation.model
+    derived_shapes = model.spec.shapes
+    if small and reads_whole_sequences(model.spec):
+        copy = small_copy(model.spec)
+        if copy is not model.spec:
+            model = build_model(copy)
     spec = model.spec
     x, y, params, given = example_inputs(spec)
     evaluate = Evaluator(model.widths)
@@ -654,7 +751,8 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
         parameters=parameters, masks=tuple(masks), forward=tuple(forward), loss=loss,
         penalty=penalty, backward=tuple(backward), penalties=tuple(penalties), given=given,
         values=dict(evaluate.values), indicators=_indicators(derivation, evaluate),
-        step_terms=tuple(step_terms))
+        step_terms=tuple(step_terms), spec=spec, widths=dict(model.widths),
+        derived_shapes=derived_shapes)
 
 
 def _shape(evaluate: Evaluator, eq: Equation, node: Node) -> tuple[int, ...]:
@@ -669,13 +767,13 @@ def recurrent_equations(node: Node) -> tuple[Equation, ...]:
     timed = tuple(eq for eq in node.equations
                   if eq.indices and index_family(eq.indices[0]) == "time")
     targets = {eq.target for eq in timed}
-    if any(tensor_of(found) in targets and _shifted_step(found.indices[0], eq.indices[0])
+    if any(tensor_of(found) in targets and shifted_step(found.indices[0], eq.indices[0])
            for eq in timed for found in eq.expr.atoms(sp.Indexed)):
         return timed
     return ()
 
 
-def _shifted_step(position: sp.Expr, time: sp.Symbol) -> bool:
+def shifted_step(position: sp.Expr, time: sp.Symbol) -> bool:
     """Whether an entry's step ``position`` is the step ``time`` shifted by a constant
     (h_{t-1}): a recurrence. An entry at another time index (k_{τj} read by attention's
     scores s_{tτ}, every step at once) is not one."""
