@@ -76,6 +76,12 @@ def _dot_rows(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _dot_steps(u, v):
+    """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
+    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied."""
+    return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
+
+
 def _softmax_logsumexp(x):
     """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
     top = x.max(axis=-1, keepdims=True)
@@ -197,9 +203,9 @@ def backward(params, cache, Y):
         dC_dZx1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
         dC_dZx1_steps[t][..., 32:48] = dC_dG1*(1 - G1_steps[t]**2)
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
-    dWx1 = np.tensordot(dC_dZx1_steps, X.swapaxes(0, 1), axes=([0, 1], [0, 1]))
+    dWx1 = _dot_steps(dC_dZx1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ ∇_zₕ¹ₜ C (h¹ₜ₋₁)ᵀ, summed over the rows
-    dWh1 = np.tensordot(dC_dZh1_steps[1:], H1_steps[:15], axes=([0, 1], [0, 1]))
+    dWh1 = _dot_steps(dC_dZh1_steps[1:], H1_steps[:15])
     # ∂C/∂bₓ¹ = Σₜ ∇_zₓ¹ₜ C, summed over the rows
     dbx1 = dC_dZx1_steps.sum(axis=(0, 1))
     # ∂C/∂bₕ¹ = Σₜ ∇_zₕ¹ₜ C, summed over the rows

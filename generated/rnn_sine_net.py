@@ -62,6 +62,12 @@ def _dot_rows(x, w):
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _dot_steps(u, v):
+    """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
+    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied."""
+    return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
+
+
 def _check_input(X):
     """ValueError unless X holds samples of INPUT_SHAPE, one per row."""
     if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
@@ -136,7 +142,7 @@ def backward(params, cache, Y):
     # BP1: Δ² = a²ₜ - yₜ, each row divided by B
     delta2_steps = (A2.swapaxes(0, 1) - Y.swapaxes(0, 1))/B
     # BP4: ∂C/∂W² = Σₜ δ²ₜ (h¹ₜ)ᵀ, summed over the rows
-    dW2 = np.tensordot(delta2_steps, H1_steps, axes=([0, 1], [0, 1]))
+    dW2 = _dot_steps(delta2_steps, H1_steps)
     # BP3: ∂C/∂b² = Σₜ δ²ₜ, summed over the rows
     db2 = delta2_steps.sum(axis=(0, 1))
     # the part of Δ¹ from outside the loop below, for every step at once
@@ -148,9 +154,9 @@ def backward(params, cache, Y):
         # Δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
         delta1_steps[t] = delta1_in_steps[t]*((delta1_steps[t + 1] @ Wh1 if t <= 18 else 0) + delta2_steps[t] @ W2)
     # ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ, summed over the rows
-    dWx1 = np.tensordot(delta1_steps, X.swapaxes(0, 1), axes=([0, 1], [0, 1]))
+    dWx1 = _dot_steps(delta1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ, summed over the rows
-    dWh1 = np.tensordot(delta1_steps[1:], H1_steps[:19], axes=([0, 1], [0, 1]))
+    dWh1 = _dot_steps(delta1_steps[1:], H1_steps[:19])
     # ∂C/∂b¹ = Σₜ δ¹ₜ, summed over the rows
     db1 = delta1_steps.sum(axis=(0, 1))
     return {"Wx1": dWx1, "Wh1": dWh1, "b1": db1, "W2": dW2, "b2": db2}

@@ -10,7 +10,7 @@ dense 16 relu(3); 5 (ff2) = dense 8(4); 6 (res2) = add(3, 5); 7 (norm2) = layer_
 Every formula in this module was printed from derive's symbolic derivation. The backward
 pass applies the chain rule node by node, from the output back, derived per sample as
 
-    (BP1) Δ⁸ = a⁸ₜ ⊙ (𝟏)ᵀ yₜ - yₜ
+    (BP1) Δ⁸ = a⁸ₜ - yₜ
     (BP4) ∂C/∂W⁸ = Σₜ δ⁸ₜ (a⁷ₜ)ᵀ
     (BP3) ∂C/∂b⁸ = Σₜ δ⁸ₜ
     Δ⁷ = (W⁸)ᵀ δ⁸ₜ
@@ -94,6 +94,12 @@ def _dot_rows(x, w):
     if x.ndim == 2 or not x.flags.c_contiguous:
         return x @ w
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _dot_steps(u, v):
+    """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
+    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied."""
+    return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
 
 
 def _softmax_logsumexp(x):
@@ -211,10 +217,10 @@ def backward(params, cache, Y):
     W8 = params["W8"]
     X, Q1, K1, V1, Alpha1, A2, mu3, var3, Xhat3, A3, Z4, A4, A6, mu7, var7, Xhat7, A7, A8 = cache["X"], cache["Q1"], cache["K1"], cache["V1"], cache["Alpha1"], cache["A2"], cache["mu3"], cache["var3"], cache["Xhat3"], cache["A3"], cache["Z4"], cache["A4"], cache["A6"], cache["mu7"], cache["var7"], cache["Xhat7"], cache["A7"], cache["A8"]
     B = Y.shape[0]
-    # BP1: Δ⁸ = a⁸ₜ ⊙ (𝟏)ᵀ yₜ - yₜ, each row divided by B
-    delta8 = (A8*Y.sum(axis=-1, keepdims=True) - Y)/B
+    # BP1: Δ⁸ = a⁸ₜ - yₜ, each row divided by B
+    delta8 = (A8 - Y)/B
     # BP4: ∂C/∂W⁸ = Σₜ δ⁸ₜ (a⁷ₜ)ᵀ, summed over the rows
-    dW8 = np.tensordot(delta8, A7, axes=([0, 1], [0, 1]))
+    dW8 = _dot_steps(delta8, A7)
     # BP3: ∂C/∂b⁸ = Σₜ δ⁸ₜ, summed over the rows
     db8 = delta8.sum(axis=(0, 1))
     # Δ⁷ = (W⁸)ᵀ δ⁸ₜ
@@ -236,14 +242,14 @@ def backward(params, cache, Y):
     # Δ⁵ = δ⁶ₜ
     delta5 = delta6
     # BP4: ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ, summed over the rows
-    dW5 = np.tensordot(delta5, A4, axes=([0, 1], [0, 1]))
+    dW5 = _dot_steps(delta5, A4)
     # BP3: ∂C/∂b⁵ = Σₜ δ⁵ₜ, summed over the rows
     db5 = delta5.sum(axis=(0, 1))
     # Δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
     delta4 = _dot_rows(delta5, W5)
     delta4 *= (Z4 > 0)
     # BP4: ∂C/∂W⁴ = Σₜ δ⁴ₜ (a³ₜ)ᵀ, summed over the rows
-    dW4 = np.tensordot(delta4, A3, axes=([0, 1], [0, 1]))
+    dW4 = _dot_steps(delta4, A3)
     # BP3: ∂C/∂b⁴ = Σₜ δ⁴ₜ, summed over the rows
     db4 = delta4.sum(axis=(0, 1))
     # Δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
@@ -276,11 +282,11 @@ def backward(params, cache, Y):
     # ∂C/∂Q¹ = (∂C/∂S¹) K¹/√n₁
     dC_dQ1 = 0.3535533905932738*(dC_dS1 @ K1)
     # ∂C/∂W_q¹ = Σₜ ∇_q¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
-    dWq1 = np.tensordot(dC_dQ1, X, axes=([0, 1], [0, 1]))
+    dWq1 = _dot_steps(dC_dQ1, X)
     # ∂C/∂W_k¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
-    dWk1 = np.tensordot(dC_dK1, X, axes=([0, 1], [0, 1]))
+    dWk1 = _dot_steps(dC_dK1, X)
     # ∂C/∂W_v¹ = Σₜ ∇_v¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
-    dWv1 = np.tensordot(dC_dV1, X, axes=([0, 1], [0, 1]))
+    dWv1 = _dot_steps(dC_dV1, X)
     return {"Wq1": dWq1, "Wk1": dWk1, "Wv1": dWv1, "gamma3": dgamma3, "beta3": dbeta3, "W4": dW4, "b4": db4, "W5": dW5, "b5": db5, "gamma7": dgamma7, "beta7": dbeta7, "W8": dW8, "b8": db8}
 
 

@@ -1564,7 +1564,7 @@ class _Expanded:
         network, instance = self.network, self.instance
         for _ in range(100):
             point = random_point(rng, instance.leaf_tensors, network.model.loss.needs,
-                                 SAMPLING)
+                                 SAMPLING, steps=instance.target_steps)
             # the forward values only: the reverse sweep from node 0, a leaf, is empty
             swept = instance.tape.sweep(point, 0)
             if swept is not None:

@@ -810,10 +810,13 @@ def _loss_gradient(model: Model) -> Formula:
 
 
 def _target_sums(expr: sp.Expr, model: Model) -> list[sp.Sum]:
-    """The sums of every target component, sum_i y_i, in ``expr``."""
+    """The sums of every target component, sum_i y_i (of a step: sum_i y_{ti}), in
+    ``expr``."""
     y = model.y
     return [s for s in expr.atoms(sp.Sum)
-            if len(s.limits) == 1 and s.function == y[s.limits[0][0]]]
+            if len(s.limits) == 1 and isinstance(s.function, sp.Indexed)
+            and s.function.base == y and s.function.indices[-1] == s.limits[0][0]
+            and not any(i.has(s.limits[0][0]) for i in s.function.indices[:-1])]
 
 
 def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient: Formula,

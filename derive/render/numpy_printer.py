@@ -100,6 +100,12 @@ def _dot_rows(x, w):
         return x @ w
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 ''',
+    "_dot_steps": '''\
+def _dot_steps(u, v):
+    """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
+    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied."""
+    return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
+''',
     "_logsumexp": '''\
 def _logsumexp(x):
     """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
@@ -546,7 +552,8 @@ class NumPyBatchPrinter(NumPyPrinter):
     def _print_Outer(self, expr: Outer) -> str:
         u, v = expr.args
         if self._sequence(expr):     # summed over the samples and the steps
-            return f"np.tensordot({self._print(u)}, {self._print(v)}, axes=([0, 1], [0, 1]))"
+            self.helpers.add("_dot_steps")
+            return f"_dot_steps({self._print(u)}, {self._print(v)})"
         return (f"{self.parenthesize(u, PRECEDENCE['Atom'], strict=True)}.T @ "
                 f"{self.parenthesize(v, PRECEDENCE['Mul'], strict=True)}")
 

@@ -235,6 +235,7 @@ class Instance:
         self.sizes: dict[sp.Symbol, int] = {size: int(n) for size, n in model.widths.items()}
         self.leaves: list[se.Symbol] = []
         self.leaf_tensors: list[tuple[se.Symbol, NetTensor]] = []  # each leaf, its quantity
+        self.target_steps: dict[se.Symbol, tuple] = {}    # a sequence target's entry: its step
         self.values: dict[Key, se.Basic] = {}
         self.parameters: dict[Key, se.Symbol] = {}
         self.errors: dict[Key, se.Symbol] = {}       # perturbed entry -> its leaf e
@@ -254,7 +255,7 @@ class Instance:
                            for tensor, shape in model.shapes.items())
         self.inputs = [self._leaf(entry(x, index), "_".join(["x", *map(str, index)]))
                        for index in _indices(self.shapes[x])]
-        self.targets = [self._leaf(entry(y, index), f"y_{index[0]}")
+        self.targets = [self._leaf(entry(y, index), "_".join(["y", *map(str, index)]))
                         for index in _indices(self.shapes[y])]
         self._zero = self.tape.node(se.Integer(0), (), ())   # an entry in the padding
         for parameter in model.parameters:
@@ -389,6 +390,8 @@ class Instance:
         symbol = se.Symbol(name)
         self.leaves.append(symbol)
         self.leaf_tensors.append((symbol, tensor_of(key)))
+        if isinstance(key, sp.Indexed) and tensor_of(key).role == "y":
+            self.target_steps[symbol] = tuple(key.indices[:-1])    # y_{ti}: step t
         self.values[key] = symbol
         self._leaf_of[key] = symbol
         self.nodes[key] = self.tape.leaf(symbol)
@@ -422,7 +425,8 @@ class Instance:
         """Random values for every leaf, masks included (they are inputs of C like any
         other), targets valid for the loss (:func:`derive.verify.numeric.random_point`);
         every perturbation e at 0."""
-        point = random_point(rng, self.leaf_tensors, self.model.loss.needs)
+        point = random_point(rng, self.leaf_tensors, self.model.loss.needs,
+                             steps=self.target_steps)
         point.update(self.at_zero_error)
         return point
 

@@ -74,22 +74,29 @@ class Sampling:
 
 
 def random_point(rng: random.Random, leaves: Iterable[tuple[Key, NetTensor]],
-                 needs: str | None, sampling: Sampling | None = None) -> dict[Key, se.Basic]:
+                 needs: str | None, sampling: Sampling | None = None,
+                 steps: Mapping[Key, tuple] | None = None) -> dict[Key, se.Basic]:
     """A value for every leaf ``(key, quantity)``, drawn from ``rng`` in the order given.
 
     The entries of the target (role ``y``) are drawn together where the first one comes, so
-    that they fit the loss's ``needs`` (:func:`random_targets`); dropout masks (role
-    ``mask``) as ``sampling`` says. The same seed and leaves give the same point.
+    that they fit the loss's ``needs`` (:func:`random_targets`); a sequence's step by step
+    (``steps``: each target entry's step), so that each step's target is a probability
+    vector. Dropout masks (role ``mask``) as ``sampling`` says. The same seed and leaves give
+    the same point.
     """
     sampling = sampling or Sampling()
     leaves = list(leaves)
-    targets = [key for key, tensor in leaves if tensor.role == "y"]
+    targets: dict[tuple, list[Key]] = {}
+    for key, tensor in leaves:
+        if tensor.role == "y":
+            targets.setdefault((steps or {}).get(key, ()), []).append(key)
     point: dict[Key, se.Basic] = {}
     for key, tensor in leaves:
         if key in point:
             continue
         if tensor.role == "y":
-            point.update(zip(targets, random_targets(rng, len(targets), needs, sampling)))
+            for group in targets.values():
+                point.update(zip(group, random_targets(rng, len(group), needs, sampling)))
         elif tensor.role == "mask" and sampling.mask is not None:
             point[key] = number(sampling.mask)
         else:
