@@ -5,6 +5,8 @@ loss) match PyTorch float64 (torch.nn.RNN / LSTM / GRU) and central differences.
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -20,7 +22,7 @@ from derive.registry.ops import OPS
 from derive.registry.windows import InRange
 from derive.render.codegen import load_module, render_module
 from derive.spec.load import load_spec
-from derive.verify.expansion import verify
+from derive.verify.expansion import Instance, verify
 from tests.torch_reference import reference_batch, torch_loss_and_grads
 
 pytest.importorskip("torch")
@@ -239,3 +241,19 @@ def test_train_clips_the_gradient_norm() -> None:
     assert step == pytest.approx(1e6 * 1e-3, rel=1e-3)
     with pytest.raises(ValueError, match="clip"):
         module.train(params, X, Y, 1, 0.1, clip=0)
+
+
+def test_a_softmax_sequence_output_has_bp1_and_per_step_probability_targets() -> None:
+    spec = load_spec({"name": "steps", "input": {"size": 2, "length": 3}, "layers": [
+        {"size": 3, "activation": "softmax"}], "loss": "cross_entropy"})
+    t, j = sp.symbols("t j", integer=True, positive=True)
+    delta = _formulas(spec.to_dict())["delta^1"]
+    a, y = NetTensor("a", 1, rank=2).indexed, NetTensor("y", rank=2).indexed
+    assert delta.rhs == a[t, j] - y[t, j] and delta.assumptions
+    instance = Instance(build_model(spec))
+    point = instance.random_point(random.Random(0))
+    targets = [symbol for symbol, tensor in instance.leaf_tensors if tensor.role == "y"]
+    assert len(set(targets)) == 9                    # one leaf per entry y_ti
+    for step in (1, 2, 3):
+        assert sum(point[s] for s in targets if instance.target_steps[s] == (step,)) == 1
+    assert verify(spec, points=3).ok
