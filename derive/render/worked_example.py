@@ -176,8 +176,10 @@ def example_inputs(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple],
 
 
 def reads_whole_sequences(spec: NetworkSpec) -> bool:
-    """Whether a layer of ``spec`` reads every step of a sequence at once (attention)."""
-    return any(isinstance(layer.op, str) and layer.op == "attention" for layer in spec.layers)
+    """Whether a layer of ``spec`` reads every step of a sequence at once: an equation over two
+    time axes (attention's scores s_{tτ})."""
+    return spec.sequence and any(list(eq.ranges).count(LENGTH) > 1
+                                 for eq in build_model(spec).equations)
 
 
 def small_copy(spec: NetworkSpec, steps: int = SMALL_STEPS, width: int = SMALL_WIDTH
