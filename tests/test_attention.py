@@ -260,3 +260,16 @@ def test_shapes_and_parameters_of_an_attention_layer() -> None:
     model = build_model(spec)
     assert {p.key for p in model.parameters if p.is_weight} >= {"Wq1", "Wk1", "Wv1"}
     assert not any(isinstance(f.vector, Causal) for f in derive(model).formulas)
+
+
+@pytest.mark.parametrize("layers", [
+    [{"op": "lstm", "size": 3}, {"op": "attention", "size": 2, "causal": True}],
+    [{"op": "attention", "size": 3}, {"op": "gru", "size": 2}],
+    [{"op": "rnn", "size": 2}, {"op": "attention", "size": 2}, {"op": "lstm", "size": 2,
+                                                                 "return": "last"}],
+])
+def test_attention_composes_with_recurrent_layers(layers: list[dict]) -> None:
+    # a loop's step-major arrays read by attention's whole-sequence products, and the reverse
+    spec = {"name": "mixed", "input": {"size": 2, "length": 4},
+            "layers": [*layers, {"size": 2}], "loss": "mse"}
+    _compare(spec, seed=7)

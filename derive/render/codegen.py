@@ -287,12 +287,13 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             out.append(Statement(name, assign.code, assign.comment))
             continue
         steps, reused = _in_place(assign.expr, dead)
-        printer.whole = _whole(assign.expr)
+        printer.whole = _whole(assign.expr)     # its right side only, not its target
         with printer.steps(views(assign.expr), layout=layout):
             for number, (op, expr) in enumerate(steps):
                 out.append(Statement(name, _signed(printer, op, expr),
                                      assign.comment if number == 0 else "",
                                      _op(op, expr)))
+        printer.whole = False
         if isinstance(assign.target, NetTensor):
             shares = reused if reused is not None else (
                 assign.expr if isinstance(assign.expr, NetTensor) else None)
