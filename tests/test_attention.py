@@ -213,7 +213,11 @@ def transformer_specs(draw: st.DrawFn) -> dict:
           suppress_health_check=[HealthCheck.too_slow])
 @given(spec=transformer_specs(), seed=st.integers(0, 1000))
 def test_random_transformer_blocks_match_pytorch(spec: dict, seed: int) -> None:
-    _compare(spec, seed)
+    # a layer norm over 1 or 2 features gives ±1 (or 0) whatever it reads: the gradients
+    # through it are about 1e-7 and central differences' relative error is noise; PyTorch's
+    # comparison is exact for them too
+    norm = any(layer.get("op") == "layer_norm" for layer in spec["layers"])
+    _compare(spec, seed, fd=not norm or spec["layers"][0]["size"] >= 3)
 
 
 def test_the_transformer_demo_learns_the_majority_token() -> None:

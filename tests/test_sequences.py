@@ -257,3 +257,12 @@ def test_a_softmax_sequence_output_has_bp1_and_per_step_probability_targets() ->
     for step in (1, 2, 3):
         assert sum(point[s] for s in targets if instance.target_steps[s] == (step,)) == 1
     assert verify(spec, points=3).ok
+
+
+def test_dropout_off_between_recurrent_steps_matches_pytorch() -> None:
+    # dropout off is an array of ones (1, T, 1), read by the recurrent layer's backward loop at
+    # each step t (it was (1, 1, 1): an IndexError past the first step)
+    spec = {"name": "dropped", "input": {"size": 1, "length": 3}, "layers": [
+        {"op": "rnn", "size": 2}, {"op": "dropout", "rate": 0.5},
+        {"size": 2, "activation": "sigmoid"}], "loss": "binary_cross_entropy"}
+    _compare(spec, seed=0)

@@ -645,9 +645,10 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     dropout = [{"mask": batch_name(NetTensor("mask", node.index, rank=len(node.dims))),
                 "size": ", ".join(map(str, node.dims)),
                 "keep": repr(1.0 - float(dict(node.options)["rate"])),
-                # dropout off: 1; on a sequence an array of ones, whose axes a loop's
-                # step-major statements can swap
-                "off": "1.0" if len(node.dims) != 2 else "np.ones((1, 1, 1), dtype=X.dtype)"}
+                # dropout off: 1; on a sequence an array of ones with every step (1, T, 1),
+                # whose axes a loop's step-major statements can swap and index at step t
+                "off": "1.0" if len(node.dims) != 2 else
+                f"np.ones((1, {node.dims[0]}, 1), dtype=X.dtype)"}
                for node in model.nodes if node.op.name == "dropout"]
 
     # backward pass: every formula after the loss gradient, in the derivation's order
