@@ -65,7 +65,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,9 +79,14 @@ from bench.train_step import (
     TUNED_MALLOC,
     blas_description,
     copy_params,
+    load_average,
     median_times,
+    ms,
+    ratio,
     reason,
+    thread_environment,
     timed_alone,
+    worker_payload,
     worst_error,
 )
 
@@ -116,14 +120,6 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def thread_environment(threads: int | None) -> dict[str, str]:
-    """Environment that sets the BLAS libraries' thread count (read when NumPy loads)."""
-    if threads is None:
-        return {}
-    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                             "MKL_NUM_THREADS")}
 
 
 def data(dtype: str, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -291,27 +287,10 @@ def run_worker(side: str, quick: bool, env: dict[str, str]) -> dict:
         command += ["--threads", str(THREADS)]
     if MODULE_FILE is not None:
         command += ["--module", str(MODULE_FILE)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env={**os.environ, **thread_environment(THREADS), **env})
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else "failed"}
-    return json.loads(result.stdout)
+    return worker_payload(command, {**thread_environment(THREADS), **env})
 
 
 # --- report -----------------------------------------------------------------------------------
-
-
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.2f}"
-
-
-def _ms(us: float | None) -> str:
-    return "-" if us is None else f"{us / 1000:.2f}"
-
-
-def _ratio(top: float | None, bottom: float | None) -> str:
-    return f"{top / bottom:.2f}x" if top and bottom else "-"
 
 
 def verdict(dtype: str, alone: float | None, torch_us: float | None) -> str:
@@ -328,8 +307,8 @@ def print_table(alone: dict, torch: dict) -> None:
     for row in alone.get("results", []):
         dtype, alone_us = row["dtype"], row["alone_us"]
         torch_us = torch_rows.get(dtype, {}).get("torch_us")
-        print(f"| {LABEL} | {dtype} | {_ms(alone_us)} | {_ms(torch_us)} "
-              f"| {_ratio(alone_us, torch_us)} | {TORCH_TARGET[dtype][1]}: "
+        print(f"| {LABEL} | {dtype} | {ms(alone_us)} | {ms(torch_us)} "
+              f"| {ratio(alone_us, torch_us)} | {TORCH_TARGET[dtype][1]}: "
               f"{verdict(dtype, alone_us, torch_us)} |")
 
 
@@ -354,7 +333,7 @@ def print_targets() -> None:
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if os.getloadavg()[0] > available_cpus() / 2 and (args.threads or 2) > 1:
-        print(f"(load average {_load()}: the machine is busy; two-thread BLAS and PyTorch "
+        print(f"(load average {load_average()}: the machine is busy; two-thread BLAS and PyTorch "
               "steps can then take many times longer; --threads 1 is steadier)")
     environments = [("default glibc malloc", {})]
     if not (args.quick or args.default_malloc_only):
@@ -364,7 +343,7 @@ def bench(args: argparse.Namespace) -> int:
     if MODULE_FILE is not None:
         print(f"generated module: {MODULE_FILE}")
     for label, env in environments:
-        load_before = _load()
+        load_before = load_average()
         torch = run_worker("torch", args.quick, env)       # first: it holds the autograd check
         if not print_check(torch):
             status = 1
@@ -376,7 +355,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"\n## {label}\n")
         print(f"NumPy {alone.get('numpy', np.__version__)}, BLAS: "
               f"{alone.get('blas', blas_description())}; {os.cpu_count()} CPUs; each side alone "
-              f"in its own process; load average before {load_before}, after {_load()}")
+              f"in its own process; load average before {load_before}, after {load_average()}")
         if "error" in torch:
             print(f"PyTorch eager: not measured ({torch['error']})")
         else:
@@ -449,7 +428,7 @@ def lines_report(quick: bool) -> int:
     text = source.splitlines()
     steps = 40 if quick else 200
     print(f"NumPy {np.__version__}, BLAS: {blas_description()}; {os.cpu_count()} CPUs; "
-          f"load average before {_load()}\n")
+          f"load average before {load_average()}\n")
     for dtype in DTYPES:
         params, X, Y = data(dtype)
         step = generated_step(module, params, X, Y)
@@ -474,7 +453,7 @@ def lines_report(quick: bool) -> int:
             by_function[name] = by_function.get(name, 0.0) + value
         print("\nby function: " + ", ".join(f"{name} {value:.0f} µs"
                                              for name, value in by_function.items()) + "\n")
-    print(f"(load average after {_load()})")
+    print(f"(load average after {load_average()})")
     return 0
 
 
@@ -616,7 +595,7 @@ def idiom_cases(dtype: str) -> dict[str, dict]:
 def idioms(quick: bool) -> int:
     budget = 0.4 if quick else 1.5
     print(f"NumPy {np.__version__}, BLAS: {blas_description()}; {os.cpu_count()} CPUs; "
-          f"load average before {_load()}\n")
+          f"load average before {load_average()}\n")
     for dtype in DTYPES:
         for title, variants in idiom_cases(dtype).items():
             want = next(iter(variants.values()))()
@@ -630,7 +609,7 @@ def idioms(quick: bool) -> int:
             for name, value in times.items():
                 print(f"| {name} | {value:.1f} | {value / chosen:.2f}x |")
             print()
-    print(f"(load average after {_load()})")
+    print(f"(load average after {load_average()})")
     return 0
 
 

@@ -52,7 +52,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,8 +68,12 @@ from bench.train_step import (
     blas_description,
     copy_params,
     interleaved,
+    load_average,
     median_times,
+    ratio,
+    thread_environment,
     timed_alone,
+    worker_payload,
     worst_error,
 )
 
@@ -107,14 +110,6 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def thread_environment(threads: int | None) -> dict[str, str]:
-    """Environment that sets the BLAS libraries' thread count (read when NumPy loads)."""
-    if threads is None:
-        return {}
-    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                             "MKL_NUM_THREADS")}
 
 
 def generated_path(name: str) -> Path:
@@ -288,29 +283,16 @@ def run_worker(side: str, quick: bool, env: dict[str, str]) -> dict:
                str(GENERATED_DIR)] + (["--quick"] if quick else [])
     if THREADS is not None:
         command += ["--threads", str(THREADS)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env={**os.environ, **thread_environment(THREADS), **env})
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else "failed"}
-    return json.loads(result.stdout)
+    return worker_payload(command, {**thread_environment(THREADS), **env})
 
 
 # --- report -----------------------------------------------------------------------------------
-
-
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.2f}"
 
 
 def _us(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
-
-
-def _ratio(top: float | None, bottom: float | None) -> str:
-    return f"{top / bottom:.2f}x" if top and bottom else "-"
 
 
 def verdict(name: str, gen: float | None, alone: float | None, hand: float,
@@ -340,8 +322,8 @@ def print_table(numpy: dict, alone: dict, torch: dict) -> None:
         alone_us = alone_rows.get(key, {}).get("alone_us")
         torch_us = torch_rows.get(key, {}).get("torch_us")
         print(f"| {LABELS[row['config']]} | {row['dtype']} | {_us(gen)} | {_us(hand)} "
-              f"| {_ratio(gen, hand)} | {_us(alone_us)} | {_us(torch_us)} "
-              f"| {_ratio(alone_us, torch_us)} | {_ratio(hand, torch_us)} "
+              f"| {ratio(gen, hand)} | {_us(alone_us)} | {_us(torch_us)} "
+              f"| {ratio(alone_us, torch_us)} | {ratio(hand, torch_us)} "
               f"| {verdict(row['config'], gen, alone_us, hand, torch_us)} |")
 
 
@@ -382,7 +364,7 @@ def print_targets() -> None:
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if os.getloadavg()[0] > available_cpus() / 2 and (args.threads or 2) > 1:
-        print(f"(load average {_load()}: the machine is busy; two-thread BLAS and PyTorch "
+        print(f"(load average {load_average()}: the machine is busy; two-thread BLAS and PyTorch "
               "steps can then take many times longer; --threads 1 is steadier)")
     environments = [("default glibc malloc", {})]
     if not (args.quick or args.default_malloc_only):
@@ -390,7 +372,7 @@ def bench(args: argparse.Namespace) -> int:
             f"{key}={value}" for key, value in TUNED_MALLOC.items()), TUNED_MALLOC))
     report = []
     for label, env in environments:
-        load_before = _load()
+        load_before = load_average()
         torch = run_worker("torch", args.quick, env)       # first: it holds the autograd check
         numpy = run_worker("numpy", args.quick, env)
         if "error" in numpy:
@@ -404,7 +386,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"\n## {label}\n")
         print(f"NumPy {numpy['numpy']}, BLAS: {numpy['blas']}; {os.cpu_count()} CPUs; the "
               f"NumPy steps interleaved in one process; load average before {load_before}, "
-              f"after {_load()}")
+              f"after {load_average()}")
         if "error" in torch:
             print(f"PyTorch eager: not measured ({torch['error']})")
         else:
@@ -624,7 +606,7 @@ def im2col_variants(C: int, H: int, k: int, B: int, dtype: str) -> dict:
 def idioms(quick: bool) -> int:
     budget = 0.6 if quick else 2.5
     print(f"NumPy {np.__version__}, BLAS: {blas_description()}; {os.cpu_count()} CPUs; "
-          f"load average before {_load()}\n")
+          f"load average before {load_average()}\n")
     print("## im2col: the copy into the im2col matrix, by activation layout (medians, µs)\n")
     cases = {"lenet conv 1 (1 channel, 32x32 padded, 5x5, batch 64)": (1, 32, 5, 64),
              "lenet conv 2 (6 channels, 14x14, 5x5, batch 64)": (6, 14, 5, 64)}
@@ -676,7 +658,7 @@ def idioms(quick: bool) -> int:
                 print(f"| {name} | {forwards[name]:.1f} | {backwards[name]:.1f} | {total:.1f} "
                       f"| {total / chosen:.2f}x |")
             print()
-    print(f"(load average after {_load()})")
+    print(f"(load average after {load_average()})")
     return 0
 
 

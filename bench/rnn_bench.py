@@ -66,7 +66,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,9 +82,14 @@ from bench.train_step import (
     blas_description,
     copy_params,
     interleaved,
+    load_average,
     median_times,
+    ms,
+    ratio,
     reason,
+    thread_environment,
     timed_alone,
+    worker_payload,
     worst_error,
 )
 
@@ -110,14 +114,6 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def thread_environment(threads: int | None) -> dict[str, str]:
-    """Environment that sets the BLAS libraries' thread count (read when NumPy loads)."""
-    if threads is None:
-        return {}
-    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                             "MKL_NUM_THREADS")}
 
 
 def spec_dict(name: str) -> dict:
@@ -320,27 +316,10 @@ def run_worker(side: str, quick: bool, env: dict[str, str],
     if THREADS is not None:
         command += ["--threads", str(THREADS)]
     command += extra or []
-    result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env={**os.environ, **thread_environment(THREADS), **env})
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else "failed"}
-    return json.loads(result.stdout)
+    return worker_payload(command, {**thread_environment(THREADS), **env})
 
 
 # --- report -----------------------------------------------------------------------------------
-
-
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.2f}"
-
-
-def _ms(us: float | None) -> str:
-    return "-" if us is None else f"{us / 1000:.2f}"
-
-
-def _ratio(top: float | None, bottom: float | None) -> str:
-    return f"{top / bottom:.2f}x" if top and bottom else "-"
 
 
 def print_table(numpy: dict, alone: dict, torch: dict) -> None:
@@ -357,9 +336,9 @@ def print_table(numpy: dict, alone: dict, torch: dict) -> None:
         gen, hand = row["generated_us"], row["handwritten_us"]
         alone_us = alone_rows.get(key, {}).get("alone_us")
         torch_us = torch_rows.get(key, {}).get("torch_us")
-        print(f"| {LABELS[row['config']]} | {row['dtype']} | {_ms(gen)} | {_ms(hand)} "
-              f"| {_ratio(gen, hand)} | {_ms(alone_us)} | {_ms(torch_us)} "
-              f"| {_ratio(alone_us, torch_us)} | {_ratio(hand, torch_us)} |")
+        print(f"| {LABELS[row['config']]} | {row['dtype']} | {ms(gen)} | {ms(hand)} "
+              f"| {ratio(gen, hand)} | {ms(alone_us)} | {ms(torch_us)} "
+              f"| {ratio(alone_us, torch_us)} | {ratio(hand, torch_us)} |")
 
 
 def print_checks(numpy: dict, torch: dict) -> tuple[bool, bool]:
@@ -386,7 +365,7 @@ def print_checks(numpy: dict, torch: dict) -> tuple[bool, bool]:
 def bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if os.getloadavg()[0] > available_cpus() / 2 and (args.threads or 2) > 1:
-        print(f"(load average {_load()}: the machine is busy; two-thread BLAS and PyTorch "
+        print(f"(load average {load_average()}: the machine is busy; two-thread BLAS and PyTorch "
               "steps can then take many times longer; --threads 1 is steadier)")
     environments = [("default glibc malloc", {})]
     if not (args.quick or args.default_malloc_only):
@@ -394,7 +373,7 @@ def bench(args: argparse.Namespace) -> int:
             f"{key}={value}" for key, value in TUNED_MALLOC.items()), TUNED_MALLOC))
     report, status = [], 0
     for label, env in environments:
-        load_before = _load()
+        load_before = load_average()
         torch = run_worker("torch", args.quick, env)       # first: it holds the autograd check
         numpy = run_worker("numpy", args.quick, env)
         if "error" in numpy:
@@ -414,7 +393,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"\n## {label}\n")
         print(f"NumPy {numpy['numpy']}, BLAS: {numpy['blas']}; {os.cpu_count()} CPUs; the "
               f"NumPy steps interleaved in one process; load average before {load_before}, "
-              f"after {_load()}")
+              f"after {load_average()}")
         if "error" in torch:
             print(f"PyTorch eager: not measured ({torch['error']})")
         else:
@@ -542,7 +521,7 @@ def lstm_forward_variants(dtype: str) -> dict:
 def idioms(quick: bool) -> int:
     budget = 0.5 if quick else 2.0
     print(f"NumPy {np.__version__}, BLAS: {blas_description()}; {os.cpu_count()} CPUs; "
-          f"load average before {_load()}\n")
+          f"load average before {load_average()}\n")
     print("## tanh and sigmoid of one time step's block (medians, µs)\n")
     for rows in (HIDDEN, 4 * HIDDEN):
         for dtype in DTYPES:
@@ -566,7 +545,7 @@ def idioms(quick: bool) -> int:
         for name, value in times.items():
             print(f"| {name} | {value:.0f} | {value / chosen:.2f}x |")
         print()
-    print(f"(load average after {_load()})")
+    print(f"(load average after {load_average()})")
     return 0
 
 

@@ -312,15 +312,42 @@ def torch_worker(quick: bool) -> None:
     print(json.dumps({"results": results, "info": info}))
 
 
-def run_worker(side: str, quick: bool, env: dict[str, str]) -> dict:
-    """Run one side in a fresh process (with extra environment ``env``); its JSON payload."""
-    command = [sys.executable, __file__, "--worker", side] + (["--quick"] if quick else [])
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """Environment that sets the BLAS libraries' thread count (read when NumPy loads)."""
+    if threads is None:
+        return {}
+    return {name: str(threads) for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                             "MKL_NUM_THREADS")}
+
+
+def worker_payload(command: list[str], env: dict[str, str]) -> dict:
+    """Run a bench's worker ``command`` in a fresh process with the extra environment
+    ``env``: the JSON payload it prints, or {"error": its last line of stderr}."""
     result = subprocess.run(command, capture_output=True, text=True, check=False,
                             env={**os.environ, **env})
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else "failed"}
     return json.loads(result.stdout)
+
+
+def load_average() -> str:
+    """The 1-minute load average (about 0 on an idle machine, about 2 while a bench runs)."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+def ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:.2f}"
+
+
+def ratio(top: float | None, bottom: float | None) -> str:
+    return f"{top / bottom:.2f}x" if top and bottom else "-"
+
+
+def run_worker(side: str, quick: bool, env: dict[str, str]) -> dict:
+    """Run one side in a fresh process (with extra environment ``env``); its JSON payload."""
+    command = [sys.executable, __file__, "--worker", side] + (["--quick"] if quick else [])
+    return worker_payload(command, env)
 
 
 # --- which BLAS, how many threads -----------------------------------------------------------
@@ -398,11 +425,6 @@ def print_table(numpy_payload: dict, alone_payload: dict, torch_payload: dict) -
               f"| {ref:.1f} | {gen / ref:.3f}x | {alone_text} | {torch_text} | {ratio} |")
 
 
-def _load() -> str:
-    """The 1-minute load average (about 0 on an idle machine, about 2 while this bench runs)."""
-    return f"{os.getloadavg()[0]:.2f}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -429,7 +451,7 @@ def main() -> int:
             f"{key}={value}" for key, value in TUNED_MALLOC.items()), TUNED_MALLOC))
     report = []
     for label, env in environments:
-        load_before = _load()
+        load_before = load_average()
         numpy_payload = run_worker("numpy", args.quick, env)
         alone_payload = run_worker("alone", args.quick, env)
         torch_payload = run_worker("torch", args.quick, env)
@@ -439,7 +461,7 @@ def main() -> int:
         print(f"## {label}\n")
         print(f"NumPy {numpy_payload['numpy']}, BLAS: {numpy_payload['blas']}; "
               f"{os.cpu_count()} CPUs; the three NumPy steps interleaved in one process; "
-              f"load average before {load_before}, after {_load()}")
+              f"load average before {load_before}, after {load_average()}")
         if "error" in torch_payload:
             print(f"PyTorch eager: not measured ({torch_payload['error']})")
         else:
