@@ -57,10 +57,14 @@ ADAM_EPS = 1e-8
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
-    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+    """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
+    exp(-x) overflows to inf only where the value is below the smallest normal number (x
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
+    warning is off for that one call)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-x)
+    e += 1
+    return 1 / e
 
 
 def _softmax_logsumexp(x):
@@ -99,19 +103,21 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A2, cache). The cache keeps only what backward and the loss read:
-    X (backward), S1_1 (backward), S2_1 (backward), A1 (backward), Z2 (loss), A2 (backward),
-    LSE2 (loss)."""
+    X (backward), tanh_S1_1 (backward), sigmoid_S2_1 (backward), A1 (backward), Z2 (loss), A2
+    (backward), LSE2 (loss)."""
     U1, V1, c1 = params["U1"], params["V1"], params["c1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=U1.dtype)
     _check_input(X)
     S1_1 = X @ U1.T
     S2_1 = X @ V1.T
-    A1 = c1 + _sigmoid(S2_1)*np.tanh(S1_1)
+    sigmoid_S2_1 = _sigmoid(S2_1)
+    tanh_S1_1 = np.tanh(S1_1)
+    A1 = c1 + sigmoid_S2_1*tanh_S1_1
     Z2 = A1 @ W2.T
     Z2 += b2
     A2, LSE2 = _softmax_logsumexp(Z2)
-    cache = {"X": X, "S1_1": S1_1, "S2_1": S2_1, "A1": A1, "Z2": Z2, "A2": A2, "LSE2": LSE2}
+    cache = {"X": X, "tanh_S1_1": tanh_S1_1, "sigmoid_S2_1": sigmoid_S2_1, "A1": A1, "Z2": Z2, "A2": A2, "LSE2": LSE2}
     return A2, cache
 
 
@@ -138,7 +144,7 @@ def backward(params, cache, Y):
     BP2 is linear, so the sums over rows in BP3 and BP4 are the batch means of the gradients.
     """
     W2 = params["W2"]
-    X, S1_1, S2_1, A1, A2 = cache["X"], cache["S1_1"], cache["S2_1"], cache["A1"], cache["A2"]
+    X, tanh_S1_1, sigmoid_S2_1, A1, A2 = cache["X"], cache["tanh_S1_1"], cache["sigmoid_S2_1"], cache["A1"], cache["A2"]
     B = Y.shape[0]
     # BP1: δ² = a² - y, each row divided by B
     delta2 = (A2 - Y)/B
@@ -148,12 +154,8 @@ def backward(params, cache, Y):
     db2 = delta2.sum(axis=0)
     # δ¹ = (W²)ᵀ δ²
     delta1 = delta2 @ W2
-    # sigmoid(s2¹), used more than once
-    sigmoid_S2_1 = _sigmoid(S2_1)
-    # tanh(s1¹), used more than once
-    tanh_S1_1 = np.tanh(S1_1)
     # ∂C/∂s2¹ = -δ¹ ⊙ sigmoid(s2¹)² ⊙ tanh(s1¹) + δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)
-    dC_dS2_1 = delta1*sigmoid_S2_1*tanh_S1_1 - delta1*sigmoid_S2_1**2*tanh_S1_1
+    dC_dS2_1 = delta1*sigmoid_S2_1*tanh_S1_1 - delta1*tanh_S1_1*sigmoid_S2_1**2
     # ∂C/∂s1¹ = -δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)² + δ¹ ⊙ sigmoid(s2¹)
     dC_dS1_1 = delta1*sigmoid_S2_1 - delta1*sigmoid_S2_1*tanh_S1_1**2
     # ∂C/∂U¹ = ∇_s1¹ C (a⁰)ᵀ, summed over the rows

@@ -61,10 +61,14 @@ ADAM_EPS = 1e-8
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
-    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+    """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
+    exp(-x) overflows to inf only where the value is below the smallest normal number (x
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
+    warning is off for that one call)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-x)
+    e += 1
+    return 1 / e
 
 
 def _check_input(X):

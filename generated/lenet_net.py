@@ -142,7 +142,8 @@ def _correlate_input(delta, w, shape, stride, padding):
     out = np.zeros((batch, channels, shape[0] + 2 * ph, shape[1] + 2 * pw), dtype=delta.dtype)
     for p in range(kh):
         for q in range(kw):
-            out[:, :, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw] +=                 parts[:, :, p, q]
+            at = out[:, :, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw]
+            at += parts[:, :, p, q]
     return out[:, :, ph:ph + shape[0], pw:pw + shape[1]]
 
 

@@ -61,10 +61,14 @@ ADAM_EPS = 1e-8
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
-    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+    """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
+    exp(-x) overflows to inf only where the value is below the smallest normal number (x
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
+    warning is off for that one call)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-x)
+    e += 1
+    return 1 / e
 
 
 def _dot_rows(x, w):
@@ -110,7 +114,8 @@ def init_params(seed=0, dtype=np.float64):
 def forward(params, X):
     """The forward pass: (output A2, cache). The cache keeps only what backward and the loss read:
     X (backward), H1_steps (backward), I1_steps (backward), F1_steps (backward), G1_steps
-    (backward), O1_steps (backward), C1_steps (backward), A1 (backward), A2 (backward and loss)."""
+    (backward), O1_steps (backward), C1_steps (backward), tanh_C1_steps (backward), A1
+    (backward), A2 (backward and loss)."""
     Wx1, Wh1, b1 = params["Wx1"], params["Wh1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
@@ -122,6 +127,7 @@ def forward(params, X):
     G1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     O1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
+    tanh_C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     H1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     for t in range(20):
         Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
@@ -130,12 +136,14 @@ def forward(params, X):
         G1_steps[t] = np.tanh(Z1[..., 64:96])
         O1_steps[t] = _sigmoid(Z1[..., 96:128])
         C1_steps[t] = G1_steps[t]*I1_steps[t] + (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0)
-        H1_steps[t] = O1_steps[t]*np.tanh(C1_steps[t])
+        # tanh(c¹ₜ), kept for the backward pass
+        tanh_C1_steps[t] = np.tanh(C1_steps[t])
+        H1_steps[t] = tanh_C1_steps[t]*O1_steps[t]
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
     Z2 += b2
     A2 = Z2
-    cache = {"X": X, "H1_steps": H1_steps, "I1_steps": I1_steps, "F1_steps": F1_steps, "G1_steps": G1_steps, "O1_steps": O1_steps, "C1_steps": C1_steps, "A1": A1, "A2": A2}
+    cache = {"X": X, "H1_steps": H1_steps, "I1_steps": I1_steps, "F1_steps": F1_steps, "G1_steps": G1_steps, "O1_steps": O1_steps, "C1_steps": C1_steps, "tanh_C1_steps": tanh_C1_steps, "A1": A1, "A2": A2}
     return A2, cache
 
 
@@ -162,7 +170,7 @@ def backward(params, cache, Y):
     """
     Wh1 = params["Wh1"]
     W2 = params["W2"]
-    X, H1_steps, I1_steps, F1_steps, G1_steps, O1_steps, C1_steps, A1, A2 = cache["X"], cache["H1_steps"], cache["I1_steps"], cache["F1_steps"], cache["G1_steps"], cache["O1_steps"], cache["C1_steps"], cache["A1"], cache["A2"]
+    X, H1_steps, I1_steps, F1_steps, G1_steps, O1_steps, C1_steps, tanh_C1_steps, A1, A2 = cache["X"], cache["H1_steps"], cache["I1_steps"], cache["F1_steps"], cache["G1_steps"], cache["O1_steps"], cache["C1_steps"], cache["tanh_C1_steps"], cache["A1"], cache["A2"]
     B = Y.shape[0]
     # BP1: δ² = a² - y, each row divided by B
     delta2_steps = (A2 - Y)/B
@@ -170,8 +178,6 @@ def backward(params, cache, Y):
     dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2_steps.sum(axis=0)
-    # tanh(c¹ₜ), used more than once
-    tanh_C1_steps = np.tanh(C1_steps)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     dC_dC1_steps = np.empty((20, B, 32), dtype=Y.dtype)
     delta1_steps = np.empty((20, B, 128), dtype=Y.dtype)

@@ -132,6 +132,33 @@ def test_bp2_multiplies_the_matrix_product_in_place(name):
             assert body[i + 2].startswith(f"    {target} *= "), body[i + 2]
 
 
+#: A costly elementwise call in generated code and its argument (a step view read whole).
+COSTLY_CALL = re.compile(r"(np\.tanh|np\.exp|np\.log|np\.sinh|np\.cosh|_sigmoid|_softplus|_erf)"
+                         r"\(([^()]*)\)")
+
+
+def _costly_calls(body: str) -> set[tuple[str, str]]:
+    return {(name, re.sub(r"\[t( [-+] \d+)?\]", "", argument))
+            for name, argument in COSTLY_CALL.findall(body)}
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_backward_computes_no_costly_call_the_forward_made(name):
+    # tanh(c_t) of an LSTM, tanh(softplus(z)) of mish: computed once, in the forward pass, and
+    # read from the cache
+    text = source(name)
+    forward = text.split("def forward(")[1].split("\ndef ")[0]
+    backward = text.split("def backward(")[1].split("\ndef ")[0]
+    assert not _costly_calls(forward) & _costly_calls(backward)
+
+
+def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
+    text = source("lstm_adding")
+    backward = text.split("def backward(")[1].split("\ndef ")[0]
+    assert "tanh_C1_steps" in _cache_keys("lstm_adding") and "np.tanh" not in backward
+    assert "tanh_softplus_Z1" in _cache_keys("custom_mish")
+
+
 def test_cache_holds_z_where_sigma_prime_needs_it():
     # relu' is written in z; the stable binary cross-entropy reads z^2
     assert _cache_keys("bce") == ["X", "Z1", "A1", "Z2", "A2"]

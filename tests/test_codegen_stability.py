@@ -19,6 +19,7 @@ import sympy as sp
 from derive.derivation.reverse import derive
 from derive.graph.model import build_model
 from derive.render.codegen import load_module, render_module
+from derive.render.numpy_printer import HELPERS
 from derive.spec.load import load_spec
 
 torch = pytest.importorskip("torch", reason="PyTorch is the optional autograd peer "
@@ -144,3 +145,20 @@ def test_a_function_without_a_safe_form_is_reported_in_a_warning_and_a_comment(c
     assert line.startswith("derive: warning: no overflow-free form found for a¹")
     assert "z¹ = " in line
     assert "# Numerical stability: no overflow-free form found for a¹" in source
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_sigmoid_helper_keeps_full_relative_precision_and_raises_no_warning(dtype):
+    # 1 / (1 + exp(-x)): exp(-x) overflows only below the smallest normal result
+    namespace: dict = {"np": np}
+    exec(HELPERS["_sigmoid"], namespace)  # noqa: S102 - the helper's own source
+    tiny = np.finfo(dtype).tiny
+    x = np.array([-800, -745, -700, -100, -87, -30, -1, -1e-8, 0, 1e-8, 1, 30, 40, 800],
+                 dtype=dtype)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        got = namespace["_sigmoid"](x)
+    assert got.dtype == dtype
+    want = np.array([float(1 / (1 + mpmath.exp(-mpmath.mpf(float(v))))) for v in x])
+    normal = want >= tiny
+    np.testing.assert_allclose(got[normal], want[normal], rtol=4 * np.finfo(dtype).eps)
+    assert (np.abs(got[~normal]) <= tiny).all()

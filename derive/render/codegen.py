@@ -26,6 +26,7 @@ from derive.derivation.stepform import Concat, MatProd, SumSteps
 from derive.derivation.tensorform import Broadcast, MatVec, Outer, equation_tensor, to_vector
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
+from derive.registry.functions import SCALAR_FUNCTIONS
 from derive.registry.ops import Equation
 from derive.render.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum, batch_name
 from derive.render.pretty import pretty
@@ -202,6 +203,16 @@ class _Assign:
     code: str | None = None         # already printed (a helper returning two arrays)
 
 
+def _call_name(e: sp.Expr) -> str | None:
+    """The name of an array holding a chain of one-argument calls on one quantity
+    (tanh(softplus(z¹)): tanh_softplus_Z1); None for any other expression."""
+    chain, inner = [], e
+    while isinstance(inner, sp.Function) and len(inner.args) == 1:
+        chain.append(type(inner).__name__)
+        inner = inner.args[0]
+    return "_".join([*chain, batch_name(inner)]) if isinstance(inner, NetTensor) else None
+
+
 def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_Assign]:
     """The assignments with every elementwise function call that they make more than once
     (tanh(S1) in the derivative of a custom op: 1 - tanh(S1)², tanh(S1)·sigmoid(S2)) computed
@@ -221,14 +232,8 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
         return assigns
 
     def name(e: sp.Expr, number: int) -> sp.Symbol:
-        chain, inner = [], e
-        while isinstance(inner, sp.Function) and len(inner.args) == 1:
-            chain.append(type(inner).__name__)
-            inner = inner.args[0]
-        if isinstance(inner, NetTensor):      # tanh(softplus(z¹)): tanh_softplus_Z1
-            text = "_".join([*chain, batch_name(inner)])
-        else:
-            text = f"shared_{number}"         # never a parameter's key (letters, digits)
+        # never a parameter's key (letters, digits)
+        text = _call_name(e) or f"shared_{number}"
         if views(e):     # of a sequence: an array of every step, read at step t
             return NetTensor("hoisted", of=text, rank=2).at_step(0)
         return sp.Symbol(text)
@@ -246,6 +251,61 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
         out.append(assign if assign.code is not None else
                    _Assign(assign.target, assign.expr.xreplace(names), assign.comment))
     return out
+
+
+#: Functions whose value costs more to compute again than to keep in an array: the
+#: transcendental ones among those user expressions may call (not abs, max, min).
+_COSTLY = frozenset(f.build for f in SCALAR_FUNCTIONS.values()
+                    if isinstance(f.build, sp.FunctionClass)
+                    and f.build not in (sp.Abs, sp.Max, sp.Min))
+
+
+def _costly_calls(expr: sp.Expr) -> list[sp.Expr]:
+    """The calls of a costly function (_COSTLY) on forward quantities in ``expr``, in order;
+    a call that reads an adjoint is the backward pass's own."""
+    return [e for e in sp.preorder_traversal(expr) if type(e) in _COSTLY and e.has(NetTensor)
+            and not any(t.role in ("grad", "delta") for t in e.atoms(NetTensor))]
+
+
+def _kept_calls(forward: list[_Assign], backward: list[_Assign]
+                ) -> tuple[list[_Assign], list[_Assign], dict[NetTensor, NetTensor]]:
+    """(forward, backward, kept): a costly call that the forward pass makes inside a larger
+    expression and the backward pass reads again (tanh(c_t) of an LSTM's h_t = o_t ⊙
+    tanh(c_t), erf of a GELU's argument) computed once, into an array of its own that the
+    cache keeps, just before the forward statement that first reads it; kept: each such
+    array and the quantity it is computed from (whose shape it has)."""
+    wanted = {e for assign in backward if assign.code is None for e in _costly_calls(assign.expr)}
+    names: dict[sp.Expr, NetTensor] = {}
+    kept: dict[NetTensor, NetTensor] = {}
+    out: list[_Assign] = []
+    for assign in forward:
+        if assign.code is None:
+            # inner calls first, so that an outer one reads them: tanh(softplus(z)) after
+            # softplus(z)
+            calls = sorted((e for e in set(_costly_calls(assign.expr))
+                            if e in wanted and e not in names and e != assign.expr),
+                           key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
+            for e in calls:
+                inner = sorted(e.atoms(NetTensor), key=sp.default_sort_key)
+                steps = views(e)
+                text = _call_name(e) or "_".join(
+                    [type(e).__name__, *(batch_name(t) for t in inner if not t.is_parameter)])
+                while any(t.of == text for t in kept):
+                    text += "_"
+                rank = max(t.whole.rank for t in inner if not t.is_parameter)
+                tensor = NetTensor("hoisted", of=text, rank=rank)
+                kept[tensor] = next(t.whole for t in inner if not t.is_parameter)
+                out.append(_Assign(tensor, e.xreplace(names),
+                                   f"{pretty(e)}, kept for the backward pass"))
+                names[e] = tensor.at_step(0) if steps else tensor
+            out.append(_Assign(assign.target, assign.expr.xreplace(names), assign.comment))
+        else:
+            out.append(assign)
+    if not names:
+        return forward, backward, kept
+    return out, [assign if assign.code is not None else
+                 _Assign(assign.target, assign.expr.xreplace(names), assign.comment)
+                 for assign in backward], kept
 
 
 def _statements(assigns: list[_Assign], keep: set[NetTensor],
@@ -560,11 +620,14 @@ def _feature_width(model: Model, tensor: NetTensor) -> int:
 
 
 def _timed(assigns: list[_Assign], model: Model, forward: bool,
-           keep: set[NetTensor] = frozenset()) -> list:
+           keep: set[NetTensor] = frozenset(),
+           kept: dict[NetTensor, NetTensor] | None = None) -> list:
     """The assignments, with those that need a loop over time steps in one
     (:mod:`derive.render.timeloops`); what a loop reads from outside it is hoisted before it,
     for every step at once. A loop quantity that nothing reads at another step, after the
-    loop or in ``keep`` (the cache) is one step's array, not a (T, B, n) one."""
+    loop or in ``keep`` (the cache) is one step's array, not a (T, B, n) one. ``kept``: the
+    arrays of _kept_calls, each with the quantity whose shape it has."""
+    kept = kept or {}
     out: list = []
     items = loops(assigns)
     for number, item in enumerate(items):
@@ -588,8 +651,9 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
                                    "for every step at once"))
             body.append(_Assign(assign.target, guarded(expr), assign.comment))
         length = model.spec.length
-        kept = tuple(t for t in targets if t not in local)
-        out.append(_LoopCode(kept, tuple((length, _feature_width(model, t)) for t in kept),
+        arrays = tuple(t for t in targets if t not in local)
+        out.append(_LoopCode(arrays, tuple((length, _feature_width(model, kept.get(t, t)))
+                                           for t in arrays),
                              tuple(body), item.forward, length,
                              "X.shape[0]" if forward else "B", "X.dtype" if forward else "Y.dtype",
                              batch_major=frozenset({model.output.output}), local=local))
@@ -710,15 +774,17 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         nbytes = math.prod(parameter.shape) * 8
         updates.append({"key": parameter.key, "blocked": nbytes > UPDATE_BLOCK_BYTES})
 
-    # cache only what backward and the loss read
+    forward_assigns, backward_assigns, kept = _kept_calls(forward_assigns, backward_assigns)
+    # cache only what backward and the loss read (a kept call's array after its quantity)
     backward_exprs = [assign.expr for assign in backward_assigns]
     quantities = {t: n for n, t in enumerate(_forward_quantities(model, shared))}
+    quantities.update({t: quantities[source] + 0.5 for t, source in kept.items()})
     backward_reads = _reads(backward_exprs, quantities)
     loss_reads = _reads([loss_expr], quantities)
     needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
     batch_only = frozenset({model.output.output, *loss_reads})    # the loss reads (B, T, n)
-    forward = _statements(_timed(forward_assigns, model, True, {*needed, model.output.output}),
-                          {*needed, model.output.output}, printer, batch_only)
+    forward = _statements(_timed(forward_assigns, model, True, {*needed, model.output.output},
+                                 kept), {*needed, model.output.output}, printer, batch_only)
     cache = [printer.name(t) for t in needed]
     backward = _statements(_timed(_shared_calls(backward_assigns, printer), model, False), set(),
                            printer, batch_only)

@@ -62,10 +62,14 @@ BATCH = sp.Symbol("B", positive=True, integer=True)
 HELPERS: dict[str, str] = {
     "_sigmoid": '''\
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), from e = exp(-|x|) <= 1: 1 / (1 + e) for
-    x >= 0, e / (1 + e) below. No overflow, and full relative precision far below 0 too."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+    """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
+    exp(-x) overflows to inf only where the value is below the smallest normal number (x
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
+    warning is off for that one call)."""
+    with np.errstate(over="ignore"):
+        e = np.exp(-x)
+    e += 1
+    return 1 / e
 ''',
     "_sum_squares": '''\
 def _sum_squares(x, count):
@@ -241,8 +245,8 @@ def _correlate_input(delta, w, shape, stride, padding):
     out = np.zeros((batch, channels, shape[0] + 2 * ph, shape[1] + 2 * pw), dtype=delta.dtype)
     for p in range(kh):
         for q in range(kw):
-            out[:, :, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw] += \
-                parts[:, :, p, q]
+            at = out[:, :, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw]
+            at += parts[:, :, p, q]
     return out[:, :, ph:ph + shape[0], pw:pw + shape[1]]
 ''',
     "_window_sum": '''\
