@@ -79,7 +79,7 @@ def _window_max(x, kernel, stride):
 
 def _im2col(x, kernel, stride, padding):
     """The windows of feature maps x (B, C, H, W), zero-padded, copied into one array
-    (B, C * kh * kw, H' * W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
+    (B, C * kh * kw, H', W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
     (p, q) of every window, one contiguous copy per offset (the layout of a batched matrix
     product)."""
     if padding != (0, 0):
@@ -95,36 +95,34 @@ def _im2col(x, kernel, stride, padding):
         for q in range(kernel[1]):
             out[:, :, p, q] = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
                                 q:q + stride[1] * (cols - 1) + 1:stride[1]]
-    return out.reshape(x.shape[0], -1, rows * cols), (rows, cols)
+    return out.reshape(x.shape[0], -1, rows, cols)
 
 
-def _correlate(w, x, stride, padding):
-    """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) of x at each output
-    position: kernels w (J, C, kh, kw) on feature maps x (B, C, H, W), one matrix product per
-    sample on the windows of _im2col; (B, J, H', W')."""
-    cols, shape = _im2col(x, w.shape[2:], stride, padding)
-    return np.matmul(w.reshape(len(w), -1), cols).reshape(len(x), len(w), *shape)
+def _correlate(w, cols):
+    """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) at each output
+    position: kernels w (J, C, kh, kw) on the windows cols (B, C * kh * kw, H', W') of
+    _im2col, one matrix product per sample; (B, J, H', W')."""
+    rows = cols.reshape(*cols.shape[:2], -1)
+    return np.matmul(w.reshape(len(w), -1), rows).reshape(len(cols), len(w), *cols.shape[2:])
 
 
-def _correlate_kernel(delta, x, kernel, stride, padding):
+def _correlate_kernel(delta, cols, kernel):
     """Σ over the samples and output positions of delta[b, j, r, s] times the window entry
-    (k, p, q) of x at (r, s): a kernel's gradient (J, C, kh, kw), one matrix product per
-    sample on the windows of _im2col, summed."""
-    cols, _ = _im2col(x, kernel, stride, padding)
-    product = np.matmul(delta.reshape(*delta.shape[:2], -1), cols.transpose(0, 2, 1))
-    return product.sum(axis=0).reshape(delta.shape[1], x.shape[1], *kernel)
+    (k, p, q) at (r, s) of the windows cols (B, C * kh * kw, H', W') of _im2col: a kernel's
+    gradient (J, C, kh, kw), one matrix product per sample, summed."""
+    rows = cols.reshape(*cols.shape[:2], -1)
+    product = np.matmul(delta.reshape(*delta.shape[:2], -1), rows.transpose(0, 2, 1))
+    return product.sum(axis=0).reshape(delta.shape[1], -1, *kernel)
 
 
-def _max_unpool(delta, x, kernel, stride):
+def _max_unpool(delta, x, largest, kernel, stride):
     """The fold of delta times each window's first-maximum indicator: delta (B, C, H', W')
-    added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere."""
+    added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere;
+    largest: the maximum of each window (_window_max, kept by the forward pass)."""
     rows, cols = delta.shape[2:]
     parts = [(p, q, x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
                       q:q + stride[1] * (cols - 1) + 1:stride[1]])
              for p in range(kernel[0]) for q in range(kernel[1])]
-    largest = parts[0][2].copy()
-    for _, _, part in parts[1:]:
-        np.maximum(largest, part, out=largest)
     out = np.zeros(x.shape, dtype=delta.dtype)
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
     open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
@@ -169,20 +167,21 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A4, cache). The cache keeps only what backward and the loss read:
-    X (backward), Z1 (backward), A1 (backward), A3 (backward), Z4 (loss), A4 (backward), LSE4
-    (loss)."""
+    windows_X (backward), Z1 (backward), A1 (backward), A2 (backward), A3 (backward), Z4 (loss),
+    A4 (backward), LSE4 (loss)."""
     W1, b1 = params["W1"], params["b1"]
     W4, b4 = params["W4"], params["b4"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
-    Z1 = b1[:, None, None] + _correlate(W1, X, (1, 1), (1, 1))
+    windows_X = _im2col(X, (3, 3), (1, 1), (1, 1))
+    Z1 = b1[:, None, None] + _correlate(W1, windows_X)
     A1 = np.maximum(Z1, 0)
     A2 = _window_max(A1, (2, 2), (2, 2))
     A3 = A2.reshape(len(A2), -1)
     Z4 = A3 @ W4.T
     Z4 += b4
     A4, LSE4 = _softmax_logsumexp(Z4)
-    cache = {"X": X, "Z1": Z1, "A1": A1, "A3": A3, "Z4": Z4, "A4": A4, "LSE4": LSE4}
+    cache = {"windows_X": windows_X, "Z1": Z1, "A1": A1, "A2": A2, "A3": A3, "Z4": Z4, "A4": A4, "LSE4": LSE4}
     return A4, cache
 
 
@@ -209,7 +208,7 @@ def backward(params, cache, Y):
     BP2 is linear, so the sums over rows in BP3 and BP4 are the batch means of the gradients.
     """
     W4 = params["W4"]
-    X, Z1, A1, A3, A4 = cache["X"], cache["Z1"], cache["A1"], cache["A3"], cache["A4"]
+    windows_X, Z1, A1, A2, A3, A4 = cache["windows_X"], cache["Z1"], cache["A1"], cache["A2"], cache["A3"], cache["A4"]
     B = Y.shape[0]
     # BP1: δ⁴ = a⁴ - y, each row divided by B
     delta4 = (A4 - Y)/B
@@ -222,9 +221,9 @@ def backward(params, cache, Y):
     # δ² = vec⁻¹(δ³)
     delta2 = delta3.reshape(len(delta3), -1, 4, 4)
     # δ¹ = [z¹ > 0] ⊙ win[2×2, S=2]ᵀ(δ² ⊙ 𝟙max(win[2×2, S=2](a¹)))
-    delta1 = (Z1 > 0)*_max_unpool(delta2, A1, (2, 2), (2, 2))
+    delta1 = (Z1 > 0)*_max_unpool(delta2, A1, A2, (2, 2), (2, 2))
     # ∂C/∂W¹ = a⁰ ⋆[P=1] δ¹, summed over the rows
-    dW1 = _correlate_kernel(delta1, X, (3, 3), (1, 1), (1, 1))
+    dW1 = _correlate_kernel(delta1, windows_X, (3, 3))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows
     db1 = np.einsum('bjki->j', delta1)
     return {"W1": dW1, "b1": db1, "W4": dW4, "b4": db4}

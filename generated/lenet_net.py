@@ -93,7 +93,7 @@ def _fold(cols, shape, stride, padding, kernel):
 
 def _im2col(x, kernel, stride, padding):
     """The windows of feature maps x (B, C, H, W), zero-padded, copied into one array
-    (B, C * kh * kw, H' * W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
+    (B, C * kh * kw, H', W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
     (p, q) of every window, one contiguous copy per offset (the layout of a batched matrix
     product)."""
     if padding != (0, 0):
@@ -109,24 +109,24 @@ def _im2col(x, kernel, stride, padding):
         for q in range(kernel[1]):
             out[:, :, p, q] = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
                                 q:q + stride[1] * (cols - 1) + 1:stride[1]]
-    return out.reshape(x.shape[0], -1, rows * cols), (rows, cols)
+    return out.reshape(x.shape[0], -1, rows, cols)
 
 
-def _correlate(w, x, stride, padding):
-    """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) of x at each output
-    position: kernels w (J, C, kh, kw) on feature maps x (B, C, H, W), one matrix product per
-    sample on the windows of _im2col; (B, J, H', W')."""
-    cols, shape = _im2col(x, w.shape[2:], stride, padding)
-    return np.matmul(w.reshape(len(w), -1), cols).reshape(len(x), len(w), *shape)
+def _correlate(w, cols):
+    """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) at each output
+    position: kernels w (J, C, kh, kw) on the windows cols (B, C * kh * kw, H', W') of
+    _im2col, one matrix product per sample; (B, J, H', W')."""
+    rows = cols.reshape(*cols.shape[:2], -1)
+    return np.matmul(w.reshape(len(w), -1), rows).reshape(len(cols), len(w), *cols.shape[2:])
 
 
-def _correlate_kernel(delta, x, kernel, stride, padding):
+def _correlate_kernel(delta, cols, kernel):
     """Σ over the samples and output positions of delta[b, j, r, s] times the window entry
-    (k, p, q) of x at (r, s): a kernel's gradient (J, C, kh, kw), one matrix product per
-    sample on the windows of _im2col, summed."""
-    cols, _ = _im2col(x, kernel, stride, padding)
-    product = np.matmul(delta.reshape(*delta.shape[:2], -1), cols.transpose(0, 2, 1))
-    return product.sum(axis=0).reshape(delta.shape[1], x.shape[1], *kernel)
+    (k, p, q) at (r, s) of the windows cols (B, C * kh * kw, H', W') of _im2col: a kernel's
+    gradient (J, C, kh, kw), one matrix product per sample, summed."""
+    rows = cols.reshape(*cols.shape[:2], -1)
+    product = np.matmul(delta.reshape(*delta.shape[:2], -1), rows.transpose(0, 2, 1))
+    return product.sum(axis=0).reshape(delta.shape[1], -1, *kernel)
 
 
 def _correlate_input(delta, w, shape, stride, padding):
@@ -194,8 +194,8 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A8, cache). The cache keeps only what backward and the loss read:
-    X (backward), A1 (backward), A2 (backward), A3 (backward), A5 (backward), A6 (backward), A7
-    (backward), Z8 (loss), A8 (backward), LSE8 (loss)."""
+    windows_X (backward), A1 (backward), windows_A2 (backward), A3 (backward), A5 (backward), A6
+    (backward), A7 (backward), Z8 (loss), A8 (backward), LSE8 (loss)."""
     W1, b1 = params["W1"], params["b1"]
     W3, b3 = params["W3"], params["b3"]
     W6, b6 = params["W6"], params["b6"]
@@ -203,10 +203,12 @@ def forward(params, X):
     W8, b8 = params["W8"], params["b8"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
-    Z1 = b1[:, None, None] + _correlate(W1, X, (1, 1), (2, 2))
+    windows_X = _im2col(X, (5, 5), (1, 1), (2, 2))
+    Z1 = b1[:, None, None] + _correlate(W1, windows_X)
     A1 = np.tanh(Z1)
     A2 = 0.25*_window_sum(A1, (2, 2), (2, 2))
-    Z3 = b3[:, None, None] + _correlate(W3, A2, (1, 1), (0, 0))
+    windows_A2 = _im2col(A2, (5, 5), (1, 1), (0, 0))
+    Z3 = b3[:, None, None] + _correlate(W3, windows_A2)
     A3 = np.tanh(Z3)
     A4 = 0.25*_window_sum(A3, (2, 2), (2, 2))
     A5 = A4.reshape(len(A4), -1)
@@ -219,7 +221,7 @@ def forward(params, X):
     Z8 = A7 @ W8.T
     Z8 += b8
     A8, LSE8 = _softmax_logsumexp(Z8)
-    cache = {"X": X, "A1": A1, "A2": A2, "A3": A3, "A5": A5, "A6": A6, "A7": A7, "Z8": Z8, "A8": A8, "LSE8": LSE8}
+    cache = {"windows_X": windows_X, "A1": A1, "windows_A2": windows_A2, "A3": A3, "A5": A5, "A6": A6, "A7": A7, "Z8": Z8, "A8": A8, "LSE8": LSE8}
     return A8, cache
 
 
@@ -249,7 +251,7 @@ def backward(params, cache, Y):
     W6 = params["W6"]
     W7 = params["W7"]
     W8 = params["W8"]
-    X, A1, A2, A3, A5, A6, A7, A8 = cache["X"], cache["A1"], cache["A2"], cache["A3"], cache["A5"], cache["A6"], cache["A7"], cache["A8"]
+    windows_X, A1, windows_A2, A3, A5, A6, A7, A8 = cache["windows_X"], cache["A1"], cache["windows_A2"], cache["A3"], cache["A5"], cache["A6"], cache["A7"], cache["A8"]
     B = Y.shape[0]
     # BP1: δ⁸ = a⁸ - y, each row divided by B
     delta8 = (A8 - Y)/B
@@ -278,7 +280,7 @@ def backward(params, cache, Y):
     # δ³ = (1/4)·(1 - (a³)²) ⊙ win[2×2, S=2]ᵀ(δ⁴)
     delta3 = 0.25*(1 - A3**2)*_fold(delta4[:, :, :, :, None, None], (10, 10), (2, 2), (0, 0), (2, 2))
     # ∂C/∂W³ = a² ⋆ δ³, summed over the rows
-    dW3 = _correlate_kernel(delta3, A2, (5, 5), (1, 1), (0, 0))
+    dW3 = _correlate_kernel(delta3, windows_A2, (5, 5))
     # ∂C/∂b³ = Σ_rs δ³, summed over the rows
     db3 = np.einsum('bjki->j', delta3)
     # δ² = δ³ ⋆[full] rot180(W³)
@@ -286,7 +288,7 @@ def backward(params, cache, Y):
     # δ¹ = (1/4)·(1 - (a¹)²) ⊙ win[2×2, S=2]ᵀ(δ²)
     delta1 = 0.25*(1 - A1**2)*_fold(delta2[:, :, :, :, None, None], (28, 28), (2, 2), (0, 0), (2, 2))
     # ∂C/∂W¹ = a⁰ ⋆[P=2] δ¹, summed over the rows
-    dW1 = _correlate_kernel(delta1, X, (5, 5), (1, 1), (2, 2))
+    dW1 = _correlate_kernel(delta1, windows_X, (5, 5))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows
     db1 = np.einsum('bjki->j', delta1)
     return {"W1": dW1, "b1": db1, "W3": dW3, "b3": db3, "W6": dW6, "b6": db6, "W7": dW7, "b7": db7, "W8": dW8, "b8": db8}

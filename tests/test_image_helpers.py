@@ -53,15 +53,14 @@ def test_windows_im2col_and_correlations(g) -> None:
     assert windows.shape == (*x.shape[:2], rows, cols, *kernel)
     for r, s in itertools.product(range(rows), range(cols)):
         assert np.array_equal(windows[:, :, r, s], window(x, kernel, stride, padding, r, s))
-    im2col, shape = SPACE["_im2col"](x, kernel, stride, padding)
-    assert shape == (rows, cols)
+    im2col = SPACE["_im2col"](x, kernel, stride, padding)
     assert np.array_equal(im2col, windows.transpose(0, 1, 4, 5, 2, 3).reshape(len(x), -1,
-                                                                              rows * cols))
+                                                                              rows, cols))
     w = rng.standard_normal((3, x.shape[1], *kernel))
     expected = np.einsum("bkrspq,jkpq->bjrs", windows, w)
-    assert np.allclose(SPACE["_correlate"](w, x, stride, padding), expected)
+    assert np.allclose(SPACE["_correlate"](w, im2col), expected)
     delta = rng.standard_normal((len(x), 3, rows, cols))
-    assert np.allclose(SPACE["_correlate_kernel"](delta, x, kernel, stride, padding),
+    assert np.allclose(SPACE["_correlate_kernel"](delta, im2col, kernel),
                        np.einsum("bkrspq,bjrs->jkpq", windows, delta))
     # the fold is the adjoint of the windows: <fold(c), x> = <c, windows(x)>
     parts = rng.standard_normal(windows.shape)
@@ -99,6 +98,7 @@ def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
         assert mask[b, c, r, s].reshape(-1).tolist() == [float(n == first)
                                                          for n in range(flat.size)]
         expected[b, c, r * stride[0] + p, s * stride[1] + q] += delta[b, c, r, s]
-    assert np.allclose(SPACE["_max_unpool"](delta, x, kernel, stride), expected)
+    largest = SPACE["_window_max"](x, kernel, stride)
+    assert np.allclose(SPACE["_max_unpool"](delta, x, largest, kernel, stride), expected)
     assert np.allclose(SPACE["_fold"](delta[..., None, None] * mask, x.shape[2:], stride,
                                       (0, 0), kernel), expected)

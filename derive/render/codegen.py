@@ -21,9 +21,17 @@ from pathlib import Path
 import sympy as sp
 
 from derive import __version__
+from derive.derivation.imageform import FirstMaxMask, Windows, WindowsMax
 from derive.derivation.reverse import Derivation, Formula
 from derive.derivation.stepform import Concat, MatProd, SumSteps
-from derive.derivation.tensorform import Broadcast, MatVec, Outer, equation_tensor, to_vector
+from derive.derivation.tensorform import (
+    Broadcast,
+    Einsum,
+    MatVec,
+    Outer,
+    equation_tensor,
+    to_vector,
+)
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
 from derive.registry.functions import SCALAR_FUNCTIONS
@@ -306,6 +314,43 @@ def _kept_calls(forward: list[_Assign], backward: list[_Assign]
     return out, [assign if assign.code is not None else
                  _Assign(assign.target, assign.expr.xreplace(names), assign.comment)
                  for assign in backward], kept
+
+
+def _kept_windows(forward: list[_Assign], backward: list[_Assign], printer: NumPyBatchPrinter
+                  ) -> tuple[list[_Assign], dict[NetTensor, NetTensor]]:
+    """(forward, kept): the windows that a convolution and its kernel's gradient both contract
+    copied once by _im2col, in the forward pass, into an array the cache keeps (one copy, not
+    two); a max pool's output, the maximum of each window, read again where its error is
+    routed to each window's first maximum. kept: each windows array and the quantity it is
+    copied from. The printer learns both (``columns``, ``maxima``)."""
+    def contracted(assigns: list[_Assign]) -> set[Windows]:
+        return {operand for assign in assigns if assign.code is None
+                for einsum in assign.expr.atoms(Einsum) if len(einsum.args) == 3
+                for operand in einsum.args[1:] if isinstance(operand, Windows)}
+
+    both = contracted(forward) & contracted(backward)
+    routed = {mask.args[0] for assign in backward if assign.code is None
+              for mask in assign.expr.atoms(FirstMaxMask)}
+    kept: dict[NetTensor, NetTensor] = {}
+    out: list[_Assign] = []
+    for assign in forward:
+        if assign.code is None:
+            for windows in sorted(assign.expr.atoms(Windows) & both - printer.columns.keys(),
+                                  key=sp.default_sort_key):
+                tensor = windows.args[0]
+                text = f"windows_{batch_name(tensor)}"
+                while any(array.of == text for array in kept):
+                    text += "_"
+                array = NetTensor("hoisted", of=text, rank=3)
+                out.append(_Assign(array, sp.Integer(0), f"the windows of {pretty(tensor)}, "
+                                   "copied once: the convolution and its kernel's gradient "
+                                   "read them", code=printer.windows_copy(windows)))
+                printer.columns[windows] = array
+                kept[array] = tensor
+            if isinstance(assign.expr, WindowsMax) and assign.expr.args[0] in routed:
+                printer.maxima[assign.expr.args[0]] = assign.target
+        out.append(assign)
+    return out, kept
 
 
 def _statements(assigns: list[_Assign], keep: set[NetTensor],
@@ -775,11 +820,14 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         updates.append({"key": parameter.key, "blocked": nbytes > UPDATE_BLOCK_BYTES})
 
     forward_assigns, backward_assigns, kept = _kept_calls(forward_assigns, backward_assigns)
-    # cache only what backward and the loss read (a kept call's array after its quantity)
+    forward_assigns, windows = _kept_windows(forward_assigns, backward_assigns, printer)
+    # cache only what backward and the loss read (a kept array after its quantity)
     backward_exprs = [assign.expr for assign in backward_assigns]
     quantities = {t: n for n, t in enumerate(_forward_quantities(model, shared))}
     quantities.update({t: quantities[source] + 0.5 for t, source in kept.items()})
-    backward_reads = _reads(backward_exprs, quantities)
+    quantities.update({t: quantities[source] + 0.25 for t, source in windows.items()})
+    backward_reads = _reads([expr.xreplace(printer.columns) for expr in backward_exprs],
+                            quantities) | set(printer.maxima.values())
     loss_reads = _reads([loss_expr], quantities)
     needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
     batch_only = frozenset({model.output.output, *loss_reads})    # the loss reads (B, T, n)

@@ -196,7 +196,7 @@ def _window_max(x, kernel, stride):
     "_im2col": '''\
 def _im2col(x, kernel, stride, padding):
     """The windows of feature maps x (B, C, H, W), zero-padded, copied into one array
-    (B, C * kh * kw, H' * W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
+    (B, C * kh * kw, H', W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
     (p, q) of every window, one contiguous copy per offset (the layout of a batched matrix
     product)."""
     if padding != (0, 0):
@@ -212,24 +212,24 @@ def _im2col(x, kernel, stride, padding):
         for q in range(kernel[1]):
             out[:, :, p, q] = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
                                 q:q + stride[1] * (cols - 1) + 1:stride[1]]
-    return out.reshape(x.shape[0], -1, rows * cols), (rows, cols)
+    return out.reshape(x.shape[0], -1, rows, cols)
 ''',
     "_correlate": '''\
-def _correlate(w, x, stride, padding):
-    """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) of x at each output
-    position: kernels w (J, C, kh, kw) on feature maps x (B, C, H, W), one matrix product per
-    sample on the windows of _im2col; (B, J, H', W')."""
-    cols, shape = _im2col(x, w.shape[2:], stride, padding)
-    return np.matmul(w.reshape(len(w), -1), cols).reshape(len(x), len(w), *shape)
+def _correlate(w, cols):
+    """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) at each output
+    position: kernels w (J, C, kh, kw) on the windows cols (B, C * kh * kw, H', W') of
+    _im2col, one matrix product per sample; (B, J, H', W')."""
+    rows = cols.reshape(*cols.shape[:2], -1)
+    return np.matmul(w.reshape(len(w), -1), rows).reshape(len(cols), len(w), *cols.shape[2:])
 ''',
     "_correlate_kernel": '''\
-def _correlate_kernel(delta, x, kernel, stride, padding):
+def _correlate_kernel(delta, cols, kernel):
     """Σ over the samples and output positions of delta[b, j, r, s] times the window entry
-    (k, p, q) of x at (r, s): a kernel's gradient (J, C, kh, kw), one matrix product per
-    sample on the windows of _im2col, summed."""
-    cols, _ = _im2col(x, kernel, stride, padding)
-    product = np.matmul(delta.reshape(*delta.shape[:2], -1), cols.transpose(0, 2, 1))
-    return product.sum(axis=0).reshape(delta.shape[1], x.shape[1], *kernel)
+    (k, p, q) at (r, s) of the windows cols (B, C * kh * kw, H', W') of _im2col: a kernel's
+    gradient (J, C, kh, kw), one matrix product per sample, summed."""
+    rows = cols.reshape(*cols.shape[:2], -1)
+    product = np.matmul(delta.reshape(*delta.shape[:2], -1), rows.transpose(0, 2, 1))
+    return product.sum(axis=0).reshape(delta.shape[1], -1, *kernel)
 ''',
     "_correlate_input": '''\
 def _correlate_input(delta, w, shape, stride, padding):
@@ -264,16 +264,14 @@ def _window_sum(x, kernel, stride):
     return out
 ''',
     "_max_unpool": '''\
-def _max_unpool(delta, x, kernel, stride):
+def _max_unpool(delta, x, largest, kernel, stride):
     """The fold of delta times each window's first-maximum indicator: delta (B, C, H', W')
-    added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere."""
+    added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere;
+    largest: the maximum of each window (_window_max, kept by the forward pass)."""
     rows, cols = delta.shape[2:]
     parts = [(p, q, x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
                       q:q + stride[1] * (cols - 1) + 1:stride[1]])
              for p in range(kernel[0]) for q in range(kernel[1])]
-    largest = parts[0][2].copy()
-    for _, _, part in parts[1:]:
-        np.maximum(largest, part, out=largest)
     out = np.zeros(x.shape, dtype=delta.dtype)
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
     open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
@@ -308,21 +306,21 @@ def _first_max(windows):
 
 def _routed_by_max(cols: sp.Expr, shape: sp.Expr, stride: sp.Expr, padding: sp.Expr,
                    kernel: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
-    """(δ, x) when ``Fold(cols, ...)`` folds δ placed on each window times the first-maximum
-    indicator of the unpadded windows of x, with the same geometry, back onto x's shape;
-    else None."""
+    """(δ, the windows of x) when ``Fold(cols, ...)`` folds δ placed on each window times the
+    first-maximum indicator of the unpadded windows of x, with the same geometry, back onto
+    x's shape; else None."""
     factors = sp.Mul.make_args(cols)
     masks = [f for f in factors if isinstance(f, FirstMaxMask)]
     placed = [f for f in factors if isinstance(f, Broadcast)]
     if len(masks) != 1 or len(placed) != 1 or len(factors) != 2:
         return None
-    tensor, w_kernel, w_stride, w_padding = masks[0].args[0].args
+    _tensor, w_kernel, w_stride, w_padding = masks[0].args[0].args
     delta, axes, frame = placed[0].args
     if (tuple(w_kernel), tuple(w_stride), tuple(w_padding)) != (
             tuple(kernel), tuple(stride), (0, 0)) or tuple(padding) != (0, 0) or \
             len(str(axes)) != 3 or str(frame)[:3] != str(axes):
         return None
-    return delta, tensor
+    return delta, masks[0].args[0]
 
 
 def _correlated(cols: sp.Expr, kernel: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
@@ -460,6 +458,10 @@ class NumPyBatchPrinter(NumPyPrinter):
         self.step_local: set[NetTensor] = set()
         # printing a statement over whole sequences (attention), in the batch layout
         self.whole = False
+        # windows whose _im2col copy the forward pass keeps for a kernel's gradient, and the
+        # maximum of each window of a max pool, which its error is routed by: their arrays
+        self.columns: dict[Windows, NetTensor] = {}
+        self.maxima: dict[Windows, NetTensor] = {}
 
     def name(self, tensor: NetTensor) -> str:
         """The variable that holds ``tensor``: its batch name; Q_steps when step-major."""
@@ -604,19 +606,27 @@ class NumPyBatchPrinter(NumPyPrinter):
         if len(window) != 5:
             return None
         k, r, s_, p, q = window
-        tensor, kernel, stride, padding = windows.args
+        kernel = windows.args[1]
         parameter = isinstance(other, NetTensor) and other.is_parameter
         if parameter and not over_rows and len(letters) == 4 and letters[1:] == k + p + q \
                 and output == letters[0] + r + s_:
-            self.helpers.update(("_im2col", "_correlate"))
-            return (f"_correlate({self._print(other)}, {self._print(tensor)}, "
-                    f"{_ints(stride)}, {_ints(padding)})")
+            self.helpers.add("_correlate")
+            return f"_correlate({self._print(other)}, {self.windows_copy(windows)})"
         if not parameter and over_rows and len(letters) == 3 and letters[1:] == r + s_ \
                 and output == letters[0] + k + p + q:
-            self.helpers.update(("_im2col", "_correlate_kernel"))
-            return (f"_correlate_kernel({self._print(other)}, {self._print(tensor)}, "
-                    f"{_ints(kernel)}, {_ints(stride)}, {_ints(padding)})")
+            self.helpers.add("_correlate_kernel")
+            return (f"_correlate_kernel({self._print(other)}, {self.windows_copy(windows)}, "
+                    f"{_ints(kernel)})")
         return None
+
+    def windows_copy(self, windows: Windows) -> str:
+        """The _im2col copy of ``windows``: the forward pass's array when it keeps one."""
+        if windows in self.columns:
+            return self._print(self.columns[windows])
+        tensor, kernel, stride, padding = windows.args
+        self.helpers.add("_im2col")
+        return (f"_im2col({self._print(tensor)}, {_ints(kernel)}, {_ints(stride)}, "
+                f"{_ints(padding)})")
 
     def _print_RowSum(self, expr: RowSum) -> str:
         # a sum over the samples of products of tensors: inside np.einsum, with no array of
@@ -719,8 +729,11 @@ class NumPyBatchPrinter(NumPyPrinter):
         routed = _routed_by_max(cols, shape, stride, padding, kernel)
         if routed is not None:    # max pooling's δ: routed to each window's first maximum
             self.helpers.add("_max_unpool")
-            delta, tensor = routed
-            return (f"_max_unpool({self._print(delta)}, {self._print(tensor)}, "
+            delta, windows = routed
+            tensor = windows.args[0]
+            largest = (self._print(self.maxima[windows]) if windows in self.maxima else
+                       self._print_WindowsMax(WindowsMax(windows)))
+            return (f"_max_unpool({self._print(delta)}, {self._print(tensor)}, {largest}, "
                     f"{_ints(kernel)}, {_ints(stride)})")
         self.helpers.add("_fold")
         return (f"_fold({self._print(cols)}, {_ints(shape)}, {_ints(stride)}, "
