@@ -152,6 +152,24 @@ def test_backward_computes_no_costly_call_the_forward_made(name):
     assert not _costly_calls(forward) & _costly_calls(backward)
 
 
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_backward_copies_no_windows_and_recomputes_no_window_maxima(name):
+    # a convolution's _im2col copy and a max pool's maxima come from the forward pass
+    text = source(name)
+    forward = text.split("def forward(")[1].split("\ndef ")[0]
+    backward = text.split("def backward(")[1].split("\ndef ")[0]
+    assert "_im2col(" not in backward and "_window_max(" not in backward
+    copies = re.findall(r"(windows_\w+) = _im2col\(", forward)
+    assert len(copies) == forward.count("_correlate(") == backward.count("_correlate_kernel(")
+    assert set(copies) <= set(_cache_keys(name))
+    assert sorted(re.findall(r"_correlate_kernel\(\w+, (windows_\w+), ", backward)) == \
+        sorted(copies)
+    assert len(re.findall(r"_max_unpool\(\w+, \w+, A\d+, ", backward)) == \
+        backward.count("_max_unpool(")
+    if name in ("lenet", "digits_cnn"):
+        assert len(copies) == {"lenet": 2, "digits_cnn": 1}[name]
+
+
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
     text = source("lstm_adding")
     backward = text.split("def backward(")[1].split("\ndef ")[0]
