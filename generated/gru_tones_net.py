@@ -203,8 +203,8 @@ def backward(params, cache, Y):
         dC_dZh1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
         dC_dZh1_steps[t][..., 32:48] = dC_dG1*R1_steps[t]*(1 - G1_steps[t]**2)
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
-        dC_dZx1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
-        dC_dZx1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
+        dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]
+        dC_dZx1_steps[t][..., 16:32] = dC_dZh1_steps[t][..., 16:32]
         dC_dZx1_steps[t][..., 32:48] = dC_dG1*(1 - G1_steps[t]**2)
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = _dot_steps(dC_dZx1_steps, X.swapaxes(0, 1))

@@ -170,6 +170,13 @@ def test_backward_copies_no_windows_and_recomputes_no_window_maxima(name):
         assert len(copies) == {"lenet": 2, "digits_cnn": 1}[name]
 
 
+def test_a_gru_computes_its_reset_and_update_errors_once_per_step():
+    # ∂C/∂z_x and ∂C/∂z_h agree on the r and u blocks: the second is a copy of the first
+    backward = source("gru_tones").split("def backward(")[1].split("\ndef ")[0]
+    assert "dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]" in backward
+    assert "dC_dZx1_steps[t][..., 16:32] = dC_dZh1_steps[t][..., 16:32]" in backward
+
+
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
     text = source("lstm_adding")
     backward = text.split("def backward(")[1].split("\ndef ")[0]

@@ -482,6 +482,7 @@ class _LoopCode:
                              comment="one time step at a time, t from 0 "
                                      + ("forward" if self.forward else "backward")))
         printer.step_local.update(self.local)
+        written: dict[sp.Expr, str] = {}    # a stacked block computed at this step: its slice
         with printer.steps(None, loop=True):
             for assign in self.body:
                 name = printer.doprint(assign.target.at_step(0))
@@ -489,15 +490,18 @@ class _LoopCode:
                 if not isinstance(expr, Concat):
                     out.append(Statement(name, printer.doprint(expr), assign.comment, indent=1))
                     continue
-                # stacked gates: each block written in place, no concatenated copy
+                # stacked gates: each block written in place, no concatenated copy; a block
+                # equal to one written before at this step (a GRU's reset and update errors,
+                # the same for its input and hidden pre-activations) copied from there
                 *parts, (size,) = expr.args
                 if assign.target in self.local:
                     out.append(Statement(name, f"np.empty(({self.batch}, {len(parts) * size}), "
                                                f"dtype={self.dtype})", indent=1))
                 for number, part in enumerate(parts):
-                    out.append(Statement(f"{name}[..., {number * size}:{(number + 1) * size}]",
-                                         printer.doprint(part),
+                    where = f"{name}[..., {number * size}:{(number + 1) * size}]"
+                    out.append(Statement(where, written.get(part) or printer.doprint(part),
                                          assign.comment if number == 0 else "", indent=1))
+                    written.setdefault(part, where)
         return out
 
 
