@@ -22,6 +22,7 @@ import sympy as sp
 
 from derive.quantities import (
     INDEX_POOL,
+    LENGTH,
     WEIGHT_ROLES,
     NetTensor,
     fresh_indices,
@@ -96,6 +97,12 @@ class Node:
     def label(self) -> str:
         return f"{self.index}" + (f" ({self.name})" if self.name else "")
 
+    @property
+    def reads_whole_sequences(self) -> bool:
+        """Whether this node reads every step of a sequence at once: an equation over two
+        time axes (attention's scores s_{tτ} and weights α_{tτ}), not one step t."""
+        return any(list(eq.ranges).count(LENGTH) > 1 for eq in self.equations)
+
     def parameter(self, role: str) -> Parameter | None:
         for parameter in self.parameters:
             if parameter.tensor.role == role:
@@ -156,6 +163,11 @@ class Model:
 
     def node(self, index: int) -> Node:
         return self.nodes[index - 1]
+
+    @property
+    def reads_whole_sequences(self) -> bool:
+        """Whether a node reads every step of a sequence at once (Node.reads_whole_sequences)."""
+        return any(node.reads_whole_sequences for node in self.nodes)
 
     @property
     def equations(self) -> tuple[Equation, ...]:

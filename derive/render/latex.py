@@ -149,12 +149,6 @@ SPELLED_BUDGET = 70
 # --- printing helpers ----------------------------------------------------------------------
 
 
-def attends(node: Node) -> bool:
-    """Whether ``node`` reads every step of a sequence at once: an equation over two time axes
-    (attention's scores s_{tτ} and weights α_{tτ})."""
-    return any(list(eq.ranges).count(LENGTH) > 1 for eq in node.equations)
-
-
 def _number(value: float) -> str:
     """A computed value, rounded to 4 decimals (never "-0.0000")."""
     text = f"{value:.4f}"
@@ -587,7 +581,7 @@ class _Context:
         self.said: set[str] = set()                     # explanations given once
         # attention layers (every step reads every step) and recurrent ones (a step reads
         # the step before)
-        self.attention = [node for node in self.model.nodes if attends(node)]
+        self.attention = [node for node in self.model.nodes if node.reads_whole_sequences]
         self.causal = [node for node in self.attention if dict(node.options).get("causal")]
         self.recurrent = self.sequence and any(state_tensors(node) for node in self.model.nodes)
 
@@ -1239,7 +1233,7 @@ class _Context:
                 words.append(self.text("node_recurrent", state=self.listing(
                     [f"{QUANTITY_NAMES[s.role][column]} {self.inline(s.at_step(-1))}"
                      for s in states])))
-            if attends(node):
+            if node.reads_whole_sequences:
                 words.append(self.text("node_attention", causal=self.text(
                     "node_attention_causal") if node in self.causal else ""))
             if node.op.name == "add":
@@ -1249,7 +1243,7 @@ class _Context:
                           "blocks": [self.block(f.steps, f, self.heading(f))
                                      for f in formulas],
                           "after": self.attention_matrix(node, formulas)
-                          if attends(node) else []})
+                          if node.reads_whole_sequences else []})
         delta = self.inline(NetTensor("delta", "l").indexed[j])
         if self.sequence and not self.recurrent:
             # time steps, but nothing carried from step to step: attention, per-step layers
@@ -1273,7 +1267,7 @@ class _Context:
         a value collects the errors of the steps that attend to it, a key those of every query
         that reads it, both scaled by 1/√d as the queries' are. Each in matrix form."""
         node = self.model.node(formula.node)
-        if not attends(node) or formula.kind == "delta":
+        if not node.reads_whole_sequences or formula.kind == "delta":
             return []
         role = formula.of.role
         matrix = self.display(step_target(formula), self.vector_expr(formula))
@@ -2552,7 +2546,7 @@ def _box_text(node: Node) -> str:
     if node.activation is not None and not (node.op.name == "dense"
                                             and node.activation.name == "identity"):
         parts.append(rf"\texttt{{{_escape(node.activation.name)}}}")
-    if attends(node):
+    if node.reads_whole_sequences:
         parts.append(f"$d = {node.width}$")
         if dict(node.options).get("causal"):
             parts.append(r"\textit{causal}")
@@ -2597,10 +2591,10 @@ def block_diagram(model: Model, input_label: str = "input", cost_label: str = "c
                                    rf"${_dims(node.dims or (node.width,))}$"})
             continue
         style = ("output" if node.index == model.depth else "attention"
-                 if attends(node) else "norm" if node.op.name == "layer_norm"
+                 if node.reads_whole_sequences else "norm" if node.op.name == "layer_norm"
                  else "op")
         text = rf"{_box_text(node)}: ${_dims(node.dims or (node.width,))}$"
-        if attends(node):
+        if node.reads_whole_sequences:
             text = rf"{text}\\ {{\scriptsize {_attention_line(node)}}}"
         nodes.append({"ref": f"({ref})", "at": at, "style": style, "text": text})
         labels.append({"at": f"({ref}.east)", "text": f"$l = {node.index}$"})
@@ -2625,7 +2619,7 @@ def block_diagram(model: Model, input_label: str = "input", cost_label: str = "c
         paths.append({"style": "skip", "from": f"(n{source}.west)", "to": f"(n{target}.west)",
                       "via": f"-- ++({-0.3 - 0.35 * level:.2f},0) |-"})
     lanes = max((level for _a, _b, level in placed), default=0)
-    attention = [node for node in model.nodes if attends(node)]
+    attention = [node for node in model.nodes if node.reads_whole_sequences]
     detail = _attention_detail(model, attention[0]) if attention else None
     left = 2.8 + 0.3 + 0.35 * lanes + 0.2         # the boxes' half width, the lanes
     shift = 2.8 + 1.6 + 0.8                            # beyond the side labels
@@ -2689,7 +2683,7 @@ def block_text(model: Model, input_label: str = "input", cost_label: str = "cost
         if node.activation is not None and not (node.op.name == "dense"
                                                 and node.activation.name == "identity"):
             parts.append(node.activation.name)
-        if attends(node):
+        if node.reads_whole_sequences:
             parts.append(f"d = {node.width}" + (", causal" if dict(node.options).get("causal")
                                                  else ""))
         text = ", ".join(parts) + (f" ({node.name})" if node.name else "")
@@ -2697,7 +2691,7 @@ def block_text(model: Model, input_label: str = "input", cost_label: str = "cost
             text += " ⊕ " + " + ".join(f"l={n}" for n in node.inputs)
         rows.append((f"l={node.index}", text, _dims(node.dims or (node.width,)).replace(
             r" \times ", "×")))
-        if attends(node):
+        if node.reads_whole_sequences:
             over = "τ≤t" if dict(node.options).get("causal") else "τ"
             rows.append(("", f"  α_tτ = softmax_{over}(q_t·k_τ/√d), a_t = Σ_{over} α_tτ v_τ",
                          ""))

@@ -90,7 +90,7 @@ def default_values(spec: NetworkSpec
     near 0) and the gradients of queries and keys far from 0.
     """
     sizes = spec.sizes
-    attention = reads_whole_sequences(spec)
+    attention = spec.sequence and build_model(spec).reads_whole_sequences
     if attention:
         steps_x, width = spec.input_shape
         x = tuple(_tenth((7 * t * k + 2 * t + 2 * k) % 11 - 5)
@@ -173,13 +173,6 @@ def example_inputs(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple],
     return (example.x if example.x is not None else x,
             example.y if example.y is not None else y,
             {**params, **given}, True)
-
-
-def reads_whole_sequences(spec: NetworkSpec) -> bool:
-    """Whether a layer of ``spec`` reads every step of a sequence at once: an equation over two
-    time axes (attention's scores s_{tτ})."""
-    return spec.sequence and any(list(eq.ranges).count(LENGTH) > 1
-                                 for eq in build_model(spec).equations)
 
 
 def small_copy(spec: NetworkSpec, steps: int = SMALL_STEPS, width: int = SMALL_WIDTH
@@ -681,7 +674,7 @@ def worked_example(derivation: Derivation, *, shown: Callable[[int], int] | None
     """
     model = derivation.model
     derived_shapes = model.spec.shapes
-    if small and reads_whole_sequences(model.spec):
+    if small and model.reads_whole_sequences:
         copy = small_copy(model.spec)
         if copy is not model.spec:
             model = build_model(copy)
