@@ -234,20 +234,22 @@ def _correlate_kernel(delta, cols, kernel):
     "_correlate_input": '''\
 def _correlate_input(delta, w, shape, stride, padding):
     """The fold of Σ_j delta[b, j, u, v] w[j, k, p, q] over the windows (u, v) and kernel
-    offsets (p, q) that cover each entry of feature maps of `shape` (H, W): one matrix product
-    per sample, then one strided addition per kernel offset; what lands in the padding is
-    dropped. (B, C, H, W)."""
+    offsets (p, q) that cover each entry of feature maps of `shape` (H, W); what lands in the
+    padding is dropped. (B, C, H, W). Computed batch-last: one matrix product of the kernels
+    with delta laid out (J, H' * W' * B), one addition per kernel offset of a block whose rows
+    run over W' * B contiguous numbers, not W', then one copy back to (B, C, H, W)."""
     batch, _, rows, cols = delta.shape
     channels, kh, kw = w.shape[1:]
     (sh, sw), (ph, pw) = stride, padding
-    parts = np.matmul(w.reshape(len(w), -1).T, delta.reshape(batch, len(w), -1))
-    parts = parts.reshape(batch, channels, kh, kw, rows, cols)
-    out = np.zeros((batch, channels, shape[0] + 2 * ph, shape[1] + 2 * pw), dtype=delta.dtype)
+    last = np.ascontiguousarray(delta.transpose(1, 2, 3, 0)).reshape(len(w), -1)
+    parts = (w.reshape(len(w), -1).T @ last).reshape(channels, kh, kw, rows, cols, batch)
+    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=delta.dtype)
     for p in range(kh):
         for q in range(kw):
-            at = out[:, :, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw]
-            at += parts[:, :, p, q]
-    return out[:, :, ph:ph + shape[0], pw:pw + shape[1]]
+            at = out[:, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw]
+            at += parts[:, p, q]
+    inside = out[:, ph:ph + shape[0], pw:pw + shape[1]]
+    return np.ascontiguousarray(inside.transpose(3, 0, 1, 2))
 ''',
     "_window_sum": '''\
 def _window_sum(x, kernel, stride):
