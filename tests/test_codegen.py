@@ -21,7 +21,7 @@ from derive.files import MARKER
 from derive.graph.model import build_model
 from derive.render.codegen import load_module, module_filename, render_module
 from derive.spec.load import list_examples, load_spec
-from tests.conftest import make_spec
+from tests.conftest import ELEMENTWISE, make_spec
 from tests.test_codegen_support import batch, example, generated, random_params
 
 EXAMPLES = [name for name, _ in list_examples()]
@@ -175,6 +175,16 @@ def test_a_gru_computes_its_reset_and_update_errors_once_per_step():
     backward = source("gru_tones").split("def backward(")[1].split("\ndef ")[0]
     assert "dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]" in backward
     assert "dC_dZx1_steps[t][..., 16:32] = dC_dZh1_steps[t][..., 16:32]" in backward
+
+
+@pytest.mark.parametrize("activation", ELEMENTWISE)
+def test_no_activation_makes_the_backward_pass_call_again_what_the_forward_pass_called(
+        activation):
+    # silu's sigmoid(z), gelu's erf(z/√2): kept from the forward pass, in every position
+    text = render_module(derive(build_model(make_spec([3, 4, 2], [activation, activation]))))
+    forward = text.split("def forward(")[1].split("\ndef ")[0]
+    backward = text.split("def backward(")[1].split("\ndef ")[0]
+    assert not _costly_calls(forward) & _costly_calls(backward)
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
