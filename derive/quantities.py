@@ -119,7 +119,11 @@ def _indexed_base(tensor: NetTensor) -> sp.IndexedBase:
 
 
 def display_name(role: str, node: int | None, of: str | None = None) -> str:
-    """The display name of a quantity: ``a^2``, ``delta^2``, ``dC/dmu^3``, ``y``."""
+    """The display name of a quantity: ``a^2``, ``delta^2``, ``dC/dmu^3``, ``y``; an array
+    the code generator names (role ``hoisted``) by that name, so that two of them sort by it
+    in printed sums, never by hash."""
+    if role == "hoisted":
+        return f"hoisted {of}"
     head = f"dC/d{of}" if role == "grad" else role
     return head if node is None else f"{head}^{node}"
 

@@ -155,7 +155,7 @@ def backward(params, cache, Y):
     # δ¹ = (W²)ᵀ δ²
     delta1 = delta2 @ W2
     # ∂C/∂s2¹ = -δ¹ ⊙ sigmoid(s2¹)² ⊙ tanh(s1¹) + δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)
-    dC_dS2_1 = delta1*sigmoid_S2_1*tanh_S1_1 - delta1*tanh_S1_1*sigmoid_S2_1**2
+    dC_dS2_1 = delta1*sigmoid_S2_1*tanh_S1_1 - delta1*sigmoid_S2_1**2*tanh_S1_1
     # ∂C/∂s1¹ = -δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)² + δ¹ ⊙ sigmoid(s2¹)
     dC_dS1_1 = delta1*sigmoid_S2_1 - delta1*sigmoid_S2_1*tanh_S1_1**2
     # ∂C/∂U¹ = ∇_s1¹ C (a⁰)ᵀ, summed over the rows

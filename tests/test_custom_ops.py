@@ -314,3 +314,16 @@ def test_sigma_about_a_custom_op_is_refused_not_guessed() -> None:
     with pytest.raises(DeriveError, match="layer 1, which has no activation"):
         check_formula("gated_mlp", "dC/dU^1_jk = delta^1_j (1 - tanh(s1^1_j)^2) "
                       "sigma(s2^1_j) x_k", points=2)
+
+
+def test_a_costly_call_on_parameters_alone_is_computed_where_it_is_read() -> None:
+    # tanh(c) reads no quantity of the forward pass: the backward pass computes it itself
+    # (only calls on forward quantities are kept in the cache)
+    spec = load_spec(_spec("scaled", 3, 3, "x[j]*tanh(c[j])", {"c": ["size"]}, [{"size": 2}]))
+    source = render_module(derive(build_model(spec)))
+    module = load_module(source, "scaled_net")
+    assert "tanh_" not in source.split("cache = {")[1].split("}")[0]
+    rng = np.random.default_rng(0)
+    params = {key: rng.normal(size=value.shape) for key, value in module.init_params().items()}
+    X, Y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    assert module.gradient_check(params, X, Y) < 1e-6

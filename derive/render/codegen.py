@@ -271,7 +271,8 @@ _COSTLY = frozenset(f.build for f in SCALAR_FUNCTIONS.values()
 def _costly_calls(expr: sp.Expr) -> list[sp.Expr]:
     """The calls of a costly function (_COSTLY) on forward quantities in ``expr``, in order;
     a call that reads an adjoint is the backward pass's own."""
-    return [e for e in sp.preorder_traversal(expr) if type(e) in _COSTLY and e.has(NetTensor)
+    return [e for e in sp.preorder_traversal(expr) if type(e) in _COSTLY
+            and any(not t.is_parameter for t in e.atoms(NetTensor))
             and not any(t.role in ("grad", "delta") for t in e.atoms(NetTensor))]
 
 
@@ -827,9 +828,9 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     forward_assigns, windows = _kept_windows(forward_assigns, backward_assigns, printer)
     # cache only what backward and the loss read (a kept array after its quantity)
     backward_exprs = [assign.expr for assign in backward_assigns]
-    quantities = {t: n for n, t in enumerate(_forward_quantities(model, shared))}
-    quantities.update({t: quantities[source] + 0.5 for t, source in kept.items()})
-    quantities.update({t: quantities[source] + 0.25 for t, source in windows.items()})
+    quantities = {t: (n, 0) for n, t in enumerate(_forward_quantities(model, shared))}
+    for n, (array, source) in enumerate([*windows.items(), *kept.items()], start=1):
+        quantities[array] = (quantities[source][0], n)
     backward_reads = _reads([expr.xreplace(printer.columns) for expr in backward_exprs],
                             quantities) | set(printer.maxima.values())
     loss_reads = _reads([loss_expr], quantities)
