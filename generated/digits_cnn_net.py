@@ -221,7 +221,8 @@ def backward(params, cache, Y):
     # δ² = vec⁻¹(δ³)
     delta2 = delta3.reshape(len(delta3), -1, 4, 4)
     # δ¹ = [z¹ > 0] ⊙ win[2×2, S=2]ᵀ(δ² ⊙ 𝟙max(win[2×2, S=2](a¹)))
-    delta1 = (Z1 > 0)*_max_unpool(delta2, A1, A2, (2, 2), (2, 2))
+    delta1 = _max_unpool(delta2, A1, A2, (2, 2), (2, 2))
+    delta1 *= (Z1 > 0)
     # ∂C/∂W¹ = a⁰ ⋆[P=1] δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (3, 3))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows

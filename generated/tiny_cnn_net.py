@@ -221,7 +221,8 @@ def backward(params, cache, Y):
     # δ² = vec⁻¹(δ³)
     delta2 = delta3.reshape(len(delta3), -1, 2, 2)
     # δ¹ = [z¹ > 0] ⊙ win[2×2]ᵀ(δ² ⊙ 𝟙max(win[2×2](a¹)))
-    delta1 = (Z1 > 0)*_max_unpool(delta2, A1, A2, (2, 2), (1, 1))
+    delta1 = _max_unpool(delta2, A1, A2, (2, 2), (1, 1))
+    delta1 *= (Z1 > 0)
     # ∂C/∂W¹ = a⁰ ⋆ δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (2, 2))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows

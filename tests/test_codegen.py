@@ -187,6 +187,21 @@ def test_no_activation_makes_the_backward_pass_call_again_what_the_forward_pass_
     assert not _costly_calls(forward) & _costly_calls(backward)
 
 
+@pytest.mark.parametrize("name", ["digits_cnn", "lenet", "tiny_cnn"])
+def test_a_layer_error_multiplies_its_fold_in_place(name):
+    # delta1 = _max_unpool(...); delta1 *= (Z1 > 0): no array for the product
+    backward = source(name).split("def backward(")[1].split("\ndef ")[0].splitlines()
+    folds = [n for n, line in enumerate(backward)
+             if re.search(r"_(fold|max_unpool|correlate_input)\(", line)]
+    assert folds
+    for n in folds:
+        target = re.match(r"    (\w+) = _(fold|max_unpool|correlate_input)\(", backward[n])
+        assert target, backward[n]
+        following = backward[n + 1]
+        assert following.startswith(f"    {target.group(1)} *= ") or \
+            not following.startswith(f"    {target.group(1)} ="), following
+
+
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
     text = source("lstm_adding")
     backward = text.split("def backward(")[1].split("\ndef ")[0]

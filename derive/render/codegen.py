@@ -21,7 +21,7 @@ from pathlib import Path
 import sympy as sp
 
 from derive import __version__
-from derive.derivation.imageform import FirstMaxMask, Windows, WindowsMax
+from derive.derivation.imageform import FirstMaxMask, Fold, Windows, WindowsMax
 from derive.derivation.reverse import Derivation, Formula
 from derive.derivation.stepform import Concat, MatProd, SumSteps
 from derive.derivation.tensorform import (
@@ -361,7 +361,8 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
 
     A fresh (batch, n) array per ``+`` or ``*`` costs more than the arithmetic (allocation and
     page faults, measured in bench/graph_bench.py). So when a sum or product has a term or
-    factor that is a new array anyway (a matrix product), or an array this function made that
+    factor that is a new array anyway (a matrix product, a fold: a pooling or convolution
+    layer's error), or an array this function made that
     nothing later reads (nor any other name of the same buffer, nor ``keep``: the cache, the
     output), the target takes that buffer and the rest is added or multiplied in place:
     ``delta1 = delta2 @ W2; delta1 += delta4; delta1 *= (Z1 > 0)``.
@@ -555,10 +556,11 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
             return [("=", buffer), ("+=", expr - buffer)], reused
     if isinstance(expr, sp.Mul):
         for factor in expr.args:
-            if not (isinstance(factor, MatVec | sp.Add) or factor in dead):
+            if not (isinstance(factor, MatVec | Fold | sp.Add) or factor in dead):
                 continue
             rest = expr / factor
-            if isinstance(factor, MatVec) or (factor in dead and not rest.has(factor)):
+            # a matrix product and a fold (every helper that prints one makes a new array)
+            if isinstance(factor, MatVec | Fold) or (factor in dead and not rest.has(factor)):
                 reused = factor if isinstance(factor, NetTensor) else None
                 return [("=", factor), ("*=", rest)], reused
             if isinstance(factor, sp.Add):
