@@ -263,15 +263,15 @@ def _shared_calls(assigns: list[_Assign], printer: NumPyBatchPrinter) -> list[_A
 
 #: Functions whose value costs more to compute again than to keep in an array: the
 #: transcendental ones among those user expressions may call (not abs, max, min).
-_COSTLY = frozenset(f.build for f in SCALAR_FUNCTIONS.values()
+COSTLY = frozenset(f.build for f in SCALAR_FUNCTIONS.values()
                     if isinstance(f.build, sp.FunctionClass)
                     and f.build not in (sp.Abs, sp.Max, sp.Min))
 
 
 def _costly_calls(expr: sp.Expr) -> list[sp.Expr]:
-    """The calls of a costly function (_COSTLY) on forward quantities in ``expr``, in order;
+    """The calls of a costly function (COSTLY) on forward quantities in ``expr``, in order;
     a call that reads an adjoint is the backward pass's own."""
-    return [e for e in sp.preorder_traversal(expr) if type(e) in _COSTLY
+    return [e for e in sp.preorder_traversal(expr) if type(e) in COSTLY
             and any(not t.is_parameter for t in e.atoms(NetTensor))
             and not any(t.role in ("grad", "delta") for t in e.atoms(NetTensor))]
 
