@@ -64,78 +64,75 @@ def _softmax_logsumexp(x):
 
 
 def _window_max(x, kernel, stride):
-    """The maximum over each window of feature maps x (B, C, H, W): (B, C, H', W'), one
+    """The maximum over each window of feature maps x (C, H, W, B): (C, H', W', B), one
     np.maximum of strided slices per kernel offset."""
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
     out = None
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            part = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
+            part = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
                      q:q + stride[1] * (cols - 1) + 1:stride[1]]
             out = part.copy() if out is None else np.maximum(out, part, out=out)
     return out
 
 
 def _im2col(x, kernel, stride, padding):
-    """The windows of feature maps x (B, C, H, W), zero-padded, copied into one array
-    (B, C * kh * kw, H', W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
-    (p, q) of every window, one contiguous copy per offset (the layout of a batched matrix
-    product)."""
+    """The windows of feature maps x (C, H, W, B), zero-padded, copied into one array
+    (C * kh * kw, H', W', B): row (c, p, q) holds x[c] at kernel offset (p, q) of every
+    window, for every sample; one copy per kernel offset, of rows of W' * B numbers (a
+    convolution is then one matrix product)."""
     if padding != (0, 0):
         (top, left) = padding
-        padded = np.zeros((*x.shape[:2], x.shape[2] + 2 * top, x.shape[3] + 2 * left),
-                          dtype=x.dtype)
-        padded[:, :, top:top + x.shape[2], left:left + x.shape[3]] = x
+        padded = np.zeros((x.shape[0], x.shape[1] + 2 * top, x.shape[2] + 2 * left,
+                           x.shape[3]), dtype=x.dtype)
+        padded[:, top:top + x.shape[1], left:left + x.shape[2]] = x
         x = padded
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
-    out = np.empty((x.shape[0], x.shape[1], kernel[0], kernel[1], rows, cols), dtype=x.dtype)
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
+    out = np.empty((x.shape[0], kernel[0], kernel[1], rows, cols, x.shape[3]), dtype=x.dtype)
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            out[:, :, p, q] = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                                q:q + stride[1] * (cols - 1) + 1:stride[1]]
-    return out.reshape(x.shape[0], -1, rows, cols)
+            out[:, p, q] = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
+                             q:q + stride[1] * (cols - 1) + 1:stride[1]]
+    return out.reshape(-1, rows, cols, x.shape[3])
 
 
 def _correlate(w, cols):
     """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) at each output
-    position: kernels w (J, C, kh, kw) on the windows cols (B, C * kh * kw, H', W') of
-    _im2col, one matrix product per sample; (B, J, H', W')."""
-    rows = cols.reshape(*cols.shape[:2], -1)
-    return np.matmul(w.reshape(len(w), -1), rows).reshape(len(cols), len(w), *cols.shape[2:])
+    position: kernels w (J, C, kh, kw) on the windows cols (C * kh * kw, H', W', B) of
+    _im2col, one matrix product; (J, H', W', B)."""
+    product = w.reshape(len(w), -1) @ cols.reshape(len(cols), -1)
+    return product.reshape(len(w), *cols.shape[1:])
 
 
 def _correlate_kernel(delta, cols, kernel):
-    """Σ over the samples and output positions of delta[b, j, r, s] times the window entry
-    (k, p, q) at (r, s) of the windows cols (B, C * kh * kw, H', W') of _im2col: a kernel's
-    gradient (J, C, kh, kw), one matrix product per sample, summed."""
-    rows = cols.reshape(*cols.shape[:2], -1)
-    product = np.matmul(delta.reshape(*delta.shape[:2], -1), rows.transpose(0, 2, 1))
-    return product.sum(axis=0).reshape(delta.shape[1], -1, *kernel)
+    """Σ over the samples and output positions of delta[j, r, s, b] times the window entry
+    (k, p, q) at (r, s) of the windows cols (C * kh * kw, H', W', B) of _im2col: a kernel's
+    gradient (J, C, kh, kw), one matrix product."""
+    product = delta.reshape(len(delta), -1) @ cols.reshape(len(cols), -1).T
+    return product.reshape(len(delta), -1, *kernel)
 
 
 def _max_unpool(delta, x, largest, kernel, stride):
-    """The fold of delta times each window's first-maximum indicator: delta (B, C, H', W')
-    added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere;
+    """The fold of delta times each window's first-maximum indicator: delta (C, H', W', B)
+    added at the first maximum (row-major) of its window of x (C, H, W, B), 0 elsewhere;
     largest: the maximum of each window (_window_max, kept by the forward pass)."""
-    rows, cols = delta.shape[2:]
-    parts = [(p, q, x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                      q:q + stride[1] * (cols - 1) + 1:stride[1]])
-             for p in range(kernel[0]) for q in range(kernel[1])]
+    rows, cols = delta.shape[1:3]
     out = np.zeros(x.shape, dtype=delta.dtype)
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
     open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
-    for p, q, part in parts:
-        first = np.equal(part, largest)
-        first &= open_
-        open_ ^= first
-        at = out[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                 q:q + stride[1] * (cols - 1) + 1:stride[1]]
-        if overlap:
-            at += delta * first
-        else:                        # each entry in one window at most: written once
-            np.multiply(delta, first, out=at)
+    for p in range(kernel[0]):
+        for q in range(kernel[1]):
+            at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
+                  slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
+            first = np.equal(x[at], largest)
+            first &= open_
+            open_ ^= first
+            if overlap:
+                out[at] += delta * first
+            else:                    # each entry in one window at most: written once
+                np.multiply(delta, first, out=out[at])
     return out
 
 
@@ -173,11 +170,12 @@ def forward(params, X):
     W4, b4 = params["W4"], params["b4"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
+    X = X.transpose(1, 2, 3, 0)
     windows_X = _im2col(X, (3, 3), (1, 1), (1, 1))
-    Z1 = b1[:, None, None] + _correlate(W1, windows_X)
+    Z1 = b1[:, None, None, None] + _correlate(W1, windows_X)
     A1 = np.maximum(Z1, 0)
     A2 = _window_max(A1, (2, 2), (2, 2))
-    A3 = A2.reshape(len(A2), -1)
+    A3 = A2.reshape(-1, A2.shape[-1]).T
     Z4 = A3 @ W4.T
     Z4 += b4
     A4, LSE4 = _softmax_logsumexp(Z4)
@@ -219,14 +217,14 @@ def backward(params, cache, Y):
     # δ³ = (W⁴)ᵀ δ⁴
     delta3 = delta4 @ W4
     # δ² = vec⁻¹(δ³)
-    delta2 = delta3.reshape(len(delta3), -1, 4, 4)
+    delta2 = delta3.T.reshape(-1, 4, 4, len(delta3))
     # δ¹ = [z¹ > 0] ⊙ win[2×2, S=2]ᵀ(δ² ⊙ 𝟙max(win[2×2, S=2](a¹)))
     delta1 = _max_unpool(delta2, A1, A2, (2, 2), (2, 2))
     delta1 *= (Z1 > 0)
     # ∂C/∂W¹ = a⁰ ⋆[P=1] δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (3, 3))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows
-    db1 = np.einsum('bjki->j', delta1)
+    db1 = np.einsum('jkib->j', delta1)
     return {"W1": dW1, "b1": db1, "W4": dW4, "b4": db4}
 
 

@@ -77,87 +77,86 @@ def _softmax_logsumexp(x):
 
 
 def _fold(cols, shape, stride, padding, kernel):
-    """The adjoint of _windows: every window entry of cols (B, C, H', W', kh, kw; it may be
+    """The adjoint of _windows: every window entry of cols (C, H', W', B, kh, kw; it may be
     broadcast along the last two axes) added back at its place in feature maps of
-    `shape` (H, W); what lands in the padding is dropped. One slice per kernel offset."""
-    batch, channels, rows, cols_ = cols.shape[:4]
+    `shape` (H, W), (C, H, W, B); what lands in the padding is dropped. One addition per
+    kernel offset, of a block whose rows run over W' * B numbers."""
+    channels, rows, cols_, batch = cols.shape[:4]
     (sh, sw), (ph, pw) = stride, padding
-    out = np.zeros((batch, channels, shape[0] + 2 * ph, shape[1] + 2 * pw), dtype=cols.dtype)
+    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
     full = cols.shape[4:] == kernel
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            part = cols[:, :, :, :, p, q] if full else cols[:, :, :, :, 0, 0]
-            out[:, :, p:p + sh * rows:sh, q:q + sw * cols_:sw] += part
-    return out[:, :, ph:ph + shape[0], pw:pw + shape[1]]
+            part = cols[..., p, q] if full else cols[..., 0, 0]
+            out[:, p:p + sh * rows:sh, q:q + sw * cols_:sw] += part
+    return out[:, ph:ph + shape[0], pw:pw + shape[1]]
 
 
 def _im2col(x, kernel, stride, padding):
-    """The windows of feature maps x (B, C, H, W), zero-padded, copied into one array
-    (B, C * kh * kw, H', W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
-    (p, q) of every window, one contiguous copy per offset (the layout of a batched matrix
-    product)."""
+    """The windows of feature maps x (C, H, W, B), zero-padded, copied into one array
+    (C * kh * kw, H', W', B): row (c, p, q) holds x[c] at kernel offset (p, q) of every
+    window, for every sample; one copy per kernel offset, of rows of W' * B numbers (a
+    convolution is then one matrix product)."""
     if padding != (0, 0):
         (top, left) = padding
-        padded = np.zeros((*x.shape[:2], x.shape[2] + 2 * top, x.shape[3] + 2 * left),
-                          dtype=x.dtype)
-        padded[:, :, top:top + x.shape[2], left:left + x.shape[3]] = x
+        padded = np.zeros((x.shape[0], x.shape[1] + 2 * top, x.shape[2] + 2 * left,
+                           x.shape[3]), dtype=x.dtype)
+        padded[:, top:top + x.shape[1], left:left + x.shape[2]] = x
         x = padded
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
-    out = np.empty((x.shape[0], x.shape[1], kernel[0], kernel[1], rows, cols), dtype=x.dtype)
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
+    out = np.empty((x.shape[0], kernel[0], kernel[1], rows, cols, x.shape[3]), dtype=x.dtype)
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            out[:, :, p, q] = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                                q:q + stride[1] * (cols - 1) + 1:stride[1]]
-    return out.reshape(x.shape[0], -1, rows, cols)
+            out[:, p, q] = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
+                             q:q + stride[1] * (cols - 1) + 1:stride[1]]
+    return out.reshape(-1, rows, cols, x.shape[3])
 
 
 def _correlate(w, cols):
     """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) at each output
-    position: kernels w (J, C, kh, kw) on the windows cols (B, C * kh * kw, H', W') of
-    _im2col, one matrix product per sample; (B, J, H', W')."""
-    rows = cols.reshape(*cols.shape[:2], -1)
-    return np.matmul(w.reshape(len(w), -1), rows).reshape(len(cols), len(w), *cols.shape[2:])
+    position: kernels w (J, C, kh, kw) on the windows cols (C * kh * kw, H', W', B) of
+    _im2col, one matrix product; (J, H', W', B)."""
+    product = w.reshape(len(w), -1) @ cols.reshape(len(cols), -1)
+    return product.reshape(len(w), *cols.shape[1:])
 
 
 def _correlate_kernel(delta, cols, kernel):
-    """Σ over the samples and output positions of delta[b, j, r, s] times the window entry
-    (k, p, q) at (r, s) of the windows cols (B, C * kh * kw, H', W') of _im2col: a kernel's
-    gradient (J, C, kh, kw), one matrix product per sample, summed."""
-    rows = cols.reshape(*cols.shape[:2], -1)
-    product = np.matmul(delta.reshape(*delta.shape[:2], -1), rows.transpose(0, 2, 1))
-    return product.sum(axis=0).reshape(delta.shape[1], -1, *kernel)
+    """Σ over the samples and output positions of delta[j, r, s, b] times the window entry
+    (k, p, q) at (r, s) of the windows cols (C * kh * kw, H', W', B) of _im2col: a kernel's
+    gradient (J, C, kh, kw), one matrix product."""
+    product = delta.reshape(len(delta), -1) @ cols.reshape(len(cols), -1).T
+    return product.reshape(len(delta), -1, *kernel)
 
 
 def _correlate_input(delta, w, shape, stride, padding):
-    """The fold of Σ_j delta[b, j, u, v] w[j, k, p, q] over the windows (u, v) and kernel
+    """The fold of Σ_j w[j, k, p, q] delta[j, u, v, b] over the windows (u, v) and kernel
     offsets (p, q) that cover each entry of feature maps of `shape` (H, W); what lands in the
-    padding is dropped. (B, C, H, W). Computed batch-last: one matrix product of the kernels
-    with delta laid out (J, H' * W' * B), one addition per kernel offset of a block whose rows
-    run over W' * B contiguous numbers, not W', then one copy back to (B, C, H, W)."""
-    batch, _, rows, cols = delta.shape
+    padding is dropped. (C, H, W, B): one matrix product of the kernels with delta
+    (J, H' * W' * B), then one addition per kernel offset of a block whose rows run over
+    W' * B numbers."""
+    _, rows, cols, batch = delta.shape
     channels, kh, kw = w.shape[1:]
     (sh, sw), (ph, pw) = stride, padding
-    last = np.ascontiguousarray(delta.transpose(1, 2, 3, 0)).reshape(len(w), -1)
-    parts = (w.reshape(len(w), -1).T @ last).reshape(channels, kh, kw, rows, cols, batch)
+    parts = (w.reshape(len(w), -1).T @ delta.reshape(len(w), -1)).reshape(
+        channels, kh, kw, rows, cols, batch)
     out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=delta.dtype)
     for p in range(kh):
         for q in range(kw):
             at = out[:, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw]
             at += parts[:, p, q]
-    inside = out[:, ph:ph + shape[0], pw:pw + shape[1]]
-    return np.ascontiguousarray(inside.transpose(3, 0, 1, 2))
+    return out[:, ph:ph + shape[0], pw:pw + shape[1]]
 
 
 def _window_sum(x, kernel, stride):
-    """The sum over each window of feature maps x (B, C, H, W): (B, C, H', W'), one
+    """The sum over each window of feature maps x (C, H, W, B): (C, H', W', B), one
     addition of strided slices per kernel offset."""
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
     out = None
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            part = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
+            part = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
                      q:q + stride[1] * (cols - 1) + 1:stride[1]]
             out = part.copy() if out is None else np.add(out, part, out=out)
     return out
@@ -205,15 +204,16 @@ def forward(params, X):
     W8, b8 = params["W8"], params["b8"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
+    X = X.transpose(1, 2, 3, 0)
     windows_X = _im2col(X, (5, 5), (1, 1), (2, 2))
-    Z1 = b1[:, None, None] + _correlate(W1, windows_X)
+    Z1 = b1[:, None, None, None] + _correlate(W1, windows_X)
     A1 = np.tanh(Z1)
     A2 = 0.25*_window_sum(A1, (2, 2), (2, 2))
     windows_A2 = _im2col(A2, (5, 5), (1, 1), (0, 0))
-    Z3 = b3[:, None, None] + _correlate(W3, windows_A2)
+    Z3 = b3[:, None, None, None] + _correlate(W3, windows_A2)
     A3 = np.tanh(Z3)
     A4 = 0.25*_window_sum(A3, (2, 2), (2, 2))
-    A5 = A4.reshape(len(A4), -1)
+    A5 = A4.reshape(-1, A4.shape[-1]).T
     Z6 = A5 @ W6.T
     Z6 += b6
     A6 = np.tanh(Z6)
@@ -278,14 +278,14 @@ def backward(params, cache, Y):
     # δ⁵ = (W⁶)ᵀ δ⁶
     delta5 = delta6 @ W6
     # δ⁴ = vec⁻¹(δ⁵)
-    delta4 = delta5.reshape(len(delta5), -1, 5, 5)
+    delta4 = delta5.T.reshape(-1, 5, 5, len(delta5))
     # δ³ = (1/4)·(1 - (a³)²) ⊙ win[2×2, S=2]ᵀ(δ⁴)
     delta3 = _fold(delta4[:, :, :, :, None, None], (10, 10), (2, 2), (0, 0), (2, 2))
     delta3 *= 0.25 - 0.25*A3**2
     # ∂C/∂W³ = a² ⋆ δ³, summed over the rows
     dW3 = _correlate_kernel(delta3, windows_A2, (5, 5))
     # ∂C/∂b³ = Σ_rs δ³, summed over the rows
-    db3 = np.einsum('bjki->j', delta3)
+    db3 = np.einsum('jkib->j', delta3)
     # δ² = δ³ ⋆[full] rot180(W³)
     delta2 = _correlate_input(delta3, W3, (14, 14), (1, 1), (0, 0))
     # δ¹ = (1/4)·(1 - (a¹)²) ⊙ win[2×2, S=2]ᵀ(δ²)
@@ -294,7 +294,7 @@ def backward(params, cache, Y):
     # ∂C/∂W¹ = a⁰ ⋆[P=2] δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (5, 5))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows
-    db1 = np.einsum('bjki->j', delta1)
+    db1 = np.einsum('jkib->j', delta1)
     return {"W1": dW1, "b1": db1, "W3": dW3, "b3": db3, "W6": dW6, "b6": db6, "W7": dW7, "b7": db7, "W8": dW8, "b8": db8}
 
 

@@ -131,3 +131,34 @@ def test_random_image_specs_match_pytorch_and_central_differences(spec: dict,
     # central differences across a relu-family kink near 0 are inexact (about 1e-6 here and
     # there); a wrong formula gives about 1, and exactness is PyTorch's comparison above
     assert module.gradient_check(params, X, Y) < 1e-4
+
+
+def test_a_given_dropout_mask_of_feature_maps_is_read_per_sample_as_pytorch_would() -> None:
+    """Generated code keeps feature maps batch-last, (C, H, W, B); a dropout mask is given as
+    X is, (B, C, H, W), and must still drop entry (c, h, w) of sample b: the gradients with
+    masks whose every entry differs match PyTorch's conv2d, relu, mask, flatten and linear."""
+    torch = pytest.importorskip("torch")
+    spec = {"name": "dropped", "input": [2, 4, 3], "layers": [
+        {"op": "conv2d", "channels": 3, "kernel": [2, 3], "padding": [0, 1],
+         "activation": "relu"},
+        {"op": "dropout", "rate": 0.5},
+        {"op": "flatten"},
+        {"size": 4, "activation": "softmax"}], "loss": "cross_entropy"}
+    module = _module(spec)
+    rng = np.random.default_rng(3)
+    params = {key: value + 0.1 * rng.standard_normal(value.shape)
+              for key, value in module.init_params(seed=3).items()}
+    X = rng.standard_normal((5, 2, 4, 3))
+    Y = np.eye(4)[rng.integers(0, 4, 5)]
+    (name,) = module.DROPOUT_SHAPES
+    mask = rng.uniform(0.0, 2.0, (5, *module.DROPOUT_SHAPES[name]))
+    value, grads = module.gradients(params, X, Y, {name: mask})
+    tensors = {key: torch.tensor(value, requires_grad=True) for key, value in params.items()}
+    maps = torch.relu(torch.nn.functional.conv2d(torch.tensor(X), tensors["W1"], tensors["b1"],
+                                                 padding=(0, 1))) * torch.tensor(mask)
+    logits = maps.flatten(1) @ tensors["W4"].T + tensors["b4"]
+    expected = -(torch.tensor(Y) * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    expected.backward()
+    assert value == pytest.approx(float(expected), rel=1e-12)
+    for key, tensor in tensors.items():
+        assert np.allclose(grads[key], tensor.grad.numpy(), rtol=1e-10, atol=1e-12), key

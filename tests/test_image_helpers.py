@@ -1,6 +1,8 @@
 """The image helpers a generated module may define (derive/render/numpy_printer.py) against
 their definitions written entry by entry, over random sizes, strides and paddings: the
-fallbacks too, which the built-in ops' modules do not reach."""
+fallbacks too, which the built-in ops' modules do not reach. The definitions below index
+feature maps as PyTorch does, (B, C, H, W); the helpers take and give them batch-last,
+(C, H, W, B), and windows (C, H', W', B, kh, kw) (docs/architecture.md, "Images")."""
 
 from __future__ import annotations
 
@@ -17,6 +19,16 @@ NAMES = ("_windows", "_fold", "_first_max", "_window_max", "_window_sum", "_max_
 SPACE: dict = {"np": np}
 for _name in NAMES:
     exec(HELPERS[_name], SPACE)  # noqa: S102 (derive's own helper source, not user text)
+
+
+def last(maps: np.ndarray) -> np.ndarray:
+    """Feature maps (B, C, H, W) or their windows (B, C, H', W', kh, kw) batch-last."""
+    return np.moveaxis(maps, 0, 3)
+
+
+def batch_first(maps: np.ndarray) -> np.ndarray:
+    """The inverse of last."""
+    return np.moveaxis(maps, 3, 0)
 
 
 def padded(x: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
@@ -49,31 +61,31 @@ def case(g):
 @given(geometry)
 def test_windows_im2col_and_correlations(g) -> None:
     rng, x, kernel, stride, padding, rows, cols = case(g)
-    windows = SPACE["_windows"](x, kernel, stride, padding)
+    windows = batch_first(SPACE["_windows"](last(x), kernel, stride, padding))
     assert windows.shape == (*x.shape[:2], rows, cols, *kernel)
     for r, s in itertools.product(range(rows), range(cols)):
         assert np.array_equal(windows[:, :, r, s], window(x, kernel, stride, padding, r, s))
-    im2col = SPACE["_im2col"](x, kernel, stride, padding)
-    assert np.array_equal(im2col, windows.transpose(0, 1, 4, 5, 2, 3).reshape(len(x), -1,
-                                                                              rows, cols))
+    im2col = SPACE["_im2col"](last(x), kernel, stride, padding)
+    assert np.array_equal(im2col, windows.transpose(1, 4, 5, 2, 3, 0).reshape(-1, rows, cols,
+                                                                              len(x)))
     w = rng.standard_normal((3, x.shape[1], *kernel))
     expected = np.einsum("bkrspq,jkpq->bjrs", windows, w)
-    assert np.allclose(SPACE["_correlate"](w, im2col), expected)
+    assert np.allclose(batch_first(SPACE["_correlate"](w, im2col)), expected)
     delta = rng.standard_normal((len(x), 3, rows, cols))
-    assert np.allclose(SPACE["_correlate_kernel"](delta, im2col, kernel),
+    assert np.allclose(SPACE["_correlate_kernel"](last(delta), im2col, kernel),
                        np.einsum("bkrspq,bjrs->jkpq", windows, delta))
     # the fold is the adjoint of the windows: <fold(c), x> = <c, windows(x)>
     parts = rng.standard_normal(windows.shape)
-    folded = SPACE["_fold"](parts, x.shape[2:], stride, padding, kernel)
+    folded = batch_first(SPACE["_fold"](last(parts), x.shape[2:], stride, padding, kernel))
     assert np.isclose(np.sum(folded * x), np.sum(parts * windows))
-    broadcast = SPACE["_fold"](delta[:, :1, :, :, None, None], x.shape[2:], stride, padding,
-                               kernel)
-    full = SPACE["_fold"](np.broadcast_to(delta[:, :1, :, :, None, None],
-                                          (len(x), 1, rows, cols, *kernel)).copy(),
+    broadcast = SPACE["_fold"](last(delta[:, :1, :, :, None, None]), x.shape[2:], stride,
+                               padding, kernel)
+    full = SPACE["_fold"](last(np.broadcast_to(delta[:, :1, :, :, None, None],
+                                               (len(x), 1, rows, cols, *kernel)).copy()),
                           x.shape[2:], stride, padding, kernel)
     assert np.allclose(broadcast, full)
-    inputs = SPACE["_correlate_input"](delta, w, x.shape[2:], stride, padding)
-    assert np.allclose(inputs, SPACE["_fold"](np.einsum("bjrs,jkpq->bkrspq", delta, w),
+    inputs = SPACE["_correlate_input"](last(delta), w, x.shape[2:], stride, padding)
+    assert np.allclose(inputs, SPACE["_fold"](last(np.einsum("bjrs,jkpq->bkrspq", delta, w)),
                                               x.shape[2:], stride, padding, kernel))
 
 
@@ -85,10 +97,12 @@ def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
         x = np.round(x)          # many equal entries in a window
     rows = (x.shape[2] - kernel[0]) // stride[0] + 1
     cols = (x.shape[3] - kernel[1]) // stride[1] + 1
-    windows = SPACE["_windows"](x, kernel, stride, (0, 0))
-    assert np.array_equal(SPACE["_window_max"](x, kernel, stride), windows.max(axis=(4, 5)))
-    assert np.allclose(SPACE["_window_sum"](x, kernel, stride), windows.sum(axis=(4, 5)))
-    mask = SPACE["_first_max"](windows)
+    windows = batch_first(SPACE["_windows"](last(x), kernel, stride, (0, 0)))
+    assert np.array_equal(batch_first(SPACE["_window_max"](last(x), kernel, stride)),
+                          windows.max(axis=(4, 5)))
+    assert np.allclose(batch_first(SPACE["_window_sum"](last(x), kernel, stride)),
+                       windows.sum(axis=(4, 5)))
+    mask = batch_first(SPACE["_first_max"](last(windows)))
     delta = rng.standard_normal((len(x), x.shape[1], rows, cols))
     expected = np.zeros_like(x)
     for b, c, r, s in itertools.product(*(range(n) for n in delta.shape)):
@@ -98,7 +112,8 @@ def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
         assert mask[b, c, r, s].reshape(-1).tolist() == [float(n == first)
                                                          for n in range(flat.size)]
         expected[b, c, r * stride[0] + p, s * stride[1] + q] += delta[b, c, r, s]
-    largest = SPACE["_window_max"](x, kernel, stride)
-    assert np.allclose(SPACE["_max_unpool"](delta, x, largest, kernel, stride), expected)
-    assert np.allclose(SPACE["_fold"](delta[..., None, None] * mask, x.shape[2:], stride,
-                                      (0, 0), kernel), expected)
+    largest = SPACE["_window_max"](last(x), kernel, stride)
+    assert np.allclose(batch_first(SPACE["_max_unpool"](last(delta), last(x), largest, kernel,
+                                                  stride)), expected)
+    assert np.allclose(batch_first(SPACE["_fold"](last(delta[..., None, None] * mask), x.shape[2:],
+                                            stride, (0, 0), kernel)), expected)

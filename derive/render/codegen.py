@@ -36,7 +36,14 @@ from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
 from derive.registry.functions import SCALAR_FUNCTIONS
 from derive.registry.ops import Equation
-from derive.render.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, RowSum, batch_name
+from derive.render.numpy_printer import (
+    BATCH,
+    HELPERS,
+    NumPyBatchPrinter,
+    RowSum,
+    among_maps,
+    batch_name,
+)
 from derive.render.pretty import pretty
 from derive.render.probe import first_overflow
 from derive.render.stability import LogSumExp, Softmax, stabilize
@@ -395,12 +402,13 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             continue
         steps, reused = _in_place(assign.expr, dead)
         printer.whole = _whole(assign.expr)     # its right side only, not its target
+        printer.among_maps = among_maps(assign.expr)
         with printer.steps(views(assign.expr), layout=layout):
             for number, (op, expr) in enumerate(steps):
                 out.append(Statement(name, _signed(printer, op, expr),
                                      assign.comment if number == 0 else "",
                                      _op(op, expr)))
-        printer.whole = False
+        printer.whole, printer.among_maps = False, frozenset()
         if isinstance(assign.target, NetTensor):
             shares = reused if reused is not None else (
                 assign.expr if isinstance(assign.expr, NetTensor) else None)
@@ -716,6 +724,10 @@ def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
                          shared: tuple[sp.Expr, NetTensor] | None) -> list[_Assign]:
     """The forward pass, one assignment per equation, each from the model's equations."""
     out: list[_Assign] = []
+    if len(model.spec.input_shape) == 3:
+        out.append(_Assign("X", sp.Integer(0), "feature maps batch-last, (C, H, W, B) (a view): "
+                           "every slice along H and W runs over W * B numbers",
+                           code="X.transpose(1, 2, 3, 0)"))
     output = _output_equation(model)
     for equation in model.equations:
         expr = stabilize(equation_tensor(equation, model.feature_widths).xreplace(
@@ -761,6 +773,9 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     dropout = [{"mask": batch_name(NetTensor("mask", node.index, rank=len(node.dims))),
                 "size": ", ".join(map(str, node.dims)),
                 "keep": repr(1.0 - float(dict(node.options)["rate"])),
+                # a mask of feature maps is given (B, C, H, W), used batch-last as they are
+                "given": f'masks["{batch_name(NetTensor("mask", node.index, rank=len(node.dims)))}"]'
+                + (".transpose(1, 2, 3, 0)" if len(node.dims) == 3 else ""),
                 # dropout off: 1; on a sequence an array of ones with every step (1, T, 1),
                 # whose axes a loop's step-major statements can swap and index at step t
                 "off": "1.0" if len(node.dims) != 2 else

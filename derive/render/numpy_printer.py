@@ -152,154 +152,151 @@ def _erf(x):
 HELPERS.update({
     "_windows": '''\
 def _windows(x, kernel, stride, padding):
-    """The sliding windows of feature maps x (B, C, H, W), zero-padded by `padding` rows
-    and columns: a view (B, C, H', W', kh, kw) whose entry [b, c, r, s, p, q] is the padded
-    x[b, c, stride_h * r + p, stride_w * s + q] (indices from 0)."""
+    """The sliding windows of feature maps x (C, H, W, B), zero-padded by `padding` rows
+    and columns: a view (C, H', W', B, kh, kw) whose entry [c, r, s, b, p, q] is the padded
+    x[c, stride_h * r + p, stride_w * s + q, b] (indices from 0)."""
     if padding != (0, 0):
         (top, left) = padding
-        padded = np.zeros((*x.shape[:2], x.shape[2] + 2 * top, x.shape[3] + 2 * left),
-                          dtype=x.dtype)
-        padded[:, :, top:top + x.shape[2], left:left + x.shape[3]] = x
+        padded = np.zeros((x.shape[0], x.shape[1] + 2 * top, x.shape[2] + 2 * left,
+                           x.shape[3]), dtype=x.dtype)
+        padded[:, top:top + x.shape[1], left:left + x.shape[2]] = x
         x = padded
-    windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))
-    return windows[:, :, ::stride[0], ::stride[1]]
+    windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(1, 2))
+    return windows[:, ::stride[0], ::stride[1]]
 ''',
     "_fold": '''\
 def _fold(cols, shape, stride, padding, kernel):
-    """The adjoint of _windows: every window entry of cols (B, C, H', W', kh, kw; it may be
+    """The adjoint of _windows: every window entry of cols (C, H', W', B, kh, kw; it may be
     broadcast along the last two axes) added back at its place in feature maps of
-    `shape` (H, W); what lands in the padding is dropped. One slice per kernel offset."""
-    batch, channels, rows, cols_ = cols.shape[:4]
+    `shape` (H, W), (C, H, W, B); what lands in the padding is dropped. One addition per
+    kernel offset, of a block whose rows run over W' * B numbers."""
+    channels, rows, cols_, batch = cols.shape[:4]
     (sh, sw), (ph, pw) = stride, padding
-    out = np.zeros((batch, channels, shape[0] + 2 * ph, shape[1] + 2 * pw), dtype=cols.dtype)
+    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
     full = cols.shape[4:] == kernel
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            part = cols[:, :, :, :, p, q] if full else cols[:, :, :, :, 0, 0]
-            out[:, :, p:p + sh * rows:sh, q:q + sw * cols_:sw] += part
-    return out[:, :, ph:ph + shape[0], pw:pw + shape[1]]
+            part = cols[..., p, q] if full else cols[..., 0, 0]
+            out[:, p:p + sh * rows:sh, q:q + sw * cols_:sw] += part
+    return out[:, ph:ph + shape[0], pw:pw + shape[1]]
 ''',
     "_window_max": '''\
 def _window_max(x, kernel, stride):
-    """The maximum over each window of feature maps x (B, C, H, W): (B, C, H', W'), one
+    """The maximum over each window of feature maps x (C, H, W, B): (C, H', W', B), one
     np.maximum of strided slices per kernel offset."""
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
     out = None
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            part = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
+            part = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
                      q:q + stride[1] * (cols - 1) + 1:stride[1]]
             out = part.copy() if out is None else np.maximum(out, part, out=out)
     return out
 ''',
     "_im2col": '''\
 def _im2col(x, kernel, stride, padding):
-    """The windows of feature maps x (B, C, H, W), zero-padded, copied into one array
-    (B, C * kh * kw, H', W'): row (c, p, q) of sample b holds x[b, c] at kernel offset
-    (p, q) of every window, one contiguous copy per offset (the layout of a batched matrix
-    product)."""
+    """The windows of feature maps x (C, H, W, B), zero-padded, copied into one array
+    (C * kh * kw, H', W', B): row (c, p, q) holds x[c] at kernel offset (p, q) of every
+    window, for every sample; one copy per kernel offset, of rows of W' * B numbers (a
+    convolution is then one matrix product)."""
     if padding != (0, 0):
         (top, left) = padding
-        padded = np.zeros((*x.shape[:2], x.shape[2] + 2 * top, x.shape[3] + 2 * left),
-                          dtype=x.dtype)
-        padded[:, :, top:top + x.shape[2], left:left + x.shape[3]] = x
+        padded = np.zeros((x.shape[0], x.shape[1] + 2 * top, x.shape[2] + 2 * left,
+                           x.shape[3]), dtype=x.dtype)
+        padded[:, top:top + x.shape[1], left:left + x.shape[2]] = x
         x = padded
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
-    out = np.empty((x.shape[0], x.shape[1], kernel[0], kernel[1], rows, cols), dtype=x.dtype)
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
+    out = np.empty((x.shape[0], kernel[0], kernel[1], rows, cols, x.shape[3]), dtype=x.dtype)
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            out[:, :, p, q] = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                                q:q + stride[1] * (cols - 1) + 1:stride[1]]
-    return out.reshape(x.shape[0], -1, rows, cols)
+            out[:, p, q] = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
+                             q:q + stride[1] * (cols - 1) + 1:stride[1]]
+    return out.reshape(-1, rows, cols, x.shape[3])
 ''',
     "_correlate": '''\
 def _correlate(w, cols):
     """Σ over k, p, q of w[j, k, p, q] times the window entry (k, p, q) at each output
-    position: kernels w (J, C, kh, kw) on the windows cols (B, C * kh * kw, H', W') of
-    _im2col, one matrix product per sample; (B, J, H', W')."""
-    rows = cols.reshape(*cols.shape[:2], -1)
-    return np.matmul(w.reshape(len(w), -1), rows).reshape(len(cols), len(w), *cols.shape[2:])
+    position: kernels w (J, C, kh, kw) on the windows cols (C * kh * kw, H', W', B) of
+    _im2col, one matrix product; (J, H', W', B)."""
+    product = w.reshape(len(w), -1) @ cols.reshape(len(cols), -1)
+    return product.reshape(len(w), *cols.shape[1:])
 ''',
     "_correlate_kernel": '''\
 def _correlate_kernel(delta, cols, kernel):
-    """Σ over the samples and output positions of delta[b, j, r, s] times the window entry
-    (k, p, q) at (r, s) of the windows cols (B, C * kh * kw, H', W') of _im2col: a kernel's
-    gradient (J, C, kh, kw), one matrix product per sample, summed."""
-    rows = cols.reshape(*cols.shape[:2], -1)
-    product = np.matmul(delta.reshape(*delta.shape[:2], -1), rows.transpose(0, 2, 1))
-    return product.sum(axis=0).reshape(delta.shape[1], -1, *kernel)
+    """Σ over the samples and output positions of delta[j, r, s, b] times the window entry
+    (k, p, q) at (r, s) of the windows cols (C * kh * kw, H', W', B) of _im2col: a kernel's
+    gradient (J, C, kh, kw), one matrix product."""
+    product = delta.reshape(len(delta), -1) @ cols.reshape(len(cols), -1).T
+    return product.reshape(len(delta), -1, *kernel)
 ''',
     "_correlate_input": '''\
 def _correlate_input(delta, w, shape, stride, padding):
-    """The fold of Σ_j delta[b, j, u, v] w[j, k, p, q] over the windows (u, v) and kernel
+    """The fold of Σ_j w[j, k, p, q] delta[j, u, v, b] over the windows (u, v) and kernel
     offsets (p, q) that cover each entry of feature maps of `shape` (H, W); what lands in the
-    padding is dropped. (B, C, H, W). Computed batch-last: one matrix product of the kernels
-    with delta laid out (J, H' * W' * B), one addition per kernel offset of a block whose rows
-    run over W' * B contiguous numbers, not W', then one copy back to (B, C, H, W)."""
-    batch, _, rows, cols = delta.shape
+    padding is dropped. (C, H, W, B): one matrix product of the kernels with delta
+    (J, H' * W' * B), then one addition per kernel offset of a block whose rows run over
+    W' * B numbers."""
+    _, rows, cols, batch = delta.shape
     channels, kh, kw = w.shape[1:]
     (sh, sw), (ph, pw) = stride, padding
-    last = np.ascontiguousarray(delta.transpose(1, 2, 3, 0)).reshape(len(w), -1)
-    parts = (w.reshape(len(w), -1).T @ last).reshape(channels, kh, kw, rows, cols, batch)
+    parts = (w.reshape(len(w), -1).T @ delta.reshape(len(w), -1)).reshape(
+        channels, kh, kw, rows, cols, batch)
     out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=delta.dtype)
     for p in range(kh):
         for q in range(kw):
             at = out[:, p:p + sh * (rows - 1) + 1:sh, q:q + sw * (cols - 1) + 1:sw]
             at += parts[:, p, q]
-    inside = out[:, ph:ph + shape[0], pw:pw + shape[1]]
-    return np.ascontiguousarray(inside.transpose(3, 0, 1, 2))
+    return out[:, ph:ph + shape[0], pw:pw + shape[1]]
 ''',
     "_window_sum": '''\
 def _window_sum(x, kernel, stride):
-    """The sum over each window of feature maps x (B, C, H, W): (B, C, H', W'), one
+    """The sum over each window of feature maps x (C, H, W, B): (C, H', W', B), one
     addition of strided slices per kernel offset."""
-    rows = (x.shape[2] - kernel[0]) // stride[0] + 1
-    cols = (x.shape[3] - kernel[1]) // stride[1] + 1
+    rows = (x.shape[1] - kernel[0]) // stride[0] + 1
+    cols = (x.shape[2] - kernel[1]) // stride[1] + 1
     out = None
     for p in range(kernel[0]):
         for q in range(kernel[1]):
-            part = x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
+            part = x[:, p:p + stride[0] * (rows - 1) + 1:stride[0],
                      q:q + stride[1] * (cols - 1) + 1:stride[1]]
             out = part.copy() if out is None else np.add(out, part, out=out)
     return out
 ''',
     "_max_unpool": '''\
 def _max_unpool(delta, x, largest, kernel, stride):
-    """The fold of delta times each window's first-maximum indicator: delta (B, C, H', W')
-    added at the first maximum (row-major) of its window of x (B, C, H, W), 0 elsewhere;
+    """The fold of delta times each window's first-maximum indicator: delta (C, H', W', B)
+    added at the first maximum (row-major) of its window of x (C, H, W, B), 0 elsewhere;
     largest: the maximum of each window (_window_max, kept by the forward pass)."""
-    rows, cols = delta.shape[2:]
-    parts = [(p, q, x[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                      q:q + stride[1] * (cols - 1) + 1:stride[1]])
-             for p in range(kernel[0]) for q in range(kernel[1])]
+    rows, cols = delta.shape[1:3]
     out = np.zeros(x.shape, dtype=delta.dtype)
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
     open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
-    for p, q, part in parts:
-        first = np.equal(part, largest)
-        first &= open_
-        open_ ^= first
-        at = out[:, :, p:p + stride[0] * (rows - 1) + 1:stride[0],
-                 q:q + stride[1] * (cols - 1) + 1:stride[1]]
-        if overlap:
-            at += delta * first
-        else:                        # each entry in one window at most: written once
-            np.multiply(delta, first, out=at)
+    for p in range(kernel[0]):
+        for q in range(kernel[1]):
+            at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
+                  slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
+            first = np.equal(x[at], largest)
+            first &= open_
+            open_ ^= first
+            if overlap:
+                out[at] += delta * first
+            else:                    # each entry in one window at most: written once
+                np.multiply(delta, first, out=out[at])
     return out
 ''',
     "_first_max": '''\
 def _first_max(windows):
     """1 at the first maximum of each window (row-major order), 0 elsewhere: an array of the
-    windows' shape (B, C, H', W', kh, kw)."""
+    windows' shape (C, H', W', B, kh, kw)."""
     largest = windows.max(axis=(4, 5))
     mask = np.empty(windows.shape, dtype=windows.dtype)
     taken = np.zeros(largest.shape, dtype=bool)
     for p in range(windows.shape[4]):
         for q in range(windows.shape[5]):
-            first = (windows[:, :, :, :, p, q] == largest) & ~taken
-            mask[:, :, :, :, p, q] = first
+            first = (windows[..., p, q] == largest) & ~taken
+            mask[..., p, q] = first
             taken |= first
     return mask
 ''',
@@ -340,6 +337,62 @@ def _correlated(cols: sp.Expr, kernel: sp.Expr) -> tuple[sp.Expr, sp.Expr] | Non
             or output != right[1] + left[1:] + right[2:]:
         return None
     return delta, kernels
+
+
+#: Nodes that are not entrywise: what they read is not combined entry by entry with what is
+#: around them (a parameter placed beside a contraction of feature maps is not among them).
+_SHAPING = (Einsum, RowSum, Fold, Windows, WindowsMax, FirstMaxMask, Flatten, Unflatten, MatVec,
+            Outer, Inner, Total, Block, Concat, Causal, SumLast, MatProd, Transposed, Softmax,
+            CausalSoftmax, LogSumExp)
+
+
+def map_valued(expr: sp.Expr) -> bool:
+    """Whether ``expr`` gives feature maps (or their windows) per sample, whose batch arrays
+    have the samples' axis at 3, after the channel, row and column (docs/architecture.md,
+    "Images"); a contraction of them to fewer axes has it first."""
+    if isinstance(expr, NetTensor):
+        return expr.rank == 3 and not expr.is_parameter
+    if isinstance(expr, Broadcast):
+        return not expr.args[0].is_parameter and expr.args[0].rank == 3
+    if isinstance(expr, Windows | WindowsMax | Fold | FirstMaxMask | Unflatten):
+        return True
+    if isinstance(expr, Einsum):
+        output = str(expr.args[0]).split("->")[1]
+        return len(output) >= 3 and any(map_valued(o) for o in expr.args[1:])
+    if isinstance(expr, _SHAPING):
+        return False
+    return any(map_valued(arg) for arg in expr.args)
+
+
+def among_maps(expr: sp.Expr) -> frozenset[Broadcast]:
+    """The placed tensors of ``expr`` combined entry by entry with feature maps: their frame
+    has the samples' axis where the maps have it (a bias b[:, None, None, None])."""
+    found: set[Broadcast] = set()
+
+    def walk(e: sp.Basic, among: bool) -> None:
+        if isinstance(e, Broadcast):
+            if among:
+                found.add(e)
+            return
+        if isinstance(e, SumAxes):
+            walk(e.args[0], map_valued(e.args[0]))
+            return
+        if isinstance(e, _SHAPING):
+            among = False
+        else:
+            among = among or any(map_valued(arg) for arg in e.args)
+        for arg in e.args:
+            walk(arg, among)
+
+    walk(expr, map_valued(expr))
+    return frozenset(found)
+
+
+def with_samples(letters: str, maps: bool) -> str:
+    """Subscript ``letters`` of a per-sample array with "b", the samples' axis: after the
+    first three (a feature map's channel, row and column) for feature maps and their windows,
+    else first."""
+    return letters[:3] + "b" + letters[3:] if maps else "b" + letters
 
 
 def _ints(pair: sp.Expr) -> str:
@@ -464,6 +517,10 @@ class NumPyBatchPrinter(NumPyPrinter):
         # maximum of each window of a max pool, which its error is routed by: their arrays
         self.columns: dict[Windows, NetTensor] = {}
         self.maxima: dict[Windows, NetTensor] = {}
+        # the placed tensors (Broadcast) of the statement being printed that are combined with
+        # feature maps, stored batch-last (C, H, W, B): their frame has the samples' axis
+        # after its first three (a parameter gains a trailing axis for them)
+        self.among_maps: frozenset[Broadcast] = frozenset()
 
     def name(self, tensor: NetTensor) -> str:
         """The variable that holds ``tensor``: its batch name; Q_steps when step-major."""
@@ -591,8 +648,11 @@ class NumPyBatchPrinter(NumPyPrinter):
         if correlation is not None:
             return correlation
         batched = [not (isinstance(o, NetTensor) and o.is_parameter) for o in operands]
-        inputs = ",".join(("b" if b else "") + s for b, s in zip(batched, inputs.split(",")))
-        output = ("b" if any(batched) and not over_rows else "") + output
+        maps = [map_valued(o) for o in operands]
+        inputs = ",".join(with_samples(s, image) if b else s
+                          for b, image, s in zip(batched, maps, inputs.split(",")))
+        if any(batched) and not over_rows:
+            output = with_samples(output, any(maps) and len(output) >= 3)
         return _einsum_call(f"{inputs}->{output}", [self._print(o) for o in operands])
 
     def _correlation(self, inputs: list[str], output: str, operands: list[sp.Expr],
@@ -634,9 +694,10 @@ class NumPyBatchPrinter(NumPyPrinter):
         # a sum over the samples of products of tensors: inside np.einsum, with no array of
         # shape (B, ...) in between; anything else: summed over axis 0
         terms = [self._summed_product(term) for term in sp.Add.make_args(expr.args[0])]
-        axes = "(0, 1)" if self._sequence(expr) else "0"
-        if all(term is not None for term in terms) and axes == "0":
+        sequence = self._sequence(expr)
+        if all(term is not None for term in terms) and not sequence:
             return " + ".join(terms).replace("+ -", "- ")
+        axes = "(0, 1)" if sequence else "3" if map_valued(expr.args[0]) else "0"
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}" \
                f".sum(axis={axes})"
 
@@ -652,7 +713,8 @@ class NumPyBatchPrinter(NumPyPrinter):
                 return None
             inputs = []
             for tensor, axes, frame in (f.args for f in factors):
-                inputs.append(("" if tensor.is_parameter else "b") + str(axes))
+                inputs.append(str(axes) if tensor.is_parameter else
+                              with_samples(str(axes), tensor.rank == 3))
             printed = _einsum_call(f"{','.join(inputs)}->{factors[0].args[2]}",
                                    [self._print(f.args[0]) for f in factors])
         return printed if coefficient == 1 else f"{self._print(coefficient)}*{printed}"
@@ -661,19 +723,28 @@ class NumPyBatchPrinter(NumPyPrinter):
         tensor, axes, frame = (expr.args[0], str(expr.args[1]), str(expr.args[2]))
         batched = not tensor.is_parameter
         name = self._print(tensor)
-        ordered = "".join(letter for letter in frame if letter in axes)
-        if ordered != axes:     # its axes in the frame's order (a view)
-            lead = "b" if batched else ""
-            name = f"np.einsum({f'{lead}{axes}->{lead}{ordered}'!r}, {name})"
-        slots = [":" if letter in axes else "None" for letter in frame]
+        # the axes of the result: the frame's, the samples' among them ("b": first, or after
+        # the three of a feature map's frame); the array's own, in the order it is stored
+        result = with_samples(frame, len(frame) >= 3 and (
+            expr in self.among_maps or (batched and tensor.rank == 3)))
+        own = with_samples(axes, tensor.rank == 3) if batched else axes
+        ordered = "".join(letter for letter in result if letter in own)
+        if ordered != own:      # its axes in the frame's order (a view)
+            name = f"np.einsum({f'{own}->{ordered}'!r}, {name})"
+        slots = [":" if letter in own else "None" for letter in result]
+        if not batched and result[0] == "b":
+            slots = slots[1:]       # broadcasting adds the leading axis of the samples
         if all(slot == ":" for slot in slots):
             return name
-        return f"{name}[{', '.join([':'] * batched + slots)}]"
+        return f"{name}[{', '.join(slots)}]"
 
     def _print_SumAxes(self, expr: SumAxes) -> str:
         body, frame, kept = expr.args[0], str(expr.args[1]), str(expr.args[2])
-        axes = tuple(n - len(frame) for n, letter in enumerate(frame) if letter not in kept)
-        if isinstance(body, sp.Pow) and body.exp == 2:      # a squared distance
+        result = with_samples(frame, len(frame) >= 3 and map_valued(body))
+        axes = tuple(n - len(result) for n, letter in enumerate(result)
+                     if letter != "b" and letter not in kept)
+        if isinstance(body, sp.Pow) and body.exp == 2 and \
+                axes == tuple(range(-len(axes), 0)):        # a squared distance
             self.helpers.add("_sum_squares")
             return f"_sum_squares({self._print(body.base)}, {len(axes)})"
         return f"np.sum({self._print(body)}, axis={axes!r})"
@@ -742,13 +813,15 @@ class NumPyBatchPrinter(NumPyPrinter):
                 f"{_ints(padding)}, {_ints(kernel)})")
 
     def _print_Flatten(self, expr: Flatten) -> str:
+        # feature maps (C, H, W, B) -> rows (B, C * H * W), C-major: a transposed view
         name = self.parenthesize(expr.args[0], PRECEDENCE["Atom"], strict=True)
-        return f"{name}.reshape(len({name}), -1)"
+        return f"{name}.reshape(-1, {name}.shape[-1]).T"
 
     def _print_Unflatten(self, expr: Unflatten) -> str:
+        # rows (B, C * H * W) -> feature maps (C, H, W, B)
         vector, (height, width) = expr.args
         name = self.parenthesize(vector, PRECEDENCE["Atom"], strict=True)
-        return f"{name}.reshape(len({name}), -1, {int(height)}, {int(width)})"
+        return f"{name}.T.reshape(-1, {int(height)}, {int(width)}, len({name}))"
 
     # --- functions ---------------------------------------------------------------------------
 
