@@ -53,15 +53,16 @@ ADAM_EPS = 1e-8
 
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
     below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call)."""
+    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
-    return 1 / e
+    return np.reciprocal(e, out=e)
 
 
 def _softplus(x):
@@ -105,11 +106,11 @@ def forward(params, X):
     Z1 = X @ W1.T
     Z1 += b1
     softplus_Z1 = _softplus(Z1)
-    tanh_softplus_Z1 = np.tanh(softplus_Z1)
+    tanh_softplus_Z1 = np.tanh(softplus_Z1, out=softplus_Z1)
     A1 = tanh_softplus_Z1*Z1
     Z2 = A1 @ W2.T
     Z2 += b2
-    A2 = _sigmoid(Z2)
+    A2 = _sigmoid(Z2, out=Z2)
     cache = {"X": X, "Z1": Z1, "tanh_softplus_Z1": tanh_softplus_Z1, "A1": A1, "A2": A2}
     return A2, cache
 

@@ -133,28 +133,28 @@ def forward(params, X):
     _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
-    A1 = np.tanh(Z1)
+    A1 = np.tanh(Z1, out=Z1)
     Z2 = A1 @ W2.T
     Z2 += b2
-    A2 = np.tanh(Z2)
+    A2 = np.tanh(Z2, out=Z2)
     Z3 = A2 @ W3.T
     Z3 += b3
-    A3 = np.tanh(Z3)
+    A3 = np.tanh(Z3, out=Z3)
     Z4 = A3 @ W4.T
     Z4 += b4
-    A4 = np.tanh(Z4)
+    A4 = np.tanh(Z4, out=Z4)
     Z5 = A4 @ W5.T
     Z5 += b5
-    A5 = np.tanh(Z5)
+    A5 = np.tanh(Z5, out=Z5)
     Z6 = A5 @ W6.T
     Z6 += b6
-    A6 = np.tanh(Z6)
+    A6 = np.tanh(Z6, out=Z6)
     Z7 = A6 @ W7.T
     Z7 += b7
-    A7 = np.tanh(Z7)
+    A7 = np.tanh(Z7, out=Z7)
     Z8 = A7 @ W8.T
     Z8 += b8
-    A8 = np.tanh(Z8)
+    A8 = np.tanh(Z8, out=Z8)
     Z9 = A8 @ W9.T
     Z9 += b9
     A9 = Z9

@@ -95,7 +95,7 @@ def forward(params, X):
     _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
-    A1 = np.tanh(Z1)
+    A1 = np.tanh(Z1, out=Z1)
     Z2 = A1 @ W2.T
     Z2 += b2
     A2, LSE2 = _softmax_logsumexp(Z2)

@@ -56,15 +56,16 @@ ADAM_EPS = 1e-8
 
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
     below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call)."""
+    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
-    return 1 / e
+    return np.reciprocal(e, out=e)
 
 
 def _softmax_logsumexp(x):
@@ -111,8 +112,8 @@ def forward(params, X):
     _check_input(X)
     S1_1 = X @ U1.T
     S2_1 = X @ V1.T
-    sigmoid_S2_1 = _sigmoid(S2_1)
-    tanh_S1_1 = np.tanh(S1_1)
+    sigmoid_S2_1 = _sigmoid(S2_1, out=S2_1)
+    tanh_S1_1 = np.tanh(S1_1, out=S1_1)
     A1 = c1 + sigmoid_S2_1*tanh_S1_1
     Z2 = A1 @ W2.T
     Z2 += b2

@@ -61,15 +61,16 @@ ADAM_EPS = 1e-8
 
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
     below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call)."""
+    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
-    return 1 / e
+    return np.reciprocal(e, out=e)
 
 
 def _dot_rows(x, w):
@@ -138,9 +139,9 @@ def forward(params, X):
     H1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     for t in range(16):
         Zh1_steps[t] = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + bh1
-        R1_steps[t] = _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16])
-        U1_steps[t] = _sigmoid(Zh1_steps[t][..., 16:32] + Zx1_steps[t][..., 16:32])
-        G1_steps[t] = np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48])
+        _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16], out=R1_steps[t])
+        _sigmoid(Zh1_steps[t][..., 16:32] + Zx1_steps[t][..., 16:32], out=U1_steps[t])
+        np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])
         H1_steps[t] = G1_steps[t]*(1 - U1_steps[t]) + (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0)
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
@@ -201,11 +202,11 @@ def backward(params, cache, Y):
         # ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
         dC_dZh1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
         dC_dZh1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
-        dC_dZh1_steps[t][..., 32:48] = dC_dG1*R1_steps[t]*(1 - G1_steps[t]**2)
+        dC_dZh1_steps[t][..., 32:48] = dC_dG1*dC_dR1_in_steps[t]*R1_steps[t]
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
         dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]
         dC_dZx1_steps[t][..., 16:32] = dC_dZh1_steps[t][..., 16:32]
-        dC_dZx1_steps[t][..., 32:48] = dC_dG1*(1 - G1_steps[t]**2)
+        dC_dZx1_steps[t][..., 32:48] = dC_dG1*dC_dR1_in_steps[t]
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = _dot_steps(dC_dZx1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ ∇_zₕ¹ₜ C (h¹ₜ₋₁)ᵀ, summed over the rows

@@ -60,15 +60,16 @@ ADAM_EPS = 1e-8
 
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
     below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call)."""
+    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
-    return 1 / e
+    return np.reciprocal(e, out=e)
 
 
 def _check_input(X):
@@ -115,10 +116,10 @@ def forward(params, X):
     var2 = 0.25*((A1 - mu2)**2).sum(axis=1, keepdims=True)
     Xhat2 = (A1 - mu2)/np.sqrt(var2 + 1e-05)
     A2 = beta2 + gamma2*Xhat2
-    A3 = np.tanh(A2)
+    A3 = np.tanh(A2, out=A2)
     Z4 = A3 @ W4.T
     Z4 += b4
-    A4 = _sigmoid(Z4)
+    A4 = _sigmoid(Z4, out=Z4)
     cache = {"X": X, "A1": A1, "mu2": mu2, "var2": var2, "Xhat2": Xhat2, "A3": A3, "A4": A4}
     return A4, cache
 

@@ -206,20 +206,24 @@ def forward(params, X):
     _check_input(X)
     X = X.transpose(1, 2, 3, 0)
     windows_X = _im2col(X, (5, 5), (1, 1), (2, 2))
-    Z1 = b1[:, None, None, None] + _correlate(W1, windows_X)
-    A1 = np.tanh(Z1)
-    A2 = 0.25*_window_sum(A1, (2, 2), (2, 2))
+    Z1 = _correlate(W1, windows_X)
+    Z1 += b1[:, None, None, None]
+    A1 = np.tanh(Z1, out=Z1)
+    A2 = _window_sum(A1, (2, 2), (2, 2))
+    A2 *= 0.25
     windows_A2 = _im2col(A2, (5, 5), (1, 1), (0, 0))
-    Z3 = b3[:, None, None, None] + _correlate(W3, windows_A2)
-    A3 = np.tanh(Z3)
-    A4 = 0.25*_window_sum(A3, (2, 2), (2, 2))
+    Z3 = _correlate(W3, windows_A2)
+    Z3 += b3[:, None, None, None]
+    A3 = np.tanh(Z3, out=Z3)
+    A4 = _window_sum(A3, (2, 2), (2, 2))
+    A4 *= 0.25
     A5 = A4.reshape(-1, A4.shape[-1]).T
     Z6 = A5 @ W6.T
     Z6 += b6
-    A6 = np.tanh(Z6)
+    A6 = np.tanh(Z6, out=Z6)
     Z7 = A6 @ W7.T
     Z7 += b7
-    A7 = np.tanh(Z7)
+    A7 = np.tanh(Z7, out=Z7)
     Z8 = A7 @ W8.T
     Z8 += b8
     A8, LSE8 = _softmax_logsumexp(Z8)

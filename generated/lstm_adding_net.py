@@ -60,15 +60,16 @@ ADAM_EPS = 1e-8
 
 
 
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
     below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call)."""
+    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
-    return 1 / e
+    return np.reciprocal(e, out=e)
 
 
 def _dot_rows(x, w):
@@ -131,13 +132,13 @@ def forward(params, X):
     H1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     for t in range(20):
         Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
-        I1_steps[t] = _sigmoid(Z1[..., 0:32])
-        F1_steps[t] = _sigmoid(Z1[..., 32:64])
-        G1_steps[t] = np.tanh(Z1[..., 64:96])
-        O1_steps[t] = _sigmoid(Z1[..., 96:128])
+        _sigmoid(Z1[..., 0:32], out=I1_steps[t])
+        _sigmoid(Z1[..., 32:64], out=F1_steps[t])
+        np.tanh(Z1[..., 64:96], out=G1_steps[t])
+        _sigmoid(Z1[..., 96:128], out=O1_steps[t])
         C1_steps[t] = G1_steps[t]*I1_steps[t] + (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0)
         # tanh(c¹ₜ), kept for the backward pass
-        tanh_C1_steps[t] = np.tanh(C1_steps[t])
+        np.tanh(C1_steps[t], out=tanh_C1_steps[t])
         H1_steps[t] = tanh_C1_steps[t]*O1_steps[t]
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T

@@ -104,7 +104,7 @@ def forward(params, X, masks=None):
     M2 = 1.0 if masks is None else masks["M2"]
     Z1 = X @ W1.T
     Z1 += b1
-    A1 = np.tanh(Z1)
+    A1 = np.tanh(Z1, out=Z1)
     A2 = A1*M2
     Z3 = A2 @ W3.T
     Z3 += b3

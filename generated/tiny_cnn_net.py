@@ -172,7 +172,8 @@ def forward(params, X):
     _check_input(X)
     X = X.transpose(1, 2, 3, 0)
     windows_X = _im2col(X, (2, 2), (1, 1), (0, 0))
-    Z1 = b1[:, None, None, None] + _correlate(W1, windows_X)
+    Z1 = _correlate(W1, windows_X)
+    Z1 += b1[:, None, None, None]
     A1 = np.maximum(Z1, 0)
     A2 = _window_max(A1, (2, 2), (1, 1))
     A3 = A2.reshape(-1, A2.shape[-1]).T

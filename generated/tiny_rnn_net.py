@@ -106,7 +106,7 @@ def forward(params, X):
     H1_steps = np.empty((3, X.shape[0], 2), dtype=X.dtype)
     for t in range(3):
         Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
-        H1_steps[t] = np.tanh(Z1)
+        np.tanh(Z1, out=H1_steps[t])
     Z2_steps = _dot_rows(H1_steps, W2.T)
     Z2_steps += b2
     A2 = Z2_steps.swapaxes(0, 1)

@@ -214,6 +214,84 @@ def test_a_layer_error_multiplies_its_fold_in_place(name):
                          "\n".join(backward), re.MULTILINE)
 
 
+#: Calls that give a new array nothing else names (a helper's result, a tensordot).
+FRESH_CALL = re.compile(r"(_correlate|_correlate_kernel|_correlate_input|_window_sum|"
+                        r"_window_max|_max_unpool|_fold|np\.tensordot)\(")
+
+
+def _straight_lines(body: str) -> list[str]:
+    """The statements of a function body outside loops over time."""
+    return [line for line in body.splitlines() if re.match(r"    \w", line)]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_a_new_array_takes_the_rest_of_its_sum_or_product_in_place(name):
+    # Z1 = _correlate(W1, windows_X); Z1 += b1[:, None, None, None]: no array for the sum
+    text = source(name)
+    for function in ("forward", "backward"):
+        body = text.split(f"def {function}(")[1].split("\ndef ")[0]
+        for line in _straight_lines(body):
+            assigned = re.match(r"    [\w, ]+ = (.*)$", line)
+            if assigned and FRESH_CALL.search(assigned.group(1)):
+                assert FRESH_CALL.match(assigned.group(1)), line
+    if name == "lenet":
+        assert "    Z1 = _correlate(W1, windows_X)\n    Z1 += b1[:, None, None, None]\n" in text
+        assert "    A2 = _window_sum(A1, (2, 2), (2, 2))\n    A2 *= 0.25\n" in text
+
+
+#: A one-argument call that can write into a given array, as generated code prints it.
+INTO_CALL = re.compile(r"(np\.(?:exp|log|tanh|sinh|cosh)|_sigmoid)\((\w+)\)$")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_a_call_of_an_array_nothing_reads_again_writes_into_it(name):
+    # A1 = np.tanh(Z1, out=Z1) where nothing reads Z1 again: no new array
+    text = source(name)
+    cache = set(_cache_keys(name))
+    for function in ("forward", "backward"):
+        body = text.split(f"def {function}(")[1].split("\ndef ")[0]
+        lines = body.splitlines()
+        for n, line in enumerate(lines):
+            call = re.match(r"    \w+ = (.*)$", line)
+            found = call and INTO_CALL.match(call.group(1))
+            if found:
+                argument = found.group(2)
+                later = "\n".join(lines[n + 1:])
+                assert argument == "X" or re.search(rf"\b{argument}\b", later) or (
+                    function == "forward" and argument in cache), line
+    if name == "lenet":
+        assert "    A1 = np.tanh(Z1, out=Z1)\n" in text
+
+
+def _recurrent_source(op: str) -> str:
+    return render_module(derive(build_model(load_spec(
+        {"name": f"{op}_net", "input": {"size": 3, "length": 4},
+         "layers": [{"op": op, "size": 5}, {"size": 2}], "loss": "mse"}))))
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_a_loop_writes_each_call_straight_into_its_step(op):
+    # _sigmoid(Z1[..., 0:5], out=I1_steps[t]): no array per call, no copy into the step
+    text = _recurrent_source(op)
+    assert not re.search(r"^        \w+_steps\[t\] = (np\.(exp|log|tanh)|_sigmoid)\(", text,
+                         re.MULTILINE)
+    assert re.search(r"^        (np\.tanh|_sigmoid)\(.*, out=\w+_steps\[t\]\)$", text,
+                     re.MULTILINE)
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_a_loop_reads_what_was_hoisted_before_it_from_there(op):
+    # a GRU's 1 - n_t², hoisted for one statement of the backward loop, is not computed
+    # again in another: every hoisted value, read at step t, is absent from the loops
+    text = _recurrent_source(op)
+    for function in ("forward", "backward"):
+        body = text.split(f"def {function}(")[1].split("\ndef ")[0]
+        loops = "\n".join(line for line in body.splitlines() if line.startswith("        "))
+        for value in re.findall(r"^    \w+_in_steps = (.+)$", body, re.MULTILINE):
+            at_step = re.sub(r"\b(\w+_steps)\b", r"\1[t]", value)
+            assert at_step not in loops, value
+
+
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
     text = source("lstm_adding")
     backward = text.split("def backward(")[1].split("\ndef ")[0]

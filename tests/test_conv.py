@@ -159,6 +159,6 @@ def test_a_given_dropout_mask_of_feature_maps_is_read_per_sample_as_pytorch_woul
     logits = maps.flatten(1) @ tensors["W4"].T + tensors["b4"]
     expected = -(torch.tensor(Y) * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
     expected.backward()
-    assert value == pytest.approx(float(expected), rel=1e-12)
+    assert value == pytest.approx(expected.item(), rel=1e-12)
     for key, tensor in tensors.items():
         assert np.allclose(grads[key], tensor.grad.numpy(), rtol=1e-10, atol=1e-12), key

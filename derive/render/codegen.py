@@ -404,7 +404,13 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         printer.whole = _whole(assign.expr)     # its right side only, not its target
         printer.among_maps = among_maps(assign.expr)
         with printer.steps(views(assign.expr), layout=layout):
-            for number, (op, expr) in enumerate(steps):
+            # a call of an array nothing reads again writes into it: np.tanh(Z1, out=Z1)
+            into = printer.into(assign.expr, printer.doprint(assign.expr.args[0])) if (
+                reused is None and assign.expr.args and assign.expr.args[0] in dead) else None
+            if into is not None:
+                out.append(Statement(name, into, assign.comment))
+                reused = assign.expr.args[0]
+            for number, (op, expr) in enumerate(steps if into is None else []):
                 out.append(Statement(name, _signed(printer, op, expr),
                                      assign.comment if number == 0 else "",
                                      _op(op, expr)))
@@ -498,7 +504,11 @@ class _LoopCode:
                 name = printer.doprint(assign.target.at_step(0))
                 expr = _factored(assign.expr)     # ∂h o - ∂h o tanh(c)²: ∂h o (1 - tanh(c)²)
                 if not isinstance(expr, Concat):
-                    out.append(Statement(name, printer.doprint(expr), assign.comment, indent=1))
+                    # a call writes straight into its step's slice: np.tanh(..., out=H1_steps[t])
+                    into = printer.into(expr, name) if assign.target not in self.local else None
+                    out.append(Statement(into, "", assign.comment, op="", indent=1) if into
+                               else Statement(name, printer.doprint(expr), assign.comment,
+                                              indent=1))
                     continue
                 # stacked gates: each block written in place, no concatenated copy; a block
                 # equal to one written before at this step (a GRU's reset and update errors,
@@ -549,8 +559,8 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
 
     def buffer_in_sum(add: sp.Expr) -> sp.Expr | None:
         terms = sp.Add.make_args(add)
-        for term in terms:                       # a matrix product first, then a dead array
-            if isinstance(term, MatVec | Outer | MatProd):
+        for term in terms:                       # a new array first, then a dead array
+            if isinstance(term, MatVec | Outer | MatProd) or _fresh(term):
                 return term
         for term in terms:
             if term in dead and not (add - term).has(term):
@@ -564,11 +574,12 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
             return [("=", buffer), ("+=", expr - buffer)], reused
     if isinstance(expr, sp.Mul):
         for factor in expr.args:
-            if not (isinstance(factor, MatVec | Fold | sp.Add) or factor in dead):
+            if not (isinstance(factor, MatVec | sp.Add) or _fresh(factor) or factor in dead):
                 continue
             rest = expr / factor
-            # a matrix product and a fold (every helper that prints one makes a new array)
-            if isinstance(factor, MatVec | Fold) or (factor in dead and not rest.has(factor)):
+            # a matrix product, a fold, a contraction (each prints as a new array)
+            if isinstance(factor, MatVec) or _fresh(factor) or (factor in dead
+                                                                  and not rest.has(factor)):
                 reused = factor if isinstance(factor, NetTensor) else None
                 return [("=", factor), ("*=", rest)], reused
             if isinstance(factor, sp.Add):
@@ -578,6 +589,18 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
                     reused = buffer if isinstance(buffer, NetTensor) else None
                     return [("=", buffer), ("+=", factor - buffer), ("*=", rest)], reused
     return [("=", expr)], None
+
+
+def _fresh(expr: sp.Expr) -> bool:
+    """Whether ``expr`` prints as a new array that nothing else names: a fold, a window
+    maximum, a sum over the samples, a contraction of two or more arrays or one that sums
+    axes away (not a one-operand transposition, which NumPy gives as a view)."""
+    if isinstance(expr, Fold | WindowsMax | RowSum):
+        return True
+    if isinstance(expr, Einsum):
+        inputs, output = str(expr.args[0]).split("->")
+        return len(expr.args) > 2 or len(output) < len(inputs)
+    return False
 
 
 def _init(node: Node, parameter: Parameter) -> tuple[str, str]:
@@ -701,7 +724,7 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
         targets = tuple(assign.target for assign in item.assigns)
         local = frozenset(t for t in targets if t not in later and t not in shifted
                           and t != model.output.output)
-        body = []
+        exprs, parts = [], {}
         for assign in item.assigns:
             outside = NetTensor("hoisted", of=f"{batch_name(assign.target)}_in", rank=2)
             expr, part = hoisted(assign.expr, set(targets), outside.at_step(0))
@@ -709,7 +732,12 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
                 out.append(_Assign(outside, part, "the part of "
                                    f"{pretty(assign.target)} from outside the loop below, "
                                    "for every step at once"))
-            body.append(_Assign(assign.target, guarded(expr), assign.comment))
+                parts[part] = outside.at_step(0)
+            exprs.append(expr)
+        # a hoisted part that another statement of the loop reads too (a GRU's 1 - n_t²) is
+        # read there from the hoisted array, not computed again at each step
+        body = [_Assign(assign.target, guarded(expr.xreplace(parts)), assign.comment)
+                for assign, expr in zip(item.assigns, exprs)]
         length = model.spec.length
         arrays = tuple(t for t in targets if t not in local)
         out.append(_LoopCode(arrays, tuple((length, _feature_width(model, kept.get(t, t)))

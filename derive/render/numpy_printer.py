@@ -45,6 +45,7 @@ from derive.derivation.tensorform import (
     Total,
 )
 from derive.quantities import LENGTH, NetTensor
+from derive.registry.functions import sigmoid
 from derive.render.stability import CausalSoftmax, LogSumExp, Softmax
 from derive.render.timeloops import Guarded
 
@@ -61,15 +62,16 @@ BATCH = sp.Symbol("B", positive=True, integer=True)
 #: Source of each helper function a generated module may need, in the order modules list them.
 HELPERS: dict[str, str] = {
     "_sigmoid": '''\
-def _sigmoid(x):
+def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
     below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call)."""
+    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    e = np.negative(x, out=out)
     with np.errstate(over="ignore"):
-        e = np.exp(-x)
+        np.exp(e, out=e)
     e += 1
-    return 1 / e
+    return np.reciprocal(e, out=e)
 ''',
     "_sum_squares": '''\
 def _sum_squares(x, count):
@@ -395,6 +397,12 @@ def with_samples(letters: str, maps: bool) -> str:
     return letters[:3] + "b" + letters[3:] if maps else "b" + letters
 
 
+#: One-argument functions printed as a call that can write its value into a given array
+#: (``out=``: a NumPy ufunc, or a helper that takes ``out``).
+_INTO = {sp.exp: "np.exp", sp.log: "np.log", sp.tanh: "np.tanh", sp.sinh: "np.sinh",
+         sp.cosh: "np.cosh", sigmoid: "_sigmoid"}
+
+
 def _ints(pair: sp.Expr) -> str:
     """A (rows, columns) pair as a tuple of Python ints."""
     return repr(tuple(int(n) for n in pair))
@@ -561,6 +569,16 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def doprint(self, expr: sp.Expr, assign_to: str | None = None) -> str:
         return super().doprint(fold_numbers(expr), assign_to)
+
+    def into(self, expr: sp.Expr, out: str) -> str | None:
+        """``expr``, a call of one argument, printed to write its value into the array
+        ``out`` (``np.tanh(Z1, out=Z1)``: no new array); None for anything else."""
+        call = _INTO.get(type(expr))
+        if call is None:
+            return None
+        if call.startswith("_"):
+            self.helpers.add(call)
+        return f"{call}({self.doprint(expr.args[0])}, out={out})"
 
     def _helper(self, name: str, *args: sp.Expr) -> str:
         self.helpers.add(name)
