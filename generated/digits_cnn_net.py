@@ -117,22 +117,27 @@ def _correlate_kernel(delta, cols, kernel):
 def _max_unpool(delta, x, largest, kernel, stride):
     """The fold of delta times each window's first-maximum indicator: delta (C, H', W', B)
     added at the first maximum (row-major) of its window of x (C, H, W, B), 0 elsewhere;
-    largest: the maximum of each window (_window_max, kept by the forward pass)."""
+    largest: the maximum of each window (_window_max, kept by the forward pass). The kernel
+    offsets are visited in row-major order, each taking what is left of delta where it holds
+    the maximum (exactly: all of it or nothing), so ties go to the first; the last offset
+    takes what is left."""
     rows, cols = delta.shape[1:3]
-    out = np.zeros(x.shape, dtype=delta.dtype)
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
-    open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
-    for p in range(kernel[0]):
-        for q in range(kernel[1]):
-            at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
-                  slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
-            first = np.equal(x[at], largest)
-            first &= open_
-            open_ ^= first
-            if overlap:
-                out[at] += delta * first
-            else:                    # each entry in one window at most: written once
-                np.multiply(delta, first, out=out[at])
+    out = np.zeros(x.shape, dtype=delta.dtype)
+    rest = delta.copy()             # the error of windows whose maximum is not reached yet
+    offsets = [(p, q) for p in range(kernel[0]) for q in range(kernel[1])]
+    for number, (p, q) in enumerate(offsets):
+        at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
+              slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
+        if number == len(offsets) - 1:
+            out[at] += rest
+        elif overlap:
+            taken = rest * np.equal(x[at], largest)
+            out[at] += taken
+            rest -= taken
+        else:                       # each entry in one window at most: written once
+            taken = np.multiply(rest, np.equal(x[at], largest), out=out[at])
+            rest -= taken
     return out
 
 

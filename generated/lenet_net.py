@@ -80,11 +80,18 @@ def _fold(cols, shape, stride, padding, kernel):
     """The adjoint of _windows: every window entry of cols (C, H', W', B, kh, kw; it may be
     broadcast along the last two axes) added back at its place in feature maps of
     `shape` (H, W), (C, H, W, B); what lands in the padding is dropped. One addition per
-    kernel offset, of a block whose rows run over W' * B numbers."""
+    kernel offset, of a block whose rows run over W' * B numbers; one copy when each window
+    holds one value and the windows tile the maps (an average pool's error)."""
     channels, rows, cols_, batch = cols.shape[:4]
     (sh, sw), (ph, pw) = stride, padding
-    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
     full = cols.shape[4:] == kernel
+    if not full and stride == kernel and padding == (0, 0) and             tuple(shape) == (rows * sh, cols_ * sw):
+        # one value per window and windows that tile the maps: one broadcast copy
+        out = np.empty((channels, *shape, batch), dtype=cols.dtype)
+        tiles = out.reshape(channels, rows, sh, cols_, sw, batch)
+        tiles[...] = cols[:, :, None, :, None, :, 0, 0]
+        return out
+    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
     for p in range(kernel[0]):
         for q in range(kernel[1]):
             part = cols[..., p, q] if full else cols[..., 0, 0]

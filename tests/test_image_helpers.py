@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -117,3 +118,19 @@ def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
                                                   stride)), expected)
     assert np.allclose(batch_first(SPACE["_fold"](last(delta[..., None, None] * mask), x.shape[2:],
                                             stride, (0, 0), kernel)), expected)
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (2, 2), (2, 3), (3, 1)])
+@pytest.mark.parametrize("cover", [True, False])
+def test_a_fold_of_one_value_per_window_tiles_or_adds(kernel, cover) -> None:
+    # an average pool's error: windows that tile the maps are one broadcast copy, the others
+    # one addition per offset; both equal the fold of the window values written out
+    rng = np.random.default_rng(sum(kernel))
+    rows, cols = 3, 2
+    shape = (rows * kernel[0] + (0 if cover else 1), cols * kernel[1])
+    delta = rng.standard_normal((2, 3, rows, cols))
+    spread = np.broadcast_to(delta[..., None, None], (*delta.shape, *kernel)).copy()
+    expected = SPACE["_fold"](last(spread), shape, kernel, (0, 0), kernel)
+    folded = SPACE["_fold"](last(delta[..., None, None]), shape, kernel, (0, 0), kernel)
+    assert np.array_equal(folded, expected)
+    assert folded.shape == (3, *shape, 2)

@@ -171,11 +171,19 @@ def _fold(cols, shape, stride, padding, kernel):
     """The adjoint of _windows: every window entry of cols (C, H', W', B, kh, kw; it may be
     broadcast along the last two axes) added back at its place in feature maps of
     `shape` (H, W), (C, H, W, B); what lands in the padding is dropped. One addition per
-    kernel offset, of a block whose rows run over W' * B numbers."""
+    kernel offset, of a block whose rows run over W' * B numbers; one copy when each window
+    holds one value and the windows tile the maps (an average pool's error)."""
     channels, rows, cols_, batch = cols.shape[:4]
     (sh, sw), (ph, pw) = stride, padding
-    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
     full = cols.shape[4:] == kernel
+    if not full and stride == kernel and padding == (0, 0) and \
+            tuple(shape) == (rows * sh, cols_ * sw):
+        # one value per window and windows that tile the maps: one broadcast copy
+        out = np.empty((channels, *shape, batch), dtype=cols.dtype)
+        tiles = out.reshape(channels, rows, sh, cols_, sw, batch)
+        tiles[...] = cols[:, :, None, :, None, :, 0, 0]
+        return out
+    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
     for p in range(kernel[0]):
         for q in range(kernel[1]):
             part = cols[..., p, q] if full else cols[..., 0, 0]
@@ -270,22 +278,27 @@ def _window_sum(x, kernel, stride):
 def _max_unpool(delta, x, largest, kernel, stride):
     """The fold of delta times each window's first-maximum indicator: delta (C, H', W', B)
     added at the first maximum (row-major) of its window of x (C, H, W, B), 0 elsewhere;
-    largest: the maximum of each window (_window_max, kept by the forward pass)."""
+    largest: the maximum of each window (_window_max, kept by the forward pass). The kernel
+    offsets are visited in row-major order, each taking what is left of delta where it holds
+    the maximum (exactly: all of it or nothing), so ties go to the first; the last offset
+    takes what is left."""
     rows, cols = delta.shape[1:3]
-    out = np.zeros(x.shape, dtype=delta.dtype)
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
-    open_ = np.ones(largest.shape, dtype=bool)   # windows whose maximum is not yet found
-    for p in range(kernel[0]):
-        for q in range(kernel[1]):
-            at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
-                  slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
-            first = np.equal(x[at], largest)
-            first &= open_
-            open_ ^= first
-            if overlap:
-                out[at] += delta * first
-            else:                    # each entry in one window at most: written once
-                np.multiply(delta, first, out=out[at])
+    out = np.zeros(x.shape, dtype=delta.dtype)
+    rest = delta.copy()             # the error of windows whose maximum is not reached yet
+    offsets = [(p, q) for p in range(kernel[0]) for q in range(kernel[1])]
+    for number, (p, q) in enumerate(offsets):
+        at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
+              slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
+        if number == len(offsets) - 1:
+            out[at] += rest
+        elif overlap:
+            taken = rest * np.equal(x[at], largest)
+            out[at] += taken
+            rest -= taken
+        else:                       # each entry in one window at most: written once
+            taken = np.multiply(rest, np.equal(x[at], largest), out=out[at])
+            rest -= taken
     return out
 ''',
     "_first_max": '''\
