@@ -50,14 +50,14 @@ steadier numbers.
 
 ``--idioms`` instead times, side by side, the NumPy alternatives the hand-written code chose
 between (the form of tanh and sigmoid on one step's block, the layout of the lstm's forward
-loop).
+loop, and its whole float64 gradients with np.tanh in place of tanh from exp).
 
 Usage (from the repository root):
 
     python bench/rnn_bench.py            # about 2.5 minutes on 2 cores (4 on a busy machine)
     python bench/rnn_bench.py --quick    # fewer repetitions, one malloc setting (~35 s)
     python bench/rnn_bench.py --threads 1   # one thread on each side
-    python bench/rnn_bench.py --idioms   # the NumPy idioms (~15 s)
+    python bench/rnn_bench.py --idioms   # the NumPy idioms (~25 s)
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import handwritten_rnn
 from bench.handwritten_rnn import NETWORKS
 from bench.train_step import (
     TUNED_MALLOC,
@@ -518,6 +519,24 @@ def lstm_forward_variants(dtype: str) -> dict:
             "rows (T, B, 4h): h @ Wh^T, the gates strided column blocks": rows}
 
 
+def precise_tanh_variants(name: str, dtype: str) -> dict:
+    """name -> function: the hand-written gradients of one network as written (float64: tanh
+    from exp, an absolute error of a few ulp(1) near 0) and with np.tanh for every tanh it
+    computes in that form (full relative precision; the lstm's g gate keeps 2 sigma(2z) - 1)."""
+    params, X, Y = data(name, dtype)
+    gradients = NETWORKS[name][0]
+    chosen = handwritten_rnn._tanh_scale
+
+    def precise():
+        handwritten_rnn._tanh_scale = lambda dtype: 1
+        try:
+            return gradients(params, X, Y)
+        finally:
+            handwritten_rnn._tanh_scale = chosen
+
+    return {"tanh from exp [chosen]": lambda: gradients(params, X, Y), "np.tanh": precise}
+
+
 def idioms(quick: bool) -> int:
     budget = 0.5 if quick else 2.0
     print(f"NumPy {np.__version__}, BLAS: {blas_description()}; {os.cpu_count()} CPUs; "
@@ -545,7 +564,16 @@ def idioms(quick: bool) -> int:
         for name, value in times.items():
             print(f"| {name} | {value:.0f} | {value / chosen:.2f}x |")
         print()
-    print(f"(load average after {load_average()})")
+    print("## the hand-written gradients, float64, with tanh from exp or np.tanh (medians, µs)\n")
+    print("| network | tanh from exp [chosen] | np.tanh | np.tanh / chosen |\n|---|---|---|---|")
+    for name in NETWORKS:
+        variants = precise_tanh_variants(name, "float64")
+        results = [function()[1] for function in variants.values()]
+        assert all(np.allclose(results[0][key], results[1][key], rtol=1e-10, atol=1e-12)
+                   for key in results[0])
+        times = list(median_times(variants, 2 * budget).values())
+        print(f"| {name} | {times[0]:.0f} | {times[1]:.0f} | {times[1] / times[0]:.2f}x |")
+    print(f"\n(load average after {load_average()})")
     return 0
 
 
