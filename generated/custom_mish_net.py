@@ -105,7 +105,9 @@ def forward(params, X):
     _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
+    # softplus(z¹), kept for the backward pass
     softplus_Z1 = _softplus(Z1)
+    # tanh(softplus(z¹)), kept for the backward pass
     tanh_softplus_Z1 = np.tanh(softplus_Z1, out=softplus_Z1)
     A1 = tanh_softplus_Z1*Z1
     Z2 = A1 @ W2.T

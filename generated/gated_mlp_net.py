@@ -112,7 +112,9 @@ def forward(params, X):
     _check_input(X)
     S1_1 = X @ U1.T
     S2_1 = X @ V1.T
+    # sigmoid(s2¹), kept for the backward pass
     sigmoid_S2_1 = _sigmoid(S2_1, out=S2_1)
+    # tanh(s1¹), kept for the backward pass
     tanh_S1_1 = np.tanh(S1_1, out=S1_1)
     A1 = c1 + sigmoid_S2_1*tanh_S1_1
     Z2 = A1 @ W2.T

@@ -132,11 +132,13 @@ def forward(params, X):
     _check_input(X)
     Zx1_steps = _dot_rows(X.swapaxes(0, 1), Wx1.T)
     Zx1_steps += bx1
+    # filled one time step at a time in the loop below, step-major: each step one contiguous block
     Zh1_steps = np.empty((16, X.shape[0], 48), dtype=X.dtype)
     R1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     U1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     G1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     H1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
+    # one time step at a time, t from 0 forward
     for t in range(16):
         Zh1_steps[t] = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + bh1
         _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16], out=R1_steps[t])

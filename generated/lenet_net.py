@@ -211,13 +211,16 @@ def forward(params, X):
     W8, b8 = params["W8"], params["b8"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
+    # feature maps batch-last, (C, H, W, B) (a view): every slice along H and W runs over W * B numbers
     X = X.transpose(1, 2, 3, 0)
+    # the windows of a⁰, copied once: the convolution and its kernel's gradient read them
     windows_X = _im2col(X, (5, 5), (1, 1), (2, 2))
     Z1 = _correlate(W1, windows_X)
     Z1 += b1[:, None, None, None]
     A1 = np.tanh(Z1, out=Z1)
     A2 = _window_sum(A1, (2, 2), (2, 2))
     A2 *= 0.25
+    # the windows of a², copied once: the convolution and its kernel's gradient read them
     windows_A2 = _im2col(A2, (5, 5), (1, 1), (0, 0))
     Z3 = _correlate(W3, windows_A2)
     Z3 += b3[:, None, None, None]

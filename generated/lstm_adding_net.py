@@ -121,8 +121,10 @@ def forward(params, X):
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
+    # the part of Z¹ from outside the loop below, for every step at once
     Z1_in_steps = _dot_rows(X.swapaxes(0, 1), Wx1.T)
     Z1_in_steps += b1
+    # filled one time step at a time in the loop below, step-major: each step one contiguous block
     I1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     F1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     G1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
@@ -130,6 +132,7 @@ def forward(params, X):
     C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     tanh_C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     H1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
+    # one time step at a time, t from 0 forward
     for t in range(20):
         Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
         _sigmoid(Z1[..., 0:32], out=I1_steps[t])

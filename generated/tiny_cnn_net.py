@@ -175,7 +175,9 @@ def forward(params, X):
     W4, b4 = params["W4"], params["b4"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
+    # feature maps batch-last, (C, H, W, B) (a view): every slice along H and W runs over W * B numbers
     X = X.transpose(1, 2, 3, 0)
+    # the windows of a⁰, copied once: the convolution and its kernel's gradient read them
     windows_X = _im2col(X, (2, 2), (1, 1), (0, 0))
     Z1 = _correlate(W1, windows_X)
     Z1 += b1[:, None, None, None]

@@ -101,9 +101,12 @@ def forward(params, X):
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
+    # the part of Z¹ from outside the loop below, for every step at once
     Z1_in_steps = _dot_rows(X.swapaxes(0, 1), Wx1.T)
     Z1_in_steps += b1
+    # filled one time step at a time in the loop below, step-major: each step one contiguous block
     H1_steps = np.empty((3, X.shape[0], 2), dtype=X.dtype)
+    # one time step at a time, t from 0 forward
     for t in range(3):
         Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
         np.tanh(Z1, out=H1_steps[t])
