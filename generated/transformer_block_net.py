@@ -162,7 +162,8 @@ def forward(params, X):
     Q1 = _dot_rows(X, Wq1.T)
     K1 = _dot_rows(X, Wk1.T)
     V1 = _dot_rows(X, Wv1.T)
-    S1 = 0.3535533905932738*(Q1 @ K1.swapaxes(-1, -2))
+    S1 = Q1 @ K1.swapaxes(-1, -2)
+    S1 *= 0.3535533905932738
     Alpha1 = _softmax(S1)
     A1 = Alpha1 @ V1
     A2 = X + A1
@@ -278,9 +279,11 @@ def backward(params, cache, Y):
     # ∂C/∂V¹ = (α¹)ᵀ Δ¹
     dC_dV1 = Alpha1.swapaxes(-1, -2) @ delta1
     # ∂C/∂K¹ = (∂C/∂S¹)ᵀ Q¹/√n₁
-    dC_dK1 = 0.3535533905932738*(dC_dS1.swapaxes(-1, -2) @ Q1)
+    dC_dK1 = dC_dS1.swapaxes(-1, -2) @ Q1
+    dC_dK1 *= 0.3535533905932738
     # ∂C/∂Q¹ = (∂C/∂S¹) K¹/√n₁
-    dC_dQ1 = 0.3535533905932738*(dC_dS1 @ K1)
+    dC_dQ1 = dC_dS1 @ K1
+    dC_dQ1 *= 0.3535533905932738
     # ∂C/∂W_q¹ = Σₜ ∇_q¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWq1 = _dot_steps(dC_dQ1, X)
     # ∂C/∂W_k¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ, summed over the rows

@@ -560,7 +560,7 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
     def buffer_in_sum(add: sp.Expr) -> sp.Expr | None:
         terms = sp.Add.make_args(add)
         for term in terms:                       # a new array first, then a dead array
-            if isinstance(term, MatVec | Outer | MatProd) or _fresh(term):
+            if _fresh(term):
                 return term
         for term in terms:
             if term in dead and not (add - term).has(term):
@@ -574,12 +574,11 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
             return [("=", buffer), ("+=", expr - buffer)], reused
     if isinstance(expr, sp.Mul):
         for factor in expr.args:
-            if not (isinstance(factor, MatVec | sp.Add) or _fresh(factor) or factor in dead):
+            if not (isinstance(factor, sp.Add) or _fresh(factor) or factor in dead):
                 continue
             rest = expr / factor
             # a matrix product, a fold, a contraction (each prints as a new array)
-            if isinstance(factor, MatVec) or _fresh(factor) or (factor in dead
-                                                                  and not rest.has(factor)):
+            if _fresh(factor) or (factor in dead and not rest.has(factor)):
                 reused = factor if isinstance(factor, NetTensor) else None
                 return [("=", factor), ("*=", rest)], reused
             if isinstance(factor, sp.Add):
@@ -592,10 +591,10 @@ def _in_place(expr: sp.Expr, dead: _DeadArrays
 
 
 def _fresh(expr: sp.Expr) -> bool:
-    """Whether ``expr`` prints as a new array that nothing else names: a fold, a window
-    maximum, a sum over the samples, a contraction of two or more arrays or one that sums
-    axes away (not a one-operand transposition, which NumPy gives as a view)."""
-    if isinstance(expr, Fold | WindowsMax | RowSum):
+    """Whether ``expr`` prints as a new array that nothing else names: a matrix product, a
+    fold, a window maximum, a sum over the samples, a contraction of two or more arrays or one
+    that sums axes away (not a one-operand transposition, which NumPy gives as a view)."""
+    if isinstance(expr, MatVec | Outer | MatProd | Fold | WindowsMax | RowSum):
         return True
     if isinstance(expr, Einsum):
         inputs, output = str(expr.args[0]).split("->")
@@ -748,6 +747,10 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
     return out
 
 
+#: Feature maps given batch-first, (B, C, H, W), as generated code keeps them: (C, H, W, B).
+_BATCH_LAST = ".transpose(1, 2, 3, 0)"
+
+
 def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
                          shared: tuple[sp.Expr, NetTensor] | None) -> list[_Assign]:
     """The forward pass, one assignment per equation, each from the model's equations."""
@@ -755,7 +758,7 @@ def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
     if len(model.spec.input_shape) == 3:
         out.append(_Assign("X", sp.Integer(0), "feature maps batch-last, (C, H, W, B) (a view): "
                            "every slice along H and W runs over W * B numbers",
-                           code="X.transpose(1, 2, 3, 0)"))
+                           code=f"X{_BATCH_LAST}"))
     output = _output_equation(model)
     for equation in model.equations:
         expr = stabilize(equation_tensor(equation, model.feature_widths).xreplace(
@@ -802,8 +805,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
                 "size": ", ".join(map(str, node.dims)),
                 "keep": repr(1.0 - float(dict(node.options)["rate"])),
                 # a mask of feature maps is given (B, C, H, W), used batch-last as they are
-                "given": f'masks["{batch_name(NetTensor("mask", node.index, rank=len(node.dims)))}"]'
-                + (".transpose(1, 2, 3, 0)" if len(node.dims) == 3 else ""),
+                "layout": _BATCH_LAST if len(node.dims) == 3 else "",
                 # dropout off: 1; on a sequence an array of ones with every step (1, T, 1),
                 # whose axes a loop's step-major statements can swap and index at step t
                 "off": "1.0" if len(node.dims) != 2 else
