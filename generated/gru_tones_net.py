@@ -140,11 +140,11 @@ def forward(params, X):
     H1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     # one time step at a time, t from 0 forward
     for t in range(16):
-        Zh1_steps[t] = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + bh1
+        np.add((H1_steps[t - 1] @ Wh1.T if t >= 1 else 0), bh1, out=Zh1_steps[t])
         _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16], out=R1_steps[t])
         _sigmoid(Zh1_steps[t][..., 16:32] + Zx1_steps[t][..., 16:32], out=U1_steps[t])
         np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])
-        H1_steps[t] = G1_steps[t]*(1 - U1_steps[t]) + (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0)
+        np.add(G1_steps[t]*(1 - U1_steps[t]), (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0), out=H1_steps[t])
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
     Z2 += b2
@@ -194,7 +194,8 @@ def backward(params, cache, Y):
     # one time step at a time, t from 0 backward
     for t in range(15, -1, -1):
         # Δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
-        delta1_steps[t] = (delta2_steps @ W2 if t == 15 else 0) + (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0) + (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
+        np.add((delta2_steps @ W2 if t == 15 else 0), (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0), out=delta1_steps[t])
+        delta1_steps[t] += (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
         # ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
         dC_dG1 = delta1_steps[t]*(1 - U1_steps[t])
         # ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁

@@ -139,10 +139,10 @@ def forward(params, X):
         _sigmoid(Z1[..., 32:64], out=F1_steps[t])
         np.tanh(Z1[..., 64:96], out=G1_steps[t])
         _sigmoid(Z1[..., 96:128], out=O1_steps[t])
-        C1_steps[t] = G1_steps[t]*I1_steps[t] + (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0)
+        np.add(G1_steps[t]*I1_steps[t], (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0), out=C1_steps[t])
         # tanh(c¹ₜ), kept for the backward pass
         np.tanh(C1_steps[t], out=tanh_C1_steps[t])
-        H1_steps[t] = tanh_C1_steps[t]*O1_steps[t]
+        np.multiply(tanh_C1_steps[t], O1_steps[t], out=H1_steps[t])
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
     Z2 += b2
@@ -190,7 +190,7 @@ def backward(params, cache, Y):
         # ∂C/∂H¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
         dC_dH1 = (delta2_steps @ W2 if t == 19 else 0) + (delta1_steps[t + 1] @ Wh1 if t <= 18 else 0)
         # ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
-        dC_dC1_steps[t] = dC_dH1*O1_steps[t]*(1 - tanh_C1_steps[t]**2) + (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0)
+        np.add(dC_dH1*O1_steps[t]*(1 - tanh_C1_steps[t]**2), (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0), out=dC_dC1_steps[t])
         # ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
         dC_dO1 = dC_dH1*tanh_C1_steps[t]
         # ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ

@@ -143,19 +143,21 @@ def backward(params, cache, Y):
     X, H1_steps, A2 = cache["X"], cache["H1_steps"], cache["A2"]
     B = Y.shape[0]
     # BP1: Δ² = a²ₜ - yₜ, each row divided by B
-    delta2_steps = (A2.swapaxes(0, 1) - Y.swapaxes(0, 1))/B
+    delta2 = (A2 - Y)/B
     # BP4: ∂C/∂W² = Σₜ δ²ₜ (h¹ₜ)ᵀ, summed over the rows
-    dW2 = _dot_steps(delta2_steps, H1_steps)
+    dW2 = _dot_steps(delta2.swapaxes(0, 1), H1_steps)
     # BP3: ∂C/∂b² = Σₜ δ²ₜ, summed over the rows
-    db2 = delta2_steps.sum(axis=(0, 1))
+    db2 = delta2.sum(axis=(0, 1))
     # the part of Δ¹ from outside the loop below, for every step at once
     delta1_in_steps = 1 - H1_steps**2
+    # another part of Δ¹ from outside the loop below, for every step at once
+    delta1_in2_steps = _dot_rows(delta2.swapaxes(0, 1), W2)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     delta1_steps = np.empty((3, B, 2), dtype=Y.dtype)
     # one time step at a time, t from 0 backward
     for t in range(2, -1, -1):
         # Δ¹ = (1 - h¹ₜ²) ⊙ ([t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + (W²)ᵀ δ²ₜ)
-        delta1_steps[t] = delta1_in_steps[t]*((delta1_steps[t + 1] @ Wh1 if t <= 1 else 0) + delta2_steps[t] @ W2)
+        np.multiply(delta1_in_steps[t], (delta1_steps[t + 1] @ Wh1 if t <= 1 else 0) + delta1_in2_steps[t], out=delta1_steps[t])
     # ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = _dot_steps(delta1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ, summed over the rows

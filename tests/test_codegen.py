@@ -263,10 +263,11 @@ def test_a_call_of_an_array_nothing_reads_again_writes_into_it(name):
         assert "    A1 = np.tanh(Z1, out=Z1)\n" in text
 
 
-def _recurrent_source(op: str) -> str:
+def _recurrent_source(op: str, returned: str = "sequence") -> str:
     return render_module(derive(build_model(load_spec(
         {"name": f"{op}_net", "input": {"size": 3, "length": 4},
-         "layers": [{"op": op, "size": 5}, {"size": 2}], "loss": "mse"}))))
+         "layers": [{"op": op, "size": 5, "return": returned}, {"size": 2}],
+         "loss": "mse"}))))
 
 
 @pytest.mark.parametrize("op", RECURRENT)
@@ -287,9 +288,58 @@ def test_a_loop_reads_what_was_hoisted_before_it_from_there(op):
     for function in ("forward", "backward"):
         body = text.split(f"def {function}(")[1].split("\ndef ")[0]
         loops = "\n".join(line for line in body.splitlines() if line.startswith("        "))
-        for value in re.findall(r"^    \w+_in_steps = (.+)$", body, re.MULTILINE):
+        for value in re.findall(r"^    \w+_in\d*_steps = (.+)$", body, re.MULTILINE):
             at_step = re.sub(r"\b(\w+_steps)\b", r"\1[t]", value)
             assert at_step not in loops, value
+
+
+_a, _b, _c, _d = sp.symbols("a b c d")
+
+
+@pytest.mark.parametrize("expr", [
+    _a + _b, _a - _b, -_a + _b, -_a - _b, _a + _b - _c * _d, _a * _b, _a * _b * _c,
+    -2 * _a * _b, _a * _b / _c, _a / (_b * _c), 1 / _a, sp.tanh(_a), _a * (_b + _c),
+    sp.Rational(1, 2) * _a, _a ** 2 - _b])
+def test_an_expression_written_into_an_array_has_its_value(expr):
+    # printer.written_into: the lines that leave expr in an existing array give expr
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.uniform(0.5, 2.0, (3, 4)) for name in "abcd"}
+    out = np.full((3, 4), np.nan)
+    names = {**arrays, "np": np, "out": out}
+    lines = NumPyBatchPrinter().written_into(expr, "out")
+    for target, op, code in lines:
+        exec(f"{target} {op} {code}" if op else target, names)     # noqa: S102 - test code
+    expected = sp.lambdify(sp.symbols("a b c d"), expr, "numpy")(*arrays.values())
+    assert np.allclose(names["out"], expected, rtol=1e-14, atol=0), lines
+    assert names["out"] is out or len(lines) == 1 and lines[0][1] == "="
+
+
+def _recurrent_sources():
+    for op in RECURRENT:
+        for returned in ("sequence", "last"):
+            yield _recurrent_source(op, returned)
+
+
+def test_a_loop_writes_each_step_of_an_array_without_a_copy():
+    # np.add(G1_steps[t]*I1_steps[t], (...), out=C1_steps[t]), not C1_steps[t] = ... + ...:
+    # a sum or product at a step of an array made before the loop is computed into it (a
+    # block of stacked gates is copied in: writing into a block of columns is slower)
+    for text in _recurrent_sources():
+        assigned = re.findall(r"^        \w+_steps\[t\] = (.+)$", text, re.MULTILINE)
+        assert not assigned, assigned
+        assert re.search(r"^        np\.(add|multiply)\(.*, out=\w+_steps\[t\]\)$", text,
+                         re.MULTILINE)
+
+
+def test_no_loop_multiplies_by_a_matrix_what_it_could_read_for_every_step_at_once():
+    # an RNN's error (1 - h_t²)(Wh^T δ_{t+1} + W2^T δ2_t): W2^T δ2 is one matrix product
+    # before the loop, not one per step; in a loop a matrix multiplies only what the loop
+    # computes at another step (or, for `return: last`, the one step the output reads)
+    for text in _recurrent_sources():
+        loops = [line for line in text.splitlines() if line.startswith("        ")]
+        for line in loops:
+            for operand in re.findall(r"([\w\[\]+\- ]+?) @ ", line):
+                assert not operand.strip().endswith("[t]"), line
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

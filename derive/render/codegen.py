@@ -504,11 +504,11 @@ class _LoopCode:
                 name = printer.doprint(assign.target.at_step(0))
                 expr = _factored(assign.expr)     # ∂h o - ∂h o tanh(c)²: ∂h o (1 - tanh(c)²)
                 if not isinstance(expr, Concat):
-                    # a call writes straight into its step's slice: np.tanh(..., out=H1_steps[t])
-                    into = printer.into(expr, name) if assign.target not in self.local else None
-                    out.append(Statement(into, "", assign.comment, op="", indent=1) if into
-                               else Statement(name, printer.doprint(expr), assign.comment,
-                                              indent=1))
+                    if assign.target in self.local:     # one step's array, made anew
+                        out.append(Statement(name, printer.doprint(expr), assign.comment,
+                                             indent=1))
+                    else:
+                        out.extend(_written(printer, expr, name, assign.comment))
                     continue
                 # stacked gates: each block written in place, no concatenated copy; a block
                 # equal to one written before at this step (a GRU's reset and update errors,
@@ -517,12 +517,24 @@ class _LoopCode:
                 if assign.target in self.local:
                     out.append(Statement(name, f"np.empty(({self.batch}, {len(parts) * size}), "
                                                f"dtype={self.dtype})", indent=1))
+                # (computed, then copied in: NumPy's ufuncs are much slower writing into a
+                # block of columns than into a contiguous array)
                 for number, part in enumerate(parts):
                     where = f"{name}[..., {number * size}:{(number + 1) * size}]"
                     out.append(Statement(where, written.get(part) or printer.doprint(part),
                                          assign.comment if number == 0 else "", indent=1))
                     written.setdefault(part, where)
         return out
+
+
+def _written(printer: NumPyBatchPrinter, expr: sp.Expr, out: str, comment: str
+             ) -> list[Statement]:
+    """``expr`` written into a step's slice ``out`` of an array made before the loop, with no
+    array for the result: ``np.multiply(dC_dI1, I1_steps[t], out=delta1_steps[t][..., 0:5])``
+    then ``delta1_steps[t][..., 0:5] *= 1 - I1_steps[t]``; a call as
+    ``np.tanh(..., out=H1_steps[t])``."""
+    return [Statement(target, code, comment if number == 0 else "", op, indent=1)
+            for number, (target, op, code) in enumerate(printer.written_into(expr, out))]
 
 
 @dataclass(frozen=True)
@@ -725,13 +737,18 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
                           and t != model.output.output)
         exprs, parts = [], {}
         for assign in item.assigns:
-            outside = NetTensor("hoisted", of=f"{batch_name(assign.target)}_in", rank=2)
-            expr, part = hoisted(assign.expr, set(targets), outside.at_step(0))
-            if part is not None:
-                out.append(_Assign(outside, part, "the part of "
+            def outside(n: int, target: NetTensor = assign.target) -> NetTensor:
+                return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
+                                 rank=2)
+            expr, found = hoisted(assign.expr, set(targets), lambda n: outside(n).at_step(0))
+            for n, part in enumerate(found):
+                if part in parts:       # computed before the loop for another statement
+                    expr = expr.xreplace({outside(n).at_step(0): parts[part]})
+                    continue
+                out.append(_Assign(outside(n), part, f"{'another' if n else 'the'} part of "
                                    f"{pretty(assign.target)} from outside the loop below, "
                                    "for every step at once"))
-                parts[part] = outside.at_step(0)
+                parts[part] = outside(n).at_step(0)
             exprs.append(expr)
         # a hoisted part that another statement of the loop reads too (a GRU's 1 - n_t²) is
         # read there from the hoisted array, not computed again at each step

@@ -593,6 +593,47 @@ class NumPyBatchPrinter(NumPyPrinter):
             self.helpers.add(call)
         return f"{call}({self.doprint(expr.args[0])}, out={out})"
 
+    def written_into(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]]:
+        """Lines that leave ``expr`` in the existing array ``out`` with no array made for the
+        result, as (target, op, code) (op "": the line is the target alone): a call writes
+        into it (``np.tanh(Z, out=...)``); a sum or product gives its first two terms or
+        factors to its ufunc with ``out=`` (``np.add(a, b, out=...)``) and adds, subtracts,
+        multiplies or divides each further one in place; anything else is copied in."""
+        expr = fold_numbers(expr)
+        call = self.into(expr, out)
+        if call is not None:
+            return [(call, "", "")]
+        if isinstance(expr, sp.Add):
+            first, *rest = self.ordered_terms(expr)
+            items = [(self.doprint(-t), "-") if t.could_extract_minus_sign()
+                     else (self.doprint(t), "+") for t in rest]
+        elif isinstance(expr, sp.Mul):
+            coefficient, rest = expr.as_coeff_Mul()
+            # in the order they print; divisions last, a number after the arrays (the result
+            # keeps their dtype)
+            factors = sorted(rest.as_ordered_factors(),
+                             key=lambda f: bool(f.is_Pow and f.exp == -1)) + (
+                [coefficient] if coefficient != 1 else [])
+            first, *rest = factors
+            items = [(self.doprint(f.base), "/") if f.is_Pow and f.exp == -1
+                     else (self.doprint(f), "*") for f in rest]
+        else:
+            return [(out, "=", self.doprint(expr))]
+        if first.is_Pow and first.exp == -1:                 # only divisions: 1 / (x y)
+            return [(out, "=", self.doprint(expr))]
+        (second, op), *items = items
+        ufunc = {"+": "np.add", "-": "np.subtract", "*": "np.multiply", "/": "np.divide"}[op]
+        return [(f"{ufunc}({self.doprint(first)}, {second}, out={out})", "", "")] + [
+            (out, f"{op}=", code) for code, op in items]
+
+    def ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
+        """The terms of a sum in the order it prints: matrix products first (``X @ W1.T +
+        b1``, as z = W a + b is written), then a positive term (``Z3 - LSE3`` rather than
+        ``-LSE3 + Z3``: an array negation fewer)."""
+        return sorted(self._as_ordered_terms(expr, order=order),
+                      key=lambda term: (not term.has(MatVec, Outer),
+                                        bool(term.could_extract_minus_sign())))
+
     def _helper(self, name: str, *args: sp.Expr) -> str:
         self.helpers.add(name)
         return f"{name}({', '.join(self._print(arg) for arg in args)})"
@@ -906,11 +947,7 @@ class NumPyBatchPrinter(NumPyPrinter):
         return text
 
     def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
-        # matrix products first: `X @ W1.T + b1`, as the formula z = W a + b is written; then
-        # a positive term, so `Z3 - LSE3` rather than `-LSE3 + Z3` (an array negation fewer)
-        terms = sorted(self._as_ordered_terms(expr, order=order),
-                       key=lambda term: (not term.has(MatVec, Outer),
-                                         bool(term.could_extract_minus_sign())))
+        terms = self.ordered_terms(expr, order)
         text = self._print(terms[0])
         for term in terms[1:]:
             if term.could_extract_minus_sign():

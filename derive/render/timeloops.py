@@ -18,6 +18,7 @@ when they read later ones), vectorized over the batch. Around it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy as sp
@@ -194,11 +195,13 @@ def guarded(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, StepGuard), lambda e: Guarded(1, *e.args))
 
 
-def hoisted(expr: sp.Expr, loop_targets: set[NetTensor], stand_in: sp.Expr
-            ) -> tuple[sp.Expr, sp.Expr | None]:
-    """(the loop's expression, with ``stand_in`` where it read the part computed before the
-    loop; that part) when ``expr`` (or the sum among its factors) has terms that read nothing
-    the loop computes (matrix products, or other arrays of every step); else (expr, None)."""
+def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
+            stand_in: Callable[[int], sp.Expr]) -> tuple[sp.Expr, list[sp.Expr]]:
+    """(the loop's expression, with ``stand_in(n)`` where it read the n-th part computed
+    before the loop; those parts): the terms of ``expr``, or of each sum among its factors,
+    that read nothing the loop computes (matrix products, or other arrays of every step), one
+    part per sum: an RNN's error (1 - h_t^2) (Wh^T δ_{t+1} + W2^T δ2_t) reads 1 - h_t^2 and
+    W2^T δ2_t from two arrays computed for every step at once."""
     def outside(term: sp.Expr) -> bool:
         # a product with a matrix, or anything of the steps' arrays (a dropout's mask times
         # the error from the layer above) that reads nothing the loop computes
@@ -206,26 +209,21 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor], stand_in: sp.Expr
             t.whole in loop_targets for t in term.atoms(NetTensor)) and (
             term.has(MatVec, Outer, Einsum) or bool(views(term)))
 
-    def split(total: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    parts: list[sp.Expr] = []
+
+    def split(total: sp.Expr) -> sp.Expr:
         terms = sp.Add.make_args(total)
         moved = [term for term in terms if outside(term)]
         if not moved:
-            return None
+            return total
         # a bias that goes with the products goes too (W x_t + b: one statement)
         moved += [term for term in terms if term not in moved and not term.has(StepGuard)
                   and all(t.is_parameter for t in term.atoms(NetTensor))]
-        return sp.Add(*moved), sp.Add(*(term for term in terms if term not in moved))
+        parts.append(sp.Add(*moved))
+        return sp.Add(*(term for term in terms if term not in moved)) + stand_in(len(parts) - 1)
 
     if isinstance(expr, sp.Add):
-        found = split(expr)
-        if found is not None:
-            part, rest = found
-            return rest + stand_in, part
+        return split(expr), parts
     if isinstance(expr, sp.Mul):
-        for factor in expr.args:
-            if isinstance(factor, sp.Add):
-                found = split(factor)
-                if found is not None:
-                    part, rest = found
-                    return expr.xreplace({factor: rest + stand_in}), part
-    return expr, None
+        return sp.Mul(*(split(f) if isinstance(f, sp.Add) else f for f in expr.args)), parts
+    return expr, parts
