@@ -138,9 +138,11 @@ def forward(params, X):
     U1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     G1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     H1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
+    # the matrix the loop multiplies by, transposed once: BLAS reads a contiguous one faster than a transposed view
+    Wh1_T = np.ascontiguousarray(Wh1.T)
     # one time step at a time, t from 0 forward
     for t in range(16):
-        np.add((H1_steps[t - 1] @ Wh1.T if t >= 1 else 0), bh1, out=Zh1_steps[t])
+        np.add((H1_steps[t - 1] @ Wh1_T if t >= 1 else 0), bh1, out=Zh1_steps[t])
         _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16], out=R1_steps[t])
         _sigmoid(Zh1_steps[t][..., 16:32] + Zx1_steps[t][..., 16:32], out=U1_steps[t])
         np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])

@@ -132,9 +132,11 @@ def forward(params, X):
     C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     tanh_C1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     H1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
+    # the matrix the loop multiplies by, transposed once: BLAS reads a contiguous one faster than a transposed view
+    Wh1_T = np.ascontiguousarray(Wh1.T)
     # one time step at a time, t from 0 forward
     for t in range(20):
-        Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
+        Z1 = (H1_steps[t - 1] @ Wh1_T if t >= 1 else 0) + Z1_in_steps[t]
         _sigmoid(Z1[..., 0:32], out=I1_steps[t])
         _sigmoid(Z1[..., 32:64], out=F1_steps[t])
         np.tanh(Z1[..., 64:96], out=G1_steps[t])

@@ -106,9 +106,11 @@ def forward(params, X):
     Z1_in_steps += b1
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     H1_steps = np.empty((20, X.shape[0], 16), dtype=X.dtype)
+    # the matrix the loop multiplies by, transposed once: BLAS reads a contiguous one faster than a transposed view
+    Wh1_T = np.ascontiguousarray(Wh1.T)
     # one time step at a time, t from 0 forward
     for t in range(20):
-        Z1 = (H1_steps[t - 1] @ Wh1.T if t >= 1 else 0) + Z1_in_steps[t]
+        Z1 = (H1_steps[t - 1] @ Wh1_T if t >= 1 else 0) + Z1_in_steps[t]
         np.tanh(Z1, out=H1_steps[t])
     Z2_steps = _dot_rows(H1_steps, W2.T)
     Z2_steps += b2

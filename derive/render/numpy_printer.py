@@ -532,6 +532,8 @@ class NumPyBatchPrinter(NumPyPrinter):
         self._layout = "batch"
         # a loop quantity read only at its own step: one (B, n) array per step, no index
         self.step_local: set[NetTensor] = set()
+        # matrices whose transposes a loop reads from a contiguous copy: the copy's name
+        self.transposes: dict[NetTensor, str] = {}
         # printing a statement over whole sequences (attention), in the batch layout
         self.whole = False
         # windows whose _im2col copy the forward pass keeps for a kernel's gradient, and the
@@ -680,7 +682,8 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_MatVec(self, expr: MatVec) -> str:
         matrix, vector, transposed = expr.args
-        w = self._print(matrix) + ("" if transposed else ".T")
+        w = self._print(matrix) if transposed else self.transposes.get(
+            matrix, f"{self._print(matrix)}.T")
         if self._sequence(expr):     # every step of every sample: one 2-D product
             self.helpers.add("_dot_rows")
             return f"_dot_rows({self._print(vector)}, {w})"
