@@ -123,21 +123,28 @@ def _max_unpool(delta, x, largest, kernel, stride):
     takes what is left."""
     rows, cols = delta.shape[1:3]
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
-    out = np.zeros(x.shape, dtype=delta.dtype)
-    rest = delta.copy()             # the error of windows whose maximum is not reached yet
+    # windows that tile x write every entry once: nothing to clear first
+    tiles = (not overlap and rows * stride[0] == x.shape[1] == rows * kernel[0]
+             and cols * stride[1] == x.shape[2] == cols * kernel[1])
+    out = (np.empty if tiles else np.zeros)(x.shape, dtype=delta.dtype)
+    rest = delta                    # the error of windows whose maximum is not reached yet
     offsets = [(p, q) for p in range(kernel[0]) for q in range(kernel[1])]
     for number, (p, q) in enumerate(offsets):
         at = (slice(None), slice(p, p + stride[0] * (rows - 1) + 1, stride[0]),
               slice(q, q + stride[1] * (cols - 1) + 1, stride[1]))
         if number == len(offsets) - 1:
-            out[at] += rest
-        elif overlap:
+            if overlap:
+                out[at] += rest
+            else:
+                out[at] = rest
+            break
+        if overlap:
             taken = rest * np.equal(x[at], largest)
             out[at] += taken
-            rest -= taken
         else:                       # each entry in one window at most: written once
             taken = np.multiply(rest, np.equal(x[at], largest), out=out[at])
-            rest -= taken
+        # a new array the first time (delta is the caller's), then in place
+        rest = rest - taken if number == 0 else np.subtract(rest, taken, out=rest)
     return out
 
 

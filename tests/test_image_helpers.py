@@ -10,7 +10,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from derive.render.numpy_printer import HELPERS
@@ -92,6 +92,11 @@ def test_windows_im2col_and_correlations(g) -> None:
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(geometry, st.booleans())
+# windows that tile the maps (every entry written once, nothing cleared first), and not
+@example((2, 2, 2, 2, 0, 0, 2, 4, 6, 1), True)
+@example((2, 3, 2, 3, 0, 0, 1, 4, 6, 2), False)
+@example((2, 2, 2, 2, 0, 0, 2, 5, 4, 3), True)
+@example((1, 1, 1, 1, 0, 0, 1, 3, 2, 4), False)
 def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
     rng, x, kernel, stride, _padding, _rows, _cols = case(g)
     if ties:
@@ -114,8 +119,10 @@ def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
                                                          for n in range(flat.size)]
         expected[b, c, r * stride[0] + p, s * stride[1] + q] += delta[b, c, r, s]
     largest = SPACE["_window_max"](last(x), kernel, stride)
+    given = delta.copy()
     assert np.allclose(batch_first(SPACE["_max_unpool"](last(delta), last(x), largest, kernel,
                                                   stride)), expected)
+    assert np.array_equal(delta, given)          # the caller's error is left as it was
     assert np.allclose(batch_first(SPACE["_fold"](last(delta[..., None, None] * mask), x.shape[2:],
                                             stride, (0, 0), kernel)), expected)
 
