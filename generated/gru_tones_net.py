@@ -143,8 +143,10 @@ def forward(params, X):
     # one time step at a time, t from 0 forward
     for t in range(16):
         np.add((H1_steps[t - 1] @ Wh1_T if t >= 1 else 0), bh1, out=Zh1_steps[t])
-        _sigmoid(Zh1_steps[t][..., 0:16] + Zx1_steps[t][..., 0:16], out=R1_steps[t])
-        _sigmoid(Zh1_steps[t][..., 16:32] + Zx1_steps[t][..., 16:32], out=U1_steps[t])
+        # R¹ and U¹ in one call: the same function of adjacent blocks
+        R1_U1 = _sigmoid(Zh1_steps[t][..., 0:32] + Zx1_steps[t][..., 0:32])
+        R1_steps[t] = R1_U1[..., 0:16]
+        U1_steps[t] = R1_U1[..., 16:32]
         np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])
         np.add(G1_steps[t]*(1 - U1_steps[t]), (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0), out=H1_steps[t])
     A1 = H1_steps[-1]

@@ -137,8 +137,10 @@ def forward(params, X):
     # one time step at a time, t from 0 forward
     for t in range(20):
         Z1 = (H1_steps[t - 1] @ Wh1_T if t >= 1 else 0) + Z1_in_steps[t]
-        _sigmoid(Z1[..., 0:32], out=I1_steps[t])
-        _sigmoid(Z1[..., 32:64], out=F1_steps[t])
+        # I¹ and F¹ in one call: the same function of adjacent blocks
+        I1_F1 = _sigmoid(Z1[..., 0:64])
+        I1_steps[t] = I1_F1[..., 0:32]
+        F1_steps[t] = I1_F1[..., 32:64]
         np.tanh(Z1[..., 64:96], out=G1_steps[t])
         _sigmoid(Z1[..., 96:128], out=O1_steps[t])
         np.add(G1_steps[t]*I1_steps[t], (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0), out=C1_steps[t])

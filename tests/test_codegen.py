@@ -4,6 +4,7 @@ ruff, determinism, numerical stability, and the `derive codegen` / `derive regen
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 import re
 import shutil
@@ -326,7 +327,11 @@ def test_a_loop_writes_each_step_of_an_array_without_a_copy():
     # block of stacked gates is copied in: writing into a block of columns is slower)
     for text in _recurrent_sources():
         assigned = re.findall(r"^        \w+_steps\[t\] = (.+)$", text, re.MULTILINE)
-        assert not assigned, assigned
+        # (but for a part of one call over adjacent blocks: I1_steps[t] = I1_F1[..., 0:5])
+        joint = set(re.findall(r"^        (\w+) = _?\w+(?:\.\w+)?\(", text, re.MULTILINE))
+        assert not [value for value in assigned
+                    if not re.fullmatch(r"(\w+)\[\.\.\., \d+:\d+\]", value)
+                    or value.split("[")[0] not in joint], assigned
         assert re.search(r"^        np\.(add|multiply)\(.*, out=\w+_steps\[t\]\)$", text,
                          re.MULTILINE)
 
@@ -356,6 +361,28 @@ def test_a_loop_multiplies_by_contiguous_matrices():
                 loop = lines[n + 1:n + 3]
                 assert any(re.match(r"    for t in range", following) for following in loop)
         assert "@ Wh1_T" in text
+
+
+#: A loop's call of one argument written into its step: (function, argument).
+LOOP_CALL = re.compile(r"^        (np\.\w+|_sigmoid)\((.*), out=\w+\[t\]\)$")
+
+
+def test_a_loop_makes_one_call_of_a_function_of_adjacent_blocks():
+    # I1_F1 = _sigmoid(Z1[..., 0:10]), not one call for Z1[..., 0:5] and one for Z1[..., 5:10]
+    for text in _recurrent_sources():
+        calls = [LOOP_CALL.match(line) for line in text.splitlines()]
+        for before, after in itertools.pairwise(calls):
+            if before and after and before.group(1) == after.group(1):
+                blocks = re.compile(r"\[\.\.\., (\d+):(\d+)\]")
+                ends = [int(stop) for _, stop in blocks.findall(before.group(2))]
+                starts = [int(start) for start, _ in blocks.findall(after.group(2))]
+                assert not (ends and ends == starts and blocks.sub("", before.group(2))
+                            == blocks.sub("", after.group(2))), (before[0], after[0])
+    for op, joint in (("lstm", "I1_F1 = _sigmoid(Z1[..., 0:10])"),
+                      ("gru", "R1_U1 = _sigmoid(Zh1_steps[t][..., 0:10] + Zx1_steps[t][..., 0:10])")):
+        text = _recurrent_source(op)
+        assert joint in text
+        assert re.search(r"^        (\w)1_steps\[t\] = \w+\[\.\.\., 0:5\]$", text, re.MULTILINE)
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

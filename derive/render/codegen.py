@@ -23,7 +23,7 @@ import sympy as sp
 from derive import __version__
 from derive.derivation.imageform import FirstMaxMask, Fold, Windows, WindowsMax
 from derive.derivation.reverse import Derivation, Formula
-from derive.derivation.stepform import Concat, MatProd, SumSteps
+from derive.derivation.stepform import Block, Concat, MatProd, SumSteps
 from derive.derivation.tensorform import (
     Broadcast,
     Einsum,
@@ -511,7 +511,11 @@ class _LoopCode:
         printer.step_local.update(self.local)
         written: dict[sp.Expr, str] = {}    # a stacked block computed at this step: its slice
         with printer.steps(None, loop=True):
-            for assign in self.body:
+            for run in _joint_calls(self.body, printer):
+                if len(run) > 1:
+                    out.extend(_joint_statements(run, printer))
+                    continue
+                assign = run[0]
                 name = printer.doprint(assign.target.at_step(0))
                 expr = _factored(assign.expr)     # ∂h o - ∂h o tanh(c)²: ∂h o (1 - tanh(c)²)
                 if not isinstance(expr, Concat):
@@ -537,6 +541,65 @@ class _LoopCode:
                     written.setdefault(part, where)
         printer.transposes.clear()
         return out
+
+
+def _joint_calls(body: tuple[_Assign, ...], printer: NumPyBatchPrinter
+                 ) -> list[list[_Assign]]:
+    """The loop's statements in runs: consecutive statements that apply the same function of
+    one argument to adjacent blocks of the same arrays (an LSTM's input and forget gates,
+    σ of the first and second quarter of z_t; a GRU's reset and update gates) form one run,
+    which one call over the joint block computes; every other statement is a run of its own.
+    """
+    runs: list[list[_Assign]] = []
+    for assign in body:
+        run = runs[-1] if runs else []
+        if run and _continues(run, assign.expr, printer):
+            run.append(assign)
+        else:
+            runs.append([assign])
+    return runs
+
+
+def _blocks(argument: sp.Expr) -> tuple[list[Block], int] | None:
+    """(the blocks, their common size) when ``argument`` reads arrays only through blocks of
+    one size; else None."""
+    blocks = sorted(argument.atoms(Block), key=sp.default_sort_key)
+    sizes = {int(block.args[2]) for block in blocks}
+    if len(sizes) != 1 or argument.xreplace(dict.fromkeys(blocks, sp.Integer(1))).atoms(
+            NetTensor):
+        return None
+    return blocks, sizes.pop()
+
+
+def _continues(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> bool:
+    """Whether ``expr`` is the run's function of the blocks after those of its last member."""
+    first = run[0].expr
+    if type(expr) is not type(first) or len(first.args) != 1 or not printer.writes_into(first):
+        return False
+    found = _blocks(first.args[0])
+    if found is None:
+        return False
+    blocks, size = found
+    shift = len(run) * size
+    return expr.args[0] == first.args[0].xreplace(
+        {b: Block(b.args[0], b.args[1] + shift, size) for b in blocks})
+
+
+def _joint_statements(run: list[_Assign], printer: NumPyBatchPrinter) -> list[Statement]:
+    """A run of _joint_calls: one call over the joint block, then each member's part."""
+    first = run[0].expr
+    blocks, size = _blocks(first.args[0])
+    joint = first.func(first.args[0].xreplace(
+        {b: Block(b.args[0], b.args[1], size * len(run)) for b in blocks}))
+    name = "_".join(batch_name(assign.target) for assign in run)
+    out = [Statement(name, printer.doprint(joint),
+                     f"{' and '.join(pretty(assign.target) for assign in run)} in one call: "
+                     "the same function of adjacent blocks", indent=1)]
+    for number, assign in enumerate(run):
+        out.append(Statement(printer.doprint(assign.target.at_step(0)),
+                             f"{name}[..., {number * size}:{(number + 1) * size}]",
+                             assign.comment, indent=1))
+    return out
 
 
 def _written(printer: NumPyBatchPrinter, expr: sp.Expr, out: str, comment: str

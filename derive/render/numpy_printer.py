@@ -595,12 +595,16 @@ class NumPyBatchPrinter(NumPyPrinter):
     def into(self, expr: sp.Expr, out: str) -> str | None:
         """``expr``, a call of one argument, printed to write its value into the array
         ``out`` (``np.tanh(Z1, out=Z1)``: no new array); None for anything else."""
-        call = _INTO.get(type(expr))
-        if call is None:
+        if not self.writes_into(expr):
             return None
+        call = _INTO[type(expr)]
         if call.startswith("_"):
             self.helpers.add(call)
         return f"{call}({self.doprint(expr.args[0])}, out={out})"
+
+    def writes_into(self, expr: sp.Expr) -> bool:
+        """Whether ``expr`` is a call that :meth:`into` can print writing into an array."""
+        return type(expr) in _INTO
 
     def written_into(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]]:
         """Lines that leave ``expr`` in the existing array ``out`` with no array made for the
