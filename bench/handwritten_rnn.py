@@ -26,9 +26,11 @@ batch 32, hidden 64, float32 and float64, OpenBLAS, on 2 cores of a virtual mach
   error and dW2 are one GEMM each over all T*B columns.
 - The loop over t does the least per step: one GEMM, then in-place ufuncs with ``out=`` into
   the preallocated arrays and two (h, B) scratch buffers.
-- Nonlinearities through np.exp. On this machine NumPy's float64 tanh is scalar code (about
-  20 ns an element, np.exp about 10), while its float32 tanh and exp are SIMD, and a ufunc call
-  on a (64, 32) block costs about a microsecond on top. So the rows of the weights and biases
+- Nonlinearities through np.exp. On the AVX2 machine these were chosen on, NumPy's float64
+  tanh is scalar code (about 20 ns an element, np.exp about 10; on an AVX-512 machine it is
+  vectorized, about 2 ns, and the exp form gains nothing: ``--idioms``), while its float32
+  tanh and exp are SIMD, and a ufunc call on a (64, 32) block costs about a microsecond on
+  top. So the rows of the weights and biases
   are scaled once per call, exactly (by -1 or -2: powers of two), that the pre-activation the
   loop computes is already -z for a sigmoid, sigma(z) = 1 / (1 + exp(-z)), and -2 z for a tanh
   in float64, tanh(z) = 2 / (1 + exp(-2 z)) - 1: no multiplication is left, and all four gates
@@ -83,7 +85,7 @@ def _tanh_scale(dtype: np.dtype) -> int:
 
 def _tanh_prescaled(a: np.ndarray, scale: int) -> np.ndarray:
     """tanh(z) in place, ``a`` holding scale * z: 2 / (1 + exp(-2 z)) - 1 for the scale -2
-    (float64, where NumPy's tanh is scalar code and twice as slow as its exp), np.tanh for 1
+    (float64, where NumPy's tanh is scalar code on AVX2 and twice as slow as its exp), np.tanh for 1
     (float32, where it is SIMD code and beats the four calls of the exp form)."""
     if scale == 1:
         return np.tanh(a, out=a)
