@@ -266,3 +266,28 @@ def test_dropout_off_between_recurrent_steps_matches_pytorch() -> None:
         {"op": "rnn", "size": 2}, {"op": "dropout", "rate": 0.5},
         {"size": 2, "activation": "sigmoid"}], "loss": "binary_cross_entropy"}
     _compare(spec, seed=0)
+
+
+#: custom activations: a multiple, a quotient, a sum of powers, a root (each printed differently)
+CUSTOM = ({"name": "twice_tanh", "expr": "2*tanh(z)"}, {"name": "soft_sign", "expr": "z/(1+abs(z))"},
+          {"name": "cubic", "expr": "z/2 + z**3/30"}, {"name": "root", "expr": "z + sqrt(1+z**2)"})
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+@pytest.mark.parametrize("custom", CUSTOM, ids=lambda c: c["name"])
+def test_a_custom_activation_in_a_sequence_network_generates_working_code(op, custom):
+    # the recurrent state's activation where the op has one, a dense layer per step after the
+    # recurrent layer and an activation layer: the overflow probe reads formulas at one step
+    # (guards by the step 1), and the module's gradients pass central differences
+    layer = {"op": op, "size": 3, **({"activation": custom} if OPS[op].attribute("activation")
+                                      else {})}
+    spec = {"name": f"{op}_{custom['name']}", "input": {"size": 2, "length": 3},
+            "layers": [layer, {"size": 3, "activation": custom},
+                       {"op": "activation", "activation": custom}, {"size": 2}],
+            "loss": "mse"}
+    module = _module(spec)
+    params = module.init_params(seed=1)
+    rng = np.random.default_rng(1)
+    X, Y = rng.standard_normal((3, 3, 2)), rng.standard_normal((3, 3, 2))
+    assert module.gradient_check(params, X, Y) < 1e-6
+

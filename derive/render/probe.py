@@ -19,6 +19,7 @@ import mpmath
 import numpy as np
 import sympy as sp
 
+from derive.derivation.stepform import Block, StepGuard, SumSteps
 from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer, Total
 from derive.quantities import NetTensor
 from derive.registry.functions import elementary
@@ -51,6 +52,15 @@ def _others(expr: sp.Expr, keep: set[NetTensor]) -> dict[sp.Basic, sp.Expr]:
     return mapping
 
 
+def _one_step(expr: sp.Expr) -> sp.Expr:
+    """A sequence formula at one step t inside 1..T, where every term is there: a guard by
+    the step 1, a sum over the steps its term, a block of stacked features its array (which
+    the probe gives one number anyway)."""
+    return (expr.replace(lambda e: isinstance(e, StepGuard), lambda e: sp.Integer(1))
+            .replace(lambda e: isinstance(e, SumSteps), lambda e: e.args[0])
+            .replace(lambda e: isinstance(e, Block), lambda e: e.args[0]))
+
+
 def _exact(expr: sp.Expr, z: NetTensor, y: NetTensor):
     """The exact value of ``expr`` at (z, y), to 30 digits, as a float or None if not finite."""
     function = sp.lambdify((z, y), elementary(expr), modules="mpmath")
@@ -78,8 +88,8 @@ def first_overflow(stable: sp.Expr, exact: sp.Expr, z: NetTensor,
     :data:`OTHER`.
     """
     y = NetTensor("y")
-    stable = stable.xreplace({a: pair[0] for a, pair in outputs.items()})
-    exact = exact.xreplace({a: pair[1] for a, pair in outputs.items()})
+    stable = _one_step(stable.xreplace({a: pair[0] for a, pair in outputs.items()}))
+    exact = _one_step(exact.xreplace({a: pair[1] for a, pair in outputs.items()}))
     stable = stable.xreplace(_others(stable, {z, y}))
     exact = exact.xreplace(_others(exact, {z, y}))
     if not stable.has(z):
