@@ -815,15 +815,18 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
             def outside(n: int, target: NetTensor = assign.target) -> NetTensor:
                 return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
                                  rank=2)
-            expr, found = hoisted(assign.expr, set(targets), lambda n: outside(n).at_step(0))
+            stand_ins: dict[int, sp.Dummy] = {}
+            expr, found = hoisted(assign.expr, set(targets),
+                                  lambda n, dummies=stand_ins: dummies.setdefault(n, sp.Dummy()))
+            made = 0
             for n, part in enumerate(found):
-                if part in parts:       # computed before the loop for another statement
-                    expr = expr.xreplace({outside(n).at_step(0): parts[part]})
-                    continue
-                out.append(_Assign(outside(n), part, f"{'another' if n else 'the'} part of "
-                                   f"{pretty(assign.target)} from outside the loop below, "
-                                   "for every step at once"))
-                parts[part] = outside(n).at_step(0)
+                if part not in parts:   # else computed before the loop for another statement
+                    out.append(_Assign(outside(made), part, f"{'another' if made else 'the'} "
+                                       f"part of {pretty(assign.target)} from outside the "
+                                       "loop below, for every step at once"))
+                    parts[part] = outside(made).at_step(0)
+                    made += 1
+                expr = expr.xreplace({stand_ins[n]: parts[part]})
             exprs.append(expr)
         # a hoisted part that another statement of the loop reads too (a GRU's 1 - n_t²) is
         # read there from the hoisted array, not computed again at each step
