@@ -498,11 +498,11 @@ def lstm_forward_variants(dtype: str) -> dict:
             np.multiply(o, TC[t], out=Hs[t + 1])
         return Hs
 
-    def rows():
+    def rows(contiguous: bool = False):
         G = (X_rows.reshape(T * B, -1) @ Wxs.T).reshape(T, B, 4 * h)
         G += bs
         Hs, Cs = np.zeros((T + 1, B, h), dtype), np.zeros((T + 1, B, h), dtype)
-        WhsT = Whs.T
+        WhsT = np.ascontiguousarray(Whs.T) if contiguous else Whs.T
         Hs = loop(G, Hs, Cs, np.empty((T, B, h), dtype),
                   lambda gates, k: gates[:, k * h:(k + 1) * h], lambda state: state @ WhsT)
         return Hs[1:]
@@ -516,7 +516,9 @@ def lstm_forward_variants(dtype: str) -> dict:
         return Hs[1:].transpose(0, 2, 1)
 
     return {"columns (T, 4h, B): Wh @ h, every gate a contiguous block [chosen]": columns,
-            "rows (T, B, 4h): h @ Wh^T, the gates strided column blocks": rows}
+            "rows (T, B, 4h): h @ Wh^T, the gates strided column blocks": rows,
+            "rows, Wh^T copied contiguous once (BLAS is slower on a transposed view)":
+                lambda: rows(contiguous=True)}
 
 
 def precise_tanh_variants(name: str, dtype: str) -> dict:
