@@ -385,6 +385,20 @@ def test_a_loop_makes_one_call_of_a_function_of_adjacent_blocks():
         assert re.search(r"^        (\w)1_steps\[t\] = \w+\[\.\.\., 0:5\]$", text, re.MULTILINE)
 
 
+def test_what_a_loop_reads_at_another_step_is_not_hoisted():
+    # δ_t ⊙ (h_{t-1} - g_t) ⊙ (1 - g_t²): 1 - g_t² is read from an array of every step at t,
+    # but h_{t-1} - g_t is not (the loop reads a hoisted array at step t: one step off)
+    from derive.quantities import NetTensor
+    from derive.render.timeloops import hoisted
+
+    delta, h, g = (NetTensor(role, 1, rank=2) for role in ("delta", "h", "z"))
+    d, h_before, g_now = delta.at_step(0), h.at_step(-1), g.at_step(0)
+    expr, parts = hoisted(d * (h_before - g_now) * (1 - g_now**2), {delta},
+                          lambda n: sp.Symbol(f"part{n}"))
+    assert parts == [1 - g_now**2]
+    assert expr == d * (h_before - g_now) * sp.Symbol("part0")
+
+
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
     text = source("lstm_adding")
     backward = text.split("def backward(")[1].split("\ndef ")[0]

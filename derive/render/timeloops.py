@@ -204,10 +204,12 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
     W2^T δ2_t from two arrays computed for every step at once."""
     def outside(term: sp.Expr) -> bool:
         # a product with a matrix, or anything of the steps' arrays (a dropout's mask times
-        # the error from the layer above) that reads nothing the loop computes
+        # the error from the layer above) that reads nothing the loop computes, and only at
+        # step t (the loop reads the part's array at t: h_{t-1} - g_t would be one step off)
         return not term.has(StepGuard) and not any(
             t.whole in loop_targets for t in term.atoms(NetTensor)) and (
-            term.has(MatVec, Outer, Einsum) or bool(views(term)))
+            term.has(MatVec, Outer, Einsum) or bool(views(term))) and all(
+            v.step == 0 for v in views(term))
 
     parts: list[sp.Expr] = []
 
@@ -219,7 +221,10 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
         # a bias that goes with the products goes too (W x_t + b: one statement)
         moved += [term for term in terms if term not in moved and not term.has(StepGuard)
                   and all(t.is_parameter for t in term.atoms(NetTensor))]
-        parts.append(sp.Add(*moved))
+        part = sp.Add(*moved)
+        if isinstance(part, NetTensor) or isinstance(-part, NetTensor):
+            return total                # an array as it is: nothing to compute before the loop
+        parts.append(part)
         return sp.Add(*(term for term in terms if term not in moved)) + stand_in(len(parts) - 1)
 
     if isinstance(expr, sp.Add):
