@@ -189,6 +189,8 @@ def backward(params, cache, Y):
     dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2_steps.sum(axis=0)
+    # the part of ∂C/∂G¹ from outside the loop below, for every step at once
+    dC_dG1_in_steps = 1 - U1_steps
     # the part of ∂C/∂R¹ from outside the loop below, for every step at once
     dC_dR1_in_steps = 1 - G1_steps**2
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
@@ -201,14 +203,14 @@ def backward(params, cache, Y):
         np.add((delta2_steps @ W2 if t == 15 else 0), (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0), out=delta1_steps[t])
         delta1_steps[t] += (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
         # ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
-        dC_dG1 = delta1_steps[t]*(1 - U1_steps[t])
+        dC_dG1 = delta1_steps[t]*dC_dG1_in_steps[t]
         # ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
-        dC_dU1 = (delta1_steps[t]*H1_steps[t - 1] if t >= 1 else 0) - delta1_steps[t]*G1_steps[t]
+        dC_dU1 = delta1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t])
         # ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
         dC_dR1 = dC_dG1*dC_dR1_in_steps[t]*Zh1_steps[t][..., 32:48]
         # ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
         dC_dZh1_steps[t][..., 0:16] = dC_dR1*R1_steps[t]*(1 - R1_steps[t])
-        dC_dZh1_steps[t][..., 16:32] = dC_dU1*U1_steps[t]*(1 - U1_steps[t])
+        dC_dZh1_steps[t][..., 16:32] = dC_dU1*dC_dG1_in_steps[t]*U1_steps[t]
         dC_dZh1_steps[t][..., 32:48] = dC_dG1*dC_dR1_in_steps[t]*R1_steps[t]
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
         dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]

@@ -397,6 +397,10 @@ def test_what_a_loop_reads_at_another_step_is_not_hoisted():
                           lambda n: sp.Symbol(f"part{n}"))
     assert parts == [1 - g_now**2]
     assert expr == d * (h_before - g_now) * sp.Symbol("part0")
+    # and in a product among the terms of a sum: δ_t ⊙ (1 - g_t) + δ_{t+1}
+    expr, parts = hoisted(d * (1 - g_now) + delta.at_step(1), {delta},
+                          lambda n: sp.Symbol(f"part{n}"))
+    assert parts == [1 - g_now] and expr == d * sp.Symbol("part0") + delta.at_step(1)
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

@@ -816,7 +816,7 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
                 return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
                                  rank=2)
             stand_ins: dict[int, sp.Dummy] = {}
-            expr, found = hoisted(assign.expr, set(targets),
+            expr, found = hoisted(_factored(assign.expr), set(targets),
                                   lambda n, dummies=stand_ins: dummies.setdefault(n, sp.Dummy()))
             made = 0
             for n, part in enumerate(found):

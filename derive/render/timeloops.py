@@ -198,10 +198,11 @@ def guarded(expr: sp.Expr) -> sp.Expr:
 def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
             stand_in: Callable[[int], sp.Expr]) -> tuple[sp.Expr, list[sp.Expr]]:
     """(the loop's expression, with ``stand_in(n)`` where it read the n-th part computed
-    before the loop; those parts): the terms of ``expr``, or of each sum among its factors,
-    that read nothing the loop computes (matrix products, or other arrays of every step), one
-    part per sum: an RNN's error (1 - h_t^2) (Wh^T δ_{t+1} + W2^T δ2_t) reads 1 - h_t^2 and
-    W2^T δ2_t from two arrays computed for every step at once."""
+    before the loop; those parts): the terms of ``expr``, or of each sum among the factors of
+    it or of its terms, that read nothing the loop computes (matrix products, or other arrays
+    of every step) and read it at step t, one part per sum: an RNN's error
+    (1 - h_t^2) (Wh^T δ_{t+1} + W2^T δ2_t) reads 1 - h_t^2 and W2^T δ2_t from two arrays
+    computed for every step at once."""
     def outside(term: sp.Expr) -> bool:
         # a product with a matrix, or anything of the steps' arrays (a dropout's mask times
         # the error from the layer above) that reads nothing the loop computes, and only at
@@ -227,8 +228,13 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
         parts.append(part)
         return sp.Add(*(term for term in terms if term not in moved)) + stand_in(len(parts) - 1)
 
+    def within(term: sp.Expr) -> sp.Expr:
+        # a product: each sum among its factors split (an LSTM's ∂h o (1 - tanh(c)²) + ...
+        # reads 1 - tanh(c_t)² of every step from one array)
+        if isinstance(term, sp.Mul):
+            return sp.Mul(*(split(f) if isinstance(f, sp.Add) else f for f in term.args))
+        return term
+
     if isinstance(expr, sp.Add):
-        return split(expr), parts
-    if isinstance(expr, sp.Mul):
-        return sp.Mul(*(split(f) if isinstance(f, sp.Add) else f for f in expr.args)), parts
-    return expr, parts
+        return sp.Add(*(within(term) for term in sp.Add.make_args(split(expr)))), parts
+    return within(expr), parts
