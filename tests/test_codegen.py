@@ -21,8 +21,10 @@ from derive.cli.main import main
 from derive.derivation.reverse import derive
 from derive.files import MARKER
 from derive.graph.model import build_model
+from derive.quantities import NetTensor
 from derive.render.codegen import COSTLY, load_module, module_filename, render_module
 from derive.render.numpy_printer import NumPyBatchPrinter
+from derive.render.timeloops import hoisted
 from derive.spec.load import list_examples, load_spec
 from tests.conftest import ELEMENTWISE, make_spec
 from tests.test_codegen_support import batch, example, generated, random_params
@@ -388,19 +390,15 @@ def test_a_loop_makes_one_call_of_a_function_of_adjacent_blocks():
 def test_what_a_loop_reads_at_another_step_is_not_hoisted():
     # δ_t ⊙ (h_{t-1} - g_t) ⊙ (1 - g_t²): 1 - g_t² is read from an array of every step at t,
     # but h_{t-1} - g_t is not (the loop reads a hoisted array at step t: one step off)
-    from derive.quantities import NetTensor
-    from derive.render.timeloops import hoisted
-
     delta, h, g = (NetTensor(role, 1, rank=2) for role in ("delta", "h", "z"))
     d, h_before, g_now = delta.at_step(0), h.at_step(-1), g.at_step(0)
-    expr, parts = hoisted(d * (h_before - g_now) * (1 - g_now**2), {delta},
-                          lambda n: sp.Symbol(f"part{n}"))
-    assert parts == [1 - g_now**2]
-    assert expr == d * (h_before - g_now) * sp.Symbol("part0")
+    expr, found = hoisted(d * (h_before - g_now) * (1 - g_now**2), {delta})
+    assert [part for _, part in found] == [1 - g_now**2]
+    assert expr == d * (h_before - g_now) * found[0][0]
     # and in a product among the terms of a sum: δ_t ⊙ (1 - g_t) + δ_{t+1}
-    expr, parts = hoisted(d * (1 - g_now) + delta.at_step(1), {delta},
-                          lambda n: sp.Symbol(f"part{n}"))
-    assert parts == [1 - g_now] and expr == d * sp.Symbol("part0") + delta.at_step(1)
+    expr, found = hoisted(d * (1 - g_now) + delta.at_step(1), {delta})
+    assert [part for _, part in found] == [1 - g_now]
+    assert expr == d * found[0][0] + delta.at_step(1)
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

@@ -815,18 +815,16 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
             def outside(n: int, target: NetTensor = assign.target) -> NetTensor:
                 return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
                                  rank=2)
-            stand_ins: dict[int, sp.Dummy] = {}
-            expr, found = hoisted(_factored(assign.expr), set(targets),
-                                  lambda n, dummies=stand_ins: dummies.setdefault(n, sp.Dummy()))
+            expr, found = hoisted(_factored(assign.expr), set(targets))
             made = 0
-            for n, part in enumerate(found):
+            for placeholder, part in found:
                 if part not in parts:   # else computed before the loop for another statement
                     out.append(_Assign(outside(made), part, f"{'another' if made else 'the'} "
                                        f"part of {pretty(assign.target)} from outside the "
                                        "loop below, for every step at once"))
                     parts[part] = outside(made).at_step(0)
                     made += 1
-                expr = expr.xreplace({stand_ins[n]: parts[part]})
+                expr = expr.xreplace({placeholder: parts[part]})
             exprs.append(expr)
         # a hoisted part that another statement of the loop reads too (a GRU's 1 - n_t²) is
         # read there from the hoisted array, not computed again at each step

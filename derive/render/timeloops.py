@@ -18,7 +18,6 @@ when they read later ones), vectorized over the batch. Around it:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy as sp
@@ -195,12 +194,12 @@ def guarded(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, StepGuard), lambda e: Guarded(1, *e.args))
 
 
-def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
-            stand_in: Callable[[int], sp.Expr]) -> tuple[sp.Expr, list[sp.Expr]]:
-    """(the loop's expression, with ``stand_in(n)`` where it read the n-th part computed
-    before the loop; those parts): the terms of ``expr``, or of each sum among the factors of
-    it or of its terms, that read nothing the loop computes (matrix products, or other arrays
-    of every step) and read it at step t, one part per sum: an RNN's error
+def hoisted(expr: sp.Expr, loop_targets: set[NetTensor]
+            ) -> tuple[sp.Expr, list[tuple[sp.Dummy, sp.Expr]]]:
+    """(the loop's expression, with a placeholder where it reads a part computed before the
+    loop; each placeholder with its part): the terms of ``expr``, or of each sum among the
+    factors of it or of its terms, that read nothing the loop computes (matrix products, or
+    other arrays of every step) and read it at step t, one part per sum: an RNN's error
     (1 - h_t^2) (Wh^T δ_{t+1} + W2^T δ2_t) reads 1 - h_t^2 and W2^T δ2_t from two arrays
     computed for every step at once."""
     def outside(term: sp.Expr) -> bool:
@@ -212,7 +211,7 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
             term.has(MatVec, Outer, Einsum) or bool(views(term))) and all(
             v.step == 0 for v in views(term))
 
-    parts: list[sp.Expr] = []
+    parts: list[tuple[sp.Dummy, sp.Expr]] = []
 
     def split(total: sp.Expr) -> sp.Expr:
         terms = sp.Add.make_args(total)
@@ -225,12 +224,12 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor],
         part = sp.Add(*moved)
         if isinstance(part, NetTensor) or isinstance(-part, NetTensor):
             return total                # an array as it is: nothing to compute before the loop
-        parts.append(part)
-        return sp.Add(*(term for term in terms if term not in moved)) + stand_in(len(parts) - 1)
+        parts.append((sp.Dummy(), part))
+        return sp.Add(*(term for term in terms if term not in moved)) + parts[-1][0]
 
     def within(term: sp.Expr) -> sp.Expr:
-        # a product: each sum among its factors split (an LSTM's ∂h o (1 - tanh(c)²) + ...
-        # reads 1 - tanh(c_t)² of every step from one array)
+        # a product: each sum among its factors split (a GRU's δ_t (1 - u_t) beside other
+        # terms reads 1 - u_t of every step from one array)
         if isinstance(term, sp.Mul):
             return sp.Mul(*(split(f) if isinstance(f, sp.Add) else f for f in term.args))
         return term
