@@ -119,10 +119,10 @@ def test_pooling_helpers_route_to_the_first_maximum(g, ties) -> None:
                                                          for n in range(flat.size)]
         expected[b, c, r * stride[0] + p, s * stride[1] + q] += delta[b, c, r, s]
     largest = SPACE["_window_max"](last(x), kernel, stride)
-    given = delta.copy()
+    unchanged = delta.copy()
     assert np.allclose(batch_first(SPACE["_max_unpool"](last(delta), last(x), largest, kernel,
                                                   stride)), expected)
-    assert np.array_equal(delta, given)          # the caller's error is left as it was
+    assert np.array_equal(delta, unchanged)      # the caller's error is left as it was
     assert np.allclose(batch_first(SPACE["_fold"](last(delta[..., None, None] * mask), x.shape[2:],
                                             stride, (0, 0), kernel)), expected)
 
