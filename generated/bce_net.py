@@ -56,11 +56,11 @@ ADAM_EPS = 1e-8
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -108,7 +108,9 @@ def forward(params, X):
     A1 = np.maximum(Z1, 0)
     Z2 = A1 @ W2.T
     Z2 += b2
-    A2 = _sigmoid(Z2)
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning
+    with np.errstate(over="ignore"):
+        A2 = _sigmoid(Z2)
     cache = {"X": X, "Z1": Z1, "A1": A1, "Z2": Z2, "A2": A2}
     return A2, cache
 

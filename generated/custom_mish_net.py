@@ -56,11 +56,11 @@ ADAM_EPS = 1e-8
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -112,7 +112,9 @@ def forward(params, X):
     A1 = tanh_softplus_Z1*Z1
     Z2 = A1 @ W2.T
     Z2 += b2
-    A2 = _sigmoid(Z2, out=Z2)
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning
+    with np.errstate(over="ignore"):
+        A2 = _sigmoid(Z2, out=Z2)
     cache = {"X": X, "Z1": Z1, "tanh_softplus_Z1": tanh_softplus_Z1, "A1": A1, "A2": A2}
     return A2, cache
 
@@ -147,9 +149,11 @@ def backward(params, cache, Y):
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # BP2: δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))²) ⊙ (exp(z¹) + 1)⁻¹ ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ² [stable: sigmoid_from_exp, softplus_from_log]
-    delta1 = delta2 @ W2
-    delta1 *= tanh_softplus_Z1 + Z1*(1 - tanh_softplus_Z1**2)*_sigmoid(Z1)
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning
+    with np.errstate(over="ignore"):
+        # BP2: δ¹ = (z¹ ⊙ (1 - tanh(log(exp(z¹) + 1))²) ⊙ (exp(z¹) + 1)⁻¹ ⊙ exp(z¹) + tanh(log(exp(z¹) + 1))) ⊙ (W²)ᵀ δ² [stable: sigmoid_from_exp, softplus_from_log]
+        delta1 = delta2 @ W2
+        delta1 *= tanh_softplus_Z1 + Z1*(1 - tanh_softplus_Z1**2)*_sigmoid(Z1)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

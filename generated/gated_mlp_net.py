@@ -59,11 +59,11 @@ ADAM_EPS = 1e-8
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -112,8 +112,10 @@ def forward(params, X):
     _check_input(X)
     S1_1 = X @ U1.T
     S2_1 = X @ V1.T
-    # sigmoid(s2¹), kept for the backward pass
-    sigmoid_S2_1 = _sigmoid(S2_1, out=S2_1)
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning
+    with np.errstate(over="ignore"):
+        # sigmoid(s2¹), kept for the backward pass
+        sigmoid_S2_1 = _sigmoid(S2_1, out=S2_1)
     # tanh(s1¹), kept for the backward pass
     tanh_S1_1 = np.tanh(S1_1, out=S1_1)
     A1 = c1 + sigmoid_S2_1*tanh_S1_1

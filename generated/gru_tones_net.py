@@ -64,11 +64,11 @@ ADAM_EPS = 1e-8
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -140,15 +140,17 @@ def forward(params, X):
     H1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     # the matrix the loop multiplies by, transposed once: BLAS reads a contiguous one faster than a transposed view
     Wh1_T = np.ascontiguousarray(Wh1.T)
-    # one time step at a time, t from 0 forward
-    for t in range(16):
-        np.add((H1_steps[t - 1] @ Wh1_T if t >= 1 else 0), bh1, out=Zh1_steps[t])
-        # R¹ and U¹ in one call: the same function of adjacent blocks
-        R1_U1 = _sigmoid(Zh1_steps[t][..., 0:32] + Zx1_steps[t][..., 0:32])
-        R1_steps[t] = R1_U1[..., 0:16]
-        U1_steps[t] = R1_U1[..., 16:32]
-        np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])
-        np.add(G1_steps[t]*(1 - U1_steps[t]), (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0), out=H1_steps[t])
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning, once for every step
+    with np.errstate(over="ignore"):
+        # one time step at a time, t from 0 forward
+        for t in range(16):
+            np.add((H1_steps[t - 1] @ Wh1_T if t >= 1 else 0), bh1, out=Zh1_steps[t])
+            # R¹ and U¹ in one call: the same function of blocks of the same arrays
+            R1_U1 = _sigmoid(Zh1_steps[t][..., 0:32] + Zx1_steps[t][..., 0:32])
+            R1_steps[t] = R1_U1[..., 0:16]
+            U1_steps[t] = R1_U1[..., 16:32]
+            np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])
+            np.add(G1_steps[t]*(1 - U1_steps[t]), (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0), out=H1_steps[t])
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
     Z2 += b2

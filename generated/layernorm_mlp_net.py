@@ -63,11 +63,11 @@ ADAM_EPS = 1e-8
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -119,7 +119,9 @@ def forward(params, X):
     A3 = np.tanh(A2, out=A2)
     Z4 = A3 @ W4.T
     Z4 += b4
-    A4 = _sigmoid(Z4, out=Z4)
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning
+    with np.errstate(over="ignore"):
+        A4 = _sigmoid(Z4, out=Z4)
     cache = {"X": X, "A1": A1, "mu2": mu2, "var2": var2, "Xhat2": Xhat2, "A3": A3, "A4": A4}
     return A4, cache
 

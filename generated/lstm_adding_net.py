@@ -63,11 +63,11 @@ ADAM_EPS = 1e-8
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 
@@ -134,19 +134,21 @@ def forward(params, X):
     H1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     # the matrix the loop multiplies by, transposed once: BLAS reads a contiguous one faster than a transposed view
     Wh1_T = np.ascontiguousarray(Wh1.T)
-    # one time step at a time, t from 0 forward
-    for t in range(20):
-        Z1 = (H1_steps[t - 1] @ Wh1_T if t >= 1 else 0) + Z1_in_steps[t]
-        # I¹ and F¹ in one call: the same function of adjacent blocks
-        I1_F1 = _sigmoid(Z1[..., 0:64])
-        I1_steps[t] = I1_F1[..., 0:32]
-        F1_steps[t] = I1_F1[..., 32:64]
-        np.tanh(Z1[..., 64:96], out=G1_steps[t])
-        _sigmoid(Z1[..., 96:128], out=O1_steps[t])
-        np.add(G1_steps[t]*I1_steps[t], (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0), out=C1_steps[t])
-        # tanh(c¹ₜ), kept for the backward pass
-        np.tanh(C1_steps[t], out=tanh_C1_steps[t])
-        np.multiply(tanh_C1_steps[t], O1_steps[t], out=H1_steps[t])
+    # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning, once for every step
+    with np.errstate(over="ignore"):
+        # one time step at a time, t from 0 forward
+        for t in range(20):
+            Z1 = (H1_steps[t - 1] @ Wh1_T if t >= 1 else 0) + Z1_in_steps[t]
+            # I¹, F¹ and O¹ in one call: the same function of blocks of the same arrays
+            I1_F1_O1 = _sigmoid(Z1[..., 0:128])
+            I1_steps[t] = I1_F1_O1[..., 0:32]
+            F1_steps[t] = I1_F1_O1[..., 32:64]
+            O1_steps[t] = I1_F1_O1[..., 96:128]
+            np.tanh(Z1[..., 64:96], out=G1_steps[t])
+            np.add(G1_steps[t]*I1_steps[t], (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0), out=C1_steps[t])
+            # tanh(c¹ₜ), kept for the backward pass
+            np.tanh(C1_steps[t], out=tanh_C1_steps[t])
+            np.multiply(tanh_C1_steps[t], O1_steps[t], out=H1_steps[t])
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
     Z2 += b2

@@ -4,7 +4,6 @@ ruff, determinism, numerical stability, and the `derive codegen` / `derive regen
 from __future__ import annotations
 
 import ast
-import itertools
 import os
 import re
 import shutil
@@ -19,10 +18,19 @@ import sympy as sp
 from derive import __version__
 from derive.cli.main import main
 from derive.derivation.reverse import derive
+from derive.derivation.stepform import Block
 from derive.files import MARKER
 from derive.graph.model import build_model
 from derive.quantities import NetTensor
-from derive.render.codegen import COSTLY, load_module, module_filename, render_module
+from derive.registry.functions import sigmoid
+from derive.render.codegen import (
+    COSTLY,
+    _Assign,
+    _joint_calls,
+    load_module,
+    module_filename,
+    render_module,
+)
 from derive.render.numpy_printer import NumPyBatchPrinter
 from derive.render.timeloops import hoisted
 from derive.spec.load import list_examples, load_spec
@@ -273,13 +281,17 @@ def _recurrent_source(op: str, returned: str = "sequence") -> str:
          "loss": "mse"}))))
 
 
+#: The margin of a loop's body, inside a `with np.errstate` (test_sequences) or not.
+IN_LOOP = r"^        (?:    )?"
+
+
 @pytest.mark.parametrize("op", RECURRENT)
 def test_a_loop_writes_each_call_straight_into_its_step(op):
     # _sigmoid(Z1[..., 0:5], out=I1_steps[t]): no array per call, no copy into the step
     text = _recurrent_source(op)
-    assert not re.search(r"^        \w+_steps\[t\] = (np\.(exp|log|tanh)|_sigmoid)\(", text,
+    assert not re.search(IN_LOOP + r"\w+_steps\[t\] = (np\.(exp|log|tanh)|_sigmoid)\(", text,
                          re.MULTILINE)
-    assert re.search(r"^        (np\.tanh|_sigmoid)\(.*, out=\w+_steps\[t\]\)$", text,
+    assert re.search(IN_LOOP + r"(np\.tanh|_sigmoid)\(.*, out=\w+_steps\[t\]\)$", text,
                      re.MULTILINE)
 
 
@@ -328,13 +340,13 @@ def test_a_loop_writes_each_step_of_an_array_without_a_copy():
     # a sum or product at a step of an array made before the loop is computed into it (a
     # block of stacked gates is copied in: writing into a block of columns is slower)
     for text in _recurrent_sources():
-        assigned = re.findall(r"^        \w+_steps\[t\] = (.+)$", text, re.MULTILINE)
-        # (but for a part of one call over adjacent blocks: I1_steps[t] = I1_F1[..., 0:5])
-        joint = set(re.findall(r"^        (\w+) = _?\w+(?:\.\w+)?\(", text, re.MULTILINE))
+        assigned = re.findall(IN_LOOP + r"\w+_steps\[t\] = (.+)$", text, re.MULTILINE)
+        # (but for a part of one call over several blocks: I1_steps[t] = I1_F1_O1[..., 0:5])
+        joint = set(re.findall(IN_LOOP + r"(\w+) = _?\w+(?:\.\w+)?\(", text, re.MULTILINE))
         assert not [value for value in assigned
                     if not re.fullmatch(r"(\w+)\[\.\.\., \d+:\d+\]", value)
                     or value.split("[")[0] not in joint], assigned
-        assert re.search(r"^        np\.(add|multiply)\(.*, out=\w+_steps\[t\]\)$", text,
+        assert re.search(IN_LOOP + r"np\.(add|multiply)\(.*, out=\w+_steps\[t\]\)$", text,
                          re.MULTILINE)
 
 
@@ -360,31 +372,46 @@ def test_a_loop_multiplies_by_contiguous_matrices():
             copied = re.match(r"    (\w+)_T = np\.ascontiguousarray\((\w+)\.T\)$", line)
             if copied:
                 assert copied.group(1) == copied.group(2)
-                loop = lines[n + 1:n + 3]
-                assert any(re.match(r"    for t in range", following) for following in loop)
+                # (the loop's header may follow its errstate: test_sequences)
+                loop = lines[n + 1:n + 5]
+                assert any(re.match(r"    (    )?for t in range", following)
+                           for following in loop)
         assert "@ Wh1_T" in text
 
 
-#: A loop's call of one argument written into its step: (function, argument).
-LOOP_CALL = re.compile(r"^        (np\.\w+|_sigmoid)\((.*), out=\w+\[t\]\)$")
+#: A loop's call of one argument: (its target or None, function, argument).
+LOOP_CALL = re.compile(IN_LOOP + r"(?:(\w+) = )?(np\.\w+|_sigmoid)\((.*?)(?:, out=\w+\[t\])?\)$")
 
 
-def test_a_loop_makes_one_call_of_a_function_of_adjacent_blocks():
-    # I1_F1 = _sigmoid(Z1[..., 0:10]), not one call for Z1[..., 0:5] and one for Z1[..., 5:10]
+def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
+    # I1_F1_O1 = _sigmoid(Z1[..., 0:20]) for the blocks 0:5, 5:10 and 15:20, not one call each
+    blocks = re.compile(r"\[\.\.\., (\d+):(\d+)\]")
     for text in _recurrent_sources():
-        calls = [LOOP_CALL.match(line) for line in text.splitlines()]
-        for before, after in itertools.pairwise(calls):
-            if before and after and before.group(1) == after.group(1):
-                blocks = re.compile(r"\[\.\.\., (\d+):(\d+)\]")
-                ends = [int(stop) for _, stop in blocks.findall(before.group(2))]
-                starts = [int(start) for start, _ in blocks.findall(after.group(2))]
-                assert not (ends and ends == starts and blocks.sub("", before.group(2))
-                            == blocks.sub("", after.group(2))), (before[0], after[0])
-    for op, joint in (("lstm", "I1_F1 = _sigmoid(Z1[..., 0:10])"),
-                      ("gru", "R1_U1 = _sigmoid(Zh1_steps[t][..., 0:10] + Zx1_steps[t][..., 0:10])")):
+        for function in ("forward", "backward"):
+            body = text.split(f"def {function}(")[1].split("\ndef ")[0]
+            calls = [(call.group(2), blocks.sub("", call.group(3)))
+                     for call in map(LOOP_CALL.match, body.splitlines())
+                     if call and blocks.search(call.group(3))]
+            assert len(calls) == len(set(calls)), calls
+    for op, joint, part in (
+            ("lstm", "I1_F1_O1 = _sigmoid(Z1[..., 0:20])", "O1_steps[t] = I1_F1_O1[..., 15:20]"),
+            ("gru", "R1_U1 = _sigmoid(Zh1_steps[t][..., 0:10] + Zx1_steps[t][..., 0:10])",
+             "U1_steps[t] = R1_U1[..., 5:10]")):
         text = _recurrent_source(op)
-        assert joint in text
-        assert re.search(r"^        (\w)1_steps\[t\] = \w+\[\.\.\., 0:5\]$", text, re.MULTILINE)
+        assert joint in text and part in text
+
+
+def test_joint_calls_span_blocks_the_members_fill_at_least_half_of():
+    # σ of blocks 0, 1 and 3 of z_t (an LSTM's i, f, o) is one call over blocks 0..3, past
+    # tanh of block 2; σ of block 9 is not (four of ten blocks), nor σ of a sum of blocks
+    z, h = (NetTensor(role, 1, rank=2).at_step(0) for role in ("z", "h"))
+    i, f, g, o, far, other = (NetTensor(name, 1, rank=2) for name in "ifgoqr")
+    body = (_Assign(i, sigmoid(Block(z, 0, 5))), _Assign(f, sigmoid(Block(z, 5, 5))),
+            _Assign(g, sp.tanh(Block(z, 10, 5))), _Assign(o, sigmoid(Block(z, 15, 5))),
+            _Assign(far, sigmoid(Block(z, 45, 5))),
+            _Assign(other, sigmoid(Block(z, 20, 5) + Block(h, 0, 5))))
+    runs = [[assign.target for assign in run] for run in _joint_calls(body, NumPyBatchPrinter())]
+    assert runs == [[i, f, o], [g], [far], [other]]
 
 
 def test_what_a_loop_reads_at_another_step_is_not_hoisted():

@@ -294,3 +294,18 @@ def test_float32_computation_stays_float32_for_every_activation(activation):
     _, grads64 = module.gradients(random_params(spec), X, Y)
     for key in grads:
         assert relative_error(grads[key], grads64[key]) < 1e-4
+
+
+@pytest.mark.parametrize(("output", "loss"), PAIRS)
+def test_every_activation_and_loss_survive_pre_activations_of_1e4(output, loss):
+    # overflow, division by zero or an invalid value anywhere in the module is an error here:
+    # only the overflow of exp(-z) in σ(z), which gives its limit, is turned off where it is
+    spec = pair_spec(output, loss)
+    module = generated(spec)
+    rng = np.random.default_rng(3)
+    params = {key: rng.choice([-1.0, 1.0], value.shape) * (1e4 if key == "W1" else 1.0)
+              for key, value in module.init_params().items()}
+    X, Y = batch(spec)
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        value, grads = module.gradients(params, X, Y)
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads.values())

@@ -274,6 +274,23 @@ CUSTOM = ({"name": "twice_tanh", "expr": "2*tanh(z)"}, {"name": "soft_sign", "ex
 
 
 @pytest.mark.parametrize("op", RECURRENT)
+def test_saturated_sigmoids_raise_no_floating_point_error(op):
+    # pre-activations of ±1e4 saturate every sigmoid gate: exp(-z) overflows inside the
+    # loop over time, whose one errstate turns that warning off (and nothing else)
+    spec = {"name": f"{op}_saturated", "input": {"size": 2, "length": 3},
+            "layers": [{"op": op, "size": 3}, {"size": 2, "activation": "sigmoid"}],
+            "loss": "binary_cross_entropy"}
+    module = _module(spec)
+    rng = np.random.default_rng(2)
+    params = {key: 1e4 * rng.choice([-1.0, 1.0], value.shape)
+              for key, value in module.init_params().items()}
+    X = np.array([[[1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]], [[-1.0, -1.0], [1.0, -1.0], [0, 0]]])
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        value, grads = module.gradients(params, X, np.ones((2, 3, 2)))
+    assert np.isfinite(value) and all(np.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("op", RECURRENT)
 @pytest.mark.parametrize("custom", CUSTOM, ids=lambda c: c["name"])
 def test_a_custom_activation_in_a_sequence_network_generates_working_code(op, custom):
     # the recurrent state's activation where the op has one, a dense layer per step after the

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sympy as sp
@@ -401,6 +401,8 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             out.append(Statement(name, assign.code, assign.comment))
             continue
         steps, reused = _in_place(assign.expr, dead)
+        start = len(out)
+        printer.overflows = False
         printer.whole = _whole(assign.expr)     # its right side only, not its target
         printer.among_maps = among_maps(assign.expr)
         with printer.steps(views(assign.expr), layout=layout):
@@ -415,6 +417,8 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
                                      assign.comment if number == 0 else "",
                                      _op(op, expr)))
         printer.whole, printer.among_maps = False, frozenset()
+        if printer.overflows:
+            out[start:] = _quiet(out[start:], "")
         if isinstance(assign.target, NetTensor):
             shares = reused if reused is not None else (
                 assign.expr if isinstance(assign.expr, NetTensor) else None)
@@ -505,6 +509,8 @@ class _LoopCode:
                                  "reads a contiguous one faster than a transposed view"
                                  if number == 0 else ""))
         steps = f"range({self.length})" if self.forward else f"range({self.length - 1}, -1, -1)"
+        start = len(out)
+        printer.overflows = False
         out.append(Statement(f"for t in {steps}:", "", op="",
                              comment="one time step at a time, t from 0 "
                                      + ("forward" if self.forward else "backward")))
@@ -540,23 +546,40 @@ class _LoopCode:
                                          assign.comment if number == 0 else "", indent=1))
                     written.setdefault(part, where)
         printer.transposes.clear()
+        if printer.overflows:
+            out[start:] = _quiet(out[start:], ", once for every step")
         return out
+
+
+#: Why code that calls a QUIET_OVERFLOW helper (numpy_printer) runs with NumPy's overflow
+#: warning off: the comment on its ``with np.errstate(over="ignore")``.
+QUIET = "exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning"
+
+
+def _quiet(statements: list[Statement], scope: str) -> list[Statement]:
+    """``statements`` (one statement's lines, or a loop) inside one ``with`` that turns NumPy's
+    overflow warning off for the QUIET_OVERFLOW helpers they call (numpy_printer)."""
+    return [Statement('with np.errstate(over="ignore"):', "", op="", comment=QUIET + scope,
+                      indent=statements[0].indent),
+            *(replace(statement, indent=statement.indent + 1) for statement in statements)]
 
 
 def _joint_calls(body: tuple[_Assign, ...], printer: NumPyBatchPrinter
                  ) -> list[list[_Assign]]:
-    """The loop's statements in runs: consecutive statements that apply the same function of
-    one argument to adjacent blocks of the same arrays (an LSTM's input and forget gates,
-    σ of the first and second quarter of z_t; a GRU's reset and update gates) form one run,
-    which one call over the joint block computes; every other statement is a run of its own.
-    """
+    """The loop's statements in runs: statements that apply the same function of one argument
+    to blocks of the same arrays at different places (an LSTM's input, forget and output
+    gates, σ of the first, second and fourth quarter of z_t; a GRU's reset and update gates)
+    form one run, which one call over the span of their blocks computes where the first of
+    them was (a later member reads only what the first reads, made before it), while the
+    members fill at least half of the span (the LSTM's σ of its third quarter is computed and
+    not read: one call costs less than two). Every other statement is a run of its own."""
     runs: list[list[_Assign]] = []
     for assign in body:
-        run = runs[-1] if runs else []
-        if run and _continues(run, assign.expr, printer):
-            run.append(assign)
-        else:
+        run = next((run for run in runs if _joins(run, assign.expr, printer)), None)
+        if run is None:
             runs.append([assign])
+        else:
+            run.append(assign)
     return runs
 
 
@@ -571,33 +594,51 @@ def _blocks(argument: sp.Expr) -> tuple[list[Block], int] | None:
     return blocks, sizes.pop()
 
 
-def _continues(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> bool:
-    """Whether ``expr`` is the run's function of the blocks after those of its last member."""
+def _offsets(run: list[_Assign]) -> list[int]:
+    """Where each member's blocks start, relative to the first member's (a run of
+    _joint_calls)."""
+    starts = [int(_blocks(assign.expr.args[0])[0][0].args[1]) for assign in run]
+    return [start - starts[0] for start in starts]
+
+
+def _joins(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> bool:
+    """Whether ``expr`` is the run's function of the blocks of its first member shifted by a
+    whole number of blocks to a place no member has, within a span the members would fill
+    at least half of."""
     first = run[0].expr
     if type(expr) is not type(first) or len(first.args) != 1 or not printer.writes_into(first):
         return False
     found = _blocks(first.args[0])
-    if found is None:
+    mine = _blocks(expr.args[0]) if len(expr.args) == 1 else None
+    if found is None or mine is None or mine[1] != found[1]:
         return False
     blocks, size = found
-    shift = len(run) * size
-    return expr.args[0] == first.args[0].xreplace(
-        {b: Block(b.args[0], b.args[1] + shift, size) for b in blocks})
+    shift = int(mine[0][0].args[1]) - int(blocks[0].args[1])
+    offsets = [*_offsets(run), shift]
+    span = max(offsets) - min(offsets) + size
+    return (shift % size == 0 and shift not in offsets[:-1] and 2 * len(offsets) * size >= span
+            and expr.args[0] == first.args[0].xreplace(
+                {b: Block(b.args[0], b.args[1] + shift, size) for b in blocks}))
 
 
 def _joint_statements(run: list[_Assign], printer: NumPyBatchPrinter) -> list[Statement]:
-    """A run of _joint_calls: one call over the joint block, then each member's part."""
+    """A run of _joint_calls: one call over the span of its blocks, then each member's part."""
     first = run[0].expr
     blocks, size = _blocks(first.args[0])
+    offsets = _offsets(run)
+    low, span = min(offsets), max(offsets) - min(offsets) + size
     joint = first.func(first.args[0].xreplace(
-        {b: Block(b.args[0], b.args[1], size * len(run)) for b in blocks}))
+        {b: Block(b.args[0], b.args[1] + low, span) for b in blocks}))
     name = "_".join(batch_name(assign.target) for assign in run)
+    names = [pretty(assign.target) for assign in run]
+    whose = " and ".join(names) if len(names) == 2 else \
+        f"{', '.join(names[:-1])} and {names[-1]}"
     out = [Statement(name, printer.doprint(joint),
-                     f"{' and '.join(pretty(assign.target) for assign in run)} in one call: "
-                     "the same function of adjacent blocks", indent=1)]
-    for number, assign in enumerate(run):
+                     f"{whose} in one call: the same function of blocks of the same arrays",
+                     indent=1)]
+    for offset, assign in zip(offsets, run):
         out.append(Statement(printer.doprint(assign.target.at_step(0)),
-                             f"{name}[..., {number * size}:{(number + 1) * size}]",
+                             f"{name}[..., {offset - low}:{offset - low + size}]",
                              assign.comment, indent=1))
     return out
 
@@ -880,7 +921,9 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     shared = _shared_logsumexp(model, loss_expr)
     if shared is not None:
         loss_expr = loss_expr.xreplace({shared[0]: shared[1]})
+    printer.overflows = False
     loss_code = printer.doprint(loss_expr)
+    loss_quiet = printer.overflows
 
     forward_assigns = _forward_assignments(model, printer, shared)
     parameters: list[dict[str, object]] = []
@@ -1064,7 +1107,8 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         "forward": forward,
         "output": batch_name(model.output.output),
         "cache": cache,
-        "loss": {"code": loss_code, "unpack": loss_unpack, "comments": loss_comments},
+        "loss": {"code": loss_code, "unpack": loss_unpack, "comments": loss_comments,
+                 "quiet": QUIET if loss_quiet else ""},
         "regularization": penalty_code,
         "penalty_text": _wrap(f"The regularization R = {pretty(to_vector(model.penalty, ()))}, "
                               "over the weights, once per batch.", 4) if penalty_code else "",

@@ -56,6 +56,11 @@ class RowSum(sp.Function):
     nargs = 1
 
 
+#: Helpers whose exp overflows by design, where their value reaches its limit (_sigmoid's
+#: exp(-x)): the code that calls them runs with NumPy's overflow warning off, once around the
+#: statement or the loop over time (about 1 µs each time, more than a small step's arithmetic).
+QUIET_OVERFLOW = frozenset({"_sigmoid"})
+
 #: The batch size, by which delta^L is divided so that row sums are batch means.
 BATCH = sp.Symbol("B", positive=True, integer=True)
 
@@ -65,11 +70,11 @@ HELPERS: dict[str, str] = {
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)), with full relative precision everywhere:
     exp(-x) overflows to inf only where the value is below the smallest normal number (x
-    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0 (the overflow
-    warning is off for that one call). Into `out` when given (x itself may be it)."""
+    below -709 in float64, -87 in float32), and 1 / inf gives its limit 0. Its callers turn
+    the overflow warning off: around the statement, or once around a loop over time steps.
+    Into `out` when given (x itself may be it)."""
     e = np.negative(x, out=out)
-    with np.errstate(over="ignore"):
-        np.exp(e, out=e)
+    np.exp(e, out=e)
     e += 1
     return np.reciprocal(e, out=e)
 ''',
@@ -527,6 +532,8 @@ class NumPyBatchPrinter(NumPyPrinter):
     def __init__(self, settings: dict | None = None) -> None:
         super().__init__({"fully_qualified_modules": True, **(settings or {})})
         self.helpers: set[str] = set()
+        # whether the code printed since this was last cleared calls a QUIET_OVERFLOW helper
+        self.overflows = False
         self.length = 0             # T of a sequence network (docs/architecture.md, "Sequences")
         # how step views print: None (every step at once: the whole (B, T, n) array), "loop"
         # (step t of a loop: Q[:, t + c]) or (first, stop): the steps a row-summed statement
@@ -599,7 +606,7 @@ class NumPyBatchPrinter(NumPyPrinter):
             return None
         call = _INTO[type(expr)]
         if call.startswith("_"):
-            self.helpers.add(call)
+            self._use(call)
         return f"{call}({self.doprint(expr.args[0])}, out={out})"
 
     def writes_into(self, expr: sp.Expr) -> bool:
@@ -647,8 +654,12 @@ class NumPyBatchPrinter(NumPyPrinter):
                       key=lambda term: (not term.has(MatVec, Outer),
                                         bool(term.could_extract_minus_sign())))
 
+    def _use(self, helper: str) -> None:
+        self.helpers.add(helper)
+        self.overflows |= helper in QUIET_OVERFLOW
+
     def _helper(self, name: str, *args: sp.Expr) -> str:
-        self.helpers.add(name)
+        self._use(name)
         return f"{name}({', '.join(self._print(arg) for arg in args)})"
 
     def parenthesize(self, item: sp.Basic, level: int, strict: bool = False) -> str:
