@@ -188,6 +188,16 @@ def backward(params, cache, Y):
     dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2_steps.sum(axis=0)
+    # the part of ∂C/∂C¹ from outside the loop below, for every step at once
+    dC_dC1_in_steps = O1_steps*(1 - tanh_C1_steps**2)
+    # the part of Δ¹ from outside the loop below, for every step at once
+    delta1_in_steps = G1_steps*I1_steps*(1 - I1_steps)
+    # another part of Δ¹ from outside the loop below, for every step at once
+    delta1_in2_steps = F1_steps*(1 - F1_steps)
+    # another part of Δ¹ from outside the loop below, for every step at once
+    delta1_in3_steps = I1_steps*(1 - G1_steps**2)
+    # another part of Δ¹ from outside the loop below, for every step at once
+    delta1_in4_steps = tanh_C1_steps*O1_steps*(1 - O1_steps)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     dC_dC1_steps = np.empty((20, B, 32), dtype=Y.dtype)
     delta1_steps = np.empty((20, B, 128), dtype=Y.dtype)
@@ -196,20 +206,12 @@ def backward(params, cache, Y):
         # ∂C/∂H¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
         dC_dH1 = (delta2_steps @ W2 if t == 19 else 0) + (delta1_steps[t + 1] @ Wh1 if t <= 18 else 0)
         # ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
-        np.add(dC_dH1*O1_steps[t]*(1 - tanh_C1_steps[t]**2), (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0), out=dC_dC1_steps[t])
-        # ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
-        dC_dO1 = dC_dH1*tanh_C1_steps[t]
-        # ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ
-        dC_dG1 = dC_dC1_steps[t]*I1_steps[t]
-        # ∂C/∂F¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
-        dC_dF1 = (C1_steps[t - 1]*dC_dC1_steps[t] if t >= 1 else 0)
-        # ∂C/∂I¹ = ∇_c¹ₜ C ⊙ g¹ₜ
-        dC_dI1 = dC_dC1_steps[t]*G1_steps[t]
-        # Δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)]
-        delta1_steps[t][..., 0:32] = dC_dI1*I1_steps[t]*(1 - I1_steps[t])
-        delta1_steps[t][..., 32:64] = dC_dF1*F1_steps[t]*(1 - F1_steps[t])
-        delta1_steps[t][..., 64:96] = dC_dG1*(1 - G1_steps[t]**2)
-        delta1_steps[t][..., 96:128] = dC_dO1*O1_steps[t]*(1 - O1_steps[t])
+        np.add(dC_dH1*dC_dC1_in_steps[t], (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0), out=dC_dC1_steps[t])
+        # Δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)], where ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ); ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ; ∂C/∂F¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C; ∂C/∂I¹ = ∇_c¹ₜ C ⊙ g¹ₜ
+        delta1_steps[t][..., 0:32] = dC_dC1_steps[t]*delta1_in_steps[t]
+        delta1_steps[t][..., 32:64] = (C1_steps[t - 1]*dC_dC1_steps[t]*delta1_in2_steps[t] if t >= 1 else 0)
+        delta1_steps[t][..., 64:96] = dC_dC1_steps[t]*delta1_in3_steps[t]
+        delta1_steps[t][..., 96:128] = dC_dH1*delta1_in4_steps[t]
     # ∂C/∂Wₓ¹ = Σₜ δ¹ₜ (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = _dot_steps(delta1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ, summed over the rows

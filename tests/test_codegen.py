@@ -18,21 +18,22 @@ import sympy as sp
 from derive import __version__
 from derive.cli.main import main
 from derive.derivation.reverse import derive
-from derive.derivation.stepform import Block
+from derive.derivation.stepform import Block, Concat
 from derive.files import MARKER
 from derive.graph.model import build_model
-from derive.quantities import NetTensor
+from derive.quantities import LENGTH, NetTensor
 from derive.registry.functions import sigmoid
 from derive.render.codegen import (
     COSTLY,
     _Assign,
+    _inlined,
     _joint_calls,
     load_module,
     module_filename,
     render_module,
 )
 from derive.render.numpy_printer import NumPyBatchPrinter
-from derive.render.timeloops import hoisted
+from derive.render.timeloops import Guarded, guarded, hoisted
 from derive.spec.load import list_examples, load_spec
 from tests.conftest import ELEMENTWISE, make_spec
 from tests.test_codegen_support import batch, example, generated, random_params
@@ -426,6 +427,45 @@ def test_what_a_loop_reads_at_another_step_is_not_hoisted():
     expr, found = hoisted(d * (1 - g_now) + delta.at_step(1), {delta})
     assert [part for _, part in found] == [1 - g_now]
     assert expr == d * found[0][0] + delta.at_step(1)
+
+
+def test_a_loop_multiplies_what_it_reads_of_every_step_before_it_in_one_array():
+    # ∂C/∂i_t ⊙ i_t ⊙ (1 - i_t): i_t ⊙ (1 - i_t) for every step at once, one part; in stacked
+    # gates each block on its own; a lone factor only when it is a sum (1 - g_t²)
+    delta, i, g = (NetTensor(role, 1, rank=2) for role in ("delta", "a", "z"))
+    d, i_t, g_t = delta.at_step(0), i.at_step(0), g.at_step(0)
+    expr, found = hoisted(d * i_t * (1 - i_t), {delta})
+    assert [part for _, part in found] == [i_t * (1 - i_t)] and expr == d * found[0][0]
+    expr, found = hoisted(Concat(d * i_t * (1 - i_t), d * (1 - g_t**2), d * g_t, 5), {delta})
+    (first, one), (second, two) = found
+    assert [one, two] == [i_t * (1 - i_t), 1 - g_t**2]
+    assert expr == Concat(d * first, d * second, d * g_t, 5)
+
+
+def test_a_block_of_stacked_gates_has_its_own_guard():
+    # c_{t-1} ⊙ ∂C/∂c_t in the forget gate's block: 0 at the first step, the other blocks not
+    delta, c = NetTensor("delta", 1, rank=2), NetTensor("c", 1, rank=2)
+    d = delta.at_step(0)
+    expr = guarded(Concat(d, c.at_step(-1) * d, 5))
+    assert expr.args[0] == d and isinstance(expr.args[1], Guarded)
+    assert expr.args[1].args[1:] == (2, LENGTH)
+
+
+def test_a_loop_writes_a_product_read_once_as_a_factor_into_its_reader():
+    # ∂C/∂i_t = ∇_c C ⊙ g_t, read once by δ's block ∂C/∂i_t ⊙ i_t ⊙ (1 - i_t): written into
+    # it (comment and all); a product read twice, a sum, or one not of this step's stays
+    dc, di, dg, dd, g, i = (NetTensor(role, 1, rank=2) for role in
+                            ("grad", "delta", "u", "w", "z", "a"))
+    dc_t, di_t, dg_t, dd_t, g_t, i_t = (q.at_step(0) for q in (dc, di, dg, dd, g, i))
+    delta = NetTensor("delta", 2, rank=2)
+    body = [_Assign(di, dc_t * g_t, "∂C/∂i = ∇c ⊙ g"),
+            _Assign(dg, dc_t * i_t, "∂C/∂g = ∇c ⊙ i"), _Assign(dd, dc_t + g_t),
+            _Assign(delta, Concat(di_t * i_t * (1 - i_t), dg_t * g_t, dg_t * dd_t, 5), "Δ")]
+    out = _inlined(body, frozenset({di, dg, dd}))
+    assert [a.target for a in out] == [dg, dd, delta]
+    assert out[-1].expr == Concat(dc_t * g_t * i_t * (1 - i_t), dg_t * g_t, dg_t * dd_t, 5)
+    assert out[-1].comment == "Δ, where ∂C/∂i = ∇c ⊙ g"
+    assert _inlined(body, frozenset()) == body
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

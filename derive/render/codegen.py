@@ -23,7 +23,7 @@ import sympy as sp
 from derive import __version__
 from derive.derivation.imageform import FirstMaxMask, Fold, Windows, WindowsMax
 from derive.derivation.reverse import Derivation, Formula
-from derive.derivation.stepform import Block, Concat, MatProd, SumSteps
+from derive.derivation.stepform import Block, Concat, MatProd, StepGuard, SumSteps
 from derive.derivation.tensorform import (
     Broadcast,
     Einsum,
@@ -796,12 +796,47 @@ def _reads(exprs: list[sp.Expr], quantities: dict[NetTensor, int]) -> set[NetTen
     return {t.whole for expr in exprs for t in expr.atoms(NetTensor) if t.whole in quantities}
 
 
+def _inlined(assigns: list[_Assign], local: frozenset[NetTensor]) -> list[_Assign]:
+    """A loop's statements with each product held in one step's array that one other
+    statement reads, once, as a factor, written into that statement instead (an LSTM's
+    ∂C/∂i_t = ∇_c C ⊙ g_t into its δ's block ∂C/∂i_t ⊙ i_t ⊙ (1 - i_t)): hoisted then
+    multiplies the loop-invariant factors of both before the loop, in one array (g_t ⊙ i_t ⊙
+    (1 - i_t)), and the step makes one multiplication where it made three."""
+    def factor_once(view: NetTensor, expr: sp.Expr) -> bool:
+        found = list(sp.preorder_traversal(expr))
+        return found.count(view) == 1 and any(isinstance(e, sp.Mul) and view in e.args
+                                              for e in found)
+
+    out = list(assigns)
+    where: dict[NetTensor, list[str]] = {}
+    number = 0
+    while number < len(out):
+        assign = out[number]
+        view = assign.target.at_step(0) if assign.target in local else None
+        readers = [n for n, other in enumerate(out) if n != number and view is not None
+                   and other.expr.has(view)]
+        if not (isinstance(assign.expr, sp.Mul) and len(readers) == 1
+                and factor_once(view, out[readers[0]].expr)):
+            number += 1
+            continue
+        reader = out[readers[0]]
+        out[readers[0]] = _Assign(reader.target, reader.expr.xreplace({view: assign.expr}),
+                                  reader.comment)
+        where.setdefault(reader.target, []).extend(
+            [*where.pop(assign.target, []), *([assign.comment] if assign.comment else [])])
+        del out[number]
+    # each statement's comment with the definitions written into it
+    return [_Assign(a.target, a.expr, f"{a.comment}, where {'; '.join(where[a.target])}")
+            if a.comment and where.get(a.target) else a for a in out]
+
+
 def _factored(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with the factors common to its unguarded terms taken out once."""
+    """``expr`` with the factors common to its unguarded terms taken out once (guarded by a
+    step's bounds, as loops print them, or as the derivation wrote them)."""
     if not isinstance(expr, sp.Add):
         return sp.factor_terms(expr)
-    guarded_terms = [term for term in expr.args if term.has(Guarded)]
-    plain = sp.Add(*(term for term in expr.args if not term.has(Guarded)))
+    guarded_terms = [term for term in expr.args if term.has(Guarded, StepGuard)]
+    plain = sp.Add(*(term for term in expr.args if not term.has(Guarded, StepGuard)))
     return sp.factor_terms(plain) + sp.Add(*guarded_terms)
 
 
@@ -852,7 +887,10 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
         local = frozenset(t for t in targets if t not in later and t not in shifted
                           and t != model.output.output)
         exprs, parts = [], {}
-        for assign in item.assigns:
+        assigns = _inlined(item.assigns, local)
+        targets = tuple(assign.target for assign in assigns)
+        local &= set(targets)
+        for assign in assigns:
             def outside(n: int, target: NetTensor = assign.target) -> NetTensor:
                 return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
                                  rank=2)
@@ -870,7 +908,7 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
         # a hoisted part that another statement of the loop reads too (a GRU's 1 - n_t²) is
         # read there from the hoisted array, not computed again at each step
         body = [_Assign(assign.target, guarded(expr.xreplace(parts)), assign.comment)
-                for assign, expr in zip(item.assigns, exprs)]
+                for assign, expr in zip(assigns, exprs)]
         length = model.spec.length
         arrays = tuple(t for t in targets if t not in local)
         out.append(_LoopCode(arrays, tuple((length, _feature_width(model, kept.get(t, t)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from derive.derivation.stepform import StepGuard
+from derive.derivation.stepform import Concat, StepGuard
 from derive.derivation.tensorform import Einsum, MatVec, Outer
 from derive.quantities import LENGTH, NetTensor
 
@@ -172,6 +172,9 @@ def guarded(expr: sp.Expr) -> sp.Expr:
     def guard(part: sp.Expr) -> sp.Expr:
         if isinstance(part, sp.Add):
             return sp.Add(*(guard(term) for term in part.args))
+        if isinstance(part, Concat):    # stacked gates: each block its own guard
+            *blocks, size = part.args
+            return Concat(*map(guard, blocks), size)
         factors = sp.Mul.make_args(part)
         shifts = [v.step for f in factors if not isinstance(f, sp.Add) for v in views(f)
                   if v.step]
@@ -199,9 +202,10 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor]
     """(the loop's expression, with a placeholder where it reads a part computed before the
     loop; each placeholder with its part): the terms of ``expr``, or of each sum among the
     factors of it or of its terms, that read nothing the loop computes (matrix products, or
-    other arrays of every step) and read it at step t, one part per sum: an RNN's error
-    (1 - h_t^2) (Wh^T δ_{t+1} + W2^T δ2_t) reads 1 - h_t^2 and W2^T δ2_t from two arrays
-    computed for every step at once."""
+    other arrays of every step) and read it at step t, one part per sum, and the product of
+    two or more such factors of a product: an RNN's error (1 - h_t^2) (Wh^T δ_{t+1} +
+    W2^T δ2_t) reads 1 - h_t^2 and W2^T δ2_t from two arrays computed for every step at once,
+    an LSTM's o_t (1 - tanh(c_t)^2) ∂C/∂h_t reads o_t (1 - tanh(c_t)^2) from one."""
     def outside(term: sp.Expr) -> bool:
         # a product with a matrix, or anything of the steps' arrays (a dropout's mask times
         # the error from the layer above) that reads nothing the loop computes, and only at
@@ -228,12 +232,28 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor]
         return sp.Add(*(term for term in terms if term not in moved)) + parts[-1][0]
 
     def within(term: sp.Expr) -> sp.Expr:
-        # a product: each sum among its factors split (a GRU's δ_t (1 - u_t) beside other
-        # terms reads 1 - u_t of every step from one array)
-        if isinstance(term, sp.Mul):
-            return sp.Mul(*(split(f) if isinstance(f, sp.Add) else f for f in term.args))
-        return term
+        # a product: its factors that read nothing the loop computes multiplied before it, in
+        # one array (an LSTM's ∂C/∂i_t ⊙ i_t ⊙ (1 - i_t) reads i_t ⊙ (1 - i_t) of every step:
+        # one call per step, not three), and each sum among the others split (a GRU's
+        # δ_t (1 - u_t) beside other terms reads 1 - u_t of every step from one array)
+        if not isinstance(term, sp.Mul):
+            return term
+        fixed = [f for f in term.args if not f.is_number and outside(f)]
+        if len(fixed) < 2:
+            fixed = []
+        others = [split(f) if isinstance(f, sp.Add) else f
+                  for f in term.args if f not in fixed]
+        if fixed:
+            parts.append((sp.Dummy(), sp.Mul(*fixed)))
+            others.append(parts[-1][0])
+        return sp.Mul(*others)
 
-    if isinstance(expr, sp.Add):
-        return sp.Add(*(within(term) for term in sp.Add.make_args(split(expr)))), parts
-    return within(expr), parts
+    def whole(e: sp.Expr) -> sp.Expr:
+        if isinstance(e, sp.Add):
+            return sp.Add(*(within(term) for term in sp.Add.make_args(split(e))))
+        return within(e)
+
+    if isinstance(expr, Concat):        # stacked gates: each block on its own
+        *blocks, size = expr.args
+        return Concat(*map(whole, blocks), size), parts
+    return whole(expr), parts
