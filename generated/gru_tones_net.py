@@ -150,7 +150,7 @@ def forward(params, X):
             R1_steps[t] = R1_U1[..., 0:16]
             U1_steps[t] = R1_U1[..., 16:32]
             np.tanh(R1_steps[t]*Zh1_steps[t][..., 32:48] + Zx1_steps[t][..., 32:48], out=G1_steps[t])
-            np.add(G1_steps[t]*(1 - U1_steps[t]), (H1_steps[t - 1]*U1_steps[t] if t >= 1 else 0), out=H1_steps[t])
+            np.add(G1_steps[t], U1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t]), out=H1_steps[t])
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
     Z2 += b2
@@ -194,15 +194,15 @@ def backward(params, cache, Y):
     # the part of ∂C/∂G¹ from outside the loop below, for every step at once
     dC_dG1_in_steps = 1 - U1_steps
     # the part of ∂C/∂R¹ from outside the loop below, for every step at once
-    dC_dR1_in_steps = (1 - G1_steps**2)*Zh1_steps[..., 32:48]
+    dC_dR1_in_steps = 1 - G1_steps**2
+    # another part of ∂C/∂R¹ from outside the loop below, for every step at once
+    dC_dR1_in2_steps = dC_dR1_in_steps*Zh1_steps[..., 32:48]
     # the part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
     dC_dZh1_in_steps = R1_steps*(1 - R1_steps)
     # another part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
-    dC_dZh1_in2_steps = U1_steps*(1 - U1_steps)
+    dC_dZh1_in2_steps = dC_dG1_in_steps*U1_steps
     # another part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
-    dC_dZh1_in3_steps = R1_steps*(1 - G1_steps**2)
-    # the part of ∂C/∂Zₓ¹ from outside the loop below, for every step at once
-    dC_dZx1_in_steps = 1 - G1_steps**2
+    dC_dZh1_in3_steps = dC_dR1_in_steps*R1_steps
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     delta1_steps = np.empty((16, B, 16), dtype=Y.dtype)
     dC_dZh1_steps = np.empty((16, B, 48), dtype=Y.dtype)
@@ -217,7 +217,7 @@ def backward(params, cache, Y):
         # ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
         dC_dU1 = delta1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t])
         # ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
-        dC_dR1 = dC_dG1*dC_dR1_in_steps[t]
+        dC_dR1 = dC_dG1*dC_dR1_in2_steps[t]
         # ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
         dC_dZh1_steps[t][..., 0:16] = dC_dR1*dC_dZh1_in_steps[t]
         dC_dZh1_steps[t][..., 16:32] = dC_dU1*dC_dZh1_in2_steps[t]
@@ -225,7 +225,7 @@ def backward(params, cache, Y):
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
         dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]
         dC_dZx1_steps[t][..., 16:32] = dC_dZh1_steps[t][..., 16:32]
-        dC_dZx1_steps[t][..., 32:48] = dC_dG1*dC_dZx1_in_steps[t]
+        dC_dZx1_steps[t][..., 32:48] = dC_dG1*dC_dR1_in_steps[t]
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = _dot_steps(dC_dZx1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ ∇_zₕ¹ₜ C (h¹ₜ₋₁)ᵀ, summed over the rows

@@ -18,7 +18,7 @@ import sympy as sp
 from derive import __version__
 from derive.cli.main import main
 from derive.derivation.reverse import derive
-from derive.derivation.stepform import Block, Concat
+from derive.derivation.stepform import Block, Concat, StepGuard
 from derive.files import MARKER
 from derive.graph.model import build_model
 from derive.quantities import LENGTH, NetTensor
@@ -26,8 +26,11 @@ from derive.registry.functions import sigmoid
 from derive.render.codegen import (
     COSTLY,
     _Assign,
+    _cheapest,
     _inlined,
     _joint_calls,
+    _operations,
+    _shared_sums,
     load_module,
     module_filename,
     render_module,
@@ -466,6 +469,30 @@ def test_a_loop_writes_a_product_read_once_as_a_factor_into_its_reader():
     assert out[-1].expr == Concat(dc_t * g_t * i_t * (1 - i_t), dg_t * g_t, dg_t * dd_t, 5)
     assert out[-1].comment == "Δ, where ∂C/∂i = ∇c ⊙ g"
     assert _inlined(body, frozenset()) == body
+
+
+def test_a_loop_statement_takes_the_form_with_the_fewest_operations():
+    # a GRU's h_t = (1 - u_t) n_t + [t ≥ 2] u_t h_{t-1}: n_t + u_t ([t ≥ 2] h_{t-1} - n_t),
+    # three operations, not four; a sum with nothing to collect is as it was
+    n, u, h = (NetTensor(role, 1, rank=2) for role in ("z", "a", "h"))
+    n_t, u_t, h_before = n.at_step(0), u.at_step(0), h.at_step(-1)
+    guard = StepGuard(2, LENGTH)
+    cheapest = _cheapest((1 - u_t) * n_t + guard * u_t * h_before)
+    assert cheapest == n_t + u_t * (guard * h_before - n_t)
+    assert (_operations(cheapest), _operations((1 - u_t) * n_t + guard * u_t * h_before)) == (3, 4)
+    assert _cheapest(n_t * u_t + guard * h_before) == n_t * u_t + guard * h_before
+
+
+def test_hoisted_parts_read_a_sum_they_share_from_one_array():
+    # a GRU's 1 - n_t², read by three parts, and 1 - u_t, by two: each computed once
+    g, r, u, z = (NetTensor(role, 1, rank=2).at_step(0) for role in ("a", "b", "u", "z"))
+    parts = [(1 - g**2) * z, r * (1 - g**2), 1 - g**2, u * (1 - u), 1 - u, r * (1 - r)]
+    assert _shared_sums(parts) == [1 - u, 1 - g**2]
+    for text in _recurrent_sources():
+        values = re.findall(r"^    \w+_in\d*_steps = (.+)$", text, re.MULTILINE)
+        for value in values:
+            assert not [other for other in values if other != value and value in other
+                        and " - " in value], (value, values)
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

@@ -830,6 +830,47 @@ def _inlined(assigns: list[_Assign], local: frozenset[NetTensor]) -> list[_Assig
             if a.comment and where.get(a.target) else a for a in out]
 
 
+def _shared_sums(parts: list[sp.Expr]) -> list[sp.Expr]:
+    """The sums that two or more of a loop's hoisted parts read (or are), inner ones first:
+    each is computed once, before the parts that read it."""
+    def sums(part: sp.Expr) -> set[sp.Expr]:
+        return {e for e in sp.preorder_traversal(part) if isinstance(e, sp.Add)}
+
+    counts: dict[sp.Expr, int] = {}
+    for part in dict.fromkeys(parts):
+        for found in sums(part):
+            counts[found] = counts.get(found, 0) + 1
+    return sorted((e for e, count in counts.items() if count > 1),
+                  key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
+
+
+def _cheapest(expr: sp.Expr) -> sp.Expr:
+    """A loop statement in the form with the fewest array operations (_operations) among: as
+    _factored writes it, and with its terms expanded and collected on each quantity it reads
+    at this step (a GRU's h_t = (1 - u_t) n_t + u_t h_{t-1} as n_t + u_t (h_{t-1} - n_t):
+    three operations, not four); the earlier on a tie."""
+    best = _factored(expr)
+    if not isinstance(expr, sp.Add):
+        return best
+    expanded = sp.Add(*(term.expand(deep=False) for term in expr.args))
+    for view in sorted((v for v in views(expr) if v.step == 0), key=sp.default_sort_key):
+        collected = sp.collect(expanded, view)
+        if _operations(collected) < _operations(best):
+            best = collected
+    return best
+
+
+def _operations(expr: sp.Expr) -> int:
+    """The array operations ``expr`` prints as: one per sum or product of two operands, power
+    and call (a factor -1 is a subtraction, a step's guard a condition, neither an operation)."""
+    if isinstance(expr, sp.Add | sp.Mul):
+        operands = [a for a in expr.args if a != -1 and not isinstance(a, StepGuard)]
+        return len(operands) - 1 + sum(map(_operations, operands))
+    if isinstance(expr, sp.Pow | sp.Function):
+        return 1 + sum(map(_operations, expr.args))
+    return 0
+
+
 def _factored(expr: sp.Expr) -> sp.Expr:
     """``expr`` with the factors common to its unguarded terms taken out once (guarded by a
     step's bounds, as loops print them, or as the derivation wrote them)."""
@@ -890,18 +931,24 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
         assigns = _inlined(item.assigns, local)
         targets = tuple(assign.target for assign in assigns)
         local &= set(targets)
-        for assign in assigns:
+        hoists = [hoisted(_cheapest(assign.expr), set(targets)) for assign in assigns]
+        shared = _shared_sums([part for _, found in hoists for _, part in found])
+        for assign, (expr, found) in zip(assigns, hoists):
             def outside(n: int, target: NetTensor = assign.target) -> NetTensor:
                 return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
                                  rank=2)
-            expr, found = hoisted(_factored(assign.expr), set(targets))
             made = 0
             for placeholder, part in found:
-                if part not in parts:   # else computed before the loop for another statement
-                    out.append(_Assign(outside(made), part, f"{'another' if made else 'the'} "
+                # a sum that several parts read first, into an array of its own (a GRU's
+                # 1 - n_t², read by three), then the part, reading it from there
+                for piece in [*(p for p in shared if part.has(p) and p not in parts), part]:
+                    if piece in parts:  # computed before the loop for another statement
+                        continue
+                    value = piece.xreplace(parts)
+                    out.append(_Assign(outside(made), value, f"{'another' if made else 'the'} "
                                        f"part of {pretty(assign.target)} from outside the "
                                        "loop below, for every step at once"))
-                    parts[part] = outside(made).at_step(0)
+                    parts[piece] = outside(made).at_step(0)
                     made += 1
                 expr = expr.xreplace({placeholder: parts[part]})
             exprs.append(expr)
