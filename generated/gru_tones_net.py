@@ -223,9 +223,9 @@ def backward(params, cache, Y):
         dC_dZh1_steps[t][..., 16:32] = dC_dU1*dC_dZh1_in2_steps[t]
         dC_dZh1_steps[t][..., 32:48] = dC_dG1*dC_dZh1_in3_steps[t]
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
-        dC_dZx1_steps[t][..., 0:16] = dC_dZh1_steps[t][..., 0:16]
-        dC_dZx1_steps[t][..., 16:32] = dC_dZh1_steps[t][..., 16:32]
         dC_dZx1_steps[t][..., 32:48] = dC_dG1*dC_dR1_in_steps[t]
+    # blocks equal to blocks of another array at every step, copied after the loop for all the steps at once
+    dC_dZx1_steps[..., 0:32] = dC_dZh1_steps[..., 0:32]
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows
     dWx1 = _dot_steps(dC_dZx1_steps, X.swapaxes(0, 1))
     # ∂C/∂Wₕ¹ = Σₜ ∇_zₕ¹ₜ C (h¹ₜ₋₁)ᵀ, summed over the rows

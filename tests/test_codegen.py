@@ -192,7 +192,8 @@ def test_backward_copies_no_windows_and_recomputes_no_window_maxima(name):
 
 @pytest.mark.parametrize("op", RECURRENT)
 def test_no_stacked_block_is_computed_twice_at_one_step(op):
-    # a GRU's ∂C/∂z_x and ∂C/∂z_h agree on the r and u blocks: the second is a copy
+    # a GRU's ∂C/∂z_x and ∂C/∂z_h agree on the r and u blocks: the second is a copy, made
+    # after the loop for every step (the loop does not read ∂C/∂z_x)
     spec = load_spec({"name": f"{op}_net", "input": {"size": 3, "length": 4},
                       "layers": [{"op": op, "size": 5}, {"size": 2}], "loss": "mse"})
     backward = render_module(derive(build_model(spec))).split("def backward(")[1]
@@ -201,8 +202,7 @@ def test_no_stacked_block_is_computed_twice_at_one_step(op):
     computed = [code for _, code in blocks if code not in {where for where, _ in blocks}]
     assert len(computed) == len(set(computed)), computed
     if op == "gru":
-        assert "dC_dZx1_steps[t][..., 0:5] = dC_dZh1_steps[t][..., 0:5]" in backward
-        assert "dC_dZx1_steps[t][..., 5:10] = dC_dZh1_steps[t][..., 5:10]" in backward
+        assert "\n    dC_dZx1_steps[..., 0:10] = dC_dZh1_steps[..., 0:10]\n" in backward
 
 
 @pytest.mark.parametrize("activation", ELEMENTWISE)
@@ -493,6 +493,20 @@ def test_hoisted_parts_read_a_sum_they_share_from_one_array():
         for value in values:
             assert not [other for other in values if other != value and value in other
                         and " - " in value], (value, values)
+
+
+def test_a_loop_copies_no_block_into_an_array_it_does_not_read():
+    # a GRU's ∂C/∂z_x equals ∂C/∂z_h in its reset and update blocks: copied after the loop,
+    # once for every step (dC_dZx1_steps[..., 0:10] = dC_dZh1_steps[..., 0:10]), not per step
+    copy = re.compile(IN_LOOP + r"(\w+)\[t\]\[\.\.\., \d+:\d+\] = \w+\[t\]\[\.\.\., \d+:\d+\]$")
+    for text in _recurrent_sources():
+        lines = [line for line in text.splitlines() if line.startswith("        ")]
+        for line in lines:
+            found = copy.match(line)
+            if found:
+                assert any(f"{found.group(1)}[t" in other.split(" = ", 1)[-1]
+                           for other in lines), line
+    assert "    dC_dZx1_steps[..., 0:10] = dC_dZh1_steps[..., 0:10]\n" in _recurrent_source("gru")
 
 
 def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():

@@ -515,7 +515,10 @@ class _LoopCode:
                              comment="one time step at a time, t from 0 "
                                      + ("forward" if self.forward else "backward")))
         printer.step_local.update(self.local)
-        written: dict[sp.Expr, str] = {}    # a stacked block computed at this step: its slice
+        # a stacked block computed at this step: its array and first column
+        written: dict[sp.Expr, tuple[NetTensor, int]] = {}
+        read = {t.whole for assign in self.body for t in assign.expr.atoms(NetTensor)}
+        after: list[list] = []      # [target, column, source, column, width]: see below
         with printer.steps(None, loop=True):
             for run in _joint_calls(self.body, printer):
                 if len(run) > 1:
@@ -533,18 +536,41 @@ class _LoopCode:
                     continue
                 # stacked gates: each block written in place, no concatenated copy; a block
                 # equal to one written before at this step (a GRU's reset and update errors,
-                # the same for its input and hidden pre-activations) copied from there
+                # the same for its input and hidden pre-activations) copied from there, or,
+                # when the loop does not read it, after the loop for every step at once
                 *parts, (size,) = expr.args
+                comment = assign.comment
                 if assign.target in self.local:
                     out.append(Statement(name, f"np.empty(({self.batch}, {len(parts) * size}), "
-                                               f"dtype={self.dtype})", indent=1))
+                                               f"dtype={self.dtype})", comment, indent=1))
+                    comment = ""
                 # (computed, then copied in: NumPy's ufuncs are much slower writing into a
                 # block of columns than into a contiguous array)
                 for number, part in enumerate(parts):
-                    where = f"{name}[..., {number * size}:{(number + 1) * size}]"
-                    out.append(Statement(where, written.get(part) or printer.doprint(part),
-                                         assign.comment if number == 0 else "", indent=1))
-                    written.setdefault(part, where)
+                    column = number * size
+                    source, first = written.get(part, (None, 0))
+                    if source is not None and assign.target not in read and not {
+                            assign.target, source} & self.local and (
+                            assign.target in self.batch_major) == (source in self.batch_major):
+                        if after and after[-1][0] == assign.target and after[-1][2] == source \
+                                and after[-1][1] + after[-1][4] == column \
+                                and after[-1][3] + after[-1][4] == first:
+                            after[-1][4] += size        # adjacent blocks: one copy
+                        else:
+                            after.append([assign.target, column, source, first, size])
+                        continue
+                    code = printer.doprint(part) if source is None else \
+                        f"{printer.doprint(source.at_step(0))}[..., {first}:{first + size}]"
+                    out.append(Statement(f"{name}[..., {column}:{column + size}]", code, comment,
+                                         indent=1))
+                    comment = ""
+                    written.setdefault(part, (assign.target, column))
+        for number, (target, column, source, first, width) in enumerate(after):
+            out.append(Statement(f"{printer.name(target)}[..., {column}:{column + width}]",
+                                 f"{printer.name(source)}[..., {first}:{first + width}]",
+                                 "blocks equal to blocks of another array at every step, "
+                                 "copied after the loop for all the steps at once"
+                                 if number == 0 else ""))
         printer.transposes.clear()
         if printer.overflows:
             out[start:] = _quiet(out[start:], ", once for every step")
