@@ -73,10 +73,12 @@ def _sigmoid(x, out=None):
 
 
 def _dot_rows(x, w):
-    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis (a stack
-    of small products otherwise)."""
-    if x.ndim == 2 or not x.flags.c_contiguous:
+    """x @ w for x of shape (..., n): one 2-D matrix product over every leading axis, x copied
+    contiguous first when it is a view (X.swapaxes(0, 1)): the copy costs less than the stack
+    of small products NumPy makes of a view."""
+    if x.ndim == 2:
         return x @ w
+    x = np.ascontiguousarray(x)
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
