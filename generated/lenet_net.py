@@ -294,8 +294,10 @@ def backward(params, cache, Y):
     # δ⁴ = vec⁻¹(δ⁵)
     delta4 = delta5.T.reshape(-1, 5, 5, len(delta5))
     # δ³ = (1/4)·(1 - (a³)²) ⊙ win[2×2, S=2]ᵀ(δ⁴)
-    delta3 = _fold(delta4[:, :, :, :, None, None], (10, 10), (2, 2), (0, 0), (2, 2))
-    delta3 *= 0.25 - 0.25*A3**2
+    delta3 = A3**2
+    delta3 *= 0.25
+    np.subtract(0.25, delta3, out=delta3)
+    delta3 *= _fold(delta4[:, :, :, :, None, None], (10, 10), (2, 2), (0, 0), (2, 2))
     # ∂C/∂W³ = a² ⋆ δ³, summed over the rows
     dW3 = _correlate_kernel(delta3, windows_A2, (5, 5))
     # ∂C/∂b³ = Σ_rs δ³, summed over the rows
@@ -303,8 +305,10 @@ def backward(params, cache, Y):
     # δ² = δ³ ⋆[full] rot180(W³)
     delta2 = _correlate_input(delta3, W3, (14, 14), (1, 1), (0, 0))
     # δ¹ = (1/4)·(1 - (a¹)²) ⊙ win[2×2, S=2]ᵀ(δ²)
-    delta1 = _fold(delta2[:, :, :, :, None, None], (28, 28), (2, 2), (0, 0), (2, 2))
-    delta1 *= 0.25 - 0.25*A1**2
+    delta1 = A1**2
+    delta1 *= 0.25
+    np.subtract(0.25, delta1, out=delta1)
+    delta1 *= _fold(delta2[:, :, :, :, None, None], (28, 28), (2, 2), (0, 0), (2, 2))
     # ∂C/∂W¹ = a⁰ ⋆[P=2] δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (5, 5))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows

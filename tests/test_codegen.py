@@ -217,16 +217,19 @@ def test_no_activation_makes_the_backward_pass_call_again_what_the_forward_pass_
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_a_layer_error_multiplies_its_fold_in_place(name):
-    # delta1 = _max_unpool(...); delta1 *= (Z1 > 0): the fold's new array takes the product
+    # delta1 = _max_unpool(...); delta1 *= (Z1 > 0): the fold's new array takes the product,
+    # or multiplies into the error's array after a factor over feature maps computed there
+    # (lenet's (1/4)(1 - a²): delta1 = A1**2; ...; delta1 *= _fold(...))
     backward = source(name).split("def backward(")[1].split("\ndef ")[0].splitlines()
     for n, line in enumerate(backward):
         if re.search(r"_(fold|max_unpool|correlate_input)\(", line):
-            target = re.match(r"    (\w+) = _(fold|max_unpool|correlate_input)\(", line)
-            assert target, line                     # never a factor of a product
+            target = re.match(r"    (\w+) (=|\*=) _(fold|max_unpool|correlate_input)\(", line)
+            assert target, line                     # never a factor inside an expression
             assert not backward[n + 1].startswith(f"    {target.group(1)} = ")
     if name in ("digits_cnn", "lenet"):             # a pool's error times σ'
-        assert re.search(r"^    (delta\d+) = _(fold|max_unpool)\(.*\n    \1 \*= ",
-                         "\n".join(backward), re.MULTILINE)
+        assert re.search(r"^    (delta\d+) = _(fold|max_unpool)\(.*\n    \1 \*= "
+                         r"|^    delta\d+ \*= _(fold|max_unpool)\(", "\n".join(backward),
+                         re.MULTILINE)
 
 
 #: Calls that give a new array nothing else names (a helper's result, a tensordot).
@@ -331,6 +334,37 @@ def test_an_expression_written_into_an_array_has_its_value(expr):
     expected = sp.lambdify(sp.symbols("a b c d"), expr, "numpy")(*arrays.values())
     assert np.allclose(names["out"], expected, rtol=1e-14, atol=0), lines
     assert names["out"] is out or len(lines) == 1 and lines[0][1] == "="
+
+
+_maps = [NetTensor(role, 1, rank=3) for role in ("a", "z")]
+
+
+@pytest.mark.parametrize("expr", [
+    sp.Rational(1, 4) - sp.Rational(1, 4) * _maps[0]**2, 1 - _maps[0]**2,
+    _maps[0] * (1 - _maps[0]), 2 * _maps[0] + 1, sp.tanh(_maps[1]) * (1 - _maps[0]),
+    _maps[0] - _maps[0]**2 / _maps[1], -3 * _maps[0] * _maps[1]**2 + _maps[1] / 2])
+def test_an_expression_chained_into_a_new_array_has_its_value_and_leaves_its_inputs(expr):
+    # printer.chained: one new array, the rest in place; never a name for an input array
+    rng = np.random.default_rng(0)
+    arrays = {"A1": rng.uniform(0.5, 2.0, (2, 3, 3, 4)), "Z1": rng.uniform(0.5, 2.0, (2, 3, 3, 4))}
+    saved = {name: value.copy() for name, value in arrays.items()}
+    names = {**arrays, "np": np}
+    lines = NumPyBatchPrinter().chained(expr, "out")
+    assert lines[0][:2] == ("out", "=")
+    for target, op, code in lines:
+        exec(f"{target} {op} {code}" if op else target, names)     # noqa: S102 - test code
+    expected = sp.lambdify(_maps, expr, "numpy")(arrays["A1"], arrays["Z1"])
+    assert np.allclose(names["out"], expected, rtol=1e-14, atol=0), lines
+    assert all(np.array_equal(arrays[name], saved[name]) for name in arrays), lines
+    assert all(names["out"] is not value for value in arrays.values())
+
+
+def test_a_layer_of_feature_maps_multiplies_its_error_by_one_array():
+    # δ¹ = fold(δ²) ⊙ (1/4)(1 - (a¹)²): the factor computed into δ¹, then the fold multiplied
+    # in (one array the size of the maps for the factor, not three)
+    backward = source("lenet").split("def backward(")[1]
+    assert "    delta1 = A1**2\n    delta1 *= 0.25\n    np.subtract(0.25, delta1, out=delta1)\n" \
+           "    delta1 *= _fold(" in backward
 
 
 def _recurrent_sources():

@@ -412,7 +412,12 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             if into is not None:
                 out.append(Statement(name, into, assign.comment))
                 reused = assign.expr.args[0]
-            for number, (op, expr) in enumerate(steps if into is None else []):
+            chain = _chain(printer, steps, name) if into is None else None
+            if chain is not None:
+                out.extend(Statement(target, code, assign.comment if number == 0 else "", op)
+                           for number, (target, op, code) in enumerate(chain))
+            for number, (op, expr) in enumerate(steps if into is None and chain is None
+                                                else []):
                 out.append(Statement(name, _signed(printer, op, expr),
                                      assign.comment if number == 0 else "",
                                      _op(op, expr)))
@@ -693,6 +698,25 @@ class _DeadArrays:
         return (isinstance(tensor, NetTensor) and isinstance(self.target, NetTensor)
                 and tensor in self.buffer_of and tensor.rank == self.target.rank
                 and self.live_until[self.buffer_of[tensor]] <= self.index)
+
+
+def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: str
+           ) -> list[tuple[str, str, str]] | None:
+    """A new array times, or plus, an elementwise expression over feature maps (δ¹ =
+    fold(δ²) ⊙ (1/4)(1 - (a¹)²)), as lines (target, op, code): the expression computed into
+    the target by NumPyBatchPrinter.chained, one array, then the new array multiplied or
+    added in (``delta1 = A1**2``, ``delta1 *= -0.25``, ``delta1 += 0.25``, ``delta1 *=
+    _fold(...)``; ``delta1 *= 0.25 - 0.25*A1**2`` made three arrays the size of a layer's maps,
+    each written and read once more). None for any other statement; rows of a dense layer are
+    small enough that the arrays cost less than the lines."""
+    if len(steps) != 2 or steps[0][0] != "=" or not _fresh(steps[0][1]) or steps[1][0] not in (
+            "*=", "+=") or not any(t.rank == 3 for t in steps[1][1].atoms(NetTensor)):
+        return None
+    lines = printer.chained(steps[1][1], name)
+    if lines is None:
+        return None
+    op, fresh = steps[0][1], steps[1][0]
+    return [*lines, (name, fresh, printer.doprint(op))]
 
 
 def _op(op: str, expr: sp.Expr) -> str:

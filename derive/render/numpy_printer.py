@@ -430,6 +430,28 @@ _INTO = {sp.exp: "np.exp", sp.log: "np.log", sp.tanh: "np.tanh", sp.sinh: "np.si
          sp.cosh: "np.cosh", sigmoid: "_sigmoid"}
 
 
+def _elementwise(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is numbers and the network's arrays (not parameters) under sums,
+    products, powers by numbers and the elementwise calls of _INTO (so that every array in it
+    has one shape, and every operation gives a new float array)."""
+    if expr.is_number:
+        return True
+    if isinstance(expr, NetTensor):
+        return not expr.is_parameter
+    if isinstance(expr, sp.Add | sp.Mul):
+        return all(map(_elementwise, expr.args))
+    if isinstance(expr, sp.Pow):
+        return expr.exp.is_number and _elementwise(expr.base)
+    return type(expr) in _INTO and _elementwise(expr.args[0])
+
+
+def _operation_count(expr: sp.Expr) -> int:
+    """The array operations of an elementwise expression (its sums, products, powers, calls)."""
+    if isinstance(expr, sp.Add | sp.Mul | sp.Pow) or type(expr) in _INTO:
+        return 1 + sum(_operation_count(arg) for arg in expr.args)
+    return 0
+
+
 def _ints(pair: sp.Expr) -> str:
     """A (rows, columns) pair as a tuple of Python ints."""
     return repr(tuple(int(n) for n in pair))
@@ -647,6 +669,42 @@ class NumPyBatchPrinter(NumPyPrinter):
         ufunc = {"+": "np.add", "-": "np.subtract", "*": "np.multiply", "/": "np.divide"}[op]
         return [(f"{ufunc}({self.doprint(first)}, {second}, out={out})", "", "")] + [
             (out, f"{op}=", code) for code, op in items]
+
+    def chained(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]] | None:
+        """Lines, as written_into gives them, that compute ``expr`` into a new array ``out``:
+        for a sum or product of the network's arrays (not parameters: all of one shape),
+        numbers, powers and elementwise calls, its costliest compound term or factor first,
+        recursively, then each other one added, subtracted, multiplied or divided in place
+        (0.25 - 0.25*A1**2: ``out = A1**2``, ``out *= 0.25``, ``np.subtract(0.25, out,
+        out=out)``: one array where the expression makes three). None for anything else, or
+        when nothing is to be chained."""
+        expr = fold_numbers(expr)
+        if not _elementwise(expr) or not isinstance(expr, sp.Add | sp.Mul):
+            return None
+        is_sum = isinstance(expr, sp.Add)
+        parts = self.ordered_terms(expr) if is_sum else list(expr.as_ordered_factors())
+
+        def unsigned(part: sp.Expr) -> sp.Expr:
+            return -part if is_sum and part.could_extract_minus_sign() else part
+
+        compound = [p for p in parts if not isinstance(unsigned(p), sp.Symbol)
+                    and not unsigned(p).is_number and not (p.is_Pow and p.exp == -1)]
+        if not compound:
+            return None
+        base = max(compound, key=lambda p: _operation_count(unsigned(p)))
+        lines = self.chained(unsigned(base), out) or [(out, "=", self.doprint(unsigned(base)))]
+        rest = [p for p in parts if p is not base]
+        if unsigned(base) != base:      # 1 - A**2: the first other term minus it, into it
+            first, *rest = rest
+            lines.append((f"np.subtract({self.doprint(first)}, {out}, out={out})", "", ""))
+        for part in rest:
+            if is_sum:
+                lines.append((out, "-=", self.doprint(-part)) if part.could_extract_minus_sign()
+                             else (out, "+=", self.doprint(part)))
+            else:
+                lines.append((out, "/=", self.doprint(part.base))
+                             if part.is_Pow and part.exp == -1 else (out, "*=", self.doprint(part)))
+        return lines
 
     def ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
         """The terms of a sum in the order it prints: matrix products first (``X @ W1.T +
