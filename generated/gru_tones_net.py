@@ -196,11 +196,13 @@ def backward(params, cache, Y):
     # the part of ∂C/∂G¹ from outside the loop below, for every step at once
     dC_dG1_in_steps = 1 - U1_steps
     # the part of ∂C/∂R¹ from outside the loop below, for every step at once
-    dC_dR1_in_steps = 1 - G1_steps**2
+    dC_dR1_in_steps = G1_steps**2
+    np.subtract(1, dC_dR1_in_steps, out=dC_dR1_in_steps)
     # another part of ∂C/∂R¹ from outside the loop below, for every step at once
     dC_dR1_in2_steps = dC_dR1_in_steps*Zh1_steps[..., 32:48]
     # the part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
-    dC_dZh1_in_steps = R1_steps*(1 - R1_steps)
+    dC_dZh1_in_steps = 1 - R1_steps
+    dC_dZh1_in_steps *= R1_steps
     # another part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
     dC_dZh1_in2_steps = dC_dG1_in_steps*U1_steps
     # another part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once

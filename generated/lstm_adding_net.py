@@ -191,15 +191,24 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2_steps.sum(axis=0)
     # the part of ∂C/∂C¹ from outside the loop below, for every step at once
-    dC_dC1_in_steps = O1_steps*(1 - tanh_C1_steps**2)
+    dC_dC1_in_steps = tanh_C1_steps**2
+    np.subtract(1, dC_dC1_in_steps, out=dC_dC1_in_steps)
+    dC_dC1_in_steps *= O1_steps
     # the part of Δ¹ from outside the loop below, for every step at once
-    delta1_in_steps = G1_steps*I1_steps*(1 - I1_steps)
+    delta1_in_steps = 1 - I1_steps
+    delta1_in_steps *= G1_steps
+    delta1_in_steps *= I1_steps
     # another part of Δ¹ from outside the loop below, for every step at once
-    delta1_in2_steps = F1_steps*(1 - F1_steps)
+    delta1_in2_steps = 1 - F1_steps
+    delta1_in2_steps *= F1_steps
     # another part of Δ¹ from outside the loop below, for every step at once
-    delta1_in3_steps = I1_steps*(1 - G1_steps**2)
+    delta1_in3_steps = G1_steps**2
+    np.subtract(1, delta1_in3_steps, out=delta1_in3_steps)
+    delta1_in3_steps *= I1_steps
     # another part of Δ¹ from outside the loop below, for every step at once
-    delta1_in4_steps = tanh_C1_steps*O1_steps*(1 - O1_steps)
+    delta1_in4_steps = 1 - O1_steps
+    delta1_in4_steps *= tanh_C1_steps
+    delta1_in4_steps *= O1_steps
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     dC_dC1_steps = np.empty((20, B, 32), dtype=Y.dtype)
     delta1_steps = np.empty((20, B, 128), dtype=Y.dtype)

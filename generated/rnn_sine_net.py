@@ -153,7 +153,8 @@ def backward(params, cache, Y):
     # BP3: ∂C/∂b² = Σₜ δ²ₜ, summed over the rows
     db2 = delta2.sum(axis=(0, 1))
     # the part of Δ¹ from outside the loop below, for every step at once
-    delta1_in_steps = 1 - H1_steps**2
+    delta1_in_steps = H1_steps**2
+    np.subtract(1, delta1_in_steps, out=delta1_in_steps)
     # another part of Δ¹ from outside the loop below, for every step at once
     delta1_in2_steps = _dot_rows(delta2.swapaxes(0, 1), W2)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block

@@ -367,6 +367,16 @@ def test_a_layer_of_feature_maps_multiplies_its_error_by_one_array():
            "    delta1 *= _fold(" in backward
 
 
+def test_an_elementwise_statement_over_every_step_makes_one_array():
+    # an LSTM's g_t ⊙ i_t ⊙ (1 - i_t) for every step: delta1_in_steps = 1 - I1_steps, then
+    # *= G1_steps, *= I1_steps; no product of a parenthesised sum (an array of its own)
+    for text in _recurrent_sources():
+        for value in re.findall(r"^    \w+_in\d*_steps = (.+)$", text, re.MULTILINE):
+            assert not re.search(r"\*\(|\)\*", value), value
+    assert "    delta1_in_steps = 1 - I1_steps\n    delta1_in_steps *= G1_steps\n" in \
+        _recurrent_source("lstm")
+
+
 def _recurrent_sources():
     for op in RECURRENT:
         for returned in ("sequence", "last"):

@@ -412,7 +412,8 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             if into is not None:
                 out.append(Statement(name, into, assign.comment))
                 reused = assign.expr.args[0]
-            chain = _chain(printer, steps, name) if into is None else None
+            chain = _chain(printer, steps, name, layout == "time" or any(
+                t.rank == 3 for t in assign.expr.atoms(NetTensor))) if into is None else None
             if chain is not None:
                 out.extend(Statement(target, code, assign.comment if number == 0 else "", op)
                            for number, (target, op, code) in enumerate(chain))
@@ -700,23 +701,31 @@ class _DeadArrays:
                 and self.live_until[self.buffer_of[tensor]] <= self.index)
 
 
-def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: str
-           ) -> list[tuple[str, str, str]] | None:
-    """A new array times, or plus, an elementwise expression over feature maps (δ¹ =
-    fold(δ²) ⊙ (1/4)(1 - (a¹)²)), as lines (target, op, code): the expression computed into
-    the target by NumPyBatchPrinter.chained, one array, then the new array multiplied or
-    added in (``delta1 = A1**2``, ``delta1 *= -0.25``, ``delta1 += 0.25``, ``delta1 *=
-    _fold(...)``; ``delta1 *= 0.25 - 0.25*A1**2`` made three arrays the size of a layer's maps,
-    each written and read once more). None for any other statement; rows of a dense layer are
-    small enough that the arrays cost less than the lines."""
+def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: str,
+           large: bool) -> list[tuple[str, str, str]] | None:
+    """A statement over ``large`` arrays (feature maps, or every step of a sequence) that
+    makes two or more arrays for an elementwise expression, as lines (target, op, code) that
+    make one (NumPyBatchPrinter.chained): an LSTM's g_t ⊙ i_t ⊙ (1 - i_t) for every step
+    (``delta1_in_steps = 1 - I1_steps``, ``delta1_in_steps *= G1_steps``, ...); a new array
+    times, or plus, such an expression (δ¹ = fold(δ²) ⊙ (1/4)(1 - (a¹)²)) with the expression
+    computed into the target first and the new array multiplied or added in (``delta1 =
+    A1**2``, ``delta1 *= 0.25``, ``np.subtract(0.25, delta1, out=delta1)``, ``delta1 *=
+    _fold(...)``): each array the expression made was written and read once more. None for any
+    other statement; rows of a dense layer are small enough that the arrays cost less than
+    the lines."""
+    if not large:
+        return None
+    if len(steps) == 1 and steps[0][0] == "=":
+        lines = printer.chained(steps[0][1], name)
+        return lines if lines is not None and len(lines) > 1 else None
     if len(steps) != 2 or steps[0][0] != "=" or not _fresh(steps[0][1]) or steps[1][0] not in (
-            "*=", "+=") or not any(t.rank == 3 for t in steps[1][1].atoms(NetTensor)):
+            "*=", "+="):
         return None
     lines = printer.chained(steps[1][1], name)
     if lines is None:
         return None
-    op, fresh = steps[0][1], steps[1][0]
-    return [*lines, (name, fresh, printer.doprint(op))]
+    fresh, op = steps[0][1], steps[1][0]
+    return [*lines, (name, op, printer.doprint(fresh))]
 
 
 def _op(op: str, expr: sp.Expr) -> str:
