@@ -29,13 +29,12 @@ from derive.render.codegen import (
     _cheapest,
     _inlined,
     _joint_calls,
-    _operations,
     _shared_sums,
     load_module,
     module_filename,
     render_module,
 )
-from derive.render.numpy_printer import NumPyBatchPrinter
+from derive.render.numpy_printer import NumPyBatchPrinter, operations
 from derive.render.timeloops import Guarded, guarded, hoisted
 from derive.spec.load import list_examples, load_spec
 from tests.conftest import ELEMENTWISE, make_spec
@@ -523,7 +522,7 @@ def test_a_loop_statement_takes_the_form_with_the_fewest_operations():
     guard = StepGuard(2, LENGTH)
     cheapest = _cheapest((1 - u_t) * n_t + guard * u_t * h_before)
     assert cheapest == n_t + u_t * (guard * h_before - n_t)
-    assert (_operations(cheapest), _operations((1 - u_t) * n_t + guard * u_t * h_before)) == (3, 4)
+    assert (operations(cheapest), operations((1 - u_t) * n_t + guard * u_t * h_before)) == (3, 4)
     assert _cheapest(n_t * u_t + guard * h_before) == n_t * u_t + guard * h_before
 
 

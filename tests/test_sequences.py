@@ -274,6 +274,16 @@ CUSTOM = ({"name": "twice_tanh", "expr": "2*tanh(z)"}, {"name": "soft_sign", "ex
 
 
 @pytest.mark.parametrize("op", RECURRENT)
+def test_layer_norms_around_a_recurrent_layer_match_pytorch(op):
+    # statements over every step that read a layer norm's statistics (one number per sample
+    # and step) beside its features: nothing may start an array from the narrower one
+    spec = {"name": f"{op}_norms", "input": {"size": 2, "length": 3},
+            "layers": [{"size": 3}, {"op": "layer_norm"}, {"op": op, "size": 3},
+                       {"op": "layer_norm"}, {"size": 2}], "loss": "mse"}
+    _compare(spec, seed=4)
+
+
+@pytest.mark.parametrize("op", RECURRENT)
 def test_saturated_sigmoids_raise_no_floating_point_error(op):
     # pre-activations of ±1e4 saturate every sigmoid gate: exp(-z) overflows inside the
     # loop over time, whose one errstate turns that warning off (and nothing else)

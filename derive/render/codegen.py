@@ -43,6 +43,7 @@ from derive.render.numpy_printer import (
     RowSum,
     among_maps,
     batch_name,
+    operations,
 )
 from derive.render.pretty import pretty
 from derive.render.probe import first_overflow
@@ -412,16 +413,16 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             if into is not None:
                 out.append(Statement(name, into, assign.comment))
                 reused = assign.expr.args[0]
-            chain = _chain(printer, steps, name, layout == "time" or any(
-                t.rank == 3 for t in assign.expr.atoms(NetTensor))) if into is None else None
+            chain = None if into is not None else _chain(
+                printer, steps, name, layout == "time" or any(
+                    t.rank == 3 for t in assign.expr.atoms(NetTensor)))
             if chain is not None:
                 out.extend(Statement(target, code, assign.comment if number == 0 else "", op)
                            for number, (target, op, code) in enumerate(chain))
-            for number, (op, expr) in enumerate(steps if into is None and chain is None
-                                                else []):
-                out.append(Statement(name, _signed(printer, op, expr),
-                                     assign.comment if number == 0 else "",
-                                     _op(op, expr)))
+            elif into is None:
+                out.extend(Statement(name, _signed(printer, op, expr),
+                                     assign.comment if number == 0 else "", _op(op, expr))
+                           for number, (op, expr) in enumerate(steps))
         printer.whole, printer.among_maps = False, frozenset()
         if printer.overflows:
             out[start:] = _quiet(out[start:], "")
@@ -476,6 +477,22 @@ def _read(item: _Assign | _LoopCode) -> set[NetTensor]:
     return {t.whole for e in exprs for t in e.atoms(NetTensor)}
 
 
+@dataclass
+class _Copy:
+    """Columns column.. of target's every step, copied from columns first.. of source's."""
+
+    target: NetTensor
+    column: int
+    source: NetTensor
+    first: int
+    width: int
+
+    def continued_by(self, other: _Copy) -> bool:
+        """Whether ``other`` copies the next columns of the same arrays (one copy for both)."""
+        return (other.target, other.source, other.column, other.first) == (
+            self.target, self.source, self.column + self.width, self.first + self.width)
+
+
 @dataclass(frozen=True)
 class _LoopCode:
     """A loop over time steps, ready to print: the arrays it fills (allocated before it,
@@ -524,7 +541,7 @@ class _LoopCode:
         # a stacked block computed at this step: its array and first column
         written: dict[sp.Expr, tuple[NetTensor, int]] = {}
         read = {t.whole for assign in self.body for t in assign.expr.atoms(NetTensor)}
-        after: list[list] = []      # [target, column, source, column, width]: see below
+        after: list[_Copy] = []     # blocks copied after the loop, for every step at once
         with printer.steps(None, loop=True):
             for run in _joint_calls(self.body, printer):
                 if len(run) > 1:
@@ -558,12 +575,11 @@ class _LoopCode:
                     if source is not None and assign.target not in read and not {
                             assign.target, source} & self.local and (
                             assign.target in self.batch_major) == (source in self.batch_major):
-                        if after and after[-1][0] == assign.target and after[-1][2] == source \
-                                and after[-1][1] + after[-1][4] == column \
-                                and after[-1][3] + after[-1][4] == first:
-                            after[-1][4] += size        # adjacent blocks: one copy
+                        copy = _Copy(assign.target, column, source, first, size)
+                        if after and after[-1].continued_by(copy):
+                            after[-1].width += size     # adjacent blocks: one copy
                         else:
-                            after.append([assign.target, column, source, first, size])
+                            after.append(copy)
                         continue
                     code = printer.doprint(part) if source is None else \
                         f"{printer.doprint(source.at_step(0))}[..., {first}:{first + size}]"
@@ -571,9 +587,11 @@ class _LoopCode:
                                          indent=1))
                     comment = ""
                     written.setdefault(part, (assign.target, column))
-        for number, (target, column, source, first, width) in enumerate(after):
-            out.append(Statement(f"{printer.name(target)}[..., {column}:{column + width}]",
-                                 f"{printer.name(source)}[..., {first}:{first + width}]",
+        for number, copy in enumerate(after):
+            out.append(Statement(f"{printer.name(copy.target)}[..., {copy.column}:"
+                                 f"{copy.column + copy.width}]",
+                                 f"{printer.name(copy.source)}[..., {copy.first}:"
+                                 f"{copy.first + copy.width}]",
                                  "blocks equal to blocks of another array at every step, "
                                  "copied after the loop for all the steps at once"
                                  if number == 0 else ""))
@@ -904,7 +922,7 @@ def _shared_sums(parts: list[sp.Expr]) -> list[sp.Expr]:
 
 
 def _cheapest(expr: sp.Expr) -> sp.Expr:
-    """A loop statement in the form with the fewest array operations (_operations) among: as
+    """A loop statement in the form with the fewest array operations (numpy_printer.operations) among: as
     _factored writes it, and with its terms expanded and collected on each quantity it reads
     at this step (a GRU's h_t = (1 - u_t) n_t + u_t h_{t-1} as n_t + u_t (h_{t-1} - n_t):
     three operations, not four); the earlier on a tie."""
@@ -914,20 +932,9 @@ def _cheapest(expr: sp.Expr) -> sp.Expr:
     expanded = sp.Add(*(term.expand(deep=False) for term in expr.args))
     for view in sorted((v for v in views(expr) if v.step == 0), key=sp.default_sort_key):
         collected = sp.collect(expanded, view)
-        if _operations(collected) < _operations(best):
+        if operations(collected) < operations(best):
             best = collected
     return best
-
-
-def _operations(expr: sp.Expr) -> int:
-    """The array operations ``expr`` prints as: one per sum or product of two operands, power
-    and call (a factor -1 is a subtraction, a step's guard a condition, neither an operation)."""
-    if isinstance(expr, sp.Add | sp.Mul):
-        operands = [a for a in expr.args if a != -1 and not isinstance(a, StepGuard)]
-        return len(operands) - 1 + sum(map(_operations, operands))
-    if isinstance(expr, sp.Pow | sp.Function):
-        return 1 + sum(map(_operations, expr.args))
-    return 0
 
 
 def _factored(expr: sp.Expr) -> sp.Expr:
@@ -1000,7 +1007,8 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
             for placeholder, part in found:
                 # a sum that several parts read first, into an array of its own (a GRU's
                 # 1 - n_t², read by three), then the part, reading it from there
-                for piece in [*(p for p in shared if part.has(p) and p not in parts), part]:
+                inside = set(sp.preorder_traversal(part))
+                for piece in [*(p for p in shared if p in inside and p not in parts), part]:
                     if piece in parts:  # computed before the loop for another statement
                         continue
                     value = piece.xreplace(parts)

@@ -33,7 +33,15 @@ from derive.derivation.imageform import (
     Windows,
     WindowsMax,
 )
-from derive.derivation.stepform import Block, Causal, Concat, MatProd, SumLast, Transposed
+from derive.derivation.stepform import (
+    Block,
+    Causal,
+    Concat,
+    MatProd,
+    StepGuard,
+    SumLast,
+    Transposed,
+)
 from derive.derivation.tensorform import (
     ONE,
     Broadcast,
@@ -432,8 +440,8 @@ _INTO = {sp.exp: "np.exp", sp.log: "np.log", sp.tanh: "np.tanh", sp.sinh: "np.si
 
 def _elementwise(expr: sp.Expr) -> bool:
     """Whether ``expr`` is numbers and the network's arrays (not parameters) under sums,
-    products, powers by numbers and the elementwise calls of _INTO (so that every array in it
-    has one shape, and every operation gives a new float array)."""
+    products, powers by numbers and the elementwise calls of _INTO (so that every operation
+    gives a new float array)."""
     if expr.is_number:
         return True
     if isinstance(expr, NetTensor):
@@ -445,10 +453,14 @@ def _elementwise(expr: sp.Expr) -> bool:
     return type(expr) in _INTO and _elementwise(expr.args[0])
 
 
-def _operation_count(expr: sp.Expr) -> int:
-    """The array operations of an elementwise expression (its sums, products, powers, calls)."""
-    if isinstance(expr, sp.Add | sp.Mul | sp.Pow) or type(expr) in _INTO:
-        return 1 + sum(_operation_count(arg) for arg in expr.args)
+def operations(expr: sp.Expr) -> int:
+    """The array operations ``expr`` prints as: one per sum or product of two operands, power
+    and call (a factor -1 is a subtraction, a step's guard a condition, neither an operation)."""
+    if isinstance(expr, sp.Add | sp.Mul):
+        operands = [a for a in expr.args if a != -1 and not isinstance(a, StepGuard)]
+        return len(operands) - 1 + sum(map(operations, operands))
+    if isinstance(expr, sp.Pow | sp.Function):
+        return 1 + sum(map(operations, expr.args))
     return 0
 
 
@@ -672,14 +684,17 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def chained(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]] | None:
         """Lines, as written_into gives them, that compute ``expr`` into a new array ``out``:
-        for a sum or product of the network's arrays (not parameters: all of one shape),
-        numbers, powers and elementwise calls, its costliest compound term or factor first,
+        for a sum or product of the network's arrays (not parameters) of one rank, so of one
+        shape (a layer norm's mean or variance, a rank lower, would not broadcast into the
+        array the chain starts from), numbers, powers and elementwise calls, its costliest
+        compound term or factor first,
         recursively, then each other one added, subtracted, multiplied or divided in place
         (0.25 - 0.25*A1**2: ``out = A1**2``, ``out *= 0.25``, ``np.subtract(0.25, out,
         out=out)``: one array where the expression makes three). None for anything else, or
         when nothing is to be chained."""
         expr = fold_numbers(expr)
-        if not _elementwise(expr) or not isinstance(expr, sp.Add | sp.Mul):
+        if not (_elementwise(expr) and isinstance(expr, sp.Add | sp.Mul)
+                and len({t.rank for t in expr.atoms(NetTensor)}) == 1):
             return None
         is_sum = isinstance(expr, sp.Add)
         parts = self.ordered_terms(expr) if is_sum else list(expr.as_ordered_factors())
@@ -691,7 +706,7 @@ class NumPyBatchPrinter(NumPyPrinter):
                     and not unsigned(p).is_number and not (p.is_Pow and p.exp == -1)]
         if not compound:
             return None
-        base = max(compound, key=lambda p: _operation_count(unsigned(p)))
+        base = max(compound, key=lambda p: operations(unsigned(p)))
         lines = self.chained(unsigned(base), out) or [(out, "=", self.doprint(unsigned(base)))]
         rest = [p for p in parts if p is not base]
         if unsigned(base) != base:      # 1 - A**2: the first other term minus it, into it
