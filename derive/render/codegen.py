@@ -736,8 +736,9 @@ def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: s
     if len(steps) == 1 and steps[0][0] == "=":
         lines = printer.chained(steps[0][1], name)
         return lines if lines is not None and len(lines) > 1 else None
+    # (the factor over feature maps, as the new array is: so of its shape, not narrower)
     if len(steps) != 2 or steps[0][0] != "=" or not _fresh(steps[0][1]) or steps[1][0] not in (
-            "*=", "+="):
+            "*=", "+=") or {t.rank for t in steps[1][1].atoms(NetTensor)} != {3}:
         return None
     lines = printer.chained(steps[1][1], name)
     if lines is None:
