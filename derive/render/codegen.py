@@ -549,7 +549,7 @@ class _LoopCode:
                     continue
                 assign = run[0]
                 name = printer.doprint(assign.target.at_step(0))
-                expr = _factored(assign.expr)     # ∂h o - ∂h o tanh(c)²: ∂h o (1 - tanh(c)²)
+                expr = assign.expr
                 if not isinstance(expr, Concat):
                     if assign.target in self.local:     # one step's array, made anew
                         out.append(Statement(name, printer.doprint(expr), assign.comment,
@@ -919,12 +919,12 @@ def _shared_sums(parts: list[sp.Expr]) -> list[sp.Expr]:
         for found in sums(part):
             counts[found] = counts.get(found, 0) + 1
     return sorted((e for e, count in counts.items() if count > 1),
-                  key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
+                  key=lambda e: (operations(e), sp.default_sort_key(e)))
 
 
 def _cheapest(expr: sp.Expr) -> sp.Expr:
-    """A loop statement in the form with the fewest array operations (numpy_printer.operations) among: as
-    _factored writes it, and with its terms expanded and collected on each quantity it reads
+    """A loop statement in the form with the fewest array operations (``operations``) among:
+    as _factored writes it, and with its terms expanded and collected on each quantity it reads
     at this step (a GRU's h_t = (1 - u_t) n_t + u_t h_{t-1} as n_t + u_t (h_{t-1} - n_t):
     three operations, not four); the earlier on a tie."""
     best = _factored(expr)

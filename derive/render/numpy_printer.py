@@ -684,14 +684,13 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def chained(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]] | None:
         """Lines, as written_into gives them, that compute ``expr`` into a new array ``out``:
-        for a sum or product of the network's arrays (not parameters) of one rank, so of one
-        shape (a layer norm's mean or variance, a rank lower, would not broadcast into the
-        array the chain starts from), numbers, powers and elementwise calls, its costliest
-        compound term or factor first,
-        recursively, then each other one added, subtracted, multiplied or divided in place
-        (0.25 - 0.25*A1**2: ``out = A1**2``, ``out *= 0.25``, ``np.subtract(0.25, out,
-        out=out)``: one array where the expression makes three). None for anything else, or
-        when nothing is to be chained."""
+        for a sum or product of numbers, powers, elementwise calls and the network's arrays
+        (not parameters) of one rank, so of one shape (a layer norm's mean or variance, a rank
+        lower, would not broadcast into the array the chain starts from), its costliest
+        compound term or factor first, recursively, then each other one added, subtracted,
+        multiplied or divided in place (0.25 - 0.25*A1**2: ``out = A1**2``, ``out *= 0.25``,
+        ``np.subtract(0.25, out, out=out)``: one array where the expression makes three). None
+        for anything else, or when nothing is to be chained."""
         expr = fold_numbers(expr)
         if not (_elementwise(expr) and isinstance(expr, sp.Add | sp.Mul)
                 and len({t.rank for t in expr.atoms(NetTensor)}) == 1):
