@@ -27,6 +27,8 @@ from derive.render.codegen import (
     COSTLY,
     _Assign,
     _cheapest,
+    _forward_assignments,
+    _gate_major,
     _inlined,
     _joint_calls,
     _shared_sums,
@@ -391,7 +393,7 @@ def test_a_loop_writes_each_step_of_an_array_without_a_copy():
         # (but for a part of one call over several blocks: I1_steps[t] = I1_F1_O1[..., 0:5])
         joint = set(re.findall(IN_LOOP + r"(\w+) = _?\w+(?:\.\w+)?\(", text, re.MULTILINE))
         assert not [value for value in assigned
-                    if not re.fullmatch(r"(\w+)\[\.\.\., \d+:\d+\]", value)
+                    if not re.fullmatch(r"(\w+)\[(\.\.\., \d+:\d+|\d+)\]", value)
                     or value.split("[")[0] not in joint], assigned
         assert re.search(IN_LOOP + r"np\.(add|multiply)\(.*, out=\w+_steps\[t\]\)$", text,
                          re.MULTILINE)
@@ -416,14 +418,15 @@ def test_a_loop_multiplies_by_contiguous_matrices():
         for n, line in enumerate(lines):
             if line.startswith("        "):
                 assert not re.search(r"@ \w+\.T\b", line), line
-            copied = re.match(r"    (\w+)_T = np\.ascontiguousarray\((\w+)\.T\)$", line)
+            copied = re.match(r"    (\w+)_[TG] = np\.ascontiguousarray\((\w+)\.(T|reshape\("
+                              r"\d+, \d+, -1\)\.transpose\(0, 2, 1\))\)$", line)
             if copied:
                 assert copied.group(1) == copied.group(2)
                 # (the loop's header may follow its errstate: test_sequences)
                 loop = lines[n + 1:n + 5]
                 assert any(re.match(r"    (    )?for t in range", following)
                            for following in loop)
-        assert "@ Wh1_T" in text
+        assert "@ Wh1_T" in text or "np.matmul(H1_steps[t - 1], Wh1_G)" in text
 
 
 #: A loop's call of one argument: (its target or None, function, argument).
@@ -431,8 +434,8 @@ LOOP_CALL = re.compile(IN_LOOP + r"(?:(\w+) = )?(np\.\w+|_sigmoid)\((.*?)(?:, ou
 
 
 def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
-    # I1_F1_O1 = _sigmoid(Z1[..., 0:20]) for the blocks 0:5, 5:10 and 15:20, not one call each
-    blocks = re.compile(r"\[\.\.\., (\d+):(\d+)\]")
+    # I1_F1_O1 = _sigmoid(Z1) for the gates 0, 1 and 3, not one call each
+    blocks = re.compile(r"\[(\.\.\., (\d+):(\d+)|\d+(:\d+)?(, t)?)\]")
     for text in _recurrent_sources():
         for function in ("forward", "backward"):
             body = text.split(f"def {function}(")[1].split("\ndef ")[0]
@@ -441,11 +444,47 @@ def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
                      if call and blocks.search(call.group(3))]
             assert len(calls) == len(set(calls)), calls
     for op, joint, part in (
-            ("lstm", "I1_F1_O1 = _sigmoid(Z1[..., 0:20])", "O1_steps[t] = I1_F1_O1[..., 15:20]"),
-            ("gru", "R1_U1 = _sigmoid(Zh1_steps[t][..., 0:10] + Zx1_steps[t][..., 0:10])",
-             "U1_steps[t] = R1_U1[..., 5:10]")):
+            ("lstm", "I1_F1_O1 = _sigmoid(Z1)", "O1_steps[t] = I1_F1_O1[3]"),
+            ("gru", "R1_U1 = _sigmoid(Zh1_steps[0:2, t] + Zx1_steps[0:2, t])",
+             "U1_steps[t] = R1_U1[1]")):
         text = _recurrent_source(op)
         assert joint in text and part in text
+
+
+@pytest.mark.parametrize("op", RECURRENT)
+def test_stacked_gates_are_stored_gate_major(op):
+    # each gate's block of a step one contiguous array (Zh1_steps[2, t]), never a block of
+    # columns of a stacked pre-activation (Zh1_steps[t][..., 10:15]), in either pass
+    text = _recurrent_source(op)
+    for function in ("forward", "backward"):
+        body = text.split(f"def {function}(")[1].split("\ndef ")[0]
+        reads = re.findall(r"(\w*Z\w*)(?:\[[^\]]*\])*\[\.\.\., \d+:\d+\]", body)
+        assert not [name for name in reads if not name.startswith("dC_d")], reads
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[op]
+    if gates > 1:
+        assert f"_dot_gates(X.swapaxes(0, 1), Wx1, {gates})" in text
+        assert "np.matmul(H1_steps[t - 1], Wh1_G)" in text
+        assert f"Wh1_G = np.ascontiguousarray(Wh1.reshape({gates}, 5, -1).transpose(0, 2, 1))" \
+            in text
+    if op == "gru":     # the hidden pre-activation, kept for the backward pass, (G, T, B, w)
+        assert "Zh1_steps = np.empty((3, 4, X.shape[0], 5), dtype=X.dtype)" in text
+        assert "Zh1_steps[2]" in text.split("def backward(")[1]
+
+
+def test_only_arrays_read_by_whole_gates_are_gate_major():
+    # a GRU's two stacked pre-activations are (G, T, B, w), nothing else; one that another
+    # statement reads whole (not a block of gates, not a term of another such array) is not
+    model = build_model(load_spec({"name": "gru_net", "input": {"size": 3, "length": 4},
+                                   "layers": [{"op": "gru", "size": 5}, {"size": 2}],
+                                   "loss": "mse"}))
+    forward = _forward_assignments(model, NumPyBatchPrinter(), None)
+    zx, zh = NetTensor("zx", 1, rank=2), NetTensor("zh", 1, rank=2)
+    assert _gate_major(forward, [], model) == {zx: (3, 5), zh: (3, 5)}
+    reader = _Assign(NetTensor("q", 1, rank=2), sp.tanh(zh.at_step(0)))
+    assert _gate_major(forward, [reader], model) == {zx: (3, 5)}
+    # blocks narrower than a gate: the gate width is their common divisor
+    narrow = _Assign(NetTensor("q", 1, rank=2), sp.tanh(Block(zh.at_step(0), 5, 2)))
+    assert _gate_major(forward, [narrow], model) == {zx: (3, 5), zh: (15, 1)}
 
 
 def test_joint_calls_span_blocks_the_members_fill_at_least_half_of():

@@ -404,6 +404,7 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         steps, reused = _in_place(assign.expr, dead)
         start = len(out)
         printer.overflows = False
+        printer.stacking = printer.gates.get(assign.target)
         printer.whole = _whole(assign.expr)     # its right side only, not its target
         printer.among_maps = among_maps(assign.expr)
         with printer.steps(views(assign.expr), layout=layout):
@@ -423,7 +424,7 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
                 out.extend(Statement(name, _signed(printer, op, expr),
                                      assign.comment if number == 0 else "", _op(op, expr))
                            for number, (op, expr) in enumerate(steps))
-        printer.whole, printer.among_maps = False, frozenset()
+        printer.whole, printer.among_maps, printer.stacking = False, frozenset(), None
         if printer.overflows:
             out[start:] = _quiet(out[start:], "")
         if isinstance(assign.target, NetTensor):
@@ -515,21 +516,33 @@ class _LoopCode:
             if steps:
                 printer.time_major.add(target)
             size = (f"{length}, {self.batch}" if steps else f"{self.batch}, {length}")
+            if target in printer.gates:         # gate-major: (G, T, B, w)
+                gates, width = printer.gates[target]
+                size, shape = f"{gates}, {size}", [width]
             out.append(Statement(printer.name(target), f"np.empty(({size}, "
                                  f"{', '.join(map(str, shape))}), dtype={self.dtype})",
                                  "filled one time step at a time in the loop below"
                                  + (", step-major: each step one contiguous block" if steps
                                     else "") if n == 0 else ""))
         # h_{t-1} @ Wh1.T at every step: BLAS multiplies by a contiguous matrix 1.3-2x faster
-        # than by a transposed view at these sizes, so the transpose is copied once
-        transposed = sorted({m.args[0] for a in self.body for m in a.expr.atoms(MatVec)
-                             if not m.args[2] and isinstance(m.args[0], NetTensor)},
-                            key=sp.default_sort_key)
-        for number, matrix in enumerate(transposed):
-            name = printer.transposes[matrix] = f"{printer.name(matrix)}_T"
-            out.append(Statement(name, f"np.ascontiguousarray({printer.name(matrix)}.T)",
-                                 "the matrix the loop multiplies by, transposed once: BLAS "
-                                 "reads a contiguous one faster than a transposed view"
+        # than by a transposed view at these sizes, so the transpose is copied once; for a
+        # gate-major array, as one (h, w) block per gate
+        for number, (matrix, (gates, width)) in enumerate(sorted(
+                {(m.args[0], printer.gates.get(a.target, (0, 0))) for a in self.body
+                 for m in a.expr.atoms(MatVec)
+                 if not m.args[2] and isinstance(m.args[0], NetTensor)},
+                key=lambda item: (sp.default_sort_key(item[0]), item[1]))):
+            if gates:
+                name = printer.gate_weights[matrix] = f"{printer.name(matrix)}_G"
+                code = (f"np.ascontiguousarray({printer.name(matrix)}.reshape({gates}, "
+                        f"{width}, -1).transpose(0, 2, 1))")
+            else:
+                name = printer.transposes[matrix] = f"{printer.name(matrix)}_T"
+                code = f"np.ascontiguousarray({printer.name(matrix)}.T)"
+            out.append(Statement(name, code,
+                                 "the matrix the loop multiplies by, transposed once"
+                                 + (" (a contiguous block per gate)" if gates else "")
+                                 + ": BLAS reads a contiguous one faster than a transposed view"
                                  if number == 0 else ""))
         steps = f"range({self.length})" if self.forward else f"range({self.length - 1}, -1, -1)"
         start = len(out)
@@ -551,11 +564,13 @@ class _LoopCode:
                 name = printer.doprint(assign.target.at_step(0))
                 expr = assign.expr
                 if not isinstance(expr, Concat):
+                    printer.stacking = printer.gates.get(assign.target)
                     if assign.target in self.local:     # one step's array, made anew
                         out.append(Statement(name, printer.doprint(expr), assign.comment,
                                              indent=1))
                     else:
                         out.extend(_written(printer, expr, name, assign.comment))
+                    printer.stacking = None
                     continue
                 # stacked gates: each block written in place, no concatenated copy; a block
                 # equal to one written before at this step (a GRU's reset and update errors,
@@ -596,6 +611,7 @@ class _LoopCode:
                                  "copied after the loop for all the steps at once"
                                  if number == 0 else ""))
         printer.transposes.clear()
+        printer.gate_weights.clear()
         if printer.overflows:
             out[start:] = _quiet(out[start:], ", once for every step")
         return out
@@ -663,12 +679,22 @@ def _joins(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> boo
     if found is None or mine is None or mine[1] != found[1]:
         return False
     blocks, size = found
+    gate_major = {_gate_width(block, printer) for block in blocks}
+    if len(gate_major) != 1 or gate_major.pop() not in (None, size):
+        return False    # (a gate-major block is (B, w) and a span of them (G, B, w))
     shift = int(mine[0][0].args[1]) - int(blocks[0].args[1])
     offsets = [*_offsets(run), shift]
     span = max(offsets) - min(offsets) + size
     return (shift % size == 0 and shift not in offsets[:-1] and 2 * len(offsets) * size >= span
             and expr.args[0] == first.args[0].xreplace(
                 {b: Block(b.args[0], b.args[1] + shift, size) for b in blocks}))
+
+
+def _gate_width(block: Block, printer: NumPyBatchPrinter) -> int | None:
+    """The gate width of the gate-major array ``block`` is of; None for any other."""
+    tensor = block.args[0]
+    gates = printer.gates.get(tensor.whole) if isinstance(tensor, NetTensor) else None
+    return None if gates is None else gates[1]
 
 
 def _joint_statements(run: list[_Assign], printer: NumPyBatchPrinter) -> list[Statement]:
@@ -686,9 +712,11 @@ def _joint_statements(run: list[_Assign], printer: NumPyBatchPrinter) -> list[St
     out = [Statement(name, printer.doprint(joint),
                      f"{whose} in one call: the same function of blocks of the same arrays",
                      indent=1)]
+    gate_major = _gate_width(blocks[0], printer) is not None
     for offset, assign in zip(offsets, run):
-        out.append(Statement(printer.doprint(assign.target.at_step(0)),
-                             f"{name}[..., {offset - low}:{offset - low + size}]",
+        part = f"{(offset - low) // size}" if gate_major else \
+            f"..., {offset - low}:{offset - low + size}"
+        out.append(Statement(printer.doprint(assign.target.at_step(0)), f"{name}[{part}]",
                              assign.comment, indent=1))
     return out
 
@@ -1034,6 +1062,79 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
     return out
 
 
+def _gate_major(forward: list, backward: list, model: Model
+                ) -> dict[NetTensor, tuple[int, int]]:
+    """The arrays stored gate-major (docs/architecture.md, "Sequences"), each with its (number
+    of gates G, gate width w): a forward array of stacked gates' pre-activations, a sum of
+    matrix products of parameters, bias vectors and other such arrays (an LSTM's z_t = Wx x_t
+    + Wh h_{t-1} + b, its Wx x_t + b hoisted before the loop; a GRU's two), that every
+    statement reads through blocks of whole gates (z_t[0:n], the input gate) or whole as a
+    term of another such array's value. Its gates as (G, T, B, w) make each gate's block of a
+    step one contiguous array: NumPy reads a block of columns of (B, G w) rows 1.5-2x slower."""
+    def assigns(items: list) -> list[_Assign]:
+        return [a for item in items for a in (item.body if isinstance(item, _LoopCode)
+                                              else [item]) if a.code is None]
+
+    def linear(term: sp.Expr) -> bool:
+        inner = term.args[0] if isinstance(term, Guarded) else term
+        if isinstance(inner, MatVec):
+            return not inner.args[2] and isinstance(inner.args[0], NetTensor) and \
+                inner.args[0].is_parameter
+        return isinstance(term, NetTensor) and (term.is_parameter and term.rank == 1
+                                                or not term.is_parameter)
+
+    def rows(expr: sp.Expr) -> int | None:
+        shapes = {p.tensor: p.shape for p in model.parameters}
+        for term in sp.Add.make_args(expr):
+            for tensor in term.atoms(NetTensor):
+                if tensor.is_parameter and tensor in shapes:
+                    return int(shapes[tensor][0])
+        return None
+
+    values = {a.target: a.expr for a in assigns(forward) if isinstance(a.target, NetTensor)
+              and a.target != model.output.output
+              and all(linear(term) for term in sp.Add.make_args(a.expr))}
+    widths = {target: rows(expr) for target, expr in values.items()}
+    every = assigns(forward) + assigns(backward)
+    found: dict[NetTensor, tuple[int, int]] = {}
+    candidates = {target for target, width in widths.items() if width}
+    while True:
+        read_by: dict[NetTensor, set[int]] = {t: set() for t in candidates}  # block bounds
+        whole_in: dict[NetTensor, set[NetTensor]] = {t: set() for t in candidates}
+        for assign in every:
+            for block in assign.expr.atoms(Block):
+                tensor = block.args[0]
+                if isinstance(tensor, NetTensor) and tensor.whole in candidates:
+                    read_by[tensor.whole] |= {int(block.args[1]), int(block.args[2])}
+            rest = assign.expr.xreplace({b: sp.Integer(1) for b in assign.expr.atoms(Block)})
+            for tensor in rest.atoms(NetTensor):
+                if tensor.whole in candidates:
+                    whole_in[tensor.whole].add(assign.target if tensor in sp.Add.make_args(
+                        assign.expr) and assign.target in candidates else None)
+        found = {}
+        for target in candidates:
+            bounds = read_by[target]
+            terms = {t.whole for t in sp.Add.make_args(values[target])
+                     if isinstance(t, NetTensor) and not t.is_parameter}
+            if whole_in[target] - {t for t in candidates if t != target} or not (
+                    bounds or whole_in[target]) or terms - candidates:
+                continue
+            width = math.gcd(*bounds) if bounds else 0
+            found[target] = (widths[target], width)
+        # a whole read passes on its reader's gate width
+        for _ in candidates:
+            for target in found:
+                for reader in whole_in[target]:
+                    if reader in found:
+                        found[target] = (found[target][0],
+                                         math.gcd(found[target][1], found[reader][1]))
+        found = {t: (size // width, width) for t, (size, width) in found.items()
+                 if width and size % width == 0 and size // width > 1}
+        if set(found) == candidates:
+            return found
+        candidates = set(found)
+
+
 #: Feature maps given batch-first, (B, C, H, W), as generated code keeps them: (C, H, W, B).
 _BATCH_LAST = ".transpose(1, 2, 3, 0)"
 
@@ -1172,11 +1273,12 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     loss_reads = _reads([loss_expr], quantities)
     needed = sorted(backward_reads | loss_reads, key=quantities.__getitem__)
     batch_only = frozenset({model.output.output, *loss_reads})    # the loss reads (B, T, n)
-    forward = _statements(_timed(forward_assigns, model, True, {*needed, model.output.output},
-                                 kept), {*needed, model.output.output}, printer, batch_only)
+    forward_items = _timed(forward_assigns, model, True, {*needed, model.output.output}, kept)
+    backward_items = _timed(_shared_calls(backward_assigns, printer), model, False)
+    printer.gates = _gate_major(forward_items, backward_items, model)
+    forward = _statements(forward_items, {*needed, model.output.output}, printer, batch_only)
     cache = [printer.name(t) for t in needed]
-    backward = _statements(_timed(_shared_calls(backward_assigns, printer), model, False), set(),
-                           printer, batch_only)
+    backward = _statements(backward_items, set(), printer, batch_only)
     why = []
     for tensor in needed:
         readers = [name for name, reads in (("backward", backward_reads), ("loss", loss_reads))

@@ -121,6 +121,16 @@ def _dot_rows(x, w):
     x = np.ascontiguousarray(x)
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 ''',
+    "_dot_gates": '''\
+def _dot_gates(x, w, gates):
+    """x @ w.T for x of shape (..., n) and w stacking `gates` blocks of rows, gate-major: an
+    array (gates, ..., m) whose block g is x @ w[g*m:(g+1)*m].T, each one contiguous; one
+    batched product over every leading axis of x (copied contiguous first, as _dot_rows)."""
+    x = np.ascontiguousarray(x)
+    rows = x.reshape(-1, x.shape[-1])
+    blocks = w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1)
+    return np.matmul(rows, blocks).reshape(gates, *x.shape[:-1], -1)
+''',
     "_dot_steps": '''\
 def _dot_steps(u, v):
     """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
@@ -584,6 +594,15 @@ class NumPyBatchPrinter(NumPyPrinter):
         self.step_local: set[NetTensor] = set()
         # matrices whose transposes a loop reads from a contiguous copy: the copy's name
         self.transposes: dict[NetTensor, str] = {}
+        # stacked gates' pre-activations stored gate-major (docs/architecture.md, "Sequences"):
+        # each array, as a whole, with its (number of gates, gate width); (G, T, B, w), each
+        # gate's block of a step one contiguous (B, w) array, a step (G, B, w)
+        self.gates: dict[NetTensor, tuple[int, int]] = {}
+        # printing the value of such an array: its (G, w), which its matrix products and bias
+        # vectors are printed gate-major for; None for any other statement
+        self.stacking: tuple[int, int] | None = None
+        # the gate-major copies of the matrices a loop multiplies by for such an array: names
+        self.gate_weights: dict[NetTensor, str] = {}
         # printing a statement over whole sequences (attention), in the batch layout
         self.whole = False
         # windows whose _im2col copy the forward pass keeps for a kernel's gradient, and the
@@ -745,6 +764,12 @@ class NumPyBatchPrinter(NumPyPrinter):
     # --- the network's quantities ----------------------------------------------------------
 
     def _print_NetTensor(self, expr: NetTensor) -> str:
+        if expr.whole in self.gates and not expr.is_parameter:
+            return self._gate_view(expr, None)
+        if self.stacking is not None and expr.is_parameter and expr.rank == 1:
+            gates, width = self.stacking    # a bias vector, one row of it per gate
+            ones = "1, " if self._time == "loop" else "1, 1, "
+            return f"{self.name(expr)}.reshape({gates}, {ones}{width})"
         name = self.name(expr)
         if expr.step is None:       # a whole sequence (attention) reads (B, T, n)
             return f"{name}.swapaxes(0, 1)" if self.whole and expr in self.time_major else name
@@ -766,6 +791,26 @@ class NumPyBatchPrinter(NumPyPrinter):
             return f"{name}.swapaxes(0, 1)"
         return name
 
+    def _gate_view(self, expr: NetTensor, gates: str | None) -> str:
+        """A view of a gate-major array (``gates``: which of them, "2" or "0:2"; None: all),
+        at its step (``Zh1_steps[2, t]``), or over every step (``Zh1_steps[2]``)."""
+        name = self.name(expr)
+        if self._time == "loop" and expr.whole in self.step_local:     # one step's (G, B, w)
+            return f"{name}[{gates}]" if gates else name
+        if expr.step is None or (self._time is None and expr.step == 0):
+            if expr.step is not None and self._layout != "time":
+                name = f"{name}[{gates}]" if gates else name
+                return f"{name}.swapaxes({'0, 1' if gates and ':' not in gates else '1, 2'})"
+            return f"{name}[{gates}]" if gates else name
+        if expr.step == "T":
+            at = "-1"
+        elif self._time == "loop":
+            at = "t" if expr.step == 0 else f"t {'+-'[expr.step < 0]} {abs(expr.step)}"
+        else:
+            first, stop = (n + expr.step for n in self._time)
+            at = f"{first or ''}:{'' if stop == self.length else stop}"
+        return f"{name}[{gates or ':'}, {at}]"
+
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):
             return self._print_NetTensor(expr)
@@ -778,6 +823,12 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_MatVec(self, expr: MatVec) -> str:
         matrix, vector, transposed = expr.args
+        if self.stacking is not None:   # W v into a gate-major array: a (G, ..., w) product
+            gates = self.stacking[0]
+            if self._sequence(expr):
+                self.helpers.add("_dot_gates")
+                return f"_dot_gates({self._print(vector)}, {self._print(matrix)}, {gates})"
+            return f"np.matmul({self._print(vector)}, {self.gate_weights[matrix]})"
         w = self._print(matrix) if transposed else self.transposes.get(
             matrix, f"{self._print(matrix)}.T")
         if self._sequence(expr):     # every step of every sample: one 2-D product
@@ -936,6 +987,11 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _print_Block(self, expr: Block) -> str:
         tensor, start, size = expr.args
+        if isinstance(tensor, NetTensor) and tensor.whole in self.gates:
+            count, width = self.gates[tensor.whole]
+            first, stop = int(start) // width, int(start + size) // width
+            return self._gate_view(tensor, str(first) if stop == first + 1 else None if (
+                first, stop) == (0, count) else f"{first}:{stop}")
         return (f"{self.parenthesize(tensor, PRECEDENCE['Atom'], strict=True)}"
                 f"[..., {int(start)}:{int(start + size)}]")
 
