@@ -74,13 +74,12 @@ def _sigmoid(x, out=None):
 
 
 def _dot_gates(x, w, gates):
-    """x @ w.T for x of shape (..., n) and w stacking `gates` blocks of rows, gate-major: an
-    array (gates, ..., m) whose block g is x @ w[g*m:(g+1)*m].T, each one contiguous; one
-    batched product over every leading axis of x (copied contiguous first, as _dot_rows)."""
-    x = np.ascontiguousarray(x)
-    rows = x.reshape(-1, x.shape[-1])
-    blocks = w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1)
-    return np.matmul(rows, blocks).reshape(gates, *x.shape[:-1], -1)
+    """x @ w.T for x of shape (T, B, n) and w stacking `gates` blocks of rows, gate-major
+    within each step: an array (T, gates, B, m) whose [t, g] is x[t] @ w[g*m:(g+1)*m].T, one
+    contiguous array; one batched product of contiguous operands (a view would be copied
+    block by block)."""
+    blocks = np.ascontiguousarray(w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1))
+    return np.matmul(np.ascontiguousarray(x)[:, None], blocks)
 
 
 def _dot_steps(u, v):
@@ -133,9 +132,9 @@ def forward(params, X):
     X = np.asarray(X, dtype=Wx1.dtype)
     _check_input(X)
     Zx1_steps = _dot_gates(X.swapaxes(0, 1), Wx1, 3)
-    Zx1_steps += bx1.reshape(3, 1, 1, 16)
+    Zx1_steps += bx1.reshape(3, 1, 16)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
-    Zh1_steps = np.empty((3, 16, X.shape[0], 16), dtype=X.dtype)
+    Zh1_steps = np.empty((16, 3, X.shape[0], 16), dtype=X.dtype)
     R1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     U1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
     G1_steps = np.empty((16, X.shape[0], 16), dtype=X.dtype)
@@ -146,12 +145,12 @@ def forward(params, X):
     with np.errstate(over="ignore"):
         # one time step at a time, t from 0 forward
         for t in range(16):
-            np.add((np.matmul(H1_steps[t - 1], Wh1_G) if t >= 1 else 0), bh1.reshape(3, 1, 16), out=Zh1_steps[:, t])
+            np.add((np.matmul(H1_steps[t - 1], Wh1_G) if t >= 1 else 0), bh1.reshape(3, 1, 16), out=Zh1_steps[t])
             # R¹ and U¹ in one call: the same function of blocks of the same arrays
-            R1_U1 = _sigmoid(Zh1_steps[0:2, t] + Zx1_steps[0:2, t])
+            R1_U1 = _sigmoid(Zh1_steps[t, 0:2] + Zx1_steps[t, 0:2])
             R1_steps[t] = R1_U1[0]
             U1_steps[t] = R1_U1[1]
-            np.tanh(R1_steps[t]*Zh1_steps[2, t] + Zx1_steps[2, t], out=G1_steps[t])
+            np.tanh(R1_steps[t]*Zh1_steps[t, 2] + Zx1_steps[t, 2], out=G1_steps[t])
             np.add(G1_steps[t], U1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t]), out=H1_steps[t])
     A1 = H1_steps[-1]
     Z2 = A1 @ W2.T
@@ -199,7 +198,7 @@ def backward(params, cache, Y):
     dC_dR1_in_steps = G1_steps**2
     np.subtract(1, dC_dR1_in_steps, out=dC_dR1_in_steps)
     # another part of ∂C/∂R¹ from outside the loop below, for every step at once
-    dC_dR1_in2_steps = dC_dR1_in_steps*Zh1_steps[2]
+    dC_dR1_in2_steps = dC_dR1_in_steps*Zh1_steps[:, 2]
     # the part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
     dC_dZh1_in_steps = 1 - R1_steps
     dC_dZh1_in_steps *= R1_steps

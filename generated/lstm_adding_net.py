@@ -73,13 +73,12 @@ def _sigmoid(x, out=None):
 
 
 def _dot_gates(x, w, gates):
-    """x @ w.T for x of shape (..., n) and w stacking `gates` blocks of rows, gate-major: an
-    array (gates, ..., m) whose block g is x @ w[g*m:(g+1)*m].T, each one contiguous; one
-    batched product over every leading axis of x (copied contiguous first, as _dot_rows)."""
-    x = np.ascontiguousarray(x)
-    rows = x.reshape(-1, x.shape[-1])
-    blocks = w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1)
-    return np.matmul(rows, blocks).reshape(gates, *x.shape[:-1], -1)
+    """x @ w.T for x of shape (T, B, n) and w stacking `gates` blocks of rows, gate-major
+    within each step: an array (T, gates, B, m) whose [t, g] is x[t] @ w[g*m:(g+1)*m].T, one
+    contiguous array; one batched product of contiguous operands (a view would be copied
+    block by block)."""
+    blocks = np.ascontiguousarray(w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1))
+    return np.matmul(np.ascontiguousarray(x)[:, None], blocks)
 
 
 def _dot_steps(u, v):
@@ -125,7 +124,7 @@ def forward(params, X):
     _check_input(X)
     # the part of Z¹ from outside the loop below, for every step at once
     Z1_in_steps = _dot_gates(X.swapaxes(0, 1), Wx1, 4)
-    Z1_in_steps += b1.reshape(4, 1, 1, 32)
+    Z1_in_steps += b1.reshape(4, 1, 32)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     I1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     F1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
@@ -140,7 +139,7 @@ def forward(params, X):
     with np.errstate(over="ignore"):
         # one time step at a time, t from 0 forward
         for t in range(20):
-            Z1 = (np.matmul(H1_steps[t - 1], Wh1_G) if t >= 1 else 0) + Z1_in_steps[:, t]
+            Z1 = (np.matmul(H1_steps[t - 1], Wh1_G) if t >= 1 else 0) + Z1_in_steps[t]
             # I¹, F¹ and O¹ in one call: the same function of blocks of the same arrays
             I1_F1_O1 = _sigmoid(Z1)
             I1_steps[t] = I1_F1_O1[0]

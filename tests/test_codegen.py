@@ -435,7 +435,7 @@ LOOP_CALL = re.compile(IN_LOOP + r"(?:(\w+) = )?(np\.\w+|_sigmoid)\((.*?)(?:, ou
 
 def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
     # I1_F1_O1 = _sigmoid(Z1) for the gates 0, 1 and 3, not one call each
-    blocks = re.compile(r"\[(\.\.\., (\d+):(\d+)|\d+(:\d+)?(, t)?)\]")
+    blocks = re.compile(r"\[(\.\.\., (\d+):(\d+)|(t, )?\d+(:\d+)?)\]")
     for text in _recurrent_sources():
         for function in ("forward", "backward"):
             body = text.split(f"def {function}(")[1].split("\ndef ")[0]
@@ -445,7 +445,7 @@ def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
             assert len(calls) == len(set(calls)), calls
     for op, joint, part in (
             ("lstm", "I1_F1_O1 = _sigmoid(Z1)", "O1_steps[t] = I1_F1_O1[3]"),
-            ("gru", "R1_U1 = _sigmoid(Zh1_steps[0:2, t] + Zx1_steps[0:2, t])",
+            ("gru", "R1_U1 = _sigmoid(Zh1_steps[t, 0:2] + Zx1_steps[t, 0:2])",
              "U1_steps[t] = R1_U1[1]")):
         text = _recurrent_source(op)
         assert joint in text and part in text
@@ -453,7 +453,7 @@ def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
 
 @pytest.mark.parametrize("op", RECURRENT)
 def test_stacked_gates_are_stored_gate_major(op):
-    # each gate's block of a step one contiguous array (Zh1_steps[2, t]), never a block of
+    # each gate's block of a step one contiguous array (Zh1_steps[t, 2]), never a block of
     # columns of a stacked pre-activation (Zh1_steps[t][..., 10:15]), in either pass
     text = _recurrent_source(op)
     for function in ("forward", "backward"):
@@ -466,13 +466,13 @@ def test_stacked_gates_are_stored_gate_major(op):
         assert "np.matmul(H1_steps[t - 1], Wh1_G)" in text
         assert f"Wh1_G = np.ascontiguousarray(Wh1.reshape({gates}, 5, -1).transpose(0, 2, 1))" \
             in text
-    if op == "gru":     # the hidden pre-activation, kept for the backward pass, (G, T, B, w)
-        assert "Zh1_steps = np.empty((3, 4, X.shape[0], 5), dtype=X.dtype)" in text
-        assert "Zh1_steps[2]" in text.split("def backward(")[1]
+    if op == "gru":     # the hidden pre-activation, kept for the backward pass, (T, G, B, w)
+        assert "Zh1_steps = np.empty((4, 3, X.shape[0], 5), dtype=X.dtype)" in text
+        assert "Zh1_steps[:, 2]" in text.split("def backward(")[1]
 
 
 def test_only_arrays_read_by_whole_gates_are_gate_major():
-    # a GRU's two stacked pre-activations are (G, T, B, w), nothing else; one that another
+    # a GRU's two stacked pre-activations are (T, G, B, w), nothing else; one that another
     # statement reads whole (not a block of gates, not a term of another such array) is not
     model = build_model(load_spec({"name": "gru_net", "input": {"size": 3, "length": 4},
                                    "layers": [{"op": "gru", "size": 5}, {"size": 2}],

@@ -516,9 +516,9 @@ class _LoopCode:
             if steps:
                 printer.time_major.add(target)
             size = (f"{length}, {self.batch}" if steps else f"{self.batch}, {length}")
-            if target in printer.gates:         # gate-major: (G, T, B, w)
+            if target in printer.gates:         # gate-major: (T, G, B, w)
                 gates, width = printer.gates[target]
-                size, shape = f"{gates}, {size}", [width]
+                size, shape = f"{length}, {gates}, {self.batch}", [width]
             out.append(Statement(printer.name(target), f"np.empty(({size}, "
                                  f"{', '.join(map(str, shape))}), dtype={self.dtype})",
                                  "filled one time step at a time in the loop below"
@@ -1069,7 +1069,7 @@ def _gate_major(forward: list, backward: list, model: Model
     matrix products of parameters, bias vectors and other such arrays (an LSTM's z_t = Wx x_t
     + Wh h_{t-1} + b, its Wx x_t + b hoisted before the loop; a GRU's two), that every
     statement reads through blocks of whole gates (z_t[0:n], the input gate) or whole as a
-    term of another such array's value. Its gates as (G, T, B, w) make each gate's block of a
+    term of another such array's value. Its gates as (T, G, B, w) make each gate's block of a
     step one contiguous array: NumPy reads a block of columns of (B, G w) rows 1.5-2x slower."""
     def assigns(items: list) -> list[_Assign]:
         return [a for item in items for a in (item.body if isinstance(item, _LoopCode)

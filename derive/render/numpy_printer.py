@@ -123,13 +123,12 @@ def _dot_rows(x, w):
 ''',
     "_dot_gates": '''\
 def _dot_gates(x, w, gates):
-    """x @ w.T for x of shape (..., n) and w stacking `gates` blocks of rows, gate-major: an
-    array (gates, ..., m) whose block g is x @ w[g*m:(g+1)*m].T, each one contiguous; one
-    batched product over every leading axis of x (copied contiguous first, as _dot_rows)."""
-    x = np.ascontiguousarray(x)
-    rows = x.reshape(-1, x.shape[-1])
-    blocks = w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1)
-    return np.matmul(rows, blocks).reshape(gates, *x.shape[:-1], -1)
+    """x @ w.T for x of shape (T, B, n) and w stacking `gates` blocks of rows, gate-major
+    within each step: an array (T, gates, B, m) whose [t, g] is x[t] @ w[g*m:(g+1)*m].T, one
+    contiguous array; one batched product of contiguous operands (a view would be copied
+    block by block)."""
+    blocks = np.ascontiguousarray(w.reshape(gates, -1, w.shape[-1]).transpose(0, 2, 1))
+    return np.matmul(np.ascontiguousarray(x)[:, None], blocks)
 ''',
     "_dot_steps": '''\
 def _dot_steps(u, v):
@@ -595,8 +594,8 @@ class NumPyBatchPrinter(NumPyPrinter):
         # matrices whose transposes a loop reads from a contiguous copy: the copy's name
         self.transposes: dict[NetTensor, str] = {}
         # stacked gates' pre-activations stored gate-major (docs/architecture.md, "Sequences"):
-        # each array, as a whole, with its (number of gates, gate width); (G, T, B, w), each
-        # gate's block of a step one contiguous (B, w) array, a step (G, B, w)
+        # each array, as a whole, with its (number of gates, gate width); (T, G, B, w), each
+        # gate's block of a step one contiguous (B, w) array, a step one (G, B, w) array
         self.gates: dict[NetTensor, tuple[int, int]] = {}
         # printing the value of such an array: its (G, w), which its matrix products and bias
         # vectors are printed gate-major for; None for any other statement
@@ -768,8 +767,7 @@ class NumPyBatchPrinter(NumPyPrinter):
             return self._gate_view(expr, None)
         if self.stacking is not None and expr.is_parameter and expr.rank == 1:
             gates, width = self.stacking    # a bias vector, one row of it per gate
-            ones = "1, " if self._time == "loop" else "1, 1, "
-            return f"{self.name(expr)}.reshape({gates}, {ones}{width})"
+            return f"{self.name(expr)}.reshape({gates}, 1, {width})"
         name = self.name(expr)
         if expr.step is None:       # a whole sequence (attention) reads (B, T, n)
             return f"{name}.swapaxes(0, 1)" if self.whole and expr in self.time_major else name
@@ -793,23 +791,25 @@ class NumPyBatchPrinter(NumPyPrinter):
 
     def _gate_view(self, expr: NetTensor, gates: str | None) -> str:
         """A view of a gate-major array (``gates``: which of them, "2" or "0:2"; None: all),
-        at its step (``Zh1_steps[2, t]``), or over every step (``Zh1_steps[2]``)."""
+        at its step (``Zh1_steps[t, 2]``), or over every step (``Zh1_steps[:, 2]``)."""
         name = self.name(expr)
         if self._time == "loop" and expr.whole in self.step_local:     # one step's (G, B, w)
             return f"{name}[{gates}]" if gates else name
         if expr.step is None or (self._time is None and expr.step == 0):
-            if expr.step is not None and self._layout != "time":
-                name = f"{name}[{gates}]" if gates else name
-                return f"{name}.swapaxes({'0, 1' if gates and ':' not in gates else '1, 2'})"
-            return f"{name}[{gates}]" if gates else name
-        if expr.step == "T":
+            at = ":"
+        elif expr.step == "T":
             at = "-1"
         elif self._time == "loop":
             at = "t" if expr.step == 0 else f"t {'+-'[expr.step < 0]} {abs(expr.step)}"
         else:
             first, stop = (n + expr.step for n in self._time)
             at = f"{first or ''}:{'' if stop == self.length else stop}"
-        return f"{name}[{gates or ':'}, {at}]"
+        view = f"{name}[{at}, {gates}]" if gates else name if at == ":" else f"{name}[{at}]"
+        if at.endswith(":") and self._layout != "time" and expr.step is not None:
+            if gates is None or ":" in gates:   # (nothing reads several gates in (B, T, ...))
+                raise ValueError(f"{name}: several gates of every step read batch-major")
+            return f"{view}.swapaxes(0, 1)"
+        return view
 
     def _print_Symbol(self, expr: sp.Symbol) -> str:
         if isinstance(expr, NetTensor):
