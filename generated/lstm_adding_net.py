@@ -124,7 +124,7 @@ def forward(params, X):
     _check_input(X)
     # the part of Z¹ from outside the loop below, for every step at once
     Z1_in_steps = _dot_gates(X.swapaxes(0, 1), Wx1, 4)
-    Z1_in_steps += b1.reshape(4, 1, 32)
+    Z1_in_steps += np.repeat(b1.reshape(4, 1, 32), X.shape[0], axis=1)
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     I1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)
     F1_steps = np.empty((20, X.shape[0], 32), dtype=X.dtype)

@@ -422,8 +422,9 @@ def test_a_loop_multiplies_by_contiguous_matrices():
                               r"\d+, \d+, -1\)\.transpose\(0, 2, 1\))\)$", line)
             if copied:
                 assert copied.group(1) == copied.group(2)
-                # (the loop's header may follow its errstate: test_sequences)
-                loop = lines[n + 1:n + 5]
+                # (the loop's header may follow its errstate, test_sequences, and the loop's
+                # repeated biases)
+                loop = lines[n + 1:n + 7]
                 assert any(re.match(r"    (    )?for t in range", following)
                            for following in loop)
         assert "@ Wh1_T" in text or "np.matmul(H1_steps[t - 1], Wh1_G)" in text
@@ -467,6 +468,11 @@ def test_stacked_gates_are_stored_gate_major(op):
         assert f"Wh1_G = np.ascontiguousarray(Wh1.reshape({gates}, 5, -1).transpose(0, 2, 1))" \
             in text
     if op == "gru":     # the hidden pre-activation, kept for the backward pass, (T, G, B, w)
+        # its bias a (G, B, w) array made before the loop, added contiguous at each step
+        assert "bh1_G = np.repeat(bh1.reshape(3, 1, 5), X.shape[0], axis=1)" in text
+        assert re.search(IN_LOOP + r"np\.add\(.*, bh1_G, out=Zh1_steps\[t\]\)$", text,
+                         re.MULTILINE)
+        assert "Zx1_steps += np.repeat(bx1.reshape(3, 1, 5), X.shape[0], axis=1)" in text
         assert "Zh1_steps = np.empty((4, 3, X.shape[0], 5), dtype=X.dtype)" in text
         assert "Zh1_steps[:, 2]" in text.split("def backward(")[1]
 

@@ -544,6 +544,18 @@ class _LoopCode:
                                  + (" (a contiguous block per gate)" if gates else "")
                                  + ": BLAS reads a contiguous one faster than a transposed view"
                                  if number == 0 else ""))
+        biases = sorted({(term, a.target) for a in self.body if a.target in printer.gates
+                         for term in sp.Add.make_args(a.expr)
+                         if isinstance(term, NetTensor) and term.is_parameter},
+                        key=sp.default_sort_key)
+        for number, (bias, target) in enumerate(biases):
+            printer.stacking = printer.gates[target]
+            name = printer.gate_biases[bias] = f"{printer.name(bias)}_G"
+            out.append(Statement(name, printer.repeated_bias(bias),
+                                 "the bias a loop adds, a row per gate and sample: it adds "
+                                 "faster than one broadcast over the samples" if number == 0
+                                 else ""))
+            printer.stacking = None
         steps = f"range({self.length})" if self.forward else f"range({self.length - 1}, -1, -1)"
         start = len(out)
         printer.overflows = False
@@ -612,6 +624,7 @@ class _LoopCode:
                                  if number == 0 else ""))
         printer.transposes.clear()
         printer.gate_weights.clear()
+        printer.gate_biases.clear()
         if printer.overflows:
             out[start:] = _quiet(out[start:], ", once for every step")
         return out
@@ -1278,6 +1291,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     printer.gates = _gate_major(forward_items, backward_items, model)
     forward = _statements(forward_items, {*needed, model.output.output}, printer, batch_only)
     cache = [printer.name(t) for t in needed]
+    printer.batch_size = "B"
     backward = _statements(backward_items, set(), printer, batch_only)
     why = []
     for tensor in needed:
