@@ -19,6 +19,7 @@ from derive import __version__
 from derive.cli.main import main
 from derive.derivation.reverse import derive
 from derive.derivation.stepform import Block, Concat, StepGuard
+from derive.derivation.tensorform import MatVec
 from derive.files import MARKER
 from derive.graph.model import build_model
 from derive.quantities import LENGTH, NetTensor
@@ -491,6 +492,22 @@ def test_only_arrays_read_by_whole_gates_are_gate_major():
     # blocks narrower than a gate: the gate width is their common divisor
     narrow = _Assign(NetTensor("q", 1, rank=2), sp.tanh(Block(zh.at_step(0), 5, 2)))
     assert _gate_major(forward, [narrow], model) == {zx: (3, 5), zh: (15, 1)}
+
+
+def test_an_array_and_a_term_of_its_value_have_one_gate_width():
+    # an LSTM's z_t = Wh h_{t-1} + (Wx x_t + b), the second hoisted: read by blocks of two
+    # gates (z_t) and of one (the hoisted part), both are stored with the gates of one width
+    model = build_model(load_spec({"name": "lstm_net", "input": {"size": 3, "length": 4},
+                                   "layers": [{"op": "lstm", "size": 5}, {"size": 2}],
+                                   "loss": "mse"}))
+    wx, wh, b = (p.tensor for p in model.parameters[:3])
+    x, h = NetTensor("a", 0, rank=2).at_step(0), NetTensor("h", 1, rank=2).at_step(-1)
+    part, z = NetTensor("hoisted", of="Z1_in", rank=2), NetTensor("z", 1, rank=2)
+    forward = [_Assign(part, MatVec(wx, x, False) + b),
+               _Assign(z, MatVec(wh, h, False) + part.at_step(0)),
+               _Assign(NetTensor("i", 1, rank=2), sigmoid(Block(z.at_step(0), 0, 10))),
+               _Assign(NetTensor("q", 1, rank=2), sp.tanh(Block(part.at_step(0), 10, 5)))]
+    assert _gate_major(forward, [], model) == {part: (4, 5), z: (4, 5)}
 
 
 def test_joint_calls_span_blocks_the_members_fill_at_least_half_of():

@@ -1109,7 +1109,6 @@ def _gate_major(forward: list, backward: list, model: Model
               and all(linear(term) for term in sp.Add.make_args(a.expr))}
     widths = {target: rows(expr) for target, expr in values.items()}
     every = assigns(forward) + assigns(backward)
-    found: dict[NetTensor, tuple[int, int]] = {}
     candidates = {target for target, width in widths.items() if width}
     while True:
         read_by: dict[NetTensor, set[int]] = {t: set() for t in candidates}  # block bounds
@@ -1134,13 +1133,13 @@ def _gate_major(forward: list, backward: list, model: Model
                 continue
             width = math.gcd(*bounds) if bounds else 0
             found[target] = (widths[target], width)
-        # a whole read passes on its reader's gate width
+        # an array and the one whose value it is a term of are summed: one gate width
         for _ in candidates:
             for target in found:
-                for reader in whole_in[target]:
-                    if reader in found:
-                        found[target] = (found[target][0],
-                                         math.gcd(found[target][1], found[reader][1]))
+                for reader in whole_in[target] & found.keys():
+                    width = math.gcd(found[target][1], found[reader][1])
+                    found[target] = (found[target][0], width)
+                    found[reader] = (found[reader][0], width)
         found = {t: (size // width, width) for t, (size, width) in found.items()
                  if width and size % width == 0 and size // width > 1}
         if set(found) == candidates:
