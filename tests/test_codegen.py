@@ -494,6 +494,26 @@ def test_only_arrays_read_by_whole_gates_are_gate_major():
     assert _gate_major(forward, [narrow], model) == {zx: (3, 5), zh: (15, 1)}
 
 
+def test_gate_major_views_at_a_step_over_steps_and_in_either_layout():
+    # a gate's block of a gate-major (T, G, B, w) array: at step t of a loop, over the steps
+    # a statement reads (h_t z_{t-1}: steps 1.. and ..T-1), swapped into the batch's layout
+    printer = NumPyBatchPrinter()
+    printer.length = 4
+    zh, h = NetTensor("zh", 1, rank=2), NetTensor("h", 1, rank=2)
+    printer.gates = {zh: (3, 5)}
+    printer.time_major |= {zh, h}
+    product = Block(zh.at_step(-1), 10, 5) * h.at_step(0)
+    views = {zh.at_step(-1), h.at_step(0)}
+    with printer.steps(views, layout="time"):
+        assert printer.doprint(product) == "H1_steps[1:]*Zh1_steps[:3, 2]"
+    with printer.steps(views, layout="batch"):
+        assert printer.doprint(product) == \
+            "H1_steps[1:].swapaxes(0, 1)*Zh1_steps[:3, 2].swapaxes(0, 1)"
+    with printer.steps(None, loop=True):
+        assert printer.doprint(Block(zh.at_step(-1), 0, 10) + Block(zh.at_step(0), 5, 5)) == \
+            "Zh1_steps[t - 1, 0:2] + Zh1_steps[t, 1]"
+
+
 def test_an_array_and_a_term_of_its_value_have_one_gate_width():
     # an LSTM's z_t = Wh h_{t-1} + (Wx x_t + b), the second hoisted: read by blocks of two
     # gates (z_t) and of one (the hoisted part), both are stored with the gates of one width

@@ -818,7 +818,7 @@ class NumPyBatchPrinter(NumPyPrinter):
             first, stop = (n + expr.step for n in self._time)
             at = f"{first or ''}:{'' if stop == self.length else stop}"
         view = f"{name}[{at}, {gates}]" if gates else name if at == ":" else f"{name}[{at}]"
-        if at.endswith(":") and self._layout != "time" and expr.step is not None:
+        if ":" in at and self._layout != "time" and expr.step is not None:
             if gates is None or ":" in gates:   # (nothing reads several gates in (B, T, ...))
                 raise ValueError(f"{name}: several gates of every step read batch-major")
             return f"{view}.swapaxes(0, 1)"
