@@ -797,7 +797,7 @@ class NumPyBatchPrinter(NumPyPrinter):
     def repeated_bias(self, bias: NetTensor) -> str:
         """A bias vector of a gate-major array (``stacking``) as one (G, B, w) array, a row per
         gate and sample: added to a step, or to every step, it broadcasts over the leading
-        axes only (a (G, 1, w) view broadcast over the samples is added 64 numbers at a time,
+        axes only (a (G, 1, w) view broadcast over the samples is added w numbers at a time,
         1.8-2x slower)."""
         gates, width = self.stacking
         return f"np.repeat({self.name(bias)}.reshape({gates}, 1, {width}), {self.batch_size}, axis=1)"
