@@ -462,19 +462,27 @@ def test_stacked_gates_are_stored_gate_major(op):
         body = text.split(f"def {function}(")[1].split("\ndef ")[0]
         reads = re.findall(r"(\w*Z\w*)(?:\[[^\]]*\])*\[\.\.\., \d+:\d+\]", body)
         assert not [name for name in reads if not name.startswith("dC_d")], reads
-    gates = {"rnn": 1, "lstm": 4, "gru": 3}[op]
+    model = build_model(load_spec({"name": f"{op}_net", "input": {"size": 3, "length": 4},
+                                   "layers": [{"op": op, "size": 5}, {"size": 2}],
+                                   "loss": "mse"}))
+    shapes = {p.key: p.shape for p in model.parameters}
+    gates = shapes["Wh1"][0] // 5      # the op's stacked gates, as its registry entry has them
+    forward = text.split("def forward(")[1].split("\ndef ")[0]
     if gates > 1:
-        assert f"_dot_gates(X.swapaxes(0, 1), Wx1, {gates})" in text
-        assert "np.matmul(H1_steps[t - 1], Wh1_G)" in text
+        assert f"_dot_gates(X.swapaxes(0, 1), Wx1, {gates})" in forward
+        assert "np.matmul(H1_steps[t - 1], Wh1_G)" in forward
         assert f"Wh1_G = np.ascontiguousarray(Wh1.reshape({gates}, 5, -1).transpose(0, 2, 1))" \
-            in text
-    if op == "gru":     # the hidden pre-activation, kept for the backward pass, (T, G, B, w)
-        # its bias a (G, B, w) array made before the loop, added contiguous at each step
-        assert "bh1_G = np.repeat(bh1.reshape(3, 1, 5), X.shape[0], axis=1)" in text
+            in forward
+        # every bias of the layer added as a (G, B, w) array, made once, never broadcast
+        for key in (k for k, shape in shapes.items() if k.endswith("1") and len(shape) == 1):
+            repeated = f"np.repeat({key}.reshape({gates}, 1, 5), X.shape[0], axis=1)"
+            assert repeated in forward
+            assert forward.count(f"{key}.reshape(") == forward.count(repeated)
+            assert not re.search(rf"[-+*/=] {key}\b(?!\.)", forward)
+    if "Zh1_steps" in forward:  # a hidden pre-activation kept for the backward pass
         assert re.search(IN_LOOP + r"np\.add\(.*, bh1_G, out=Zh1_steps\[t\]\)$", text,
                          re.MULTILINE)
-        assert "Zx1_steps += np.repeat(bx1.reshape(3, 1, 5), X.shape[0], axis=1)" in text
-        assert "Zh1_steps = np.empty((4, 3, X.shape[0], 5), dtype=X.dtype)" in text
+        assert f"Zh1_steps = np.empty((4, {gates}, X.shape[0], 5), dtype=X.dtype)" in text
         assert "Zh1_steps[:, 2]" in text.split("def backward(")[1]
 
 

@@ -549,13 +549,11 @@ class _LoopCode:
                          if isinstance(term, NetTensor) and term.is_parameter},
                         key=sp.default_sort_key)
         for number, (bias, target) in enumerate(biases):
-            printer.stacking = printer.gates[target]
             name = printer.gate_biases[bias] = f"{printer.name(bias)}_G"
-            out.append(Statement(name, printer.repeated_bias(bias),
+            out.append(Statement(name, printer.repeated_bias(bias, printer.gates[target]),
                                  "the bias a loop adds, a row per gate and sample: it adds "
                                  "faster than one broadcast over the samples" if number == 0
                                  else ""))
-            printer.stacking = None
         steps = f"range({self.length})" if self.forward else f"range({self.length - 1}, -1, -1)"
         start = len(out)
         printer.overflows = False
@@ -1096,8 +1094,9 @@ def _gate_major(forward: list, backward: list, model: Model
         return isinstance(term, NetTensor) and (term.is_parameter and term.rank == 1
                                                 or not term.is_parameter)
 
+    shapes = {p.tensor: p.shape for p in model.parameters}
+
     def rows(expr: sp.Expr) -> int | None:
-        shapes = {p.tensor: p.shape for p in model.parameters}
         for term in sp.Add.make_args(expr):
             for tensor in term.atoms(NetTensor):
                 if tensor.is_parameter and tensor in shapes:

@@ -772,7 +772,7 @@ class NumPyBatchPrinter(NumPyPrinter):
         if self.stacking is not None and expr.is_parameter and expr.rank == 1:
             if self._time == "loop":
                 return self.gate_biases[expr]
-            return self.repeated_bias(expr)
+            return self.repeated_bias(expr, self.stacking)
         name = self.name(expr)
         if expr.step is None:       # a whole sequence (attention) reads (B, T, n)
             return f"{name}.swapaxes(0, 1)" if self.whole and expr in self.time_major else name
@@ -794,12 +794,12 @@ class NumPyBatchPrinter(NumPyPrinter):
             return f"{name}.swapaxes(0, 1)"
         return name
 
-    def repeated_bias(self, bias: NetTensor) -> str:
-        """A bias vector of a gate-major array (``stacking``) as one (G, B, w) array, a row per
-        gate and sample: added to a step, or to every step, it broadcasts over the leading
-        axes only (a (G, 1, w) view broadcast over the samples is added w numbers at a time,
-        1.8-2x slower)."""
-        gates, width = self.stacking
+    def repeated_bias(self, bias: NetTensor, stacking: tuple[int, int]) -> str:
+        """A bias vector of a gate-major array of (G, w) ``stacking`` as one (G, B, w) array, a
+        row per gate and sample: added to a step, or to every step, it broadcasts over the
+        leading axes only (a (G, 1, w) view broadcast over the samples is added w numbers at a
+        time, 1.8-2x slower)."""
+        gates, width = stacking
         return f"np.repeat({self.name(bias)}.reshape({gates}, 1, {width}), {self.batch_size}, axis=1)"
 
     def _gate_view(self, expr: NetTensor, gates: str | None) -> str:
