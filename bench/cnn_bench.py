@@ -43,6 +43,8 @@ Usage (from the repository root):
     python bench/cnn_bench.py            # about 2 minutes on 2 quiet cores
     python bench/cnn_bench.py --quick    # fewer repetitions, one malloc setting (~30 s)
     python bench/cnn_bench.py --threads 1   # one thread on each side
+    python bench/cnn_bench.py --threads 1 --memory-load 200   # beside a process streaming
+                                         # over 200 MiB: a busy neighbour on the memory bus
     python bench/cnn_bench.py --idioms   # the NumPy idioms (~1 minute)
 """
 
@@ -70,6 +72,7 @@ from bench.train_step import (
     interleaved,
     load_average,
     median_times,
+    memory_load,
     ratio,
     thread_environment,
     timed_alone,
@@ -373,20 +376,25 @@ def bench(args: argparse.Namespace) -> int:
     report = []
     for label, env in environments:
         load_before = load_average()
-        torch = run_worker("torch", args.quick, env)       # first: it holds the autograd check
-        numpy = run_worker("numpy", args.quick, env)
+        with memory_load(args.memory_load):
+            torch = run_worker("torch", args.quick, env)   # first: it holds the autograd check
+            numpy = run_worker("numpy", args.quick, env)
+            alone = (run_worker("alone", args.quick, env)
+                     if "error" not in numpy
+                     and any(generated_path(name).is_file() for name in CONFIGS) else {})
         if "error" in numpy:
             print(f"NumPy side failed: {numpy['error']}")
             return 1
         if not print_checks(numpy, torch):
             print("a start-up check failed: nothing timed")
             return 1
-        alone = (run_worker("alone", args.quick, env)
-                 if any(generated_path(name).is_file() for name in CONFIGS) else {})
         print(f"\n## {label}\n")
         print(f"NumPy {numpy['numpy']}, BLAS: {numpy['blas']}; {os.cpu_count()} CPUs; the "
               f"NumPy steps interleaved in one process; load average before {load_before}, "
               f"after {load_average()}")
+        if args.memory_load:
+            print(f"every side timed while another process streams over {args.memory_load} "
+                  "MiB (--memory-load)")
         if "error" in torch:
             print(f"PyTorch eager: not measured ({torch['error']})")
         else:
@@ -673,6 +681,9 @@ def main() -> int:
     parser.add_argument("--default-malloc-only", action="store_true",
                         help="skip the second run with tuned glibc malloc settings")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--memory-load", type=int, metavar="MIB",
+                        help="time every side while another process streams over MIB MiB "
+                             "(a busy neighbour on the memory bus; with --threads 1 on 2 cores)")
     parser.add_argument("--generated-dir", metavar="DIR", type=Path,
                         default=ROOT / "generated",
                         help="folder of digits_cnn_net.py and lenet_net.py (default: "

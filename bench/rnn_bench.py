@@ -57,6 +57,8 @@ Usage (from the repository root):
     python bench/rnn_bench.py            # about 2.5 minutes on 2 cores (4 on a busy machine)
     python bench/rnn_bench.py --quick    # fewer repetitions, one malloc setting (~35 s)
     python bench/rnn_bench.py --threads 1   # one thread on each side
+    python bench/rnn_bench.py --threads 1 --memory-load 200   # beside a process streaming
+                                         # over 200 MiB: a busy neighbour on the memory bus
     python bench/rnn_bench.py --idioms   # the NumPy idioms (~25 s)
 """
 
@@ -85,6 +87,7 @@ from bench.train_step import (
     interleaved,
     load_average,
     median_times,
+    memory_load,
     ms,
     ratio,
     reason,
@@ -375,8 +378,13 @@ def bench(args: argparse.Namespace) -> int:
     report, status = [], 0
     for label, env in environments:
         load_before = load_average()
-        torch = run_worker("torch", args.quick, env)       # first: it holds the autograd check
-        numpy = run_worker("numpy", args.quick, env)
+        with memory_load(args.memory_load):
+            torch = run_worker("torch", args.quick, env)   # first: it holds the autograd check
+            numpy = run_worker("numpy", args.quick, env)
+            timed = sorted({row["config"] for row in numpy.get("results", [])
+                            if row["generated_us"] is not None}, key=list(CONFIGS).index)
+            alone = run_worker("alone", args.quick, env, ["--networks", ",".join(timed)]) \
+                if timed else {}
         if "error" in numpy:
             print(f"NumPy side failed: {numpy['error']}")
             return 1
@@ -385,16 +393,15 @@ def bench(args: argparse.Namespace) -> int:
             print("the hand-written code disagrees with PyTorch: nothing timed")
             return 1
         status = status or (0 if all_ok else 1)
-        timed = sorted({row["config"] for row in numpy["results"]
-                        if row["generated_us"] is not None}, key=list(CONFIGS).index)
-        alone = run_worker("alone", args.quick, env, ["--networks", ",".join(timed)]) \
-            if timed else {}
         if "error" in alone:
             print(f"generated alone: not measured ({alone['error']})")
         print(f"\n## {label}\n")
         print(f"NumPy {numpy['numpy']}, BLAS: {numpy['blas']}; {os.cpu_count()} CPUs; the "
               f"NumPy steps interleaved in one process; load average before {load_before}, "
               f"after {load_average()}")
+        if args.memory_load:
+            print(f"every side timed while another process streams over {args.memory_load} "
+                  "MiB (--memory-load)")
         if "error" in torch:
             print(f"PyTorch eager: not measured ({torch['error']})")
         else:
@@ -591,6 +598,9 @@ def main() -> int:
     parser.add_argument("--default-malloc-only", action="store_true",
                         help="skip the second run with tuned glibc malloc settings")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--memory-load", type=int, metavar="MIB",
+                        help="time every side while another process streams over MIB MiB "
+                             "(a busy neighbour on the memory bus; with --threads 1 on 2 cores)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="BLAS threads of the NumPy processes and intra-op threads of "
                              "PyTorch (default: all CPUs this process may use)")

@@ -27,6 +27,7 @@ repository root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -329,6 +330,30 @@ def worker_payload(command: list[str], env: dict[str, str]) -> dict:
         lines = result.stderr.strip().splitlines()
         return {"error": lines[-1] if lines else "failed"}
     return json.loads(result.stdout)
+
+
+#: the streaming loop of memory_load's process: argv[1] MiB of float64, added to forever
+_STREAM = ("import sys, numpy as np\n"
+           "a = np.ones(int(sys.argv[1]) * 131072)\n"
+           "while True:\n    a += 1.0\n")
+
+
+@contextlib.contextmanager
+def memory_load(mebibytes: int | None):
+    """Inside: another process streams over ``mebibytes`` MiB (reading and writing all of it,
+    over and over, one thread), so that the timed steps share the memory bus and the last-level
+    cache with it, as with a busy neighbour on a shared machine; None or 0: nothing."""
+    if not mebibytes:
+        yield
+        return
+    process = subprocess.Popen([sys.executable, "-c", _STREAM, str(mebibytes)],
+                               env={**os.environ, **thread_environment(1)})
+    try:
+        time.sleep(1.0)                 # its array allocated and being streamed over
+        yield
+    finally:
+        process.kill()
+        process.wait()
 
 
 def load_average() -> str:

@@ -194,20 +194,9 @@ def backward(params, cache, Y):
     dW2 = delta2_steps.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2_steps.sum(axis=0)
-    # the part of ∂C/∂G¹ from outside the loop below, for every step at once
-    dC_dG1_in_steps = 1 - U1_steps
-    # the part of ∂C/∂R¹ from outside the loop below, for every step at once
-    dC_dR1_in_steps = G1_steps**2
-    np.subtract(1, dC_dR1_in_steps, out=dC_dR1_in_steps)
-    # another part of ∂C/∂R¹ from outside the loop below, for every step at once
-    dC_dR1_in2_steps = dC_dR1_in_steps*Zh1_steps[:, 2]
     # the part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
     dC_dZh1_in_steps = 1 - R1_steps
     dC_dZh1_in_steps *= R1_steps
-    # another part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
-    dC_dZh1_in2_steps = dC_dG1_in_steps*U1_steps
-    # another part of ∂C/∂Zₕ¹ from outside the loop below, for every step at once
-    dC_dZh1_in3_steps = dC_dR1_in_steps*R1_steps
     # filled one time step at a time in the loop below, step-major: each step one contiguous block
     delta1_steps = np.empty((16, B, 16), dtype=Y.dtype)
     dC_dZh1_steps = np.empty((16, B, 48), dtype=Y.dtype)
@@ -217,18 +206,26 @@ def backward(params, cache, Y):
         # Δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
         np.add((delta2_steps @ W2 if t == 15 else 0), (dC_dZh1_steps[t + 1] @ Wh1 if t <= 14 else 0), out=delta1_steps[t])
         delta1_steps[t] += (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
+        # read by more than one statement of this step: computed once
+        common1 = 1 - U1_steps[t]
         # ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
-        dC_dG1 = delta1_steps[t]*dC_dG1_in_steps[t]
+        dC_dG1 = delta1_steps[t]*common1
         # ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
         dC_dU1 = delta1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t])
+        # read by more than one statement of this step: computed once
+        common2 = dC_dG1*(1 - G1_steps[t]**2)
         # ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
-        dC_dR1 = dC_dG1*dC_dR1_in2_steps[t]
+        dC_dR1 = common2*Zh1_steps[t, 2]
+        # read by more than one statement of this step: computed once
+        common3 = dC_dR1*dC_dZh1_in_steps[t]
+        # read by more than one statement of this step: computed once
+        common4 = dC_dU1*common1*U1_steps[t]
         # ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
-        dC_dZh1_steps[t][..., 0:16] = dC_dR1*dC_dZh1_in_steps[t]
-        dC_dZh1_steps[t][..., 16:32] = dC_dU1*dC_dZh1_in2_steps[t]
-        dC_dZh1_steps[t][..., 32:48] = dC_dG1*dC_dZh1_in3_steps[t]
+        dC_dZh1_steps[t][..., 0:16] = common3
+        dC_dZh1_steps[t][..., 16:32] = common4
+        dC_dZh1_steps[t][..., 32:48] = common2*R1_steps[t]
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
-        dC_dZx1_steps[t][..., 32:48] = dC_dG1*dC_dR1_in_steps[t]
+        dC_dZx1_steps[t][..., 32:48] = common2
     # blocks equal to blocks of another array at every step, copied after the loop for all the steps at once
     dC_dZx1_steps[..., 0:32] = dC_dZh1_steps[..., 0:32]
     # ∂C/∂Wₓ¹ = Σₜ ∇_zₓ¹ₜ C (a⁰ₜ)ᵀ, summed over the rows

@@ -28,6 +28,7 @@ from derive.render.codegen import (
     COSTLY,
     _Assign,
     _cheapest,
+    _common_subexpressions,
     _forward_assignments,
     _gate_major,
     _inlined,
@@ -483,7 +484,7 @@ def test_stacked_gates_are_stored_gate_major(op):
         assert re.search(IN_LOOP + r"np\.add\(.*, bh1_G, out=Zh1_steps\[t\]\)$", text,
                          re.MULTILINE)
         assert f"Zh1_steps = np.empty((4, {gates}, X.shape[0], 5), dtype=X.dtype)" in text
-        assert "Zh1_steps[:, 2]" in text.split("def backward(")[1]
+        assert re.search(r"Zh1_steps\[(t|:), 2\]", text.split("def backward(")[1])
 
 
 def test_only_arrays_read_by_whole_gates_are_gate_major():
@@ -616,17 +617,42 @@ def test_a_loop_statement_takes_the_form_with_the_fewest_operations():
     assert _cheapest(n_t * u_t + guard * h_before) == n_t * u_t + guard * h_before
 
 
-def test_hoisted_parts_read_a_sum_they_share_from_one_array():
-    # a GRU's 1 - n_t², read by three parts, and 1 - u_t, by two: each computed once
+def test_hoisted_parts_that_share_a_sum_stay_in_the_loop():
+    # a GRU's 1 - n_t², read by three parts, and 1 - u_t, by two: no array of every step for
+    # them or their products; the loop computes each once per step (_common_subexpressions)
     g, r, u, z = (NetTensor(role, 1, rank=2).at_step(0) for role in ("a", "b", "u", "z"))
     parts = [(1 - g**2) * z, r * (1 - g**2), 1 - g**2, u * (1 - u), 1 - u, r * (1 - r)]
-    assert _shared_sums(parts) == [1 - u, 1 - g**2]
+    assert _shared_sums(parts) == {1 - u, 1 - g**2}
     # (each hoisted array is made by its first line, the rest in place: no two start alike)
     for text in _recurrent_sources():
         values = re.findall(r"^    \w+_in\d*_steps = (.+)$", text, re.MULTILINE)
         assert len(values) == len(set(values)), values
     backward = _recurrent_source("gru").split("def backward(")[1]
-    assert backward.count("G1_steps**2") == 1 and backward.count("1 - U1_steps") == 1
+    before = backward.split("for t in range(")[0]
+    assert "G1_steps**2" not in before and "- U1_steps" not in before
+    loop = backward.split("for t in range(")[1]
+    assert loop.count("G1_steps[t]**2") == 1 and loop.count("1 - U1_steps[t]") == 1
+
+
+def test_a_loop_computes_what_its_statements_share_once_per_step():
+    # δ_t ⊙ (1 - g_t²), read by two statements: once, into an array of its own, after δ_t's
+    # statement and before its first reader; what reads another step, or sits under a
+    # step's guard, is left where it is
+    delta, a, b, c, g, h = (NetTensor(role, 1, rank=2) for role in
+                            ("delta", "a", "b", "u", "z", "h"))
+    d, g_t, h_before = delta.at_step(0), g.at_step(0), h.at_step(-1)
+    shared = d * (1 - g_t**2)
+    body = [_Assign(delta, 2 * g_t, "δ"), _Assign(a, shared * g_t, "a"),
+            _Assign(b, shared * h.at_step(0) + Guarded((h_before - g_t) * d, 2, LENGTH)),
+            _Assign(c, Guarded((h_before - g_t) * g_t, 2, LENGTH))]
+    out, made = _common_subexpressions(body)
+    (common,) = made
+    assert [x.target for x in out] == [delta, common, a, b, c]
+    assert out[1].expr == shared
+    assert out[2].expr == common.at_step(0) * g_t
+    assert out[3].expr == common.at_step(0) * h.at_step(0) + body[2].expr.args[1]
+    assert out[4] == body[3]
+    assert _common_subexpressions(body[:2]) == (body[:2], frozenset())
 
 
 def test_a_loop_copies_no_block_into_an_array_it_does_not_read():

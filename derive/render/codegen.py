@@ -947,18 +947,50 @@ def _inlined(assigns: list[_Assign], local: frozenset[NetTensor]) -> list[_Assig
             if a.comment and where.get(a.target) else a for a in out]
 
 
-def _shared_sums(parts: list[sp.Expr]) -> list[sp.Expr]:
-    """The sums that two or more of a loop's hoisted parts read (or are), inner ones first:
-    each is computed once, before the parts that read it."""
-    def sums(part: sp.Expr) -> set[sp.Expr]:
-        return {e for e in sp.preorder_traversal(part) if isinstance(e, sp.Add)}
+def _common_subexpressions(body: list[_Assign]) -> tuple[list[_Assign], frozenset[NetTensor]]:
+    """A loop's statements with each subexpression that two or more of them read (or one reads
+    twice) computed once per step, into a step's array of its own, before the first statement
+    that reads it (a GRU's 1 - n_t² and δ_t (1 - u_t) (1 - n_t²), read by three blocks of its
+    gates' errors); only those that read this step alone, outside any step's guard. Returns
+    (the statements, the new arrays)."""
+    exprs = [assign.expr for assign in body]
+    found, exprs = sp.cse(exprs, symbols=sp.numbered_symbols("_common"), order="none")
+    kept: dict[sp.Symbol, NetTensor] = {}
+    back: dict[sp.Symbol, sp.Expr] = {}
+    made: list[_Assign] = []
+    for symbol, value in found:
+        value = value.xreplace(back)
+        if value.has(Guarded, StepGuard, Concat) or not views(value) or any(
+                v.step for v in views(value)) or isinstance(-value, NetTensor):
+            back[symbol] = value.xreplace(kept)
+            continue
+        array = NetTensor("hoisted", rank=2, of=f"common{len(kept) + 1}")
+        kept[symbol] = array.at_step(0)
+        made.append(_Assign(array, value.xreplace(kept), "read by more than one statement of "
+                            "this step: computed once"))
+    exprs = [e.xreplace(back).xreplace(kept) for e in exprs]
+    out: list[_Assign] = []
+    placed: set[NetTensor] = set()
+    for assign, expr in zip(body, exprs):
+        for common in made:
+            if common.target not in placed and expr.has(common.target.at_step(0)):
+                for needed in made:     # with the arrays it reads, in the order made
+                    if needed.target not in placed and (needed is common or common.expr.has(
+                            needed.target.at_step(0))):
+                        out.append(needed)
+                        placed.add(needed.target)
+        out.append(_Assign(assign.target, expr, assign.comment))
+    return out, frozenset(placed)
 
+
+def _shared_sums(parts: list[sp.Expr]) -> set[sp.Expr]:
+    """The sums that two or more of a loop's parts to hoist read (or are): the parts that read
+    one stay in the loop (_timed)."""
     counts: dict[sp.Expr, int] = {}
     for part in dict.fromkeys(parts):
-        for found in sums(part):
+        for found in {e for e in sp.preorder_traversal(part) if isinstance(e, sp.Add)}:
             counts[found] = counts.get(found, 0) + 1
-    return sorted((e for e, count in counts.items() if count > 1),
-                  key=lambda e: (operations(e), sp.default_sort_key(e)))
+    return {e for e, count in counts.items() if count > 1}
 
 
 def _cheapest(expr: sp.Expr) -> sp.Expr:
@@ -1040,29 +1072,30 @@ def _timed(assigns: list[_Assign], model: Model, forward: bool,
         hoists = [hoisted(_cheapest(assign.expr), set(targets)) for assign in assigns]
         shared = _shared_sums([part for _, found in hoists for _, part in found])
         for assign, (expr, found) in zip(assigns, hoists):
-            def outside(n: int, target: NetTensor = assign.target) -> NetTensor:
-                return NetTensor("hoisted", of=f"{batch_name(target)}_in{n + 1 if n else ''}",
-                                 rank=2)
             made = 0
             for placeholder, part in found:
-                # a sum that several parts read first, into an array of its own (a GRU's
-                # 1 - n_t², read by three), then the part, reading it from there
                 inside = set(sp.preorder_traversal(part))
-                for piece in [*(p for p in shared if p in inside and p not in parts), part]:
-                    if piece in parts:  # computed before the loop for another statement
-                        continue
-                    value = piece.xreplace(parts)
-                    out.append(_Assign(outside(made), value, f"{'another' if made else 'the'} "
-                                       f"part of {pretty(assign.target)} from outside the "
-                                       "loop below, for every step at once"))
-                    parts[piece] = outside(made).at_step(0)
+                if any(piece in inside for piece in shared):
+                    # a part reading a sum that another part reads too (a GRU's 1 - u_t and
+                    # 1 - n_t²) stays in the loop: each step computes the sum once (below),
+                    # on blocks still in cache, rather than reading several arrays of every
+                    # step that hold its products (docs/architecture.md, "Sequences")
+                    expr = expr.xreplace({placeholder: part})
+                    continue
+                if part not in parts:       # not computed before the loop for another one
+                    array = NetTensor("hoisted", rank=2, of=f"{batch_name(assign.target)}_in"
+                                      f"{made + 1 if made else ''}")
+                    out.append(_Assign(array, part, f"{'another' if made else 'the'} part of "
+                                       f"{pretty(assign.target)} from outside the loop below, "
+                                       "for every step at once"))
+                    parts[part] = array.at_step(0)
                     made += 1
                 expr = expr.xreplace({placeholder: parts[part]})
             exprs.append(expr)
-        # a hoisted part that another statement of the loop reads too (a GRU's 1 - n_t²) is
-        # read there from the hoisted array, not computed again at each step
-        body = [_Assign(assign.target, guarded(expr.xreplace(parts)), assign.comment)
-                for assign, expr in zip(assigns, exprs)]
+        body, common = _common_subexpressions(
+            [_Assign(assign.target, guarded(expr.xreplace(parts)), assign.comment)
+             for assign, expr in zip(assigns, exprs)])
+        local |= common
         length = model.spec.length
         arrays = tuple(t for t in targets if t not in local)
         out.append(_LoopCode(arrays, tuple((length, _feature_width(model, kept.get(t, t)))
