@@ -65,10 +65,11 @@ def _softmax_logsumexp(x):
 
 def _check_input(X, masks=None):
     """ValueError unless X holds samples of INPUT_SHAPE, one per row, and each mask
-    one row of its layer's width per sample."""
-    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE):
+    one row of its layer's width per sample; B at least 1 (a loss is a mean over the
+    samples)."""
+    if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE) or len(X) == 0:
         raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
-                         f"(B samples of INPUT_SHAPE), got {X.shape}")
+                         f"(B ≥ 1 samples of INPUT_SHAPE), got {X.shape}")
     for name, shape in DROPOUT_SHAPES.items():
         if masks is not None and np.shape(masks[name]) != (len(X), *shape):
             raise ValueError(f"masks[{name!r}] must have shape {(len(X), *shape)} "

@@ -908,6 +908,22 @@ def test_wrong_shapes_raise_a_value_error_naming_expected_and_given():
     assert module.gradients(params, X, Y)[0] >= 0      # the right shapes still work
 
 
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_an_empty_batch_raises_a_value_error_from_every_entry_point(name):
+    # the loss is a mean over the samples: none is one clear error, not a ZeroDivisionError
+    # (or, through a convolution's reshape, a NumPy error about the wrong shape)
+    _, module = example(name)
+    params = module.init_params()
+    X = np.zeros((0, *module.INPUT_SHAPE))
+    Y = np.zeros((0, *module.OUTPUT_SHAPE))
+    calls = {"forward": lambda: module.forward(params, X), "loss": lambda: module.loss(
+        params, X, Y), "gradients": lambda: module.gradients(params, X, Y),
+        "train": lambda: module.train(params, X, Y, epochs=1, lr=0.1)}
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"\(B ≥ 1 samples of INPUT_SHAPE\), got \(0, "):
+            call()
+
+
 def test_wrong_dropout_mask_shapes_raise_a_value_error():
     spec = load_spec({"name": "drop", "input": 3, "layers": [
         {"size": 4, "activation": "relu"}, {"op": "dropout", "rate": 0.5},
