@@ -149,8 +149,8 @@ def _max_unpool(delta, x, largest, kernel, stride):
 
 
 def _check_input(X):
-    """ValueError unless X holds samples of INPUT_SHAPE, one per row; B at least 1 (a loss is a mean over the
-    samples)."""
+    """ValueError unless X holds B ≥ 1 samples of INPUT_SHAPE, one per row (a loss is a mean
+    over the samples)."""
     if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE) or len(X) == 0:
         raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
                          f"(B ≥ 1 samples of INPUT_SHAPE), got {X.shape}")

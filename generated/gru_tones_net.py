@@ -97,8 +97,8 @@ def _softmax_logsumexp(x):
 
 
 def _check_input(X):
-    """ValueError unless X holds samples of INPUT_SHAPE, one per row; B at least 1 (a loss is a mean over the
-    samples)."""
+    """ValueError unless X holds B ≥ 1 samples of INPUT_SHAPE, one per row (a loss is a mean
+    over the samples)."""
     if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE) or len(X) == 0:
         raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
                          f"(B ≥ 1 samples of INPUT_SHAPE), got {X.shape}")
@@ -149,10 +149,8 @@ def forward(params, X):
         # one time step at a time, t from 0 forward
         for t in range(16):
             np.add((np.matmul(H1_steps[t - 1], Wh1_G) if t >= 1 else 0), bh1_G, out=Zh1_steps[t])
-            # R¹ and U¹ in one call: the same function of blocks of the same arrays
-            R1_U1 = _sigmoid(Zh1_steps[t, 0:2] + Zx1_steps[t, 0:2])
-            R1_steps[t] = R1_U1[0]
-            U1_steps[t] = R1_U1[1]
+            _sigmoid(Zh1_steps[t, 0] + Zx1_steps[t, 0], out=R1_steps[t])
+            _sigmoid(Zh1_steps[t, 1] + Zx1_steps[t, 1], out=U1_steps[t])
             np.tanh(R1_steps[t]*Zh1_steps[t, 2] + Zx1_steps[t, 2], out=G1_steps[t])
             np.add(G1_steps[t], U1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t]), out=H1_steps[t])
     A1 = H1_steps[-1]

@@ -88,8 +88,8 @@ def _dot_steps(u, v):
 
 
 def _check_input(X):
-    """ValueError unless X holds samples of INPUT_SHAPE, one per row; B at least 1 (a loss is a mean over the
-    samples)."""
+    """ValueError unless X holds B ≥ 1 samples of INPUT_SHAPE, one per row (a loss is a mean
+    over the samples)."""
     if X.shape[1:] != INPUT_SHAPE or X.ndim != 1 + len(INPUT_SHAPE) or len(X) == 0:
         raise ValueError(f"X must have shape (B, {', '.join(map(str, INPUT_SHAPE))}) "
                          f"(B ≥ 1 samples of INPUT_SHAPE), got {X.shape}")
@@ -141,12 +141,10 @@ def forward(params, X):
         # one time step at a time, t from 0 forward
         for t in range(20):
             Z1 = (np.matmul(H1_steps[t - 1], Wh1_G) if t >= 1 else 0) + Z1_in_steps[t]
-            # I¹, F¹ and O¹ in one call: the same function of blocks of the same arrays
-            I1_F1_O1 = _sigmoid(Z1)
-            I1_steps[t] = I1_F1_O1[0]
-            F1_steps[t] = I1_F1_O1[1]
-            O1_steps[t] = I1_F1_O1[3]
+            _sigmoid(Z1[0], out=I1_steps[t])
+            _sigmoid(Z1[1], out=F1_steps[t])
             np.tanh(Z1[2], out=G1_steps[t])
+            _sigmoid(Z1[3], out=O1_steps[t])
             np.add(G1_steps[t]*I1_steps[t], (C1_steps[t - 1]*F1_steps[t] if t >= 1 else 0), out=C1_steps[t])
             # tanh(c¹ₜ), kept for the backward pass
             np.tanh(C1_steps[t], out=tanh_C1_steps[t])

@@ -436,22 +436,19 @@ def test_a_loop_multiplies_by_contiguous_matrices():
 LOOP_CALL = re.compile(IN_LOOP + r"(?:(\w+) = )?(np\.\w+|_sigmoid)\((.*?)(?:, out=\w+\[t\])?\)$")
 
 
-def test_a_loop_makes_one_call_of_a_function_of_blocks_of_the_same_arrays():
-    # I1_F1_O1 = _sigmoid(Z1) for the gates 0, 1 and 3, not one call each
-    blocks = re.compile(r"\[(\.\.\., (\d+):(\d+)|(t, )?\d+(:\d+)?)\]")
+def test_a_loop_calls_a_function_of_gate_major_blocks_once_per_gate_into_its_array():
+    # _sigmoid(Z1[0], out=I1_steps[t]) for each of an LSTM's gates i, f and o: no call over
+    # the span of their blocks (σ of all four, the g gate's unread) whose result each gate is
+    # copied out of; a GRU's reset and update gates alike (_joins)
     for text in _recurrent_sources():
-        for function in ("forward", "backward"):
-            body = text.split(f"def {function}(")[1].split("\ndef ")[0]
-            calls = [(call.group(2), blocks.sub("", call.group(3)))
-                     for call in map(LOOP_CALL.match, body.splitlines())
-                     if call and blocks.search(call.group(3))]
-            assert len(calls) == len(set(calls)), calls
-    for op, joint, part in (
-            ("lstm", "I1_F1_O1 = _sigmoid(Z1)", "O1_steps[t] = I1_F1_O1[3]"),
-            ("gru", "R1_U1 = _sigmoid(Zh1_steps[t, 0:2] + Zx1_steps[t, 0:2])",
-             "U1_steps[t] = R1_U1[1]")):
-        text = _recurrent_source(op)
-        assert joint in text and part in text
+        assert not re.search(IN_LOOP + r"\w+_steps\[t\] = \w+\[", text, re.MULTILINE)
+    lstm, gru = _recurrent_source("lstm"), _recurrent_source("gru")
+    for gate, block in (("I1", 0), ("F1", 1), ("O1", 3)):
+        assert re.search(IN_LOOP + rf"_sigmoid\(Z1\[{block}\], out={gate}_steps\[t\]\)$", lstm,
+                         re.MULTILINE)
+    for gate, block in (("R1", 0), ("U1", 1)):
+        assert re.search(IN_LOOP + rf"_sigmoid\(Zh1_steps\[t, {block}\] \+ Zx1_steps\[t, "
+                         rf"{block}\], out={gate}_steps\[t\]\)$", gru, re.MULTILINE)
 
 
 @pytest.mark.parametrize("op", RECURRENT)

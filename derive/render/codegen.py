@@ -644,12 +644,11 @@ def _quiet(statements: list[Statement], scope: str) -> list[Statement]:
 def _joint_calls(body: tuple[_Assign, ...], printer: NumPyBatchPrinter
                  ) -> list[list[_Assign]]:
     """The loop's statements in runs: statements that apply the same function of one argument
-    to blocks of the same arrays at different places (an LSTM's input, forget and output
-    gates, σ of the first, second and fourth quarter of z_t; a GRU's reset and update gates)
+    to blocks of the same arrays at different places, other than gate-major ones (_joins),
     form one run, which one call over the span of their blocks computes where the first of
     them was (a later member reads only what the first reads, made before it), while the
-    members fill at least half of the span (the LSTM's σ of its third quarter is computed and
-    not read: one call costs less than two). Every other statement is a run of its own."""
+    members fill at least half of the span (a block computed and not read costs less than a
+    second call on strided blocks). Every other statement is a run of its own."""
     runs: list[list[_Assign]] = []
     for assign in body:
         run = next((run for run in runs if _joins(run, assign.expr, printer)), None)
@@ -690,9 +689,11 @@ def _joins(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> boo
     if found is None or mine is None or mine[1] != found[1]:
         return False
     blocks, size = found
-    gate_major = {_gate_width(block, printer) for block in blocks}
-    if len(gate_major) != 1 or gate_major.pop() not in (None, size):
-        return False    # (a gate-major block is (B, w) and a span of them (G, B, w))
+    if any(_gate_width(block, printer) for block in blocks):
+        # a gate-major block is a contiguous array: each member's call writes straight into
+        # its own array, where one call over the span would make a new array, copy each
+        # member's block out of it and, in an LSTM, compute σ of the g gate, which nothing reads
+        return False
     shift = int(mine[0][0].args[1]) - int(blocks[0].args[1])
     offsets = [*_offsets(run), shift]
     span = max(offsets) - min(offsets) + size
