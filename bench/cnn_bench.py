@@ -26,7 +26,9 @@ The method is that of bench/train_step.py (whose timing helpers it uses): the Nu
 interleaved in one process, in blocks whose order rotates, so machine noise hits them alike;
 PyTorch runs in its own process, because with torch loaded NumPy's BLAS threads compete with
 torch's; the generated step is also timed alone in a fresh process, as PyTorch is, and that
-number is the one compared with PyTorch. Each number is the median over many steps. The whole
+number is the one compared with PyTorch. Those two processes take turns, three times each (once
+with --quick; train_step.in_turns), so that the machine's drift over minutes hits both alike.
+Each number is the median over many steps (over the rounds, the median of their medians). The whole
 is run twice, with glibc's default malloc and with malloc settings that keep freed memory (a
 LeNet step allocates tens of MB; with the default settings much of it is returned to the OS
 and page-faulted back each step). The load average is printed: another busy process on the
@@ -56,6 +58,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +72,13 @@ from bench.train_step import (
     TUNED_MALLOC,
     blas_description,
     copy_params,
+    in_turns,
     interleaved,
     load_average,
     median_times,
     memory_load,
     ratio,
+    rounds,
     thread_environment,
     timed_alone,
     worker_payload,
@@ -210,7 +215,8 @@ def alone_payload(quick: bool) -> dict:
                 _, grads = module.gradients(p, X, Y)
                 module.sgd_step(p, grads, LR)
 
-            count, median = timed_alone(step, BUDGET[name][0 if quick else 1] / 2, quick)
+            count, median = timed_alone(
+                step, BUDGET[name][0 if quick else 1] / 2 / rounds(quick), quick)
             rows.append({"config": name, "dtype": dtype, "reps": count, "alone_us": median})
     return {"results": rows}
 
@@ -272,7 +278,8 @@ def torch_payload(quick: bool) -> dict:
                         p -= LR * p.grad
                         p.grad = None
 
-            count, median = timed_alone(step, BUDGET[name][0 if quick else 1] / 2, quick)
+            count, median = timed_alone(
+                step, BUDGET[name][0 if quick else 1] / 2 / rounds(quick), quick)
             results.append({"config": name, "dtype": dtype, "reps": count, "torch_us": median})
     info = {"version": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
@@ -377,11 +384,13 @@ def bench(args: argparse.Namespace) -> int:
     for label, env in environments:
         load_before = load_average()
         with memory_load(args.memory_load):
-            torch = run_worker("torch", args.quick, env)   # first: it holds the autograd check
             numpy = run_worker("numpy", args.quick, env)
-            alone = (run_worker("alone", args.quick, env)
-                     if "error" not in numpy
-                     and any(generated_path(name).is_file() for name in CONFIGS) else {})
+            # the two processes compared with each other take turns (in_turns)
+            alone, torch = in_turns(
+                partial(run_worker, "alone", args.quick, env)
+                if "error" not in numpy
+                and any(generated_path(name).is_file() for name in CONFIGS) else dict,
+                partial(run_worker, "torch", args.quick, env), args.quick)
         if "error" in numpy:
             print(f"NumPy side failed: {numpy['error']}")
             return 1

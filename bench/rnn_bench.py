@@ -39,8 +39,10 @@ The method is that of bench/cnn_bench.py and bench/train_step.py (whose timing h
 uses): the NumPy steps run interleaved in one process, in blocks whose order rotates, so
 machine noise hits them alike; PyTorch runs in its own process, because with torch loaded
 NumPy's BLAS threads compete with torch's; the generated step is also timed alone in a fresh
-process, as PyTorch is, and that number is the one compared with PyTorch. Each number is the
-median over many steps. The whole is run twice (once with --quick), with glibc's default malloc
+process, as PyTorch is, and that number is the one compared with PyTorch. Those two processes
+take turns, three times each (once with --quick; train_step.in_turns), so that the machine's
+drift over minutes (up to 30% between processes a minute apart) hits both alike. Each number
+is the median over many steps (over the rounds, the median of their medians). The whole is run twice (once with --quick), with glibc's default malloc
 and with malloc settings that keep freed memory (a step allocates a few MB of (T, ., B)
 arrays; with the default settings they are returned to the OS and page-faulted back every
 step, which on some virtual machines costs more than the arithmetic). The load average is
@@ -70,6 +72,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,7 @@ from bench.train_step import (
     TUNED_MALLOC,
     blas_description,
     copy_params,
+    in_turns,
     interleaved,
     load_average,
     median_times,
@@ -91,6 +95,7 @@ from bench.train_step import (
     ms,
     ratio,
     reason,
+    rounds,
     thread_environment,
     timed_alone,
     worker_payload,
@@ -235,7 +240,7 @@ def alone_payload(quick: bool, names: list[str]) -> dict:
         for dtype in DTYPES:
             params, X, Y = data(name, dtype)
             count, median = timed_alone(generated_step(module, params, X, Y),
-                                        BUDGET[0 if quick else 1] / 2, quick)
+                                        BUDGET[0 if quick else 1] / 2 / rounds(quick), quick)
             rows.append({"config": name, "dtype": dtype, "reps": count, "alone_us": median})
     return {"results": rows}
 
@@ -305,7 +310,8 @@ def torch_payload(quick: bool) -> dict:
                         p -= LR * p.grad
                         p.grad = None
 
-            count, median = timed_alone(step, BUDGET[0 if quick else 1] / 2, quick)
+            count, median = timed_alone(step, BUDGET[0 if quick else 1] / 2 / rounds(quick),
+                                        quick)
             results.append({"config": name, "dtype": dtype, "reps": count, "torch_us": median})
     info = {"version": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
@@ -379,12 +385,13 @@ def bench(args: argparse.Namespace) -> int:
     for label, env in environments:
         load_before = load_average()
         with memory_load(args.memory_load):
-            torch = run_worker("torch", args.quick, env)   # first: it holds the autograd check
             numpy = run_worker("numpy", args.quick, env)
             timed = sorted({row["config"] for row in numpy.get("results", [])
                             if row["generated_us"] is not None}, key=list(CONFIGS).index)
-            alone = run_worker("alone", args.quick, env, ["--networks", ",".join(timed)]) \
-                if timed else {}
+            # the two processes compared with each other take turns (in_turns)
+            alone, torch = in_turns(
+                partial(run_worker, "alone", args.quick, env, ["--networks", ",".join(timed)])
+                if timed else dict, partial(run_worker, "torch", args.quick, env), args.quick)
         if "error" in numpy:
             print(f"NumPy side failed: {numpy['error']}")
             return 1

@@ -332,6 +332,46 @@ def worker_payload(command: list[str], env: dict[str, str]) -> dict:
     return json.loads(result.stdout)
 
 
+#: rounds in which a bench's two sides timed each in a process of its own (the generated step
+#: alone, PyTorch) take turns: (quick, full); each round times its share of the budget
+ROUNDS = (1, 3)
+
+
+def rounds(quick: bool) -> int:
+    return ROUNDS[0 if quick else 1]
+
+
+def in_turns(first, second, quick: bool) -> tuple[dict, dict]:
+    """Run the workers ``first`` and ``second`` (callables returning a payload) in turns,
+    rounds(quick) times each, so that the machine's drift over minutes (up to 30% between
+    processes a minute apart) hits both alike: their payloads, each merged (merged_rounds)."""
+    firsts, seconds = [], []
+    for _ in range(rounds(quick)):
+        firsts.append(first())
+        seconds.append(second())
+    return merged_rounds(firsts), merged_rounds(seconds)
+
+
+def merged_rounds(payloads: list[dict]) -> dict:
+    """One worker's payloads from several rounds as one: each row's timings (``*_us``) the
+    median over the rounds, its repetitions summed; the rest as the first round has it, or
+    the first failed round's error."""
+    failed = next((payload for payload in payloads if "error" in payload), None)
+    if failed is not None:
+        return failed
+    groups: dict[tuple, list[dict]] = {}
+    for payload in payloads:
+        for row in payload.get("results", []):
+            groups.setdefault((row["config"], row["dtype"]), []).append(row)
+    merged = []
+    for group in groups.values():
+        row = {key: statistics.median(r[key] for r in group) if key.endswith("_us") else value
+               for key, value in group[0].items()}
+        row["reps"] = sum(r["reps"] for r in group)
+        merged.append(row)
+    return {**payloads[0], "results": merged}
+
+
 #: the streaming loop of memory_load's process: argv[1] MiB of float64, added to forever
 _STREAM = ("import sys, numpy as np\n"
            "a = np.ones(int(sys.argv[1]) * 131072)\n"
