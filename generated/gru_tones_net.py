@@ -215,13 +215,9 @@ def backward(params, cache, Y):
         common2 = dC_dG1*(1 - G1_steps[t]**2)
         # ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
         dC_dR1 = common2*Zh1_steps[t, 2]
-        # read by more than one statement of this step: computed once
-        common3 = dC_dR1*dC_dZh1_in_steps[t]
-        # read by more than one statement of this step: computed once
-        common4 = dC_dU1*common1*U1_steps[t]
         # ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
-        dC_dZh1_steps[t][..., 0:16] = common3
-        dC_dZh1_steps[t][..., 16:32] = common4
+        dC_dZh1_steps[t][..., 0:16] = dC_dR1*dC_dZh1_in_steps[t]
+        dC_dZh1_steps[t][..., 16:32] = dC_dU1*common1*U1_steps[t]
         dC_dZh1_steps[t][..., 32:48] = common2*R1_steps[t]
         # ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
         dC_dZx1_steps[t][..., 32:48] = common2

@@ -650,6 +650,12 @@ def test_a_loop_computes_what_its_statements_share_once_per_step():
     assert out[3].expr == common.at_step(0) * h.at_step(0) + body[2].expr.args[1]
     assert out[4] == body[3]
     assert _common_subexpressions(body[:2]) == (body[:2], frozenset())
+    # an array times a number (a GELU's z_t / 2) is left in place, and so is a whole block
+    # that two arrays of stacked gates share (written once, copied into the other)
+    block = d * g_t * h.at_step(0)
+    left = [_Assign(a, sp.erf(g_t / 2) * g_t / 2),
+            _Assign(b, Concat(block, d + g_t, 5)), _Assign(c, Concat(block, 2 * g_t, 5))]
+    assert _common_subexpressions(left) == (left, frozenset())
 
 
 def test_a_loop_copies_no_block_into_an_array_it_does_not_read():

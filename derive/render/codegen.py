@@ -952,17 +952,28 @@ def _common_subexpressions(body: list[_Assign]) -> tuple[list[_Assign], frozense
     """A loop's statements with each subexpression that two or more of them read (or one reads
     twice) computed once per step, into a step's array of its own, before the first statement
     that reads it (a GRU's 1 - n_t² and δ_t (1 - u_t) (1 - n_t²), read by three blocks of its
-    gates' errors); only those that read this step alone, outside any step's guard. Returns
-    (the statements, the new arrays)."""
+    gates' errors); only those that read this step alone, outside any step's guard, and are
+    more than an array times a number. A whole block of stacked gates that another array has
+    too is left where it is: the loop writes it once and copies it into the other (_LoopCode).
+    Returns (the statements, the new arrays)."""
     exprs = [assign.expr for assign in body]
     found, exprs = sp.cse(exprs, symbols=sp.numbered_symbols("_common"), order="none")
+    everything = [*exprs, *(value for _, value in found)]
+
+    def only_blocks(symbol: sp.Symbol) -> bool:
+        reads = sum(list(sp.preorder_traversal(e)).count(symbol) for e in everything)
+        blocks = sum(concat.args[:-1].count(symbol) for e in everything
+                     for concat in e.atoms(Concat))
+        return reads == blocks
+
     kept: dict[sp.Symbol, NetTensor] = {}
     back: dict[sp.Symbol, sp.Expr] = {}
     made: list[_Assign] = []
     for symbol, value in found:
         value = value.xreplace(back)
         if value.has(Guarded, StepGuard, Concat) or not views(value) or any(
-                v.step for v in views(value)) or isinstance(-value, NetTensor):
+                v.step for v in views(value)) or isinstance(
+                value.as_coeff_Mul()[1], NetTensor) or only_blocks(symbol):
             back[symbol] = value.xreplace(kept)
             continue
         array = NetTensor("hoisted", rank=2, of=f"common{len(kept) + 1}")
