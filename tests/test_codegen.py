@@ -547,6 +547,10 @@ def test_joint_calls_span_blocks_the_members_fill_at_least_half_of():
             _Assign(other, sigmoid(Block(z, 20, 5) + Block(h, 0, 5))))
     runs = [[assign.target for assign in run] for run in _joint_calls(body, NumPyBatchPrinter())]
     assert runs == [[i, f, o], [g], [far], [other]]
+    # blocks of a gate-major array are contiguous arrays: one call per gate, no run
+    printer = NumPyBatchPrinter()
+    printer.gates = {z.whole: (10, 5)}
+    assert [len(run) for run in _joint_calls(body, printer)] == [1] * len(body)
 
 
 def test_what_a_loop_reads_at_another_step_is_not_hoisted():

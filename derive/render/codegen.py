@@ -689,7 +689,8 @@ def _joins(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> boo
     if found is None or mine is None or mine[1] != found[1]:
         return False
     blocks, size = found
-    if any(_gate_width(block, printer) for block in blocks):
+    if any(isinstance(block.args[0], NetTensor) and block.args[0].whole in printer.gates
+           for block in blocks):
         # a gate-major block is a contiguous array: each member's call writes straight into
         # its own array, where one call over the span would make a new array, copy each
         # member's block out of it and, in an LSTM, compute σ of the g gate, which nothing reads
@@ -700,13 +701,6 @@ def _joins(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> boo
     return (shift % size == 0 and shift not in offsets[:-1] and 2 * len(offsets) * size >= span
             and expr.args[0] == first.args[0].xreplace(
                 {b: Block(b.args[0], b.args[1] + shift, size) for b in blocks}))
-
-
-def _gate_width(block: Block, printer: NumPyBatchPrinter) -> int | None:
-    """The gate width of the gate-major array ``block`` is of; None for any other."""
-    tensor = block.args[0]
-    gates = printer.gates.get(tensor.whole) if isinstance(tensor, NetTensor) else None
-    return None if gates is None else gates[1]
 
 
 def _joint_statements(run: list[_Assign], printer: NumPyBatchPrinter) -> list[Statement]:
@@ -724,11 +718,9 @@ def _joint_statements(run: list[_Assign], printer: NumPyBatchPrinter) -> list[St
     out = [Statement(name, printer.doprint(joint),
                      f"{whose} in one call: the same function of blocks of the same arrays",
                      indent=1)]
-    gate_major = _gate_width(blocks[0], printer) is not None
     for offset, assign in zip(offsets, run):
-        part = f"{(offset - low) // size}" if gate_major else \
-            f"..., {offset - low}:{offset - low + size}"
-        out.append(Statement(printer.doprint(assign.target.at_step(0)), f"{name}[{part}]",
+        out.append(Statement(printer.doprint(assign.target.at_step(0)),
+                             f"{name}[..., {offset - low}:{offset - low + size}]",
                              assign.comment, indent=1))
     return out
 
