@@ -11,7 +11,7 @@ pass follows the four backpropagation equations, derived per sample as
     (BP1) δ² = a² - y
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    (BP2) δ¹ = [z¹ > 0] ⊙ (W²)ᵀ δ²
+    (BP2) δ¹ = [a¹ > 0] ⊙ (W²)ᵀ δ²
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -99,20 +99,20 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A2, cache). The cache keeps only what backward and the loss read:
-    X (backward), Z1 (backward), A1 (backward), Z2 (loss), A2 (backward)."""
+    X (backward), A1 (backward), Z2 (loss), A2 (backward)."""
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     X = np.asarray(X, dtype=W1.dtype)
     _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
-    A1 = np.maximum(Z1, 0)
+    A1 = np.maximum(Z1, 0, out=Z1)
     Z2 = A1 @ W2.T
     Z2 += b2
     # exp(-z) in σ(z) overflows only where σ(z) is below the smallest normal number: no warning
     with np.errstate(over="ignore"):
         A2 = _sigmoid(Z2)
-    cache = {"X": X, "Z1": Z1, "A1": A1, "Z2": Z2, "A2": A2}
+    cache = {"X": X, "A1": A1, "Z2": Z2, "A2": A2}
     return A2, cache
 
 
@@ -139,7 +139,7 @@ def backward(params, cache, Y):
     BP2 is linear, so the sums over rows in BP3 and BP4 are the batch means of the gradients.
     """
     W2 = params["W2"]
-    X, Z1, A1, A2 = cache["X"], cache["Z1"], cache["A1"], cache["A2"]
+    X, A1, A2 = cache["X"], cache["A1"], cache["A2"]
     B = Y.shape[0]
     # BP1: δ² = a² - y, each row divided by B
     delta2 = (A2 - Y)/B
@@ -147,9 +147,9 @@ def backward(params, cache, Y):
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # BP2: δ¹ = [z¹ > 0] ⊙ (W²)ᵀ δ²
+    # BP2: δ¹ = [a¹ > 0] ⊙ (W²)ᵀ δ²
     delta1 = delta2 @ W2
-    delta1 *= (Z1 > 0)
+    delta1 *= (A1 > 0)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

@@ -76,27 +76,15 @@ def _softmax_logsumexp(x):
     return e / total, top + np.log(total)
 
 
-def _fold(cols, shape, stride, padding, kernel):
-    """The adjoint of _windows: every window entry of cols (C, H', W', B, kh, kw; it may be
-    broadcast along the last two axes) added back at its place in feature maps of
-    `shape` (H, W), (C, H, W, B); what lands in the padding is dropped. One addition per
-    kernel offset, of a block whose rows run over W' * B numbers; one copy when each window
-    holds one value and the windows tile the maps (an average pool's error)."""
-    channels, rows, cols_, batch = cols.shape[:4]
-    (sh, sw), (ph, pw) = stride, padding
-    full = cols.shape[4:] == kernel
-    if not full and stride == kernel and padding == (0, 0) and             tuple(shape) == (rows * sh, cols_ * sw):
-        # one value per window and windows that tile the maps: one broadcast copy
-        out = np.empty((channels, *shape, batch), dtype=cols.dtype)
-        tiles = out.reshape(channels, rows, sh, cols_, sw, batch)
-        tiles[...] = cols[:, :, None, :, None, :, 0, 0]
-        return out
-    out = np.zeros((channels, shape[0] + 2 * ph, shape[1] + 2 * pw, batch), dtype=cols.dtype)
-    for p in range(kernel[0]):
-        for q in range(kernel[1]):
-            part = cols[..., p, q] if full else cols[..., 0, 0]
-            out[:, p:p + sh * rows:sh, q:q + sw * cols_:sw] += part
-    return out[:, ph:ph + shape[0], pw:pw + shape[1]]
+def _times_tiles(out, small, kernel):
+    """out (C, H, W, B) times small (C, H / kh, W / kw, B) spread over the kh x kw tiles of
+    the maps, each tile by its one value (an average pool's error over its windows): in
+    place, one multiplication of a reshaped view, with no array of out's size made for the
+    spread error."""
+    channels, rows, cols, batch = small.shape
+    tiles = out.reshape(channels, rows, kernel[0], cols, kernel[1], batch)
+    tiles *= small[:, :, None, :, None, :]
+    return tiles.reshape(out.shape)
 
 
 def _im2col(x, kernel, stride, padding):
@@ -296,9 +284,8 @@ def backward(params, cache, Y):
     delta4 = delta5.T.reshape(-1, 5, 5, len(delta5))
     # δ³ = (1/4)·(1 - (a³)²) ⊙ win[2×2, S=2]ᵀ(δ⁴)
     delta3 = A3**2
-    delta3 *= 0.25
-    np.subtract(0.25, delta3, out=delta3)
-    delta3 *= _fold(delta4[:, :, :, :, None, None], (10, 10), (2, 2), (0, 0), (2, 2))
+    np.subtract(1, delta3, out=delta3)
+    delta3 = _times_tiles(delta3, 0.25*delta4, (2, 2))
     # ∂C/∂W³ = a² ⋆ δ³, summed over the rows
     dW3 = _correlate_kernel(delta3, windows_A2, (5, 5))
     # ∂C/∂b³ = Σ_rs δ³, summed over the rows
@@ -307,9 +294,8 @@ def backward(params, cache, Y):
     delta2 = _correlate_input(delta3, W3, (14, 14), (1, 1), (0, 0))
     # δ¹ = (1/4)·(1 - (a¹)²) ⊙ win[2×2, S=2]ᵀ(δ²)
     delta1 = A1**2
-    delta1 *= 0.25
-    np.subtract(0.25, delta1, out=delta1)
-    delta1 *= _fold(delta2[:, :, :, :, None, None], (28, 28), (2, 2), (0, 0), (2, 2))
+    np.subtract(1, delta1, out=delta1)
+    delta1 = _times_tiles(delta1, 0.25*delta2, (2, 2))
     # ∂C/∂W¹ = a⁰ ⋆[P=2] δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (5, 5))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows

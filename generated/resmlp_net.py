@@ -15,22 +15,22 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W¹⁰ = δ¹⁰ (a⁹)ᵀ
     (BP3) ∂C/∂b¹⁰ = δ¹⁰
     δ⁹ = (W¹⁰)ᵀ δ¹⁰
-    δ⁸ = δ⁹ ⊙ [a⁸ > 0]
+    δ⁸ = δ⁹ ⊙ [a⁹ > 0]
     δ⁷ = δ⁸
     (BP4) ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ
     (BP3) ∂C/∂b⁷ = δ⁷
-    δ⁶ = [z⁶ > 0] ⊙ (W⁷)ᵀ δ⁷
+    δ⁶ = [a⁶ > 0] ⊙ (W⁷)ᵀ δ⁷
     (BP4) ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ
     (BP3) ∂C/∂b⁶ = δ⁶
     δ⁵ = δ⁸ + (W⁶)ᵀ δ⁶
-    δ⁴ = δ⁵ ⊙ [a⁴ > 0]
+    δ⁴ = δ⁵ ⊙ [a⁵ > 0]
     δ³ = δ⁴
     (BP4) ∂C/∂W³ = δ³ (a²)ᵀ
     (BP3) ∂C/∂b³ = δ³
-    δ² = [z² > 0] ⊙ (W³)ᵀ δ³
+    δ² = [a² > 0] ⊙ (W³)ᵀ δ³
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
-    δ¹ = [z¹ > 0] ⊙ (δ⁴ + (W²)ᵀ δ²)
+    δ¹ = [a¹ > 0] ⊙ (δ⁴ + (W²)ᵀ δ²)
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
@@ -117,9 +117,8 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A10, cache). The cache keeps only what backward and the loss read:
-    X (backward), Z1 (backward), A1 (backward), Z2 (backward), A2 (backward), A4 (backward), A5
-    (backward), Z6 (backward), A6 (backward), A8 (backward), A9 (backward), Z10 (loss), A10
-    (backward), LSE10 (loss)."""
+    X (backward), A1 (backward), A2 (backward), A5 (backward), A6 (backward), A9 (backward), Z10
+    (loss), A10 (backward), LSE10 (loss)."""
     W1, b1 = params["W1"], params["b1"]
     W2, b2 = params["W2"], params["b2"]
     W3, b3 = params["W3"], params["b3"]
@@ -130,29 +129,29 @@ def forward(params, X):
     _check_input(X)
     Z1 = X @ W1.T
     Z1 += b1
-    A1 = np.maximum(Z1, 0)
+    A1 = np.maximum(Z1, 0, out=Z1)
     Z2 = A1 @ W2.T
     Z2 += b2
-    A2 = np.maximum(Z2, 0)
+    A2 = np.maximum(Z2, 0, out=Z2)
     Z3 = A2 @ W3.T
     Z3 += b3
     A3 = Z3
     A4 = A3
     A4 += A1
-    A5 = np.maximum(A4, 0)
+    A5 = np.maximum(A4, 0, out=A4)
     Z6 = A5 @ W6.T
     Z6 += b6
-    A6 = np.maximum(Z6, 0)
+    A6 = np.maximum(Z6, 0, out=Z6)
     Z7 = A6 @ W7.T
     Z7 += b7
     A7 = Z7
     A8 = A7
     A8 += A5
-    A9 = np.maximum(A8, 0)
+    A9 = np.maximum(A8, 0, out=A8)
     Z10 = A9 @ W10.T
     Z10 += b10
     A10, LSE10 = _softmax_logsumexp(Z10)
-    cache = {"X": X, "Z1": Z1, "A1": A1, "Z2": Z2, "A2": A2, "A4": A4, "A5": A5, "Z6": Z6, "A6": A6, "A8": A8, "A9": A9, "Z10": Z10, "A10": A10, "LSE10": LSE10}
+    cache = {"X": X, "A1": A1, "A2": A2, "A5": A5, "A6": A6, "A9": A9, "Z10": Z10, "A10": A10, "LSE10": LSE10}
     return A10, cache
 
 
@@ -183,7 +182,7 @@ def backward(params, cache, Y):
     W6 = params["W6"]
     W7 = params["W7"]
     W10 = params["W10"]
-    X, Z1, A1, Z2, A2, A4, A5, Z6, A6, A8, A9, A10 = cache["X"], cache["Z1"], cache["A1"], cache["Z2"], cache["A2"], cache["A4"], cache["A5"], cache["Z6"], cache["A6"], cache["A8"], cache["A9"], cache["A10"]
+    X, A1, A2, A5, A6, A9, A10 = cache["X"], cache["A1"], cache["A2"], cache["A5"], cache["A6"], cache["A9"], cache["A10"]
     B = Y.shape[0]
     # BP1: δ¹⁰ = a¹⁰ - y, each row divided by B
     delta10 = (A10 - Y)/B
@@ -193,18 +192,18 @@ def backward(params, cache, Y):
     db10 = delta10.sum(axis=0)
     # δ⁹ = (W¹⁰)ᵀ δ¹⁰
     delta9 = delta10 @ W10
-    # δ⁸ = δ⁹ ⊙ [a⁸ > 0]
+    # δ⁸ = δ⁹ ⊙ [a⁹ > 0]
     delta8 = delta9
-    delta8 *= (A8 > 0)
+    delta8 *= (A9 > 0)
     # δ⁷ = δ⁸
     delta7 = delta8
     # BP4: ∂C/∂W⁷ = δ⁷ (a⁶)ᵀ, summed over the rows
     dW7 = delta7.T @ A6
     # BP3: ∂C/∂b⁷ = δ⁷, summed over the rows
     db7 = delta7.sum(axis=0)
-    # δ⁶ = [z⁶ > 0] ⊙ (W⁷)ᵀ δ⁷
+    # δ⁶ = [a⁶ > 0] ⊙ (W⁷)ᵀ δ⁷
     delta6 = delta7 @ W7
-    delta6 *= (Z6 > 0)
+    delta6 *= (A6 > 0)
     # BP4: ∂C/∂W⁶ = δ⁶ (a⁵)ᵀ, summed over the rows
     dW6 = delta6.T @ A5
     # BP3: ∂C/∂b⁶ = δ⁶, summed over the rows
@@ -212,26 +211,26 @@ def backward(params, cache, Y):
     # δ⁵ = δ⁸ + (W⁶)ᵀ δ⁶
     delta5 = delta6 @ W6
     delta5 += delta8
-    # δ⁴ = δ⁵ ⊙ [a⁴ > 0]
+    # δ⁴ = δ⁵ ⊙ [a⁵ > 0]
     delta4 = delta5
-    delta4 *= (A4 > 0)
+    delta4 *= (A5 > 0)
     # δ³ = δ⁴
     delta3 = delta4
     # BP4: ∂C/∂W³ = δ³ (a²)ᵀ, summed over the rows
     dW3 = delta3.T @ A2
     # BP3: ∂C/∂b³ = δ³, summed over the rows
     db3 = delta3.sum(axis=0)
-    # δ² = [z² > 0] ⊙ (W³)ᵀ δ³
+    # δ² = [a² > 0] ⊙ (W³)ᵀ δ³
     delta2 = delta3 @ W3
-    delta2 *= (Z2 > 0)
+    delta2 *= (A2 > 0)
     # BP4: ∂C/∂W² = δ² (a¹)ᵀ, summed over the rows
     dW2 = delta2.T @ A1
     # BP3: ∂C/∂b² = δ², summed over the rows
     db2 = delta2.sum(axis=0)
-    # δ¹ = [z¹ > 0] ⊙ (δ⁴ + (W²)ᵀ δ²)
+    # δ¹ = [a¹ > 0] ⊙ (δ⁴ + (W²)ᵀ δ²)
     delta1 = delta2 @ W2
     delta1 += delta4
-    delta1 *= (Z1 > 0)
+    delta1 *= (A1 > 0)
     # BP4: ∂C/∂W¹ = δ¹ (a⁰)ᵀ, summed over the rows
     dW1 = delta1.T @ X
     # BP3: ∂C/∂b¹ = δ¹, summed over the rows

@@ -14,7 +14,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP3) ∂C/∂b⁴ = δ⁴
     δ³ = (W⁴)ᵀ δ⁴
     δ² = vec⁻¹(δ³)
-    δ¹ = [z¹ > 0] ⊙ win[2×2]ᵀ(δ² ⊙ 𝟙max(win[2×2](a¹)))
+    δ¹ = [a¹ > 0] ⊙ win[2×2]ᵀ(δ² ⊙ 𝟙max(win[2×2](a¹)))
     ∂C/∂W¹ = a⁰ ⋆ δ¹
     ∂C/∂b¹ = Σ_rs δ¹
 
@@ -177,8 +177,8 @@ def init_params(seed=0, dtype=np.float64):
 
 def forward(params, X):
     """The forward pass: (output A4, cache). The cache keeps only what backward and the loss read:
-    windows_X (backward), Z1 (backward), A1 (backward), A2 (backward), A3 (backward), Z4 (loss),
-    A4 (backward), LSE4 (loss)."""
+    windows_X (backward), A1 (backward), A2 (backward), A3 (backward), Z4 (loss), A4 (backward),
+    LSE4 (loss)."""
     W1, b1 = params["W1"], params["b1"]
     W4, b4 = params["W4"], params["b4"]
     X = np.asarray(X, dtype=W1.dtype)
@@ -189,13 +189,13 @@ def forward(params, X):
     windows_X = _im2col(X, (2, 2), (1, 1), (0, 0))
     Z1 = _correlate(W1, windows_X)
     Z1 += b1[:, None, None, None]
-    A1 = np.maximum(Z1, 0)
+    A1 = np.maximum(Z1, 0, out=Z1)
     A2 = _window_max(A1, (2, 2), (1, 1))
     A3 = A2.reshape(-1, A2.shape[-1]).T
     Z4 = A3 @ W4.T
     Z4 += b4
     A4, LSE4 = _softmax_logsumexp(Z4)
-    cache = {"windows_X": windows_X, "Z1": Z1, "A1": A1, "A2": A2, "A3": A3, "Z4": Z4, "A4": A4, "LSE4": LSE4}
+    cache = {"windows_X": windows_X, "A1": A1, "A2": A2, "A3": A3, "Z4": Z4, "A4": A4, "LSE4": LSE4}
     return A4, cache
 
 
@@ -222,7 +222,7 @@ def backward(params, cache, Y):
     BP2 is linear, so the sums over rows in BP3 and BP4 are the batch means of the gradients.
     """
     W4 = params["W4"]
-    windows_X, Z1, A1, A2, A3, A4 = cache["windows_X"], cache["Z1"], cache["A1"], cache["A2"], cache["A3"], cache["A4"]
+    windows_X, A1, A2, A3, A4 = cache["windows_X"], cache["A1"], cache["A2"], cache["A3"], cache["A4"]
     B = Y.shape[0]
     # BP1: δ⁴ = a⁴ - y, each row divided by B
     delta4 = (A4 - Y)/B
@@ -234,9 +234,10 @@ def backward(params, cache, Y):
     delta3 = delta4 @ W4
     # δ² = vec⁻¹(δ³)
     delta2 = delta3.T.reshape(-1, 2, 2, len(delta3))
-    # δ¹ = [z¹ > 0] ⊙ win[2×2]ᵀ(δ² ⊙ 𝟙max(win[2×2](a¹)))
-    delta1 = _max_unpool(delta2, A1, A2, (2, 2), (1, 1))
-    delta1 *= (Z1 > 0)
+    # δ² ⊙ [a² > 0]: δ¹'s factor [a¹ > 0] taken at the windows' maxima a², the only entries the error is routed to
+    routed_delta2 = delta2*(A2 > 0)
+    # δ¹ = [a¹ > 0] ⊙ win[2×2]ᵀ(δ² ⊙ 𝟙max(win[2×2](a¹)))
+    delta1 = _max_unpool(routed_delta2, A1, A2, (2, 2), (1, 1))
     # ∂C/∂W¹ = a⁰ ⋆ δ¹, summed over the rows
     dW1 = _correlate_kernel(delta1, windows_X, (2, 2))
     # ∂C/∂b¹ = Σ_rs δ¹, summed over the rows

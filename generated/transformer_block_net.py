@@ -23,7 +23,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     Δ⁵ = δ⁶ₜ
     (BP4) ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ
     (BP3) ∂C/∂b⁵ = Σₜ δ⁵ₜ
-    Δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
+    Δ⁴ = [a⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
     (BP4) ∂C/∂W⁴ = Σₜ δ⁴ₜ (a³ₜ)ᵀ
     (BP3) ∂C/∂b⁴ = Σₜ δ⁴ₜ
     Δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
@@ -151,9 +151,9 @@ def init_params(seed=0, dtype=np.float64):
 def forward(params, X):
     """The forward pass: (output A8, cache). The cache keeps only what backward and the loss read:
     X (backward), Q1 (backward), K1 (backward), V1 (backward), Alpha1 (backward), A2 (backward),
-    mu3 (backward), var3 (backward), Xhat3 (backward), A3 (backward), Z4 (backward), A4
-    (backward), A6 (backward), mu7 (backward), var7 (backward), Xhat7 (backward), A7 (backward),
-    Z8 (loss), A8 (backward), LSE8 (loss)."""
+    mu3 (backward), var3 (backward), Xhat3 (backward), A3 (backward), A4 (backward), A6
+    (backward), mu7 (backward), var7 (backward), Xhat7 (backward), A7 (backward), Z8 (loss), A8
+    (backward), LSE8 (loss)."""
     Wq1, Wk1, Wv1 = params["Wq1"], params["Wk1"], params["Wv1"]
     gamma3, beta3 = params["gamma3"], params["beta3"]
     W4, b4 = params["W4"], params["b4"]
@@ -188,7 +188,7 @@ def forward(params, X):
     Z8 = _dot_rows(A7, W8.T)
     Z8 += b8
     A8, LSE8 = _softmax_logsumexp(Z8)
-    cache = {"X": X, "Q1": Q1, "K1": K1, "V1": V1, "Alpha1": Alpha1, "A2": A2, "mu3": mu3, "var3": var3, "Xhat3": Xhat3, "A3": A3, "Z4": Z4, "A4": A4, "A6": A6, "mu7": mu7, "var7": var7, "Xhat7": Xhat7, "A7": A7, "Z8": Z8, "A8": A8, "LSE8": LSE8}
+    cache = {"X": X, "Q1": Q1, "K1": K1, "V1": V1, "Alpha1": Alpha1, "A2": A2, "mu3": mu3, "var3": var3, "Xhat3": Xhat3, "A3": A3, "A4": A4, "A6": A6, "mu7": mu7, "var7": var7, "Xhat7": Xhat7, "A7": A7, "Z8": Z8, "A8": A8, "LSE8": LSE8}
     return A8, cache
 
 
@@ -219,7 +219,7 @@ def backward(params, cache, Y):
     W5 = params["W5"]
     gamma7 = params["gamma7"]
     W8 = params["W8"]
-    X, Q1, K1, V1, Alpha1, A2, mu3, var3, Xhat3, A3, Z4, A4, A6, mu7, var7, Xhat7, A7, A8 = cache["X"], cache["Q1"], cache["K1"], cache["V1"], cache["Alpha1"], cache["A2"], cache["mu3"], cache["var3"], cache["Xhat3"], cache["A3"], cache["Z4"], cache["A4"], cache["A6"], cache["mu7"], cache["var7"], cache["Xhat7"], cache["A7"], cache["A8"]
+    X, Q1, K1, V1, Alpha1, A2, mu3, var3, Xhat3, A3, A4, A6, mu7, var7, Xhat7, A7, A8 = cache["X"], cache["Q1"], cache["K1"], cache["V1"], cache["Alpha1"], cache["A2"], cache["mu3"], cache["var3"], cache["Xhat3"], cache["A3"], cache["A4"], cache["A6"], cache["mu7"], cache["var7"], cache["Xhat7"], cache["A7"], cache["A8"]
     B = Y.shape[0]
     # BP1: Δ⁸ = a⁸ₜ - yₜ, each row divided by B
     delta8 = (A8 - Y)/B
@@ -249,9 +249,9 @@ def backward(params, cache, Y):
     dW5 = _dot_steps(delta5, A4)
     # BP3: ∂C/∂b⁵ = Σₜ δ⁵ₜ, summed over the rows
     db5 = delta5.sum(axis=(0, 1))
-    # Δ⁴ = [z⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
+    # Δ⁴ = [a⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
     delta4 = _dot_rows(delta5, W5)
-    delta4 *= (Z4 > 0)
+    delta4 *= (A4 > 0)
     # BP4: ∂C/∂W⁴ = Σₜ δ⁴ₜ (a³ₜ)ᵀ, summed over the rows
     dW4 = _dot_steps(delta4, A3)
     # BP3: ∂C/∂b⁴ = Σₜ δ⁴ₜ, summed over the rows

@@ -9,9 +9,10 @@ import pytest
 import sympy as sp
 
 from derive.check.backward import BATCH, Convention, check_backward
-from derive.check.reference import Backprop
+from derive.check.reference import Backprop, variants
 from derive.cli.check import add_command  # noqa: F401  (the command module imports cleanly)
 from derive.cli.main import main
+from derive.derivation.reverse import activation_derivative as derive_prime
 from derive.derivation.reverse import derive
 from derive.errors import DeriveError
 from derive.graph.model import build_model
@@ -254,3 +255,26 @@ def test_a_square_weight_gradient_returned_transposed_is_diagnosed():
     assert not report.ok
     expected = "dW2 returned transposed: the other layout than the weights' (out-in)"
     assert report.diagnosis == (expected,), "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("activation", [n for n, e in functions.ACTIVATIONS.items()
+                                        if e.vector is None])
+def test_a_z_for_a_mistake_is_a_hypothesis_only_where_it_changes_the_gradients(activation):
+    # σ' written in a, given z (or σ'(z) given a): for relu [a > 0] at z is [z > 0], the
+    # right gradient, which no hypothesis may claim to explain; for tanh 1 - z² is not
+    spec = load_spec(make_spec([2, 3, 2], [activation, "identity"]))
+    derivation = derive(build_model(spec))
+    rng = np.random.default_rng(5)
+    params = {"W1": rng.uniform(-1, 1, (3, 2)), "b1": rng.uniform(-0.5, 0.5, 3),
+              "W2": rng.uniform(-1, 1, (2, 3)), "b2": rng.uniform(-0.5, 0.5, 2)}
+    run = Backprop(derivation, params, rng.uniform(-1, 1, (4, 2)), rng.uniform(0, 1, (4, 2)))
+    right = run.gradients()
+    found = [v for v in variants(spec, derivation, run) if "instead of" in v.description]
+    for variant in found:
+        assert max(np.abs(variant.grads[k] - right[k]).max() for k in right) > 1e-6, variant
+    prime = derive_prime(functions.resolve_activation(activation))
+    in_a, in_z = prime.in_a, prime.in_z
+    differs = in_a is not None and in_a.has(functions.A) and any(
+        abs(float(in_a.subs(functions.A, p) - in_z.subs(functions.Z, p))) > 1e-9
+        for p in (-1.5, -0.3, 0.4, 2.0))
+    assert bool(found) == differs

@@ -220,19 +220,20 @@ def test_no_activation_makes_the_backward_pass_call_again_what_the_forward_pass_
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_a_layer_error_multiplies_its_fold_in_place(name):
-    # delta1 = _max_unpool(...); delta1 *= (Z1 > 0): the fold's new array takes the product,
-    # or multiplies into the error's array after a factor over feature maps computed there
-    # (lenet's (1/4)(1 - a²): delta1 = A1**2; ...; delta1 *= _fold(...))
+    # delta1 = _fold(...); delta1 *= (A1 > 0): the fold's new array takes the product, or
+    # multiplies into the error's array after a factor over feature maps computed there
     backward = source(name).split("def backward(")[1].split("\ndef ")[0].splitlines()
     for n, line in enumerate(backward):
         if re.search(r"_(fold|max_unpool|correlate_input)\(", line):
             target = re.match(r"    (\w+) (=|\*=) _(fold|max_unpool|correlate_input)\(", line)
             assert target, line                     # never a factor inside an expression
             assert not backward[n + 1].startswith(f"    {target.group(1)} = ")
-    if name in ("digits_cnn", "lenet"):             # a pool's error times σ'
-        assert re.search(r"^    (delta\d+) = _(fold|max_unpool)\(.*\n    \1 \*= "
-                         r"|^    delta\d+ \*= _(fold|max_unpool)\(", "\n".join(backward),
-                         re.MULTILINE)
+    if name in ("digits_cnn", "lenet"):
+        # a pool's error times σ'(z) = f(a): f on the window maxima before routing (relu
+        # before a max pool), or f into δ and each tile times its error (tanh before an average
+        # pool): no array of the maps' size for the routed or spread error
+        assert re.search(r"= _max_unpool\(routed_delta\d+, |= _times_tiles\(delta\d+, ",
+                         "\n".join(backward))
 
 
 #: Calls that give a new array nothing else names (a helper's result, a tensordot).
@@ -363,11 +364,12 @@ def test_an_expression_chained_into_a_new_array_has_its_value_and_leaves_its_inp
 
 
 def test_a_layer_of_feature_maps_multiplies_its_error_by_one_array():
-    # δ¹ = fold(δ²) ⊙ (1/4)(1 - (a¹)²): the factor computed into δ¹, then the fold multiplied
-    # in (one array the size of the maps for the factor, not three)
+    # δ¹ = fold(δ²) ⊙ (1/4)(1 - (a¹)²): the factor 1 - (a¹)² computed into δ¹, then each 2×2
+    # tile multiplied by its window's error, the 1/4 on the pooled error (one array the size
+    # of the maps, not three, and no spread copy of δ²)
     backward = source("lenet").split("def backward(")[1]
-    assert "    delta1 = A1**2\n    delta1 *= 0.25\n    np.subtract(0.25, delta1, out=delta1)\n" \
-           "    delta1 *= _fold(" in backward
+    assert "    delta1 = A1**2\n    np.subtract(1, delta1, out=delta1)\n" \
+           "    delta1 = _times_tiles(delta1, 0.25*delta2, (2, 2))\n" in backward
 
 
 def test_an_elementwise_statement_over_every_step_makes_one_array():
@@ -684,8 +686,11 @@ def test_lstm_keeps_tanh_of_the_cell_state_for_the_backward_pass():
 
 
 def test_cache_holds_z_where_sigma_prime_needs_it():
-    # relu' is written in z; the stable binary cross-entropy reads z^2
-    assert _cache_keys("bce") == ["X", "Z1", "A1", "Z2", "A2"]
+    # relu' is [a > 0], so z¹ is not kept; the stable binary cross-entropy reads z²; gelu's
+    # derivative is written in z
+    assert _cache_keys("bce") == ["X", "A1", "Z2", "A2"]
+    gelu = render_module(derive(build_model(make_spec([3, 4, 2], ["gelu", "identity"]))))
+    assert '"Z1": Z1' in gelu
 
 
 def test_templates_hold_no_math():

@@ -11,14 +11,16 @@ import sympy as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derive.derivation.reverse import derive
+from derive.derivation.reverse import activation_derivative, derive
 from derive.errors import DeriveError
 from derive.graph.model import build_model
 from derive.quantities import NetTensor, entry
+from derive.registry.functions import resolve_activation
 from derive.registry.windows import FirstMax, InRange, WindowMax
 from derive.render.codegen import load_module, render_module
 from derive.spec.load import load_spec
 from derive.verify.expansion import verify
+from tests.conftest import ELEMENTWISE
 from tests.conv_reference import conv_net_loss_and_grads
 from tests.test_torch_reference import random_conv_specs
 from tests.torch_reference import reference_batch, torch_loss_and_grads
@@ -97,6 +99,68 @@ def test_pooling_routes_delta_to_the_first_maximum_or_spreads_it() -> None:
 
 def _module(spec: dict):
     return load_module(render_module(derive(build_model(load_spec(spec)))), spec["name"])
+
+
+def _source_matching_pytorch(spec: dict, seed: int = 0) -> str:
+    """The generated source of ``spec``, after checking its loss and gradients against
+    PyTorch float64 on a batch of 3 with non-zero biases."""
+    source = render_module(derive(build_model(load_spec(spec))))
+    module = load_module(source, spec["name"])
+    rng = np.random.default_rng(seed)
+    params = {key: value + 0.1 * rng.standard_normal(value.shape)
+              for key, value in module.init_params(seed=seed).items()}
+    X, Y = reference_batch(spec, seed, 3)
+    value, grads = module.gradients(params, X, Y)
+    expected_value, expected = torch_loss_and_grads(spec, params, X, Y)
+    assert value == pytest.approx(expected_value, rel=1e-10, abs=1e-12)
+    for key in expected:
+        scale = max(1.0, float(np.abs(expected[key]).max()))
+        assert np.abs(grads[key] - expected[key]).max() / scale < 1e-10, key
+    return source
+
+
+def _pooled(activation: str, pool: str, after: dict | None = None) -> dict:
+    """conv2d 3x3 (activation) -> 2x2 pool -> flatten -> [after] -> dense softmax."""
+    return {"name": "pooled", "input": [2, 4, 4], "layers": [
+        {"op": "conv2d", "channels": 2, "kernel": 3, "padding": 1, "activation": activation},
+        {"op": pool, "kernel": 2}, {"op": "flatten"}, *([after] if after else []),
+        {"size": 3, "activation": "softmax"}], "loss": "cross_entropy"}
+
+
+@pytest.mark.parametrize("pool", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("after", [*ELEMENTWISE, "dropout"])
+def test_an_op_after_flatten_leaves_the_pooled_maps_it_views_alone(pool: str, after: str
+                                                                   ) -> None:
+    """flatten's result is a transposed view of the pooled maps, which a max pool's error
+    reads again as its windows' maxima: an activation computed in place into that view wrote
+    over them (gradients off by 50% before this test), so a view is never written in place."""
+    layer = {"op": "dropout", "rate": 0.5} if after == "dropout" else {
+        "op": "activation", "activation": after}
+    _source_matching_pytorch(_pooled("tanh", pool, layer))
+
+
+@pytest.mark.parametrize("pool", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("activation", ELEMENTWISE)
+def test_a_pooled_activation_derivative_is_taken_where_the_error_lands(pool: str,
+                                                                      activation: str) -> None:
+    """Before a max pool, an activation derivative written in the output, f(a¹), is taken on
+    the pooled maxima a², where routing puts the error, and z¹ is not kept; before a 2x2
+    average pool, f into δ¹ and each tile times its error, no spread copy of it. Both match
+    PyTorch."""
+    source = _source_matching_pytorch(_pooled(activation, pool))
+    derivative = activation_derivative(resolve_activation(activation))
+    form = derivative.in_a if derivative.in_a is not None else derivative.in_z
+    cache = next(line for line in source.splitlines() if line.strip().startswith("cache = "))
+    if pool == "max_pool2d":
+        in_output = derivative.in_a is not None and bool(derivative.in_a.free_symbols)
+        assert ("_max_unpool(routed_delta2, A1, A2" in source) == in_output
+        assert ('"Z1"' in cache) == (derivative.in_a is None)
+    else:
+        # a bracket [a > 0] is a boolean mask: no array to multiply the tiles into
+        bracket = isinstance(form, sp.Piecewise) and [v for v, _ in form.args] == [1, 0]
+        compound = bool(form.free_symbols) and not bracket
+        assert ("delta1 = _times_tiles(delta1, " in source) == compound
+        assert ("_fold(" in source) == (not compound)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True,

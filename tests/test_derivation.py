@@ -141,8 +141,11 @@ def test_sigma_prime_is_written_in_a_where_an_identity_exists():
     rhs1, rhs2 = derivation.delta(1).rhs, derivation.delta(2).rhs
     assert not rhs1.has(quantity("z", 1)) and rhs1.has(quantity("a", 1))
     assert not rhs2.has(quantity("z", 2)) and rhs2.has(quantity("a", 2))
+    # relu: [z > 0] = [a > 0], since a = max(z, 0) > 0 exactly where z > 0
     relu = derivation_of([2, 3, 1], ["relu", "sigmoid"])
-    assert relu.delta(1).rhs.has(quantity("z", 1))
+    assert relu.delta(1).rhs.has(quantity("a", 1)) and not relu.delta(1).rhs.has(quantity("z", 1))
+    silu = derivation_of([2, 3, 1], ["silu", "sigmoid"])
+    assert silu.delta(1).rhs.has(quantity("z", 1))
 
 
 def test_custom_activation_and_loss_are_differentiated():

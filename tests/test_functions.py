@@ -10,7 +10,7 @@ import mpmath
 import pytest
 import sympy as sp
 
-from derive.derivation.reverse import activation_derivative
+from derive.derivation.reverse import _piecewise_in_output, activation_derivative
 from derive.registry.functions import (
     ACTIVATIONS,
     LOSSES,
@@ -55,28 +55,42 @@ def test_rewrite_in_a_is_an_identity(name):
     f, d = numeric(activation.expr, Z), numeric(derivative.in_z, Z)
     in_a = numeric(derivative.in_a, A)
     with mpmath.workdps(30):
-        for p in POINTS:
+        for p in (*POINTS, 0):      # 0: the relu family's kink, where σ'(0) is its left side
             assert abs(in_a(f(mpmath.mpf(p))) - d(mpmath.mpf(p))) < mpmath.mpf(10) ** -20
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("sigmoid", A * (1 - A)),
-    ("tanh", 1 - A**2),
-    ("softplus", 1 - sp.exp(-A)),
-    ("identity", sp.Integer(1)),
+@pytest.mark.parametrize(("name", "params", "expected"), [
+    ("sigmoid", None, A * (1 - A)),
+    ("tanh", None, 1 - A**2),
+    ("softplus", None, 1 - sp.exp(-A)),
+    ("identity", None, sp.Integer(1)),
+    ("relu", None, sp.Piecewise((1, A > 0), (0, True))),
+    ("leaky_relu", {"alpha": 0.2}, sp.Piecewise((1, A > 0), (sp.Rational(1, 5), True))),
+    ("elu", {"alpha": 0.5}, sp.Piecewise((1, A > 0), (A + sp.Rational(1, 2), True))),
 ])
-def test_known_rewrites_are_found(name, expected):
-    in_a = activation_derivative(resolve_activation(name)).in_a
-    assert sp.expand(in_a - expected) == 0
+def test_known_rewrites_are_found(name, params, expected):
+    in_a = activation_derivative(resolve_activation(name, params)).in_a
+    assert in_a == expected if isinstance(expected, sp.Piecewise) else \
+        sp.expand(in_a - expected) == 0
 
 
-NO_REWRITE = ["relu", "leaky_relu", "elu", "silu", "gelu"]
+NO_REWRITE = ["silu", "gelu"]
 
 
 @pytest.mark.parametrize("name", NO_REWRITE)
 def test_no_rewrite_where_none_is_exact(name):
-    # these are not invertible (relu), or only piecewise (elu), or have no closed inverse
+    # z sigma(z) and z Phi(z) have no closed inverse, nor a piecewise form
     assert activation_derivative(resolve_activation(name)).in_a is None
+
+
+@pytest.mark.parametrize("f", [
+    sp.Piecewise((Z - 1, Z > 0), (0, True)),          # 0 < z < 1 gives a < 0
+    sp.Piecewise((Z, Z > 0), (Z + 1, True)),          # -1 < z <= 0 gives a > 0
+    sp.Piecewise((Z, Z > 0), (sp.sin(Z), True)),      # not provably <= 0 for z <= 0
+])
+def test_a_piecewise_function_whose_sign_is_not_that_of_z_keeps_its_condition_in_z(f):
+    # [z > 0] = [a > 0] holds only where a > 0 exactly when z > 0
+    assert _piecewise_in_output(sp.diff(f, Z), f) is None
 
 
 @pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu"])

@@ -107,11 +107,11 @@ def test_tensor_forms_read_as_convolutions(derivations):
         r"\operatorname{vec}^{-1}\!\left(\boldsymbol{\delta}^{4}\right)")
     routed = formula(derivations["digits_cnn"], "delta^1").vector
     assert latex(routed) == (
-        r"\left[\mathbf{z}^{1} > 0\right] \odot \operatorname{win}_{2\times 2,\,S=2}^{\top}"
+        r"\left[\mathbf{a}^{1} > 0\right] \odot \operatorname{win}_{2\times 2,\,S=2}^{\top}"
         r"\!\left(\boldsymbol{\delta}^{2} \odot \mathbb{1}_{\max}\!\left(\operatorname{win}"
         r"_{2\times 2,\,S=2}\!\left(\mathbf{a}^{1}\right)\right)\right)")
     assert pretty(routed, batch=True) == (
-        "[Z¹ > 0] ⊙ win[2×2, S=2]ᵀ(Δ² ⊙ 𝟙max(win[2×2, S=2](A¹)))")
+        "[A¹ > 0] ⊙ win[2×2, S=2]ᵀ(Δ² ⊙ 𝟙max(win[2×2, S=2](A¹)))")
 
 
 def test_show_reads_well_in_a_terminal(capsys):

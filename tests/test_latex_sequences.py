@@ -181,7 +181,7 @@ def test_other_sequence_specs_render(derivations, lang):
     stack = render_latex(derivations["stack"], lang)
     # two recurrent layers: the second one's Jacobian in short
     assert TEXT[lang]["vanishing_same"].format(l=1, q="")[:8] in stack
-    assert r"\left[z^{2}_{tj} > 0\right]" in stack      # relu's derivative in J_t
+    assert r"\left[h^{2}_{tj} > 0\right]" in stack      # relu's derivative in J_t, in h
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -22,7 +22,12 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from derive.derivation.reverse import Derivation, activation_derivative, derive
+from derive.derivation.reverse import (
+    ActivationDerivative,
+    Derivation,
+    activation_derivative,
+    derive,
+)
 from derive.derivation.tensorform import ONE, Inner, MatVec, Outer, adjoint, to_vector
 from derive.errors import DeriveError
 from derive.graph.model import build_model, j
@@ -186,6 +191,13 @@ class Variant:
     cost: int                  # how many mistakes it assumes
 
 
+def _mistakable(derivative: ActivationDerivative) -> bool:
+    """Whether σ' written in a, given z instead (or σ'(z) given a), differs from σ'(z): not
+    for relu's [a > 0], which is [z > 0] at either."""
+    return derivative.in_a is not None and derivative.in_a.has(A) and \
+        derivative.in_a.xreplace({A: Z}) != derivative.in_z
+
+
 def variants(spec: NetworkSpec, derivation: Derivation, run: Backprop) -> list[Variant]:
     """The derivation's gradients on ``run``'s batch, and every common mistake's."""
     model = derivation.model
@@ -205,7 +217,7 @@ def variants(spec: NetworkSpec, derivation: Derivation, run: Backprop) -> list[V
         where = f"delta^{l}" + (" (the output layer)" if l == L else "")
         add(f"the sigma'(z^{l}) factor is missing in {where}", 1,
             primes={l: lambda z: 1.0})
-        if derivative.in_a is not None and derivative.in_a.has(A):
+        if _mistakable(derivative):
             in_a = derivative.in_a
             add(f"sigma' applied to z instead of a in {where}: the derivative written in "
                 f"terms of the output, {in_a}, was given z^{l} (a^{l} is needed)", 1,
@@ -219,7 +231,7 @@ def variants(spec: NetworkSpec, derivation: Derivation, run: Backprop) -> list[V
         add("the sigma' factor is missing in every delta", len(elementwise),
             primes={layer.index: (lambda z: 1.0) for layer in elementwise})
         rewritten = [layer for layer in elementwise
-                     if activation_derivative(layer.activation).in_a is not None]
+                     if _mistakable(activation_derivative(layer.activation))]
         if len(rewritten) > 1:
             in_a = {layer.index: activation_derivative(layer.activation).in_a
                     for layer in rewritten}

@@ -710,13 +710,74 @@ _MAX_INVERTED_OPS = 4
 _MAX_SIMPLIFIED_OPS = 24
 
 
+def _inverted(value: sp.Expr, f: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    """(``value`` (in z) rewritten in a = f(z), the inverse z(a)) by inverting f, when f is
+    short and its inverse unique; None otherwise. sympy.solve's time grows fast with nesting (tanh(tanh(tanh(z)))
+    took minutes), so only short expressions are tried; the root is not checked by solve,
+    since every rewrite is checked by the caller."""
+    fe = elementary(f)
+    if fe.has(sp.Piecewise) or fe.count(Z) != 1 or sp.count_ops(fe) > _MAX_INVERTED_OPS:
+        return None
+    try:
+        inverses = sp.solve(sp.Eq(fe, A), Z, check=False, simplify=False)
+    except NotImplementedError:
+        return None
+    if len(inverses) != 1:
+        return None
+    raw_a = elementary(value).subs(Z, inverses[0])
+    return _simplest(sp.simplify(raw_a), sp.expand(sp.simplify(raw_a))), inverses[0]
+
+
+def _in_output(value: sp.Expr, f: sp.Expr) -> sp.Expr | None:
+    """``value`` written in a = f(z) without z: f(z) replaced by a, else f inverted; None when
+    neither removes z."""
+    substituted = value.xreplace({f: A})
+    if not substituted.has(Z):
+        return substituted
+    inverted = _inverted(value, f)
+    return inverted[0] if inverted is not None and not inverted[0].has(Z) else None
+
+
+def _signs_agree(f: sp.Expr) -> bool:
+    """Whether f(z) > 0 exactly where z > 0, for f = Piecewise((p, z > 0), (n, True)): p(t) > 0
+    for every t > 0, and n(-s) ≤ 0 for every s ≥ 0 (n itself, or n(0) ≤ 0 and n' ≥ 0 there),
+    each proved by SymPy's assumptions (None, not proved, counts as no)."""
+    if not (isinstance(f, sp.Piecewise) and len(f.args) == 2 and f.args[0].cond == (Z > 0)
+            and f.args[1].cond == sp.true):
+        return False
+    positive, negative = f.args[0].expr, f.args[1].expr
+    t, s = sp.Dummy("t", positive=True), sp.Dummy("s", nonnegative=True)
+    below = negative.subs(Z, -s).is_nonpositive or (
+        negative.subs(Z, 0).is_nonpositive and sp.diff(negative, Z).subs(Z, -s).is_nonnegative)
+    return bool(positive.subs(Z, t).is_positive and below)
+
+
+def _piecewise_in_output(derivative: sp.Expr, f: sp.Expr) -> sp.Expr | None:
+    """σ'(z) = Piecewise((p', z > 0), (n', True)) of σ = Piecewise((p, z > 0), (n, True))
+    written in a, branch by branch: the condition z > 0 becomes a > 0 where the signs of a and
+    z agree (relu: [z > 0] = [a > 0]), and each branch's value is written in that branch's
+    own expression of a (elu: e^z = a + 1 where z ≤ 0). None when a branch keeps z."""
+    if not (_signs_agree(f) and isinstance(derivative, sp.Piecewise)
+            and [c for _, c in derivative.args] == [c for _, c in f.args]):
+        return None
+    branches = []
+    for (value, condition), (own, _) in zip(derivative.args, f.args):
+        in_a = value if not value.has(Z) else _in_output(value, own)
+        if in_a is None:
+            return None
+        branches.append((in_a, condition.xreplace({Z: A})))
+    return sp.Piecewise(*branches)
+
+
 @cache
 def activation_derivative(activation: Activation) -> ActivationDerivative:
     """sigma'(z) by ``sympy.diff``, and its rewrite in a = sigma(z) when one exists.
 
-    The rewrite is searched two ways: replacing sigma(z) by a in sigma'(z) (sigmoid, tanh), or
-    inverting a = sigma(z) for z when the inverse is unique (softplus). A rewrite is kept only
-    if it contains no z and sigma'(z) == rewrite(sigma(z)) is confirmed.
+    The rewrite is searched three ways: replacing sigma(z) by a in sigma'(z) (sigmoid, tanh),
+    inverting a = sigma(z) for z when the inverse is unique (softplus), or branch by branch
+    for a function defined piecewise on the sign of z whose output has the sign of z (relu,
+    leaky relu, elu: the condition z > 0 is a > 0). A rewrite is kept only if it contains no z
+    and sigma'(z) == rewrite(sigma(z)) is confirmed (at z = 0 too, a piecewise one's boundary).
     """
     f = activation.expr
     raw = sp.diff(f, Z)
@@ -732,30 +793,24 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
     substituted = in_z.xreplace({f: A})
     if not substituted.has(Z):
         candidates.append((substituted, "replace sigma(z) by the layer output a", None))
-    fe = elementary(f)
-    # inverting is tried for short expressions only: sympy.solve's time grows fast with
-    # nesting (tanh(tanh(tanh(z))) took minutes); its roots are not checked by solve, since
-    # the one kept is checked below
-    if not candidates and not fe.has(sp.Piecewise) and fe.count(Z) == 1 and \
-            sp.count_ops(fe) <= _MAX_INVERTED_OPS:
-        try:
-            inverses = sp.solve(sp.Eq(fe, A), Z, check=False, simplify=False)
-        except NotImplementedError:
-            inverses = []
-        if len(inverses) == 1:
-            inverse = inverses[0]
-            raw_a = elementary(in_z).subs(Z, inverse)
-            rewritten = _simplest(sp.simplify(raw_a), sp.expand(sp.simplify(raw_a)))
+    if not candidates:
+        piecewise = _piecewise_in_output(in_z, f)
+        if piecewise is not None:
+            candidates.append((piecewise, ("a > 0 exactly where z > 0; each branch's value "
+                                           "written in that branch's a"), None))
+    if not candidates:
+        inverted = _inverted(in_z, f)
+        if inverted is not None:
+            rewritten, inverse = inverted
             candidates.append((rewritten, "solve a = sigma(z) for z and substitute",
                                sp.Eq(Z, inverse, evaluate=False)))
     for candidate, why, source in candidates:
-        if not candidate.has(Z) and _same_function(candidate.subs(A, f), in_z, _CHECK_POINTS):
+        if not candidate.has(Z) and _same_function(candidate.subs(A, f), in_z,
+                                                   (*_CHECK_POINTS, 0.0)):
             steps.append(Step("rewrite in a", sp.Derivative(sigma(Z), Z), candidate,
                               why + "; checked: equal to sigma'(z) for every z", source))
             return ActivationDerivative(activation, in_z, candidate, tuple(steps))
     return ActivationDerivative(activation, in_z, None, tuple(steps))
-
-
 
 
 # --- the formulas ------------------------------------------------------------------------

@@ -21,7 +21,14 @@ from pathlib import Path
 import sympy as sp
 
 from derive import __version__
-from derive.derivation.imageform import FirstMaxMask, Fold, Windows, WindowsMax
+from derive.derivation.imageform import (
+    FirstMaxMask,
+    Flatten,
+    Fold,
+    Unflatten,
+    Windows,
+    WindowsMax,
+)
 from derive.derivation.reverse import Derivation, Formula
 from derive.derivation.stepform import Block, Concat, MatProd, StepGuard, SumSteps
 from derive.derivation.tensorform import (
@@ -44,6 +51,8 @@ from derive.render.numpy_printer import (
     among_maps,
     batch_name,
     operations,
+    routed_by_max,
+    tiled,
 )
 from derive.render.pretty import pretty
 from derive.render.probe import first_overflow
@@ -325,6 +334,59 @@ def _kept_calls(forward: list[_Assign], backward: list[_Assign]
                  for assign in backward], kept
 
 
+def _pointwise_in(expr: sp.Expr, tensor: NetTensor) -> bool:
+    """Whether ``expr`` is a function of ``tensor``'s entries one by one and of nothing else:
+    numbers and ``tensor`` under sums, products, powers, one-argument calls and brackets
+    ([a¹ > 0], 1 - (a¹)²)."""
+    if expr.is_number or expr == tensor or expr == sp.true:
+        return True
+    if isinstance(expr, NetTensor):
+        return False
+    if isinstance(expr, sp.Add | sp.Mul | sp.Piecewise | sp.core.relational.Relational) or (
+            isinstance(expr, sp.Pow) and expr.exp.is_number) or (
+            isinstance(expr, sp.Function) and len(expr.args) == 1):
+        return all(_pointwise_in(arg, tensor) for arg in expr.args)
+    if isinstance(expr, sp.functions.elementary.piecewise.ExprCondPair):
+        return all(_pointwise_in(arg, tensor) for arg in expr.args)
+    return False
+
+
+def _routed_factors(backward: list[_Assign], maxima: dict[Windows, NetTensor]
+                    ) -> list[_Assign]:
+    """The backward assignments with each factor f(a) beside a max pool's routing of its
+    error onto a (δ = f(a) ⊙ route(δ'): an activation's derivative written in its output,
+    [a > 0] of relu, 1 - a² of tanh) moved inside the routing, as f(m) on each window's
+    maximum m, into an array of its own (``routed_delta2 = delta2*(A2 > 0)``): the routing
+    puts a window's error only where a equals its maximum, and 0 elsewhere, so the two are
+    equal entry by entry (ties too: the entry it lands on holds the maximum), and f is applied
+    to the pooled maps, a quarter of the entries for a 2×2 pool. The pre-activation z is then
+    no longer read (docs/architecture.md, "Images")."""
+    out = []
+    for assign in backward:
+        if assign.code is None and isinstance(assign.expr, sp.Mul):
+            folds = [f for f in assign.expr.args
+                     if isinstance(f, Fold) and routed_by_max(*f.args) is not None]
+            if len(folds) == 1:
+                fold = folds[0]
+                delta, windows = routed_by_max(*fold.args)
+                tensor, factor = windows.args[0], assign.expr / fold
+                if windows in maxima and factor.has(tensor) and _pointwise_in(factor, tensor):
+                    routed = NetTensor("hoisted", of=f"routed_{batch_name(delta)}", rank=3)
+                    moved = delta * factor.xreplace({tensor: maxima[windows]})
+                    out.append(_Assign(routed, moved, (
+                        f"{pretty(moved)}: {pretty(assign.target)}'s factor {pretty(factor)} "
+                        f"taken at the windows' maxima {pretty(maxima[windows])}, the only "
+                        "entries the error is routed to")))
+                    placed = next(f for f in sp.Mul.make_args(fold.args[0])
+                                  if isinstance(f, Broadcast))
+                    cols = fold.args[0].xreplace({placed: placed.func(routed, *placed.args[1:])})
+                    out.append(_Assign(assign.target, fold.func(cols, *fold.args[1:]),
+                                       assign.comment))
+                    continue
+        out.append(assign)
+    return out
+
+
 def _kept_windows(forward: list[_Assign], backward: list[_Assign], printer: NumPyBatchPrinter
                   ) -> tuple[list[_Assign], dict[NetTensor, NetTensor]]:
     """(forward, kept): the windows that a convolution and its kernel's gradient both contract
@@ -386,13 +448,16 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
     live_until: dict[int, float] = {_FOREIGN: math.inf}     # buffer -> its last reader
     out: list[Statement] = []
     loop_reads = {t for item in assigns if isinstance(item, _LoopCode) for t in _read(item)}
+    # a flatten's or unflatten's result: a transposed view of its argument's buffer, which an
+    # in-place statement would write through (into a cached array), and slowly
+    strided: set[NetTensor] = set()
     for index, assign in enumerate(assigns):
         if isinstance(assign, _LoopCode):
             out.extend(assign.statements(printer))
             for target in assign.targets:   # arrays filled step by step: never taken over
                 buffer_of[target] = _FOREIGN
             continue
-        dead = _DeadArrays(buffer_of, live_until, index, assign.target)
+        dead = _DeadArrays(buffer_of, live_until, index, assign.target, strided)
         layout = _layout(assign, printer, loop_reads, batch_only)
         if layout == "time" and isinstance(assign.target, NetTensor):
             printer.time_major.add(assign.target)
@@ -409,11 +474,12 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         printer.among_maps = among_maps(assign.expr)
         with printer.steps(views(assign.expr), layout=layout):
             # a call of an array nothing reads again writes into it: np.tanh(Z1, out=Z1)
-            into = printer.into(assign.expr, printer.doprint(assign.expr.args[0])) if (
-                reused is None and assign.expr.args and assign.expr.args[0] in dead) else None
+            operand = printer.operand(assign.expr)
+            into = printer.into(assign.expr, printer.doprint(operand)) if (
+                reused is None and operand in dead) else None
             if into is not None:
                 out.append(Statement(name, into, assign.comment))
-                reused = assign.expr.args[0]
+                reused = operand
             chain = None if into is not None else _chain(
                 printer, steps, name, layout == "time" or any(
                     t.rank == 3 for t in assign.expr.atoms(NetTensor)))
@@ -430,6 +496,10 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         if isinstance(assign.target, NetTensor):
             shares = reused if reused is not None else (
                 assign.expr if isinstance(assign.expr, NetTensor) else None)
+            if isinstance(assign.expr, Flatten | Unflatten) and \
+                    isinstance(assign.expr.args[0], NetTensor):
+                shares = assign.expr.args[0]
+                strided.add(assign.target)
             if shares is None:
                 buffer_of[assign.target] = index            # a new array of this function
             elif shares in buffer_of:
@@ -744,10 +814,12 @@ class _DeadArrays:
     live_until: dict[int, float]
     index: int
     target: NetTensor | str
+    strided: set[NetTensor]
 
     def __contains__(self, tensor: object) -> bool:
         return (isinstance(tensor, NetTensor) and isinstance(self.target, NetTensor)
-                and tensor in self.buffer_of and tensor.rank == self.target.rank
+                and tensor in self.buffer_of and tensor not in self.strided
+                and tensor.rank == self.target.rank
                 and self.live_until[self.buffer_of[tensor]] <= self.index)
 
 
@@ -772,11 +844,28 @@ def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: s
     if len(steps) != 2 or steps[0][0] != "=" or not _fresh(steps[0][1]) or steps[1][0] not in (
             "*=", "+=") or {t.rank for t in steps[1][1].atoms(NetTensor)} != {3}:
         return None
+    fresh, op = steps[0][1], steps[1][0]
+    placed = tiled(fresh)
+    if placed is not None and op == "*=":
+        # an average pool's error times f(a): f(a) into the target, then each tile of it
+        # times its window's error, the number (1/4) on the pooled error, a quarter the size
+        coefficient, factor = steps[1][1].as_content_primitive()   # 1/4 - a²/4: 1/4, 1 - a²
+        lines = printer.chained(factor, name)
+        if lines is None and not (factor.is_number or isinstance(factor, NetTensor)
+                                  or _indicator(factor)):
+            lines = [(name, "=", printer.doprint(factor))]     # a new float array
+        if lines is not None:
+            return [*lines, (name, "=", printer.times_tiles(name, coefficient * placed,
+                                                             fresh.args[4]))]
     lines = printer.chained(steps[1][1], name)
     if lines is None:
         return None
-    fresh, op = steps[0][1], steps[1][0]
     return [*lines, (name, op, printer.doprint(fresh))]
+
+
+def _indicator(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is a bracket [condition], which prints as a boolean mask."""
+    return isinstance(expr, sp.Piecewise) and [value for value, _ in expr.args] == [1, 0]
 
 
 def _op(op: str, expr: sp.Expr) -> str:
@@ -1311,6 +1400,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
 
     forward_assigns, backward_assigns, kept = _kept_calls(forward_assigns, backward_assigns)
     forward_assigns, windows = _kept_windows(forward_assigns, backward_assigns, printer)
+    backward_assigns = _routed_factors(backward_assigns, printer.maxima)
     # cache only what backward and the loss read (a kept array after its quantity)
     backward_exprs = [assign.expr for assign in backward_assigns]
     quantities = {t: (n, 0) for n, t in enumerate(_forward_quantities(model, shared))}

@@ -1439,6 +1439,13 @@ WHY_PREFIX: Mapping[str, tuple[str, str]] = {
          "are equal for every $z$."),
         "把 $\\sigma(z)$ 换成它算出的激活值 $a$；derive 已验证两边对所有 $z$ 相等。",
     ),
+    "a > 0 exactly where z > 0; each branch's value written in that branch's a": (
+        ("The output $a$ is positive exactly where $z$ is, so the condition $z > 0$ is "
+         "$a > 0$, and each branch's value is written in the $a$ of that branch; derive checked "
+         "that both sides are equal for every $z$."),
+        ("输出 $a$ 恰在 $z$ 为正处为正，所以条件 $z > 0$ 就是 $a > 0$，每一分支的值用该分支的 "
+         "$a$ 表示；derive 已验证两边对所有 $z$ 相等。"),
+    ),
     "solve a = sigma(z) for z and substitute": (
         ("Solve $a = \\sigma(z)$ for $z$, {source}, and substitute; derive checked that both "
          "sides are equal for every $z$."),

@@ -190,6 +190,17 @@ def _windows(x, kernel, stride, padding):
     windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(1, 2))
     return windows[:, ::stride[0], ::stride[1]]
 ''',
+    "_times_tiles": '''\
+def _times_tiles(out, small, kernel):
+    """out (C, H, W, B) times small (C, H / kh, W / kw, B) spread over the kh x kw tiles of
+    the maps, each tile by its one value (an average pool's error over its windows): in
+    place, one multiplication of a reshaped view, with no array of out's size made for the
+    spread error."""
+    channels, rows, cols, batch = small.shape
+    tiles = out.reshape(channels, rows, kernel[0], cols, kernel[1], batch)
+    tiles *= small[:, :, None, :, None, :]
+    return tiles.reshape(out.shape)
+''',
     "_fold": '''\
 def _fold(cols, shape, stride, padding, kernel):
     """The adjoint of _windows: every window entry of cols (C, H', W', B, kh, kw; it may be
@@ -349,7 +360,22 @@ def _first_max(windows):
 })
 
 
-def _routed_by_max(cols: sp.Expr, shape: sp.Expr, stride: sp.Expr, padding: sp.Expr,
+def tiled(fold: sp.Expr) -> sp.Expr | None:
+    """The tensor δ when ``fold`` spreads one value of δ per window over windows that tile the
+    maps (stride the kernel, no padding, the maps' size a multiple of it: an average pool's
+    error, before its factor 1/(kh kw)); else None."""
+    if not isinstance(fold, Fold) or not isinstance(fold.args[0], Broadcast):
+        return None
+    cols, shape, stride, padding, kernel = fold.args
+    tensor, axes, frame = cols.args
+    if tuple(padding) != (0, 0) or tuple(stride) != tuple(kernel) or len(str(axes)) != 3 or \
+            len(str(frame)) != 5 or str(frame)[:3] != str(axes) or \
+            any(int(size) % int(k) for size, k in zip(shape, kernel)):
+        return None
+    return tensor
+
+
+def routed_by_max(cols: sp.Expr, shape: sp.Expr, stride: sp.Expr, padding: sp.Expr,
                    kernel: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
     """(δ, the windows of x) when ``Fold(cols, ...)`` folds δ placed on each window times the
     first-maximum indicator of the unpadded windows of x, with the same geometry, back onto
@@ -658,18 +684,36 @@ class NumPyBatchPrinter(NumPyPrinter):
         return super().doprint(fold_numbers(expr), assign_to)
 
     def into(self, expr: sp.Expr, out: str) -> str | None:
-        """``expr``, a call of one argument, printed to write its value into the array
-        ``out`` (``np.tanh(Z1, out=Z1)``: no new array); None for anything else."""
-        if not self.writes_into(expr):
+        """``expr``, a call of one array, printed to write its value into the array ``out``
+        (``np.tanh(Z1, out=Z1)``, ``np.maximum(Z1, 0, out=Z1)``: no new array); None for
+        anything else."""
+        array = self.operand(expr)
+        if array is None:
             return None
+        if isinstance(expr, sp.Max | sp.Min):
+            number = next(arg for arg in expr.args if arg is not array)
+            call = "np.maximum" if isinstance(expr, sp.Max) else "np.minimum"
+            return f"{call}({self.doprint(array)}, {self.doprint(number)}, out={out})"
         call = _INTO[type(expr)]
         if call.startswith("_"):
             self._use(call)
-        return f"{call}({self.doprint(expr.args[0])}, out={out})"
+        return f"{call}({self.doprint(array)}, out={out})"
+
+    def operand(self, expr: sp.Expr) -> sp.Expr | None:
+        """The one argument of ``expr`` that :meth:`into` can write over: that of an
+        elementwise call (tanh, exp, ...), or the array of a maximum or minimum of an array and
+        a number (relu's max(z, 0)); None for anything else."""
+        if type(expr) in _INTO:
+            return expr.args[0]
+        if isinstance(expr, sp.Max | sp.Min) and len(expr.args) == 2:
+            arrays = [arg for arg in expr.args if not arg.is_number]
+            if len(arrays) == 1:
+                return arrays[0]
+        return None
 
     def writes_into(self, expr: sp.Expr) -> bool:
         """Whether ``expr`` is a call that :meth:`into` can print writing into an array."""
-        return type(expr) in _INTO
+        return self.operand(expr) is not None
 
     def written_into(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]]:
         """Lines that leave ``expr`` in the existing array ``out`` with no array made for the
@@ -1039,7 +1083,7 @@ class NumPyBatchPrinter(NumPyPrinter):
             delta, kernels = correlated
             return (f"_correlate_input({self._print(delta)}, {self._print(kernels)}, "
                     f"{_ints(shape)}, {_ints(stride)}, {_ints(padding)})")
-        routed = _routed_by_max(cols, shape, stride, padding, kernel)
+        routed = routed_by_max(cols, shape, stride, padding, kernel)
         if routed is not None:    # max pooling's δ: routed to each window's first maximum
             self.helpers.add("_max_unpool")
             delta, windows = routed
@@ -1051,6 +1095,12 @@ class NumPyBatchPrinter(NumPyPrinter):
         self.helpers.add("_fold")
         return (f"_fold({self._print(cols)}, {_ints(shape)}, {_ints(stride)}, "
                 f"{_ints(padding)}, {_ints(kernel)})")
+
+    def times_tiles(self, out: str, small: sp.Expr, kernel: sp.Expr) -> str:
+        """The code that multiplies the feature maps ``out`` by ``small``, one value per tile
+        of ``kernel``'s size (see tiled)."""
+        self.helpers.add("_times_tiles")
+        return f"_times_tiles({out}, {self.doprint(small)}, {_ints(kernel)})"
 
     def _print_Flatten(self, expr: Flatten) -> str:
         # feature maps (C, H, W, B) -> rows (B, C * H * W), C-major: a transposed view
