@@ -104,6 +104,16 @@ def _dot_steps(u, v):
     return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
 
 
+def _sum_steps(x):
+    """The sum of x (T, B, n) or (B, T, n) over its steps and samples: one product of its rows
+    with a vector of ones when x is contiguous (BLAS reads each row once, where NumPy's
+    reduction over the two leading axes took 2.5-4x as long at T = 20, B = 32), else np.sum."""
+    if not x.flags.c_contiguous:
+        return x.sum(axis=(0, 1))
+    rows = x.reshape(-1, x.shape[-1])
+    return np.ones(len(rows), dtype=x.dtype) @ rows
+
+
 def _softmax_logsumexp(x):
     """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
     top = x.max(axis=-1, keepdims=True)
@@ -226,7 +236,7 @@ def backward(params, cache, Y):
     # BP4: ∂C/∂W⁸ = Σₜ δ⁸ₜ (a⁷ₜ)ᵀ, summed over the rows
     dW8 = _dot_steps(delta8, A7)
     # BP3: ∂C/∂b⁸ = Σₜ δ⁸ₜ, summed over the rows
-    db8 = delta8.sum(axis=(0, 1))
+    db8 = _sum_steps(delta8)
     # Δ⁷ = (W⁸)ᵀ δ⁸ₜ
     delta7 = _dot_rows(delta8, W8)
     # ∂C/∂X̂⁷ = δ⁷ₜ ⊙ γ⁷
@@ -238,9 +248,9 @@ def backward(params, cache, Y):
     # ∂C/∂μ⁷ = 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ - 2*∂C/∂(σ²)⁷ₜ*(𝟏)ᵀ a⁶ₜ/n₆ - (𝟏)ᵀ ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
     dC_dmu7 = 2*dC_dvar7*mu7 - 0.25*dC_dvar7*A6.sum(axis=-1, keepdims=True) - shared_1/np.sqrt(var7 + 1e-05)
     # ∂C/∂γ⁷ = Σₜ (δ⁷ₜ ⊙ x̂⁷ₜ), summed over the rows
-    dgamma7 = (delta7*Xhat7).sum(axis=(0, 1))
+    dgamma7 = _sum_steps(delta7*Xhat7)
     # ∂C/∂β⁷ = Σₜ δ⁷ₜ, summed over the rows
-    dbeta7 = delta7.sum(axis=(0, 1))
+    dbeta7 = _sum_steps(delta7)
     # Δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
     delta6 = 0.25*A6*dC_dvar7 + 0.125*dC_dmu7 + dC_dXhat7/np.sqrt(var7 + 1e-05) - 0.25*dC_dvar7*mu7
     # Δ⁵ = δ⁶ₜ
@@ -248,14 +258,14 @@ def backward(params, cache, Y):
     # BP4: ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ, summed over the rows
     dW5 = _dot_steps(delta5, A4)
     # BP3: ∂C/∂b⁵ = Σₜ δ⁵ₜ, summed over the rows
-    db5 = delta5.sum(axis=(0, 1))
+    db5 = _sum_steps(delta5)
     # Δ⁴ = [a⁴ₜ > 0] ⊙ (W⁵)ᵀ δ⁵ₜ
     delta4 = _dot_rows(delta5, W5)
     delta4 *= (A4 > 0)
     # BP4: ∂C/∂W⁴ = Σₜ δ⁴ₜ (a³ₜ)ᵀ, summed over the rows
     dW4 = _dot_steps(delta4, A3)
     # BP3: ∂C/∂b⁴ = Σₜ δ⁴ₜ, summed over the rows
-    db4 = delta4.sum(axis=(0, 1))
+    db4 = _sum_steps(delta4)
     # Δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
     delta3 = _dot_rows(delta4, W4)
     delta3 += delta6
@@ -268,9 +278,9 @@ def backward(params, cache, Y):
     # ∂C/∂μ³ = 2*∂C/∂(σ²)³ₜ*μ³ₜ - 2*∂C/∂(σ²)³ₜ*(𝟏)ᵀ a²ₜ/n₂ - (𝟏)ᵀ ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
     dC_dmu3 = 2*dC_dvar3*mu3 - 0.25*dC_dvar3*A2.sum(axis=-1, keepdims=True) - shared_2/np.sqrt(var3 + 1e-05)
     # ∂C/∂γ³ = Σₜ (δ³ₜ ⊙ x̂³ₜ), summed over the rows
-    dgamma3 = (delta3*Xhat3).sum(axis=(0, 1))
+    dgamma3 = _sum_steps(delta3*Xhat3)
     # ∂C/∂β³ = Σₜ δ³ₜ, summed over the rows
-    dbeta3 = delta3.sum(axis=(0, 1))
+    dbeta3 = _sum_steps(delta3)
     # Δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
     delta2 = 0.25*A2*dC_dvar3 + 0.125*dC_dmu3 + dC_dXhat3/np.sqrt(var3 + 1e-05) - 0.25*dC_dvar3*mu3
     # Δ¹ = δ²ₜ

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from derive.render.numpy_printer import HELPERS
 
 NAMES = ("_windows", "_fold", "_first_max", "_window_max", "_window_sum", "_max_unpool",
-         "_im2col", "_correlate", "_correlate_kernel", "_correlate_input")
+         "_im2col", "_correlate", "_correlate_kernel", "_correlate_input", "_times_tiles")
 SPACE: dict = {"np": np}
 for _name in NAMES:
     exec(HELPERS[_name], SPACE)  # noqa: S102 (derive's own helper source, not user text)
@@ -141,3 +141,20 @@ def test_a_fold_of_one_value_per_window_tiles_or_adds(kernel, cover) -> None:
     folded = SPACE["_fold"](last(delta[..., None, None]), shape, kernel, (0, 0), kernel)
     assert np.array_equal(folded, expected)
     assert folded.shape == (3, *shape, 2)
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (2, 2), (2, 3), (3, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiles_times_their_window_value_in_place(kernel, dtype) -> None:
+    # an average pool's error times f(a): each kh x kw tile of the maps times its window's
+    # value, written entry by entry; in place, in the maps' dtype
+    rng = np.random.default_rng(sum(kernel))
+    small = rng.standard_normal((2, 3, 4, 2)).astype(dtype)          # (B, C, H', W')
+    maps = rng.standard_normal((2, 3, 4 * kernel[0], 2 * kernel[1])).astype(dtype)
+    expected = maps.copy()
+    for b, c, h, w in itertools.product(*(range(n) for n in maps.shape)):
+        expected[b, c, h, w] *= small[b, c, h // kernel[0], w // kernel[1]]
+    out = np.ascontiguousarray(last(maps))
+    result = SPACE["_times_tiles"](out, last(small), kernel)
+    assert np.shares_memory(result, out) and result.dtype == dtype
+    assert np.array_equal(batch_first(result), expected)

@@ -21,6 +21,7 @@ from derive.registry.functions import ACTIVATIONS, LOSSES
 from derive.registry.ops import OPS
 from derive.registry.windows import InRange
 from derive.render.codegen import load_module, render_module
+from derive.render.numpy_printer import HELPERS
 from derive.spec.load import load_spec
 from derive.verify.expansion import Instance, verify
 from tests.torch_reference import reference_batch, torch_loss_and_grads
@@ -318,3 +319,16 @@ def test_a_custom_activation_in_a_sequence_network_generates_working_code(op, cu
     X, Y = rng.standard_normal((3, 3, 2)), rng.standard_normal((3, 3, 2))
     assert module.gradient_check(params, X, Y) < 1e-6
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_sum_over_steps_and_samples_is_the_sum_of_every_row(dtype) -> None:
+    # _sum_steps: a product with ones for a contiguous (T, B, n), np.sum for a view
+    space = {"np": np}
+    exec(HELPERS["_sum_steps"], space)  # noqa: S102 (derive's own helper source)
+    x = np.random.default_rng(4).standard_normal((5, 7, 3)).astype(dtype)
+    for array in (x, x.swapaxes(0, 1), x[:, ::2]):
+        total = space["_sum_steps"](array)
+        assert total.dtype == dtype and total.shape == (3,)
+        expected = array.astype(np.float64).sum(axis=(0, 1))
+        assert np.allclose(total, expected, rtol=1e-5 if dtype == np.float32 else 1e-13)

