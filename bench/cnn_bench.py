@@ -38,7 +38,9 @@ for PyTorch) gives steadier numbers: a single thread is only time-sliced by a co
 where two threads that wait for each other stall for whole scheduler slices.
 
 ``--idioms`` instead times the alternatives for the NumPy building blocks the hand-written
-code chose between (im2col layout, col2im, max-pool forward and backward) side by side.
+code chose between (im2col layout, col2im, max-pool forward and backward) side by side, and
+the convolutions' matrix products as the hand-written step computes them (one product each)
+and as the generated module does (in blocks of positions where the kernels are few).
 
 Usage (from the repository root):
 
@@ -620,6 +622,28 @@ def im2col_variants(C: int, H: int, k: int, B: int, dtype: str) -> dict:
     }
 
 
+def product_variants(kernels: int, entries: int, positions: int, dtype: str) -> dict:
+    """name -> function: a convolution of ``kernels`` kernels of ``entries`` window entries
+    over ``positions`` positions (samples included) and its kernel's gradient, as one matrix
+    product each (the hand-written step) or as the generated module's helpers compute them
+    (in blocks of positions where the kernels are few: ``_block_size``)."""
+    generated = load_generated("lenet")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((kernels, entries)).astype(dtype)
+    cols = rng.standard_normal((entries, positions)).astype(dtype)
+    delta = rng.standard_normal((kernels, positions)).astype(dtype)
+    maps = (entries, positions, 1, 1)           # the helpers' (C * kh * kw, H', W', B)
+    variants = {"forward, one product (hand-written)": lambda: w @ cols,
+                "kernel's gradient, one product (hand-written)": lambda: delta @ cols.T}
+    if generated is not None:
+        variants["forward, generated `_correlate`"] = lambda: generated._correlate(
+            w.reshape(kernels, entries, 1, 1), cols.reshape(maps))
+        variants["kernel's gradient, generated `_correlate_kernel`"] = \
+            lambda: generated._correlate_kernel(delta.reshape(kernels, positions, 1, 1),
+                                                cols.reshape(maps), (1, 1))
+    return variants
+
+
 def idioms(quick: bool) -> int:
     budget = 0.6 if quick else 2.5
     print(f"NumPy {np.__version__}, BLAS: {blas_description()}; {os.cpu_count()} CPUs; "
@@ -650,6 +674,17 @@ def idioms(quick: bool) -> int:
             chosen = next(iter(times.values()))
             for name, value in times.items():
                 print(f"| {name} | {value:.1f} | {value / chosen:.2f}x |")
+            print()
+    print("## products of few kernels over many positions: one product or blocks (medians, "
+          "µs)\n")
+    cases = {"lenet conv 1 (6 kernels, 25 entries, 28x28 positions, batch 64)": (6, 25, 50176),
+             "lenet conv 2 (16 kernels, 150 entries, 10x10 positions, batch 64)": (16, 150, 6400)}
+    for label, case in cases.items():
+        for dtype in DTYPES:
+            times = median_times(product_variants(*case, dtype), budget / 2, most=100)
+            print(f"### {label}, {dtype}\n\n| variant | µs |\n|---|---|")
+            for name, value in times.items():
+                print(f"| {name} | {value:.1f} |")
             print()
     print("## max-pool 2x2 stride 2: forward (keeping what backward needs) and backward "
           "(medians, µs)\n")
@@ -685,7 +720,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions, default malloc settings only")
     parser.add_argument("--idioms", action="store_true",
-                        help="time the NumPy idioms for im2col, col2im and max-pool side by side")
+                        help="time the NumPy idioms for im2col, col2im, the convolutions' "
+                        "products and max-pool side by side")
     parser.add_argument("--worker", choices=("numpy", "alone", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--default-malloc-only", action="store_true",
                         help="skip the second run with tuned glibc malloc settings")

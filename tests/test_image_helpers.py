@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from derive.render.numpy_printer import HELPERS
 
 NAMES = ("_windows", "_fold", "_first_max", "_window_max", "_window_sum", "_max_unpool",
-         "_im2col", "_correlate", "_correlate_kernel", "_correlate_input", "_times_tiles")
+         "_im2col", "_correlate", "_correlate_kernel", "_correlate_input", "_times_tiles",
+         "_block_size")
 SPACE: dict = {"np": np}
 for _name in NAMES:
     exec(HELPERS[_name], SPACE)  # noqa: S102 (derive's own helper source, not user text)
@@ -158,3 +159,27 @@ def test_tiles_times_their_window_value_in_place(kernel, dtype) -> None:
     result = SPACE["_times_tiles"](out, last(small), kernel)
     assert np.shares_memory(result, out) and result.dtype == dtype
     assert np.array_equal(batch_first(result), expected)
+
+
+@pytest.mark.parametrize(("kernels", "channels"), [(1, 1), (6, 1), (8, 3), (9, 3), (16, 6)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_products_over_many_positions_in_blocks_equal_one_product(kernels, channels,
+                                                                  dtype) -> None:
+    # few kernels over many positions: blocks of at most 2**19 multiply-adds (OpenBLAS's
+    # small-matrix kernels), each a multiple of 64 positions; the same numbers as one product
+    rng = np.random.default_rng(kernels)
+    w = rng.standard_normal((kernels, channels, 3, 3)).astype(dtype)
+    cols = rng.standard_normal((channels * 9, 30, 31, 40)).astype(dtype)     # 37200 positions
+    delta = rng.standard_normal((kernels, 30, 31, 40)).astype(dtype)
+    count = 30 * 31 * 40
+    size = SPACE["_block_size"](kernels, channels * 9, count)
+    if kernels > 8 or kernels * channels * 9 * count <= 1 << 19:
+        assert size == count
+    else:
+        assert size < count and size % 64 == 0 and kernels * channels * 9 * size <= 1 << 19
+    tolerance = {"rtol": 1e-4, "atol": 1e-3} if dtype == np.float32 else {"rtol": 1e-12}
+    one = (w.reshape(kernels, -1) @ cols.reshape(len(cols), -1)).reshape(delta.shape)
+    assert np.allclose(SPACE["_correlate"](w, cols), one, **tolerance)
+    kernel = (delta.reshape(kernels, -1) @ cols.reshape(len(cols), -1).T).reshape(w.shape)
+    got = SPACE["_correlate_kernel"](delta, cols, (3, 3))
+    assert got.dtype == dtype and np.allclose(got, kernel, **tolerance)

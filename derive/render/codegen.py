@@ -45,6 +45,7 @@ from derive.registry.functions import SCALAR_FUNCTIONS
 from derive.registry.ops import Equation
 from derive.render.numpy_printer import (
     BATCH,
+    HELPER_CALLS,
     HELPERS,
     NumPyBatchPrinter,
     RowSum,
@@ -1443,7 +1444,9 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         penalty_code = printer.doprint(to_vector(model.penalty, ()))
 
     demo, demo_values = _demo(spec, model)
-    helpers = [HELPERS[name] for name in HELPERS if name in printer.helpers]
+    used = printer.helpers | {called for name in printer.helpers
+                              for called in HELPER_CALLS.get(name, ())}
+    helpers = [HELPERS[name] for name in HELPERS if name in used]
     formula_lines = [f"({f.equation}) {_lhs_text(f)} = {pretty(f.vector)}" if f.equation
                      else f"{_lhs_text(f)} = {pretty(f.vector)}"
                      for f in derivation.formulas if f.kind != "loss gradient"]
