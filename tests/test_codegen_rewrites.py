@@ -196,3 +196,30 @@ def test_indicator_prints_as_a_mask_and_constant_branches_keep_the_dtype():
     assert printer.doprint(sp.Piecewise((1, z1 > 0), (0, True))) == "(Z1 > 0)"
     leaky = printer.doprint(sp.Piecewise((1, z1 > 0), (sp.Rational(1, 100), True)))
     assert leaky == "np.where(Z1 > 0, 1, 0.01).astype(Z1.dtype)"
+
+
+def test_a_negative_product_never_negates_a_mask():
+    # NumPy refuses -mask: the signed float factors first, the masks after; a signed mask
+    # alone is a bracket of that value, in the array's dtype
+    printer = NumPyBatchPrinter()
+    a1, a2 = NetTensor("a", 1), NetTensor("a", 2)
+    bracket = sp.Piecewise((1, a2 > 0), (0, True))
+    arrays = {"A1": np.array([-1.0, 0.5, 2.0], dtype=np.float32),
+              "A2": np.array([1.0, -2.0, 3.0], dtype=np.float32), "np": np}
+    for expr, expected in ((-bracket * expm1(-a1), -np.expm1(-arrays["A1"]) * [1, 0, 1]),
+                           (-3 * bracket, np.array([-3.0, 0.0, -3.0]))):
+        code = printer.doprint(expr)
+        value = eval(code, arrays)  # noqa: S307 - derive's own printed code
+        assert value.dtype == np.float32, code
+        assert np.allclose(value, expected), code
+
+
+def test_a_factor_is_pointwise_in_a_tensor_only_through_scalar_functions():
+    from derive.derivation.tensorform import Total
+    from derive.render.codegen import _pointwise_in
+    a1 = NetTensor("a", 1)
+    assert _pointwise_in(1 - a1**2, a1)
+    assert _pointwise_in(sp.Piecewise((1, a1 > 0), (0, True)) * sigmoid(a1), a1)
+    assert _pointwise_in(-expm1(-a1), a1)
+    assert not _pointwise_in(1 - Total(a1)**2, a1)          # a sum over the whole array
+    assert not _pointwise_in(a1 * NetTensor("z", 1), a1)    # another array

@@ -226,3 +226,29 @@ def test_a_given_dropout_mask_of_feature_maps_is_read_per_sample_as_pytorch_woul
     assert value == pytest.approx(expected.item(), rel=1e-12)
     for key, tensor in tensors.items():
         assert np.allclose(grads[key], tensor.grad.numpy(), rtol=1e-10, atol=1e-12), key
+
+
+@pytest.mark.parametrize("pool", ["max_pool2d", "avg_pool2d"])
+def test_custom_activations_around_a_pool_give_the_built_ins_gradients(pool: str) -> None:
+    """A custom activation on a convolution, and one after a flatten, written as a built-in's
+    formula: the module renders (the overflow probe reads feature-map formulas as numbers)
+    and gives the built-in network's loss and gradients, which match PyTorch."""
+    def spec(first, second) -> dict:
+        return {"name": "custom_maps", "input": [2, 6, 6], "layers": [
+            {"op": "conv2d", "channels": 3, "kernel": 3, "padding": 1, "activation": first},
+            {"op": pool, "kernel": 2}, {"op": "flatten"},
+            {"op": "activation", "activation": second},
+            {"size": 3, "activation": "softmax"}], "loss": "cross_entropy"}
+
+    built_in = load_module(_source_matching_pytorch(spec("tanh", "softplus")), "built_in")
+    custom = _module(spec({"name": "mytanh", "expr": "tanh(z)"},
+                          {"name": "mysoftplus", "expr": "log(1 + exp(z))"}))
+    rng = np.random.default_rng(2)
+    params = {key: value + 0.1 * rng.standard_normal(value.shape)
+              for key, value in built_in.init_params(seed=2).items()}
+    X, Y = reference_batch(spec("tanh", "softplus"), 2, 3)
+    (value, grads), (expected_value, expected) = (custom.gradients(params, X, Y),
+                                                  built_in.gradients(params, X, Y))
+    assert value == pytest.approx(expected_value, rel=1e-12)
+    for key in expected:
+        assert np.allclose(grads[key], expected[key], rtol=1e-10, atol=1e-13), key

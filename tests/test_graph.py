@@ -21,6 +21,7 @@ from derive.quantities import NetTensor
 from derive.registry.ops import OPS
 from derive.render.codegen import load_module, render_module
 from derive.spec.load import example_path, list_examples, load_spec
+from tests.conftest import ELEMENTWISE
 from tests.strategies import random_batch, random_dag_specs
 from tests.torch_reference import init_reference_params, torch_loss_and_grads
 
@@ -229,3 +230,15 @@ def test_an_alias_of_the_input_is_never_updated_in_place() -> None:
     assert value == pytest.approx(expected_value, rel=TOLERANCE)
     for key in expected:
         assert np.allclose(grads[key], expected[key], rtol=TOLERANCE, atol=TOLERANCE), key
+
+
+@pytest.mark.parametrize("second", ELEMENTWISE)
+@pytest.mark.parametrize("first", ELEMENTWISE)
+def test_two_activations_in_a_row_match_torch(first: str, second: str) -> None:
+    # the second's derivative times the first's, two elementwise factors in one product:
+    # softplus's -expm1(-a) times relu's bracket [a > 0] once printed as -(A2 > 0)*..., a
+    # negated boolean mask, which NumPy refuses
+    spec = {"name": "twice", "input": 2, "layers": [
+        {"size": 3, "activation": first}, {"op": "activation", "activation": second},
+        {"size": 2, "activation": "identity"}], "loss": "mse"}
+    _compare(spec, seed=3, batch=5, fd=False)

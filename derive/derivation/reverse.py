@@ -728,27 +728,33 @@ def _inverted(value: sp.Expr, f: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
     return _simplest(sp.simplify(raw_a), sp.expand(sp.simplify(raw_a))), inverses[0]
 
 
-def _in_output(value: sp.Expr, f: sp.Expr) -> sp.Expr | None:
-    """``value`` written in a = f(z) without z: f(z) replaced by a, else f inverted; None when
-    neither removes z."""
+def _in_output(value: sp.Expr, f: sp.Expr) -> tuple[sp.Expr, str, sp.Eq | None] | None:
+    """(``value`` written in a = f(z) without z, how, the equation used): f(z) replaced by a,
+    else f inverted; None when neither removes z."""
     substituted = value.xreplace({f: A})
     if not substituted.has(Z):
-        return substituted
+        return substituted, "replace sigma(z) by the layer output a", None
     inverted = _inverted(value, f)
-    return inverted[0] if inverted is not None and not inverted[0].has(Z) else None
+    if inverted is None or inverted[0].has(Z):
+        return None
+    return (inverted[0], "solve a = sigma(z) for z and substitute",
+            sp.Eq(Z, inverted[1], evaluate=False))
 
 
 def _signs_agree(f: sp.Expr) -> bool:
     """Whether f(z) > 0 exactly where z > 0, for f = Piecewise((p, z > 0), (n, True)): p(t) > 0
-    for every t > 0, and n(-s) ≤ 0 for every s ≥ 0 (n itself, or n(0) ≤ 0 and n' ≥ 0 there),
-    each proved by SymPy's assumptions (None, not proved, counts as no)."""
+    for every t > 0, and n(-s) ≤ 0 for every s ≥ 0 (n itself, or n(0) ≤ 0 and n' ≥ 0 there,
+    for an n with no jump or kink, whose derivative sympy.diff would not see), each proved by
+    SymPy's assumptions (None, not proved, counts as no)."""
     if not (isinstance(f, sp.Piecewise) and len(f.args) == 2 and f.args[0].cond == (Z > 0)
             and f.args[1].cond == sp.true):
         return False
     positive, negative = f.args[0].expr, f.args[1].expr
     t, s = sp.Dummy("t", positive=True), sp.Dummy("s", nonnegative=True)
-    below = negative.subs(Z, -s).is_nonpositive or (
-        negative.subs(Z, 0).is_nonpositive and sp.diff(negative, Z).subs(Z, -s).is_nonnegative)
+    smooth = not negative.has(sp.Piecewise, sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min,
+                              sp.floor, sp.ceiling)
+    below = negative.subs(Z, -s).is_nonpositive or (smooth and (
+        negative.subs(Z, 0).is_nonpositive and sp.diff(negative, Z).subs(Z, -s).is_nonnegative))
     return bool(positive.subs(Z, t).is_positive and below)
 
 
@@ -762,10 +768,10 @@ def _piecewise_in_output(derivative: sp.Expr, f: sp.Expr) -> sp.Expr | None:
         return None
     branches = []
     for (value, condition), (own, _) in zip(derivative.args, f.args):
-        in_a = value if not value.has(Z) else _in_output(value, own)
-        if in_a is None:
+        found = (value,) if not value.has(Z) else _in_output(value, own)
+        if found is None:
             return None
-        branches.append((in_a, condition.xreplace({Z: A})))
+        branches.append((found[0], condition.xreplace({Z: A})))
     return sp.Piecewise(*branches)
 
 
@@ -789,24 +795,14 @@ def activation_derivative(activation: Activation) -> ActivationDerivative:
                   "differentiate the activation", sp.Eq(sigma(Z), f, evaluate=False))]
     if not in_z.has(Z):
         return ActivationDerivative(activation, in_z, in_z, tuple(steps))
-    candidates: list[tuple[sp.Expr, str, sp.Eq | None]] = []
-    substituted = in_z.xreplace({f: A})
-    if not substituted.has(Z):
-        candidates.append((substituted, "replace sigma(z) by the layer output a", None))
-    if not candidates:
+    found = _in_output(in_z, f)
+    if found is None:
         piecewise = _piecewise_in_output(in_z, f)
-        if piecewise is not None:
-            candidates.append((piecewise, ("a > 0 exactly where z > 0; each branch's value "
-                                           "written in that branch's a"), None))
-    if not candidates:
-        inverted = _inverted(in_z, f)
-        if inverted is not None:
-            rewritten, inverse = inverted
-            candidates.append((rewritten, "solve a = sigma(z) for z and substitute",
-                               sp.Eq(Z, inverse, evaluate=False)))
-    for candidate, why, source in candidates:
-        if not candidate.has(Z) and _same_function(candidate.subs(A, f), in_z,
-                                                   (*_CHECK_POINTS, 0.0)):
+        found = None if piecewise is None else (piecewise, (
+            "a > 0 exactly where z > 0; each branch's value written in that branch's a"), None)
+    if found is not None:
+        candidate, why, source = found
+        if _same_function(candidate.subs(A, f), in_z, (*_CHECK_POINTS, 0.0)):
             steps.append(Step("rewrite in a", sp.Derivative(sigma(Z), Z), candidate,
                               why + "; checked: equal to sigma'(z) for every z", source))
             return ActivationDerivative(activation, in_z, candidate, tuple(steps))

@@ -41,7 +41,7 @@ from derive.derivation.tensorform import (
 )
 from derive.graph.model import Model, Node, Parameter
 from derive.quantities import NetTensor
-from derive.registry.functions import SCALAR_FUNCTIONS
+from derive.registry.functions import SCALAR_FUNCTIONS, sigmoid, softplus
 from derive.registry.ops import Equation
 from derive.render.numpy_printer import (
     BATCH,
@@ -51,6 +51,7 @@ from derive.render.numpy_printer import (
     RowSum,
     among_maps,
     batch_name,
+    is_bracket,
     operations,
     routed_by_max,
     tiled,
@@ -335,6 +336,14 @@ def _kept_calls(forward: list[_Assign], backward: list[_Assign]
                  for assign in backward], kept
 
 
+def _scalar(call: sp.Function) -> bool:
+    """Whether ``call`` is of a scalar function, which NumPy applies entry by entry: SymPy's
+    (tanh, exp, erf, expm1, ...) or the registry's own (sigmoid, softplus); not one of the
+    tensor form's operations on whole arrays (a total, a softmax, a reshape)."""
+    return type(call).__module__.startswith(("sympy.functions.", "sympy.codegen.")) or \
+        type(call) in (sigmoid, softplus)
+
+
 def _pointwise_in(expr: sp.Expr, tensor: NetTensor) -> bool:
     """Whether ``expr`` is a function of ``tensor``'s entries one by one and of nothing else:
     numbers and ``tensor`` under sums, products, powers, one-argument calls and brackets
@@ -345,7 +354,7 @@ def _pointwise_in(expr: sp.Expr, tensor: NetTensor) -> bool:
         return False
     if isinstance(expr, sp.Add | sp.Mul | sp.Piecewise | sp.core.relational.Relational) or (
             isinstance(expr, sp.Pow) and expr.exp.is_number) or (
-            isinstance(expr, sp.Function) and len(expr.args) == 1):
+            isinstance(expr, sp.Function) and len(expr.args) == 1 and _scalar(expr)):
         return all(_pointwise_in(arg, tensor) for arg in expr.args)
     if isinstance(expr, sp.functions.elementary.piecewise.ExprCondPair):
         return all(_pointwise_in(arg, tensor) for arg in expr.args)
@@ -365,11 +374,11 @@ def _routed_factors(backward: list[_Assign], maxima: dict[Windows, NetTensor]
     out = []
     for assign in backward:
         if assign.code is None and isinstance(assign.expr, sp.Mul):
-            folds = [f for f in assign.expr.args
-                     if isinstance(f, Fold) and routed_by_max(*f.args) is not None]
+            by_max = {f: routed_by_max(*f.args) for f in assign.expr.args if isinstance(f, Fold)}
+            folds = [f for f, found in by_max.items() if found is not None]
             if len(folds) == 1:
                 fold = folds[0]
-                delta, windows = routed_by_max(*fold.args)
+                delta, windows = by_max[fold]
                 tensor, factor = windows.args[0], assign.expr / fold
                 if windows in maxima and factor.has(tensor) and _pointwise_in(factor, tensor):
                     routed = NetTensor("hoisted", of=f"routed_{batch_name(delta)}", rank=3)
@@ -500,6 +509,8 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
             if isinstance(assign.expr, Flatten | Unflatten) and \
                     isinstance(assign.expr.args[0], NetTensor):
                 shares = assign.expr.args[0]
+                strided.add(assign.target)
+            elif shares in strided:     # another name of a view (an identity activation)
                 strided.add(assign.target)
             if shares is None:
                 buffer_of[assign.target] = index            # a new array of this function
@@ -753,7 +764,7 @@ def _joins(run: list[_Assign], expr: sp.Expr, printer: NumPyBatchPrinter) -> boo
     whole number of blocks to a place no member has, within a span the members would fill
     at least half of."""
     first = run[0].expr
-    if type(expr) is not type(first) or len(first.args) != 1 or not printer.writes_into(first):
+    if type(expr) is not type(first) or len(first.args) != 1 or printer.operand(first) is None:
         return False
     found = _blocks(first.args[0])
     mine = _blocks(expr.args[0]) if len(expr.args) == 1 else None
@@ -853,7 +864,7 @@ def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: s
         coefficient, factor = steps[1][1].as_content_primitive()   # 1/4 - a²/4: 1/4, 1 - a²
         lines = printer.chained(factor, name)
         if lines is None and not (factor.is_number or isinstance(factor, NetTensor)
-                                  or _indicator(factor)):
+                                  or is_bracket(factor)):
             lines = [(name, "=", printer.doprint(factor))]     # a new float array
         if lines is not None:
             return [*lines, (name, "=", printer.times_tiles(name, coefficient * placed,
@@ -862,11 +873,6 @@ def _chain(printer: NumPyBatchPrinter, steps: list[tuple[str, sp.Expr]], name: s
     if lines is None:
         return None
     return [*lines, (name, op, printer.doprint(fresh))]
-
-
-def _indicator(expr: sp.Expr) -> bool:
-    """Whether ``expr`` is a bracket [condition], which prints as a boolean mask."""
-    return isinstance(expr, sp.Piecewise) and [value for value, _ in expr.args] == [1, 0]
 
 
 def _op(op: str, expr: sp.Expr) -> str:

@@ -639,6 +639,12 @@ def fold_numbers(expr: sp.Expr) -> sp.Expr:
     return expr.func(*(fold_numbers(arg) for arg in expr.args))
 
 
+def is_bracket(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is a bracket [condition], which prints as a boolean mask."""
+    return isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and \
+        [value for value, _ in expr.args] == [1, 0]
+
+
 class NumPyBatchPrinter(NumPyPrinter):
     """Prints vector-form expressions as NumPy code over batches (rows = samples)."""
 
@@ -755,10 +761,6 @@ class NumPyBatchPrinter(NumPyPrinter):
             if len(arrays) == 1:
                 return arrays[0]
         return None
-
-    def writes_into(self, expr: sp.Expr) -> bool:
-        """Whether ``expr`` is a call that :meth:`into` can print writing into an array."""
-        return self.operand(expr) is not None
 
     def written_into(self, expr: sp.Expr, out: str) -> list[tuple[str, str, str]]:
         """Lines that leave ``expr`` in the existing array ``out`` with no array made for the
@@ -1211,6 +1213,20 @@ class NumPyBatchPrinter(NumPyPrinter):
             text = f"{function}({self._print(arg)}, {text})"
         return text
 
+    def _print_Mul(self, expr: sp.Mul) -> str:
+        # a boolean mask cannot be negated (NumPy refuses -mask): in a negative product the
+        # masks come last, after the signed float factors; alone, the sign goes into the
+        # bracket's value
+        brackets = [factor for factor in expr.args if is_bracket(factor)]
+        if not brackets or not expr.could_extract_minus_sign():
+            return super()._print_Mul(expr)
+        rest = sp.Mul(*(factor for factor in expr.args if not is_bracket(factor)))
+        if rest.is_number:
+            condition = sp.And(*(bracket.args[0].cond for bracket in brackets))
+            return self._print(sp.Piecewise((rest, condition), (0, True)))
+        return "*".join([self.parenthesize(rest, PRECEDENCE["Mul"]),
+                         *(self._print(bracket) for bracket in brackets)])
+
     def _print_Add(self, expr: sp.Add, order: str | None = None) -> str:
         terms = self.ordered_terms(expr, order)
         text = self._print(terms[0])
@@ -1231,7 +1247,7 @@ class NumPyBatchPrinter(NumPyPrinter):
         if last != sp.true:
             raise ValueError(f"a Piecewise without a default branch cannot be printed: {expr}")
         values = [piece.expr for piece in expr.args]
-        if values == [1, 0] and len(pieces) == 1:
+        if is_bracket(expr):
             # an indicator: a boolean mask, which multiplies as 0/1 in the array's dtype
             return f"({self._print(pieces[0].cond)})"
         text = self._print(default)

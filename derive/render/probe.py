@@ -19,8 +19,16 @@ import mpmath
 import numpy as np
 import sympy as sp
 
+from derive.derivation.imageform import (
+    FirstMaxMask,
+    Flatten,
+    Fold,
+    Unflatten,
+    Windows,
+    WindowsMax,
+)
 from derive.derivation.stepform import Block, StepGuard, SumSteps
-from derive.derivation.tensorform import Einsum, Inner, MatVec, Outer, Total
+from derive.derivation.tensorform import Broadcast, Einsum, Inner, MatVec, Outer, Total
 from derive.quantities import NetTensor
 from derive.registry.functions import elementary
 from derive.render.numpy_printer import BATCH, HELPERS, NumPyBatchPrinter, batch_name
@@ -31,8 +39,10 @@ ARGUMENTS = (-1e4, -1e3, -700.0, -400.0, -100.0, -30.0, -1.0, -1e-3, 0.0, 1e-3, 
 TARGETS = (-1.0, 0.0, 0.5, 1.0)
 #: The value every other quantity (weights, errors of other nodes, matrix products) takes.
 OTHER = sp.Float(0.7)
-#: The tensor-form operations over whole arrays, each standing for one number in the probe.
-ARRAY_OPERATIONS = (MatVec, Outer, Inner, Einsum, Total)
+#: The tensor-form operations over whole arrays, each standing for one number in the probe:
+#: products and sums, and the windows, folds, maxima and reshapes of feature maps.
+ARRAY_OPERATIONS = (MatVec, Outer, Inner, Einsum, Total, Broadcast, Windows, WindowsMax,
+                    FirstMaxMask, Fold, Flatten, Unflatten)
 #: Largest exact value a float64 result is expected to hold.
 LARGEST = 1e300
 
