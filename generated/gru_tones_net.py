@@ -84,8 +84,17 @@ def _dot_gates(x, w, gates):
 
 def _dot_steps(u, v):
     """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
-    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied."""
-    return u.reshape(-1, u.shape[-1]).T @ v.reshape(-1, v.shape[-1])
+    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied (summed over
+    blocks of rows when one side is narrow: _block_size)."""
+    u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
+    narrow, wide = sorted((u.shape[1], v.shape[1]))
+    size = _block_size(narrow, wide, len(u))
+    if size == len(u):
+        return u.T @ v
+    product = u[:size].T @ v[:size]
+    for start in range(size, len(u), size):
+        product += u[start:start + size].T @ v[start:start + size]
+    return product
 
 
 def _sum_steps(x):
@@ -104,6 +113,19 @@ def _softmax_logsumexp(x):
     e = np.exp(x - top)
     total = e.sum(axis=-1, keepdims=True)
     return e / total, top + np.log(total)
+
+
+def _block_size(rows, inner, count):
+    """How many of count at a time to take in a product of count rows-by-inner parts (a
+    (rows, inner) matrix times count columns, or count outer products summed): for at most 8
+    rows (a convolution of few kernels, a gradient of few inputs), blocks of at most 2**19
+    multiply-adds, else all count at once. OpenBLAS, the BLAS of NumPy's wheels, computes a
+    product of at most 10**6 multiply-adds with its kernels for small matrices, which run a
+    product with so narrow a side 2-4x faster than its general path (python
+    bench/cnn_bench.py --idioms)."""
+    if rows > 8:
+        return count
+    return min(count, max(256, (1 << 19) // (rows * inner) // 64 * 64))
 
 
 def _check_input(X):

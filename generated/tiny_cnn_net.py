@@ -99,11 +99,13 @@ def _im2col(x, kernel, stride, padding):
 
 
 def _block_size(rows, inner, count):
-    """How many columns at a time to multiply a (rows, inner) matrix by an (inner, count) one:
-    for at most 8 rows (a convolution of few kernels), blocks of at most 2**19 multiply-adds,
-    else all count at once. OpenBLAS, the BLAS of NumPy's wheels, computes a product of at most
-    10**6 multiply-adds with its kernels for small matrices, which run a product of so few rows
-    2-4x faster than its general path (python bench/cnn_bench.py --idioms)."""
+    """How many of count at a time to take in a product of count rows-by-inner parts (a
+    (rows, inner) matrix times count columns, or count outer products summed): for at most 8
+    rows (a convolution of few kernels, a gradient of few inputs), blocks of at most 2**19
+    multiply-adds, else all count at once. OpenBLAS, the BLAS of NumPy's wheels, computes a
+    product of at most 10**6 multiply-adds with its kernels for small matrices, which run a
+    product with so narrow a side 2-4x faster than its general path (python
+    bench/cnn_bench.py --idioms)."""
     if rows > 8:
         return count
     return min(count, max(256, (1 << 19) // (rows * inner) // 64 * 64))

@@ -209,7 +209,7 @@ def test_a_negative_product_never_negates_a_mask():
     for expr, expected in ((-bracket * expm1(-a1), -np.expm1(-arrays["A1"]) * [1, 0, 1]),
                            (-3 * bracket, np.array([-3.0, 0.0, -3.0]))):
         code = printer.doprint(expr)
-        value = eval(code, arrays)  # noqa: S307 - derive's own printed code
+        value = eval(code, arrays)      # derive's own printed code, not user text
         assert value.dtype == np.float32, code
         assert np.allclose(value, expected), code
 

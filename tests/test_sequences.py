@@ -332,3 +332,20 @@ def test_a_sum_over_steps_and_samples_is_the_sum_of_every_row(dtype) -> None:
         assert total.dtype == dtype and total.shape == (3,)
         expected = array.astype(np.float64).sum(axis=(0, 1))
         assert np.allclose(total, expected, rtol=1e-5 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("widths", [(256, 8), (8, 256), (64, 64), (3, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gradient_summed_over_steps_in_blocks_is_one_product(widths, dtype) -> None:
+    # _dot_steps: with a narrow side (an LSTM's dWx, 8 inputs), sums of products over blocks
+    # of rows (OpenBLAS's small-matrix kernels); the same numbers as one product
+    space = {"np": np}
+    for name in ("_block_size", "_dot_steps"):
+        exec(HELPERS[name], space)  # noqa: S102 (derive's own helper source)
+    rng = np.random.default_rng(sum(widths))
+    u = rng.standard_normal((20, 32, widths[0])).astype(dtype)
+    v = rng.standard_normal((20, 32, widths[1])).astype(dtype)
+    got = space["_dot_steps"](u, v)
+    expected = u.reshape(-1, widths[0]).astype(np.float64).T @ v.reshape(-1, widths[1])
+    assert got.dtype == dtype and got.shape == widths
+    assert np.allclose(got, expected, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-3)
