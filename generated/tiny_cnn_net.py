@@ -55,6 +55,21 @@ ADAM_EPS = 1e-8
 
 
 
+def _dot_steps(u, v):
+    """The sum of the outer products of u's and v's rows (over samples and steps, or over
+    positions): one 2-D matrix product of the rows (B*T, n), the transpose read by BLAS, not
+    copied (summed over blocks of rows when one side is narrow: _block_size)."""
+    u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
+    narrow, wide = sorted((u.shape[1], v.shape[1]))
+    size = _block_size(narrow, wide, len(u))
+    if size == len(u):
+        return u.T @ v
+    product = u[:size].T @ v[:size]
+    for start in range(size, len(u), size):
+        product += u[start:start + size].T @ v[start:start + size]
+    return product
+
+
 def _softmax_logsumexp(x):
     """(softmax of each row, log-sum-exp of each row as a column), from one exponential."""
     top = x.max(axis=-1, keepdims=True)
@@ -131,17 +146,9 @@ def _correlate(w, cols):
 def _correlate_kernel(delta, cols, kernel):
     """Σ over the samples and output positions of delta[j, r, s, b] times the window entry
     (k, p, q) at (r, s) of the windows cols (C * kh * kw, H', W', B) of _im2col: a kernel's
-    gradient (J, C, kh, kw), one matrix product (summed over blocks of positions:
-    _block_size)."""
-    errors, windows = delta.reshape(len(delta), -1), cols.reshape(len(cols), -1)
-    count = windows.shape[1]
-    size = _block_size(len(errors), len(windows), count)
-    if size == count:
-        product = errors @ windows.T
-    else:
-        product = errors[:, :size] @ windows[:, :size].T
-        for start in range(size, count, size):
-            product += errors[:, start:start + size] @ windows[:, start:start + size].T
+    gradient (J, C, kh, kw), one matrix product (_dot_steps: summed over blocks of positions
+    when the kernels are few)."""
+    product = _dot_steps(delta.reshape(len(delta), -1).T, cols.reshape(len(cols), -1).T)
     return product.reshape(len(delta), -1, *kernel)
 
 

@@ -65,9 +65,9 @@ def _dot_rows(x, w):
 
 
 def _dot_steps(u, v):
-    """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
-    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied (summed over
-    blocks of rows when one side is narrow: _block_size)."""
+    """The sum of the outer products of u's and v's rows (over samples and steps, or over
+    positions): one 2-D matrix product of the rows (B*T, n), the transpose read by BLAS, not
+    copied (summed over blocks of rows when one side is narrow: _block_size)."""
     u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
     narrow, wide = sorted((u.shape[1], v.shape[1]))
     size = _block_size(narrow, wide, len(u))

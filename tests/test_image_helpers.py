@@ -17,7 +17,7 @@ from derive.render.numpy_printer import HELPERS
 
 NAMES = ("_windows", "_fold", "_first_max", "_window_max", "_window_sum", "_max_unpool",
          "_im2col", "_correlate", "_correlate_kernel", "_correlate_input", "_times_tiles",
-         "_block_size")
+         "_block_size", "_dot_steps")
 SPACE: dict = {"np": np}
 for _name in NAMES:
     exec(HELPERS[_name], SPACE)  # noqa: S102 (derive's own helper source, not user text)

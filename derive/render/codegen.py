@@ -45,12 +45,12 @@ from derive.registry.functions import SCALAR_FUNCTIONS, sigmoid, softplus
 from derive.registry.ops import Equation
 from derive.render.numpy_printer import (
     BATCH,
-    HELPER_CALLS,
     HELPERS,
     NumPyBatchPrinter,
     RowSum,
     among_maps,
     batch_name,
+    helper_closure,
     is_bracket,
     operations,
     routed_by_max,
@@ -352,11 +352,10 @@ def _pointwise_in(expr: sp.Expr, tensor: NetTensor) -> bool:
         return True
     if isinstance(expr, NetTensor):
         return False
-    if isinstance(expr, sp.Add | sp.Mul | sp.Piecewise | sp.core.relational.Relational) or (
+    if isinstance(expr, sp.Add | sp.Mul | sp.Piecewise | sp.core.relational.Relational
+                  | sp.functions.elementary.piecewise.ExprCondPair) or (
             isinstance(expr, sp.Pow) and expr.exp.is_number) or (
             isinstance(expr, sp.Function) and len(expr.args) == 1 and _scalar(expr)):
-        return all(_pointwise_in(arg, tensor) for arg in expr.args)
-    if isinstance(expr, sp.functions.elementary.piecewise.ExprCondPair):
         return all(_pointwise_in(arg, tensor) for arg in expr.args)
     return False
 
@@ -1450,8 +1449,7 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
         penalty_code = printer.doprint(to_vector(model.penalty, ()))
 
     demo, demo_values = _demo(spec, model)
-    used = printer.helpers | {called for name in printer.helpers
-                              for called in HELPER_CALLS.get(name, ())}
+    used = helper_closure(printer.helpers)
     helpers = [HELPERS[name] for name in HELPERS if name in used]
     formula_lines = [f"({f.equation}) {_lhs_text(f)} = {pretty(f.vector)}" if f.equation
                      else f"{_lhs_text(f)} = {pretty(f.vector)}"

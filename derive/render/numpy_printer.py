@@ -132,9 +132,9 @@ def _dot_gates(x, w, gates):
 ''',
     "_dot_steps": '''\
 def _dot_steps(u, v):
-    """The sum over samples and steps of the outer products of u's and v's rows: one 2-D
-    matrix product of the rows (B*T, n), the transpose read by BLAS, not copied (summed over
-    blocks of rows when one side is narrow: _block_size)."""
+    """The sum of the outer products of u's and v's rows (over samples and steps, or over
+    positions): one 2-D matrix product of the rows (B*T, n), the transpose read by BLAS, not
+    copied (summed over blocks of rows when one side is narrow: _block_size)."""
     u, v = u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1])
     narrow, wide = sorted((u.shape[1], v.shape[1]))
     size = _block_size(narrow, wide, len(u))
@@ -313,17 +313,9 @@ def _correlate(w, cols):
 def _correlate_kernel(delta, cols, kernel):
     """Σ over the samples and output positions of delta[j, r, s, b] times the window entry
     (k, p, q) at (r, s) of the windows cols (C * kh * kw, H', W', B) of _im2col: a kernel's
-    gradient (J, C, kh, kw), one matrix product (summed over blocks of positions:
-    _block_size)."""
-    errors, windows = delta.reshape(len(delta), -1), cols.reshape(len(cols), -1)
-    count = windows.shape[1]
-    size = _block_size(len(errors), len(windows), count)
-    if size == count:
-        product = errors @ windows.T
-    else:
-        product = errors[:, :size] @ windows[:, :size].T
-        for start in range(size, count, size):
-            product += errors[:, start:start + size] @ windows[:, start:start + size].T
+    gradient (J, C, kh, kw), one matrix product (_dot_steps: summed over blocks of positions
+    when the kernels are few)."""
+    product = _dot_steps(delta.reshape(len(delta), -1).T, cols.reshape(len(cols), -1).T)
     return product.reshape(len(delta), -1, *kernel)
 ''',
     "_correlate_input": '''\
@@ -409,27 +401,46 @@ def _first_max(windows):
 ''',
 })
 
-#: The helpers whose source calls other helpers: a module that uses one defines those too.
+#: The helpers whose source calls other helpers: a module that uses one defines those too
+#: (and what they call in turn: helper_closure).
 HELPER_CALLS: dict[str, tuple[str, ...]] = {
     "_correlate": ("_block_size",),
-    "_correlate_kernel": ("_block_size",),
+    "_correlate_kernel": ("_dot_steps",),
     "_dot_steps": ("_block_size",),
 }
+
+
+def helper_closure(names: set[str]) -> set[str]:
+    """``names`` with every helper they call, directly or through another (HELPER_CALLS)."""
+    found, todo = set(names), list(names)
+    while todo:
+        for called in HELPER_CALLS.get(todo.pop(), ()):
+            if called not in found:
+                found.add(called)
+                todo.append(called)
+    return found
+
+
+def _per_window(placed: sp.Expr) -> sp.Expr | None:
+    """The feature maps δ when ``placed`` puts one entry of δ on each window (a Broadcast of
+    δ's axes "jki" over the windows' "jki" and kernel offsets); else None."""
+    if not isinstance(placed, Broadcast):
+        return None
+    tensor, axes, frame = placed.args
+    return tensor if len(str(axes)) == 3 and str(frame)[:3] == str(axes) else None
 
 
 def tiled(fold: sp.Expr) -> sp.Expr | None:
     """The tensor δ when ``fold`` spreads one value of δ per window over windows that tile the
     maps (stride the kernel, no padding, the maps' size a multiple of it: an average pool's
     error, before its factor 1/(kh kw)); else None."""
-    if not isinstance(fold, Fold) or not isinstance(fold.args[0], Broadcast):
+    if not isinstance(fold, Fold):
         return None
     cols, shape, stride, padding, kernel = fold.args
-    tensor, axes, frame = cols.args
-    if tuple(padding) != (0, 0) or tuple(stride) != tuple(kernel) or len(str(axes)) != 3 or \
-            len(str(frame)) != 5 or str(frame)[:3] != str(axes) or \
+    if tuple(padding) != (0, 0) or tuple(stride) != tuple(kernel) or \
             any(int(size) % int(k) for size, k in zip(shape, kernel)):
         return None
-    return tensor
+    return _per_window(cols)
 
 
 def routed_by_max(cols: sp.Expr, shape: sp.Expr, stride: sp.Expr, padding: sp.Expr,
@@ -443,10 +454,9 @@ def routed_by_max(cols: sp.Expr, shape: sp.Expr, stride: sp.Expr, padding: sp.Ex
     if len(masks) != 1 or len(placed) != 1 or len(factors) != 2:
         return None
     _tensor, w_kernel, w_stride, w_padding = masks[0].args[0].args
-    delta, axes, frame = placed[0].args
+    delta = _per_window(placed[0])
     if (tuple(w_kernel), tuple(w_stride), tuple(w_padding)) != (
-            tuple(kernel), tuple(stride), (0, 0)) or tuple(padding) != (0, 0) or \
-            len(str(axes)) != 3 or str(frame)[:3] != str(axes):
+            tuple(kernel), tuple(stride), (0, 0)) or tuple(padding) != (0, 0) or delta is None:
         return None
     return delta, masks[0].args[0]
 
