@@ -81,6 +81,7 @@ from bench.train_step import (
     memory_load,
     ratio,
     rounds,
+    targets,
     thread_environment,
     timed_alone,
     worker_payload,
@@ -312,11 +313,8 @@ def verdict(name: str, gen: float | None, alone: float | None, hand: float,
     """Whether the row meets the issue's targets (- while the generated column is missing)."""
     if gen is None:
         return "-"
-    parts = ["hand-written: " + ("met" if gen / hand <= HANDWRITTEN_TARGET else "MISSED")]
-    if alone and torch_us:
-        limit = TORCH_TARGET[name][0]
-        parts.append("PyTorch: " + ("met" if alone / torch_us <= limit else "MISSED"))
-    return "; ".join(parts)
+    return targets([("hand-written", gen, hand, HANDWRITTEN_TARGET),
+                    ("PyTorch", alone, torch_us, TORCH_TARGET[name][0])])
 
 
 def print_table(numpy: dict, alone: dict, torch: dict) -> None:

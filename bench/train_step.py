@@ -409,6 +409,15 @@ def ratio(top: float | None, bottom: float | None) -> str:
     return f"{top / bottom:.2f}x" if top and bottom else "-"
 
 
+def targets(checks: list[tuple[str, float | None, float | None, float]]) -> str:
+    """Whether a row meets an issue's targets: for each (what, ours, theirs, largest ratio),
+    "what: met" when ours / theirs is at most the ratio, "what: MISSED" when above, nothing
+    while a column is missing ("-" when every one is)."""
+    parts = [f"{what}: {'met' if ours / theirs <= limit else 'MISSED'}"
+             for what, ours, theirs, limit in checks if ours and theirs]
+    return "; ".join(parts) or "-"
+
+
 def run_worker(side: str, quick: bool, env: dict[str, str]) -> dict:
     """Run one side in a fresh process (with extra environment ``env``); its JSON payload."""
     command = [sys.executable, __file__, "--worker", side] + (["--quick"] if quick else [])
