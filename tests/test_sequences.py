@@ -6,6 +6,7 @@ loss) match PyTorch float64 (torch.nn.RNN / LSTM / GRU) and central differences.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -116,6 +117,38 @@ def test_t3_instances_verify_by_expansion(op: str, returned: str) -> None:
     assert {"delta^1", "dC/dwh^1", "dC/dwx^1"} <= {check.formula for check in report.checks}
 
 
+@pytest.mark.parametrize("loss", ["mse", "binary_cross_entropy"])
+@pytest.mark.parametrize("op", RECURRENT)
+def test_a_recurrent_output_verifies_by_expansion(op: str, loss: str) -> None:
+    # the state is the output, read by the loss and by the layer at the step after: the loss
+    # gradient is the loss's own part of ∂C/∂h_t, checked on the loss alone; every other
+    # formula reads the whole ∂C/∂h_t (the loss's part had been compared with the whole, and
+    # read in its place: MISMATCH on correct formulas)
+    layer = {"op": op, "size": 2}
+    if loss == "binary_cross_entropy":
+        layer = {"op": "rnn", "size": 2, "activation": "sigmoid"} if op == "rnn" else None
+        if layer is None:
+            pytest.skip(f"{op}'s state is not in (0, 1)")
+    spec = {"name": f"out_{op}", "input": {"size": 2, "length": 3}, "layers": [layer],
+            "loss": loss}
+    report = verify(load_spec(spec), points=3)
+    assert report.ok, "\n".join(report.lines())
+    alone = [check for check in report.checks if check.kind == "loss gradient"]
+    assert len(alone) == 1 and "the loss alone" in alone[0].formula
+
+
+def test_a_wrong_loss_part_of_a_recurrent_output_is_found() -> None:
+    from derive.verify.expansion import verify_derivation
+    spec = {"name": "out_rnn", "input": {"size": 2, "length": 2},
+            "layers": [{"op": "rnn", "size": 2}], "loss": "mse"}
+    derivation = derive(build_model(load_spec(spec)))
+    formulas = tuple(replace(f, rhs=2 * f.rhs) if f.kind == "loss gradient" else f
+                     for f in derivation.formulas)
+    report = verify_derivation(replace(derivation, formulas=formulas), points=3)
+    (check,) = [check for check in report.checks if check.kind == "loss gradient"]
+    assert not check.ok
+
+
 def test_a_long_sequence_is_checked_on_three_steps() -> None:
     report = verify(load_spec("rnn_sine"), points=2)
     assert report.ok
@@ -210,6 +243,33 @@ def test_a_recurrent_layer_on_a_vector_or_a_bad_return_is_one_line(layers, messa
         load_spec(spec)
 
 
+@pytest.mark.parametrize("returned", ["sequence", "last"])
+@pytest.mark.parametrize("last", [True, False])
+def test_a_softmax_state_is_refused_in_one_line(returned, last) -> None:
+    # an activation of every recurrent op that has one: softmax is refused where the spec is
+    # read (it passed, then derive failed with an internal message)
+    for op in (name for name in RECURRENT if OPS[name].attribute("activation") is not None):
+        layers = [{"op": op, "size": 2, "activation": "softmax", "return": returned}]
+        if not last:
+            layers.append({"size": 2, "activation": "softmax"})
+        spec = {"name": "bad", "input": {"size": 2, "length": 3}, "layers": layers,
+                "loss": "cross_entropy"}
+        with pytest.raises(DeriveError, match=f"softmax is not allowed as the activation "
+                                              f"of {op}"):
+            load_spec(spec)
+
+
+def test_a_sequence_too_long_or_a_wrong_example_row_says_what() -> None:
+    spec = {"name": "long", "input": {"size": 1, "length": 10**9},
+            "layers": [{"op": "rnn", "size": 2}, {"size": 1}], "loss": "mse"}
+    with pytest.raises(DeriveError, match="input.length: the length T is 1,000,000,000"):
+        load_spec(spec)
+    spec["input"]["length"] = 3
+    spec["example"] = {"x": [1, 2]}
+    with pytest.raises(DeriveError, match=r"a 3 x 1 matrix, .* \(one row per time step\)"):
+        load_spec(spec)
+
+
 def test_a_bad_sequence_input_is_one_line() -> None:
     for bad in ({"size": 3}, {"size": 3, "length": 0}, {"size": 3, "length": 2, "extra": 1}):
         with pytest.raises(DeriveError, match="input"):
@@ -272,6 +332,65 @@ def test_dropout_off_between_recurrent_steps_matches_pytorch() -> None:
 #: custom activations: a multiple, a quotient, a sum of powers, a root (each printed differently)
 CUSTOM = ({"name": "twice_tanh", "expr": "2*tanh(z)"}, {"name": "soft_sign", "expr": "z/(1+abs(z))"},
           {"name": "cubic", "expr": "z/2 + z**3/30"}, {"name": "root", "expr": "z + sqrt(1+z**2)"})
+
+
+#: what may end a sequence network whose loss is computed in a stable form from inside the
+#: output's expression: (the layers after the recurrent one, the loss)
+STABLE_HEADS = [([{"op": "activation", "activation": "sigmoid"}], "binary_cross_entropy"),
+                ([{"op": "activation", "activation": "softmax"}], "cross_entropy"),
+                ([{"op": "activation", "activation": "silu"},
+                  {"op": "activation", "activation": "sigmoid"}], "binary_cross_entropy")]
+
+
+@pytest.mark.parametrize(("head", "loss"), STABLE_HEADS)
+@pytest.mark.parametrize("op", RECURRENT)
+def test_a_stable_loss_on_a_recurrent_output_matches_pytorch(op, head, loss):
+    # the loss reads the recurrent layer's whole sequence, step-major in the forward loop, as
+    # batch-first (it named an array that did not exist: a NameError in gradients)
+    spec = {"name": f"{op}_stable", "input": {"size": 2, "length": 3},
+            "layers": [{"op": op, "size": 2}, *head], "loss": loss}
+    _compare(spec, seed=2)
+
+
+LOGCOSH = {"name": "logcosh", "expr": "log(cosh(a - y))"}
+
+
+@pytest.mark.parametrize("head", [[], [{"op": "layer_norm"}],
+                                  [{"op": "add", "inputs": ["input", 1]}]])
+@pytest.mark.parametrize("op", RECURRENT)
+def test_a_custom_loss_on_a_recurrent_output_reads_the_output(op, head):
+    # log cosh's stable form of a GRU's state, a layer norm's β + γ x̂ or a sum would read the
+    # state of the step before or parameters, which the loss is not given (a crash in
+    # codegen, a NameError in gradients): it is written in the output a instead
+    spec = {"name": f"{op}_logcosh", "input": {"size": 2, "length": 3},
+            "layers": [{"op": op, "size": 2}, *head], "loss": LOGCOSH}
+    module = _module(spec)
+    rng = np.random.default_rng(3)
+    params = {key: value + 0.2 * rng.standard_normal(value.shape)
+              for key, value in module.init_params(seed=3).items()}
+    X, Y = rng.standard_normal((3, 3, 2)), rng.standard_normal((3, 3, 2))
+    output, _ = module.forward(params, X)
+    assert module.loss(params, X, Y) == pytest.approx(
+        float(np.sum(np.log(np.cosh(output - Y)))) / 3, rel=1e-12)
+    assert module.gradient_check(params, X, Y) < 1e-6
+
+
+@pytest.mark.parametrize("length", [1, 3])
+@pytest.mark.parametrize("reader", ["add", "custom"])
+@pytest.mark.parametrize("op", RECURRENT)
+def test_a_last_state_read_twice_matches_pytorch(op, reader, length):
+    # the last state read by two layers (a dense layer and a residual add, or a custom op that
+    # reads its input twice): its error at t = T is the sum of both, the same vector at that
+    # step only, never an array of every step read at [t] (it was: gradients about 50% off at
+    # T = 1, an IndexError at T = 3)
+    head = {"op": op, "size": 2, "return": "last", "name": "h"}
+    tail = [{"size": 2, "name": "d"}, {"op": "add", "inputs": ["h", "d"]}] if reader == "add" \
+        else [{"size": 2, "op": {"name": "gated", "params": {"U": ["size", "in"],
+                                                             "V": ["size", "in"]},
+                                 "expr": "tanh(sum(U[j,k]*x[k], k))*sigmoid(sum(V[j,k]*x[k], k))"}}]
+    spec = {"name": f"{op}_last_{reader}", "input": {"size": 2, "length": length},
+            "layers": [head, *tail, {"size": 1}], "loss": "mse"}
+    _compare(spec, seed=1)
 
 
 @pytest.mark.parametrize("op", RECURRENT)

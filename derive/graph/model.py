@@ -174,6 +174,14 @@ class Model:
         """Every forward equation of the network, in evaluation order."""
         return tuple(eq for node in self.nodes for eq in node.equations)
 
+    @cached_property
+    def output_read_again(self) -> bool:
+        """Whether the network reads its own output too (a recurrent layer's state, read at
+        the step after), not the loss alone: then the loss gradient is only the loss's own
+        part of ∂C/∂h_t."""
+        output = self.output.output
+        return any(eq.expr.has(output) for eq in self.equations)
+
     @property
     def parameters(self) -> tuple[Parameter, ...]:
         return tuple(p for node in self.nodes for p in node.parameters)

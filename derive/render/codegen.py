@@ -192,10 +192,15 @@ def _loss_expression(model: Model) -> tuple[sp.Expr, tuple[str, ...]]:
     in_a = model.loss_of(a, y)
     activation = stabilize(_tensor(model, equation.expr, equation.indices)).expr
     stable = stabilize(model.loss_of(activation, y))
-    if activation == a or not stable.applied:
+    expr = stable.expr.xreplace({activation: a})
+    if activation == a or not stable.applied or any(
+            t.is_parameter or t.step not in (None, 0) for t in expr.atoms(NetTensor)):
+        # (a rewrite that took the output's expression apart would read what the loss is not
+        # given: a layer norm's β + γ x̂ inside log cosh its parameters, a GRU's
+        # (1 - u_t) g_t + u_t h_{t-1} the state of the step before; then the form in a^L)
         plain = stabilize(in_a)
         return plain.expr, plain.applied
-    return stable.expr.xreplace({activation: a}), stable.applied
+    return expr, stable.applied
 
 
 def _shared_logsumexp(model: Model, loss_expr: sp.Expr) -> tuple[sp.Expr, NetTensor] | None:
@@ -227,7 +232,9 @@ class _Assign:
     target: NetTensor | str
     expr: sp.Expr
     comment: str = ""
-    code: str | None = None         # already printed (a helper returning two arrays)
+    #: already printed (a helper returning two arrays), or how to print it when its statement
+    #: is printed
+    code: str | Callable[[NumPyBatchPrinter], str] | None = None
 
 
 def _call_name(e: sp.Expr) -> str | None:
@@ -473,7 +480,8 @@ def _statements(assigns: list[_Assign], keep: set[NetTensor],
         name = assign.target if isinstance(assign.target, str) else printer.doprint(
             assign.target)
         if assign.code is not None:
-            out.append(Statement(name, assign.code, assign.comment))
+            code = assign.code(printer) if callable(assign.code) else assign.code
+            out.append(Statement(name, code, assign.comment))
             continue
         steps, reused = _in_place(assign.expr, dead)
         start = len(out)
@@ -1299,8 +1307,9 @@ def _forward_assignments(model: Model, printer: NumPyBatchPrinter,
             _logsumexp, lse = shared
             printer.helpers.add("_softmax_logsumexp")
             name = f"{batch_name(equation.target)}, {printer.doprint(lse)}"
-            out.append(_Assign(name, expr, code=f"_softmax_logsumexp("
-                                                f"{printer.doprint(expr.args[0])})"))
+            # printed with the forward pass, which knows the step-major arrays of its loops
+            out.append(_Assign(name, expr, code=lambda printer, logits=expr.args[0]:
+                               f"_softmax_logsumexp({printer.doprint(logits)})"))
             continue
         out.append(_Assign(equation.target, expr))
     return out
@@ -1318,9 +1327,6 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     shared = _shared_logsumexp(model, loss_expr)
     if shared is not None:
         loss_expr = loss_expr.xreplace({shared[0]: shared[1]})
-    printer.overflows = False
-    loss_code = printer.doprint(loss_expr)
-    loss_quiet = printer.overflows
 
     forward_assigns = _forward_assignments(model, printer, shared)
     parameters: list[dict[str, object]] = []
@@ -1421,6 +1427,11 @@ def module_context(derivation: Derivation, regenerate: str | None = None) -> dic
     backward_items = _timed(_shared_calls(backward_assigns, printer), model, False)
     printer.gates = _gate_major(forward_items, backward_items, model)
     forward = _statements(forward_items, {*needed, model.output.output}, printer, batch_only)
+    # printed after the forward pass, whose loops make their arrays step-major: the loss reads
+    # a recurrent output's z as Z1_steps.swapaxes(0, 1), batch-first like Y
+    overflows, printer.overflows = printer.overflows, False
+    loss_code = printer.doprint(loss_expr)
+    loss_quiet, printer.overflows = printer.overflows, overflows
     cache = [printer.name(t) for t in needed]
     printer.batch_size = "B"
     backward = _statements(backward_items, set(), printer, batch_only)

@@ -209,11 +209,12 @@ def hoisted(expr: sp.Expr, loop_targets: set[NetTensor]
     def outside(term: sp.Expr) -> bool:
         # a product with a matrix, or anything of the steps' arrays (a dropout's mask times
         # the error from the layer above) that reads nothing the loop computes, and only at
-        # step t (the loop reads the part's array at t: h_{t-1} - g_t would be one step off)
+        # step t (the loop reads the part's array at t: h_{t-1} - g_t would be one step off);
+        # it must read an array of the steps: a part of none (W2ᵀ δ² of a layer that reads
+        # the last state only) is the same at every step, not an array of them
         return not term.has(StepGuard) and not any(
-            t.whole in loop_targets for t in term.atoms(NetTensor)) and (
-            term.has(MatVec, Outer, Einsum) or bool(views(term))) and all(
-            v.step == 0 for v in views(term))
+            t.whole in loop_targets for t in term.atoms(NetTensor)) and bool(views(term)) \
+            and all(v.step == 0 for v in views(term))
 
     parts: list[tuple[sp.Dummy, sp.Expr]] = []
 

@@ -646,11 +646,12 @@ class _Validator:
             )
         return value
 
-    def width(self, value: object, path: FieldPath) -> int:
-        """The width of the input or of a layer: a positive integer within the limit."""
+    def width(self, value: object, path: FieldPath, what: str = "the width") -> int:
+        """The width of the input or of a layer (or a sequence's length, ``what``): a positive
+        integer within the limit."""
         width = self.positive_int(value, path)
         if width > limits.MAX_WIDTH:
-            raise self.limit(path, "the width", width, limits.MAX_WIDTH, "MAX_WIDTH")
+            raise self.limit(path, what, width, limits.MAX_WIDTH, "MAX_WIDTH")
         return width
 
     def limit(self, path: FieldPath, what: str, value: int, limit: int,
@@ -738,7 +739,7 @@ class _Validator:
         self.mapping(value, path, "a sequence input {size: n, length: T}", SEQUENCE_FIELDS,
                      SEQUENCE_FIELDS)
         size = self.width(value["size"], (*path, "size"))
-        length = self.width(value["length"], (*path, "length"))
+        length = self.width(value["length"], (*path, "length"), "the length T")
         if size * length > limits.MAX_WIDTH:
             raise self.limit(path, "the input's size n*T", size * length, limits.MAX_WIDTH,
                              "MAX_WIDTH")
@@ -1141,9 +1142,20 @@ class _Validator:
         if count > limits.MAX_PARAMETERS:
             raise self.limit(("layers",), "the number of trainable parameters", count,
                              limits.MAX_PARAMETERS, "MAX_PARAMETERS")
-        for l in range(1, spec.depth):
+        from derive.registry.ops import OPS  # the registry, stage 0
+        for l in range(1, spec.depth + 1):
             activation = spec.activation(l)
-            if activation is not None and activation.is_softmax:
+            layer = spec.layers[l - 1]
+            recurrent = isinstance(layer.op, str) and layer.op in OPS and OPS[
+                layer.op].attribute("return") is not None
+            if activation is not None and activation.is_softmax and recurrent:
+                raise self.error(
+                    ("layers", l - 1, "activation"),
+                    f"softmax is not allowed as the activation of {layer.op} (a recurrent "
+                    "state's activation acts on each unit alone): use another one, and "
+                    "{op: activation, activation: softmax} after the layer",
+                )
+            if activation is not None and activation.is_softmax and l < spec.depth:
                 raise self.error(
                     ("layers", l - 1, "activation"),
                     "softmax is allowed on the last layer only",
@@ -1189,8 +1201,10 @@ class _Validator:
         if not isinstance(value, list | tuple) or len(value) != shape[0]:
             if len(shape) == 2:
                 rows, cols = shape
+                layer = key.lstrip(string.ascii_letters)
                 what = (f"a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
-                        f"({key} has shape n_{key.lstrip(string.ascii_letters)} x n_in)")
+                        + (f"({key} has shape n_{layer} x n_in)" if layer else
+                           "(one row per time step)"))
             else:
                 what = f"a {' x '.join(map(str, shape))} array, lists nested {len(shape)} deep"
             raise self.error(path, f"must be {what}")

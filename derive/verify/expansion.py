@@ -161,7 +161,11 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
                 and model.loss.needs != "distribution")
     if progress and symbolic:
         progress("differentiating C directly")
-    plans = [_plan(instance, formula, symbolic) for formula in formulas]
+    # the loss gradient of an output the network reads again (a recurrent layer's state,
+    # read at the step after) is the loss's own part of ∂C/∂h_t: checked on the loss alone
+    alone = {id(formula): _loss_alone_plan(instance, formula) for formula in formulas}
+    plans = [_Plan((), (), ()) if alone[id(formula)] is not None else
+             _plan(instance, formula, symbolic) for formula in formulas]
     penalties = [_penalty_plan(instance, formula) for formula in formulas]
 
     rng = random.Random(seed)
@@ -195,7 +199,10 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
         name = (names or {}).get(formula.key, formula.key)
         if progress:
             progress(f"checking {name}")
-        if plan.error is not None:
+        if alone[id(formula)] is not None:
+            checks.append(_check_penalty(formula, name, alone[id(formula)], samples,
+                                         label=f"{name} (the loss alone)", kind=formula.kind))
+        elif plan.error is not None:
             checks.append(_failed(formula, name, 0, f"cannot be checked: {plan.error}"))
         elif missing.intersection(plan.keys):
             checks.append(_failed(formula, name, len(plan.keys),
@@ -651,6 +658,10 @@ def backprop_values(instance: Instance, derivation: Derivation,
 
     node = None
     for formula in derivation.formulas:
+        if formula.kind == "loss gradient" and derivation.model.output_read_again:
+            # only the loss's own part of ∂C/∂h_t: the adjoint formula of h, under the same
+            # name, is the whole (the loss's part is in it), which every other formula reads
+            continue
         if formula.node != node:
             settle()
             node = formula.node
@@ -779,14 +790,42 @@ def _penalty_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
     return _PenaltyPlan(entries, derived, direct)
 
 
+def _loss_alone_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
+    """The loss gradient of an output that the network reads too (a recurrent layer's state,
+    read at the step after): the derivative of the loss alone by each output entry, its other
+    paths left out, against the formula (None for any other formula). Through the network,
+    ∂C/∂h_t also has the error the step after sends back, which the δ formulas add."""
+    model = instance.model
+    output = model.output.output
+    if formula.kind != "loss gradient" or not model.output_read_again:
+        return None
+    entries = tuple(instance.entries(formula))
+    stand_in = {instance.intern(entry(output, tuple(map(sp.Integer, index)))):
+                se.Symbol(f"_output_{n}") for n, index in enumerate(entries)}
+
+    def lookup(key: Key) -> se.Basic:
+        key = instance.intern(key)
+        return stand_in[key] if key in stand_in else instance.values[key]
+
+    loss = instance._template(model.cost, ()).at(instance, (), lookup)
+    back = {symbol: instance.values[key].subs(instance.at_zero_error)
+            for key, symbol in stand_in.items()}
+    direct = tuple(se.diff(loss, symbol).subs(back) for symbol in stand_in.values())
+    derived = tuple(instance.instantiate(formula, index, instance.values) for index in entries)
+    return _PenaltyPlan(entries, derived, direct)
+
+
 def _check_penalty(formula: Formula, name: str, plan: _PenaltyPlan,
-                   samples: list[dict[se.Symbol, se.Basic]]) -> Check:
-    label = f"{name} + penalty"
+                   samples: list[dict[se.Symbol, se.Basic]], *, label: str | None = None,
+                   kind: str = "penalty") -> Check:
+    """The formula's part in ``plan`` (a penalty's ∂R/∂p, or the loss alone's gradient)
+    against its direct derivative: a symbolic identity, else at ``samples``."""
+    label = label or f"{name} + penalty"
     count = len(plan.entries)
     if all(se.expand(derived - direct) == 0
            for derived, direct in zip(plan.derived, plan.direct)):
-        return Check(label, "", count, "symbolic identity", 0.0, True, "penalty")
+        return Check(label, "", count, "symbolic identity", 0.0, True, kind)
     derived, direct = Batch(plan.derived), Batch(plan.direct)
     worst = _worst((derived.at(point), direct.at(point)) for point in samples)
     method = f"numeric: {len(samples)} points, {DIGITS} digits"
-    return Check(label, "", count, method, worst, worst < TOLERANCE, "penalty")
+    return Check(label, "", count, method, worst, worst < TOLERANCE, kind)
