@@ -13,8 +13,8 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
     δ¹ = (W²)ᵀ δ²
-    ∂C/∂s2¹ = -δ¹ ⊙ sigmoid(s2¹)² ⊙ tanh(s1¹) + δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)
-    ∂C/∂s1¹ = -δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)² + δ¹ ⊙ sigmoid(s2¹)
+    ∂C/∂s2¹ = δ¹ ⊙ (1 - sigmoid(s2¹)) ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)
+    ∂C/∂s1¹ = δ¹ ⊙ (1 - tanh(s1¹)²) ⊙ sigmoid(s2¹)
     ∂C/∂U¹ = ∇_s1¹ C (a⁰)ᵀ
     ∂C/∂V¹ = ∇_s2¹ C (a⁰)ᵀ
     ∂C/∂c¹ = δ¹
@@ -160,10 +160,10 @@ def backward(params, cache, Y):
     db2 = delta2.sum(axis=0)
     # δ¹ = (W²)ᵀ δ²
     delta1 = delta2 @ W2
-    # ∂C/∂s2¹ = -δ¹ ⊙ sigmoid(s2¹)² ⊙ tanh(s1¹) + δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)
-    dC_dS2_1 = delta1*sigmoid_S2_1*tanh_S1_1 - delta1*sigmoid_S2_1**2*tanh_S1_1
-    # ∂C/∂s1¹ = -δ¹ ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)² + δ¹ ⊙ sigmoid(s2¹)
-    dC_dS1_1 = delta1*sigmoid_S2_1 - delta1*sigmoid_S2_1*tanh_S1_1**2
+    # ∂C/∂s2¹ = δ¹ ⊙ (1 - sigmoid(s2¹)) ⊙ sigmoid(s2¹) ⊙ tanh(s1¹)
+    dC_dS2_1 = delta1*sigmoid_S2_1*tanh_S1_1*(1 - sigmoid_S2_1)
+    # ∂C/∂s1¹ = δ¹ ⊙ (1 - tanh(s1¹)²) ⊙ sigmoid(s2¹)
+    dC_dS1_1 = delta1*sigmoid_S2_1*(1 - tanh_S1_1**2)
     # ∂C/∂U¹ = ∇_s1¹ C (a⁰)ᵀ, summed over the rows
     dU1 = dC_dS1_1.T @ X
     # ∂C/∂V¹ = ∇_s2¹ C (a⁰)ᵀ, summed over the rows

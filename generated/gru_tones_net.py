@@ -13,8 +13,8 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
     Δ¹ = [t ≤ T - 1] δ¹ₜ₊₁ ⊙ u¹ₜ₊₁ + [t ≤ T - 1] (Wₕ¹)ᵀ ∇_zₕ¹ₜ₊₁ C + [t = T] (W²)ᵀ δ²
-    ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
-    ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
+    ∂C/∂G¹ = δ¹ₜ ⊙ (1 - u¹ₜ)
+    ∂C/∂U¹ = δ¹ₜ ⊙ (h¹ₜ₋₁ - g¹ₜ)
     ∂C/∂R¹ = ∇_g¹ₜ C ⊙ (1 - g¹ₜ²) ⊙ zₕ¹ₜ[2*n₁ + 1:3*n₁]
     ∂C/∂Zₕ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ r¹ₜ ⊙ (1 - g¹ₜ²)]
     ∂C/∂Zₓ¹ = [∇_r¹ₜ C ⊙ r¹ₜ ⊙ (1 - r¹ₜ); ∇_u¹ₜ C ⊙ u¹ₜ ⊙ (1 - u¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²)]
@@ -239,9 +239,9 @@ def backward(params, cache, Y):
         delta1_steps[t] += (delta1_steps[t + 1]*U1_steps[t + 1] if t <= 14 else 0)
         # read by more than one statement of this step: computed once
         common1 = 1 - U1_steps[t]
-        # ∂C/∂G¹ = -δ¹ₜ ⊙ u¹ₜ + δ¹ₜ
+        # ∂C/∂G¹ = δ¹ₜ ⊙ (1 - u¹ₜ)
         dC_dG1 = delta1_steps[t]*common1
-        # ∂C/∂U¹ = -δ¹ₜ ⊙ g¹ₜ + δ¹ₜ ⊙ h¹ₜ₋₁
+        # ∂C/∂U¹ = δ¹ₜ ⊙ (h¹ₜ₋₁ - g¹ₜ)
         dC_dU1 = delta1_steps[t]*((H1_steps[t - 1] if t >= 1 else 0) - G1_steps[t])
         # read by more than one statement of this step: computed once
         common2 = dC_dG1*(1 - G1_steps[t]**2)

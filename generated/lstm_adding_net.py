@@ -12,7 +12,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     (BP4) ∂C/∂W² = δ² (a¹)ᵀ
     (BP3) ∂C/∂b² = δ²
     ∂C/∂H¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
-    ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
+    ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ + ∇_h¹ₜ C ⊙ o¹ₜ ⊙ (1 - tanh(c¹ₜ)²)
     ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ)
     ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ
     ∂C/∂F¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C
@@ -246,7 +246,7 @@ def backward(params, cache, Y):
     for t in range(19, -1, -1):
         # ∂C/∂H¹ = [t ≤ T - 1] (Wₕ¹)ᵀ δ¹ₜ₊₁ + [t = T] (W²)ᵀ δ²
         dC_dH1 = (delta2_steps @ W2 if t == 19 else 0) + (delta1_steps[t + 1] @ Wh1 if t <= 18 else 0)
-        # ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ - ∇_h¹ₜ C ⊙ o¹ₜ ⊙ tanh(c¹ₜ)² + ∇_h¹ₜ C ⊙ o¹ₜ
+        # ∂C/∂C¹ = [t ≤ T - 1] ∇_c¹ₜ₊₁ C ⊙ f¹ₜ₊₁ + ∇_h¹ₜ C ⊙ o¹ₜ ⊙ (1 - tanh(c¹ₜ)²)
         np.add(dC_dH1*dC_dC1_in_steps[t], (dC_dC1_steps[t + 1]*F1_steps[t + 1] if t <= 18 else 0), out=dC_dC1_steps[t])
         # Δ¹ = [∇_i¹ₜ C ⊙ i¹ₜ ⊙ (1 - i¹ₜ); ∇_f¹ₜ C ⊙ f¹ₜ ⊙ (1 - f¹ₜ); ∇_g¹ₜ C ⊙ (1 - g¹ₜ²); ∇_o¹ₜ C ⊙ o¹ₜ ⊙ (1 - o¹ₜ)], where ∂C/∂O¹ = ∇_h¹ₜ C ⊙ tanh(c¹ₜ); ∂C/∂G¹ = ∇_c¹ₜ C ⊙ i¹ₜ; ∂C/∂F¹ = c¹ₜ₋₁ ⊙ ∇_c¹ₜ C; ∂C/∂I¹ = ∇_c¹ₜ C ⊙ g¹ₜ
         delta1_steps[t][..., 0:32] = dC_dC1_steps[t]*delta1_in_steps[t]

@@ -16,10 +16,10 @@ pass applies the chain rule node by node, from the output back, derived per samp
     Δ⁷ = (W⁸)ᵀ δ⁸ₜ
     ∂C/∂X̂⁷ = δ⁷ₜ ⊙ γ⁷
     ∂C/∂(σ²)⁷ = μ⁷ₜ*(𝟏)ᵀ ∇_x̂⁷ₜ C/(2*((σ²)⁷ₜ + 1e-5)^(3/2)) - (a⁶ₜ)ᵀ ∇_x̂⁷ₜ C/(2*((σ²)⁷ₜ + 1e-5)^(3/2))
-    ∂C/∂μ⁷ = 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ - 2*∂C/∂(σ²)⁷ₜ*(𝟏)ᵀ a⁶ₜ/n₆ - (𝟏)ᵀ ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
+    ∂C/∂μ⁷ = 2*∂C/∂(σ²)⁷ₜ*(μ⁷ₜ - (𝟏)ᵀ a⁶ₜ/n₆) - (𝟏)ᵀ ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
     ∂C/∂γ⁷ = Σₜ (δ⁷ₜ ⊙ x̂⁷ₜ)
     ∂C/∂β⁷ = Σₜ δ⁷ₜ
-    Δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
+    Δ⁶ = ∂C/∂μ⁷ₜ/n₆ + 2*∂C/∂(σ²)⁷ₜ*(a⁶ₜ - μ⁷ₜ)/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
     Δ⁵ = δ⁶ₜ
     (BP4) ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ
     (BP3) ∂C/∂b⁵ = Σₜ δ⁵ₜ
@@ -29,10 +29,10 @@ pass applies the chain rule node by node, from the output back, derived per samp
     Δ³ = δ⁶ₜ + (W⁴)ᵀ δ⁴ₜ
     ∂C/∂X̂³ = δ³ₜ ⊙ γ³
     ∂C/∂(σ²)³ = μ³ₜ*(𝟏)ᵀ ∇_x̂³ₜ C/(2*((σ²)³ₜ + 1e-5)^(3/2)) - (a²ₜ)ᵀ ∇_x̂³ₜ C/(2*((σ²)³ₜ + 1e-5)^(3/2))
-    ∂C/∂μ³ = 2*∂C/∂(σ²)³ₜ*μ³ₜ - 2*∂C/∂(σ²)³ₜ*(𝟏)ᵀ a²ₜ/n₂ - (𝟏)ᵀ ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
+    ∂C/∂μ³ = 2*∂C/∂(σ²)³ₜ*(μ³ₜ - (𝟏)ᵀ a²ₜ/n₂) - (𝟏)ᵀ ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
     ∂C/∂γ³ = Σₜ (δ³ₜ ⊙ x̂³ₜ)
     ∂C/∂β³ = Σₜ δ³ₜ
-    Δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
+    Δ² = ∂C/∂μ³ₜ/n₂ + 2*∂C/∂(σ²)³ₜ*(a²ₜ - μ³ₜ)/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
     Δ¹ = δ²ₜ
     ∂C/∂α¹ = Δ¹ (V¹)ᵀ
     ∂C/∂S¹ = α¹ ⊙ ∂C/∂α¹ - α¹ ⊙ rowsum(α¹ ⊙ ∂C/∂α¹)
@@ -267,14 +267,14 @@ def backward(params, cache, Y):
     shared_1 = dC_dXhat7.sum(axis=-1, keepdims=True)
     # ∂C/∂(σ²)⁷ = μ⁷ₜ*(𝟏)ᵀ ∇_x̂⁷ₜ C/(2*((σ²)⁷ₜ + 1e-5)^(3/2)) - (a⁶ₜ)ᵀ ∇_x̂⁷ₜ C/(2*((σ²)⁷ₜ + 1e-5)^(3/2))
     dC_dvar7 = 0.5*shared_1*mu7/(var7 + 1e-05)**(3/2) - 0.5*(A6*dC_dXhat7).sum(axis=-1, keepdims=True)/(var7 + 1e-05)**(3/2)
-    # ∂C/∂μ⁷ = 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ - 2*∂C/∂(σ²)⁷ₜ*(𝟏)ᵀ a⁶ₜ/n₆ - (𝟏)ᵀ ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
-    dC_dmu7 = 2*dC_dvar7*mu7 - 0.25*dC_dvar7*A6.sum(axis=-1, keepdims=True) - shared_1/np.sqrt(var7 + 1e-05)
+    # ∂C/∂μ⁷ = 2*∂C/∂(σ²)⁷ₜ*(μ⁷ₜ - (𝟏)ᵀ a⁶ₜ/n₆) - (𝟏)ᵀ ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
+    dC_dmu7 = 2*dC_dvar7*(mu7 - 0.125*A6.sum(axis=-1, keepdims=True)) - shared_1/np.sqrt(var7 + 1e-05)
     # ∂C/∂γ⁷ = Σₜ (δ⁷ₜ ⊙ x̂⁷ₜ), summed over the rows
     dgamma7 = _sum_steps(delta7*Xhat7)
     # ∂C/∂β⁷ = Σₜ δ⁷ₜ, summed over the rows
     dbeta7 = _sum_steps(delta7)
-    # Δ⁶ = 2*a⁶ₜ*∂C/∂(σ²)⁷ₜ/n₆ + ∂C/∂μ⁷ₜ/n₆ - 2*∂C/∂(σ²)⁷ₜ*μ⁷ₜ/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
-    delta6 = 0.25*A6*dC_dvar7 + 0.125*dC_dmu7 + dC_dXhat7/np.sqrt(var7 + 1e-05) - 0.25*dC_dvar7*mu7
+    # Δ⁶ = ∂C/∂μ⁷ₜ/n₆ + 2*∂C/∂(σ²)⁷ₜ*(a⁶ₜ - μ⁷ₜ)/n₆ + ∇_x̂⁷ₜ C/√((σ²)⁷ₜ + 1e-5)
+    delta6 = 0.125*dC_dmu7 + 0.25*dC_dvar7*(A6 - mu7) + dC_dXhat7/np.sqrt(var7 + 1e-05)
     # Δ⁵ = δ⁶ₜ
     delta5 = delta6
     # BP4: ∂C/∂W⁵ = Σₜ δ⁵ₜ (a⁴ₜ)ᵀ, summed over the rows
@@ -297,14 +297,14 @@ def backward(params, cache, Y):
     shared_2 = dC_dXhat3.sum(axis=-1, keepdims=True)
     # ∂C/∂(σ²)³ = μ³ₜ*(𝟏)ᵀ ∇_x̂³ₜ C/(2*((σ²)³ₜ + 1e-5)^(3/2)) - (a²ₜ)ᵀ ∇_x̂³ₜ C/(2*((σ²)³ₜ + 1e-5)^(3/2))
     dC_dvar3 = 0.5*shared_2*mu3/(var3 + 1e-05)**(3/2) - 0.5*(A2*dC_dXhat3).sum(axis=-1, keepdims=True)/(var3 + 1e-05)**(3/2)
-    # ∂C/∂μ³ = 2*∂C/∂(σ²)³ₜ*μ³ₜ - 2*∂C/∂(σ²)³ₜ*(𝟏)ᵀ a²ₜ/n₂ - (𝟏)ᵀ ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
-    dC_dmu3 = 2*dC_dvar3*mu3 - 0.25*dC_dvar3*A2.sum(axis=-1, keepdims=True) - shared_2/np.sqrt(var3 + 1e-05)
+    # ∂C/∂μ³ = 2*∂C/∂(σ²)³ₜ*(μ³ₜ - (𝟏)ᵀ a²ₜ/n₂) - (𝟏)ᵀ ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
+    dC_dmu3 = 2*dC_dvar3*(mu3 - 0.125*A2.sum(axis=-1, keepdims=True)) - shared_2/np.sqrt(var3 + 1e-05)
     # ∂C/∂γ³ = Σₜ (δ³ₜ ⊙ x̂³ₜ), summed over the rows
     dgamma3 = _sum_steps(delta3*Xhat3)
     # ∂C/∂β³ = Σₜ δ³ₜ, summed over the rows
     dbeta3 = _sum_steps(delta3)
-    # Δ² = 2*a²ₜ*∂C/∂(σ²)³ₜ/n₂ + ∂C/∂μ³ₜ/n₂ - 2*∂C/∂(σ²)³ₜ*μ³ₜ/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
-    delta2 = 0.25*A2*dC_dvar3 + 0.125*dC_dmu3 + dC_dXhat3/np.sqrt(var3 + 1e-05) - 0.25*dC_dvar3*mu3
+    # Δ² = ∂C/∂μ³ₜ/n₂ + 2*∂C/∂(σ²)³ₜ*(a²ₜ - μ³ₜ)/n₂ + ∇_x̂³ₜ C/√((σ²)³ₜ + 1e-5)
+    delta2 = 0.125*dC_dmu3 + 0.25*dC_dvar3*(A2 - mu3) + dC_dXhat3/np.sqrt(var3 + 1e-05)
     # Δ¹ = δ²ₜ
     delta1 = delta2
     # ∂C/∂α¹ = Δ¹ (V¹)ᵀ

@@ -22,7 +22,7 @@ import yaml
 from derive.cli.main import derivation_of, main
 from derive.derivation.stepform import Block, StepGuard, SumSteps
 from derive.derivation.tensorform import MatVec, Outer
-from derive.quantities import INDEX_POOL, LENGTH, NetTensor
+from derive.quantities import INDEX_POOL, LENGTH, NetTensor, tensor_of
 from derive.registry.ops import OPS
 from derive.render.latex import (
     compile_pdf,
@@ -159,6 +159,78 @@ def test_lstm_notes_carry_the_cell_error_through_the_forget_gate(documents, form
     assert _plain(TEXT[lang]["last_step_words"].format()) in _plain(text)
     # the gates' activations, with their derivatives
     assert "sigmoid" in text and r"\sigma'\!\left(z\right) = a \left(1 - a\right)" in text
+
+
+@pytest.mark.parametrize("name", SEQUENCES + list(SPECS))
+def test_terms_on_one_adjoint_are_one_product(derivations, name):
+    """No formula adds two terms that multiply the same adjoint (∂C/∂q or δ): they are
+    written as one product, as a lecturer would (∂C/∂h o (1 - tanh²c), δ (1 - u))."""
+    for formula in derivations[name].formulas:
+        on = {}
+        for term in sp.Add.make_args(formula.rhs):
+            for factor in sp.Mul.make_args(term):
+                if isinstance(factor, sp.Derivative) or (
+                        isinstance(factor, sp.Indexed) and tensor_of(factor).role == "delta"):
+                    on.setdefault(factor, []).append(term)
+        assert all(len(terms) == 1 for terms in on.values()), (formula.key, formula.rhs)
+
+
+def test_lstm_and_gru_errors_in_the_form_of_the_textbooks(derivations):
+    lstm = {f.key: f.rhs for f in derivations["lstm_adding"].formulas}
+    h, c, o = (NetTensor(role, 1, rank=2) for role in "hco")
+    t, j = INDEX_POOL[8], INDEX_POOL[0]
+    on_h = [term for term in sp.Add.make_args(lstm["dC/dc^1"]) if term.has(h)]
+    assert len(on_h) == 1, on_h
+    assert {o.indexed[t, j], 1 - sp.tanh(c.indexed[t, j]) ** 2} <= set(
+        sp.Mul.make_args(on_h[0])), on_h
+    gru = {f.key: f.rhs for f in derivations["gru_tones"].formulas}
+    assert len(sp.Add.make_args(gru["dC/dg^1"])) == 1
+    assert len(sp.Add.make_args(gru["dC/du^1"])) == 1
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("form", FORMATS)
+def test_stacked_gates_in_their_order_with_their_derivatives_written_in(documents, form, lang):
+    """The LSTM's δ in the summary: σ' of every gate written in its output, the blocks in
+    the order of the stacked rows (i, f, g, o), in the index form as in the tensor form."""
+    text = documents["lstm_adding", form, lang]
+    summary = text[text.rindex(TEXT[lang]["sec_summary_graph"]):]
+    (line,) = [line for line in summary.splitlines()
+               if re.match(r"\\delta\^\{1\}_\{tj\} &?= ", line)]
+    assert r"\sigma_{i}'" not in line and r"\tanh_{g}'" not in line
+    where = [line.index(rf"\frac{{\partial C}}{{\partial {gate}^{{1}}") for gate in "ifgo"]
+    assert where == sorted(where)
+
+
+def test_the_notes_say_what_each_layers_error_is_of(derivations):
+    """δ of a dense, rnn or lstm layer: its weighted input (an LSTM's, stacked); of a GRU: its
+    state; in the BPTT section and the notation table, in both languages."""
+    stacked = ("weighted input (layer 1 and layer 2; for layer 1, the stacked input of all "
+               "its gates)")
+    for name, words in (("lstm_adding", (stacked,)),
+                        ("gru_tones", ("weighted input (layer 2)", "state at step $t$ (layer 1)")),
+                        ("rnn_sine", ("weighted input (layer 1 and layer 2)",))):
+        text = render_latex(derivations[name], "en")
+        for phrase in words:
+            assert text.count(phrase) == 2, (name, phrase)
+        assert "simple recurrent layer) or its output" not in text
+    assert "（第 1 层）" in render_latex(derivations["gru_tones"], "zh")
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_the_zero_states_of_an_lstm_include_its_cell(derivations, lang):
+    text = render_latex(derivations["lstm_adding"], lang)
+    assert text.count(r"\mathbf{h}_{0} = \mathbf{c}_{0} = \mathbf{0}") >= 3
+    assert r"\mathbf{c}_{0}" not in render_latex(derivations["tiny_rnn"], lang)
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_worked_numbers_that_vanished_are_small_not_zero(derivations, lang):
+    """A gradient that faded through many steps (about 1e-6) in scientific notation, not 0.0000;
+    a function's argument without a second pair of brackets."""
+    text = render_latex(derivations["lstm_adding"], lang)
+    assert re.search(r"\$-?\d\.\d \\times 10\^\{-\d\}\$", text)
+    assert r"\left((" not in text and "(0.0000)" not in text
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -394,6 +466,28 @@ def test_show_names_the_sequence_shapes(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("lstm_adding: sequences of T = 20 steps, 20×2 -> 32 -> 1")
     assert "sigmoid (gates i, f, o of layer 1)" in out and "[t = T]" in out
+
+
+@pytest.mark.parametrize("op", ["rnn", "lstm", "gru"])
+def test_a_recurrent_output_shows_the_loss_part_and_adds_it(op, capsys, tmp_path):
+    """A recurrent layer that is the network's output: its loss gradient is named the loss's
+    own part (show, the notes' heading in both languages), and the derivation of ∂C/∂h_t adds
+    it in a step of its own after the error from the step after."""
+    spec = {"name": f"out_{op}", "input": {"size": 2, "length": 3},
+            "layers": [{"op": op, "size": 2}], "loss": "mse"}
+    path = tmp_path / f"{op}_out.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "(the loss's own part) = h¹ₜⱼ - yₜⱼ" in out
+    derivation = derivation_of(load_spec(spec))
+    steps = [step for formula in derivation.formulas for step in formula.steps
+             if step.why.startswith("the loss reads the output too")]
+    assert len(steps) == 1 and any(tensor_of(e).role == "y"
+                                   for e in steps[0].expr.atoms(sp.Indexed))
+    for lang in LANGUAGES:
+        heading = TEXT[lang]["block_loss_part"].format(q=r"$h^{1}_{tj}$")
+        assert heading in render_latex(derivation, lang)
 
 
 # --- compiling ---------------------------------------------------------------------------------

@@ -430,9 +430,12 @@ class _Reverse:
             # the loss reads it; a recurrent output (h_t) is also read at the step after
             generic = partial(C, entry(q, free))
             if self.readers.get(q):
-                more_terms, more = self.contributions(q, free, target)
-                generic = self.direct(free) + more_terms
+                more_terms, more = self.contributions(q, free, target, loss_too=True)
+                generic = collected(self.direct(free) + more_terms)
                 steps.extend(more)
+                steps.append(Step("substitute", target, generic,
+                                  "the loss reads the output too: add the derivative of the "
+                                  "loss by it, found above"))
         else:
             generic, more = self.contributions(q, free, target)
             steps.extend(more)
@@ -468,15 +471,16 @@ class _Reverse:
                 self.sigmas[self.node_of[eq.target].index]
             argument = _relabel(eq.argument, eq.indices, new_free, avoid | set(new_free))
             generic = sigma(argument)
-        derivative = collapse(sp.diff(generic, wrt))
+        derivative = _deltas_in_front(collapse(sp.diff(generic, wrt)))
         if eq.softmax:
             derivative = _softmax_in_outputs(derivative, expr, entry(eq.target, new_free))
         return new_free, expr, generic, derivative
 
-    def contributions(self, q: NetTensor, free: tuple[sp.Symbol, ...], target: sp.Expr
-                      ) -> tuple[sp.Expr, list[Step]]:
+    def contributions(self, q: NetTensor, free: tuple[sp.Symbol, ...], target: sp.Expr,
+                      loss_too: bool = False) -> tuple[sp.Expr, list[Step]]:
         """∂C/∂q[free] as the sum over q's consumers, with the steps that led there; the
-        adjoints of inline consumers are substituted (their own steps included)."""
+        adjoints of inline consumers are substituted (their own steps included).
+        ``loss_too``: the loss reads q as well (a recurrent output), which the caller adds."""
         wrt = entry(q, free)
         consumers = self.readers.get(q, [])
         avoid = set(free)
@@ -497,7 +501,7 @@ class _Reverse:
             term = by_name * derivative
             terms.append(collapse(sp.Sum(term, *limits), ranges, widths) if limits else term)
         steps.append(Step("chain rule", target, sp.Add(*chain_terms),
-                          _why_chain(q, consumers)))
+                          _why_chain(q, consumers, loss_too)))
         named = sp.Add(*(t.xreplace({}) for t in chain_terms))
         renamed = named.replace(
             lambda e: isinstance(e, sp.Derivative) and e.expr == C and tensor_of(
@@ -508,7 +512,7 @@ class _Reverse:
                               "the derivative of the cost with respect to a node's "
                               "pre-activation (or output) is that node's error delta"))
         steps.extend(local_steps)
-        result = sp.Add(*terms)
+        result = collected(sp.Add(*terms))
         steps.append(Step("Kronecker delta", target, result,
                           "the Kronecker deltas keep one term of each sum"))
         # substitute the adjoints of inline quantities (a^l of a dense layer) by their formula
@@ -522,11 +526,11 @@ class _Reverse:
             p_target = partial(C, entry(p, p_free))
             p_expr, p_steps = self.adjoint_generic(p, p_free, p_target)
             steps.extend(p_steps)
-            result = collapse(result.replace(
+            result = collected(collapse(result.replace(
                 lambda e, p=p: isinstance(e, sp.Derivative) and e.expr == C
                 and tensor_of(e.variables[0]) == p,
                 lambda e, p_expr=p_expr, p_free=p_free: _relabel(
-                    p_expr, p_free, _indices(e.variables[0]), set(free))))
+                    p_expr, p_free, _indices(e.variables[0]), set(free)))))
             steps.append(Step("substitute", target, result,
                               "insert the derivative of the cost with respect to the layer's "
                               "output found above"))
@@ -536,9 +540,13 @@ class _Reverse:
                         ) -> tuple[sp.Expr, tuple[Step, ...]]:
         key = (q, free)
         if key not in self.inline_generic:
-            result, steps = self.contributions(q, free, target)
-            if q == self.output:     # a recurrent output: the loss's own part as well
-                result = self.direct(free) + result
+            output = q == self.output           # a recurrent output: the loss's part as well
+            result, steps = self.contributions(q, free, target, loss_too=output)
+            if output:
+                result = collected(self.direct(free) + result)
+                steps.append(Step("substitute", target, result,
+                                  "the loss reads the output too: add the derivative of the "
+                                  "loss by it, found above"))
             self.inline_generic[key] = (result, tuple(steps))
         return self.inline_generic[key]
 
@@ -575,6 +583,53 @@ class _Reverse:
             and tensor_of(e.variables[0]) == self.output and not self.readers.get(self.output),
             lambda e: _relabel(loss_gradient.rhs, free, _indices(e.variables[0]), set()))
         return collapse(out)
+
+
+def _is_adjoint(factor: sp.Expr) -> bool:
+    """∂C/∂q of an entry, or an entry of a node's error δ."""
+    if isinstance(factor, sp.Derivative):
+        return factor.expr == C
+    tensor = tensor_of(factor) if isinstance(factor, sp.Indexed) else None
+    return tensor is not None and tensor.role == "delta"
+
+
+def _deltas_in_front(expr: sp.Expr) -> sp.Expr:
+    """A sum whose every term has the same Kronecker deltas, as those deltas times the sum of
+    the rest: δ_jk δ_tτ (h_{τ-1,k} - g_τk), not -δ_jk δ_tτ g_τk + h_{τ-1,k} δ_jk δ_tτ."""
+    if not isinstance(expr, sp.Add):
+        return expr
+    shared = set.intersection(*({f for f in sp.Mul.make_args(term)
+                                 if isinstance(f, sp.KroneckerDelta)} for term in expr.args))
+    if not shared:
+        return expr
+    common = sp.Mul(*sorted(shared, key=sp.default_sort_key))
+    return common * sp.Add(*(term / common for term in expr.args))
+
+
+def collected(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the terms that multiply the same adjoint (∂C/∂q or δ) written as one
+    product, their common factors in front, where what is left is a sum of two terms:
+    ∂C/∂h o (1 - tanh²(c)), not ∂C/∂h o - ∂C/∂h o tanh²(c); δ (1 - u), not δ - δ u; as a
+    lecturer writes them. The adjoint shared by the most terms goes first; terms on other
+    adjoints stay as they are."""
+    if not isinstance(expr, sp.Add):
+        return expr
+    terms = list(expr.args)
+    adjoints = sorted({f for term in terms for f in sp.Mul.make_args(term) if _is_adjoint(f)},
+                      key=sp.default_sort_key)
+    groups = [[t for t in terms if adjoint in sp.Mul.make_args(t)] for adjoint in adjoints]
+    groups = [group for group in groups if len(group) > 1]
+    if not groups:
+        return expr
+    group = max(groups, key=len)
+    joined = sp.factor_terms(sp.Add(*group))
+    inner = [f for f in sp.Mul.make_args(joined) if isinstance(f, sp.Add)]
+    if isinstance(joined, sp.Add) or any(len(f.args) > 2 for f in inner):
+        # nothing in common beyond a number; or a longer sum left inside, which as one
+        # product could not be broken over lines as its terms can
+        return expr
+    rest = [t for t in terms if t not in group]
+    return sp.Add(joined, collected(sp.Add(*rest)) if rest else sp.Integer(0))
 
 
 def _free(model: Model, q: NetTensor) -> tuple[sp.Symbol, ...]:
@@ -671,7 +726,10 @@ def _softmax_in_outputs(derivative: sp.Expr, expr: sp.Expr, output: sp.Expr) -> 
     return local
 
 
-def _why_chain(q: NetTensor, consumers: list[Equation]) -> str:
+def _why_chain(q: NetTensor, consumers: list[Equation], loss_too: bool = False) -> str:
+    if loss_too:
+        return ("the cost depends on the output through the loss and through the quantities "
+                "of the network that read it: first those")
     if len(consumers) == 1:
         return "the cost depends on this quantity only through the one quantity that reads it"
     return ("the cost depends on this quantity through every quantity that reads it: the chain "
@@ -853,6 +911,8 @@ def _loss_gradient(model: Model) -> Formula:
         Step("definition", C, model.cost, "the per-sample cost sums the loss over the outputs"
              + (" and the time steps" if len(free) == 2 else "")),
         Step("differentiate", lhs, rhs,
+             "only the term of step t and i = j of the sums depends on a^L_tj (Kronecker delta)"
+             if len(free) == 2 else
              "only the term i = j of the sum depends on a^L_j (Kronecker delta)"),
     )
     return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, free, steps, of=out.output,
@@ -874,7 +934,7 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
             steps: list[Step]) -> tuple[sp.Expr, tuple[str, ...]]:
     """The concrete form of ``generic``, with the steps and assumptions that led there."""
     model = reverse.model
-    concrete = reverse.concrete(generic, loss_gradient)
+    concrete = collected(reverse.concrete(generic, loss_gradient))
     if concrete == generic:
         return concrete, ()
     uses_loss = any(isinstance(d, sp.Derivative) and d.expr == C

@@ -150,7 +150,18 @@ SPELLED_BUDGET = 70
 
 
 def _number(value: float) -> str:
-    """A computed value, rounded to 4 decimals (never "-0.0000")."""
+    """A computed value, rounded to 4 decimals (never "-0.0000"); one that would round to 0
+    but is not, in scientific notation (3.8 \\times 10^{-6}: a gradient that vanished
+    through many steps is small, not 0). Below 1e-10 a value is taken for 0: the rounding
+    left by terms that cancel (-1.4e-17), not a quantity of the network."""
+    if 1e-10 <= abs(value) < 5e-5:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return rf"{mantissa} \times 10^{{{int(exponent)}}}"
+    return _fixed(value)
+
+
+def _fixed(value: float) -> str:
+    """A computed value in a matrix: 4 decimals always (a matrix's columns stay narrow)."""
     text = f"{value:.4f}"
     return "0.0000" if text == "-0.0000" else text
 
@@ -171,10 +182,27 @@ class _ValuePrinter(DeriveLatexPrinter):
     _default_settings: ClassVar[dict] = {**DeriveLatexPrinter._default_settings,
                                          "lookup": None, "mul_symbol": "dot"}
 
+    #: the entry that is a function's whole argument, printed without parentheses
+    _argument: sp.Expr | None = None
+
+    def _print(self, expr: sp.Expr, **kwargs: Any) -> str:
+        if isinstance(expr, sp.Function) and len(expr.args) == 1 and isinstance(
+                expr.args[0], (sp.Indexed, NetTensor)):
+            # tanh(-0.2), not tanh((-0.2)): the function's own brackets hold the number
+            saved, self._argument = self._argument, expr.args[0]
+            try:
+                return super()._print(expr, **kwargs)
+            finally:
+                self._argument = saved
+        return super()._print(expr, **kwargs)
+
     def _value(self, expr: sp.Expr, tensor: NetTensor) -> str:
         value = self._settings["lookup"](expr)
         text = _short(value) if _is_given(tensor) else _number(value)
-        return f"({text})" if value < 0 else text
+        # a negative number or one in scientific notation is bracketed in a product or sum:
+        # 0.5 · (-0.2), 0.5 · (3.8 × 10^{-6}); 0 never is
+        bracket = (text.startswith("-") or r"\times" in text) and expr is not self._argument
+        return f"({text})" if bracket else text
 
     def _print_Pow(self, expr: sp.Pow) -> str:
         if isinstance(expr.base, (sp.Indexed, NetTensor)) and expr.exp.is_Integer and (
@@ -640,6 +668,11 @@ class _Context:
             # a long equation cannot break inside a line of prose: it gets a line of its own
             long = visual_length(text) > LINE_BUDGET // 2 or (
                 self.images and step.source.rhs.has(WindowMax, InRange, FirstMax))
+            after = words.partition("{source}")[2][:1]
+            if long and after in ".。:：":
+                # the sentence's full stop inside the display, not alone on the next line
+                words = words.replace("{source}" + after, "{source}")
+                text = rf"{text} \,{'.' if after in '.。' else ':'}"
             source = (f"$${text}$$" if self.markdown else f"\\[ {text} \\]") if long \
                 else f"${text}$"
             words = words.replace("{source}", source) if "{source}" in words else (
@@ -741,6 +774,7 @@ class _Context:
             # xdvipdfmx (xelatex) takes the PDF's Creator this way; pdflatex via hyperref
             "pdf_docinfo": (rf"\special{{pdf:docinfo <</Title ({self.spec.name}) "
                             rf"/Creator ({MARKER} {__version__})>>}}"),
+            "pdf_title": _escape(self.spec.name),   # hyperref: lstm\_adding, not a subscript
             "spec_name": self.spec.name,
             "command": self.command(),
             "title": self.text("title", name=self.name()),
@@ -762,7 +796,8 @@ class _Context:
             "forward_tensor": self.forward_tensor(),
             "forward_tensor_text": self.text(
                 "forward_tensor_text_attention" if self.attention else
-                "forward_tensor_text_sequence" if self.sequence else "forward_tensor_text"),
+                "forward_tensor_text_sequence" if self.sequence else "forward_tensor_text",
+                zero=self.zero_state()),
             "conv_text": self.text("conv_text") if self.images else "",
             "cost": self.cost(),
             "penalty": self.penalty(),
@@ -772,16 +807,7 @@ class _Context:
             "backward": self.backward(),
             "vanishing": self.vanishing(),
             "matrix": self.matrix(),
-            "batch_text": self.text(
-                "batch_text_penalty" if self.penalized else "batch_text",
-                ones=self.inline(ONE),
-                A=self.inline(NetTensor("a", "l"), batch=True),
-                Z=self.inline(NetTensor("z", "l"), batch=True),
-                D=self.inline(delta_l, batch=True)) + (self.text(
-                    "batch_text_sequence", H=self.inline(NetTensor("h", "l", step=0),
-                                                         batch=True))
-                    if self.sequence else "") + (self.text("batch_text_attention")
-                                                 if self.attention else ""),
+            "batch_text": self.batch_text(delta_l),
             "summary_title": self.t["sec_summary" if self.chain else "sec_summary_graph"],
             "summary_text": self.t["summary_text" if self.chain else "summary_text_graph"],
             "summary": summary,
@@ -832,8 +858,12 @@ class _Context:
         if self.sequence:
             elided = self.text("figure_elided_steps", T=self.spec.length) if (
                 self.spec.length > 4) else ""
+            gated = any(len(state_tensors(node)) > 1 or node.forward.delta in state_tensors(
+                node) for node in self.model.nodes)                  # an LSTM's c, a GRU's h
             return self.text("figure_caption_unrolled", name=self.name(), elided=elided,
-                             wh=self.inline(NetTensor("wh", "l", rank=2)))
+                             wh=self.inline(NetTensor("wh", "l", rank=2)),
+                             gated=self.t["figure_gated"] if gated else "",
+                             zero=self.zero_state())
         if not self.chain:
             return self.text("figure_caption_graph", name=self.name())
         w = NetTensor("w", "l", rank=2).indexed[j, k]
@@ -1017,7 +1047,8 @@ class _Context:
         rows.append((latex(NetTensor("delta", "l", rank=2).indexed[t, j]), self.text(
             "n_seq_delta" if self.recurrent else "n_seq_delta_steps",
             z=self.inline(sp.Derivative(C, seq["z"][t, j], evaluate=False)),
-            a=self.inline(sp.Derivative(C, seq["a"][t, j], evaluate=False)))))
+            a=self.inline(sp.Derivative(C, seq["a"][t, j], evaluate=False)),
+            which=self.delta_of_what())))
         if self.recurrent:
             rows.append((r"\left[t \le T-1\right],\ \left[t = T\right]",
                          self.text("n_step_bracket")))
@@ -1254,7 +1285,7 @@ class _Context:
         if self.sequence:
             delta = self.inline(NetTensor("delta", "l", rank=2).indexed[INDEX_POOL[8], j])
             return [{"title": self.t["sec_bptt"], "parts": parts,
-                     "text": self.text("bptt_text", delta=delta)}]
+                     "text": self.text("bptt_text", delta=delta, which=self.delta_of_what())}]
         text = self.text("backward_text", delta=delta)
         return [{"title": self.t["sec_backward"], "text": text, "parts": parts}]
 
@@ -1393,6 +1424,55 @@ class _Context:
     def math_item(self, *lines: str) -> dict[str, Any]:
         return {"text": "", "math": list(lines)}
 
+    def batch_text(self, delta_l: NetTensor) -> str:
+        """The sentences before the batch form's equations, the last ending in a colon."""
+        sentences = [("batch_text_penalty" if self.penalized else "batch_text", {
+            "ones": self.inline(ONE), "A": self.inline(NetTensor("a", "l"), batch=True),
+            "Z": self.inline(NetTensor("z", "l"), batch=True),
+            "D": self.inline(delta_l, batch=True)})]
+        if self.sequence:
+            sentences.append(("batch_text_sequence", {
+                "H": self.inline(NetTensor("h", "l", step=0), batch=True)}))
+        if self.attention:
+            sentences.append(("batch_text_attention", {}))
+        stop, colon = ("。", "：") if self.lang == "zh" else (".", ":")
+        return "".join(self.text(key, end=colon if n == len(sentences) - 1 else stop, **fields)
+                       for n, (key, fields) in enumerate(sentences))
+
+    def zero_state(self) -> str:
+        """The states before the first step, all 0: $\\mathbf{h}_{0} = \\mathbf{0}$, with an
+        LSTM's $\\mathbf{c}_{0}$ too."""
+        states = sorted({tensor.role for node in self.model.nodes
+                         for tensor in state_tensors(node)}, reverse=True)   # "h", "c"
+        zero = " = ".join(rf"\mathbf{{{role}}}_{{0}}" for role in states or ["h"])
+        return rf"${zero} = \mathbf{{0}}$"
+
+    def delta_of_what(self) -> str:
+        """What each layer's error is the derivative of (``Forward.delta``): its weighted
+        input (an op whose error is taken before its activation: dense, rnn, lstm, whose gates'
+        inputs are stacked), the state it carries from step to step (gru), or its output (every
+        other op), with the layers of each."""
+        kinds: dict[str, list[int]] = {"input": [], "state": [], "output": []}
+        stacked = []
+        for node in self.model.nodes:
+            delta, output = node.forward.delta, node.forward.output
+            if delta == output:
+                kinds["output"].append(node.index)
+            elif delta in state_tensors(node):
+                kinds["state"].append(node.index)
+            else:
+                kinds["input"].append(node.index)
+                if self.model.shapes[delta][-1] != self.model.shapes[output][-1]:
+                    stacked.append(node.index)
+
+        def layers(indices: list[int]) -> str:
+            return self.listing([self.node_name(n) for n in indices])
+
+        parts = [self.text(f"delta_on_{kind}", layers=layers(indices), stacked=self.text(
+                     "delta_stacked", layers=layers(stacked)) if stacked else "")
+                 for kind, indices in kinds.items() if indices]
+        return (self.t["or"] if self.lang == "zh" else f" {self.t['or']} ").join(parts)
+
     def quantity_words(self, carry: _Carry) -> str:
         """The error of the state (or of the cell state) and its symbol, at step t."""
         q = self.inline(step_target(carry.formula))
@@ -1504,7 +1584,8 @@ class _Context:
                         else entry(formula.of, formula.indices))
         tag = self.text("tag", tag=formula.equation) if formula.equation else ""
         if formula.kind == "loss gradient":
-            return self.text("block_loss", q=q)
+            return self.text("block_loss_part" if self.model.output_read_again
+                             else "block_loss", q=q)
         if formula.kind == "delta":
             return self.text("block_delta", delta=self.inline(formula.lhs), l=formula.node,
                              q=q, tag=tag)
@@ -1514,11 +1595,14 @@ class _Context:
 
     # -- matrix, batch and index forms --
 
-    def index_expr(self, formula: Formula) -> sp.Expr:
+    def index_expr(self, formula: Formula, *, broken: bool = False) -> sp.Expr:
         """The index form with the sizes filled in, or the generic one when shorter and the
-        concrete one is too long."""
+        concrete one is too long: for one line, or, ``broken`` over lines a term each, for
+        the longest of its terms (the summary's δ of an LSTM, its gates' σ' written in)."""
         concrete = _filled(formula.rhs, self.filled)
-        if visual_length(latex(concrete)) > LINE_BUDGET:
+        length = max(visual_length(text) for _, text in terms(concrete)) if broken else \
+            visual_length(latex(concrete))
+        if length > LINE_BUDGET:
             generic = _filled(formula.generic, self.filled)
             if visual_length(latex(generic)) < visual_length(latex(concrete)):
                 return generic
@@ -1615,6 +1699,7 @@ class _Context:
             visual_length(index_lhs) + visual_length(index_text) + visual_length(vector_lhs)
             + visual_length(vector_text) > LINE_BUDGET)
         if stacked:
+            index = self.index_expr(formula, broken=True)
             index_text = self.broken(index, lead=visual_length(index_lhs))
             vector_text = self.broken(vector, lead=visual_length(vector_lhs))
         return {"tag": formula.equation, "index_lhs": index_lhs, "index_rhs": index_text,
@@ -1685,11 +1770,11 @@ class _Context:
             if value.ndim != 2:
                 continue
             shape = ex.value(formula.of).shape
-            gradients.append(f"{latex(formula.target)} = {_matrix(value, _number, shape)}")
+            gradients.append(f"{latex(formula.target)} = {_matrix(value, _fixed, shape)}")
             if formula.of in penalties:
                 total = value + penalties[formula.of]
                 gradients.append(f"{latex(formula.target, batch=True, batch_cost='J')} = "
-                                 f"{_matrix(total, _number, shape)}")
+                                 f"{_matrix(total, _fixed, shape)}")
         text = [self.t["example_given" if ex.given else "example_default"]]
         if ex.masks:
             text.append(self.t["example_mask"])
@@ -1856,14 +1941,14 @@ class _Context:
                 sums.append(f"{latex(formula.target)} &= {latex(formula.vector)} \\\\\n"
                             f"  &= {parts} \\\\\n  &= {show(value, _number)}")
             elif value.ndim == 2:
-                gradients.append(f"{latex(formula.target)} = {_matrix(value, _number, shape)}")
+                gradients.append(f"{latex(formula.target)} = {_matrix(value, _fixed, shape)}")
         text = [self.t["example_given" if ex.given else "example_default"]]
         if ex.small:
             text.append(self.example_small(ex))
         text.append(self.t["example_sequence"])
         if len(table_steps) < length:
             text.append(self.text("example_steps_cut", T=length, shown=", ".join(
-                r"\dots" if s is None else str(s) for s in table_steps)))
+                str(s) for s in table_steps if s is not None)))
         wide = max(spec.sizes) > MAX_NEURONS
         attention_forward, attention_backward = self.attention_values(ex)
         return {
@@ -1873,7 +1958,8 @@ class _Context:
             "inputs": inputs, "input_maps": [],
             "forward_steps": forward_steps,
             "forward_steps_text": self.text("example_forward_steps" if self.recurrent
-                                            else "example_forward_one_step", t=length),
+                                            else "example_forward_one_step", t=length,
+                                            zero=self.zero_state()),
             "forward_spelled": forward_spelled, "forward_maps": [],
             "forward": self.value_table(forward_rows),
             "attention_forward": attention_forward,
@@ -1923,10 +2009,10 @@ class _Context:
             lines, sums = [], []
             for eq in node.equations:
                 if eq.target.role in ("s", "alpha"):
-                    lines.append(f"{latex(eq.target)} = {_matrix(ex.value(eq.target), _number)}")
+                    lines.append(f"{latex(eq.target)} = {_matrix(ex.value(eq.target), _fixed)}")
                 if eq.target.role == "alpha":
                     sums.append(rf"\operatorname{{rowsum}}\!\left({latex(eq.target)}\right) = "
-                                rf"{_column(ex.value(eq.target).sum(axis=-1), _number)}")
+                                rf"{_column(ex.value(eq.target).sum(axis=-1), _fixed)}")
             forward.append({"text": self.text("example_attention_forward", l=node.index),
                             "math": [*_side_by_side(lines, ex.spec.length), *sums]})
             lines, sums = [], []
@@ -1934,10 +2020,10 @@ class _Context:
                 if (node.index, role) not in by_role:
                     continue
                 formula, value = by_role[node.index, role]
-                lines.append(f"{latex(step_target(formula))} = {_matrix(value, _number)}")
+                lines.append(f"{latex(step_target(formula))} = {_matrix(value, _fixed)}")
                 if role == "s":
                     sums.append(rf"\operatorname{{rowsum}}\!\left({latex(step_target(formula))}"
-                                rf"\right) = {_column(value.sum(axis=-1), _number)}")
+                                rf"\right) = {_column(value.sum(axis=-1), _fixed)}")
             if lines:
                 backward.append({"text": self.text("example_attention_backward", l=node.index),
                                  "math": [*_side_by_side(lines, ex.spec.length), *sums]})

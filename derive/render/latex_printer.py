@@ -215,6 +215,27 @@ def is_vector(expr: sp.Basic) -> bool:
     return any(is_vector(arg) for arg in expr.args)
 
 
+def _block_offsets(terms: list[sp.Expr]) -> list[float] | None:
+    """Where each term's block starts, when every term is one block of a stacked quantity:
+    it has one bracket [1 ≤ j - c ≤ n] on the same index j (c = 0, n_1, 2 n_1, ...: a size
+    counts as 1, so the blocks of any size keep their order); else None."""
+    offsets, index = [], None
+    for term in terms:
+        brackets = [f for f in sp.Mul.make_args(term) if isinstance(f, InRange)]
+        if len(brackets) != 1:
+            return None
+        value = brackets[0].args[0]
+        variables = [v for v in value.free_symbols if value.coeff(v) == 1
+                     and v not in value.coeff(v).free_symbols]
+        found = variables[0] if len(variables) == 1 else None
+        if found is None or index not in (None, found):
+            return None
+        index = found
+        shift = -(value - found)
+        offsets.append(float(shift.xreplace({v: sp.Integer(1) for v in shift.free_symbols})))
+    return offsets if len(set(offsets)) == len(offsets) else None
+
+
 class DeriveLatexPrinter(LatexPrinter):
     """Prints derive's index, tensor and batch expressions as LaTeX math.
 
@@ -332,8 +353,12 @@ class DeriveLatexPrinter(LatexPrinter):
         # bias); at a time step, what the step reads before what the step before left:
         # W_x x_t + W_h h_{t-1} + b
         terms = super()._as_ordered_terms(expr, order=order)
-        return sorted(terms, key=lambda term: (0 if term.has(sp.Sum, MatVec, Einsum) else 1,
-                                               -_latest_step(term)))
+        blocks = _block_offsets(terms)
+        if blocks is not None:
+            # one term per block of stacked gates: in the order of the blocks (i, f, g, o)
+            return [term for _, term in sorted(zip(blocks, terms), key=lambda pair: pair[0])]
+        return plus_first(sorted(terms, key=lambda term: (
+            0 if term.has(sp.Sum, MatVec, Einsum) else 1, -_latest_step(term))))
 
     def _print_Sum(self, expr: sp.Sum) -> str:
         # -sum_i y_i log a_i rather than sum_i -log(a_i) y_i
@@ -686,6 +711,17 @@ class DeriveLatexPrinter(LatexPrinter):
         spelled = self._print(subscripts).replace("->", r" \to ")
         args = ", ".join(self._print(operand) for operand in operands)
         return rf"\operatorname{{einsum}}_{{{spelled}}}\!\left({args}\right)"
+
+
+def plus_first(terms: list[sp.Expr]) -> list[sp.Expr]:
+    """The terms of a sum with the first one that has no minus sign in front, when the first
+    has one: h_{t-1} - g_t, not -g_t + h_{t-1}; the order otherwise kept."""
+    if not terms or not terms[0].could_extract_minus_sign():
+        return terms
+    first = next((term for term in terms if not term.could_extract_minus_sign()), None)
+    if first is None:
+        return terms
+    return [first, *(term for term in terms if term is not first)]
 
 
 def _latest_step(expr: sp.Expr) -> int:

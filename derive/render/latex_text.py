@@ -157,6 +157,10 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "layer_n": "layer {l}",
         "the_input": "the input $a^{{0}}$",
         "block_loss": "The derivative of the cost with respect to the output {q}:",
+        "block_loss_part": (
+            "The loss's own part of the derivative of the cost with respect to the output {q} "
+            "(the layer reads its output too, at the step after: that part follows):"
+        ),
         "block_delta": (
             "The error {delta} of layer {l}{tag}, the derivative of the cost with respect to "
             "{q}:"
@@ -171,13 +175,14 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "batch_text": (
             "In code a batch of $B$ samples is processed at once: the rows of {A}, {Z} and "
-            "{D} are the samples, {ones} is a column of $B$ ones, and the gradients are means "
-            "over the batch (the batch cost is the mean of $C$):"
+            "{D} are the samples, {ones} is a column of $B$ ones, and the gradients are those "
+            "of the batch cost $\\bar{{C}}$, the mean of $C$ over the samples{end}"
         ),
         "batch_text_penalty": (
             "In code a batch of $B$ samples is processed at once: the rows of {A}, {Z} and "
             "{D} are the samples, {ones} is a column of $B$ ones, and the gradients of the "
-            "batch objective $J$ are means over the batch plus the derivative of the penalty:"
+            "batch objective $J$ are means over the batch plus the derivative of the "
+            "penalty{end}"
         ),
         "sec_summary": "Summary: the four equations for this network",
         "summary_text": (
@@ -349,10 +354,14 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "figure_caption_unrolled": (
             "The {name} network unrolled in time: one column per step $t$, the input at the "
             "bottom, the output at the top. A horizontal arrow carries the state of step $t-1$ "
-            "into step $t$ through the recurrent weights {wh}, the same matrix at every step; "
-            "the first step reads $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$.{elided}"
+            "into step $t$: through the recurrent weights {wh}, the same matrix at every "
+            "step{gated}; the first step reads {zero}.{elided}"
         ),
         "figure_elided_steps": " The steps between $t = 2$ and $t = T = {T}$ are not drawn.",
+        "figure_gated": (
+            ", and in a gated layer also around them, through its gates (an LSTM's cell "
+            "state through the forget gate, a GRU's state through the update gate)"
+        ),
         "markdown_unrolled": (
             "The network unrolled in time, one column per step (a horizontal arrow carries the "
             "state to the next step through the recurrent weights, the same at every step; a "
@@ -369,9 +378,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "n_seq_z": "weighted input of unit $j$ of layer $l$ at step $t$",
         "n_seq_y": "target value of output $j$ at step $t$",
         "n_seq_delta": (
-            "error of layer $l$ at step $t$: the derivative of the cost with respect to its "
-            "weighted input {z} (dense and simple recurrent layers) or its output {a} (other "
-            "layers)"
+            "error of layer $l$ at step $t$: the derivative of the cost with respect to "
+            "{which}"
         ),
         "n_h": (
             "state of unit $j$ of the recurrent layer $l$ at step $t$; "
@@ -385,8 +393,9 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "n_zxh": "the GRU's stacked sums on the input side and the state side, at step $t$",
         "n_c": "cell state of unit $j$ of the LSTM layer $l$ at step $t$; $c^{{l}}_{{0j}} = 0$",
         "n_lstm_gates": (
-            "the LSTM's input gate, forget gate, candidate and output gate at step $t$: blocks "
-            "1 to 4 of its stacked weighted input $z^{{l}}_{{t}}$, of $n_{{l}}$ rows each"
+            "the LSTM's input gate, forget gate, candidate and output gate at step $t$: the "
+            "sigmoid (tanh for the candidate) of blocks 1 to 4 of its stacked weighted input "
+            "$z^{{l}}_{{t}}$, of $n_{{l}}$ rows each"
         ),
         "n_gru_gates": (
             "the GRU's reset gate, update gate (PyTorch's $z$) and candidate (PyTorch's $n$) "
@@ -399,15 +408,19 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "tensor form $[t \\le T-1]$) is 0 at the last step, $[t = T]$ is 1 there only"
         ),
         "forward_tensor_text_sequence": (
-            "In tensor form, step by step for $t = 1, \\dots, T$ (with "
-            "$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$):"
+            "In tensor form, step by step for $t = 1, \\dots, T$ (with {zero}):"
         ),
         "batch_text_sequence": (
             " A quantity with subscript $t$ is the matrix of that quantity at step $t$, one row "
             "per sample (as {H}), and the gradient of a parameter sums over the steps and "
-            "averages over the samples."
+            "averages over the samples{end}"
         ),
         "sec_bptt": "Backpropagation through time",
+        "delta_on_input": "its weighted input ({layers}{stacked})",
+        "delta_stacked": "; for {layers}, the stacked input of all its gates",
+        "delta_on_state": "its state at step $t$ ({layers})",
+        "delta_on_output": "its output ({layers})",
+        "or": "or",
         "bptt_text": (
             "The derivatives are found layer by layer from the output back, as for any graph, "
             "with one thing new: a recurrent layer reads its own state at the step before, so "
@@ -417,9 +430,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "what the layers above contribute at the same step and what the layer itself "
             "contributes at the next step $t+1$: this is backpropagation through time (BPTT). "
             "So the errors are computed backwards in time too, from $t = T$ down to $t = 1$. "
-            "The error {delta} of a layer is the derivative of the cost with respect to its "
-            "weighted input (a dense or simple recurrent layer) or its output (other layers). "
-            "The parameters are the same at every step: their gradients are sums over the "
+            "The error {delta} of a layer is the derivative of the cost with respect to "
+            "{which}. The parameters are the same at every step: their gradients are sums over the "
             "steps $t = 1, \\dots, T$."
         ),
         "node_recurrent": (
@@ -497,7 +509,9 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "vanishing_gate": (
             "In layer {l}, the {what} reads the same quantity of the step after through the "
-            "{gate}; its formula{ref} is linear in it, with the coefficient"
+            "{gate}; its formula{ref} has a term linear in it, and the coefficient of that "
+            "term (the direct path from one step to the step before, the other paths held "
+            "fixed) is"
         ),
         "vanishing_gate_jacobian": (
             "Along this path the Jacobian is diagonal, and the error of step $s$ reaches step "
@@ -515,13 +529,16 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "clip_words": (
             "The module that derive generates guards against exploding gradients: "
-            "{clip} rescales the gradient, whenever the norm of all its entries together "
-            "exceeds the given value, to that norm before the update (gradient clipping). "
+            "whenever the norm of all the gradient's entries together exceeds the given "
+            "value, {clip} rescales the gradient so that its norm equals that value, before "
+            "the update (gradient clipping). "
             "Vanishing gradients are what the gated layers, the LSTM and the GRU, were "
             "designed against: their state carries the error back through a gate rather than "
             "through the recurrent weights and $\\sigma'$."
         ),
-        "carousel": " (the constant error carousel of Hochreiter and Schmidhuber, 1997)",
+        "carousel": (" (this generalises the constant error carousel of Hochreiter and "
+                     "Schmidhuber, 1997, whose cell kept its error with a fixed weight of 1; "
+                     "the forget gate is from Gers, Schmidhuber and Cummins, 2000)"),
         "vanishing_same": (
             "The same holds for layer {l}: the coefficient of the error of the step after in "
             "the formula of {q}, and its Jacobian for $t \\le T-1$, are"
@@ -534,11 +551,12 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "of step $t$."
         ),
         "example_steps_cut": (
-            " Of the $T = {T}$ steps, the tables show $t = {shown}$."
+            " Of the $T = {T}$ steps, the tables show only $t = {shown}$; the steps "
+            "between are left out."
         ),
         "example_step": "Step $t = {t}$:",
         "example_forward_steps": (
-            "Step by step, $t = 1, \\dots, T$, from $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$ (an "
+            "Step by step, $t = 1, \\dots, T$, from {zero} (an "
             "entry at step 0 is 0, so its terms drop out); for example, for the first unit of "
             "each layer:"
         ),
@@ -759,7 +777,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "batch_text_attention": (
             " Attention's formulas act on whole sequences: in code each of them is the same "
             "for every sample, one $T \\times T$ or $T \\times d$ matrix per sample (a batch "
-            "of matrix products)."
+            "of matrix products){end}"
         ),
         "example_small": (
             "The network above has $T = {T}$ steps and layers up to {n} wide; to keep the "
@@ -899,6 +917,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "layer_n": "第 {l} 层",
         "the_input": "输入 $a^{{0}}$",
         "block_loss": "代价对输出 {q} 的导数：",
+        "block_loss_part": "代价对输出 {q} 的导数中损失自身的部分（该层在下一步也读取其输出：那一部分见后）：",
         "block_delta": "第 {l} 层的误差 {delta}{tag}，即代价对 {q} 的导数：",
         "block_adjoint": "代价对中间量 {q} 的导数：",
         "block_gradient": "参数 {q} 的梯度{tag}：",
@@ -909,11 +928,11 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "batch_text": (
             "代码中一次处理 $B$ 个样本：{A}、{Z}、{D} 的每一行是一个样本，{ones} 是 $B$ 个 1 组成"
-            "的列向量，梯度取批次平均（批次代价是 $C$ 的平均）："
+            "的列向量，梯度是批次代价 $\\bar{{C}}$（$C$ 对各样本的平均）的梯度{end}"
         ),
         "batch_text_penalty": (
             "代码中一次处理 $B$ 个样本：{A}、{Z}、{D} 的每一行是一个样本，{ones} 是 $B$ 个 1 组成"
-            "的列向量，目标函数 $J$ 的梯度取批次平均再加上惩罚项的导数："
+            "的列向量，目标函数 $J$ 的梯度取批次平均再加上惩罚项的导数{end}"
         ),
         "sec_summary": "小结：该网络的四个方程",
         "summary_text": "代入本网络的激活函数、损失函数与各层规模后，反向传播的方程为：",
@@ -1036,11 +1055,12 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "$n_{{L}} = {nL}$ 的向量。"
         ),
         "figure_caption_unrolled": (
-            "{name} 网络按时间展开：每一列是一个时间步 $t$，输入在下，输出在上。水平箭头经由循环"
-            "权重 {wh}（每一步是同一个矩阵）把第 $t-1$ 步的状态送入第 $t$ 步；第一步读取 "
-            "$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$。{elided}"
+            "{name} 网络按时间展开：每一列是一个时间步 $t$，输入在下，输出在上。水平箭头把第 "
+            "$t-1$ 步的状态送入第 $t$ 步：经由循环权重 {wh}（每一步是同一个矩阵）{gated}；第一步"
+            "读取 {zero}。{elided}"
         ),
         "figure_elided_steps": "第 $t = 2$ 步与第 $t = T = {T}$ 步之间的各步没有画出。",
+        "figure_gated": "，门控层还绕过循环权重经由门传递（LSTM 的细胞状态经由遗忘门，GRU 的状态经由更新门）",
         "markdown_unrolled": (
             "按时间展开的网络，每一列是一个时间步（水平箭头经由循环权重把状态送入下一步，每一步"
             "权重相同；竖直箭头表示一层读取同一步下面一层的输出）："
@@ -1049,7 +1069,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "n_seq_a": "第 $l$ 层在第 $t$ 步输出的第 $j$ 个分量；{a0} 是输入 $\\mathbf{{x}}_{{t}}$ 的第 $k$ 个分量",
         "n_seq_z": "第 $l$ 层第 $j$ 个单元在第 $t$ 步的带权输入",
         "n_seq_y": "输出 $j$ 在第 $t$ 步的目标值",
-        "n_seq_delta": "第 $l$ 层在第 $t$ 步的误差：代价对其带权输入 {z}（全连接层与简单循环层）或对其输出 {a}（其他层）的导数",
+        "n_seq_delta": "第 $l$ 层在第 $t$ 步的误差：代价对{which}的导数",
         "n_h": "循环层 $l$ 第 $j$ 个单元在第 $t$ 步的状态；$\\mathbf{{h}}^{{l}}_{{0}} = \\mathbf{{0}}$",
         "n_wx": "第 $l$ 层的输入权重与循环权重（从输入 $k$、从第 $t-1$ 步状态的单元 $k$ 到第 $j$ 行）：每一步相同",
         "n_bxh": "GRU 层 $l$ 在输入一侧与状态一侧的偏置",
@@ -1057,7 +1077,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "n_c": "LSTM 层 $l$ 第 $j$ 个单元在第 $t$ 步的细胞状态；$c^{{l}}_{{0j}} = 0$",
         "n_lstm_gates": (
             "LSTM 在第 $t$ 步的输入门、遗忘门、候选值与输出门：其堆叠带权输入 $z^{{l}}_{{t}}$ 的"
-            "第 1 至第 4 块，每块 $n_{{l}}$ 行"
+            "第 1 至第 4 块（每块 $n_{{l}}$ 行）经 sigmoid（候选值经 tanh）后的值"
         ),
         "n_gru_gates": "GRU 在第 $t$ 步的重置门、更新门（PyTorch 的 $z$）与候选值（PyTorch 的 $n$）",
         "n_block": "堆叠向量的第 $a$ 至第 $b$ 行",
@@ -1067,20 +1087,25 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "在最后一步为 0，$[t = T]$ 只在最后一步为 1"
         ),
         "forward_tensor_text_sequence": (
-            "写成张量形式，对 $t = 1, \\dots, T$ 逐步计算（$\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$）："
+            "写成张量形式，对 $t = 1, \\dots, T$ 逐步计算（{zero}）："
         ),
         "batch_text_sequence": (
             "带下标 $t$ 的量是该量在第 $t$ 步的矩阵，每行一个样本（如 {H}）；参数的梯度对各时间"
-            "步求和、对各样本取平均。"
+            "步求和、对各样本取平均{end}"
         ),
         "sec_bptt": "随时间反向传播",
+        "delta_on_input": "其带权输入（{layers}{stacked}）",
+        "delta_stacked": "；{layers}为其所有门堆叠在一起的输入",
+        "delta_on_state": "其第 $t$ 步的状态（{layers}）",
+        "delta_on_output": "其输出（{layers}）",
+        "or": "或",
         "bptt_text": (
             "与任何计算图一样，导数从输出向输入逐层求出，只多了一点：循环层读取自己在上一步的"
             "状态，因此它在第 $t$ 步的量既在第 $t$ 步被读取，又在第 $t+1$ 步再次被读取。推导在一个"
-            "一般的时间步 $t$ 上进行，正如全连接链的推导在一般的第 $l$ 层上进行。由链式法则，第 "
+            "一般的时间步 $t$ 上进行，正如多层网络（层链）的推导在一般的第 $l$ 层上进行。由链式法则，第 "
             "$t$ 步的误差汇集了上面各层在同一步的贡献和该层自身在下一步 $t+1$ 的贡献：这就是随时间"
             "反向传播（BPTT）。因此误差也沿时间反向计算，从 $t = T$ 到 $t = 1$。某层的误差 "
-            "{delta} 是代价对其带权输入（全连接层与简单循环层）或对其输出（其他层）的导数。参数在"
+            "{delta} 是代价对{which}的导数。参数在"
             "每一步都相同：它们的梯度是对时间步 $t = 1, \\dots, T$ 的求和。"
         ),
         "node_recurrent": (
@@ -1114,7 +1139,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "sec_vanishing": "梯度为何消失或爆炸",
         "vanishing_intro": (
             "随时间反向传播是一连串乘法：第 $t$ 步的误差由第 $t+1$ 步的误差算出，后者又由第 "
-            "$t+2$ 步的误差算出，一直到第 $T$ 步。推导给出了每向前一步要乘上什么。"
+            "$t+2$ 步的误差算出，一直到第 $T$ 步。推导给出了误差每往回（向更早的时间步）传一步要乘上什么。"
         ),
         "vanishing_matrix": (
             "在第 {l} 层，误差 {q} 通过其公式{ref}依赖于下一步的误差。该公式对这个误差是线性的；"
@@ -1142,8 +1167,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "第一步。"
         ),
         "vanishing_gate": (
-            "在第 {l} 层，{what}经由{gate}读取下一步的同一个量；它的公式{ref}对该量是线性的，"
-            "系数为"
+            "在第 {l} 层，{what}经由{gate}读取下一步的同一个量；它的公式{ref}中有一项对该量"
+            "是线性的，这一项的系数（从一步直接传到前一步的路径，其他路径保持不变）为"
         ),
         "vanishing_gate_jacobian": (
             "沿这条路径雅可比矩阵是对角的，第 $s$ 步的误差传到第 $t$ 步时，逐个单元地乘上中间"
@@ -1157,19 +1182,21 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "clip_words": (
             "derive 生成的模块可以防止梯度爆炸：{clip} 在全部梯度分量合起来的范数超过给定值时，"
-            "先把梯度缩放到该范数再更新参数（梯度裁剪）。门控层 LSTM 与 GRU 正是为对付梯度消失而"
+            "先把梯度缩放到范数等于给定值，再更新参数（梯度裁剪）。门控层 LSTM 与 GRU 正是为对付梯度消失而"
             "设计的：它们的状态经由门、而不是经由循环权重和 $\\sigma'$ 传回误差。"
         ),
-        "carousel": "（Hochreiter 与 Schmidhuber 1997 年提出的“常数误差传送带”）",
+        "carousel": ("（这推广了 Hochreiter 与 Schmidhuber 1997 年提出的恒定误差传送带"
+                     "（constant error carousel, CEC）：那时的记忆单元以固定权重 1 保留误差；"
+                     "遗忘门由 Gers、Schmidhuber 与 Cummins 于 2000 年提出）"),
         "vanishing_same": "第 {l} 层同理：{q} 的公式中下一步误差的系数，以及 $t \\le T-1$ 时的雅可比矩阵为",
         "see_eq": "（式 {eq}）",
         "see_summary": "（见下文小结）",
         "activation_of_gates": "激活函数 {name}，用于第 {l} 层的{gates}：",
         "example_sequence": "序列按步逐行给出：下面矩阵的第 $t$ 行是第 $t$ 步的向量。",
-        "example_steps_cut": "在 $T = {T}$ 个时间步中，表格只显示 $t = {shown}$。",
+        "example_steps_cut": "在 $T = {T}$ 个时间步中，表格只显示 $t = {shown}$，中间各步从略。",
         "example_step": "第 $t = {t}$ 步：",
         "example_forward_steps": (
-            "对 $t = 1, \\dots, T$ 逐步计算，从 $\\mathbf{{h}}_{{0}} = \\mathbf{{0}}$ 开始（第 0 "
+            "对 $t = 1, \\dots, T$ 逐步计算，从 {zero} 开始（第 0 "
             "步的分量为 0，相应的项消去）；例如，各层第一个单元："
         ),
         "example_backward_steps": (
@@ -1318,7 +1345,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "batch_text_attention": (
             "注意力的公式作用于整个序列：在代码中，每个公式对每个样本都一样，每个样本一个 "
-            "$T \\times T$ 或 $T \\times d$ 矩阵（一批矩阵乘积）。"
+            "$T \\times T$ 或 $T \\times d$ 矩阵（一批矩阵乘积）{end}"
         ),
         "example_small": (
             "上面的网络有 $T = {T}$ 步，层宽最大为 {n}；为使数值少到可以手算，算例在 $T = {t}$ "
@@ -1353,6 +1380,21 @@ WHY: Mapping[str, tuple[str, str]] = {
     "only the term i = j of the sum depends on a^L_j (Kronecker delta)": (
         "Only the term $i = j$ of the sum depends on $a^{L}_{j}$.",
         "求和中只有 $i = j$ 的一项依赖于 $a^{L}_{j}$。",
+    ),
+    "only the term of step t and i = j of the sums depends on a^L_tj (Kronecker delta)": (
+        "Only the term of step $t$ and $i = j$ of the sums depends on $a^{L}_{tj}$.",
+        "求和中只有第 $t$ 步、$i = j$ 的一项依赖于 $a^{L}_{tj}$。",
+    ),
+    "the cost depends on the output through the loss and through the quantities of the "
+    "network that read it: first those": (
+        ("The cost depends on the output through the loss and through the quantities of the "
+         "network that read it (the layer itself, at the step after): first the latter."),
+        "代价通过损失、也通过网络中读取输出的量（该层自身在下一步）依赖于输出：先求后者的贡献。",
+    ),
+    "the loss reads the output too: add the derivative of the loss by it, found above": (
+        ("The loss reads the output too: add the derivative of the loss by it, found above "
+         "(the loss's own part)."),
+        "损失也读取输出：加上上面求出的损失对它的导数（损失自身的部分）。",
     ),
     "the cost depends on this quantity only through the one quantity that reads it": (
         ("The cost depends on this quantity only through the one quantity that reads it: apply "

@@ -73,7 +73,7 @@ from derive.render.imagenotation import (
     summed_axes,
     windows_geometry,
 )
-from derive.render.latex_printer import is_whole_tensor, step_condition
+from derive.render.latex_printer import is_whole_tensor, plus_first, step_condition
 
 _SUP = str.maketrans("0123456789+-()l", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁽⁾ˡ")
 _SUB = str.maketrans("0123456789ijkmlnaeot+-", "₀₁₂₃₄₅₆₇₈₉ᵢⱼₖₘₗₙₐₑₒₜ₊₋")
@@ -286,7 +286,7 @@ class UnicodePrinter(StrPrinter):
     def _as_ordered_terms(self, expr: sp.Add, order: str | None = None) -> list[sp.Expr]:
         # a convolution before its bias, W ⋆ a + b, as the dense W a + b
         terms = super()._as_ordered_terms(expr, order=order)
-        return sorted(terms, key=lambda term: 0 if term.has(Einsum) else 1)
+        return plus_first(sorted(terms, key=lambda term: 0 if term.has(Einsum) else 1))
 
     def _print_Derivative(self, expr: sp.Derivative) -> str:
         (var, _count), = expr.variable_count
