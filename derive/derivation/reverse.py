@@ -433,9 +433,7 @@ class _Reverse:
                 more_terms, more = self.contributions(q, free, target, loss_too=True)
                 generic = collected(self.direct(free) + more_terms)
                 steps.extend(more)
-                steps.append(Step("substitute", target, generic,
-                                  "the loss reads the output too: add the derivative of the "
-                                  "loss by it, found above"))
+                steps.append(Step("substitute", target, generic, _LOSS_PART))
         else:
             generic, more = self.contributions(q, free, target)
             steps.extend(more)
@@ -544,9 +542,7 @@ class _Reverse:
             result, steps = self.contributions(q, free, target, loss_too=output)
             if output:
                 result = collected(self.direct(free) + result)
-                steps.append(Step("substitute", target, result,
-                                  "the loss reads the output too: add the derivative of the "
-                                  "loss by it, found above"))
+                steps.append(Step("substitute", target, result, _LOSS_PART))
             self.inline_generic[key] = (result, tuple(steps))
         return self.inline_generic[key]
 
@@ -583,6 +579,10 @@ class _Reverse:
             and tensor_of(e.variables[0]) == self.output and not self.readers.get(self.output),
             lambda e: _relabel(loss_gradient.rhs, free, _indices(e.variables[0]), set()))
         return collapse(out)
+
+
+#: the step that adds a recurrent output's loss part to the error from the step after
+_LOSS_PART = "the loss reads the output too: add the derivative of the loss by it, found above"
 
 
 def _is_adjoint(factor: sp.Expr) -> bool:
