@@ -221,7 +221,11 @@ def test_the_notes_say_what_each_layers_error_is_of(derivations):
 def test_the_zero_states_of_an_lstm_include_its_cell(derivations, lang):
     text = render_latex(derivations["lstm_adding"], lang)
     assert text.count(r"\mathbf{h}_{0} = \mathbf{c}_{0} = \mathbf{0}") >= 3
-    assert r"\mathbf{c}_{0}" not in render_latex(derivations["tiny_rnn"], lang)
+    # the batch form's cell state is 𝒞, said where the batch form begins (C is the cost)
+    cell = TEXT[lang]["batch_cell"].format(cell=r"$\mathcal{C}^{l}_{t}$")
+    assert cell in text
+    rnn = render_latex(derivations["tiny_rnn"], lang)
+    assert r"\mathbf{c}_{0}" not in rnn and r"\mathcal{C}" not in rnn
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)

@@ -1431,8 +1431,11 @@ class _Context:
             "Z": self.inline(NetTensor("z", "l"), batch=True),
             "D": self.inline(delta_l, batch=True)})]
         if self.sequence:
+            cell = any(t.role == "c" for node in self.model.nodes for t in state_tensors(node))
             sentences.append(("batch_text_sequence", {
-                "H": self.inline(NetTensor("h", "l", step=0), batch=True)}))
+                "H": self.inline(NetTensor("h", "l", step=0), batch=True),
+                "cell": self.text("batch_cell", cell=self.inline(
+                    NetTensor("c", "l", step=0), batch=True)) if cell else ""}))
         if self.attention:
             sentences.append(("batch_text_attention", {}))
         stop, colon = ("。", "：") if self.lang == "zh" else (".", ":")

@@ -412,14 +412,15 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "batch_text_sequence": (
             " A quantity with subscript $t$ is the matrix of that quantity at step $t$, one row "
-            "per sample (as {H}), and the gradient of a parameter sums over the steps and "
-            "averages over the samples{end}"
+            "per sample (as {H}, the capital of the quantity's letter{cell}), and the gradient "
+            "of a parameter sums over the steps and averages over the samples{end}"
         ),
         "sec_bptt": "Backpropagation through time",
         "delta_on_input": "its weighted input ({layers}{stacked})",
         "delta_stacked": "; for {layers}, the stacked input of all its gates",
         "delta_on_state": "its state at step $t$ ({layers})",
         "delta_on_output": "its output ({layers})",
+        "batch_cell": "; {cell} for the cell state, as $C$ is the cost",
         "or": "or",
         "bptt_text": (
             "The derivatives are found layer by layer from the output back, as for any graph, "
@@ -1090,14 +1091,15 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "写成张量形式，对 $t = 1, \\dots, T$ 逐步计算（{zero}）："
         ),
         "batch_text_sequence": (
-            "带下标 $t$ 的量是该量在第 $t$ 步的矩阵，每行一个样本（如 {H}）；参数的梯度对各时间"
-            "步求和、对各样本取平均{end}"
+            "带下标 $t$ 的量是该量在第 $t$ 步的矩阵，每行一个样本（如 {H}，用该量字母的大写{cell}）；"
+            "参数的梯度对各时间步求和、对各样本取平均{end}"
         ),
         "sec_bptt": "随时间反向传播",
         "delta_on_input": "其带权输入（{layers}{stacked}）",
         "delta_stacked": "；{layers}为其所有门堆叠在一起的输入",
         "delta_on_state": "其第 $t$ 步的状态（{layers}）",
         "delta_on_output": "其输出（{layers}）",
+        "batch_cell": "；细胞状态记作 {cell}，因为 $C$ 是代价",
         "or": "或",
         "bptt_text": (
             "与任何计算图一样，导数从输出向输入逐层求出，只多了一点：循环层读取自己在上一步的"
