@@ -67,6 +67,8 @@ SPECS: dict[str, dict] = {
                            {"op": "lstm", "size": 2, "return": "last"}, {"size": 1}]},
 }
 FORMATS = ("latex", "markdown")
+#: the recurrent ops of the registry (those that may return their last state)
+RECURRENT_OPS = [name for name, op in OPS.items() if op.attribute("return") is not None]
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +228,25 @@ def test_the_zero_states_of_an_lstm_include_its_cell(derivations, lang):
     assert cell in text
     rnn = render_latex(derivations["tiny_rnn"], lang)
     assert r"\mathbf{c}_{0}" not in rnn and r"\mathcal{C}" not in rnn
+
+
+@pytest.mark.parametrize("name", SEQUENCES)
+def test_every_shown_step_of_the_recurrence_is_worked(derivations, name):
+    """At every step the example shows, the recurrent layer's error is written out: with its
+    numbers, or, a sum over too many units, as its formula at that step with its value (the
+    BPTT recursion was not shown at t = T - 1 of rnn_sine)."""
+    text = render_latex(derivations[name], "en")
+    length = load_spec(name).length
+    for step in (length - 1, length):
+        title = TEXT["en"]["example_step"].format(t=step)
+        if title not in text:
+            continue
+        block = text.rsplit(title, 1)[1].split(r"\end{align*}", 1)[0]     # the backward pass
+        node = next(n for n in derivations[name].model.nodes if n.op.name in RECURRENT_OPS)
+        at = rf"_\{{{step},?1\}}"           # h_{21}, h_{19,1}
+        assert re.search(rf"\\delta\^\{{{node.index}\}}{at} &=", block) or re.search(
+            rf"\\frac{{\\partial C}}{{\\partial [a-z]\^\{{{node.index}\}}{at}}} &=",
+            block), (name, step)
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)

@@ -269,10 +269,12 @@ def _expand_sums(expr: sp.Expr, flat: bool = False) -> sp.Expr:
 def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], sizes: dict,
              index: dict, result: float, max_terms: int = 8,
              inside: Callable[[sp.Indexed], bool] | None = None,
-             budget: int = LINE_BUDGET, flat: bool = False, ordered: bool = False
-             ) -> str | None:
+             budget: int = LINE_BUDGET, flat: bool = False, ordered: bool = False,
+             sums_kept: bool = False) -> str | None:
     """``lhs = expr`` at concrete indices, then with the numbers put in, then the result
-    (lines of an ``align``); None when it would be too long to be worth spelling out."""
+    (lines of an ``align``); None when it would be too long to be worth spelling out.
+    ``sums_kept``: a sum too long to write out is kept as a sum, with the result (a step of
+    a recurrence, δ_19 from the 16 entries of δ_20: the formula at that step, its value)."""
     free = {symbol: value for symbol, value in index.items() if lhs.has(symbol)}
     concrete = _filled(_hide_derivatives(expr), {**sizes, **free})
     # every term of a sum reads its own entries: a sum longer than max_terms is too long,
@@ -280,7 +282,10 @@ def _spelled(expr: sp.Expr, lhs: sp.Expr, lookup: Callable[[sp.Expr], float], si
     if any(int(high) - int(low) + 1 > max_terms
            for s in concrete.atoms(sp.Sum) for _index, low, high in s.limits
            if low.is_Integer and high.is_Integer):
-        return None
+        if not sums_kept:
+            return None
+        text = f"{latex(lhs.xreplace(free))} &= {latex(concrete)} = {_number(result)}"
+        return text if visual_length(text) <= budget + 20 else None
     concrete = _expand_sums(concrete, flat)
     if inside is not None and any(not inside(e) for e in concrete.atoms(sp.Indexed)):
         # an entry in a feature map's padding is 0: its term drops out
@@ -1907,7 +1912,7 @@ class _Context:
                     evaluate=False)
                 lines += self.spelled(rhs, formula.lhs, ex, at,
                                       ex.of(formula)[step - 1].flat[0], sizes,
-                                      ordered=factored is not None)
+                                      ordered=factored is not None, sums_kept=True)
             if lines:
                 backward_steps.append({"title": self.text("example_step", t=step),
                                        "lines": lines})
@@ -2033,12 +2038,13 @@ class _Context:
         return forward, backward
 
     def spelled(self, expr: sp.Expr, lhs: sp.Expr, ex: WorkedExample, at: dict,
-                result: float, sizes: dict | None = None, ordered: bool = False) -> list[str]:
+                result: float, sizes: dict | None = None, ordered: bool = False,
+                sums_kept: bool = False) -> list[str]:
         # a line of its own for each: longer sums than in a table of layers (a step of a
         # recurrence reads the input, the state before and the bias)
         text = _spelled(expr, lhs, ex.lookup, sizes or self.sizes, at, result,
                         inside=ex.inside, max_terms=SPELLED_TERMS, budget=SPELLED_BUDGET,
-                        flat=True, ordered=ordered)
+                        flat=True, ordered=ordered, sums_kept=sums_kept)
         return [] if text is None else [text]
 
     def sequence_value(self, tensor: NetTensor, value: np.ndarray, symbol: str) -> str:
