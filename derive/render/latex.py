@@ -168,7 +168,7 @@ def _fixed(value: float) -> str:
 
 def _short(value: float) -> str:
     """A given value as short as it is exact to 4 decimals: 0.1, -0.4, 1."""
-    text = _number(value).rstrip("0").rstrip(".")
+    text = _fixed(value).rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
 
 
@@ -1892,7 +1892,14 @@ class _Context:
         forward_rows = self.step_rows([(tensor, value) for tensor, value in ex.forward
                                        if tensor not in pairs], table_steps)
         recurrent = {node.index for node in model.nodes if state_tensors(node)}
-        group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)]
+
+        def whole(formula: Formula) -> bool:
+            # not the loss's own part of a recurrent output's ∂C/∂h_t: it would stand under
+            # the name of the whole, which the adjoint's (or δ's) formula computes
+            return formula.kind != "loss gradient" or not model.output_read_again
+
+        group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)
+                 and whole(f)]
         # the formulas spelled out: those of the recurrence (and any other at a step t) in
         # the block of each step, backwards in time; the others before or after them, in
         # the derivation's order
@@ -1930,7 +1937,7 @@ class _Context:
         backward_rows = self.step_rows(
             [(step_target(f).whole if _is_timed(f) else f.target, value)
              for f, value in ex.backward if (f.kind != "gradient" or value.ndim <= 1)
-             and f.target not in pairs], table_steps, backward=True)
+             and f.target not in pairs and whole(f)], table_steps, backward=True)
         sums, gradients = [], []
         for formula, value in ex.backward:
             if formula.kind != "gradient":
