@@ -352,6 +352,24 @@ def test_a_stable_loss_on_a_recurrent_output_matches_pytorch(op, head, loss):
     _compare(spec, seed=2)
 
 
+def test_a_last_sigmoid_state_has_a_stable_cross_entropy():
+    # h_T = σ(z_T) with BCE: the loss from softplus(∓z_T), finite where σ rounds to 0 or 1
+    # (it was log(a): NaN with every parameter at 50), equal to it elsewhere
+    spec = {"name": "last_bce", "input": {"size": 2, "length": 3}, "loss": "binary_cross_entropy",
+            "layers": [{"op": "rnn", "size": 2, "activation": "sigmoid", "return": "last"}]}
+    module = _module(spec)
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((4, 3, 2)), rng.integers(0, 2, (4, 2)).astype(float)
+    params = module.init_params(seed=1)
+    output, _ = module.forward(params, X)
+    plain = -np.sum(Y * np.log(output) + (1 - Y) * np.log(1 - output)) / 4
+    assert module.loss(params, X, Y) == pytest.approx(plain, rel=1e-12)
+    saturated = {key: np.full_like(value, 50.0) for key, value in params.items()}
+    with np.errstate(all="raise"):
+        assert np.isfinite(module.loss(saturated, X, Y))
+    _compare(spec, seed=5)
+
+
 LOGCOSH = {"name": "logcosh", "expr": "log(cosh(a - y))"}
 
 

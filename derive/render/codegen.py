@@ -191,10 +191,20 @@ def _loss_expression(model: Model) -> tuple[sp.Expr, tuple[str, ...]]:
     a, y = equation.target, NetTensor("y")
     in_a = model.loss_of(a, y)
     activation = stabilize(_tensor(model, equation.expr, equation.indices)).expr
+    if isinstance(activation, NetTensor) and activation.step == "T":
+        # a recurrent layer's last state, h_T = σ(z_T): the loss in the activation of z_T
+        # (BCE's log σ(z_T) from softplus, not the log of a σ that rounds to 0 or 1)
+        state = next((eq for eq in model.equations if eq.target == activation.whole
+                      and eq.activation is not None), None)
+        if state is not None:
+            form = stabilize(_tensor(model, state.expr, state.indices)).expr
+            if all(view.step == 0 for view in views(form)):
+                activation = form.xreplace({view: view.whole.at_step("T")
+                                            for view in views(form)})
     stable = stabilize(model.loss_of(activation, y))
     expr = stable.expr.xreplace({activation: a})
     if activation == a or not stable.applied or any(
-            t.is_parameter or t.step not in (None, 0) for t in expr.atoms(NetTensor)):
+            t.is_parameter or t.step not in (None, 0, "T") for t in expr.atoms(NetTensor)):
         # (a rewrite that took the output's expression apart would read what the loss is not
         # given: a layer norm's β + γ x̂ inside log cosh its parameters, a GRU's
         # (1 - u_t) g_t + u_t h_{t-1} the state of the step before; then the form in a^L)
