@@ -31,6 +31,7 @@ from derive.render.latex import (
     render_context,
     render_latex,
     render_markdown,
+    state_tensors,
     tex_available,
     unrolled_text,
 )
@@ -204,19 +205,31 @@ def test_stacked_gates_in_their_order_with_their_derivatives_written_in(document
     assert where == sorted(where)
 
 
-def test_the_notes_say_what_each_layers_error_is_of(derivations):
-    """δ of a dense, rnn or lstm layer: its weighted input (an LSTM's, stacked); of a GRU: its
-    state; in the BPTT section and the notation table, in both languages."""
-    stacked = ("weighted input (layer 1 and layer 2; for layer 1, the stacked input of all "
-               "its gates)")
-    for name, words in (("lstm_adding", (stacked,)),
-                        ("gru_tones", ("weighted input (layer 2)", "state at step $t$ (layer 1)")),
-                        ("rnn_sine", ("weighted input (layer 1 and layer 2)",))):
-        text = render_latex(derivations[name], "en")
-        for phrase in words:
-            assert text.count(phrase) == 2, (name, phrase)
-        assert "simple recurrent layer) or its output" not in text
-    assert "（第 1 层）" in render_latex(derivations["gru_tones"], "zh")
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("name", SEQUENCES + list(SPECS))
+def test_the_notes_say_what_each_layers_error_is_of(derivations, name, lang):
+    """Every layer is named where the notes say what its δ is the derivative of (the BPTT
+    section and the notation table): a GRU's under its state, an op with an activation
+    under its weighted input (an LSTM's stacked over its gates), any other under its
+    output; the old blanket sentence is gone."""
+    derivation = derivations[name]
+    words = TEXT[lang]
+    if not any(state_tensors(node) for node in derivation.model.nodes):
+        pytest.skip("no recurrence: the notes of per-step layers keep their sentence")
+    text = render_latex(derivation, lang)
+    layer = words["layer_n"].format
+    for node in derivation.model.nodes:
+        delta, output = node.forward.delta, node.forward.output
+        kind = ("output" if delta == output else "state" if delta in state_tensors(node)
+                else "input")
+        opening = words[f"delta_on_{kind}"].split("{layers}")[0]
+        where = [m.start() for m in re.finditer(re.escape(opening), text)]
+        assert len(where) == 2, (name, node.index, kind)          # BPTT text and notation
+        assert all(layer(l=node.index) in text[w:w + 400] for w in where), (name, node.index)
+        if kind == "input" and derivation.model.shapes[delta][-1] != \
+                derivation.model.shapes[output][-1]:
+            assert words["delta_stacked"].format(layers=layer(l=node.index)) in text
+    assert "simple recurrent layer) or its output" not in text
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -493,7 +506,7 @@ def test_show_names_the_sequence_shapes(capsys):
     assert "sigmoid (gates i, f, o of layer 1)" in out and "[t = T]" in out
 
 
-@pytest.mark.parametrize("op", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("op", RECURRENT_OPS)
 def test_a_recurrent_output_shows_the_loss_part_and_adds_it(op, capsys, tmp_path):
     """A recurrent layer that is the network's output: its loss gradient is named the loss's
     own part (show, the notes' heading in both languages), and the derivation of ∂C/∂h_t adds

@@ -225,8 +225,7 @@ def _block_offsets(terms: list[sp.Expr]) -> list[float] | None:
         if len(brackets) != 1:
             return None
         value = brackets[0].args[0]
-        variables = [v for v in value.free_symbols if value.coeff(v) == 1
-                     and v not in value.coeff(v).free_symbols]
+        variables = [v for v in value.free_symbols if value.coeff(v) == 1]
         found = variables[0] if len(variables) == 1 else None
         if found is None or index not in (None, found):
             return None

@@ -18,6 +18,7 @@ ones used, so a module defines only those.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -401,13 +402,12 @@ def _first_max(windows):
 ''',
 })
 
-#: The helpers whose source calls other helpers: a module that uses one defines those too
-#: (and what they call in turn: helper_closure).
+#: The helpers each helper's source calls (read from its body): a module that uses one
+#: defines those too (and what they call in turn: helper_closure).
 HELPER_CALLS: dict[str, tuple[str, ...]] = {
-    "_correlate": ("_block_size",),
-    "_correlate_kernel": ("_dot_steps",),
-    "_dot_steps": ("_block_size",),
-}
+    name: tuple(other for other in HELPERS if other != name and re.search(
+        rf"(?<![\w.]){re.escape(other)}\(", source.split("\n", 1)[1]))
+    for name, source in HELPERS.items()}
 
 
 def helper_closure(names: set[str]) -> set[str]:

@@ -200,7 +200,7 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
         if progress:
             progress(f"checking {name}")
         if alone[id(formula)] is not None:
-            checks.append(_check_penalty(formula, name, alone[id(formula)], samples,
+            checks.append(_check_part(formula, name, alone[id(formula)], samples,
                                          label=f"{name} (the loss alone)", kind=formula.kind))
         elif plan.error is not None:
             checks.append(_failed(formula, name, 0, f"cannot be checked: {plan.error}"))
@@ -212,7 +212,7 @@ def verify_derivation(derivation: Derivation, *, points: int = 20, seed: int = 0
                                          symbolic_env))
         offset += len(plan.keys)
         if penalty is not None:
-            checks.append(_check_penalty(formula, name, penalty, samples))
+            checks.append(_check_part(formula, name, penalty, samples))
     assumptions = tuple(dict.fromkeys(a for f in formulas for a in f.assumptions))
     sizes = model.spec.sizes
     return Report(model.spec.name, sizes, sizes, instance.parameter_count, tuple(checks),
@@ -764,13 +764,16 @@ def _why_missing(instance: Instance, formula: Formula, plan: _Plan,
 
 
 @dataclass(frozen=True)
-class _PenaltyPlan:
+class _PartPlan:
+    """A part of a formula checked on its own: a penalty's ∂R/∂p, or the loss's own part of
+    a recurrent output's gradient; the formula's entries, its values, the direct ones."""
+
     entries: tuple[Index, ...]
     derived: tuple[se.Basic, ...]
     direct: tuple[se.Basic, ...]
 
 
-def _penalty_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
+def _penalty_plan(instance: Instance, formula: Formula) -> _PartPlan | None:
     """∂R/∂p from the expanded penalty R against the formula's ``penalty``, for a parameter's
     gradient of a model with a penalty (None where both are zero: nothing to report)."""
     if formula.kind != "gradient" or instance.model.penalty == 0:
@@ -787,10 +790,10 @@ def _penalty_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
         return None
     derived = tuple(instance.instantiate_expr(sp.sympify(formula.penalty), formula.indices,
                                               index, instance.values) for index in entries)
-    return _PenaltyPlan(entries, derived, direct)
+    return _PartPlan(entries, derived, direct)
 
 
-def _loss_alone_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | None:
+def _loss_alone_plan(instance: Instance, formula: Formula) -> _PartPlan | None:
     """The loss gradient of an output that the network reads too (a recurrent layer's state,
     read at the step after): the derivative of the loss alone by each output entry, its other
     paths left out, against the formula (None for any other formula). Through the network,
@@ -812,10 +815,10 @@ def _loss_alone_plan(instance: Instance, formula: Formula) -> _PenaltyPlan | Non
             for key, symbol in stand_in.items()}
     direct = tuple(se.diff(loss, symbol).subs(back) for symbol in stand_in.values())
     derived = tuple(instance.instantiate(formula, index, instance.values) for index in entries)
-    return _PenaltyPlan(entries, derived, direct)
+    return _PartPlan(entries, derived, direct)
 
 
-def _check_penalty(formula: Formula, name: str, plan: _PenaltyPlan,
+def _check_part(formula: Formula, name: str, plan: _PartPlan,
                    samples: list[dict[se.Symbol, se.Basic]], *, label: str | None = None,
                    kind: str = "penalty") -> Check:
     """The formula's part in ``plan`` (a penalty's ∂R/∂p, or the loss alone's gradient)
