@@ -22,8 +22,8 @@ from derive.registry.functions import resolve_activation
 from derive.render import latex as latex_module
 from derive.render.latex import log_problems, render_context, render_latex, render_markdown
 from derive.render.latex_printer import batch_gradient, latex, visual_length
-from derive.render.latex_text import LANGUAGES
-from derive.render.worked_example import default_values, worked_example
+from derive.render.latex_text import LANGUAGES, TEXT
+from derive.render.worked_example import EXAMPLE_PARTS, default_values, worked_example
 from derive.spec.load import EXAMPLES_DIR, list_examples, load_spec
 from tests.test_latex_graphs import SPECS
 
@@ -307,6 +307,61 @@ def test_worked_example_uses_the_spec_values(derivations):
     assert example.value(NetTensor("z", 1))[0] == pytest.approx(0.2, abs=1e-15)
     context = render_context(derivations["xor"])["example"]
     assert any("0.2000" in line for line in context["forward_spelled"])
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("parts", [(), ("x",), ("y",), ("x", "y"), ("params",),
+                                   ("x", "y", "params")])
+def test_worked_example_says_which_values_the_spec_gave(parts, lang):
+    """The intro names exactly the parts of the example the spec gave and those derive chose:
+    all, none, or some (a spec's input and target with derive's parameters)."""
+    data = _spec_data("xor")
+    data = {**data, "example": {part: data["example"][part] for part in parts}}
+    if not parts:
+        del data["example"]
+    derivation = derivation_of(load_spec(data))
+    assert worked_example(derivation).given == parts
+    text = TEXT[lang]
+    lines = render_markdown(derivation, lang).splitlines()
+    intro = lines[lines.index(f"## {text['sec_example']}") + 2]
+    if len(parts) == len(EXAMPLE_PARTS):
+        assert intro.startswith(text["example_given"])
+    elif not parts:
+        assert intro.startswith(text["example_default"])
+    else:
+        words = {part: text[f"example_part_{part}"] for part in EXAMPLE_PARTS}
+        before, between, after = re.split(r"\{given\}|\{rest\}", text["example_some"])
+        assert intro.startswith(before) and between in intro and after in intro
+        given, rest = intro[len(before):intro.index(after)].split(between)
+        assert {p for p in EXAMPLE_PARTS if words[p] in given} == set(parts)
+        assert lang == "en" or not re.search(r" 和|和 ", given + rest)   # Chinese: no spaces
+        assert {p for p in EXAMPLE_PARTS if words[p] in rest} == set(EXAMPLE_PARTS) - set(parts)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_chinese_diagrams_use_the_full_width_colon(derivations, name):
+    """Every diagram kind's cost node that names the loss (graph, unrolled, block): Chinese
+    punctuation in the Chinese notes, the English in the English ones."""
+    chinese, english = (render_latex(derivations[name], lang) for lang in ("zh", "en"))
+    assert "$C$: " not in chinese and "$C$：" not in english
+    loss = derivations[name].model.loss.name
+    shown = english.count(f"{TEXT['en']['cost_node']} $C$: \\texttt{{{loss}}}")
+    assert chinese.count(f"{TEXT['zh']['cost_node']} $C$：\\texttt{{{loss}}}") == shown
+
+
+def test_sequence_examples_are_instances_of_their_tasks():
+    """The built-in sequence examples' worked examples are what their demos train on: one
+    adding problem (the target half the sum of the marked values), one sine wave (the target
+    the next value scaled into [0, 1]) and one noisy tone (one class)."""
+    adding = load_spec("lstm_adding").example
+    x = np.array(adding.x)
+    assert sorted(x[:, 1]) == [0] * 18 + [1, 1] and 0 <= x[:, 0].min() < x[:, 0].max() < 1
+    assert adding.y == pytest.approx([float(x[:, 0] @ x[:, 1]) / 2])
+    sine = load_spec("rnn_sine").example
+    x, y = np.array(sine.x)[:, 0], np.array(sine.y)[:, 0]
+    assert y[:-1] == pytest.approx((x[1:] + 1) / 2) and 0 <= y.min() <= y.max() <= 1
+    tones = load_spec("gru_tones").example
+    assert sorted(tones.y) == [0.0, 0.0, 1.0] and len(tones.x) == load_spec("gru_tones").length
 
 
 def test_default_values_are_short_round_and_fit_the_loss():

@@ -110,6 +110,7 @@ from derive.render.pretty import pretty, sub
 from derive.render.stability import rewrite
 from derive.render.templates import render
 from derive.render.worked_example import (
+    EXAMPLE_PARTS,
     WorkedExample,
     recurrent_equations,
     shifted_step,
@@ -170,6 +171,11 @@ def _short(value: float) -> str:
     """A given value as short as it is exact to 4 decimals: 0.1, -0.4, 1."""
     text = _fixed(value).rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
+
+
+def _chinese(character: str) -> bool:
+    """Whether a character is a Chinese one (CJK Unified Ideographs)."""
+    return "\u4e00" <= character <= "\u9fff"
 
 
 def _is_given(tensor: NetTensor) -> bool:
@@ -738,12 +744,28 @@ class _Context:
         return [self.text("assuming", what=ASSUMPTIONS.get(a, (a, a))[column])
                 for a in formula.assumptions]
 
+    def example_intro(self, ex: WorkedExample) -> str:
+        """The worked example's first sentences: whether its values are the spec's, derive's
+        short round ones, or some of each (say, a spec's input and target with derive's
+        parameters)."""
+        if len(ex.given) == len(EXAMPLE_PARTS):
+            return self.t["example_given"]
+        if not ex.given:
+            return self.t["example_default"]
+        given, rest = ([self.t[f"example_part_{part}"] for part in EXAMPLE_PARTS
+                        if (part in ex.given) == wanted] for wanted in (True, False))
+        return self.text("example_some", given=self.listing(given), rest=self.listing(rest))
+
     def listing(self, items: Sequence[str]) -> str:
         items = list(items)
         if len(items) == 1:
             return items[0]
-        comma = "、" if self.lang == "zh" else ", "
-        return comma.join(items[:-1]) + f" {self.t['and']} " + items[-1]
+        if self.lang == "zh":               # a space beside 和 only where it meets math
+            head = "、".join(items[:-1])
+            left = "" if _chinese(head[-1]) else " "
+            right = "" if _chinese(items[-1][0]) else " "
+            return f"{head}{left}{self.t['and']}{right}{items[-1]}"
+        return ", ".join(items[:-1]) + f" {self.t['and']} " + items[-1]
 
     def node_name(self, index: int) -> str:
         if index == 0:
@@ -1783,7 +1805,7 @@ class _Context:
                 total = value + penalties[formula.of]
                 gradients.append(f"{latex(formula.target, batch=True, batch_cost='J')} = "
                                  f"{_matrix(total, _fixed, shape)}")
-        text = [self.t["example_given" if ex.given else "example_default"]]
+        text = [self.example_intro(ex)]
         if ex.masks:
             text.append(self.t["example_mask"])
         maps = self.example_maps(ex) if self.images else {}
@@ -1957,7 +1979,7 @@ class _Context:
                             f"  &= {parts} \\\\\n  &= {show(value, _number)}")
             elif value.ndim == 2:
                 gradients.append(f"{latex(formula.target)} = {_matrix(value, _fixed, shape)}")
-        text = [self.t["example_given" if ex.given else "example_default"]]
+        text = [self.example_intro(ex)]
         if ex.small:
             text.append(self.example_small(ex))
         text.append(self.t["example_sequence"])
@@ -2327,6 +2349,16 @@ def diagram(sizes: Sequence[int], activations: Sequence[str], input_label: str =
                               "label": f"w^{{{depth}}}_{{11}}"}}
 
 
+def _colon(label: str) -> str:
+    """The colon after a diagram's label: full-width after a Chinese one."""
+    return "：" if _chinese(label[-1]) else ": "
+
+
+def _cost_node(cost_label: str, model: Model) -> str:
+    """The diagram's cost node: the label, C and the loss's name."""
+    return rf"{_escape(cost_label)} $C${_colon(cost_label)}\texttt{{{_escape(model.loss.name)}}}"
+
+
 def graph_diagram(model: Model, input_label: str = "input", cost_label: str = "cost",
                   ) -> dict[str, Any]:
     """Boxes and arrows (cm) of the drawing of a graph: one box per layer, top to bottom,
@@ -2354,8 +2386,7 @@ def graph_diagram(model: Model, input_label: str = "input", cost_label: str = "c
                       "style": style, "side": f"$l = {node.index}$", "text": text})
     boxes.append({"ref": "(cost)", "west": "(cost.west)",
                   "at": f"(0,{-(model.depth + 1) * dy:.2f})", "style": "cost",
-                  "side": "", "text": rf"{_escape(cost_label)} $C$: "
-                                      rf"\texttt{{{_escape(model.loss.name)}}}"})
+                  "side": "", "text": _cost_node(cost_label, model)})
     straight, skips = [], []
     for node in model.nodes:
         for source in node.inputs:
@@ -2556,7 +2587,7 @@ def unrolled_diagram(model: Model, input_label: str = "input", cost_label: str =
     top = model.depth * dy + dy
     middle = (len(steps) + 1) / 2 * dx
     cost = {"at": f"({middle:.2f},{top:.2f})",
-            "text": rf"{_escape(cost_label)} $C$: \texttt{{{_escape(model.loss.name)}}}"}
+            "text": _cost_node(cost_label, model)}
     outputs = [box for box in boxes if box["style"] == "output"]
     width = (len(steps) + 1) * dx + 2.5
     return {"boxes": boxes, "edges": edges, "recurrent": recurrent, "cost": cost,
@@ -2702,7 +2733,7 @@ def block_diagram(model: Model, input_label: str = "input", cost_label: str = "c
         labels.append({"at": f"({ref}.east)", "text": f"$l = {node.index}$"})
     top = (model.depth + 1) * dy
     nodes.append({"ref": "(cost)", "at": f"(0,{top:.2f})", "style": "cost",
-                  "text": rf"{_escape(cost_label)} $C$: \texttt{{{_escape(model.loss.name)}}}"})
+                  "text": _cost_node(cost_label, model)})
     paths: list[dict[str, str]] = []
     skips = []
     for node in model.nodes:
@@ -2779,7 +2810,8 @@ def block_text(model: Model, input_label: str = "input", cost_label: str = "cost
     """The block diagram as lines of text (Markdown): the layers from the cost at the top
     to the input at the bottom, each with its op, name and shape, an add with the layers it
     adds (the residual connection), an attention layer with its weights."""
-    rows: list[tuple[str, str, str]] = [("", f"{cost_label} C: {model.loss.name}", "")]
+    rows: list[tuple[str, str, str]] = [
+        ("", f"{cost_label} C{_colon(cost_label)}{model.loss.name}", "")]
     for node in reversed(model.nodes):
         parts = [node.op.name]
         if node.activation is not None and not (node.op.name == "dense"

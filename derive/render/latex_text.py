@@ -206,6 +206,15 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "your own). Values are rounded to 4 decimals; they were computed from the formulas "
             "above (and agree with the NumPy code that derive generates for this network)."
         ),
+        "example_some": (
+            "One forward and one backward pass with the {given} given in the spec and the "
+            "short round {rest} below, which derive chose because the spec gives none. Values "
+            "are rounded to 4 decimals; they were computed from the formulas above (and agree "
+            "with the NumPy code that derive generates for this network)."
+        ),
+        "example_part_x": "input",
+        "example_part_y": "target",
+        "example_part_params": "parameters",
         "example_mask": (
             "The example runs with dropout off, as the generated code computes gradients: "
             "every mask entry is 1."
@@ -949,6 +958,14 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "网络描述中加入 example 部分即可使用自己的数值）。数值保留 4 位小数，由上面的公式"
             "计算得到（并与 derive 为该网络生成的 NumPy 代码结果一致）。"
         ),
+        "example_some": (
+            "用网络描述中给定的{given}，以及下面 derive 选用的简短整齐的{rest}（网络描述没有给出），"
+            "完整计算一次前向与反向传播。数值保留 4 位小数，由上面的公式计算得到（并与 derive "
+            "为该网络生成的 NumPy 代码结果一致）。"
+        ),
+        "example_part_x": "输入",
+        "example_part_y": "目标",
+        "example_part_params": "参数",
         "example_mask": "与生成代码计算梯度时一样，本算例关闭 dropout：掩码的每个分量都是 1。",
         "example_inputs": "输入、目标与参数",
         "example_forward": "前向传播",

@@ -163,16 +163,24 @@ def _kernel_values(shape: tuple[int, ...], l: int) -> np.ndarray:
     return ((7 * n + l) % 17 - 8) / 10
 
 
-def example_inputs(spec: NetworkSpec) -> tuple[Vector, Vector, dict[str, tuple], bool]:
-    """x, y and the parameters of the worked example, and whether the spec gave any."""
+#: The parts of a worked example that a spec may give, in the order the notes name them.
+EXAMPLE_PARTS = ("x", "y", "params")
+
+
+def example_inputs(spec: NetworkSpec
+                   ) -> tuple[Vector, Vector, dict[str, tuple], tuple[str, ...]]:
+    """x, y and the parameters of the worked example, and which of EXAMPLE_PARTS the spec
+    gave (the rest are default_values)."""
     x, y, params = default_values(spec)
     example = spec.example
     if example is None:
-        return x, y, params, False
-    given = dict(example.params)
+        return x, y, params, ()
+    given = tuple(part for part, value in zip(EXAMPLE_PARTS, (example.x, example.y,
+                                                              example.params or None))
+                  if value is not None)
     return (example.x if example.x is not None else x,
             example.y if example.y is not None else y,
-            {**params, **given}, True)
+            {**params, **dict(example.params)}, given)
 
 
 def small_copy(spec: NetworkSpec, steps: int = SMALL_STEPS, width: int = SMALL_WIDTH
@@ -565,7 +573,8 @@ class WorkedExample:
     penalty: float
     backward: tuple[tuple[Formula, np.ndarray], ...]
     penalties: tuple[tuple[Formula, np.ndarray], ...]
-    given: bool
+    #: which of EXAMPLE_PARTS the spec gave: all, none, or some (the rest default_values)
+    given: tuple[str, ...]
     values: Mapping[NetTensor, np.ndarray]
     #: for each max-pooling layer, the indicator of its windows' first maxima summed over
     #: the windows, on its input's grid: where its errors go
