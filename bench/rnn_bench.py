@@ -116,6 +116,8 @@ LR = 0.01
 TOLERANCE = 1e-10
 #: seconds of timed steps per side, network and dtype: (quick, full)
 BUDGET = (0.5, 2.5)
+#: the name of oneDNN's fused RNN layer in PyTorch's profiler (forward; "_backward" after it)
+FUSED_RNN_KERNEL = "aten::mkldnn_rnn_layer"
 #: the issue's targets, every network and dtype: generated / hand-written at most
 #: HANDWRITTEN_TARGET, generated alone / PyTorch at most TORCH_TARGET (hidden 64 <= 64)
 HANDWRITTEN_TARGET = 1.05
@@ -317,11 +319,23 @@ def torch_payload(quick: bool) -> dict:
 
             count, median = timed_alone(step, BUDGET[0 if quick else 1] / 2 / rounds(quick),
                                         quick)
-            results.append({"config": name, "dtype": dtype, "reps": count, "torch_us": median})
+            results.append({"config": name, "dtype": dtype, "reps": count, "torch_us": median,
+                            "fused": fused_kernels(step)})
     info = {"version": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(),
             "mkldnn": bool(torch.backends.mkldnn.is_available())}
     return {"checks": checks, "results": results, "info": info}
+
+
+def fused_kernels(step) -> list[str]:
+    """The fused recurrent kernels (oneDNN's RNN layer, forward and backward) that one
+    ``step`` ran, from PyTorch's profiler: empty where the layer ran one ATen op at a time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sorted({event.name for event in prof.events()
+                   if event.name.startswith(FUSED_RNN_KERNEL)})
 
 
 def run_worker(side: str, quick: bool, env: dict[str, str],
@@ -356,6 +370,15 @@ def print_table(numpy: dict, alone: dict, torch: dict) -> None:
         print(f"| {LABELS[row['config']]} | {row['dtype']} | {ms(gen)} | {ms(hand)} "
               f"| {ratio(gen, hand)} | {ms(alone_us)} | {ms(torch_us)} "
               f"| {ratio(alone_us, torch_us)} | {ratio(hand, torch_us)} | {met} |")
+
+
+def print_kernels(torch: dict) -> None:
+    """Which rows PyTorch ran as a fused kernel: a compiled, threaded LSTM cell, not eager ops."""
+    fused = [f"{row['config']} {row['dtype']} ({', '.join(row['fused'])})"
+             for row in torch.get("results", []) if row.get("fused")]
+    if fused:
+        print(f"PyTorch ran {'; '.join(fused)} as one fused oneDNN kernel per direction; "
+              "every other row one ATen op at a time")
 
 
 def print_targets() -> None:
@@ -433,6 +456,7 @@ def bench(args: argparse.Namespace) -> int:
         print()
         print_table(numpy, alone, torch)
         print()
+        print_kernels(torch)
         report.append({"environment": label, "numpy": numpy, "alone": alone, "torch": torch})
     print_targets()
     print(f"\n(medians of ms per training step; {time.perf_counter() - started:.0f} s in all)")
