@@ -6,6 +6,7 @@ compiling in tests/test_latex_compile.py; this file needs no TeX.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -23,8 +24,8 @@ from derive.render import latex as latex_module
 from derive.render.latex import log_problems, render_context, render_latex, render_markdown
 from derive.render.latex_printer import batch_gradient, latex, visual_length
 from derive.render.latex_text import LANGUAGES, TEXT
-from derive.render.worked_example import EXAMPLE_PARTS, default_values, worked_example
-from derive.spec.load import EXAMPLES_DIR, list_examples, load_spec
+from derive.render.worked_example import default_values, worked_example
+from derive.spec.load import EXAMPLE_FIELDS, EXAMPLES_DIR, list_examples, load_spec
 from tests.test_latex_graphs import SPECS
 
 EXAMPLES = [name for name, _ in list_examples()]
@@ -301,7 +302,8 @@ def test_repr_latex(derivations):
 
 def test_worked_example_uses_the_spec_values(derivations):
     example = worked_example(derivations["xor"])
-    assert example.given and tuple(example.x) == (1.0, 0.0) and tuple(example.y) == (1.0,)
+    assert example.given == EXAMPLE_FIELDS
+    assert tuple(example.x) == (1.0, 0.0) and tuple(example.y) == (1.0,)
     assert tuple(example.parameters["W1"][1]) == (0.3, -0.4)
     # z^1_1 = 0.1 * 1 + 0.2 * 0 + 0.1, by hand
     assert example.value(NetTensor("z", 1))[0] == pytest.approx(0.2, abs=1e-15)
@@ -310,12 +312,14 @@ def test_worked_example_uses_the_spec_values(derivations):
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
-@pytest.mark.parametrize("parts", [(), ("x",), ("y",), ("x", "y"), ("params",),
-                                   ("x", "y", "params")])
-def test_worked_example_says_which_values_the_spec_gave(parts, lang):
+@pytest.mark.parametrize("parts", [parts for count in range(len(EXAMPLE_FIELDS) + 1)
+                                   for parts in itertools.combinations(EXAMPLE_FIELDS, count)])
+@pytest.mark.parametrize("name", ["xor", "tiny_rnn", "tiny_cnn"])   # a vector, sequence, image
+def test_worked_example_says_which_values_the_spec_gave(name, parts, lang):
     """The intro names exactly the parts of the example the spec gave and those derive chose:
-    all, none, or some (a spec's input and target with derive's parameters)."""
-    data = _spec_data("xor")
+    all, none, or some (a spec's input and target with derive's parameters), then how the
+    values are rounded."""
+    data = _spec_data(name)
     data = {**data, "example": {part: data["example"][part] for part in parts}}
     if not parts:
         del data["example"]
@@ -324,44 +328,39 @@ def test_worked_example_says_which_values_the_spec_gave(parts, lang):
     text = TEXT[lang]
     lines = render_markdown(derivation, lang).splitlines()
     intro = lines[lines.index(f"## {text['sec_example']}") + 2]
-    if len(parts) == len(EXAMPLE_PARTS):
-        assert intro.startswith(text["example_given"])
+    rounding = text["sentence_gap"] + text["example_rounding"]
+    assert rounding in intro
+    whose = intro[:intro.index(rounding)]
+    if len(parts) == len(EXAMPLE_FIELDS):
+        assert whose == text["example_given"]
     elif not parts:
-        assert intro.startswith(text["example_default"])
+        assert whose == text["example_default"]
     else:
-        words = {part: text[f"example_part_{part}"] for part in EXAMPLE_PARTS}
+        words = {part: text[f"example_part_{part}"] for part in EXAMPLE_FIELDS}
         before, between, after = re.split(r"\{given\}|\{rest\}", text["example_some"])
-        assert intro.startswith(before) and between in intro and after in intro
-        given, rest = intro[len(before):intro.index(after)].split(between)
-        assert {p for p in EXAMPLE_PARTS if words[p] in given} == set(parts)
+        assert whose.startswith(before) and whose.endswith(after)
+        given, rest = whose[len(before):len(whose) - len(after)].split(between)
+        assert {p for p in EXAMPLE_FIELDS if words[p] in given} == set(parts)
+        assert {p for p in EXAMPLE_FIELDS if words[p] in rest} == set(EXAMPLE_FIELDS) - set(parts)
         assert lang == "en" or not re.search(r" 和|和 ", given + rest)   # Chinese: no spaces
-        assert {p for p in EXAMPLE_PARTS if words[p] in rest} == set(EXAMPLE_PARTS) - set(parts)
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("name", [*EXAMPLES, *SPECS])
 def test_chinese_diagrams_use_the_full_width_colon(derivations, name):
-    """Every diagram kind's cost node that names the loss (graph, unrolled, block): Chinese
-    punctuation in the Chinese notes, the English in the English ones."""
-    chinese, english = (render_latex(derivations[name], lang) for lang in ("zh", "en"))
+    """Every diagram that names the loss in its cost node (a graph's, an unrolled sequence's,
+    a block's; not a dense chain's or feature maps'): Chinese punctuation in the Chinese
+    notes, the English in the English ones; the Markdown's text diagram of a block too."""
+    derivation = derivations[name]
+    model = derivation.model
+    chinese, english = (render_latex(derivation, lang) for lang in ("zh", "en"))
     assert "$C$: " not in chinese and "$C$：" not in english
-    loss = derivations[name].model.loss.name
+    loss = latex_module._escape(model.loss.name)
     shown = english.count(f"{TEXT['en']['cost_node']} $C$: \\texttt{{{loss}}}")
     assert chinese.count(f"{TEXT['zh']['cost_node']} $C$：\\texttt{{{loss}}}") == shown
-
-
-def test_sequence_examples_are_instances_of_their_tasks():
-    """The built-in sequence examples' worked examples are what their demos train on: one
-    adding problem (the target half the sum of the marked values), one sine wave (the target
-    the next value scaled into [0, 1]) and one noisy tone (one class)."""
-    adding = load_spec("lstm_adding").example
-    x = np.array(adding.x)
-    assert sorted(x[:, 1]) == [0] * 18 + [1, 1] and 0 <= x[:, 0].min() < x[:, 0].max() < 1
-    assert adding.y == pytest.approx([float(x[:, 0] @ x[:, 1]) / 2])
-    sine = load_spec("rnn_sine").example
-    x, y = np.array(sine.x)[:, 0], np.array(sine.y)[:, 0]
-    assert y[:-1] == pytest.approx((x[1:] + 1) / 2) and 0 <= y.min() <= y.max() <= 1
-    tones = load_spec("gru_tones").example
-    assert sorted(tones.y) == [0.0, 0.0, 1.0] and len(tones.x) == load_spec("gru_tones").length
+    assert shown >= 1 or model.is_chain or model.spec.image is not None
+    if model.reads_whole_sequences:
+        markdown = render_markdown(derivation, "zh")
+        assert f"{TEXT['zh']['cost_node']} C：{model.loss.name}" in markdown
 
 
 def test_default_values_are_short_round_and_fit_the_loss():

@@ -370,6 +370,42 @@ def test_a_last_sigmoid_state_has_a_stable_cross_entropy():
     _compare(spec, seed=5)
 
 
+@pytest.mark.parametrize("returns", ["last", "sequence"])
+def test_a_sigmoid_state_with_cross_entropy_has_the_error_a_minus_y(returns):
+    # h_t = σ(z_t) read by BCE: σ'(z) = h (1 - h) cancels against the loss's part -(a - y) /
+    # (a (a - 1)), so δ_t = [t ≤ T-1] h (1 - h) ⊙ Wₕᵀ δ_{t+1} + (a - y) at the steps the loss
+    # reads, as the dense output's BP1; uncancelled it was 0/0 (NaN) where σ rounds to 1
+    spec = {"name": "sigmoid_bce", "input": {"size": 2, "length": 3},
+            "loss": "binary_cross_entropy",
+            "layers": [{"op": "rnn", "size": 2, "activation": "sigmoid", "return": returns}]}
+    delta = _formulas(spec)["delta^1"]
+    assert not any(isinstance(p, sp.Pow) and p.exp.is_negative
+                   for p in sp.preorder_traversal(delta.rhs))
+    module = _module(spec)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4, 3, 2))
+    Y = rng.integers(0, 2, (4, 3, 2) if returns == "sequence" else (4, 2)).astype(float)
+    params = module.init_params(seed=1)
+    params["b1"] = np.array([40.0, -40.0])          # σ rounds to 1 and to e^-40
+    value, grads = module.gradients(params, X, Y)
+    torch = pytest.importorskip("torch")
+    weights = {key: torch.tensor(value, requires_grad=True) for key, value in params.items()}
+    state, cost = torch.zeros(4, 2, dtype=torch.float64), 0
+    for t in range(3):
+        z = (torch.tensor(X[:, t]) @ weights["Wx1"].T + state @ weights["Wh1"].T
+             + weights["b1"])
+        state = torch.sigmoid(z)
+        if returns == "sequence" or t == 2:
+            target = torch.tensor(Y[:, t] if returns == "sequence" else Y)
+            cost = cost + torch.nn.functional.binary_cross_entropy_with_logits(
+                z, target, reduction="sum") / 4        # exact where σ saturates
+    cost.backward()
+    assert value == pytest.approx(cost.item(), rel=1e-12)
+    for key, weight in weights.items():
+        np.testing.assert_allclose(grads[key], weight.grad.numpy(), rtol=1e-10, atol=1e-14)
+    _compare(spec, seed=5)
+
+
 LOGCOSH = {"name": "logcosh", "expr": "log(cosh(a - y))"}
 
 

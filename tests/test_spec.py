@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import pytest
 import yaml
 
@@ -804,3 +805,28 @@ def test_semantic_errors_are_the_validators_alone(data: dict[str, Any]) -> None:
     assert _schema_accepts(data)
     with pytest.raises(DeriveError):
         load_spec(data)
+
+
+def test_sequence_examples_are_instances_of_their_tasks():
+    """The built-in sequence examples' worked examples are what their demos train on: one
+    adding problem (the target half the sum of the two marked values), one sine wave (the
+    target the next value scaled into [0, 1]) and one noisy tone (of its target's frequency,
+    0.3 + 0.2 k for class k, as the demo draws them)."""
+    adding = load_spec("lstm_adding").example
+    x = np.array(adding.x)
+    assert sorted(x[:, 1]) == [0] * 18 + [1, 1] and 0 <= x[:, 0].min() < x[:, 0].max() < 1
+    assert adding.y == pytest.approx([float(x[:, 0] @ x[:, 1]) / 2])
+    sine = load_spec("rnn_sine").example
+    x, y = np.array(sine.x)[:, 0], np.array(sine.y)[:, 0]
+    steps = np.arange(1, len(x) + 2)
+    assert np.array_equal(x, np.round(np.sin(0.4 * steps[:-1] - 0.1), 1))
+    assert y == pytest.approx((np.round(np.sin(0.4 * steps[1:] - 0.1), 1) + 1) / 2)
+    tones = load_spec("gru_tones")
+    x, y = np.array(tones.example.x)[:, 0], np.array(tones.example.y)
+    steps = np.arange(1, tones.length + 1)
+    misfit = []
+    for k in range(len(y)):                      # least squares over a sin + b cos + c
+        basis = np.stack([np.sin((0.3 + 0.2 * k) * steps), np.cos((0.3 + 0.2 * k) * steps),
+                          np.ones(len(steps))], axis=1)
+        misfit.append(np.linalg.lstsq(basis, x, rcond=None)[1][0])
+    assert sorted(y) == [0.0, 0.0, 1.0] and int(np.argmin(misfit)) == int(np.argmax(y))

@@ -37,6 +37,7 @@ from derive.derivation.tensorform import to_vector
 from derive.graph.model import Model, Node
 from derive.progress import Report
 from derive.quantities import (
+    LENGTH,
     NetTensor,
     entry,
     fresh_like,
@@ -956,7 +957,69 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
         if simplified != concrete:
             steps.append(Step("simplify", target, simplified, "cancel common factors"))
             concrete = simplified
+    distributed = _multiplied_out(concrete, _last_states(model))
+    if distributed != concrete:
+        steps.append(Step("simplify", target, distributed, _MULTIPLIED_OUT))
+        concrete = distributed
     return concrete, assumptions
+
+
+#: the step that multiplies a factor into the one term of a sum it cancels against
+_MULTIPLIED_OUT = ("multiply the activation derivative into the loss's part, where the two "
+                   "cancel")
+
+
+def _last_states(model: Model) -> dict[NetTensor, NetTensor]:
+    """state h -> a for every layer that returns its last state only (a_j = h_{Tj})."""
+    out = {}
+    for eq in model.equations:
+        read = tensor_of(eq.expr)
+        if eq.inline and read is not None and eq.expr.indices[0] == LENGTH:
+            out[read] = eq.target
+    return out
+
+
+def _multiplied_out(expr: sp.Expr, last: Mapping[NetTensor, NetTensor]) -> sp.Expr:
+    """A product F (A + L) as F A + F L where F L cancels to a form without division: a
+    sigmoid state's derivative h (1 - h) against the loss's part of a recurrent output under
+    binary cross-entropy, -(a - y)/(a (a - 1)) at t = T (h_T is a), which gives a - y, the
+    textbook's form, and no 0/0 where a rounds to 1. The terms that do not cancel keep F."""
+    if not isinstance(expr, sp.Mul):
+        return expr
+    for inner in (f for f in expr.args if isinstance(f, sp.Add)):
+        factor = expr / inner
+        kept, cancelled = [], []
+        for term in inner.args:
+            value = _cancelled(factor * term, last)
+            if value is None:
+                kept.append(term)
+            else:
+                cancelled.append(value)
+        if cancelled:
+            return factor * sp.Add(*kept) + sp.Add(*cancelled)
+    return expr
+
+
+def _cancelled(product: sp.Expr, last: Mapping[NetTensor, NetTensor]) -> sp.Expr | None:
+    """``product`` with its division cancelled away, or None where it has none or one is
+    left. Under [t = T] (a Kronecker delta with the length T) the product is taken at t = T,
+    where a layer's last state h_T is its output a."""
+    if not any(isinstance(p, sp.Pow) and p.exp.is_negative
+               for p in sp.preorder_traversal(product)):
+        return None
+    brackets = [f for f in sp.Mul.make_args(product)
+                if isinstance(f, sp.KroneckerDelta) and LENGTH in f.args]
+    rest = product / sp.Mul(*brackets)
+    for bracket in brackets:
+        (step,) = [arg for arg in bracket.args if arg != LENGTH]
+        rest = rest.subs(step, LENGTH).replace(
+            lambda e: isinstance(e, sp.Indexed) and tensor_of(e) in last
+            and e.indices[0] == LENGTH,
+            lambda e: entry(last[tensor_of(e)], e.indices[1:]))
+    value = sp.cancel(rest)
+    if sp.fraction(sp.together(value))[1] != 1:
+        return None
+    return sp.Mul(*brackets) * sp.factor_terms(value)
 
 
 def _adjoint_formula(reverse: _Reverse, node: Node, q: NetTensor, loss_gradient: Formula

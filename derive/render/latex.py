@@ -110,13 +110,12 @@ from derive.render.pretty import pretty, sub
 from derive.render.stability import rewrite
 from derive.render.templates import render
 from derive.render.worked_example import (
-    EXAMPLE_PARTS,
     WorkedExample,
     recurrent_equations,
     shifted_step,
     worked_example,
 )
-from derive.spec.load import parameter_key
+from derive.spec.load import EXAMPLE_FIELDS, parameter_key
 
 Echo = Callable[[str], None]
 
@@ -173,9 +172,11 @@ def _short(value: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
-def _chinese(character: str) -> bool:
-    """Whether a character is a Chinese one (CJK Unified Ideographs)."""
-    return "\u4e00" <= character <= "\u9fff"
+def _is_chinese(character: str) -> bool:
+    """Whether ``character`` (one, or "" for none) is Chinese: a CJK ideograph, CJK
+    punctuation (。、) or a full-width form (（）：)."""
+    return any(low <= character <= high for low, high in (
+        ("\u4e00", "\u9fff"), ("\u3000", "\u303f"), ("\uff00", "\uffef")))
 
 
 def _is_given(tensor: NetTensor) -> bool:
@@ -747,14 +748,19 @@ class _Context:
     def example_intro(self, ex: WorkedExample) -> str:
         """The worked example's first sentences: whether its values are the spec's, derive's
         short round ones, or some of each (say, a spec's input and target with derive's
-        parameters)."""
-        if len(ex.given) == len(EXAMPLE_PARTS):
-            return self.t["example_given"]
-        if not ex.given:
-            return self.t["example_default"]
-        given, rest = ([self.t[f"example_part_{part}"] for part in EXAMPLE_PARTS
-                        if (part in ex.given) == wanted] for wanted in (True, False))
-        return self.text("example_some", given=self.listing(given), rest=self.listing(rest))
+        parameters), and how they are rounded."""
+        if len(ex.given) == len(EXAMPLE_FIELDS):
+            whose = self.t["example_given"]
+        elif not ex.given:
+            whose = self.t["example_default"]
+        else:
+            given = [self.t[f"example_part_{part}"] for part in EXAMPLE_FIELDS
+                     if part in ex.given]
+            rest = [self.t[f"example_part_{part}"] for part in EXAMPLE_FIELDS
+                    if part not in ex.given]
+            whose = self.text("example_some", given=self.listing(given),
+                              rest=self.listing(rest))
+        return f"{whose}{self.t['sentence_gap']}{self.t['example_rounding']}"
 
     def listing(self, items: Sequence[str]) -> str:
         items = list(items)
@@ -762,8 +768,8 @@ class _Context:
             return items[0]
         if self.lang == "zh":               # a space beside 和 only where it meets math
             head = "、".join(items[:-1])
-            left = "" if _chinese(head[-1]) else " "
-            right = "" if _chinese(items[-1][0]) else " "
+            left = "" if _is_chinese(head[-1:]) else " "
+            right = "" if _is_chinese(items[-1][:1]) else " "
             return f"{head}{left}{self.t['and']}{right}{items[-1]}"
         return ", ".join(items[:-1]) + f" {self.t['and']} " + items[-1]
 
@@ -1297,7 +1303,8 @@ class _Context:
             if node.op.name == "add":
                 words.append(self.text("res_add", reads=self.listing(
                     [self.node_name(n) for n in node.inputs])))
-            parts.append({"title": title, "text": " ".join(words), "others": [],
+            parts.append({"title": title, "text": self.t["sentence_gap"].join(words),
+                          "others": [],
                           "blocks": [self.block(f.steps, f, self.heading(f))
                                      for f in formulas],
                           "after": self.attention_matrix(node, formulas)
@@ -1816,7 +1823,7 @@ class _Context:
                 "example_maps_cut", maps=MAX_MAPS, limit=MAX_NEURONS, shown=SHOWN_NEURONS)
                 if cut else ""))
         return {
-            "text": " ".join(text),
+            "text": self.t["sentence_gap"].join(text),
             "truncated": self.text("example_truncated", limit=MAX_NEURONS,
                                    shown=SHOWN_NEURONS) if wide else "",
             "inputs": inputs,
@@ -1989,7 +1996,7 @@ class _Context:
         wide = max(spec.sizes) > MAX_NEURONS
         attention_forward, attention_backward = self.attention_values(ex)
         return {
-            "text": " ".join(text),
+            "text": self.t["sentence_gap"].join(text),
             "truncated": self.text("example_truncated", limit=MAX_NEURONS,
                                    shown=SHOWN_NEURONS) if wide else "",
             "inputs": inputs, "input_maps": [],
@@ -2351,7 +2358,7 @@ def diagram(sizes: Sequence[int], activations: Sequence[str], input_label: str =
 
 def _colon(label: str) -> str:
     """The colon after a diagram's label: full-width after a Chinese one."""
-    return "：" if _chinese(label[-1]) else ": "
+    return "：" if _is_chinese(label[-1:]) else ": "
 
 
 def _cost_node(cost_label: str, model: Model) -> str:

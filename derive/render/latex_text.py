@@ -197,21 +197,22 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "sec_example": "A worked example",
         "example_given": (
             "One forward and one backward pass with the input, target and parameters given in "
-            "the spec. Values are rounded to 4 decimals; they were computed from the formulas "
-            "above (and agree with the NumPy code that derive generates for this network)."
+            "the spec."
         ),
         "example_default": (
             "One forward and one backward pass with the short round values below, which derive "
             "chose because the spec gives none (add an example section to the spec to use "
-            "your own). Values are rounded to 4 decimals; they were computed from the formulas "
-            "above (and agree with the NumPy code that derive generates for this network)."
+            "your own)."
         ),
         "example_some": (
             "One forward and one backward pass with the {given} given in the spec and the "
-            "short round {rest} below, which derive chose because the spec gives none. Values "
-            "are rounded to 4 decimals; they were computed from the formulas above (and agree "
-            "with the NumPy code that derive generates for this network)."
+            "short round {rest} below, which derive chose because the spec gives none."
         ),
+        "example_rounding": (
+            "Values are rounded to 4 decimals; they were computed from the formulas above (and "
+            "agree with the NumPy code that derive generates for this network)."
+        ),
+        "sentence_gap": " ",
         "example_part_x": "input",
         "example_part_y": "target",
         "example_part_params": "parameters",
@@ -561,7 +562,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "of step $t$."
         ),
         "example_steps_cut": (
-            " Of the $T = {T}$ steps, the tables show only $t = {shown}$; the steps "
+            "Of the $T = {T}$ steps, the tables show only $t = {shown}$; the steps "
             "between are left out."
         ),
         "example_step": "Step $t = {t}$:",
@@ -949,20 +950,19 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "sec_summary_graph": "小结：该网络的反向传播公式",
         "summary_text_graph": "代入本网络的激活函数、损失函数与各层规模后，从输出向输入的全部反向传播公式为：",
         "sec_example": "数值算例",
-        "example_given": (
-            "用网络描述中给定的输入、目标和参数完整计算一次前向与反向传播。数值保留 4 位小数，"
-            "由上面的公式计算得到（并与 derive 为该网络生成的 NumPy 代码结果一致）。"
-        ),
+        "example_given": "用网络描述中给定的输入、目标和参数完整计算一次前向与反向传播。",
         "example_default": (
             "网络描述没有给出算例，derive 选用下面简短的整齐数值完整计算一次前向与反向传播（在"
-            "网络描述中加入 example 部分即可使用自己的数值）。数值保留 4 位小数，由上面的公式"
-            "计算得到（并与 derive 为该网络生成的 NumPy 代码结果一致）。"
+            "网络描述中加入 example 部分即可使用自己的数值）。"
         ),
         "example_some": (
             "用网络描述中给定的{given}，以及下面 derive 选用的简短整齐的{rest}（网络描述没有给出），"
-            "完整计算一次前向与反向传播。数值保留 4 位小数，由上面的公式计算得到（并与 derive "
-            "为该网络生成的 NumPy 代码结果一致）。"
+            "完整计算一次前向与反向传播。"
         ),
+        "example_rounding": (
+            "数值保留 4 位小数，由上面的公式计算得到（并与 derive 为该网络生成的 NumPy 代码结果一致）。"
+        ),
+        "sentence_gap": "",
         "example_part_x": "输入",
         "example_part_y": "目标",
         "example_part_params": "参数",
@@ -1465,6 +1465,14 @@ WHY: Mapping[str, tuple[str, str]] = {
     "cancel common factors": (
         "Cancel common factors.",
         "约去公因子。",
+    ),
+    ("multiply the activation derivative into the loss's part, where the two "
+     "cancel"): (
+        ("Multiply the activation's derivative into the loss's part, where the two cancel "
+         "(a layer that returns its last state has $a = h_{T}$): what is left is the output "
+         "minus its target, as for a sigmoid output layer under cross-entropy."),
+        ("把激活函数的导数乘进损失函数的那一项，两者相消（只返回最后状态的层有 $a = h_{T}$）："
+         "剩下输出减去目标，与交叉熵下的 sigmoid 输出层相同。"),
     ),
     "differentiate the regularization penalty R, added once to the batch cost": (
         ("Differentiate the regularization penalty, {source}; it is added once to the cost of "

@@ -131,7 +131,7 @@ def default_values(spec: NetworkSpec
                 params[key] = _matrix_values(shape, l)
             else:
                 start = 1.0 if parameter.init == "ones" else 0.0
-                params[key] = tuple(start + _tenth((row + l) % 3 - 1)
+                params[key] = tuple(start + _tenth((2 * row + l) % 5 - 2)
                                     for row in range(1, shape[0] + 1))
     return x, y, params
 
@@ -149,11 +149,15 @@ def _projection_values(shape: tuple[int, ...], offset: int) -> np.ndarray:
 
 def _matrix_values(shape: tuple[int, ...], l: int) -> np.ndarray:
     """Small distinct tenths for a matrix (or a tensor of more axes): the entry at indices
-    (r, c1, c2, ...) counted from 1 is ((3 r + 5 c + l) mod 9 − 4)/10 with c = c1 + 4 (c2 +
-    ...); all entries at once (an MNIST layer has 100 000)."""
+    (r, c1, c2, ...) counted from 1 is ((2 r + 5 c + l) mod 9 − 4)/10 with c = c1 + 4 (c2 +
+    ...); all entries at once (an MNIST layer has 100 000). A row's entries sum to about 0
+    and repeat every 9, a period prime to that of the default inputs (11), so that wide
+    layers' sums stay small; rows repeat every 9 and biases every 5, so two units of a layer
+    have the same weights and bias only 45 or more apart (an LSTM's input and output gates,
+    3n rows apart, only where 15 divides n)."""
     index = np.indices(shape) + 1
     row, col = index[0], index[1:].sum(axis=0) + 3 * index[2:].sum(axis=0)
-    return ((3 * row + 5 * col + l) % 9 - 4) / 10
+    return ((2 * row + 5 * col + l) % 9 - 4) / 10
 
 
 def _kernel_values(shape: tuple[int, ...], l: int) -> np.ndarray:
@@ -163,24 +167,17 @@ def _kernel_values(shape: tuple[int, ...], l: int) -> np.ndarray:
     return ((7 * n + l) % 17 - 8) / 10
 
 
-#: The parts of a worked example that a spec may give, in the order the notes name them.
-EXAMPLE_PARTS = ("x", "y", "params")
-
-
 def example_inputs(spec: NetworkSpec
                    ) -> tuple[Vector, Vector, dict[str, tuple], tuple[str, ...]]:
-    """x, y and the parameters of the worked example, and which of EXAMPLE_PARTS the spec
-    gave (the rest are default_values)."""
+    """x, y and the parameters of the worked example, and which of the spec's example fields
+    (EXAMPLE_FIELDS) the spec gave; default_values for the rest."""
     x, y, params = default_values(spec)
     example = spec.example
     if example is None:
         return x, y, params, ()
-    given = tuple(part for part, value in zip(EXAMPLE_PARTS, (example.x, example.y,
-                                                              example.params or None))
-                  if value is not None)
     return (example.x if example.x is not None else x,
             example.y if example.y is not None else y,
-            {**params, **dict(example.params)}, given)
+            {**params, **dict(example.params)}, example.given)
 
 
 def small_copy(spec: NetworkSpec, steps: int = SMALL_STEPS, width: int = SMALL_WIDTH
@@ -573,7 +570,7 @@ class WorkedExample:
     penalty: float
     backward: tuple[tuple[Formula, np.ndarray], ...]
     penalties: tuple[tuple[Formula, np.ndarray], ...]
-    #: which of EXAMPLE_PARTS the spec gave: all, none, or some (the rest default_values)
+    #: which of EXAMPLE_FIELDS the spec gave: all, none, or some (the rest default_values)
     given: tuple[str, ...]
     values: Mapping[NetTensor, np.ndarray]
     #: for each max-pooling layer, the indicator of its windows' first maxima summed over

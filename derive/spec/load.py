@@ -168,6 +168,11 @@ class ExampleSpec:
     y: tuple[float, ...] | None = None
     params: tuple[tuple[str, tuple], ...] = ()
 
+    @property
+    def given(self) -> tuple[str, ...]:
+        """The fields of EXAMPLE_FIELDS this example gives (params: every parameter, or none)."""
+        return tuple(name for name in EXAMPLE_FIELDS if getattr(self, name) not in (None, ()))
+
     def to_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {}
         if self.x is not None:

@@ -297,7 +297,8 @@ def _example() -> Schema:
     x, y, params = EXAMPLE_FIELDS
     return {
         "type": "object",
-        "description": "a worked example: one input x, its target y and every parameter",
+        "description": "a worked example: one input x, its target y and every parameter; "
+                       "derive picks short round values for any of the three left out",
         "properties": {
             x: {"anyOf": [_numbers(), _numbers(2), _numbers(3)],
                 "description": "n_0 numbers, a sequence input's [T][n_0] or an image "
