@@ -19,7 +19,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     ∂C/∂V¹ = ∇_s2¹ C (a⁰)ᵀ
     ∂C/∂c¹ = δ¹
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
 sgd_step, train, gradient_check. Parameters are a dict of arrays: U1 (8, 4), V1 (8, 4), c1 (8,),
@@ -45,6 +45,7 @@ LOSS = 'cross_entropy'
 SPEC_DIGEST = '58cf38f8efd5'
 
 DEMO_EPOCHS = 40
+DEMO_OPTIMIZER = "sgd"
 DEMO_LR = 0.1
 DEMO_BATCH_SIZE = 32
 
@@ -380,8 +381,10 @@ def main():
     """Train on the demo data and print the loss going down."""
     X, Y = demo_data()
     params = init_params(seed=0)
-    losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE)
-    print(f"gated_mlp: a graph of 2 ops, 4 -> 3, {len(X)} demo samples, lr {DEMO_LR}")
+    losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
+                   optimizer=DEMO_OPTIMIZER)
+    print(f"gated_mlp: a graph of 2 ops, 4 -> 3, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

@@ -23,7 +23,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     ∂C/∂bₓ¹ = Σₜ ∇_zₓ¹ₜ C
     ∂C/∂bₕ¹ = Σₜ ∇_zₕ¹ₜ C
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
 sgd_step, train, gradient_check. Parameters are a dict of arrays: Wx1 (48, 1), Wh1 (48, 16), bx1
@@ -49,6 +49,7 @@ LOSS = 'cross_entropy'
 SPEC_DIGEST = '470cb00e34e9'
 
 DEMO_EPOCHS = 30
+DEMO_OPTIMIZER = "adam"
 DEMO_LR = 0.01
 DEMO_BATCH_SIZE = 32
 DEMO_CLIP = 1.0
@@ -455,7 +456,7 @@ def gradient_check(params, X, Y, eps=1e-6, entries=64, seed=0):
 
 
 def demo_data(seed=0, count=512):
-    """Synthetic sequences of 16 steps of 1 features.
+    """Synthetic sequences of 16 steps of 1 feature.
     Noisy sine waves of one of 3 frequencies (the tones); the target is the tone's
     class.
     """
@@ -484,8 +485,9 @@ def main():
     X, Y = demo_data()
     params = init_params(seed=0)
     losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
-                   optimizer="adam", clip=DEMO_CLIP)
-    print(f"gru_tones: a graph of 2 ops, 16x1 -> 3, {len(X)} demo samples, lr {DEMO_LR}"          f" (adam, gradient norm clipped at {DEMO_CLIP})")
+                   optimizer=DEMO_OPTIMIZER, clip=DEMO_CLIP)
+    print(f"gru_tones: a graph of 2 ops, 16x1 -> 3, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER}, gradient norm clipped at {DEMO_CLIP})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

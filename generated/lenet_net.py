@@ -29,7 +29,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     ∂C/∂W¹ = a⁰ ⋆[P=2] δ¹
     ∂C/∂b¹ = Σ_rs δ¹
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
 sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (6, 1, 5, 5), b1 (6,), W3
@@ -56,6 +56,7 @@ LOSS = 'cross_entropy'
 SPEC_DIGEST = '7148b339b461'
 
 DEMO_EPOCHS = 15
+DEMO_OPTIMIZER = "sgd"
 DEMO_LR = 0.05
 DEMO_BATCH_SIZE = 32
 
@@ -597,8 +598,10 @@ def main():
     """Train on the demo data and print the loss going down."""
     X, Y = demo_data()
     params = init_params(seed=0)
-    losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE)
-    print(f"lenet: a graph of 8 ops, 1x28x28 -> 10, {len(X)} demo samples, lr {DEMO_LR}")
+    losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
+                   optimizer=DEMO_OPTIMIZER)
+    print(f"lenet: a graph of 8 ops, 1x28x28 -> 10, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

@@ -22,7 +22,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ
     ∂C/∂b¹ = Σₜ δ¹ₜ
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
 sgd_step, train, gradient_check. Parameters are a dict of arrays: Wx1 (128, 2), Wh1 (128, 32),
@@ -48,6 +48,7 @@ LOSS = 'mse'
 SPEC_DIGEST = '86ee6f415ca1'
 
 DEMO_EPOCHS = 30
+DEMO_OPTIMIZER = "adam"
 DEMO_LR = 0.01
 DEMO_BATCH_SIZE = 32
 DEMO_CLIP = 1.0
@@ -476,8 +477,9 @@ def main():
     X, Y = demo_data()
     params = init_params(seed=0)
     losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
-                   optimizer="adam", clip=DEMO_CLIP)
-    print(f"lstm_adding: a graph of 2 ops, 20x2 -> 1, {len(X)} demo samples, lr {DEMO_LR}"          f" (adam, gradient norm clipped at {DEMO_CLIP})")
+                   optimizer=DEMO_OPTIMIZER, clip=DEMO_CLIP)
+    print(f"lstm_adding: a graph of 2 ops, 20x2 -> 1, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER}, gradient norm clipped at {DEMO_CLIP})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

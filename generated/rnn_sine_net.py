@@ -16,7 +16,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     ∂C/∂Wₕ¹ = Σₜ δ¹ₜ (h¹ₜ₋₁)ᵀ
     ∂C/∂b¹ = Σₜ δ¹ₜ
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
 sgd_step, train, gradient_check. Parameters are a dict of arrays: Wx1 (16, 1), Wh1 (16, 16), b1
@@ -42,6 +42,7 @@ LOSS = 'mse'
 SPEC_DIGEST = '0a7d7464e715'
 
 DEMO_EPOCHS = 30
+DEMO_OPTIMIZER = "adam"
 DEMO_LR = 0.01
 DEMO_BATCH_SIZE = 32
 DEMO_CLIP = 1.0
@@ -393,9 +394,9 @@ def gradient_check(params, X, Y, eps=1e-6, entries=64, seed=0):
 
 
 def demo_data(seed=0, count=512):
-    """Synthetic sequences of 20 steps of 1 features.
+    """Synthetic sequences of 20 steps of 1 feature.
     Sine waves of random phase and frequency, one per input feature; the target at step t is
-    the next value, at t + 1, of the first 1 features, scaled into (0.0, 1.0).
+    the next value, at t + 1, of the input, scaled into (0.0, 1.0).
     """
     rng = np.random.default_rng(seed)
     steps = np.arange(20 + 1)
@@ -418,8 +419,9 @@ def main():
     X, Y = demo_data()
     params = init_params(seed=0)
     losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
-                   optimizer="adam", clip=DEMO_CLIP)
-    print(f"rnn_sine: a graph of 2 ops, 20x1 -> 1, {len(X)} demo samples, lr {DEMO_LR}"          f" (adam, gradient norm clipped at {DEMO_CLIP})")
+                   optimizer=DEMO_OPTIMIZER, clip=DEMO_CLIP)
+    print(f"rnn_sine: a graph of 2 ops, 20x1 -> 1, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER}, gradient norm clipped at {DEMO_CLIP})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

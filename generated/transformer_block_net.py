@@ -43,7 +43,7 @@ pass applies the chain rule node by node, from the output back, derived per samp
     ∂C/∂W_k¹ = Σₜ ∇_k¹ₜ C (a⁰ₜ)ᵀ
     ∂C/∂W_v¹ = Σₜ ∇_v¹ₜ C (a⁰ₜ)ᵀ
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss, gradients,
 sgd_step, train, gradient_check. Parameters are a dict of arrays: Wq1 (8, 8), Wk1 (8, 8), Wv1
@@ -70,6 +70,7 @@ LOSS = 'cross_entropy'
 SPEC_DIGEST = 'c74731e0e60c'
 
 DEMO_EPOCHS = 30
+DEMO_OPTIMIZER = "adam"
 DEMO_LR = 0.01
 DEMO_BATCH_SIZE = 32
 DEMO_CLIP = 1.0
@@ -553,8 +554,9 @@ def main():
     X, Y = demo_data()
     params = init_params(seed=0)
     losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
-                   optimizer="adam", clip=DEMO_CLIP)
-    print(f"transformer_block: a graph of 8 ops, 8x8 -> 4, {len(X)} demo samples, lr {DEMO_LR}"          f" (adam, gradient norm clipped at {DEMO_CLIP})")
+                   optimizer=DEMO_OPTIMIZER, clip=DEMO_CLIP)
+    print(f"transformer_block: a graph of 8 ops, 8x8 -> 4, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER}, gradient norm clipped at {DEMO_CLIP})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

@@ -15,7 +15,7 @@ pass follows the four backpropagation equations, derived per sample as
     (BP4) ∂C/∂W¹ = δ¹ (a⁰)ᵀ
     (BP3) ∂C/∂b¹ = δ¹
 
-and computed for a whole batch at once (rows = samples: (W²)ᵀ δ² becomes delta2 @ W2).
+and computed for a whole batch at once (rows = samples: a product Wᵀ δ becomes delta @ W).
 
 API (derive's Contract 2): LAYER_SIZES, INPUT_SHAPE, OUTPUT_SHAPE, init_params, forward, loss,
 gradients, sgd_step, train, gradient_check. Parameters are a dict of arrays: W1 (3, 2), b1 (3,),
@@ -42,6 +42,7 @@ LOSS = 'mse'
 SPEC_DIGEST = '08083a654344'
 
 DEMO_EPOCHS = 3000
+DEMO_OPTIMIZER = "sgd"
 DEMO_LR = 2.0
 DEMO_BATCH_SIZE = None
 
@@ -356,8 +357,10 @@ def main():
     """Train on the demo data and print the loss going down."""
     X, Y = demo_data()
     params = init_params(seed=0)
-    losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE)
-    print(f"xor: 2 -> 3 -> 1, {len(X)} demo samples, lr {DEMO_LR}")
+    losses = train(params, X, Y, DEMO_EPOCHS, DEMO_LR, batch_size=DEMO_BATCH_SIZE,
+                   optimizer=DEMO_OPTIMIZER)
+    print(f"xor: 2 -> 3 -> 1, {len(X)} demo samples, lr {DEMO_LR}"
+          f" ({DEMO_OPTIMIZER})")
     shown = sorted(set(np.linspace(0, len(losses) - 1, 11).astype(int)))
     for epoch in shown:
         print(f"epoch {epoch + 1:6d}  loss {losses[epoch]:.6f}")

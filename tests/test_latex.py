@@ -373,6 +373,25 @@ def test_default_values_are_short_round_and_fit_the_loss():
     assert set(graph) == {"W1", "b1", "W2", "b2", "gamma4", "beta4", "W6", "b6"}
 
 
+@pytest.mark.parametrize("width", [2, 3, 16, 32, 64])
+@pytest.mark.parametrize("op", ["rnn", "lstm", "gru"])
+def test_default_values_make_no_two_units_alike(op, width):
+    """The worked example's default parameters give a layer's first 45 rows (its units, or an
+    LSTM's and GRU's stacked gate rows) different weights or biases, so no two units compute
+    the same, and no gate block equals another (an LSTM's input gate was its output gate)."""
+    spec = load_spec({"name": "units", "input": {"size": 3, "length": 2}, "loss": "mse",
+                      "layers": [{"op": op, "size": width}, {"size": width}]})
+    _, _, params = default_values(spec)
+    for l in (1, 2):
+        arrays = [np.asarray(value, dtype=float) for key, value in params.items()
+                  if key.endswith(str(l))]
+        rows = np.concatenate([a.reshape(len(a), -1) for a in arrays], axis=1)
+        head = rows[:45]
+        assert len({tuple(row) for row in head}) == len(head)
+        blocks = rows.reshape(len(rows) // width, -1)
+        assert len({tuple(block) for block in blocks}) == len(blocks)
+
+
 def _spec_data(name: str) -> dict:
     if name in SPECS:
         return SPECS[name]

@@ -266,7 +266,7 @@ def test_a_sequence_too_long_or_a_wrong_example_row_says_what() -> None:
         load_spec(spec)
     spec["input"]["length"] = 3
     spec["example"] = {"x": [1, 2]}
-    with pytest.raises(DeriveError, match=r"a 3 x 1 matrix, .* \(one row per time step\)"):
+    with pytest.raises(DeriveError, match=r"a matrix of 3 x 1: .* \(one row per time step\)"):
         load_spec(spec)
 
 

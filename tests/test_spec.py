@@ -357,7 +357,8 @@ BAD: list[tuple[str, str, str | None, int, str]] = [
     ("example-x-nan", GOOD_YAML + "example:\n  x:\n    - 1.0\n    - .nan\n", "example.x[1]",
      12, "finite number"),
     ("example-params-matrix-shape", GOOD_YAML + "example:\n  params: {W1: [[1, 2]]}\n",
-     "example.params.W1", 10, "3 x 2 matrix"),
+     "example.params.W1", 10,
+     "a matrix of 3 x 2: a list of 3 rows of 2 numbers (W1 has shape n_1 x n_in)"),
 ]
 
 _PARAMS_OK = """\
@@ -830,3 +831,23 @@ def test_sequence_examples_are_instances_of_their_tasks():
                           np.ones(len(steps))], axis=1)
         misfit.append(np.linalg.lstsq(basis, x, rcond=None)[1][0])
     assert sorted(y) == [0.0, 0.0, 1.0] and int(np.argmin(misfit)) == int(np.argmax(y))
+
+
+@pytest.mark.parametrize(("op", "stacked"), [("rnn", ""), ("lstm", "4 "), ("gru", "3 ")])
+def test_a_recurrent_example_parameter_of_the_wrong_shape_says_its_stacked_shape(op, stacked):
+    # an LSTM's Wx1 stacks its four gates: 4 n_1 x n_in, not n_1 x n_in; a vector the same
+    layer = {"op": op, "size": 2, "return": "last"}
+    data = {"name": "seq", "input": {"size": 3, "length": 2}, "layers": [layer], "loss": "mse"}
+    rows = {"": 2, "4 ": 8, "3 ": 6}[stacked]
+    params = {key: np.zeros(shape).tolist()
+              for key, shape in load_spec(data).parameter_shapes().items()}
+    params["Wx1"] = [[0.0] * 3]
+    with pytest.raises(DeriveError) as wrong:
+        load_spec({**data, "example": {"params": params}})
+    assert (f"example.params.Wx1: must be a matrix of {rows} x 3: a list of {rows} rows of 3 "
+            f"numbers (Wx1 has shape {stacked}n_1 x n_in)") in str(wrong.value)
+    bias = "b1" if op != "gru" else "bx1"
+    params = {**params, "Wx1": np.zeros((rows, 3)).tolist(), bias: [0.0]}
+    with pytest.raises(DeriveError) as wrong:
+        load_spec({**data, "example": {"params": params}})
+    assert f"a list of {rows} numbers ({bias} has length {stacked}n_1)" in str(wrong.value)

@@ -103,6 +103,18 @@ def test_wide_networks_are_checked_on_a_reduced_copy():
     assert any("sum_j y_j = 1" in line for line in report.lines())
 
 
+def test_a_shortened_sequence_says_what_was_cut_and_nothing_else():
+    # 4 steps of a 1-unit rnn: the copy has fewer steps but the same widths, so the report
+    # says the steps and not "widths capped" (it said "widths capped at 2 ..., none below 3")
+    spec = load_spec({"name": "short", "input": {"size": 2, "length": 4}, "loss": "mse",
+                      "layers": [{"op": "rnn", "size": 1, "return": "last"}]})
+    lines = verify(spec, points=2).lines()
+    assert any("its one layer" in line for line in lines)
+    assert any(line.strip().startswith("3 time steps of 4") for line in lines)
+    assert not any("widths capped" in line for line in lines)
+    assert any("dC/da^1     1 entry   " in line for line in lines)     # not "1 entries"
+
+
 def test_linear_network_is_verified_as_an_exact_identity():
     report = verify(make_spec([2, 2, 1], ["identity", "identity"], "mse"), points=2)
     _ok(report)

@@ -21,7 +21,6 @@ from derive.train import (
     default_lr,
     load_data,
     plot_history,
-    plural,
     require_matplotlib,
     split_rows,
     train_run,
@@ -57,12 +56,13 @@ def add_command(commands: argparse._SubParsersAction) -> None:
                             "spec)")
     train.add_argument("--epochs", type=int, help="epochs (default: the module's DEMO_EPOCHS)")
     train.add_argument("--lr", type=float,
-                       help="learning rate (default: DEMO_LR for sgd, DEMO_LR/10 for momentum, "
-                            "0.001 for adam)")
+                       help="learning rate (default: DEMO_LR for the module's DEMO_OPTIMIZER "
+                            "and for sgd, DEMO_LR/10 for momentum, 0.001 for adam)")
     train.add_argument("--batch-size", type=int, metavar="N",
                        help="mini-batch rows (default: DEMO_BATCH_SIZE; none = full batch)")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                       help="the update rule of the module's train() (default sgd)")
+    train.add_argument("--optimizer", choices=OPTIMIZERS,
+                       help="the update rule of the module's train() (default: the module's "
+                            "DEMO_OPTIMIZER, adam for a sequence spec, else sgd)")
     train.add_argument("--clip", type=float, metavar="NORM",
                        help="cap the norm of all gradients together at each step (against "
                             "exploding gradients through time; default: the module's "
@@ -116,16 +116,18 @@ def _cmd_train(args: argparse.Namespace, echo: Echo) -> int:
                        fraction if args.val_fraction is None else args.val_fraction,
                        fraction if args.test_fraction is None else args.test_fraction,
                        args.seed)
+    optimizer = args.optimizer or module.DEMO_OPTIMIZER
     settings = Settings(
         epochs=args.epochs or module.DEMO_EPOCHS,
-        lr=args.lr or default_lr(module, args.optimizer),
+        lr=args.lr or default_lr(module, optimizer),
         batch_size=args.batch_size or module.DEMO_BATCH_SIZE,
-        optimizer=args.optimizer, patience=args.early_stopping, seed=args.seed,
+        optimizer=optimizer, patience=args.early_stopping, seed=args.seed,
         clip=args.clip if args.clip is not None else getattr(module, "DEMO_CLIP", None))
 
     check_settings(module, split, settings)
     batch = "full batch" if settings.batch_size is None else f"batch {settings.batch_size}"
-    echo(f"{spec.name}: {plural(task.n_in, 'input')} -> {plural(task.n_out, 'output')} "
+    echo(f"{spec.name}: {task.shape_text(task.input_shape, 'input')} -> "
+         f"{task.shape_text(task.output_shape, 'output')} "
          f"({module.LOSS}), "
          f"{settings.optimizer} lr {settings.lr:g}, {batch}, up to {settings.epochs} epochs, "
          f"seed {settings.seed}")

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shlex
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +75,11 @@ def describe_shape(shape: tuple[int, ...]) -> str:
     if kind == "sequence":
         return f"a sequence of {shape[0]} steps of width {shape[1]}"
     return f"an image {list(shape)}"
+
+
+def _count(count: int, noun: str) -> str:
+    """``1 number``, ``3 numbers``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def parameter_key(role: str, node: int) -> str:
@@ -242,6 +246,22 @@ class NetworkSpec:
                 shapes[parameter_key(parameter.role, l)] = tuple(
                     axis_value(axis, widths) for axis in parameter.shape)
         return shapes
+
+    def parameter_shape_names(self) -> dict[str, str]:
+        """Every parameter key and its shape in the registry's terms: ``n_1 x n_in`` for W1,
+        ``4 n_1 x n_in`` for an LSTM's Wx1 (its gates stacked), ``n_1`` for b1."""
+        from derive.registry.ops import OPS  # the registry, stage 0
+
+        def name(axis: str | int | tuple[str, int], l: int) -> str:
+            if isinstance(axis, tuple):
+                return f"{axis[1]} {name(axis[0], l)}"
+            if isinstance(axis, int):
+                return str(axis)
+            return f"n_{l}" if axis == "size" else f"n_{axis}"
+
+        return {parameter_key(parameter.role, l): " x ".join(name(a, l) for a in parameter.shape)
+                for l, layer in enumerate(self.layers, start=1)
+                for parameter in OPS[layer.op].parameters(layer_attributes(layer))}
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -682,7 +702,8 @@ class _Validator:
     def numbers(self, value: object, path: FieldPath, length: int, what: str) -> tuple[float, ...]:
         if not isinstance(value, list | tuple) or len(value) != length:
             got = f"length {len(value)}" if isinstance(value, list | tuple) else _describe(value)
-            raise self.error(path, f"must be a list of {length} numbers ({what}), got {got}")
+            raise self.error(path, f"must be a list of {_count(length, 'number')} ({what}), "
+                                   f"got {got}")
         return tuple(self.number(item, (*path, i)) for i, item in enumerate(value))
 
     # -- the spec, top down --
@@ -1184,12 +1205,14 @@ class _Validator:
     def example(self, data: object, path: FieldPath, spec: NetworkSpec) -> ExampleSpec:
         self.mapping(data, path, "the example", EXAMPLE_FIELDS, ())
         x = y = None
+        steps = "one row per time step"
         if "x" in data and len(spec.input_shape) > 1:
-            x = self.nested(data["x"], (*path, "x"), spec.input_shape, "x")
+            x = self.nested(data["x"], (*path, "x"), spec.input_shape, "x",
+                            steps if spec.sequence else "channels, rows, columns")
         elif "x" in data:
             x = self.numbers(data["x"], (*path, "x"), spec.input, "one input sample, n_0")
         if "y" in data and len(spec.shapes[-1]) > 1:
-            y = self.nested(data["y"], (*path, "y"), spec.shapes[-1], "y")
+            y = self.nested(data["y"], (*path, "y"), spec.shapes[-1], "y", steps)
         elif "y" in data:
             y = self.numbers(data["y"], (*path, "y"), spec.sizes[-1], "its target, n_L")
         params: tuple[tuple[str, tuple], ...] = ()
@@ -1198,22 +1221,21 @@ class _Validator:
         return ExampleSpec(x, y, params)
 
     def nested(self, value: object, path: FieldPath, shape: tuple[int, ...],
-               key: str) -> tuple:
+               key: str, why: str) -> tuple:
         """A matrix (a list of rows), or a tensor of more axes (lists nested as deep), of
-        numbers of exactly ``shape``."""
+        numbers of exactly ``shape``; ``why`` says where the shape comes from."""
         if len(shape) == 1:
             return self.numbers(value, path, shape[0], f"a row of {key}")
         if not isinstance(value, list | tuple) or len(value) != shape[0]:
             if len(shape) == 2:
                 rows, cols = shape
-                layer = key.lstrip(string.ascii_letters)
-                what = (f"a {rows} x {cols} matrix, a list of {rows} rows of {cols} numbers "
-                        + (f"({key} has shape n_{layer} x n_in)" if layer else
-                           "(one row per time step)"))
+                what = (f"a matrix of {rows} x {cols}: a list of {_count(rows, 'row')} of "
+                        f"{_count(cols, 'number')} ({why})")
             else:
-                what = f"a {' x '.join(map(str, shape))} array, lists nested {len(shape)} deep"
+                what = (f"an array of {' x '.join(map(str, shape))}: lists nested "
+                        f"{len(shape)} deep ({why})")
             raise self.error(path, f"must be {what}")
-        return tuple(self.nested(item, (*path, i), shape[1:], key)
+        return tuple(self.nested(item, (*path, i), shape[1:], key, why)
                      for i, item in enumerate(value))
 
     def example_params(
@@ -1221,6 +1243,7 @@ class _Validator:
     ) -> tuple[tuple[str, tuple], ...]:
         # shapes from the op registry (docs/architecture.md, "Contracts"): W{l} is n_l x n_in, ...
         expected = spec.parameter_shapes()
+        shape_names = spec.parameter_shape_names()
         names = ", ".join(expected)
         if not isinstance(data, Mapping):
             raise self.error(path, f"must be a mapping of {names}, got {_describe(data)}")
@@ -1234,8 +1257,9 @@ class _Validator:
             if key not in data:
                 raise self.error((*path, key), f"missing; params must give all of: {names}")
             if len(shape) == 1:
-                what = f"{key} has length n_{key.lstrip(string.ascii_letters)}"
+                what = f"{key} has length {shape_names[key]}"
                 params.append((key, self.numbers(data[key], (*path, key), shape[0], what)))
                 continue
-            params.append((key, self.nested(data[key], (*path, key), shape, key)))
+            params.append((key, self.nested(data[key], (*path, key), shape, key,
+                                            f"{key} has shape {shape_names[key]}")))
         return tuple(params)

@@ -64,6 +64,16 @@ class Task:
         """Whether integer class labels may stand for one-hot rows."""
         return self.kind == "classes" and len(self.output_shape) == 1 and self.n_out > 1
 
+    @staticmethod
+    def shape_text(shape: tuple[int, ...], noun: str) -> str:
+        """A per-sample shape in words: "10 inputs", "20 steps of 2 inputs" (a sequence,
+        (T, n)), "1x8x8 input" (an image)."""
+        if len(shape) == 2:
+            return f"{plural(shape[0], 'step')} of {plural(shape[1], noun)}"
+        if len(shape) > 2:
+            return f"{'x'.join(map(str, shape))} {noun}"
+        return plural(shape[0], noun)
+
     def describe(self) -> str:
         kind = {"classes": "softmax ", "binary": "sigmoid ", "regression": ""}[self.kind]
         if len(self.input_shape) > 1 or len(self.output_shape) > 1:   # a sequence, an image
@@ -171,14 +181,14 @@ def _npz(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
     if len(X) != len(Y):
         raise DeriveError(f"X has {len(X)} rows but {key} has {len(Y)}; expected one target "
                           "row per input row", source=source)
-    X = _rows(X, task.input_shape, source, "X", f"{task.n_in} features")
+    X = _rows(X, task.input_shape, source, "X", task.shape_text(task.input_shape, "feature"))
     if task.takes_labels and (Y.ndim == 1 or (Y.ndim == 2 and Y.shape[1] == 1)):
         if not (np.issubdtype(Y.dtype, np.integer) or _integral(Y)):
             raise DeriveError(f"array {key} holds one value per row but not integer class "
                               f"labels; expected labels 0..{task.n_out - 1} or one-hot rows "
                               f"of {task.n_out}", source=source)
         return X, _labels(Y.reshape(-1), task, source)
-    Y = _rows(Y, task.output_shape, source, key, f"{task.n_out} targets")
+    Y = _rows(Y, task.output_shape, source, key, task.shape_text(task.output_shape, "target"))
     return X, Y
 
 
@@ -187,8 +197,10 @@ def _rows(array: np.ndarray, shape: tuple[int, ...], source: str, name: str,
     """``array`` as (rows,) + shape: flat rows or the full per-sample shape are both fine."""
     width = math.prod(array.shape[1:])
     if array.shape[1:] != shape and (array.ndim != 2 or width != math.prod(shape)):
-        raise DeriveError(f"array {name} has shape {array.shape}; expected (rows, "
-                          f"{math.prod(shape)}) — {expected}", source=source)
+        flat = f"(rows, {math.prod(shape)})"
+        full = f"(rows, {', '.join(map(str, shape))}) or flat {flat}" if len(shape) > 1 else flat
+        raise DeriveError(f"array {name} has shape {array.shape}; expected {full} — {expected}",
+                          source=source)
     return np.asarray(array, dtype=np.float64).reshape((len(array), *shape))
 
 

@@ -95,8 +95,11 @@ class TrainResult:
 
 
 def default_lr(module: ModuleType, optimizer: str) -> float:
-    """The learning rate when none is given: the module's demo rate for SGD; for momentum
-    (0.9) a tenth of it, the same step size in steady state; for Adam PyTorch's default."""
+    """The learning rate when none is given: the module's demo rate for its demo optimizer
+    (DEMO_OPTIMIZER) and for SGD; for momentum (0.9) a tenth of it, the same step size in
+    steady state; for Adam, unless it is the demo's, PyTorch's default."""
+    if optimizer == module.DEMO_OPTIMIZER:
+        return module.DEMO_LR
     return {"sgd": module.DEMO_LR, "momentum": module.DEMO_LR / 10, "adam": 1e-3}[optimizer]
 
 

@@ -118,7 +118,8 @@ class Report:
             error = ("" if check.method == "symbolic identity" or math.isnan(check.max_error)
                      else f", max rel. error {check.max_error:.1e}")
             out.append(f"  {mark} {check.equation or '   '} {check.formula:<{width}} "
-                       f"{check.entries:>4} entries  {check.method}{error}")
+                       f"{check.entries:>4} {'entry  ' if check.entries == 1 else 'entries'}  "
+                       f"{check.method}{error}")
         verdict = "all formulas agree" if self.ok else "MISMATCH: see above"
         out.append(f"{verdict} ({self.seconds:.2f} s)")
         return out

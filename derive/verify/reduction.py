@@ -81,6 +81,7 @@ class CheckedCopy:
         full = network_shape(self.original.shapes)
         count = spec_parameter_count(self.original)
         which = (f"its layers {_ranges(self.layers)}" if self.shallower
+                 else "its one layer" if self.original.depth == 1
                  else f"all {self.original.depth} layers")
         out = [(f"  checked copy of the {full} network ({count} parameters): {which}, each "
                 "with its op, activation and options in its position, the same graph and loss")]
@@ -89,17 +90,18 @@ class CheckedCopy:
             out.append(f"  layers {_ranges(dropped)} ({kind}) are not expanded: their formulas "
                        f"are those of layer {self.layers[layer - 1]} with the layer number "
                        "shifted, compared term by term in the derivation of the whole network")
-        if self.narrower:
+        if self.narrower and self.spec.length != self.original.length:
+            out.append(f"  {self.spec.length} time steps of {self.original.length}: the "
+                       "formulas are written for any T (the first step reads h_0 = 0, the last "
+                       "has no error from a step after it, the middle one both)")
+        kept = (self.original.sizes[0], *(self.original.sizes[l] for l in self.layers))
+        if self.narrower and (self.spec.sizes != kept or self.spec.image is not None):
             over = spec_parameter_count(self.spec) - self.budget
             floor = f", {over} over the budget at the floor" if over > 0 else ""
             image = "" if self.spec.image is None else (
                 f"; the input image {'x'.join(map(str, self.spec.image))}, the smallest that "
                 "keeps every feature map at least 2 x 2 (as the formulas are written for any "
                 "H_l and W_l)")
-            if self.spec.length != self.original.length:
-                image += (f"; {self.spec.length} time steps of {self.original.length} (the "
-                          "formulas are written for any T: the first step reads h_0 = 0, the "
-                          "last has no error from a step after it, the middle one both)")
             out.append(f"  widths capped at {max(self.spec.sizes)} (budget {self.budget} "
                        f"parameters{floor}){image}, none below {MIN_WIDTH}: the formulas are "
                        "written for any width n_l, and with 3 values every index of a formula "
