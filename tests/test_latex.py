@@ -345,6 +345,24 @@ def test_worked_example_says_which_values_the_spec_gave(name, parts, lang):
         assert lang == "en" or not re.search(r" 和|和 ", given + rest)   # Chinese: no spaces
 
 
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("name", ["xor", "tiny_rnn", "tiny_cnn"])   # a vector, sequence, image
+def test_the_example_says_what_it_is_in_the_language_of_the_notes(name, lang):
+    """The spec's about text follows the intro, its own language's where it gives one, as
+    plain text (LaTeX's special characters escaped)."""
+    data = _spec_data(name)
+    about = {"en": "50% of x_t & more", "zh": "一半的 x_t"}
+    derivation = derivation_of(load_spec({**data, "example": {**data["example"],
+                                                               "about": about}}))
+    text = TEXT[lang]
+    lines = render_markdown(derivation, lang).splitlines()
+    intro = lines[lines.index(f"## {text['sec_example']}") + 2]
+    gap = text["sentence_gap"]
+    assert f"{text['example_given']}{gap}{about[lang]}{gap}{text['example_rounding']}" in intro
+    escaped = {"en": r"50\% of x\_t \& more", "zh": r"一半的 x\_t"}[lang]
+    assert escaped in render_latex(derivation, lang)
+
+
 @pytest.mark.parametrize("name", [*EXAMPLES, *SPECS])
 def test_chinese_diagrams_use_the_full_width_colon(derivations, name):
     """Every diagram that names the loss in its cost node (a graph's, an unrolled sequence's,
@@ -379,7 +397,7 @@ def test_default_values_make_no_two_units_alike(op, width):
     """The worked example's default parameters give a layer's first 45 rows (its units, or an
     LSTM's and GRU's stacked gate rows) different weights or biases, so no two units compute
     the same, and no gate block equals another (an LSTM's input gate was its output gate)."""
-    spec = load_spec({"name": "units", "input": {"size": 3, "length": 2}, "loss": "mse",
+    spec = load_spec({"name": "units", "input": {"size": width, "length": 2}, "loss": "mse",
                       "layers": [{"op": op, "size": width}, {"size": width}]})
     _, _, params = default_values(spec)
     for l in (1, 2):
@@ -390,6 +408,9 @@ def test_default_values_make_no_two_units_alike(op, width):
         assert len({tuple(row) for row in head}) == len(head)
         blocks = rows.reshape(len(rows) // width, -1)
         assert len({tuple(block) for block in blocks}) == len(blocks)
+        # a layer's parameters of one shape (W_x and W_h of width 3, b_x and b_h) differ
+        for first, second in itertools.combinations(arrays, 2):
+            assert first.shape != second.shape or not np.array_equal(first, second)
 
 
 def _spec_data(name: str) -> dict:

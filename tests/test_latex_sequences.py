@@ -562,3 +562,29 @@ def test_sequence_notes_compile_cleanly(pdfs, name, lang, tmp_path):
                                  check=True).stdout)
     words = TEXT[lang]
     assert words["sec_bptt"] in text and words["sec_vanishing"] in text
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("returns", ["last", "sequence"])
+def test_a_cancelled_loss_part_reads_true_in_the_notes(returns, lang):
+    """A sigmoid rnn state under binary cross-entropy: the step that multiplies σ' into the
+    loss's part says why (at t = T only for a last state), the tensor-form sentence says
+    the output minus its target is not multiplied by σ', and the summary and matrix form do
+    not show the loss's own part under the name of the whole ∂C/∂h_t."""
+    from derive.derivation.reverse import MULTIPLIED_OUT, MULTIPLIED_OUT_LAST
+
+    spec = {"name": "sig_bce", "input": {"size": 2, "length": 3},
+            "loss": "binary_cross_entropy",
+            "layers": [{"op": "rnn", "size": 2, "activation": "sigmoid", "return": returns}]}
+    derivation = derivation_of(load_spec(spec))
+    (delta,) = [f for f in derivation.formulas if f.key == "delta^1"]
+    why = MULTIPLIED_OUT_LAST if returns == "last" else MULTIPLIED_OUT
+    assert [step.why for step in delta.steps].count(why) == 1
+    text = TEXT[lang]
+    markdown = render_markdown(derivation, lang)
+    assert text["carry_matrix_cancelled"].format(l=1) in markdown
+    assert text["carry_matrix"].format(l=1) not in markdown
+    tail = markdown[markdown.index(f"## {text['sec_matrix']}"):
+                    markdown.index(f"## {text['sec_example']}")]
+    assert r"\frac{\partial C}{\partial h^{1}_{tj}}" not in tail
+    assert r"\nabla_{\mathbf{h}^{1}_{t}} C" not in tail

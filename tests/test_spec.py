@@ -851,3 +851,32 @@ def test_a_recurrent_example_parameter_of_the_wrong_shape_says_its_stacked_shape
     with pytest.raises(DeriveError) as wrong:
         load_spec({**data, "example": {"params": params}})
     assert f"a list of {rows} numbers ({bias} has length {stacked}n_1)" in str(wrong.value)
+
+
+@pytest.mark.parametrize(("about", "fragment"), [
+    ("", "must be a non-empty text"),
+    (3, "must be a non-empty text saying what the example is, got 3"),
+    ("two\nlines", "must be one line of at most 500 printable characters"),
+    ("x" * 501, "must be one line of at most 500 printable characters"),
+    ({}, "got an empty mapping"),
+    ({"english": "a"}, "example.about.english: must be a two-letter language code"),
+    ({"en": ""}, "example.about.en: must be a non-empty text"),
+])
+def test_a_bad_example_about_is_one_line(about, fragment):
+    data = {"name": "n", "input": 2, "layers": [{"size": 1}], "loss": "mse",
+            "example": {"about": about}}
+    with pytest.raises(DeriveError) as bad:
+        load_spec(data)
+    assert fragment in str(bad.value) and "\n" not in str(bad.value)
+
+
+def test_an_example_about_is_kept_per_language_and_in_the_canonical_spec():
+    data = {"name": "n", "input": 2, "layers": [{"size": 1}], "loss": "mse",
+            "example": {"about": {"en": "one sample", "zh": "一个样本"}}}
+    example = load_spec(data).example
+    assert (example.about_in("en"), example.about_in("zh"), example.about_in("de")) == (
+        "one sample", "一个样本", "one sample")
+    assert example.to_data() == {"about": {"en": "one sample", "zh": "一个样本"}}
+    one = load_spec({**data, "example": {"about": " the same in every language "}}).example
+    assert one.about_in("zh") == "the same in every language" and one.given == ()
+    assert one.to_data() == {"about": "the same in every language"}

@@ -957,16 +957,18 @@ def _finish(reverse: _Reverse, target: sp.Expr, generic: sp.Expr, loss_gradient:
         if simplified != concrete:
             steps.append(Step("simplify", target, simplified, "cancel common factors"))
             concrete = simplified
-    distributed = _multiplied_out(concrete, _last_states(model))
+    distributed, at_last = _multiplied_out(concrete, _last_states(model))
     if distributed != concrete:
-        steps.append(Step("simplify", target, distributed, _MULTIPLIED_OUT))
+        steps.append(Step("simplify", target, distributed,
+                          MULTIPLIED_OUT_LAST if at_last else MULTIPLIED_OUT))
         concrete = distributed
     return concrete, assumptions
 
 
-#: the step that multiplies a factor into the one term of a sum it cancels against
-_MULTIPLIED_OUT = ("multiply the activation derivative into the loss's part, where the two "
-                   "cancel")
+#: the step that multiplies a factor into the one term of a sum it cancels against (at the
+#: last step only, where the last state h_T is the output a, for a layer that returns it)
+MULTIPLIED_OUT = "multiply the activation derivative into the loss's part, where the two cancel"
+MULTIPLIED_OUT_LAST = MULTIPLIED_OUT + " (at t = T, where h_T is the output a)"
 
 
 def _last_states(model: Model) -> dict[NetTensor, NetTensor]:
@@ -979,13 +981,15 @@ def _last_states(model: Model) -> dict[NetTensor, NetTensor]:
     return out
 
 
-def _multiplied_out(expr: sp.Expr, last: Mapping[NetTensor, NetTensor]) -> sp.Expr:
+def _multiplied_out(expr: sp.Expr, last: Mapping[NetTensor, NetTensor]
+                    ) -> tuple[sp.Expr, bool]:
     """A product F (A + L) as F A + F L where F L cancels to a form without division: a
     sigmoid state's derivative h (1 - h) against the loss's part of a recurrent output under
     binary cross-entropy, -(a - y)/(a (a - 1)) at t = T (h_T is a), which gives a - y, the
-    textbook's form, and no 0/0 where a rounds to 1. The terms that do not cancel keep F."""
+    textbook's form, and no 0/0 where a rounds to 1. The terms that do not cancel keep F.
+    Also whether a cancelled term holds at t = T only (a last state read as the output)."""
     if not isinstance(expr, sp.Mul):
-        return expr
+        return expr, False
     for inner in (f for f in expr.args if isinstance(f, sp.Add)):
         factor = expr / inner
         kept, cancelled = [], []
@@ -996,8 +1000,10 @@ def _multiplied_out(expr: sp.Expr, last: Mapping[NetTensor, NetTensor]) -> sp.Ex
             else:
                 cancelled.append(value)
         if cancelled:
-            return factor * sp.Add(*kept) + sp.Add(*cancelled)
-    return expr
+            at_last = any(isinstance(f, sp.KroneckerDelta) and LENGTH in f.args
+                          for term in cancelled for f in sp.Mul.make_args(term))
+            return factor * sp.Add(*kept) + sp.Add(*cancelled), at_last
+    return expr, False
 
 
 def _cancelled(product: sp.Expr, last: Mapping[NetTensor, NetTensor]) -> sp.Expr | None:

@@ -64,6 +64,8 @@ from derive import __version__
 from derive.derivation.imageform import is_image_form
 from derive.derivation.indexcalc import collapse
 from derive.derivation.reverse import (
+    MULTIPLIED_OUT,
+    MULTIPLIED_OUT_LAST,
     ActivationDerivative,
     C,
     Derivation,
@@ -748,7 +750,8 @@ class _Context:
     def example_intro(self, ex: WorkedExample) -> str:
         """The worked example's first sentences: whether its values are the spec's, derive's
         short round ones, or some of each (say, a spec's input and target with derive's
-        parameters), and how they are rounded."""
+        parameters), what the spec says the example is (its ``about``), and how the values are
+        rounded."""
         if len(ex.given) == len(EXAMPLE_FIELDS):
             whose = self.t["example_given"]
         elif not ex.given:
@@ -760,7 +763,11 @@ class _Context:
                     if part not in ex.given]
             whose = self.text("example_some", given=self.listing(given),
                               rest=self.listing(rest))
-        return f"{whose}{self.t['sentence_gap']}{self.t['example_rounding']}"
+        gap = self.t["sentence_gap"]
+        about = self.spec.example.about_in(self.lang) if self.spec.example else ""
+        if about:
+            whose += gap + (about if self.markdown else _escape(about))
+        return f"{whose}{gap}{self.t['example_rounding']}"
 
     def listing(self, items: Sequence[str]) -> str:
         items = list(items)
@@ -1525,7 +1532,10 @@ class _Context:
         formula = carry.formula
         math = self.display(step_target(formula), formula.vector)
         if carry.gate is None:
-            return [{"text": self.text("carry_matrix", l=carry.node), "math": [math]}]
+            cancelled = any(step.why in (MULTIPLIED_OUT, MULTIPLIED_OUT_LAST)
+                            for step in formula.steps)
+            key = "carry_matrix_cancelled" if cancelled else "carry_matrix"
+            return [{"text": self.text(key, l=carry.node), "math": [math]}]
         gate = tensor_of(carry.gate).at_step(1)
         return [{"text": self.text("carry_gate", what=self.quantity_words(carry),
                                    gate=self.gate_name(carry), g=self.inline(gate)),
@@ -1702,9 +1712,15 @@ class _Context:
                 rhs += f" {sign} {text}"
         return f"{lhs} = {rhs}"
 
+    def is_whole(self, formula: Formula) -> bool:
+        """Not the loss's own part of a recurrent output's ∂C/∂h_t, which outside its own
+        block would stand under the name of the whole: the error's formula, which writes the
+        part in, computes the whole (the derivation shows the part, labelled)."""
+        return formula.kind != "loss gradient" or not self.model.output_read_again
+
     def matrix(self) -> list[dict[str, str]]:
         rows = []
-        for formula in self.formulas("writing the tensor forms"):
+        for formula in filter(self.is_whole, self.formulas("writing the tensor forms")):
             rows.append({
                 "tag": formula.equation,
                 "vector": self.display(step_target(formula), self.vector_expr(formula)),
@@ -1714,7 +1730,7 @@ class _Context:
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
-        for formula in self.formulas("writing the summary"):
+        for formula in filter(self.is_whole, self.formulas("writing the summary")):
             if self.chain and not formula.equation:
                 continue
             rows.append(self.summary_row(formula))
@@ -1922,13 +1938,8 @@ class _Context:
                                        if tensor not in pairs], table_steps)
         recurrent = {node.index for node in model.nodes if state_tensors(node)}
 
-        def whole(formula: Formula) -> bool:
-            # not the loss's own part of a recurrent output's ∂C/∂h_t: it would stand under
-            # the name of the whole, which the adjoint's (or δ's) formula computes
-            return formula.kind != "loss gradient" or not model.output_read_again
-
         group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)
-                 and whole(f)]
+                 and self.is_whole(f)]
         # the formulas spelled out: those of the recurrence (and any other at a step t) in
         # the block of each step, backwards in time; the others before or after them, in
         # the derivation's order
@@ -1966,7 +1977,7 @@ class _Context:
         backward_rows = self.step_rows(
             [(step_target(f).whole if _is_timed(f) else f.target, value)
              for f, value in ex.backward if (f.kind != "gradient" or value.ndim <= 1)
-             and f.target not in pairs and whole(f)], table_steps, backward=True)
+             and f.target not in pairs and self.is_whole(f)], table_steps, backward=True)
         sums, gradients = [], []
         for formula, value in ex.backward:
             if formula.kind != "gradient":

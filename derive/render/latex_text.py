@@ -438,7 +438,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "its quantities at step $t$ are read at step $t$ and again at step $t+1$. The "
             "derivation works at a generic step $t$, as the derivation of a chain of layers "
             "works at a generic layer $l$. The error at step $t$ collects, by the chain rule, "
-            "what the layers above contribute at the same step and what the layer itself "
+            "what the layers above it (for the output layer, the loss) contribute at the same "
+            "step and what the layer itself "
             "contributes at the next step $t+1$: this is backpropagation through time (BPTT). "
             "So the errors are computed backwards in time too, from $t = T$ down to $t = 1$. "
             "The error {delta} of a layer is the derivative of the cost with respect to "
@@ -469,8 +470,14 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "carry_matrix": (
             "In tensor form, the error of layer {l} at step $t$ is the error of the step after "
             "sent back through the transposed recurrent weights, plus the error from the layer "
-            "above at the same step, multiplied elementwise by the derivative of the "
-            "activation at step $t$: the BPTT recursion,"
+            "above at the same step (for the output layer, the loss's), multiplied elementwise "
+            "by the derivative of the activation at step $t$: the BPTT recursion,"
+        ),
+        "carry_matrix_cancelled": (
+            "In tensor form, the error of layer {l} at step $t$ is the error of the step after "
+            "sent back through the transposed recurrent weights and multiplied elementwise by "
+            "the derivative of the activation at step $t$, plus the output minus its target "
+            "(the loss's part, against which that derivative cancelled): the BPTT recursion,"
         ),
         "carry_gate": (
             "In tensor form, the {what} at step $t$ receives the same quantity of the step "
@@ -494,8 +501,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "that is, for $t \\le T-1$, the Jacobian of {q} with respect to {next} is"
         ),
         "vanishing_unroll": (
-            "Write {e} for the rest of the formula, what the layers above contribute at step "
-            "$t$. Then the recursion and, unrolled from $t$ to $T$ (the product taken in the "
+            "Write {e} for the rest of the formula, what the layers above it (for the output "
+            "layer, the loss) contribute at step $t$. Then the recursion and, unrolled from $t$ to $T$ (the product taken in the "
             "order $J_{{t}} J_{{t+1}} \\cdots J_{{s-1}}$, the empty product at $s = t$ being "
             "the identity),"
         ),
@@ -1122,7 +1129,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
             "与任何计算图一样，导数从输出向输入逐层求出，只多了一点：循环层读取自己在上一步的"
             "状态，因此它在第 $t$ 步的量既在第 $t$ 步被读取，又在第 $t+1$ 步再次被读取。推导在一个"
             "一般的时间步 $t$ 上进行，正如多层网络（层链）的推导在一般的第 $l$ 层上进行。由链式法则，第 "
-            "$t$ 步的误差汇集了上面各层在同一步的贡献和该层自身在下一步 $t+1$ 的贡献：这就是随时间"
+            "$t$ 步的误差汇集了上面各层（对输出层则是损失函数）在同一步的贡献和该层自身在下一步 $t+1$ 的贡献：这就是随时间"
             "反向传播（BPTT）。因此误差也沿时间反向计算，从 $t = T$ 到 $t = 1$。某层的误差 "
             "{delta} 是代价对{which}的导数。参数在"
             "每一步都相同：它们的梯度是对时间步 $t = 1, \\dots, T$ 的求和。"
@@ -1147,7 +1154,13 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "carry_matrix": (
             "写成张量形式，第 {l} 层在第 $t$ 步的误差等于下一步的误差经转置的循环权重传回，加上"
-            "同一步上面一层传来的误差，再逐元素乘以第 $t$ 步激活函数的导数：这就是 BPTT 递推式，"
+            "同一步上面一层（对输出层则是损失函数）传来的误差，再逐元素乘以第 $t$ 步激活函数的导数："
+            "这就是 BPTT 递推式，"
+        ),
+        "carry_matrix_cancelled": (
+            "写成张量形式，第 {l} 层在第 $t$ 步的误差等于下一步的误差经转置的循环权重传回、再逐元素"
+            "乘以第 $t$ 步激活函数的导数，加上输出减去目标（损失函数的那一项，激活函数的导数已与之"
+            "相消）：这就是 BPTT 递推式，"
         ),
         "carry_gate": (
             "写成张量形式，第 $t$ 步的{what}除了经由本步其他量得到的部分，还经由下一步的{gate} "
@@ -1166,7 +1179,7 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         ),
         "vanishing_jacobian": "也就是说，当 $t \\le T-1$ 时，{q} 对 {next} 的雅可比矩阵为",
         "vanishing_unroll": (
-            "把公式的其余部分（上面各层在第 $t$ 步的贡献）记为 {e}。于是得到递推式，并从 $t$ "
+            "把公式的其余部分（上面各层——对输出层则是损失函数——在第 $t$ 步的贡献）记为 {e}。于是得到递推式，并从 $t$ "
             "展开到 $T$（乘积按 $J_{{t}} J_{{t+1}} \\cdots J_{{s-1}}$ 的顺序，$s = t$ 时的空乘积"
             "为单位矩阵）："
         ),
@@ -1466,13 +1479,20 @@ WHY: Mapping[str, tuple[str, str]] = {
         "Cancel common factors.",
         "约去公因子。",
     ),
-    ("multiply the activation derivative into the loss's part, where the two "
-     "cancel"): (
-        ("Multiply the activation's derivative into the loss's part, where the two cancel "
-         "(a layer that returns its last state has $a = h_{T}$): what is left is the output "
-         "minus its target, as for a sigmoid output layer under cross-entropy."),
-        ("把激活函数的导数乘进损失函数的那一项，两者相消（只返回最后状态的层有 $a = h_{T}$）："
-         "剩下输出减去目标，与交叉熵下的 sigmoid 输出层相同。"),
+    "multiply the activation derivative into the loss's part, where the two cancel": (
+        ("Multiply the activation's derivative into the loss's part, where the two cancel: "
+         "what is left is the output minus its target, as for a sigmoid output layer under "
+         "binary cross-entropy."),
+        ("把激活函数的导数乘进损失函数的那一项，两者相消：剩下输出减去目标，与二元交叉熵下的 sigmoid "
+         "输出层相同。"),
+    ),
+    ("multiply the activation derivative into the loss's part, where the two cancel (at t = "
+     "T, where h_T is the output a)"): (
+        ("Multiply the activation's derivative into the loss's part, where the two cancel (at "
+         "$t = T$, where the last state $h_{T}$ is the output $a$): what is left is the output "
+         "minus its target, as for a sigmoid output layer under binary cross-entropy."),
+        ("把激活函数的导数乘进损失函数的那一项，两者相消（在 $t = T$ 时，最后的状态 $h_{T}$ 就是输出 "
+         "$a$）：剩下输出减去目标，与二元交叉熵下的 sigmoid 输出层相同。"),
     ),
     "differentiate the regularization penalty R, added once to the batch cost": (
         ("Differentiate the regularization penalty, {source}; it is added once to the cost of "

@@ -119,6 +119,7 @@ def default_values(spec: NetworkSpec
     params: dict[str, tuple | np.ndarray] = {}
     shapes = spec.parameter_shapes()
     for l, layer in enumerate(spec.layers, start=1):
+        matrices = vectors = 0          # a layer's own parameters of each kind so far
         for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
             key = parameter_key(parameter.role, l)
             shape = shapes[key]
@@ -128,11 +129,14 @@ def default_values(spec: NetworkSpec
                 params[key] = _projection_values(shape, l + 2 * _PROJECTIONS.index(
                     parameter.role))
             elif len(shape) >= 2:
-                params[key] = _matrix_values(shape, l)
+                params[key] = _matrix_values(shape, l, matrices)
+                matrices += 1
             else:
+                # the k-th vector of a layer shifted by 3k: a GRU's bx and bh differ
                 start = 1.0 if parameter.init == "ones" else 0.0
-                params[key] = tuple(start + _tenth((2 * row + l) % 5 - 2)
+                params[key] = tuple(start + _tenth((2 * row + l + 3 * vectors) % 5 - 2)
                                     for row in range(1, shape[0] + 1))
+                vectors += 1
     return x, y, params
 
 
@@ -147,17 +151,23 @@ def _projection_values(shape: tuple[int, ...], offset: int) -> np.ndarray:
     return ((2 * row + 3 * col + offset) % 5 - 2) / 2
 
 
-def _matrix_values(shape: tuple[int, ...], l: int) -> np.ndarray:
-    """Small distinct tenths for a matrix (or a tensor of more axes): the entry at indices
-    (r, c1, c2, ...) counted from 1 is ((2 r + 5 c + l) mod 9 − 4)/10 with c = c1 + 4 (c2 +
-    ...); all entries at once (an MNIST layer has 100 000). A row's entries sum to about 0
-    and repeat every 9, a period prime to that of the default inputs (11), so that wide
-    layers' sums stay small; rows repeat every 9 and biases every 5, so two units of a layer
-    have the same weights and bias only 45 or more apart (an LSTM's input and output gates,
-    3n rows apart, only where 15 divides n)."""
+#: The column multipliers of a layer's first, second, ... matrix (each prime to 9)
+_COLUMN_STEPS = (5, 4, 7, 2)
+
+
+def _matrix_values(shape: tuple[int, ...], l: int, k: int = 0) -> np.ndarray:
+    """Small distinct tenths for the k-th matrix of layer l (or a tensor of more axes): the
+    entry at indices (r, c1, c2, ...) counted from 1 is ((2 r + m c + l) mod 9 − 4)/10 with
+    c = c1 + 4 (c2 + ...) and m = _COLUMN_STEPS[k]; all entries at once (an MNIST layer has
+    100 000). A row's entries sum to about 0 and repeat every 9, a period prime to that of
+    the default inputs (11), so that wide layers' sums stay small; rows repeat every 9 and
+    biases every 5, so two units of a layer have the same weights and bias only 45 or more
+    apart (an LSTM's input and output gates, 3n rows apart, only where 15 divides n); a
+    layer's two matrices of one shape (an rnn's W_x and W_h) differ, not one a shift of the
+    other, as the column step m differs."""
     index = np.indices(shape) + 1
     row, col = index[0], index[1:].sum(axis=0) + 3 * index[2:].sum(axis=0)
-    return ((2 * row + 5 * col + l) % 9 - 4) / 10
+    return ((2 * row + _COLUMN_STEPS[k % len(_COLUMN_STEPS)] * col + l) % 9 - 4) / 10
 
 
 def _kernel_values(shape: tuple[int, ...], l: int) -> np.ndarray:

@@ -44,6 +44,10 @@ TOP_REQUIRED = ("name", "input", "layers", "loss")
 LAYER_COMMON_FIELDS = ("op", "name", "input", "inputs")
 REGULARIZATION_FIELDS = ("l2", "l1")
 EXAMPLE_FIELDS = ("x", "y", "params")
+#: The example's words about itself: what the sample is (shown in the notes, not computed)
+EXAMPLE_ABOUT = "about"
+#: The longest ``about`` text, in characters
+MAX_ABOUT = 500
 CUSTOM_FIELDS = ("name", "expr")
 CUSTOM_OP_FIELDS = ("name", "expr", "params")
 #: The one attribute of a custom op's layer: its output width, the range of j.
@@ -166,11 +170,20 @@ class ExampleSpec:
 
     ``x`` is one input sample (length n_0), ``y`` its target (length n_L); ``params`` gives
     ``("W1", rows), ("b1", values), ...`` in layer order, as nested tuples of floats.
+    ``about`` says in words what the sample is: ``(("", text),)`` for one text in every
+    language, else ``((language, text), ...)``.
     """
 
     x: tuple[float, ...] | None = None
     y: tuple[float, ...] | None = None
     params: tuple[tuple[str, tuple], ...] = ()
+    about: tuple[tuple[str, str], ...] = ()
+
+    def about_in(self, language: str) -> str:
+        """The ``about`` text for ``language``: its own, else the one for every language,
+        else the English one; "" where there is none."""
+        texts = dict(self.about)
+        return texts.get(language) or texts.get("") or texts.get("en", "")
 
     @property
     def given(self) -> tuple[str, ...]:
@@ -185,6 +198,9 @@ class ExampleSpec:
             data["y"] = _lists(self.y)
         if self.params:
             data["params"] = {key: _lists(value) for key, value in self.params}
+        if self.about:
+            texts = dict(self.about)
+            data[EXAMPLE_ABOUT] = texts.get("", texts)
         return data
 
 
@@ -1203,7 +1219,7 @@ class _Validator:
             )
 
     def example(self, data: object, path: FieldPath, spec: NetworkSpec) -> ExampleSpec:
-        self.mapping(data, path, "the example", EXAMPLE_FIELDS, ())
+        self.mapping(data, path, "the example", (*EXAMPLE_FIELDS, EXAMPLE_ABOUT), ())
         x = y = None
         steps = "one row per time step"
         if "x" in data and len(spec.input_shape) > 1:
@@ -1218,7 +1234,33 @@ class _Validator:
         params: tuple[tuple[str, tuple], ...] = ()
         if "params" in data:
             params = self.example_params(data["params"], (*path, "params"), spec)
-        return ExampleSpec(x, y, params)
+        about: tuple[tuple[str, str], ...] = ()
+        if EXAMPLE_ABOUT in data:
+            about = self.about(data[EXAMPLE_ABOUT], (*path, EXAMPLE_ABOUT))
+        return ExampleSpec(x, y, params, about)
+
+    def about(self, value: object, path: FieldPath) -> tuple[tuple[str, str], ...]:
+        """A one-line text, or a mapping from two-letter language codes to one each."""
+        if isinstance(value, Mapping):
+            if not value:
+                raise self.error(path, "must be a text, or a mapping of language codes (en, "
+                                       "zh) to texts, got an empty mapping")
+            for language in value:
+                if not (isinstance(language, str) and re.fullmatch(r"[a-z]{2}", language)):
+                    raise self.error((*path, str(language)), "must be a two-letter language "
+                                     "code such as en or zh")
+            return tuple((language, self.about_text(text, (*path, language)))
+                         for language, text in value.items())
+        return (("", self.about_text(value, path)),)
+
+    def about_text(self, value: object, path: FieldPath) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(path, "must be a non-empty text saying what the example is, got "
+                                   f"{_describe(value)}")
+        if len(value) > MAX_ABOUT or not value.isprintable():
+            raise self.error(path, f"must be one line of at most {MAX_ABOUT} printable "
+                                   "characters")
+        return value.strip()
 
     def nested(self, value: object, path: FieldPath, shape: tuple[int, ...],
                key: str, why: str) -> tuple:

@@ -38,9 +38,11 @@ from derive.spec.load import (
     CUSTOM_FIELDS,
     CUSTOM_OP_SIZE,
     DEFAULT_OP,
+    EXAMPLE_ABOUT,
     EXAMPLE_FIELDS,
     INPUT_NAME,
     LAYER_COMMON_FIELDS,
+    MAX_ABOUT,
     PARAMETER_KEYS,
     REGULARIZATION_FIELDS,
     SEQUENCE_FIELDS,
@@ -300,6 +302,14 @@ def _example() -> Schema:
         "description": "a worked example: one input x, its target y and every parameter; "
                        "derive picks short round values for any of the three left out",
         "properties": {
+            EXAMPLE_ABOUT: {
+                "description": "what the example is, in words, shown in the notes: one text, "
+                               "or one per language code (en, zh)",
+                "anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ABOUT},
+                          {"type": "object", "minProperties": 1,
+                           "patternProperties": {"^[a-z]{2}$": {
+                               "type": "string", "minLength": 1, "maxLength": MAX_ABOUT}},
+                           "additionalProperties": False}]},
             x: {"anyOf": [_numbers(), _numbers(2), _numbers(3)],
                 "description": "n_0 numbers, a sequence input's [T][n_0] or an image "
                                "input's [C][H][W] nested lists"},
