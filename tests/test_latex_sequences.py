@@ -264,10 +264,13 @@ def test_every_shown_step_of_the_recurrence_is_worked(derivations, name):
 
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_worked_numbers_that_vanished_are_small_not_zero(derivations, lang):
-    """A gradient that faded through many steps (about 1e-6) in scientific notation, not 0.0000;
-    a function's argument without a second pair of brackets."""
+    """A gradient that faded through many steps (about 1e-6) in scientific notation, not 0.0000,
+    as is any worked value below 0.001, to 3 significant digits (-0.000467 printed -0.0005
+    made a product worked by hand come out wrong); a function's argument without a second
+    pair of brackets."""
     text = render_latex(derivations["lstm_adding"], lang)
-    assert re.search(r"\$-?\d\.\d \\times 10\^\{-\d\}\$", text)
+    assert re.search(r"\$-?\d\.\d\d \\times 10\^\{-\d\}\$", text)
+    assert not re.search(r"&= [^\n]*[ (]-?0\.000\d", text)     # no worked value left so
     assert r"\left((" not in text and "(0.0000)" not in text
 
 

@@ -152,12 +152,14 @@ SPELLED_BUDGET = 70
 
 
 def _number(value: float) -> str:
-    """A computed value, rounded to 4 decimals (never "-0.0000"); one that would round to 0
-    but is not, in scientific notation (3.8 \\times 10^{-6}: a gradient that vanished
-    through many steps is small, not 0). Below 1e-10 a value is taken for 0: the rounding
-    left by terms that cancel (-1.4e-17), not a quantity of the network."""
-    if 1e-10 <= abs(value) < 5e-5:
-        mantissa, exponent = f"{value:.1e}".split("e")
+    """A computed value, rounded to 4 decimals (never "-0.0000"); one below 0.001, which 4
+    decimals would leave with one digit or none, to 3 significant digits in scientific
+    notation (-4.67 \\times 10^{-4}; 3.81 \\times 10^{-6}: a gradient that vanished through
+    many steps is small, not 0), so that a product worked by hand comes out as printed. Below
+    1e-10 a value is taken for 0: the rounding left by terms that cancel (-1.4e-17), not a
+    quantity of the network."""
+    if 1e-10 <= abs(value) < 1e-3:
+        mantissa, exponent = f"{value:.2e}".split("e")
         return rf"{mantissa} \times 10^{{{int(exponent)}}}"
     return _fixed(value)
 
