@@ -591,3 +591,22 @@ def test_a_cancelled_loss_part_reads_true_in_the_notes(returns, lang):
                     markdown.index(f"## {text['sec_example']}")]
     assert r"\frac{\partial C}{\partial h^{1}_{tj}}" not in tail
     assert r"\nabla_{\mathbf{h}^{1}_{t}} C" not in tail
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_a_long_sequence_shows_its_first_and_last_steps(lang):
+    """The worked example's x (and y of a sequence output) of T > 8 steps: the first and last
+    three rows, which the worked steps read (x_T, y_T at t = T), a row of dots between."""
+    from derive.render.latex import EDGE_STEPS
+
+    spec = load_spec("rnn_sine")
+    text = render_latex(derivation_of(spec), lang)
+    T, x, y = spec.length, spec.example.x, spec.example.y
+    for symbol, values in (("x", x), ("y", y)):
+        labels = [rf"\mathbf{{{symbol}}}_{{{t}}}^{{\top}}" for t in
+                  (*range(1, EDGE_STEPS + 1), *range(T - EDGE_STEPS + 1, T + 1))]
+        shown = r" \\ ".join(labels[:EDGE_STEPS] + [r"\vdots"] + labels[EDGE_STEPS:])
+        rows = [f"{row[0]:g}" for row in (*values[:EDGE_STEPS], *values[-EDGE_STEPS:])]
+        numbers = r" \\ ".join(rows[:EDGE_STEPS] + [r"\vdots"] + rows[EDGE_STEPS:])
+        assert (rf"\begin{{bmatrix}}{shown}\end{{bmatrix}} = \begin{{bmatrix}}{numbers}"
+                rf"\end{{bmatrix}}") in text

@@ -2101,11 +2101,18 @@ class _Context:
         a vector as a column."""
         if value.ndim == 1:
             return f"{latex(tensor)} = {_column(value, _short)}"
-        steps = [f"{symbol}_{{{s}}}^{{\\top}}" for s in range(1, value.shape[0] + 1)]
-        if len(steps) > MAX_NEURONS:
-            steps = [*steps[:SHOWN_NEURONS], r"\vdots"]
-        return (r"\begin{bmatrix}" + r" \\ ".join(steps) + r"\end{bmatrix} = "
-                + _matrix(value, _short))
+        length = value.shape[0]
+        # a long sequence: its first and last steps, which the worked steps read
+        picks: list[int | None] = list(range(length)) if length <= MAX_NEURONS else [
+            *range(EDGE_STEPS), None, *range(length - EDGE_STEPS, length)]
+        steps = [r"\vdots" if s is None else f"{symbol}_{{{s + 1}}}^{{\\top}}" for s in picks]
+        cut = value.shape[1] > MAX_NEURONS
+        rows = [" & ".join([r"\vdots"] * (SHOWN_NEURONS if cut else value.shape[1])
+                           + ([r"\ddots"] if cut else [])) if s is None else
+                " & ".join([_short(v) for v in value[s][:SHOWN_NEURONS if cut else None]]
+                           + ([r"\cdots"] if cut else [])) for s in picks]
+        return (r"\begin{bmatrix}" + r" \\ ".join(steps) + r"\end{bmatrix} = \begin{bmatrix}"
+                + r" \\ ".join(rows) + r"\end{bmatrix}")
 
     def step_rows(self, values: list[tuple[NetTensor, np.ndarray]],
                   steps: list[int | None], *, backward: bool = False
@@ -2304,6 +2311,10 @@ def _column(values: Sequence[float] | np.ndarray, fmt: Callable[[float], str]) -
 def _shown(n: int) -> int:
     """How many entries of an axis of length n the tables and matrices print."""
     return SHOWN_NEURONS if n > MAX_NEURONS else n
+
+
+#: The steps at each end of a long sequence that the worked example's input shows
+EDGE_STEPS = 3
 
 
 def _matrix(rows: Sequence[Sequence[float]] | np.ndarray, fmt: Callable[[float], str],

@@ -1414,8 +1414,8 @@ WHY: Mapping[str, tuple[str, str]] = {
         "求和中只有 $i = j$ 的一项依赖于 $a^{L}_{j}$。",
     ),
     "only the term of step t and i = j of the sums depends on a^L_tj (Kronecker delta)": (
-        "Only the term of step $t$ and $i = j$ of the sums depends on $a^{L}_{tj}$.",
-        "求和中只有第 $t$ 步、$i = j$ 的一项依赖于 $a^{L}_{tj}$。",
+        "Only the term of step $t$ and $i = j$ of the sums depends on this entry of the output.",
+        "求和中只有第 $t$ 步、$i = j$ 的一项依赖于输出的这个分量。",
     ),
     "the cost depends on the output through the loss and through the quantities of the "
     "network that read it: first those": (
