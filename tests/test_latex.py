@@ -20,6 +20,7 @@ from derive.derivation.reverse import C
 from derive.derivation.tensorform import ONE, Inner, MatVec, Outer, to_vector
 from derive.quantities import NetTensor, j, k
 from derive.registry.functions import resolve_activation
+from derive.registry.ops import OPS
 from derive.render import latex as latex_module
 from derive.render.latex import log_problems, render_context, render_latex, render_markdown
 from derive.render.latex_printer import batch_gradient, latex, visual_length
@@ -392,7 +393,8 @@ def test_default_values_are_short_round_and_fit_the_loss():
 
 
 @pytest.mark.parametrize("width", [2, 3, 16, 32, 64])
-@pytest.mark.parametrize("op", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("op", ["dense", *(name for name, op in OPS.items()
+                                            if op.attribute("return") is not None)])
 def test_default_values_make_no_two_units_alike(op, width):
     """The worked example's default parameters give a layer's first 45 rows (its units, or an
     LSTM's and GRU's stacked gate rows) different weights or biases, so no two units compute

@@ -317,8 +317,7 @@ def derivation_lines(derivation: Derivation, *, steps: bool) -> list[str]:
     out.append("derived formulas (index form | vector form | batch form, rows = samples):")
     for formula in derivation.formulas:
         tag = f"({formula.equation})" if formula.equation else "     "
-        part = " (the loss's own part)" if (formula.kind == "loss gradient" and
-                                            derivation.model.output_read_again) else ""
+        part = " (the loss's own part)" if formula.loss_part else ""
         out.append(f"  {tag} {pretty(formula.lhs)}{part} = {pretty(formula.rhs)}")
         out.append(f"        vector: {pretty(formula.vector)}")
         out.append(f"        batch:  {_batch(formula)}")

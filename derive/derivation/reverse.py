@@ -86,7 +86,10 @@ class Formula:
     ``"gradient"`` (of a parameter). ``generic`` is the result before the concrete activation
     derivative and loss gradient were inserted; ``rhs`` the concrete, simplified result.
     ``penalty`` is the regularization's part of a weight's gradient, ∂R/∂w (0 without one): it
-    enters the batch gradient once, not per sample. ``key`` is a display label only.
+    enters the batch gradient once, not per sample. ``loss_part``: a loss gradient that is
+    only the loss's own part of ∂C/∂h_t, as the network reads its output again (a recurrent
+    layer's state, at the step after); the adjoint's or δ's formula, which writes it in, is
+    the whole. ``key`` is a display label only.
     ``steps`` may be a :class:`LazySteps`: a formula renumbered from another node's makes its
     steps when they are first read.
     """
@@ -104,6 +107,7 @@ class Formula:
     kind: str = "delta"
     penalty: sp.Expr = sp.S.Zero
     ranges: tuple[sp.Expr, ...] = ()   # the range 1..n of each free index (its n)
+    loss_part: bool = False
     #: the feature width of every quantity (the model's): a stacked gate's blocks need them
     widths: Mapping[NetTensor, sp.Expr] = field(default_factory=dict, compare=False,
                                                 hash=False, repr=False)
@@ -918,7 +922,7 @@ def _loss_gradient(model: Model) -> Formula:
     )
     return Formula(f"dC/da^{model.depth}", "", lhs, rhs, rhs, free, steps, of=out.output,
                    node=out.index, kind="loss gradient", ranges=model.shapes[out.output],
-                   widths=model.feature_widths)
+                   widths=model.feature_widths, loss_part=model.output_read_again)
 
 
 def _target_sums(expr: sp.Expr, model: Model) -> list[sp.Sum]:

@@ -53,6 +53,17 @@ class ParameterDef:
     init: str   # "fan" (He or Glorot by activation), "glorot", "zeros" or "ones"
 
 
+def axis_name(axis: str | int | tuple[str, int], node: int) -> str:
+    """One axis of a parameter's shape in words, for messages: ``n_3`` (the width of node 3),
+    ``n_in`` (its input's), ``4 n_3`` (an LSTM's four gates stacked), a number as it is."""
+    if isinstance(axis, tuple):
+        name, times = axis
+        return f"{times} {axis_name(name, node)}"
+    if isinstance(axis, str):
+        return f"n_{node}" if axis == "size" else f"n_{axis}"
+    return str(axis)
+
+
 def axis_value(axis: str | int | tuple[str, int], values: Mapping[str, object]) -> object:
     """One axis of a parameter's shape, with the axis names' ``values`` (numbers or
     symbols)."""

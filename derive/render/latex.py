@@ -51,7 +51,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -174,6 +174,13 @@ def _short(value: float) -> str:
     """A given value as short as it is exact to 4 decimals: 0.1, -0.4, 1."""
     text = _fixed(value).rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
+
+
+def _but_loss_parts(formulas: Iterable[Formula]) -> list[Formula]:
+    """``formulas`` but a recurrent output's loss part (Formula.loss_part), which outside its
+    own block would stand under the name of the whole ∂C/∂h_t (the derivation shows it,
+    labelled)."""
+    return [formula for formula in formulas if not formula.loss_part]
 
 
 def _is_chinese(character: str) -> bool:
@@ -1481,7 +1488,7 @@ class _Context:
                     NetTensor("c", "l", step=0), batch=True)) if cell else ""}))
         if self.attention:
             sentences.append(("batch_text_attention", {}))
-        stop, colon = ("。", "：") if self.lang == "zh" else (".", ":")
+        stop, colon = self.t["full_stop"], self.t["colon"]
         return "".join(self.text(key, end=colon if n == len(sentences) - 1 else stop, **fields)
                        for n, (key, fields) in enumerate(sentences))
 
@@ -1517,7 +1524,7 @@ class _Context:
         parts = [self.text(f"delta_on_{kind}", layers=layers(indices), stacked=self.text(
                      "delta_stacked", layers=layers(stacked)) if stacked else "")
                  for kind, indices in kinds.items() if indices]
-        return (self.t["or"] if self.lang == "zh" else f" {self.t['or']} ").join(parts)
+        return self.t["or"].join(parts)
 
     def quantity_words(self, carry: _Carry) -> str:
         """The error of the state (or of the cell state) and its symbol, at step t."""
@@ -1633,8 +1640,7 @@ class _Context:
                         else entry(formula.of, formula.indices))
         tag = self.text("tag", tag=formula.equation) if formula.equation else ""
         if formula.kind == "loss gradient":
-            return self.text("block_loss_part" if self.model.output_read_again
-                             else "block_loss", q=q)
+            return self.text("block_loss_part" if formula.loss_part else "block_loss", q=q)
         if formula.kind == "delta":
             return self.text("block_delta", delta=self.inline(formula.lhs), l=formula.node,
                              q=q, tag=tag)
@@ -1714,15 +1720,9 @@ class _Context:
                 rhs += f" {sign} {text}"
         return f"{lhs} = {rhs}"
 
-    def is_whole(self, formula: Formula) -> bool:
-        """Not the loss's own part of a recurrent output's ∂C/∂h_t, which outside its own
-        block would stand under the name of the whole: the error's formula, which writes the
-        part in, computes the whole (the derivation shows the part, labelled)."""
-        return formula.kind != "loss gradient" or not self.model.output_read_again
-
     def matrix(self) -> list[dict[str, str]]:
         rows = []
-        for formula in filter(self.is_whole, self.formulas("writing the tensor forms")):
+        for formula in _but_loss_parts(self.formulas("writing the tensor forms")):
             rows.append({
                 "tag": formula.equation,
                 "vector": self.display(step_target(formula), self.vector_expr(formula)),
@@ -1732,7 +1732,7 @@ class _Context:
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
-        for formula in filter(self.is_whole, self.formulas("writing the summary")):
+        for formula in _but_loss_parts(self.formulas("writing the summary")):
             if self.chain and not formula.equation:
                 continue
             rows.append(self.summary_row(formula))
@@ -1939,9 +1939,8 @@ class _Context:
         forward_rows = self.step_rows([(tensor, value) for tensor, value in ex.forward
                                        if tensor not in pairs], table_steps)
         recurrent = {node.index for node in model.nodes if state_tensors(node)}
-
         group = [f for f in self.derivation.formulas if f.node in recurrent and _is_timed(f)
-                 and self.is_whole(f)]
+                 and not f.loss_part]
         # the formulas spelled out: those of the recurrence (and any other at a step t) in
         # the block of each step, backwards in time; the others before or after them, in
         # the derivation's order
@@ -1979,7 +1978,7 @@ class _Context:
         backward_rows = self.step_rows(
             [(step_target(f).whole if _is_timed(f) else f.target, value)
              for f, value in ex.backward if (f.kind != "gradient" or value.ndim <= 1)
-             and f.target not in pairs and self.is_whole(f)], table_steps, backward=True)
+             and f.target not in pairs and not f.loss_part], table_steps, backward=True)
         sums, gradients = [], []
         for formula, value in ex.backward:
             if formula.kind != "gradient":
@@ -2106,13 +2105,8 @@ class _Context:
         picks: list[int | None] = list(range(length)) if length <= MAX_NEURONS else [
             *range(EDGE_STEPS), None, *range(length - EDGE_STEPS, length)]
         steps = [r"\vdots" if s is None else f"{symbol}_{{{s + 1}}}^{{\\top}}" for s in picks]
-        cut = value.shape[1] > MAX_NEURONS
-        rows = [" & ".join([r"\vdots"] * (SHOWN_NEURONS if cut else value.shape[1])
-                           + ([r"\ddots"] if cut else [])) if s is None else
-                " & ".join([_short(v) for v in value[s][:SHOWN_NEURONS if cut else None]]
-                           + ([r"\cdots"] if cut else [])) for s in picks]
-        return (r"\begin{bmatrix}" + r" \\ ".join(steps) + r"\end{bmatrix} = \begin{bmatrix}"
-                + r" \\ ".join(rows) + r"\end{bmatrix}")
+        return (r"\begin{bmatrix}" + r" \\ ".join(steps) + r"\end{bmatrix} = "
+                + _matrix(value, _short, picks=picks))
 
     def step_rows(self, values: list[tuple[NetTensor, np.ndarray]],
                   steps: list[int | None], *, backward: bool = False
@@ -2318,21 +2312,25 @@ EDGE_STEPS = 3
 
 
 def _matrix(rows: Sequence[Sequence[float]] | np.ndarray, fmt: Callable[[float], str],
-            shape: tuple[int, int] | None = None) -> str:
+            shape: tuple[int, int] | None = None,
+            picks: Sequence[int | None] | None = None) -> str:
     """A matrix as a bmatrix, at most SHOWN_NEURONS rows and columns of a large one; ``shape``
-    is the whole matrix's when ``rows`` holds only the block shown."""
+    is the whole matrix's when ``rows`` holds only the block shown. ``picks``: the rows to
+    show instead (None for a row of dots)."""
     rows = np.asarray(rows, dtype=np.float64)
     n_rows, n_cols = shape or rows.shape
-    cut_rows, cut_cols = n_rows > MAX_NEURONS, n_cols > MAX_NEURONS
+    cut_cols = n_cols > MAX_NEURONS
+    if picks is None:
+        picks = [*range(SHOWN_NEURONS), None] if n_rows > MAX_NEURONS else range(len(rows))
     lines = []
-    for row in rows[:SHOWN_NEURONS] if cut_rows else rows:
-        cells = [fmt(v) for v in (row[:SHOWN_NEURONS] if cut_cols else row)]
-        if cut_cols:
-            cells.append(r"\cdots")
-        lines.append(" & ".join(cells))
-    if cut_rows:
-        width = (SHOWN_NEURONS if cut_cols else n_cols)
-        cells = [r"\vdots"] * width + ([r"\ddots"] if cut_cols else [])
+    for pick in picks:
+        if pick is None:
+            cells = [r"\vdots"] * (SHOWN_NEURONS if cut_cols else n_cols)
+            cells += [r"\ddots"] if cut_cols else []
+        else:
+            row = rows[pick]
+            cells = [fmt(v) for v in (row[:SHOWN_NEURONS] if cut_cols else row)]
+            cells += [r"\cdots"] if cut_cols else []
         lines.append(" & ".join(cells))
     return r"\begin{bmatrix}" + r" \\ ".join(lines) + r"\end{bmatrix}"
 

@@ -431,7 +431,9 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "delta_on_state": "its state at step $t$ ({layers})",
         "delta_on_output": "its output ({layers})",
         "batch_cell": "; {cell} for the cell state, as $C$ is the cost",
-        "or": "or",
+        "or": " or ",          # between two phrases
+        "full_stop": ".",
+        "colon": ":",
         "bptt_text": (
             "The derivatives are found layer by layer from the output back, as for any graph, "
             "with one thing new: a recurrent layer reads its own state at the step before, so "
@@ -1125,6 +1127,8 @@ TEXT: Mapping[str, Mapping[str, str]] = {
         "delta_on_output": "其输出（{layers}）",
         "batch_cell": "；细胞状态记作 {cell}，因为 $C$ 是代价",
         "or": "或",
+        "full_stop": "。",
+        "colon": "：",
         "bptt_text": (
             "与任何计算图一样，导数从输出向输入逐层求出，只多了一点：循环层读取自己在上一步的"
             "状态，因此它在第 $t$ 步的量既在第 $t$ 步被读取，又在第 $t+1$ 步再次被读取。推导在一个"

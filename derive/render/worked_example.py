@@ -118,25 +118,24 @@ def default_values(spec: NetworkSpec
         y = tuple(0.5 if n % 2 == 0 else -0.5 for n in range(n_out * steps))
     params: dict[str, tuple | np.ndarray] = {}
     shapes = spec.parameter_shapes()
-    for l, layer in enumerate(spec.layers, start=1):
-        matrices = vectors = 0          # a layer's own parameters of each kind so far
-        for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
-            key = parameter_key(parameter.role, l)
-            shape = shapes[key]
-            if layer.op == "conv2d" and len(shape) == 4:
-                params[key] = _kernel_values(shape, l)
-            elif attention and parameter.role in _PROJECTIONS:
-                params[key] = _projection_values(shape, l + 2 * _PROJECTIONS.index(
-                    parameter.role))
-            elif len(shape) >= 2:
-                params[key] = _matrix_values(shape, l, matrices)
-                matrices += 1
-            else:
-                # the k-th vector of a layer shifted by 3k: a GRU's bx and bh differ
-                start = 1.0 if parameter.init == "ones" else 0.0
-                params[key] = tuple(start + _tenth((2 * row + l + 3 * vectors) % 5 - 2)
-                                    for row in range(1, shape[0] + 1))
-                vectors += 1
+    seen: dict[tuple[int, int], int] = {}   # (layer, rank 1 or more): its parameters so far
+    for l, layer, parameter in spec.parameter_defs():
+        key = parameter_key(parameter.role, l)
+        shape = shapes[key]
+        k = seen.get((l, min(len(shape), 2)), 0)        # the k-th matrix (or vector) of l
+        seen[l, min(len(shape), 2)] = k + 1
+        if layer.op == "conv2d" and len(shape) == 4:
+            params[key] = _kernel_values(shape, l)
+        elif attention and parameter.role in _PROJECTIONS:
+            params[key] = _projection_values(shape, l + 2 * _PROJECTIONS.index(
+                parameter.role))
+        elif len(shape) >= 2:
+            params[key] = _matrix_values(shape, l, k)
+        else:
+            # the k-th vector of a layer shifted by 3k: a GRU's bx and bh differ
+            start = 1.0 if parameter.init == "ones" else 0.0
+            params[key] = tuple(start + _tenth((2 * row + l + 3 * k) % 5 - 2)
+                                for row in range(1, shape[0] + 1))
     return x, y, params
 
 

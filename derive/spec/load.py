@@ -21,7 +21,7 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +32,7 @@ from derive import limits
 from derive.errors import DeriveError
 from derive.examples import EXAMPLES_DIR, example_names, example_path, list_examples  # noqa: F401
 from derive.registry import functions
+from derive.words import plural
 
 if TYPE_CHECKING:
     from derive.registry.custom_ops import CustomOp
@@ -79,11 +80,6 @@ def describe_shape(shape: tuple[int, ...]) -> str:
     if kind == "sequence":
         return f"a sequence of {shape[0]} steps of width {shape[1]}"
     return f"an image {list(shape)}"
-
-
-def _count(count: int, noun: str) -> str:
-    """``1 number``, ``3 numbers``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def parameter_key(role: str, node: int) -> str:
@@ -251,33 +247,31 @@ class NetworkSpec:
         """Whether the network is a plain chain of dense layers (the classic MLP)."""
         return all(layer.op == "dense" and layer.inputs is None for layer in self.layers)
 
+    def parameter_defs(self) -> Iterator[tuple[int, LayerSpec, Any]]:
+        """(l, layer, its ParameterDef) for every parameter, in layer order."""
+        from derive.registry.ops import OPS  # the registry, stage 0
+
+        for l, layer in enumerate(self.layers, start=1):
+            for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
+                yield l, layer, parameter
+
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter key (``W1``, ``b1``, ``gamma3``, ...) and its shape, in layer order."""
-        from derive.registry.ops import OPS, axis_value  # the registry, stage 0
+        from derive.registry.ops import axis_value  # the registry, stage 0
 
-        shapes: dict[str, tuple[int, ...]] = {}
-        for l, layer in enumerate(self.layers, start=1):
-            widths = axis_values(layer, l, self.sizes)
-            for parameter in OPS[layer.op].parameters(layer_attributes(layer)):
-                shapes[parameter_key(parameter.role, l)] = tuple(
-                    axis_value(axis, widths) for axis in parameter.shape)
-        return shapes
+        return {parameter_key(parameter.role, l): tuple(
+                    axis_value(axis, axis_values(layer, l, self.sizes))
+                    for axis in parameter.shape)
+                for l, layer, parameter in self.parameter_defs()}
 
     def parameter_shape_names(self) -> dict[str, str]:
         """Every parameter key and its shape in the registry's terms: ``n_1 x n_in`` for W1,
         ``4 n_1 x n_in`` for an LSTM's Wx1 (its gates stacked), ``n_1`` for b1."""
-        from derive.registry.ops import OPS  # the registry, stage 0
+        from derive.registry.ops import axis_name  # the registry, stage 0
 
-        def name(axis: str | int | tuple[str, int], l: int) -> str:
-            if isinstance(axis, tuple):
-                return f"{axis[1]} {name(axis[0], l)}"
-            if isinstance(axis, int):
-                return str(axis)
-            return f"n_{l}" if axis == "size" else f"n_{axis}"
-
-        return {parameter_key(parameter.role, l): " x ".join(name(a, l) for a in parameter.shape)
-                for l, layer in enumerate(self.layers, start=1)
-                for parameter in OPS[layer.op].parameters(layer_attributes(layer))}
+        return {parameter_key(parameter.role, l): " x ".join(
+                    axis_name(axis, l) for axis in parameter.shape)
+                for l, _, parameter in self.parameter_defs()}
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -718,7 +712,7 @@ class _Validator:
     def numbers(self, value: object, path: FieldPath, length: int, what: str) -> tuple[float, ...]:
         if not isinstance(value, list | tuple) or len(value) != length:
             got = f"length {len(value)}" if isinstance(value, list | tuple) else _describe(value)
-            raise self.error(path, f"must be a list of {_count(length, 'number')} ({what}), "
+            raise self.error(path, f"must be a list of {plural(length, 'number')} ({what}), "
                                    f"got {got}")
         return tuple(self.number(item, (*path, i)) for i, item in enumerate(value))
 
@@ -1271,8 +1265,8 @@ class _Validator:
         if not isinstance(value, list | tuple) or len(value) != shape[0]:
             if len(shape) == 2:
                 rows, cols = shape
-                what = (f"a matrix of {rows} x {cols}: a list of {_count(rows, 'row')} of "
-                        f"{_count(cols, 'number')} ({why})")
+                what = (f"a matrix of {rows} x {cols}: a list of {plural(rows, 'row')} of "
+                        f"{plural(cols, 'number')} ({why})")
             else:
                 what = (f"an array of {' x '.join(map(str, shape))}: lists nested "
                         f"{len(shape)} deep ({why})")

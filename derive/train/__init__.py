@@ -11,7 +11,7 @@ module, as a user running it would get.
 
 from __future__ import annotations
 
-from derive.train.data import BUILTIN_DATA, Dataset, Task, load_data, plural
+from derive.train.data import BUILTIN_DATA, Dataset, Task, load_data
 from derive.train.run import (
     OPTIMIZERS,
     Epoch,
@@ -30,4 +30,4 @@ from derive.train.run import (
 
 __all__ = ["BUILTIN_DATA", "OPTIMIZERS", "Dataset", "Epoch", "Metrics", "Settings", "Split",
            "Task", "TrainResult", "check_settings", "default_lr", "evaluate", "load_data",
-           "plot_history", "plural", "require_matplotlib", "split_rows", "train_run"]
+           "plot_history", "require_matplotlib", "split_rows", "train_run"]

@@ -18,6 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from derive.errors import DeriveError
+from derive.words import plural
 
 #: Built-in data sets, for ``--help`` and error messages.
 BUILTIN_DATA = ("digits", "xor", "demo")
@@ -303,11 +304,6 @@ def _checked(source: str, X: np.ndarray, Y: np.ndarray, task: Task) -> Dataset:
         raise DeriveError("targets outside [0, 1]; expected 0/1 (or probabilities) for a "
                           "sigmoid output", source=source)
     return Dataset(source, np.ascontiguousarray(X), np.ascontiguousarray(Y))
-
-
-def plural(count: int, noun: str) -> str:
-    """``1 output``, ``10 outputs``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _names(arrays: dict[str, np.ndarray]) -> str:

@@ -659,7 +659,7 @@ def backprop_values(instance: Instance, derivation: Derivation,
 
     node = None
     for formula in derivation.formulas:
-        if formula.kind == "loss gradient" and derivation.model.output_read_again:
+        if formula.loss_part:
             # only the loss's own part of ∂C/∂h_t: the adjoint formula of h, under the same
             # name, is the whole (the loss's part is in it), which every other formula reads
             continue
@@ -801,7 +801,7 @@ def _loss_alone_plan(instance: Instance, formula: Formula) -> _PartPlan | None:
     ∂C/∂h_t also has the error the step after sends back, which the δ formulas add."""
     model = instance.model
     output = model.output.output
-    if formula.kind != "loss gradient" or not model.output_read_again:
+    if not formula.loss_part:
         return None
     entries = tuple(instance.entries(formula))
     stand_in = {instance.intern(entry(output, tuple(map(sp.Integer, index)))):
